@@ -1,0 +1,217 @@
+"""The command line: each command parses, calls one library function, prints.
+
+Exit codes: 0 success, 1 the input or the run failed, 2 a usage or recipe error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from transferkit import __version__
+from transferkit.errors import TransferkitError
+
+app = typer.Typer(
+    name="transferkit",
+    help="Transfer-learning image classification: fine-tune a pretrained backbone on a folder "
+    "of class sub-folders, then predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Shared options, defined once.
+RecipeOption = Annotated[
+    Optional[str],
+    typer.Option("--recipe", "-r", help="Recipe TOML file, or a shipped recipe name (quickstart, vgg16, vgg19, resnet50, small-data)."),
+]
+SeedOption = Annotated[Optional[int], typer.Option(help="Random seed (recipe key: seed).")]
+ImageSizeOption = Annotated[Optional[int], typer.Option(help="Side in pixels images are resized to (recipe key: image_size).")]
+
+
+class _WarningFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("transferkit")
+    if not any(getattr(handler, "_transferkit", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_WarningFormatter())
+        handler._transferkit = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING)
+
+
+def _fail(error: TransferkitError) -> typer.Exit:
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(code=error.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"transferkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Transfer-learning image classification on Keras 3."""
+    _setup_logging()
+
+
+@app.command()
+def finetune(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
+    recipe: RecipeOption = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone: vgg16, vgg19 or resnet50 (recipe key: backbone).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), or PATH to a .h5 file.")] = None,
+    image_size: ImageSizeOption = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step (recipe key: batch_size).")] = None,
+    head_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the first stage, the head with the backbone frozen.")] = None,
+    fine_epochs: Annotated[Optional[int], typer.Option(help="Epochs of every later (fine-tuning) stage; 0 skips them.")] = None,
+    val_split: Annotated[Optional[float], typer.Option(help="Fraction of each class held out for validation (recipe key: data.val_split).")] = None,
+    val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder with the same class sub-folders, instead of a split.")] = None,
+    seed: SeedOption = None,
+    set_values: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key, e.g. --set head.dropout=0.5 --set stages.1.unfreeze=2.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace the run folder if it exists.")] = False,
+    save_h5: Annotated[bool, typer.Option(help="Also save model.h5 in the legacy HDF5 format.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Fine-tune a pretrained backbone on DATA_DIR and save a run folder."""
+    from transferkit.recipe import load_recipe, parse_override
+    from transferkit.workflow import finetune as run_finetune
+
+    try:
+        overrides: dict = {}
+        for assignment in set_values or []:
+            key, value = parse_override(assignment)
+            overrides[key] = value
+        overrides.update(
+            {
+                "backbone": backbone,
+                "weights": weights,
+                "image_size": image_size,
+                "batch_size": batch_size,
+                "data.val_split": val_split,
+                "seed": seed,
+                "stages.0.epochs": head_epochs,
+                "stages.1:.epochs": fine_epochs,
+            }
+        )
+        resolved = load_recipe(recipe, overrides)
+        run = run_finetune(
+            data_dir, resolved, val_dir=val_dir, output=output, force=force,
+            save_h5=save_h5, verbose=0 if quiet else 1,
+        )
+    except TransferkitError as error:
+        raise _fail(error)
+    typer.echo(run.describe())
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")],
+    images: Annotated[Path, typer.Argument(help="Folder of images to classify (walked recursively), or one image.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the predictions to FILE.csv or FILE.json.")] = None,
+    top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
+) -> None:
+    """Predict a class for every image under IMAGES with a saved run."""
+    from transferkit.predict import predict_folder, write_predictions
+    from transferkit.runs import load_run
+
+    try:
+        loaded = load_run(run)
+        bar = None
+        if not quiet:
+            import keras
+
+            bar_holder: dict = {}
+
+            def bar(done: int, total: int) -> None:
+                if "bar" not in bar_holder:
+                    bar_holder["bar"] = keras.utils.Progbar(total, unit_name="image", stateful_metrics=())
+                bar_holder["bar"].update(done)
+
+        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar)
+        if output is not None:
+            write_predictions(result, output)
+    except TransferkitError as error:
+        raise _fail(error)
+    if not quiet:
+        width = max((len(str(row.file)) for row in result.rows), default=4)
+        typer.echo(f"{'file':<{width}}  {'label':<16} confidence")
+        for row in result.rows:
+            line = f"{str(row.file):<{width}}  {row.label:<16} {row.confidence:.3f}"
+            if top_k > 1:
+                line += "   " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k)
+            typer.echo(line)
+    summary = f"{len(result.rows)} image(s) classified"
+    if result.skipped:
+        summary += f", {len(result.skipped)} skipped (unreadable or not images)"
+    if output is not None:
+        summary += f"; written to {output}"
+    typer.echo(summary)
+
+
+@app.command("backbones")
+def list_backbones() -> None:
+    """List the available backbones, their input sizes and parameter counts."""
+    from transferkit.backbones import REGISTRY, count_parameters
+
+    typer.echo(f"{'name':<10} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}  ImageNet weights file")
+    for name, spec in sorted(REGISTRY.items()):
+        typer.echo(
+            f"{name:<10} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "
+            f"{count_parameters(name):>12,}  {spec.weights_file}"
+        )
+
+
+@app.command("augment-preview")
+def augment_preview(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("augment-preview.png"),
+    recipe: RecipeOption = None,
+    image_size: ImageSizeOption = None,
+    count: Annotated[int, typer.Option(help="How many images (rows).")] = 6,
+    views: Annotated[int, typer.Option(help="Augmented versions per image (columns after the original).")] = 5,
+    seed: SeedOption = None,
+) -> None:
+    """Write a PNG grid of original images beside augmented versions."""
+    from transferkit.augment import write_preview
+    from transferkit.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
+        path = write_preview(
+            data_dir, output, resolved.augment, image_size=resolved.image_size,
+            count=count, views=views, seed=resolved.seed,
+        )
+    except TransferkitError as error:
+        raise _fail(error)
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,37 @@
+"""Errors that transferkit raises for things a user can get wrong.
+
+Every error here is caught by the CLI and printed as one line, with the exit code the
+class names (1: the input or the run is wrong; 2: the command line or recipe is wrong).
+
+    TransferkitError
+    ├── RecipeError        a recipe key or CLI override is unknown, mistyped or out of range
+    ├── DataError          the image folder, a validation folder or an image cannot be used
+    ├── WeightsError       backbone weights cannot be downloaded, found or loaded
+    └── RunError           a run folder cannot be written, found or read
+"""
+
+from __future__ import annotations
+
+
+class TransferkitError(Exception):
+    """Base class: a problem the user can fix, told in one line."""
+
+    exit_code = 1
+
+
+class RecipeError(TransferkitError):
+    """Raised when a recipe file or a command-line override has a bad key or value."""
+
+    exit_code = 2
+
+
+class DataError(TransferkitError):
+    """Raised when the data folder, its classes or its images cannot be used."""
+
+
+class WeightsError(TransferkitError):
+    """Raised when backbone weights cannot be downloaded, found, or do not fit the backbone."""
+
+
+class RunError(TransferkitError):
+    """Raised when a run folder exists already, cannot be written, or is not a transferkit run."""

@@ -1,0 +1,170 @@
+"""Predict labels for every image in a folder with a saved run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from transferkit.errors import DataError, RunError
+
+log = logging.getLogger("transferkit")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result.
+
+    Attributes:
+        file: the image path.
+        label: the predicted class name.
+        confidence: its probability.
+        top_k: (class name, probability) pairs, most likely first.
+    """
+
+    file: Path
+    label: str
+    confidence: float
+    top_k: tuple[tuple[str, float], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """All rows plus the files that could not be read."""
+
+    rows: list[Prediction]
+    skipped: list[tuple[Path, str]]
+
+
+def predict_folder(
+    run,
+    folder: str | os.PathLike,
+    top_k: int = 1,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictionResult:
+    """Classify every image under a folder (recursively), streaming it in batches.
+
+    Args:
+        run: a ``Run`` from ``load_run`` (with its model) or a run folder / .keras path.
+        folder: the images to classify; a single image file works too.
+        top_k: how many classes to list per image; default 1.
+        batch_size: images per forward pass; default 32.
+        progress: called with (images done, images total) after each batch.
+
+    Returns:
+        A ``PredictionResult``: rows in path order, and (path, reason) of skipped files.
+
+    Raises:
+        DataError: the folder does not exist or holds no image file.
+        RunError: the run cannot be loaded.
+    """
+    from transferkit import data
+    from transferkit.report import class_probabilities
+    from transferkit.runs import load_run
+
+    if not hasattr(run, "model") or run.model is None:
+        run = load_run(run if not hasattr(run, "path") else run.path)
+    if top_k < 1:
+        raise DataError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder} does not exist; pass a folder of images to classify")
+    if folder.is_file():
+        entries = [(folder, None)]
+    else:
+        entries = list(data.iter_image_files(folder))
+    files = [path for path, reason in entries if reason is None]
+    skipped = [(path, reason) for path, reason in entries if reason is not None]
+    if not files:
+        raise DataError(f"{folder} holds no image files ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
+    top_k = min(top_k, len(run.class_names))
+    names = run.class_names
+    rows: list[Prediction] = []
+    done = 0
+    for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
+        skipped.extend(batch_skipped)
+        if len(images):
+            outputs = run.model.predict_on_batch(images.astype("float32"))
+            probabilities = class_probabilities(np.asarray(outputs))
+            for path, row in zip(paths, probabilities):
+                order = np.argsort(-row, kind="stable")[:top_k]
+                ranked = tuple((names[i], float(row[i])) for i in order)
+                rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
+        done += len(paths) + len(batch_skipped)
+        if progress is not None:
+            progress(done, len(files))
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    return PredictionResult(rows=rows, skipped=skipped)
+
+
+def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
+    """Decode the next batch in a background thread while the current one is predicted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.data import decode_images
+
+    def decode(start: int):
+        chunk = files[start : start + batch_size]
+        images, kept, skipped = decode_images(chunk, size)
+        return [chunk[i] for i in kept], images, skipped
+
+    starts = range(0, len(files), batch_size)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(decode, 0) if files else None
+        for next_start in list(starts[1:]) + [None]:
+            current = pending.result()
+            pending = pool.submit(decode, next_start) if next_start is not None else None
+            yield current
+
+
+def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path:
+    """Write rows as CSV or JSON, chosen by the file's extension.
+
+    CSV columns: file, label, confidence, then top_k as "name:prob;name:prob". JSON: a list
+    of objects with file, label, confidence and top_k, plus the skipped files.
+
+    Raises:
+        DataError: the extension is neither .csv nor .json, or the file cannot be written.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise DataError(f"--output {path}: use a .csv or .json file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".csv":
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["file", "label", "confidence", "top_k"])
+                for row in result.rows:
+                    writer.writerow([
+                        str(row.file), row.label, f"{row.confidence:.6f}",
+                        ";".join(f"{name}:{p:.6f}" for name, p in row.top_k),
+                    ])
+        else:
+            payload = {
+                "predictions": [
+                    {
+                        "file": str(row.file),
+                        "label": row.label,
+                        "confidence": row.confidence,
+                        "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
+                    }
+                    for row in result.rows
+                ],
+                "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
+            }
+            path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise DataError(f"cannot write {path}: {error.strerror or error}") from error
+    return path

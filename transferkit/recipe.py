@@ -1,0 +1,292 @@
+"""Recipes: every hyperparameter of a run, resolved in one place.
+
+Resolution order: built-in defaults < recipe TOML file < overrides (CLI flags). Unknown keys,
+wrong types and out-of-range values fail here, naming the key, the value and the valid
+choices. The resolved recipe is frozen: steps receive the part they need and never mutate it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
+from transferkit.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Section(BaseModel):
+    # strict: a string "0.5" where a number belongs is a mistake worth naming.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataConfig(_Section):
+    """How the image folder becomes training and validation sets."""
+
+    val_split: float = Field(0.2, gt=0, lt=1)
+    class_weights: bool = True
+
+
+class HeadConfig(_Section):
+    """The new classification head on top of the backbone."""
+
+    pooling: Literal["avg", "flatten"] = "avg"
+    units: tuple[int, ...] = (256,)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    batchnorm: bool = True
+
+    @model_validator(mode="after")
+    def _positive_units(self):
+        for index, units in enumerate(self.units):
+            if units < 1:
+                raise ValueError(f"units[{index}] must be at least 1, got {units}")
+        return self
+
+
+class AugmentConfig(_Section):
+    """Training-set augmentation strengths; 0 switches a transform off."""
+
+    shift: float = Field(0.1, ge=0, le=0.5)
+    contrast: float = Field(0.2, ge=0, le=1)
+    rotation: float = Field(15.0, ge=0, le=180)
+    hflip: bool = True
+
+
+class StageConfig(_Section):
+    """One fine-tuning stage: what is trainable and how it is optimised."""
+
+    name: str = "stage"
+    epochs: int = Field(5, ge=0)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    unfreeze: int | Literal["all"] = 0
+    patience: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _non_negative_unfreeze(self):
+        if isinstance(self.unfreeze, int) and self.unfreeze < 0:
+            raise ValueError(f"unfreeze must be 0 or more, or 'all', got {self.unfreeze}")
+        return self
+
+
+DEFAULT_STAGES = (
+    StageConfig(name="head", epochs=8, learning_rate=1e-3, optimizer="adam", unfreeze=0),
+    StageConfig(name="fine", epochs=4, learning_rate=3e-5, optimizer="adam", unfreeze=1),
+)
+
+
+class Recipe(_Section):
+    """A fully resolved recipe. Build one with ``load_recipe``."""
+
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    image_size: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = Field(42, ge=0)
+    data: DataConfig = DataConfig()
+    head: HeadConfig = HeadConfig()
+    augment: AugmentConfig = AugmentConfig()
+    stages: tuple[StageConfig, ...] = DEFAULT_STAGES
+
+    @model_validator(mode="after")
+    def _fits_backbone(self):
+        spec = REGISTRY.get(self.backbone)
+        if spec is None:
+            raise ValueError(
+                f"backbone: unknown backbone {self.backbone!r}; "
+                f"choose one of: {', '.join(available_backbones())}"
+            )
+        if self.image_size < spec.min_size:
+            raise ValueError(
+                f"image_size: {self.image_size} is below the {spec.name} minimum of "
+                f"{spec.min_size}; use {spec.min_size} or more"
+            )
+        if not self.stages:
+            raise ValueError("stages: at least one [[stages]] table is needed")
+        for index, stage in enumerate(self.stages):
+            if isinstance(stage.unfreeze, int) and stage.unfreeze > len(spec.blocks):
+                raise ValueError(
+                    f"stages.{index}.unfreeze: {stage.unfreeze} is more than the "
+                    f"{len(spec.blocks)} blocks of {spec.name}; use 0..{len(spec.blocks)} or 'all'"
+                )
+        weights = self.weights
+        if weights.lower() not in WEIGHTS_CHOICES:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise ValueError(
+                    f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing file; "
+                    "pass one of those or the path to a .h5 weights file"
+                )
+        return self
+
+    def to_toml(self) -> str:
+        """The recipe as TOML text, every key written out."""
+        return tomli_w.dumps(self.model_dump(mode="json"))
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in recipes/ (without .toml)."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A recipe path as given, or a shipped recipe's name such as "quickstart".
+
+    Raises:
+        RecipeError: neither a file nor a shipped recipe name.
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{recipe}.toml"
+    if path.suffix == "" and shipped.is_file():
+        return shipped
+    names = ", ".join(available_recipes()) or "none found"
+    raise RecipeError(
+        f"recipe {recipe} not found; pass a .toml file or a shipped recipe name ({names})"
+    )
+
+
+def load_recipe(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Recipe:
+    """Resolve a recipe: built-in defaults < the TOML file < overrides.
+
+    Args:
+        path: a TOML file, a shipped recipe name ("vgg16", "quickstart", ...), or None for
+            the built-in defaults.
+        overrides: dotted keys to values, e.g. ``{"image_size": 64, "head.dropout": 0.5,
+            "stages.1.epochs": 2}``; None values are ignored.
+
+    Returns:
+        The frozen ``Recipe``.
+
+    Raises:
+        RecipeError: unreadable TOML, an unknown key, a wrong type or an out-of-range value.
+    """
+    source = "defaults"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        recipe_path = resolve_recipe_path(path)
+        source = str(recipe_path)
+        try:
+            raw = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise RecipeError(f"recipe {recipe_path} is not valid TOML: {error}") from error
+        except OSError as error:
+            raise RecipeError(f"recipe {recipe_path} cannot be read: {error.strerror}") from error
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value, source)
+            source = source if source.endswith("overrides") else f"{source} with overrides"
+    try:
+        return Recipe.model_validate(_lists_to_tuples(raw))
+    except ValidationError as error:
+        raise RecipeError(f"recipe {source}: {_describe(error)}") from None
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    """Set ``raw["a"]["b"] = value`` for key "a.b".
+
+    Stage keys take an index, "stages.1.epochs", or an open range, "stages.1:.epochs"
+    (every stage from the second on).
+    """
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) == 3:
+        stages = raw.setdefault("stages", [stage.model_dump() for stage in DEFAULT_STAGES])
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            raise RecipeError(f"override {key}: stages in {source} is not a list of [[stages]] tables")
+        selector = parts[1]
+        try:
+            if selector.endswith(":"):
+                chosen = range(int(selector[:-1]), len(stages))
+            else:
+                index = int(selector)
+                if not -len(stages) <= index < len(stages):
+                    raise IndexError
+                chosen = [index]
+        except (ValueError, IndexError):
+            raise RecipeError(
+                f"override {key}: the recipe has {len(stages)} stage(s); use an index from 0 "
+                f"to {len(stages) - 1}"
+            ) from None
+        for index in chosen:
+            stages[index][parts[2]] = value
+        return
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {key}: {part} is not a table in {source}")
+    node[parts[-1]] = value
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _lists_to_tuples(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_lists_to_tuples(item) for item in value)
+    return value
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming each bad key, the value received and what is valid."""
+    messages: dict[str, str] = {}
+    for item in error.errors():
+        # Drop the union-member names pydantic adds ("unfreeze.int", "unfreeze.literal[...]").
+        loc = [str(part) for part in item["loc"] if not str(part).startswith(("int", "literal["))]
+        key = ".".join(loc)
+        kind = item["type"]
+        received = item.get("input")
+        if kind == "extra_forbidden":
+            parent = _section_fields(loc[:-1])
+            text = f"unknown key {key!r}" + (f"; valid keys here: {', '.join(parent)}" if parent else "")
+        elif kind == "value_error":
+            text = str(item["msg"]).removeprefix("Value error, ")
+            if key:
+                text = f"{key}: {text}"
+        else:
+            text = f"{key} = {received!r}: {item['msg']}"
+        if key in messages and kind not in ("extra_forbidden",):
+            if "'all'" in item["msg"] or "'all'" in messages[key]:
+                messages[key] = f"{key} = {received!r}: expected an integer >= 0 or 'all'"
+            continue
+        messages[key] = text
+    return "; ".join(messages.values())
+
+
+def _section_fields(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if annotation is None:
+            return []
+        if hasattr(annotation, "__args__"):  # tuple[StageConfig, ...]
+            annotation = annotation.__args__[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Parse a ``--set key=value`` flag; the value is read as TOML, else as a string.
+
+    Raises:
+        RecipeError: no '=' in the assignment.
+    """
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set head.dropout=0.5")
+    try:
+        value = tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key.strip(), value

@@ -1,0 +1,118 @@
+"""Figures and numbers people read after a run: metrics, curves, confusion matrix."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
+    """Class index per row, for sigmoid (n, 1) or softmax (n, k) outputs."""
+    if probabilities.shape[-1] == 1:
+        return (probabilities[:, 0] >= 0.5).astype("int64")
+    return np.argmax(probabilities, axis=-1)
+
+
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Per-class probabilities: a sigmoid unit p becomes [1 - p, p]."""
+    outputs = np.asarray(outputs, dtype="float64")
+    if outputs.shape[-1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=-1)
+    return outputs
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    matrix = np.zeros((n_classes, n_classes), dtype="int64")
+    np.add.at(matrix, (true, predicted), 1)
+    return matrix
+
+
+def summarize(
+    history: Sequence[dict],
+    true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    val_loss: float,
+    n_train: int,
+) -> dict:
+    """metrics.json content: final and best validation figures, per-class accuracy, confusion."""
+    predicted = predicted_labels(probabilities)
+    matrix = confusion_matrix(true, predicted, len(class_names))
+    per_class = {
+        name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
+        for i, name in enumerate(class_names)
+    }
+    finite = [row for row in history if not math.isnan(row.get("val_accuracy", math.nan))]
+    best = max(finite, key=lambda row: row["val_accuracy"], default=None)
+    return {
+        "final": {
+            "val_accuracy": float(np.mean(predicted == true)) if len(true) else math.nan,
+            "val_loss": float(val_loss),
+        },
+        "best": (
+            {"epoch": best["epoch"], "stage": best["stage"], "val_accuracy": best["val_accuracy"],
+             "val_loss": best["val_loss"]}
+            if best else {}
+        ),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix.tolist(),
+        "class_names": list(class_names),
+        "n_train": int(n_train),
+        "n_val": int(len(true)),
+        "epochs": len(history),
+    }
+
+
+def plot_history(history: Sequence[dict], path: Path) -> None:
+    """history.png: loss and accuracy per epoch, training and validation, stages shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        axis.plot(epochs, [row[metric] for row in history], "o-", label=f"train {metric}")
+        axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"val {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        start = 0
+        for index, row in enumerate(history):
+            last = index == len(history) - 1 or history[index + 1]["stage"] != row["stage"]
+            if last:
+                axis.axvspan(epochs[start] - 0.5, row["epoch"] + 0.5, alpha=0.08 * (1 + index % 2))
+                axis.text(epochs[start] - 0.4, axis.get_ylim()[1], row["stage"], va="top", fontsize=8)
+                start = index + 1
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    """confusion_matrix.png: counts, true class by row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(3.5, 0.6 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(len(class_names)), class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    peak = matrix.max() if matrix.size else 0
+    for (row, column), count in np.ndenumerate(matrix):
+        axis.text(column, row, str(count), ha="center", va="center",
+                  color="white" if count > peak / 2 else "black")
+    axis.set_title("validation confusion matrix")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

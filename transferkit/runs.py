@@ -1,0 +1,282 @@
+"""The run folder: written atomically, loaded without flags, described in a few lines.
+
+    RUN/
+      model.keras            the whole classifier; plain keras.models.load_model() loads it
+      labels.json            class names in output order, image size, backbone, head activation
+      recipe.toml            the fully resolved recipe
+      history.csv            epoch, stage, loss, accuracy, val_loss, val_accuracy, learning_rate
+      metrics.json           final and best validation figures, per-class accuracy, confusion
+      history.png            training curves, stage boundaries marked
+      confusion_matrix.png   validation confusion matrix
+      skipped.txt            files that were not used and why (only when there were some)
+      model.h5               legacy HDF5 copy (only with --save-h5)
+
+A run is written under a temporary hidden name beside its destination and renamed at the
+end, so an interrupted run never leaves a folder that looks finished, and an existing
+folder is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from transferkit.errors import RunError
+
+LABELS_FILE = "labels.json"
+MODEL_FILE = "model.keras"
+RUN_FORMAT = 1
+
+
+@dataclass
+class Run:
+    """A finished run, as loaded from its folder.
+
+    Attributes:
+        path: the run folder.
+        class_names: class names in the order of the model's outputs.
+        image_size: the side images are resized to.
+        backbone: registry name of the backbone.
+        head_activation: "sigmoid" (two classes, one unit) or "softmax".
+        recipe: the resolved recipe as a dict (None for a bare model file).
+        history: one dict per epoch.
+        metrics: final and best validation figures.
+        model: the loaded ``keras.Model`` (None until ``load_run(..., with_model=True)``).
+    """
+
+    path: Path
+    class_names: tuple[str, ...]
+    image_size: int
+    backbone: str
+    head_activation: str
+    recipe: dict[str, Any] | None = None
+    history: list[dict] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+
+    def describe(self) -> str:
+        """A few lines for the terminal: where, what, how well."""
+        lines = [
+            f"run: {self.path}",
+            f"  backbone {self.backbone}, {self.image_size}px, {len(self.class_names)} classes "
+            f"({', '.join(self.class_names)}), {self.head_activation} output",
+        ]
+        final = self.metrics.get("final", {})
+        best = self.metrics.get("best", {})
+        if final:
+            lines.append(
+                f"  validation accuracy {final.get('val_accuracy', float('nan')):.3f} "
+                f"(loss {final.get('val_loss', float('nan')):.4f}) on {self.metrics.get('n_val', '?')} images"
+            )
+        if best:
+            lines.append(
+                f"  best epoch {best.get('epoch')} ({best.get('stage')}): "
+                f"val_accuracy {best.get('val_accuracy', float('nan')):.3f}"
+            )
+        return "\n".join(lines)
+
+
+def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Path:
+    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>``."""
+    import datetime
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = Path(data_dir).resolve().name or "data"
+    return Path(runs_root) / f"{name}-{stamp}"
+
+
+def check_writable(output: Path, force: bool) -> None:
+    """Fail before any training if the run could not be written.
+
+    Raises:
+        RunError: the folder exists (without ``force``), is a file, or its parent cannot be
+            created or written.
+    """
+    if output.exists() and not output.is_dir():
+        raise RunError(f"output {output} is a file; pass a folder path with -o")
+    if output.exists() and not force:
+        raise RunError(f"run folder {output} exists already; pass --force to replace it or choose another -o")
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create {parent}: {error.strerror}; choose another -o") from error
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write into {parent} (permission denied); choose another -o")
+
+
+def save_run(
+    output: str | Path,
+    write_contents: Callable[[Path], None],
+    force: bool = False,
+) -> Path:
+    """Write a run folder atomically.
+
+    Args:
+        output: the final folder.
+        write_contents: called with a temporary folder to fill.
+        force: replace an existing folder; default False.
+
+    Returns:
+        The final folder.
+
+    Raises:
+        RunError: the folder exists without ``force``, or writing failed (disk full,
+            permission); nothing is left behind then and an existing run is unchanged.
+    """
+    output = Path(output)
+    check_writable(output, force)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        write_contents(staging)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise RunError(f"could not write run folder {output}: {reason}; nothing was saved") from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
+    if output.exists():
+        os.replace(output, retired)
+    os.replace(staging, output)
+    shutil.rmtree(retired, ignore_errors=True)
+    return output
+
+
+def write_labels(folder: Path, class_names, image_size: int, backbone: str, head_activation: str) -> None:
+    """labels.json: what predict needs to read images and name outputs."""
+    from transferkit import __version__
+
+    payload = {
+        "format": RUN_FORMAT,
+        "class_names": list(class_names),
+        "image_size": int(image_size),
+        "backbone": backbone,
+        "head_activation": head_activation,
+        "transferkit_version": __version__,
+    }
+    (folder / LABELS_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def write_history(folder: Path, rows: list[dict]) -> None:
+    """history.csv, one row per epoch across all stages."""
+    from transferkit.training import HISTORY_COLUMNS
+
+    with open(folder / "history.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: row.get(key) for key in HISTORY_COLUMNS})
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+
+
+def load_run(path: str | Path, with_model: bool = True) -> Run:
+    """Load a run folder, or a bare ``.keras`` model file with labels.json beside it.
+
+    Args:
+        path: a run folder or a model file.
+        with_model: load the Keras model too; default True.
+
+    Returns:
+        A ``Run``.
+
+    Raises:
+        RunError: not a run folder, labels.json missing or malformed, or the model cannot
+            be loaded or does not match its labels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path} does not exist; pass a run folder made by 'transferkit finetune'")
+    if path.is_file():
+        folder, model_path = path.parent, path
+    else:
+        folder, model_path = path, path / MODEL_FILE
+        if not model_path.is_file():
+            raise RunError(
+                f"{path} is not a transferkit run: {MODEL_FILE} is missing; pass a folder "
+                "made by 'transferkit finetune' or a .keras file"
+            )
+    labels_path = folder / LABELS_FILE
+    if not labels_path.is_file():
+        raise RunError(
+            f"{labels_path} is missing; the run needs it to name classes (copy it back, "
+            "or re-run finetune)"
+        )
+    try:
+        labels = json.loads(labels_path.read_text(encoding="utf-8"))
+        class_names = tuple(str(name) for name in labels["class_names"])
+        image_size = int(labels["image_size"])
+        backbone = str(labels["backbone"])
+        head_activation = str(labels["head_activation"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RunError(
+            f"{labels_path} is not a valid labels file ({type(error).__name__}: {error}); "
+            "it needs class_names, image_size, backbone and head_activation"
+        ) from error
+    run = Run(
+        path=folder,
+        class_names=class_names,
+        image_size=image_size,
+        backbone=backbone,
+        head_activation=head_activation,
+        recipe=_read_optional_toml(folder / "recipe.toml"),
+        history=_read_optional_history(folder / "history.csv"),
+        metrics=_read_optional_json(folder / "metrics.json"),
+    )
+    if with_model:
+        run.model = _load_model(model_path, len(class_names))
+    return run
+
+
+def _load_model(model_path: Path, n_classes: int):
+    import keras
+
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except Exception as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunError(f"cannot load model {model_path}: {detail[:200]}") from error
+    units = model.output_shape[-1]
+    expected = 1 if n_classes == 2 else n_classes
+    if units != expected:
+        raise RunError(
+            f"model {model_path} has {units} output unit(s) but labels.json names "
+            f"{n_classes} classes (expected {expected}); the two files come from different runs"
+        )
+    return model
+
+
+def _read_optional_toml(path: Path) -> dict | None:
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_optional_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_optional_history(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except OSError:
+        return []
