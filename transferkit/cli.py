@@ -207,9 +207,33 @@ def augment_preview(
     typer.echo(f"wrote {path}")
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+
+    Those lines are written before TensorFlow's own log level applies, straight to file
+    descriptor 2, so only a redirect hides them. Python errors still show: an ImportError
+    is raised after the descriptor is restored.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ.get("TRANSFERKIT_DEBUG"):
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass  # re-raised below with stderr restored
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main() -> None:
     """Console-script entry point."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if len(sys.argv) > 1 and sys.argv[1] not in ("--version", "--help"):
+        _import_tensorflow_quietly()
     app()
 
 

@@ -89,7 +89,9 @@ def build_head(feature_shape: tuple[int, ...], n_classes: int, head: HeadConfig)
     for index, units in enumerate(head.units, start=1):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
         if head.batchnorm:
-            x = keras.layers.BatchNormalization(name=f"batchnorm_{index}")(x)
+            # momentum 0.9, not Keras's 0.99: small datasets give few steps per epoch, and
+            # the moving statistics used at inference must catch up within a few epochs.
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"batchnorm_{index}")(x)
         if head.dropout > 0:
             x = keras.layers.Dropout(head.dropout, name=f"dropout_{index}")(x)
     units = 1 if n_classes == 2 else n_classes

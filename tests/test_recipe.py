@@ -1,0 +1,161 @@
+from pathlib import Path
+
+import pytest
+
+from transferkit.errors import RecipeError
+from transferkit.recipe import Recipe, available_recipes, load_recipe, parse_override
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_two_stage_rule():
+    recipe = load_recipe()
+    assert recipe.stages[0].unfreeze == 0
+    assert recipe.stages[1].unfreeze == 1
+    ratio = recipe.stages[0].learning_rate / recipe.stages[1].learning_rate
+    assert 10 <= ratio <= 100
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_and_is_commented(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert path.read_text().lstrip().startswith("#")
+
+
+def test_shipped_recipes_include_the_documented_set():
+    assert {"quickstart", "vgg16", "vgg19", "resnet50", "small-data"} <= set(available_recipes())
+
+
+def test_quickstart_is_the_defaults_written_out():
+    assert load_recipe("quickstart") == load_recipe()
+
+
+def test_recipe_by_shipped_name():
+    assert load_recipe("resnet50").backbone == "resnet50"
+
+
+def test_file_then_overrides_take_precedence(tmp_path):
+    path = write(tmp_path, 'backbone = "vgg19"\nimage_size = 64\n[head]\ndropout = 0.1\n')
+    recipe = load_recipe(path, {"image_size": 48, "head.dropout": None})
+    assert recipe.backbone == "vgg19"
+    assert recipe.image_size == 48
+    assert recipe.head.dropout == 0.1
+
+
+def test_stage_overrides_by_index_and_open_range():
+    recipe = load_recipe("vgg16", {"stages.0.epochs": 2, "stages.1:.epochs": 0})
+    assert [stage.epochs for stage in recipe.stages] == [2, 0, 0]
+
+
+def test_stage_override_out_of_range_names_the_count():
+    with pytest.raises(RecipeError, match="2 stage"):
+        load_recipe(None, {"stages.5.epochs": 1})
+
+
+def test_unknown_key_names_key_and_valid_keys(tmp_path):
+    path = write(tmp_path, "[head]\ndropuot = 0.2\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "head.dropuot" in message and "dropout" in message and str(path) in message
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(RecipeError, match="unknown key 'learning_rate'"):
+        load_recipe(write(tmp_path, "learning_rate = 0.1\n"))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(RecipeError, match=r"batch_size = '32'"):
+        load_recipe(write(tmp_path, 'batch_size = "32"\n'))
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"batch_size": 0}, "batch_size = 0"),
+        ({"head.dropout": 1.5}, "head.dropout = 1.5"),
+        ({"data.val_split": 0.0}, "data.val_split = 0.0"),
+        ({"stages.0.learning_rate": -1.0}, "stages.0.learning_rate = -1.0"),
+        ({"stages.0.epochs": -2}, "stages.0.epochs = -2"),
+        ({"augment.rotation": -5.0}, "augment.rotation = -5.0"),
+        ({"head.units": [0]}, "units[0] must be at least 1"),
+    ],
+)
+def test_out_of_range_values_are_rejected(overrides, fragment):
+    with pytest.raises(RecipeError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(None, overrides)
+
+
+def test_unknown_optimizer_lists_choices():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, {"stages.0.optimizer": "adagrad"})
+    assert "adagrad" in str(info.value) and "'adam'" in str(info.value) and "'sgd'" in str(info.value)
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(RecipeError, match="resnet50, vgg16, vgg19"):
+        load_recipe(None, {"backbone": "vgg17"})
+
+
+def test_image_size_below_backbone_minimum():
+    with pytest.raises(RecipeError, match="below the vgg16 minimum of 32"):
+        load_recipe(None, {"image_size": 16})
+
+
+def test_unfreeze_beyond_blocks_names_the_limit():
+    with pytest.raises(RecipeError, match="5 blocks of vgg16"):
+        load_recipe(None, {"stages.1.unfreeze": 6})
+    assert load_recipe(None, {"backbone": "resnet50", "stages.1.unfreeze": 6}).stages[1].unfreeze == 6
+
+
+def test_unfreeze_accepts_all_and_rejects_other_words():
+    assert load_recipe(None, {"stages.1.unfreeze": "all"}).stages[1].unfreeze == "all"
+    with pytest.raises(RecipeError, match="integer >= 0 or 'all'"):
+        load_recipe(None, {"stages.1.unfreeze": "most"})
+
+
+def test_weights_must_be_a_choice_or_an_existing_file(tmp_path):
+    with pytest.raises(RecipeError, match="weights"):
+        load_recipe(None, {"weights": str(tmp_path / "missing.h5")})
+    existing = tmp_path / "w.weights.h5"
+    existing.write_bytes(b"x")
+    assert load_recipe(None, {"weights": str(existing)}).weights == str(existing)
+
+
+def test_invalid_toml_is_reported_with_the_file(tmp_path):
+    path = write(tmp_path, "image_size = = 3\n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(path)
+
+
+def test_missing_recipe_lists_shipped_names():
+    with pytest.raises(RecipeError, match="quickstart"):
+        load_recipe("no-such-recipe")
+
+
+def test_resolved_recipe_round_trips_through_toml(tmp_path):
+    recipe = load_recipe("resnet50", {"seed": 7, "stages.1.unfreeze": "all"})
+    path = write(tmp_path, recipe.to_toml())
+    assert load_recipe(path) == recipe
+
+
+def test_recipe_is_frozen():
+    recipe = load_recipe()
+    with pytest.raises(Exception):
+        recipe.image_size = 64
+
+
+def test_parse_override_reads_toml_values():
+    assert parse_override("head.units=[64, 32]") == ("head.units", [64, 32])
+    assert parse_override("augment.hflip=false") == ("augment.hflip", False)
+    assert parse_override("backbone=resnet50") == ("backbone", "resnet50")
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        parse_override("dropout")
