@@ -1,0 +1,204 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.data import (
+    ImageBatches,
+    UnreadableImage,
+    balanced_class_weights,
+    decode_images,
+    encode_targets,
+    index_folder,
+    iter_image_files,
+    load_image,
+    read_image,
+    stratified_split,
+)
+from transferkit.errors import DataError
+
+
+def save(image, path, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def check_rgb(array, shape=None):
+    assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+    if shape:
+        assert array.shape[:2] == shape
+
+
+def test_grayscale_rgba_palette_cmyk_are_rgb(tmp_path):
+    gray = read_image(save(Image.new("L", (5, 4), 100), tmp_path / "g.png"))
+    check_rgb(gray, (4, 5))
+    assert (gray == 100).all()
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    check_rgb(read_image(save(rgba, tmp_path / "a.png")))
+    assert (read_image(tmp_path / "a.png") == 255).all()
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    assert tuple(read_image(save(palette, tmp_path / "p.png"))[0, 0]) == (10, 20, 30)
+    cmyk = read_image(save(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), tmp_path / "c.jpg"))
+    check_rgb(cmyk)
+    assert cmyk[0, 0, 0] > 200 and cmyk[0, 0, 1] < 60
+
+
+def test_sixteen_bit_and_float_tiff_are_scaled(tmp_path):
+    values = np.full((3, 3), 65535, dtype="uint16")
+    sixteen = read_image(save(Image.fromarray(values), tmp_path / "s.png"))
+    assert (sixteen == 255).all()
+    floats = np.linspace(0, 1, 9, dtype="float32").reshape(3, 3)
+    as_float = read_image(save(Image.fromarray(floats, mode="F"), tmp_path / "f.tiff"))
+    assert as_float[0, 0, 0] == 0 and as_float[2, 2, 0] == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (6, 3), (0, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = save(image, tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert read_image(path).shape[:2] == (6, 3)
+
+
+def test_gif_gives_first_frame_and_webp_bmp_work(tmp_path):
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    first = read_image(path)
+    assert first[0, 0, 0] > 200 and first[0, 0, 2] < 50
+    check_rgb(read_image(save(Image.new("RGB", (4, 4)), tmp_path / "x.webp")))
+    check_rgb(read_image(save(Image.new("RGB", (4, 4)), tmp_path / "x.bmp")))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"plain text, not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20],
+    ids=["empty", "text", "truncated-png"],
+)
+def test_unreadable_files_raise_unreadable_image(tmp_path, content):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(UnreadableImage, match="bad.png"):
+        read_image(path)
+
+
+def test_truncated_jpeg_is_unreadable(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(UnreadableImage):
+        read_image(path)
+
+
+def test_load_image_resizes_to_a_square(tmp_path):
+    path = save(Image.new("RGB", (90, 30), (1, 2, 3)), tmp_path / "wide.jpg")
+    assert load_image(path, 32).shape == (32, 32, 3)
+
+
+def test_decode_images_skips_and_reports_unreadable(tmp_path):
+    good = save(Image.new("RGB", (8, 8), (9, 9, 9)), tmp_path / "good.png")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"junk")
+    images, kept, skipped = decode_images([bad, good], 16)
+    assert images.shape == (1, 16, 16, 3)
+    assert list(kept) == [1]
+    assert skipped[0][0] == bad and "not a readable image" in skipped[0][1]
+
+
+def make_tree(root):
+    for name in ("b_dogs", "a_cats"):
+        for index in range(3):
+            save(Image.new("RGB", (8, 8)), root / name / f"{index}.png")
+    (root / "a_cats" / ".DS_Store").write_bytes(b"litter")
+    (root / "a_cats" / "Thumbs.db").write_bytes(b"litter")
+    (root / "__MACOSX").mkdir()
+    (root / "a_cats" / "notes.txt").write_text("hello")
+    save(Image.new("RGB", (8, 8)), root / "b_dogs" / "puppies" / "deep.png")
+
+
+def test_index_folder_sorts_classes_ignores_litter_and_lists_non_images(tmp_path):
+    make_tree(tmp_path)
+    index = index_folder(tmp_path)
+    assert index.class_names == ("a_cats", "b_dogs")
+    assert index.counts() == {"a_cats": 3, "b_dogs": 4}  # nested sub-folder counts for its class
+    assert [path.name for path, _ in index.skipped] == ["notes.txt"]
+    assert all(".DS_Store" not in str(path) and "Thumbs" not in str(path) for path in index.paths)
+
+
+def test_symlink_loop_is_walked_once(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "a_cats" / "loop").symlink_to(tmp_path / "a_cats", target_is_directory=True)
+    files = [path for path, reason in iter_image_files(tmp_path / "a_cats") if reason is None]
+    assert len(files) == 3
+
+
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: root.write_text("x"), "is a file"),
+        (lambda root: root.mkdir(), "no class sub-folders"),
+        (lambda root: save(Image.new("RGB", (4, 4)), root / "only" / "a.png"), "only one class"),
+        (lambda root: (save(Image.new("RGB", (4, 4)), root / "a" / "a.png"), (root / "b").mkdir()), "b in"),
+    ],
+    ids=["missing", "file", "empty", "one-class", "empty-class"],
+)
+def test_bad_folders_give_clear_errors(tmp_path, setup, fragment):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=fragment):
+        index_folder(root)
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class():
+    labels = np.array([0] * 10 + [1] * 30)
+    train, val = stratified_split(labels, 0.2, seed=3)
+    assert sorted(np.concatenate([train, val])) == list(range(40))
+    assert np.bincount(labels[val]).tolist() == [2, 6]
+    again_train, again_val = stratified_split(labels, 0.2, seed=3)
+    assert np.array_equal(val, again_val)
+    assert not np.array_equal(val, stratified_split(labels, 0.2, seed=4)[1])
+
+
+def test_split_needs_two_images_per_class():
+    with pytest.raises(DataError, match="at least 2 per class"):
+        stratified_split(np.array([0, 0, 1]), 0.2, seed=0)
+
+
+def test_class_weights_balance_the_classes():
+    labels = np.array([0] * 30 + [1] * 10)
+    weights = balanced_class_weights(labels, 2)
+    assert weights[1] == pytest.approx(3 * weights[0])
+    assert (weights[labels]).sum() == pytest.approx(len(labels))
+
+
+def test_targets_have_the_shape_of_the_output():
+    assert encode_targets(np.array([0, 1, 1]), 2).shape == (3, 1)
+    assert encode_targets(np.array([0, 2]), 3).tolist() == [[1, 0, 0], [0, 0, 1]]
+
+
+def test_batches_augment_reproducibly_and_reshuffle_each_epoch():
+    from transferkit.augment import build_augmenter
+    from transferkit.recipe import AugmentConfig
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 16, 16, 3), dtype="uint8")
+    targets = encode_targets(np.arange(10) % 2, 2)
+    factory = lambda: build_augmenter(AugmentConfig(rotation=30.0))
+
+    def make():
+        return ImageBatches(images, targets, 4, shuffle=True, augmenter_factory=factory, seed=5)
+
+    first, second = make(), make()
+    np.testing.assert_array_equal(first[0][0], second[0][0])
+    assert not np.array_equal(first[0][0], images[first.order[:4]].astype("float32"))
+    order = first.order.copy()
+    first.on_epoch_end()
+    assert not np.array_equal(order, first.order)
+    assert len(first) == 3 and first[2][0].shape[0] == 2
+    weighted = ImageBatches(images, targets, 4, sample_weights=np.arange(10, dtype="float32"))
+    assert weighted[0][2].tolist() == [0, 1, 2, 3]

@@ -1,0 +1,88 @@
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+import transferkit
+from transferkit.errors import DataError, RunError
+from transferkit.predict import predict_folder, write_predictions
+from transferkit.runs import load_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(binary_dir, tmp_path_factory):
+    from tests.conftest import TINY
+
+    output = tmp_path_factory.mktemp("predict-runs") / "run"
+    transferkit.finetune(binary_dir, None, TINY, output=output, verbose=0)
+    return output
+
+
+@pytest.fixture()
+def to_sort(tmp_path):
+    folder = tmp_path / "to sort"
+    (folder / "nested" / "déjà vu").mkdir(parents=True)
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(folder / "a.png")
+    Image.new("L", (20, 20), 90).save(folder / "nested" / "déjà vu" / "b c.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG nope")
+    (folder / "readme.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"litter")
+    return folder
+
+
+def test_every_image_gets_a_row_and_bad_files_are_skipped(run_dir, to_sort):
+    result = predict_folder(load_run(run_dir), to_sort, top_k=2)
+    names = [row.file.name for row in result.rows]
+    assert names == ["a.png", "b c.jpg"]
+    for row in result.rows:
+        assert row.label in ("circle", "square")
+        assert [name for name, _ in row.top_k][0] == row.label
+        assert sum(p for _, p in row.top_k) == pytest.approx(1.0, abs=1e-5)
+        assert row.confidence >= 0.5
+    assert sorted(path.name for path, _ in result.skipped) == ["broken.png", "readme.txt"]
+
+
+def test_batches_give_the_same_answers_as_one_pass(run_dir, to_sort):
+    run = load_run(run_dir)
+    one = predict_folder(run, to_sort, batch_size=1).rows
+    many = predict_folder(run, to_sort, batch_size=64).rows
+    assert [(r.file, r.label) for r in one] == [(r.file, r.label) for r in many]
+    assert [r.confidence for r in one] == pytest.approx([r.confidence for r in many], abs=1e-5)
+
+
+def test_csv_and_json_writers(run_dir, to_sort, tmp_path):
+    result = predict_folder(run_dir, to_sort, top_k=2)
+    with open(write_predictions(result, tmp_path / "p.csv"), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["file"] for row in rows] == [str(row.file) for row in result.rows]
+    assert rows[0]["top_k"].count(":") == 2
+    payload = json.loads(write_predictions(result, tmp_path / "p.json").read_text(encoding="utf-8"))
+    assert payload["predictions"][1]["file"].endswith("b c.jpg")
+    assert {item["file"].rsplit("/", 1)[-1] for item in payload["skipped"]} == {"broken.png", "readme.txt"}
+    with pytest.raises(DataError, match=".csv or .json"):
+        write_predictions(result, tmp_path / "p.xlsx")
+
+
+def test_not_a_run_missing_labels_and_mismatched_model(run_dir, tmp_path):
+    import shutil
+
+    with pytest.raises(RunError, match="not a transferkit run"):
+        load_run(tmp_path)
+    broken = tmp_path / "copy"
+    shutil.copytree(run_dir, broken)
+    (broken / "labels.json").unlink()
+    with pytest.raises(RunError, match="labels.json is missing"):
+        load_run(broken)
+    shutil.copy(run_dir / "labels.json", broken / "labels.json")
+    labels = json.loads((broken / "labels.json").read_text())
+    labels["class_names"] = ["a", "b", "c"]
+    (broken / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(RunError, match="1 output unit"):
+        load_run(broken)
+
+
+def test_a_folder_with_no_images_is_an_error(run_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        predict_folder(run_dir, tmp_path / "empty")

@@ -1,0 +1,147 @@
+import csv
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.errors import DataError, RunError
+from transferkit.runs import load_run, save_run
+
+RUN_FILES = {
+    "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json",
+    "history.png", "confusion_matrix.png",
+}
+
+
+@pytest.fixture(scope="module")
+def messy_data(shapes_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy") / "data"
+    shutil.copytree(shapes_dir, root)
+    (root / "circle" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(messy_data, tmp_path_factory):
+    from tests.conftest import TINY
+
+    output = tmp_path_factory.mktemp("runs") / "run"
+    run = transferkit.finetune(messy_data, None, TINY, output=output, verbose=0)
+    return run, output
+
+
+def test_run_folder_holds_everything(finished):
+    run, output = finished
+    assert RUN_FILES | {"skipped.txt"} == {path.name for path in output.iterdir()}
+    assert not [path for path in output.parent.iterdir() if path.name.startswith(".")]
+
+
+def test_labels_json_describes_the_model(finished):
+    _, output = finished
+    labels = json.loads((output / "labels.json").read_text())
+    assert labels["class_names"] == ["circle", "square", "triangle"]
+    assert labels["image_size"] == 32
+    assert labels["backbone"] == "vgg16"
+    assert labels["head_activation"] == "softmax"
+
+
+def test_history_is_continuous_across_stages(finished):
+    _, output = finished
+    with open(output / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert [row["stage"] for row in rows] == ["head", "fine"]
+    assert float(rows[0]["learning_rate"]) > float(rows[1]["learning_rate"])
+
+
+def test_metrics_and_recipe_are_saved(finished):
+    run, output = finished
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0 <= metrics["final"]["val_accuracy"] <= 1
+    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["n_val"]
+    assert metrics["n_train"] + metrics["n_val"] == 30
+    recipe = transferkit.load_recipe(output / "recipe.toml")
+    assert recipe.image_size == 32 and recipe.weights == "none"
+
+
+def test_skipped_files_are_listed(finished):
+    _, output = finished
+    lines = (output / "skipped.txt").read_text().splitlines()
+    assert len(lines) == 1 and "broken.jpg" in lines[0] and "not a readable image" in lines[0]
+
+
+def test_load_run_predicts_like_the_returned_model(finished):
+    run, output = finished
+    loaded = load_run(output)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 40, 40, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.model.predict(images, verbose=0), run.model.predict(images, verbose=0), atol=1e-6)
+    assert "validation accuracy" in loaded.describe()
+
+
+def test_existing_run_is_not_overwritten_without_force(finished, messy_data):
+    _, output = finished
+    before = (output / "model.keras").read_bytes()
+    with pytest.raises(RunError, match="--force"):
+        transferkit.finetune(messy_data, None, {"weights": "none", "image_size": 32}, output=output, verbose=0)
+    assert (output / "model.keras").read_bytes() == before
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_run(tmp_path):
+    output = tmp_path / "run"
+    save_run(output, lambda folder: (folder / "marker").write_text("old"))
+
+    def disk_full(folder):
+        (folder / "half").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(RunError, match="disk is full"):
+        save_run(output, disk_full, force=True)
+    assert (output / "marker").read_text() == "old"
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
+
+    def interrupted(folder):
+        (folder / "half").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_run(tmp_path / "new", interrupted)
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
+
+
+def test_force_replaces_an_existing_run(tmp_path):
+    output = tmp_path / "run"
+    save_run(output, lambda folder: (folder / "old").write_text("1"))
+    save_run(output, lambda folder: (folder / "new").write_text("2"), force=True)
+    assert [path.name for path in output.iterdir()] == ["new"]
+
+
+def test_read_only_parent_is_refused_before_training(tmp_path, shapes_dir, monkeypatch):
+    from transferkit import runs
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o500)
+    # Root can write anywhere, so let the permission check see what a normal user would.
+    real_access = runs.os.access
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: False if str(path) == str(parent) else real_access(path, mode))
+    with pytest.raises(RunError, match="permission denied"):
+        transferkit.finetune(shapes_dir, None, {"weights": "none", "image_size": 32}, output=parent / "run", verbose=0)
+    assert list(parent.iterdir()) == []
+
+
+def test_val_dir_with_other_classes_is_refused(shapes_dir, binary_dir, tmp_path):
+    with pytest.raises(DataError, match="same class sub-folders"):
+        transferkit.finetune(shapes_dir, None, {"weights": "none", "image_size": 32}, val_dir=binary_dir,
+                             output=tmp_path / "run", verbose=0)
+
+
+def test_binary_run_with_val_dir_uses_a_sigmoid(binary_dir, tiny, tmp_path):
+    tiny["stages.1:.epochs"] = 0
+    run = transferkit.finetune(binary_dir, None, tiny, val_dir=binary_dir, output=tmp_path / "run", verbose=0)
+    assert run.head_activation == "sigmoid"
+    assert run.metrics["n_val"] == 20 and run.metrics["n_train"] == 20
+    assert run.model.output_shape == (None, 1)
