@@ -81,13 +81,13 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
         axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"val {metric}")
         axis.set_xlabel("epoch")
         axis.set_title(metric)
-        start = 0
+        start, stage_number = 0, 0
         for index, row in enumerate(history):
             last = index == len(history) - 1 or history[index + 1]["stage"] != row["stage"]
             if last:
-                axis.axvspan(epochs[start] - 0.5, row["epoch"] + 0.5, alpha=0.08 * (1 + index % 2))
+                axis.axvspan(epochs[start] - 0.5, row["epoch"] + 0.5, alpha=0.06 + 0.08 * (stage_number % 2))
                 axis.text(epochs[start] - 0.4, axis.get_ylim()[1], row["stage"], va="top", fontsize=8)
-                start = index + 1
+                start, stage_number = index + 1, stage_number + 1
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=80)

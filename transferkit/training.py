@@ -77,6 +77,39 @@ def compile_for_stage(model, stage: StageConfig, n_classes: int) -> None:
     )
 
 
+def calibrate_head_batchnorm(model, data, max_batches: int = 4) -> None:
+    """Set the head's BatchNorm moving statistics from real training batches.
+
+    A fresh BatchNormalization layer starts with moving mean 0 and variance 1, and moves
+    towards the true statistics by 1 - momentum per step. Backbone features can have a
+    variance far below 1 (random or small-scale weights), and a small dataset gives few
+    steps, so at inference the layer would still divide by the initial variance and squash
+    every prediction towards one class. Starting from measured statistics avoids that.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        data: training batches (``x`` first in each item).
+        max_batches: how many batches to measure; default 4.
+    """
+    head = model.get_layer("head")
+    if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in head.layers):
+        return
+    extractor = [model.get_layer("preprocessing"), model.get_layer("backbone")]
+    activations = []
+    for index in range(min(max_batches, len(data))):
+        x = data[index][0]
+        for layer in extractor:
+            x = layer(x, training=False)
+        activations.append(x)
+    values = keras.ops.concatenate(activations, axis=0)
+    for layer in head.layers[1:]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            axes = list(range(len(values.shape) - 1))
+            layer.moving_mean.assign(keras.ops.mean(values, axis=axes))
+            layer.moving_variance.assign(keras.ops.var(values, axis=axes))
+        values = layer(values, training=False)
+
+
 class _HistoryRecorder(keras.callbacks.Callback):
     """Appends one row per epoch, numbered across stages, to a shared list."""
 
@@ -127,6 +160,7 @@ def run_stages(
         One continuous history: a dict per epoch with the keys of ``HISTORY_COLUMNS``.
     """
     rows: list[dict] = []
+    calibrate_head_batchnorm(model, train_data)
     for index, stage in enumerate(stages):
         if stage.epochs == 0:
             continue

@@ -1,0 +1,129 @@
+import csv
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from transferkit import __version__
+from transferkit.cli import app
+
+runner = CliRunner()
+
+TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1",
+              "--fine-epochs", "1", "--set", "head.units=[16]", "--quiet"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def cli_run(shapes_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cli") / "demo"
+    result = invoke("finetune", shapes_dir, *TINY_FLAGS, "-o", output, "--save-h5")
+    assert result.exit_code == 0, result.output
+    return output, result
+
+
+def test_finetune_end_to_end_writes_the_run(cli_run):
+    output, result = cli_run
+    assert "validation accuracy" in result.output
+    for name in ("model.keras", "model.h5", "labels.json", "recipe.toml", "history.csv", "metrics.json"):
+        assert (output / name).is_file(), name
+
+
+def test_finetune_flags_reach_the_recipe(cli_run):
+    output, _ = cli_run
+    import tomllib
+
+    recipe = tomllib.loads((output / "recipe.toml").read_text())
+    assert recipe["image_size"] == 32 and recipe["batch_size"] == 8 and recipe["weights"] == "none"
+    assert recipe["head"]["units"] == [16]
+    assert [stage["epochs"] for stage in recipe["stages"]] == [1, 1]
+
+
+def test_predict_prints_a_table_and_writes_csv(cli_run, shapes_dir, tmp_path):
+    output, _ = cli_run
+    result = invoke("predict", output, shapes_dir / "circle", "--output", tmp_path / "p.csv", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    assert "10 image(s) classified" in result.output
+    assert "circle_000.jpg" in result.output
+    with open(tmp_path / "p.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 10 and {row["label"] for row in rows} <= {"circle", "square", "triangle"}
+
+
+def test_predict_json_and_skipped_summary(cli_run, tmp_path):
+    output, _ = cli_run
+    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    result = invoke("predict", output, tmp_path, "-o", tmp_path / "out.json", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) classified, 1 skipped" in result.output
+    assert len(json.loads((tmp_path / "out.json").read_text())["predictions"]) == 1
+
+
+def test_existing_output_needs_force(cli_run, shapes_dir):
+    output, _ = cli_run
+    result = invoke("finetune", shapes_dir, *TINY_FLAGS, "-o", output)
+    assert result.exit_code == 1
+    assert "exists already" in result.output and "--force" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code, fragment",
+    [
+        (["finetune", "{missing}", "--weights", "none"], 1, "does not exist"),
+        (["finetune", "{data}", "--backbone", "vgg17"], 2, "unknown backbone 'vgg17'"),
+        (["finetune", "{data}", "--image-size", "8"], 2, "below the vgg16 minimum"),
+        (["finetune", "{data}", "--set", "head.dropuot=0.1"], 2, "unknown key 'head.dropuot'"),
+        (["finetune", "{data}", "--recipe", "nope"], 2, "recipe nope not found"),
+        (["finetune", "{data}", "--weights", "{missing}"], 2, "neither 'imagenet', 'none' nor an existing file"),
+        (["predict", "{missing}", "{data}"], 1, "does not exist"),
+        (["predict", "{data}", "{data}"], 1, "not a transferkit run"),
+        (["augment-preview", "{data}", "-o", "{tmp}/x.jpg"], 1, "must end in .png"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args, code, fragment, shapes_dir, tmp_path):
+    values = {"missing": tmp_path / "missing", "data": shapes_dir, "tmp": tmp_path}
+    result = invoke(*[arg.format(**values) for arg in args])
+    assert result.exit_code == code, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+
+
+def test_usage_error_exits_2():
+    result = invoke("finetune", "--no-such-flag")
+    assert result.exit_code == 2
+
+
+def test_backbones_lists_sizes_and_parameters():
+    result = invoke("backbones")
+    assert result.exit_code == 0, result.output
+    assert "vgg16" in result.output and "14,714,688" in result.output
+    assert "resnet50" in result.output and "23,587,712" in result.output
+
+
+def test_augment_preview_writes_png(shapes_dir, tmp_path):
+    result = invoke("augment-preview", shapes_dir, "-o", tmp_path / "grid.png", "--count", "2", "--views", "2")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "grid.png") as image:
+        assert image.format == "PNG"
+
+
+def test_version_and_help_on_every_option():
+    assert invoke("--version").output.strip() == f"transferkit {__version__}"
+    for command in ("finetune", "predict", "augment-preview", "backbones"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0
+    import typer.main
+
+    command = typer.main.get_command(app)
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, f"{name} --{param.name} has no help"
