@@ -74,7 +74,7 @@ def main_callback(
 
 @app.command()
 def finetune(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Folder with one sub-folder of images per class (not needed with --resume).")] = None,
     recipe: RecipeOption = None,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone: vgg16, vgg19 or resnet50 (recipe key: backbone).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), or PATH to a .h5 file.")] = None,
@@ -89,12 +89,28 @@ def finetune(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace the run folder if it exists.")] = False,
     save_h5: Annotated[bool, typer.Option(help="Also save model.h5 in the legacy HDF5 format.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run RUN_DIR from its last completed epoch; other options are taken from it.", metavar="RUN_DIR")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Fine-tune a pretrained backbone on DATA_DIR and save a run folder."""
+    """Fine-tune a pretrained backbone on DATA_DIR and save a run folder.
+
+    Ctrl-C stops after the current batch and keeps the last completed epoch; continue
+    with --resume RUN_DIR.
+    """
     from transferkit.recipe import load_recipe, parse_override
     from transferkit.workflow import finetune as run_finetune
+    from transferkit.workflow import resume_finetune
 
+    if resume is not None:
+        try:
+            run = resume_finetune(resume, verbose=0 if quiet else 1)
+        except TransferkitError as error:
+            raise _fail(error)
+        typer.echo(run.describe())
+        return
+    if data_dir is None:
+        typer.echo("error: finetune needs DATA_DIR (or --resume RUN_DIR)", err=True)
+        raise typer.Exit(code=2)
     try:
         overrides: dict = {}
         for assignment in set_values or []:
@@ -167,6 +183,40 @@ def predict(
     if output is not None:
         summary += f"; written to {output}"
     typer.echo(summary)
+
+
+@app.command()
+def doctor(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")],
+    recipe: RecipeOption = None,
+    image_size: ImageSizeOption = None,
+    val_split: Annotated[Optional[float], typer.Option(help="Validation fraction, to check the split training would make for leakage.")] = None,
+    val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder to check against DATA_DIR instead of a split.")] = None,
+    seed: SeedOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check a data folder: counts, imbalance, unreadable files, duplicates, leakage, sizes, modes.
+
+    Exit code 0 when clean, 1 when there are problems worth fixing.
+    """
+    import json
+
+    from transferkit.doctor import check_data
+    from transferkit.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, {"image_size": image_size, "data.val_split": val_split, "seed": seed})
+        report = check_data(
+            data_dir, image_size=resolved.image_size, val_split=resolved.data.val_split,
+            seed=resolved.seed, val_dir=val_dir,
+        )
+    except TransferkitError as error:
+        raise _fail(error)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(report.format_text())
+    raise typer.Exit(code=0 if report.is_clean() else 1)
 
 
 @app.command("backbones")

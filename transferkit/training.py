@@ -110,16 +110,50 @@ def calibrate_head_batchnorm(model, data, max_batches: int = 4) -> None:
         values = layer(values, training=False)
 
 
-class _HistoryRecorder(keras.callbacks.Callback):
-    """Appends one row per epoch, numbered across stages, to a shared list."""
+class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose counters and best weights can be carried over a restart."""
 
-    def __init__(self, rows: list[dict], stage_name: str, epoch_offset: int):
+    def __init__(self, resume_from: tuple | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.resume_from = resume_from
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.resume_from is not None:
+            self.best, self.wait, self.best_epoch, self.best_weights = self.resume_from
+
+
+class _EpochCallback(keras.callbacks.Callback):
+    """Per epoch: seed the data stream and dropout from (seed, epoch); after it, record the
+    history row and save the checkpoint. An epoch cut short by a stop request is dropped."""
+
+    def __init__(self, *, rows, stage_index, stage_name, epoch_offset, train_data, seed,
+                 stopper, stop, work, calibrated=True):
         super().__init__()
-        self.rows = rows
-        self.stage_name = stage_name
-        self.epoch_offset = epoch_offset
+        self.rows, self.stage_index, self.stage_name = rows, stage_index, stage_name
+        self.epoch_offset, self.train_data, self.seed = epoch_offset, train_data, seed
+        self.stopper, self.stop, self.work = stopper, stop, work
+
+    def on_epoch_begin(self, epoch, logs=None):
+        global_epoch = self.epoch_offset + epoch
+        if hasattr(self.train_data, "set_epoch"):
+            self.train_data.set_epoch(global_epoch)
+        # Dropout masks depend only on (seed, epoch), so a resumed run repeats them exactly.
+        for number, layer in enumerate(_all_layers(self.model)):
+            generator = getattr(layer, "seed_generator", None)
+            if generator is not None:
+                state = np.random.SeedSequence([self.seed, global_epoch, number]).generate_state(1)[0]
+                generator.state.assign(
+                    np.asarray([int(state) % (2**31), 0], dtype=generator.state.dtype)
+                )
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.stop is not None and self.stop.requested:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.stop is not None and self.stop.requested:
+            return  # the epoch was cut short: it is neither recorded nor checkpointed
         logs = logs or {}
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {"epoch": self.epoch_offset + epoch + 1, "stage": self.stage_name}
@@ -128,6 +162,24 @@ class _HistoryRecorder(keras.callbacks.Callback):
             row[key] = float(value) if value is not None else math.nan
         row["learning_rate"] = learning_rate
         self.rows.append(row)
+        if self.work is not None:
+            from transferkit.checkpoint import TrainingState
+
+            state = TrainingState(
+                stage_index=self.stage_index, epochs_done=epoch + 1,
+                global_epoch=self.epoch_offset + epoch + 1, calibrated=True,
+                best=None if self.stopper.best is None else float(self.stopper.best),
+                wait=int(self.stopper.wait), best_epoch=int(self.stopper.best_epoch),
+                history=self.rows,
+            )
+            self.work.save(self.model, state, self.stopper.best_weights)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
 
 
 def run_stages(
@@ -140,6 +192,10 @@ def run_stages(
     *,
     verbose: int | str = "auto",
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    seed: int = 0,
+    state=None,
+    work=None,
+    stop=None,
 ) -> list[dict]:
     """Fit the classifier stage by stage.
 
@@ -147,7 +203,7 @@ def run_stages(
     validation loss that restores the stage's best weights. Stages with 0 epochs are skipped.
 
     Args:
-        model: a classifier from ``build_classifier``.
+        model: a classifier from ``build_classifier`` (or loaded from a checkpoint).
         spec: the backbone's registry entry.
         stages: the recipe's stages, in order.
         train_data: a Keras-fittable training source (e.g. ``ImageBatches``).
@@ -155,34 +211,76 @@ def run_stages(
         n_classes: number of classes.
         verbose: passed to ``fit`` (1 shows Keras progress bars); default "auto".
         callbacks: extra callbacks for every stage.
+        seed: seeds the data order, augmentation and dropout of each epoch; default 0.
+        state: a ``TrainingState`` to resume from; default None (start).
+        work: a ``WorkFolder`` to checkpoint into after every epoch; default None.
+        stop: a ``StopFlag``; when set, training stops after the current batch and
+            ``TrainingInterrupted`` is raised.
 
     Returns:
         One continuous history: a dict per epoch with the keys of ``HISTORY_COLUMNS``.
     """
-    rows: list[dict] = []
-    calibrate_head_batchnorm(model, train_data)
+    from transferkit.checkpoint import TrainingInterrupted, TrainingState
+
+    state = state or TrainingState()
+    rows: list[dict] = list(state.history)
+    if not state.calibrated:
+        calibrate_head_batchnorm(model, train_data)
+    global_epoch = state.global_epoch
     for index, stage in enumerate(stages):
-        if stage.epochs == 0:
+        if index < state.stage_index or stage.epochs == 0:
             continue
-        set_trainable(model, spec, stage.unfreeze)
-        compile_for_stage(model, stage, n_classes)
+        resuming = index == state.stage_index and state.epochs_done > 0
+        resume_from = None
+        if resuming:
+            # The checkpoint holds this stage's trainable flags and optimizer state.
+            resume_from = (state.best, state.wait, state.best_epoch, work.best_weights() if work else None)
+            initial_epoch = state.epochs_done
+        else:
+            set_trainable(model, spec, stage.unfreeze)
+            compile_for_stage(model, stage, n_classes)
+            initial_epoch = 0
         if verbose:
             trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
             print(
                 f"stage {index + 1}/{len(stages)} '{stage.name}': unfreeze={stage.unfreeze}, "
-                f"{stage.optimizer} lr={stage.learning_rate:g}, up to {stage.epochs} epochs, "
-                f"{trainable:,} trainable parameters",
+                f"{stage.optimizer} lr={stage.learning_rate:g}, up to {stage.epochs} epochs"
+                + (f" (resuming after epoch {initial_epoch})" if resuming else "")
+                + f", {trainable:,} trainable parameters",
                 flush=True,
             )
-        stopper = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=stage.patience, restore_best_weights=True
+        stopper = _ResumableEarlyStopping(
+            resume_from=resume_from, monitor="val_loss", patience=stage.patience,
+            restore_best_weights=True,
         )
-        recorder = _HistoryRecorder(rows, stage.name, epoch_offset=len(rows))
-        model.fit(
-            train_data,
-            validation_data=val_data,
-            epochs=stage.epochs,
-            callbacks=[stopper, recorder, *callbacks],
-            verbose=verbose,
+        epoch_callback = _EpochCallback(
+            rows=rows, stage_index=index, stage_name=stage.name,
+            epoch_offset=global_epoch - initial_epoch, train_data=train_data, seed=seed,
+            stopper=stopper, stop=stop, work=work,
         )
+        if resuming and state.wait >= stage.patience and initial_epoch > 0:
+            # Early stopping had fired on the last saved epoch: only the restore is left.
+            if resume_from[3] is not None:
+                model.set_weights(resume_from[3])
+        else:
+            model.fit(
+                train_data,
+                validation_data=val_data,
+                initial_epoch=initial_epoch,
+                shuffle=False,  # ImageBatches shuffles itself, seeded per epoch
+                epochs=stage.epochs,
+                callbacks=[stopper, epoch_callback, *callbacks],
+                verbose=verbose,
+            )
+        if stop is not None and stop.requested:
+            raise TrainingInterrupted(
+                f"{stop.requested}: training stopped; the last completed epoch is saved. "
+                "Continue with: transferkit finetune --resume RUN"
+            )
+        global_epoch = len(rows)
+        if work is not None:
+            work.save(model, TrainingState(
+                stage_index=index + 1, epochs_done=0, global_epoch=global_epoch,
+                calibrated=True, history=rows,
+            ))
     return rows

@@ -31,6 +31,9 @@ def finetune(
 ):
     """Fine-tune a pretrained backbone on a folder of class sub-folders and save the run.
 
+    Ctrl-C or SIGTERM stops after the current batch, keeping the last completed epoch in
+    ``RUN.partial/``; ``resume_finetune(RUN)`` continues it.
+
     Args:
         data_dir: one sub-folder of images per class.
         recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults.
@@ -39,7 +42,7 @@ def finetune(
         val_dir: a validation folder with the same class sub-folders; default None (a
             stratified ``data.val_split`` of ``data_dir``).
         output: the run folder; default ``runs/<data-folder-name>-<timestamp>``.
-        force: replace an existing run folder; default False.
+        force: replace an existing run folder (and an interrupted one); default False.
         save_h5: also write model.h5 in the legacy HDF5 format; default False.
         verbose: 0 silent, 1 progress bars and stage lines; default 1.
 
@@ -47,22 +50,63 @@ def finetune(
         The saved ``Run`` (with its model).
 
     Raises:
-        TransferkitError: a bad recipe, folder, image set, weights or output folder.
+        TransferkitError: a bad recipe, folder, image set, weights or output folder;
+            ``TrainingInterrupted`` after a signal.
     """
-    import keras
-
-    from transferkit import backbones, data, report, runs, training
-    from transferkit.augment import build_augmenter
-    from transferkit.model import build_classifier, output_activation
+    from transferkit import runs
+    from transferkit.checkpoint import WorkFolder
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     output = Path(output) if output is not None else runs.default_run_dir(data_dir)
     runs.check_writable(output, force)
+    prepared = _prepare(data_dir, val_dir, recipe, verbose)
+    job = {
+        "data_dir": str(Path(data_dir).resolve()),
+        "val_dir": str(Path(val_dir).resolve()) if val_dir is not None else None,
+        "output": str(output.resolve()),
+        "save_h5": save_h5,
+        "force": force,
+    }
+    work = WorkFolder.create(output, job, recipe.to_toml(), force)
+    return _train(prepared, recipe, output, work, force, save_h5, verbose)
+
+
+def resume_finetune(run: str | os.PathLike, verbose: int = 1):
+    """Continue an interrupted ``finetune`` from its last completed epoch.
+
+    The data folder, recipe and options come from ``RUN.partial/``; with the same data the
+    result matches an uninterrupted run with the same seed.
+
+    Args:
+        run: the run folder that was being written (or its ``.partial`` folder).
+        verbose: 0 silent, 1 progress bars; default 1.
+
+    Returns:
+        The saved ``Run``.
+
+    Raises:
+        RunError: nothing to resume, or the checkpoint cannot be read.
+    """
+    from transferkit.checkpoint import WorkFolder
+
+    work = WorkFolder.open(run)
+    job = work.job()
+    recipe = load_recipe(work.path / "recipe.toml")
+    output = Path(job["output"])
+    if verbose:
+        state = work.state()
+        print(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}", flush=True)
+    prepared = _prepare(job["data_dir"], job["val_dir"], recipe, verbose)
+    return _train(prepared, recipe, output, work, bool(job.get("force")), bool(job["save_h5"]), verbose)
+
+
+def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
+    """Index, decode and split the images; every data error is raised here, before training."""
+    from transferkit import data
 
     index = data.index_folder(data_dir)
     class_names = index.class_names
-    n_classes = len(class_names)
     val_index = None
     if val_dir is not None:
         val_index = data.index_folder(val_dir)
@@ -71,7 +115,7 @@ def finetune(
                 f"--val-dir {val_dir} has classes {', '.join(val_index.class_names)} but "
                 f"{data_dir} has {', '.join(class_names)}; both need the same class sub-folders"
             )
-
+    _warn_about_data(data_dir, val_dir, recipe)
     size = recipe.image_size
     images, kept, skipped = _decode(index.paths, size, verbose, "reading training images")
     labels = index.labels[kept]
@@ -91,24 +135,46 @@ def finetune(
     if skipped:
         log.warning("skipped %d file(s) that are not readable images; the run lists them in skipped.txt", len(skipped))
     if verbose:
-        counts = np.bincount(train_labels, minlength=n_classes)
+        counts = np.bincount(train_labels, minlength=len(class_names))
         print(
-            f"{n_classes} classes, {len(train_labels)} training and {len(val_labels)} validation "
+            f"{len(class_names)} classes, {len(train_labels)} training and {len(val_labels)} validation "
             f"images at {size}px: " + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts)),
             flush=True,
         )
+    return {
+        "class_names": class_names, "skipped": skipped,
+        "train_images": train_images, "train_labels": train_labels,
+        "val_images": val_images, "val_labels": val_labels,
+    }
 
+
+def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save_h5: bool, verbose: int):
+    """Build (or load from the checkpoint) the model, run the stages, save the run."""
+    import keras
+
+    from transferkit import backbones, data, report, runs, training
+    from transferkit.augment import build_augmenter
+    from transferkit.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
+    from transferkit.model import build_classifier, output_activation
+
+    class_names = prepared["class_names"]
+    n_classes = len(class_names)
+    train_labels, val_labels = prepared["train_labels"], prepared["val_labels"]
     keras.utils.set_random_seed(recipe.seed)
     spec = backbones.get_spec(recipe.backbone)
-    backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (size, size, 3))
-    model = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
+    state = work.state()
+    if work.has_checkpoint():
+        model = work.load_model()
+    else:
+        backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
+        model = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
 
     sample_weights = None
     if recipe.data.class_weights:
         sample_weights = data.balanced_class_weights(train_labels, n_classes)[train_labels].astype("float32")
     augment = recipe.augment
     train_batches = data.ImageBatches(
-        train_images,
+        prepared["train_images"],
         data.encode_targets(train_labels, n_classes),
         recipe.batch_size,
         shuffle=True,
@@ -117,23 +183,32 @@ def finetune(
         seed=recipe.seed,
     )
     val_batches = data.ImageBatches(
-        val_images, data.encode_targets(val_labels, n_classes), recipe.batch_size
+        prepared["val_images"], data.encode_targets(val_labels, n_classes), recipe.batch_size
     )
-    history = training.run_stages(
-        model, spec, recipe.stages, train_batches, val_batches, n_classes, verbose=verbose
-    )
+    try:
+        with stop_on_signals(StopFlag()) as stop:
+            history = training.run_stages(
+                model, spec, recipe.stages, train_batches, val_batches, n_classes,
+                verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
+            )
+    except TrainingInterrupted as interrupted:
+        raise TrainingInterrupted(
+            f"{str(interrupted).split(':')[0]}: training stopped; the last completed epoch is "
+            f"saved in {work.path}. Continue with: transferkit finetune --resume {output}"
+        ) from None
 
     outputs = model.predict(val_batches, verbose=0)
     val_loss = float(keras.ops.convert_to_numpy(
         keras.losses.get(training.loss_for(n_classes))(data.encode_targets(val_labels, n_classes), outputs)
     ).mean())
     metrics = report.summarize(history, val_labels, outputs, class_names, val_loss, len(train_labels))
+    skipped = prepared["skipped"]
 
     def write_contents(folder: Path) -> None:
         model.save(folder / runs.MODEL_FILE)
         if save_h5:
             model.save(folder / "model.h5")
-        runs.write_labels(folder, class_names, size, recipe.backbone, output_activation(n_classes))
+        runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone, output_activation(n_classes))
         (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
         runs.write_history(folder, history)
         runs.write_json(folder / "metrics.json", metrics)
@@ -146,10 +221,11 @@ def finetune(
             )
 
     runs.save_run(output, write_contents, force=force)
+    work.remove()
     return runs.Run(
         path=output,
         class_names=class_names,
-        image_size=size,
+        image_size=recipe.image_size,
         backbone=recipe.backbone,
         head_activation=output_activation(n_classes),
         recipe=recipe.model_dump(mode="json"),
@@ -170,6 +246,21 @@ def _decode(paths, size: int, verbose: int, title: str):
         bar = keras.utils.Progbar(len(paths), unit_name="image")
         progress = bar.update
     return data.decode_images(paths, size, progress=progress)
+
+
+def _warn_about_data(data_dir, val_dir, recipe: Recipe) -> None:
+    """Warn (without stopping) about what ``transferkit doctor`` would report as problems."""
+    from transferkit.doctor import check_data
+
+    report = check_data(
+        data_dir, image_size=recipe.image_size, val_split=recipe.data.val_split,
+        seed=recipe.seed, val_dir=val_dir,
+    )
+    for message in report.problems:
+        if "unreadable file" not in message:  # those are warned about one by one while decoding
+            log.warning("%s", message)
+    if report.problems:
+        log.warning("run 'transferkit doctor %s' for the details", data_dir)
 
 
 def _require_every_class(labels: np.ndarray, class_names, folder) -> None:

@@ -1,0 +1,194 @@
+"""Interruption and resume: an in-progress folder beside the run, saved after every epoch.
+
+While ``finetune`` trains into RUN, it keeps ``RUN.partial/`` (never mistaken for a finished
+run: it has no model.keras or labels.json) holding:
+
+    job.json            what was asked: data folder, validation folder, output, options
+    recipe.toml         the resolved recipe
+    checkpoint.keras    the model after the last completed epoch, optimizer state included
+    best.npz            the best weights of the current stage so far (early stopping)
+    state.json          stage index, epochs done in it, early-stopping counters, history
+
+Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the epoch that
+was cut short is dropped, so the checkpoint is always the last completed epoch, and
+``transferkit finetune --resume RUN`` continues from there. When the run completes, the
+finished folder is written atomically and RUN.partial is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import RunError, TransferkitError
+
+JOB_FILE = "job.json"
+STATE_FILE = "state.json"
+CHECKPOINT_FILE = "checkpoint.keras"
+BEST_FILE = "best.npz"
+
+
+class TrainingInterrupted(TransferkitError):
+    """Raised when SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: stage ``stage_index`` has ``epochs_done`` completed epochs."""
+
+    stage_index: int = 0
+    epochs_done: int = 0
+    global_epoch: int = 0
+    calibrated: bool = False
+    best: float | None = None
+    wait: int = 0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def work_dir_for(output: Path) -> Path:
+    """The in-progress folder of a run: ``RUN.partial`` beside it."""
+    return output.parent / f"{output.name}.partial"
+
+
+def output_for(path: Path) -> Path:
+    """The run a path names: RUN for either RUN or RUN.partial."""
+    return path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
+
+
+class StopFlag:
+    """Set by a signal handler; training checks it after every batch."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag):
+    """Turn the first SIGINT/SIGTERM into a polite stop request; a second one is immediate.
+
+    Only installs handlers from the main thread (signals cannot be caught elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {}
+
+    def handle(signum, frame):
+        if flag.requested is not None:
+            raise KeyboardInterrupt
+        flag.requested = signal.Signals(signum).name
+        print(f"\n{flag.requested} received: stopping after this batch and keeping the last "
+              "completed epoch (press Ctrl-C again to stop at once)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handle)
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class WorkFolder:
+    """The in-progress folder: job description, recipe, checkpoints and state."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> "WorkFolder":
+        """Start a new in-progress folder; an old one is replaced only with ``force``.
+
+        Raises:
+            RunError: an interrupted run is there already and ``force`` is not set.
+        """
+        path = work_dir_for(output)
+        if path.exists():
+            if not force:
+                raise RunError(
+                    f"an interrupted run of {output} is in {path}; continue it with "
+                    f"--resume {output}, or pass --force to start over"
+                )
+            shutil.rmtree(path)
+        try:
+            path.mkdir(parents=True)
+            (path / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+            (path / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
+        except OSError as error:
+            shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"cannot write {path}: {error.strerror or error}; choose another -o") from error
+        return cls(path)
+
+    @classmethod
+    def open(cls, run: str | os.PathLike) -> "WorkFolder":
+        """Find the in-progress folder of RUN (or RUN.partial itself).
+
+        Raises:
+            RunError: there is nothing to resume.
+        """
+        run = Path(run)
+        path = run if run.name.endswith(".partial") else work_dir_for(run)
+        if not (path / JOB_FILE).is_file():
+            finished = output_for(path)
+            hint = (f"{finished} is a finished run" if (finished / "model.keras").is_file()
+                    else f"no interrupted run at {path}")
+            raise RunError(f"nothing to resume: {hint}; start a new run without --resume")
+        return cls(path)
+
+    def job(self) -> dict:
+        return json.loads((self.path / JOB_FILE).read_text(encoding="utf-8"))
+
+    def state(self) -> TrainingState:
+        path = self.path / STATE_FILE
+        if not path.is_file():
+            return TrainingState()
+        return TrainingState(**json.loads(path.read_text(encoding="utf-8")))
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT_FILE).is_file() and (self.path / STATE_FILE).is_file()
+
+    def save(self, model, state: TrainingState, best_weights=None) -> None:
+        """Write checkpoint, best weights and state, each atomically, state last."""
+        temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
+        model.save(temporary)
+        os.replace(temporary, self.path / CHECKPOINT_FILE)
+        if best_weights is not None:
+            with open(self.path / f"tmp-{BEST_FILE}", "wb") as handle:
+                np.savez(handle, *best_weights)
+            os.replace(self.path / f"tmp-{BEST_FILE}", self.path / BEST_FILE)
+        elif (self.path / BEST_FILE).exists():
+            (self.path / BEST_FILE).unlink()
+        (self.path / f"tmp-{STATE_FILE}").write_text(json.dumps(asdict(state)), encoding="utf-8")
+        os.replace(self.path / f"tmp-{STATE_FILE}", self.path / STATE_FILE)
+
+    def load_model(self):
+        import keras
+
+        try:
+            return keras.models.load_model(self.path / CHECKPOINT_FILE, compile=True)
+        except Exception as error:
+            raise RunError(
+                f"the checkpoint in {self.path} cannot be loaded ({str(error).splitlines()[0][:200]}); "
+                "start over with --force"
+            ) from error
+
+    def best_weights(self):
+        path = self.path / BEST_FILE
+        if not path.is_file():
+            return None
+        with np.load(path) as archive:
+            return [archive[f"arr_{index}"] for index in range(len(archive.files))]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
