@@ -34,18 +34,17 @@ SeedOption = Annotated[Optional[int], typer.Option(help="Random seed (recipe key
 ImageSizeOption = Annotated[Optional[int], typer.Option(help="Side in pixels images are resized to (recipe key: image_size).")]
 
 
-class _WarningFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+class _StderrHandler(logging.Handler):
+    """Writes "warning: ..." lines to whatever sys.stderr is now (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
 
 
 def _setup_logging() -> None:
     logger = logging.getLogger("transferkit")
-    if not any(getattr(handler, "_transferkit", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_WarningFormatter())
-        handler._transferkit = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
         logger.propagate = False
     logger.setLevel(logging.WARNING)
 

@@ -298,7 +298,7 @@ def decode_images(
 
 
 def stratified_split(
-    labels: np.ndarray, val_split: float, seed: int
+    labels: np.ndarray, val_split: float, seed: int, class_names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split that keeps each class's share in both parts.
 
@@ -306,6 +306,7 @@ def stratified_split(
         labels: class index per sample.
         val_split: fraction for validation, in (0, 1).
         seed: random seed.
+        class_names: names for error messages; default None (class numbers).
 
     Returns:
         (train indices, validation indices), each sorted.
@@ -321,8 +322,9 @@ def stratified_split(
         n_val = int(round(len(members) * val_split))
         n_val = min(max(n_val, 1), len(members) - 1)
         if len(members) < 2:
+            name = class_names[label] if class_names is not None else f"#{label}"
             raise DataError(
-                f"class #{label} has {len(members)} readable image(s); the validation split "
+                f"class {name} has {len(members)} readable image(s); the validation split "
                 "needs at least 2 per class: add images or pass --val-dir"
             )
         shuffled = rng.permutation(members)

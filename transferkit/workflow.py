@@ -122,7 +122,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     skipped = list(index.skipped) + skipped
     _require_every_class(labels, class_names, data_dir)
     if val_index is None:
-        train_rows, val_rows = data.stratified_split(labels, recipe.data.val_split, recipe.seed)
+        train_rows, val_rows = data.stratified_split(labels, recipe.data.val_split, recipe.seed, class_names)
         train_images, train_labels = images[train_rows], labels[train_rows]
         val_images, val_labels = images[val_rows], labels[val_rows]
         del images
@@ -133,7 +133,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         skipped += list(val_index.skipped) + val_skipped
         _require_every_class(val_labels, class_names, val_dir)
     if skipped:
-        log.warning("skipped %d file(s) that are not readable images; the run lists them in skipped.txt", len(skipped))
+        log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if verbose:
         counts = np.bincount(train_labels, minlength=len(class_names))
         print(

@@ -1,0 +1,127 @@
+"""Messy real-world folders: every command completes or stops with one clear line."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+from transferkit.data import UnreadableImage, read_image
+
+runner = CliRunner()
+TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1",
+              "--fine-epochs", "0", "--set", "head.units=[8]", "--quiet"]
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=2048), suffix=st.sampled_from([".jpg", ".png", ".gif", ".bmp", ".webp", ".tiff"]),
+       header=st.sampled_from([b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"RIFF", b"II*\x00"]))
+def test_random_bytes_give_rgb_or_a_skip_never_a_crash(tmp_path_factory, content, suffix, header):
+    path = tmp_path_factory.mktemp("fuzz") / f"random{suffix}"
+    path.write_bytes(header + content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            image = read_image(path)
+        except UnreadableImage:
+            return
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+def test_decompression_bomb_is_refused_with_a_clear_reason(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)
+    with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
+        read_image(path)
+
+
+def test_odd_but_valid_images_are_read(tmp_path):
+    Image.new("RGB", (1, 1), (5, 6, 7)).save(tmp_path / "tiny.png")
+    assert read_image(tmp_path / "tiny.png").shape == (1, 1, 3)
+    Image.fromarray(np.full((4, 4), 65535, dtype="uint16")).save(tmp_path / "deep.tif")
+    assert (read_image(tmp_path / "deep.tif") == 255).all()
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "clear.png", transparency=0)
+    assert (read_image(tmp_path / "clear.png") == 255).all()
+
+
+def make_messy(root, source):
+    shutil.copytree(source, root)
+    circle = root / "circle"
+    (circle / "zero.jpg").write_bytes(b"")
+    good = (circle / "circle_000.jpg").read_bytes()
+    (circle / "cut.jpg").write_bytes(good[: len(good) // 3])
+    (circle / "text.png").write_text("I am not a picture")
+    Image.new("RGB", (1, 1)).save(circle / "one pixel ü.png")
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(root / "square" / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("CMYK", (20, 20), (0, 100, 0, 0)).save(root / "square" / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, dtype="uint16")).save(root / "triangle" / "deep.tif")
+    (root / "triangle" / ".DS_Store").write_bytes(b"litter")
+    (root / "triangle" / "Thumbs.db").write_bytes(b"litter")
+    (root / "__MACOSX").mkdir()
+    (root / "triangle" / "deeper" / "still").mkdir(parents=True)
+    shutil.copy(root / "triangle" / "triangle_000.jpg", root / "triangle" / "deeper" / "still" / "nested.jpg")
+    (root / "triangle" / "loop").symlink_to(root / "triangle", target_is_directory=True)
+    (root / "square" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy(shapes_dir, tmp_path_factory):
+    return make_messy(tmp_path_factory.mktemp("messy") / "data", shapes_dir)
+
+
+def one_line_or_success(result):
+    assert "Traceback" not in result.output
+    if result.exit_code not in (0, 1):
+        raise AssertionError(result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def test_every_command_copes_with_a_messy_folder(messy, tmp_path):
+    earlier = tmp_path / "earlier"
+    first = runner.invoke(app, ["finetune", str(messy), *TINY_FLAGS, "-o", str(earlier)])
+    assert first.exit_code == 0, first.output
+    assert "skipped" in first.output  # the summary warning
+    skipped = (earlier / "skipped.txt").read_text(encoding="utf-8")
+    for name in ("zero.jpg", "cut.jpg", "text.png", "dangling.jpg"):
+        assert name in skipped, name
+    assert "one pixel" not in skipped and "anim.gif" not in skipped and "cmyk.jpg" not in skipped
+    snapshot = {path.name: path.read_bytes() for path in earlier.iterdir()}
+
+    again = runner.invoke(app, ["finetune", str(messy), *TINY_FLAGS, "-o", str(earlier)])
+    assert again.exit_code == 1 and "exists already" in again.output
+    assert {path.name: path.read_bytes() for path in earlier.iterdir()} == snapshot
+
+    predicted = runner.invoke(app, ["predict", str(earlier), str(messy), "--quiet", "-o", str(tmp_path / "p.json")])
+    one_line_or_success(predicted)
+    assert predicted.exit_code == 0 and "skipped" in predicted.output
+
+    doctor = runner.invoke(app, ["doctor", str(messy), "--image-size", "32"])
+    one_line_or_success(doctor)
+    assert doctor.exit_code == 1 and "unreadable" in doctor.output
+
+    preview = runner.invoke(app, ["augment-preview", str(messy), "-o", str(tmp_path / "grid.png"), "--count", "12"])
+    one_line_or_success(preview)
+    assert preview.exit_code == 0
+
+
+def test_a_class_too_small_to_split_is_named(tmp_path, tiny):
+    root = tmp_path / "data"
+    for name, count in (("big", 5), ("lonely", 1)):
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (32, 32), (index * 40, 0, 0)).save(root / name / f"{index}.png")
+    result = runner.invoke(app, ["finetune", str(root), *TINY_FLAGS, "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "class lonely has 1 readable image" in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
