@@ -84,6 +84,7 @@ def finetune(
     val_split: Annotated[Optional[float], typer.Option(help="Fraction of each class held out for validation (recipe key: data.val_split).")] = None,
     val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder with the same class sub-folders, instead of a split.")] = None,
     seed: SeedOption = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bfloat16 where the CPU/GPU runs it fast), float32, bfloat16 or float16 (recipe key: precision).")] = None,
     set_values: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key, e.g. --set head.dropout=0.5 --set stages.1.unfreeze=2.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace the run folder if it exists.")] = False,
@@ -123,6 +124,7 @@ def finetune(
                 "batch_size": batch_size,
                 "data.val_split": val_split,
                 "seed": seed,
+                "precision": precision,
                 "stages.0.epochs": head_epochs,
                 "stages.1:.epochs": fine_epochs,
             }

@@ -88,6 +88,7 @@ class Recipe(_Section):
     image_size: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = Field(42, ge=0)
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()

@@ -152,8 +152,9 @@ def save_run(
     return output
 
 
-def write_labels(folder: Path, class_names, image_size: int, backbone: str, head_activation: str) -> None:
-    """labels.json: what predict needs to read images and name outputs."""
+def write_labels(folder: Path, class_names, image_size: int, backbone: str, head_activation: str,
+                 precision: str = "float32") -> None:
+    """labels.json: what predict needs to read images and name outputs, and the dtype policy."""
     from transferkit import __version__
 
     payload = {
@@ -162,6 +163,7 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
         "image_size": int(image_size),
         "backbone": backbone,
         "head_activation": head_activation,
+        "precision": precision,
         "transferkit_version": __version__,
     }
     (folder / LABELS_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -156,6 +156,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     from transferkit.augment import build_augmenter
     from transferkit.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
     from transferkit.model import build_classifier, output_activation
+    from transferkit.precision import dtype_policy, resolve_precision
 
     class_names = prepared["class_names"]
     n_classes = len(class_names)
@@ -163,11 +164,15 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     keras.utils.set_random_seed(recipe.seed)
     spec = backbones.get_spec(recipe.backbone)
     state = work.state()
+    policy, reason = resolve_precision(recipe.precision)
+    if verbose:
+        print(f"precision: {policy} ({reason})", flush=True)
     if work.has_checkpoint():
         model = work.load_model()
     else:
-        backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
-        model = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
+        with dtype_policy(policy):
+            backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
+            model = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
 
     sample_weights = None
     if recipe.data.class_weights:
@@ -208,7 +213,8 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         model.save(folder / runs.MODEL_FILE)
         if save_h5:
             model.save(folder / "model.h5")
-        runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone, output_activation(n_classes))
+        runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone,
+                          output_activation(n_classes), precision=policy)
         (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
         runs.write_history(folder, history)
         runs.write_json(folder / "metrics.json", metrics)
