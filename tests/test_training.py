@@ -94,7 +94,7 @@ def test_early_stopping_restores_the_best_weights_of_a_stage():
     model = build("vgg16", 3)
     data = batches(3)
     # An absurd learning rate makes later epochs worse; the best epoch's weights come back.
-    stages = [StageConfig(epochs=4, learning_rate=1.0, optimizer="sgd", unfreeze=0, patience=1)]
+    stages = [StageConfig(epochs=4, learning_rate=1.0, optimizer="sgd", unfreeze=0, patience=3)]
     history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0)
     best = min(row["val_loss"] for row in history)
     assert history[-1]["val_loss"] > best  # the last epoch was not the best one

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AugmentConfig": "transferkit.recipe",
+    "CacheConfig": "transferkit.recipe",
     "DataConfig": "transferkit.recipe",
     "DataError": "transferkit.errors",
     "HeadConfig": "transferkit.recipe",
@@ -46,6 +47,7 @@ _EXPORTS = {
 
 __all__ = [
     "AugmentConfig",
+    "CacheConfig",
     "DataConfig",
     "DataError",
     "HeadConfig",

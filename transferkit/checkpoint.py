@@ -7,6 +7,7 @@ run: it has no model.keras or labels.json) holding:
     recipe.toml         the resolved recipe
     checkpoint.keras    the model after the last completed epoch, optimizer state included
     best.npz            the best weights of the current stage so far (early stopping)
+    optimizer.npz       the optimizer's variables (moments, step count) of the current stage
     state.json          stage index, epochs done in it, early-stopping counters, history
 
 Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the epoch that
@@ -34,6 +35,7 @@ JOB_FILE = "job.json"
 STATE_FILE = "state.json"
 CHECKPOINT_FILE = "checkpoint.keras"
 BEST_FILE = "best.npz"
+OPTIMIZER_FILE = "optimizer.npz"
 
 
 class TrainingInterrupted(TransferkitError):
@@ -158,17 +160,30 @@ class WorkFolder:
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT_FILE).is_file() and (self.path / STATE_FILE).is_file()
 
-    def save(self, model, state: TrainingState, best_weights=None) -> None:
-        """Write checkpoint, best weights and state, each atomically, state last."""
+    def save(self, model, state: TrainingState, best_weights=None, optimizer=None) -> None:
+        """Write checkpoint, best weights, optimizer state and state, each atomically, state last.
+
+        Args:
+            model: the whole classifier.
+            state: where training stands.
+            best_weights: early stopping's best weights of the model being fitted, or None.
+            optimizer: the optimizer of the model being fitted, or None between stages.
+        """
         temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
         model.save(temporary)
         os.replace(temporary, self.path / CHECKPOINT_FILE)
-        if best_weights is not None:
-            with open(self.path / f"tmp-{BEST_FILE}", "wb") as handle:
-                np.savez(handle, *best_weights)
-            os.replace(self.path / f"tmp-{BEST_FILE}", self.path / BEST_FILE)
-        elif (self.path / BEST_FILE).exists():
-            (self.path / BEST_FILE).unlink()
+        arrays = {BEST_FILE: best_weights}
+        if optimizer is not None:
+            arrays[OPTIMIZER_FILE] = [np.asarray(variable) for variable in optimizer.variables]
+        else:
+            arrays[OPTIMIZER_FILE] = None
+        for name, values in arrays.items():
+            if values is not None:
+                with open(self.path / f"tmp-{name}", "wb") as handle:
+                    np.savez(handle, *values)
+                os.replace(self.path / f"tmp-{name}", self.path / name)
+            elif (self.path / name).exists():
+                (self.path / name).unlink()
         (self.path / f"tmp-{STATE_FILE}").write_text(json.dumps(asdict(state)), encoding="utf-8")
         os.replace(self.path / f"tmp-{STATE_FILE}", self.path / STATE_FILE)
 
@@ -176,7 +191,7 @@ class WorkFolder:
         import keras
 
         try:
-            return keras.models.load_model(self.path / CHECKPOINT_FILE, compile=True)
+            return keras.models.load_model(self.path / CHECKPOINT_FILE, compile=False)
         except Exception as error:
             raise RunError(
                 f"the checkpoint in {self.path} cannot be loaded ({str(error).splitlines()[0][:200]}); "
@@ -184,7 +199,28 @@ class WorkFolder:
             ) from error
 
     def best_weights(self):
-        path = self.path / BEST_FILE
+        return self._arrays(BEST_FILE)
+
+    def restore_optimizer(self, model) -> None:
+        """Give a freshly compiled model the optimizer state saved with the checkpoint.
+
+        Raises:
+            RunError: the saved state does not fit the model's optimizer.
+        """
+        saved = self._arrays(OPTIMIZER_FILE)
+        if saved is None:
+            return
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+        if len(saved) != len(optimizer.variables) or any(
+            tuple(value.shape) != tuple(variable.shape) for value, variable in zip(saved, optimizer.variables)
+        ):
+            raise RunError(f"the optimizer state in {self.path} does not fit the model; start over with --force")
+        for value, variable in zip(saved, optimizer.variables):
+            variable.assign(value)
+
+    def _arrays(self, name: str):
+        path = self.path / name
         if not path.is_file():
             return None
         with np.load(path) as archive:

@@ -57,6 +57,14 @@ class AugmentConfig(_Section):
     hflip: bool = True
 
 
+class CacheConfig(_Section):
+    """Frozen-part feature cache: computed once per image and view, then only the top trains."""
+
+    enabled: bool = True
+    views: int = Field(2, ge=1)
+    memory_mb: float = Field(2048.0, gt=0)
+
+
 class StageConfig(_Section):
     """One fine-tuning stage: what is trainable and how it is optimised."""
 
@@ -92,6 +100,7 @@ class Recipe(_Section):
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
+    cache: CacheConfig = CacheConfig()
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
 
     @model_validator(mode="after")

@@ -77,8 +77,23 @@ def compile_for_stage(model, stage: StageConfig, n_classes: int) -> None:
     )
 
 
-def calibrate_head_batchnorm(model, data, max_batches: int = 4) -> None:
-    """Set the head's BatchNorm moving statistics from real training batches.
+CALIBRATION_IMAGES = 128
+
+
+def backbone_features(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The backbone's output for uint8 images, computed in inference mode."""
+    layers = [model.get_layer("preprocessing"), model.get_layer("backbone")]
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].astype("float32")
+        for layer in layers:
+            x = layer(x, training=False)
+        outputs.append(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
+    return np.concatenate(outputs, axis=0)
+
+
+def calibrate_head_batchnorm(model, features: np.ndarray) -> None:
+    """Set the head's BatchNorm moving statistics from real backbone features.
 
     A fresh BatchNormalization layer starts with moving mean 0 and variance 1, and moves
     towards the true statistics by 1 - momentum per step. Backbone features can have a
@@ -88,25 +103,19 @@ def calibrate_head_batchnorm(model, data, max_batches: int = 4) -> None:
 
     Args:
         model: a classifier from ``build_classifier``.
-        data: training batches (``x`` first in each item).
-        max_batches: how many batches to measure; default 4.
+        features: backbone outputs of some training images (the first
+            ``CALIBRATION_IMAGES`` are enough).
     """
     head = model.get_layer("head")
     if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in head.layers):
         return
-    extractor = [model.get_layer("preprocessing"), model.get_layer("backbone")]
-    activations = []
-    for index in range(min(max_batches, len(data))):
-        x = data[index][0]
-        for layer in extractor:
-            x = layer(x, training=False)
-        activations.append(x)
-    values = keras.ops.concatenate(activations, axis=0)
+    values = keras.ops.convert_to_tensor(features)
     for layer in head.layers[1:]:
         if isinstance(layer, keras.layers.BatchNormalization):
             axes = list(range(len(values.shape) - 1))
-            layer.moving_mean.assign(keras.ops.mean(values, axis=axes))
-            layer.moving_variance.assign(keras.ops.var(values, axis=axes))
+            as_float = keras.ops.cast(values, "float32")
+            layer.moving_mean.assign(keras.ops.mean(as_float, axis=axes))
+            layer.moving_variance.assign(keras.ops.var(as_float, axis=axes))
         values = layer(values, training=False)
 
 
@@ -127,9 +136,10 @@ class _EpochCallback(keras.callbacks.Callback):
     """Per epoch: seed the data stream and dropout from (seed, epoch); after it, record the
     history row and save the checkpoint. An epoch cut short by a stop request is dropped."""
 
-    def __init__(self, *, rows, stage_index, stage_name, epoch_offset, train_data, seed,
-                 stopper, stop, work, calibrated=True):
+    def __init__(self, *, classifier, rows, stage_index, stage_name, epoch_offset, train_data, seed,
+                 stopper, stop, work):
         super().__init__()
+        self.classifier = classifier
         self.rows, self.stage_index, self.stage_name = rows, stage_index, stage_name
         self.epoch_offset, self.train_data, self.seed = epoch_offset, train_data, seed
         self.stopper, self.stop, self.work = stopper, stop, work
@@ -138,14 +148,7 @@ class _EpochCallback(keras.callbacks.Callback):
         global_epoch = self.epoch_offset + epoch
         if hasattr(self.train_data, "set_epoch"):
             self.train_data.set_epoch(global_epoch)
-        # Dropout masks depend only on (seed, epoch), so a resumed run repeats them exactly.
-        for number, layer in enumerate(_all_layers(self.model)):
-            generator = getattr(layer, "seed_generator", None)
-            if generator is not None:
-                state = np.random.SeedSequence([self.seed, global_epoch, number]).generate_state(1)[0]
-                generator.state.assign(
-                    np.asarray([int(state) % (2**31), 0], dtype=generator.state.dtype)
-                )
+        reseed_dropout(self.classifier, self.seed, global_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.stop is not None and self.stop.requested:
@@ -172,7 +175,23 @@ class _EpochCallback(keras.callbacks.Callback):
                 wait=int(self.stopper.wait), best_epoch=int(self.stopper.best_epoch),
                 history=self.rows,
             )
-            self.work.save(self.model, state, self.stopper.best_weights)
+            self.work.save(self.classifier, state, self.stopper.best_weights, self.model.optimizer)
+
+
+def reseed_dropout(model, seed: int, epoch: int) -> None:
+    """Seed every dropout layer from (seed, epoch, layer name).
+
+    Masks then depend only on these, so a resumed run repeats them exactly, and training
+    the head alone (on cached features) draws the same masks as training the whole model.
+    """
+    import zlib
+
+    for layer in _all_layers(model):
+        generator = getattr(layer, "seed_generator", None)
+        if generator is not None:
+            name_hash = zlib.crc32(layer.name.encode())
+            state = np.random.SeedSequence([seed, epoch, name_hash]).generate_state(1)[0]
+            generator.state.assign(np.asarray([int(state) % (2**31), 0], dtype=generator.state.dtype))
 
 
 def _all_layers(model):
@@ -196,18 +215,22 @@ def run_stages(
     state=None,
     work=None,
     stop=None,
+    cache=None,
+    forward_factory=None,
 ) -> list[dict]:
     """Fit the classifier stage by stage.
 
     Each stage sets trainability, recompiles, and fits with early stopping on the
     validation loss that restores the stage's best weights. Stages with 0 epochs are skipped.
+    With a feature cache, a stage whose bottom is frozen trains only its top on features
+    of the frozen part computed once (see ``transferkit.cache``).
 
     Args:
         model: a classifier from ``build_classifier`` (or loaded from a checkpoint).
         spec: the backbone's registry entry.
         stages: the recipe's stages, in order.
-        train_data: a Keras-fittable training source (e.g. ``ImageBatches``).
-        val_data: the validation source.
+        train_data: training ``ImageBatches``.
+        val_data: validation ``ImageBatches``.
         n_classes: number of classes.
         verbose: passed to ``fit`` (1 shows Keras progress bars); default "auto".
         callbacks: extra callbacks for every stage.
@@ -216,6 +239,9 @@ def run_stages(
         work: a ``WorkFolder`` to checkpoint into after every epoch; default None.
         stop: a ``StopFlag``; when set, training stops after the current batch and
             ``TrainingInterrupted`` is raised.
+        cache: a ``CacheConfig`` (enabled, views, memory_mb); default None (no cache).
+        forward_factory: turns an extractor model into a batch -> features function (an
+            inference engine); default: the model's own ``predict_on_batch``.
 
     Returns:
         One continuous history: a dict per epoch with the keys of ``HISTORY_COLUMNS``.
@@ -224,29 +250,37 @@ def run_stages(
 
     state = state or TrainingState()
     rows: list[dict] = list(state.history)
-    if not state.calibrated:
-        calibrate_head_batchnorm(model, train_data)
     global_epoch = state.global_epoch
+    calibrated = state.calibrated
     for index, stage in enumerate(stages):
         if index < state.stage_index or stage.epochs == 0:
             continue
         resuming = index == state.stage_index and state.epochs_done > 0
+        set_trainable(model, spec, stage.unfreeze)
+        train_model, stage_train, stage_val, features = _stage_inputs(
+            model, spec, stage, train_data, val_data, cache, forward_factory, seed, verbose
+        )
+        if not calibrated:
+            if features is None:
+                features = backbone_features(model, train_data.images[:CALIBRATION_IMAGES])
+            calibrate_head_batchnorm(model, features)
+            calibrated = True
+        compile_for_stage(train_model, stage, n_classes)
         resume_from = None
+        initial_epoch = 0
         if resuming:
-            # The checkpoint holds this stage's trainable flags and optimizer state.
             resume_from = (state.best, state.wait, state.best_epoch, work.best_weights() if work else None)
             initial_epoch = state.epochs_done
-        else:
-            set_trainable(model, spec, stage.unfreeze)
-            compile_for_stage(model, stage, n_classes)
-            initial_epoch = 0
+            if work is not None:
+                work.restore_optimizer(train_model)
         if verbose:
-            trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+            trainable = sum(int(np.prod(w.shape)) for w in train_model.trainable_weights)
             print(
                 f"stage {index + 1}/{len(stages)} '{stage.name}': unfreeze={stage.unfreeze}, "
                 f"{stage.optimizer} lr={stage.learning_rate:g}, up to {stage.epochs} epochs"
                 + (f" (resuming after epoch {initial_epoch})" if resuming else "")
-                + f", {trainable:,} trainable parameters",
+                + f", {trainable:,} trainable parameters"
+                + (", on cached features" if train_model is not model else ""),
                 flush=True,
             )
         stopper = _ResumableEarlyStopping(
@@ -254,21 +288,21 @@ def run_stages(
             restore_best_weights=True,
         )
         epoch_callback = _EpochCallback(
-            rows=rows, stage_index=index, stage_name=stage.name,
-            epoch_offset=global_epoch - initial_epoch, train_data=train_data, seed=seed,
+            classifier=model, rows=rows, stage_index=index, stage_name=stage.name,
+            epoch_offset=global_epoch - initial_epoch, train_data=stage_train, seed=seed,
             stopper=stopper, stop=stop, work=work,
         )
         if resuming and state.wait >= stage.patience and initial_epoch > 0:
             # Early stopping had fired on the last saved epoch: only the restore is left.
             if resume_from[3] is not None:
-                model.set_weights(resume_from[3])
+                train_model.set_weights(resume_from[3])
         else:
-            model.fit(
-                train_data,
-                validation_data=val_data,
+            train_model.fit(
+                stage_train,
+                validation_data=stage_val,
                 initial_epoch=initial_epoch,
-                shuffle=False,  # ImageBatches shuffles itself, seeded per epoch
                 epochs=stage.epochs,
+                shuffle=False,  # the batches shuffle themselves, seeded per epoch
                 callbacks=[stopper, epoch_callback, *callbacks],
                 verbose=verbose,
             )
@@ -284,3 +318,52 @@ def run_stages(
                 calibrated=True, history=rows,
             ))
     return rows
+
+
+def _stage_inputs(model, spec, stage, train_data, val_data, cache, forward_factory, seed, verbose):
+    """The model to fit and its data for one stage: the whole classifier on images, or its
+    trainable top on cached features of the frozen part.
+
+    Returns:
+        (model to fit, training batches, validation batches, backbone features of the first
+        training images when they came for free, else None).
+    """
+    from transferkit.cache import FeatureBatches, compute_features, split_at_frozen_part
+
+    augmenter_factory = getattr(train_data, "augmenter_factory", None)
+    if cache is None or not cache.enabled:
+        return model, train_data, val_data, None
+    views = cache.views if augmenter_factory is not None else 1
+    if augmenter_factory is not None and views >= stage.epochs:
+        return model, train_data, val_data, None  # computing the views would cost as much as training
+    split = split_at_frozen_part(model, spec, stage.unfreeze)
+    if split is None:
+        return model, train_data, val_data, None
+    forward = (forward_factory or (lambda extractor: extractor.predict_on_batch))(split.extractor)
+    feature_shape = tuple(int(d) for d in split.extractor.output.shape[1:])
+    policy = keras.config.dtype_policy().name
+    mixed = any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model) if layer.weights)
+    dtype = "float16" if mixed or policy.startswith("mixed") else "float32"
+    total = views * len(train_data) + len(val_data)
+    bar = keras.utils.Progbar(total, unit_name="batch") if verbose else None
+    if verbose:
+        print(f"caching features of the frozen part ({views} view(s) of {len(train_data.images)} "
+              f"training + {len(val_data.images)} validation images)", flush=True)
+    train_store = compute_features(
+        forward, train_data.images, feature_shape, views=views, augmenter_factory=augmenter_factory,
+        seed=seed, batch_size=train_data.batch_size, dtype=dtype, memory_budget_mb=cache.memory_mb,
+        progress=bar.update if bar else None,
+    )
+    done = views * len(train_data)
+    val_store = compute_features(
+        forward, val_data.images, feature_shape, batch_size=val_data.batch_size, dtype=dtype,
+        memory_budget_mb=cache.memory_mb,
+        progress=(lambda n: bar.update(done + n)) if bar else None,
+    )
+    stage_train = FeatureBatches(train_store, train_data.targets, train_data.batch_size,
+                                 sample_weights=train_data.sample_weights, seed=seed)
+    stage_val = FeatureBatches(val_store, val_data.targets, val_data.batch_size, shuffle=False)
+    features = None
+    if split.boundary == "" and augmenter_factory is None:
+        features = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
+    return split.trainable, stage_train, stage_val, features

@@ -195,6 +195,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
             history = training.run_stages(
                 model, spec, recipe.stages, train_batches, val_batches, n_classes,
                 verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
+                cache=recipe.cache,
             )
     except TrainingInterrupted as interrupted:
         raise TrainingInterrupted(
