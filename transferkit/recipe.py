@@ -97,6 +97,7 @@ class Recipe(_Section):
     batch_size: int = Field(32, ge=1)
     seed: int = Field(42, ge=0)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    engine: Literal["auto", "keras", "openvino"] = "auto"
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()

@@ -190,12 +190,13 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     val_batches = data.ImageBatches(
         prepared["val_images"], data.encode_targets(val_labels, n_classes), recipe.batch_size
     )
+    timings: list[dict] = []
     try:
         with stop_on_signals(StopFlag()) as stop:
             history = training.run_stages(
                 model, spec, recipe.stages, train_batches, val_batches, n_classes,
                 verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
-                cache=recipe.cache,
+                cache=recipe.cache, timings=timings,
             )
     except TrainingInterrupted as interrupted:
         raise TrainingInterrupted(
@@ -208,6 +209,8 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         keras.losses.get(training.loss_for(n_classes))(data.encode_targets(val_labels, n_classes), outputs)
     ).mean())
     metrics = report.summarize(history, val_labels, outputs, class_names, val_loss, len(train_labels))
+    metrics["precision"] = policy
+    metrics["stages"] = timings
     skipped = prepared["skipped"]
 
     def write_contents(folder: Path) -> None:

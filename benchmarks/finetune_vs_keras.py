@@ -1,0 +1,172 @@
+"""transferkit.finetune against the Keras transfer-learning guide written out by hand.
+
+Both jobs run in this process, one after the other, on the same generated dataset, with the
+same backbone, image size, batch size, epochs per stage, learning rates and augmentation
+strengths. The baseline is the guide's pipeline: image_dataset_from_directory, Keras
+augmentation layers, a frozen backbone with a new head, then the top block unfrozen, in
+float32. Prints one JSON line with wall seconds and images/s per stage, final validation
+accuracy of each, and the ratios (transferkit / baseline).
+
+    python benchmarks/finetune_vs_keras.py --backbone vgg16 --size 64 --head-epochs 3 --fine-epochs 2
+
+Weights are random (no network here), so accuracies compare the two pipelines with each
+other, not with what ImageNet weights would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import transferkit  # noqa: E402
+from transferkit.synthetic import write_shapes_dataset  # noqa: E402
+
+HEAD_LR, FINE_LR = 1e-3, 3e-5
+SHIFT, CONTRAST, ROTATION = 0.1, 0.2, 15.0
+
+
+class StageClock(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.started = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+        self.seconds = time.perf_counter() - self.started
+
+
+def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epochs: int, fine_epochs: int, seed: int):
+    """The hand-written pipeline of the Keras transfer-learning guide, float32."""
+    import tensorflow as tf
+
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(seed)
+    common = dict(image_size=(size, size), batch_size=batch, validation_split=0.2, seed=seed, label_mode="categorical")
+    train = keras.utils.image_dataset_from_directory(data_dir, subset="training", shuffle=True, verbose=False, **common)
+    val = keras.utils.image_dataset_from_directory(data_dir, subset="validation", shuffle=False, verbose=False, **common)
+    n_classes = len(train.class_names)
+    n_train = sum(int(x.shape[0]) for x, _ in train)
+    augmentation = keras.Sequential([
+        keras.layers.RandomTranslation(SHIFT, SHIFT),
+        keras.layers.RandomContrast(CONTRAST),
+        keras.layers.RandomRotation(ROTATION / 360.0),
+        keras.layers.RandomFlip("horizontal"),
+    ])
+    train = train.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    train, val = train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
+    applications = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19,
+                    "resnet50": keras.applications.ResNet50}
+    preprocess = {"vgg16": keras.applications.vgg16.preprocess_input,
+                  "vgg19": keras.applications.vgg19.preprocess_input,
+                  "resnet50": keras.applications.resnet50.preprocess_input}[backbone]
+    base = applications[backbone](include_top=False, weights=None, input_shape=(size, size, 3))
+    base.trainable = False
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Lambda(preprocess)(inputs)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(256, activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    figures = {}
+    model.compile(keras.optimizers.Adam(HEAD_LR), "categorical_crossentropy", metrics=["accuracy"])
+    clock = StageClock()
+    model.fit(train, validation_data=val, epochs=head_epochs, callbacks=[clock], verbose=0)
+    figures["head"] = clock.seconds
+    if fine_epochs:
+        base.trainable = True
+        top_block = {"vgg16": "block5", "vgg19": "block5", "resnet50": "conv5_block3"}[backbone]
+        for layer in base.layers:
+            layer.trainable = layer.name.startswith(top_block + "_") and not isinstance(layer, keras.layers.BatchNormalization)
+        model.compile(keras.optimizers.Adam(FINE_LR), "categorical_crossentropy", metrics=["accuracy"])
+        clock = StageClock()
+        model.fit(train, validation_data=val, epochs=fine_epochs, callbacks=[clock], verbose=0)
+        figures["fine"] = clock.seconds
+    accuracy = model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
+    return figures, float(accuracy), n_train
+
+
+def transferkit_job(data_dir: Path, backbone: str, size: int, batch: int, head_epochs: int, fine_epochs: int,
+                    seed: int, precision: str, engine: str, output: Path):
+    overrides = {
+        "backbone": backbone, "weights": "none", "image_size": size, "batch_size": batch, "seed": seed,
+        "precision": precision, "head.units": [256], "head.dropout": 0.3,
+        "augment.shift": SHIFT, "augment.contrast": CONTRAST, "augment.rotation": ROTATION, "augment.hflip": True,
+        "stages.0.epochs": head_epochs, "stages.0.learning_rate": HEAD_LR, "stages.0.patience": 100,
+        "stages.1.epochs": fine_epochs, "stages.1.learning_rate": FINE_LR, "stages.1.patience": 100,
+        "stages.1.unfreeze": 1,
+        # The baseline does not weight classes; the generated classes are balanced anyway.
+        "data.class_weights": False,
+    }
+    if engine != "default":
+        overrides["engine"] = engine
+    run = transferkit.finetune(data_dir, None, overrides, output=output, force=True, verbose=0)
+    figures = {timing["stage"]: timing["seconds"] for timing in run.metrics["stages"]}
+    return figures, float(run.metrics["final"]["val_accuracy"]), run.metrics["n_train"], run.metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="vgg16")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--per-class", type=int, default=150)
+    parser.add_argument("--head-epochs", type=int, default=3)
+    parser.add_argument("--fine-epochs", type=int, default=2)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--engine", default="default", help="transferkit engine (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
+        data_dir = write_shapes_dataset(Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed)
+        started = time.perf_counter()
+        baseline, baseline_accuracy, n_train = keras_guide(
+            data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed)
+        baseline_total = time.perf_counter() - started
+        started = time.perf_counter()
+        ours, our_accuracy, our_train, metrics = transferkit_job(
+            data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
+            args.precision, args.engine, Path(tmp) / "run")
+        ours_total = time.perf_counter() - started
+
+    def per_stage(figures, epochs_by_stage, count):
+        return {
+            stage: {"seconds": round(seconds, 2), "images_per_s": round(count * epochs_by_stage[stage] / seconds, 1)}
+            for stage, seconds in figures.items()
+        }
+
+    epochs = {"head": args.head_epochs, "fine": args.fine_epochs}
+    result = {
+        "benchmark": "finetune_vs_keras",
+        "backbone": args.backbone, "size": args.size, "batch": args.batch,
+        "images": args.classes * args.per_class, "train_images": n_train,
+        "head_epochs": args.head_epochs, "fine_epochs": args.fine_epochs,
+        "baseline": {"precision": "float32", "total_seconds": round(baseline_total, 2),
+                     "stages": per_stage(baseline, epochs, n_train), "val_accuracy": round(baseline_accuracy, 4)},
+        "transferkit": {"precision": metrics.get("precision"), "total_seconds": round(ours_total, 2),
+                        "stages": per_stage(ours, epochs, our_train), "val_accuracy": round(our_accuracy, 4),
+                        "stage_details": metrics.get("stages")},
+        "ratios": {
+            "total_wall": round(ours_total / baseline_total, 3),
+            **{f"{stage}_wall": round(ours[stage] / baseline[stage], 3) for stage in ours if stage in baseline},
+            "val_accuracy_points": round(100 * (our_accuracy - baseline_accuracy), 2),
+        },
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
