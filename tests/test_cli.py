@@ -60,7 +60,7 @@ def test_predict_json_and_skipped_summary(cli_run, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"")
     result = invoke("predict", output, tmp_path, "-o", tmp_path / "out.json", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "1 image(s) classified, 1 skipped" in result.output
+    assert "1 image(s) classified" in result.output and ", 1 skipped" in result.output
     assert len(json.loads((tmp_path / "out.json").read_text())["predictions"]) == 1
 
 

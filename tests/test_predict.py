@@ -86,3 +86,15 @@ def test_a_folder_with_no_images_is_an_error(run_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
         predict_folder(run_dir, tmp_path / "empty")
+
+
+def test_openvino_and_keras_engines_agree_and_the_run_folder_is_untouched(run_dir, to_sort):
+    before = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
+    run = load_run(run_dir)
+    keras_rows = predict_folder(run, to_sort, engine="keras")
+    openvino_rows = predict_folder(run, to_sort, engine="openvino")
+    assert keras_rows.engine == "keras" and openvino_rows.engine == "openvino"
+    assert [r.file for r in keras_rows.rows] == [r.file for r in openvino_rows.rows]
+    assert [r.confidence for r in openvino_rows.rows] == pytest.approx([r.confidence for r in keras_rows.rows], abs=0.05)
+    after = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
+    assert before == after

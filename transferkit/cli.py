@@ -154,6 +154,7 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the predictions to FILE.csv or FILE.json.")] = None,
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    engine: Annotated[str, typer.Option(help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
@@ -173,7 +174,10 @@ def predict(
                     bar_holder["bar"] = keras.utils.Progbar(total, unit_name="image", stateful_metrics=())
                 bar_holder["bar"].update(done)
 
-        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar)
+        if engine not in ("auto", "keras", "openvino"):
+            typer.echo(f"error: --engine {engine!r}: choose auto, keras or openvino", err=True)
+            raise typer.Exit(code=2)
+        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar, engine=engine)
         if output is not None:
             write_predictions(result, output)
     except TransferkitError as error:
@@ -186,7 +190,7 @@ def predict(
             if top_k > 1:
                 line += "   " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k)
             typer.echo(line)
-    summary = f"{len(result.rows)} image(s) classified"
+    summary = f"{len(result.rows)} image(s) classified ({result.engine} engine)"
     if result.skipped:
         summary += f", {len(result.skipped)} skipped (unreadable or not images)"
     if output is not None:

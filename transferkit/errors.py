@@ -7,6 +7,7 @@ class names (1: the input or the run is wrong; 2: the command line or recipe is 
     ├── RecipeError        a recipe key or CLI override is unknown, mistyped or out of range
     ├── DataError          the image folder, a validation folder or an image cannot be used
     ├── WeightsError       backbone weights cannot be downloaded, found or loaded
+    ├── EngineError        the inference engine asked for is not installed
     └── RunError           a run folder cannot be written, found or read
 """
 
@@ -31,6 +32,10 @@ class DataError(TransferkitError):
 
 class WeightsError(TransferkitError):
     """Raised when backbone weights cannot be downloaded, found, or do not fit the backbone."""
+
+
+class EngineError(TransferkitError):
+    """Raised when ``--engine openvino`` is asked for and the openvino package is missing."""
 
 
 class RunError(TransferkitError):

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from transferkit.errors import DataError, RunError
+from transferkit.errors import DataError
 
 log = logging.getLogger("transferkit")
 
@@ -40,6 +40,7 @@ class PredictionResult:
 
     rows: list[Prediction]
     skipped: list[tuple[Path, str]]
+    engine: str = "keras"
 
 
 def predict_folder(
@@ -48,6 +49,7 @@ def predict_folder(
     top_k: int = 1,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    engine: str = "auto",
 ) -> PredictionResult:
     """Classify every image under a folder (recursively), streaming it in batches.
 
@@ -57,6 +59,8 @@ def predict_folder(
         top_k: how many classes to list per image; default 1.
         batch_size: images per forward pass; default 32.
         progress: called with (images done, images total) after each batch.
+        engine: "auto" (OpenVINO on CPU when installed), "keras" or "openvino"; the
+            converted network is cached per run and image size (see ``engine_cache_dir``).
 
     Returns:
         A ``PredictionResult``: rows in path order, and (path, reason) of skipped files.
@@ -86,14 +90,17 @@ def predict_folder(
     skipped = [(path, reason) for path, reason in entries if reason is not None]
     if not files:
         raise DataError(f"{folder} holds no image files ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
+    from transferkit.engine import inference_engine
+
     top_k = min(top_k, len(run.class_names))
     names = run.class_names
+    forward = inference_engine(run.model, engine, run.image_size, cache_dir=engine_cache_dir(run.path))
     rows: list[Prediction] = []
     done = 0
     for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
         skipped.extend(batch_skipped)
         if len(images):
-            outputs = run.model.predict_on_batch(images.astype("float32"))
+            outputs = forward.predict(images.astype("float32"))
             probabilities = class_probabilities(np.asarray(outputs))
             for path, row in zip(paths, probabilities):
                 order = np.argsort(-row, kind="stable")[:top_k]
@@ -104,7 +111,25 @@ def predict_folder(
             progress(done, len(files))
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
-    return PredictionResult(rows=rows, skipped=skipped)
+    return PredictionResult(rows=rows, skipped=skipped, engine=forward.name)
+
+
+def engine_cache_dir(run_path: str | os.PathLike) -> Path:
+    """Where a run's converted inference networks are cached.
+
+    ``$TRANSFERKIT_CACHE`` or ``$XDG_CACHE_HOME/transferkit`` (default ``~/.cache/transferkit``),
+    then ``engine/<run folder name>-<hash of its full path>``: outside the run folder, so
+    predicting never changes a run, and a read-only run still gets a cache.
+    """
+    import hashlib
+
+    root = os.environ.get("TRANSFERKIT_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "transferkit")
+    resolved = str(Path(run_path).resolve())
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return Path(root) / "engine" / f"{Path(resolved).name}-{digest}"
 
 
 def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:

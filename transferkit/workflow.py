@@ -191,12 +191,21 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         prepared["val_images"], data.encode_targets(val_labels, n_classes), recipe.batch_size
     )
     timings: list[dict] = []
+
+    def forward_factory(extractor):
+        from transferkit.engine import inference_engine
+
+        engine = inference_engine(extractor, recipe.engine, recipe.image_size, precision=recipe.precision)
+        if verbose:
+            print(f"forward engine for the feature cache: {engine.name}", flush=True)
+        return engine.predict
+
     try:
         with stop_on_signals(StopFlag()) as stop:
             history = training.run_stages(
                 model, spec, recipe.stages, train_batches, val_batches, n_classes,
                 verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
-                cache=recipe.cache, timings=timings,
+                cache=recipe.cache, timings=timings, forward_factory=forward_factory,
             )
     except TrainingInterrupted as interrupted:
         raise TrainingInterrupted(

@@ -1,0 +1,414 @@
+"""Forward-only inference engines: the Keras model itself, or OpenVINO on a CPU.
+
+Computing the frozen part's feature cache and predicting are forward passes only, and
+OpenVINO's CPU runtime uses AMX / AVX-512 bfloat16 far better than Keras does (ResNet50 at
+224 px: about 8x the images per second). ``make_engine`` picks one:
+
+    engine = make_engine(extractor, "auto", input_shape=(224, 224, 3), cache_dir=run / ".engine")
+    features = engine.predict(images)          # float32 (B, 224, 224, 3) -> float32 outputs
+
+How a model becomes an OpenVINO network: it is cloned in float32 (OpenVINO's TensorFlow
+front end reads no bfloat16 constants; the bf16 inference hint brings the 16-bit compute
+back), a ``Resizing`` layer that receives images already at its target size becomes the
+identity it computes anyway (the antialiased resize op has no OpenVINO conversion), the
+clone's inference call is traced as a ``tf.function`` with a dynamic batch and a static
+image size, and ``openvino.convert_model`` converts that. The network is cached as
+``cache_dir/openvino-{S}px/{model name}.xml`` (+ ``.bin``), keyed by a fingerprint of the
+model's architecture and weights, so a changed model is converted again. Any failure to
+convert or compile logs one warning and returns the Keras engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import EngineError
+
+log = logging.getLogger("transferkit")
+
+ENGINES = ("auto", "keras", "openvino")
+
+# Keras dtype policy -> OpenVINO CPU inference precision hint.
+_PRECISION_HINTS = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
+
+
+class ForwardEngine:
+    """Runs a model's forward pass on float32 image batches; ``name`` says which runtime."""
+
+    name = ""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Outputs of the model for a float32 batch of shape (B, S, S, 3); any B, float32."""
+        raise NotImplementedError
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict(batch)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class KerasEngine(ForwardEngine):
+    """The Keras model's own ``predict_on_batch``."""
+
+    name = "keras"
+
+    def __init__(self, model):
+        self.model = model
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        outputs = self.model.predict_on_batch(np.asarray(batch, dtype="float32"))
+        # A mixed_bfloat16 feature extractor returns bfloat16; callers get float32 from both engines.
+        return np.asarray(outputs).astype("float32", copy=False)
+
+
+class OpenVINOEngine(ForwardEngine):
+    """A compiled OpenVINO network on the CPU, with one reusable inference request.
+
+    Attributes:
+        precision_hint: "bf16", "f16" or "f32", the CPU's inference precision.
+        ir_path: the cached ``.xml`` file, or None when the network was never written.
+    """
+
+    name = "openvino"
+
+    def __init__(self, compiled, image_size: int, precision_hint: str, ir_path: Path | None):
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._output = compiled.output(0)
+        self.image_size = image_size
+        self.precision_hint = precision_hint
+        self.ir_path = ir_path
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype="float32")
+        expected = (self.image_size, self.image_size, 3)
+        if batch.ndim != 4 or batch.shape[1:] != expected:
+            raise ValueError(
+                f"the OpenVINO engine was built for batches of shape (B, {expected[0]}, "
+                f"{expected[1]}, 3), got {batch.shape}; resize images to {expected[0]} px first"
+            )
+        if len(batch) == 0:
+            tail = tuple(dim.get_length() for dim in self._output.partial_shape[1:])
+            return np.zeros((0, *tail), dtype="float32")
+        result = self._request.infer({0: batch})
+        return np.asarray(result[self._output], dtype="float32")
+
+    def __repr__(self) -> str:
+        return f"<OpenVINOEngine {self.precision_hint}, {self.image_size}px, ir={self.ir_path}>"
+
+
+def make_engine(
+    model,
+    engine: str = "auto",
+    input_shape: tuple[int, int, int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    precision: str = "auto",
+) -> ForwardEngine:
+    """Choose and build the engine for a model's forward passes.
+
+    Args:
+        model: a Keras model taking an image batch: a whole classifier, or a feature
+            extractor such as ``keras.Model(images, backbone_output)``.
+        engine: "auto" (default: OpenVINO when the ``openvino`` package imports and
+            TensorFlow sees no GPU, else Keras), "keras" or "openvino".
+        input_shape: (S, S, 3), the size batches will have; default the model's own input
+            shape, which must then be static.
+        cache_dir: where the converted network is kept, under ``openvino-{S}px/``; default
+            None (convert in memory every time). A folder that cannot be written (a
+            read-only run) is replaced by one under the system's temporary folder.
+        precision: "auto" (default: bfloat16 on a CPU with AMX or AVX512-BF16), "float32",
+            "bfloat16" or "float16"; sets OpenVINO's inference precision hint.
+
+    Returns:
+        A ``ForwardEngine``; ``.name`` is "keras" or "openvino". Failing to convert or
+        compile for OpenVINO logs one warning and returns the Keras engine.
+
+    Raises:
+        EngineError: ``engine="openvino"`` without the openvino package installed.
+        ValueError: an unknown engine, or no static ``input_shape`` to convert with.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "keras":
+        return KerasEngine(model)
+    try:
+        import openvino  # noqa: F401
+    except ImportError as error:
+        if engine == "openvino":
+            raise EngineError(
+                "--engine openvino needs the openvino package, which is not installed "
+                f"({error}); run: pip install openvino  (or pass --engine keras)"
+            ) from error
+        if isinstance(error, ModuleNotFoundError) and error.name == "openvino":
+            log.debug("openvino is not installed; using Keras for inference "
+                      "(pip install openvino for faster CPU inference)")
+        else:
+            log.warning("OpenVINO cannot be imported (%s); using Keras for inference", _one_line(error))
+        return KerasEngine(model)
+    if engine == "auto" and _gpu_visible():
+        log.debug("a GPU is visible to TensorFlow; using Keras for inference")
+        return KerasEngine(model)
+    image_size = _image_size(model, input_shape)
+    hint = _precision_hint(precision)
+    step = "conversion"
+    try:
+        network, ir_path = _load_or_convert(model, image_size, cache_dir)
+        step = "compilation"
+        compiled = _core().compile_model(
+            network, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        )
+    except Exception as error:  # any OpenVINO or tracing failure: Keras still works
+        log.warning(
+            "OpenVINO %s of %s failed (%s); using Keras for inference",
+            step, getattr(model, "name", "the model"), _one_line(error),
+        )
+        return KerasEngine(model)
+    log.info("inference engine: OpenVINO on CPU, %s, %d px", hint, image_size)
+    return OpenVINOEngine(compiled, image_size, hint, ir_path)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
+    # OpenVINO's conversion report starts with a source location; the op list says more.
+    telling = [line for line in lines if "No conversion rule" in line] or lines
+    return f"{type(error).__name__}: {telling[0][:200]}" if telling else type(error).__name__
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _image_size(model, input_shape) -> int:
+    if input_shape is None:
+        input_shape = tuple(model.input_shape[1:])
+    height, width, channels = input_shape
+    if height is None or width is None or height != width or channels != 3:
+        raise ValueError(
+            f"make_engine needs a static square input_shape (S, S, 3), got {tuple(input_shape)}; "
+            "pass input_shape=(image_size, image_size, 3)"
+        )
+    return int(height)
+
+
+def _precision_hint(precision: str) -> str:
+    from transferkit.precision import POLICIES, resolve_precision
+
+    if precision != "auto" and precision not in POLICIES and precision not in _PRECISION_HINTS:
+        raise ValueError(
+            f"precision must be auto, {', '.join(POLICIES)}, got {precision!r}"
+        )
+    policy = precision if precision in _PRECISION_HINTS else resolve_precision(precision)[0]
+    return _PRECISION_HINTS[policy]
+
+
+@functools.lru_cache(maxsize=None)
+def _core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def _load_or_convert(model, image_size: int, cache_dir):
+    """The OpenVINO network for a model: read from the cache when its fingerprint matches."""
+    if cache_dir is None:
+        return export_network(model, image_size), None
+    fingerprint = model_fingerprint(model, image_size)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(model, "name", "") or "model")
+    candidates = (
+        Path(cache_dir) / f"openvino-{image_size}px",
+        Path(tempfile.gettempdir()) / "transferkit-openvino" / fingerprint[:16] / f"openvino-{image_size}px",
+    )
+    for folder in candidates:
+        xml = folder / f"{stem}.xml"
+        if _cached(xml, fingerprint):
+            log.debug("reusing the OpenVINO network %s", xml)
+            return _core().read_model(xml), xml
+    network = export_network(model, image_size)
+    for folder in candidates:
+        xml = folder / f"{stem}.xml"
+        try:
+            _write_cache(network, xml, fingerprint)
+            return network, xml
+        except OSError as error:
+            # A read-only run folder still predicts; the network goes to the temp folder.
+            log.info("cannot write the OpenVINO cache in %s (%s); trying the temp folder",
+                     folder, error.strerror or error)
+    return network, None
+
+
+def _fingerprint_file(xml: Path) -> Path:
+    return xml.with_suffix(".fingerprint")
+
+
+def _cached(xml: Path, fingerprint: str) -> bool:
+    try:
+        stored = _fingerprint_file(xml).read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    return stored == fingerprint and xml.is_file() and xml.with_suffix(".bin").is_file()
+
+
+def _write_cache(network, xml: Path, fingerprint: str) -> None:
+    import openvino as ov
+
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    staging = xml.with_name(f".{xml.stem}.partial-{os.getpid()}.xml")
+    try:
+        # compress_to_fp16=False: the weights stay float32; the bf16 hint decides at run time.
+        ov.save_model(network, str(staging), compress_to_fp16=False)
+        # The fingerprint goes last, so a half-written pair is never taken for a valid one.
+        _fingerprint_file(xml).unlink(missing_ok=True)
+        os.replace(staging.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(staging, xml)
+        _fingerprint_file(xml).write_text(fingerprint + "\n", encoding="utf-8")
+    finally:
+        staging.unlink(missing_ok=True)
+        staging.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def model_fingerprint(model, image_size: int) -> str:
+    """A hash of a model's architecture and weights, the image size and the OpenVINO version.
+
+    Args:
+        model: a Keras model.
+        image_size: the side S the network is converted for.
+
+    Returns:
+        A hex string; equal for the same model, different when any weight changed.
+    """
+    import openvino as ov
+
+    digest = hashlib.sha256()
+    try:
+        config = json.dumps(model.get_config(), sort_keys=True, default=repr)
+    except Exception:  # a subclassed model without get_config: its shapes stand in
+        config = repr((model.name, model.input_shape, model.output_shape))
+    digest.update(f"{image_size}|{ov.__version__}|{config}".encode())
+    for weights in model.get_weights():
+        weights = np.ascontiguousarray(weights)
+        digest.update(f"{weights.dtype}{weights.shape}".encode())
+        digest.update(weights.tobytes())
+    return digest.hexdigest()
+
+
+def export_network(model, image_size: int):
+    """Convert a Keras model to an ``openvino.Model`` for (B, S, S, 3) float32 batches.
+
+    Args:
+        model: a Keras model taking an image batch.
+        image_size: the static side S; the batch dimension stays dynamic.
+
+    Returns:
+        The converted ``openvino.Model``.
+    """
+    import openvino as ov
+    import tensorflow as tf
+
+    clone = float32_clone(model)
+    forward = tf.function(lambda images: clone(images, training=False), autograph=False)
+    concrete = forward.get_concrete_function(
+        tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="image")
+    )
+    # convert_model configures the root logger (level, a handler, a filter) and a failed
+    # conversion leaves it so; put it back, or later log lines come out in its format.
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    try:
+        return ov.convert_model(concrete)
+    finally:
+        root.setLevel(state[0])
+        root.filters[:], root.handlers[:] = state[1], state[2]
+
+
+def float32_clone(model):
+    """A float32 copy of a model for conversion, with same-size resizes made the identity.
+
+    Nested models are cloned too and weights copied layer by layer. A model that cannot be
+    cloned (subclassed) is returned as it is.
+    """
+    import keras
+
+    pairs = []
+
+    def clone_layer(layer):
+        if isinstance(layer, keras.layers.Resizing):
+            return _same_size_resizing_class()(layer)
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        clone = layer.__class__.from_config(config)
+        pairs.append((layer, clone))
+        return clone
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    except Exception as error:
+        log.debug("cannot clone %s for conversion (%s); converting it as it is", model.name, error)
+        return model
+    for original, copy in pairs:
+        copy.set_weights(original.get_weights())
+    return clone
+
+
+@functools.lru_cache(maxsize=None)
+def _same_size_resizing_class():
+    import keras
+
+    class SameSizeResizing(keras.layers.Layer):
+        """A ``Resizing`` that passes through images already at its target size.
+
+        Resizing to the same size is exactly the identity, and the antialiased resize op
+        has no OpenVINO conversion; other sizes still go through the original layer.
+        """
+
+        def __init__(self, original):
+            super().__init__(name=original.name, dtype="float32")
+            self.original = original
+
+        def call(self, images):
+            if tuple(images.shape[-3:-1]) == (self.original.height, self.original.width):
+                return images
+            return self.original(images)
+
+        def compute_output_shape(self, input_shape):
+            return self.original.compute_output_shape(input_shape)
+
+    return SameSizeResizing
+
+
+def inference_engine(model, engine: str = "auto", image_size: int | None = None,
+                     cache_dir: str | os.PathLike | None = None, precision: str = "auto") -> ForwardEngine:
+    """``make_engine`` for inference, with frozen BatchNorm folded into the convolutions first.
+
+    Folding changes nothing for OpenVINO (it folds on its own) but makes the Keras fallback
+    fast in bfloat16 on ResNet50.
+
+    Args:
+        model: the model to run forward only (a classifier or a feature extractor).
+        engine: "auto", "keras" or "openvino"; default "auto".
+        image_size: the side of the square batches it will get; default the model's own.
+        cache_dir: where the converted network is cached; default None (not cached).
+        precision: "auto", "float32", "bfloat16" or "float16"; default "auto".
+
+    Returns:
+        A ``ForwardEngine``.
+    """
+    from transferkit.fold import batchnorm_count, fold_batchnorm
+
+    if batchnorm_count(model):
+        model = fold_batchnorm(model, fold_trainable=True)
+    shape = (image_size, image_size, 3) if image_size else None
+    return make_engine(model, engine, input_shape=shape, cache_dir=cache_dir, precision=precision)
+
