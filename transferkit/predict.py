@@ -49,7 +49,7 @@ def predict_folder(
     top_k: int = 1,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
-    engine: str = "auto",
+    engine="auto",
 ) -> PredictionResult:
     """Classify every image under a folder (recursively), streaming it in batches.
 
@@ -61,6 +61,7 @@ def predict_folder(
         progress: called with (images done, images total) after each batch.
         engine: "auto" (OpenVINO on CPU when installed), "keras" or "openvino"; the
             converted network is cached per run and image size (see ``engine_cache_dir``).
+            A ``ForwardEngine`` built for this run's model is used as it is.
 
     Returns:
         A ``PredictionResult``: rows in path order, and (path, reason) of skipped files.
@@ -94,7 +95,10 @@ def predict_folder(
 
     top_k = min(top_k, len(run.class_names))
     names = run.class_names
-    forward = inference_engine(run.model, engine, run.image_size, cache_dir=engine_cache_dir(run.path))
+    if isinstance(engine, str):
+        forward = inference_engine(run.model, engine, run.image_size, cache_dir=engine_cache_dir(run.path))
+    else:
+        forward = engine
     rows: list[Prediction] = []
     done = 0
     for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):

@@ -1,0 +1,198 @@
+"""Predict throughput and memory against plain Keras, in one run.
+
+For each backbone, on a generated folder: transferkit's predict (default engine: OpenVINO
+on CPU when installed) against plain Keras float32 ``model.predict`` on the same decoded
+images at the same batch size, and against the bare forward pass of the engine predict uses;
+top-1 agreement with Keras float32. Then the peak memory (max RSS) of predict over 2,000
+and 20,000 images, each in a fresh process. Prints one JSON line.
+
+    python benchmarks/predict.py --backbones vgg16,resnet50 --size 224 --images 256
+
+Weights are random (no network here): the head's BatchNorm is calibrated on the images so
+predictions spread over the classes, and the number of distinct predicted classes is
+printed beside the agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+CLASSES = 5
+
+
+def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, seed: int = 0) -> None:
+    """A run folder with a random-weight classifier whose outputs are not degenerate."""
+    import keras
+
+    from transferkit import runs
+    from transferkit.backbones import load_backbone
+    from transferkit.model import build_classifier, output_activation
+    from transferkit.recipe import HeadConfig
+    from transferkit.training import backbone_features, calibrate_head_batchnorm
+
+    keras.utils.set_random_seed(seed)
+    backbone = load_backbone(backbone_name, "none", (size, size, 3))
+    rng = np.random.default_rng(seed)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+            layer.beta.assign(rng.normal(0, 0.2, channels))
+            layer.moving_mean.assign(rng.normal(0, 0.2, channels))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, channels))
+    model = build_classifier(backbone, CLASSES, HeadConfig(units=(64,), dropout=0.0), backbone_name=backbone_name)
+    calibrate_head_batchnorm(model, backbone_features(model, sample))
+    run_dir.mkdir(parents=True)
+    model.save(run_dir / runs.MODEL_FILE)
+    runs.write_labels(run_dir, [f"class{i}" for i in range(CLASSES)], size, backbone_name, output_activation(CLASSES))
+
+
+def write_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = rng.integers(0, 256, (8, size, size, 3), dtype="uint8")
+    for index in range(count):
+        noise = rng.integers(0, 64, (size, size, 3), dtype="uint8")
+        image = (base[index % 8] // 2 + noise + index % 97).astype("uint8")
+        Image.fromarray(image).save(folder / f"img_{index:05d}.jpg", quality=85)
+    return folder
+
+
+def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path) -> dict:
+    import keras
+
+    from transferkit.data import decode_images, iter_image_files
+    from transferkit.engine import inference_engine
+    from transferkit.predict import predict_folder
+    from transferkit.runs import load_run
+
+    images_dir = write_images(tmp / f"images-{backbone_name}", count, size)
+    files = [path for path, reason in iter_image_files(images_dir) if reason is None]
+    decoded, _, _ = decode_images(files, size)
+    run_dir = tmp / f"run-{backbone_name}"
+    make_run(run_dir, backbone_name, size, decoded[:64])
+    run = load_run(run_dir)
+    floats = decoded.astype("float32")
+
+    keras.config.set_dtype_policy("float32")
+    plain = keras.models.load_model(run_dir / "model.keras", compile=False)
+    plain.predict(floats[:batch], batch_size=batch, verbose=0)  # warm-up
+    started = time.perf_counter()
+    reference = plain.predict(floats, batch_size=batch, verbose=0)
+    keras_rate = count / (time.perf_counter() - started)
+
+    from transferkit.predict import engine_cache_dir
+
+    started = time.perf_counter()
+    engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
+    first_setup = time.perf_counter() - started
+    started = time.perf_counter()
+    engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
+    cached_setup = time.perf_counter() - started
+    engine.predict(floats[:batch])  # warm-up
+    started = time.perf_counter()
+    result = predict_folder(run, images_dir, batch_size=batch, engine=engine)
+    predict_rate = count / (time.perf_counter() - started)
+
+    started = time.perf_counter()
+    for start in range(0, count, batch):
+        engine.predict(floats[start : start + batch])
+    engine_rate = count / (time.perf_counter() - started)
+
+    ours = np.asarray([run.class_names.index(row.label) for row in result.rows])
+    theirs = np.argmax(reference, axis=1)
+    ordered = np.sort(reference, axis=1)
+    clear = (ordered[:, -1] - ordered[:, -2]) > 0.05
+    return {
+        "engine": result.engine,
+        "engine_setup_seconds_first": round(first_setup, 2),
+        "engine_setup_seconds_cached": round(cached_setup, 2),
+        "keras_float32_predict_images_per_s": round(keras_rate, 1),
+        "transferkit_predict_images_per_s": round(predict_rate, 1),
+        "bare_engine_forward_images_per_s": round(engine_rate, 1),
+        "ratio_predict_to_keras_float32": round(predict_rate / keras_rate, 2),
+        "ratio_predict_to_bare_engine": round(predict_rate / engine_rate, 3),
+        "top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
+        "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4) if clear.any() else None,
+        "images_with_margin_over_0.05": int(clear.sum()),
+        "distinct_predicted_classes": int(len(np.unique(theirs))),
+    }
+
+
+def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:
+    from transferkit.predict import predict_folder
+    from transferkit.runs import load_run
+
+    result = predict_folder(load_run(run_dir), images_dir, batch_size=batch)
+    print(json.dumps({"rows": len(result.rows), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(backbone_name: str, size: int, counts: list[int], batch: int, tmp: Path) -> dict:
+    from transferkit.data import decode_images, iter_image_files
+
+    largest = write_images(tmp / "memory-images", max(counts), size, seed=1)
+    files = sorted(largest.iterdir())
+    figures = {}
+    for count in counts:
+        folder = tmp / f"memory-{count}"
+        folder.mkdir()
+        for path in files[:count]:
+            os.link(path, folder / path.name)
+        if not (tmp / "memory-run").exists():
+            sample, _, _ = decode_images([p for p, r in iter_image_files(folder) if r is None][:32], size)
+            make_run(tmp / "memory-run", backbone_name, size, sample)
+        started = time.perf_counter()
+        output = subprocess.run(
+            [sys.executable, __file__, "--child", str(tmp / "memory-run"), str(folder), str(batch)],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip().splitlines()[-1]
+        child = json.loads(output)
+        figures[str(count)] = {"max_rss_mb": round(child["max_rss_mb"], 1), "rows": child["rows"],
+                               "seconds": round(time.perf_counter() - started, 1)}
+    low, high = figures[str(counts[0])]["max_rss_mb"], figures[str(counts[-1])]["max_rss_mb"]
+    return {"backbone": backbone_name, "size": size, "counts": figures, "ratio_peak_largest_to_smallest": round(high / low, 3)}
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        peak_memory_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default="vgg16,resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=256, help="images for the throughput comparison")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--memory-counts", default="2000,20000")
+    parser.add_argument("--memory-backbone", default="resnet50")
+    parser.add_argument("--memory-size", type=int, default=64, help="image side for the memory runs (memory growth does not depend on it)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="tk-predict-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["TRANSFERKIT_CACHE"] = str(tmp / "cache")
+        result = {"benchmark": "predict", "size": args.size, "batch": args.batch, "images": args.images, "backbones": {}}
+        for name in args.backbones.split(","):
+            result["backbones"][name] = throughput(name, args.size, args.images, args.batch, tmp)
+        counts = [int(c) for c in args.memory_counts.split(",") if c]
+        if counts:
+            result["memory"] = memory(args.memory_backbone, args.memory_size, counts, args.batch, tmp)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
