@@ -51,7 +51,8 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
     keras.utils.set_random_seed(seed)
     common = dict(image_size=(size, size), batch_size=batch, validation_split=0.2, seed=seed, label_mode="categorical")
     train = keras.utils.image_dataset_from_directory(data_dir, subset="training", shuffle=True, verbose=False, **common)
-    val = keras.utils.image_dataset_from_directory(data_dir, subset="validation", shuffle=False, verbose=False, **common)
+    # The same shuffle and seed as the training subset, or the two subsets would overlap.
+    val = keras.utils.image_dataset_from_directory(data_dir, subset="validation", shuffle=True, verbose=False, **common)
     n_classes = len(train.class_names)
     n_train = sum(int(x.shape[0]) for x, _ in train)
     augmentation = keras.Sequential([
@@ -97,7 +98,7 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
 
 
 def transferkit_job(data_dir: Path, backbone: str, size: int, batch: int, head_epochs: int, fine_epochs: int,
-                    seed: int, precision: str, engine: str, output: Path):
+                    seed: int, precision: str, engine: str, output: Path, cache_views: int | None = None):
     overrides = {
         "backbone": backbone, "weights": "none", "image_size": size, "batch_size": batch, "seed": seed,
         "precision": precision, "head.units": [256], "head.dropout": 0.3,
@@ -110,6 +111,8 @@ def transferkit_job(data_dir: Path, backbone: str, size: int, batch: int, head_e
     }
     if engine != "default":
         overrides["engine"] = engine
+    if cache_views is not None:
+        overrides["cache.views"] = cache_views
     run = transferkit.finetune(data_dir, None, overrides, output=output, force=True, verbose=0)
     figures = {timing["stage"]: timing["seconds"] for timing in run.metrics["stages"]}
     return figures, float(run.metrics["final"]["val_accuracy"]), run.metrics["n_train"], run.metrics
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fine-epochs", type=int, default=2)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--engine", default="default", help="transferkit engine (default: the recipe's)")
+    parser.add_argument("--cache-views", type=int, default=None, help="transferkit cache.views (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         ours, our_accuracy, our_train, metrics = transferkit_job(
             data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
-            args.precision, args.engine, Path(tmp) / "run")
+            args.precision, args.engine, Path(tmp) / "run", args.cache_views)
         ours_total = time.perf_counter() - started
 
     def per_stage(figures, epochs_by_stage, count):

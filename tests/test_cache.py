@@ -97,7 +97,7 @@ def test_partly_unfrozen_stage_on_cache_changes_only_the_open_block():
         assert same == (not layer.name.startswith("block5_")), layer.name
 
 
-def test_augmented_stage_is_cached_only_when_views_are_fewer_than_epochs(capsys):
+def test_augmented_stage_stores_at_most_one_view_per_epoch(capsys):
     augment = AugmentConfig(rotation=20.0)
     labels = np.arange(12) % 3
     from transferkit.augment import build_augmenter
@@ -105,12 +105,15 @@ def test_augmented_stage_is_cached_only_when_views_are_fewer_than_epochs(capsys)
     train = ImageBatches(images(12), encode_targets(labels, 3), 8, shuffle=True, seed=1,
                          augmenter_factory=lambda: build_augmenter(augment))
     val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
-    for views, expect_cache in ((2, True), (3, False)):
+    for views, stored in ((2, 2), (5, 3)):
         model = build("vgg16", seed=0)
         stages = [StageConfig(epochs=3, unfreeze=0, patience=10)]
         run_stages(model, REGISTRY["vgg16"], stages, train, val, 3, verbose=1, seed=1,
                    cache=CacheConfig(enabled=True, views=views))
         output = capsys.readouterr().out
-        assert ("on cached features" in output) == expect_cache, output[-500:]
-        if expect_cache:
-            assert f"{views} view(s)" in output
+        assert "on cached features" in output
+        assert f"({stored} view(s)" in output, output[-500:]
+    model = build("vgg16", seed=0)
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=1, seed=1,
+               cache=CacheConfig(enabled=False))
+    assert "on cached features" not in capsys.readouterr().out

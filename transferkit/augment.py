@@ -11,6 +11,11 @@ from transferkit.errors import DataError
 from transferkit.recipe import AugmentConfig
 
 
+def augmentation_enabled(config: AugmentConfig) -> bool:
+    """Whether any transform of the recipe's augmentation is switched on."""
+    return config.shift > 0 or config.rotation > 0 or config.contrast > 0 or config.hflip
+
+
 def build_augmenter(config: AugmentConfig, seed: int | None = None):
     """An albumentations pipeline from the recipe's strengths; None when all are off.
 

@@ -140,22 +140,32 @@ def compute_features(
     Returns:
         A ``FeatureStore`` of shape (views, n, *feature_shape).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from transferkit.data import _augment_one
 
     views = views if augmenter_factory is not None else 1
     store = FeatureStore(views, len(images), feature_shape, dtype, memory_budget_mb, spill_dir)
     augmenter = augmenter_factory() if augmenter_factory is not None else None
-    done = 0
-    for view in range(views):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            if augmenter is not None:
-                batch = np.stack([
-                    _augment_one(augmenter, image, [seed, 1_000_003, view, start + offset])
-                    for offset, image in enumerate(batch)
-                ])
-            store.array[view, start : start + len(batch)] = np.asarray(forward(batch.astype("float32")), dtype=dtype)
-            done += 1
+
+    def prepare(view: int, start: int) -> np.ndarray:
+        batch = images[start : start + batch_size]
+        if augmenter is not None:
+            batch = np.stack([
+                _augment_one(augmenter, image, [seed, 1_000_003, view, start + offset])
+                for offset, image in enumerate(batch)
+            ])
+        return batch.astype("float32")
+
+    jobs = [(view, start) for view in range(views) for start in range(0, len(images), batch_size)]
+    # Augment the next batch in a thread while the engine runs the current one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepare, *jobs[0]) if jobs else None
+        for done, (view, start) in enumerate(jobs, start=1):
+            batch = pending.result()
+            if done < len(jobs):
+                pending = pool.submit(prepare, *jobs[done])
+            store.array[view, start : start + len(batch)] = np.asarray(forward(batch), dtype=dtype)
             if progress is not None:
                 progress(done)
     return store

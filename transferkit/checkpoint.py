@@ -6,8 +6,10 @@ run: it has no model.keras or labels.json) holding:
     job.json            what was asked: data folder, validation folder, output, options
     recipe.toml         the resolved recipe
     checkpoint.keras    the model after the last completed epoch, optimizer state included
-    best.npz            the best weights of the current stage so far (early stopping)
-    optimizer.npz       the optimizer's variables (moments, step count) of the current stage
+    arrays-N.npz        the best weights of the current stage so far (early stopping), the
+                        optimizer's variables, and, in a stage trained on cached features,
+                        the weights of the part that trains (saved per epoch instead of the
+                        whole model; checkpoint.keras then holds the model as the stage began)
     state.json          stage index, epochs done in it, early-stopping counters, history
 
 Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the epoch that
@@ -34,8 +36,6 @@ from transferkit.errors import RunError, TransferkitError
 JOB_FILE = "job.json"
 STATE_FILE = "state.json"
 CHECKPOINT_FILE = "checkpoint.keras"
-BEST_FILE = "best.npz"
-OPTIMIZER_FILE = "optimizer.npz"
 
 
 class TrainingInterrupted(TransferkitError):
@@ -52,6 +52,8 @@ class TrainingState:
     epochs_done: int = 0
     global_epoch: int = 0
     calibrated: bool = False
+    part_only: bool = False
+    arrays_file: str | None = None
     best: float | None = None
     wait: int = 0
     best_epoch: int = 0
@@ -106,7 +108,13 @@ class WorkFolder:
     """The in-progress folder: job description, recipe, checkpoints and state."""
 
     def __init__(self, path: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.path = path
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-checkpoint")
+        self._pending = None
+        existing = [int(p.stem.split("-")[1]) for p in path.glob("arrays-*.npz") if p.stem.split("-")[1].isdigit()]
+        self._generation = max(existing, default=0)
 
     @classmethod
     def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> "WorkFolder":
@@ -160,32 +168,59 @@ class WorkFolder:
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT_FILE).is_file() and (self.path / STATE_FILE).is_file()
 
-    def save(self, model, state: TrainingState, best_weights=None, optimizer=None) -> None:
-        """Write checkpoint, best weights, optimizer state and state, each atomically, state last.
+    def save(self, model, state: TrainingState, best_weights=None, optimizer=None, part_weights=None) -> None:
+        """Checkpoint the run; the arrays and state are written in the background.
+
+        The whole model (checkpoint.keras) is written here when ``part_weights`` is None.
+        Best weights, optimizer variables and trained-part weights go into one new
+        ``arrays-N.npz``, then state.json is replaced to point at it, so a crash at any
+        moment leaves the previous consistent checkpoint. At most one write is in flight;
+        ``flush`` waits for it.
 
         Args:
             model: the whole classifier.
             state: where training stands.
             best_weights: early stopping's best weights of the model being fitted, or None.
             optimizer: the optimizer of the model being fitted, or None between stages.
+            part_weights: the weights of the part being fitted on cached features; then
+                only these are written, and checkpoint.keras stays as the stage began.
         """
-        temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
-        model.save(temporary)
-        os.replace(temporary, self.path / CHECKPOINT_FILE)
-        arrays = {BEST_FILE: best_weights}
-        if optimizer is not None:
-            arrays[OPTIMIZER_FILE] = [np.asarray(variable) for variable in optimizer.variables]
-        else:
-            arrays[OPTIMIZER_FILE] = None
-        for name, values in arrays.items():
-            if values is not None:
-                with open(self.path / f"tmp-{name}", "wb") as handle:
-                    np.savez(handle, *values)
-                os.replace(self.path / f"tmp-{name}", self.path / name)
-            elif (self.path / name).exists():
-                (self.path / name).unlink()
-        (self.path / f"tmp-{STATE_FILE}").write_text(json.dumps(asdict(state)), encoding="utf-8")
+        self.flush()
+        if part_weights is None:
+            temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
+            model.save(temporary)
+            os.replace(temporary, self.path / CHECKPOINT_FILE)
+        state.part_only = part_weights is not None
+        arrays: dict[str, np.ndarray] = {}
+        groups = {"best": best_weights, "part": part_weights,
+                  "optimizer": _variable_values(optimizer) if optimizer is not None else None}
+        for group, values in groups.items():
+            for index, value in enumerate(values or []):
+                arrays[f"{group}/{index:05d}"] = np.asarray(value)
+        self._generation += 1
+        state.arrays_file = f"arrays-{self._generation}.npz" if arrays else None
+        self._pending = self._writer.submit(self._write, dict(arrays), asdict(state))
+
+    def _write(self, arrays: dict, state: dict) -> None:
+        if state["arrays_file"]:
+            temporary = self.path / f"tmp-{state['arrays_file']}"
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(temporary, self.path / state["arrays_file"])
+        (self.path / f"tmp-{STATE_FILE}").write_text(json.dumps(state), encoding="utf-8")
         os.replace(self.path / f"tmp-{STATE_FILE}", self.path / STATE_FILE)
+        for old in self.path.glob("arrays-*.npz"):
+            if old.name != state["arrays_file"]:
+                old.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait for the background write; re-raise its error (a full disk, say)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            except OSError as error:
+                raise RunError(f"cannot write the checkpoint in {self.path}: {error.strerror or error}") from error
 
     def load_model(self):
         import keras
@@ -199,7 +234,12 @@ class WorkFolder:
             ) from error
 
     def best_weights(self):
-        return self._arrays(BEST_FILE)
+        """Early stopping's best weights saved with the checkpoint, or None."""
+        return self._arrays("best")
+
+    def part_weights(self):
+        """Weights of the part trained on cached features, or None."""
+        return self._arrays("part")
 
     def restore_optimizer(self, model) -> None:
         """Give a freshly compiled model the optimizer state saved with the checkpoint.
@@ -207,7 +247,7 @@ class WorkFolder:
         Raises:
             RunError: the saved state does not fit the model's optimizer.
         """
-        saved = self._arrays(OPTIMIZER_FILE)
+        saved = self._arrays("optimizer")
         if saved is None:
             return
         optimizer = model.optimizer
@@ -219,12 +259,20 @@ class WorkFolder:
         for value, variable in zip(saved, optimizer.variables):
             variable.assign(value)
 
-    def _arrays(self, name: str):
-        path = self.path / name
-        if not path.is_file():
+    def _arrays(self, group: str):
+        name = self.state().arrays_file
+        if not name or not (self.path / name).is_file():
             return None
-        with np.load(path) as archive:
-            return [archive[f"arr_{index}"] for index in range(len(archive.files))]
+        with np.load(self.path / name) as archive:
+            keys = sorted(key for key in archive.files if key.startswith(group + "/"))
+            return [archive[key] for key in keys] or None
 
     def remove(self) -> None:
+        self.flush()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _variable_values(optimizer) -> list[np.ndarray]:
+    import keras
+
+    return [np.array(keras.ops.convert_to_numpy(variable)) for variable in optimizer.variables]

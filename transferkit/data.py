@@ -32,7 +32,17 @@ OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "__macosx", ".ds_store"})
 
 
 class UnreadableImage(DataError):
-    """Raised by read_image for a file that is not a readable image; callers skip it."""
+    """Raised by read_image for a file that is not a readable image; callers skip it.
+
+    Attributes:
+        path: the file.
+        reason: why it cannot be used, without the path.
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -218,12 +228,13 @@ def _open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
                 return _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(
-            f"{path}: image too large to open safely (decompression-bomb guard, "
-            f"over {Image.MAX_IMAGE_PIXELS} pixels)"
+            path,
+            f"image too large to open safely (decompression-bomb guard, "
+            f"over {Image.MAX_IMAGE_PIXELS} pixels)",
         ) from error
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as error:
         detail = str(error) or type(error).__name__
-        raise UnreadableImage(f"{path}: not a readable image ({detail})") from error
+        raise UnreadableImage(path, f"not a readable image ({detail})") from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -282,7 +293,7 @@ def decode_images(
             images[index] = load_image(paths[index], size)
             return index, None
         except UnreadableImage as error:
-            return index, str(error).split(": ", 1)[-1]
+            return index, error.reason
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (index, reason) in enumerate(pool.map(decode, range(len(paths))), start=1):

@@ -280,7 +280,7 @@ def check_data(
             for path, label in zip(val_index.paths, val_index.labels)
         ]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        inspections = list(pool.map(_inspect, (path for _, _, path in entries)))
+        inspections = list(pool.map(lambda path: _inspect(path, image_size), (path for _, _, path in entries)))
 
     unreadable: list[tuple[Path, str]] = []
     ignored: list[tuple[Path, str]] = []
@@ -366,17 +366,17 @@ class _Inspection:
     mode: str = ""
 
 
-def _inspect(path: Path) -> _Inspection:
+def _inspect(path: Path, image_size: int) -> _Inspection:
     try:
-        # A full decode, as training does, so truncated files are caught here too.
-        height, width = data.read_image(path).shape[:2]
+        # The decode training does (data.load_image, reduced-scale JPEG decoding included),
+        # so a file is unreadable here exactly when training would skip it.
+        data.load_image(path, image_size)
     except data.UnreadableImage as error:
-        message = str(error)
-        prefix = f"{path}: "
-        return _Inspection(path, error=message[len(prefix):] if message.startswith(prefix) else message)
+        return _Inspection(path, error=error.reason)
     try:
-        with Image.open(path) as image:  # the header only: the mode before conversion to RGB
+        with Image.open(path) as image:  # the header: size and mode before conversion to RGB
             mode = image.mode
+            width, height = image.size
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(HASH_CHUNK_BYTES):

@@ -58,7 +58,11 @@ class AugmentConfig(_Section):
 
 
 class CacheConfig(_Section):
-    """Frozen-part feature cache: computed once per image and view, then only the top trains."""
+    """Frozen-part feature cache: computed once per image and view, then only the top trains.
+
+    A stage stores min(views, epochs) augmented views per image (one without augmentation)
+    and epoch e trains on view e mod views.
+    """
 
     enabled: bool = True
     views: int = Field(2, ge=1)

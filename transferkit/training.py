@@ -66,15 +66,18 @@ def make_optimizer(name: str, learning_rate: float):
     return _OPTIMIZERS[name](learning_rate=learning_rate)
 
 
-def compile_for_stage(model, stage: StageConfig, n_classes: int) -> None:
+def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execution: int = 1) -> None:
     """Compile with the stage's optimizer and learning rate.
 
     Recompiling after changing ``trainable`` is required, or the change is ignored.
+    ``steps_per_execution`` > 1 runs several steps per call (same steps, less overhead:
+    worth it when a step is as small as a head on cached features).
     """
     model.compile(
         optimizer=make_optimizer(stage.optimizer, stage.learning_rate),
         loss=loss_for(n_classes),
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -169,6 +172,7 @@ class _EpochCallback(keras.callbacks.Callback):
         if self.work is not None:
             from transferkit.checkpoint import TrainingState
 
+            part = self.model.get_weights() if self.model is not self.classifier else None
             state = TrainingState(
                 stage_index=self.stage_index, epochs_done=epoch + 1,
                 global_epoch=self.epoch_offset + epoch + 1, calibrated=True,
@@ -176,7 +180,7 @@ class _EpochCallback(keras.callbacks.Callback):
                 wait=int(self.stopper.wait), best_epoch=int(self.stopper.best_epoch),
                 history=self.rows,
             )
-            self.work.save(self.classifier, state, self.stopper.best_weights, self.model.optimizer)
+            self.work.save(self.classifier, state, self.stopper.best_weights, self.model.optimizer, part)
 
 
 def reseed_dropout(model, seed: int, epoch: int) -> None:
@@ -271,14 +275,22 @@ def run_stages(
                 features = backbone_features(model, train_data.images[:CALIBRATION_IMAGES])
             calibrate_head_batchnorm(model, features)
             calibrated = True
-        compile_for_stage(train_model, stage, n_classes)
+        cached = train_model is not model
+        compile_for_stage(train_model, stage, n_classes, steps_per_execution=16 if cached else 1)
         resume_from = None
         initial_epoch = 0
         if resuming:
             resume_from = (state.best, state.wait, state.best_epoch, work.best_weights() if work else None)
             initial_epoch = state.epochs_done
             if work is not None:
+                if state.part_only:
+                    train_model.set_weights(work.part_weights())
                 work.restore_optimizer(train_model)
+        elif work is not None and cached and not work.has_checkpoint():
+            # Per-epoch checkpoints of a cached stage hold only the part that trains, so
+            # the whole model must be saved once as the stage starts.
+            work.save(model, TrainingState(stage_index=index, epochs_done=0, global_epoch=global_epoch,
+                                           calibrated=True, history=rows))
         if verbose:
             trainable = sum(int(np.prod(w.shape)) for w in train_model.trainable_weights)
             print(
@@ -286,7 +298,7 @@ def run_stages(
                 f"{stage.optimizer} lr={stage.learning_rate:g}, up to {stage.epochs} epochs"
                 + (f" (resuming after epoch {initial_epoch})" if resuming else "")
                 + f", {trainable:,} trainable parameters"
-                + (", on cached features" if train_model is not model else ""),
+                + (", on cached features" if cached else ""),
                 flush=True,
             )
         stopper = _ResumableEarlyStopping(
@@ -313,6 +325,8 @@ def run_stages(
                 verbose=verbose,
             )
         if stop is not None and stop.requested:
+            if work is not None:
+                work.flush()
             raise TrainingInterrupted(
                 f"{stop.requested}: training stopped; the last completed epoch is saved. "
                 "Continue with: transferkit finetune --resume RUN"
@@ -321,15 +335,20 @@ def run_stages(
             timings.append({
                 "stage": stage.name, "epochs": len(rows) - global_epoch,
                 "seconds": time.perf_counter() - started,
-                "caching_seconds": cached_seconds if train_model is not model else 0.0,
-                "cached": train_model is not model,
+                "caching_seconds": cached_seconds if cached else 0.0,
+                "cached": cached,
             })
         global_epoch = len(rows)
-        if work is not None:
+        last = all(later.epochs == 0 for later in stages[index + 1 :])
+        if work is not None and not last:
+            # After the last stage the run is saved at once; resuming from its last epoch
+            # checkpoint would only repeat the restore of the best weights.
             work.save(model, TrainingState(
                 stage_index=index + 1, epochs_done=0, global_epoch=global_epoch,
                 calibrated=True, history=rows,
             ))
+    if work is not None:
+        work.flush()
     return rows
 
 
@@ -356,17 +375,19 @@ def _stage_inputs(model, spec, stage, train_data, val_data, cache, forward_facto
     augmenter_factory = getattr(train_data, "augmenter_factory", None)
     if cache is None or not cache.enabled:
         return model, train_data, val_data, None
-    views = cache.views if augmenter_factory is not None else 1
-    if augmenter_factory is not None and views >= stage.epochs:
-        return model, train_data, val_data, None  # computing the views would cost as much as training
+    # More views than epochs would never be used; with as many views as epochs, each
+    # epoch still sees a fresh augmentation, and the frozen part runs once per image and
+    # epoch in the (faster) inference engine instead of inside every training step.
+    views = min(cache.views, stage.epochs) if augmenter_factory is not None else 1
     split = split_at_frozen_part(model, spec, stage.unfreeze)
     if split is None:
         return model, train_data, val_data, None
     forward = (forward_factory or default_forward)(split.extractor)
     feature_shape = tuple(int(d) for d in split.extractor.output.shape[1:])
-    policy = keras.config.dtype_policy().name
+    # Features from a 16-bit network are stored in float16 (half the memory, no precision
+    # lost that the network had); from a float32 network, in float32.
     mixed = any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model) if layer.weights)
-    dtype = "float16" if mixed or policy.startswith("mixed") else "float32"
+    dtype = "float16" if mixed else "float32"
     total = views * len(train_data) + len(val_data)
     bar = keras.utils.Progbar(total, unit_name="batch") if verbose else None
     if verbose:

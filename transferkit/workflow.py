@@ -153,7 +153,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     import keras
 
     from transferkit import backbones, data, report, runs, training
-    from transferkit.augment import build_augmenter
+    from transferkit.augment import augmentation_enabled, build_augmenter
     from transferkit.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
     from transferkit.model import build_classifier, output_activation
     from transferkit.precision import dtype_policy, resolve_precision
@@ -183,7 +183,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         data.encode_targets(train_labels, n_classes),
         recipe.batch_size,
         shuffle=True,
-        augmenter_factory=(lambda: build_augmenter(augment)) if build_augmenter(augment) else None,
+        augmenter_factory=(lambda: build_augmenter(augment)) if augmentation_enabled(augment) else None,
         sample_weights=sample_weights,
         seed=recipe.seed,
     )
