@@ -113,7 +113,14 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         engine.predict(floats[start : start + batch])
     engine_rate = count / (time.perf_counter() - started)
 
+    exact_engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision="float32")
+    exact_engine.predict(floats[:batch])
+    started = time.perf_counter()
+    exact = predict_folder(run, images_dir, batch_size=batch, engine=exact_engine)
+    exact_rate = count / (time.perf_counter() - started)
+
     ours = np.asarray([run.class_names.index(row.label) for row in result.rows])
+    exact_labels = np.asarray([run.class_names.index(row.label) for row in exact.rows])
     theirs = np.argmax(reference, axis=1)
     ordered = np.sort(reference, axis=1)
     clear = (ordered[:, -1] - ordered[:, -2]) > 0.05
@@ -130,6 +137,11 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4) if clear.any() else None,
         "images_with_margin_over_0.05": int(clear.sum()),
         "distinct_predicted_classes": int(len(np.unique(theirs))),
+        "with_precision_float32": {
+            "images_per_s": round(exact_rate, 1),
+            "ratio_to_keras_float32": round(exact_rate / keras_rate, 2),
+            "top1_agreement_with_keras_float32": round(float(np.mean(exact_labels == theirs)), 4),
+        },
     }
 
 

@@ -98,3 +98,16 @@ def test_openvino_and_keras_engines_agree_and_the_run_folder_is_untouched(run_di
     assert [r.confidence for r in openvino_rows.rows] == pytest.approx([r.confidence for r in keras_rows.rows], abs=0.05)
     after = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
     assert before == after
+
+
+def test_float32_precision_makes_openvino_match_keras_closely(run_dir, to_sort):
+    run = load_run(run_dir)
+    from transferkit.engine import float32_clone, make_engine
+
+    exact = predict_folder(run, to_sort, engine="openvino", precision="float32")
+    # The run trained in mixed bfloat16 here; its float32 twin is the exact reference.
+    twin = make_engine(float32_clone(run.model), "keras", input_shape=(run.image_size, run.image_size, 3))
+    reference = predict_folder(run, to_sort, engine=twin)
+    assert exact.engine == "openvino"
+    assert [r.label for r in exact.rows] == [r.label for r in reference.rows]
+    assert [r.confidence for r in exact.rows] == pytest.approx([r.confidence for r in reference.rows], abs=1e-4)

@@ -155,6 +155,7 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     engine: Annotated[str, typer.Option(help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bfloat16 where the CPU runs it fast), float32 (exact), bfloat16 or float16.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
@@ -177,7 +178,11 @@ def predict(
         if engine not in ("auto", "keras", "openvino"):
             typer.echo(f"error: --engine {engine!r}: choose auto, keras or openvino", err=True)
             raise typer.Exit(code=2)
-        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar, engine=engine)
+        if precision not in ("auto", "float32", "bfloat16", "float16"):
+            typer.echo(f"error: --precision {precision!r}: choose auto, float32, bfloat16 or float16", err=True)
+            raise typer.Exit(code=2)
+        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
+                                engine=engine, precision=precision)
         if output is not None:
             write_predictions(result, output)
     except TransferkitError as error:
