@@ -4,7 +4,7 @@ For each backbone, on a generated folder: transferkit's predict (default engine:
 on CPU when installed) against plain Keras float32 ``model.predict`` on the same decoded
 images at the same batch size, and against the bare forward pass of the engine predict uses;
 top-1 agreement with Keras float32. Then the peak memory (max RSS) of predict over 2,000
-and 20,000 images, each in a fresh process. Prints one JSON line.
+and 20,000 images, each in a fresh process (its VmHWM). Prints one JSON line.
 
     python benchmarks/predict.py --backbones vgg16,resnet50 --size 224 --images 256
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -150,7 +149,11 @@ def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:
     from transferkit.runs import load_run
 
     result = predict_folder(load_run(run_dir), images_dir, batch_size=batch)
-    print(json.dumps({"rows": len(result.rows), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM is this process image's own peak; ru_maxrss would carry over the parent's
+    # resident size from before exec.
+    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    print(json.dumps({"rows": len(result.rows), "max_rss_mb": peak_kb / 1024}))
 
 
 def memory(backbone_name: str, size: int, counts: list[int], batch: int, tmp: Path) -> dict:
