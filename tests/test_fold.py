@@ -1,7 +1,3 @@
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -11,6 +7,8 @@ from transferkit.fold import batchnorm_count, fold_batchnorm, fold_classifier
 from transferkit.model import build_classifier
 from transferkit.precision import dtype_policy
 from transferkit.training import set_trainable
+
+from tests.fresh_process import predict_without_transferkit
 
 SIZE = 32
 RESNET50 = REGISTRY["resnet50"]
@@ -140,22 +138,11 @@ def test_folded_classifier_loads_and_predicts_identically_without_transferkit(tm
     assert batchnorm_count(folded.get_layer("backbone")) == 0
     x = images((4, 45, 37, 3))
     expected = folded.predict(x, verbose=0)
-    folded.save(tmp_path / "model.keras")
-    np.save(tmp_path / "images.npy", x)
-    script = textwrap.dedent(
-        f"""
-        import sys, numpy as np, keras
-        model = keras.models.load_model({str(tmp_path / "model.keras")!r})
+    check = """
         backbone = model.get_layer("backbone")
         assert not any(isinstance(l, keras.layers.BatchNormalization) for l in backbone.layers)
-        np.save({str(tmp_path / "out.npy")!r}, model.predict(np.load({str(tmp_path / "images.npy")!r}), verbose=0))
-        assert not any(name.startswith("transferkit") for name in sys.modules), "transferkit was imported"
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+    """
+    np.testing.assert_array_equal(predict_without_transferkit(folded, x, tmp_path, check), expected)
 
 
 def small_model(**batchnorm_options):

@@ -1,7 +1,3 @@
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -10,6 +6,8 @@ from transferkit.backbones import load_backbone
 from transferkit.model import build_classifier, build_preprocessing, loss_for
 from transferkit.backbones import REGISTRY
 from transferkit.recipe import HeadConfig
+
+from tests.fresh_process import predict_without_transferkit
 
 
 def classifier(n_classes, head=None, name="vgg16", size=32):
@@ -75,17 +73,4 @@ def test_saved_model_loads_and_predicts_identically_without_transferkit(tmp_path
     model = classifier(3, name="resnet50")
     images = np.random.default_rng(3).uniform(0, 255, (4, 45, 37, 3)).astype("float32")
     expected = model.predict(images, verbose=0)
-    model.save(tmp_path / "model.keras")
-    np.save(tmp_path / "images.npy", images)
-    script = textwrap.dedent(
-        f"""
-        import sys, numpy as np, keras
-        model = keras.models.load_model({str(tmp_path / "model.keras")!r})
-        np.save({str(tmp_path / "out.npy")!r}, model.predict(np.load({str(tmp_path / "images.npy")!r}), verbose=0))
-        assert not any(name.startswith("transferkit") for name in sys.modules), "transferkit was imported"
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+    np.testing.assert_array_equal(predict_without_transferkit(model, images, tmp_path), expected)

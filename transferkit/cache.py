@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from transferkit.backbones import BackboneSpec
+from transferkit.data import SeededBatches
 
 
 @dataclass
@@ -171,42 +172,24 @@ def compute_features(
     return store
 
 
-class FeatureBatches(keras.utils.PyDataset):
+class FeatureBatches(SeededBatches):
     """Training batches over stored features: the same per-epoch order as ``ImageBatches``,
     view ``epoch mod views`` of each image."""
 
     def __init__(self, store: FeatureStore, targets: np.ndarray, batch_size: int, *, shuffle: bool = True,
                  sample_weights: np.ndarray | None = None, seed: int = 0):
-        super().__init__(workers=1, use_multiprocessing=False)
         self.store = store
-        self.targets = targets
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.sample_weights = sample_weights
-        self.seed = seed
-        self.set_epoch(0)
+        super().__init__(store.shape[1], targets, batch_size, shuffle=shuffle,
+                         sample_weights=sample_weights, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch's order and view (matching ``ImageBatches`` for the order)."""
-        self.epoch = epoch
-        count = self.store.shape[1]
-        self.order = (np.random.default_rng([self.seed, epoch]).permutation(count)
-                      if self.shuffle else np.arange(count))
+        """Choose the epoch's order (as ``ImageBatches`` does) and its view."""
+        super().set_epoch(epoch)
         self.view = epoch % self.store.shape[0]
 
-    def __len__(self) -> int:
-        return math.ceil(self.store.shape[1] / self.batch_size)
-
-    def __getitem__(self, index: int):
-        selected = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+    def _inputs(self, selected: np.ndarray) -> np.ndarray:
         # Sorted reads are much faster from a memory map; the batch order is restored after.
         ordering = np.argsort(selected, kind="stable")
         features = np.empty((len(selected), *self.store.shape[2:]), dtype="float32")
         features[ordering] = self.store.array[self.view, selected[ordering]]
-        y = self.targets[selected]
-        if self.sample_weights is None:
-            return features, y
-        return features, y, self.sample_weights[selected]
-
-    def on_epoch_end(self) -> None:
-        self.set_epoch(self.epoch + 1)
+        return features

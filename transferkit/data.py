@@ -357,7 +357,49 @@ def encode_targets(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype="float32")[labels]
 
 
-class ImageBatches(keras.utils.PyDataset):
+class SeededBatches(keras.utils.PyDataset):
+    """Batches in an order drawn from (seed, epoch): the same order whatever reads them.
+
+    Subclasses say what a sample is (``_inputs``); this class owns the order, the targets
+    and sample weights, and the epoch counter.
+    """
+
+    def __init__(self, count: int, targets: np.ndarray, batch_size: int, *, shuffle: bool,
+                 sample_weights: np.ndarray | None, seed: int, workers: int = 1):
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.count = count
+        self.targets = targets
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.sample_weights = sample_weights
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Position the stream at an epoch (each epoch has its own seeded order)."""
+        self.epoch = epoch
+        self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
+                      if self.shuffle else np.arange(self.count))
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+    def __getitem__(self, index: int):
+        selected = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        x = self._inputs(selected)
+        y = self.targets[selected]
+        if self.sample_weights is None:
+            return x, y
+        return x, y, self.sample_weights[selected]
+
+    def _inputs(self, selected: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+
+class ImageBatches(SeededBatches):
     """Training or validation batches from decoded images, augmenting on the fly.
 
     Each image's augmentation is seeded from (seed, epoch, position), so a run is
@@ -377,33 +419,13 @@ class ImageBatches(keras.utils.PyDataset):
         seed: int = 0,
         workers: int = 1,
     ):
-        super().__init__(workers=workers, use_multiprocessing=False)
         self.images = images
-        self.targets = targets
-        self.batch_size = batch_size
-        self.shuffle = shuffle
         self.augmenter_factory = augmenter_factory
-        self.sample_weights = sample_weights
-        self.seed = seed
-        self.epoch = 0
         self._local = threading.local()
-        self.order = self._order_for(0)
+        super().__init__(len(images), targets, batch_size, shuffle=shuffle,
+                         sample_weights=sample_weights, seed=seed, workers=workers)
 
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.images))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Position the stream at an epoch (used when resuming)."""
-        self.epoch = epoch
-        self.order = self._order_for(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
-
-    def __getitem__(self, index: int):
-        selected = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+    def _inputs(self, selected: np.ndarray) -> np.ndarray:
         batch = self.images[selected]
         if self.augmenter_factory is not None:
             augmenter = getattr(self._local, "augmenter", None)
@@ -415,14 +437,7 @@ class ImageBatches(keras.utils.PyDataset):
                     for image, position in zip(batch, selected)
                 ]
             )
-        x = batch.astype("float32")
-        y = self.targets[selected]
-        if self.sample_weights is None:
-            return x, y
-        return x, y, self.sample_weights[selected]
-
-    def on_epoch_end(self) -> None:
-        self.set_epoch(self.epoch + 1)
+        return batch.astype("float32")
 
 
 def _augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarray:
