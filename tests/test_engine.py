@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import keras
@@ -238,3 +239,25 @@ def test_wrong_batch_shape_and_unknown_engine_are_refused(vgg, shared_cache):
         make_engine(vgg, "tensorrt")
     with pytest.raises(ValueError, match="input_shape"):
         make_engine(vgg, "openvino")  # the classifier takes any size: S must be given
+
+
+def test_openvino_is_used_with_its_telemetry_off(tmp_path):
+    """OpenVINO sends usage events on import unless its telemetry package is unavailable."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        from transferkit.engine import import_openvino
+        import_openvino()
+        import openvino.tools.ovc.telemetry_utils as utils
+        assert sys.modules["openvino_telemetry"] is None
+        assert utils.tm.__name__ == "openvino.tools.ovc.telemetry_stub", utils.tm
+        """
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("CI", None)  # CI=true switches telemetry off by itself; test without it
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "intel").exists()

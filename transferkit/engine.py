@@ -107,6 +107,27 @@ class OpenVINOEngine(ForwardEngine):
         return f"<OpenVINOEngine {self.precision_hint}, {self.image_size}px, ir={self.ir_path}>"
 
 
+def import_openvino():
+    """Import openvino with its usage telemetry off.
+
+    On import (and on every conversion) OpenVINO sends usage events to an analytics service
+    unless the user opted out; nobody running transferkit asked for that, and it is traffic
+    an offline machine should not attempt. OpenVINO falls back to a no-op stand-in when the
+    telemetry package cannot be imported, so it is made unimportable before openvino is
+    first imported.
+
+    Returns:
+        The ``openvino`` module.
+    """
+    import sys
+
+    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # import raises ImportError -> OpenVINO's stub
+    import openvino
+
+    return openvino
+
+
 def make_engine(
     model,
     engine: str = "auto",
@@ -142,7 +163,7 @@ def make_engine(
     if engine == "keras":
         return KerasEngine(model)
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError as error:
         if engine == "openvino":
             raise EngineError(
@@ -215,7 +236,7 @@ def _precision_hint(precision: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _core():
-    import openvino as ov
+    ov = import_openvino()
 
     return ov.Core()
 
@@ -261,7 +282,7 @@ def _cached(xml: Path, fingerprint: str) -> bool:
 
 
 def _write_cache(network, xml: Path, fingerprint: str) -> None:
-    import openvino as ov
+    ov = import_openvino()
 
     xml.parent.mkdir(parents=True, exist_ok=True)
     staging = xml.with_name(f".{xml.stem}.partial-{os.getpid()}.xml")
@@ -288,7 +309,7 @@ def model_fingerprint(model, image_size: int) -> str:
     Returns:
         A hex string; equal for the same model, different when any weight changed.
     """
-    import openvino as ov
+    ov = import_openvino()
 
     digest = hashlib.sha256()
     try:
@@ -313,7 +334,7 @@ def export_network(model, image_size: int):
     Returns:
         The converted ``openvino.Model``.
     """
-    import openvino as ov
+    ov = import_openvino()
     import tensorflow as tf
 
     clone = float32_clone(model)
