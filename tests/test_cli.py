@@ -127,3 +127,15 @@ def test_version_and_help_on_every_option():
         for param in sub.params:
             if param.param_type_name == "option" and param.name != "help":
                 assert param.help, f"{name} --{param.name} has no help"
+
+
+def test_predict_accepts_a_model_file_with_labels_beside_it(cli_run, shapes_dir):
+    output, _ = cli_run
+    result = invoke("predict", output / "model.keras", shapes_dir / "square", "--quiet", "--engine", "keras")
+    assert result.exit_code == 0, result.output
+    assert "10 image(s) classified (keras engine)" in result.output
+
+
+def test_resume_without_data_dir_or_run_is_a_usage_error():
+    result = invoke("finetune")
+    assert result.exit_code == 2 and "needs DATA_DIR" in result.output
