@@ -40,7 +40,8 @@ def test_every_image_gets_a_row_and_bad_files_are_skipped(run_dir, to_sort):
         assert [name for name, _ in row.top_k][0] == row.label
         assert sum(p for _, p in row.top_k) == pytest.approx(1.0, abs=1e-5)
         assert row.confidence >= 0.5
-    assert sorted(path.name for path, _ in result.skipped) == ["broken.png", "readme.txt"]
+    assert [path.name for path, _ in result.skipped] == ["broken.png"]
+    assert [path.name for path in result.ignored] == ["readme.txt"]
 
 
 def test_batches_give_the_same_answers_as_one_pass(run_dir, to_sort):
@@ -59,7 +60,8 @@ def test_csv_and_json_writers(run_dir, to_sort, tmp_path):
     assert rows[0]["top_k"].count(":") == 2
     payload = json.loads(write_predictions(result, tmp_path / "p.json").read_text(encoding="utf-8"))
     assert payload["predictions"][1]["file"].endswith("b c.jpg")
-    assert {item["file"].rsplit("/", 1)[-1] for item in payload["skipped"]} == {"broken.png", "readme.txt"}
+    assert [item["file"].rsplit("/", 1)[-1] for item in payload["skipped"]] == ["broken.png"]
+    assert [item.rsplit("/", 1)[-1] for item in payload["ignored"]] == ["readme.txt"]
     with pytest.raises(DataError, match=".csv or .json"):
         write_predictions(result, tmp_path / "p.xlsx")
 

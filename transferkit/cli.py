@@ -197,7 +197,9 @@ def predict(
             typer.echo(line)
     summary = f"{len(result.rows)} image(s) classified ({result.engine} engine)"
     if result.skipped:
-        summary += f", {len(result.skipped)} skipped (unreadable or not images)"
+        summary += f", {len(result.skipped)} skipped (unreadable)"
+    if result.ignored:
+        summary += f", {len(result.ignored)} non-image file(s) ignored"
     if output is not None:
         summary += f"; written to {output}"
     typer.echo(summary)

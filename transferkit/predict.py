@@ -36,10 +36,18 @@ class Prediction:
 
 @dataclass(frozen=True)
 class PredictionResult:
-    """All rows plus the files that could not be read."""
+    """All rows, the image files that could not be read, and the other files passed over.
+
+    Attributes:
+        rows: one ``Prediction`` per readable image, in path order.
+        skipped: (path, reason) of unreadable image files and broken links; each is warned about.
+        ignored: files without an image extension (notes, CSVs), counted but not warned about.
+        engine: the engine that ran ("keras" or "openvino").
+    """
 
     rows: list[Prediction]
     skipped: list[tuple[Path, str]]
+    ignored: list[Path] = field(default_factory=list)
     engine: str = "keras"
 
 
@@ -67,7 +75,7 @@ def predict_folder(
             fast), "float32" (matches Keras float32 to ~1e-5), "bfloat16" or "float16".
 
     Returns:
-        A ``PredictionResult``: rows in path order, and (path, reason) of skipped files.
+        A ``PredictionResult``: rows in path order, skipped and ignored files.
 
     Raises:
         DataError: the folder does not exist or holds no image file.
@@ -91,7 +99,9 @@ def predict_folder(
     else:
         entries = list(data.iter_image_files(folder))
     files = [path for path, reason in entries if reason is None]
-    skipped = [(path, reason) for path, reason in entries if reason is not None]
+    ignored = [path for path, reason in entries
+               if reason is not None and path.is_file() and path.suffix.lower() not in data.IMAGE_EXTENSIONS]
+    skipped = [(path, reason) for path, reason in entries if reason is not None and path not in set(ignored)]
     if not files:
         raise DataError(f"{folder} holds no image files ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
     from transferkit.engine import inference_engine
@@ -119,7 +129,7 @@ def predict_folder(
             progress(done, len(files))
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
-    return PredictionResult(rows=rows, skipped=skipped, engine=forward.name)
+    return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
 
 
 def engine_cache_dir(run_path: str | os.PathLike) -> Path:
@@ -165,7 +175,7 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
     """Write rows as CSV or JSON, chosen by the file's extension.
 
     CSV columns: file, label, confidence, then top_k as "name:prob;name:prob". JSON: a list
-    of objects with file, label, confidence and top_k, plus the skipped files.
+    of objects with file, label, confidence and top_k, plus the skipped and ignored files.
 
     Raises:
         DataError: the extension is neither .csv nor .json, or the file cannot be written.
@@ -197,6 +207,7 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
                     for row in result.rows
                 ],
                 "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
+                "ignored": [str(p) for p in result.ignored],
             }
             path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except OSError as error:
