@@ -117,3 +117,17 @@ def test_augmented_stage_stores_at_most_one_view_per_epoch(capsys):
     run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=1, seed=1,
                cache=CacheConfig(enabled=False))
     assert "on cached features" not in capsys.readouterr().out
+
+
+def test_final_validation_outputs_from_the_cache_equal_the_models():
+    model = build("vgg16", seed=3)
+    labels = np.arange(24) % 3
+    train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=1)
+    val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 4)
+    outputs = {}
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=0,
+               seed=1, cache=CacheConfig(enabled=True), final_outputs=outputs)
+    np.testing.assert_allclose(outputs["val"], model.predict(val, verbose=0), rtol=1e-4, atol=1e-5)
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=0,
+               seed=1, cache=None, final_outputs=outputs)
+    assert "val" not in outputs  # an uncached last stage leaves the model to predict

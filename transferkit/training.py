@@ -223,6 +223,7 @@ def run_stages(
     cache=None,
     forward_factory=None,
     timings: list | None = None,
+    final_outputs: dict | None = None,
 ) -> list[dict]:
     """Fit the classifier stage by stage.
 
@@ -250,6 +251,9 @@ def run_stages(
             inference engine); default: the model's own ``predict_on_batch``.
         timings: when given, one dict per stage run is appended: name, epochs run, wall
             seconds (feature caching included), seconds spent caching, cached or not.
+        final_outputs: when given and the last stage trained on cached features, its
+            "val" key receives the final model's outputs on the validation set, computed
+            from the cached features (the frozen part cannot have changed).
 
     Returns:
         One continuous history: a dict per epoch with the keys of ``HISTORY_COLUMNS``.
@@ -331,6 +335,10 @@ def run_stages(
                 f"{stop.requested}: training stopped; the last completed epoch is saved. "
                 "Continue with: transferkit finetune --resume RUN"
             )
+        if final_outputs is not None:
+            final_outputs.pop("val", None)
+            if cached:
+                final_outputs["val"] = np.asarray(train_model.predict(stage_val, verbose=0), dtype="float32")
         if timings is not None:
             timings.append({
                 "stage": stage.name, "epochs": len(rows) - global_epoch,

@@ -191,6 +191,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         prepared["val_images"], data.encode_targets(val_labels, n_classes), recipe.batch_size
     )
     timings: list[dict] = []
+    final_outputs: dict = {}
 
     def forward_factory(extractor):
         from transferkit.engine import inference_engine
@@ -206,6 +207,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
                 model, spec, recipe.stages, train_batches, val_batches, n_classes,
                 verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
                 cache=recipe.cache, timings=timings, forward_factory=forward_factory,
+                final_outputs=final_outputs,
             )
     except TrainingInterrupted as interrupted:
         raise TrainingInterrupted(
@@ -213,7 +215,9 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
             f"saved in {work.path}. Continue with: transferkit finetune --resume {output}"
         ) from None
 
-    outputs = model.predict(val_batches, verbose=0)
+    outputs = final_outputs.get("val")
+    if outputs is None:
+        outputs = model.predict(val_batches, verbose=0)
     val_loss = float(keras.ops.convert_to_numpy(
         keras.losses.get(training.loss_for(n_classes))(data.encode_targets(val_labels, n_classes), outputs)
     ).mean())
