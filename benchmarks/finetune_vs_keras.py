@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import transferkit  # noqa: E402
 from transferkit.synthetic import write_shapes_dataset  # noqa: E402

@@ -20,8 +20,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 from transferkit.augment import build_augmenter  # noqa: E402
 from transferkit.backbones import REGISTRY, load_backbone  # noqa: E402

@@ -1,7 +1,6 @@
 """A real SIGINT to a real training process, then --resume, against an uninterrupted run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -89,7 +89,6 @@ def test_zero_epoch_stage_is_skipped():
 
 
 def test_early_stopping_restores_the_best_weights_of_a_stage():
-    import keras
 
     model = build("vgg16", 3)
     data = batches(3)
