@@ -145,3 +145,21 @@ def test_binary_run_with_val_dir_uses_a_sigmoid(binary_dir, tiny, tmp_path):
     assert run.head_activation == "sigmoid"
     assert run.metrics["n_val"] == 20 and run.metrics["n_train"] == 20
     assert run.model.output_shape == (None, 1)
+
+
+def test_weights_that_cannot_be_loaded_leave_no_folder_behind(shapes_dir, tmp_path, monkeypatch):
+    import urllib.error
+
+    from keras.src.utils import file_utils
+
+    from transferkit.errors import WeightsError
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    with pytest.raises(WeightsError, match="--weights none"):
+        transferkit.finetune(shapes_dir, None, {"weights": "imagenet", "image_size": 32}, output=tmp_path / "run", verbose=0)
+    assert [path.name for path in tmp_path.iterdir() if path.name != "keras-home"] == []

@@ -54,7 +54,7 @@ def finetune(
             ``TrainingInterrupted`` after a signal.
     """
     from transferkit import runs
-    from transferkit.checkpoint import WorkFolder
+    from transferkit.checkpoint import TrainingInterrupted, WorkFolder
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -69,7 +69,16 @@ def finetune(
         "force": force,
     }
     work = WorkFolder.create(output, job, recipe.to_toml(), force)
-    return _train(prepared, recipe, output, work, force, save_h5, verbose)
+    try:
+        return _train(prepared, recipe, output, work, force, save_h5, verbose)
+    except TrainingInterrupted:
+        raise
+    except BaseException:
+        # Nothing to resume before the first checkpoint (weights that cannot be loaded,
+        # say): leave no in-progress folder that a new run would have to step around.
+        if not work.has_checkpoint():
+            work.remove()
+        raise
 
 
 def resume_finetune(run: str | os.PathLike, verbose: int = 1):
