@@ -89,12 +89,23 @@ def test_zero_epoch_stage_is_skipped():
 
 
 def test_early_stopping_restores_the_best_weights_of_a_stage():
+    import keras
 
+    keras.utils.set_random_seed(0)
     model = build("vgg16", 3)
     data = batches(3)
-    # An absurd learning rate makes later epochs worse; the best epoch's weights come back.
-    stages = [StageConfig(epochs=4, learning_rate=1.0, optimizer="sgd", unfreeze=0, patience=3)]
-    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0)
+
+    class SpoilLastEpoch(keras.callbacks.Callback):
+        """Scrambles the output layer before the last epoch, so that epoch cannot be the best."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 3:
+                kernel = model.get_layer("head").get_layer("output").kernel
+                noise = np.random.default_rng(0).normal(0, 20, kernel.shape).astype("float32")
+                kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
+
+    stages = [StageConfig(epochs=4, learning_rate=1e-3, unfreeze=0, patience=3)]
+    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0, callbacks=[SpoilLastEpoch()])
     best = min(row["val_loss"] for row in history)
     assert history[-1]["val_loss"] > best  # the last epoch was not the best one
     evaluated = model.evaluate(data, verbose=0, return_dict=True)["loss"]
