@@ -48,6 +48,12 @@ class BackboneSpec:
     weights_file: str
     weights_origin: str
 
+    def first_unfrozen(self, unfreeze: int | str) -> int:
+        """Index of the first block that trains for an unfreeze depth (0, N or "all");
+        ``len(blocks)`` when the backbone stays frozen."""
+        depth = len(self.blocks) if unfreeze == "all" else int(unfreeze)
+        return len(self.blocks) - depth
+
     def block_of(self, layer_name: str) -> int | None:
         """Index into ``blocks`` of the block a layer belongs to, or None (input layers)."""
         for index, prefix in enumerate(self.blocks):

@@ -54,17 +54,15 @@ def split_at_frozen_part(model, spec: BackboneSpec, unfreeze: int | str) -> Spli
         A ``SplitModel``, or None for ``unfreeze="all"`` (or N = every block).
     """
     backbone = model.get_layer("backbone")
-    n_blocks = len(spec.blocks)
-    depth = n_blocks if unfreeze == "all" else int(unfreeze)
-    if depth >= n_blocks:
+    first_open = spec.first_unfrozen(unfreeze)
+    if first_open <= 0:
         return None
     image_size = int(backbone.input_shape[1])
     images = keras.Input(shape=(image_size, image_size, 3), name="image")
     preprocessed = model.get_layer("preprocessing")(images)
-    if depth == 0:
+    if first_open == len(spec.blocks):
         extractor = keras.Model(images, backbone(preprocessed), name="extractor")
         return SplitModel(extractor, model.get_layer("head"), "")
-    first_open = n_blocks - depth
     layers = backbone.layers
     start = next(i for i, layer in enumerate(layers) if spec.block_of(layer.name) == first_open)
     boundary = layers[start - 1]

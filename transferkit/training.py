@@ -31,8 +31,7 @@ _OPTIMIZERS = {
 
 def unfrozen_blocks(spec: BackboneSpec, unfreeze: int | str) -> set[int]:
     """Indices of the blocks that train for an unfreeze depth (0, N or "all")."""
-    depth = len(spec.blocks) if unfreeze == "all" else int(unfreeze)
-    return set(range(len(spec.blocks) - depth, len(spec.blocks)))
+    return set(range(spec.first_unfrozen(unfreeze), len(spec.blocks)))
 
 
 def set_trainable(model, spec: BackboneSpec, unfreeze: int | str) -> None:
