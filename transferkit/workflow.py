@@ -228,7 +228,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     if outputs is None:
         outputs = model.predict(val_batches, verbose=0)
     val_loss = float(keras.ops.convert_to_numpy(
-        keras.losses.get(training.loss_for(n_classes))(data.encode_targets(val_labels, n_classes), outputs)
+        keras.losses.get(training.loss_for(n_classes))(val_batches.targets, outputs)
     ).mean())
     metrics = report.summarize(history, val_labels, outputs, class_names, val_loss, len(train_labels))
     metrics["precision"] = policy
