@@ -11,12 +11,13 @@ Features live in memory up to a budget and in a memory-mapped file beyond it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -53,8 +54,13 @@ def split_at_frozen_part(model, spec: BackboneSpec, unfreeze: int | str) -> Spli
     Returns:
         A ``SplitModel``, or None for ``unfreeze="all"`` (or N = every block).
     """
+    return split_at_block(model, spec, spec.first_unfrozen(unfreeze))
+
+
+def split_at_block(model, spec: BackboneSpec, first_open: int) -> SplitModel | None:
+    """``split_at_frozen_part`` by the index of the first block that trains
+    (``len(spec.blocks)``: the whole backbone is frozen; 0: nothing is, and None is returned)."""
     backbone = model.get_layer("backbone")
-    first_open = spec.first_unfrozen(unfreeze)
     if first_open <= 0:
         return None
     image_size = int(backbone.input_shape[1])
@@ -63,15 +69,44 @@ def split_at_frozen_part(model, spec: BackboneSpec, unfreeze: int | str) -> Spli
     if first_open == len(spec.blocks):
         extractor = keras.Model(images, backbone(preprocessed), name="extractor")
         return SplitModel(extractor, model.get_layer("head"), "")
-    layers = backbone.layers
-    start = next(i for i, layer in enumerate(layers) if spec.block_of(layer.name) == first_open)
-    boundary = layers[start - 1]
+    boundary = _boundary_layer(backbone, spec, first_open)
     frozen = keras.Model(backbone.input, boundary.output, name="frozen_part")
     extractor = keras.Model(images, frozen(preprocessed), name="extractor")
     top = keras.Model(boundary.output, backbone.output, name="open_part")
     features = keras.Input(shape=tuple(boundary.output.shape[1:]), name="features")
     trainable = keras.Model(features, model.get_layer("head")(top(features)), name="trainable_part")
     return SplitModel(extractor, trainable, boundary.name)
+
+
+def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):
+    """One model computing the frozen-part features at several block boundaries at once.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        first_open: first-open block indices, each in 1..``len(spec.blocks)``
+            (``len(spec.blocks)``: the backbone's output).
+
+    Returns:
+        A ``keras.Model`` from images to a list of feature maps, one per index, in order
+        (a single output for one index), sharing the classifier's layers and weights.
+    """
+    backbone = model.get_layer("backbone")
+    image_size = int(backbone.input_shape[1])
+    ends = [
+        backbone.output if index == len(spec.blocks) else _boundary_layer(backbone, spec, index).output
+        for index in first_open
+    ]
+    images = keras.Input(shape=(image_size, image_size, 3), name="image")
+    frozen = keras.Model(backbone.input, ends if len(ends) > 1 else ends[0], name="frozen_part")
+    return keras.Model(images, frozen(model.get_layer("preprocessing")(images)), name="extractor")
+
+
+def _boundary_layer(backbone, spec: BackboneSpec, first_open: int):
+    """The last backbone layer before block ``first_open``."""
+    layers = backbone.layers
+    start = next(i for i, layer in enumerate(layers) if spec.block_of(layer.name) == first_open)
+    return layers[start - 1]
 
 
 class FeatureStore:
@@ -139,12 +174,49 @@ def compute_features(
     Returns:
         A ``FeatureStore`` of shape (views, n, *feature_shape).
     """
+    (store,) = compute_feature_stores(
+        lambda batch: [forward(batch)], images, [feature_shape], views=[views],
+        augmenter_factory=augmenter_factory, seed=seed, batch_size=batch_size, dtype=dtype,
+        memory_budget_mb=memory_budget_mb, spill_dir=spill_dir, progress=progress,
+    )
+    return store
+
+
+def compute_feature_stores(
+    forward: Callable[[np.ndarray], Sequence[np.ndarray]],
+    images: np.ndarray,
+    feature_shapes: Sequence[tuple[int, ...]],
+    *,
+    views: Sequence[int],
+    augmenter_factory: Callable[[], object] | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    memory_budget_mb: float = 2048,
+    spill_dir: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[FeatureStore]:
+    """``compute_features`` for a forward pass with several outputs: one store per output.
+
+    View ``v`` of an image is the same augmented image for every output, so the stores
+    agree with what one-output passes would compute. Output ``i`` keeps ``views[i]`` views;
+    the pass runs max(views) times over the images. Stores are kept in memory while their
+    sum fits ``memory_budget_mb``; the rest spill to disk.
+
+    Returns:
+        A list of ``FeatureStore``, in the order of the outputs.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from transferkit.data import _augment_one
 
-    views = views if augmenter_factory is not None else 1
-    store = FeatureStore(views, len(images), feature_shape, dtype, memory_budget_mb, spill_dir)
+    views = [min(view_count, 1) if augmenter_factory is None else view_count for view_count in views]
+    stores = []
+    budget = memory_budget_mb
+    for shape, view_count in zip(feature_shapes, views):
+        store = FeatureStore(view_count, len(images), shape, dtype, budget, spill_dir)
+        budget -= 0 if store.on_disk else store.nbytes / 2**20
+        stores.append(store)
     augmenter = augmenter_factory() if augmenter_factory is not None else None
 
     def prepare(view: int, start: int) -> np.ndarray:
@@ -156,34 +228,54 @@ def compute_features(
             ])
         return batch.astype("float32")
 
-    jobs = [(view, start) for view in range(views) for start in range(0, len(images), batch_size)]
-    # Augment the next batch in a thread while the engine runs the current one.
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    jobs = [(view, start) for view in range(max(views, default=0)) for start in range(0, len(images), batch_size)]
+    # Augment the next batch in a thread while the engine runs the current one. OpenCV's
+    # own threads would only compete with the engine's for the same cores.
+    with _opencv_threads(1), ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(prepare, *jobs[0]) if jobs else None
         for done, (view, start) in enumerate(jobs, start=1):
             batch = pending.result()
             if done < len(jobs):
                 pending = pool.submit(prepare, *jobs[done])
-            store.array[view, start : start + len(batch)] = np.asarray(forward(batch), dtype=dtype)
+            for store, outputs in zip(stores, forward(batch)):
+                if view < store.shape[0]:
+                    store.array[view, start : start + len(batch)] = np.asarray(outputs, dtype=dtype)
             if progress is not None:
                 progress(done)
-    return store
+    return stores
+
+
+@contextlib.contextmanager
+def _opencv_threads(count: int):
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - albumentations brings OpenCV
+        yield
+        return
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 class FeatureBatches(SeededBatches):
     """Training batches over stored features: the same per-epoch order as ``ImageBatches``,
-    view ``epoch mod views`` of each image."""
+    view ``epoch mod views`` of each image (``views``: the first so many of the store's;
+    default all)."""
 
     def __init__(self, store: FeatureStore, targets: np.ndarray, batch_size: int, *, shuffle: bool = True,
-                 sample_weights: np.ndarray | None = None, seed: int = 0):
+                 sample_weights: np.ndarray | None = None, seed: int = 0, views: int | None = None):
         self.store = store
+        self.views = min(views or store.shape[0], store.shape[0])
         super().__init__(store.shape[1], targets, batch_size, shuffle=shuffle,
                          sample_weights=sample_weights, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch's order (as ``ImageBatches`` does) and its view."""
         super().set_epoch(epoch)
-        self.view = epoch % self.store.shape[0]
+        self.view = epoch % self.views
 
     def _inputs(self, selected: np.ndarray) -> np.ndarray:
         # Sorted reads are much faster from a memory map; the batch order is restored after.
@@ -191,3 +283,188 @@ class FeatureBatches(SeededBatches):
         features = np.empty((len(selected), *self.store.shape[2:]), dtype="float32")
         features[ordering] = self.store.array[self.view, selected[ordering]]
         return features
+
+
+@dataclass
+class CachedStage:
+    """What a stage trains on the cache: its top part and batches of stored features.
+
+    Attributes:
+        trainable: the model to fit (boundary features -> class outputs).
+        train, val: ``FeatureBatches`` of the training and validation images.
+        calibration: backbone outputs of the first unaugmented training images, when the
+            stage's features are the backbone's output (for ``calibrate_head_batchnorm``);
+            else None.
+        computed: True when this stage ran the frozen part (False: it reused features a
+            previous stage computed).
+    """
+
+    trainable: object
+    train: FeatureBatches
+    val: FeatureBatches
+    calibration: np.ndarray | None
+    computed: bool
+
+
+class FeaturePlan:
+    """The frozen-part features of a run's stages, computed once for all stages that can share them.
+
+    Stage ``i`` trains on features at its boundary ``b_i`` (the first block it trains; the
+    backbone's output when it trains the head only). The frozen part up to the shallowest
+    boundary of the stages from ``i`` on that lie at or below ``b_i`` is frozen in all of
+    them, so one pass over the images computes the features at every one of those
+    boundaries (a multi-output network), each with the views its stages use. The default
+    recipe's head stage (backbone output) and fine stage (below the top block) so run the
+    expensive frozen blocks once, not twice.
+
+    The choice for stage ``i`` depends only on stages ``i`` and later, so a run resumed at
+    any stage computes the same features as the uninterrupted run.
+
+    Args:
+        model: the classifier.
+        spec: the backbone's registry entry.
+        stages: the recipe's stages.
+        train_data, val_data: the ``ImageBatches`` of the run.
+        config: the recipe's ``CacheConfig``.
+        forward_factory: extractor model -> batch function returning its outputs.
+        seed: augmentation seed.
+        dtype: storage dtype.
+        verbose: print what is computed, with a progress bar.
+    """
+
+    CALIBRATION_IMAGES = 128
+
+    def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
+                 *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0):
+        self.model, self.spec, self.stages = model, spec, list(stages)
+        self.train_data, self.val_data = train_data, val_data
+        self.config, self.forward_factory = config, forward_factory
+        self.seed, self.dtype, self.verbose = seed, dtype, verbose
+        self.augmenter_factory = getattr(train_data, "augmenter_factory", None)
+        # (source, boundary) -> (training store, validation store)
+        self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
+        self._calibration: np.ndarray | None = None
+
+    def boundary(self, index: int) -> int:
+        """First block that stage ``index`` trains (``len(blocks)``: head only; 0: all)."""
+        return self.spec.first_unfrozen(self.stages[index].unfreeze)
+
+    def views(self, index: int) -> int:
+        """Views stage ``index`` trains on: min(views, epochs), 1 without augmentation."""
+        if self.augmenter_factory is None:
+            return 1
+        return max(1, min(self.config.views, self.stages[index].epochs))
+
+    def source(self, index: int) -> int:
+        """The boundary up to which one pass serves stage ``index``: the shallowest boundary
+        at or below its own among the stages from ``index`` on."""
+        own = self.boundary(index)
+        return min(b for b in self._boundaries_from(index) if 0 < b <= own)
+
+    def _boundaries_from(self, index: int) -> list[int]:
+        return [self.boundary(j) for j in self._cached_from(index)]
+
+    def _cached_from(self, index: int) -> list[int]:
+        """Stages from ``index`` on that train and have a frozen part."""
+        return [j for j in range(index, len(self.stages)) if self.stages[j].epochs > 0 and self.boundary(j) > 0]
+
+    def _key(self, index: int) -> tuple[int, int]:
+        return self.source(index), self.boundary(index)
+
+    def stage_inputs(self, index: int) -> CachedStage | None:
+        """The trainable part and cached batches of stage ``index``; None when the stage
+        has no frozen part (or the cache is off)."""
+        if self.config is None or not self.config.enabled:
+            return None
+        own = self.boundary(index)
+        split = split_at_block(self.model, self.spec, own)
+        if split is None:
+            return None
+        computed = self._key(index) not in self._stores
+        if computed:
+            self._compute_from(index)
+        train_store, val_store = self._stores[self._key(index)]
+        data = self.train_data
+        train = FeatureBatches(train_store, data.targets, data.batch_size, sample_weights=data.sample_weights,
+                               seed=self.seed, views=self.views(index))
+        val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
+        calibration = None
+        if own == len(self.spec.blocks):
+            if self.augmenter_factory is None:
+                calibration = np.asarray(train_store.array[0, : self.CALIBRATION_IMAGES], dtype="float32")
+            else:
+                calibration = self._calibration
+        return CachedStage(split.trainable, train, val, calibration, computed)
+
+    def stage_done(self, index: int) -> None:
+        """Release the stores no later stage trains on."""
+        later = {self._key(j) for j in self._cached_from(index + 1)}
+        for key in [key for key in self._stores if key not in later]:
+            for store in self._stores.pop(key):
+                store.close()
+
+    def close(self) -> None:
+        """Release every store."""
+        for stores in self._stores.values():
+            for store in stores:
+                store.close()
+        self._stores.clear()
+
+    def _compute_from(self, index: int) -> None:
+        """One pass over the images for stage ``index`` and every later stage sharing its source."""
+        source = self.source(index)
+        # The network has an output for every stage of the run with this source, needed now
+        # or not (a store of 0 views costs nothing): a resumed run then runs the very network
+        # the uninterrupted run ran, and gets the same numbers (16-bit engines fuse
+        # differently when a map is also an output).
+        group = [j for j in self._cached_from(0) if self.source(j) == source]
+        served = [j for j in group if j >= index and self._key(j) not in self._stores]
+        boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
+        views = [max((self.views(j) for j in served if self.boundary(j) == b), default=0) for b in boundaries]
+        extractor = extractor_at(self.model, self.spec, boundaries)
+        forward = self.forward_factory(extractor)
+        as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
+        shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
+        train, val = self.train_data, self.val_data
+        budget = self.config.memory_mb - self._memory_used_mb()
+        passes = max(views) if self.augmenter_factory is not None else 1
+        total = passes * len(train) + len(val)
+        bar = keras.utils.Progbar(total, unit_name="batch") if self.verbose else None
+        if self.verbose:
+            where = ", ".join(self._describe(b) for b, count in zip(boundaries, views) if count)
+            print(f"caching features of the frozen part ({passes} view(s) of {len(train.images)} "
+                  f"training + {len(val.images)} validation images; at {where})", flush=True)
+        train_stores = compute_feature_stores(
+            as_list, train.images, shapes, views=views, augmenter_factory=self.augmenter_factory,
+            seed=self.seed, batch_size=train.batch_size, dtype=self.dtype, memory_budget_mb=budget,
+            progress=bar.update if bar else None,
+        )
+        budget -= sum(store.nbytes for store in train_stores if not store.on_disk) / 2**20
+        done = passes * len(train)
+        val_stores = compute_feature_stores(
+            as_list, val.images, shapes, views=[min(count, 1) for count in views], batch_size=val.batch_size,
+            dtype=self.dtype, memory_budget_mb=budget,
+            progress=(lambda n: bar.update(done + n)) if bar else None,
+        )
+        for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
+            if count:
+                self._stores[source, boundary] = (train_store, val_store)
+        head_only = len(self.spec.blocks)
+        if head_only in boundaries and views[boundaries.index(head_only)] and self.augmenter_factory is not None:
+            # BatchNorm calibration wants features of unaugmented training images.
+            images = train.images[: self.CALIBRATION_IMAGES].astype("float32")
+            self._calibration = np.asarray(as_list(images)[boundaries.index(head_only)], dtype="float32")
+
+    def _memory_used_mb(self) -> float:
+        return sum(store.nbytes for stores in self._stores.values() for store in stores
+                   if not store.on_disk) / 2**20
+
+    def _describe(self, boundary: int) -> str:
+        if boundary == len(self.spec.blocks):
+            return "the backbone's output"
+        return f"the input of {self.spec.blocks[boundary]}"
+
+
+def _outputs(model) -> list:
+    outputs = model.output
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]

@@ -215,6 +215,8 @@ def check_data(
     *,
     min_side: int | None = None,
     workers: int | None = None,
+    images: dict | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> DataReport:
     """Read every image of a data folder once and report what is worth fixing.
 
@@ -242,6 +244,9 @@ def check_data(
         imbalance_limit: largest/smallest class ratio accepted, at least 1; default 3.0.
         min_side: smallest accepted image side in pixels; default half of ``image_size``.
         workers: reading threads; default the number of CPUs.
+        images: when given, receives path -> the decoded uint8 (image_size, image_size, 3)
+            image of every readable file, so training need not read the files again.
+        progress: called with the number of files read so far.
 
     Returns:
         A ``DataReport``.
@@ -279,8 +284,13 @@ def check_data(
             ("validation", val_index.class_names[label], path)
             for path, label in zip(val_index.paths, val_index.labels)
         ]
+    inspections = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        inspections = list(pool.map(lambda path: _inspect(path, image_size), (path for _, _, path in entries)))
+        paths = (path for _, _, path in entries)
+        for done, inspection in enumerate(pool.map(lambda path: _inspect(path, image_size, images), paths), 1):
+            inspections.append(inspection)
+            if progress is not None:
+                progress(done)
 
     unreadable: list[tuple[Path, str]] = []
     ignored: list[tuple[Path, str]] = []
@@ -366,13 +376,15 @@ class _Inspection:
     mode: str = ""
 
 
-def _inspect(path: Path, image_size: int) -> _Inspection:
+def _inspect(path: Path, image_size: int, images: dict | None = None) -> _Inspection:
     try:
         # The decode training does (data.load_image, reduced-scale JPEG decoding included),
         # so a file is unreadable here exactly when training would skip it.
-        data.load_image(path, image_size)
+        image = data.load_image(path, image_size)
     except data.UnreadableImage as error:
         return _Inspection(path, error=error.reason)
+    if images is not None:
+        images[path] = image
     try:
         with Image.open(path) as image:  # the header: size and mode before conversion to RGB
             mode = image.mode

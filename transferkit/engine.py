@@ -47,7 +47,8 @@ class ForwardEngine:
     name = ""
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Outputs of the model for a float32 batch of shape (B, S, S, 3); any B, float32."""
+        """Outputs of the model for a float32 batch of shape (B, S, S, 3); any B, float32.
+        A model with several outputs gives a list of arrays, in the model's output order."""
         raise NotImplementedError
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -68,6 +69,8 @@ class KerasEngine(ForwardEngine):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         outputs = self.model.predict_on_batch(np.asarray(batch, dtype="float32"))
         # A mixed_bfloat16 feature extractor returns bfloat16; callers get float32 from both engines.
+        if isinstance(outputs, (list, tuple)):
+            return [np.asarray(output).astype("float32", copy=False) for output in outputs]
         return np.asarray(outputs).astype("float32", copy=False)
 
 
@@ -81,30 +84,38 @@ class OpenVINOEngine(ForwardEngine):
 
     name = "openvino"
 
-    def __init__(self, compiled, image_size: int, precision_hint: str, ir_path: Path | None):
+    def __init__(self, compiled, input_shape: tuple[int, ...], precision_hint: str, ir_path: Path | None):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
-        self._output = compiled.output(0)
-        self.image_size = image_size
+        self._outputs = list(compiled.outputs)
+        self.input_shape = tuple(input_shape)
         self.precision_hint = precision_hint
         self.ir_path = ir_path
 
+    @property
+    def image_size(self) -> int:
+        """The side S of the (S, S, 3) images the network takes."""
+        return self.input_shape[0]
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype="float32")
-        expected = (self.image_size, self.image_size, 3)
-        if batch.ndim != 4 or batch.shape[1:] != expected:
+        expected = self.input_shape
+        if batch.shape[1:] != expected:
+            shape = ", ".join(map(str, expected))
+            hint = f"; resize images to {expected[0]} px first" if _is_image_shape(expected) else ""
             raise ValueError(
-                f"the OpenVINO engine was built for batches of shape (B, {expected[0]}, "
-                f"{expected[1]}, 3), got {batch.shape}; resize images to {expected[0]} px first"
+                f"the OpenVINO engine was built for batches of shape (B, {shape}), got {batch.shape}{hint}"
             )
         if len(batch) == 0:
-            tail = tuple(dim.get_length() for dim in self._output.partial_shape[1:])
-            return np.zeros((0, *tail), dtype="float32")
-        result = self._request.infer({0: batch})
-        return np.asarray(result[self._output], dtype="float32")
+            values = [np.zeros((0, *(dim.get_length() for dim in output.partial_shape[1:])), dtype="float32")
+                      for output in self._outputs]
+        else:
+            result = self._request.infer({0: batch})
+            values = [np.asarray(result[output], dtype="float32") for output in self._outputs]
+        return values if len(values) > 1 else values[0]
 
     def __repr__(self) -> str:
-        return f"<OpenVINOEngine {self.precision_hint}, {self.image_size}px, ir={self.ir_path}>"
+        return f"<OpenVINOEngine {self.precision_hint}, {_shape_label(self.input_shape)}, ir={self.ir_path}>"
 
 
 def import_openvino():
@@ -142,7 +153,8 @@ def make_engine(
             extractor such as ``keras.Model(images, backbone_output)``.
         engine: "auto" (default: OpenVINO when the ``openvino`` package imports and
             TensorFlow sees no GPU, else Keras), "keras" or "openvino".
-        input_shape: (S, S, 3), the size batches will have; default the model's own input
+        input_shape: the shape of one input without the batch axis, (S, S, 3) for images
+            (or any static shape for a model on feature maps); default the model's own input
             shape, which must then be static.
         cache_dir: where the converted network is kept, under ``openvino-{S}px/``; default
             None (convert in memory every time). A folder that cannot be written (a
@@ -179,11 +191,11 @@ def make_engine(
     if engine == "auto" and _gpu_visible():
         log.debug("a GPU is visible to TensorFlow; using Keras for inference")
         return KerasEngine(model)
-    image_size = _image_size(model, input_shape)
+    input_shape = _input_shape(model, input_shape)
     hint = _precision_hint(precision)
     step = "conversion"
     try:
-        network, ir_path = _load_or_convert(model, image_size, cache_dir)
+        network, ir_path = _load_or_convert(model, input_shape, cache_dir)
         step = "compilation"
         compiled = _core().compile_model(
             network, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
@@ -194,8 +206,8 @@ def make_engine(
             step, getattr(model, "name", "the model"), _one_line(error),
         )
         return KerasEngine(model)
-    log.info("inference engine: OpenVINO on CPU, %s, %d px", hint, image_size)
-    return OpenVINOEngine(compiled, image_size, hint, ir_path)
+    log.info("inference engine: OpenVINO on CPU, %s, %s", hint, _shape_label(input_shape))
+    return OpenVINOEngine(compiled, input_shape, hint, ir_path)
 
 
 def _one_line(error: BaseException) -> str:
@@ -211,16 +223,27 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def _image_size(model, input_shape) -> int:
+def _input_shape(model, input_shape) -> tuple[int, ...]:
     if input_shape is None:
         input_shape = tuple(model.input_shape[1:])
-    height, width, channels = input_shape
-    if height is None or width is None or height != width or channels != 3:
+    input_shape = tuple(input_shape)
+    if any(dim is None for dim in input_shape) or (
+        len(input_shape) == 3 and input_shape[-1] == 3 and input_shape[0] != input_shape[1]
+    ):
         raise ValueError(
-            f"make_engine needs a static square input_shape (S, S, 3), got {tuple(input_shape)}; "
+            f"make_engine needs a static input_shape, square (S, S, 3) for images, got {input_shape}; "
             "pass input_shape=(image_size, image_size, 3)"
         )
-    return int(height)
+    return tuple(int(dim) for dim in input_shape)
+
+
+def _is_image_shape(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and shape[-1] == 3 and shape[0] == shape[1]
+
+
+def _shape_label(shape: tuple[int, ...]) -> str:
+    """"224px" for (224, 224, 3) images, "14x14x512" for feature maps."""
+    return f"{shape[0]}px" if _is_image_shape(shape) else "x".join(map(str, shape))
 
 
 def _precision_hint(precision: str) -> str:
@@ -241,22 +264,23 @@ def _core():
     return ov.Core()
 
 
-def _load_or_convert(model, image_size: int, cache_dir):
+def _load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
     """The OpenVINO network for a model: read from the cache when its fingerprint matches."""
     if cache_dir is None:
-        return export_network(model, image_size), None
-    fingerprint = model_fingerprint(model, image_size)
+        return export_network(model, input_shape), None
+    fingerprint = model_fingerprint(model, input_shape)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(model, "name", "") or "model")
+    folder_name = f"openvino-{_shape_label(input_shape)}"
     candidates = (
-        Path(cache_dir) / f"openvino-{image_size}px",
-        Path(tempfile.gettempdir()) / "transferkit-openvino" / fingerprint[:16] / f"openvino-{image_size}px",
+        Path(cache_dir) / folder_name,
+        Path(tempfile.gettempdir()) / "transferkit-openvino" / fingerprint[:16] / folder_name,
     )
     for folder in candidates:
         xml = folder / f"{stem}.xml"
         if _cached(xml, fingerprint):
             log.debug("reusing the OpenVINO network %s", xml)
             return _core().read_model(xml), xml
-    network = export_network(model, image_size)
+    network = export_network(model, input_shape)
     for folder in candidates:
         xml = folder / f"{stem}.xml"
         try:
@@ -299,12 +323,12 @@ def _write_cache(network, xml: Path, fingerprint: str) -> None:
         staging.with_suffix(".bin").unlink(missing_ok=True)
 
 
-def model_fingerprint(model, image_size: int) -> str:
-    """A hash of a model's architecture and weights, the image size and the OpenVINO version.
+def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
+    """A hash of a model's architecture and weights, the input shape and the OpenVINO version.
 
     Args:
         model: a Keras model.
-        image_size: the side S the network is converted for.
+        input_shape: the shape the network is converted for: (S, S, 3), or S for images.
 
     Returns:
         A hex string; equal for the same model, different when any weight changed.
@@ -316,7 +340,9 @@ def model_fingerprint(model, image_size: int) -> str:
         config = json.dumps(model.get_config(), sort_keys=True, default=repr)
     except Exception:  # a subclassed model without get_config: its shapes stand in
         config = repr((model.name, model.input_shape, model.output_shape))
-    digest.update(f"{image_size}|{ov.__version__}|{config}".encode())
+    shape = _as_shape(input_shape)
+    label = shape[0] if _is_image_shape(shape) else shape  # images keep their earlier key
+    digest.update(f"{label}|{ov.__version__}|{config}".encode())
     for weights in model.get_weights():
         weights = np.ascontiguousarray(weights)
         digest.update(f"{weights.dtype}{weights.shape}".encode())
@@ -324,12 +350,17 @@ def model_fingerprint(model, image_size: int) -> str:
     return digest.hexdigest()
 
 
-def export_network(model, image_size: int):
-    """Convert a Keras model to an ``openvino.Model`` for (B, S, S, 3) float32 batches.
+def _as_shape(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (input_shape, input_shape, 3) if isinstance(input_shape, int) else tuple(input_shape)
+
+
+def export_network(model, input_shape: int | tuple[int, ...]):
+    """Convert a Keras model to an ``openvino.Model`` for float32 batches of a static shape.
 
     Args:
-        model: a Keras model taking an image batch.
-        image_size: the static side S; the batch dimension stays dynamic.
+        model: a Keras model taking an image batch (or feature maps).
+        input_shape: one input's shape, (S, S, 3), or the side S for images; the batch
+            dimension stays dynamic.
 
     Returns:
         The converted ``openvino.Model``.
@@ -339,8 +370,9 @@ def export_network(model, image_size: int):
 
     clone = float32_clone(model)
     forward = tf.function(lambda images: clone(images, training=False), autograph=False)
+    shape = _as_shape(input_shape)
     concrete = forward.get_concrete_function(
-        tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="image")
+        tf.TensorSpec((None, *shape), tf.float32, name="image" if _is_image_shape(shape) else "features")
     )
     # convert_model configures the root logger (level, a handler, a filter) and a failed
     # conversion leaves it so; put it back, or later log lines come out in its format.

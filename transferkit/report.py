@@ -1,4 +1,8 @@
-"""Figures and numbers people read after a run: metrics, curves, confusion matrix."""
+"""Figures and numbers people read after a run: metrics, curves, confusion matrix.
+
+Figures are drawn with matplotlib's object API (no pyplot, no global figure state), so they
+can be drawn in a background thread while the model is being saved.
+"""
 
 from __future__ import annotations
 
@@ -69,13 +73,11 @@ def summarize(
 
 def plot_history(history: Sequence[dict], path: Path) -> None:
     """history.png: loss and accuracy per epoch, training and validation, stages shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
     for axis, metric in zip(axes, ("loss", "accuracy")):
         axis.plot(epochs, [row[metric] for row in history], "o-", label=f"train {metric}")
         axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"val {metric}")
@@ -91,18 +93,15 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     """confusion_matrix.png: counts, true class by row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     size = max(3.5, 0.6 * len(class_names) + 2)
-    figure, axis = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    axis = figure.subplots()
     axis.imshow(matrix, cmap="Blues")
     axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     axis.set_yticks(range(len(class_names)), class_names)
@@ -115,4 +114,3 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -
     axis.set_title("validation confusion matrix")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)

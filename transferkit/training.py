@@ -229,7 +229,8 @@ def run_stages(
     Each stage sets trainability, recompiles, and fits with early stopping on the
     validation loss that restores the stage's best weights. Stages with 0 epochs are skipped.
     With a feature cache, a stage whose bottom is frozen trains only its top on features
-    of the frozen part computed once (see ``transferkit.cache``).
+    of the frozen part, computed once for all the stages that can share them (see
+    ``transferkit.cache.FeaturePlan``).
 
     Args:
         model: a classifier from ``build_classifier`` (or loaded from a checkpoint).
@@ -246,8 +247,9 @@ def run_stages(
         stop: a ``StopFlag``; when set, training stops after the current batch and
             ``TrainingInterrupted`` is raised.
         cache: a ``CacheConfig`` (enabled, views, memory_mb); default None (no cache).
-        forward_factory: turns an extractor model into a batch -> features function (an
-            inference engine); default: the model's own ``predict_on_batch``.
+        forward_factory: turns an extractor model (images -> one feature map, or a list
+            of them) into a batch -> outputs function (an inference engine); default: the
+            model's own ``predict_on_batch`` after BatchNorm folding.
         timings: when given, one dict per stage run is appended: name, epochs run, wall
             seconds (feature caching included), seconds spent caching, cached or not.
         final_outputs: when given and the last stage trained on cached features, its
@@ -257,9 +259,23 @@ def run_stages(
     Returns:
         One continuous history: a dict per epoch with the keys of ``HISTORY_COLUMNS``.
     """
-    from transferkit.checkpoint import TrainingInterrupted, TrainingState
+    from transferkit.checkpoint import TrainingState
 
     state = state or TrainingState()
+    plan = _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose)
+    try:
+        return _run_stages(model, spec, stages, train_data, val_data, n_classes, verbose=verbose,
+                           callbacks=callbacks, seed=seed, state=state, work=work, stop=stop, plan=plan,
+                           timings=timings, final_outputs=final_outputs)
+    finally:
+        if plan is not None:
+            plan.close()
+
+
+def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose, callbacks, seed, state, work,
+                stop, plan, timings, final_outputs):
+    from transferkit.checkpoint import TrainingInterrupted, TrainingState
+
     rows: list[dict] = list(state.history)
     global_epoch = state.global_epoch
     calibrated = state.calibrated
@@ -269,9 +285,12 @@ def run_stages(
         resuming = index == state.stage_index and state.epochs_done > 0
         started = time.perf_counter()
         set_trainable(model, spec, stage.unfreeze)
-        train_model, stage_train, stage_val, features = _stage_inputs(
-            model, spec, stage, train_data, val_data, cache, forward_factory, seed, verbose
-        )
+        inputs = plan.stage_inputs(index) if plan is not None else None
+        if inputs is None:
+            train_model, stage_train, stage_val, features = model, train_data, val_data, None
+        else:
+            train_model, stage_train, stage_val = inputs.trainable, inputs.train, inputs.val
+            features = inputs.calibration
         cached_seconds = time.perf_counter() - started
         if not calibrated:
             if features is None:
@@ -337,7 +356,7 @@ def run_stages(
         if final_outputs is not None:
             final_outputs.pop("val", None)
             if cached:
-                final_outputs["val"] = np.asarray(train_model.predict(stage_val, verbose=0), dtype="float32")
+                final_outputs["val"] = _outputs_on(train_model, stage_val)
         if timings is not None:
             timings.append({
                 "stage": stage.name, "epochs": len(rows) - global_epoch,
@@ -346,6 +365,8 @@ def run_stages(
                 "cached": cached,
             })
         global_epoch = len(rows)
+        if plan is not None:
+            plan.stage_done(index)
         last = all(later.epochs == 0 for later in stages[index + 1 :])
         if work is not None and not last:
             # After the last stage the run is saved at once; resuming from its last epoch
@@ -369,52 +390,23 @@ def default_forward(model):
     return model.predict_on_batch
 
 
-def _stage_inputs(model, spec, stage, train_data, val_data, cache, forward_factory, seed, verbose):
-    """The model to fit and its data for one stage: the whole classifier on images, or its
-    trainable top on cached features of the frozen part.
+def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose):
+    """The run's ``FeaturePlan``, or None when the cache is off."""
+    from transferkit.cache import FeaturePlan
 
-    Returns:
-        (model to fit, training batches, validation batches, backbone features of the first
-        training images when they came for free, else None).
-    """
-    from transferkit.cache import FeatureBatches, compute_features, split_at_frozen_part
-
-    augmenter_factory = getattr(train_data, "augmenter_factory", None)
     if cache is None or not cache.enabled:
-        return model, train_data, val_data, None
-    # More views than epochs would never be used; with as many views as epochs, each
-    # epoch still sees a fresh augmentation, and the frozen part runs once per image and
-    # epoch in the (faster) inference engine instead of inside every training step.
-    views = min(cache.views, stage.epochs) if augmenter_factory is not None else 1
-    split = split_at_frozen_part(model, spec, stage.unfreeze)
-    if split is None:
-        return model, train_data, val_data, None
-    forward = (forward_factory or default_forward)(split.extractor)
-    feature_shape = tuple(int(d) for d in split.extractor.output.shape[1:])
+        return None
     # Features from a 16-bit network are stored in float16 (half the memory, no precision
     # lost that the network had); from a float32 network, in float32.
     mixed = any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model) if layer.weights)
-    dtype = "float16" if mixed else "float32"
-    total = views * len(train_data) + len(val_data)
-    bar = keras.utils.Progbar(total, unit_name="batch") if verbose else None
-    if verbose:
-        print(f"caching features of the frozen part ({views} view(s) of {len(train_data.images)} "
-              f"training + {len(val_data.images)} validation images)", flush=True)
-    train_store = compute_features(
-        forward, train_data.images, feature_shape, views=views, augmenter_factory=augmenter_factory,
-        seed=seed, batch_size=train_data.batch_size, dtype=dtype, memory_budget_mb=cache.memory_mb,
-        progress=bar.update if bar else None,
+    return FeaturePlan(
+        model, spec, stages, train_data, val_data, cache, forward_factory or default_forward,
+        seed=seed, dtype="float16" if mixed else "float32", verbose=verbose,
     )
-    done = views * len(train_data)
-    val_store = compute_features(
-        forward, val_data.images, feature_shape, batch_size=val_data.batch_size, dtype=dtype,
-        memory_budget_mb=cache.memory_mb,
-        progress=(lambda n: bar.update(done + n)) if bar else None,
-    )
-    stage_train = FeatureBatches(train_store, train_data.targets, train_data.batch_size,
-                                 sample_weights=train_data.sample_weights, seed=seed)
-    stage_val = FeatureBatches(val_store, val_data.targets, val_data.batch_size, shuffle=False)
-    features = None
-    if split.boundary == "" and augmenter_factory is None:
-        features = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
-    return split.trainable, stage_train, stage_val, features
+
+
+def _outputs_on(model, batches) -> np.ndarray:
+    """The model's inference outputs over a batch sequence, run eagerly: for a few batches
+    this is faster than ``predict``, which first traces a function."""
+    outputs = [keras.ops.convert_to_numpy(model(batches[i][0], training=False)) for i in range(len(batches))]
+    return np.concatenate(outputs).astype("float32")

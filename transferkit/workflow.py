@@ -5,8 +5,10 @@ recipe -> index the folder -> decode -> split -> backbone -> classifier -> stage
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -124,9 +126,14 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
                 f"--val-dir {val_dir} has classes {', '.join(val_index.class_names)} but "
                 f"{data_dir} has {', '.join(class_names)}; both need the same class sub-folders"
             )
-    _warn_about_data(data_dir, val_dir, recipe)
+    # One read of every file: the doctor's checks decode each image at the training size,
+    # and training takes those decoded images.
+    decoded: dict = {}
+    count = len(index.paths) + (len(val_index.paths) if val_index is not None else 0)
+    report = _check_data(data_dir, val_dir, recipe, decoded, count, verbose)
+    reasons = dict(report.unreadable)
     size = recipe.image_size
-    images, kept, skipped = _decode(index.paths, size, verbose, "reading training images")
+    images, kept, skipped = _collect(index.paths, decoded, reasons, size)
     labels = index.labels[kept]
     skipped = list(index.skipped) + skipped
     _require_every_class(labels, class_names, data_dir)
@@ -137,10 +144,11 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         del images
     else:
         train_images, train_labels = images, labels
-        val_images, val_kept, val_skipped = _decode(val_index.paths, size, verbose, "reading validation images")
+        val_images, val_kept, val_skipped = _collect(val_index.paths, decoded, reasons, size)
         val_labels = val_index.labels[val_kept]
         skipped += list(val_index.skipped) + val_skipped
         _require_every_class(val_labels, class_names, val_dir)
+    decoded.clear()
     if skipped:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if verbose:
@@ -170,6 +178,8 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     class_names = prepared["class_names"]
     n_classes = len(class_names)
     train_labels, val_labels = prepared["train_labels"], prepared["val_labels"]
+    # matplotlib is needed only at the end; importing it meanwhile costs the job nothing.
+    threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True).start()
     keras.utils.set_random_seed(recipe.seed)
     spec = backbones.get_spec(recipe.backbone)
     state = work.state()
@@ -205,7 +215,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     def forward_factory(extractor):
         from transferkit.engine import inference_engine
 
-        engine = inference_engine(extractor, recipe.engine, recipe.image_size, precision=recipe.precision)
+        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision)
         if verbose:
             print(f"forward engine for the feature cache: {engine.name}", flush=True)
         return engine.predict
@@ -235,18 +245,26 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     metrics["stages"] = timings
     skipped = prepared["skipped"]
 
+    def draw_figures(folder: Path) -> None:
+        if history:
+            report.plot_history(history, folder / "history.png")
+        report.plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, folder / "confusion_matrix.png")
+
     def write_contents(folder: Path) -> None:
-        model.save(folder / runs.MODEL_FILE)
-        if save_h5:
-            model.save(folder / "model.h5")
+        from concurrent.futures import ThreadPoolExecutor
+
+        # The figures are drawn while the model is written.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            figures = pool.submit(draw_figures, folder)
+            model.save(folder / runs.MODEL_FILE)
+            if save_h5:
+                model.save(folder / "model.h5")
+            figures.result()
         runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone,
                           output_activation(n_classes), precision=policy)
         (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
         runs.write_history(folder, history)
         runs.write_json(folder / "metrics.json", metrics)
-        if history:
-            report.plot_history(history, folder / "history.png")
-        report.plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, folder / "confusion_matrix.png")
         if skipped:
             (folder / "skipped.txt").write_text(
                 "".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8"
@@ -267,32 +285,42 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     )
 
 
-def _decode(paths, size: int, verbose: int, title: str):
-    from transferkit import data
+def _collect(paths, decoded: dict, reasons: dict, size: int):
+    """(images, indices of the kept paths, [(path, reason)] skipped) from the decoded images."""
+    kept = [index for index, path in enumerate(paths) if path in decoded]
+    skipped = []
+    for path in paths:
+        if path not in decoded:
+            reason = reasons.get(path, "cannot be read")
+            log.warning("skipping %s: %s", path, reason)
+            skipped.append((path, reason))
+    images = np.empty((len(kept), size, size, 3), dtype="uint8")
+    for row, index in enumerate(kept):
+        images[row] = decoded[paths[index]]
+    return images, np.asarray(kept, dtype="int64"), skipped
 
-    progress = None
-    if verbose and paths:
-        import keras
 
-        print(f"{title} ({len(paths)} files)", flush=True)
-        bar = keras.utils.Progbar(len(paths), unit_name="image")
-        progress = bar.update
-    return data.decode_images(paths, size, progress=progress)
-
-
-def _warn_about_data(data_dir, val_dir, recipe: Recipe) -> None:
-    """Warn (without stopping) about what ``transferkit doctor`` would report as problems."""
+def _check_data(data_dir, val_dir, recipe: Recipe, decoded: dict, count: int, verbose: int):
+    """Read every image once (into ``decoded``) and warn, without stopping, about what
+    ``transferkit doctor`` would report as problems."""
     from transferkit.doctor import check_data
 
+    progress = None
+    if verbose and count:
+        import keras
+
+        print(f"reading images ({count} files)", flush=True)
+        progress = keras.utils.Progbar(count, unit_name="image").update
     report = check_data(
         data_dir, image_size=recipe.image_size, val_split=recipe.data.val_split,
-        seed=recipe.seed, val_dir=val_dir,
+        seed=recipe.seed, val_dir=val_dir, images=decoded, progress=progress,
     )
     for message in report.problems:
-        if "unreadable file" not in message:  # those are warned about one by one while decoding
+        if "unreadable file" not in message:  # those are warned about one by one below
             log.warning("%s", message)
     if report.problems:
         log.warning("run 'transferkit doctor %s' for the details", data_dir)
+    return report
 
 
 def _require_every_class(labels: np.ndarray, class_names, folder) -> None:
