@@ -16,6 +16,7 @@ other, not with what ImageNet weights would give.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -130,19 +131,33 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", default="default", help="transferkit engine (default: the recipe's)")
     parser.add_argument("--cache-views", type=int, default=None, help="transferkit cache.views (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--order", choices=("baseline-first", "transferkit-first"), default="baseline-first",
+                        help="which job runs first in the process (default: the baseline)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
         data_dir = write_shapes_dataset(Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed)
-        started = time.perf_counter()
-        baseline, baseline_accuracy, n_train = keras_guide(
-            data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed)
-        baseline_total = time.perf_counter() - started
-        started = time.perf_counter()
-        ours, our_accuracy, our_train, metrics = transferkit_job(
-            data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
-            args.precision, args.engine, Path(tmp) / "run", args.cache_views)
-        ours_total = time.perf_counter() - started
+        def run_baseline():
+            started = time.perf_counter()
+            result = keras_guide(
+                data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed)
+            return (*result, time.perf_counter() - started)
+
+        def run_ours():
+            started = time.perf_counter()
+            result = transferkit_job(
+                data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
+                args.precision, args.engine, Path(tmp) / "run", args.cache_views)
+            return (*result, time.perf_counter() - started)
+
+        if args.order == "baseline-first":
+            baseline, baseline_accuracy, n_train, baseline_total = run_baseline()
+            gc.collect()
+            ours, our_accuracy, our_train, metrics, ours_total = run_ours()
+        else:
+            ours, our_accuracy, our_train, metrics, ours_total = run_ours()
+            gc.collect()
+            baseline, baseline_accuracy, n_train, baseline_total = run_baseline()
 
     def per_stage(figures, epochs_by_stage, count):
         return {
@@ -155,7 +170,7 @@ def main(argv=None) -> int:
         "benchmark": "finetune_vs_keras",
         "backbone": args.backbone, "size": args.size, "batch": args.batch,
         "images": args.classes * args.per_class, "train_images": n_train,
-        "head_epochs": args.head_epochs, "fine_epochs": args.fine_epochs,
+        "head_epochs": args.head_epochs, "fine_epochs": args.fine_epochs, "order": args.order,
         "baseline": {"precision": "float32", "total_seconds": round(baseline_total, 2),
                      "stages": per_stage(baseline, epochs, n_train), "val_accuracy": round(baseline_accuracy, 4)},
         "transferkit": {"precision": metrics.get("precision"), "total_seconds": round(ours_total, 2),

@@ -8,9 +8,11 @@ and 20,000 images, each in a fresh process (its VmHWM). Prints one JSON line.
 
     python benchmarks/predict.py --backbones vgg16,resnet50 --size 224 --images 256
 
-Weights are random (no network here): the head's BatchNorm is calibrated on the images so
-predictions spread over the classes, and the number of distinct predicted classes is
-printed beside the agreement.
+The classifier is the one a user predicts with: trained by ``transferkit.finetune`` (head
+stage) on generated shapes, then asked about other generated shapes. Backbone weights are
+random (no network here for ImageNet's). The agreement of an untrained classifier (random
+head, BatchNorm calibrated so predictions spread over the classes: near-ties everywhere) is
+printed too, as the worst case for 16-bit rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 CLASSES = 5
+TRAIN_PER_CLASS = 40
+TRAIN_EPOCHS = 6
 
 
 def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, seed: int = 0) -> None:
@@ -58,6 +62,17 @@ def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, s
     runs.write_labels(run_dir, [f"class{i}" for i in range(CLASSES)], size, backbone_name, output_activation(CLASSES))
 
 
+def make_trained_run(run_dir: Path, backbone_name: str, size: int, tmp: Path, seed: int = 0) -> None:
+    """A run folder holding a classifier trained by transferkit on generated shapes."""
+    import transferkit
+    from transferkit.synthetic import write_shapes_dataset
+
+    data = write_shapes_dataset(tmp / f"train-{backbone_name}", CLASSES, TRAIN_PER_CLASS, size=size, seed=seed)
+    overrides = {"backbone": backbone_name, "weights": "none", "image_size": size, "seed": seed,
+                 "stages.0.epochs": TRAIN_EPOCHS, "stages.1.epochs": 0}
+    transferkit.finetune(data, None, overrides, output=run_dir, verbose=0)
+
+
 def write_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     from PIL import Image
 
@@ -79,11 +94,16 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
     from transferkit.predict import predict_folder
     from transferkit.runs import load_run
 
-    images_dir = write_images(tmp / f"images-{backbone_name}", count, size)
-    files = [path for path, reason in iter_image_files(images_dir) if reason is None]
+    from transferkit.synthetic import write_shapes_dataset
+
+    images_dir = write_shapes_dataset(tmp / f"images-{backbone_name}", CLASSES, -(-count // CLASSES), size=size,
+                                      seed=101)
+    files = [path for path, reason in iter_image_files(images_dir) if reason is None][:count]
+    for extra in [path for path, reason in iter_image_files(images_dir) if reason is None][count:]:
+        extra.unlink()
     decoded, _, _ = decode_images(files, size)
     run_dir = tmp / f"run-{backbone_name}"
-    make_run(run_dir, backbone_name, size, decoded[:64])
+    make_trained_run(run_dir, backbone_name, size, tmp)
     run = load_run(run_dir)
     floats = decoded.astype("float32")
 
@@ -93,6 +113,7 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
     started = time.perf_counter()
     reference = plain.predict(floats, batch_size=batch, verbose=0)
     keras_rate = count / (time.perf_counter() - started)
+    truth = np.asarray([run.class_names.index(path.parent.name) for path in files])
 
     from transferkit.predict import engine_cache_dir
 
@@ -123,6 +144,7 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
     theirs = np.argmax(reference, axis=1)
     ordered = np.sort(reference, axis=1)
     clear = (ordered[:, -1] - ordered[:, -2]) > 0.05
+    untrained = untrained_agreement(backbone_name, size, decoded, batch, tmp)
     return {
         "engine": result.engine,
         "engine_setup_seconds_first": round(first_setup, 2),
@@ -136,12 +158,35 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4) if clear.any() else None,
         "images_with_margin_over_0.05": int(clear.sum()),
         "distinct_predicted_classes": int(len(np.unique(theirs))),
+        "keras_float32_accuracy_on_these_images": round(float(np.mean(theirs == truth)), 4),
+        "untrained_classifier": untrained,
         "with_precision_float32": {
             "images_per_s": round(exact_rate, 1),
             "ratio_to_keras_float32": round(exact_rate / keras_rate, 2),
             "top1_agreement_with_keras_float32": round(float(np.mean(exact_labels == theirs)), 4),
         },
     }
+
+
+def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batch: int, tmp: Path) -> dict:
+    """Top-1 agreement of the default engine with Keras float32 on an untrained classifier."""
+    import keras
+
+    from transferkit.engine import inference_engine
+    from transferkit.predict import engine_cache_dir
+    from transferkit.runs import load_run
+
+    run_dir = tmp / f"untrained-{backbone_name}"
+    make_run(run_dir, backbone_name, size, decoded[:64])
+    floats = decoded.astype("float32")
+    keras.config.set_dtype_policy("float32")
+    plain = keras.models.load_model(run_dir / "model.keras", compile=False)
+    theirs = np.argmax(plain.predict(floats, batch_size=batch, verbose=0), axis=1)
+    engine = inference_engine(load_run(run_dir).model, "auto", size, cache_dir=engine_cache_dir(run_dir))
+    ours = np.concatenate([np.argmax(engine.predict(floats[i : i + batch]), axis=1)
+                           for i in range(0, len(floats), batch)])
+    return {"top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
+            "distinct_predicted_classes": int(len(np.unique(theirs)))}
 
 
 def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:

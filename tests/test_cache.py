@@ -131,3 +131,100 @@ def test_final_validation_outputs_from_the_cache_equal_the_models():
     run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=0,
                seed=1, cache=None, final_outputs=outputs)
     assert "val" not in outputs  # an uncached last stage leaves the model to predict
+
+
+def test_feature_batches_rotate_over_the_stage_views_only():
+    store = FeatureStore(3, 4, (1,), "float32", 10)
+    for view in range(3):
+        store.array[view, :, 0] = view
+    batches = FeatureBatches(store, np.zeros((4, 1), "float32"), 4, shuffle=False, views=2)
+    seen = []
+    for epoch in range(4):
+        batches.set_epoch(epoch)
+        seen.append(int(batches[0][0][0, 0]))
+    assert seen == [0, 1, 0, 1]
+
+
+def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2):
+    from transferkit.augment import build_augmenter
+    from transferkit.cache import FeaturePlan
+
+    factory = (lambda: build_augmenter(augment)) if augment else None
+    train = ImageBatches(images(12), encode_targets(np.arange(12) % 3, 3), 4, shuffle=True, seed=1,
+                         augmenter_factory=factory)
+    val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 4)
+    stages = [StageConfig(epochs=epochs, unfreeze=unfreeze) for unfreeze in unfreezes]
+    from transferkit.training import default_forward
+
+    return FeaturePlan(model, REGISTRY["vgg16"], stages, train, val, CacheConfig(enabled=True, views=2),
+                       forward_factory or default_forward, seed=1)
+
+
+def test_plan_takes_each_stage_from_the_shallowest_boundary_of_the_stages_after_it():
+    model = build("vgg16")
+    plan = plan_for(model, [0, 2, 1])  # boundaries: backbone output (5), block4 (3), block5 (4)
+    assert [plan.boundary(i) for i in range(3)] == [5, 3, 4]
+    assert [plan.source(i) for i in range(3)] == [3, 3, 4]
+
+
+def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_gives():
+    """The fine stage trains on features the head stage's pass computed; a run resumed at the
+    fine stage computes them afresh and must get the very same numbers."""
+    from transferkit.augment import AugmentConfig
+
+    augment = AugmentConfig(rotation=20.0)
+    model = build("vgg16", seed=6)
+    shared = plan_for(model, [0, 1], augment=augment)
+    head, fine = shared.stage_inputs(0), shared.stage_inputs(1)
+    assert head.computed and not fine.computed
+    assert head.train.store.shape[2:] == (1, 1, 512) and fine.train.store.shape[2:] == (2, 2, 512)
+    resumed = plan_for(model, [0, 1], augment=augment).stage_inputs(1)
+    assert resumed.computed
+    np.testing.assert_array_equal(resumed.train.store.array, fine.train.store.array)
+    np.testing.assert_array_equal(resumed.val.store.array, fine.val.store.array)
+    # and they are the frozen part's output on the augmented views
+    direct = split_at_frozen_part(model, REGISTRY["vgg16"], 1).extractor
+    view0 = direct.predict_on_batch(head_view_images(shared, view=0))
+    np.testing.assert_allclose(fine.train.store.array[0], view0, rtol=1e-5, atol=1e-5)
+    shared.stage_done(0)
+    assert len(shared._stores) == 1
+    shared.stage_done(1)
+    assert not shared._stores
+
+
+def head_view_images(plan, view):
+    from transferkit.data import _augment_one
+
+    augmenter = plan.augmenter_factory()
+    return np.stack([_augment_one(augmenter, image, [plan.seed, 1_000_003, view, index])
+                     for index, image in enumerate(plan.train_data.images)]).astype("float32")
+
+
+def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
+    """ResNet50 through OpenVINO in bfloat16, three stages sharing one pass: a run resumed at
+    the second stage computes its features afresh and gets the same numbers."""
+    from transferkit.engine import inference_engine
+
+    keras.utils.set_random_seed(0)
+    with __import__("transferkit.precision", fromlist=["x"]).dtype_policy("mixed_bfloat16"):
+        backbone = load_backbone("resnet50", weights="none", input_shape=(64, 64, 3))
+        model = build_classifier(backbone, 3, HeadConfig(units=(8,)), backbone_name="resnet50")
+    pictures = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype="uint8")
+
+    def factory(extractor):
+        return inference_engine(extractor, "auto", precision="bfloat16").predict
+
+    from transferkit.cache import FeaturePlan
+
+    def plan():
+        train = ImageBatches(pictures[:8], encode_targets(np.arange(8) % 3, 3), 4, shuffle=True, seed=1)
+        val = ImageBatches(pictures[8:], encode_targets(np.arange(4) % 3, 3), 4)
+        stages = [StageConfig(epochs=1, unfreeze=0), StageConfig(epochs=1, unfreeze=2), StageConfig(epochs=1, unfreeze=3)]
+        return FeaturePlan(model, REGISTRY["resnet50"], stages, train, val, CacheConfig(), factory, dtype="float16")
+
+    whole = plan()
+    whole.stage_inputs(0)
+    reused = whole.stage_inputs(1)
+    fresh = plan().stage_inputs(1)
+    assert not reused.computed and fresh.computed
+    np.testing.assert_array_equal(fresh.train.store.array, reused.train.store.array)

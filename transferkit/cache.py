@@ -292,8 +292,8 @@ class CachedStage:
     Attributes:
         trainable: the model to fit (boundary features -> class outputs).
         train, val: ``FeatureBatches`` of the training and validation images.
-        calibration: backbone outputs of the first unaugmented training images, when the
-            stage's features are the backbone's output (for ``calibrate_head_batchnorm``);
+        calibration: backbone outputs of the first training images (their first view), when
+            the stage's features are the backbone's output (for ``calibrate_head_batchnorm``);
             else None.
         computed: True when this stage ran the frozen part (False: it reused features a
             previous stage computed).
@@ -343,7 +343,6 @@ class FeaturePlan:
         self.augmenter_factory = getattr(train_data, "augmenter_factory", None)
         # (source, boundary) -> (training store, validation store)
         self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
-        self._calibration: np.ndarray | None = None
 
     def boundary(self, index: int) -> int:
         """First block that stage ``index`` trains (``len(blocks)``: head only; 0: all)."""
@@ -390,10 +389,8 @@ class FeaturePlan:
         val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
         calibration = None
         if own == len(self.spec.blocks):
-            if self.augmenter_factory is None:
-                calibration = np.asarray(train_store.array[0, : self.CALIBRATION_IMAGES], dtype="float32")
-            else:
-                calibration = self._calibration
+            # The first view: the features the head trains on (augmented when augmentation is on).
+            calibration = np.asarray(train_store.array[0, : self.CALIBRATION_IMAGES], dtype="float32")
         return CachedStage(split.trainable, train, val, calibration, computed)
 
     def stage_done(self, index: int) -> None:
@@ -415,8 +412,8 @@ class FeaturePlan:
         source = self.source(index)
         # The network has an output for every stage of the run with this source, needed now
         # or not (a store of 0 views costs nothing): a resumed run then runs the very network
-        # the uninterrupted run ran, and gets the same numbers (16-bit engines fuse
-        # differently when a map is also an output).
+        # the uninterrupted run ran, so its numbers are the same by construction (an engine
+        # may fuse a graph differently when one more map is an output).
         group = [j for j in self._cached_from(0) if self.source(j) == source]
         served = [j for j in group if j >= index and self._key(j) not in self._stores]
         boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
@@ -449,11 +446,6 @@ class FeaturePlan:
         for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
             if count:
                 self._stores[source, boundary] = (train_store, val_store)
-        head_only = len(self.spec.blocks)
-        if head_only in boundaries and views[boundaries.index(head_only)] and self.augmenter_factory is not None:
-            # BatchNorm calibration wants features of unaugmented training images.
-            images = train.images[: self.CALIBRATION_IMAGES].astype("float32")
-            self._calibration = np.asarray(as_list(images)[boundaries.index(head_only)], dtype="float32")
 
     def _memory_used_mb(self) -> float:
         return sum(store.nbytes for stores in self._stores.values() for store in stores
