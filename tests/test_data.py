@@ -202,3 +202,19 @@ def test_batches_augment_reproducibly_and_reshuffle_each_epoch():
     assert len(first) == 3 and first[2][0].shape[0] == 2
     weighted = ImageBatches(images, targets, 4, sample_weights=np.arange(10, dtype="float32"))
     assert weighted[0][2].tolist() == [0, 1, 2, 3]
+
+
+def test_image_array_spills_beyond_its_budget_and_leaves_no_file(tmp_path):
+    from transferkit.data import image_array, take_rows
+
+    in_memory = image_array(4, 8, memory_budget_mb=1)
+    assert type(in_memory) is np.ndarray
+    spilled = image_array(4, 8, memory_budget_mb=1e-4, spill_dir=tmp_path)
+    assert isinstance(spilled, np.memmap)
+    assert list(tmp_path.iterdir()) == []  # unlinked once mapped; freed with the array
+    spilled[:] = np.arange(4 * 8 * 8 * 3).reshape(4, 8, 8, 3) % 251
+    rows = np.array([3, 1])
+    taken = take_rows(spilled, rows, memory_budget_mb=1e-4)
+    assert isinstance(taken, np.memmap)
+    np.testing.assert_array_equal(taken, np.asarray(spilled)[rows])
+    assert type(take_rows(spilled, rows, memory_budget_mb=1)) is np.ndarray

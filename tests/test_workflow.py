@@ -163,3 +163,29 @@ def test_weights_that_cannot_be_loaded_leave_no_folder_behind(shapes_dir, tmp_pa
     with pytest.raises(WeightsError, match="--weights none"):
         transferkit.finetune(shapes_dir, None, {"weights": "imagenet", "image_size": 32}, output=tmp_path / "run", verbose=0)
     assert [path.name for path in tmp_path.iterdir() if path.name != "keras-home"] == []
+
+
+def test_images_beyond_the_memory_budget_train_the_same(shapes_dir, tmp_path, monkeypatch):
+    """data.memory_mb smaller than the decoded images: they go to a memory-mapped file and
+    the run is the same as with everything in memory."""
+    from tests.conftest import TINY
+    from transferkit import data
+
+    spilled = []
+    original = data.image_array
+
+    def spy(count, size, memory_budget_mb, spill_dir=None):
+        array = original(count, size, memory_budget_mb, spill_dir)
+        spilled.append(isinstance(array, np.memmap))
+        return array
+
+    monkeypatch.setattr(data, "image_array", spy)
+    small = transferkit.finetune(shapes_dir, None, {**TINY, "data.memory_mb": 0.01}, output=tmp_path / "small",
+                                 verbose=0)
+    assert spilled and all(spilled)
+    spilled.clear()
+    large = transferkit.finetune(shapes_dir, None, TINY, output=tmp_path / "large", verbose=0)
+    assert spilled and not any(spilled)
+    assert [row["val_loss"] for row in small.history] == pytest.approx([row["val_loss"] for row in large.history])
+    for a, b in zip(small.model.get_weights(), large.model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -7,9 +7,11 @@ __MACOSX) are ignored; files without an image extension are listed as skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -306,6 +308,41 @@ def decode_images(
                 progress(done)
     kept = np.flatnonzero(ok)
     return images[kept], kept, skipped
+
+
+def image_array(count: int, size: int, memory_budget_mb: float, spill_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """An uninitialised uint8 (count, size, size, 3) array: in memory when it fits the budget,
+    else memory-mapped from a temporary file.
+
+    The file is unlinked as soon as it is mapped (on systems that allow it), so nothing is
+    left behind however the process ends; its space is freed when the array is.
+
+    Args:
+        count: number of images.
+        size: image side in pixels.
+        memory_budget_mb: largest size kept in memory, in MB.
+        spill_dir: where the file goes; default the system temporary folder.
+    """
+    shape = (count, size, size, 3)
+    if count * size * size * 3 <= memory_budget_mb * 2**20:
+        return np.empty(shape, dtype="uint8")
+    handle = tempfile.NamedTemporaryFile(prefix="transferkit-images-", suffix=".u8", dir=spill_dir, delete=False)
+    try:
+        array = np.memmap(handle, dtype="uint8", mode="w+", shape=shape)
+    finally:
+        handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+    return array
+
+
+def take_rows(images: np.ndarray, rows: np.ndarray, memory_budget_mb: float) -> np.ndarray:
+    """``images[rows]`` as a new array from ``image_array`` (memory-mapped beyond the budget),
+    copied in chunks so a memory-mapped source is never read into memory whole."""
+    out = image_array(len(rows), images.shape[1], memory_budget_mb)
+    for start in range(0, len(rows), 256):
+        out[start : start + 256] = images[rows[start : start + 256]]
+    return out
 
 
 def stratified_split(

@@ -215,7 +215,7 @@ def check_data(
     *,
     min_side: int | None = None,
     workers: int | None = None,
-    images: dict | None = None,
+    keep: Callable[[Path, np.ndarray], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> DataReport:
     """Read every image of a data folder once and report what is worth fixing.
@@ -244,8 +244,9 @@ def check_data(
         imbalance_limit: largest/smallest class ratio accepted, at least 1; default 3.0.
         min_side: smallest accepted image side in pixels; default half of ``image_size``.
         workers: reading threads; default the number of CPUs.
-        images: when given, receives path -> the decoded uint8 (image_size, image_size, 3)
-            image of every readable file, so training need not read the files again.
+        keep: when given, called with (path, decoded uint8 (image_size, image_size, 3)
+            image) for every readable file, from the reading threads, so training need
+            not read the files again.
         progress: called with the number of files read so far.
 
     Returns:
@@ -287,7 +288,7 @@ def check_data(
     inspections = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         paths = (path for _, _, path in entries)
-        for done, inspection in enumerate(pool.map(lambda path: _inspect(path, image_size, images), paths), 1):
+        for done, inspection in enumerate(pool.map(lambda path: _inspect(path, image_size, keep), paths), 1):
             inspections.append(inspection)
             if progress is not None:
                 progress(done)
@@ -376,15 +377,15 @@ class _Inspection:
     mode: str = ""
 
 
-def _inspect(path: Path, image_size: int, images: dict | None = None) -> _Inspection:
+def _inspect(path: Path, image_size: int, keep: Callable | None = None) -> _Inspection:
     try:
         # The decode training does (data.load_image, reduced-scale JPEG decoding included),
         # so a file is unreadable here exactly when training would skip it.
         image = data.load_image(path, image_size)
     except data.UnreadableImage as error:
         return _Inspection(path, error=error.reason)
-    if images is not None:
-        images[path] = image
+    if keep is not None:
+        keep(path, image)
     try:
         with Image.open(path) as image:  # the header: size and mode before conversion to RGB
             mode = image.mode

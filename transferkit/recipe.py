@@ -30,6 +30,8 @@ class DataConfig(_Section):
 
     val_split: float = Field(0.2, gt=0, lt=1)
     class_weights: bool = True
+    # Decoded images stay in memory when they fit; beyond it they live in a memory-mapped file.
+    memory_mb: float = Field(4096.0, gt=0)
 
 
 class HeadConfig(_Section):

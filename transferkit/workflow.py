@@ -126,29 +126,41 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
                 f"--val-dir {val_dir} has classes {', '.join(val_index.class_names)} but "
                 f"{data_dir} has {', '.join(class_names)}; both need the same class sub-folders"
             )
-    # One read of every file: the doctor's checks decode each image at the training size,
-    # and training takes those decoded images.
-    decoded: dict = {}
-    count = len(index.paths) + (len(val_index.paths) if val_index is not None else 0)
-    report = _check_data(data_dir, val_dir, recipe, decoded, count, verbose)
+    # One read of every file: the doctor's checks decode each image at the training size
+    # into one array (memory-mapped beyond data.memory_mb), and training takes it from there.
+    size, budget = recipe.image_size, recipe.data.memory_mb
+    paths = list(index.paths) + (list(val_index.paths) if val_index is not None else [])
+    rows: dict = {}
+    for row, path in enumerate(paths):
+        rows.setdefault(path, []).append(row)
+    decoded = data.image_array(len(paths), size, budget)
+    readable = np.zeros(len(paths), dtype=bool)
+
+    def keep(path, image):
+        for row in rows[path]:
+            decoded[row] = image
+            readable[row] = True
+
+    report = _check_data(data_dir, val_dir, recipe, keep, len(paths), verbose)
     reasons = dict(report.unreadable)
-    size = recipe.image_size
-    images, kept, skipped = _collect(index.paths, decoded, reasons, size)
+    first = len(index.paths)
+    kept, skipped = _kept_rows(index.paths, readable[:first], reasons)
     labels = index.labels[kept]
     skipped = list(index.skipped) + skipped
     _require_every_class(labels, class_names, data_dir)
     if val_index is None:
         train_rows, val_rows = data.stratified_split(labels, recipe.data.val_split, recipe.seed, class_names)
-        train_images, train_labels = images[train_rows], labels[train_rows]
-        val_images, val_labels = images[val_rows], labels[val_rows]
-        del images
+        train_rows, val_rows, train_labels, val_labels = (
+            kept[train_rows], kept[val_rows], labels[train_rows], labels[val_rows])
     else:
-        train_images, train_labels = images, labels
-        val_images, val_kept, val_skipped = _collect(val_index.paths, decoded, reasons, size)
-        val_labels = val_index.labels[val_kept]
+        val_kept, val_skipped = _kept_rows(val_index.paths, readable[first:], reasons)
+        train_rows, val_rows, train_labels, val_labels = kept, first + val_kept, labels, val_index.labels[val_kept]
         skipped += list(val_index.skipped) + val_skipped
         _require_every_class(val_labels, class_names, val_dir)
-    decoded.clear()
+    train_images = data.take_rows(decoded, train_rows, budget)
+    in_memory = 0 if isinstance(train_images, np.memmap) else train_images.nbytes / 2**20
+    val_images = data.take_rows(decoded, val_rows, budget - in_memory)
+    del decoded
     if skipped:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if verbose:
@@ -285,24 +297,20 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     )
 
 
-def _collect(paths, decoded: dict, reasons: dict, size: int):
-    """(images, indices of the kept paths, [(path, reason)] skipped) from the decoded images."""
-    kept = [index for index, path in enumerate(paths) if path in decoded]
+def _kept_rows(paths, readable: np.ndarray, reasons: dict):
+    """(indices of the readable paths, [(path, reason)] of the others, each warned about)."""
     skipped = []
-    for path in paths:
-        if path not in decoded:
+    for path, ok in zip(paths, readable):
+        if not ok:
             reason = reasons.get(path, "cannot be read")
             log.warning("skipping %s: %s", path, reason)
             skipped.append((path, reason))
-    images = np.empty((len(kept), size, size, 3), dtype="uint8")
-    for row, index in enumerate(kept):
-        images[row] = decoded[paths[index]]
-    return images, np.asarray(kept, dtype="int64"), skipped
+    return np.flatnonzero(readable), skipped
 
 
-def _check_data(data_dir, val_dir, recipe: Recipe, decoded: dict, count: int, verbose: int):
-    """Read every image once (into ``decoded``) and warn, without stopping, about what
-    ``transferkit doctor`` would report as problems."""
+def _check_data(data_dir, val_dir, recipe: Recipe, keep, count: int, verbose: int):
+    """Read every image once (each decoded image goes to ``keep(path, image)``) and warn,
+    without stopping, about what ``transferkit doctor`` would report as problems."""
     from transferkit.doctor import check_data
 
     progress = None
@@ -313,7 +321,7 @@ def _check_data(data_dir, val_dir, recipe: Recipe, decoded: dict, count: int, ve
         progress = keras.utils.Progbar(count, unit_name="image").update
     report = check_data(
         data_dir, image_size=recipe.image_size, val_split=recipe.data.val_split,
-        seed=recipe.seed, val_dir=val_dir, images=decoded, progress=progress,
+        seed=recipe.seed, val_dir=val_dir, keep=keep, progress=progress,
     )
     for message in report.problems:
         if "unreadable file" not in message:  # those are warned about one by one below
