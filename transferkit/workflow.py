@@ -160,7 +160,6 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     train_images = data.take_rows(decoded, train_rows, budget)
     in_memory = 0 if isinstance(train_images, np.memmap) else train_images.nbytes / 2**20
     val_images = data.take_rows(decoded, val_rows, budget - in_memory)
-    del decoded
     if skipped:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if verbose:
