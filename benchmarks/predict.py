@@ -31,8 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 CLASSES = 5
-TRAIN_PER_CLASS = 40
-TRAIN_EPOCHS = 6
+TRAIN_PER_CLASS = 60
+TRAIN_EPOCHS = 30
 
 
 def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, seed: int = 0) -> None:
@@ -62,6 +62,18 @@ def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, s
     runs.write_labels(run_dir, [f"class{i}" for i in range(CLASSES)], size, backbone_name, output_activation(CLASSES))
 
 
+def keras_float32(run_dir: Path):
+    """The run's model loaded by plain Keras, in float32 (a run trained in mixed precision
+    saves its layers' policies, so it is cloned with float32 ones)."""
+    import keras
+
+    from transferkit.engine import float32_clone
+
+    keras.config.set_dtype_policy("float32")
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    return float32_clone(model)
+
+
 def make_trained_run(run_dir: Path, backbone_name: str, size: int, tmp: Path, seed: int = 0) -> None:
     """A run folder holding a classifier trained by transferkit on generated shapes."""
     import transferkit
@@ -69,7 +81,7 @@ def make_trained_run(run_dir: Path, backbone_name: str, size: int, tmp: Path, se
 
     data = write_shapes_dataset(tmp / f"train-{backbone_name}", CLASSES, TRAIN_PER_CLASS, size=size, seed=seed)
     overrides = {"backbone": backbone_name, "weights": "none", "image_size": size, "seed": seed,
-                 "stages.0.epochs": TRAIN_EPOCHS, "stages.1.epochs": 0}
+                 "stages.0.epochs": TRAIN_EPOCHS, "stages.0.patience": TRAIN_EPOCHS, "stages.1.epochs": 0}
     transferkit.finetune(data, None, overrides, output=run_dir, verbose=0)
 
 
@@ -107,8 +119,7 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
     run = load_run(run_dir)
     floats = decoded.astype("float32")
 
-    keras.config.set_dtype_policy("float32")
-    plain = keras.models.load_model(run_dir / "model.keras", compile=False)
+    plain = keras_float32(run_dir)
     plain.predict(floats[:batch], batch_size=batch, verbose=0)  # warm-up
     started = time.perf_counter()
     reference = plain.predict(floats, batch_size=batch, verbose=0)
@@ -179,8 +190,7 @@ def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batc
     run_dir = tmp / f"untrained-{backbone_name}"
     make_run(run_dir, backbone_name, size, decoded[:64])
     floats = decoded.astype("float32")
-    keras.config.set_dtype_policy("float32")
-    plain = keras.models.load_model(run_dir / "model.keras", compile=False)
+    plain = keras_float32(run_dir)
     theirs = np.argmax(plain.predict(floats, batch_size=batch, verbose=0), axis=1)
     engine = inference_engine(load_run(run_dir).model, "auto", size, cache_dir=engine_cache_dir(run_dir))
     ours = np.concatenate([np.argmax(engine.predict(floats[i : i + batch]), axis=1)

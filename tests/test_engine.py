@@ -261,3 +261,24 @@ def test_openvino_is_used_with_its_telemetry_off(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "intel").exists()
+
+
+def test_classifier_in_16_bits_runs_its_head_in_float32(tmp_path):
+    """inference_engine splits a classifier: body in bfloat16, head in float32 (the output
+    layer stays float32, as in Keras mixed precision), and predicts what the model does."""
+    from transferkit.engine import ChainedEngine, inference_engine
+
+    model = classifier("vgg16", seed=7)
+    engine = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")
+    assert isinstance(engine, ChainedEngine)
+    assert engine.body.precision_hint == "bf16" and engine.head.precision_hint == "f32"
+    assert engine.ir_path is not None and engine.ir_path.is_file()
+    batch = images(6, seed=8)
+    got = engine.predict(batch)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(got - model.predict_on_batch(batch)).max() < 0.05
+    # the head alone, given the body's bf16 features, is float32 Keras to float32 rounding
+    features = engine.body.predict(batch)
+    np.testing.assert_allclose(got, model.get_layer("head").predict_on_batch(features), rtol=1e-4, atol=1e-6)
+    exact = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="float32")
+    assert not isinstance(exact, ChainedEngine)
