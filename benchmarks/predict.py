@@ -99,7 +99,6 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
 
 
 def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path) -> dict:
-    import keras
 
     from transferkit.data import decode_images, iter_image_files
     from transferkit.engine import inference_engine
@@ -181,7 +180,6 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
 
 def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batch: int, tmp: Path) -> dict:
     """Top-1 agreement of the default engine with Keras float32 on an untrained classifier."""
-    import keras
 
     from transferkit.engine import inference_engine
     from transferkit.predict import engine_cache_dir
