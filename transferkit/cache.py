@@ -116,7 +116,7 @@ class FeatureStore:
                  spill_dir: str | os.PathLike | None = None):
         self.shape = (views, count, *shape)
         nbytes = math.prod(self.shape) * np.dtype(dtype).itemsize
-        self.on_disk = nbytes > memory_budget_mb * 2**20
+        self.on_disk = nbytes > 0 and nbytes > memory_budget_mb * 2**20
         self._file = None
         if self.on_disk:
             self._file = tempfile.NamedTemporaryFile(prefix="transferkit-features-", suffix=".npy",
