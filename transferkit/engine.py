@@ -118,29 +118,59 @@ class OpenVINOEngine(ForwardEngine):
         return f"<OpenVINOEngine {self.precision_hint}, {_shape_label(self.input_shape)}, ir={self.ir_path}>"
 
 
+# A 16-bit prediction whose top two probabilities are closer than this is computed again in
+# float32: 16-bit rounding moves probabilities by up to about 0.01, so only such near ties can
+# come out with another top class than in float32.
+REFINE_MARGIN = 0.02
+
+
 class ChainedEngine(ForwardEngine):
-    """Engines run one after the other: a classifier's body (preprocessing + backbone) in the
-    16-bit precision that makes it fast, then its small head in float32, so the output layer
-    stays float32 as it does in Keras's mixed precision.
+    """A classifier in 16 bits: its body (preprocessing + backbone) in the 16-bit precision
+    that makes it fast, then its small head in float32, so the output layer stays float32 as
+    it does in Keras's mixed precision. Near ties (top-two margin below ``REFINE_MARGIN``)
+    are computed again by a float32 engine, built on the first one, so the top class agrees
+    with float32 Keras while confident predictions keep the 16-bit speed.
 
     Attributes:
         body, head: the two ``OpenVINOEngine`` parts.
+        refined: how many images were computed again in float32 so far.
     """
 
     name = "openvino"
 
-    def __init__(self, body: "OpenVINOEngine", head: "OpenVINOEngine"):
+    def __init__(self, body: "OpenVINOEngine", head: "OpenVINOEngine", exact_factory=None):
         self.body, self.head = body, head
         self.input_shape = body.input_shape
         self.precision_hint = body.precision_hint
         self.ir_path = body.ir_path
+        self._exact_factory = exact_factory
+        self._exact = None
+        self.refined = 0
 
     @property
     def image_size(self) -> int:
         return self.body.image_size
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.head.predict(self.body.predict(batch))
+        outputs = self.head.predict(self.body.predict(batch))
+        if self._exact_factory is None or len(outputs) == 0:
+            return outputs
+        near = np.flatnonzero(_top_margin(outputs) < REFINE_MARGIN)
+        if len(near):
+            if self._exact is None:
+                self._exact = self._exact_factory()
+            outputs = np.array(outputs, copy=True)
+            outputs[near] = self._exact.predict(np.asarray(batch)[near])
+            self.refined += len(near)
+        return outputs
+
+
+def _top_margin(outputs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability per row (a single sigmoid unit p: |2p - 1|)."""
+    if outputs.shape[-1] == 1:
+        return np.abs(2.0 * outputs[:, 0] - 1.0)
+    top = np.partition(outputs, -2, axis=-1)
+    return top[:, -1] - top[:, -2]
 
     def __repr__(self) -> str:
         return f"<ChainedEngine body {self.body!r}, head {self.head!r}>"
@@ -494,15 +524,20 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
     parts = _body_and_head(model)
     if parts is not None and engine != "keras" and _precision_hint(precision) != "f32":
         # A classifier in 16 bits: the body runs in 16 bits, the head (a few dense layers,
-        # next to nothing to compute) in float32, which keeps top-1 agreement with float32
-        # Keras higher at the same speed.
+        # next to nothing to compute) in float32, and near ties again in float32.
         body, head = parts
         body_engine = make_engine(body, engine, input_shape=shape, cache_dir=cache_dir, precision=precision)
         if not isinstance(body_engine, OpenVINOEngine):
             return KerasEngine(model)
         head_engine = make_engine(head, "openvino", cache_dir=cache_dir, precision="float32")
         if isinstance(head_engine, OpenVINOEngine):
-            return ChainedEngine(body_engine, head_engine)
+            if shape is None:
+                return ChainedEngine(body_engine, head_engine)
+
+            def exact():
+                return make_engine(model, "openvino", input_shape=shape, cache_dir=cache_dir, precision="float32")
+
+            return ChainedEngine(body_engine, head_engine, exact)
     return make_engine(model, engine, input_shape=shape, cache_dir=cache_dir, precision=precision)
 
 
