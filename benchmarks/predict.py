@@ -2,8 +2,10 @@
 
 For each backbone, on a generated folder: transferkit's predict (default engine: OpenVINO
 on CPU when installed) against plain Keras float32 ``model.predict`` on the same decoded
-images at the same batch size, and against the bare forward pass of the engine predict uses;
-top-1 agreement with Keras float32. Then the peak memory (max RSS) of predict over 2,000
+images at the same batch size, and against the bare forward pass of the engine predict uses
+(for a classifier in 16 bits: its body and head, without the float32 second look at near
+ties that predict's default precision adds); top-1 agreement with Keras float32; the same
+with ``--precision bfloat16`` (no second look) and ``float32``. Then the peak memory (max RSS) of predict over 2,000
 and 20,000 images, each in a fresh process (its VmHWM). Prints one JSON line.
 
     python benchmarks/predict.py --backbones vgg16,resnet50 --size 224 --images 256
@@ -127,21 +129,38 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
 
     from transferkit.predict import engine_cache_dir
 
+    # Setup includes the float32 network for near ties (otherwise built on the first one).
     started = time.perf_counter()
     engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
+    getattr(engine, "exact", None)
     first_setup = time.perf_counter() - started
     started = time.perf_counter()
     engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
+    getattr(engine, "exact", None)
     cached_setup = time.perf_counter() - started
     engine.predict(floats[:batch])  # warm-up
+    refined_before = getattr(engine, "refined", 0)
     started = time.perf_counter()
     result = predict_folder(run, images_dir, batch_size=batch, engine=engine)
     predict_rate = count / (time.perf_counter() - started)
+    refined = getattr(engine, "refined", 0) - refined_before
 
+    # The bare forward: the network alone (for the 16-bit classifier engine, its body and
+    # head without the float32 pass over near ties, which predict pays for).
+    forward = engine.predict
+    if hasattr(engine, "body"):
+        forward = lambda images: engine.head.predict(engine.body.predict(images))  # noqa: E731
     started = time.perf_counter()
     for start in range(0, count, batch):
-        engine.predict(floats[start : start + batch])
+        forward(floats[start : start + batch])
     engine_rate = count / (time.perf_counter() - started)
+
+    fast_engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision="bfloat16")
+    fast_engine.predict(floats[:batch])
+    started = time.perf_counter()
+    fast = predict_folder(run, images_dir, batch_size=batch, engine=fast_engine)
+    fast_rate = count / (time.perf_counter() - started)
+    fast_labels = np.asarray([run.class_names.index(row.label) for row in fast.rows])
 
     exact_engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision="float32")
     exact_engine.predict(floats[:batch])
@@ -164,12 +183,19 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         "bare_engine_forward_images_per_s": round(engine_rate, 1),
         "ratio_predict_to_keras_float32": round(predict_rate / keras_rate, 2),
         "ratio_predict_to_bare_engine": round(predict_rate / engine_rate, 3),
+        "images_recomputed_in_float32_as_near_ties": int(refined),
         "top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
         "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4) if clear.any() else None,
         "images_with_margin_over_0.05": int(clear.sum()),
         "distinct_predicted_classes": int(len(np.unique(theirs))),
         "keras_float32_accuracy_on_these_images": round(float(np.mean(theirs == truth)), 4),
         "untrained_classifier": untrained,
+        "with_precision_bfloat16": {
+            "images_per_s": round(fast_rate, 1),
+            "ratio_to_keras_float32": round(fast_rate / keras_rate, 2),
+            "ratio_to_bare_engine": round(fast_rate / engine_rate, 3),
+            "top1_agreement_with_keras_float32": round(float(np.mean(fast_labels == theirs)), 4),
+        },
         "with_precision_float32": {
             "images_per_s": round(exact_rate, 1),
             "ratio_to_keras_float32": round(exact_rate / keras_rate, 2),

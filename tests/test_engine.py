@@ -269,8 +269,14 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     REFINE_MARGIN are computed again in float32 and so equal float32 Keras."""
     from transferkit.engine import ChainedEngine, _top_margin, inference_engine
 
+    import transferkit.precision
+
     model = classifier("vgg16", seed=7)
-    engine = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")
+    only_16_bits = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")
+    assert isinstance(only_16_bits, ChainedEngine) and only_16_bits.exact is None
+    # "auto" on a CPU with bfloat16 (whatever this one has)
+    monkeypatch.setattr(transferkit.precision, "resolve_precision", lambda precision: ("mixed_bfloat16", "test"))
+    engine = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="auto")
     assert isinstance(engine, ChainedEngine)
     assert engine.body.precision_hint == "bf16" and engine.head.precision_hint == "f32"
     assert engine.ir_path is not None and engine.ir_path.is_file()

@@ -155,7 +155,7 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     engine: Annotated[str, typer.Option(help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bfloat16 where the CPU runs it fast), float32 (exact), bfloat16 or float16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 or float16 (16 bits only).")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""

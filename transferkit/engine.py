@@ -127,9 +127,10 @@ REFINE_MARGIN = 0.02
 class ChainedEngine(ForwardEngine):
     """A classifier in 16 bits: its body (preprocessing + backbone) in the 16-bit precision
     that makes it fast, then its small head in float32, so the output layer stays float32 as
-    it does in Keras's mixed precision. Near ties (top-two margin below ``REFINE_MARGIN``)
-    are computed again by a float32 engine, built on the first one, so the top class agrees
-    with float32 Keras while confident predictions keep the 16-bit speed.
+    it does in Keras's mixed precision. With ``exact_factory``, near ties (top-two margin
+    below ``REFINE_MARGIN``) are computed again by the float32 engine it builds (on first
+    use, or when ``exact`` is read), so the top class agrees with float32 Keras while
+    confident predictions keep the 16-bit speed.
 
     Attributes:
         body, head: the two ``OpenVINOEngine`` parts.
@@ -157,12 +158,17 @@ class ChainedEngine(ForwardEngine):
             return outputs
         near = np.flatnonzero(_top_margin(outputs) < REFINE_MARGIN)
         if len(near):
-            if self._exact is None:
-                self._exact = self._exact_factory()
             outputs = np.array(outputs, copy=True)
-            outputs[near] = self._exact.predict(np.asarray(batch)[near])
+            outputs[near] = self.exact.predict(np.asarray(batch)[near])
             self.refined += len(near)
         return outputs
+
+    @property
+    def exact(self) -> ForwardEngine | None:
+        """The float32 engine for near ties (built on first use); None without one."""
+        if self._exact is None and self._exact_factory is not None:
+            self._exact = self._exact_factory()
+        return self._exact
 
 
 def _top_margin(outputs: np.ndarray) -> np.ndarray:
@@ -511,7 +517,10 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
         engine: "auto", "keras" or "openvino"; default "auto".
         image_size: the side of the square batches it will get; default the model's own.
         cache_dir: where the converted network is cached; default None (not cached).
-        precision: "auto", "float32", "bfloat16" or "float16"; default "auto".
+        precision: "auto", "float32", "bfloat16" or "float16"; default "auto". A classifier
+            in 16 bits (auto on a CPU with bfloat16, or asked for) gets a ``ChainedEngine``:
+            body in 16 bits, head in float32; with "auto" near ties are also computed again
+            in float32.
 
     Returns:
         A ``ForwardEngine``.
@@ -524,14 +533,15 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
     parts = _body_and_head(model)
     if parts is not None and engine != "keras" and _precision_hint(precision) != "f32":
         # A classifier in 16 bits: the body runs in 16 bits, the head (a few dense layers,
-        # next to nothing to compute) in float32, and near ties again in float32.
+        # next to nothing to compute) in float32, and, for precision "auto", near ties
+        # again in float32 ("bfloat16" or "float16" asked for explicitly: 16 bits only).
         body, head = parts
         body_engine = make_engine(body, engine, input_shape=shape, cache_dir=cache_dir, precision=precision)
         if not isinstance(body_engine, OpenVINOEngine):
             return KerasEngine(model)
         head_engine = make_engine(head, "openvino", cache_dir=cache_dir, precision="float32")
         if isinstance(head_engine, OpenVINOEngine):
-            if shape is None:
+            if shape is None or precision != "auto":
                 return ChainedEngine(body_engine, head_engine)
 
             def exact():

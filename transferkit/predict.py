@@ -72,7 +72,9 @@ def predict_folder(
             converted network is cached per run and image size (see ``engine_cache_dir``).
             A ``ForwardEngine`` built for this run's model is used as it is.
         precision: the engine's compute precision: "auto" (bfloat16 where the CPU runs it
-            fast), "float32" (matches Keras float32 to ~1e-5), "bfloat16" or "float16".
+            fast, near ties computed again in float32 so the top class agrees with float32),
+            "float32" (matches Keras float32 to ~1e-5), "bfloat16" or "float16" (16 bits
+            only: fastest).
 
     Returns:
         A ``PredictionResult``: rows in path order, skipped and ignored files.
