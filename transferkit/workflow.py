@@ -137,7 +137,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     readable = np.zeros(len(paths), dtype=bool)
 
     def keep(path, image):
-        for row in rows[path]:
+        for row in rows.get(path, ()):  # a file added since the folder was indexed is not used
             decoded[row] = image
             readable[row] = True
 
