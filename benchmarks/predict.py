@@ -155,21 +155,21 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         forward(floats[start : start + batch])
     engine_rate = count / (time.perf_counter() - started)
 
-    fast_engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision="bfloat16")
-    fast_engine.predict(floats[:batch])
-    started = time.perf_counter()
-    fast = predict_folder(run, images_dir, batch_size=batch, engine=fast_engine)
-    fast_rate = count / (time.perf_counter() - started)
-    fast_labels = np.asarray([run.class_names.index(row.label) for row in fast.rows])
+    def labels_of(prediction) -> np.ndarray:
+        return np.asarray([run.class_names.index(row.label) for row in prediction.rows])
 
-    exact_engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision="float32")
-    exact_engine.predict(floats[:batch])
-    started = time.perf_counter()
-    exact = predict_folder(run, images_dir, batch_size=batch, engine=exact_engine)
-    exact_rate = count / (time.perf_counter() - started)
+    def predict_with(precision: str) -> tuple[float, np.ndarray]:
+        """(images/s, top-1 labels) of predict with an engine of this precision."""
+        other = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision=precision)
+        other.predict(floats[:batch])  # warm-up
+        started = time.perf_counter()
+        prediction = predict_folder(run, images_dir, batch_size=batch, engine=other)
+        return count / (time.perf_counter() - started), labels_of(prediction)
 
-    ours = np.asarray([run.class_names.index(row.label) for row in result.rows])
-    exact_labels = np.asarray([run.class_names.index(row.label) for row in exact.rows])
+    fast_rate, fast_labels = predict_with("bfloat16")
+    exact_rate, exact_labels = predict_with("float32")
+
+    ours = labels_of(result)
     theirs = np.argmax(reference, axis=1)
     ordered = np.sort(reference, axis=1)
     clear = (ordered[:, -1] - ordered[:, -2]) > 0.05

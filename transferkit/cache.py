@@ -332,8 +332,6 @@ class FeaturePlan:
         verbose: print what is computed, with a progress bar.
     """
 
-    CALIBRATION_IMAGES = 128
-
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
                  *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0):
         self.model, self.spec, self.stages = model, spec, list(stages)
@@ -390,7 +388,9 @@ class FeaturePlan:
         calibration = None
         if own == len(self.spec.blocks):
             # The first view: the features the head trains on (augmented when augmentation is on).
-            calibration = np.asarray(train_store.array[0, : self.CALIBRATION_IMAGES], dtype="float32")
+            from transferkit.training import CALIBRATION_IMAGES
+
+            calibration = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
         return CachedStage(split.trainable, train, val, calibration, computed)
 
     def stage_done(self, index: int) -> None:
@@ -424,7 +424,7 @@ class FeaturePlan:
         shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
         train, val = self.train_data, self.val_data
         budget = self.config.memory_mb - self._memory_used_mb()
-        passes = max(views) if self.augmenter_factory is not None else 1
+        passes = max(views)  # self.views() is 1 without augmentation
         total = passes * len(train) + len(val)
         bar = keras.utils.Progbar(total, unit_name="batch") if self.verbose else None
         if self.verbose:
