@@ -228,3 +228,57 @@ def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
     fresh = plan().stage_inputs(1)
     assert not reused.computed and fresh.computed
     np.testing.assert_array_equal(fresh.train.store.array, reused.train.store.array)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_cached_stage_validation_figures_are_what_keras_evaluate_gives(n_classes):
+    """A cached stage computes its validation loss and accuracy itself (no traced test
+    function); they must be the figures Keras reports for the same model and images."""
+    from transferkit.model import loss_for
+
+    model = build("vgg16", n_classes=n_classes, seed=8)
+    labels = np.arange(24) % n_classes
+    train = ImageBatches(images(24), encode_targets(labels, n_classes), 8, shuffle=True, seed=1)
+    val = ImageBatches(images(11, seed=5), encode_targets(np.arange(11) % n_classes, n_classes), 4)
+    history = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, learning_rate=1e-2, unfreeze=0)],
+                         train, val, n_classes, verbose=0, seed=1, cache=CacheConfig(enabled=True))
+    model.compile(loss=loss_for(n_classes), metrics=["accuracy"])
+    expected = model.evaluate(val, verbose=0, return_dict=True)
+    assert history[0]["val_loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    assert history[0]["val_accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_path):
+    """The whole model is saved in the background as a cached stage starts, while its head
+    already trains: resuming from that checkpoint must start from the head as it was."""
+    from transferkit.checkpoint import StopFlag, TrainingInterrupted, WorkFolder
+
+    def batches():
+        train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)
+        return train, ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 8)
+
+    stages = [StageConfig(epochs=2, learning_rate=1e-2, unfreeze=0, patience=10)]
+    reference = build("vgg16", seed=7)
+    expected = run_stages(reference, REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
+                          cache=CacheConfig())
+
+    stop = StopFlag()
+
+    class StopInFirstEpoch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            stop.requested = "SIGINT"
+
+    work = WorkFolder.create(tmp_path / "run", {}, "", force=False)
+    with pytest.raises(TrainingInterrupted):
+        run_stages(build("vgg16", seed=7), REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
+                   cache=CacheConfig(), work=work, stop=stop, callbacks=[StopInFirstEpoch()])
+    state = work.state()
+    assert (state.epochs_done, state.part_only, state.history) == (0, True, [])
+
+    work = WorkFolder.open(tmp_path / "run")
+    resumed = work.load_model()
+    history = run_stages(resumed, REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
+                         cache=CacheConfig(), work=work, state=state)
+    assert [row["val_loss"] for row in history] == pytest.approx([row["val_loss"] for row in expected], rel=1e-6)
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -68,7 +68,10 @@ def split_at_block(model, spec: BackboneSpec, first_open: int) -> SplitModel | N
     preprocessed = model.get_layer("preprocessing")(images)
     if first_open == len(spec.blocks):
         extractor = keras.Model(images, backbone(preprocessed), name="extractor")
-        return SplitModel(extractor, model.get_layer("head"), "")
+        # A model around the head, not the head itself: compiling it gives the wrapper the
+        # optimizer, so the classifier's own saves carry no nested optimizer state.
+        features = keras.Input(shape=tuple(backbone.output.shape[1:]), name="features")
+        return SplitModel(extractor, keras.Model(features, model.get_layer("head")(features), name="trainable_part"), "")
     boundary = _boundary_layer(backbone, spec, first_open)
     frozen = keras.Model(backbone.input, boundary.output, name="frozen_part")
     extractor = keras.Model(images, frozen(preprocessed), name="extractor")

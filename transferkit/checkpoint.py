@@ -168,7 +168,8 @@ class WorkFolder:
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT_FILE).is_file() and (self.path / STATE_FILE).is_file()
 
-    def save(self, model, state: TrainingState, best_weights=None, optimizer=None, part_weights=None) -> None:
+    def save(self, model, state: TrainingState, best_weights=None, optimizer=None, part_weights=None,
+             whole_in_background: bool = False) -> None:
         """Checkpoint the run; the arrays and state are written in the background.
 
         The whole model (checkpoint.keras) is written here when ``part_weights`` is None.
@@ -184,12 +185,13 @@ class WorkFolder:
             optimizer: the optimizer of the model being fitted, or None between stages.
             part_weights: the weights of the part being fitted on cached features; then
                 only these are written, and checkpoint.keras stays as the stage began.
+            whole_in_background: with ``part_weights``, also write checkpoint.keras, in the
+                background: the model outside the part must not change meanwhile (it is
+                frozen), and the part's weights in it are superseded by ``part_weights``.
         """
         self.flush()
         if part_weights is None:
-            temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
-            model.save(temporary)
-            os.replace(temporary, self.path / CHECKPOINT_FILE)
+            self._save_whole(model)
         state.part_only = part_weights is not None
         arrays: dict[str, np.ndarray] = {}
         groups = {"best": best_weights, "part": part_weights,
@@ -199,9 +201,17 @@ class WorkFolder:
                 arrays[f"{group}/{index:05d}"] = np.asarray(value)
         self._generation += 1
         state.arrays_file = f"arrays-{self._generation}.npz" if arrays else None
-        self._pending = self._writer.submit(self._write, dict(arrays), asdict(state))
+        whole = model if whole_in_background and part_weights is not None else None
+        self._pending = self._writer.submit(self._write, dict(arrays), asdict(state), whole)
 
-    def _write(self, arrays: dict, state: dict) -> None:
+    def _save_whole(self, model) -> None:
+        temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
+        model.save(temporary)
+        os.replace(temporary, self.path / CHECKPOINT_FILE)
+
+    def _write(self, arrays: dict, state: dict, whole=None) -> None:
+        if whole is not None:
+            self._save_whole(whole)
         if state["arrays_file"]:
             temporary = self.path / f"tmp-{state['arrays_file']}"
             with open(temporary, "wb") as handle:
