@@ -280,6 +280,14 @@ class FeatureBatches(SeededBatches):
         super().set_epoch(epoch)
         self.view = epoch % self.views
 
+    def in_order(self, max_mb: float = 64):
+        """The current view's features of every image in store order, as float32 chunks
+        of at most ``max_mb`` (for inference over the whole set in few calls)."""
+        row_bytes = 4 * int(np.prod(self.store.shape[2:]))
+        rows = max(1, int(max_mb * 2**20) // row_bytes)
+        for start in range(0, self.store.shape[1], rows):
+            yield np.asarray(self.store.array[self.view, start : start + rows], dtype="float32")
+
     def _inputs(self, selected: np.ndarray) -> np.ndarray:
         # Sorted reads are much faster from a memory map; the batch order is restored after.
         ordering = np.argsort(selected, kind="stable")

@@ -446,7 +446,9 @@ def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_fact
 
 
 def _outputs_on(model, batches) -> np.ndarray:
-    """The model's inference outputs over a batch sequence, run eagerly: for a few batches
-    this is faster than ``predict``, which first traces a function."""
-    outputs = [keras.ops.convert_to_numpy(model(batches[i][0], training=False)) for i in range(len(batches))]
+    """The model's inference outputs over unshuffled batches, run eagerly: for a small model
+    this is faster than ``predict``, which first traces a function. Cached features are
+    read in large chunks (fewer calls) instead of batch by batch."""
+    chunks = batches.in_order() if hasattr(batches, "in_order") else (batches[i][0] for i in range(len(batches)))
+    outputs = [keras.ops.convert_to_numpy(model(chunk, training=False)) for chunk in chunks]
     return np.concatenate(outputs).astype("float32")
