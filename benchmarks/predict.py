@@ -12,9 +12,13 @@ and 20,000 images, each in a fresh process (its VmHWM). Prints one JSON line.
 
 The classifier is the one a user predicts with: trained by ``transferkit.finetune`` (head
 stage) on generated shapes, then asked about other generated shapes. Backbone weights are
-random (no network here for ImageNet's). The agreement of an untrained classifier (random
-head, BatchNorm calibrated so predictions spread over the classes: near-ties everywhere) is
-printed too, as the worst case for 16-bit rounding.
+random (no network here for ImageNet's), so this classifier is weak and unsure (many
+near ties: the float32 second look is at its most expensive). The same figures follow
+for a classifier that is sure of most answers, as a pretrained backbone is on real
+photos: trained on classes of distinct (overlapping) colours ("confident_classifier").
+The agreement of an untrained classifier (random head, BatchNorm calibrated so predictions
+spread over the classes: near-ties everywhere) is printed too, as the worst case for 16-bit
+rounding.
 """
 
 from __future__ import annotations
@@ -76,12 +80,39 @@ def keras_float32(run_dir: Path):
     return float32_clone(model)
 
 
-def make_trained_run(run_dir: Path, backbone_name: str, size: int, tmp: Path, seed: int = 0) -> None:
-    """A run folder holding a classifier trained by transferkit on generated shapes."""
-    import transferkit
+PALETTE = ((190, 60, 60), (70, 160, 70), (60, 80, 190), (200, 180, 60), (150, 70, 170))
+
+
+def write_colour_dataset(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:
+    """Classes of distinct colours; each image's colour and brightness vary so neighbouring
+    classes overlap a little, and pixel noise covers it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for index, colour in enumerate(PALETTE[:classes]):
+        folder = root / f"colour{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for number in range(per_class):
+            tint = np.asarray(colour) + rng.normal(0, 30, 3) + rng.normal(0, 25)
+            image = np.clip(tint + rng.normal(0, 40, (size, size, 3)), 0, 255).astype("uint8")
+            Image.fromarray(image).save(folder / f"colour{index}_{number:03d}.jpg", quality=90)
+    return root
+
+
+def write_dataset(kind: str, root: Path, per_class: int, size: int, seed: int) -> Path:
     from transferkit.synthetic import write_shapes_dataset
 
-    data = write_shapes_dataset(tmp / f"train-{backbone_name}", CLASSES, TRAIN_PER_CLASS, size=size, seed=seed)
+    if kind == "colours":
+        return write_colour_dataset(root, CLASSES, per_class, size, seed)
+    return write_shapes_dataset(root, CLASSES, per_class, size=size, seed=seed)
+
+
+def make_trained_run(run_dir: Path, backbone_name: str, size: int, tmp: Path, seed: int = 0,
+                     kind: str = "shapes") -> None:
+    """A run folder holding a classifier trained by transferkit on a generated dataset."""
+    import transferkit
+
+    data = write_dataset(kind, tmp / f"train-{kind}-{backbone_name}", TRAIN_PER_CLASS, size, seed)
     overrides = {"backbone": backbone_name, "weights": "none", "image_size": size, "seed": seed,
                  "stages.0.epochs": TRAIN_EPOCHS, "stages.0.patience": TRAIN_EPOCHS, "stages.1.epochs": 0}
     transferkit.finetune(data, None, overrides, output=run_dir, verbose=0)
@@ -100,23 +131,23 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     return folder
 
 
-def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path) -> dict:
-
+def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path, kind: str = "shapes",
+               modes: bool = True) -> dict:
+    """Predict against Keras and the bare forward for a classifier trained on ``kind``
+    ("shapes" or "colours"); with ``modes``, also the other precisions and the untrained
+    classifier."""
     from transferkit.data import decode_images, iter_image_files
     from transferkit.engine import inference_engine
     from transferkit.predict import predict_folder
     from transferkit.runs import load_run
 
-    from transferkit.synthetic import write_shapes_dataset
-
-    images_dir = write_shapes_dataset(tmp / f"images-{backbone_name}", CLASSES, -(-count // CLASSES), size=size,
-                                      seed=101)
+    images_dir = write_dataset(kind, tmp / f"images-{kind}-{backbone_name}", -(-count // CLASSES), size, 101)
     files = [path for path, reason in iter_image_files(images_dir) if reason is None][:count]
     for extra in [path for path, reason in iter_image_files(images_dir) if reason is None][count:]:
         extra.unlink()
     decoded, _, _ = decode_images(files, size)
-    run_dir = tmp / f"run-{backbone_name}"
-    make_trained_run(run_dir, backbone_name, size, tmp)
+    run_dir = tmp / f"run-{kind}-{backbone_name}"
+    make_trained_run(run_dir, backbone_name, size, tmp, kind=kind)
     run = load_run(run_dir)
     floats = decoded.astype("float32")
 
@@ -166,15 +197,11 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         prediction = predict_folder(run, images_dir, batch_size=batch, engine=other)
         return count / (time.perf_counter() - started), labels_of(prediction)
 
-    fast_rate, fast_labels = predict_with("bfloat16")
-    exact_rate, exact_labels = predict_with("float32")
-
     ours = labels_of(result)
     theirs = np.argmax(reference, axis=1)
     ordered = np.sort(reference, axis=1)
     clear = (ordered[:, -1] - ordered[:, -2]) > 0.05
-    untrained = untrained_agreement(backbone_name, size, decoded, batch, tmp)
-    return {
+    figures = {
         "engine": result.engine,
         "engine_setup_seconds_first": round(first_setup, 2),
         "engine_setup_seconds_cached": round(cached_setup, 2),
@@ -189,7 +216,14 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path)
         "images_with_margin_over_0.05": int(clear.sum()),
         "distinct_predicted_classes": int(len(np.unique(theirs))),
         "keras_float32_accuracy_on_these_images": round(float(np.mean(theirs == truth)), 4),
-        "untrained_classifier": untrained,
+    }
+    if not modes:
+        return figures
+    fast_rate, fast_labels = predict_with("bfloat16")
+    exact_rate, exact_labels = predict_with("float32")
+    return {
+        **figures,
+        "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp),
         "with_precision_bfloat16": {
             "images_per_s": round(fast_rate, 1),
             "ratio_to_keras_float32": round(fast_rate / keras_rate, 2),
@@ -273,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-counts", default="2000,20000")
     parser.add_argument("--memory-backbone", default="resnet50")
     parser.add_argument("--memory-size", type=int, default=64, help="image side for the memory runs (memory growth does not depend on it)")
+    parser.add_argument("--no-confident", dest="confident", action="store_false",
+                        help="skip the classifier trained on colours")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="tk-predict-bench-") as tmp:
@@ -281,6 +317,9 @@ def main(argv=None) -> int:
         result = {"benchmark": "predict", "size": args.size, "batch": args.batch, "images": args.images, "backbones": {}}
         for name in args.backbones.split(","):
             result["backbones"][name] = throughput(name, args.size, args.images, args.batch, tmp)
+            if args.confident:
+                result["backbones"][name]["confident_classifier"] = throughput(
+                    name, args.size, args.images, args.batch, tmp, kind="colours", modes=False)
         counts = [int(c) for c in args.memory_counts.split(",") if c]
         if counts:
             result["memory"] = memory(args.memory_backbone, args.memory_size, counts, args.batch, tmp)

@@ -180,6 +180,8 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
     assert head.train.store.shape[2:] == (1, 1, 512) and fine.train.store.shape[2:] == (2, 2, 512)
     resumed = plan_for(model, [0, 1], augment=augment).stage_inputs(1)
     assert resumed.computed
+    for stage in (head, fine, resumed):  # views after the first are computed in the background
+        stage.train.store.wait_for()
     np.testing.assert_array_equal(resumed.train.store.array, fine.train.store.array)
     np.testing.assert_array_equal(resumed.val.store.array, fine.val.store.array)
     # and they are the frozen part's output on the augmented views
@@ -227,6 +229,8 @@ def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
     reused = whole.stage_inputs(1)
     fresh = plan().stage_inputs(1)
     assert not reused.computed and fresh.computed
+    reused.train.store.wait_for()
+    fresh.train.store.wait_for()
     np.testing.assert_array_equal(fresh.train.store.array, reused.train.store.array)
 
 
@@ -282,3 +286,40 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
     assert [row["val_loss"] for row in history] == pytest.approx([row["val_loss"] for row in expected], rel=1e-6)
     for a, b in zip(reference.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_later_views_computed_in_the_background_equal_the_ones_computed_at_once():
+    from transferkit.augment import build_augmenter
+    from transferkit.cache import compute_feature_stores
+
+    factory = lambda: build_augmenter(AugmentConfig(rotation=30.0, shift=0.2))  # noqa: E731
+    forward = lambda batch: [batch.reshape(len(batch), -1)[:, :6] / 255.0]  # noqa: E731
+    common = dict(views=[3], augmenter_factory=factory, seed=4, batch_size=5)
+    (at_once,) = compute_feature_stores(forward, images(12), [(6,)], **common)
+    (store,) = compute_feature_stores(forward, images(12), [(6,)], later_views_in_background=True, **common)
+    assert at_once.filler is None and store.filler is not None
+    store.wait_for()
+    np.testing.assert_array_equal(store.array, at_once.array)
+    assert not np.array_equal(store.array[1], store.array[2])  # different augmented views
+    store.close()
+
+
+def test_a_failure_in_the_background_reaches_whoever_waits_for_that_view():
+    from transferkit.augment import build_augmenter
+    from transferkit.cache import compute_feature_stores
+
+    calls = []
+
+    def forward(batch):
+        calls.append(len(batch))
+        if len(calls) > 2:  # the two batches of view 0 succeed
+            raise RuntimeError("engine lost")
+        return [batch.reshape(len(batch), -1)[:, :2]]
+
+    (store,) = compute_feature_stores(
+        forward, images(8), [(2,)], views=[2], batch_size=4, later_views_in_background=True,
+        augmenter_factory=lambda: build_augmenter(AugmentConfig(rotation=10.0)))
+    store.wait_for(0)
+    with pytest.raises(RuntimeError, match="engine lost"):
+        store.wait_for(1)
+    store.close()

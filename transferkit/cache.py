@@ -5,6 +5,8 @@ depend on what is being trained, so it is computed once per image (and per augme
 and the trainable top (unfrozen blocks + head) trains on the stored features. With
 augmentation on, ``views`` augmented versions of each image are stored and epoch ``e``
 uses view ``e mod views``; every epoch after the views are computed costs only the top.
+A stage starts training as soon as the first view is stored: the later views are
+computed in the background while the first epochs train (epoch ``e`` waits for its view).
 
 Features live in memory up to a budget and in a memory-mapped file beyond it.
 """
@@ -15,6 +17,7 @@ import contextlib
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -129,9 +132,20 @@ class FeatureStore:
         else:
             self.array = np.empty(self.shape, dtype=dtype)
         self.nbytes = nbytes
+        self.filler: _ViewFiller | None = None
+
+    def wait_for(self, view: int | None = None) -> None:
+        """Block until ``view`` (default: every view) is stored; re-raise a failure of the
+        background computation."""
+        if self.filler is not None:
+            self.filler.wait(self.shape[0] - 1 if view is None else view)
 
     def close(self) -> None:
-        """Release the memory map and delete its file."""
+        """Release the memory map and delete its file (after the background computation
+        of later views, if any, has finished)."""
+        if self.filler is not None:
+            self.filler.join()
+            self.filler = None
         if self._file is not None:
             del self.array
             Path(self._file.name).unlink(missing_ok=True)
@@ -185,6 +199,60 @@ def compute_features(
     return store
 
 
+class _ViewFiller:
+    """Computes the views after the first in a background thread.
+
+    ``wait(view)`` blocks until every batch of that view is stored (or re-raises what went
+    wrong); ``cancel()`` stops after the current batch; ``join()`` waits for the end.
+    """
+
+    def __init__(self, run: Callable, jobs: list):
+        self._run, self._jobs = run, jobs
+        self._complete = 0  # views 0 .. _complete - 1 are stored
+        self._error: BaseException | None = None
+        self._finished = False
+        self._changed = threading.Condition()
+        self.cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="transferkit-features", daemon=True)
+
+    def start(self, first_pending_view: int) -> None:
+        self._complete = first_pending_view
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._run(self._jobs, self._view_done, self.cancelled)
+        except BaseException as error:  # handed to whoever waits for a view
+            with self._changed:
+                self._error = error
+        finally:
+            with self._changed:
+                self._finished = True
+                self._changed.notify_all()
+
+    def _view_done(self, view: int) -> None:
+        with self._changed:
+            self._complete = view + 1
+            self._changed.notify_all()
+
+    def wait(self, view: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._complete > view or self._finished)
+            if self._complete > view:
+                return
+            if self._error is not None:
+                raise self._error
+        raise RuntimeError(f"view {view} of the cached features was not computed (cancelled)")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.join()
+
+    def join(self) -> None:
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 def compute_feature_stores(
     forward: Callable[[np.ndarray], Sequence[np.ndarray]],
     images: np.ndarray,
@@ -198,6 +266,7 @@ def compute_feature_stores(
     memory_budget_mb: float = 2048,
     spill_dir: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
+    later_views_in_background: bool = False,
 ) -> list[FeatureStore]:
     """``compute_features`` for a forward pass with several outputs: one store per output.
 
@@ -205,6 +274,11 @@ def compute_feature_stores(
     agree with what one-output passes would compute. Output ``i`` keeps ``views[i]`` views;
     the pass runs max(views) times over the images. Stores are kept in memory while their
     sum fits ``memory_budget_mb``; the rest spill to disk.
+
+    With ``later_views_in_background``, only view 0 is computed before this returns; the
+    others are computed in a thread (``forward`` must not be used by anything else
+    meanwhile), and ``FeatureStore.wait_for(view)`` waits for one. The values are the same
+    either way.
 
     Returns:
         A list of ``FeatureStore``, in the order of the outputs.
@@ -231,20 +305,33 @@ def compute_feature_stores(
             ])
         return batch.astype("float32")
 
+    def run(jobs: list, view_done: Callable[[int], None] | None = None, cancelled=None) -> None:
+        # Augment the next batch in a thread while the engine runs the current one. OpenCV's
+        # own threads would only compete with the engine's for the same cores.
+        with _opencv_threads(1), ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, *jobs[0]) if jobs else None
+            for done, (view, start) in enumerate(jobs, start=1):
+                if cancelled is not None and cancelled.is_set():
+                    return
+                batch = pending.result()
+                if done < len(jobs):
+                    pending = pool.submit(prepare, *jobs[done])
+                for store, outputs in zip(stores, forward(batch)):
+                    if view < store.shape[0]:
+                        store.array[view, start : start + len(batch)] = np.asarray(outputs, dtype=dtype)
+                if progress is not None and view_done is None:
+                    progress(done)
+                if view_done is not None and (done == len(jobs) or jobs[done][0] != view):
+                    view_done(view)
+
     jobs = [(view, start) for view in range(max(views, default=0)) for start in range(0, len(images), batch_size)]
-    # Augment the next batch in a thread while the engine runs the current one. OpenCV's
-    # own threads would only compete with the engine's for the same cores.
-    with _opencv_threads(1), ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(prepare, *jobs[0]) if jobs else None
-        for done, (view, start) in enumerate(jobs, start=1):
-            batch = pending.result()
-            if done < len(jobs):
-                pending = pool.submit(prepare, *jobs[done])
-            for store, outputs in zip(stores, forward(batch)):
-                if view < store.shape[0]:
-                    store.array[view, start : start + len(batch)] = np.asarray(outputs, dtype=dtype)
-            if progress is not None:
-                progress(done)
+    now = [job for job in jobs if job[0] == 0] if later_views_in_background else jobs
+    run(now)
+    if len(now) < len(jobs):
+        filler = _ViewFiller(run, jobs[len(now):])
+        for store in stores:
+            store.filler = filler
+        filler.start(first_pending_view=1)
     return stores
 
 
@@ -283,12 +370,14 @@ class FeatureBatches(SeededBatches):
     def in_order(self, max_mb: float = 64):
         """The current view's features of every image in store order, as float32 chunks
         of at most ``max_mb`` (for inference over the whole set in few calls)."""
+        self.store.wait_for(self.view)
         row_bytes = 4 * int(np.prod(self.store.shape[2:]))
         rows = max(1, int(max_mb * 2**20) // row_bytes)
         for start in range(0, self.store.shape[1], rows):
             yield np.asarray(self.store.array[self.view, start : start + rows], dtype="float32")
 
     def _inputs(self, selected: np.ndarray) -> np.ndarray:
+        self.store.wait_for(self.view)
         # Sorted reads are much faster from a memory map; the batch order is restored after.
         ordering = np.argsort(selected, kind="stable")
         features = np.empty((len(selected), *self.store.shape[2:]), dtype="float32")
@@ -412,7 +501,11 @@ class FeaturePlan:
                 store.close()
 
     def close(self) -> None:
-        """Release every store."""
+        """Stop any background computation and release every store."""
+        for stores in self._stores.values():
+            for store in stores:
+                if store.filler is not None:
+                    store.filler.cancel()
         for stores in self._stores.values():
             for store in stores:
                 store.close()
@@ -436,23 +529,25 @@ class FeaturePlan:
         train, val = self.train_data, self.val_data
         budget = self.config.memory_mb - self._memory_used_mb()
         passes = max(views)  # self.views() is 1 without augmentation
-        total = passes * len(train) + len(val)
+        total = len(train) + len(val)  # the later views are computed while the stage trains
         bar = keras.utils.Progbar(total, unit_name="batch") if self.verbose else None
         if self.verbose:
             where = ", ".join(self._describe(b) for b, count in zip(boundaries, views) if count)
+            later = "; views after the first are computed while the stage trains" if passes > 1 else ""
             print(f"caching features of the frozen part ({passes} view(s) of {len(train.images)} "
-                  f"training + {len(val.images)} validation images; at {where})", flush=True)
+                  f"training + {len(val.images)} validation images; at {where}{later})", flush=True)
+        # Validation first: the training pass returns after its first view and goes on in
+        # the background, and the engine serves one caller at a time.
+        val_stores = compute_feature_stores(
+            as_list, val.images, shapes, views=[min(count, 1) for count in views], batch_size=val.batch_size,
+            dtype=self.dtype, memory_budget_mb=budget, progress=bar.update if bar else None,
+        )
+        budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
+        done = len(val)
         train_stores = compute_feature_stores(
             as_list, train.images, shapes, views=views, augmenter_factory=self.augmenter_factory,
             seed=self.seed, batch_size=train.batch_size, dtype=self.dtype, memory_budget_mb=budget,
-            progress=bar.update if bar else None,
-        )
-        budget -= sum(store.nbytes for store in train_stores if not store.on_disk) / 2**20
-        done = passes * len(train)
-        val_stores = compute_feature_stores(
-            as_list, val.images, shapes, views=[min(count, 1) for count in views], batch_size=val.batch_size,
-            dtype=self.dtype, memory_budget_mb=budget,
-            progress=(lambda n: bar.update(done + n)) if bar else None,
+            progress=(lambda n: bar.update(done + n)) if bar else None, later_views_in_background=True,
         )
         for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
             if count:
