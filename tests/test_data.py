@@ -205,7 +205,7 @@ def test_batches_augment_reproducibly_and_reshuffle_each_epoch():
 
 
 def test_image_array_spills_beyond_its_budget_and_leaves_no_file(tmp_path):
-    from transferkit.data import image_array, take_rows
+    from transferkit.data import image_array, partition_rows
 
     in_memory = image_array(4, 8, memory_budget_mb=1)
     assert type(in_memory) is np.ndarray
@@ -213,8 +213,26 @@ def test_image_array_spills_beyond_its_budget_and_leaves_no_file(tmp_path):
     assert isinstance(spilled, np.memmap)
     assert list(tmp_path.iterdir()) == []  # unlinked once mapped; freed with the array
     spilled[:] = np.arange(4 * 8 * 8 * 3).reshape(4, 8, 8, 3) % 251
-    rows = np.array([3, 1])
-    taken = take_rows(spilled, rows, memory_budget_mb=1e-4)
+    before = np.array(spilled)
+    (taken,) = partition_rows(spilled, [np.array([3, 1])])
     assert isinstance(taken, np.memmap)
-    np.testing.assert_array_equal(taken, np.asarray(spilled)[rows])
-    assert type(take_rows(spilled, rows, memory_budget_mb=1)) is np.ndarray
+    np.testing.assert_array_equal(taken, before[[3, 1]])
+    assert [path.name for path in tmp_path.iterdir() if path.name != "keras-home"] == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_partition_rows_gives_each_group_in_place(seed):
+    from transferkit.data import partition_rows
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (23, 2, 2, 3), dtype="uint8")
+    rows = rng.permutation(23)
+    groups = [np.sort(rows[:14]), np.sort(rows[14:20])]  # rows[20:] belong to no group
+    expected = [images[group].copy() for group in groups]
+    original = images.copy()
+    views = partition_rows(images, groups)
+    for view, wanted in zip(views, expected):
+        np.testing.assert_array_equal(view, wanted)
+        assert np.shares_memory(view, images)  # a view: no second copy of the images
+    # the rows in no group are still there: the array is a permutation of its old rows
+    assert sorted(row.tobytes() for row in images) == sorted(row.tobytes() for row in original)

@@ -336,13 +336,43 @@ def image_array(count: int, size: int, memory_budget_mb: float, spill_dir: str |
     return array
 
 
-def take_rows(images: np.ndarray, rows: np.ndarray, memory_budget_mb: float) -> np.ndarray:
-    """``images[rows]`` as a new array from ``image_array`` (memory-mapped beyond the budget),
-    copied in chunks so a memory-mapped source is never read into memory whole."""
-    out = image_array(len(rows), images.shape[1], memory_budget_mb)
-    for start in range(0, len(rows), 256):
-        out[start : start + 256] = images[rows[start : start + 256]]
-    return out
+def partition_rows(images: np.ndarray, groups: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Reorder the rows of ``images`` in place so each group's rows are contiguous, in
+    the order given, and return one view per group: ``images[group]`` without a copy.
+
+    Rows in no group go to the end. Memory stays that of ``images`` (in memory or
+    memory-mapped as it is), where indexing would copy every row once more.
+
+    Args:
+        images: (n, ...) array, reordered in place.
+        groups: disjoint arrays of row indices.
+
+    Returns:
+        One view of ``images`` per group, holding ``images[group]`` as it was before.
+    """
+    order = np.concatenate([np.asarray(group, dtype=np.int64) for group in groups] or [np.zeros(0, np.int64)])
+    rest = np.setdiff1d(np.arange(len(images)), order)
+    order = np.concatenate([order, rest])  # position i takes the row that was at order[i]
+    placed = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if placed[start] or order[start] == start:
+            continue
+        # Follow the cycle: each row moves once, with one row kept aside.
+        kept = np.array(images[start])
+        position = start
+        while True:
+            placed[position] = True
+            source = int(order[position])
+            if source == start:
+                images[position] = kept
+                break
+            images[position] = images[source]
+            position = source
+    views, offset = [], 0
+    for group in groups:
+        views.append(images[offset : offset + len(group)])
+        offset += len(group)
+    return views
 
 
 def stratified_split(

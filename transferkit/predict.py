@@ -120,7 +120,7 @@ def predict_folder(
     for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
         skipped.extend(batch_skipped)
         if len(images):
-            outputs = forward.predict(images.astype("float32"))
+            outputs = forward.predict(images)
             probabilities = class_probabilities(np.asarray(outputs))
             for path, row in zip(paths, probabilities):
                 order = np.argsort(-row, kind="stable")[:top_k]
@@ -153,7 +153,10 @@ def engine_cache_dir(run_path: str | os.PathLike) -> Path:
 
 
 def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
-    """Decode the next batch in a background thread while the current one is predicted."""
+    """Decode the next batch in a background thread while the current one is predicted.
+
+    Batches come as float32 (what the engines take): converted in that thread too, not
+    between two forward passes."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transferkit.data import decode_images
@@ -162,7 +165,7 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
         chunk = files[start : start + batch_size]
         # One decoding thread: it runs beside the engine, which uses every core itself.
         images, kept, skipped = decode_images(chunk, size, workers=1)
-        return [chunk[i] for i in kept], images, skipped
+        return [chunk[i] for i in kept], images.astype("float32"), skipped
 
     starts = range(0, len(files), batch_size)
     with ThreadPoolExecutor(max_workers=1) as pool:

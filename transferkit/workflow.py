@@ -157,9 +157,8 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         train_rows, val_rows, train_labels, val_labels = kept, first + val_kept, labels, val_index.labels[val_kept]
         skipped += list(val_index.skipped) + val_skipped
         _require_every_class(val_labels, class_names, val_dir)
-    train_images = data.take_rows(decoded, train_rows, budget)
-    in_memory = 0 if isinstance(train_images, np.memmap) else train_images.nbytes / 2**20
-    val_images = data.take_rows(decoded, val_rows, budget - in_memory)
+    # In place: no second copy of the decoded images.
+    train_images, val_images = data.partition_rows(decoded, [train_rows, val_rows])
     if skipped:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if verbose:
