@@ -296,3 +296,18 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     np.testing.assert_allclose(got[near], model.predict_on_batch(batch)[near], rtol=1e-4, atol=1e-6)
     exact = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="float32")
     assert not isinstance(exact, ChainedEngine)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
+def test_helper_threads_yield_the_cores_to_the_engine_and_only_they():
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.engine import yield_to_engine
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:
+        helper = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert helper == min(main + 10, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

@@ -297,8 +297,11 @@ def decode_images(
         except UnreadableImage as error:
             return index, error.reason
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for done, (index, reason) in enumerate(pool.map(decode, range(len(paths))), start=1):
+    # One worker decodes in the calling thread (no hand-offs; a caller's thread priority holds).
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    results = pool.map(decode, range(len(paths))) if pool is not None else map(decode, range(len(paths)))
+    with pool if pool is not None else contextlib.nullcontext():
+        for done, (index, reason) in enumerate(results, start=1):
             if reason is None:
                 ok[index] = True
             else:

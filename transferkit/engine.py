@@ -171,6 +171,29 @@ class ChainedEngine(ForwardEngine):
         return self._exact
 
 
+def yield_to_engine(niceness: int = 10) -> None:
+    """Lower the calling thread's scheduling priority by ``niceness`` (Linux; elsewhere
+    nothing happens).
+
+    For a thread that prepares the next batch (decoding, augmenting) while the engine runs
+    the current one: the engine keeps every core busy and waits at each layer for its
+    slowest thread, so a helper thread of equal priority that takes a core away delays
+    the whole pass by more than its own work. At a lower priority it runs in the engine's
+    gaps instead (measured on 2 cores, ResNet50 predict: 0.60-0.82 of the bare forward
+    with the decoder at equal priority, 0.84 with it lowered). Use it as a thread pool's
+    ``initializer``.
+    """
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
+        thread = threading.get_native_id()  # on Linux a thread id is a valid target: only it changes
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + niceness, 19))
+        except OSError:
+            pass
+
+
 def _top_margin(outputs: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 probability per row (a single sigmoid unit p: |2p - 1|)."""
     if outputs.shape[-1] == 1:

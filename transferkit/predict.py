@@ -160,6 +160,7 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
     from concurrent.futures import ThreadPoolExecutor
 
     from transferkit.data import decode_images
+    from transferkit.engine import yield_to_engine
 
     def decode(start: int):
         chunk = files[start : start + batch_size]
@@ -168,7 +169,7 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
         return [chunk[i] for i in kept], images.astype("float32"), skipped
 
     starts = range(0, len(files), batch_size)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:
         pending = pool.submit(decode, 0) if files else None
         for next_start in list(starts[1:]) + [None]:
             current = pending.result()
