@@ -110,7 +110,8 @@ class OpenVINOEngine(ForwardEngine):
             values = [np.zeros((0, *(dim.get_length() for dim in output.partial_shape[1:])), dtype="float32")
                       for output in self._outputs]
         else:
-            result = self._request.infer({0: batch})
+            # The batch is read in place (no copy into the request's own tensor).
+            result = self._request.infer({0: batch}, share_inputs=True)
             values = [np.asarray(result[output], dtype="float32") for output in self._outputs]
         return values if len(values) > 1 else values[0]
 
