@@ -5,8 +5,9 @@ on CPU when installed) against plain Keras float32 ``model.predict`` on the same
 images at the same batch size, and against the bare forward pass of the engine predict uses
 (for a classifier in 16 bits: its body and head, without the float32 second look at near
 ties that predict's default precision adds); top-1 agreement with Keras float32; the same
-with ``--precision bfloat16`` (no second look) and ``float32``. Rates of transferkit and of
-the bare forward are each the best of three runs, taken in turn. Then the peak memory (max
+with ``--precision bfloat16`` (no second look) and ``float32``. Each precision runs in a
+fresh process, as a user's predict does, where predict and the bare forward run in turn,
+best of three each. Then the peak memory (max
 RSS) of predict over 2,000 and 20,000 images, each in a fresh process (its VmHWM). Prints
 one JSON line.
 
@@ -140,7 +141,6 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
     classifier."""
     from transferkit.data import decode_images, iter_image_files
     from transferkit.engine import inference_engine
-    from transferkit.predict import predict_folder
     from transferkit.runs import load_run
 
     images_dir = write_dataset(kind, tmp / f"images-{kind}-{backbone_name}", -(-count // CLASSES), size, 101)
@@ -167,57 +167,24 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
     engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
     getattr(engine, "exact", None)
     first_setup = time.perf_counter() - started
-    started = time.perf_counter()
-    engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
-    getattr(engine, "exact", None)
-    cached_setup = time.perf_counter() - started
-    engine.predict(floats[:batch])  # warm-up
-    refined_before = getattr(engine, "refined", 0)
-    result = None
-
-    def predict_default():
-        nonlocal result
-        result = predict_folder(run, images_dir, batch_size=batch, engine=engine)
-
-    # The bare forward: the network alone (for the 16-bit classifier engine, its body and
-    # head without the float32 pass over near ties, which predict pays for).
-    forward = engine.predict
-    if hasattr(engine, "body"):
-        forward = lambda images: engine.head.predict(engine.body.predict(images))  # noqa: E731
-
-    def bare_forward():
-        for start in range(0, count, batch):
-            forward(floats[start : start + batch])
-
-    predict_rate, engine_rate = best_rates([predict_default, bare_forward], count)
-    refined = (getattr(engine, "refined", 0) - refined_before) // ROUNDS
-
-    def labels_of(prediction) -> np.ndarray:
-        return np.asarray([run.class_names.index(row.label) for row in prediction.rows])
-
-    def predict_with(precision: str) -> tuple[float, np.ndarray]:
-        """(images/s, top-1 labels) of predict with an engine of this precision."""
-        other = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), precision=precision)
-        other.predict(floats[:batch])  # warm-up
-        predictions = []
-        (rate,) = best_rates([lambda: predictions.append(predict_folder(run, images_dir, batch_size=batch,
-                                                                        engine=other))], count)
-        return rate, labels_of(predictions[-1])
-
-    ours = labels_of(result)
+    del engine
+    # Each precision in a fresh process, as a user runs predict, with the engine's bare
+    # forward measured in turn with it there.
+    default = predict_child(run_dir, images_dir, "auto", batch)
     theirs = np.argmax(reference, axis=1)
     ordered = np.sort(reference, axis=1)
     clear = (ordered[:, -1] - ordered[:, -2]) > 0.05
+    ours = np.asarray(default["labels"])
     figures = {
-        "engine": result.engine,
+        "engine": default["engine"],
         "engine_setup_seconds_first": round(first_setup, 2),
-        "engine_setup_seconds_cached": round(cached_setup, 2),
+        "engine_setup_seconds_cached": default["setup_seconds"],
         "keras_float32_predict_images_per_s": round(keras_rate, 1),
-        "transferkit_predict_images_per_s": round(predict_rate, 1),
-        "bare_engine_forward_images_per_s": round(engine_rate, 1),
-        "ratio_predict_to_keras_float32": round(predict_rate / keras_rate, 2),
-        "ratio_predict_to_bare_engine": round(predict_rate / engine_rate, 3),
-        "images_recomputed_in_float32_as_near_ties": int(refined),
+        "transferkit_predict_images_per_s": default["predict_images_per_s"],
+        "bare_engine_forward_images_per_s": default["bare_forward_images_per_s"],
+        "ratio_predict_to_keras_float32": round(default["predict_images_per_s"] / keras_rate, 2),
+        "ratio_predict_to_bare_engine": default["ratio"],
+        "images_recomputed_in_float32_as_near_ties": default["refined"],
         "top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
         "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4) if clear.any() else None,
         "images_with_margin_over_0.05": int(clear.sum()),
@@ -226,23 +193,68 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
     }
     if not modes:
         return figures
-    fast_rate, fast_labels = predict_with("bfloat16")
-    exact_rate, exact_labels = predict_with("float32")
-    return {
-        **figures,
-        "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp),
-        "with_precision_bfloat16": {
-            "images_per_s": round(fast_rate, 1),
-            "ratio_to_keras_float32": round(fast_rate / keras_rate, 2),
-            "ratio_to_bare_engine": round(fast_rate / engine_rate, 3),
-            "top1_agreement_with_keras_float32": round(float(np.mean(fast_labels == theirs)), 4),
-        },
-        "with_precision_float32": {
-            "images_per_s": round(exact_rate, 1),
-            "ratio_to_keras_float32": round(exact_rate / keras_rate, 2),
-            "top1_agreement_with_keras_float32": round(float(np.mean(exact_labels == theirs)), 4),
-        },
-    }
+    others = {}
+    for precision in ("bfloat16", "float32"):
+        child = predict_child(run_dir, images_dir, precision, batch)
+        others[f"with_precision_{precision}"] = {
+            "images_per_s": child["predict_images_per_s"],
+            "bare_forward_images_per_s": child["bare_forward_images_per_s"],
+            "ratio_to_keras_float32": round(child["predict_images_per_s"] / keras_rate, 2),
+            "ratio_to_bare_engine": child["ratio"],
+            "top1_agreement_with_keras_float32": round(float(np.mean(np.asarray(child["labels"]) == theirs)), 4),
+        }
+    return {**figures, "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp),
+            **others}
+
+
+def predict_child(run_dir: Path, images_dir: Path, precision: str, batch: int) -> dict:
+    """``throughput_child`` in a fresh process; its JSON line as a dict."""
+    output = subprocess.run(
+        [sys.executable, __file__, "--child-throughput", str(run_dir), str(images_dir), precision, str(batch)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]
+    return json.loads(output)
+
+
+def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) -> None:
+    """Predict over a folder and the bare forward of the engine it uses, in turn, best of
+    ``ROUNDS``; prints one JSON line (rates, labels, near ties recomputed per run)."""
+    from transferkit.data import decode_images, iter_image_files
+    from transferkit.engine import inference_engine
+    from transferkit.predict import engine_cache_dir, predict_folder
+    from transferkit.runs import load_run
+
+    run = load_run(run_dir)
+    started = time.perf_counter()
+    engine = inference_engine(run.model, "auto", run.image_size, cache_dir=engine_cache_dir(run_dir),
+                              precision=precision)
+    getattr(engine, "exact", None)  # the float32 network for near ties, built now rather than on the first
+    setup = time.perf_counter() - started
+    files = [path for path, reason in iter_image_files(images_dir) if reason is None]
+    floats = decode_images(files, run.image_size)[0].astype("float32")
+    engine.predict(floats[:batch])  # warm-up
+    # The bare forward: the network alone (for the 16-bit classifier engine, its body and
+    # head without the float32 pass over near ties, which predict pays for).
+    forward = engine.predict
+    if hasattr(engine, "body"):
+        forward = lambda images: engine.head.predict(engine.body.predict(images))  # noqa: E731
+
+    def bare_forward():
+        for start in range(0, len(floats), batch):
+            forward(floats[start : start + batch])
+
+    results = []
+    refined_before = getattr(engine, "refined", 0)
+    predict_rate, bare_rate = best_rates(
+        [lambda: results.append(predict_folder(run, images_dir, batch_size=batch, engine=engine)), bare_forward],
+        len(files))
+    print(json.dumps({
+        "engine": results[-1].engine, "setup_seconds": round(setup, 2),
+        "predict_images_per_s": round(predict_rate, 1), "bare_forward_images_per_s": round(bare_rate, 1),
+        "ratio": round(predict_rate / bare_rate, 3),
+        "refined": (getattr(engine, "refined", 0) - refined_before) // ROUNDS,
+        "labels": [run.class_names.index(row.label) for row in results[-1].rows],
+    }))
 
 
 ROUNDS = 3
@@ -320,6 +332,9 @@ def memory(backbone_name: str, size: int, counts: list[int], batch: int, tmp: Pa
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         peak_memory_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child-throughput":
+        throughput_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="vgg16,resnet50")
