@@ -323,3 +323,15 @@ def test_a_failure_in_the_background_reaches_whoever_waits_for_that_view():
     with pytest.raises(RuntimeError, match="engine lost"):
         store.wait_for(1)
     store.close()
+
+
+def test_cached_stage_progress_never_counts_past_the_epoch(capsys):
+    import re
+
+    model = build("vgg16", seed=1)
+    train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)  # 3 steps
+    val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=1, seed=1,
+               cache=CacheConfig(enabled=True))
+    counts = [int(done) for done in re.findall(r"(\d+)/3\b", capsys.readouterr().out)]
+    assert counts and max(counts) == 3

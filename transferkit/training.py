@@ -329,7 +329,10 @@ def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose
             calibrate_head_batchnorm(model, features)
             calibrated = True
         cached = train_model is not model
-        compile_for_stage(train_model, stage, n_classes, steps_per_execution=16 if cached else 1)
+        # Several steps per call on cached features, but never more than an epoch holds
+        # (Keras's progress bar would count past the epoch's end).
+        steps = min(16, max(1, len(stage_train))) if cached else 1
+        compile_for_stage(train_model, stage, n_classes, steps_per_execution=steps)
         resume_from = None
         initial_epoch = 0
         if resuming:
