@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from transferkit.backbones import REGISTRY, load_backbone
-from transferkit.cache import FeatureBatches, FeatureStore, compute_features, split_at_frozen_part
+from transferkit.cache import FeatureBatches, FeatureStore, compute_feature_stores, split_at_frozen_part
 from transferkit.data import ImageBatches, encode_targets
 from transferkit.model import build_classifier
 from transferkit.recipe import AugmentConfig, CacheConfig, HeadConfig, StageConfig
@@ -36,9 +36,9 @@ def test_split_model_computes_what_the_classifier_computes(name, unfreeze, bound
 
 def test_store_spills_to_disk_beyond_its_budget_with_the_same_values():
     data = images(10)
-    forward = lambda batch: batch.reshape(len(batch), -1)[:, :7] * 0.5
-    in_memory = compute_features(forward, data, (7,), batch_size=3, memory_budget_mb=100)
-    on_disk = compute_features(forward, data, (7,), batch_size=3, memory_budget_mb=1e-6)
+    forward = lambda batch: [batch.reshape(len(batch), -1)[:, :7] * 0.5]
+    (in_memory,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=100)
+    (on_disk,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=1e-6)
     assert not in_memory.on_disk and on_disk.on_disk
     np.testing.assert_array_equal(in_memory.array, on_disk.array)
     path = on_disk._file.name

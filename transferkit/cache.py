@@ -57,31 +57,38 @@ def split_at_frozen_part(model, spec: BackboneSpec, unfreeze: int | str) -> Spli
     Returns:
         A ``SplitModel``, or None for ``unfreeze="all"`` (or N = every block).
     """
-    return split_at_block(model, spec, spec.first_unfrozen(unfreeze))
-
-
-def split_at_block(model, spec: BackboneSpec, first_open: int) -> SplitModel | None:
-    """``split_at_frozen_part`` by the index of the first block that trains
-    (``len(spec.blocks)``: the whole backbone is frozen; 0: nothing is, and None is returned)."""
-    backbone = model.get_layer("backbone")
+    first_open = spec.first_unfrozen(unfreeze)
     if first_open <= 0:
         return None
-    image_size = int(backbone.input_shape[1])
-    images = keras.Input(shape=(image_size, image_size, 3), name="image")
-    preprocessed = model.get_layer("preprocessing")(images)
+    trainable, boundary = trainable_at(model, spec, first_open)
+    return SplitModel(extractor_at(model, spec, [first_open]), trainable, boundary)
+
+
+def trainable_at(model, spec: BackboneSpec, first_open: int) -> tuple[object, str]:
+    """The part of a classifier above a block boundary, as a model from the boundary's
+    features to the class outputs, sharing the classifier's layers and weights.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        first_open: the first block that trains, 1..``len(spec.blocks)``
+            (``len(spec.blocks)``: the head alone).
+
+    Returns:
+        (the model, the name of the backbone layer whose output it takes, or "" for the
+        backbone's output).
+    """
+    backbone = model.get_layer("backbone")
+    head = model.get_layer("head")
+    # A model around the head even when it is the whole part: compiling it gives the wrapper
+    # the optimizer, so the classifier's own saves carry no nested optimizer state.
     if first_open == len(spec.blocks):
-        extractor = keras.Model(images, backbone(preprocessed), name="extractor")
-        # A model around the head, not the head itself: compiling it gives the wrapper the
-        # optimizer, so the classifier's own saves carry no nested optimizer state.
         features = keras.Input(shape=tuple(backbone.output.shape[1:]), name="features")
-        return SplitModel(extractor, keras.Model(features, model.get_layer("head")(features), name="trainable_part"), "")
+        return keras.Model(features, head(features), name="trainable_part"), ""
     boundary = _boundary_layer(backbone, spec, first_open)
-    frozen = keras.Model(backbone.input, boundary.output, name="frozen_part")
-    extractor = keras.Model(images, frozen(preprocessed), name="extractor")
     top = keras.Model(boundary.output, backbone.output, name="open_part")
     features = keras.Input(shape=tuple(boundary.output.shape[1:]), name="features")
-    trainable = keras.Model(features, model.get_layer("head")(top(features)), name="trainable_part")
-    return SplitModel(extractor, trainable, boundary.name)
+    return keras.Model(features, head(top(features)), name="trainable_part"), boundary.name
 
 
 def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):
@@ -158,47 +165,6 @@ class FeatureStore:
             pass
 
 
-def compute_features(
-    forward: Callable[[np.ndarray], np.ndarray],
-    images: np.ndarray,
-    feature_shape: tuple[int, ...],
-    *,
-    views: int = 1,
-    augmenter_factory: Callable[[], object] | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    dtype: str = "float32",
-    memory_budget_mb: float = 2048,
-    spill_dir: str | os.PathLike | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> FeatureStore:
-    """Run the frozen part once per image and view.
-
-    Args:
-        forward: batch of float32 images -> features (a Keras model call or an engine).
-        images: uint8 (n, S, S, 3).
-        feature_shape: shape of one image's features.
-        views: stored versions per image; with an augmenter each is augmented (seeded by
-            seed, view and image), without one a single unaugmented view is stored.
-        augmenter_factory: builds the albumentations pipeline; None for no augmentation.
-        seed: augmentation seed; default 0.
-        batch_size: images per forward pass; default 32.
-        dtype: storage dtype; default float32.
-        memory_budget_mb: above this the store spills to disk; default 2048.
-        spill_dir: where a spilled store's file goes; default the system temp folder.
-        progress: called with the number of forward batches done.
-
-    Returns:
-        A ``FeatureStore`` of shape (views, n, *feature_shape).
-    """
-    (store,) = compute_feature_stores(
-        lambda batch: [forward(batch)], images, [feature_shape], views=[views],
-        augmenter_factory=augmenter_factory, seed=seed, batch_size=batch_size, dtype=dtype,
-        memory_budget_mb=memory_budget_mb, spill_dir=spill_dir, progress=progress,
-    )
-    return store
-
-
 class _ViewFiller:
     """Computes the views after the first in a background thread.
 
@@ -268,7 +234,7 @@ def compute_feature_stores(
     progress: Callable[[int], None] | None = None,
     later_views_in_background: bool = False,
 ) -> list[FeatureStore]:
-    """``compute_features`` for a forward pass with several outputs: one store per output.
+    """Run the frozen part once per image and view, keeping each of its outputs.
 
     View ``v`` of an image is the same augmented image for every output, so the stores
     agree with what one-output passes would compute. Output ``i`` keeps ``views[i]`` views;
@@ -280,8 +246,27 @@ def compute_feature_stores(
     meanwhile), and ``FeatureStore.wait_for(view)`` waits for one. The values are the same
     either way.
 
+    Args:
+        forward: batch of float32 images -> a list of feature maps, one per output (a
+            Keras model call or an engine).
+        images: uint8 (n, S, S, 3).
+        feature_shapes: shape of one image's features, per output.
+        views: stored versions per image, per output; with an augmenter each is augmented
+            (seeded by seed, view and image), without one a single unaugmented view is
+            stored.
+        augmenter_factory: builds the albumentations pipeline; None for no augmentation.
+        seed: augmentation seed; default 0.
+        batch_size: images per forward pass; default 32.
+        dtype: storage dtype; default float32.
+        memory_budget_mb: above this the stores spill to disk; default 2048.
+        spill_dir: where a spilled store's file goes; default the system temp folder.
+        progress: called with the number of forward batches done (of view 0 when the
+            later views go to the background).
+        later_views_in_background: see above; default False.
+
     Returns:
-        A list of ``FeatureStore``, in the order of the outputs.
+        A list of ``FeatureStore`` of shape (views[i], n, *feature_shapes[i]), in the
+        order of the outputs.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -474,8 +459,7 @@ class FeaturePlan:
         if self.config is None or not self.config.enabled:
             return None
         own = self.boundary(index)
-        split = split_at_block(self.model, self.spec, own)
-        if split is None:
+        if own <= 0:
             return None
         computed = self._key(index) not in self._stores
         if computed:
@@ -491,7 +475,7 @@ class FeaturePlan:
             from transferkit.training import CALIBRATION_IMAGES
 
             calibration = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
-        return CachedStage(split.trainable, train, val, calibration, computed)
+        return CachedStage(trainable_at(self.model, self.spec, own)[0], train, val, calibration, computed)
 
     def stage_done(self, index: int) -> None:
         """Release the stores no later stage trains on."""
@@ -539,7 +523,7 @@ class FeaturePlan:
         # Validation first: the training pass returns after its first view and goes on in
         # the background, and the engine serves one caller at a time.
         val_stores = compute_feature_stores(
-            as_list, val.images, shapes, views=[min(count, 1) for count in views], batch_size=val.batch_size,
+            as_list, val.images, shapes, views=views, batch_size=val.batch_size,  # one view: no augmenter
             dtype=self.dtype, memory_budget_mb=budget, progress=bar.update if bar else None,
         )
         budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
