@@ -164,7 +164,7 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
 
     # Setup includes the float32 network for near ties (otherwise built on the first one).
     started = time.perf_counter()
-    engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir))
+    engine = inference_engine(run.model, "auto", size, cache_dir=engine_cache_dir(run_dir), input_dtype="uint8")
     getattr(engine, "exact", None)
     first_setup = time.perf_counter() - started
     del engine
@@ -226,13 +226,14 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
 
     run = load_run(run_dir)
     started = time.perf_counter()
+    # Built as predict builds it: the network takes the decoded uint8 images.
     engine = inference_engine(run.model, "auto", run.image_size, cache_dir=engine_cache_dir(run_dir),
-                              precision=precision)
+                              precision=precision, input_dtype="uint8")
     getattr(engine, "exact", None)  # the float32 network for near ties, built now rather than on the first
     setup = time.perf_counter() - started
     files = [path for path, reason in iter_image_files(images_dir) if reason is None]
-    floats = decode_images(files, run.image_size)[0].astype("float32")
-    engine.predict(floats[:batch])  # warm-up
+    decoded = decode_images(files, run.image_size)[0]
+    engine.predict(decoded[:batch])  # warm-up
     # The bare forward: the network alone (for the 16-bit classifier engine, its body and
     # head without the float32 pass over near ties, which predict pays for).
     forward = engine.predict
@@ -240,8 +241,8 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
         forward = lambda images: engine.head.predict(engine.body.predict(images))  # noqa: E731
 
     def bare_forward():
-        for start in range(0, len(floats), batch):
-            forward(floats[start : start + batch])
+        for start in range(0, len(decoded), batch):
+            forward(decoded[start : start + batch])
 
     results = []
     refined_before = getattr(engine, "refined", 0)
@@ -284,9 +285,10 @@ def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batc
     floats = decoded.astype("float32")
     plain = keras_float32(run_dir)
     theirs = np.argmax(plain.predict(floats, batch_size=batch, verbose=0), axis=1)
-    engine = inference_engine(load_run(run_dir).model, "auto", size, cache_dir=engine_cache_dir(run_dir))
-    ours = np.concatenate([np.argmax(engine.predict(floats[i : i + batch]), axis=1)
-                           for i in range(0, len(floats), batch)])
+    engine = inference_engine(load_run(run_dir).model, "auto", size, cache_dir=engine_cache_dir(run_dir),
+                              input_dtype="uint8")
+    ours = np.concatenate([np.argmax(engine.predict(decoded[i : i + batch]), axis=1)
+                           for i in range(0, len(decoded), batch)])
     return {"top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
             "distinct_predicted_classes": int(len(np.unique(theirs)))}
 

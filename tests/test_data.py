@@ -99,6 +99,61 @@ def test_load_image_resizes_to_a_square(tmp_path):
     assert load_image(path, 32).shape == (32, 32, 3)
 
 
+def textured(width, height, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
+    pixels = np.clip(ramp + rng.normal(0, 40, (height, width, 3)), 0, 255).astype("uint8")
+    return Image.fromarray(pixels).convert(mode)
+
+
+def jpeg_cases(tmp_path):
+    """(name, path, taken by the fast decoder) for the kinds of JPEG a folder may hold."""
+    upright = Image.new("RGB", (1, 1)).getexif()
+    upright[0x0112] = 1
+    rotated = Image.new("RGB", (1, 1)).getexif()
+    rotated[0x0112] = 6
+    return [
+        ("smaller", save(textured(20, 30), tmp_path / "smaller.jpg"), True),
+        ("same size", save(textured(48, 48), tmp_path / "same.jpg"), True),
+        ("large, scaled in the decoder", save(textured(400, 260), tmp_path / "large.jpg", quality=92), True),
+        ("grayscale", save(textured(200, 150, "L"), tmp_path / "gray.jpg"), True),
+        ("progressive 4:4:4", save(textured(150, 100), tmp_path / "prog.jpg", progressive=True, subsampling=0), True),
+        ("EXIF upright", save(textured(120, 90), tmp_path / "upright.jpg", exif=upright.tobytes()), True),
+        ("EXIF rotated", save(textured(120, 90), tmp_path / "rotated.jpg", exif=rotated.tobytes()), False),
+        ("CMYK", save(textured(100, 100, "CMYK"), tmp_path / "cmyk.jpg"), False),
+        ("MPO", save(textured(130, 90), tmp_path / "multi.jpg", format="MPO", save_all=True,
+                     append_images=[textured(130, 90, seed=1)]), False),
+        ("PNG", save(textured(60, 60), tmp_path / "not-a-jpeg.png"), False),
+    ]
+
+
+def test_fast_jpeg_decoding_gives_pillows_pixels(tmp_path, monkeypatch):
+    """Plain JPEGs go through simplejpeg, the rest through Pillow; either way load_image
+    returns what Pillow's path alone returns, pixel for pixel."""
+    from transferkit import data
+
+    cases = jpeg_cases(tmp_path)
+    fast = {name: load_image(path, 48) for name, path, _ in cases}
+    for name, path, plain in cases:
+        assert (data._decode_plain_jpeg(path, 48) is not None) == plain, name
+    monkeypatch.setattr(data, "simplejpeg", None)
+    for name, path, _ in cases:
+        assert data._decode_plain_jpeg(path, 48) is None
+        np.testing.assert_array_equal(fast[name], load_image(path, 48), err_msg=name)
+    assert fast["EXIF rotated"].shape == (48, 48, 3)
+
+
+def test_damaged_jpeg_is_still_reported_by_load_image(tmp_path):
+    from transferkit import data
+
+    whole = save(textured(64, 64), tmp_path / "whole.jpg").read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert data._decode_plain_jpeg(cut, 32) is None
+    with pytest.raises(UnreadableImage, match="cut.jpg"):
+        load_image(cut, 32)
+
+
 def test_decode_images_skips_and_reports_unreadable(tmp_path):
     good = save(Image.new("RGB", (8, 8), (9, 9, 9)), tmp_path / "good.png")
     bad = tmp_path / "bad.jpg"

@@ -124,6 +124,27 @@ def test_openvino_f32_hint_matches_keras_float32_closely(resnet, shared_cache):
     assert relative < 1e-4
 
 
+def test_uint8_input_network_computes_what_the_float_one_does(resnet, shared_cache):
+    """input_dtype="uint8": the decoded images go in as they are and the network converts
+    them; the outputs are those of the float32-input network on the same values."""
+    extractor = extractor_of(resnet)
+    extractor.name = "resnet50_extractor"
+    decoded = np.rint(images(6, seed=3)).astype("uint8")
+    floats = make_engine(extractor, "openvino", precision="float32", cache_dir=shared_cache)
+    direct = make_engine(extractor, "openvino", precision="float32", cache_dir=shared_cache, input_dtype="uint8")
+    assert direct.input_dtype == "uint8" and floats.input_dtype == "float32"
+    np.testing.assert_allclose(direct.predict(decoded), floats.predict(decoded.astype("float32")),
+                               rtol=1e-5, atol=1e-5)
+    # a float32-input engine takes uint8 too (converted before the call)
+    np.testing.assert_array_equal(floats.predict(decoded), floats.predict(decoded.astype("float32")))
+    with pytest.raises(ValueError, match="takes uint8 images, got float32"):
+        direct.predict(decoded.astype("float32"))
+    with pytest.raises(ValueError, match="input_dtype='uint8' is for image networks"):
+        make_engine(resnet.get_layer("head"), "openvino", input_dtype="uint8")
+    with pytest.raises(ValueError, match="input_dtype must be"):
+        make_engine(extractor, "openvino", input_dtype="float16")
+
+
 def test_openvino_classifier_top1_agrees_with_keras(vgg, shared_cache):
     batch = images(32, seed=2)
     expected = np.asarray(vgg.predict_on_batch(batch))
@@ -296,6 +317,13 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     np.testing.assert_allclose(got[near], model.predict_on_batch(batch)[near], rtol=1e-4, atol=1e-6)
     exact = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="float32")
     assert not isinstance(exact, ChainedEngine)
+    # Built as predict builds it (uint8 images in): the body and the float32 network for
+    # near ties both take the decoded images, and compute what the float-input ones do.
+    decoded = np.rint(batch).astype("uint8")
+    direct = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="auto", input_dtype="uint8")
+    assert direct.body.input_dtype == "uint8" and direct.exact.input_dtype == "uint8"
+    np.testing.assert_allclose(direct.predict(decoded), engine.predict(decoded.astype("float32")), rtol=1e-5, atol=1e-6)
+    assert direct.refined > 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")

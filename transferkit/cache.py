@@ -247,8 +247,8 @@ def compute_feature_stores(
     either way.
 
     Args:
-        forward: batch of float32 images -> a list of feature maps, one per output (a
-            Keras model call or an engine).
+        forward: batch of images, as ``images`` holds them -> a list of feature maps, one
+            per output (a Keras model call or an engine).
         images: uint8 (n, S, S, 3).
         feature_shapes: shape of one image's features, per output.
         views: stored versions per image, per output; with an augmenter each is augmented
@@ -288,7 +288,8 @@ def compute_feature_stores(
                 _augment_one(augmenter, image, [seed, 1_000_003, view, start + offset])
                 for offset, image in enumerate(batch)
             ])
-        return batch.astype("float32")
+        # As stored (uint8): an image engine converts inside its network.
+        return np.ascontiguousarray(batch)
 
     def run(jobs: list, view_done: Callable[[int], None] | None = None, cancelled=None) -> None:
         # Augment the next batch in a thread while the engine runs the current one. OpenCV's

@@ -7,6 +7,9 @@ OpenVINO's CPU runtime uses AMX / AVX-512 bfloat16 far better than Keras does (R
     engine = make_engine(extractor, "auto", input_shape=(224, 224, 3), cache_dir=run / ".engine")
     features = engine.predict(images)          # float32 (B, 224, 224, 3) -> float32 outputs
 
+With ``input_dtype="uint8"`` an image network takes the images as decoded and converts
+them inside the network (what predict and the feature cache use).
+
 How a model becomes an OpenVINO network: it is cloned in float32 (OpenVINO's TensorFlow
 front end reads no bfloat16 constants; the bf16 inference hint brings the 16-bit compute
 back), a ``Resizing`` layer that receives images already at its target size becomes the
@@ -80,17 +83,21 @@ class OpenVINOEngine(ForwardEngine):
     Attributes:
         precision_hint: "bf16", "f16" or "f32", the CPU's inference precision.
         ir_path: the cached ``.xml`` file, or None when the network was never written.
+        input_dtype: "uint8" (images as decoded, converted to float inside the network) or
+            "float32" (any other dtype is converted to float32 first).
     """
 
     name = "openvino"
 
-    def __init__(self, compiled, input_shape: tuple[int, ...], precision_hint: str, ir_path: Path | None):
+    def __init__(self, compiled, input_shape: tuple[int, ...], precision_hint: str, ir_path: Path | None,
+                 input_dtype: str = "float32"):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._outputs = list(compiled.outputs)
         self.input_shape = tuple(input_shape)
         self.precision_hint = precision_hint
         self.ir_path = ir_path
+        self.input_dtype = input_dtype
 
     @property
     def image_size(self) -> int:
@@ -98,7 +105,13 @@ class OpenVINOEngine(ForwardEngine):
         return self.input_shape[0]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype="float32")
+        batch = np.asarray(batch)
+        if self.input_dtype == "uint8" and batch.dtype != np.uint8:
+            raise ValueError(
+                f"this OpenVINO engine takes uint8 images, got {batch.dtype}; pass the images "
+                "as decoded (uint8) or build the engine with input_dtype='float32'"
+            )
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         expected = self.input_shape
         if batch.shape[1:] != expected:
             shape = ", ".join(map(str, expected))
@@ -116,7 +129,8 @@ class OpenVINOEngine(ForwardEngine):
         return values if len(values) > 1 else values[0]
 
     def __repr__(self) -> str:
-        return f"<OpenVINOEngine {self.precision_hint}, {_shape_label(self.input_shape)}, ir={self.ir_path}>"
+        return (f"<OpenVINOEngine {self.precision_hint}, {_shape_label(self.input_shape)}, "
+                f"{self.input_dtype} input, ir={self.ir_path}>")
 
 
 # A 16-bit prediction whose top two probabilities are closer than this is computed again in
@@ -233,6 +247,7 @@ def make_engine(
     input_shape: tuple[int, int, int] | None = None,
     cache_dir: str | os.PathLike | None = None,
     precision: str = "auto",
+    input_dtype: str = "float32",
 ) -> ForwardEngine:
     """Choose and build the engine for a model's forward passes.
 
@@ -249,6 +264,10 @@ def make_engine(
             read-only run) is replaced by one under the system's temporary folder.
         precision: "auto" (default: bfloat16 on a CPU with AMX or AVX512-BF16), "float32",
             "bfloat16" or "float16"; sets OpenVINO's inference precision hint.
+        input_dtype: "float32" (default) or "uint8": an image network that takes the
+            images as decoded, 0-255, and converts them to float inside the network (the
+            same outputs, without a float32 copy of every batch in Python). Only for image
+            input shapes; the Keras engine takes either.
 
     Returns:
         A ``ForwardEngine``; ``.name`` is "keras" or "openvino". Failing to convert or
@@ -260,6 +279,8 @@ def make_engine(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if input_dtype not in ("float32", "uint8"):
+        raise ValueError(f"input_dtype must be float32 or uint8, got {input_dtype!r}")
     if engine == "keras":
         return KerasEngine(model)
     try:
@@ -280,10 +301,14 @@ def make_engine(
         log.debug("a GPU is visible to TensorFlow; using Keras for inference")
         return KerasEngine(model)
     input_shape = _input_shape(model, input_shape)
+    if input_dtype == "uint8" and not _is_image_shape(input_shape):
+        raise ValueError(f"input_dtype='uint8' is for image networks, not inputs of shape {input_shape}")
     hint = _precision_hint(precision)
     step = "conversion"
     try:
         network, ir_path = _load_or_convert(model, input_shape, cache_dir)
+        if input_dtype == "uint8":
+            network = _uint8_input(network)
         step = "compilation"
         compiled = _core().compile_model(
             network, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
@@ -295,7 +320,18 @@ def make_engine(
         )
         return KerasEngine(model)
     log.info("inference engine: OpenVINO on CPU, %s, %s", hint, _shape_label(input_shape))
-    return OpenVINOEngine(compiled, input_shape, hint, ir_path)
+    return OpenVINOEngine(compiled, input_shape, hint, ir_path, input_dtype)
+
+
+def _uint8_input(network):
+    """The network taking uint8 images: the conversion to float32 becomes its first op
+    (OpenVINO's preprocessing; the cached network itself stays float32-input)."""
+    ov = import_openvino()
+
+    steps = ov.preprocess.PrePostProcessor(network)
+    steps.input(0).tensor().set_element_type(ov.Type.u8)
+    steps.input(0).preprocess().convert_element_type(ov.Type.f32)
+    return steps.build()
 
 
 def _one_line(error: BaseException) -> str:
@@ -530,7 +566,8 @@ def _same_size_resizing_class():
 
 
 def inference_engine(model, engine: str = "auto", image_size: int | None = None,
-                     cache_dir: str | os.PathLike | None = None, precision: str = "auto") -> ForwardEngine:
+                     cache_dir: str | os.PathLike | None = None, precision: str = "auto",
+                     input_dtype: str = "float32") -> ForwardEngine:
     """``make_engine`` for inference, with frozen BatchNorm folded into the convolutions first.
 
     Folding changes nothing for OpenVINO (it folds on its own) but makes the Keras fallback
@@ -545,6 +582,7 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
             in 16 bits (auto on a CPU with bfloat16, or asked for) gets a ``ChainedEngine``:
             body in 16 bits, head in float32; with "auto" near ties are also computed again
             in float32.
+        input_dtype: "float32" (default) or "uint8" (images as decoded; see ``make_engine``).
 
     Returns:
         A ``ForwardEngine``.
@@ -560,7 +598,8 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
         # next to nothing to compute) in float32, and, for precision "auto", near ties
         # again in float32 ("bfloat16" or "float16" asked for explicitly: 16 bits only).
         body, head = parts
-        body_engine = make_engine(body, engine, input_shape=shape, cache_dir=cache_dir, precision=precision)
+        body_engine = make_engine(body, engine, input_shape=shape, cache_dir=cache_dir, precision=precision,
+                                  input_dtype=input_dtype)
         if not isinstance(body_engine, OpenVINOEngine):
             return KerasEngine(model)
         head_engine = make_engine(head, "openvino", cache_dir=cache_dir, precision="float32")
@@ -569,10 +608,12 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
                 return ChainedEngine(body_engine, head_engine)
 
             def exact():
-                return make_engine(model, "openvino", input_shape=shape, cache_dir=cache_dir, precision="float32")
+                return make_engine(model, "openvino", input_shape=shape, cache_dir=cache_dir, precision="float32",
+                                   input_dtype=input_dtype)
 
             return ChainedEngine(body_engine, head_engine, exact)
-    return make_engine(model, engine, input_shape=shape, cache_dir=cache_dir, precision=precision)
+    return make_engine(model, engine, input_shape=shape, cache_dir=cache_dir, precision=precision,
+                       input_dtype=input_dtype)
 
 
 def _body_and_head(model):

@@ -112,7 +112,7 @@ def predict_folder(
     names = run.class_names
     if isinstance(engine, str):
         forward = inference_engine(run.model, engine, run.image_size, cache_dir=engine_cache_dir(run.path),
-                                   precision=precision)
+                                   precision=precision, input_dtype="uint8")
     else:
         forward = engine
     rows: list[Prediction] = []
@@ -155,8 +155,7 @@ def engine_cache_dir(run_path: str | os.PathLike) -> Path:
 def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
     """Decode the next batch in a background thread while the current one is predicted.
 
-    Batches come as float32 (what the engines take): converted in that thread too, not
-    between two forward passes."""
+    Batches come as decoded, uint8: the engine converts them inside its network."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transferkit.data import decode_images
@@ -166,7 +165,7 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
         chunk = files[start : start + batch_size]
         # One decoding thread: it runs beside the engine, which uses every core itself.
         images, kept, skipped = decode_images(chunk, size, workers=1)
-        return [chunk[i] for i in kept], images.astype("float32"), skipped
+        return [chunk[i] for i in kept], images, skipped
 
     starts = range(0, len(files), batch_size)
     with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:

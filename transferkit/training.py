@@ -430,7 +430,7 @@ def default_forward(model):
 
     if batchnorm_count(model):
         model = fold_batchnorm(model)
-    return model.predict_on_batch
+    return lambda batch: model.predict_on_batch(np.asarray(batch, dtype="float32"))
 
 
 def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose):

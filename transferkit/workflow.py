@@ -225,7 +225,8 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     def forward_factory(extractor):
         from transferkit.engine import inference_engine
 
-        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision)
+        # The feature passes hand it uint8 images, augmented or not.
+        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, input_dtype="uint8")
         if verbose:
             print(f"forward engine for the feature cache: {engine.name}", flush=True)
         return engine.predict
