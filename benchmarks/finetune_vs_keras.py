@@ -16,6 +16,7 @@ other, not with what ImageNet weights would give.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -50,9 +51,12 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
     keras.config.set_dtype_policy("float32")
     keras.utils.set_random_seed(seed)
     common = dict(image_size=(size, size), batch_size=batch, validation_split=0.2, seed=seed, label_mode="categorical")
-    train = keras.utils.image_dataset_from_directory(data_dir, subset="training", shuffle=True, verbose=False, **common)
-    # The same shuffle and seed as the training subset, or the two subsets would overlap.
-    val = keras.utils.image_dataset_from_directory(data_dir, subset="validation", shuffle=True, verbose=False, **common)
+    # Keras prints "Using N files for ..." whatever verbose says: to stderr, so stdout holds
+    # only the JSON line.
+    with contextlib.redirect_stdout(sys.stderr):
+        train = keras.utils.image_dataset_from_directory(data_dir, subset="training", shuffle=True, verbose=False, **common)
+        # The same shuffle and seed as the training subset, or the two subsets would overlap.
+        val = keras.utils.image_dataset_from_directory(data_dir, subset="validation", shuffle=True, verbose=False, **common)
     n_classes = len(train.class_names)
     n_train = sum(int(x.shape[0]) for x, _ in train)
     augmentation = keras.Sequential([
