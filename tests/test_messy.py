@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-from transferkit.data import UnreadableImage, read_image
+from transferkit.data import UnreadableImage, load_image, read_image
 
 runner = CliRunner()
 TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1",
@@ -39,6 +39,11 @@ def test_decompression_bomb_is_refused_with_a_clear_reason(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)
     with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
         read_image(path)
+    # A JPEG too: load_image's fast decoder leaves it to Pillow's guard.
+    jpeg = tmp_path / "huge.jpg"
+    Image.new("RGB", (300, 300)).save(jpeg)
+    with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
+        load_image(jpeg, 32)
 
 
 def test_odd_but_valid_images_are_read(tmp_path):
