@@ -23,6 +23,11 @@ import keras
 import numpy as np
 from PIL import Image, ImageOps
 
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
+    simplejpeg = None
+
 from transferkit.errors import DataError
 
 log = logging.getLogger("transferkit")
@@ -220,11 +225,6 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image)
 
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
-    simplejpeg = None
 
 # JPEG colour spaces whose decoding to RGB is libjpeg's own, in Pillow as in simplejpeg.
 _PLAIN_COLOURSPACES = ("YCbCr", "Gray", "RGB")
