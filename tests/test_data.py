@@ -124,7 +124,23 @@ def jpeg_cases(tmp_path):
         ("MPO", save(textured(130, 90), tmp_path / "multi.jpg", format="MPO", save_all=True,
                      append_images=[textured(130, 90, seed=1)]), False),
         ("PNG", save(textured(60, 60), tmp_path / "not-a-jpeg.png"), False),
+        ("XMP rotated", save(textured(120, 90), tmp_path / "xmp.jpg", xmp=XMP_ROTATED), False),
+        ("4:4:1, which simplejpeg cannot read", four_four_one(tmp_path / "441.jpg"), False),
     ]
+
+
+XMP_ROTATED = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+
+
+def four_four_one(path):
+    """A 4:4:4 JPEG whose luma sampling is edited to 1x4 (libjpeg reads it; simplejpeg's
+    header reader raises KeyError)."""
+    buffer = io.BytesIO()
+    textured(64, 64).save(buffer, format="JPEG", subsampling=0)
+    data = bytearray(buffer.getvalue())
+    data[data.index(b"\xff\xc0") + 11] = 0x14
+    path.write_bytes(bytes(data))
+    return path
 
 
 def test_fast_jpeg_decoding_gives_pillows_pixels(tmp_path, monkeypatch):
@@ -141,6 +157,20 @@ def test_fast_jpeg_decoding_gives_pillows_pixels(tmp_path, monkeypatch):
         assert data._decode_plain_jpeg(path, 48) is None
         np.testing.assert_array_equal(fast[name], load_image(path, 48), err_msg=name)
     assert fast["EXIF rotated"].shape == (48, 48, 3)
+
+
+@pytest.mark.parametrize("side", [3, 5, 7, 9, 15, 16, 17, 33])
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_fast_jpeg_decoding_of_tiny_images_at_tiny_sizes(tmp_path, monkeypatch, side, size):
+    """Where libjpeg-turbo could pick another scale giving the same output size, Pillow's
+    choice still holds."""
+    from transferkit import data
+
+    paths = [save(textured(side, side + extra), tmp_path / f"tiny{extra}.jpg") for extra in (0, 1)]
+    fast = [load_image(path, size) for path in paths]
+    monkeypatch.setattr(data, "simplejpeg", None)
+    for path, image in zip(paths, fast):
+        np.testing.assert_array_equal(image, load_image(path, size), err_msg=path.name)
 
 
 def test_damaged_jpeg_is_still_reported_by_load_image(tmp_path):

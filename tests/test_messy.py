@@ -39,11 +39,19 @@ def test_decompression_bomb_is_refused_with_a_clear_reason(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 4)
     with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
         read_image(path)
-    # A JPEG too: load_image's fast decoder leaves it to Pillow's guard.
-    jpeg = tmp_path / "huge.jpg"
-    Image.new("RGB", (300, 300)).save(jpeg)
-    with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
-        load_image(jpeg, 32)
+    # JPEGs too (with EXIF, which the fast decoder has Pillow look at): load_image's fast
+    # decoder leaves them to Pillow's guard, and no warning escapes on the way.
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 1
+    for name, options in (("huge.jpg", {}), ("huge-exif.jpg", {"exif": exif.tobytes()})):
+        Image.new("RGB", (300, 300)).save(tmp_path / name, **options)
+        for limit in (300 * 300 // 4, 300 * 300 - 1):  # above twice the limit (an error), above it (a warning)
+            monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with pytest.raises(UnreadableImage, match="decompression-bomb guard"):
+                    load_image(tmp_path / name, 32)
+            assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)], name
 
 
 def test_odd_but_valid_images_are_read(tmp_path):
