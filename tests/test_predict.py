@@ -113,3 +113,54 @@ def test_float32_precision_makes_openvino_match_keras_closely(run_dir, to_sort):
     assert exact.engine == "openvino"
     assert [r.label for r in exact.rows] == [r.label for r in reference.rows]
     assert [r.confidence for r in exact.rows] == pytest.approx([r.confidence for r in reference.rows], abs=1e-4)
+
+
+def test_near_ties_from_several_batches_are_looked_at_together(run_dir, tmp_path, monkeypatch):
+    """With a 16-bit engine that computes near ties again, predict gathers the near ties of
+    several batches for one float32 pass and puts each result back in its own row."""
+    import numpy as np
+
+    import transferkit.precision
+    from transferkit.engine import ChainedEngine, inference_engine
+    from transferkit.predict import engine_cache_dir
+
+    monkeypatch.setattr(transferkit.precision, "resolve_precision", lambda precision: ("mixed_bfloat16", "test"))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(14):
+        pixels = np.clip(rng.uniform(0, 255, 3) + rng.normal(0, 60, (40, 40, 3)), 0, 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"img{index:02d}.jpg")
+    run = load_run(run_dir)
+    engine = inference_engine(run.model, "openvino", run.image_size, cache_dir=engine_cache_dir(run_dir),
+                              precision="auto", input_dtype="uint8")
+    assert isinstance(engine, ChainedEngine)
+    # Which images are near ties is the engine's business (tested with it); here every
+    # third image, one per batch of 3, is declared one, and what each look returns is kept.
+    first_looks, second_looks = [], []
+    first_look, second_look = engine.first_look, engine.second_look
+
+    def declared_first_look(images):
+        outputs, _ = first_look(images)
+        start = sum(len(seen) for seen in first_looks)
+        first_looks.append(np.array(outputs))
+        return outputs, np.asarray([i for i in range(len(images)) if (start + i) % 3 == 1], dtype="int64")
+
+    def recorded_second_look(images):
+        second_looks.append(second_look(images))
+        return second_looks[-1]
+
+    monkeypatch.setattr(engine, "first_look", declared_first_look)
+    monkeypatch.setattr(engine, "second_look", recorded_second_look)
+    result = predict_folder(run, folder, batch_size=3, engine=engine, top_k=len(run.class_names))
+    # 5 near ties in 5 batches: one float32 pass once 3 are waiting, one for the last 2
+    assert [len(look) for look in second_looks] == [3, 2] and engine.refined == 5
+    expected = np.concatenate(first_looks)
+    expected[1::3] = np.concatenate(second_looks)
+    if expected.shape[1] == 1:
+        expected = np.concatenate([1 - expected, expected], axis=1)
+    assert [row.file for row in result.rows] == sorted(folder.iterdir())
+    got = np.asarray([[dict(row.top_k)[name] for name in run.class_names] for row in result.rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # and the float32 pass changed those rows: they are not the 16-bit ones
+    assert not np.allclose(np.concatenate(first_looks)[1::3], np.concatenate(second_looks), rtol=0, atol=1e-7)

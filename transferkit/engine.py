@@ -168,15 +168,26 @@ class ChainedEngine(ForwardEngine):
         return self.body.image_size
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        outputs = self.head.predict(self.body.predict(batch))
-        if self._exact_factory is None or len(outputs) == 0:
-            return outputs
-        near = np.flatnonzero(_top_margin(outputs) < REFINE_MARGIN)
+        outputs, near = self.first_look(batch)
         if len(near):
             outputs = np.array(outputs, copy=True)
-            outputs[near] = self.exact.predict(np.asarray(batch)[near])
-            self.refined += len(near)
+            outputs[near] = self.second_look(np.asarray(batch)[near])
         return outputs
+
+    def first_look(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The 16-bit outputs, and the indices of the near ties that ``second_look`` should
+        compute again (none without a float32 engine). A caller streaming many batches can
+        gather near ties from several and look at them in one call: a float32 pass over a
+        few images costs more per image than over a batch."""
+        outputs = self.head.predict(self.body.predict(batch))
+        if self._exact_factory is None or len(outputs) == 0:
+            return outputs, np.zeros(0, dtype="int64")
+        return outputs, np.flatnonzero(_top_margin(outputs) < REFINE_MARGIN)
+
+    def second_look(self, images: np.ndarray) -> np.ndarray:
+        """Float32 outputs for images (near ties from ``first_look``)."""
+        self.refined += len(images)
+        return self.exact.predict(images)
 
     @property
     def exact(self) -> ForwardEngine | None:

@@ -115,20 +115,48 @@ def predict_folder(
                                    precision=precision, input_dtype="uint8")
     else:
         forward = engine
-    rows: list[Prediction] = []
+    kept: list[Path] = []
+    outputs: list[np.ndarray] = []
+    # Near ties of a 16-bit engine wait here (up to a batch of them) for one float32 pass:
+    # per image, a pass over a few costs more than over a batch.
+    near_images: list[np.ndarray] = []
+    near_rows: list[tuple[int, np.ndarray]] = []  # (index in outputs, rows in it)
+
+    def second_look() -> None:
+        if near_images:
+            refined = forward.second_look(np.concatenate(near_images))
+            start = 0
+            for chunk, rows_in_chunk in near_rows:
+                outputs[chunk][rows_in_chunk] = refined[start : start + len(rows_in_chunk)]
+                start += len(rows_in_chunk)
+            near_images.clear()
+            near_rows.clear()
+
     done = 0
     for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
         skipped.extend(batch_skipped)
         if len(images):
-            outputs = forward.predict(images)
-            probabilities = class_probabilities(np.asarray(outputs))
-            for path, row in zip(paths, probabilities):
-                order = np.argsort(-row, kind="stable")[:top_k]
-                ranked = tuple((names[i], float(row[i])) for i in order)
-                rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
+            if hasattr(forward, "first_look"):
+                batch_outputs, near = forward.first_look(images)
+                if len(near):
+                    near_images.append(images[near])
+                    near_rows.append((len(outputs), near))
+            else:
+                batch_outputs = forward.predict(images)
+            outputs.append(np.array(batch_outputs, dtype="float32"))
+            kept.extend(paths)
+            if sum(map(len, near_images)) >= batch_size:
+                second_look()
         done += len(paths) + len(batch_skipped)
         if progress is not None:
             progress(done, len(files))
+    second_look()
+    rows: list[Prediction] = []
+    probabilities = class_probabilities(np.concatenate(outputs)) if outputs else np.zeros((0, len(names)))
+    for path, row in zip(kept, probabilities):
+        order = np.argsort(-row, kind="stable")[:top_k]
+        ranked = tuple((names[i], float(row[i])) for i in order)
+        rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
     return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
