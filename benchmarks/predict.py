@@ -224,7 +224,7 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     ``ROUNDS``; prints one JSON line (rates, labels, near ties recomputed per run)."""
     from transferkit.data import decode_images, iter_image_files
     from transferkit.engine import inference_engine
-    from transferkit.predict import engine_cache_dir, predict_folder
+    from transferkit.predict import engine_cache_dir, engine_outputs, predict_folder
     from transferkit.runs import load_run
 
     run = load_run(run_dir)
@@ -250,8 +250,7 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     def engine_forward():
         # The engine exactly as predict calls it (near ties again in float32 included), on
         # images decoded beforehand: what predict adds around it is reading the folder.
-        for start in range(0, len(decoded), batch):
-            engine.predict(decoded[start : start + batch])
+        engine_outputs(engine, (decoded[start : start + batch] for start in range(0, len(decoded), batch)), batch)
 
     results, refined = [], []
 

@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -116,9 +116,39 @@ def predict_folder(
     else:
         forward = engine
     kept: list[Path] = []
+    done = 0
+
+    def batches():
+        nonlocal done
+        for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
+            skipped.extend(batch_skipped)
+            if len(images):
+                kept.extend(paths)
+                yield images
+            done += len(paths) + len(batch_skipped)
+            if progress is not None:
+                progress(done, len(files))
+
+    outputs = engine_outputs(forward, batches(), batch_size)
+    rows: list[Prediction] = []
+    probabilities = class_probabilities(outputs)
+    for path, row in zip(kept, probabilities):
+        order = np.argsort(-row, kind="stable")[:top_k]
+        ranked = tuple((names[i], float(row[i])) for i in order)
+        rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
+
+
+def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
+    """A forward engine's float32 outputs over a stream of image batches, in order.
+
+    A 16-bit engine that computes near ties again in float32 (``ChainedEngine`` with the
+    default precision) has them gathered from several batches, up to ``batch_size``, for
+    one float32 pass: per image, a pass over a few costs more than over a batch.
+    """
     outputs: list[np.ndarray] = []
-    # Near ties of a 16-bit engine wait here (up to a batch of them) for one float32 pass:
-    # per image, a pass over a few costs more than over a batch.
     near_images: list[np.ndarray] = []
     near_rows: list[tuple[int, np.ndarray]] = []  # (index in outputs, rows in it)
 
@@ -132,34 +162,19 @@ def predict_folder(
             near_images.clear()
             near_rows.clear()
 
-    done = 0
-    for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
-        skipped.extend(batch_skipped)
-        if len(images):
-            if hasattr(forward, "first_look"):
-                batch_outputs, near = forward.first_look(images)
-                if len(near):
-                    near_images.append(images[near])
-                    near_rows.append((len(outputs), near))
-            else:
-                batch_outputs = forward.predict(images)
-            outputs.append(np.array(batch_outputs, dtype="float32"))
-            kept.extend(paths)
-            if sum(map(len, near_images)) >= batch_size:
-                second_look()
-        done += len(paths) + len(batch_skipped)
-        if progress is not None:
-            progress(done, len(files))
+    for images in batches:
+        if hasattr(forward, "first_look"):
+            batch_outputs, near = forward.first_look(images)
+            if len(near):
+                near_images.append(images[near])
+                near_rows.append((len(outputs), near))
+        else:
+            batch_outputs = forward.predict(images)
+        outputs.append(np.array(batch_outputs, dtype="float32"))
+        if sum(map(len, near_images)) >= batch_size:
+            second_look()
     second_look()
-    rows: list[Prediction] = []
-    probabilities = class_probabilities(np.concatenate(outputs)) if outputs else np.zeros((0, len(names)))
-    for path, row in zip(kept, probabilities):
-        order = np.argsort(-row, kind="stable")[:top_k]
-        ranked = tuple((names[i], float(row[i])) for i in order)
-        rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
-    for path, reason in skipped:
-        log.warning("skipping %s: %s", path, reason)
-    return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
+    return np.concatenate(outputs) if outputs else np.zeros((0, 1), dtype="float32")
 
 
 def engine_cache_dir(run_path: str | os.PathLike) -> Path:
