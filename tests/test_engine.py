@@ -307,13 +307,24 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     # the head is float32: given the body's features it computes what Keras does
     np.testing.assert_allclose(sixteen_bit, model.get_layer("head").predict_on_batch(features), rtol=1e-4, atol=1e-6)
     margins = _top_margin(sixteen_bit)
-    threshold = float(np.median(margins))
-    monkeypatch.setattr(engine_module, "REFINE_MARGIN", threshold)
-    near = margins < threshold
-    assert 0 < near.sum() < len(batch)
+    # The threshold sits in the widest gap between the 4th and 9th smallest margins, so no
+    # image is within 16-bit noise of it (OpenVINO's bfloat16 results can differ slightly
+    # from one call to the next).
+    ordered = np.sort(margins)
+    gap = 4 + int(np.argmax(np.diff(ordered)[3:8]))
+    monkeypatch.setattr(engine_module, "REFINE_MARGIN", float(ordered[gap - 1] + ordered[gap]) / 2)
+    near = margins < engine_module.REFINE_MARGIN
+    assert near.sum() == gap
+    looks = []
+    first_look = engine.first_look
+    monkeypatch.setattr(engine, "first_look", lambda images: looks.append(first_look(images)) or looks[-1])
     got = engine.predict(batch)
+    (looked, looked_near), = looks
+    np.testing.assert_array_equal(looked_near, np.flatnonzero(near))
     assert engine.refined == near.sum()
-    np.testing.assert_array_equal(got[~near], sixteen_bit[~near])
+    # the other rows are the 16-bit ones as that call computed them; near ties are float32
+    np.testing.assert_array_equal(got[~near], looked[~near])
+    np.testing.assert_allclose(looked[~near], sixteen_bit[~near], rtol=2e-2, atol=2e-3)
     np.testing.assert_allclose(got[near], model.predict_on_batch(batch)[near], rtol=1e-4, atol=1e-6)
     exact = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="float32")
     assert not isinstance(exact, ChainedEngine)
@@ -322,8 +333,12 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     decoded = np.rint(batch).astype("uint8")
     direct = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="auto", input_dtype="uint8")
     assert direct.body.input_dtype == "uint8" and direct.exact.input_dtype == "uint8"
-    np.testing.assert_allclose(direct.predict(decoded), engine.predict(decoded.astype("float32")), rtol=1e-5, atol=1e-6)
-    assert direct.refined > 0
+    relative, cosine = agreement(direct.body.predict(decoded), engine.body.predict(decoded.astype("float32")))
+    assert relative < 1e-2 and cosine > 0.9999, (relative, cosine)
+    np.testing.assert_allclose(direct.exact.predict(decoded), engine.exact.predict(decoded.astype("float32")),
+                               rtol=1e-5, atol=1e-6)
+    outputs, near_direct = direct.first_look(decoded)
+    assert len(near_direct) and direct.predict(decoded).shape == outputs.shape
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
