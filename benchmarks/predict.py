@@ -243,14 +243,17 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     if hasattr(engine, "body"):
         forward = lambda images: engine.head.predict(engine.body.predict(images))  # noqa: E731
 
+    def batches():
+        return (decoded[start : start + batch] for start in range(0, len(decoded), batch))
+
     def bare_forward():
-        for start in range(0, len(decoded), batch):
-            forward(decoded[start : start + batch])
+        for images in batches():
+            forward(images)
 
     def engine_forward():
         # The engine exactly as predict calls it (near ties again in float32 included), on
         # images decoded beforehand: what predict adds around it is reading the folder.
-        engine_outputs(engine, (decoded[start : start + batch] for start in range(0, len(decoded), batch)), batch)
+        engine_outputs(engine, batches(), batch)
 
     results, refined = [], []
 

@@ -216,11 +216,9 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         UnreadableImage: as ``read_image``.
     """
     decoded = _decode_plain_jpeg(Path(path), size)
-    if decoded is not None:
-        if decoded.shape[:2] == (size, size):
-            return decoded
-        return np.asarray(Image.fromarray(decoded).resize((size, size), Image.Resampling.BILINEAR))
-    image = _open_rgb(Path(path), draft_size=size)
+    if decoded is not None and decoded.shape[:2] == (size, size):
+        return decoded
+    image = Image.fromarray(decoded) if decoded is not None else _open_rgb(Path(path), draft_size=size)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image)
@@ -260,11 +258,11 @@ def _decode_plain_jpeg(path: Path, size: int) -> np.ndarray | None:
         if colourspace not in _PLAIN_COLOURSPACES or (scale > 1 and min(width, height) < 16):
             # (below 8 px a finer eighth can give the same output size: Pillow decides)
             return None
-        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale),
-                                         min_width=-(-width // scale))
+        scaled = (-(-height // scale), -(-width // scale))
+        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=scaled[0], min_width=scaled[1])
     except Exception:  # any failure: Pillow's path reads it or says what is wrong
         return None
-    return decoded if decoded.shape[:2] == (-(-height // scale), -(-width // scale)) else None
+    return decoded if decoded.shape[:2] == scaled else None
 
 
 def _plain_jpeg_header(data: bytes) -> bool:
