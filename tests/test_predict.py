@@ -146,15 +146,23 @@ def test_near_ties_from_several_batches_are_looked_at_together(run_dir, tmp_path
         first_looks.append(np.array(outputs))
         return outputs, np.asarray([i for i in range(len(images)) if (start + i) % 3 == 1], dtype="int64")
 
+    progress, progress_at_second_looks = [], []
+
     def recorded_second_look(images):
+        progress_at_second_looks.append(progress[-1])
         second_looks.append(second_look(images))
         return second_looks[-1]
 
     monkeypatch.setattr(engine, "first_look", declared_first_look)
     monkeypatch.setattr(engine, "second_look", recorded_second_look)
-    result = predict_folder(run, folder, batch_size=3, engine=engine, top_k=len(run.class_names))
+    result = predict_folder(run, folder, batch_size=3, engine=engine, top_k=len(run.class_names),
+                            progress=lambda done, total: progress.append((done, total)))
     # 5 near ties in 5 batches: one float32 pass once 3 are waiting, one for the last 2
     assert [len(look) for look in second_looks] == [3, 2] and engine.refined == 5
+    # Progress counts a near tie once its float32 pass is done (6 = 3 batches less their 3
+    # waiting near ties): the bar reaches the end only after the last pass.
+    assert progress_at_second_looks == [(6, 14), (12, 14)] and progress[-1] == (14, 14)
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
     expected = np.concatenate(first_looks)
     expected[1::3] = np.concatenate(second_looks)
     if expected.shape[1] == 1:

@@ -67,7 +67,8 @@ def predict_folder(
         folder: the images to classify; a single image file works too.
         top_k: how many classes to list per image; default 1.
         batch_size: images per forward pass; default 32.
-        progress: called with (images done, images total) after each batch.
+        progress: called with (images done, images total) as images get their final
+            outputs or are skipped (after each batch; a near tie after its float32 pass).
         engine: "auto" (OpenVINO on CPU when installed), "keras" or "openvino"; the
             converted network is cached per run and image size (see ``engine_cache_dir``).
             A ``ForwardEngine`` built for this run's model is used as it is.
@@ -118,18 +119,23 @@ def predict_folder(
     kept: list[Path] = []
     done = 0
 
-    def batches():
+    def advance(count: int) -> None:
+        # Progress counts an image once its outputs are final (a near tie waiting for its
+        # float32 pass is not done yet) or once it is skipped.
         nonlocal done
+        done += count
+        if progress is not None and count:
+            progress(done, len(files))
+
+    def batches():
         for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
             skipped.extend(batch_skipped)
+            advance(len(batch_skipped))
             if len(images):
                 kept.extend(paths)
                 yield images
-            done += len(paths) + len(batch_skipped)
-            if progress is not None:
-                progress(done, len(files))
 
-    outputs = engine_outputs(forward, batches(), batch_size)
+    outputs = engine_outputs(forward, batches(), batch_size, finished=advance)
     rows: list[Prediction] = []
     probabilities = class_probabilities(outputs)
     for path, row in zip(kept, probabilities):
@@ -141,16 +147,32 @@ def predict_folder(
     return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
 
 
-def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
+def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int,
+                   finished: Callable[[int], None] | None = None) -> np.ndarray:
     """A forward engine's float32 outputs over a stream of image batches, in order.
 
     A 16-bit engine that computes near ties again in float32 (``ChainedEngine`` with the
     default precision) has them gathered from several batches, up to ``batch_size``, for
     one float32 pass: per image, a pass over a few costs more than over a batch.
+
+    Args:
+        forward: a ``ForwardEngine``; one with ``first_look`` / ``second_look`` gets its
+            near ties gathered.
+        batches: image batches, as the engine takes them.
+        batch_size: how many near ties to gather before a float32 pass.
+        finished: called with a count each time that many more images have their final
+            outputs (a near tie only after its float32 pass); default None.
+
+    Returns:
+        The outputs of every image, in the order of the batches.
     """
     outputs: list[np.ndarray] = []
     near_images: list[np.ndarray] = []
     near_rows: list[tuple[int, np.ndarray]] = []  # (index in outputs, rows in it)
+
+    def report(count: int) -> None:
+        if finished is not None and count:
+            finished(count)
 
     def second_look() -> None:
         if near_images:
@@ -161,8 +183,10 @@ def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int) -> n
                 start += len(rows_in_chunk)
             near_images.clear()
             near_rows.clear()
+            report(len(refined))
 
     for images in batches:
+        near = ()
         if hasattr(forward, "first_look"):
             batch_outputs, near = forward.first_look(images)
             if len(near):
@@ -171,6 +195,7 @@ def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int) -> n
         else:
             batch_outputs = forward.predict(images)
         outputs.append(np.array(batch_outputs, dtype="float32"))
+        report(len(images) - len(near))
         if sum(map(len, near_images)) >= batch_size:
             second_look()
     second_look()
