@@ -92,7 +92,12 @@ def test_existing_run_is_not_overwritten_without_force(finished, messy_data):
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_run(tmp_path):
     output = tmp_path / "run"
-    save_run(output, lambda folder: (folder / "marker").write_text("old"))
+
+    def old_run(folder):
+        (folder / "labels.json").write_text("{}")
+        (folder / "marker").write_text("old")
+
+    save_run(output, old_run)
 
     def disk_full(folder):
         (folder / "half").write_text("partial")
@@ -114,9 +119,34 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_run(tmp_path):
 
 def test_force_replaces_an_existing_run(tmp_path):
     output = tmp_path / "run"
-    save_run(output, lambda folder: (folder / "old").write_text("1"))
+    save_run(output, lambda folder: (folder / "labels.json").write_text("{}"))
     save_run(output, lambda folder: (folder / "new").write_text("2"), force=True)
     assert [path.name for path in output.iterdir()] == ["new"]
+
+
+def test_force_replaces_run_folders_only(tmp_path, shapes_dir):
+    """--force must never delete a folder that is not a run: somebody's files, the data."""
+    shapes_dir = shutil.copytree(shapes_dir, tmp_path / "copy" / "data")
+    notes = tmp_path / "important"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("precious")
+    with pytest.raises(RunError, match="not a run folder"):
+        transferkit.finetune(shapes_dir, None, {"weights": "none"}, output=notes, force=True, verbose=0)
+    assert (notes / "thesis.txt").read_text() == "precious"
+    classes = sorted(path.name for path in shapes_dir.iterdir())
+    for output in (shapes_dir, shapes_dir.parent):
+        with pytest.raises(RunError, match="holds the data folder|inside the data folder"):
+            transferkit.finetune(shapes_dir, None, {"weights": "none"}, output=output, force=True, verbose=0)
+    assert sorted(path.name for path in shapes_dir.iterdir()) == classes
+
+
+def test_run_inside_the_data_folder_is_refused_and_creates_nothing(tmp_path, shapes_dir):
+    """A run folder inside the data would be read as a class by every later run."""
+    shapes_dir = shutil.copytree(shapes_dir, tmp_path / "data")
+    before = sorted(path.name for path in shapes_dir.iterdir())
+    with pytest.raises(RunError, match="inside the data folder"):
+        transferkit.finetune(shapes_dir, None, {"weights": "none"}, output=shapes_dir / "runs" / "first", verbose=0)
+    assert sorted(path.name for path in shapes_dir.iterdir()) == before
 
 
 def test_read_only_parent_is_refused_before_training(tmp_path, shapes_dir, monkeypatch):

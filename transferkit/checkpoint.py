@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import threading
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,13 +158,39 @@ class WorkFolder:
         return cls(path)
 
     def job(self) -> dict:
-        return json.loads((self.path / JOB_FILE).read_text(encoding="utf-8"))
+        """What the run was started with (data folders, output, options).
+
+        Raises:
+            RunError: the file is damaged.
+        """
+        job = self._read_json(JOB_FILE)
+        if not isinstance(job, dict) or "data_dir" not in job:
+            raise self._damaged(JOB_FILE, "no data folder recorded")
+        return job
 
     def state(self) -> TrainingState:
-        path = self.path / STATE_FILE
-        if not path.is_file():
+        """Where training stands (the start, before the first checkpoint).
+
+        Raises:
+            RunError: the file is damaged.
+        """
+        if not (self.path / STATE_FILE).is_file():
             return TrainingState()
-        return TrainingState(**json.loads(path.read_text(encoding="utf-8")))
+        values = self._read_json(STATE_FILE)
+        try:
+            return TrainingState(**values)
+        except TypeError as error:
+            raise self._damaged(STATE_FILE, str(error)) from error
+
+    def _read_json(self, name: str):
+        try:
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise self._damaged(name, getattr(error, "strerror", None) or str(error)) from error
+
+    def _damaged(self, name: str, reason: str) -> RunError:
+        return RunError(f"the interrupted run in {self.path} is damaged ({name}: {reason}); "
+                        "start over with --force")
 
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT_FILE).is_file() and (self.path / STATE_FILE).is_file()
@@ -271,11 +298,16 @@ class WorkFolder:
 
     def _arrays(self, group: str):
         name = self.state().arrays_file
-        if not name or not (self.path / name).is_file():
+        if not name:
             return None
-        with np.load(self.path / name) as archive:
-            keys = sorted(key for key in archive.files if key.startswith(group + "/"))
-            return [archive[key] for key in keys] or None
+        # state.json is replaced only after the arrays it names are written: a missing or
+        # unreadable file is damage, not an older layout.
+        try:
+            with np.load(self.path / name) as archive:
+                keys = sorted(key for key in archive.files if key.startswith(group + "/"))
+                return [archive[key] for key in keys] or None
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise self._damaged(name, getattr(error, "strerror", None) or str(error)) from error
 
     def remove(self) -> None:
         self.flush()

@@ -91,24 +91,48 @@ def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Pat
     return Path(runs_root) / f"{name}-{stamp}"
 
 
-def check_writable(output: Path, force: bool) -> None:
-    """Fail before any training if the run could not be written.
+def check_writable(output: Path, force: bool, data_folders=()) -> None:
+    """Fail before any training if the run could not be written, or would destroy data.
+
+    Nothing is created here: a run that fails later leaves no folder behind.
+
+    Args:
+        output: the run folder to write.
+        force: an existing run folder may be replaced.
+        data_folders: folders the run reads (the data, a validation folder); the run
+            folder may be neither inside one nor contain one.
 
     Raises:
-        RunError: the folder exists (without ``force``), is a file, or its parent cannot be
-            created or written.
+        RunError: the folder exists (without ``force``), is a file, is not a run folder
+            (``force`` replaces run folders only), is inside or holds a data folder, or
+            its parent cannot be created or written.
     """
     if output.exists() and not output.is_dir():
         raise RunError(f"output {output} is a file; pass a folder path with -o")
-    if output.exists() and not force:
-        raise RunError(f"run folder {output} exists already; pass --force to replace it or choose another -o")
-    parent = output.parent if str(output.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunError(f"cannot create {parent}: {error.strerror}; choose another -o") from error
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write into {parent} (permission denied); choose another -o")
+    absolute = Path(os.path.abspath(output))
+    for folder in data_folders:
+        if folder is None:
+            continue
+        data = Path(os.path.abspath(folder))
+        if absolute == data or data in absolute.parents:
+            raise RunError(f"run folder {output} is inside the data folder {folder} (it would be read as a "
+                           "class); write the run outside it with -o")
+        if absolute in data.parents:
+            raise RunError(f"run folder {output} holds the data folder {folder}; choose another -o")
+    if output.exists():
+        if not force:
+            raise RunError(f"run folder {output} exists already; pass --force to replace it or choose another -o")
+        if not (output / LABELS_FILE).is_file() and any(output.iterdir()):
+            raise RunError(f"{output} is not a run folder (no {LABELS_FILE}) and is not empty; --force replaces "
+                           "only run folders: choose another -o")
+    # The parent is created when the run is written; here only check that it can be.
+    existing = absolute.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"cannot create {absolute.parent}: {existing} is a file; choose another -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
 
 
 def save_run(
@@ -132,6 +156,8 @@ def save_run(
     """
     output = Path(output)
     check_writable(output, force)
+    if output.name in ("", ".", ".."):
+        output = Path(os.path.abspath(output))  # "." and ".." name no folder to write beside
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:

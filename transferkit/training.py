@@ -305,7 +305,7 @@ def run_stages(
 
 def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose, callbacks, seed, state, work,
                 stop, plan, timings, final_outputs):
-    from transferkit.checkpoint import TrainingInterrupted, TrainingState
+    from transferkit.checkpoint import TrainingState
 
     rows: list[dict] = list(state.history)
     global_epoch = state.global_epoch
@@ -315,8 +315,10 @@ def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose
             continue
         resuming = index == state.stage_index and state.epochs_done > 0
         started = time.perf_counter()
+        _stop_if_requested(stop, work)
         set_trainable(model, spec, stage.unfreeze)
         inputs = plan.stage_inputs(index) if plan is not None else None
+        _stop_if_requested(stop, work)  # computing the features can take a while
         if inputs is None:
             train_model, stage_train, stage_val, features = model, train_data, val_data, None
         else:
@@ -389,13 +391,7 @@ def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose
                 callbacks=[*validation, stopper, epoch_callback, *callbacks],
                 verbose=verbose,
             )
-        if stop is not None and stop.requested:
-            if work is not None:
-                work.flush()
-            raise TrainingInterrupted(
-                f"{stop.requested}: training stopped; the last completed epoch is saved. "
-                "Continue with: transferkit finetune --resume RUN"
-            )
+        _stop_if_requested(stop, work)
         if final_outputs is not None:
             final_outputs.pop("val", None)
             if cached:
@@ -421,6 +417,19 @@ def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose
     if work is not None:
         work.flush()
     return rows
+
+
+def _stop_if_requested(stop, work) -> None:
+    """Raise ``TrainingInterrupted`` once a signal asked training to stop."""
+    from transferkit.checkpoint import TrainingInterrupted
+
+    if stop is not None and stop.requested:
+        if work is not None:
+            work.flush()
+        raise TrainingInterrupted(
+            f"{stop.requested}: training stopped; the last completed epoch is saved. "
+            "Continue with: transferkit finetune --resume RUN"
+        )
 
 
 def default_forward(model):

@@ -61,7 +61,9 @@ def finetune(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     output = Path(output) if output is not None else runs.default_run_dir(data_dir)
-    runs.check_writable(output, force)
+    if output.name in ("", ".", ".."):
+        output = Path(os.path.abspath(output))  # "." and ".." name no folder to write beside
+    runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     prepared = _prepare(data_dir, val_dir, recipe, verbose)
     job = {
         "data_dir": str(Path(data_dir).resolve()),
@@ -69,6 +71,8 @@ def finetune(
         "output": str(output.resolve()),
         "save_h5": save_h5,
         "force": force,
+        "class_names": list(prepared["class_names"]),
+        "data_fingerprint": prepared["fingerprint"],
     }
     work = WorkFolder.create(output, job, recipe.to_toml(), force)
     try:
@@ -83,33 +87,62 @@ def finetune(
         raise
 
 
-def resume_finetune(run: str | os.PathLike, verbose: int = 1):
+def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str | os.PathLike | None = None,
+                    val_dir: str | os.PathLike | None = None, force: bool = False):
     """Continue an interrupted ``finetune`` from its last completed epoch.
 
-    The data folder, recipe and options come from ``RUN.partial/``; with the same data the
-    result matches an uninterrupted run with the same seed.
+    The recipe and options come from ``RUN.partial/``; with the same data the result
+    matches an uninterrupted run with the same seed. The run is written to RUN, wherever
+    the interrupted run was meant to go (a renamed or moved ``RUN.partial`` resumes where
+    it is now).
 
     Args:
         run: the run folder that was being written (or its ``.partial`` folder).
         verbose: 0 silent, 1 progress bars; default 1.
+        data_dir, val_dir: where the data is now, when it moved; default None (where it
+            was). The images must be those the run started with.
+        force: replace a finished run at RUN (as the interrupted run's own ``force``
+            would); default False.
 
     Returns:
         The saved ``Run``.
 
     Raises:
         RunError: nothing to resume, or the checkpoint cannot be read.
+        DataError: the data is missing or is not what the run started with.
     """
-    from transferkit.checkpoint import WorkFolder
+    from transferkit import runs
+    from transferkit.checkpoint import WorkFolder, output_for
 
     work = WorkFolder.open(run)
     job = work.job()
     recipe = load_recipe(work.path / "recipe.toml")
-    output = Path(job["output"])
+    output = output_for(work.path)
+    force = force or bool(job.get("force"))
+    data_dir = data_dir if data_dir is not None else job["data_dir"]
+    val_dir = val_dir if val_dir is not None else job["val_dir"]
+    runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     if verbose:
         state = work.state()
         print(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}", flush=True)
-    prepared = _prepare(job["data_dir"], job["val_dir"], recipe, verbose)
-    return _train(prepared, recipe, output, work, bool(job.get("force")), bool(job["save_h5"]), verbose)
+    prepared = _prepare(data_dir, val_dir, recipe, verbose)
+    _require_same_data(job, prepared, data_dir, output)
+    return _train(prepared, recipe, output, work, force, bool(job["save_h5"]), verbose)
+
+
+def _require_same_data(job: dict, prepared: dict, data_dir, output: Path) -> None:
+    """A resumed run must train on the images it started with (or its split, classes and
+    epochs so far would not fit)."""
+    if "class_names" in job and list(job["class_names"]) != list(prepared["class_names"]):
+        raise DataError(
+            f"{data_dir} has classes {', '.join(prepared['class_names'])} but the interrupted run of {output} "
+            f"trained on {', '.join(job['class_names'])}; resume with the same data, or start over with --force"
+        )
+    if "data_fingerprint" in job and job["data_fingerprint"] != prepared["fingerprint"]:
+        raise DataError(
+            f"the images in {data_dir} changed since the interrupted run of {output} started (files added, "
+            "removed or rewritten); restore them to resume, or start over with --force"
+        )
 
 
 def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
@@ -169,7 +202,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
             flush=True,
         )
     return {
-        "class_names": class_names, "skipped": skipped,
+        "class_names": class_names, "skipped": skipped, "fingerprint": _fingerprint(data_dir, val_dir, paths),
         "train_images": train_images, "train_labels": train_labels,
         "val_images": val_images, "val_labels": val_labels,
     }
@@ -240,8 +273,14 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
                 final_outputs=final_outputs,
             )
     except TrainingInterrupted as interrupted:
+        signal_name = str(interrupted).split(":")[0]
+        if not work.has_checkpoint() and not work.state().history:
+            work.remove()
+            raise TrainingInterrupted(
+                f"{signal_name}: training stopped before its first epoch ended; nothing was kept"
+            ) from None
         raise TrainingInterrupted(
-            f"{str(interrupted).split(':')[0]}: training stopped; the last completed epoch is "
+            f"{signal_name}: training stopped; the last completed epoch is "
             f"saved in {work.path}. Continue with: transferkit finetune --resume {output}"
         ) from None
 
@@ -294,6 +333,25 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         metrics=metrics,
         model=model,
     )
+
+
+def _fingerprint(data_dir, val_dir, paths) -> str:
+    """A digest of which image files the run reads (paths relative to their data folder,
+    and sizes), to tell whether a resumed run sees the data it started with, wherever
+    the folder is now."""
+    import hashlib
+
+    roots = [Path(folder).resolve() for folder in (data_dir, val_dir) if folder is not None]
+    entries = []
+    for path in map(lambda p: Path(p).resolve(), paths):
+        index = next((i for i, root in enumerate(roots) if root in path.parents), len(roots))
+        relative = path.relative_to(roots[index]) if index < len(roots) else path
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        entries.append(f"{index}\t{relative.as_posix()}\t{size}\n")
+    return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
 
 
 def _kept_rows(paths, readable: np.ndarray, reasons: dict):
