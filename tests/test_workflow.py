@@ -219,3 +219,43 @@ def test_images_beyond_the_memory_budget_train_the_same(shapes_dir, tmp_path, mo
     assert [row["val_loss"] for row in small.history] == pytest.approx([row["val_loss"] for row in large.history])
     for a, b in zip(small.model.get_weights(), large.model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_metrics_name_the_epoch_the_saved_model_comes_from(finished):
+    """Each stage ends on its epoch of lowest validation loss, so the saved model is that
+    epoch of the last stage: its figures are the final ones."""
+    import numpy as np
+
+    from transferkit.report import summarize
+
+    run, _ = finished
+    saved = run.metrics["saved"]
+    assert (saved["epoch"], saved["stage"]) == (2, "fine")
+    assert run.metrics["final"]["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-4)
+    history = [{"epoch": e, "stage": s, "val_loss": v, "val_accuracy": a} for e, s, v, a in
+               [(1, "head", 0.5, 0.9), (2, "head", 0.9, 0.5), (3, "fine", 0.8, 0.6), (4, "fine", 0.7, 0.6),
+                (5, "fine", 0.7, 0.7), (6, "fine", 0.75, 0.8)]]
+    metrics = summarize(history, np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"], 0.7, 10)
+    assert metrics["saved"] == {"epoch": 4, "stage": "fine", "val_loss": 0.7}
+    assert (metrics["best"]["epoch"], metrics["best"]["stage"]) == (1, "head")
+
+
+def test_full_disk_at_the_final_save_keeps_the_training_for_resume(shapes_dir, tmp_path, tiny, monkeypatch):
+    import errno
+
+    import transferkit.runs
+    from transferkit.workflow import resume_finetune
+
+    output = tmp_path / "run"
+    real_write_history = transferkit.runs.write_history
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transferkit.runs, "write_history", disk_full)
+    with pytest.raises(RunError, match=r"disk is full; the folder was not written; the training is kept in .*--resume"):
+        transferkit.finetune(shapes_dir, None, tiny, output=output, verbose=0)
+    assert not output.exists() and (tmp_path / "run.partial").is_dir()
+    monkeypatch.setattr(transferkit.runs, "write_history", real_write_history)
+    run = resume_finetune(output, verbose=0)
+    assert (run.path / "history.csv").is_file() and not (tmp_path / "run.partial").exists()

@@ -43,7 +43,8 @@ def summarize(
     val_loss: float,
     n_train: int,
 ) -> dict:
-    """metrics.json content: final and best validation figures, per-class accuracy, confusion."""
+    """metrics.json content: final and best validation figures, the epoch the saved model
+    comes from, per-class accuracy, confusion."""
     predicted = predicted_labels(probabilities)
     matrix = confusion_matrix(true, predicted, len(class_names))
     per_class = {
@@ -52,6 +53,11 @@ def summarize(
     }
     finite = [row for row in history if not math.isnan(row.get("val_accuracy", math.nan))]
     best = max(finite, key=lambda row: row["val_accuracy"], default=None)
+    # Each stage ends restoring its epoch of lowest validation loss (the first of equals),
+    # so the saved model is that epoch of the last stage.
+    last_stage = [row for row in history if history and row["stage"] == history[-1]["stage"]
+                  and not math.isnan(row.get("val_loss", math.nan))]
+    saved = min(last_stage, key=lambda row: row["val_loss"], default=None)
     return {
         "final": {
             "val_accuracy": float(np.mean(predicted == true)) if len(true) else math.nan,
@@ -62,6 +68,7 @@ def summarize(
              "val_loss": best["val_loss"]}
             if best else {}
         ),
+        "saved": {"epoch": saved["epoch"], "stage": saved["stage"], "val_loss": saved["val_loss"]} if saved else {},
         "per_class_accuracy": per_class,
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),

@@ -74,10 +74,16 @@ class Run:
                 f"  validation accuracy {final.get('val_accuracy', float('nan')):.3f} "
                 f"(loss {final.get('val_loss', float('nan')):.4f}) on {self.metrics.get('n_val', '?')} images"
             )
+        saved = self.metrics.get("saved", {})
+        if saved:
+            lines.append(
+                f"  model saved from epoch {saved.get('epoch')} ({saved.get('stage')}: the lowest validation "
+                "loss of the last stage)"
+            )
         if best:
             lines.append(
-                f"  best epoch {best.get('epoch')} ({best.get('stage')}): "
-                f"val_accuracy {best.get('val_accuracy', float('nan')):.3f}"
+                f"  highest val_accuracy {best.get('val_accuracy', float('nan')):.3f} at epoch {best.get('epoch')} "
+                f"({best.get('stage')})"
             )
         return "\n".join(lines)
 
@@ -166,7 +172,7 @@ def save_run(
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise RunError(f"could not write run folder {output}: {reason}; nothing was saved") from error
+        raise RunError(f"could not write run folder {output}: {reason}; the folder was not written") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, RunError
 from transferkit.recipe import Recipe, load_recipe
 
 log = logging.getLogger("transferkit")
@@ -320,7 +320,14 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
                 "".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8"
             )
 
-    runs.save_run(output, write_contents, force=force)
+    try:
+        runs.save_run(output, write_contents, force=force)
+    except RunError as error:
+        if not work.has_checkpoint():
+            raise
+        work.flush()
+        raise RunError(f"{error}; the training is kept in {work.path}: once the folder can be written, "
+                       f"finish with: transferkit finetune --resume {output}") from error
     work.remove()
     return runs.Run(
         path=output,
