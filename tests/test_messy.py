@@ -109,6 +109,17 @@ def test_every_command_copes_with_a_messy_folder(messy, tmp_path):
     for name in ("zero.jpg", "cut.jpg", "text.png", "dangling.jpg"):
         assert name in skipped, name
     assert "one pixel" not in skipped and "anim.gif" not in skipped and "cmyk.jpg" not in skipped
+    # The suggested doctor command checks what this run checked (its image size and split),
+    # and comes after the warnings it refers to.
+    lines = first.output.splitlines()
+    suggestion = next(index for index, line in enumerate(lines) if "for the details run:" in line)
+    assert suggestion > max(index for index, line in enumerate(lines) if line.startswith("warning: skipping"))
+    import shlex
+
+    command = shlex.split(lines[suggestion].split("for the details run: ")[1])
+    assert command[:3] == ["transferkit", "doctor", str(messy)] and command[3:5] == ["--image-size", "32"]
+    suggested = runner.invoke(app, command[1:])
+    assert suggested.exit_code == 1 and "unreadable" in suggested.output
     snapshot = {path.name: path.read_bytes() for path in earlier.iterdir()}
 
     again = runner.invoke(app, ["finetune", str(messy), *TINY_FLAGS, "-o", str(earlier)])

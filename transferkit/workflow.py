@@ -194,6 +194,8 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     train_images, val_images = data.partition_rows(decoded, [train_rows, val_rows])
     if skipped:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
+    if report.problems:
+        log.warning("for the details run: %s", _doctor_command(data_dir, val_dir, recipe))
     if verbose:
         counts = np.bincount(train_labels, minlength=len(class_names))
         print(
@@ -390,9 +392,16 @@ def _check_data(data_dir, val_dir, recipe: Recipe, keep, count: int, verbose: in
     for message in report.problems:
         if "unreadable file" not in message:  # those are warned about one by one below
             log.warning("%s", message)
-    if report.problems:
-        log.warning("run 'transferkit doctor %s' for the details", data_dir)
     return report
+
+
+def _doctor_command(data_dir, val_dir, recipe: Recipe) -> str:
+    """The ``transferkit doctor`` command that checks what this run checked."""
+    import shlex
+
+    words = ["transferkit", "doctor", str(data_dir), "--image-size", str(recipe.image_size), "--seed", str(recipe.seed)]
+    words += ["--val-dir", str(val_dir)] if val_dir is not None else ["--val-split", f"{recipe.data.val_split:g}"]
+    return shlex.join(words)
 
 
 def _require_every_class(labels: np.ndarray, class_names, folder) -> None:
