@@ -159,3 +159,18 @@ def test_parse_override_reads_toml_values():
     assert parse_override("backbone=resnet50") == ("backbone", "resnet50")
     with pytest.raises(RecipeError, match="KEY=VALUE"):
         parse_override("dropout")
+
+
+@pytest.mark.parametrize("key", ["stages.patience", "stages:.patience"])
+def test_a_stage_key_without_a_stage_says_how_to_name_one(key):
+    with pytest.raises(RecipeError, match=r"stages\.0\.patience \(the first\), stages\.1:\.patience"):
+        load_recipe(None, {key: 100})
+
+
+def test_messages_speak_of_lists_and_of_where_the_value_came_from(tmp_path):
+    with pytest.raises(RecipeError, match=r"^head\.units = 512: expected a list, e\.g\. \[512\] \(in the built-in recipe with your settings\)$"):
+        load_recipe(None, {"head.units": 512})
+    empty = tmp_path / "empty.toml"
+    empty.write_text("stages = []\n")
+    with pytest.raises(RecipeError, match="has no stages; at least one"):
+        load_recipe(empty, {"stages.0.epochs": 1})

@@ -204,7 +204,10 @@ def load_recipe(
     try:
         return Recipe.model_validate(_lists_to_tuples(raw))
     except ValidationError as error:
-        raise RecipeError(f"recipe {source}: {_describe(error)}") from None
+        where = "the built-in recipe" if source.startswith("defaults") else f"recipe {source.split(' with ')[0]}"
+        if source.endswith("overrides"):
+            where += " with your settings"
+        raise RecipeError(f"{_describe(error)} (in {where})") from None
 
 
 def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
@@ -214,10 +217,18 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
     (every stage from the second on).
     """
     parts = key.split(".")
-    if parts[0] == "stages" and len(parts) == 3:
+    if parts[0].rstrip(":") == "stages" and (len(parts) != 3 or parts[0] != "stages"):
+        field = parts[-1] if len(parts) > 1 else "epochs"
+        raise RecipeError(
+            f"override {key}: a stage key names its stages: stages.0.{field} (the first), "
+            f"stages.1:.{field} (the second on) or stages.0:.{field} (all)"
+        )
+    if parts[0] == "stages":
         stages = raw.setdefault("stages", [stage.model_dump() for stage in DEFAULT_STAGES])
         if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
             raise RecipeError(f"override {key}: stages in {source} is not a list of [[stages]] tables")
+        if not stages:
+            raise RecipeError(f"override {key}: {source} has no stages; at least one [[stages]] table is needed")
         selector = parts[1]
         try:
             if selector.endswith(":"):
@@ -267,6 +278,8 @@ def _describe(error: ValidationError) -> str:
             text = str(item["msg"]).removeprefix("Value error, ")
             if key:
                 text = f"{key}: {text}"
+        elif kind in ("tuple_type", "list_type"):
+            text = f"{key} = {received!r}: expected a list, e.g. [{received!r}]"
         else:
             text = f"{key} = {received!r}: {item['msg']}"
         if key in messages and kind not in ("extra_forbidden",):
