@@ -259,3 +259,25 @@ def test_full_disk_at_the_final_save_keeps_the_training_for_resume(shapes_dir, t
     monkeypatch.setattr(transferkit.runs, "write_history", real_write_history)
     run = resume_finetune(output, verbose=0)
     assert (run.path / "history.csv").is_file() and not (tmp_path / "run.partial").exists()
+
+
+def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(tmp_path, caplog):
+    import warnings
+
+    import numpy as np
+
+    from transferkit.report import plot_confusion
+
+    import logging
+
+    logger = logging.getLogger("transferkit")  # the CLI stops it propagating to caplog's root
+    logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning escaping would fail here
+            plot_confusion(np.array([[3, 1], [0, 4]]), ["Kreis 圆", "Quadrat 方"], tmp_path / "matrix.png")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert (tmp_path / "matrix.png").stat().st_size > 0
+    assert {record.message for record in caplog.records} == {
+        "matrix.png: some characters of the class names are not in the plot font and show as boxes"}

@@ -6,11 +6,14 @@ can be drawn in a background thread while the model is being saved.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger("transferkit")
 
 
 def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
@@ -98,8 +101,24 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
                 axis.text(epochs[start] - 0.4, axis.get_ylim()[1], row["stage"], va="top", fontsize=8)
                 start, stage_number = index + 1, stage_number + 1
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    _save_figure(figure, path)
+
+
+def _save_figure(figure, path: Path) -> None:
+    """Lay out and write a figure; characters its font lacks (class names in CJK, say) are
+    drawn as boxes, told in one line instead of matplotlib's warning per glyph."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.tight_layout()
+        figure.savefig(path, dpi=80)
+    missing = [w for w in caught if "missing from font" in str(w.message)]
+    if missing:
+        log.warning("%s: some characters of the class names are not in the plot font and show as boxes", path.name)
+    for other in caught:
+        if other not in missing:
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
@@ -119,5 +138,4 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -
         axis.text(column, row, str(count), ha="center", va="center",
                   color="white" if count > peak / 2 else "black")
     axis.set_title("validation confusion matrix")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    _save_figure(figure, path)
