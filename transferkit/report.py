@@ -105,26 +105,28 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
 
 
 def _save_figure(figure, path: Path) -> None:
-    """Lay out and write a figure; characters its font lacks (class names in CJK, say) are
-    drawn as boxes, told in one line instead of matplotlib's warning per glyph."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+
+
+def _warn_about_missing_glyphs(texts: Sequence[str], path: Path) -> None:
+    """Characters the plot font lacks (class names in CJK, say) are drawn as boxes: say so in
+    one line instead of matplotlib's warning per glyph (which this silences)."""
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        figure.tight_layout()
-        figure.savefig(path, dpi=80)
-    missing = [w for w in caught if "missing from font" in str(w.message)]
-    if missing:
+    from matplotlib import font_manager
+
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    if any(font.get_char_index(ord(char)) == 0 for text in texts for char in text if not char.isspace()):
         log.warning("%s: some characters of the class names are not in the plot font and show as boxes", path.name)
-    for other in caught:
-        if other not in missing:
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     """confusion_matrix.png: counts, true class by row."""
     from matplotlib.figure import Figure
 
+    _warn_about_missing_glyphs(class_names, path)
     size = max(3.5, 0.6 * len(class_names) + 2)
     figure = Figure(figsize=(size, size))
     axis = figure.subplots()
