@@ -39,3 +39,13 @@ def test_write_preview_writes_a_png(shapes_dir, tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.size[1] > 3 * 128
+
+
+def test_write_preview_refuses_a_count_below_one(shapes_dir, tmp_path):
+    import pytest
+
+    from transferkit.errors import DataError
+
+    with pytest.raises(DataError, match="count must be at least 1, got 0"):
+        write_preview(shapes_dir, tmp_path / "preview.png", count=0)
+    assert not (tmp_path / "preview.png").exists()

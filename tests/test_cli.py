@@ -139,3 +139,124 @@ def test_predict_accepts_a_model_file_with_labels_beside_it(cli_run, shapes_dir)
 def test_resume_without_data_dir_or_run_is_a_usage_error():
     result = invoke("finetune")
     assert result.exit_code == 2 and "needs DATA_DIR" in result.output
+
+
+def test_predict_with_no_readable_image_fails_and_writes_nothing(cli_run, tmp_path):
+    output, _ = cli_run
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "trunc.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (images / "empty.png").write_bytes(b"")
+    for target, named in ((images, "empty.png"), (images / "trunc.jpg", "trunc.jpg")):
+        result = invoke("predict", output, target, "-o", tmp_path / "out" / "p.csv")
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and named in errors[0]
+        assert "image(s) classified" not in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()
+    result = invoke("predict", output, images, "-q")
+    assert "all 2 image files" in result.output
+    # each unreadable file is warned about once
+    assert sorted(line.split(":")[0] for line in result.output.splitlines() if "skipping" in line) == ["warning"] * 2
+
+
+def test_predict_csv_summary_counts_the_skipped_files(cli_run, tmp_path):
+    output, _ = cli_run
+    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    result = invoke("predict", output, tmp_path, "-o", tmp_path / "out.csv", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) classified" in result.output and ", 1 skipped (unreadable)" in result.output
+    with open(tmp_path / "out.csv", newline="") as handle:
+        assert [row["file"] for row in csv.DictReader(handle)] == [str(tmp_path / "ok.png")]
+
+
+@pytest.mark.parametrize(
+    "target, fragment",
+    [
+        ("{tmp}/afile.txt/x.csv", "afile.txt is a file, not a folder"),
+        ("{tmp}/x.xlsx", "use a .csv or .json file name"),
+        ("/proc/x.csv", "cannot write in /proc"),
+    ],
+)
+def test_predict_checks_the_output_before_any_work(target, fragment, shapes_dir, tmp_path):
+    import os
+
+    if target.startswith("/proc") and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux /proc")
+    (tmp_path / "afile.txt").write_text("keep me")
+    # The run does not exist: an error about the output shows it was checked first.
+    result = invoke("predict", tmp_path / "no-run", shapes_dir, "-o", target.format(tmp=tmp_path))
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0] and "no-run" not in errors[0]
+    assert (tmp_path / "afile.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--top-k", "0", "--top-k must be at least 1, got 0"),
+        ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+        ("--batch-size", "-3", "--batch-size must be at least 1, got -3"),
+        ("--engine", "tensorrt", "--engine 'tensorrt'"),
+        ("--precision", "int8", "--precision 'int8'"),
+    ],
+)
+def test_predict_bad_flag_values_are_usage_errors_before_loading(flag, value, fragment, shapes_dir, tmp_path):
+    result = invoke("predict", tmp_path / "no-run", shapes_dir, flag, value)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0]
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_augment_preview_count_below_one_is_a_usage_error(count, shapes_dir, tmp_path):
+    result = invoke("augment-preview", shapes_dir, "-o", tmp_path / "grid.png", "--count", count)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: --count must be at least 1, got {count}"
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_doctor_json_reports_an_error_as_json(tmp_path):
+    result = invoke("doctor", "--json", tmp_path / "missing")
+    assert result.exit_code == 1
+    payload = json.loads(result.stdout)
+    assert list(payload) == ["error"] and "does not exist" in payload["error"]
+    plain = invoke("doctor", tmp_path / "missing")
+    assert plain.exit_code == 1 and plain.output.startswith("error: ") and "does not exist" in plain.output
+
+
+def test_predict_keras_engine_tells_when_it_keeps_the_model_precision(cli_run, shapes_dir):
+    output, _ = cli_run
+    policy = json.loads((output / "labels.json").read_text())["precision"]
+    other = "float16" if policy != "mixed_float16" else "bfloat16"
+    result = invoke("predict", output, shapes_dir / "circle", "--engine", "keras", "--precision", other, "-q")
+    assert result.exit_code == 0, result.output
+    notices = [line for line in result.output.splitlines() if "Keras engine" in line]
+    assert len(notices) == 1 and notices[0].startswith("warning: ") and f"not {other}" in notices[0]
+
+
+def test_set_reaches_keys_that_also_have_a_flag_and_the_flag_wins(shapes_dir, monkeypatch):
+    """--set image_size=... must not be dropped because --image-size was not given, and a
+    bad value behind such a key is refused like any other."""
+    import transferkit.workflow
+
+    received = {}
+
+    def fake_finetune(data_dir, recipe, **options):
+        received["recipe"] = recipe
+        raise transferkit.workflow.DataError("stop here")
+
+    monkeypatch.setattr(transferkit.workflow, "finetune", fake_finetune)
+    invoke("finetune", shapes_dir, "--set", "image_size=40", "--set", "batch_size=4", "--set", "seed=7",
+           "--set", "data.val_split=0.5", "--set", "stages.0.epochs=1", "--set", "cache.views=3")
+    recipe = received.pop("recipe")
+    assert (recipe.image_size, recipe.batch_size, recipe.seed) == (40, 4, 7)
+    assert (recipe.data.val_split, recipe.stages[0].epochs, recipe.cache.views) == (0.5, 1, 3)
+    invoke("finetune", shapes_dir, "--set", "image_size=40", "--image-size", "48")
+    assert received.pop("recipe").image_size == 48
+    for assignment in ("batch_size=0", "precision=float64", "engine=cuda", "data.val_split=1"):
+        result = invoke("finetune", shapes_dir, "--set", assignment)
+        assert result.exit_code == 2 and assignment.split("=")[0] in result.output, (assignment, result.output)
+        assert "recipe" not in received

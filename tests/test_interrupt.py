@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import transferkit
-from transferkit.errors import RunError
+from transferkit.errors import DataError, RunError
 from transferkit.workflow import resume_finetune
 
 FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "2", "--head-epochs", "3",
@@ -70,3 +70,78 @@ def test_new_run_refuses_to_clobber_an_interrupted_one(shapes_dir, tmp_path, tin
     (tmp_path / "run.partial" / "job.json").write_text("{}")
     with pytest.raises(RunError, match="--resume"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+
+
+@pytest.fixture
+def interrupted(shapes_dir, tmp_path, tiny, monkeypatch):
+    """An interrupted run of a copy of the shapes data: (data folder, run folder). The
+    interruption comes as training starts, so resuming trains the whole (tiny) run."""
+    import shutil
+
+    import transferkit.workflow
+    from transferkit.checkpoint import TrainingInterrupted
+
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    output = tmp_path / "runs" / "run"
+
+    def stop_at_once(*args, **kwargs):
+        raise TrainingInterrupted("SIGINT: training stopped")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transferkit.workflow, "_train", stop_at_once)
+        with pytest.raises(TrainingInterrupted):
+            transferkit.finetune(data, None, tiny, output=output, verbose=0)
+    assert (tmp_path / "runs" / "run.partial" / "job.json").is_file()
+    return data, output
+
+
+def test_resume_refuses_data_that_changed(interrupted):
+    data, output = interrupted
+    removed = sorted((data / "circle").iterdir())[0]
+    removed.unlink()
+    with pytest.raises(DataError, match="changed since the interrupted run"):
+        resume_finetune(output, verbose=0)
+    (data / "star").mkdir()
+    for index, path in enumerate(sorted((data / "square").iterdir())[:3]):
+        (data / "star" / f"copy{index}.jpg").write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="has classes circle, square, star, triangle but the interrupted run"):
+        resume_finetune(output, verbose=0)
+    assert (output.parent / "run.partial").is_dir()  # still there to resume once the data is back
+
+
+def test_resume_finds_moved_data_and_writes_where_the_partial_folder_is(interrupted, tmp_path):
+    data, output = interrupted
+    moved = data.rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="does not exist"):
+        resume_finetune(output, verbose=0)
+    renamed = output.parent / "renamed.partial"
+    (output.parent / "run.partial").rename(renamed)
+    run = resume_finetune(renamed, verbose=0, data_dir=moved)
+    assert run.path == output.parent / "renamed" and (run.path / "model.keras").is_file()
+    assert not output.exists() and not renamed.exists()
+
+
+def test_damaged_checkpoint_is_reported_in_one_line(interrupted):
+    data, output = interrupted
+    partial = output.parent / "run.partial"
+    for damage in ("{bad", ""):
+        (partial / "job.json").write_text(damage)
+        with pytest.raises(RunError, match=r"is damaged \(job.json: .*start over with --force"):
+            resume_finetune(output, verbose=0)
+    (partial / "job.json").write_text(json.dumps({"data_dir": str(data), "val_dir": None, "save_h5": False}))
+    (partial / "state.json").write_text(json.dumps({"stage_index": 0, "epochs_done": 1, "arrays_file": "arrays-3.npz"}))
+    with pytest.raises(RunError, match=r"damaged \(arrays-3.npz"):
+        from transferkit.checkpoint import WorkFolder
+
+        WorkFolder.open(output).best_weights()
+
+
+def test_resume_refuses_settings_it_would_ignore(interrupted):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    _, output = interrupted
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--image-size", "48", "-o", "x"])
+    assert result.exit_code == 2
+    assert "drop --image-size, --output" in result.output

@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -172,3 +173,88 @@ def test_near_ties_from_several_batches_are_looked_at_together(run_dir, tmp_path
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     # and the float32 pass changed those rows: they are not the 16-bit ones
     assert not np.allclose(np.concatenate(first_looks)[1::3], np.concatenate(second_looks), rtol=0, atol=1e-7)
+
+
+def test_nothing_readable_is_an_error_not_an_empty_result(run_dir, tmp_path):
+    folder = tmp_path / "all bad"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"all 2 image files under .*all bad are unreadable \(e\.g\. .*empty\.jpg"):
+        predict_folder(run_dir, folder)
+    with pytest.raises(DataError, match=r"empty\.jpg: not a readable image .*; pass a readable image file"):
+        predict_folder(run_dir, folder / "empty.jpg")
+    (folder / "text.png").unlink()
+    with pytest.raises(DataError, match=r"the only image file under .*all bad is unreadable \(.*empty\.jpg"):
+        predict_folder(run_dir, folder)
+
+
+def test_check_output_refuses_what_cannot_be_written_and_creates_nothing(tmp_path):
+    from transferkit.predict import check_output
+
+    assert check_output(tmp_path / "new" / "deeper" / "p.json") == tmp_path / "new" / "deeper" / "p.json"
+    assert not (tmp_path / "new").exists()  # only checked: the folder is made once predictions exist
+    with pytest.raises(DataError, match="use a .csv or .json"):
+        check_output(tmp_path / "p.xlsx")
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(DataError, match=r"afile\.txt is a file, not a folder"):
+        check_output(tmp_path / "afile.txt" / "x.csv")
+    with pytest.raises(DataError, match=r"afile\.txt is a file, not a folder"):
+        check_output(tmp_path / "afile.txt" / "sub" / "x.csv")
+    (tmp_path / "out.csv").mkdir()
+    with pytest.raises(DataError, match="is a folder"):
+        check_output(tmp_path / "out.csv")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile.txt", "out.csv"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_check_output_tries_the_folder_even_where_permissions_say_yes():
+    from transferkit.predict import check_output
+
+    # Root may write anywhere by the permission bits, yet no file can be made in /proc.
+    with pytest.raises(DataError, match="cannot write in /proc"):
+        check_output("/proc/x.csv")
+
+
+@pytest.fixture(scope="module")
+def bfloat16_run(binary_dir, tmp_path_factory):
+    """A run trained in mixed bfloat16 whatever the CPU (auto picks it only on some)."""
+    from tests.conftest import TINY
+
+    output = tmp_path_factory.mktemp("predict-runs") / "bf16"
+    transferkit.finetune(binary_dir, None, {**TINY, "precision": "bfloat16"}, output=output, verbose=0)
+    return load_run(output)
+
+
+def test_keras_engine_in_float32_runs_the_float32_clone(bfloat16_run, to_sort):
+    from transferkit.engine import float32_clone, make_engine
+
+    run = bfloat16_run
+    twin = make_engine(float32_clone(run.model), "keras")
+    reference = [r.confidence for r in predict_folder(run, to_sort, engine=twin).rows]
+    exact = predict_folder(run, to_sort, engine="keras", precision="float32")
+    assert exact.engine == "keras"
+    assert [r.confidence for r in exact.rows] == pytest.approx(reference, abs=1e-5)
+    # the model's own bfloat16 is not float32: the comparison above can tell them apart
+    own = [r.confidence for r in predict_folder(run, to_sort, engine="keras", precision="bfloat16").rows]
+    assert own != pytest.approx(reference, abs=1e-5)
+
+
+def test_keras_engine_says_when_it_keeps_the_model_precision(bfloat16_run, to_sort):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transferkit")
+    logger.addHandler(handler)
+    try:
+        predict_folder(bfloat16_run, to_sort, engine="keras", precision="bfloat16")
+        assert not [r for r in records if "Keras engine" in r.getMessage()]
+        predict_folder(bfloat16_run, to_sort, engine="keras", precision="float16")
+    finally:
+        logger.removeHandler(handler)
+    (notice,) = [r for r in records if "Keras engine" in r.getMessage()]
+    assert notice.levelno == logging.WARNING  # shown by the CLI, not only in debug logs
+    assert "own bfloat16 precision, not float16" in notice.getMessage()
+    assert "\n" not in notice.getMessage()

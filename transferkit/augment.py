@@ -119,11 +119,14 @@ def write_preview(
         The path written.
 
     Raises:
-        DataError: the folder cannot be indexed or holds no readable image.
+        DataError: ``count`` is below 1, or the folder cannot be indexed or holds no
+            readable image.
     """
     from transferkit.data import decode_images, index_folder
 
     output = Path(output)
+    if count < 1:
+        raise DataError(f"count must be at least 1, got {count}")
     if output.suffix.lower() != ".png":
         raise DataError(f"preview output {output} must end in .png")
     index = index_folder(data_dir)

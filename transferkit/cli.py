@@ -54,6 +54,12 @@ def _fail(error: TransferkitError) -> typer.Exit:
     return typer.Exit(code=error.exit_code)
 
 
+def _usage_error(message: str) -> typer.Exit:
+    """A bad flag value: one `error:` line and exit code 2."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"transferkit {__version__}")
@@ -91,9 +97,9 @@ def finetune(
     cache_memory: Annotated[Optional[float], typer.Option(help="Feature cache memory budget in MB; beyond it the cache spills to disk (recipe key: cache.memory_mb).")] = None,
     set_values: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key, e.g. --set head.dropout=0.5 --set stages.1.unfreeze=2.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace the run folder if it exists.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace the run folder if it exists (run folders only: never another folder).")] = False,
     save_h5: Annotated[bool, typer.Option(help="Also save model.h5 in the legacy HDF5 format.")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run RUN_DIR from its last completed epoch; other options are taken from it.", metavar="RUN_DIR")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run RUN_DIR from its last completed epoch with its own settings; give DATA_DIR (and --val-dir) only if the data moved.", metavar="RUN_DIR")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune a pretrained backbone on DATA_DIR and save a run folder.
@@ -106,22 +112,33 @@ def finetune(
     from transferkit.workflow import resume_finetune
 
     if resume is not None:
+        # The interrupted run's recipe and options hold; only where its data is now (when
+        # it moved) and --force may be given.
+        ignored = [flag for flag, value in (
+            ("--recipe", recipe), ("--backbone", backbone), ("--weights", weights), ("--image-size", image_size),
+            ("--batch-size", batch_size), ("--head-epochs", head_epochs), ("--fine-epochs", fine_epochs),
+            ("--val-split", val_split), ("--seed", seed), ("--precision", precision), ("--engine", engine),
+            ("--cache/--no-cache", cache), ("--cache-views", cache_views), ("--cache-memory", cache_memory),
+            ("--set", set_values or None), ("--output", output), ("--save-h5", save_h5 or None),
+        ) if value is not None]
+        if ignored:
+            raise _usage_error(f"--resume continues the run with its own settings; drop {', '.join(ignored)} "
+                               "(or start a new run without --resume)")
         try:
-            run = resume_finetune(resume, verbose=0 if quiet else 1)
+            run = resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir, force=force)
         except TransferkitError as error:
             raise _fail(error)
         typer.echo(run.describe())
         return
     if data_dir is None:
-        typer.echo("error: finetune needs DATA_DIR (or --resume RUN_DIR)", err=True)
-        raise typer.Exit(code=2)
+        raise _usage_error("finetune needs DATA_DIR (or --resume RUN_DIR)")
     try:
         overrides: dict = {}
         for assignment in set_values or []:
             key, value = parse_override(assignment)
             overrides[key] = value
-        overrides.update(
-            {
+        # Named flags the user gave win over --set; the ones not given leave --set alone.
+        named = {
                 "backbone": backbone,
                 "weights": weights,
                 "image_size": image_size,
@@ -135,8 +152,8 @@ def finetune(
                 "cache.memory_mb": float(cache_memory) if cache_memory is not None else None,
                 "stages.0.epochs": head_epochs,
                 "stages.1:.epochs": fine_epochs,
-            }
-        )
+        }
+        overrides.update({key: value for key, value in named.items() if value is not None})
         resolved = load_recipe(recipe, overrides)
         run = run_finetune(
             data_dir, resolved, val_dir=val_dir, output=output, force=force,
@@ -159,10 +176,21 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
-    from transferkit.predict import predict_folder, write_predictions
+    from transferkit.predict import check_output, predict_folder, write_predictions
     from transferkit.runs import load_run
 
+    # Bad flag values are usage errors (exit 2), told before the run is loaded.
+    if top_k < 1:
+        raise _usage_error(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise _usage_error(f"--batch-size must be at least 1, got {batch_size}")
+    if engine not in ("auto", "keras", "openvino"):
+        raise _usage_error(f"--engine {engine!r}: choose auto, keras or openvino")
+    if precision not in ("auto", "float32", "bfloat16", "float16"):
+        raise _usage_error(f"--precision {precision!r}: choose auto, float32, bfloat16 or float16")
     try:
+        if output is not None:
+            check_output(output)
         loaded = load_run(run)
         bar = None
         if not quiet:
@@ -175,12 +203,6 @@ def predict(
                     bar_holder["bar"] = keras.utils.Progbar(total, unit_name="image", stateful_metrics=())
                 bar_holder["bar"].update(done)
 
-        if engine not in ("auto", "keras", "openvino"):
-            typer.echo(f"error: --engine {engine!r}: choose auto, keras or openvino", err=True)
-            raise typer.Exit(code=2)
-        if precision not in ("auto", "float32", "bfloat16", "float16"):
-            typer.echo(f"error: --precision {precision!r}: choose auto, float32, bfloat16 or float16", err=True)
-            raise typer.Exit(code=2)
         result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
                                 engine=engine, precision=precision)
         if output is not None:
@@ -231,6 +253,10 @@ def doctor(
             seed=resolved.seed, val_dir=val_dir,
         )
     except TransferkitError as error:
+        if json_output:
+            # Scripts reading --json get JSON on stdout for a failure too.
+            typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
+            raise typer.Exit(code=error.exit_code)
         raise _fail(error)
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
@@ -266,6 +292,8 @@ def augment_preview(
     from transferkit.augment import write_preview
     from transferkit.recipe import load_recipe
 
+    if count < 1:
+        raise _usage_error(f"--count must be at least 1, got {count}")
     try:
         resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
         path = write_preview(
@@ -302,9 +330,15 @@ def _import_tensorflow_quietly() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    if len(sys.argv) > 1 and sys.argv[1] not in ("--version", "--help"):
-        _import_tensorflow_quietly()
-    app()
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] not in ("--version", "--help"):
+            _import_tensorflow_quietly()
+        app()
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (starting up, reading images): nothing was written yet
+        # that a later run needs; training itself turns Ctrl-C into a resumable stop.
+        sys.stderr.write("\nerror: interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

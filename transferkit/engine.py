@@ -593,7 +593,9 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
         precision: "auto", "float32", "bfloat16" or "float16"; default "auto". A classifier
             in 16 bits (auto on a CPU with bfloat16, or asked for) gets a ``ChainedEngine``:
             body in 16 bits, head in float32; with "auto" near ties are also computed again
-            in float32.
+            in float32. The Keras engine runs a 16-bit model's float32 clone for "float32"
+            and keeps the model's own policy otherwise (with a warning when a different
+            16-bit precision was asked for).
         input_dtype: "float32" (default) or "uint8" (images as decoded; see ``make_engine``).
 
     Returns:
@@ -613,7 +615,7 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
         body_engine = make_engine(body, engine, input_shape=shape, cache_dir=cache_dir, precision=precision,
                                   input_dtype=input_dtype)
         if not isinstance(body_engine, OpenVINOEngine):
-            return KerasEngine(model)
+            return _keras_engine(model, precision)
         head_engine = make_engine(head, "openvino", cache_dir=cache_dir, precision="float32")
         if isinstance(head_engine, OpenVINOEngine):
             if shape is None or precision != "auto":
@@ -624,8 +626,47 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
                                    input_dtype=input_dtype)
 
             return ChainedEngine(body_engine, head_engine, exact)
-    return make_engine(model, engine, input_shape=shape, cache_dir=cache_dir, precision=precision,
-                       input_dtype=input_dtype)
+    forward = make_engine(model, engine, input_shape=shape, cache_dir=cache_dir, precision=precision,
+                          input_dtype=input_dtype)
+    return _keras_engine(model, precision) if isinstance(forward, KerasEngine) else forward
+
+
+def _keras_engine(model, precision: str) -> KerasEngine:
+    """The Keras engine in the precision asked for, where Keras can give it.
+
+    "float32" runs the model's float32 clone when the model computes in 16 bits (a run
+    trained in mixed precision), so the outputs are float32 Keras's. A 16-bit precision
+    other than the model's own cannot be had without rebuilding it: the model keeps its
+    policy, and a one-line notice says so. "auto" is the model's own policy.
+    """
+    own = _compute_dtype(model)
+    # A Keras policy name ("mixed_bfloat16") asks for the same as its compute dtype.
+    precision = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(precision, precision)
+    if precision == "float32" and own != "float32":
+        return KerasEngine(float32_clone(model))
+    if precision in ("bfloat16", "float16") and own != precision:
+        log.warning(
+            "the Keras engine runs the model in its own %s precision, not %s (a 16-bit "
+            "--precision applies to the OpenVINO engine; the Keras engine also takes float32)",
+            own, precision,
+        )
+    return KerasEngine(model)
+
+
+def _compute_dtype(model) -> str:
+    """A model's 16-bit compute dtype ("bfloat16", "float16") if it has one, else "float32".
+
+    Mixed-precision models keep their input and output layers in float32, so it is the
+    layers with weights in between that tell.
+    """
+    pending = list(getattr(model, "layers", []))
+    while pending:
+        layer = pending.pop()
+        pending.extend(getattr(layer, "layers", []))
+        dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
+        if layer.weights and dtype in ("bfloat16", "float16"):
+            return dtype
+    return "float32"
 
 
 def _body_and_head(model):

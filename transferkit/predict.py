@@ -81,7 +81,8 @@ def predict_folder(
         A ``PredictionResult``: rows in path order, skipped and ignored files.
 
     Raises:
-        DataError: the folder does not exist or holds no image file.
+        DataError: the folder does not exist, holds no image file, or none of its image
+            files could be read (nothing classified).
         RunError: the run cannot be loaded.
     """
     from transferkit import data
@@ -105,6 +106,7 @@ def predict_folder(
     ignored = [path for path, reason in entries
                if reason is not None and path.is_file() and path.suffix.lower() not in data.IMAGE_EXTENSIONS]
     skipped = [(path, reason) for path, reason in entries if reason is not None and path not in set(ignored)]
+    skipped_by_walk = len(skipped)  # decode_images warns about the files it skips itself
     if not files:
         raise DataError(f"{folder} holds no image files ({', '.join(sorted(data.IMAGE_EXTENSIONS))})")
     from transferkit.engine import inference_engine
@@ -142,8 +144,18 @@ def predict_folder(
         order = np.argsort(-row, kind="stable")[:top_k]
         ranked = tuple((names[i], float(row[i])) for i in order)
         rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
-    for path, reason in skipped:
+    for path, reason in skipped[:skipped_by_walk]:
         log.warning("skipping %s: %s", path, reason)
+    if not rows:
+        # Nothing classified is a failed run, not an empty table (and no header-only file).
+        first, reason = skipped[0]
+        if folder.is_file():
+            raise DataError(f"{folder}: {reason}; pass a readable image file")
+        if len(skipped) == 1:
+            which = f"the only image file under {folder} is unreadable ({first}: {reason})"
+        else:
+            which = f"all {len(skipped)} image files under {folder} are unreadable (e.g. {first}: {reason})"
+        raise DataError(f"no image could be classified: {which}; replace them or pass another folder")
     return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
 
 
@@ -242,6 +254,51 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
             current = pending.result()
             pending = pool.submit(decode, next_start) if next_start is not None else None
             yield current
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """Check, before any prediction, that ``write_predictions`` can write this file.
+
+    Nothing is created: a missing parent folder only has to be creatable (``write_predictions``
+    creates it once the predictions are done). Writability is tried with an anonymous
+    temporary file, since permission bits say nothing for root or for file systems such
+    as /proc.
+
+    Args:
+        path: the .csv or .json file to write.
+
+    Returns:
+        The path, as a ``Path``.
+
+    Raises:
+        DataError: the extension is neither .csv nor .json, the path is a folder, a part
+            of it is a file, or the folder it would go in cannot be written.
+    """
+    import tempfile
+
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise DataError(f"--output {path}: use a .csv or .json file name")
+    if path.is_dir():
+        raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
+    # The nearest part of the path that exists: the folder itself, or the one it would be
+    # created in. A file there means the folder can never be made.
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"--output {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise DataError(
+            f"--output {path}: cannot write in {existing} ({error.strerror or error}); "
+            "choose a folder you can write to"
+        ) from error
+    if path.exists() and not os.access(path, os.W_OK):
+        raise DataError(f"--output {path} exists and is read-only; choose another name or make it writable")
+    return path
 
 
 def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path:
