@@ -335,3 +335,45 @@ def test_cached_stage_progress_never_counts_past_the_epoch(capsys):
                cache=CacheConfig(enabled=True))
     counts = [int(done) for done in re.findall(r"(\d+)/3\b", capsys.readouterr().out)]
     assert counts and max(counts) == 3
+
+
+def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_path):
+    """Ctrl-C while features are computed (minutes on real data) stops at the next batch,
+    and training does not start."""
+    from transferkit.checkpoint import StopFlag, TrainingInterrupted
+
+    calls = []
+
+    def forward(batch):
+        calls.append(len(batch))
+        return [batch.reshape(len(batch), -1)[:, :6] / 255.0]
+
+    stop = StopFlag()
+    (store,) = compute_feature_stores(forward, images(40), [(6,)], views=[3], batch_size=4,
+                                      augmenter_factory=lambda: __import__("transferkit.augment", fromlist=["x"])
+                                      .build_augmenter(AugmentConfig(rotation=30.0)),
+                                      later_views_in_background=True,
+                                      stop_requested=lambda: len(calls) >= 2)
+    assert len(calls) == 2 and store.filler is None  # 2 of 10 batches, no background views
+
+    class Stopping(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise AssertionError("training started after the stop request")
+
+    def stopping_factory(extractor):
+        from transferkit.training import default_forward
+
+        inner = default_forward(extractor)
+
+        def forward(batch):
+            stop.requested = "SIGINT"
+            return inner(batch)
+
+        return forward
+
+    model = build("vgg16", seed=3)
+    train = ImageBatches(images(16), encode_targets(np.arange(16) % 3, 3), 4, shuffle=True, seed=1)
+    val = ImageBatches(images(8, seed=2), encode_targets(np.arange(8) % 3, 3), 4)
+    with pytest.raises(TrainingInterrupted):
+        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=0,
+                   cache=CacheConfig(), stop=stop, forward_factory=stopping_factory, callbacks=[Stopping()])

@@ -233,6 +233,7 @@ def compute_feature_stores(
     spill_dir: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
     later_views_in_background: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> list[FeatureStore]:
     """Run the frozen part once per image and view, keeping each of its outputs.
 
@@ -263,6 +264,9 @@ def compute_feature_stores(
         progress: called with the number of forward batches done (of view 0 when the
             later views go to the background).
         later_views_in_background: see above; default False.
+        stop_requested: checked before each batch; once it returns True the pass stops
+            and the stores are left incomplete (for a caller that is about to stop
+            training: Ctrl-C during a long pass). Default None.
 
     Returns:
         A list of ``FeatureStore`` of shape (views[i], n, *feature_shapes[i]), in the
@@ -312,13 +316,20 @@ def compute_feature_stores(
 
     jobs = [(view, start) for view in range(max(views, default=0)) for start in range(0, len(images), batch_size)]
     now = [job for job in jobs if job[0] == 0] if later_views_in_background else jobs
-    run(now)
-    if len(now) < len(jobs):
+    run(now, cancelled=_Asked(stop_requested) if stop_requested is not None else None)
+    if len(now) < len(jobs) and not (stop_requested is not None and stop_requested()):
         filler = _ViewFiller(run, jobs[len(now):])
         for store in stores:
             store.filler = filler
         filler.start(first_pending_view=1)
     return stores
+
+
+class _Asked:
+    """A stop request read like a ``threading.Event``."""
+
+    def __init__(self, requested: Callable[[], bool]):
+        self.is_set = requested
 
 
 @contextlib.contextmanager
@@ -416,11 +427,15 @@ class FeaturePlan:
         seed: augmentation seed.
         dtype: storage dtype.
         verbose: print what is computed, with a progress bar.
+        stop: a ``StopFlag``; a feature pass stops early once it is set (the caller then
+            stops training). Default None.
     """
 
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
-                 *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0):
+                 *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None):
         self.model, self.spec, self.stages = model, spec, list(stages)
+        # A StopFlag: a pass stops early once a signal asked training to stop.
+        self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
         self.train_data, self.val_data = train_data, val_data
         self.config, self.forward_factory = config, forward_factory
         self.seed, self.dtype, self.verbose = seed, dtype, verbose
@@ -526,6 +541,7 @@ class FeaturePlan:
         val_stores = compute_feature_stores(
             as_list, val.images, shapes, views=views, batch_size=val.batch_size,  # one view: no augmenter
             dtype=self.dtype, memory_budget_mb=budget, progress=bar.update if bar else None,
+            stop_requested=self.stop_requested,
         )
         budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
         done = len(val)
@@ -533,6 +549,7 @@ class FeaturePlan:
             as_list, train.images, shapes, views=views, augmenter_factory=self.augmenter_factory,
             seed=self.seed, batch_size=train.batch_size, dtype=self.dtype, memory_budget_mb=budget,
             progress=(lambda n: bar.update(done + n)) if bar else None, later_views_in_background=True,
+            stop_requested=self.stop_requested,
         )
         for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
             if count:

@@ -293,7 +293,7 @@ def run_stages(
     from transferkit.checkpoint import TrainingState
 
     state = state or TrainingState()
-    plan = _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose)
+    plan = _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose, stop)
     try:
         return _run_stages(model, spec, stages, train_data, val_data, n_classes, verbose=verbose,
                            callbacks=callbacks, seed=seed, state=state, work=work, stop=stop, plan=plan,
@@ -442,7 +442,7 @@ def default_forward(model):
     return lambda batch: model.predict_on_batch(np.asarray(batch, dtype="float32"))
 
 
-def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose):
+def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_factory, seed, verbose, stop=None):
     """The run's ``FeaturePlan``, or None when the cache is off."""
     from transferkit.cache import FeaturePlan
 
@@ -453,7 +453,7 @@ def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_fact
     mixed = any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model) if layer.weights)
     return FeaturePlan(
         model, spec, stages, train_data, val_data, cache, forward_factory or default_forward,
-        seed=seed, dtype="float16" if mixed else "float32", verbose=verbose,
+        seed=seed, dtype="float16" if mixed else "float32", verbose=verbose, stop=stop,
     )
 
 
