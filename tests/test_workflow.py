@@ -135,7 +135,7 @@ def test_force_replaces_run_folders_only(tmp_path, shapes_dir):
     assert (notes / "thesis.txt").read_text() == "precious"
     classes = sorted(path.name for path in shapes_dir.iterdir())
     for output in (shapes_dir, shapes_dir.parent):
-        with pytest.raises(RunError, match="holds the data folder|inside the data folder"):
+        with pytest.raises(RunError, match="holds the data folder|is the data folder"):
             transferkit.finetune(shapes_dir, None, {"weights": "none"}, output=output, force=True, verbose=0)
     assert sorted(path.name for path in shapes_dir.iterdir()) == classes
 

@@ -120,7 +120,9 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
         if folder is None:
             continue
         data = Path(os.path.abspath(folder))
-        if absolute == data or data in absolute.parents:
+        if absolute == data:
+            raise RunError(f"run folder {output} is the data folder {folder}; write the run elsewhere with -o")
+        if data in absolute.parents:
             raise RunError(f"run folder {output} is inside the data folder {folder} (it would be read as a "
                            "class); write the run outside it with -o")
         if absolute in data.parents:

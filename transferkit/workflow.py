@@ -119,6 +119,11 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     recipe = load_recipe(work.path / "recipe.toml")
     output = output_for(work.path)
     force = force or bool(job.get("force"))
+    for name, given, recorded in (("DATA_DIR", data_dir, job["data_dir"]), ("--val-dir", val_dir, job.get("val_dir"))):
+        if given is None and recorded is not None and not Path(recorded).is_dir():
+            raise DataError(f"the data of the interrupted run, {recorded}, is gone; if it moved, give its new place: "
+                            f"transferkit finetune {'NEW_DATA_DIR' if name == 'DATA_DIR' else '... --val-dir NEW_DIR'} "
+                            f"--resume {output}")
     data_dir = data_dir if data_dir is not None else job["data_dir"]
     val_dir = val_dir if val_dir is not None else job["val_dir"]
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
