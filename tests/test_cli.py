@@ -54,14 +54,19 @@ def test_predict_prints_a_table_and_writes_csv(cli_run, shapes_dir, tmp_path):
     assert len(rows) == 10 and {row["label"] for row in rows} <= {"circle", "square", "triangle"}
 
 
-def test_predict_json_and_skipped_summary(cli_run, tmp_path):
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_predict_output_and_summary_count_the_skipped_files(cli_run, tmp_path, suffix):
     output, _ = cli_run
     Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
     (tmp_path / "bad.jpg").write_bytes(b"")
-    result = invoke("predict", output, tmp_path, "-o", tmp_path / "out.json", "--quiet")
+    result = invoke("predict", output, tmp_path, "-o", tmp_path / f"out{suffix}", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "1 image(s) classified" in result.output and ", 1 skipped" in result.output
-    assert len(json.loads((tmp_path / "out.json").read_text())["predictions"]) == 1
+    assert "1 image(s) classified" in result.output and ", 1 skipped (unreadable)" in result.output
+    if suffix == ".json":
+        assert len(json.loads((tmp_path / "out.json").read_text())["predictions"]) == 1
+    else:
+        with open(tmp_path / "out.csv", newline="") as handle:
+            assert [row["file"] for row in csv.DictReader(handle)] == [str(tmp_path / "ok.png")]
 
 
 def test_existing_output_needs_force(cli_run, shapes_dir):
@@ -158,17 +163,6 @@ def test_predict_with_no_readable_image_fails_and_writes_nothing(cli_run, tmp_pa
     assert "all 2 image files" in result.output
     # each unreadable file is warned about once
     assert sorted(line.split(":")[0] for line in result.output.splitlines() if "skipping" in line) == ["warning"] * 2
-
-
-def test_predict_csv_summary_counts_the_skipped_files(cli_run, tmp_path):
-    output, _ = cli_run
-    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
-    (tmp_path / "bad.jpg").write_bytes(b"")
-    result = invoke("predict", output, tmp_path, "-o", tmp_path / "out.csv", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert "1 image(s) classified" in result.output and ", 1 skipped (unreadable)" in result.output
-    with open(tmp_path / "out.csv", newline="") as handle:
-        assert [row["file"] for row in csv.DictReader(handle)] == [str(tmp_path / "ok.png")]
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,13 @@ def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Pat
     return Path(runs_root) / f"{name}-{stamp}"
 
 
+def named_folder(path: str | os.PathLike) -> Path:
+    """The path, made absolute when it ends in "." or ".." (those name no folder that a
+    temporary one could be written beside and renamed to)."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
+
+
 def check_writable(output: Path, force: bool, data_folders=()) -> None:
     """Fail before any training if the run could not be written, or would destroy data.
 
@@ -162,10 +169,8 @@ def save_run(
         RunError: the folder exists without ``force``, or writing failed (disk full,
             permission); nothing is left behind then and an existing run is unchanged.
     """
-    output = Path(output)
+    output = named_folder(output)
     check_writable(output, force)
-    if output.name in ("", ".", ".."):
-        output = Path(os.path.abspath(output))  # "." and ".." name no folder to write beside
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -60,9 +60,7 @@ def finetune(
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    output = Path(output) if output is not None else runs.default_run_dir(data_dir)
-    if output.name in ("", ".", ".."):
-        output = Path(os.path.abspath(output))  # "." and ".." name no folder to write beside
+    output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     prepared = _prepare(data_dir, val_dir, recipe, verbose)
     job = {
@@ -357,7 +355,7 @@ def _fingerprint(data_dir, val_dir, paths) -> str:
 
     roots = [Path(folder).resolve() for folder in (data_dir, val_dir) if folder is not None]
     entries = []
-    for path in map(lambda p: Path(p).resolve(), paths):
+    for path in (Path(p).resolve() for p in paths):
         index = next((i for i, root in enumerate(roots) if root in path.parents), len(roots))
         relative = path.relative_to(roots[index]) if index < len(roots) else path
         try:
