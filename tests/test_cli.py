@@ -254,3 +254,18 @@ def test_set_reaches_keys_that_also_have_a_flag_and_the_flag_wins(shapes_dir, mo
         result = invoke("finetune", shapes_dir, "--set", assignment)
         assert result.exit_code == 2 and assignment.split("=")[0] in result.output, (assignment, result.output)
         assert "recipe" not in received
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["finetune", "data", "--image-size", "abc"], "Invalid value for '--image-size'"),
+    (["predict", "--bogus"], "No such option: --bogus"),
+])
+def test_parser_errors_are_one_line_from_the_console_script(args, fragment):
+    """Typer's own parse errors come as one `error:` line too (not a box), exit 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[0]

@@ -330,15 +330,28 @@ def _import_tensorflow_quietly() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # Typer's parser errors (click's ClickException / UsageError) reached through the public
+    # typer.BadParameter, since typer ships its own copy of click.
+    click_exception, usage_error = (next(base for base in typer.BadParameter.__mro__ if base.__name__ == name)
+                                    for name in ("ClickException", "UsageError"))
     try:
         if len(sys.argv) > 1 and sys.argv[1] not in ("--version", "--help"):
             _import_tensorflow_quietly()
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except click_exception as error:
+        if not isinstance(error, usage_error) or type(error).__name__ == "NoArgsIsHelpError":
+            error.show()  # bare `transferkit`: the help, as typer shows it
+            sys.exit(error.exit_code)
+        # A bad flag or argument: one line, like every other user error, and where to look.
+        command = error.ctx.command_path if error.ctx is not None else "transferkit"
+        sys.stderr.write(f"error: {error.format_message()} (see {command} --help)\n")
+        sys.exit(error.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         # Ctrl-C outside training (starting up, reading images): nothing was written yet
         # that a later run needs; training itself turns Ctrl-C into a resumable stop.
         sys.stderr.write("\nerror: interrupted\n")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
