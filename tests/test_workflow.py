@@ -281,3 +281,16 @@ def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(t
     assert (tmp_path / "matrix.png").stat().st_size > 0
     assert {record.message for record in caplog.records} == {
         "matrix.png: some characters of the class names are not in the plot font and show as boxes"}
+
+
+def test_a_run_that_fails_early_leaves_no_folders_it_made(shapes_dir, tmp_path, tiny, monkeypatch):
+    import transferkit.workflow
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("weights cannot be loaded")
+
+    monkeypatch.setattr(transferkit.workflow, "_train", broken)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(RuntimeError):
+        transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "runs" / "new" / "deeper" / "run", verbose=0)
+    assert [path.name for path in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())

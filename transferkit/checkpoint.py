@@ -112,6 +112,7 @@ class WorkFolder:
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = path
+        self.created_parents: list[Path] = []  # by ``create``, deepest first
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-checkpoint")
         self._pending = None
         existing = [int(p.stem.split("-")[1]) for p in path.glob("arrays-*.npz") if p.stem.split("-")[1].isdigit()]
@@ -132,6 +133,8 @@ class WorkFolder:
                     f"--resume {output}, or pass --force to start over"
                 )
             shutil.rmtree(path)
+        # Folders made for it go again with it when the run leaves nothing (see ``remove``).
+        created = [parent for parent in path.absolute().parents if not parent.exists()]
         try:
             path.mkdir(parents=True)
             (path / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
@@ -139,7 +142,9 @@ class WorkFolder:
         except OSError as error:
             shutil.rmtree(path, ignore_errors=True)
             raise RunError(f"cannot write {path}: {error.strerror or error}; choose another -o") from error
-        return cls(path)
+        work = cls(path)
+        work.created_parents = created
+        return work
 
     @classmethod
     def open(cls, run: str | os.PathLike) -> "WorkFolder":
@@ -310,8 +315,15 @@ class WorkFolder:
             raise self._damaged(name, getattr(error, "strerror", None) or str(error)) from error
 
     def remove(self) -> None:
+        """Delete the in-progress folder, and the folders ``create`` made for it if they are
+        empty now (a run that failed or stopped early leaves no empty ``runs/`` behind)."""
         self.flush()
         shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.created_parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty: the finished run is in it, or something else is
 
 
 def _variable_values(optimizer) -> list[np.ndarray]:
