@@ -294,3 +294,31 @@ def test_a_run_that_fails_early_leaves_no_folders_it_made(shapes_dir, tmp_path, 
     with pytest.raises(RuntimeError):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "runs" / "new" / "deeper" / "run", verbose=0)
     assert [path.name for path in tmp_path.iterdir()] == ["runs"] and not any((tmp_path / "runs").iterdir())
+
+
+def test_a_split_that_leaves_almost_nothing_to_train_on_is_warned_about(shapes_dir, tiny, monkeypatch, caplog):
+    import logging
+
+    import transferkit.workflow
+
+    class Prepared(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Prepared
+
+    monkeypatch.setattr(transferkit.workflow, "_train", stop)
+    logger = logging.getLogger("transferkit")  # the CLI stops it propagating to caplog's root
+    logger.addHandler(caplog.handler)
+    try:
+        for split in (0.2, 0.9):
+            caplog.clear()
+            with pytest.raises(Prepared):
+                transferkit.finetune(shapes_dir, None, {**tiny, "data.val_split": split}, verbose=0,
+                                     output=shapes_dir.parent / f"never-{split}")
+            warned = sorted({record.message for record in caplog.records if "training image(s)" in record.message})
+            assert warned == ([] if split == 0.2 else [
+                "only 3 training image(s) (circle: 1) against 27 for validation (data.val_split 0.9); "
+                "lower --val-split or add images"]), warned
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -199,8 +199,14 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if report.problems:
         log.warning("for the details run: %s", _doctor_command(data_dir, val_dir, recipe))
+    counts = np.bincount(train_labels, minlength=len(class_names))
+    if len(train_labels) < len(val_labels) or counts.min() < 2:
+        fewest = class_names[int(np.argmin(counts))]
+        split, fix = ((f"data.val_split {recipe.data.val_split:g}", "lower --val-split or add images")
+                      if val_index is None else (f"--val-dir {val_dir}", "add training images"))
+        log.warning("only %d training image(s) (%s: %d) against %d for validation (%s); %s",
+                    len(train_labels), fewest, counts.min(), len(val_labels), split, fix)
     if verbose:
-        counts = np.bincount(train_labels, minlength=len(class_names))
         print(
             f"{len(class_names)} classes, {len(train_labels)} training and {len(val_labels)} validation "
             f"images at {size}px: " + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts)),
