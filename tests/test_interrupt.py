@@ -145,3 +145,18 @@ def test_resume_refuses_settings_it_would_ignore(interrupted):
     result = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--image-size", "48", "-o", "x"])
     assert result.exit_code == 2
     assert "drop --image-size, --output" in result.output
+
+
+def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, monkeypatch):
+    """The second Ctrl-C stops at once (KeyboardInterrupt inside training): the run still
+    ends with the one-line message, and a run with no finished epoch leaves nothing."""
+    import transferkit.training
+    from transferkit.checkpoint import TrainingInterrupted
+
+    def second_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transferkit.training, "run_stages", second_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="SIGINT again: training stopped before its first epoch ended"):
+        transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+    assert not any(tmp_path.iterdir())

@@ -283,8 +283,10 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
                 cache=recipe.cache, timings=timings, forward_factory=forward_factory,
                 final_outputs=final_outputs,
             )
-    except TrainingInterrupted as interrupted:
-        signal_name = str(interrupted).split(":")[0]
+    except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
+        # KeyboardInterrupt: a second Ctrl-C, which stops at once (the checkpoints on disk
+        # are each complete, so the last one still holds).
+        signal_name = str(interrupted).split(":")[0] if isinstance(interrupted, TrainingInterrupted) else "SIGINT again"
         if not work.has_checkpoint() and not work.state().history:
             work.remove()
             raise TrainingInterrupted(
