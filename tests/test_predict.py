@@ -258,3 +258,29 @@ def test_keras_engine_says_when_it_keeps_the_model_precision(bfloat16_run, to_so
     assert notice.levelno == logging.WARNING  # shown by the CLI, not only in debug logs
     assert "own bfloat16 precision, not float16" in notice.getMessage()
     assert "\n" not in notice.getMessage()
+
+
+def test_engine_caches_of_deleted_runs_are_removed(tmp_path, monkeypatch):
+    """Each predicted run leaves ~100 MB of converted networks: once its run folder is
+    gone, the next prediction removes them; other folders are left alone."""
+    import shutil
+
+    from transferkit.predict import claim_engine_cache
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for name in ("kept", "deleted", "model-file"):
+        runs[name] = tmp_path / "runs" / name
+        runs[name].mkdir(parents=True)
+        (runs[name] / "labels.json").write_text("{}")
+    caches = {name: claim_engine_cache(path) for name, path in runs.items()}
+    caches["model-file"] = claim_engine_cache(runs["model-file"] / "model.keras")  # a run given as its .keras file
+    unrecorded = tmp_path / "cache" / "engine" / "made-elsewhere"
+    unrecorded.mkdir()
+    for cache in caches.values():
+        (cache / "openvino-32px").mkdir(exist_ok=True)
+    shutil.rmtree(runs["deleted"])
+    assert claim_engine_cache(runs["kept"]) == caches["kept"]
+    assert not caches["deleted"].exists()
+    assert caches["kept"].is_dir() and caches["model-file"].is_dir() and unrecorded.is_dir()
+    assert (caches["kept"] / "openvino-32px").is_dir()

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -114,7 +115,7 @@ def predict_folder(
     top_k = min(top_k, len(run.class_names))
     names = run.class_names
     if isinstance(engine, str):
-        forward = inference_engine(run.model, engine, run.image_size, cache_dir=engine_cache_dir(run.path),
+        forward = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
                                    precision=precision, input_dtype="uint8")
     else:
         forward = engine
@@ -230,6 +231,39 @@ def engine_cache_dir(run_path: str | os.PathLike) -> Path:
     resolved = str(Path(run_path).resolve())
     digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
     return Path(root) / "engine" / f"{Path(resolved).name}-{digest}"
+
+
+RUN_RECORD = "run.txt"  # in each engine cache folder: the run folder it was made for
+
+
+def claim_engine_cache(run_path: str | os.PathLike) -> Path:
+    """A run's engine cache folder (``engine_cache_dir``), recorded as the run's, with the
+    folders of runs that no longer exist removed.
+
+    Each predicted run adds its converted networks (about 100 MB for VGG16 / ResNet50);
+    without this, deleting runs would leave their networks behind for ever. A folder is
+    removed only when the run it records is gone (no ``labels.json`` there); folders
+    without a record are left alone. Nothing here stops a prediction: a cache that cannot
+    be written only means converting again next time.
+
+    Returns:
+        The run's cache folder.
+    """
+    from transferkit.runs import LABELS_FILE
+
+    folder = engine_cache_dir(run_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_RECORD).write_text(str(Path(run_path).resolve()) + "\n", encoding="utf-8")
+        for other in folder.parent.iterdir():
+            record = other / RUN_RECORD
+            if other != folder and record.is_file():
+                recorded = Path(record.read_text(encoding="utf-8").strip())
+                if not (recorded / LABELS_FILE).is_file() and not (recorded.parent / LABELS_FILE).is_file():
+                    shutil.rmtree(other, ignore_errors=True)
+    except OSError as error:
+        log.debug("engine cache %s: %s", folder, error)
+    return folder
 
 
 def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
