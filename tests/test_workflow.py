@@ -266,7 +266,7 @@ def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(t
 
     import numpy as np
 
-    from transferkit.report import plot_confusion
+    from transferkit.report import plot_confusion, plot_history
 
     import logging
 
@@ -276,11 +276,14 @@ def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(t
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # any warning escaping would fail here
             plot_confusion(np.array([[3, 1], [0, 4]]), ["Kreis 圆", "Quadrat 方"], tmp_path / "matrix.png")
+            plot_history([{"epoch": 1, "stage": "頭", "loss": 1.0, "accuracy": 0.5, "val_loss": 1.1,
+                           "val_accuracy": 0.4}], tmp_path / "history.png")
     finally:
         logger.removeHandler(caplog.handler)
     assert (tmp_path / "matrix.png").stat().st_size > 0
     assert {record.message for record in caplog.records} == {
-        "matrix.png: some characters of the class names are not in the plot font and show as boxes"}
+        "matrix.png: some characters of the class names are not in the plot font and show as boxes",
+        "history.png: some characters of the stage names are not in the plot font and show as boxes"}
 
 
 def test_a_run_that_fails_early_leaves_no_folders_it_made(shapes_dir, tmp_path, tiny, monkeypatch):

@@ -85,6 +85,7 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
     """history.png: loss and accuracy per epoch, training and validation, stages shaded."""
     from matplotlib.figure import Figure
 
+    _warn_about_missing_glyphs(sorted({row["stage"] for row in history}), path, "stage names")
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
@@ -109,7 +110,7 @@ def _save_figure(figure, path: Path) -> None:
     figure.savefig(path, dpi=80)
 
 
-def _warn_about_missing_glyphs(texts: Sequence[str], path: Path) -> None:
+def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "class names") -> None:
     """Characters the plot font lacks (class names in CJK, say) are drawn as boxes: say so in
     one line instead of matplotlib's warning per glyph (which this silences)."""
     import warnings
@@ -119,7 +120,7 @@ def _warn_about_missing_glyphs(texts: Sequence[str], path: Path) -> None:
     warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
     font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
     if any(font.get_char_index(ord(char)) == 0 for text in texts for char in text if not char.isspace()):
-        log.warning("%s: some characters of the class names are not in the plot font and show as boxes", path.name)
+        log.warning("%s: some characters of the %s are not in the plot font and show as boxes", path.name, what)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
