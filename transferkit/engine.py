@@ -639,7 +639,9 @@ def _keras_engine(model, precision: str) -> KerasEngine:
     other than the model's own cannot be had without rebuilding it: the model keeps its
     policy, and a one-line notice says so. "auto" is the model's own policy.
     """
-    own = _compute_dtype(model)
+    from transferkit.precision import compute_dtype
+
+    own = compute_dtype(model)
     # A Keras policy name ("mixed_bfloat16") asks for the same as its compute dtype.
     precision = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(precision, precision)
     if precision == "float32" and own != "float32":
@@ -651,22 +653,6 @@ def _keras_engine(model, precision: str) -> KerasEngine:
             own, precision,
         )
     return KerasEngine(model)
-
-
-def _compute_dtype(model) -> str:
-    """A model's 16-bit compute dtype ("bfloat16", "float16") if it has one, else "float32".
-
-    Mixed-precision models keep their input and output layers in float32, so it is the
-    layers with weights in between that tell.
-    """
-    pending = list(getattr(model, "layers", []))
-    while pending:
-        layer = pending.pop()
-        pending.extend(getattr(layer, "layers", []))
-        dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
-        if layer.weights and dtype in ("bfloat16", "float16"):
-            return dtype
-    return "float32"
 
 
 def _body_and_head(model):

@@ -65,3 +65,19 @@ def dtype_policy(policy: str):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def compute_dtype(model) -> str:
+    """A model's 16-bit compute dtype ("bfloat16", "float16") if it has one, else "float32".
+
+    Mixed-precision models keep their input and output layers in float32, so it is the
+    layers with weights in between that tell.
+    """
+    pending = list(getattr(model, "layers", []))
+    while pending:
+        layer = pending.pop()
+        pending.extend(getattr(layer, "layers", []))
+        dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
+        if layer.weights and dtype in ("bfloat16", "float16"):
+            return dtype
+    return "float32"

@@ -446,11 +446,13 @@ def _feature_plan(model, spec, stages, train_data, val_data, cache, forward_fact
     """The run's ``FeaturePlan``, or None when the cache is off."""
     from transferkit.cache import FeaturePlan
 
+    from transferkit.precision import compute_dtype
+
     if cache is None or not cache.enabled:
         return None
     # Features from a 16-bit network are stored in float16 (half the memory, no precision
     # lost that the network had); from a float32 network, in float32.
-    mixed = any(layer.dtype_policy.compute_dtype != "float32" for layer in _all_layers(model) if layer.weights)
+    mixed = compute_dtype(model) != "float32"
     return FeaturePlan(
         model, spec, stages, train_data, val_data, cache, forward_factory or default_forward,
         seed=seed, dtype="float16" if mixed else "float32", verbose=verbose, stop=stop,
