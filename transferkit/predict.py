@@ -310,6 +310,8 @@ def check_output(path: str | os.PathLike) -> Path:
     """
     import tempfile
 
+    from transferkit.runs import existing_ancestor
+
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".json"):
         raise DataError(f"--output {path}: use a .csv or .json file name")
@@ -317,9 +319,7 @@ def check_output(path: str | os.PathLike) -> Path:
         raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
     # The nearest part of the path that exists: the folder itself, or the one it would be
     # created in. A file there means the folder can never be made.
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_ancestor(path.parent)
     if not existing.is_dir():
         raise DataError(f"--output {path}: {existing} is a file, not a folder; choose another path")
     try:

@@ -104,6 +104,14 @@ def named_folder(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
 
 
+def existing_ancestor(path: Path) -> Path:
+    """The nearest part of ``path`` that exists (``path`` itself when it does): where a
+    folder that is not there yet would be created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(output: Path, force: bool, data_folders=()) -> None:
     """Fail before any training if the run could not be written, or would destroy data.
 
@@ -141,9 +149,7 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
             raise RunError(f"{output} is not a run folder (no {LABELS_FILE}) and is not empty; --force replaces "
                            "only run folders: choose another -o")
     # The parent is created when the run is written; here only check that it can be.
-    existing = absolute.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_ancestor(absolute.parent)
     if not existing.is_dir():
         raise RunError(f"cannot create {absolute.parent}: {existing} is a file; choose another -o")
     if not os.access(existing, os.W_OK | os.X_OK):
