@@ -26,8 +26,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transferkit.backbones import load_backbone  # noqa: E402
-from transferkit.fold import fold_batchnorm  # noqa: E402
-from transferkit.precision import cpu_flags, dtype_policy  # noqa: E402
+from transferkit.model.fold import fold_batchnorm  # noqa: E402
+from transferkit.runtime import cpu_flags, dtype_policy  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16")
 

@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 import transferkit  # noqa: E402
-from transferkit.synthetic import write_shapes_dataset  # noqa: E402
+from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
 
 HEAD_LR, FINE_LR = 1e-3, 3e-5
 SHIFT, CONTRAST, ROTATION = 0.1, 0.2, 15.0

@@ -21,14 +21,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-from transferkit.augment import build_augmenter  # noqa: E402
+from transferkit.data.augment import build_augmenter  # noqa: E402
 from transferkit.backbones import REGISTRY, load_backbone  # noqa: E402
-from transferkit.data import ImageBatches, decode_images, encode_targets, index_folder  # noqa: E402
-from transferkit.model import build_classifier  # noqa: E402
-from transferkit.precision import dtype_policy, resolve_precision  # noqa: E402
+from transferkit.outputs import encode_targets  # noqa: E402
+from transferkit.data.batches import ImageBatches  # noqa: E402
+from transferkit.data.folders import index_folder  # noqa: E402
+from transferkit.data.images import decode_images  # noqa: E402
+from transferkit.model.classifier import build_classifier  # noqa: E402
+from transferkit.runtime import dtype_policy, resolve_precision  # noqa: E402
 from transferkit.recipe import AugmentConfig, StageConfig  # noqa: E402
-from transferkit.synthetic import write_shapes_dataset  # noqa: E402
-from transferkit.training import compile_for_stage, set_trainable  # noqa: E402
+from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
+from transferkit.model.surgery import set_trainable  # noqa: E402
+from transferkit.training.stages import compile_for_stage  # noqa: E402
 
 
 def epoch_through(batches) -> float:

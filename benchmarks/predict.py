@@ -51,9 +51,10 @@ def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, s
 
     from transferkit import runs
     from transferkit.backbones import load_backbone
-    from transferkit.model import build_classifier, output_activation
+    from transferkit.model.classifier import build_classifier
+    from transferkit.outputs import output_activation
     from transferkit.recipe import HeadConfig
-    from transferkit.training import backbone_features, calibrate_head_batchnorm
+    from transferkit.training.stages import backbone_features, calibrate_head_batchnorm
 
     keras.utils.set_random_seed(seed)
     backbone = load_backbone(backbone_name, "none", (size, size, 3))
@@ -77,7 +78,7 @@ def keras_float32(run_dir: Path):
     saves its layers' policies, so it is cloned with float32 ones)."""
     import keras
 
-    from transferkit.engine import float32_clone
+    from transferkit.inference.openvino import float32_clone
 
     keras.config.set_dtype_policy("float32")
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
@@ -104,7 +105,7 @@ def write_colour_dataset(root: Path, classes: int, per_class: int, size: int, se
 
 
 def write_dataset(kind: str, root: Path, per_class: int, size: int, seed: int) -> Path:
-    from transferkit.synthetic import write_shapes_dataset
+    from transferkit.data.synthetic import write_shapes_dataset
 
     if kind == "colours":
         return write_colour_dataset(root, CLASSES, per_class, size, seed)
@@ -140,8 +141,9 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
     """Predict against Keras and the bare forward for a classifier trained on ``kind``
     ("shapes" or "colours"); with ``modes``, also the other precisions and the untrained
     classifier."""
-    from transferkit.data import decode_images, iter_image_files
-    from transferkit.engine import inference_engine
+    from transferkit.data.folders import iter_image_files
+    from transferkit.data.images import decode_images
+    from transferkit.inference.engines import inference_engine
     from transferkit.runs import load_run
 
     images_dir = write_dataset(kind, tmp / f"images-{kind}-{backbone_name}", -(-count // CLASSES), size, 101)
@@ -161,7 +163,7 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
     keras_rate = count / (time.perf_counter() - started)
     truth = np.asarray([run.class_names.index(path.parent.name) for path in files])
 
-    from transferkit.predict import engine_cache_dir
+    from transferkit.inference.openvino import engine_cache_dir
 
     # Setup includes the float32 network for near ties (otherwise built on the first one).
     started = time.perf_counter()
@@ -222,9 +224,11 @@ def predict_child(run_dir: Path, images_dir: Path, precision: str, batch: int) -
 def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) -> None:
     """Predict over a folder and the bare forward of the engine it uses, in turn, best of
     ``ROUNDS``; prints one JSON line (rates, labels, near ties recomputed per run)."""
-    from transferkit.data import decode_images, iter_image_files
-    from transferkit.engine import inference_engine
-    from transferkit.predict import engine_cache_dir, engine_outputs, predict_folder
+    from transferkit.data.folders import iter_image_files
+    from transferkit.data.images import decode_images
+    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.openvino import engine_cache_dir
+    from transferkit.inference.predict import engine_outputs, predict_folder
     from transferkit.runs import load_run
 
     run = load_run(run_dir)
@@ -295,8 +299,8 @@ def best_rates(jobs, count: int) -> list[float]:
 def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batch: int, tmp: Path) -> dict:
     """Top-1 agreement of the default engine with Keras float32 on an untrained classifier."""
 
-    from transferkit.engine import inference_engine
-    from transferkit.predict import engine_cache_dir
+    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.openvino import engine_cache_dir
     from transferkit.runs import load_run
 
     run_dir = tmp / f"untrained-{backbone_name}"
@@ -313,7 +317,7 @@ def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batc
 
 
 def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:
-    from transferkit.predict import predict_folder
+    from transferkit.inference.predict import predict_folder
     from transferkit.runs import load_run
 
     result = predict_folder(load_run(run_dir), images_dir, batch_size=batch)
@@ -325,7 +329,8 @@ def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:
 
 
 def memory(backbone_name: str, size: int, counts: list[int], batch: int, tmp: Path) -> dict:
-    from transferkit.data import decode_images, iter_image_files
+    from transferkit.data.folders import iter_image_files
+    from transferkit.data.images import decode_images
 
     largest = write_images(tmp / "memory-images", max(counts), size, seed=1)
     files = sorted(largest.iterdir())

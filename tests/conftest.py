@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFERKIT_CACHE", tempfile.mkdtemp(prefix="tk-cache-"))
 
 import pytest
 
-from transferkit.synthetic import write_shapes_dataset
+from transferkit.data.synthetic import write_shapes_dataset
 
 # Small everything: 32 px is VGG's minimum, one tiny dense layer, one epoch per stage.
 TINY = {

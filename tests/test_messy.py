@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-from transferkit.data import UnreadableImage, load_image, read_image
+from transferkit.data.images import UnreadableImage, load_image, read_image
 
 runner = CliRunner()
 TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1",

@@ -5,17 +5,26 @@
     result = transferkit.predict_folder(transferkit.load_run("runs/demo"), "to_sort/")
 
 Names are imported on first use, so ``import transferkit`` (and the CLI's --help) stays fast.
+The one table ``_EXPORTS`` says where each public name lives; ``__all__`` is derived from it.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from importlib import metadata
+from typing import TYPE_CHECKING
 
 # Keras reads its backend once, on first import; transferkit is written for TensorFlow.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# albumentations checks PyPI for a newer release when imported unless told not to: no
+# network call at import or at run time.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("transferkit")
+except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "AugmentConfig": "transferkit.recipe",
@@ -24,7 +33,7 @@ _EXPORTS = {
     "DataError": "transferkit.errors",
     "EngineError": "transferkit.errors",
     "HeadConfig": "transferkit.recipe",
-    "Prediction": "transferkit.predict",
+    "Prediction": "transferkit.inference.predict",
     "Recipe": "transferkit.recipe",
     "RecipeError": "transferkit.errors",
     "Run": "transferkit.runs",
@@ -33,56 +42,40 @@ _EXPORTS = {
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
     "available_backbones": "transferkit.backbones",
-    "build_augmenter": "transferkit.augment",
-    "build_classifier": "transferkit.model",
-    "check_data": "transferkit.doctor",
+    "build_augmenter": "transferkit.data.augment",
+    "build_classifier": "transferkit.model.classifier",
+    "check_data": "transferkit.data.doctor",
     "finetune": "transferkit.workflow",
-    "fold_batchnorm": "transferkit.fold",
-    "index_folder": "transferkit.data",
+    "fold_batchnorm": "transferkit.model.fold",
+    "index_folder": "transferkit.data.folders",
     "load_backbone": "transferkit.backbones",
     "load_recipe": "transferkit.recipe",
     "load_run": "transferkit.runs",
-    "make_engine": "transferkit.engine",
-    "predict_folder": "transferkit.predict",
-    "read_image": "transferkit.data",
+    "make_engine": "transferkit.inference.engines",
+    "predict_folder": "transferkit.inference.predict",
+    "read_image": "transferkit.data.images",
     "resume_finetune": "transferkit.workflow",
-    "run_stages": "transferkit.training",
-    "write_predictions": "transferkit.predict",
+    "run_stages": "transferkit.training.stages",
+    "write_predictions": "transferkit.inference.predict",
 }
 
-__all__ = [
-    "AugmentConfig",
-    "CacheConfig",
-    "DataConfig",
-    "DataError",
-    "EngineError",
-    "HeadConfig",
-    "Prediction",
-    "Recipe",
-    "RecipeError",
-    "Run",
-    "RunError",
-    "StageConfig",
-    "TransferkitError",
-    "WeightsError",
-    "__version__",
-    "available_backbones",
-    "build_augmenter",
-    "build_classifier",
-    "check_data",
-    "finetune",
-    "fold_batchnorm",
-    "index_folder",
-    "load_backbone",
-    "load_recipe",
-    "load_run",
-    "make_engine",
-    "predict_folder",
-    "read_image",
-    "resume_finetune",
-    "run_stages",
-    "write_predictions",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time names load on first use
+    from transferkit.backbones import available_backbones, load_backbone
+    from transferkit.data.augment import build_augmenter
+    from transferkit.data.doctor import check_data
+    from transferkit.data.folders import index_folder
+    from transferkit.data.images import read_image
+    from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
+    from transferkit.inference.engines import make_engine
+    from transferkit.inference.predict import Prediction, predict_folder, write_predictions
+    from transferkit.model.classifier import build_classifier
+    from transferkit.model.fold import fold_batchnorm
+    from transferkit.recipe import AugmentConfig, CacheConfig, DataConfig, HeadConfig, Recipe, StageConfig, load_recipe
+    from transferkit.runs import Run, load_run
+    from transferkit.training.stages import run_stages
+    from transferkit.workflow import finetune, resume_finetune
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferkit.errors import WeightsError
+from transferkit.errors import WeightsError, first_line
 
 WEIGHTS_CHOICES = ("imagenet", "none")
 
@@ -37,6 +37,8 @@ class BackboneSpec:
             the last N of these trainable.
         weights_file: the file name Keras downloads for the ImageNet notop weights.
         weights_origin: where Keras downloads it from.
+        parameters: weights without the top, counted from the built model (a listing
+            answers at once; a test checks the figure against Keras).
     """
 
     name: str
@@ -47,6 +49,7 @@ class BackboneSpec:
     blocks: tuple[str, ...]
     weights_file: str
     weights_origin: str
+    parameters: int
 
     def first_unfrozen(self, unfreeze: int | str) -> int:
         """Index of the first block that trains for an unfreeze depth (0, N or "all");
@@ -83,6 +86,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_origin=_KERAS_APPLICATIONS
             + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            parameters=14_714_688,
         ),
         BackboneSpec(
             name="vgg19",
@@ -94,6 +98,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_origin=_KERAS_APPLICATIONS
             + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            parameters=20_024_384,
         ),
         BackboneSpec(
             name="resnet50",
@@ -105,6 +110,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_origin=_KERAS_APPLICATIONS
             + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            parameters=23_587_712,
         ),
     )
 }
@@ -195,7 +201,7 @@ def _build_with_imagenet(spec: BackboneSpec, constructor, input_shape):
         return constructor(include_top=False, weights="imagenet", input_shape=input_shape)
     except Exception as error:  # Keras raises a bare Exception for a failed fetch.
         cached = keras_cache_dir() / spec.weights_file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         if cached.exists():
             raise WeightsError(
                 f"the cached ImageNet weights {cached} could not be loaded ({reason}); "
@@ -233,15 +239,7 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
     try:
         backbone.load_weights(str(path))
     except Exception as error:
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightsError(
-            f"weights file {path} does not fit the {spec.name} backbone ({detail[:200]}); "
+            f"weights file {path} does not fit the {spec.name} backbone ({first_line(error)}); "
             f"pass {spec.weights_file} or weights saved from a {spec.name} backbone"
         ) from error
-
-
-def count_parameters(name: str) -> int:
-    """Number of parameters of a backbone without its top (built with random weights)."""
-    spec = get_spec(name)
-    backbone = load_backbone(name, weights="none", input_shape=(spec.min_size, spec.min_size, 3))
-    return int(backbone.count_params())

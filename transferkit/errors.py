@@ -40,3 +40,18 @@ class EngineError(TransferkitError):
 
 class RunError(TransferkitError):
     """Raised when a run folder exists already, cannot be written, or is not a transferkit run."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, at most ``limit`` characters, or
+    its type's name when it has no message: what a one-line error quotes of a cause.
+
+    Args:
+        error: any exception.
+        limit: the longest text kept; default 200.
+
+    Returns:
+        The line.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__

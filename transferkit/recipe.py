@@ -9,15 +9,36 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
 from transferkit.errors import RecipeError
+from transferkit.runtime import ENGINES, PRECISIONS
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The shipped recipes live in the repository's recipes/ folder, which the build maps into the
+# package as ``transferkit.recipes`` (so the wheel ships them; there is one copy).
+RECIPES_PACKAGE = "transferkit.recipes"
+
+# Named command-line flags -> the recipe key each sets. The CLI reads its flags' values by
+# these names; a flag that was given wins over --set of the same key.
+FLAG_KEYS = {
+    "backbone": "backbone",
+    "weights": "weights",
+    "image_size": "image_size",
+    "batch_size": "batch_size",
+    "val_split": "data.val_split",
+    "seed": "seed",
+    "precision": "precision",
+    "engine": "engine",
+    "cache": "cache.enabled",
+    "cache_views": "cache.views",
+    "cache_memory": "cache.memory_mb",
+    "head_epochs": "stages.0.epochs",
+    "fine_epochs": "stages.1:.epochs",
+}
 
 
 class _Section(BaseModel):
@@ -102,8 +123,8 @@ class Recipe(_Section):
     image_size: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = Field(42, ge=0)
-    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    engine: Literal["auto", "keras", "openvino"] = "auto"
+    precision: Literal[PRECISIONS] = "auto"
+    engine: Literal[ENGINES] = "auto"
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -146,9 +167,51 @@ class Recipe(_Section):
         return tomli_w.dumps(self.model_dump(mode="json"))
 
 
+def _shipped():
+    """The folder of shipped recipes, as an importlib.resources Traversable."""
+    from importlib import resources
+
+    return resources.files(RECIPES_PACKAGE)
+
+
 def available_recipes() -> list[str]:
-    """Names of the recipes shipped in recipes/ (without .toml)."""
-    return sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+    """Names of the shipped recipes (without .toml), sorted."""
+    return sorted(entry.name[: -len(".toml")] for entry in _shipped().iterdir() if entry.name.endswith(".toml"))
+
+
+def recipe_summary(name: str) -> str:
+    """The first sentence of a shipped recipe's opening comment, without its "name:" prefix."""
+    lines = (_shipped() / f"{name}.toml").read_text(encoding="utf-8").splitlines()
+    comment = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("# ").strip())
+    text = " ".join(comment).removeprefix(f"{name}:").strip()
+    return text.split(". ")[0].rstrip(".")
+
+
+def collect_overrides(assignments: Sequence[str], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides of one command line: ``--set KEY=VALUE`` assignments, then the named
+    flags that were given (those win; a flag left out leaves its key's --set alone).
+
+    Args:
+        assignments: the --set values, in order.
+        flags: named flag -> value (None: not given), by the names in ``FLAG_KEYS``.
+
+    Returns:
+        Dotted recipe key -> value, for ``load_recipe``.
+
+    Raises:
+        RecipeError: an assignment without "=", or a flag name ``FLAG_KEYS`` lacks.
+    """
+    overrides = dict(parse_override(assignment) for assignment in assignments)
+    for name, value in flags.items():
+        if name not in FLAG_KEYS:
+            raise RecipeError(f"no recipe key for the flag --{name.replace('_', '-')}")
+        if value is not None:
+            overrides[FLAG_KEYS[name]] = value
+    return overrides
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
@@ -160,9 +223,9 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     path = Path(recipe).expanduser()
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / f"{recipe}.toml"
-    if path.suffix == "" and shipped.is_file():
-        return shipped
+    if path.suffix == "" and str(recipe) in available_recipes():
+        # A wheel installs the recipes as files; importlib.resources names their path.
+        return Path(str(_shipped() / f"{recipe}.toml"))
     names = ", ".join(available_recipes()) or "none found"
     raise RecipeError(
         f"recipe {recipe} not found; pass a .toml file or a shipped recipe name ({names})"

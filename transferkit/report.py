@@ -13,22 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
+from transferkit.outputs import predicted_labels
+
 log = logging.getLogger("transferkit")
 
 
-def predicted_labels(probabilities: np.ndarray) -> np.ndarray:
-    """Class index per row, for sigmoid (n, 1) or softmax (n, k) outputs."""
-    if probabilities.shape[-1] == 1:
-        return (probabilities[:, 0] >= 0.5).astype("int64")
-    return np.argmax(probabilities, axis=-1)
 
 
-def class_probabilities(outputs: np.ndarray) -> np.ndarray:
-    """Per-class probabilities: a sigmoid unit p becomes [1 - p, p]."""
-    outputs = np.asarray(outputs, dtype="float64")
-    if outputs.shape[-1] == 1:
-        return np.concatenate([1.0 - outputs, outputs], axis=-1)
-    return outputs
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:

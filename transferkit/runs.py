@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from transferkit.errors import RunError
+from transferkit.errors import RunError, first_line
+from transferkit.outputs import output_units
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
@@ -216,7 +217,7 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
 
 def write_history(folder: Path, rows: list[dict]) -> None:
     """history.csv, one row per epoch across all stages."""
-    from transferkit.training import HISTORY_COLUMNS
+    from transferkit.runs import HISTORY_COLUMNS
 
     with open(folder / "history.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
@@ -293,10 +294,9 @@ def _load_model(model_path: Path, n_classes: int):
     try:
         model = keras.models.load_model(model_path, compile=False)
     except Exception as error:
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RunError(f"cannot load model {model_path}: {detail[:200]}") from error
+        raise RunError(f"cannot load model {model_path}: {first_line(error)}") from error
     units = model.output_shape[-1]
-    expected = 1 if n_classes == 2 else n_classes
+    expected = output_units(n_classes)
     if units != expected:
         raise RunError(
             f"model {model_path} has {units} output unit(s) but labels.json names "
@@ -327,3 +327,6 @@ def _read_optional_history(path: Path) -> list[dict]:
             return list(csv.DictReader(handle))
     except OSError:
         return []
+
+
+HISTORY_COLUMNS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")

@@ -56,7 +56,7 @@ def finetune(
             ``TrainingInterrupted`` after a signal.
     """
     from transferkit import runs
-    from transferkit.checkpoint import TrainingInterrupted, WorkFolder
+    from transferkit.training.checkpoint import TrainingInterrupted, WorkFolder
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -110,7 +110,7 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
         DataError: the data is missing or is not what the run started with.
     """
     from transferkit import runs
-    from transferkit.checkpoint import WorkFolder, output_for
+    from transferkit.training.checkpoint import WorkFolder, output_for
 
     work = WorkFolder.open(run)
     job = work.job()
@@ -127,7 +127,7 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     if verbose:
         state = work.state()
-        print(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}", flush=True)
+        log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
     prepared = _prepare(data_dir, val_dir, recipe, verbose)
     _require_same_data(job, prepared, data_dir, output)
     return _train(prepared, recipe, output, work, force, bool(job["save_h5"]), verbose)
@@ -150,13 +150,15 @@ def _require_same_data(job: dict, prepared: dict, data_dir, output: Path) -> Non
 
 def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     """Index, decode and split the images; every data error is raised here, before training."""
-    from transferkit import data
+    from transferkit.data import arrays
+    from transferkit.data.arrays import partition_rows, stratified_split
+    from transferkit.data.folders import index_folder
 
-    index = data.index_folder(data_dir)
+    index = index_folder(data_dir)
     class_names = index.class_names
     val_index = None
     if val_dir is not None:
-        val_index = data.index_folder(val_dir)
+        val_index = index_folder(val_dir)
         if val_index.class_names != class_names:
             raise DataError(
                 f"--val-dir {val_dir} has classes {', '.join(val_index.class_names)} but "
@@ -169,7 +171,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     rows: dict = {}
     for row, path in enumerate(paths):
         rows.setdefault(path, []).append(row)
-    decoded = data.image_array(len(paths), size, budget)
+    decoded = arrays.image_array(len(paths), size, budget)
     readable = np.zeros(len(paths), dtype=bool)
 
     def keep(path, image):
@@ -185,7 +187,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     skipped = list(index.skipped) + skipped
     _require_every_class(labels, class_names, data_dir)
     if val_index is None:
-        train_rows, val_rows = data.stratified_split(labels, recipe.data.val_split, recipe.seed, class_names)
+        train_rows, val_rows = stratified_split(labels, recipe.data.val_split, recipe.seed, class_names)
         train_rows, val_rows, train_labels, val_labels = (
             kept[train_rows], kept[val_rows], labels[train_rows], labels[val_rows])
     else:
@@ -194,7 +196,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         skipped += list(val_index.skipped) + val_skipped
         _require_every_class(val_labels, class_names, val_dir)
     # In place: no second copy of the decoded images.
-    train_images, val_images = data.partition_rows(decoded, [train_rows, val_rows])
+    train_images, val_images = partition_rows(decoded, [train_rows, val_rows])
     if skipped:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if report.problems:
@@ -207,10 +209,9 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         log.warning("only %d training image(s) (%s: %d) against %d for validation (%s); %s",
                     len(train_labels), fewest, counts.min(), len(val_labels), split, fix)
     if verbose:
-        print(
+        log.info(
             f"{len(class_names)} classes, {len(train_labels)} training and {len(val_labels)} validation "
-            f"images at {size}px: " + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts)),
-            flush=True,
+            f"images at {size}px: " + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
         )
     return {
         "class_names": class_names, "skipped": skipped, "fingerprint": _fingerprint(data_dir, val_dir, paths),
@@ -223,11 +224,15 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     """Build (or load from the checkpoint) the model, run the stages, save the run."""
     import keras
 
-    from transferkit import backbones, data, report, runs, training
-    from transferkit.augment import augmentation_enabled, build_augmenter
-    from transferkit.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
-    from transferkit.model import build_classifier, output_activation
-    from transferkit.precision import dtype_policy, resolve_precision
+    from transferkit import backbones, report, runs
+    from transferkit.data.arrays import balanced_class_weights
+    from transferkit.data.batches import ImageBatches
+    from transferkit.data.augment import augmentation_enabled, build_augmenter
+    from transferkit.training import stages as training_stages
+    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
+    from transferkit.model.classifier import build_classifier
+    from transferkit.outputs import encode_targets, loss_for, output_activation
+    from transferkit.runtime import dtype_policy, resolve_precision
 
     class_names = prepared["class_names"]
     n_classes = len(class_names)
@@ -239,7 +244,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     state = work.state()
     policy, reason = resolve_precision(recipe.precision)
     if verbose:
-        print(f"precision: {policy} ({reason})", flush=True)
+        log.info(f"precision: {policy} ({reason})")
     if work.has_checkpoint():
         model = work.load_model()
     else:
@@ -249,35 +254,35 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
 
     sample_weights = None
     if recipe.data.class_weights:
-        sample_weights = data.balanced_class_weights(train_labels, n_classes)[train_labels].astype("float32")
+        sample_weights = balanced_class_weights(train_labels, n_classes)[train_labels].astype("float32")
     augment = recipe.augment
-    train_batches = data.ImageBatches(
+    train_batches = ImageBatches(
         prepared["train_images"],
-        data.encode_targets(train_labels, n_classes),
+        encode_targets(train_labels, n_classes),
         recipe.batch_size,
         shuffle=True,
         augmenter_factory=(lambda: build_augmenter(augment)) if augmentation_enabled(augment) else None,
         sample_weights=sample_weights,
         seed=recipe.seed,
     )
-    val_batches = data.ImageBatches(
-        prepared["val_images"], data.encode_targets(val_labels, n_classes), recipe.batch_size
+    val_batches = ImageBatches(
+        prepared["val_images"], encode_targets(val_labels, n_classes), recipe.batch_size
     )
     timings: list[dict] = []
     final_outputs: dict = {}
 
     def forward_factory(extractor):
-        from transferkit.engine import inference_engine
+        from transferkit.inference.engines import inference_engine
 
         # The feature passes hand it uint8 images, augmented or not.
         engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, input_dtype="uint8")
         if verbose:
-            print(f"forward engine for the feature cache: {engine.name}", flush=True)
+            log.info(f"forward engine for the feature cache: {engine.name}")
         return engine.predict
 
     try:
         with stop_on_signals(StopFlag()) as stop:
-            history = training.run_stages(
+            history = training_stages.run_stages(
                 model, spec, recipe.stages, train_batches, val_batches, n_classes,
                 verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
                 cache=recipe.cache, timings=timings, forward_factory=forward_factory,
@@ -301,7 +306,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     if outputs is None:
         outputs = model.predict(val_batches, verbose=0)
     val_loss = float(keras.ops.convert_to_numpy(
-        keras.losses.get(training.loss_for(n_classes))(val_batches.targets, outputs)
+        keras.losses.get(loss_for(n_classes))(val_batches.targets, outputs)
     ).mean())
     metrics = report.summarize(history, val_labels, outputs, class_names, val_loss, len(train_labels))
     metrics["precision"] = policy
@@ -388,14 +393,13 @@ def _kept_rows(paths, readable: np.ndarray, reasons: dict):
 def _check_data(data_dir, val_dir, recipe: Recipe, keep, count: int, verbose: int):
     """Read every image once (each decoded image goes to ``keep(path, image)``) and warn,
     without stopping, about what ``transferkit doctor`` would report as problems."""
-    from transferkit.doctor import check_data
+    from transferkit.data.doctor import check_data
+    from transferkit.progress import progress_bar
 
     progress = None
     if verbose and count:
-        import keras
-
-        print(f"reading images ({count} files)", flush=True)
-        progress = keras.utils.Progbar(count, unit_name="image").update
+        log.info(f"reading images ({count} files)")
+        progress = progress_bar("image", count)
     report = check_data(
         data_dir, image_size=recipe.image_size, val_split=recipe.data.val_split,
         seed=recipe.seed, val_dir=val_dir, keep=keep, progress=progress,

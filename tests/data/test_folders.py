@@ -1,0 +1,53 @@
+
+import pytest
+
+from tests.data.test_images import save
+from PIL import Image
+
+from transferkit.data.folders import index_folder, iter_image_files
+from transferkit.errors import DataError
+
+
+def make_tree(root):
+    for name in ("b_dogs", "a_cats"):
+        for index in range(3):
+            save(Image.new("RGB", (8, 8)), root / name / f"{index}.png")
+    (root / "a_cats" / ".DS_Store").write_bytes(b"litter")
+    (root / "a_cats" / "Thumbs.db").write_bytes(b"litter")
+    (root / "__MACOSX").mkdir()
+    (root / "a_cats" / "notes.txt").write_text("hello")
+    save(Image.new("RGB", (8, 8)), root / "b_dogs" / "puppies" / "deep.png")
+
+
+def test_index_folder_sorts_classes_ignores_litter_and_lists_non_images(tmp_path):
+    make_tree(tmp_path)
+    index = index_folder(tmp_path)
+    assert index.class_names == ("a_cats", "b_dogs")
+    assert index.counts() == {"a_cats": 3, "b_dogs": 4}  # nested sub-folder counts for its class
+    assert [path.name for path, _ in index.skipped] == ["notes.txt"]
+    assert all(".DS_Store" not in str(path) and "Thumbs" not in str(path) for path in index.paths)
+
+
+def test_symlink_loop_is_walked_once(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "a_cats" / "loop").symlink_to(tmp_path / "a_cats", target_is_directory=True)
+    files = [path for path, reason in iter_image_files(tmp_path / "a_cats") if reason is None]
+    assert len(files) == 3
+
+
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: root.write_text("x"), "is a file"),
+        (lambda root: root.mkdir(), "no class sub-folders"),
+        (lambda root: save(Image.new("RGB", (4, 4)), root / "only" / "a.png"), "only one class"),
+        (lambda root: (save(Image.new("RGB", (4, 4)), root / "a" / "a.png"), (root / "b").mkdir()), "b in"),
+    ],
+    ids=["missing", "file", "empty", "one-class", "empty-class"],
+)
+def test_bad_folders_give_clear_errors(tmp_path, setup, fragment):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=fragment):
+        index_folder(root)

@@ -1,0 +1,359 @@
+"""The forward engines: OpenVINO agrees with Keras float32, caches its network, falls back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from transferkit.inference import engines as engine_module
+from transferkit.inference import openvino as openvino_module
+from transferkit.backbones import load_backbone
+from transferkit.errors import EngineError
+from transferkit.inference.engines import make_engine
+from transferkit.errors import TransferkitError
+from transferkit.model.classifier import build_classifier
+from transferkit.runtime import dtype_policy
+from transferkit.recipe import HeadConfig
+
+openvino = pytest.importorskip("openvino")
+
+SIZE = 32
+
+
+def images(n, seed=0, size=SIZE):
+    """Noisy images around a random colour, of random contrast: features differ between them."""
+    rng = np.random.default_rng(seed)
+    colour = rng.uniform(0, 255, (n, 1, 1, 3))
+    contrast = rng.uniform(5, 120, (n, 1, 1, 1))
+    return np.clip(colour + contrast * rng.standard_normal((n, size, size, 3)), 0, 255).astype("float32")
+
+
+def extractor_of(classifier):
+    """Images at the backbone's size -> backbone features, as the feature cache builds it."""
+    inputs = keras.Input(shape=(SIZE, SIZE, 3), name="image")
+    features = classifier.get_layer("backbone")(classifier.get_layer("preprocessing")(inputs))
+    return keras.Model(inputs, features, name="extractor")
+
+
+def randomize_batchnorm(model, seed):
+    """Random BatchNorm statistics, so a random-weight ResNet's outputs are not all alike."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                rng.normal(0, 0.2, beta.shape).astype("float32"),
+                rng.normal(0, 0.2, mean.shape).astype("float32"),
+                rng.uniform(0.5, 2.0, variance.shape).astype("float32"),
+            ])
+
+
+def calibrate_head(model, batch):
+    """Head BatchNorm statistics from real activations, so the softmax does not pick one class
+    for every image (a random head on random features otherwise does)."""
+    head = model.get_layer("head")
+    dense = keras.Model(head.input, head.get_layer("dense_1").output)
+    activations = np.asarray(dense.predict_on_batch(extractor_of(model).predict_on_batch(batch)), "float32")
+    norm = head.get_layer("batchnorm_1")
+    gamma, beta, _, _ = norm.get_weights()
+    norm.set_weights([gamma, beta, activations.mean(axis=0), activations.var(axis=0) + 1e-3])
+
+
+def classifier(name, policy="float32", seed=0):
+    keras.utils.set_random_seed(seed)
+    with dtype_policy(policy):
+        backbone = load_backbone(name, weights="none", input_shape=(SIZE, SIZE, 3))
+        if name == "resnet50":
+            randomize_batchnorm(backbone, seed)
+        model = build_classifier(backbone, 5, HeadConfig(units=(32,), dropout=0.3), backbone_name=name)
+    calibrate_head(model, images(32, seed=100 + seed))
+    return model
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One network cache for the module, so each model is converted once across tests."""
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return classifier("vgg16")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return classifier("resnet50")
+
+
+def agreement(got, expected):
+    got, expected = got.reshape(len(got), -1), expected.reshape(len(expected), -1)
+    relative = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    cosine = np.sum(got * expected) / (np.linalg.norm(got) * np.linalg.norm(expected))
+    return relative, cosine
+
+
+def in_batches(engine, batch, size):
+    return np.concatenate([engine.predict(batch[i:i + size]) for i in range(0, len(batch), size)])
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_openvino_bf16_features_agree_with_keras_float32_in_partial_batches(name, vgg, resnet, shared_cache):
+    extractor = extractor_of(vgg if name == "vgg16" else resnet)
+    extractor.name = f"{name}_extractor"
+    batch = images(10)
+    expected = np.asarray(extractor.predict_on_batch(batch))
+    engine = make_engine(extractor, "openvino", precision="bfloat16", cache_dir=shared_cache)
+    assert engine.name == "openvino" and engine.precision_hint == "bf16"
+    got = in_batches(engine, batch, 4)  # 4 + 4 + a partial batch of 2
+    assert got.shape == expected.shape and got.dtype == np.float32
+    relative, cosine = agreement(got, expected)
+    assert relative < 2e-2 and cosine > 0.999, (relative, cosine)
+
+
+def test_openvino_f32_hint_matches_keras_float32_closely(resnet, shared_cache):
+    extractor = extractor_of(resnet)
+    extractor.name = "resnet50_extractor"
+    batch = images(5, seed=1)
+    engine = make_engine(extractor, "openvino", precision="float32", cache_dir=shared_cache)
+    relative, _ = agreement(engine.predict(batch), np.asarray(extractor.predict_on_batch(batch)))
+    assert relative < 1e-4
+
+
+def test_uint8_input_network_computes_what_the_float_one_does(resnet, shared_cache):
+    """input_dtype="uint8": the decoded images go in as they are and the network converts
+    them; the outputs are those of the float32-input network on the same values."""
+    extractor = extractor_of(resnet)
+    extractor.name = "resnet50_extractor"
+    decoded = np.rint(images(6, seed=3)).astype("uint8")
+    floats = make_engine(extractor, "openvino", precision="float32", cache_dir=shared_cache)
+    direct = make_engine(extractor, "openvino", precision="float32", cache_dir=shared_cache, input_dtype="uint8")
+    assert direct.input_dtype == "uint8" and floats.input_dtype == "float32"
+    np.testing.assert_allclose(direct.predict(decoded), floats.predict(decoded.astype("float32")),
+                               rtol=1e-5, atol=1e-5)
+    # a float32-input engine takes uint8 too (converted before the call)
+    np.testing.assert_array_equal(floats.predict(decoded), floats.predict(decoded.astype("float32")))
+    with pytest.raises(ValueError, match="takes uint8 images, got float32"):
+        direct.predict(decoded.astype("float32"))
+    with pytest.raises(ValueError, match="input_dtype='uint8' is for image networks"):
+        make_engine(resnet.get_layer("head"), "openvino", input_dtype="uint8")
+    with pytest.raises(ValueError, match="input_dtype must be"):
+        make_engine(extractor, "openvino", input_dtype="float16")
+
+
+def test_openvino_classifier_top1_agrees_with_keras(vgg, shared_cache):
+    batch = images(32, seed=2)
+    expected = np.asarray(vgg.predict_on_batch(batch))
+    # The head's outputs must differ between images, or top-1 agreement means nothing.
+    assert len(set(expected.argmax(axis=1))) >= 3
+    engine = make_engine(
+        vgg, "openvino", input_shape=(SIZE, SIZE, 3), precision="bfloat16", cache_dir=shared_cache
+    )
+    got = in_batches(engine, batch, 12)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-3)
+    assert np.abs(got - expected).max() < 0.05
+    # A random network has near ties that bf16 rounding may decide either way; picking the
+    # other of two classes within 0.02 of each other (in Keras) still counts as agreeing.
+    rows = np.arange(len(batch))
+    near_tie = expected[rows, expected.argmax(axis=1)] - expected[rows, got.argmax(axis=1)] < 0.02
+    assert np.mean((got.argmax(axis=1) == expected.argmax(axis=1)) | near_tie) >= 0.95
+
+
+def test_mixed_bfloat16_model_is_exported_as_its_float32_twin(vgg):
+    mixed = classifier("vgg16", policy="mixed_bfloat16")
+    mixed.set_weights(vgg.get_weights())
+    batch = images(6, seed=3)
+    engine = make_engine(mixed, "openvino", input_shape=(SIZE, SIZE, 3), precision="float32")
+    relative, _ = agreement(engine.predict(batch), np.asarray(vgg.predict_on_batch(batch)))
+    assert relative < 1e-4
+
+
+def test_network_is_cached_per_size_and_reused(vgg, tmp_path, monkeypatch):
+    first = make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    xml = tmp_path / f"openvino-{SIZE}px" / "classifier.xml"
+    assert first.ir_path == xml and xml.is_file() and xml.with_suffix(".bin").is_file()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached network should have been reused")
+
+    monkeypatch.setattr(openvino_module, "export_network", no_export)
+    again = make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    assert again.name == "openvino" and again.ir_path == xml
+    batch = images(3, seed=4)
+    np.testing.assert_allclose(again.predict(batch), first.predict(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_changed_weights_are_converted_again(tmp_path, monkeypatch):
+    model = classifier("vgg16", seed=5)
+    calls = []
+    export = openvino_module.export_network
+    monkeypatch.setattr(openvino_module, "export_network", lambda *a: calls.append(1) or export(*a))
+    make_engine(model, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    model.get_layer("head").get_layer("output").kernel.assign(
+        np.ones(model.get_layer("head").get_layer("output").kernel.shape, dtype="float32")
+    )
+    engine = make_engine(model, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    assert len(calls) == 2
+    batch = images(4, seed=6)
+    np.testing.assert_allclose(engine.predict(batch), model.predict_on_batch(batch), atol=1e-2)
+
+
+def test_unwritable_cache_folder_falls_back_to_the_temp_folder(vgg, tmp_path, monkeypatch):
+    monkeypatch.setattr(openvino_module.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the run's cache folder would go")
+    engine = make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=blocker / ".engine")
+    assert engine.name == "openvino"
+    assert engine.ir_path.is_file() and (tmp_path / "tmp") in engine.ir_path.parents
+
+
+def test_keras_engine_when_asked_or_when_a_gpu_is_visible(vgg, monkeypatch):
+    batch = images(3)
+    keras_engine = make_engine(vgg, "keras")
+    assert keras_engine.name == "keras"
+    np.testing.assert_array_equal(keras_engine.predict(batch), vgg.predict_on_batch(batch))
+    monkeypatch.setattr(engine_module, "gpu_visible", lambda: True)
+    assert make_engine(vgg, "auto", input_shape=(SIZE, SIZE, 3)).name == "keras"
+
+
+def test_conversion_failure_falls_back_to_keras_with_one_warning(vgg, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("No conversion rule found for operations: ScaleAndTranslate\nmore")
+
+    monkeypatch.setattr(openvino_module, "export_network", broken)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        engine = make_engine(vgg, "auto", input_shape=(SIZE, SIZE, 3))
+    assert engine.name == "keras"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "conversion" in warnings[0] and "ScaleAndTranslate" in warnings[0] and "using Keras" in warnings[0]
+    assert "\n" not in warnings[0]
+
+
+def test_images_of_another_size_than_the_resize_fall_back_to_keras(vgg, caplog):
+    # Only a same-size resize is the identity; the antialiased resize op has no OpenVINO form.
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        engine = make_engine(vgg, "openvino", input_shape=(SIZE + 8, SIZE + 8, 3))
+    assert engine.name == "keras"
+    assert "ScaleAndTranslate" in caplog.text
+    assert engine.predict(images(2, size=SIZE + 8)).shape == (2, 5)
+
+
+def test_missing_openvino_fails_only_when_asked_for(vgg, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(EngineError, match="pip install openvino") as raised:
+        make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3))
+    assert isinstance(raised.value, TransferkitError)
+    assert make_engine(vgg, "auto", input_shape=(SIZE, SIZE, 3)).name == "keras"
+
+
+def test_wrong_batch_shape_and_unknown_engine_are_refused(vgg, shared_cache):
+    engine = make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=shared_cache)
+    with pytest.raises(ValueError, match=f"{SIZE} px"):
+        engine.predict(images(2, size=SIZE + 8))
+    assert engine.predict(images(0)).shape == (0, 5)
+    with pytest.raises(ValueError, match="auto, keras, openvino"):
+        make_engine(vgg, "tensorrt")
+    with pytest.raises(ValueError, match="input_shape"):
+        make_engine(vgg, "openvino")  # the classifier takes any size: S must be given
+
+
+def test_openvino_is_used_with_its_telemetry_off(tmp_path):
+    """OpenVINO sends usage events on import unless its telemetry package is unavailable."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        from transferkit.inference.openvino import import_openvino
+        import_openvino()
+        import openvino.tools.ovc.telemetry_utils as utils
+        assert sys.modules["openvino_telemetry"] is None
+        assert utils.tm.__name__ == "openvino.tools.ovc.telemetry_stub", utils.tm
+        """
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("CI", None)  # CI=true switches telemetry off by itself; test without it
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "intel").exists()
+
+
+def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_path, monkeypatch):
+    """inference_engine splits a classifier: body in bfloat16, head in float32 (the output
+    layer stays float32, as in Keras mixed precision); rows whose top-two margin is below
+    REFINE_MARGIN are computed again in float32 and so equal float32 Keras."""
+    from transferkit.inference.engines import ChainedEngine, inference_engine
+    from transferkit.outputs import top_margin
+
+    import transferkit.runtime
+
+    model = classifier("vgg16", seed=7)
+    only_16_bits = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")
+    assert isinstance(only_16_bits, ChainedEngine) and only_16_bits.exact is None
+    # "auto" on a CPU with bfloat16 (whatever this one has)
+    monkeypatch.setattr(transferkit.runtime, "resolve_precision", lambda precision: ("mixed_bfloat16", "test"))
+    engine = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="auto")
+    assert isinstance(engine, ChainedEngine)
+    assert engine.body.precision_hint == "bf16" and engine.head.precision_hint == "f32"
+    assert engine.ir_path is not None and engine.ir_path.is_file()
+    batch = images(12, seed=8)
+    features = engine.body.predict(batch)
+    sixteen_bit = engine.head.predict(features)
+    # the head is float32: given the body's features it computes what Keras does
+    np.testing.assert_allclose(sixteen_bit, model.get_layer("head").predict_on_batch(features), rtol=1e-4, atol=1e-6)
+    margins = top_margin(sixteen_bit)
+    # The threshold sits in the widest gap between the 4th and 9th smallest margins, so no
+    # image is within 16-bit noise of it (OpenVINO's bfloat16 results can differ slightly
+    # from one call to the next).
+    ordered = np.sort(margins)
+    gap = 4 + int(np.argmax(np.diff(ordered)[3:8]))
+    monkeypatch.setattr(engine_module, "REFINE_MARGIN", float(ordered[gap - 1] + ordered[gap]) / 2)
+    near = margins < engine_module.REFINE_MARGIN
+    assert near.sum() == gap
+    looks = []
+    first_look = engine.first_look
+    monkeypatch.setattr(engine, "first_look", lambda images: looks.append(first_look(images)) or looks[-1])
+    got = engine.predict(batch)
+    (looked, looked_near), = looks
+    np.testing.assert_array_equal(looked_near, np.flatnonzero(near))
+    assert engine.refined == near.sum()
+    # the other rows are the 16-bit ones as that call computed them; near ties are float32
+    np.testing.assert_array_equal(got[~near], looked[~near])
+    np.testing.assert_allclose(looked[~near], sixteen_bit[~near], rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(got[near], model.predict_on_batch(batch)[near], rtol=1e-4, atol=1e-6)
+    exact = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="float32")
+    assert not isinstance(exact, ChainedEngine)
+    # Built as predict builds it (uint8 images in): the body and the float32 network for
+    # near ties both take the decoded images, and compute what the float-input ones do.
+    decoded = np.rint(batch).astype("uint8")
+    direct = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="auto", input_dtype="uint8")
+    assert direct.body.input_dtype == "uint8" and direct.exact.input_dtype == "uint8"
+    relative, cosine = agreement(direct.body.predict(decoded), engine.body.predict(decoded.astype("float32")))
+    assert relative < 1e-2 and cosine > 0.9999, (relative, cosine)
+    np.testing.assert_allclose(direct.exact.predict(decoded), engine.exact.predict(decoded.astype("float32")),
+                               rtol=1e-5, atol=1e-6)
+    outputs, near_direct = direct.first_look(decoded)
+    assert len(near_direct) and direct.predict(decoded).shape == outputs.shape
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
+def test_helper_threads_yield_the_cores_to_the_engine_and_only_they():
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.inference.engines import yield_to_engine
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:
+        helper = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert helper == min(main + 10, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

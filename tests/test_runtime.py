@@ -1,0 +1,52 @@
+import json
+
+import keras
+import pytest
+
+import transferkit
+from transferkit.runtime import dtype_policy, resolve_precision
+
+
+def cpuinfo(tmp_path, flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, policy",
+    [("avx512f amx_bf16 amx_tile", "mixed_bfloat16"), ("avx512f avx512_bf16", "mixed_bfloat16"), ("avx2 fma", "float32")],
+)
+def test_auto_follows_the_cpu_flags(tmp_path, flags, policy):
+    got, reason = resolve_precision("auto", cpuinfo(tmp_path, flags))
+    assert got == policy and reason.startswith("auto")
+
+
+@pytest.mark.parametrize("choice, policy", [("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16")])
+def test_explicit_choices(choice, policy):
+    assert resolve_precision(choice)[0] == policy
+
+
+def test_policy_is_restored_after_building():
+    before = keras.config.dtype_policy().name
+    with dtype_policy("mixed_bfloat16"):
+        layer = keras.layers.Dense(2)
+    assert layer.dtype_policy.name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == before
+
+
+def test_run_records_its_precision_and_keeps_io_layers_float32(shapes_dir, tmp_path, tiny):
+    tiny["stages.1:.epochs"] = 0
+    tiny["precision"] = "bfloat16"
+    run = transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["precision"] == "mixed_bfloat16"
+    model = run.model
+    assert model.get_layer("backbone").get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("head").get_layer("output").dtype_policy.name == "float32"
+    assert model.get_layer("preprocessing").get_layer("resize").dtype_policy.name == "float32"
+    assert model.output.dtype == "float32"
+
+
+def test_unknown_precision_is_a_recipe_error():
+    with pytest.raises(transferkit.RecipeError, match="precision = 'half'"):
+        transferkit.load_recipe(None, {"precision": "half"})

@@ -1,0 +1,162 @@
+"""A real SIGINT to a real training process, then --resume, against an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.errors import DataError, RunError
+from transferkit.workflow import resume_finetune
+
+FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "2", "--head-epochs", "3",
+         "--fine-epochs", "2", "--set", "head.units=[16]", "--quiet"]
+
+
+def cli(*args):
+    return [sys.executable, "-m", "transferkit", "finetune", *map(str, args)]
+
+
+def epochs_saved(partial):
+    try:
+        return json.loads((partial / "state.json").read_text())["global_epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dir, tmp_path, signum):
+    reference = tmp_path / "reference"
+    done = subprocess.run(cli(shapes_dir, *FLAGS, "-o", reference), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    output = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    process = subprocess.Popen(cli(shapes_dir, *FLAGS, "-o", output), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while epochs_saved(partial) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be interrupted"
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert not output.exists()  # nothing that looks like a finished run
+    assert not (partial / "model.keras").exists() and not (partial / "labels.json").exists()
+    assert 2 <= epochs_saved(partial) < 5
+
+    resumed = subprocess.run(cli("--resume", output, "--quiet"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not partial.exists()
+    expected = transferkit.load_run(reference).model.get_weights()
+    got = transferkit.load_run(output).model.get_weights()
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert (output / "history.csv").read_text() == (reference / "history.csv").read_text()
+
+
+def test_resume_without_an_interrupted_run_is_an_error(tmp_path):
+    with pytest.raises(RunError, match="nothing to resume"):
+        resume_finetune(tmp_path / "never-started")
+
+
+def test_new_run_refuses_to_clobber_an_interrupted_one(shapes_dir, tmp_path, tiny):
+    (tmp_path / "run.partial").mkdir()
+    (tmp_path / "run.partial" / "job.json").write_text("{}")
+    with pytest.raises(RunError, match="--resume"):
+        transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+
+
+@pytest.fixture
+def interrupted(shapes_dir, tmp_path, tiny, monkeypatch):
+    """An interrupted run of a copy of the shapes data: (data folder, run folder). The
+    interruption comes as training starts, so resuming trains the whole (tiny) run."""
+    import shutil
+
+    import transferkit.workflow
+    from transferkit.training.checkpoint import TrainingInterrupted
+
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    output = tmp_path / "runs" / "run"
+
+    def stop_at_once(*args, **kwargs):
+        raise TrainingInterrupted("SIGINT: training stopped")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transferkit.workflow, "_train", stop_at_once)
+        with pytest.raises(TrainingInterrupted):
+            transferkit.finetune(data, None, tiny, output=output, verbose=0)
+    assert (tmp_path / "runs" / "run.partial" / "job.json").is_file()
+    return data, output
+
+
+def test_resume_refuses_data_that_changed(interrupted):
+    data, output = interrupted
+    removed = sorted((data / "circle").iterdir())[0]
+    removed.unlink()
+    with pytest.raises(DataError, match="changed since the interrupted run"):
+        resume_finetune(output, verbose=0)
+    (data / "star").mkdir()
+    for index, path in enumerate(sorted((data / "square").iterdir())[:3]):
+        (data / "star" / f"copy{index}.jpg").write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="has classes circle, square, star, triangle but the interrupted run"):
+        resume_finetune(output, verbose=0)
+    assert (output.parent / "run.partial").is_dir()  # still there to resume once the data is back
+
+
+def test_resume_finds_moved_data_and_writes_where_the_partial_folder_is(interrupted, tmp_path):
+    data, output = interrupted
+    moved = data.rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="is gone; if it moved, give its new place: transferkit finetune NEW_DATA_DIR --resume"):
+        resume_finetune(output, verbose=0)
+    renamed = output.parent / "renamed.partial"
+    (output.parent / "run.partial").rename(renamed)
+    run = resume_finetune(renamed, verbose=0, data_dir=moved)
+    assert run.path == output.parent / "renamed" and (run.path / "model.keras").is_file()
+    assert not output.exists() and not renamed.exists()
+
+
+def test_damaged_checkpoint_is_reported_in_one_line(interrupted):
+    data, output = interrupted
+    partial = output.parent / "run.partial"
+    for damage in ("{bad", ""):
+        (partial / "job.json").write_text(damage)
+        with pytest.raises(RunError, match=r"is damaged \(job.json: .*start over with --force"):
+            resume_finetune(output, verbose=0)
+    (partial / "job.json").write_text(json.dumps({"data_dir": str(data), "val_dir": None, "save_h5": False}))
+    (partial / "state.json").write_text(json.dumps({"stage_index": 0, "epochs_done": 1, "arrays_file": "arrays-3.npz"}))
+    with pytest.raises(RunError, match=r"damaged \(arrays-3.npz"):
+        from transferkit.training.checkpoint import WorkFolder
+
+        WorkFolder.open(output).best_weights()
+
+
+def test_resume_refuses_settings_it_would_ignore(interrupted):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    _, output = interrupted
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--image-size", "48", "-o", "x"])
+    assert result.exit_code == 2
+    assert "drop --image-size, --output" in result.output
+
+
+def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, monkeypatch):
+    """The second Ctrl-C stops at once (KeyboardInterrupt inside training): the run still
+    ends with the one-line message, and a run with no finished epoch leaves nothing."""
+    import transferkit.training.stages
+    from transferkit.training.checkpoint import TrainingInterrupted
+
+    def second_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transferkit.training.stages, "run_stages", second_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="SIGINT again: training stopped before its first epoch ended"):
+        transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+    assert not any(tmp_path.iterdir())

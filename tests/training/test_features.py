@@ -1,0 +1,386 @@
+import logging
+import keras
+import numpy as np
+import pytest
+
+from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.model.surgery import split_at_frozen_part
+from transferkit.training.features import FeatureBatches, FeatureStore, compute_feature_stores
+from transferkit.outputs import encode_targets
+from transferkit.data.batches import ImageBatches
+from transferkit.model.classifier import build_classifier
+from transferkit.recipe import AugmentConfig, CacheConfig, HeadConfig, StageConfig
+from transferkit.training.stages import run_stages
+
+
+def build(name, n_classes=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    backbone = load_backbone(name, weights="none", input_shape=(32, 32, 3))
+    return build_classifier(backbone, n_classes, HeadConfig(units=(8,), dropout=0.3), backbone_name=name)
+
+
+def images(n=24, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype="uint8")
+
+
+@pytest.mark.parametrize("name, unfreeze, boundary", [
+    ("vgg16", 0, ""), ("vgg16", 1, "block4_pool"), ("resnet50", 2, "conv5_block1_out"), ("resnet50", 16, "pool1_pool"),
+])
+def test_split_model_computes_what_the_classifier_computes(name, unfreeze, boundary):
+    model = build(name)
+    split = split_at_frozen_part(model, REGISTRY[name], unfreeze)
+    assert split.boundary == boundary
+    x = images(4).astype("float32")
+    direct = model.predict_on_batch(x)
+    via_split = split.trainable.predict_on_batch(split.extractor.predict_on_batch(x))
+    np.testing.assert_allclose(via_split, direct, rtol=1e-4, atol=1e-5)
+    assert split_at_frozen_part(model, REGISTRY[name], "all") is None
+
+
+def test_store_spills_to_disk_beyond_its_budget_with_the_same_values():
+    data = images(10)
+    forward = lambda batch: [batch.reshape(len(batch), -1)[:, :7] * 0.5]
+    (in_memory,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=100)
+    (on_disk,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=1e-6)
+    assert not in_memory.on_disk and on_disk.on_disk
+    np.testing.assert_array_equal(in_memory.array, on_disk.array)
+    path = on_disk._file.name
+    on_disk.close()
+    import os
+
+    assert not os.path.exists(path)
+
+
+def test_feature_batches_follow_the_image_order_and_rotate_views():
+    store = FeatureStore(2, 5, (1,), "float32", 10)
+    store.array[0, :, 0] = np.arange(5)
+    store.array[1, :, 0] = np.arange(5) + 100
+    targets = np.arange(5, dtype="float32").reshape(-1, 1)
+    batches = FeatureBatches(store, targets, 2, seed=3)
+    reference = ImageBatches(np.zeros((5, 2, 2, 3), "uint8"), targets, 2, shuffle=True, seed=3)
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        x, y = batches[0]
+        np.testing.assert_array_equal(y, reference[0][1])
+        np.testing.assert_array_equal(x[:, 0] - 100 * epoch, y[:, 0])
+
+
+def fit(model, cache, augment=None, unfreeze=0, epochs=3):
+    name = "vgg16"
+    labels = np.arange(24) % 3
+    factory = (lambda: __import__("transferkit.data.augment", fromlist=["x"]).build_augmenter(augment)) if augment else None
+    train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=1, augmenter_factory=factory)
+    val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 8)
+    stages = [StageConfig(epochs=epochs, learning_rate=1e-2, unfreeze=unfreeze, patience=10)]
+    return run_stages(model, REGISTRY[name], stages, train, val, 3, verbose=0, seed=1, cache=cache)
+
+
+def test_cached_training_matches_uncached_without_augmentation():
+    plain, cached = build("vgg16", seed=4), build("vgg16", seed=4)
+    backbone_before = [np.array(w) for w in cached.get_layer("backbone").get_weights()]
+    history_plain = fit(plain, None)
+    history_cached = fit(cached, CacheConfig(enabled=True))
+    for a, b in zip(plain.get_layer("head").get_weights(), cached.get_layer("head").get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert [r["val_loss"] for r in history_cached] == pytest.approx([r["val_loss"] for r in history_plain], rel=1e-3)
+    for a, b in zip(backbone_before, cached.get_layer("backbone").get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_partly_unfrozen_stage_on_cache_changes_only_the_open_block():
+    model = build("vgg16", seed=2)
+    backbone = model.get_layer("backbone")
+    before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in backbone.layers if layer.weights}
+    fit(model, CacheConfig(enabled=True), unfreeze=1, epochs=2)
+    for layer in backbone.layers:
+        if not layer.weights:
+            continue
+        same = all(np.array_equal(a, b) for a, b in zip(before[layer.name], layer.get_weights()))
+        assert same == (not layer.name.startswith("block5_")), layer.name
+
+
+def test_augmented_stage_stores_at_most_one_view_per_epoch(caplog):
+    augment = AugmentConfig(rotation=20.0)
+    labels = np.arange(12) % 3
+    from transferkit.data.augment import build_augmenter
+
+    train = ImageBatches(images(12), encode_targets(labels, 3), 8, shuffle=True, seed=1,
+                         augmenter_factory=lambda: build_augmenter(augment))
+    val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
+    for views, stored in ((2, 2), (5, 3)):
+        model = build("vgg16", seed=0)
+        stages = [StageConfig(epochs=3, unfreeze=0, patience=10)]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transferkit"):
+            run_stages(model, REGISTRY["vgg16"], stages, train, val, 3, verbose=1, seed=1,
+                       cache=CacheConfig(enabled=True, views=views))
+        output = caplog.text
+        assert "on cached features" in output
+        assert f"({stored} view(s)" in output, output[-500:]
+    model = build("vgg16", seed=0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=1, seed=1,
+                   cache=CacheConfig(enabled=False))
+    assert "stage 1/1" in caplog.text and "on cached features" not in caplog.text
+
+
+def test_final_validation_outputs_from_the_cache_equal_the_models():
+    model = build("vgg16", seed=3)
+    labels = np.arange(24) % 3
+    train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=1)
+    val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 4)
+    outputs = {}
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=0,
+               seed=1, cache=CacheConfig(enabled=True), final_outputs=outputs)
+    np.testing.assert_allclose(outputs["val"], model.predict(val, verbose=0), rtol=1e-4, atol=1e-5)
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=0,
+               seed=1, cache=None, final_outputs=outputs)
+    assert "val" not in outputs  # an uncached last stage leaves the model to predict
+
+
+def test_feature_batches_rotate_over_the_stage_views_only():
+    store = FeatureStore(3, 4, (1,), "float32", 10)
+    for view in range(3):
+        store.array[view, :, 0] = view
+    batches = FeatureBatches(store, np.zeros((4, 1), "float32"), 4, shuffle=False, views=2)
+    seen = []
+    for epoch in range(4):
+        batches.set_epoch(epoch)
+        seen.append(int(batches[0][0][0, 0]))
+    assert seen == [0, 1, 0, 1]
+
+
+def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2):
+    from transferkit.data.augment import build_augmenter
+    from transferkit.training.features import FeaturePlan
+
+    factory = (lambda: build_augmenter(augment)) if augment else None
+    train = ImageBatches(images(12), encode_targets(np.arange(12) % 3, 3), 4, shuffle=True, seed=1,
+                         augmenter_factory=factory)
+    val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 4)
+    stages = [StageConfig(epochs=epochs, unfreeze=unfreeze) for unfreeze in unfreezes]
+    from transferkit.training.stages import default_forward
+
+    return FeaturePlan(model, REGISTRY["vgg16"], stages, train, val, CacheConfig(enabled=True, views=2),
+                       forward_factory or default_forward, seed=1)
+
+
+def test_plan_takes_each_stage_from_the_shallowest_boundary_of_the_stages_after_it():
+    model = build("vgg16")
+    plan = plan_for(model, [0, 2, 1])  # boundaries: backbone output (5), block4 (3), block5 (4)
+    assert [plan.boundary(i) for i in range(3)] == [5, 3, 4]
+    assert [plan.source(i) for i in range(3)] == [3, 3, 4]
+
+
+def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_gives():
+    """The fine stage trains on features the head stage's pass computed; a run resumed at the
+    fine stage computes them afresh and must get the very same numbers."""
+    from transferkit.recipe import AugmentConfig
+
+    augment = AugmentConfig(rotation=20.0)
+    model = build("vgg16", seed=6)
+    shared = plan_for(model, [0, 1], augment=augment)
+    head, fine = shared.stage_inputs(0), shared.stage_inputs(1)
+    assert head.computed and not fine.computed
+    assert head.train.store.shape[2:] == (1, 1, 512) and fine.train.store.shape[2:] == (2, 2, 512)
+    resumed = plan_for(model, [0, 1], augment=augment).stage_inputs(1)
+    assert resumed.computed
+    for stage in (head, fine, resumed):  # views after the first are computed in the background
+        stage.train.store.wait_for()
+    np.testing.assert_array_equal(resumed.train.store.array, fine.train.store.array)
+    np.testing.assert_array_equal(resumed.val.store.array, fine.val.store.array)
+    # and they are the frozen part's output on the augmented views
+    direct = split_at_frozen_part(model, REGISTRY["vgg16"], 1).extractor
+    view0 = direct.predict_on_batch(head_view_images(shared, view=0))
+    np.testing.assert_allclose(fine.train.store.array[0], view0, rtol=1e-5, atol=1e-5)
+    shared.stage_done(0)
+    assert len(shared._stores) == 1
+    shared.stage_done(1)
+    assert not shared._stores
+
+
+def head_view_images(plan, view):
+    from transferkit.data.batches import augment_one
+
+    augmenter = plan.augmenter_factory()
+    return np.stack([augment_one(augmenter, image, [plan.seed, 1_000_003, view, index])
+                     for index, image in enumerate(plan.train_data.images)]).astype("float32")
+
+
+def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
+    """ResNet50 through OpenVINO in bfloat16, three stages sharing one pass: a run resumed at
+    the second stage computes its features afresh and gets the same numbers."""
+    from transferkit.inference.engines import inference_engine
+
+    keras.utils.set_random_seed(0)
+    with __import__("transferkit.runtime", fromlist=["x"]).dtype_policy("mixed_bfloat16"):
+        backbone = load_backbone("resnet50", weights="none", input_shape=(64, 64, 3))
+        model = build_classifier(backbone, 3, HeadConfig(units=(8,)), backbone_name="resnet50")
+    pictures = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype="uint8")
+
+    def factory(extractor):
+        return inference_engine(extractor, "auto", precision="bfloat16").predict
+
+    from transferkit.training.features import FeaturePlan
+
+    def plan():
+        train = ImageBatches(pictures[:8], encode_targets(np.arange(8) % 3, 3), 4, shuffle=True, seed=1)
+        val = ImageBatches(pictures[8:], encode_targets(np.arange(4) % 3, 3), 4)
+        stages = [StageConfig(epochs=1, unfreeze=0), StageConfig(epochs=1, unfreeze=2), StageConfig(epochs=1, unfreeze=3)]
+        return FeaturePlan(model, REGISTRY["resnet50"], stages, train, val, CacheConfig(), factory, dtype="float16")
+
+    whole = plan()
+    whole.stage_inputs(0)
+    reused = whole.stage_inputs(1)
+    fresh = plan().stage_inputs(1)
+    assert not reused.computed and fresh.computed
+    reused.train.store.wait_for()
+    fresh.train.store.wait_for()
+    np.testing.assert_array_equal(fresh.train.store.array, reused.train.store.array)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_cached_stage_validation_figures_are_what_keras_evaluate_gives(n_classes):
+    """A cached stage computes its validation loss and accuracy itself (no traced test
+    function); they must be the figures Keras reports for the same model and images."""
+    from transferkit.outputs import loss_for
+
+    model = build("vgg16", n_classes=n_classes, seed=8)
+    labels = np.arange(24) % n_classes
+    train = ImageBatches(images(24), encode_targets(labels, n_classes), 8, shuffle=True, seed=1)
+    val = ImageBatches(images(11, seed=5), encode_targets(np.arange(11) % n_classes, n_classes), 4)
+    history = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, learning_rate=1e-2, unfreeze=0)],
+                         train, val, n_classes, verbose=0, seed=1, cache=CacheConfig(enabled=True))
+    model.compile(loss=loss_for(n_classes), metrics=["accuracy"])
+    expected = model.evaluate(val, verbose=0, return_dict=True)
+    assert history[0]["val_loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    assert history[0]["val_accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_path):
+    """The whole model is saved in the background as a cached stage starts, while its head
+    already trains: resuming from that checkpoint must start from the head as it was."""
+    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, WorkFolder
+
+    def batches():
+        train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)
+        return train, ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 8)
+
+    stages = [StageConfig(epochs=2, learning_rate=1e-2, unfreeze=0, patience=10)]
+    reference = build("vgg16", seed=7)
+    expected = run_stages(reference, REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
+                          cache=CacheConfig())
+
+    stop = StopFlag()
+
+    class StopInFirstEpoch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            stop.requested = "SIGINT"
+
+    work = WorkFolder.create(tmp_path / "run", {}, "", force=False)
+    with pytest.raises(TrainingInterrupted):
+        run_stages(build("vgg16", seed=7), REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
+                   cache=CacheConfig(), work=work, stop=stop, callbacks=[StopInFirstEpoch()])
+    state = work.state()
+    assert (state.epochs_done, state.part_only, state.history) == (0, True, [])
+
+    work = WorkFolder.open(tmp_path / "run")
+    resumed = work.load_model()
+    history = run_stages(resumed, REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
+                         cache=CacheConfig(), work=work, state=state)
+    assert [row["val_loss"] for row in history] == pytest.approx([row["val_loss"] for row in expected], rel=1e-6)
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_later_views_computed_in_the_background_equal_the_ones_computed_at_once():
+    from transferkit.data.augment import build_augmenter
+    from transferkit.training.features import compute_feature_stores
+
+    factory = lambda: build_augmenter(AugmentConfig(rotation=30.0, shift=0.2))  # noqa: E731
+    forward = lambda batch: [batch.reshape(len(batch), -1)[:, :6] / 255.0]  # noqa: E731
+    common = dict(views=[3], augmenter_factory=factory, seed=4, batch_size=5)
+    (at_once,) = compute_feature_stores(forward, images(12), [(6,)], **common)
+    (store,) = compute_feature_stores(forward, images(12), [(6,)], later_views_in_background=True, **common)
+    assert at_once.filler is None and store.filler is not None
+    store.wait_for()
+    np.testing.assert_array_equal(store.array, at_once.array)
+    assert not np.array_equal(store.array[1], store.array[2])  # different augmented views
+    store.close()
+
+
+def test_a_failure_in_the_background_reaches_whoever_waits_for_that_view():
+    from transferkit.data.augment import build_augmenter
+    from transferkit.training.features import compute_feature_stores
+
+    calls = []
+
+    def forward(batch):
+        calls.append(len(batch))
+        if len(calls) > 2:  # the two batches of view 0 succeed
+            raise RuntimeError("engine lost")
+        return [batch.reshape(len(batch), -1)[:, :2]]
+
+    (store,) = compute_feature_stores(
+        forward, images(8), [(2,)], views=[2], batch_size=4, later_views_in_background=True,
+        augmenter_factory=lambda: build_augmenter(AugmentConfig(rotation=10.0)))
+    store.wait_for(0)
+    with pytest.raises(RuntimeError, match="engine lost"):
+        store.wait_for(1)
+    store.close()
+
+
+def test_cached_stage_progress_never_counts_past_the_epoch(capsys):
+    import re
+
+    model = build("vgg16", seed=1)
+    train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)  # 3 steps
+    val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=1, seed=1,
+               cache=CacheConfig(enabled=True))
+    counts = [int(done) for done in re.findall(r"(\d+)/3\b", capsys.readouterr().out)]
+    assert counts and max(counts) == 3
+
+
+def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_path):
+    """Ctrl-C while features are computed (minutes on real data) stops at the next batch,
+    and training does not start."""
+    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted
+
+    calls = []
+
+    def forward(batch):
+        calls.append(len(batch))
+        return [batch.reshape(len(batch), -1)[:, :6] / 255.0]
+
+    stop = StopFlag()
+    (store,) = compute_feature_stores(forward, images(40), [(6,)], views=[3], batch_size=4,
+                                      augmenter_factory=lambda: __import__("transferkit.data.augment", fromlist=["x"])
+                                      .build_augmenter(AugmentConfig(rotation=30.0)),
+                                      later_views_in_background=True,
+                                      stop_requested=lambda: len(calls) >= 2)
+    assert len(calls) == 2 and store.filler is None  # 2 of 10 batches, no background views
+
+    class Stopping(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise AssertionError("training started after the stop request")
+
+    def stopping_factory(extractor):
+        from transferkit.training.stages import default_forward
+
+        inner = default_forward(extractor)
+
+        def forward(batch):
+            stop.requested = "SIGINT"
+            return inner(batch)
+
+        return forward
+
+    model = build("vgg16", seed=3)
+    train = ImageBatches(images(16), encode_targets(np.arange(16) % 3, 3), 4, shuffle=True, seed=1)
+    val = ImageBatches(images(8, seed=2), encode_targets(np.arange(8) % 3, 3), 4)
+    with pytest.raises(TrainingInterrupted):
+        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=0,
+                   cache=CacheConfig(), stop=stop, forward_factory=stopping_factory, callbacks=[Stopping()])

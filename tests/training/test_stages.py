@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+
+from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.outputs import encode_targets
+from transferkit.data.batches import ImageBatches
+from transferkit.model.classifier import build_classifier
+from transferkit.recipe import HeadConfig, StageConfig
+from transferkit.model.surgery import set_trainable
+from transferkit.runs import HISTORY_COLUMNS
+from transferkit.training.stages import run_stages
+
+
+def batches(n_classes, n=16, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    images = rng.integers(0, 256, (n, size, size, 3), dtype="uint8")
+    return ImageBatches(images, encode_targets(labels, n_classes), 8, shuffle=True, seed=seed)
+
+
+def build(name, n_classes):
+    backbone = load_backbone(name, weights="none", input_shape=(32, 32, 3))
+    return build_classifier(backbone, n_classes, HeadConfig(units=(8,)), backbone_name=name)
+
+
+def snapshot(layer):
+    return [np.array(weight) for weight in layer.get_weights()]
+
+
+def test_stage_one_changes_no_backbone_weight_and_trains_the_head():
+    model = build("vgg16", 3)
+    backbone, head = model.get_layer("backbone"), model.get_layer("head")
+    before_backbone, before_head = snapshot(backbone), snapshot(head)
+    stages = [StageConfig(name="head", epochs=2, learning_rate=1e-2, unfreeze=0, patience=5)]
+    data = batches(3)
+    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0)
+    for old, new in zip(before_backbone, snapshot(backbone)):
+        np.testing.assert_array_equal(old, new)
+    assert any(not np.array_equal(old, new) for old, new in zip(before_head, snapshot(head)))
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert set(history[0]) == set(HISTORY_COLUMNS)
+
+
+def test_stage_two_changes_only_unfrozen_blocks_and_no_batchnorm_statistics():
+    spec = REGISTRY["resnet50"]
+    model = build("resnet50", 2)
+    backbone = model.get_layer("backbone")
+    before = {layer.name: snapshot(layer) for layer in backbone.layers if layer.weights}
+    stages = [
+        StageConfig(name="head", epochs=1, learning_rate=1e-3, unfreeze=0),
+        StageConfig(name="fine", epochs=1, learning_rate=1e-3, unfreeze=2, patience=5),
+    ]
+    data = batches(2)
+    history = run_stages(model, spec, stages, data, data, 2, verbose=0)
+    assert [row["stage"] for row in history] == ["head", "fine"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    open_blocks = {len(spec.blocks) - 1, len(spec.blocks) - 2}  # conv5_block2, conv5_block3
+    changed_open = 0
+    for layer in backbone.layers:
+        if not layer.weights:
+            continue
+        same = all(np.array_equal(a, b) for a, b in zip(before[layer.name], snapshot(layer)))
+        is_bn = type(layer).__name__ == "BatchNormalization"
+        if is_bn or spec.block_of(layer.name) not in open_blocks:
+            assert same, f"{layer.name} changed but was frozen"
+        else:
+            changed_open += not same
+    assert changed_open > 0
+
+
+def test_set_trainable_keeps_batchnorm_frozen_even_with_all():
+    spec = REGISTRY["resnet50"]
+    model = build("resnet50", 3)
+    set_trainable(model, spec, "all")
+    backbone = model.get_layer("backbone")
+    for layer in backbone.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            assert not layer.trainable
+    assert all(layer.trainable for layer in backbone.layers if type(layer).__name__ == "Conv2D")
+    assert not model.get_layer("preprocessing").trainable
+    set_trainable(model, spec, 0)
+    assert not backbone.trainable_weights
+    assert model.get_layer("head").trainable_weights
+
+
+def test_zero_epoch_stage_is_skipped():
+    model = build("vgg16", 3)
+    data = batches(3)
+    stages = [StageConfig(epochs=1, unfreeze=0), StageConfig(name="fine", epochs=0, unfreeze=1)]
+    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0)
+    assert [row["stage"] for row in history] == ["stage"]
+
+
+def test_early_stopping_restores_the_best_weights_of_a_stage():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build("vgg16", 3)
+    data = batches(3)
+
+    class SpoilLastEpoch(keras.callbacks.Callback):
+        """Scrambles the output layer before the last epoch, so that epoch cannot be the best."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 3:
+                kernel = model.get_layer("head").get_layer("output").kernel
+                noise = np.random.default_rng(0).normal(0, 20, kernel.shape).astype("float32")
+                kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
+
+    stages = [StageConfig(epochs=4, learning_rate=1e-3, unfreeze=0, patience=3)]
+    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0, callbacks=[SpoilLastEpoch()])
+    best = min(row["val_loss"] for row in history)
+    assert history[-1]["val_loss"] > best  # the last epoch was not the best one
+    evaluated = model.evaluate(data, verbose=0, return_dict=True)["loss"]
+    assert evaluated == pytest.approx(best, rel=1e-3)

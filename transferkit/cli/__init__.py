@@ -1,0 +1,111 @@
+"""The command line: each command parses, calls one library function, prints.
+
+One module per group of commands: ``train`` (finetune), ``predict``, ``data`` (doctor,
+augment-preview), ``info`` (backbones, recipes); ``common`` holds the options defined once
+and the error-to-exit-code mapping. Exit codes: 0 success, 1 the input or the run failed,
+2 a usage or recipe error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from transferkit import __version__
+from transferkit.cli import data, info, predict, train
+from transferkit.cli.common import setup_logging
+
+app = typer.Typer(
+    name="transferkit",
+    help="Transfer-learning image classification: fine-tune a pretrained backbone on a folder "
+    "of class sub-folders, then predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"transferkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Transfer-learning image classification on Keras 3."""
+    setup_logging()
+
+
+app.command()(train.finetune)
+app.command()(predict.predict)
+app.command()(data.doctor)
+app.command("augment-preview")(data.augment_preview)
+app.command("backbones")(info.backbones)
+app.command("recipes")(info.recipes)
+
+
+# The commands that load Keras / TensorFlow; the others (listings, data checks) answer
+# without paying for TensorFlow's start-up.
+TENSORFLOW_COMMANDS = frozenset({"finetune", "predict"})
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+
+    Those lines are written before TensorFlow's own log level applies, straight to file
+    descriptor 2, so only a redirect hides them. Python errors still show: an ImportError
+    is raised after the descriptor is restored.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ.get("TRANSFERKIT_DEBUG"):
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass  # re-raised below with stderr restored
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # Typer's parser errors (click's ClickException / UsageError) reached through the public
+    # typer.BadParameter, since typer ships its own copy of click.
+    click_exception, usage_error = (next(base for base in typer.BadParameter.__mro__ if base.__name__ == name)
+                                    for name in ("ClickException", "UsageError"))
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] in TENSORFLOW_COMMANDS and "--help" not in sys.argv:
+            _import_tensorflow_quietly()
+        code = app(standalone_mode=False)
+    except click_exception as error:
+        if not isinstance(error, usage_error) or type(error).__name__ == "NoArgsIsHelpError":
+            error.show()  # bare `transferkit`: the help, as typer shows it
+            sys.exit(error.exit_code)
+        # A bad flag or argument: one line, like every other user error, and where to look.
+        command = error.ctx.command_path if error.ctx is not None else "transferkit"
+        sys.stderr.write(f"error: {error.format_message()} (see {command} --help)\n")
+        sys.exit(error.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        # Ctrl-C outside training (starting up, reading images): nothing was written yet
+        # that a later run needs; training itself turns Ctrl-C into a resumable stop.
+        sys.stderr.write("\nerror: interrupted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,63 @@
+"""``transferkit predict``: classify a folder with a saved run, print a table, write a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from transferkit.cli.common import (
+    VerboseOption,
+    check_choice,
+    check_positive,
+    choices,
+    fail,
+    setup_logging,
+)
+from transferkit.errors import TransferkitError
+from transferkit.runtime import ENGINES, PRECISIONS
+
+
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")],
+    images: Annotated[Path, typer.Argument(help="Folder of images to classify (walked recursively), or one image.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the predictions to FILE.csv or FILE.json.")] = None,
+    top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    engine: Annotated[str, typer.Option(metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 or float16 (16 bits only).")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Predict a class for every image under IMAGES with a saved run."""
+    from transferkit.inference.predict import check_output, predict_folder, write_predictions
+    from transferkit.progress import progress_bar
+    from transferkit.runs import load_run
+
+    setup_logging(quiet, verbose)
+    # Bad flag values are usage errors (exit 2), told before the run is loaded.
+    check_positive("--top-k", top_k)
+    check_positive("--batch-size", batch_size)
+    check_choice("--engine", engine, ENGINES)
+    check_choice("--precision", precision, PRECISIONS)
+    try:
+        if output is not None:
+            check_output(output)
+        loaded = load_run(run)
+        bar = progress_bar("image", enabled=not quiet)
+        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
+                                engine=engine, precision=precision)
+        if output is not None:
+            write_predictions(result, output)
+    except TransferkitError as error:
+        raise fail(error)
+    if not quiet:
+        width = max((len(str(row.file)) for row in result.rows), default=4)
+        typer.echo(f"{'file':<{width}}  {'label':<16} confidence")
+        for row in result.rows:
+            line = f"{str(row.file):<{width}}  {row.label:<16} {row.confidence:.3f}"
+            if top_k > 1:
+                line += "   " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k)
+            typer.echo(line)
+    typer.echo(result.summary(output))

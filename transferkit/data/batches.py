@@ -1,0 +1,121 @@
+"""Keras PyDataset batches of decoded images, augmented with one augmenter per worker thread."""
+
+from __future__ import annotations
+
+
+
+import logging
+
+import math
+
+
+
+import threading
+
+
+
+
+
+from typing import Callable
+
+import keras
+
+import numpy as np
+
+
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
+    simplejpeg = None
+
+
+log = logging.getLogger("transferkit")
+
+
+class SeededBatches(keras.utils.PyDataset):
+    """Batches in an order drawn from (seed, epoch): the same order whatever reads them.
+
+    Subclasses say what a sample is (``_inputs``); this class owns the order, the targets
+    and sample weights, and the epoch counter.
+    """
+
+    def __init__(self, count: int, targets: np.ndarray, batch_size: int, *, shuffle: bool,
+                 sample_weights: np.ndarray | None, seed: int, workers: int = 1):
+        super().__init__(workers=workers, use_multiprocessing=False)
+        self.count = count
+        self.targets = targets
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.sample_weights = sample_weights
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Position the stream at an epoch (each epoch has its own seeded order)."""
+        self.epoch = epoch
+        self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
+                      if self.shuffle else np.arange(self.count))
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+    def __getitem__(self, index: int):
+        selected = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        x = self._inputs(selected)
+        y = self.targets[selected]
+        if self.sample_weights is None:
+            return x, y
+        return x, y, self.sample_weights[selected]
+
+    def _inputs(self, selected: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+
+class ImageBatches(SeededBatches):
+    """Training or validation batches from decoded images, augmenting on the fly.
+
+    Each image's augmentation is seeded from (seed, epoch, position), so a run is
+    reproducible whatever the worker threads do; each thread has its own augmenter, since
+    one albumentations pipeline is not safe to call from several threads at once.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        augmenter_factory: Callable[[], object] | None = None,
+        sample_weights: np.ndarray | None = None,
+        seed: int = 0,
+        workers: int = 1,
+    ):
+        self.images = images
+        self.augmenter_factory = augmenter_factory
+        self._local = threading.local()
+        super().__init__(len(images), targets, batch_size, shuffle=shuffle,
+                         sample_weights=sample_weights, seed=seed, workers=workers)
+
+    def _inputs(self, selected: np.ndarray) -> np.ndarray:
+        batch = self.images[selected]
+        if self.augmenter_factory is not None:
+            augmenter = getattr(self._local, "augmenter", None)
+            if augmenter is None:
+                augmenter = self._local.augmenter = self.augmenter_factory()
+            batch = np.stack(
+                [
+                    augment_one(augmenter, image, [self.seed, self.epoch, int(position)])
+                    for image, position in zip(batch, selected)
+                ]
+            )
+        return batch.astype("float32")
+
+
+def augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarray:
+    seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
+    augmenter.set_random_seed(seed)
+    return augmenter(image=image)["image"]

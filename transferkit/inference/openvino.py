@@ -1,0 +1,328 @@
+"""OpenVINO: conversion of a Keras model, the converted-network cache, and its clean-up."""
+
+from __future__ import annotations
+
+
+import functools
+
+import hashlib
+
+import json
+
+import logging
+
+import os
+
+import re
+
+import tempfile
+
+from pathlib import Path
+
+import numpy as np
+import shutil
+
+
+log = logging.getLogger("transferkit")
+
+
+# Keras dtype policy -> OpenVINO CPU inference precision hint.
+PRECISION_HINTS = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
+
+
+def import_openvino():
+    """Import openvino with its usage telemetry off.
+
+    On import (and on every conversion) OpenVINO sends usage events to an analytics service
+    unless the user opted out; nobody running transferkit asked for that, and it is traffic
+    an offline machine should not attempt. OpenVINO falls back to a no-op stand-in when the
+    telemetry package cannot be imported, so it is made unimportable before openvino is
+    first imported.
+
+    Returns:
+        The ``openvino`` module.
+    """
+    import sys
+
+    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # import raises ImportError -> OpenVINO's stub
+    import openvino
+
+    return openvino
+
+
+def uint8_input(network):
+    """The network taking uint8 images: the conversion to float32 becomes its first op
+    (OpenVINO's preprocessing; the cached network itself stays float32-input)."""
+    ov = import_openvino()
+
+    steps = ov.preprocess.PrePostProcessor(network)
+    steps.input(0).tensor().set_element_type(ov.Type.u8)
+    steps.input(0).preprocess().convert_element_type(ov.Type.f32)
+    return steps.build()
+
+
+def conversion_reason(error: BaseException) -> str:
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
+    # OpenVINO's conversion report starts with a source location; the op list says more.
+    telling = [line for line in lines if "No conversion rule" in line] or lines
+    return f"{type(error).__name__}: {telling[0][:200]}" if telling else type(error).__name__
+
+
+def precision_hint(precision: str) -> str:
+    from transferkit.runtime import POLICIES, resolve_precision
+
+    if precision != "auto" and precision not in POLICIES and precision not in PRECISION_HINTS:
+        raise ValueError(
+            f"precision must be auto, {', '.join(POLICIES)}, got {precision!r}"
+        )
+    policy = precision if precision in PRECISION_HINTS else resolve_precision(precision)[0]
+    return PRECISION_HINTS[policy]
+
+
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    ov = import_openvino()
+
+    return ov.Core()
+
+
+def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
+    """The OpenVINO network for a model: read from the cache when its fingerprint matches."""
+    if cache_dir is None:
+        return export_network(model, input_shape), None
+    fingerprint = model_fingerprint(model, input_shape)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(model, "name", "") or "model")
+    folder_name = f"openvino-{shape_label(input_shape)}"
+    candidates = (
+        Path(cache_dir) / folder_name,
+        Path(tempfile.gettempdir()) / "transferkit-openvino" / fingerprint[:16] / folder_name,
+    )
+    for folder in candidates:
+        xml = folder / f"{stem}.xml"
+        if _cached(xml, fingerprint):
+            log.debug("reusing the OpenVINO network %s", xml)
+            return openvino_core().read_model(xml), xml
+    network = export_network(model, input_shape)
+    for folder in candidates:
+        xml = folder / f"{stem}.xml"
+        try:
+            _write_cache(network, xml, fingerprint)
+            return network, xml
+        except OSError as error:
+            # A read-only run folder still predicts; the network goes to the temp folder.
+            log.info("cannot write the OpenVINO cache in %s (%s); trying the temp folder",
+                     folder, error.strerror or error)
+    return network, None
+
+
+def _fingerprint_file(xml: Path) -> Path:
+    return xml.with_suffix(".fingerprint")
+
+
+def _cached(xml: Path, fingerprint: str) -> bool:
+    try:
+        stored = _fingerprint_file(xml).read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    return stored == fingerprint and xml.is_file() and xml.with_suffix(".bin").is_file()
+
+
+def _write_cache(network, xml: Path, fingerprint: str) -> None:
+    ov = import_openvino()
+
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    staging = xml.with_name(f".{xml.stem}.partial-{os.getpid()}.xml")
+    try:
+        # compress_to_fp16=False: the weights stay float32; the bf16 hint decides at run time.
+        ov.save_model(network, str(staging), compress_to_fp16=False)
+        # The fingerprint goes last, so a half-written pair is never taken for a valid one.
+        _fingerprint_file(xml).unlink(missing_ok=True)
+        os.replace(staging.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(staging, xml)
+        _fingerprint_file(xml).write_text(fingerprint + "\n", encoding="utf-8")
+    finally:
+        staging.unlink(missing_ok=True)
+        staging.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
+    """A hash of a model's architecture and weights, the input shape and the OpenVINO version.
+
+    Args:
+        model: a Keras model.
+        input_shape: the shape the network is converted for: (S, S, 3), or S for images.
+
+    Returns:
+        A hex string; equal for the same model, different when any weight changed.
+    """
+    ov = import_openvino()
+
+    digest = hashlib.sha256()
+    try:
+        config = json.dumps(model.get_config(), sort_keys=True, default=repr)
+    except Exception:  # a subclassed model without get_config: its shapes stand in
+        config = repr((model.name, model.input_shape, model.output_shape))
+    shape = _as_shape(input_shape)
+    label = shape[0] if is_image_shape(shape) else shape  # images keep their earlier key
+    digest.update(f"{label}|{ov.__version__}|{config}".encode())
+    for weights in model.get_weights():
+        weights = np.ascontiguousarray(weights)
+        digest.update(f"{weights.dtype}{weights.shape}".encode())
+        digest.update(weights.tobytes())
+    return digest.hexdigest()
+
+
+def _as_shape(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (input_shape, input_shape, 3) if isinstance(input_shape, int) else tuple(input_shape)
+
+
+def export_network(model, input_shape: int | tuple[int, ...]):
+    """Convert a Keras model to an ``openvino.Model`` for float32 batches of a static shape.
+
+    Args:
+        model: a Keras model taking an image batch (or feature maps).
+        input_shape: one input's shape, (S, S, 3), or the side S for images; the batch
+            dimension stays dynamic.
+
+    Returns:
+        The converted ``openvino.Model``.
+    """
+    ov = import_openvino()
+    import tensorflow as tf
+
+    clone = float32_clone(model)
+    forward = tf.function(lambda images: clone(images, training=False), autograph=False)
+    shape = _as_shape(input_shape)
+    concrete = forward.get_concrete_function(
+        tf.TensorSpec((None, *shape), tf.float32, name="image" if is_image_shape(shape) else "features")
+    )
+    # convert_model configures the root logger (level, a handler, a filter) and a failed
+    # conversion leaves it so; put it back, or later log lines come out in its format.
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    try:
+        return ov.convert_model(concrete)
+    finally:
+        root.setLevel(state[0])
+        root.filters[:], root.handlers[:] = state[1], state[2]
+
+
+def float32_clone(model):
+    """A float32 copy of a model for conversion, with same-size resizes made the identity.
+
+    Nested models are cloned too and weights copied layer by layer. A model that cannot be
+    cloned (subclassed) is returned as it is.
+    """
+    import keras
+
+    pairs = []
+
+    def clone_layer(layer):
+        if isinstance(layer, keras.layers.Resizing):
+            return _same_size_resizing_class()(layer)
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        clone = layer.__class__.from_config(config)
+        pairs.append((layer, clone))
+        return clone
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    except Exception as error:
+        log.debug("cannot clone %s for conversion (%s); converting it as it is", model.name, error)
+        return model
+    for original, copy in pairs:
+        copy.set_weights(original.get_weights())
+    return clone
+
+
+@functools.lru_cache(maxsize=None)
+def _same_size_resizing_class():
+    import keras
+
+    class SameSizeResizing(keras.layers.Layer):
+        """A ``Resizing`` that passes through images already at its target size.
+
+        Resizing to the same size is exactly the identity, and the antialiased resize op
+        has no OpenVINO conversion; other sizes still go through the original layer.
+        """
+
+        def __init__(self, original):
+            super().__init__(name=original.name, dtype="float32")
+            self.original = original
+
+        def call(self, images):
+            if tuple(images.shape[-3:-1]) == (self.original.height, self.original.width):
+                return images
+            return self.original(images)
+
+        def compute_output_shape(self, input_shape):
+            return self.original.compute_output_shape(input_shape)
+
+    return SameSizeResizing
+
+
+def engine_cache_dir(run_path: str | os.PathLike) -> Path:
+    """Where a run's converted inference networks are cached.
+
+    ``$TRANSFERKIT_CACHE`` or ``$XDG_CACHE_HOME/transferkit`` (default ``~/.cache/transferkit``),
+    then ``engine/<run folder name>-<hash of its full path>``: outside the run folder, so
+    predicting never changes a run, and a read-only run still gets a cache.
+    """
+    import hashlib
+
+    root = os.environ.get("TRANSFERKIT_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "transferkit")
+    resolved = str(Path(run_path).resolve())
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return Path(root) / "engine" / f"{Path(resolved).name}-{digest}"
+
+
+RUN_RECORD = "run.txt"  # in each engine cache folder: the run folder it was made for
+
+
+def claim_engine_cache(run_path: str | os.PathLike) -> Path:
+    """A run's engine cache folder (``engine_cache_dir``), recorded as the run's, with the
+    folders of runs that no longer exist removed.
+
+    Each predicted run adds its converted networks (about 100 MB for VGG16 / ResNet50);
+    without this, deleting runs would leave their networks behind for ever. A folder is
+    removed only when the run it records is gone (no ``labels.json`` there); folders
+    without a record are left alone. Nothing here stops a prediction: a cache that cannot
+    be written only means converting again next time.
+
+    Returns:
+        The run's cache folder.
+    """
+    from transferkit.runs import LABELS_FILE
+
+    folder = engine_cache_dir(run_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_RECORD).write_text(str(Path(run_path).resolve()) + "\n", encoding="utf-8")
+        for other in folder.parent.iterdir():
+            record = other / RUN_RECORD
+            if other != folder and record.is_file():
+                recorded = Path(record.read_text(encoding="utf-8").strip())
+                if not (recorded / LABELS_FILE).is_file() and not (recorded.parent / LABELS_FILE).is_file():
+                    shutil.rmtree(other, ignore_errors=True)
+    except OSError as error:
+        log.debug("engine cache %s: %s", folder, error)
+    return folder
+
+
+
+
+
+
+def is_image_shape(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and shape[-1] == 3 and shape[0] == shape[1]
+
+
+def shape_label(shape: tuple[int, ...]) -> str:
+    """"224px" for (224, 224, 3) images, "14x14x512" for feature maps."""
+    return f"{shape[0]}px" if is_image_shape(shape) else "x".join(map(str, shape))

@@ -1,0 +1,345 @@
+"""Predict labels for every image in a folder with a saved run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from transferkit.errors import DataError
+
+log = logging.getLogger("transferkit")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result.
+
+    Attributes:
+        file: the image path.
+        label: the predicted class name.
+        confidence: its probability.
+        top_k: (class name, probability) pairs, most likely first.
+    """
+
+    file: Path
+    label: str
+    confidence: float
+    top_k: tuple[tuple[str, float], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """All rows, the image files that could not be read, and the other files passed over.
+
+    Attributes:
+        rows: one ``Prediction`` per readable image, in path order.
+        skipped: (path, reason) of unreadable image files and broken links; each is warned about.
+        ignored: files without an image extension (notes, CSVs), counted but not warned about.
+        engine: the engine that ran ("keras" or "openvino").
+    """
+
+    rows: list[Prediction]
+    skipped: list[tuple[Path, str]]
+    ignored: list[Path] = field(default_factory=list)
+    engine: str = "keras"
+
+    def summary(self, output: str | os.PathLike | None = None) -> str:
+        """One line: how many images were classified, skipped and ignored, and where to."""
+        line = f"{len(self.rows)} image(s) classified ({self.engine} engine)"
+        if self.skipped:
+            line += f", {len(self.skipped)} skipped (unreadable)"
+        if self.ignored:
+            line += f", {len(self.ignored)} non-image file(s) ignored"
+        if output is not None:
+            line += f"; written to {output}"
+        return line
+
+
+def predict_folder(
+    run,
+    folder: str | os.PathLike,
+    top_k: int = 1,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+    engine="auto",
+    precision: str = "auto",
+) -> PredictionResult:
+    """Classify every image under a folder (recursively), streaming it in batches.
+
+    Args:
+        run: a ``Run`` from ``load_run`` (with its model) or a run folder / .keras path.
+        folder: the images to classify; a single image file works too.
+        top_k: how many classes to list per image; default 1.
+        batch_size: images per forward pass; default 32.
+        progress: called with (images done, images total) as images get their final
+            outputs or are skipped (after each batch; a near tie after its float32 pass).
+        engine: "auto" (OpenVINO on CPU when installed), "keras" or "openvino"; the
+            converted network is cached per run and image size (see ``engine_cache_dir``).
+            A ``ForwardEngine`` built for this run's model is used as it is.
+        precision: the engine's compute precision: "auto" (bfloat16 where the CPU runs it
+            fast, near ties computed again in float32 so the top class agrees with float32),
+            "float32" (matches Keras float32 to ~1e-5), "bfloat16" or "float16" (16 bits
+            only: fastest).
+
+    Returns:
+        A ``PredictionResult``: rows in path order, skipped and ignored files.
+
+    Raises:
+        DataError: the folder does not exist, holds no image file, or none of its image
+            files could be read (nothing classified).
+        RunError: the run cannot be loaded.
+    """
+    from transferkit.data.folders import IMAGE_EXTENSIONS, iter_image_files
+    from transferkit.outputs import class_probabilities
+    from transferkit.runs import load_run
+
+    if not hasattr(run, "model") or run.model is None:
+        run = load_run(run if not hasattr(run, "path") else run.path)
+    if top_k < 1:
+        raise DataError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder} does not exist; pass a folder of images to classify")
+    if folder.is_file():
+        entries = [(folder, None)]
+    else:
+        entries = list(iter_image_files(folder))
+    files = [path for path, reason in entries if reason is None]
+    ignored = [path for path, reason in entries
+               if reason is not None and path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS]
+    skipped = [(path, reason) for path, reason in entries if reason is not None and path not in set(ignored)]
+    skipped_by_walk = len(skipped)  # decode_images warns about the files it skips itself
+    if not files:
+        raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.openvino import claim_engine_cache
+
+    top_k = min(top_k, len(run.class_names))
+    names = run.class_names
+    if isinstance(engine, str):
+        forward = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
+                                   precision=precision, input_dtype="uint8")
+    else:
+        forward = engine
+    kept: list[Path] = []
+    done = 0
+
+    def advance(count: int) -> None:
+        # Progress counts an image once its outputs are final (a near tie waiting for its
+        # float32 pass is not done yet) or once it is skipped.
+        nonlocal done
+        done += count
+        if progress is not None and count:
+            progress(done, len(files))
+
+    def batches():
+        for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
+            skipped.extend(batch_skipped)
+            advance(len(batch_skipped))
+            if len(images):
+                kept.extend(paths)
+                yield images
+
+    outputs = engine_outputs(forward, batches(), batch_size, finished=advance)
+    rows: list[Prediction] = []
+    probabilities = class_probabilities(outputs)
+    for path, row in zip(kept, probabilities):
+        order = np.argsort(-row, kind="stable")[:top_k]
+        ranked = tuple((names[i], float(row[i])) for i in order)
+        rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
+    for path, reason in skipped[:skipped_by_walk]:
+        log.warning("skipping %s: %s", path, reason)
+    if not rows:
+        # Nothing classified is a failed run, not an empty table (and no header-only file).
+        first, reason = skipped[0]
+        if folder.is_file():
+            raise DataError(f"{folder}: {reason}; pass a readable image file")
+        if len(skipped) == 1:
+            which = f"the only image file under {folder} is unreadable ({first}: {reason})"
+        else:
+            which = f"all {len(skipped)} image files under {folder} are unreadable (e.g. {first}: {reason})"
+        raise DataError(f"no image could be classified: {which}; replace them or pass another folder")
+    return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
+
+
+def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int,
+                   finished: Callable[[int], None] | None = None) -> np.ndarray:
+    """A forward engine's float32 outputs over a stream of image batches, in order.
+
+    A 16-bit engine that computes near ties again in float32 (``ChainedEngine`` with the
+    default precision) has them gathered from several batches, up to ``batch_size``, for
+    one float32 pass: per image, a pass over a few costs more than over a batch.
+
+    Args:
+        forward: a ``ForwardEngine``; one with ``first_look`` / ``second_look`` gets its
+            near ties gathered.
+        batches: image batches, as the engine takes them.
+        batch_size: how many near ties to gather before a float32 pass.
+        finished: called with a count each time that many more images have their final
+            outputs (a near tie only after its float32 pass); default None.
+
+    Returns:
+        The outputs of every image, in the order of the batches.
+    """
+    outputs: list[np.ndarray] = []
+    near_images: list[np.ndarray] = []
+    near_rows: list[tuple[int, np.ndarray]] = []  # (index in outputs, rows in it)
+
+    def report(count: int) -> None:
+        if finished is not None and count:
+            finished(count)
+
+    def second_look() -> None:
+        if near_images:
+            refined = forward.second_look(np.concatenate(near_images))
+            start = 0
+            for chunk, rows_in_chunk in near_rows:
+                outputs[chunk][rows_in_chunk] = refined[start : start + len(rows_in_chunk)]
+                start += len(rows_in_chunk)
+            near_images.clear()
+            near_rows.clear()
+            report(len(refined))
+
+    for images in batches:
+        near = ()
+        if hasattr(forward, "first_look"):
+            batch_outputs, near = forward.first_look(images)
+            if len(near):
+                near_images.append(images[near])
+                near_rows.append((len(outputs), near))
+        else:
+            batch_outputs = forward.predict(images)
+        outputs.append(np.array(batch_outputs, dtype="float32"))
+        report(len(images) - len(near))
+        if sum(map(len, near_images)) >= batch_size:
+            second_look()
+    second_look()
+    return np.concatenate(outputs) if outputs else np.zeros((0, 1), dtype="float32")
+
+
+
+
+
+
+
+
+def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
+    """Decode the next batch in a background thread while the current one is predicted.
+
+    Batches come as decoded, uint8: the engine converts them inside its network."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.data.images import decode_images
+    from transferkit.inference.engines import yield_to_engine
+
+    def decode(start: int):
+        chunk = files[start : start + batch_size]
+        # One decoding thread: it runs beside the engine, which uses every core itself.
+        images, kept, skipped = decode_images(chunk, size, workers=1)
+        return [chunk[i] for i in kept], images, skipped
+
+    starts = range(0, len(files), batch_size)
+    with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:
+        pending = pool.submit(decode, 0) if files else None
+        for next_start in list(starts[1:]) + [None]:
+            current = pending.result()
+            pending = pool.submit(decode, next_start) if next_start is not None else None
+            yield current
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """Check, before any prediction, that ``write_predictions`` can write this file.
+
+    Nothing is created: a missing parent folder only has to be creatable (``write_predictions``
+    creates it once the predictions are done). Writability is tried with an anonymous
+    temporary file, since permission bits say nothing for root or for file systems such
+    as /proc.
+
+    Args:
+        path: the .csv or .json file to write.
+
+    Returns:
+        The path, as a ``Path``.
+
+    Raises:
+        DataError: the extension is neither .csv nor .json, the path is a folder, a part
+            of it is a file, or the folder it would go in cannot be written.
+    """
+    import tempfile
+
+    from transferkit.runs import existing_ancestor
+
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise DataError(f"--output {path}: use a .csv or .json file name")
+    if path.is_dir():
+        raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
+    # The nearest part of the path that exists: the folder itself, or the one it would be
+    # created in. A file there means the folder can never be made.
+    existing = existing_ancestor(path.parent)
+    if not existing.is_dir():
+        raise DataError(f"--output {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise DataError(
+            f"--output {path}: cannot write in {existing} ({error.strerror or error}); "
+            "choose a folder you can write to"
+        ) from error
+    if path.exists() and not os.access(path, os.W_OK):
+        raise DataError(f"--output {path} exists and is read-only; choose another name or make it writable")
+    return path
+
+
+def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path:
+    """Write rows as CSV or JSON, chosen by the file's extension.
+
+    CSV columns: file, label, confidence, then top_k as "name:prob;name:prob". JSON: a list
+    of objects with file, label, confidence and top_k, plus the skipped and ignored files.
+
+    Raises:
+        DataError: the extension is neither .csv nor .json, or the file cannot be written.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise DataError(f"--output {path}: use a .csv or .json file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".csv":
+            with open(path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["file", "label", "confidence", "top_k"])
+                for row in result.rows:
+                    writer.writerow([
+                        str(row.file), row.label, f"{row.confidence:.6f}",
+                        ";".join(f"{name}:{p:.6f}" for name, p in row.top_k),
+                    ])
+        else:
+            payload = {
+                "predictions": [
+                    {
+                        "file": str(row.file),
+                        "label": row.label,
+                        "confidence": row.confidence,
+                        "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
+                    }
+                    for row in result.rows
+                ],
+                "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
+                "ignored": [str(p) for p in result.ignored],
+            }
+            path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise DataError(f"cannot write {path}: {error.strerror or error}") from error
+    return path

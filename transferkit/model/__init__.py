@@ -1,0 +1,1 @@
+"""The classifier: building it, choosing what trains, and the frozen-BatchNorm fold."""

@@ -1,0 +1,144 @@
+"""What is trainable in a classifier, where its frozen part ends, and models cut at that boundary."""
+
+from __future__ import annotations
+
+
+
+
+
+
+
+from dataclasses import dataclass
+
+
+from typing import Sequence
+
+import keras
+
+
+from transferkit.backbones import BackboneSpec
+
+
+
+@dataclass
+class SplitModel:
+    """A classifier cut at the boundary of its frozen part.
+
+    Attributes:
+        extractor: images -> boundary features (preprocessing + frozen backbone layers).
+        trainable: boundary features -> class outputs (unfrozen blocks + head), sharing its
+            layers (and so its weights) with the classifier.
+        boundary: name of the backbone layer whose output is the boundary, or "" for the
+            backbone's output.
+    """
+
+    extractor: object
+    trainable: object
+    boundary: str
+
+
+def split_at_frozen_part(model, spec: BackboneSpec, unfreeze: int | str) -> SplitModel | None:
+    """Cut a classifier where its frozen part ends; None when nothing in it is frozen.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        unfreeze: the stage's depth: 0, N or "all".
+
+    Returns:
+        A ``SplitModel``, or None for ``unfreeze="all"`` (or N = every block).
+    """
+    first_open = spec.first_unfrozen(unfreeze)
+    if first_open <= 0:
+        return None
+    trainable, boundary = trainable_at(model, spec, first_open)
+    return SplitModel(extractor_at(model, spec, [first_open]), trainable, boundary)
+
+
+def trainable_at(model, spec: BackboneSpec, first_open: int) -> tuple[object, str]:
+    """The part of a classifier above a block boundary, as a model from the boundary's
+    features to the class outputs, sharing the classifier's layers and weights.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        first_open: the first block that trains, 1..``len(spec.blocks)``
+            (``len(spec.blocks)``: the head alone).
+
+    Returns:
+        (the model, the name of the backbone layer whose output it takes, or "" for the
+        backbone's output).
+    """
+    backbone = model.get_layer("backbone")
+    head = model.get_layer("head")
+    # A model around the head even when it is the whole part: compiling it gives the wrapper
+    # the optimizer, so the classifier's own saves carry no nested optimizer state.
+    if first_open == len(spec.blocks):
+        features = keras.Input(shape=tuple(backbone.output.shape[1:]), name="features")
+        return keras.Model(features, head(features), name="trainable_part"), ""
+    boundary = _boundary_layer(backbone, spec, first_open)
+    top = keras.Model(boundary.output, backbone.output, name="open_part")
+    features = keras.Input(shape=tuple(boundary.output.shape[1:]), name="features")
+    return keras.Model(features, head(top(features)), name="trainable_part"), boundary.name
+
+
+def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):
+    """One model computing the frozen-part features at several block boundaries at once.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        first_open: first-open block indices, each in 1..``len(spec.blocks)``
+            (``len(spec.blocks)``: the backbone's output).
+
+    Returns:
+        A ``keras.Model`` from images to a list of feature maps, one per index, in order
+        (a single output for one index), sharing the classifier's layers and weights.
+    """
+    backbone = model.get_layer("backbone")
+    image_size = int(backbone.input_shape[1])
+    ends = [
+        backbone.output if index == len(spec.blocks) else _boundary_layer(backbone, spec, index).output
+        for index in first_open
+    ]
+    images = keras.Input(shape=(image_size, image_size, 3), name="image")
+    frozen = keras.Model(backbone.input, ends if len(ends) > 1 else ends[0], name="frozen_part")
+    return keras.Model(images, frozen(model.get_layer("preprocessing")(images)), name="extractor")
+
+
+def _boundary_layer(backbone, spec: BackboneSpec, first_open: int):
+    """The last backbone layer before block ``first_open``."""
+    layers = backbone.layers
+    start = next(i for i, layer in enumerate(layers) if spec.block_of(layer.name) == first_open)
+    return layers[start - 1]
+
+
+def unfrozen_blocks(spec: BackboneSpec, unfreeze: int | str) -> set[int]:
+    """Indices of the blocks that train for an unfreeze depth (0, N or "all")."""
+    return set(range(spec.first_unfrozen(unfreeze), len(spec.blocks)))
+
+
+def set_trainable(model, spec: BackboneSpec, unfreeze: int | str) -> None:
+    """Make the top ``unfreeze`` blocks of the backbone trainable, all else in it frozen.
+
+    BatchNormalization layers stay frozen whatever the depth; the preprocessing layers never
+    train; the head always trains.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        unfreeze: 0 (backbone frozen), N (top N blocks), or "all".
+    """
+    backbone = model.get_layer("backbone")
+    model.trainable = True
+    model.get_layer("preprocessing").trainable = False
+    blocks = unfrozen_blocks(spec, unfreeze)
+    # Setting a container's flag sets every layer inside it; per-layer flags come after.
+    backbone.trainable = bool(blocks)
+    if not blocks:
+        return
+    for layer in backbone.layers:
+        block = spec.block_of(layer.name)
+        layer.trainable = (
+            block in blocks and not isinstance(layer, keras.layers.BatchNormalization)
+        )

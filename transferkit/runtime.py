@@ -1,0 +1,94 @@
+"""Numeric precision: which Keras dtype policy a run trains and predicts in.
+
+``auto`` picks mixed bfloat16 where the hardware runs it fast (CPUs with AMX or AVX512-BF16,
+GPUs of compute capability 8.0 or newer) and float32 elsewhere. Mixed policies keep weights
+in float32 and compute in 16 bits; the preprocessing and output layers stay float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+# The choice tables: recipes, the CLI's --help and the engines all read these.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("auto", "keras", "openvino")
+
+# Recipe precision -> Keras dtype policy.
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is missing)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(choice: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
+    """Turn a recipe's precision into a Keras dtype policy name and the reason for it.
+
+    Args:
+        choice: "auto", "float32", "bfloat16" or "float16".
+        cpuinfo: where to read CPU flags; default /proc/cpuinfo.
+
+    Returns:
+        (policy, reason), e.g. ("mixed_bfloat16", "auto: CPU has AMX-BF16").
+    """
+    if choice != "auto":
+        return POLICIES[choice], "set in the recipe"
+    import tensorflow as tf
+
+    for device in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(device).get("compute_capability")
+        if capability and tuple(capability) >= (8, 0):
+            return "mixed_bfloat16", f"auto: GPU compute capability {capability[0]}.{capability[1]}"
+        return "float32", "auto: GPU without fast bfloat16"
+    flags = cpu_flags(cpuinfo)
+    if "amx_bf16" in flags:
+        return "mixed_bfloat16", "auto: CPU has AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "mixed_bfloat16", "auto: CPU has AVX512-BF16"
+    return "float32", "auto: no fast bfloat16 on this CPU"
+
+
+@contextlib.contextmanager
+def dtype_policy(policy: str):
+    """Build layers under a Keras dtype policy, restoring the previous one afterwards.
+
+    Layers keep the policy they were built with, so it need not stay global.
+    """
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def compute_dtype(model) -> str:
+    """A model's 16-bit compute dtype ("bfloat16", "float16") if it has one, else "float32".
+
+    Mixed-precision models keep their input and output layers in float32, so it is the
+    layers with weights in between that tell.
+    """
+    pending = list(getattr(model, "layers", []))
+    while pending:
+        layer = pending.pop()
+        pending.extend(getattr(layer, "layers", []))
+        dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
+        if layer.weights and dtype in ("bfloat16", "float16"):
+            return dtype
+    return "float32"
+
+
+def gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))

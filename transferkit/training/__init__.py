@@ -1,0 +1,1 @@
+"""Staged fine-tuning: the stages, the frozen-part feature cache, callbacks, and checkpoints."""

@@ -1,0 +1,141 @@
+"""Per-stage callbacks: resumable early stopping, eager validation on cached features, and the
+per-epoch step that seeds the data and dropout, records history and saves the checkpoint."""
+
+from __future__ import annotations
+
+
+import math
+
+
+
+import keras
+
+import numpy as np
+
+
+from transferkit.outputs import is_binary, loss_for
+from transferkit.runs import HISTORY_COLUMNS
+
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose counters and best weights can be carried over a restart."""
+
+    def __init__(self, resume_from: tuple | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.resume_from = resume_from
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.resume_from is not None:
+            self.best, self.wait, self.best_epoch, self.best_weights = self.resume_from
+
+
+class EagerValidation(keras.callbacks.Callback):
+    """Validation of a stage trained on cached features, computed eagerly at each epoch's end.
+
+    The part that trains on features is small, so calling it directly costs a few
+    milliseconds per epoch, while ``fit`` would first trace a test function (a few tenths of
+    a second per stage). The figures are Keras's own: the compiled loss (the mean over the
+    validation images) and accuracy (top class, or the 0.5 threshold for one sigmoid unit),
+    written into the epoch's logs as ``val_loss`` / ``val_accuracy`` before early stopping
+    and the progress bar read them.
+    """
+
+    def __init__(self, batches, n_classes: int):
+        super().__init__()
+        self.batches = batches
+        self.loss = keras.losses.get(loss_for(n_classes))
+        self.binary = is_binary(n_classes)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        outputs = predict_eagerly(self.model, self.batches)
+        targets = self.batches.targets
+        loss = keras.ops.convert_to_numpy(self.loss(targets, outputs))
+        if self.binary:  # Keras's binary accuracy: p > 0.5 (strictly) is the second class
+            correct = (outputs[:, 0] > 0.5) == (targets[:, 0] > 0.5)
+        else:
+            correct = np.argmax(outputs, axis=1) == np.argmax(targets, axis=1)
+        logs["val_loss"] = float(np.mean(loss))
+        logs["val_accuracy"] = float(np.mean(correct))
+
+
+class EpochCallback(keras.callbacks.Callback):
+    """Per epoch: seed the data stream and dropout from (seed, epoch); after it, record the
+    history row and save the checkpoint. An epoch cut short by a stop request is dropped."""
+
+    def __init__(self, *, classifier, rows, stage_index, stage_name, epoch_offset, train_data, seed,
+                 stopper, stop, work):
+        super().__init__()
+        self.classifier = classifier
+        self.rows, self.stage_index, self.stage_name = rows, stage_index, stage_name
+        self.epoch_offset, self.train_data, self.seed = epoch_offset, train_data, seed
+        self.stopper, self.stop, self.work = stopper, stop, work
+
+    def on_epoch_begin(self, epoch, logs=None):
+        global_epoch = self.epoch_offset + epoch
+        if hasattr(self.train_data, "set_epoch"):
+            self.train_data.set_epoch(global_epoch)
+        reseed_dropout(self.classifier, self.seed, global_epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.stop is not None and self.stop.requested:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop is not None and self.stop.requested:
+            return  # the epoch was cut short: it is neither recorded nor checkpointed
+        logs = logs or {}
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        row = {"epoch": self.epoch_offset + epoch + 1, "stage": self.stage_name}
+        for key in HISTORY_COLUMNS[2:-1]:
+            value = logs.get(key)
+            row[key] = float(value) if value is not None else math.nan
+        row["learning_rate"] = learning_rate
+        self.rows.append(row)
+        if self.work is not None:
+            from transferkit.training.checkpoint import TrainingState
+
+            part = self.model.get_weights() if self.model is not self.classifier else None
+            state = TrainingState(
+                stage_index=self.stage_index, epochs_done=epoch + 1,
+                global_epoch=self.epoch_offset + epoch + 1, calibrated=True,
+                best=None if self.stopper.best is None else float(self.stopper.best),
+                wait=int(self.stopper.wait), best_epoch=int(self.stopper.best_epoch),
+                history=self.rows,
+            )
+            self.work.save(self.classifier, state, self.stopper.best_weights, self.model.optimizer, part)
+
+
+def reseed_dropout(model, seed: int, epoch: int) -> None:
+    """Seed every dropout layer from (seed, epoch, layer name).
+
+    Masks then depend only on these, so a resumed run repeats them exactly, and training
+    the head alone (on cached features) draws the same masks as training the whole model.
+    """
+    import zlib
+
+    for layer in walk_layers(model):
+        generator = getattr(layer, "seed_generator", None)
+        if generator is not None:
+            name_hash = zlib.crc32(layer.name.encode())
+            state = np.random.SeedSequence([seed, epoch, name_hash]).generate_state(1)[0]
+            generator.state.assign(np.asarray([int(state) % (2**31), 0], dtype=generator.state.dtype))
+
+
+def walk_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from walk_layers(layer)
+
+
+def predict_eagerly(model, batches) -> np.ndarray:
+    """The model's inference outputs over unshuffled batches, run eagerly: for a small model
+    this is faster than ``predict``, which first traces a function. Cached features are
+    read in large chunks (fewer calls) instead of batch by batch."""
+    chunks = batches.in_order() if hasattr(batches, "in_order") else (batches[i][0] for i in range(len(batches)))
+    outputs = [keras.ops.convert_to_numpy(model(chunk, training=False)) for chunk in chunks]
+    return np.concatenate(outputs).astype("float32")

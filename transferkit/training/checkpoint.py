@@ -1,0 +1,336 @@
+"""Interruption and resume: an in-progress folder beside the run, saved after every epoch.
+
+While ``finetune`` trains into RUN, it keeps ``RUN.partial/`` (never mistaken for a finished
+run: it has no model.keras or labels.json) holding:
+
+    job.json            what was asked: data folder, validation folder, output, options
+    recipe.toml         the resolved recipe
+    checkpoint.keras    the model after the last completed epoch, optimizer state included
+    arrays-N.npz        the best weights of the current stage so far (early stopping), the
+                        optimizer's variables, and, in a stage trained on cached features,
+                        the weights of the part that trains (saved per epoch instead of the
+                        whole model; checkpoint.keras then holds the model as the stage began)
+    state.json          stage index, epochs done in it, early-stopping counters, history
+
+Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the epoch that
+was cut short is dropped, so the checkpoint is always the last completed epoch, and
+``transferkit finetune --resume RUN`` continues from there. When the run completes, the
+finished folder is written atomically and RUN.partial is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import RunError, TransferkitError, first_line
+
+log = logging.getLogger("transferkit")
+
+JOB_FILE = "job.json"
+STATE_FILE = "state.json"
+CHECKPOINT_FILE = "checkpoint.keras"
+
+
+class TrainingInterrupted(TransferkitError):
+    """Raised when SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: stage ``stage_index`` has ``epochs_done`` completed epochs."""
+
+    stage_index: int = 0
+    epochs_done: int = 0
+    global_epoch: int = 0
+    calibrated: bool = False
+    part_only: bool = False
+    arrays_file: str | None = None
+    best: float | None = None
+    wait: int = 0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def work_dir_for(output: Path) -> Path:
+    """The in-progress folder of a run: ``RUN.partial`` beside it."""
+    return output.parent / f"{output.name}.partial"
+
+
+def output_for(path: Path) -> Path:
+    """The run a path names: RUN for either RUN or RUN.partial."""
+    return path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
+
+
+class StopFlag:
+    """Set by a signal handler; training checks it after every batch."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag):
+    """Turn the first SIGINT/SIGTERM into a polite stop request; a second one is immediate.
+
+    Only installs handlers from the main thread (signals cannot be caught elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {}
+
+    def handle(signum, frame):
+        if flag.requested is not None:
+            raise KeyboardInterrupt
+        flag.requested = signal.Signals(signum).name
+        log.warning("%s received: stopping after this batch and keeping the last completed epoch "
+                    "(press Ctrl-C again to stop at once)", flag.requested)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handle)
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class WorkFolder:
+    """The in-progress folder: job description, recipe, checkpoints and state."""
+
+    def __init__(self, path: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.path = path
+        self.created_parents: list[Path] = []  # by ``create``, deepest first
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-checkpoint")
+        self._pending = None
+        existing = [int(p.stem.split("-")[1]) for p in path.glob("arrays-*.npz") if p.stem.split("-")[1].isdigit()]
+        self._generation = max(existing, default=0)
+
+    @classmethod
+    def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> "WorkFolder":
+        """Start a new in-progress folder; an old one is replaced only with ``force``.
+
+        Raises:
+            RunError: an interrupted run is there already and ``force`` is not set.
+        """
+        path = work_dir_for(output)
+        if path.exists():
+            if not force:
+                raise RunError(
+                    f"an interrupted run of {output} is in {path}; continue it with "
+                    f"--resume {output}, or pass --force to start over"
+                )
+            shutil.rmtree(path)
+        # Folders made for it go again with it when the run leaves nothing (see ``remove``).
+        created = [parent for parent in path.absolute().parents if not parent.exists()]
+        try:
+            path.mkdir(parents=True)
+            (path / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+            (path / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
+        except OSError as error:
+            shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"cannot write {path}: {error.strerror or error}; choose another -o") from error
+        work = cls(path)
+        work.created_parents = created
+        return work
+
+    @classmethod
+    def open(cls, run: str | os.PathLike) -> "WorkFolder":
+        """Find the in-progress folder of RUN (or RUN.partial itself).
+
+        Raises:
+            RunError: there is nothing to resume.
+        """
+        run = Path(run)
+        path = run if run.name.endswith(".partial") else work_dir_for(run)
+        if not (path / JOB_FILE).is_file():
+            finished = output_for(path)
+            hint = (f"{finished} is a finished run" if (finished / "model.keras").is_file()
+                    else f"no interrupted run at {path}")
+            raise RunError(f"nothing to resume: {hint}; start a new run without --resume")
+        return cls(path)
+
+    def job(self) -> dict:
+        """What the run was started with (data folders, output, options).
+
+        Raises:
+            RunError: the file is damaged.
+        """
+        job = self._read_json(JOB_FILE)
+        if not isinstance(job, dict) or "data_dir" not in job:
+            raise self._damaged(JOB_FILE, "no data folder recorded")
+        return job
+
+    def state(self) -> TrainingState:
+        """Where training stands (the start, before the first checkpoint).
+
+        Raises:
+            RunError: the file is damaged.
+        """
+        if not (self.path / STATE_FILE).is_file():
+            return TrainingState()
+        values = self._read_json(STATE_FILE)
+        try:
+            return TrainingState(**values)
+        except TypeError as error:
+            raise self._damaged(STATE_FILE, str(error)) from error
+
+    def _read_json(self, name: str):
+        try:
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise self._damaged(name, getattr(error, "strerror", None) or str(error)) from error
+
+    def _damaged(self, name: str, reason: str) -> RunError:
+        return RunError(f"the interrupted run in {self.path} is damaged ({name}: {reason}); "
+                        "start over with --force")
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT_FILE).is_file() and (self.path / STATE_FILE).is_file()
+
+    def save(self, model, state: TrainingState, best_weights=None, optimizer=None, part_weights=None,
+             whole_in_background: bool = False) -> None:
+        """Checkpoint the run; the arrays and state are written in the background.
+
+        The whole model (checkpoint.keras) is written here when ``part_weights`` is None.
+        Best weights, optimizer variables and trained-part weights go into one new
+        ``arrays-N.npz``, then state.json is replaced to point at it, so a crash at any
+        moment leaves the previous consistent checkpoint. At most one write is in flight;
+        ``flush`` waits for it.
+
+        Args:
+            model: the whole classifier.
+            state: where training stands.
+            best_weights: early stopping's best weights of the model being fitted, or None.
+            optimizer: the optimizer of the model being fitted, or None between stages.
+            part_weights: the weights of the part being fitted on cached features; then
+                only these are written, and checkpoint.keras stays as the stage began.
+            whole_in_background: with ``part_weights``, also write checkpoint.keras, in the
+                background: the model outside the part must not change meanwhile (it is
+                frozen), and the part's weights in it are superseded by ``part_weights``.
+        """
+        self.flush()
+        if part_weights is None:
+            self._save_whole(model)
+        state.part_only = part_weights is not None
+        arrays: dict[str, np.ndarray] = {}
+        groups = {"best": best_weights, "part": part_weights,
+                  "optimizer": _variable_values(optimizer) if optimizer is not None else None}
+        for group, values in groups.items():
+            for index, value in enumerate(values or []):
+                arrays[f"{group}/{index:05d}"] = np.asarray(value)
+        self._generation += 1
+        state.arrays_file = f"arrays-{self._generation}.npz" if arrays else None
+        whole = model if whole_in_background and part_weights is not None else None
+        self._pending = self._writer.submit(self._write, dict(arrays), asdict(state), whole)
+
+    def _save_whole(self, model) -> None:
+        temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
+        model.save(temporary)
+        os.replace(temporary, self.path / CHECKPOINT_FILE)
+
+    def _write(self, arrays: dict, state: dict, whole=None) -> None:
+        if whole is not None:
+            self._save_whole(whole)
+        if state["arrays_file"]:
+            temporary = self.path / f"tmp-{state['arrays_file']}"
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(temporary, self.path / state["arrays_file"])
+        (self.path / f"tmp-{STATE_FILE}").write_text(json.dumps(state), encoding="utf-8")
+        os.replace(self.path / f"tmp-{STATE_FILE}", self.path / STATE_FILE)
+        for old in self.path.glob("arrays-*.npz"):
+            if old.name != state["arrays_file"]:
+                old.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait for the background write; re-raise its error (a full disk, say)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            except OSError as error:
+                raise RunError(f"cannot write the checkpoint in {self.path}: {error.strerror or error}") from error
+
+    def load_model(self):
+        import keras
+
+        try:
+            return keras.models.load_model(self.path / CHECKPOINT_FILE, compile=False)
+        except Exception as error:
+            raise RunError(
+                f"the checkpoint in {self.path} cannot be loaded ({first_line(error)}); "
+                "start over with --force"
+            ) from error
+
+    def best_weights(self):
+        """Early stopping's best weights saved with the checkpoint, or None."""
+        return self._arrays("best")
+
+    def part_weights(self):
+        """Weights of the part trained on cached features, or None."""
+        return self._arrays("part")
+
+    def restore_optimizer(self, model) -> None:
+        """Give a freshly compiled model the optimizer state saved with the checkpoint.
+
+        Raises:
+            RunError: the saved state does not fit the model's optimizer.
+        """
+        saved = self._arrays("optimizer")
+        if saved is None:
+            return
+        optimizer = model.optimizer
+        optimizer.build(model.trainable_variables)
+        if len(saved) != len(optimizer.variables) or any(
+            tuple(value.shape) != tuple(variable.shape) for value, variable in zip(saved, optimizer.variables)
+        ):
+            raise RunError(f"the optimizer state in {self.path} does not fit the model; start over with --force")
+        for value, variable in zip(saved, optimizer.variables):
+            variable.assign(value)
+
+    def _arrays(self, group: str):
+        name = self.state().arrays_file
+        if not name:
+            return None
+        # state.json is replaced only after the arrays it names are written: a missing or
+        # unreadable file is damage, not an older layout.
+        try:
+            with np.load(self.path / name) as archive:
+                keys = sorted(key for key in archive.files if key.startswith(group + "/"))
+                return [archive[key] for key in keys] or None
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise self._damaged(name, getattr(error, "strerror", None) or str(error)) from error
+
+    def remove(self) -> None:
+        """Delete the in-progress folder, and the folders ``create`` made for it if they are
+        empty now (a run that failed or stopped early leaves no empty ``runs/`` behind)."""
+        self.flush()
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.created_parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty: the finished run is in it, or something else is
+
+
+def _variable_values(optimizer) -> list[np.ndarray]:
+    import keras
+
+    return [np.array(keras.ops.convert_to_numpy(variable)) for variable in optimizer.variables]

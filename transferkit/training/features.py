@@ -1,0 +1,492 @@
+"""Frozen-part feature cache: compute the frozen layers' output once, train the rest on it.
+
+While a stage keeps the bottom of the network frozen, the frozen part's output does not
+depend on what is being trained, so it is computed once per image (and per augmented view)
+and the trainable top (unfrozen blocks + head) trains on the stored features. With
+augmentation on, ``views`` augmented versions of each image are stored and epoch ``e``
+uses view ``e mod views``; every epoch after the views are computed costs only the top.
+A stage starts training as soon as the first view is stored: the later views are
+computed in the background while the first epochs train (epoch ``e`` waits for its view).
+
+Features live in memory up to a budget and in a memory-mapped file beyond it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import contextlib
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from transferkit.backbones import BackboneSpec
+from transferkit.data.batches import SeededBatches
+from transferkit.progress import progress_bar
+from transferkit.model.surgery import extractor_at, trainable_at
+
+
+
+
+
+
+
+
+
+
+
+log = logging.getLogger("transferkit")
+
+
+class FeatureStore:
+    """(views, n, *shape) features in memory up to a budget, else in a memory-mapped file."""
+
+    def __init__(self, views: int, count: int, shape: tuple[int, ...], dtype: str, memory_budget_mb: float,
+                 spill_dir: str | os.PathLike | None = None):
+        self.shape = (views, count, *shape)
+        nbytes = math.prod(self.shape) * np.dtype(dtype).itemsize
+        self.on_disk = nbytes > 0 and nbytes > memory_budget_mb * 2**20
+        self._file = None
+        if self.on_disk:
+            self._file = tempfile.NamedTemporaryFile(prefix="transferkit-features-", suffix=".npy",
+                                                     dir=spill_dir, delete=False)
+            self._file.close()
+            self.array = np.lib.format.open_memmap(self._file.name, mode="w+", dtype=dtype, shape=self.shape)
+        else:
+            self.array = np.empty(self.shape, dtype=dtype)
+        self.nbytes = nbytes
+        self.filler: _ViewFiller | None = None
+
+    def wait_for(self, view: int | None = None) -> None:
+        """Block until ``view`` (default: every view) is stored; re-raise a failure of the
+        background computation."""
+        if self.filler is not None:
+            self.filler.wait(self.shape[0] - 1 if view is None else view)
+
+    def close(self) -> None:
+        """Release the memory map and delete its file (after the background computation
+        of later views, if any, has finished)."""
+        if self.filler is not None:
+            self.filler.join()
+            self.filler = None
+        if self._file is not None:
+            del self.array
+            Path(self._file.name).unlink(missing_ok=True)
+            self._file = None
+
+    def __del__(self):  # pragma: no cover - best effort clean-up
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _ViewFiller:
+    """Computes the views after the first in a background thread.
+
+    ``wait(view)`` blocks until every batch of that view is stored (or re-raises what went
+    wrong); ``cancel()`` stops after the current batch; ``join()`` waits for the end.
+    """
+
+    def __init__(self, run: Callable, jobs: list):
+        self._run, self._jobs = run, jobs
+        self._complete = 0  # views 0 .. _complete - 1 are stored
+        self._error: BaseException | None = None
+        self._finished = False
+        self._changed = threading.Condition()
+        self.cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="transferkit-features", daemon=True)
+
+    def start(self, first_pending_view: int) -> None:
+        self._complete = first_pending_view
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._run(self._jobs, self._view_done, self.cancelled)
+        except BaseException as error:  # handed to whoever waits for a view
+            with self._changed:
+                self._error = error
+        finally:
+            with self._changed:
+                self._finished = True
+                self._changed.notify_all()
+
+    def _view_done(self, view: int) -> None:
+        with self._changed:
+            self._complete = view + 1
+            self._changed.notify_all()
+
+    def wait(self, view: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._complete > view or self._finished)
+            if self._complete > view:
+                return
+            if self._error is not None:
+                raise self._error
+        raise RuntimeError(f"view {view} of the cached features was not computed (cancelled)")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.join()
+
+    def join(self) -> None:
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def compute_feature_stores(
+    forward: Callable[[np.ndarray], Sequence[np.ndarray]],
+    images: np.ndarray,
+    feature_shapes: Sequence[tuple[int, ...]],
+    *,
+    views: Sequence[int],
+    augmenter_factory: Callable[[], object] | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    memory_budget_mb: float = 2048,
+    spill_dir: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
+    later_views_in_background: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
+) -> list[FeatureStore]:
+    """Run the frozen part once per image and view, keeping each of its outputs.
+
+    View ``v`` of an image is the same augmented image for every output, so the stores
+    agree with what one-output passes would compute. Output ``i`` keeps ``views[i]`` views;
+    the pass runs max(views) times over the images. Stores are kept in memory while their
+    sum fits ``memory_budget_mb``; the rest spill to disk.
+
+    With ``later_views_in_background``, only view 0 is computed before this returns; the
+    others are computed in a thread (``forward`` must not be used by anything else
+    meanwhile), and ``FeatureStore.wait_for(view)`` waits for one. The values are the same
+    either way.
+
+    Args:
+        forward: batch of images, as ``images`` holds them -> a list of feature maps, one
+            per output (a Keras model call or an engine).
+        images: uint8 (n, S, S, 3).
+        feature_shapes: shape of one image's features, per output.
+        views: stored versions per image, per output; with an augmenter each is augmented
+            (seeded by seed, view and image), without one a single unaugmented view is
+            stored.
+        augmenter_factory: builds the albumentations pipeline; None for no augmentation.
+        seed: augmentation seed; default 0.
+        batch_size: images per forward pass; default 32.
+        dtype: storage dtype; default float32.
+        memory_budget_mb: above this the stores spill to disk; default 2048.
+        spill_dir: where a spilled store's file goes; default the system temp folder.
+        progress: called with the number of forward batches done (of view 0 when the
+            later views go to the background).
+        later_views_in_background: see above; default False.
+        stop_requested: checked before each batch; once it returns True the pass stops
+            and the stores are left incomplete (for a caller that is about to stop
+            training: Ctrl-C during a long pass). Default None.
+
+    Returns:
+        A list of ``FeatureStore`` of shape (views[i], n, *feature_shapes[i]), in the
+        order of the outputs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.data.batches import augment_one
+
+    views = [min(view_count, 1) if augmenter_factory is None else view_count for view_count in views]
+    stores = []
+    budget = memory_budget_mb
+    for shape, view_count in zip(feature_shapes, views):
+        store = FeatureStore(view_count, len(images), shape, dtype, budget, spill_dir)
+        budget -= 0 if store.on_disk else store.nbytes / 2**20
+        stores.append(store)
+    augmenter = augmenter_factory() if augmenter_factory is not None else None
+
+    def prepare(view: int, start: int) -> np.ndarray:
+        batch = images[start : start + batch_size]
+        if augmenter is not None:
+            batch = np.stack([
+                augment_one(augmenter, image, [seed, 1_000_003, view, start + offset])
+                for offset, image in enumerate(batch)
+            ])
+        # As stored (uint8): an image engine converts inside its network.
+        return np.ascontiguousarray(batch)
+
+    def run(jobs: list, view_done: Callable[[int], None] | None = None, cancelled=None) -> None:
+        # Augment the next batch in a thread while the engine runs the current one. OpenCV's
+        # own threads would only compete with the engine's for the same cores.
+        with _opencv_threads(1), ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, *jobs[0]) if jobs else None
+            for done, (view, start) in enumerate(jobs, start=1):
+                if cancelled is not None and cancelled.is_set():
+                    return
+                batch = pending.result()
+                if done < len(jobs):
+                    pending = pool.submit(prepare, *jobs[done])
+                for store, outputs in zip(stores, forward(batch)):
+                    if view < store.shape[0]:
+                        store.array[view, start : start + len(batch)] = np.asarray(outputs, dtype=dtype)
+                if progress is not None and view_done is None:
+                    progress(done)
+                if view_done is not None and (done == len(jobs) or jobs[done][0] != view):
+                    view_done(view)
+
+    jobs = [(view, start) for view in range(max(views, default=0)) for start in range(0, len(images), batch_size)]
+    now = [job for job in jobs if job[0] == 0] if later_views_in_background else jobs
+    run(now, cancelled=_Asked(stop_requested) if stop_requested is not None else None)
+    if len(now) < len(jobs) and not (stop_requested is not None and stop_requested()):
+        filler = _ViewFiller(run, jobs[len(now):])
+        for store in stores:
+            store.filler = filler
+        filler.start(first_pending_view=1)
+    return stores
+
+
+class _Asked:
+    """A stop request read like a ``threading.Event``."""
+
+    def __init__(self, requested: Callable[[], bool]):
+        self.is_set = requested
+
+
+@contextlib.contextmanager
+def _opencv_threads(count: int):
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - albumentations brings OpenCV
+        yield
+        return
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+class FeatureBatches(SeededBatches):
+    """Training batches over stored features: the same per-epoch order as ``ImageBatches``,
+    view ``epoch mod views`` of each image (``views``: the first so many of the store's;
+    default all)."""
+
+    def __init__(self, store: FeatureStore, targets: np.ndarray, batch_size: int, *, shuffle: bool = True,
+                 sample_weights: np.ndarray | None = None, seed: int = 0, views: int | None = None):
+        self.store = store
+        self.views = min(views or store.shape[0], store.shape[0])
+        super().__init__(store.shape[1], targets, batch_size, shuffle=shuffle,
+                         sample_weights=sample_weights, seed=seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch's order (as ``ImageBatches`` does) and its view."""
+        super().set_epoch(epoch)
+        self.view = epoch % self.views
+
+    def in_order(self, max_mb: float = 64):
+        """The current view's features of every image in store order, as float32 chunks
+        of at most ``max_mb`` (for inference over the whole set in few calls)."""
+        self.store.wait_for(self.view)
+        row_bytes = 4 * int(np.prod(self.store.shape[2:]))
+        rows = max(1, int(max_mb * 2**20) // row_bytes)
+        for start in range(0, self.store.shape[1], rows):
+            yield np.asarray(self.store.array[self.view, start : start + rows], dtype="float32")
+
+    def _inputs(self, selected: np.ndarray) -> np.ndarray:
+        self.store.wait_for(self.view)
+        # Sorted reads are much faster from a memory map; the batch order is restored after.
+        ordering = np.argsort(selected, kind="stable")
+        features = np.empty((len(selected), *self.store.shape[2:]), dtype="float32")
+        features[ordering] = self.store.array[self.view, selected[ordering]]
+        return features
+
+
+@dataclass
+class CachedStage:
+    """What a stage trains on the cache: its top part and batches of stored features.
+
+    Attributes:
+        trainable: the model to fit (boundary features -> class outputs).
+        train, val: ``FeatureBatches`` of the training and validation images.
+        calibration: backbone outputs of the first training images (their first view), when
+            the stage's features are the backbone's output (for ``calibrate_head_batchnorm``);
+            else None.
+        computed: True when this stage ran the frozen part (False: it reused features a
+            previous stage computed).
+    """
+
+    trainable: object
+    train: FeatureBatches
+    val: FeatureBatches
+    calibration: np.ndarray | None
+    computed: bool
+
+
+class FeaturePlan:
+    """The frozen-part features of a run's stages, computed once for all stages that can share them.
+
+    Stage ``i`` trains on features at its boundary ``b_i`` (the first block it trains; the
+    backbone's output when it trains the head only). The frozen part up to the shallowest
+    boundary of the stages from ``i`` on that lie at or below ``b_i`` is frozen in all of
+    them, so one pass over the images computes the features at every one of those
+    boundaries (a multi-output network), each with the views its stages use. The default
+    recipe's head stage (backbone output) and fine stage (below the top block) so run the
+    expensive frozen blocks once, not twice.
+
+    The choice for stage ``i`` depends only on stages ``i`` and later, so a run resumed at
+    any stage computes the same features as the uninterrupted run.
+
+    Args:
+        model: the classifier.
+        spec: the backbone's registry entry.
+        stages: the recipe's stages.
+        train_data, val_data: the ``ImageBatches`` of the run.
+        config: the recipe's ``CacheConfig``.
+        forward_factory: extractor model -> batch function returning its outputs.
+        seed: augmentation seed.
+        dtype: storage dtype.
+        verbose: print what is computed, with a progress bar.
+        stop: a ``StopFlag``; a feature pass stops early once it is set (the caller then
+            stops training). Default None.
+    """
+
+    def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
+                 *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None):
+        self.model, self.spec, self.stages = model, spec, list(stages)
+        # A StopFlag: a pass stops early once a signal asked training to stop.
+        self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
+        self.train_data, self.val_data = train_data, val_data
+        self.config, self.forward_factory = config, forward_factory
+        self.seed, self.dtype, self.verbose = seed, dtype, verbose
+        self.augmenter_factory = getattr(train_data, "augmenter_factory", None)
+        # (source, boundary) -> (training store, validation store)
+        self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
+
+    def boundary(self, index: int) -> int:
+        """First block that stage ``index`` trains (``len(blocks)``: head only; 0: all)."""
+        return self.spec.first_unfrozen(self.stages[index].unfreeze)
+
+    def views(self, index: int) -> int:
+        """Views stage ``index`` trains on: min(views, epochs), 1 without augmentation."""
+        if self.augmenter_factory is None:
+            return 1
+        return max(1, min(self.config.views, self.stages[index].epochs))
+
+    def source(self, index: int) -> int:
+        """The boundary up to which one pass serves stage ``index``: the shallowest boundary
+        at or below its own among the stages from ``index`` on."""
+        own = self.boundary(index)
+        return min(b for b in self._boundaries_from(index) if 0 < b <= own)
+
+    def _boundaries_from(self, index: int) -> list[int]:
+        return [self.boundary(j) for j in self._cached_from(index)]
+
+    def _cached_from(self, index: int) -> list[int]:
+        """Stages from ``index`` on that train and have a frozen part."""
+        return [j for j in range(index, len(self.stages)) if self.stages[j].epochs > 0 and self.boundary(j) > 0]
+
+    def _key(self, index: int) -> tuple[int, int]:
+        return self.source(index), self.boundary(index)
+
+    def stage_inputs(self, index: int) -> CachedStage | None:
+        """The trainable part and cached batches of stage ``index``; None when the stage
+        has no frozen part (or the cache is off)."""
+        if self.config is None or not self.config.enabled:
+            return None
+        own = self.boundary(index)
+        if own <= 0:
+            return None
+        computed = self._key(index) not in self._stores
+        if computed:
+            self._compute_from(index)
+        train_store, val_store = self._stores[self._key(index)]
+        data = self.train_data
+        train = FeatureBatches(train_store, data.targets, data.batch_size, sample_weights=data.sample_weights,
+                               seed=self.seed, views=self.views(index))
+        val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
+        calibration = None
+        if own == len(self.spec.blocks):
+            # The first view: the features the head trains on (augmented when augmentation is on).
+            from transferkit.training.stages import CALIBRATION_IMAGES
+
+            calibration = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
+        return CachedStage(trainable_at(self.model, self.spec, own)[0], train, val, calibration, computed)
+
+    def stage_done(self, index: int) -> None:
+        """Release the stores no later stage trains on."""
+        later = {self._key(j) for j in self._cached_from(index + 1)}
+        for key in [key for key in self._stores if key not in later]:
+            for store in self._stores.pop(key):
+                store.close()
+
+    def close(self) -> None:
+        """Stop any background computation and release every store."""
+        for stores in self._stores.values():
+            for store in stores:
+                if store.filler is not None:
+                    store.filler.cancel()
+        for stores in self._stores.values():
+            for store in stores:
+                store.close()
+        self._stores.clear()
+
+    def _compute_from(self, index: int) -> None:
+        """One pass over the images for stage ``index`` and every later stage sharing its source."""
+        source = self.source(index)
+        # The network has an output for every stage of the run with this source, needed now
+        # or not (a store of 0 views costs nothing): a resumed run then runs the very network
+        # the uninterrupted run ran, so its numbers are the same by construction (an engine
+        # may fuse a graph differently when one more map is an output).
+        group = [j for j in self._cached_from(0) if self.source(j) == source]
+        served = [j for j in group if j >= index and self._key(j) not in self._stores]
+        boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
+        views = [max((self.views(j) for j in served if self.boundary(j) == b), default=0) for b in boundaries]
+        extractor = extractor_at(self.model, self.spec, boundaries)
+        forward = self.forward_factory(extractor)
+        as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
+        shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
+        train, val = self.train_data, self.val_data
+        budget = self.config.memory_mb - self._memory_used_mb()
+        passes = max(views)  # self.views() is 1 without augmentation
+        total = len(train) + len(val)  # the later views are computed while the stage trains
+        bar = progress_bar("batch", total, enabled=bool(self.verbose))
+        if self.verbose:
+            where = ", ".join(self._describe(b) for b, count in zip(boundaries, views) if count)
+            later = "; views after the first are computed while the stage trains" if passes > 1 else ""
+            log.info(f"caching features of the frozen part ({passes} view(s) of {len(train.images)} "
+                  f"training + {len(val.images)} validation images; at {where}{later})")
+        # Validation first: the training pass returns after its first view and goes on in
+        # the background, and the engine serves one caller at a time.
+        val_stores = compute_feature_stores(
+            as_list, val.images, shapes, views=views, batch_size=val.batch_size,  # one view: no augmenter
+            dtype=self.dtype, memory_budget_mb=budget, progress=bar,
+            stop_requested=self.stop_requested,
+        )
+        budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
+        done = len(val)
+        train_stores = compute_feature_stores(
+            as_list, train.images, shapes, views=views, augmenter_factory=self.augmenter_factory,
+            seed=self.seed, batch_size=train.batch_size, dtype=self.dtype, memory_budget_mb=budget,
+            progress=(lambda n: bar(done + n)) if bar else None, later_views_in_background=True,
+            stop_requested=self.stop_requested,
+        )
+        for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
+            if count:
+                self._stores[source, boundary] = (train_store, val_store)
+
+    def _memory_used_mb(self) -> float:
+        return sum(store.nbytes for stores in self._stores.values() for store in stores
+                   if not store.on_disk) / 2**20
+
+    def _describe(self, boundary: int) -> str:
+        if boundary == len(self.spec.blocks):
+            return "the backbone's output"
+        return f"the input of {self.spec.blocks[boundary]}"
+
+
+def _outputs(model) -> list:
+    outputs = model.output
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
