@@ -37,6 +37,8 @@ class BackboneSpec:
             the last N of these trainable.
         weights_file: the file name Keras downloads for the ImageNet notop weights.
         weights_origin: where Keras downloads it from.
+        last_conv: the last convolutional layer's output that keeps a spatial map (where
+            Grad-CAM looks).
         parameters: weights without the top, counted from the built model (a listing
             answers at once; a test checks the figure against Keras).
     """
@@ -49,6 +51,7 @@ class BackboneSpec:
     blocks: tuple[str, ...]
     weights_file: str
     weights_origin: str
+    last_conv: str
     parameters: int
 
     def first_unfrozen(self, unfreeze: int | str) -> int:
@@ -86,6 +89,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_origin=_KERAS_APPLICATIONS
             + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            last_conv="block5_conv3",
             parameters=14_714_688,
         ),
         BackboneSpec(
@@ -98,6 +102,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_origin=_KERAS_APPLICATIONS
             + "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            last_conv="block5_conv4",
             parameters=20_024_384,
         ),
         BackboneSpec(
@@ -110,6 +115,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_origin=_KERAS_APPLICATIONS
             + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            last_conv="conv5_block3_out",
             parameters=23_587_712,
         ),
     )

@@ -92,6 +92,28 @@ class CacheConfig(_Section):
     memory_mb: float = Field(2048.0, gt=0)
 
 
+TTA_TRANSFORMS = ("identity", "hflip", "shift")
+
+
+class TTAConfig(_Section):
+    """Test-time augmentation (``--tta`` on predict and evaluate): the probabilities of the
+    image and of a few deterministic variants are averaged.
+
+    ``identity`` is the image itself; ``hflip`` its mirror image (used only when the run
+    trained with horizontal flips); ``shift`` four copies moved by ``shift`` of the side
+    (left, right, up, down; edges reflected, as in training).
+    """
+
+    transforms: tuple[Literal[TTA_TRANSFORMS], ...] = TTA_TRANSFORMS
+    shift: float = Field(0.05, gt=0, le=0.25)
+
+    @model_validator(mode="after")
+    def _some_transform(self):
+        if not self.transforms:
+            raise ValueError(f"transforms: name at least one of {', '.join(TTA_TRANSFORMS)}")
+        return self
+
+
 class StageConfig(_Section):
     """One fine-tuning stage: what is trainable and how it is optimised."""
 
@@ -125,10 +147,15 @@ class Recipe(_Section):
     seed: int = Field(42, ge=0)
     precision: Literal[PRECISIONS] = "auto"
     engine: Literal[ENGINES] = "auto"
+    # Fit a temperature on the validation split after training (folded into the output layer).
+    calibrate: bool = True
+    # TensorBoard logs in RUN/tensorboard/, one step count across stages.
+    tensorboard: bool = False
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     augment: AugmentConfig = AugmentConfig()
     cache: CacheConfig = CacheConfig()
+    tta: TTAConfig = TTAConfig()
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
 
     @model_validator(mode="after")
