@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from transferkit.backbones import load_backbone  # noqa: E402
 from transferkit.model.fold import fold_batchnorm  # noqa: E402
-from transferkit.runtime import cpu_flags, dtype_policy  # noqa: E402
+from transferkit.runtime import dtype_policy, machine_facts  # noqa: E402
 
 POLICIES = ("float32", "mixed_bfloat16")
 
@@ -81,14 +81,12 @@ def main(argv=None) -> int:
             "bf16_unfolded_over_float32_unfolded": round(figures["mixed_bfloat16"]["unfolded"] / baseline, 2),
             "float32_folded_over_float32_unfolded": round(figures["float32"]["folded"] / baseline, 2),
         }
-    flags = cpu_flags()
     print(json.dumps({
         "benchmark": "backbone_forward",
         "unit": "images/s",
         "size": args.size, "batch": args.batch, "batches": args.batches,
         "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
-        "cpu_count": os.cpu_count(),
-        "cpu_bf16": sorted(flag for flag in flags if "bf16" in flag),
+        "machine": machine_facts(),
         "python": platform.python_version(), "keras": keras.__version__, "tensorflow": tf.__version__,
         "results": results,
         "ratios": ratios,

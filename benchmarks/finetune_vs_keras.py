@@ -31,6 +31,7 @@ import keras  # noqa: E402
 
 import transferkit  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
+from transferkit.runtime import machine_facts  # noqa: E402
 
 HEAD_LR, FINE_LR = 1e-3, 3e-5
 SHIFT, CONTRAST, ROTATION = 0.1, 0.2, 15.0
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
 
     epochs = {"head": args.head_epochs, "fine": args.fine_epochs}
     result = {
+        "machine": machine_facts(),
         "benchmark": "finetune_vs_keras",
         "backbone": args.backbone, "size": args.size, "batch": args.batch,
         "images": args.classes * args.per_class, "train_images": n_train,

@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 from transferkit.data.augment import build_augmenter  # noqa: E402
+from transferkit.runtime import machine_facts  # noqa: E402
 from transferkit.backbones import REGISTRY, load_backbone  # noqa: E402
 from transferkit.outputs import encode_targets  # noqa: E402
 from transferkit.data.batches import ImageBatches  # noqa: E402
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     train_rate = len(images) / (time.perf_counter() - started)
     best_augment = max(augment.values())
     print(json.dumps({
-        "benchmark": "pipeline", "backbone": args.backbone, "size": args.size, "images": len(images),
+        "benchmark": "pipeline", "machine": machine_facts(), "backbone": args.backbone, "size": args.size, "images": len(images),
         "precision": policy,
         "decode_resize_images_per_s": round(len(images) / decode_seconds, 1),
         "augment_images_per_s": augment,

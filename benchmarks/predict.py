@@ -40,6 +40,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+from transferkit.runtime import machine_facts  # noqa: E402
+
 CLASSES = 5
 TRAIN_PER_CLASS = 60
 TRAIN_EPOCHS = 30
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="tk-predict-bench-") as tmp:
         tmp = Path(tmp)
         os.environ["TRANSFERKIT_CACHE"] = str(tmp / "cache")
-        result = {"benchmark": "predict", "size": args.size, "batch": args.batch, "images": args.images, "backbones": {}}
+        result = {"benchmark": "predict", "machine": machine_facts(), "size": args.size, "batch": args.batch, "images": args.images, "backbones": {}}
         for name in args.backbones.split(","):
             result["backbones"][name] = throughput(name, args.size, args.images, args.batch, tmp)
             if args.confident:

@@ -8,6 +8,7 @@ in float32 and compute in 16 bits; the preprocessing and output layers stay floa
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 # The choice tables: recipes, the CLI's --help and the engines all read these.
@@ -27,6 +28,28 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name as Linux reports it ("unknown" where /proc/cpuinfo is missing)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine_facts() -> dict:
+    """What a benchmark figure depends on: the CPU model, its core count and its 16-bit
+    features (AMX / AVX512-BF16: mixed bfloat16 runs fast only where they are present)."""
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "fast_bfloat16": sorted(flag for flag in flags if flag in ("amx_bf16", "avx512_bf16")),
+    }
 
 
 def resolve_precision(choice: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
