@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+
+# TRANSFERKIT_TEST_CPU=avx2 runs the suite as on a CPU without AVX-512, AMX or bfloat16 (the
+# AMD EPYC Zen 3 machines): TensorFlow without its oneDNN kernels (it enables them only on
+# CPUs with AVX512-VNNI/BF16 or AMX), oneDNN limited to AVX2, and transferkit reading no
+# fast-bfloat16 flag, so "auto" precision is float32 everywhere.
+EMULATED_CPU = os.environ.get("TRANSFERKIT_TEST_CPU", "")
+if EMULATED_CPU == "avx2":
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,6 +33,27 @@ TINY = {
     "stages.0.epochs": 1,
     "stages.1:.epochs": 1,
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emulated_cpu():
+    """With TRANSFERKIT_TEST_CPU=avx2, the CPU flags transferkit reads lack AMX and AVX512."""
+    if EMULATED_CPU != "avx2":
+        yield
+        return
+    import transferkit.runtime
+
+    real = transferkit.runtime.cpu_flags
+
+    def without_avx512(cpuinfo=Path("/proc/cpuinfo")):
+        flags = real(cpuinfo)
+        if Path(cpuinfo) != Path("/proc/cpuinfo"):
+            return flags  # a test's own cpuinfo file
+        return {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+
+    transferkit.runtime.cpu_flags = without_avx512
+    yield
+    transferkit.runtime.cpu_flags = real
 
 
 @pytest.fixture(scope="session")
