@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny generated image folders and a tiny recipe, so tests run in seconds."""
+"""Shared fixtures: tiny generated image folders and a tiny recipe, so tests run in seconds.
+
+Also the ``needs_fast_bfloat16`` marker: a test that only means something where the CPU
+computes bfloat16 (AMX-BF16 or AVX512-BF16; elsewhere a bf16 precision hint runs in float32)
+carries it, says so in its name, and is skipped, with the reason, on other CPUs.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -23,6 +29,34 @@ TINY = {
     "stages.0.epochs": 1,
     "stages.1:.epochs": 1,
 }
+
+
+@functools.lru_cache(maxsize=None)
+def fast_bfloat16() -> tuple[bool, str]:
+    """(whether this machine computes bfloat16 fast, why), as transferkit's "auto" precision
+    decides it (``transferkit.runtime.resolve_precision``, from the CPU flags): the one
+    source of that fact, and the one to monkeypatch (``runtime.cpu_flags``) to emulate a CPU
+    without it."""
+    from transferkit.runtime import resolve_precision
+
+    policy, reason = resolve_precision("auto")
+    return policy == "mixed_bfloat16", reason
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs_fast_bfloat16: only meaningful where the CPU computes bfloat16 (AMX-BF16 or "
+        "AVX512-BF16); skipped elsewhere",
+    )
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_fast_bfloat16") is not None:
+        fast, reason = fast_bfloat16()
+        if not fast:
+            pytest.skip(f"needs a CPU with fast bfloat16 (AMX-BF16 or AVX512-BF16), which this one lacks ({reason}); "
+                        "a bfloat16 hint computes in float32 here")
 
 
 @pytest.fixture(scope="session")
