@@ -309,3 +309,38 @@ def test_engine_caches_of_deleted_runs_are_removed(tmp_path, monkeypatch):
     assert not caches["deleted"].exists()
     assert caches["kept"].is_dir() and caches["model-file"].is_dir() and unrecorded.is_dir()
     assert (caches["kept"] / "openvino-32px").is_dir()
+
+
+def test_a_warm_predict_neither_converts_nor_compiles_again(run_dir, to_sort, tmp_path, monkeypatch):
+    """The second predict of a run reads its converted networks and loads their compiled
+    blobs from the run's engine cache folder (OpenVINO's CACHE_DIR there)."""
+    pytest.importorskip("openvino")
+    from transferkit.inference import openvino as openvino_module
+
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "cache"))
+    core = openvino_module.openvino_core()
+    compiled = []
+
+    class RecordingCore:
+        def compile_model(self, network, device, config):
+            compiled.append((config.get("CACHE_DIR"), core.compile_model(network, device, config)))
+            return compiled[-1][1]
+
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+    monkeypatch.setattr(openvino_module, "openvino_core", lambda: RecordingCore())
+    cold = predict_folder(run_dir, to_sort, engine="openvino")
+    cache = openvino_module.engine_cache_dir(run_dir) / "compiled"
+    assert compiled and all(folder == str(cache) for folder, _ in compiled)
+    assert list(cache.glob("*.blob"))
+    assert not any(model.get_property("LOADED_FROM_CACHE") for _, model in compiled)
+    compiled.clear()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached network should have been reused")
+
+    monkeypatch.setattr(openvino_module, "export_network", no_export)
+    warm = predict_folder(run_dir, to_sort, engine="openvino")
+    assert compiled and all(model.get_property("LOADED_FROM_CACHE") for _, model in compiled)
+    assert [r.label for r in warm.rows] == [r.label for r in cold.rows]
