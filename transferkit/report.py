@@ -1,7 +1,8 @@
 """Figures and numbers people read after a run: metrics, curves, confusion matrix.
 
 Figures are drawn with matplotlib's object API (no pyplot, no global figure state), so they
-can be drawn in a background thread while the model is being saved.
+can be drawn in a background thread while the model is being saved, and written with the
+one atomic-write helper (``transferkit.files``). No Keras import.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ import numpy as np
 from transferkit.outputs import predicted_labels
 
 log = logging.getLogger("transferkit")
-
-
-
-
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -97,8 +94,12 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
 
 
 def _save_figure(figure, path: Path) -> None:
+    from transferkit.files import atomic_path
+
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    path = Path(path)
+    with atomic_path(path) as temporary:  # the temporary name keeps the suffix: the format
+        figure.savefig(temporary, dpi=80)
 
 
 def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "class names") -> None:

@@ -10,12 +10,15 @@ classifier has to learn shape rather than colour.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger("transferkit")
 
 SHAPES = ("circle", "square", "triangle", "stripes", "cross", "ring", "star", "dots", "hexagon", "diamond")
 
@@ -117,6 +120,8 @@ def write_shapes_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m transferkit.data.synthetic ROOT``: write a generated folder; the one
+    line it reports goes through the ``transferkit`` logger (shown when run as a script)."""
     parser = argparse.ArgumentParser(description="Write a generated folder of shape images.")
     parser.add_argument("root", type=Path)
     parser.add_argument("--classes", type=int, default=4)
@@ -125,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     write_shapes_dataset(args.root, args.classes, args.per_class, args.size, args.seed)
-    print(f"wrote {args.classes} classes x {args.per_class} images to {args.root}")
+    log.info("wrote %d classes x %d images to %s", args.classes, args.per_class, args.root)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main()
