@@ -20,7 +20,15 @@ log = logging.getLogger("transferkit")
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts, rows = true class, columns = predicted class."""
+    """Counts, rows = true class, columns = predicted class.
+
+    Args:
+        true, predicted: class index per image.
+        n_classes: the matrix side.
+
+    Returns:
+        int64 array of shape (n_classes, n_classes).
+    """
     matrix = np.zeros((n_classes, n_classes), dtype="int64")
     np.add.at(matrix, (true, predicted), 1)
     return matrix
@@ -35,7 +43,19 @@ def summarize(
     n_train: int,
 ) -> dict:
     """metrics.json content: final and best validation figures, the epoch the saved model
-    comes from, per-class accuracy, confusion."""
+    comes from, per-class accuracy, confusion.
+
+    Args:
+        history: one dict per epoch.
+        true: the validation labels.
+        probabilities: the saved model's outputs on the validation images.
+        class_names: in label order.
+        val_loss: the saved model's validation loss.
+        n_train: how many images trained.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
     predicted = predicted_labels(probabilities)
     matrix = confusion_matrix(true, predicted, len(class_names))
     per_class = {
@@ -70,7 +90,12 @@ def summarize(
 
 
 def plot_history(history: Sequence[dict], path: Path) -> None:
-    """history.png: loss and accuracy per epoch, training and validation, stages shaded."""
+    """history.png: loss and accuracy per epoch, training and validation, stages shaded.
+
+    Args:
+        history: one dict per epoch (``runs.HISTORY_COLUMNS``).
+        path: the .png to write (atomically).
+    """
     from matplotlib.figure import Figure
 
     _warn_about_missing_glyphs(sorted({row["stage"] for row in history}), path, "stage names")
@@ -116,7 +141,13 @@ def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "cl
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    """confusion_matrix.png: counts, true class by row."""
+    """confusion_matrix.png: counts, true class by row.
+
+    Args:
+        matrix: from ``confusion_matrix``.
+        class_names: in label order.
+        path: the .png to write (atomically).
+    """
     from matplotlib.figure import Figure
 
     _warn_about_missing_glyphs(class_names, path)

@@ -95,7 +95,15 @@ class Run:
 
 
 def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Path:
-    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>``."""
+    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>``.
+
+    Args:
+        data_dir: the data folder, which names the run.
+        runs_root: the folder of runs; default "runs".
+
+    Returns:
+        The path (not created).
+    """
     import datetime
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -135,7 +135,15 @@ def stratified_split(
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Weight per class, n_samples / (n_classes * count), so each class counts equally."""
+    """Weight per class, n_samples / (n_classes * count), so each class counts equally.
+
+    Args:
+        labels: class index per sample.
+        n_classes: how many classes; a class without samples gets weight 0.
+
+    Returns:
+        float64 array of shape (n_classes,).
+    """
     counts = np.bincount(labels, minlength=n_classes).astype("float64")
     return np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
 

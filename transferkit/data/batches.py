@@ -116,6 +116,17 @@ class ImageBatches(SeededBatches):
 
 
 def augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarray:
+    """Augment one image with its own seed, so the result depends on the image's place in
+    the run, not on which worker thread drew it.
+
+    Args:
+        augmenter: an albumentations pipeline (``build_augmenter``).
+        image: a uint8 (S, S, 3) image.
+        seed_parts: what the seed is made of (run seed, epoch, row ...).
+
+    Returns:
+        The augmented image, same shape and dtype.
+    """
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     augmenter.set_random_seed(seed)
     return augmenter(image=image)["image"]

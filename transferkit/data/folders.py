@@ -86,6 +86,9 @@ def partition_skipped(
 def iter_image_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
     """Walk a folder recursively in sorted order, following symlinks once.
 
+    Args:
+        folder: the folder to walk.
+
     Yields:
         (path, None) for each file with an image extension and (path, reason) for other
         files, which callers report as skipped. Symlink loops are walked once.

@@ -75,6 +75,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """Read an image and resize it to size x size (bilinear, antialiased).
 
+    Args:
+        path: the image file.
+        size: the side of the square result, in pixels.
+
     Returns:
         An array of shape (size, size, 3), dtype uint8.
 

@@ -24,7 +24,16 @@ SHAPES = ("circle", "square", "triangle", "stripes", "cross", "ring", "star", "d
 
 
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of a shape of ``kind`` on a random background."""
+    """One RGB image of a shape of ``kind`` on a random background.
+
+    Args:
+        kind: one of ``SHAPES``.
+        size: the image side in pixels.
+        rng: the random generator (colour, size, position, rotation).
+
+    Returns:
+        A PIL RGB image.
+    """
     background = tuple(int(v) for v in rng.integers(0, 256, 3))
     noise = rng.normal(0, 18, (size, size, 3))
     base = np.clip(np.asarray(background, dtype="float64") + noise, 0, 255).astype("uint8")

@@ -60,7 +60,14 @@ def import_openvino():
 
 def uint8_input(network):
     """The network taking uint8 images: the conversion to float32 becomes its first op
-    (OpenVINO's preprocessing; the cached network itself stays float32-input)."""
+    (OpenVINO's preprocessing; the cached network itself stays float32-input).
+
+    Args:
+        network: an ``openvino.Model`` with one float32 image input.
+
+    Returns:
+        The new ``openvino.Model``.
+    """
     ov = import_openvino()
 
     steps = ov.preprocess.PrePostProcessor(network)
@@ -70,6 +77,8 @@ def uint8_input(network):
 
 
 def conversion_reason(error: BaseException) -> str:
+    """One line telling why an OpenVINO step failed: the error's type and its most telling
+    line (the missing conversion rule, where there is one), at most 200 characters."""
     lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
     # OpenVINO's conversion report starts with a source location; the op list says more.
     telling = [line for line in lines if "No conversion rule" in line] or lines
@@ -77,6 +86,18 @@ def conversion_reason(error: BaseException) -> str:
 
 
 def precision_hint(precision: str) -> str:
+    """OpenVINO's CPU inference precision hint for a precision.
+
+    Args:
+        precision: "auto" (``runtime.resolve_precision`` decides), "float32", "bfloat16",
+            "float16", or a Keras dtype policy name ("mixed_bfloat16").
+
+    Returns:
+        "f32", "bf16" or "f16".
+
+    Raises:
+        ValueError: an unknown precision.
+    """
     from transferkit.runtime import POLICIES, resolve_precision
 
     if precision != "auto" and precision not in POLICIES and precision not in PRECISION_HINTS:
@@ -172,7 +193,14 @@ COMPILED_FOLDER = "compiled"  # in an engine cache folder: OpenVINO's compiled-m
 def compiled_cache_dir(ir_path: Path | None) -> Path | None:
     """Where OpenVINO keeps the compiled form of a cached network: ``compiled/`` in the
     engine cache folder that holds ``openvino-{S}px/{name}.xml``; None for a network that
-    was never written (nothing to key a warm start on)."""
+    was never written (nothing to key a warm start on).
+
+    Args:
+        ir_path: the cached ``.xml`` of the network, or None.
+
+    Returns:
+        The folder (not created here: OpenVINO creates it), or None.
+    """
     return None if ir_path is None else Path(ir_path).parent.parent / COMPILED_FOLDER
 
 
@@ -267,6 +295,12 @@ def float32_clone(model):
 
     Nested models are cloned too and weights copied layer by layer. A model that cannot be
     cloned (subclassed) is returned as it is.
+
+    Args:
+        model: a Keras model, in any dtype policy.
+
+    Returns:
+        The float32 clone (or ``model`` itself, see above).
     """
     import keras
 
@@ -353,6 +387,9 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
     without a record are left alone. Nothing here stops a prediction: a cache that cannot
     be written only means converting again next time.
 
+    Args:
+        run_path: the run folder (or its model file).
+
     Returns:
         The run's cache folder.
     """
@@ -374,6 +411,7 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
 
 
 def is_image_shape(shape: tuple[int, ...]) -> bool:
+    """Whether an input shape is a square RGB image, (S, S, 3)."""
     return len(shape) == 3 and shape[-1] == 3 and shape[0] == shape[1]
 
 
