@@ -31,7 +31,7 @@ TINY = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fast_bfloat16() -> tuple[bool, str]:
     """(whether this machine computes bfloat16 fast, why), as transferkit's "auto" precision
     decides it (``transferkit.runtime.resolve_precision``, from the CPU flags): the one

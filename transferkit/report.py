@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -102,7 +102,7 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=False):
         axis.plot(epochs, [row[metric] for row in history], "o-", label=f"train {metric}")
         axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"val {metric}")
         axis.set_xlabel("epoch")

@@ -26,9 +26,10 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transferkit.errors import RunError, first_line
 from transferkit.files import existing_ancestor, fsync_file, fsync_folder, write_atomic

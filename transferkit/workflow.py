@@ -9,8 +9,9 @@ import importlib
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -183,7 +184,7 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         log.warning("for the details run: %s", _doctor_command(data_dir, val_dir, recipe))
     _tell_split(class_names, train_labels, val_labels, recipe, val_dir, verbose)
     return {
-        "class_names": class_names, "skipped": skipped, "fingerprint": _fingerprint(data_dir, val_dir, paths),
+        "class_names": class_names, "skipped": skipped, "fingerprint": _data_fingerprint(data_dir, val_dir, paths),
         "train_images": train_images, "train_labels": train_labels,
         "val_images": val_images, "val_labels": val_labels,
     }
@@ -239,13 +240,13 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
 
     from transferkit import backbones, report, runs
     from transferkit.data.arrays import balanced_class_weights
-    from transferkit.data.batches import ImageBatches
     from transferkit.data.augment import augmentation_enabled, build_augmenter
-    from transferkit.training import stages as training_stages
-    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
+    from transferkit.data.batches import ImageBatches
     from transferkit.model.classifier import build_classifier
     from transferkit.outputs import encode_targets, loss_for, output_activation
     from transferkit.runtime import dtype_policy, resolve_precision
+    from transferkit.training import stages as training_stages
+    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
 
     class_names = prepared["class_names"]
     n_classes = len(class_names)
@@ -373,7 +374,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     )
 
 
-def _fingerprint(data_dir, val_dir, paths) -> str:
+def _data_fingerprint(data_dir, val_dir, paths) -> str:
     """A digest of which image files the run reads (paths relative to their data folder,
     and sizes), to tell whether a resumed run sees the data it started with, wherever
     the folder is now."""
@@ -395,7 +396,7 @@ def _fingerprint(data_dir, val_dir, paths) -> str:
 def _kept_rows(paths, readable: np.ndarray, reasons: dict):
     """(indices of the readable paths, [(path, reason)] of the others, each warned about)."""
     skipped = []
-    for path, ok in zip(paths, readable):
+    for path, ok in zip(paths, readable, strict=True):
         if not ok:
             reason = reasons.get(path, "cannot be read")
             log.warning("skipping %s: %s", path, reason)
@@ -436,8 +437,10 @@ def _doctor_command(data_dir, val_dir, recipe: Recipe) -> str:
 
 
 def _require_every_class(labels: np.ndarray, class_names, folder) -> None:
+    """Every class keeps at least one readable image (the folder check counted files; some
+    may not have been readable)."""
     counts = np.bincount(labels, minlength=len(class_names))
-    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    empty = [name for name, count in zip(class_names, counts, strict=True) if count == 0]
     if empty:
         raise DataError(
             f"class folder(s) {', '.join(empty)} in {folder} hold no readable image; "

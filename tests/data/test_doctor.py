@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from transferkit.data.arrays import stratified_split
-from transferkit.data.folders import index_folder
 from transferkit.data.doctor import check_data
+from transferkit.data.folders import index_folder
 from transferkit.errors import DataError, RecipeError
 
 CLASSES = ("circle", "square", "triangle")

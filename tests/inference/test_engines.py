@@ -10,15 +10,14 @@ import keras
 import numpy as np
 import pytest
 
+from transferkit.backbones import load_backbone
+from transferkit.errors import EngineError, TransferkitError
 from transferkit.inference import engines as engine_module
 from transferkit.inference import openvino as openvino_module
-from transferkit.backbones import load_backbone
-from transferkit.errors import EngineError
 from transferkit.inference.engines import make_engine
-from transferkit.errors import TransferkitError
 from transferkit.model.classifier import build_classifier
-from transferkit.runtime import dtype_policy
 from transferkit.recipe import HeadConfig
+from transferkit.runtime import dtype_policy
 
 openvino = pytest.importorskip("openvino")
 
@@ -290,10 +289,9 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     """inference_engine splits a classifier: body in bfloat16, head in float32 (the output
     layer stays float32, as in Keras mixed precision); rows whose top-two margin is below
     REFINE_MARGIN are computed again in float32 and so equal float32 Keras."""
+    import transferkit.runtime
     from transferkit.inference.engines import ChainedEngine, inference_engine
     from transferkit.outputs import top_margin
-
-    import transferkit.runtime
 
     model = classifier("vgg16", seed=7)
     only_16_bits = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")

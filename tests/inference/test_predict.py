@@ -98,7 +98,8 @@ def test_openvino_and_keras_engines_agree_and_the_run_folder_is_untouched(run_di
     openvino_rows = predict_folder(run, to_sort, engine="openvino")
     assert keras_rows.engine == "keras" and openvino_rows.engine == "openvino"
     assert [r.file for r in keras_rows.rows] == [r.file for r in openvino_rows.rows]
-    assert [r.confidence for r in openvino_rows.rows] == pytest.approx([r.confidence for r in keras_rows.rows], abs=0.05)
+    confidences = [r.confidence for r in keras_rows.rows]
+    assert [r.confidence for r in openvino_rows.rows] == pytest.approx(confidences, abs=0.05)
     after = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
     assert before == after
 

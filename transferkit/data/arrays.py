@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-
 import contextlib
-
 import logging
-
-
 import os
-
 import tempfile
-
-
-
-
-
-
-from typing import Sequence
-
+from collections.abc import Sequence
 
 import numpy as np
-
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
-    simplejpeg = None
 
 from transferkit.errors import DataError
 
 log = logging.getLogger("transferkit")
 
 
-def image_array(count: int, size: int, memory_budget_mb: float, spill_dir: str | os.PathLike | None = None) -> np.ndarray:
+def image_array(count: int, size: int, memory_budget_mb: float,
+                spill_dir: str | os.PathLike | None = None) -> np.ndarray:
     """An uninitialised uint8 (count, size, size, 3) array: in memory when it fits the budget,
     else memory-mapped from a temporary file.
 

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-
-
 import logging
-
 import math
-
-
-
 import threading
-
-
-
-
-
-from typing import Callable
+from collections.abc import Callable
 
 import keras
-
 import numpy as np
-
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
-    simplejpeg = None
-
 
 log = logging.getLogger("transferkit")
 
@@ -109,7 +90,7 @@ class ImageBatches(SeededBatches):
             batch = np.stack(
                 [
                     augment_one(augmenter, image, [self.seed, self.epoch, int(position)])
-                    for image, position in zip(batch, selected)
+                    for image, position in zip(batch, selected, strict=False)
                 ]
             )
         return batch.astype("float32")

@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,7 +33,7 @@ from PIL import Image
 from transferkit.data.arrays import stratified_split
 from transferkit.data.folders import FolderIndex, index_folders, partition_skipped
 from transferkit.data.images import UnreadableImage, load_image
-from transferkit.errors import DataError, RecipeError
+from transferkit.errors import RecipeError
 
 EXAMPLES_SHOWN = 10
 HASH_CHUNK_BYTES = 1 << 20
@@ -272,7 +273,7 @@ def check_data(
     skipped = list(index.skipped) + list(val_index.skipped if val_index else ())
     ignored, unreadable = partition_skipped(skipped)  # never read / cannot be read
     readable: list[tuple[str, str, _Inspection]] = []
-    for (folder, class_name, path), inspection in zip(entries, inspections):
+    for (folder, class_name, path), inspection in zip(entries, inspections, strict=False):
         if inspection.error is not None:
             unreadable.append((path, inspection.error))
         else:
@@ -331,11 +332,13 @@ def _checked_arguments(image_size: int, val_split: float, imbalance_limit: float
 
 def _entries(index: FolderIndex, val_index: FolderIndex | None) -> list[tuple[str, str, Path]]:
     """One entry per image file of both folders: ("train" or "validation", class name, path)."""
-    entries = [("train", index.class_names[label], path) for path, label in zip(index.paths, index.labels)]
+    entries = [
+        ("train", index.class_names[label], path) for path, label in zip(index.paths, index.labels, strict=True)
+    ]
     if val_index is not None:
         entries += [
             ("validation", val_index.class_names[label], path)
-            for path, label in zip(val_index.paths, val_index.labels)
+            for path, label in zip(val_index.paths, val_index.labels, strict=False)
         ]
     return entries
 

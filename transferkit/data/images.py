@@ -5,28 +5,15 @@ No Keras import: the data checks and predict read images through this module alo
 
 from __future__ import annotations
 
-
 import contextlib
-
 import logging
-
-
 import os
-
-
-
 import warnings
-
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-
-
 from pathlib import Path
 
-from typing import Callable, Sequence
-
-
 import numpy as np
-
 from PIL import Image, ImageOps
 
 try:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -67,7 +67,7 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     elif kind == "star":
         outer = polygon(5, radius * 1.3)
         inner = polygon(5, radius * 0.5, phase=math.pi / 5)
-        draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=colour)
+        draw.polygon([p for pair in zip(outer, inner, strict=False) for p in pair], fill=colour)
     elif kind == "ring":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=width * 2)
     elif kind == "cross":
@@ -115,7 +115,7 @@ def write_shapes_dataset(
     names = list(SHAPES[:classes]) if isinstance(classes, int) else list(classes)
     counts = [per_class] * len(names) if isinstance(per_class, int) else list(per_class)
     rng = np.random.default_rng(seed)
-    for name, count in zip(names, counts):
+    for name, count in zip(names, counts, strict=False):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(count):

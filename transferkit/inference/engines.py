@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import EngineError
-from transferkit.outputs import top_margin
 from transferkit.inference.openvino import (
     compile_network,
     conversion_reason,
@@ -49,6 +48,7 @@ from transferkit.inference.openvino import (
     shape_label,
     uint8_input,
 )
+from transferkit.outputs import top_margin
 from transferkit.runtime import ENGINES, gpu_visible
 
 log = logging.getLogger("transferkit")
@@ -166,7 +166,7 @@ class ChainedEngine(ForwardEngine):
 
     name = "openvino"
 
-    def __init__(self, body: "OpenVINOEngine", head: "OpenVINOEngine", exact_factory=None):
+    def __init__(self, body: OpenVINOEngine, head: OpenVINOEngine, exact_factory=None):
         self.body, self.head = body, head
         self.input_shape = body.input_shape
         self.precision_hint = body.precision_hint

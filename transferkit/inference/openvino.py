@@ -108,7 +108,7 @@ def precision_hint(precision: str) -> str:
     return PRECISION_HINTS[policy]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def openvino_core():
     ov = import_openvino()
 
@@ -326,7 +326,7 @@ def float32_clone(model):
     return clone
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _same_size_resizing_class():
     import keras
 

@@ -15,9 +15,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -223,7 +223,7 @@ def _rows(files: list[Path], outputs: np.ndarray, names, top_k: int) -> list[Pre
     from transferkit.outputs import class_probabilities
 
     rows: list[Prediction] = []
-    for path, row in zip(files, class_probabilities(outputs)):
+    for path, row in zip(files, class_probabilities(outputs), strict=False):
         order = np.argsort(-row, kind="stable")[:top_k]
         ranked = tuple((names[i], float(row[i])) for i in order)
         rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
