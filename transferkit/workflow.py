@@ -9,9 +9,8 @@ import importlib
 import logging
 import os
 import threading
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -240,13 +239,13 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
 
     from transferkit import backbones, report, runs
     from transferkit.data.arrays import balanced_class_weights
-    from transferkit.data.augment import augmentation_enabled, build_augmenter
     from transferkit.data.batches import ImageBatches
+    from transferkit.data.augment import augmentation_enabled, build_augmenter
+    from transferkit.training import stages as training_stages
+    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
     from transferkit.model.classifier import build_classifier
     from transferkit.outputs import encode_targets, loss_for, output_activation
     from transferkit.runtime import dtype_policy, resolve_precision
-    from transferkit.training import stages as training_stages
-    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
 
     class_names = prepared["class_names"]
     n_classes = len(class_names)
