@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny generated image folders and a tiny recipe, so tests run in seconds."""
+"""Shared fixtures: tiny generated image folders and a tiny recipe, so tests run in seconds.
+
+Also the ``needs_fast_bfloat16`` marker: a test that only means something where the CPU
+computes bfloat16 (AMX-BF16 or AVX512-BF16; elsewhere a bf16 precision hint runs in float32)
+carries it, says so in its name, and is skipped, with the reason, on other CPUs.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +28,20 @@ os.environ.setdefault("TRANSFERKIT_CACHE", tempfile.mkdtemp(prefix="tk-cache-"))
 
 import pytest
 
+import transferkit.runtime
 from transferkit.data.synthetic import write_shapes_dataset
+
+if EMULATED_CPU == "avx2":
+    _real_cpu_flags = transferkit.runtime.cpu_flags
+
+    def _without_avx512(cpuinfo=Path("/proc/cpuinfo")):
+        """The CPU flags transferkit reads, less AMX and AVX-512 (a test's own cpuinfo file as it is)."""
+        flags = _real_cpu_flags(cpuinfo)
+        if Path(cpuinfo) != Path("/proc/cpuinfo"):
+            return flags
+        return {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+
+    transferkit.runtime.cpu_flags = _without_avx512
 
 # Small everything: 32 px is VGG's minimum, one tiny dense layer, one epoch per stage.
 TINY = {
@@ -35,25 +54,32 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def emulated_cpu():
-    """With TRANSFERKIT_TEST_CPU=avx2, the CPU flags transferkit reads lack AMX and AVX512."""
-    if EMULATED_CPU != "avx2":
-        yield
-        return
-    import transferkit.runtime
+@functools.cache
+def fast_bfloat16() -> tuple[bool, str]:
+    """(whether this machine computes bfloat16 fast, why), as transferkit's "auto" precision
+    decides it (``transferkit.runtime.resolve_precision``, from the CPU flags): the one
+    source of that fact, and the one to monkeypatch (``runtime.cpu_flags``) to emulate a CPU
+    without it."""
+    from transferkit.runtime import resolve_precision
 
-    real = transferkit.runtime.cpu_flags
+    policy, reason = resolve_precision("auto")
+    return policy == "mixed_bfloat16", reason
 
-    def without_avx512(cpuinfo=Path("/proc/cpuinfo")):
-        flags = real(cpuinfo)
-        if Path(cpuinfo) != Path("/proc/cpuinfo"):
-            return flags  # a test's own cpuinfo file
-        return {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
 
-    transferkit.runtime.cpu_flags = without_avx512
-    yield
-    transferkit.runtime.cpu_flags = real
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs_fast_bfloat16: only meaningful where the CPU computes bfloat16 (AMX-BF16 or "
+        "AVX512-BF16); skipped elsewhere",
+    )
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_fast_bfloat16") is not None:
+        fast, reason = fast_bfloat16()
+        if not fast:
+            pytest.skip(f"needs a CPU with fast bfloat16 (AMX-BF16 or AVX512-BF16), which this one lacks ({reason}); "
+                        "a bfloat16 hint computes in float32 here")
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,16 @@
 """Figures and numbers people read after a run: metrics, curves, confusion matrix.
 
 Figures are drawn with matplotlib's object API (no pyplot, no global figure state), so they
-can be drawn in a background thread while the model is being saved.
+can be drawn in a background thread while the model is being saved, and written with the
+one atomic-write helper (``transferkit.files``). No Keras import.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -18,12 +19,16 @@ from transferkit.outputs import predicted_labels
 log = logging.getLogger("transferkit")
 
 
-
-
-
-
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts, rows = true class, columns = predicted class."""
+    """Counts, rows = true class, columns = predicted class.
+
+    Args:
+        true, predicted: class index per image.
+        n_classes: the matrix side.
+
+    Returns:
+        int64 array of shape (n_classes, n_classes).
+    """
     matrix = np.zeros((n_classes, n_classes), dtype="int64")
     np.add.at(matrix, (true, predicted), 1)
     return matrix
@@ -38,7 +43,19 @@ def summarize(
     n_train: int,
 ) -> dict:
     """metrics.json content: final and best validation figures, the epoch the saved model
-    comes from, per-class accuracy, confusion."""
+    comes from, per-class accuracy, confusion.
+
+    Args:
+        history: one dict per epoch.
+        true: the validation labels.
+        probabilities: the saved model's outputs on the validation images.
+        class_names: in label order.
+        val_loss: the saved model's validation loss.
+        n_train: how many images trained.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
     predicted = predicted_labels(probabilities)
     matrix = confusion_matrix(true, predicted, len(class_names))
     per_class = {
@@ -73,14 +90,19 @@ def summarize(
 
 
 def plot_history(history: Sequence[dict], path: Path) -> None:
-    """history.png: loss and accuracy per epoch, training and validation, stages shaded."""
+    """history.png: loss and accuracy per epoch, training and validation, stages shaded.
+
+    Args:
+        history: one dict per epoch (``runs.HISTORY_COLUMNS``).
+        path: the .png to write (atomically).
+    """
     from matplotlib.figure import Figure
 
     _warn_about_missing_glyphs(sorted({row["stage"] for row in history}), path, "stage names")
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
-    for axis, metric in zip(axes, ("loss", "accuracy")):
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=False):
         axis.plot(epochs, [row[metric] for row in history], "o-", label=f"train {metric}")
         axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label=f"val {metric}")
         axis.set_xlabel("epoch")
@@ -97,8 +119,12 @@ def plot_history(history: Sequence[dict], path: Path) -> None:
 
 
 def _save_figure(figure, path: Path) -> None:
+    from transferkit.files import atomic_path
+
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    path = Path(path)
+    with atomic_path(path) as temporary:  # the temporary name keeps the suffix: the format
+        figure.savefig(temporary, dpi=80)
 
 
 def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "class names") -> None:
@@ -115,7 +141,13 @@ def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "cl
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    """confusion_matrix.png: counts, true class by row."""
+    """confusion_matrix.png: counts, true class by row.
+
+    Args:
+        matrix: from ``confusion_matrix``.
+        class_names: in label order.
+        path: the .png to write (atomically).
+    """
     from matplotlib.figure import Figure
 
     _warn_about_missing_glyphs(class_names, path)

@@ -11,28 +11,34 @@
       skipped.txt            files that were not used and why (only when there were some)
       model.h5               legacy HDF5 copy (only with --save-h5)
 
-A run is written under a temporary hidden name beside its destination and renamed at the
-end, so an interrupted run never leaves a folder that looks finished, and an existing
-folder is replaced only with ``force``.
+A run is written under a temporary hidden name beside its destination, flushed to disk and
+renamed at the end, so an interrupted run never leaves a folder that looks finished, and an
+existing folder is replaced only with ``force``. Each file is written with the one
+atomic-write helper (``transferkit.files``). No Keras import at module level (only
+``load_run`` loads the model).
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transferkit.errors import RunError, first_line
+from transferkit.files import existing_ancestor, fsync_file, fsync_folder, write_atomic
 from transferkit.outputs import output_units
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
 RUN_FORMAT = 1
+HISTORY_COLUMNS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
 
 @dataclass
@@ -90,7 +96,15 @@ class Run:
 
 
 def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Path:
-    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>``."""
+    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>``.
+
+    Args:
+        data_dir: the data folder, which names the run.
+        runs_root: the folder of runs; default "runs".
+
+    Returns:
+        The path (not created).
+    """
     import datetime
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -103,14 +117,6 @@ def named_folder(path: str | os.PathLike) -> Path:
     temporary one could be written beside and renamed to)."""
     path = Path(path)
     return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
-
-
-def existing_ancestor(path: Path) -> Path:
-    """The nearest part of ``path`` that exists (``path`` itself when it does): where a
-    folder that is not there yet would be created."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def check_writable(output: Path, force: bool, data_folders=()) -> None:
@@ -190,17 +196,39 @@ def save_run(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _flush_tree(staging)
     retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
     if output.exists():
         os.replace(output, retired)
     os.replace(staging, output)
     shutil.rmtree(retired, ignore_errors=True)
+    fsync_folder(output.parent)
     return output
+
+
+def _flush_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder``, so that the rename that publishes it
+    never publishes files whose data is not on the disk yet (writers such as
+    ``model.save`` do not flush)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            fsync_file(Path(root) / name)
+        fsync_folder(root)
 
 
 def write_labels(folder: Path, class_names, image_size: int, backbone: str, head_activation: str,
                  precision: str = "float32") -> None:
-    """labels.json: what predict needs to read images and name outputs, and the dtype policy."""
+    """labels.json: what predict needs to read images and name outputs, and the dtype
+    policy; written atomically.
+
+    Args:
+        folder: the run folder (or the temporary one being filled).
+        class_names: in the order of the model's outputs.
+        image_size: the side images are resized to.
+        backbone: registry name of the backbone.
+        head_activation: "sigmoid" or "softmax".
+        precision: the Keras dtype policy the run trained in; default "float32".
+    """
     from transferkit import __version__
 
     payload = {
@@ -212,22 +240,34 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
         "precision": precision,
         "transferkit_version": __version__,
     }
-    (folder / LABELS_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_atomic(folder / LABELS_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def write_history(folder: Path, rows: list[dict]) -> None:
-    """history.csv, one row per epoch across all stages."""
-    from transferkit.runs import HISTORY_COLUMNS
+    """history.csv, one row per epoch across all stages (columns ``HISTORY_COLUMNS``),
+    written atomically.
 
-    with open(folder / "history.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row.get(key) for key in HISTORY_COLUMNS})
+    Args:
+        folder: the run folder (or the temporary one being filled).
+        rows: one dict per epoch; missing columns stay empty.
+    """
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: row.get(key) for key in HISTORY_COLUMNS})
+    # bytes: the csv module writes its own line endings, which must not be translated
+    write_atomic(folder / "history.csv", handle.getvalue().encode("utf-8"))
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    """Write a dict as indented JSON (NaN allowed), atomically.
+
+    Args:
+        path: the file.
+        payload: JSON-serialisable values.
+    """
+    write_atomic(path, json.dumps(payload, indent=2, allow_nan=True) + "\n")
 
 
 def load_run(path: str | Path, with_model: bool = True) -> Run:
@@ -328,5 +368,3 @@ def _read_optional_history(path: Path) -> list[dict]:
     except OSError:
         return []
 
-
-HISTORY_COLUMNS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")

@@ -149,37 +149,17 @@ def _require_same_data(job: dict, prepared: dict, data_dir, output: Path) -> Non
 
 
 def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
-    """Index, decode and split the images; every data error is raised here, before training."""
-    from transferkit.data import arrays
+    """Index, decode and split the images; every data error is raised here, before training.
+
+    Each folder is indexed once, and that index serves the data checks, the decoding and
+    the split."""
     from transferkit.data.arrays import partition_rows, stratified_split
-    from transferkit.data.folders import index_folder
+    from transferkit.data.folders import index_folders
 
-    index = index_folder(data_dir)
+    index, val_index = index_folders(data_dir, val_dir)
     class_names = index.class_names
-    val_index = None
-    if val_dir is not None:
-        val_index = index_folder(val_dir)
-        if val_index.class_names != class_names:
-            raise DataError(
-                f"--val-dir {val_dir} has classes {', '.join(val_index.class_names)} but "
-                f"{data_dir} has {', '.join(class_names)}; both need the same class sub-folders"
-            )
-    # One read of every file: the doctor's checks decode each image at the training size
-    # into one array (memory-mapped beyond data.memory_mb), and training takes it from there.
-    size, budget = recipe.image_size, recipe.data.memory_mb
     paths = list(index.paths) + (list(val_index.paths) if val_index is not None else [])
-    rows: dict = {}
-    for row, path in enumerate(paths):
-        rows.setdefault(path, []).append(row)
-    decoded = arrays.image_array(len(paths), size, budget)
-    readable = np.zeros(len(paths), dtype=bool)
-
-    def keep(path, image):
-        for row in rows.get(path, ()):  # a file added since the folder was indexed is not used
-            decoded[row] = image
-            readable[row] = True
-
-    report = _check_data(data_dir, val_dir, recipe, keep, len(paths), verbose)
+    decoded, readable, report = _read_images(index, val_index, paths, recipe, verbose)
     reasons = dict(report.unreadable)
     first = len(index.paths)
     kept, skipped = _kept_rows(index.paths, readable[:first], reasons)
@@ -201,23 +181,56 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
         log.warning("skipped %d file(s) (unreadable or not images); the run lists them in skipped.txt", len(skipped))
     if report.problems:
         log.warning("for the details run: %s", _doctor_command(data_dir, val_dir, recipe))
+    _tell_split(class_names, train_labels, val_labels, recipe, val_dir, verbose)
+    return {
+        "class_names": class_names, "skipped": skipped, "fingerprint": _data_fingerprint(data_dir, val_dir, paths),
+        "train_images": train_images, "train_labels": train_labels,
+        "val_images": val_images, "val_labels": val_labels,
+    }
+
+
+def _read_images(index, val_index, paths: list, recipe: Recipe, verbose: int):
+    """The one read of every file: the doctor's checks decode each image at the training
+    size into one array (memory-mapped beyond ``data.memory_mb``), and training takes it
+    from there.
+
+    Returns:
+        (decoded images, one row per path; which rows were readable; the ``DataReport``).
+    """
+    from transferkit.data import arrays
+
+    rows: dict = {}
+    for row, path in enumerate(paths):
+        rows.setdefault(path, []).append(row)
+    decoded = arrays.image_array(len(paths), recipe.image_size, recipe.data.memory_mb)
+    readable = np.zeros(len(paths), dtype=bool)
+
+    def keep(path, image):
+        for row in rows.get(path, ()):  # a file added since the folder was indexed is not used
+            decoded[row] = image
+            readable[row] = True
+
+    report = _check_data(index, val_index, recipe, keep, len(paths), verbose)
+    return decoded, readable, report
+
+
+def _tell_split(class_names, train_labels: np.ndarray, val_labels: np.ndarray, recipe: Recipe, val_dir,
+                verbose: int) -> None:
+    """Warn when training would get fewer images than validation (or a class fewer than 2),
+    and say how many images of each class train."""
     counts = np.bincount(train_labels, minlength=len(class_names))
     if len(train_labels) < len(val_labels) or counts.min() < 2:
         fewest = class_names[int(np.argmin(counts))]
         split, fix = ((f"data.val_split {recipe.data.val_split:g}", "lower --val-split or add images")
-                      if val_index is None else (f"--val-dir {val_dir}", "add training images"))
+                      if val_dir is None else (f"--val-dir {val_dir}", "add training images"))
         log.warning("only %d training image(s) (%s: %d) against %d for validation (%s); %s",
                     len(train_labels), fewest, counts.min(), len(val_labels), split, fix)
     if verbose:
         log.info(
             f"{len(class_names)} classes, {len(train_labels)} training and {len(val_labels)} validation "
-            f"images at {size}px: " + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
+            f"images at {recipe.image_size}px: "
+            + ", ".join(f"{name} {count}" for name, count in zip(class_names, counts))
         )
-    return {
-        "class_names": class_names, "skipped": skipped, "fingerprint": _fingerprint(data_dir, val_dir, paths),
-        "train_images": train_images, "train_labels": train_labels,
-        "val_images": val_images, "val_labels": val_labels,
-    }
 
 
 def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save_h5: bool, verbose: int):
@@ -360,7 +373,7 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     )
 
 
-def _fingerprint(data_dir, val_dir, paths) -> str:
+def _data_fingerprint(data_dir, val_dir, paths) -> str:
     """A digest of which image files the run reads (paths relative to their data folder,
     and sizes), to tell whether a resumed run sees the data it started with, wherever
     the folder is now."""
@@ -382,7 +395,7 @@ def _fingerprint(data_dir, val_dir, paths) -> str:
 def _kept_rows(paths, readable: np.ndarray, reasons: dict):
     """(indices of the readable paths, [(path, reason)] of the others, each warned about)."""
     skipped = []
-    for path, ok in zip(paths, readable):
+    for path, ok in zip(paths, readable, strict=True):
         if not ok:
             reason = reasons.get(path, "cannot be read")
             log.warning("skipping %s: %s", path, reason)
@@ -390,9 +403,12 @@ def _kept_rows(paths, readable: np.ndarray, reasons: dict):
     return np.flatnonzero(readable), skipped
 
 
-def _check_data(data_dir, val_dir, recipe: Recipe, keep, count: int, verbose: int):
+def _check_data(index, val_index, recipe: Recipe, keep, count: int, verbose: int):
     """Read every image once (each decoded image goes to ``keep(path, image)``) and warn,
-    without stopping, about what ``transferkit doctor`` would report as problems."""
+    without stopping, about what ``transferkit doctor`` would report as problems.
+
+    ``index`` and ``val_index`` are the folders' ``FolderIndex``es, so the doctor does not
+    walk them again."""
     from transferkit.data.doctor import check_data
     from transferkit.progress import progress_bar
 
@@ -401,8 +417,8 @@ def _check_data(data_dir, val_dir, recipe: Recipe, keep, count: int, verbose: in
         log.info(f"reading images ({count} files)")
         progress = progress_bar("image", count)
     report = check_data(
-        data_dir, image_size=recipe.image_size, val_split=recipe.data.val_split,
-        seed=recipe.seed, val_dir=val_dir, keep=keep, progress=progress,
+        index, image_size=recipe.image_size, val_split=recipe.data.val_split,
+        seed=recipe.seed, val_dir=val_index, keep=keep, progress=progress,
     )
     for message in report.problems:
         if "unreadable file" not in message:  # those are warned about one by one below
@@ -420,8 +436,10 @@ def _doctor_command(data_dir, val_dir, recipe: Recipe) -> str:
 
 
 def _require_every_class(labels: np.ndarray, class_names, folder) -> None:
+    """Every class keeps at least one readable image (the folder check counted files; some
+    may not have been readable)."""
     counts = np.bincount(labels, minlength=len(class_names))
-    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    empty = [name for name, count in zip(class_names, counts, strict=True) if count == 0]
     if empty:
         raise DataError(
             f"class folder(s) {', '.join(empty)} in {folder} hold no readable image; "

@@ -57,7 +57,7 @@ def test_partition_rows_gives_each_group_in_place(seed):
     expected = [images[group].copy() for group in groups]
     original = images.copy()
     views = partition_rows(images, groups)
-    for view, wanted in zip(views, expected):
+    for view, wanted in zip(views, expected, strict=False):
         np.testing.assert_array_equal(view, wanted)
         assert np.shares_memory(view, images)  # a view: no second copy of the images
     # the rows in no group are still there: the array is a permutation of its old rows

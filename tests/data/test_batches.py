@@ -1,8 +1,8 @@
 
 import numpy as np
 
-from transferkit.outputs import encode_targets
 from transferkit.data.batches import ImageBatches
+from transferkit.outputs import encode_targets
 
 
 def test_batches_augment_reproducibly_and_reshuffle_each_epoch():

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from transferkit.data.arrays import stratified_split
-from transferkit.data.folders import index_folder
 from transferkit.data.doctor import check_data
+from transferkit.data.folders import index_folder
 from transferkit.errors import DataError, RecipeError
 
 CLASSES = ("circle", "square", "triangle")
@@ -109,6 +109,37 @@ def test_val_dir_with_other_classes_is_a_data_error(data_dir, tmp_path):
         shutil.copy(data_dir / "circle" / "circle_000.jpg", tmp_path / "val" / name / "a.jpg")
     with pytest.raises(DataError, match="same class sub-folders"):
         check(data_dir, val_dir=tmp_path / "val")
+
+
+def test_a_folder_index_given_is_not_walked_again(data_dir, tmp_path, monkeypatch):
+    """finetune indexes each folder once and hands the index to the doctor."""
+    import transferkit.data.folders as folders
+
+    val = tmp_path / "val"
+    for name in CLASSES:
+        (val / name).mkdir(parents=True)
+        shutil.copy(data_dir / name / f"{name}_000.jpg", val / name / "a.jpg")
+    index, val_index = folders.index_folders(data_dir, val)
+    walked = check(data_dir, val_dir=val)
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("the folder was indexed again")
+
+    monkeypatch.setattr(folders, "index_folder", no_walk)
+    monkeypatch.setattr(folders, "iter_image_files", no_walk)
+    given = check(index, val_dir=val_index)
+    assert given == walked
+
+
+def test_the_val_dir_class_check_is_one_for_every_caller(data_dir, tmp_path):
+    from transferkit.data.folders import index_folder, index_folders
+
+    for name in ("circle", "oval"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        shutil.copy(data_dir / "circle" / "circle_000.jpg", tmp_path / "val" / name / "a.jpg")
+    with pytest.raises(DataError, match=r"validation folder .*val has classes circle, oval but .*data has circle, "
+                                        r"square, triangle; both need the same class sub-folders"):
+        index_folders(index_folder(data_dir), tmp_path / "val")
 
 
 def test_empty_and_text_files_named_jpg_are_unreadable(data_dir):

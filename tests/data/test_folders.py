@@ -1,9 +1,8 @@
 
 import pytest
-
-from tests.data.test_images import save
 from PIL import Image
 
+from tests.data.test_images import save
 from transferkit.data.folders import index_folder, iter_image_files
 from transferkit.errors import DataError
 

@@ -157,7 +157,7 @@ def test_fast_jpeg_decoding_of_tiny_images_at_tiny_sizes(tmp_path, monkeypatch, 
     paths = [save(textured(side, side + extra), tmp_path / f"tiny{extra}.jpg") for extra in (0, 1)]
     fast = [load_image(path, size) for path in paths]
     monkeypatch.setattr(data, "simplejpeg", None)
-    for path, image in zip(paths, fast):
+    for path, image in zip(paths, fast, strict=False):
         np.testing.assert_array_equal(image, load_image(path, size), err_msg=path.name)
 
 

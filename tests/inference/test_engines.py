@@ -10,15 +10,14 @@ import keras
 import numpy as np
 import pytest
 
+from transferkit.backbones import load_backbone
+from transferkit.errors import EngineError, TransferkitError
 from transferkit.inference import engines as engine_module
 from transferkit.inference import openvino as openvino_module
-from transferkit.backbones import load_backbone
-from transferkit.errors import EngineError
 from transferkit.inference.engines import make_engine
-from transferkit.errors import TransferkitError
 from transferkit.model.classifier import build_classifier
-from transferkit.runtime import dtype_policy
 from transferkit.recipe import HeadConfig
+from transferkit.runtime import dtype_policy
 
 openvino = pytest.importorskip("openvino")
 
@@ -290,10 +289,9 @@ def test_classifier_in_16_bits_runs_its_head_in_float32_and_near_ties_again(tmp_
     """inference_engine splits a classifier: body in bfloat16, head in float32 (the output
     layer stays float32, as in Keras mixed precision); rows whose top-two margin is below
     REFINE_MARGIN are computed again in float32 and so equal float32 Keras."""
+    import transferkit.runtime
     from transferkit.inference.engines import ChainedEngine, inference_engine
     from transferkit.outputs import top_margin
-
-    import transferkit.runtime
 
     model = classifier("vgg16", seed=7)
     only_16_bits = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")
@@ -357,3 +355,50 @@ def test_helper_threads_yield_the_cores_to_the_engine_and_only_they():
         helper = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert helper == min(main + 10, 19)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+
+
+def test_compiled_network_is_cached_beside_the_converted_one_and_reused(vgg, tmp_path, monkeypatch):
+    """OpenVINO's own compiled-model cache (CACHE_DIR) sits in the engine cache folder: the
+    first engine fills it, the next build of the same network loads its blob instead of
+    compiling."""
+    core = openvino_module.openvino_core()
+    configs, compiled_models = [], []
+
+    class RecordingCore:
+        def compile_model(self, network, device, config):
+            configs.append(dict(config))
+            compiled_models.append(core.compile_model(network, device, config))
+            return compiled_models[-1]
+
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+    monkeypatch.setattr(openvino_module, "openvino_core", lambda: RecordingCore())
+    compiled = tmp_path / "compiled"
+    first = make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path, precision="float32")
+    assert first.name == "openvino"
+    assert configs[-1]["CACHE_DIR"] == str(compiled) == str(openvino_module.compiled_cache_dir(first.ir_path))
+    blobs = sorted(compiled.glob("*.blob"))
+    assert blobs, "the first compile should have written a blob"
+    assert compiled_models[-1].get_property("LOADED_FROM_CACHE") is False
+    again = make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path, precision="float32")
+    assert configs[-1]["CACHE_DIR"] == str(compiled)
+    assert compiled_models[-1].get_property("LOADED_FROM_CACHE") is True
+    assert sorted(compiled.glob("*.blob")) == blobs
+    batch = images(3, seed=9)
+    np.testing.assert_allclose(again.predict(batch), first.predict(batch), rtol=1e-5, atol=1e-6)
+    # without a cache folder nothing is written anywhere
+    make_engine(vgg, "openvino", input_shape=(SIZE, SIZE, 3), precision="float32")
+    assert "CACHE_DIR" not in configs[-1]
+
+
+def test_chained_engine_repr_shows_its_body_and_head(tmp_path):
+    from transferkit.inference.engines import ChainedEngine, inference_engine
+
+    model = classifier("vgg16", seed=7)
+    engine = inference_engine(model, "openvino", SIZE, cache_dir=tmp_path, precision="bfloat16")
+    assert isinstance(engine, ChainedEngine)
+    text = repr(engine)
+    assert text.startswith("<ChainedEngine body=<OpenVINOEngine bf16, 32px")
+    assert "head=<OpenVINOEngine f32, 1x1x512" in text or "head=<OpenVINOEngine f32" in text
+    assert "16 bits only" in text and text.endswith(">")

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-
 import contextlib
-
 import logging
-
-
 import os
-
 import tempfile
-
-
-
-
-
-
-from typing import Sequence
-
+from collections.abc import Sequence
 
 import numpy as np
-
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
-    simplejpeg = None
 
 from transferkit.errors import DataError
 
 log = logging.getLogger("transferkit")
 
 
-def image_array(count: int, size: int, memory_budget_mb: float, spill_dir: str | os.PathLike | None = None) -> np.ndarray:
+def image_array(count: int, size: int, memory_budget_mb: float,
+                spill_dir: str | os.PathLike | None = None) -> np.ndarray:
     """An uninitialised uint8 (count, size, size, 3) array: in memory when it fits the budget,
     else memory-mapped from a temporary file.
 
@@ -135,7 +118,15 @@ def stratified_split(
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Weight per class, n_samples / (n_classes * count), so each class counts equally."""
+    """Weight per class, n_samples / (n_classes * count), so each class counts equally.
+
+    Args:
+        labels: class index per sample.
+        n_classes: how many classes; a class without samples gets weight 0.
+
+    Returns:
+        float64 array of shape (n_classes,).
+    """
     counts = np.bincount(labels, minlength=n_classes).astype("float64")
     return np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
 

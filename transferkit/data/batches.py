@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-
-
 import logging
-
 import math
-
-
-
 import threading
-
-
-
-
-
-from typing import Callable
+from collections.abc import Callable
 
 import keras
-
 import numpy as np
-
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
-    simplejpeg = None
-
 
 log = logging.getLogger("transferkit")
 
@@ -109,13 +90,24 @@ class ImageBatches(SeededBatches):
             batch = np.stack(
                 [
                     augment_one(augmenter, image, [self.seed, self.epoch, int(position)])
-                    for image, position in zip(batch, selected)
+                    for image, position in zip(batch, selected, strict=False)
                 ]
             )
         return batch.astype("float32")
 
 
 def augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarray:
+    """Augment one image with its own seed, so the result depends on the image's place in
+    the run, not on which worker thread drew it.
+
+    Args:
+        augmenter: an albumentations pipeline (``build_augmenter``).
+        image: a uint8 (S, S, 3) image.
+        seed_parts: what the seed is made of (run seed, epoch, row ...).
+
+    Returns:
+        The augmented image, same shape and dtype.
+    """
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     augmenter.set_random_seed(seed)
     return augmenter(image=image)["image"]

@@ -1,7 +1,11 @@
 """Data checks before training: what in an image folder is worth fixing, and what to know.
 
     report = check_data("images/", image_size=128)
-    print(report.format_text())
+    report.format_text()        # the report as lines of text; report.problems, report.warnings
+
+The checks run over the one decode pass training uses: ``check_data(keep=...)`` hands each
+decoded image on, and ``finetune`` passes the folder index it made, so a folder is walked
+and read once.
 
 ``transferkit doctor DATA_DIR`` prints this report and ``finetune`` logs its findings.
 Problems (the doctor exits 1) are things that make a run quietly worse: unreadable files,
@@ -17,18 +21,19 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from transferkit.data.arrays import stratified_split
-from transferkit.data.folders import IMAGE_EXTENSIONS, index_folder
+from transferkit.data.folders import FolderIndex, index_folders, partition_skipped
 from transferkit.data.images import UnreadableImage, load_image
-from transferkit.errors import DataError, RecipeError
+from transferkit.errors import RecipeError
 
 EXAMPLES_SHOWN = 10
 HASH_CHUNK_BYTES = 1 << 20
@@ -208,11 +213,11 @@ class DataReport:
 
 
 def check_data(
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | FolderIndex,
     image_size: int = 128,
     val_split: float = 0.2,
     seed: int = 42,
-    val_dir: str | os.PathLike | None = None,
+    val_dir: str | os.PathLike | FolderIndex | None = None,
     imbalance_limit: float = 3.0,
     *,
     min_side: int | None = None,
@@ -222,7 +227,7 @@ def check_data(
 ) -> DataReport:
     """Read every image of a data folder once and report what is worth fixing.
 
-    Each image is fully decoded with ``read_image`` (so truncated files count as
+    Each image is fully decoded with ``load_image`` (so truncated files count as
     unreadable, as in training), its header gives the colour mode, and its file content is
     hashed (SHA-256) to find exact duplicates. Leakage is computed on the split training
     would make: ``stratified_split`` over the readable images with the same
@@ -237,12 +242,14 @@ def check_data(
     extension (never read).
 
     Args:
-        data_dir: one sub-folder of images per class.
+        data_dir: one sub-folder of images per class, or its ``FolderIndex`` (a caller that
+            indexed the folder already, as ``finetune`` does, passes that: it is not walked
+            again).
         image_size: the side images are resized to for training; default 128.
         val_split: validation fraction of each class, in (0, 1); default 0.2.
         seed: split seed, as the recipe's ``seed``; default 42.
-        val_dir: a validation folder with the same class sub-folders; default None (the
-            split of ``data_dir``).
+        val_dir: a validation folder with the same class sub-folders, or its index;
+            default None (the split of ``data_dir``).
         imbalance_limit: largest/smallest class ratio accepted, at least 1; default 3.0.
         min_side: smallest accepted image side in pixels; default half of ``image_size``.
         workers: reading threads; default the number of CPUs.
@@ -259,50 +266,14 @@ def check_data(
             ``val_dir`` has other classes than ``data_dir``.
         RecipeError: an argument is out of range.
     """
-    if image_size < 1:
-        raise RecipeError(f"image_size must be at least 1, got {image_size}")
-    if not 0 < val_split < 1:
-        raise RecipeError(f"val_split must be between 0 and 1 (exclusive), got {val_split}")
-    if imbalance_limit < 1:
-        raise RecipeError(f"imbalance_limit must be 1 or more (largest / smallest class), got {imbalance_limit}")
-    if min_side is None:
-        min_side = max(1, image_size // 2)
-    elif min_side < 1:
-        raise RecipeError(f"min_side must be at least 1 pixel, got {min_side}")
-
-    index = index_folder(data_dir)
-    val_index = None
-    if val_dir is not None:
-        val_index = index_folder(val_dir)
-        if val_index.class_names != index.class_names:
-            raise DataError(
-                f"validation folder {val_dir} has classes {', '.join(val_index.class_names)} but "
-                f"{data_dir} has {', '.join(index.class_names)}; both need the same class sub-folders"
-            )
-
-    # One entry per image file of both folders: (folder, class name, path).
-    entries = [("train", index.class_names[label], path) for path, label in zip(index.paths, index.labels)]
-    if val_index is not None:
-        entries += [
-            ("validation", val_index.class_names[label], path)
-            for path, label in zip(val_index.paths, val_index.labels)
-        ]
-    inspections = []
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        paths = (path for _, _, path in entries)
-        for done, inspection in enumerate(pool.map(lambda path: _inspect(path, image_size, keep), paths), 1):
-            inspections.append(inspection)
-            if progress is not None:
-                progress(done)
-
-    unreadable: list[tuple[Path, str]] = []
-    ignored: list[tuple[Path, str]] = []
-    for path, reason in list(index.skipped) + list(val_index.skipped if val_index else ()):
-        # Files with another extension are never read; anything else skipped cannot be.
-        is_ignored = path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS
-        (ignored if is_ignored else unreadable).append((path, reason))
+    min_side = _checked_arguments(image_size, val_split, imbalance_limit, min_side)
+    index, val_index = index_folders(data_dir, val_dir)
+    entries = _entries(index, val_index)
+    inspections = _inspect_all([path for _, _, path in entries], image_size, keep, workers, progress)
+    skipped = list(index.skipped) + list(val_index.skipped if val_index else ())
+    ignored, unreadable = partition_skipped(skipped)  # never read / cannot be read
     readable: list[tuple[str, str, _Inspection]] = []
-    for (folder, class_name, path), inspection in zip(entries, inspections):
+    for (folder, class_name, path), inspection in zip(entries, inspections, strict=False):
         if inspection.error is not None:
             unreadable.append((path, inspection.error))
         else:
@@ -315,32 +286,7 @@ def check_data(
         else {}
     )
     roles = _validation_roles(readable, index.class_names, class_counts, val_split, seed, val_index is not None)
-
-    by_digest: dict[str, list[int]] = defaultdict(list)
-    for position, (_, _, inspection) in enumerate(readable):
-        by_digest[inspection.digest].append(position)
-    within: list[tuple[Path, ...]] = []
-    conflicting: list[ConflictingGroup] = []
-    leaked: list[LeakedGroup] = []
-    for positions in by_digest.values():
-        if len(positions) < 2:
-            continue
-        groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
-        for position in positions:
-            folder, class_name, inspection = readable[position]
-            groups[(folder, class_name)].append(inspection.path)
-        within += [tuple(sorted(paths)) for paths in groups.values() if len(paths) > 1]
-        classes = sorted({class_name for _, class_name in groups})
-        if len(classes) > 1:
-            conflicting.append(
-                ConflictingGroup(tuple(sorted(readable[p][2].path for p in positions)), tuple(classes))
-            )
-        if roles is not None:
-            train = tuple(sorted(readable[p][2].path for p in positions if not roles[p]))
-            validation = tuple(sorted(readable[p][2].path for p in positions if roles[p]))
-            if train and validation:
-                leaked.append(LeakedGroup(train, validation))
-
+    within, conflicting, leaked = _duplicate_groups(readable, roles)
     counts = list(class_counts.values())
     return DataReport(
         root=index.root,
@@ -367,6 +313,76 @@ def check_data(
         ),
         colour_modes=dict(Counter(inspection.mode for _, _, inspection in readable).most_common()),
     )
+
+
+def _checked_arguments(image_size: int, val_split: float, imbalance_limit: float, min_side: int | None) -> int:
+    """Refuse out-of-range arguments; returns ``min_side`` (default half of ``image_size``)."""
+    if image_size < 1:
+        raise RecipeError(f"image_size must be at least 1, got {image_size}")
+    if not 0 < val_split < 1:
+        raise RecipeError(f"val_split must be between 0 and 1 (exclusive), got {val_split}")
+    if imbalance_limit < 1:
+        raise RecipeError(f"imbalance_limit must be 1 or more (largest / smallest class), got {imbalance_limit}")
+    if min_side is None:
+        return max(1, image_size // 2)
+    if min_side < 1:
+        raise RecipeError(f"min_side must be at least 1 pixel, got {min_side}")
+    return min_side
+
+
+def _entries(index: FolderIndex, val_index: FolderIndex | None) -> list[tuple[str, str, Path]]:
+    """One entry per image file of both folders: ("train" or "validation", class name, path)."""
+    entries = [
+        ("train", index.class_names[label], path) for path, label in zip(index.paths, index.labels, strict=True)
+    ]
+    if val_index is not None:
+        entries += [
+            ("validation", val_index.class_names[label], path)
+            for path, label in zip(val_index.paths, val_index.labels, strict=False)
+        ]
+    return entries
+
+
+def _inspect_all(paths: list[Path], image_size: int, keep: Callable | None, workers: int | None,
+                 progress: Callable[[int], None] | None) -> list[_Inspection]:
+    """Decode, measure and hash every file, in reading threads; results in path order."""
+    inspections = []
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for done, inspection in enumerate(pool.map(lambda path: _inspect(path, image_size, keep), paths), 1):
+            inspections.append(inspection)
+            if progress is not None:
+                progress(done)
+    return inspections
+
+
+def _duplicate_groups(readable: list[tuple[str, str, _Inspection]], roles: list[bool] | None):
+    """Files of identical content: (groups within one class of one folder, groups across
+    classes, groups on both sides of the split; the last empty when ``roles`` is None)."""
+    by_digest: dict[str, list[int]] = defaultdict(list)
+    for position, (_, _, inspection) in enumerate(readable):
+        by_digest[inspection.digest].append(position)
+    within: list[tuple[Path, ...]] = []
+    conflicting: list[ConflictingGroup] = []
+    leaked: list[LeakedGroup] = []
+    for positions in by_digest.values():
+        if len(positions) < 2:
+            continue
+        groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
+        for position in positions:
+            folder, class_name, inspection = readable[position]
+            groups[(folder, class_name)].append(inspection.path)
+        within += [tuple(sorted(paths)) for paths in groups.values() if len(paths) > 1]
+        classes = sorted({class_name for _, class_name in groups})
+        if len(classes) > 1:
+            conflicting.append(
+                ConflictingGroup(tuple(sorted(readable[p][2].path for p in positions)), tuple(classes))
+            )
+        if roles is not None:
+            train = tuple(sorted(readable[p][2].path for p in positions if not roles[p]))
+            validation = tuple(sorted(readable[p][2].path for p in positions if roles[p]))
+            if train and validation:
+                leaked.append(LeakedGroup(train, validation))
+    return within, conflicting, leaked
 
 
 @dataclass(frozen=True)

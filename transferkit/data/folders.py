@@ -1,24 +1,21 @@
-"""Images on disk -> arrays: folder indexing, robust reading, splitting, training batches.
+"""Class folders on disk: walking and indexing them, and what is skipped or ignored, and why.
 
 A data folder holds one sub-folder per class, sorted by name; images in deeper sub-folders
 of a class folder belong to that class. Hidden files and OS litter (.DS_Store, Thumbs.db,
-__MACOSX) are ignored; files without an image extension are listed as skipped.
+__MACOSX) are ignored; files without an image extension are listed as skipped. A validation
+folder must hold the same class sub-folders (``index_folders`` checks it, for every caller).
+No file is opened here (reading images is ``data.images``); no Keras import.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-
-try:
-    import simplejpeg
-except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
-    simplejpeg = None
 
 from transferkit.errors import DataError
 
@@ -28,8 +25,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
 OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "__macosx", ".ds_store"})
-
-
 
 
 @dataclass(frozen=True)
@@ -62,8 +57,37 @@ def is_ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.name.lower() in OS_LITTER
 
 
+def is_non_image_file(path: Path) -> bool:
+    """A regular file without an image extension (notes, CSVs): never read, so listed as
+    ignored rather than unreadable."""
+    return path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS
+
+
+def partition_skipped(
+    skipped: Iterable[tuple[Path, str]],
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Split what a walk skipped into files that are ignored and files that cannot be used.
+
+    Args:
+        skipped: (path, reason) pairs, as ``iter_image_files`` or ``FolderIndex.skipped``
+            give them.
+
+    Returns:
+        (ignored, unreadable): files without an image extension (``is_non_image_file``),
+        and the rest (broken links, folders that cannot be read), in their order.
+    """
+    ignored: list[tuple[Path, str]] = []
+    unreadable: list[tuple[Path, str]] = []
+    for path, reason in skipped:
+        (ignored if is_non_image_file(path) else unreadable).append((path, reason))
+    return ignored, unreadable
+
+
 def iter_image_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
     """Walk a folder recursively in sorted order, following symlinks once.
+
+    Args:
+        folder: the folder to walk.
 
     Yields:
         (path, None) for each file with an image extension and (path, reason) for other
@@ -167,33 +191,29 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
     )
 
 
+def index_folders(
+    data_dir: str | os.PathLike | FolderIndex,
+    val_dir: str | os.PathLike | FolderIndex | None = None,
+) -> tuple[FolderIndex, FolderIndex | None]:
+    """Index a data folder and its validation folder, which must have the same classes.
 
+    Args:
+        data_dir: the data folder, or its ``FolderIndex`` (used as it is).
+        val_dir: the validation folder or its index; default None (no validation folder).
 
+    Returns:
+        (index, val_index); val_index is None without ``val_dir``.
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    Raises:
+        DataError: as ``index_folder``, or the validation folder has other classes.
+    """
+    index = data_dir if isinstance(data_dir, FolderIndex) else index_folder(data_dir)
+    if val_dir is None:
+        return index, None
+    val_index = val_dir if isinstance(val_dir, FolderIndex) else index_folder(val_dir)
+    if val_index.class_names != index.class_names:
+        raise DataError(
+            f"validation folder {val_index.root} has classes {', '.join(val_index.class_names)} but "
+            f"{index.root} has {', '.join(index.class_names)}; both need the same class sub-folders"
+        )
+    return index, val_index

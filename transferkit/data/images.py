@@ -5,28 +5,15 @@ No Keras import: the data checks and predict read images through this module alo
 
 from __future__ import annotations
 
-
 import contextlib
-
 import logging
-
-
 import os
-
-
-
 import warnings
-
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-
-
 from pathlib import Path
 
-from typing import Callable, Sequence
-
-
 import numpy as np
-
 from PIL import Image, ImageOps
 
 try:
@@ -74,6 +61,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """Read an image and resize it to size x size (bilinear, antialiased).
+
+    Args:
+        path: the image file.
+        size: the side of the square result, in pixels.
 
     Returns:
         An array of shape (size, size, 3), dtype uint8.

@@ -10,18 +10,30 @@ classifier has to learn shape rather than colour.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger("transferkit")
 
 SHAPES = ("circle", "square", "triangle", "stripes", "cross", "ring", "star", "dots", "hexagon", "diamond")
 
 
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of a shape of ``kind`` on a random background."""
+    """One RGB image of a shape of ``kind`` on a random background.
+
+    Args:
+        kind: one of ``SHAPES``.
+        size: the image side in pixels.
+        rng: the random generator (colour, size, position, rotation).
+
+    Returns:
+        A PIL RGB image.
+    """
     background = tuple(int(v) for v in rng.integers(0, 256, 3))
     noise = rng.normal(0, 18, (size, size, 3))
     base = np.clip(np.asarray(background, dtype="float64") + noise, 0, 255).astype("uint8")
@@ -55,7 +67,7 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     elif kind == "star":
         outer = polygon(5, radius * 1.3)
         inner = polygon(5, radius * 0.5, phase=math.pi / 5)
-        draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=colour)
+        draw.polygon([p for pair in zip(outer, inner, strict=False) for p in pair], fill=colour)
     elif kind == "ring":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=width * 2)
     elif kind == "cross":
@@ -103,7 +115,7 @@ def write_shapes_dataset(
     names = list(SHAPES[:classes]) if isinstance(classes, int) else list(classes)
     counts = [per_class] * len(names) if isinstance(per_class, int) else list(per_class)
     rng = np.random.default_rng(seed)
-    for name, count in zip(names, counts):
+    for name, count in zip(names, counts, strict=False):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(count):
@@ -117,6 +129,8 @@ def write_shapes_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m transferkit.data.synthetic ROOT``: write a generated folder; the one
+    line it reports goes through the ``transferkit`` logger (shown when run as a script)."""
     parser = argparse.ArgumentParser(description="Write a generated folder of shape images.")
     parser.add_argument("root", type=Path)
     parser.add_argument("--classes", type=int, default=4)
@@ -125,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     write_shapes_dataset(args.root, args.classes, args.per_class, args.size, args.seed)
-    print(f"wrote {args.classes} classes x {args.per_class} images to {args.root}")
+    log.info("wrote %d classes x %d images to %s", args.classes, args.per_class, args.root)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     main()

@@ -1,23 +1,30 @@
-"""Forward-only inference engines: the Keras model itself, or OpenVINO on a CPU.
+"""Forward-only inference engines: the Keras model itself, OpenVINO on a CPU, and a
+classifier split into a 16-bit body and a float32 head.
 
 Computing the frozen part's feature cache and predicting are forward passes only, and
-OpenVINO's CPU runtime uses AMX / AVX-512 bfloat16 far better than Keras does (ResNet50 at
-224 px: about 8x the images per second). ``make_engine`` picks one:
+OpenVINO's CPU runtime uses AMX / AVX-512 bfloat16 far better than Keras does.
+``make_engine`` picks one; ``inference_engine`` is the same for a whole classifier, with
+frozen BatchNorm folded first and, in 16 bits, a ``ChainedEngine``:
 
-    engine = make_engine(extractor, "auto", input_shape=(224, 224, 3), cache_dir=run / ".engine")
-    features = engine.predict(images)          # float32 (B, 224, 224, 3) -> float32 outputs
+    engine = inference_engine(model, "auto", image_size=224, cache_dir=claim_engine_cache(run.path),
+                              input_dtype="uint8")
+    outputs = engine.predict(images)          # uint8 (B, 224, 224, 3) as decoded -> float32 outputs
 
-With ``input_dtype="uint8"`` an image network takes the images as decoded and converts
-them inside the network (what predict and the feature cache use).
+With ``input_dtype="uint8"`` (what predict and the feature cache use) an image network
+takes the images as decoded and converts them inside the network; with "float32" it takes
+float32 batches.
 
 How a model becomes an OpenVINO network: it is cloned in float32 (OpenVINO's TensorFlow
 front end reads no bfloat16 constants; the bf16 inference hint brings the 16-bit compute
 back), a ``Resizing`` layer that receives images already at its target size becomes the
 identity it computes anyway (the antialiased resize op has no OpenVINO conversion), the
 clone's inference call is traced as a ``tf.function`` with a dynamic batch and a static
-image size, and ``openvino.convert_model`` converts that. The network is cached as
-``cache_dir/openvino-{S}px/{model name}.xml`` (+ ``.bin``), keyed by a fingerprint of the
-model's architecture and weights, so a changed model is converted again. Any failure to
+image size, and ``openvino.convert_model`` converts that. With a ``cache_dir`` (predict
+passes the run's engine cache folder, outside the run under ``~/.cache/transferkit/engine/``;
+see ``inference.openvino``) the network is kept as ``cache_dir/openvino-{S}px/{model
+name}.xml`` (+ ``.bin``), keyed by a fingerprint of the model's architecture and weights so
+that a changed model is converted again, and its compiled form in ``cache_dir/compiled/``
+(OpenVINO's CACHE_DIR), so a warm start neither converts nor compiles. Any failure to
 convert or compile logs one warning and returns the Keras engine.
 """
 
@@ -30,33 +37,33 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import EngineError
-from transferkit.outputs import top_margin
 from transferkit.inference.openvino import (
+    compile_network,
+    conversion_reason,
     float32_clone,
     import_openvino,
     is_image_shape,
     load_or_convert,
-    openvino_core,
     precision_hint,
-    conversion_reason,
     shape_label,
     uint8_input,
 )
+from transferkit.outputs import top_margin
 from transferkit.runtime import ENGINES, gpu_visible
 
 log = logging.getLogger("transferkit")
 
 
-
-
 class ForwardEngine:
-    """Runs a model's forward pass on float32 image batches; ``name`` says which runtime."""
+    """Runs a model's forward pass on batches; ``name`` says which runtime."""
 
     name = ""
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Outputs of the model for a float32 batch of shape (B, S, S, 3); any B, float32.
-        A model with several outputs gives a list of arrays, in the model's output order."""
+        """Outputs of the model for a batch of shape (B, S, S, 3) (or the model's input
+        shape), any B: uint8 images as decoded for an engine built with
+        ``input_dtype="uint8"``, else float32 (the Keras engine takes either). Outputs are
+        float32; a model with several outputs gives a list of arrays, in its output order."""
         raise NotImplementedError
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -159,7 +166,7 @@ class ChainedEngine(ForwardEngine):
 
     name = "openvino"
 
-    def __init__(self, body: "OpenVINOEngine", head: "OpenVINOEngine", exact_factory=None):
+    def __init__(self, body: OpenVINOEngine, head: OpenVINOEngine, exact_factory=None):
         self.body, self.head = body, head
         self.input_shape = body.input_shape
         self.precision_hint = body.precision_hint
@@ -201,6 +208,13 @@ class ChainedEngine(ForwardEngine):
             self._exact = self._exact_factory()
         return self._exact
 
+    def __repr__(self) -> str:
+        if self._exact_factory is None:
+            near_ties = "16 bits only"
+        else:
+            near_ties = f"near ties in float32 ({'built' if self._exact is not None else 'on first use'})"
+        return f"<ChainedEngine body={self.body!r} head={self.head!r}, {near_ties}, refined={self.refined}>"
+
 
 def yield_to_engine(niceness: int = 10) -> None:
     """Lower the calling thread's scheduling priority by ``niceness`` (Linux; elsewhere
@@ -210,10 +224,10 @@ def yield_to_engine(niceness: int = 10) -> None:
     the current one: the engine keeps every core busy and waits at each layer for its
     slowest thread, so a helper thread of equal priority that takes a core away delays
     the whole pass by more than its own work. At a lower priority it runs in the engine's
-    gaps instead (measured here on 2 cores, ResNet50 predict with Pillow decoding: 0.60-0.82
-    of the bare forward with the decoder at equal priority, 0.84-0.93 with it lowered; with
-    the cheaper simplejpeg decoding and uint8 batches the difference is within noise,
-    0.893 at equal priority vs 0.888 lowered). Use it as a thread pool's ``initializer``.
+    gaps instead. Use it as a thread pool's ``initializer``.
+
+    Args:
+        niceness: how much lower, in nice levels (the result is capped at 19); default 10.
     """
     import sys
     import threading
@@ -224,10 +238,6 @@ def yield_to_engine(niceness: int = 10) -> None:
             os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + niceness, 19))
         except OSError:
             pass
-
-
-
-
 
 
 def make_engine(
@@ -248,9 +258,10 @@ def make_engine(
         input_shape: the shape of one input without the batch axis, (S, S, 3) for images
             (or any static shape for a model on feature maps); default the model's own input
             shape, which must then be static.
-        cache_dir: where the converted network is kept, under ``openvino-{S}px/``; default
-            None (convert in memory every time). A folder that cannot be written (a
-            read-only run) is replaced by one under the system's temporary folder.
+        cache_dir: the engine cache folder: the converted network is kept under
+            ``openvino-{S}px/`` and its compiled form under ``compiled/``; default None
+            (convert and compile every time). A folder that cannot be written is replaced
+            by one under the system's temporary folder.
         precision: "auto" (default: bfloat16 on a CPU with AMX or AVX512-BF16), "float32",
             "bfloat16" or "float16"; sets OpenVINO's inference precision hint.
         input_dtype: "float32" (default) or "uint8": an image network that takes the
@@ -299,9 +310,7 @@ def make_engine(
         if input_dtype == "uint8":
             network = uint8_input(network)
         step = "compilation"
-        compiled = openvino_core().compile_model(
-            network, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-        )
+        compiled = compile_network(network, hint, ir_path)
     except Exception as error:  # any OpenVINO or tracing failure: Keras still works
         log.warning(
             "OpenVINO %s of %s failed (%s); using Keras for inference",
@@ -310,40 +319,6 @@ def make_engine(
         return KerasEngine(model)
     log.info("inference engine: OpenVINO on CPU, %s, %s", hint, shape_label(input_shape))
     return OpenVINOEngine(compiled, input_shape, hint, ir_path, input_dtype)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def inference_engine(model, engine: str = "auto", image_size: int | None = None,

@@ -1,27 +1,34 @@
-"""OpenVINO: conversion of a Keras model, the converted-network cache, and its clean-up."""
+"""OpenVINO: converting a Keras model, compiling it, and the engine cache with its clean-up.
+
+The engine cache of a run is a folder outside the run (``engine_cache_dir``: under
+``~/.cache/transferkit/engine/``, or ``$TRANSFERKIT_CACHE``), so predicting never changes a
+run and a read-only run still gets one. It holds:
+
+    openvino-{S}px/{model name}.xml, .bin, .fingerprint   converted networks (``load_or_convert``)
+    compiled/*.blob                                       OpenVINO's compiled-model cache (CACHE_DIR)
+    run.txt                                               the run folder it belongs to
+
+A converted network is reused while its fingerprint (architecture, weights, input shape,
+OpenVINO version) matches; a compiled blob is reused by OpenVINO itself while the network
+and the compile settings match, so a warm predict neither converts nor compiles again.
+``claim_engine_cache`` removes the folders of runs that no longer exist.
+"""
 
 from __future__ import annotations
 
-
 import functools
-
 import hashlib
-
 import json
-
 import logging
-
 import os
-
 import re
-
+import shutil
 import tempfile
-
 from pathlib import Path
 
 import numpy as np
-import shutil
 
+from transferkit.files import atomic_path, write_atomic
 
 log = logging.getLogger("transferkit")
 
@@ -53,7 +60,14 @@ def import_openvino():
 
 def uint8_input(network):
     """The network taking uint8 images: the conversion to float32 becomes its first op
-    (OpenVINO's preprocessing; the cached network itself stays float32-input)."""
+    (OpenVINO's preprocessing; the cached network itself stays float32-input).
+
+    Args:
+        network: an ``openvino.Model`` with one float32 image input.
+
+    Returns:
+        The new ``openvino.Model``.
+    """
     ov = import_openvino()
 
     steps = ov.preprocess.PrePostProcessor(network)
@@ -63,6 +77,8 @@ def uint8_input(network):
 
 
 def conversion_reason(error: BaseException) -> str:
+    """One line telling why an OpenVINO step failed: the error's type and its most telling
+    line (the missing conversion rule, where there is one), at most 200 characters."""
     lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
     # OpenVINO's conversion report starts with a source location; the op list says more.
     telling = [line for line in lines if "No conversion rule" in line] or lines
@@ -70,6 +86,18 @@ def conversion_reason(error: BaseException) -> str:
 
 
 def precision_hint(precision: str) -> str:
+    """OpenVINO's CPU inference precision hint for a precision.
+
+    Args:
+        precision: "auto" (``runtime.resolve_precision`` decides), "float32", "bfloat16",
+            "float16", or a Keras dtype policy name ("mixed_bfloat16").
+
+    Returns:
+        "f32", "bf16" or "f16".
+
+    Raises:
+        ValueError: an unknown precision.
+    """
     from transferkit.runtime import POLICIES, resolve_precision
 
     if precision != "auto" and precision not in POLICIES and precision not in PRECISION_HINTS:
@@ -80,7 +108,7 @@ def precision_hint(precision: str) -> str:
     return PRECISION_HINTS[policy]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def openvino_core():
     ov = import_openvino()
 
@@ -88,7 +116,17 @@ def openvino_core():
 
 
 def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
-    """The OpenVINO network for a model: read from the cache when its fingerprint matches."""
+    """The OpenVINO network for a model: read from the cache when its fingerprint matches,
+    else converted (and written to the cache).
+
+    Args:
+        model: a Keras model.
+        input_shape: one input's shape, without the batch axis.
+        cache_dir: the engine cache folder, or None (convert in memory, cache nothing).
+
+    Returns:
+        (the ``openvino.Model``, its cached ``.xml`` path or None when it was not written).
+    """
     if cache_dir is None:
         return export_network(model, input_shape), None
     fingerprint = model_fingerprint(model, input_shape)
@@ -108,7 +146,10 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
         xml = folder / f"{stem}.xml"
         try:
             _write_cache(network, xml, fingerprint)
-            return network, xml
+            # The network as a warm start will read it: the same graph to OpenVINO's
+            # compiled-model cache, whose key the converted one (its conversion details
+            # attached) does not share.
+            return openvino_core().read_model(xml), xml
         except OSError as error:
             # A read-only run folder still predicts; the network goes to the temp folder.
             log.info("cannot write the OpenVINO cache in %s (%s); trying the temp folder",
@@ -129,21 +170,62 @@ def _cached(xml: Path, fingerprint: str) -> bool:
 
 
 def _write_cache(network, xml: Path, fingerprint: str) -> None:
+    """Save a converted network as ``xml`` + ``.bin`` with its fingerprint beside them,
+    each file written atomically; the fingerprint goes last, so a half-written pair is never
+    taken for a valid one."""
     ov = import_openvino()
 
     xml.parent.mkdir(parents=True, exist_ok=True)
-    staging = xml.with_name(f".{xml.stem}.partial-{os.getpid()}.xml")
-    try:
+    _fingerprint_file(xml).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=f".{xml.stem}.partial-") as staging:
+        staged = Path(staging) / xml.name
         # compress_to_fp16=False: the weights stay float32; the bf16 hint decides at run time.
-        ov.save_model(network, str(staging), compress_to_fp16=False)
-        # The fingerprint goes last, so a half-written pair is never taken for a valid one.
-        _fingerprint_file(xml).unlink(missing_ok=True)
-        os.replace(staging.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(staging, xml)
-        _fingerprint_file(xml).write_text(fingerprint + "\n", encoding="utf-8")
-    finally:
-        staging.unlink(missing_ok=True)
-        staging.with_suffix(".bin").unlink(missing_ok=True)
+        ov.save_model(network, str(staged), compress_to_fp16=False)
+        for suffix in (".bin", ".xml"):
+            with atomic_path(xml.with_suffix(suffix)) as temporary:
+                os.replace(staged.with_suffix(suffix), temporary)
+    write_atomic(_fingerprint_file(xml), fingerprint + "\n")
+
+
+COMPILED_FOLDER = "compiled"  # in an engine cache folder: OpenVINO's compiled-model cache
+
+
+def compiled_cache_dir(ir_path: Path | None) -> Path | None:
+    """Where OpenVINO keeps the compiled form of a cached network: ``compiled/`` in the
+    engine cache folder that holds ``openvino-{S}px/{name}.xml``; None for a network that
+    was never written (nothing to key a warm start on).
+
+    Args:
+        ir_path: the cached ``.xml`` of the network, or None.
+
+    Returns:
+        The folder (not created here: OpenVINO creates it), or None.
+    """
+    return None if ir_path is None else Path(ir_path).parent.parent / COMPILED_FOLDER
+
+
+def compile_network(network, hint: str, ir_path: Path | None = None):
+    """Compile a network for the CPU.
+
+    Args:
+        network: an ``openvino.Model``.
+        hint: the inference precision hint, "bf16", "f16" or "f32".
+        ir_path: where the network is cached (from ``load_or_convert``); when given, the
+            compiled model is cached beside it (``compiled_cache_dir``, OpenVINO's
+            ``CACHE_DIR``) and a later compile of the same network with the same settings
+            loads it instead of compiling; default None (compiled every time).
+
+    Returns:
+        The ``openvino.CompiledModel``.
+    """
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    folder = compiled_cache_dir(ir_path)
+    if folder is not None:
+        try:
+            return openvino_core().compile_model(network, "CPU", {**config, "CACHE_DIR": str(folder)})
+        except Exception as error:  # a cache folder that cannot be written: compile without it
+            log.debug("OpenVINO compiled-model cache %s: %s; compiling without it", folder, conversion_reason(error))
+    return openvino_core().compile_model(network, "CPU", config)
 
 
 def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
@@ -213,6 +295,12 @@ def float32_clone(model):
 
     Nested models are cloned too and weights copied layer by layer. A model that cannot be
     cloned (subclassed) is returned as it is.
+
+    Args:
+        model: a Keras model, in any dtype policy.
+
+    Returns:
+        The float32 clone (or ``model`` itself, see above).
     """
     import keras
 
@@ -238,7 +326,7 @@ def float32_clone(model):
     return clone
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _same_size_resizing_class():
     import keras
 
@@ -270,9 +358,13 @@ def engine_cache_dir(run_path: str | os.PathLike) -> Path:
     ``$TRANSFERKIT_CACHE`` or ``$XDG_CACHE_HOME/transferkit`` (default ``~/.cache/transferkit``),
     then ``engine/<run folder name>-<hash of its full path>``: outside the run folder, so
     predicting never changes a run, and a read-only run still gets a cache.
-    """
-    import hashlib
 
+    Args:
+        run_path: the run folder (or its model file).
+
+    Returns:
+        The folder; not created here (``claim_engine_cache`` does).
+    """
     root = os.environ.get("TRANSFERKIT_CACHE")
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -289,11 +381,14 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
     """A run's engine cache folder (``engine_cache_dir``), recorded as the run's, with the
     folders of runs that no longer exist removed.
 
-    Each predicted run adds its converted networks (about 100 MB for VGG16 / ResNet50);
-    without this, deleting runs would leave their networks behind for ever. A folder is
+    Each predicted run adds its converted networks (about 100 MB each for VGG16 / ResNet50)
+    and their compiled blobs; without this, deleting runs would leave their networks behind for ever. A folder is
     removed only when the run it records is gone (no ``labels.json`` there); folders
     without a record are left alone. Nothing here stops a prediction: a cache that cannot
     be written only means converting again next time.
+
+    Args:
+        run_path: the run folder (or its model file).
 
     Returns:
         The run's cache folder.
@@ -303,7 +398,7 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
     folder = engine_cache_dir(run_path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_RECORD).write_text(str(Path(run_path).resolve()) + "\n", encoding="utf-8")
+        write_atomic(folder / RUN_RECORD, str(Path(run_path).resolve()) + "\n")
         for other in folder.parent.iterdir():
             record = other / RUN_RECORD
             if other != folder and record.is_file():
@@ -315,11 +410,8 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
     return folder
 
 
-
-
-
-
 def is_image_shape(shape: tuple[int, ...]) -> bool:
+    """Whether an input shape is a square RGB image, (S, S, 3)."""
     return len(shape) == 3 and shape[-1] == 3 and shape[0] == shape[1]
 
 

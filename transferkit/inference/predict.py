@@ -1,14 +1,23 @@
-"""Predict labels for every image in a folder with a saved run."""
+"""Predicting a folder with a saved run: listing its images, streaming them through an
+engine, the rows, and the CSV / JSON files they are written to.
+
+    result = predict_folder("runs/flowers", "to_sort/")
+    write_predictions(result, "predictions.csv")
+
+The engines themselves (and their near-tie second look) are ``inference.engines``; the
+converted-network cache and its clean-up are ``inference.openvino``.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -81,8 +90,9 @@ def predict_folder(
         progress: called with (images done, images total) as images get their final
             outputs or are skipped (after each batch; a near tie after its float32 pass).
         engine: "auto" (OpenVINO on CPU when installed), "keras" or "openvino"; the
-            converted network is cached per run and image size (see ``engine_cache_dir``).
-            A ``ForwardEngine`` built for this run's model is used as it is.
+            converted network is cached per run and image size, outside the run folder
+            (see ``inference.openvino.engine_cache_dir``). A ``ForwardEngine`` built for this
+            run's model is used as it is.
         precision: the engine's compute precision: "auto" (bfloat16 where the CPU runs it
             fast, near ties computed again in float32 so the top class agrees with float32),
             "float32" (matches Keras float32 to ~1e-5), "bfloat16" or "float16" (16 bits
@@ -96,41 +106,96 @@ def predict_folder(
             files could be read (nothing classified).
         RunError: the run cannot be loaded.
     """
-    from transferkit.data.folders import IMAGE_EXTENSIONS, iter_image_files
-    from transferkit.outputs import class_probabilities
-    from transferkit.runs import load_run
-
-    if not hasattr(run, "model") or run.model is None:
-        run = load_run(run if not hasattr(run, "path") else run.path)
+    run = _loaded(run)
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     folder = Path(folder)
+    listing = list_images(folder)
+    forward = _engine_for(run, engine, precision)
+    kept, outputs, unreadable = _stream_outputs(forward, listing.files, run.image_size, batch_size, progress)
+    # decode_images warned about the files it could not read; the walk's finds are told here
+    for path, reason in listing.skipped:
+        log.warning("skipping %s: %s", path, reason)
+    rows = _rows(kept, outputs, run.class_names, min(top_k, len(run.class_names)))
+    skipped = listing.skipped + unreadable
+    if not rows:
+        # Nothing classified is a failed run, not an empty table (and no header-only file).
+        raise _nothing_classified(folder, skipped)
+    return PredictionResult(rows=rows, skipped=skipped, ignored=listing.ignored, engine=forward.name)
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """What a folder to classify holds.
+
+    Attributes:
+        files: image files, in path order.
+        skipped: (path, reason) of broken links and folders that cannot be read.
+        ignored: files without an image extension (notes, CSVs).
+    """
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+    ignored: list[Path]
+
+
+def list_images(folder: str | os.PathLike) -> ImageListing:
+    """List the images under a folder (recursively), or a single image file.
+
+    Args:
+        folder: a folder, or one image file.
+
+    Returns:
+        An ``ImageListing``.
+
+    Raises:
+        DataError: the folder does not exist or holds no image file.
+    """
+    from transferkit.data.folders import IMAGE_EXTENSIONS, iter_image_files, partition_skipped
+
+    folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder} does not exist; pass a folder of images to classify")
-    if folder.is_file():
-        entries = [(folder, None)]
-    else:
-        entries = list(iter_image_files(folder))
+    entries = [(folder, None)] if folder.is_file() else list(iter_image_files(folder))
     files = [path for path, reason in entries if reason is None]
-    ignored = [path for path, reason in entries
-               if reason is not None and path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS]
-    skipped = [(path, reason) for path, reason in entries if reason is not None and path not in set(ignored)]
-    skipped_by_walk = len(skipped)  # decode_images warns about the files it skips itself
+    ignored, skipped = partition_skipped((path, reason) for path, reason in entries if reason is not None)
     if not files:
         raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return ImageListing(files=files, skipped=skipped, ignored=[path for path, _ in ignored])
+
+
+def _loaded(run):
+    """The run with its model loaded (a run folder or .keras path is loaded here)."""
+    from transferkit.runs import load_run
+
+    if not hasattr(run, "model") or run.model is None:
+        run = load_run(run if not hasattr(run, "path") else run.path)
+    return run
+
+
+def _engine_for(run, engine, precision: str):
+    """The engine named (built for the run, its network cached in the run's engine cache
+    folder), or the ``ForwardEngine`` given, as it is."""
+    if not isinstance(engine, str):
+        return engine
     from transferkit.inference.engines import inference_engine
     from transferkit.inference.openvino import claim_engine_cache
 
-    top_k = min(top_k, len(run.class_names))
-    names = run.class_names
-    if isinstance(engine, str):
-        forward = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
-                                   precision=precision, input_dtype="uint8")
-    else:
-        forward = engine
+    return inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
+                            precision=precision, input_dtype="uint8")
+
+
+def _stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,
+                    progress: Callable[[int, int], None] | None):
+    """Decode and predict the files batch by batch.
+
+    Returns:
+        (the readable files, their outputs in that order, (path, reason) of the unreadable).
+    """
     kept: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     done = 0
 
     def advance(count: int) -> None:
@@ -142,33 +207,39 @@ def predict_folder(
             progress(done, len(files))
 
     def batches():
-        for paths, images, batch_skipped in _stream_batches(files, run.image_size, batch_size):
-            skipped.extend(batch_skipped)
+        for paths, images, batch_skipped in _stream_batches(files, image_size, batch_size):
+            unreadable.extend(batch_skipped)
             advance(len(batch_skipped))
             if len(images):
                 kept.extend(paths)
                 yield images
 
     outputs = engine_outputs(forward, batches(), batch_size, finished=advance)
+    return kept, outputs, unreadable
+
+
+def _rows(files: list[Path], outputs: np.ndarray, names, top_k: int) -> list[Prediction]:
+    """One ``Prediction`` per file: its ``top_k`` classes, most likely first."""
+    from transferkit.outputs import class_probabilities
+
     rows: list[Prediction] = []
-    probabilities = class_probabilities(outputs)
-    for path, row in zip(kept, probabilities):
+    for path, row in zip(files, class_probabilities(outputs), strict=False):
         order = np.argsort(-row, kind="stable")[:top_k]
         ranked = tuple((names[i], float(row[i])) for i in order)
         rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
-    for path, reason in skipped[:skipped_by_walk]:
-        log.warning("skipping %s: %s", path, reason)
-    if not rows:
-        # Nothing classified is a failed run, not an empty table (and no header-only file).
-        first, reason = skipped[0]
-        if folder.is_file():
-            raise DataError(f"{folder}: {reason}; pass a readable image file")
-        if len(skipped) == 1:
-            which = f"the only image file under {folder} is unreadable ({first}: {reason})"
-        else:
-            which = f"all {len(skipped)} image files under {folder} are unreadable (e.g. {first}: {reason})"
-        raise DataError(f"no image could be classified: {which}; replace them or pass another folder")
-    return PredictionResult(rows=rows, skipped=skipped, ignored=ignored, engine=forward.name)
+    return rows
+
+
+def _nothing_classified(folder: Path, skipped: list[tuple[Path, str]]) -> DataError:
+    """The error for a folder (or file) of which no image could be read."""
+    first, reason = skipped[0]
+    if folder.is_file():
+        return DataError(f"{folder}: {reason}; pass a readable image file")
+    if len(skipped) == 1:
+        which = f"the only image file under {folder} is unreadable ({first}: {reason})"
+    else:
+        which = f"all {len(skipped)} image files under {folder} are unreadable (e.g. {first}: {reason})"
+    return DataError(f"no image could be classified: {which}; replace them or pass another folder")
 
 
 def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int,
@@ -226,12 +297,6 @@ def engine_outputs(forward, batches: Iterable[np.ndarray], batch_size: int,
     return np.concatenate(outputs) if outputs else np.zeros((0, 1), dtype="float32")
 
 
-
-
-
-
-
-
 def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
     """Decode the next batch in a background thread while the current one is predicted.
 
@@ -276,7 +341,7 @@ def check_output(path: str | os.PathLike) -> Path:
     """
     import tempfile
 
-    from transferkit.runs import existing_ancestor
+    from transferkit.files import existing_ancestor
 
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".json"):
@@ -302,44 +367,61 @@ def check_output(path: str | os.PathLike) -> Path:
 
 
 def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path:
-    """Write rows as CSV or JSON, chosen by the file's extension.
+    """Write rows as CSV or JSON, chosen by the file's extension, atomically (an existing
+    file is replaced only once the new one is complete).
 
     CSV columns: file, label, confidence, then top_k as "name:prob;name:prob". JSON: a list
     of objects with file, label, confidence and top_k, plus the skipped and ignored files.
 
+    Args:
+        result: what ``predict_folder`` returned.
+        path: a .csv or .json file; its folder is created if missing.
+
+    Returns:
+        The path, as a ``Path``.
+
     Raises:
         DataError: the extension is neither .csv nor .json, or the file cannot be written.
     """
+    from transferkit.files import write_atomic
+
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise DataError(f"--output {path}: use a .csv or .json file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".csv":
-            with open(path, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["file", "label", "confidence", "top_k"])
-                for row in result.rows:
-                    writer.writerow([
-                        str(row.file), row.label, f"{row.confidence:.6f}",
-                        ";".join(f"{name}:{p:.6f}" for name, p in row.top_k),
-                    ])
-        else:
-            payload = {
-                "predictions": [
-                    {
-                        "file": str(row.file),
-                        "label": row.label,
-                        "confidence": row.confidence,
-                        "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
-                    }
-                    for row in result.rows
-                ],
-                "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
-                "ignored": [str(p) for p in result.ignored],
-            }
-            path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # CSV as bytes: the csv module writes its own line endings, which must not be translated
+        write_atomic(path, _csv_text(result).encode("utf-8") if suffix == ".csv" else _json_text(result))
     except OSError as error:
         raise DataError(f"cannot write {path}: {error.strerror or error}") from error
     return path
+
+
+def _csv_text(result: PredictionResult) -> str:
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(["file", "label", "confidence", "top_k"])
+    for row in result.rows:
+        writer.writerow([
+            str(row.file), row.label, f"{row.confidence:.6f}",
+            ";".join(f"{name}:{p:.6f}" for name, p in row.top_k),
+        ])
+    return handle.getvalue()
+
+
+def _json_text(result: PredictionResult) -> str:
+    payload = {
+        "predictions": [
+            {
+                "file": str(row.file),
+                "label": row.label,
+                "confidence": row.confidence,
+                "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
+            }
+            for row in result.rows
+        ],
+        "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
+        "ignored": [str(p) for p in result.ignored],
+    }
+    return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
