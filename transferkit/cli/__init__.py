@@ -1,7 +1,7 @@
 """The command line: each command parses, calls one library function, prints.
 
-One module per group of commands: ``train`` (finetune), ``predict``, ``evaluate`` (evaluate,
-explain, report), ``data`` (doctor, augment-preview), ``info`` (backbones, recipes); ``common`` holds the options defined once
+One module per group of commands: ``train`` (finetune), ``predict``, ``data`` (doctor,
+augment-preview), ``info`` (backbones, recipes); ``common`` holds the options defined once
 and the error-to-exit-code mapping. Exit codes: 0 success, 1 the input or the run failed,
 2 a usage or recipe error, 130 interrupted.
 """
