@@ -69,9 +69,9 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.data.doctor import check_data
     from transferkit.data.folders import index_folder
     from transferkit.data.images import read_image
+    from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
     from transferkit.evaluation.evaluate import evaluate_folder
     from transferkit.evaluation.gradcam import explain
-    from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
     from transferkit.inference.engines import make_engine
     from transferkit.inference.predict import Prediction, predict_folder, write_predictions
     from transferkit.model.classifier import build_classifier

@@ -75,4 +75,5 @@ def test_confusion_of_fifty_classes_scales_and_history_marks_the_saved_epoch(tmp
     assert width > 2 * 1000 and height > 1000
     written = figures.write_run_figures(shapes_run.path)
     assert [p.name for p in written] == ["history.png", "confusion.png"]
-    assert _size(written[0]) == (round(figures.HISTORY_SIZE[0] * figures.DPI), round(figures.HISTORY_SIZE[1] * figures.DPI))
+    width, height = figures.HISTORY_SIZE
+    assert _size(written[0]) == (round(width * figures.DPI), round(height * figures.DPI))

@@ -33,7 +33,7 @@ def test_identity_only_equals_plain_predict_and_variants_go_in_one_call(shapes_r
     plain = predict_folder(shapes_run, shapes_dir, engine="keras", top_k=3).rows
     counting = CountingEngine(inference_engine(shapes_run.model, "keras", shapes_run.image_size, input_dtype="uint8"))
     identity = evaluate_folder(shapes_run, shapes_dir, engine=TTAEngine(counting, ("identity",)), batch_size=8)
-    for row, expected in zip(identity.rows, plain):
+    for row, expected in zip(identity.rows, plain, strict=False):
         assert row.predicted == expected.label
         assert row.confidence == pytest.approx(expected.confidence, abs=1e-6)
     variants = ("identity", "hflip", *SHIFTS)

@@ -58,7 +58,8 @@ def explain(
     verbose: VerboseOption = False,
 ) -> None:
     """Grad-CAM heatmaps: where the model looked, per image a PNG and the raw .npy."""
-    from transferkit.evaluation.gradcam import default_output, explain as explain_images, write_explanations
+    from transferkit.evaluation.gradcam import default_output, write_explanations
+    from transferkit.evaluation.gradcam import explain as explain_images
     from transferkit.runs import load_run
 
     setup_logging(False, verbose)

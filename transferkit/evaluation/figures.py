@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -81,7 +81,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
     figure = Figure(figsize=confusion_size(n))
     figure.suptitle(title, fontsize=font + 2)
     for axis, values, name, fmt in zip(figure.subplots(1, 2), (matrix, normalised),
-                                       ("counts", "share of each true class"), ("{:d}", "{:.2f}")):
+                                       ("counts", "share of each true class"), ("{:d}", "{:.2f}"), strict=False):
         image = axis.imshow(values, cmap="Blues", vmin=0, vmax=1 if values is normalised else max(1, values.max()))
         axis.set_xticks(range(n), class_names, rotation=90 if n > 8 else 45, ha="right" if n <= 8 else "center",
                         fontsize=font)
@@ -136,7 +136,7 @@ def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | o
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axis in axes:
         axis.axis("off")
-    for axis, (file, true, predicted, confidence) in zip(axes, items):
+    for axis, (file, true, predicted, confidence) in zip(axes, items, strict=False):
         try:
             axis.imshow(load_image(file, thumbnail))
         except (DataError, OSError) as error:  # gone or changed since it was classified
@@ -171,7 +171,7 @@ def plot_reliability(bins: Sequence[dict], ece: float, path: str | os.PathLike) 
     top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="#dd8452",
              label="mean confidence of the bin")
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    for centre, b in zip(centres, bins):
+    for centre, b in zip(centres, bins, strict=False):
         if b["count"]:
             top.text(centre, min(1.02, (b["accuracy"] or 0) + 0.02), str(b["count"]), ha="center", fontsize=7)
     top.set_xlim(0, 1)
@@ -266,7 +266,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict |
     _warn_about_missing_glyphs(sorted({str(row["stage"]) for row in rows}), path, "stage names")
     epochs = [row["epoch"] for row in rows]
     figure = Figure(figsize=HISTORY_SIZE)
-    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=False):
         axis.plot(epochs, [_number(row[metric]) for row in rows], "o-", label=f"train {metric}")
         axis.plot(epochs, [_number(row[f"val_{metric}"]) for row in rows], "s-", label=f"val {metric}")
         axis.set_xlabel("epoch")

@@ -21,9 +21,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -336,7 +336,7 @@ def plot_explanation(item: Explanation, path: Path) -> Path:
     axes[0].imshow(item.image)
     axes[0].set_title(Path(item.file).name if item.file else "image", fontsize=9)
     axes[0].axis("off")
-    for axis, heatmap in zip(axes[1:], item.heatmaps):
+    for axis, heatmap in zip(axes[1:], item.heatmaps, strict=False):
         _overlay(axis, item.image, heatmap.heat)
         axis.set_title(f"{heatmap.class_name} ({heatmap.probability:.3f})", fontsize=10)
     return _save(figure, path)
@@ -358,7 +358,7 @@ def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axis in axes:
         axis.axis("off")
-    for axis, item in zip(axes, shown):
+    for axis, item in zip(axes, shown, strict=False):
         _overlay(axis, item.image, item.heatmaps[0].heat)
         axis.set_title(f"{item.predicted} ({item.heatmaps[0].probability:.2f})", fontsize=8)
     return _save(figure, path)
