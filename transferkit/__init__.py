@@ -45,6 +45,8 @@ _EXPORTS = {
     "build_augmenter": "transferkit.data.augment",
     "build_classifier": "transferkit.model.classifier",
     "check_data": "transferkit.data.doctor",
+    "evaluate_folder": "transferkit.evaluation.evaluate",
+    "explain": "transferkit.evaluation.gradcam",
     "finetune": "transferkit.workflow",
     "fold_batchnorm": "transferkit.model.fold",
     "index_folder": "transferkit.data.folders",
@@ -68,6 +70,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.data.folders import index_folder
     from transferkit.data.images import read_image
     from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
+    from transferkit.evaluation.evaluate import evaluate_folder
+    from transferkit.evaluation.gradcam import explain
     from transferkit.inference.engines import make_engine
     from transferkit.inference.predict import Prediction, predict_folder, write_predictions
     from transferkit.model.classifier import build_classifier

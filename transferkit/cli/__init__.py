@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import data, info, predict, train
+from transferkit.cli import data, evaluate, info, predict, train
 from transferkit.cli.common import setup_logging
 
 app = typer.Typer(
@@ -49,13 +49,16 @@ app.command()(train.finetune)
 app.command()(predict.predict)
 app.command()(data.doctor)
 app.command("augment-preview")(data.augment_preview)
+app.command()(evaluate.evaluate)
+app.command()(evaluate.explain)
+app.command()(evaluate.report)
 app.command("backbones")(info.backbones)
 app.command("recipes")(info.recipes)
 
 
 # The commands that load Keras / TensorFlow; the others (listings, data checks) answer
 # without paying for TensorFlow's start-up.
-TENSORFLOW_COMMANDS = frozenset({"finetune", "predict"})
+TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain"})
 
 
 def _import_tensorflow_quietly() -> None:

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from tests.fresh_process import predict_without_transferkit
+from transferkit.data.folders import index_folder
+from transferkit.data.images import decode_images
+from transferkit.evaluation.calibration import (
+    apply_temperature,
+    calibrate,
+    fit_temperature,
+    logits_of,
+    output_layer,
+    probabilities_from_logits,
+)
+
+
+def test_fit_temperature_recovers_a_known_scale():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (4000, 4))
+    labels = np.array([rng.choice(4, p=p) for p in probabilities_from_logits(logits)])
+    assert fit_temperature(logits * 3, labels, 4) == pytest.approx(3.0, rel=0.1)
+    z = rng.normal(0, 2, (4000, 1))
+    binary = (rng.random(4000) < probabilities_from_logits(z)[:, 1]).astype(int)
+    assert fit_temperature(z * 0.5, binary, 2) == pytest.approx(0.5, rel=0.1)
+
+
+def test_overconfident_model_gets_lower_ece_same_top_class_and_loads_without_transferkit(
+        shapes_run, shapes_dir, tmp_path):
+    import keras
+
+    index = index_folder(shapes_dir)
+    images, _, _ = decode_images(list(index.paths), shapes_run.image_size)
+    model = keras.models.clone_model(shapes_run.model)
+    model.set_weights(shapes_run.model.get_weights())
+    kernel, bias = output_layer(model).get_weights()
+    output_layer(model).set_weights([kernel * 10, bias * 10])  # deliberately over-confident
+    assert np.allclose(probabilities_from_logits(logits_of(model, images)), model.predict(images, verbose=0), atol=1e-5)
+    before = model.predict(images, verbose=0)
+    result = calibrate(model, images, index.labels, 3)
+    after = model.predict(images, verbose=0)
+    assert result.temperature > 1 and result.ece_after <= result.ece_before
+    assert result.log_loss_after < result.log_loss_before
+    assert (after.argmax(1) == before.argmax(1)).all()
+    fresh = predict_without_transferkit(model, images, tmp_path)
+    assert np.allclose(fresh, after, atol=1e-5)
+    assert np.allclose(fresh, probabilities_from_logits(logits_of(model, images)), atol=1e-5)
+
+
+def test_apply_temperature_rejects_non_positive(shapes_run):
+    with pytest.raises(ValueError, match="positive"):
+        apply_temperature(shapes_run.model, 0.0)

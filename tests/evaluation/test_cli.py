@@ -1,0 +1,52 @@
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+
+runner = CliRunner()
+
+
+def test_evaluate_prints_a_summary_and_writes_the_folder(binary_run, binary_dir, tmp_path):
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["evaluate", str(binary_run.path), str(binary_dir), "-o", str(out), "-q",
+                                 "--engine", "keras"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "ECE" in result.output and str(out) in result.output
+    assert (out / "metrics.json").is_file() and (out / "roc.png").is_file()
+    again = runner.invoke(app, ["evaluate", str(binary_run.path), str(binary_dir), "-o", str(out), "-q"])
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_evaluate_unknown_class_is_one_error_line(binary_run, tmp_path):
+    (tmp_path / "zebra").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "zebra" / "z.png")
+    result = runner.invoke(app, ["evaluate", str(binary_run.path), str(tmp_path), "-q"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "zebra" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_explain_writes_png_npy_and_grid_and_report_redraws(shapes_run, shapes_dir, tmp_path):
+    out = tmp_path / "explain"
+    name = shapes_run.class_names[1]
+    result = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "-o", str(out),
+                                 "--top", "2"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "heatmaps.json").read_text())
+    assert len(index) == 10 and (out / "gradcam_grid.png").is_file()
+    first = index[0]
+    assert [h["class"] for h in first["heatmaps"]] and len(first["heatmaps"]) == 2
+    heat = np.load(out / first["heatmaps"][0]["npy"])
+    with Image.open(first["file"]) as image:
+        assert heat.shape == (image.height, image.width) and heat.dtype == np.float32
+    assert 0 <= heat.min() and heat.max() <= 1
+    with Image.open(out / first["png"]) as png:
+        png.verify()
+    bad = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "--class", "nope"])
+    assert bad.exit_code == 1 and "nope" in bad.output
+    report = runner.invoke(app, ["report", str(shapes_run.path)])
+    assert report.exit_code == 0 and "history.png" in report.output and "confusion.png" in report.output

@@ -1,0 +1,79 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.errors import DataError, RunError
+from transferkit.evaluation import figures
+from transferkit.evaluation.evaluate import evaluate_folder, write_evaluation
+from transferkit.inference.predict import predict_folder
+
+
+def test_accuracy_equals_a_count_from_predicts_own_rows(shapes_run, shapes_dir):
+    result = evaluate_folder(shapes_run, shapes_dir, engine="keras")
+    rows = predict_folder(shapes_run, shapes_dir, engine="keras").rows
+    right = sum(row.label == row.file.parent.name for row in rows)
+    assert result.metrics["n_images"] == len(rows) == 30
+    assert result.metrics["accuracy"] == pytest.approx(right / len(rows))
+    assert [r.predicted for r in result.rows] == [row.label for row in rows]
+    per_class = {name: sum(r.file.parent.name == name for r in rows) for name in shapes_run.class_names}
+    assert {n: v["support"] for n, v in result.metrics["per_class"].items()} == per_class
+
+
+def test_unknown_class_folder_is_a_one_line_error_and_absent_classes_are_told(shapes_run, shapes_dir, tmp_path):
+    folder = tmp_path / "labelled"
+    shutil.copytree(shapes_dir / shapes_run.class_names[0], folder / shapes_run.class_names[0])
+    (folder / "zebra").mkdir()
+    with pytest.raises(DataError, match="zebra") as error:
+        evaluate_folder(shapes_run, folder, engine="keras")
+    assert "\n" not in str(error.value) and all(name in str(error.value) for name in shapes_run.class_names)
+    (folder / "zebra").rmdir()
+    (folder / shapes_run.class_names[0] / "broken.png").write_bytes(b"not a png")
+    result = evaluate_folder(shapes_run, folder, engine="keras")
+    assert result.metrics["absent_classes"] == list(shapes_run.class_names[1:])
+    assert [path.name for path, _ in result.skipped] == ["broken.png"]
+    assert "absent from the folder" in result.summary()
+
+
+def _size(path):
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_every_file_is_written_and_each_png_opens_at_its_size(binary_run, binary_dir, tmp_path):
+    result = evaluate_folder(binary_run, binary_dir, engine="keras")
+    out = write_evaluation(result, tmp_path / "eval")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion.png", "metrics.json", "pr.png", "predictions.csv", "reliability.png", "roc.png", "top_losses.png"]
+    px = lambda inches: (round(inches[0] * figures.DPI), round(inches[1] * figures.DPI))  # noqa: E731
+    assert _size(out / "confusion.png") == px(figures.confusion_size(2))
+    assert _size(out / "reliability.png") == px(figures.RELIABILITY_SIZE)
+    assert _size(out / "roc.png") == _size(out / "pr.png") == px(figures.CURVE_SIZE)
+    assert _size(out / "top_losses.png") == px(figures.top_losses_size(len(result.top_losses())))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"roc_auc", "average_precision", "threshold", "ece", "brier", "log_loss"} <= set(metrics)
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["file", "true", "predicted", "confidence", *binary_run.class_names]
+    assert len(rows) == 20
+    # Never over an earlier evaluation without force; with force it is replaced.
+    with pytest.raises(RunError, match="--force"):
+        write_evaluation(result, out)
+    assert write_evaluation(result, out, force=True) == out
+
+
+def test_confusion_of_fifty_classes_scales_and_history_marks_the_saved_epoch(tmp_path, shapes_run):
+    names = [f"class {i}" for i in range(50)]
+    matrix = np.random.default_rng(0).integers(0, 9, (50, 50))
+    path = figures.plot_confusion(matrix, names, tmp_path / "confusion.png")
+    width, height = _size(path)
+    assert width > 2 * 1000 and height > 1000
+    written = figures.write_run_figures(shapes_run.path)
+    assert [p.name for p in written] == ["history.png", "confusion.png"]
+    width, height = figures.HISTORY_SIZE
+    assert _size(written[0]) == (round(width * figures.DPI), round(height * figures.DPI))

@@ -1,0 +1,89 @@
+"""``transferkit evaluate``, ``explain`` and ``report``: how good a run is and why, as files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from transferkit.cli.common import VerboseOption, check_choice, check_positive, choices, fail, setup_logging
+from transferkit.errors import TransferkitError
+from transferkit.runtime import ENGINES, PRECISIONS
+
+RunArgument = Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+
+
+def evaluate(
+    run: RunArgument,
+    images: Annotated[Path, typer.Argument(help="Labelled folder: one sub-folder per class, named as the run's classes.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write to; default RUN/eval-<folder>-<timestamp>/.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the recipe's test-time variants (tta.transforms).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    engine: Annotated[str, typer.Option(metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32, bfloat16 or float16.")] = "auto",
+    force: ForceOption = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Evaluate a run on a labelled folder: metrics.json, predictions.csv and figures."""
+    from transferkit.evaluation.evaluate import check_output_folder, evaluate_folder, write_evaluation
+    from transferkit.progress import progress_bar
+    from transferkit.runs import load_run
+
+    setup_logging(quiet, verbose)
+    check_positive("--batch-size", batch_size)
+    check_choice("--engine", engine, ENGINES)
+    check_choice("--precision", precision, PRECISIONS)
+    try:
+        if output is not None:
+            check_output_folder(output, force)
+        loaded = load_run(run)
+        result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
+                                 precision=precision, progress=progress_bar("image", enabled=not quiet))
+        written = write_evaluation(result, output, force=force)
+    except TransferkitError as error:
+        raise fail(error)
+    typer.echo(result.summary(written))
+
+
+def explain(
+    run: RunArgument,
+    images: Annotated[Path, typer.Argument(help="An image file, or a folder of images (walked recursively).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write to; default RUN/explain-<name>-<timestamp>/.")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class instead of the predicted one.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Explain the K most likely classes.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Write into an output folder that is not empty.")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Grad-CAM heatmaps: where the model looked, per image a PNG and the raw .npy."""
+    from transferkit.evaluation.gradcam import default_output, write_explanations
+    from transferkit.evaluation.gradcam import explain as explain_images
+    from transferkit.runs import load_run
+
+    setup_logging(False, verbose)
+    check_positive("--top", top)
+    try:
+        loaded = load_run(run)
+        explanations = explain_images(loaded, images, class_name=class_name, top=top)
+        folder = output if output is not None else default_output(loaded.path, images)
+        write_explanations(explanations, folder, force=force, root=images if images.is_dir() else None)
+    except TransferkitError as error:
+        raise fail(error)
+    for item in explanations:
+        labels = ", ".join(f"{h.class_name} {h.probability:.3f}" for h in item.heatmaps)
+        typer.echo(f"{item.file}  {labels}")
+    typer.echo(f"{len(explanations)} image(s) explained; written to {folder}")
+
+
+def report(run: RunArgument, verbose: VerboseOption = False) -> None:
+    """Draw a run's history.png and confusion.png again from history.csv and metrics.json."""
+    from transferkit.evaluation.figures import write_run_figures
+
+    setup_logging(False, verbose)
+    try:
+        written = write_run_figures(run)
+    except TransferkitError as error:
+        raise fail(error)
+    typer.echo("wrote " + ", ".join(str(path) for path in written))

@@ -1,0 +1,398 @@
+"""Evaluate a run on a labelled folder: metrics, per-image rows and the figures, written once.
+
+The folder holds one sub-folder per class, named as the run's classes (a subset is fine: the
+classes it lacks are reported as absent). Images are streamed in batches as predict streams
+them, so memory stays flat in the folder's size: only the paths, the true classes and the
+(n, k) probabilities are kept, and the few most confidently wrong images are read again at
+the end for ``top_losses.png``.
+
+    result = evaluate_folder(load_run("runs/demo"), "test_images/")
+    print(result.summary())
+    write_evaluation(result)        # RUN/eval-test_images-<timestamp>/
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import DataError, RunError
+
+log = logging.getLogger("transferkit")
+
+TOP_LOSSES = 16
+FIGURES = ("confusion.png", "top_losses.png", "reliability.png")
+BINARY_FIGURES = ("roc.png", "pr.png")
+
+
+@dataclass(frozen=True)
+class EvaluationRow:
+    """One image's result: its file, true and predicted class, confidence, and every class's
+    probability (in the run's class order)."""
+
+    file: Path
+    true: str
+    predicted: str
+    confidence: float
+    probabilities: tuple[float, ...]
+
+
+@dataclass
+class EvaluationResult:
+    """What ``evaluate_folder`` found.
+
+    Attributes:
+        run_path: the run folder.
+        folder: the labelled folder evaluated.
+        class_names: the run's classes, in output order.
+        metrics: the metrics.json content (see ``classification_metrics``), plus engine,
+            tta and skipped counts.
+        files: the classified images, in path order.
+        labels: their true class indices.
+        probabilities: (n, k) class probabilities, float32.
+        skipped: (path, reason) of unreadable image files.
+        ignored: files passed over (no image extension, or not inside a class folder).
+        engine: the engine that ran.
+        tta: the TTA variants used (empty without --tta).
+    """
+
+    run_path: Path
+    folder: Path
+    class_names: tuple[str, ...]
+    metrics: dict
+    files: list[Path]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+    engine: str = "keras"
+    tta: tuple[str, ...] = ()
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Predicted class index per image."""
+        from transferkit.evaluation.metrics import predictions
+
+        return predictions(self.probabilities)[0]
+
+    def iter_rows(self) -> Iterator[EvaluationRow]:
+        """The rows one at a time (what ``write_evaluation`` uses: no list of all rows)."""
+        from transferkit.evaluation.metrics import predictions
+
+        names = self.class_names
+        for start in range(0, len(self.files), 1024):
+            chunk = self.probabilities[start : start + 1024]
+            predicted, confidence = predictions(chunk)
+            for offset, row in enumerate(chunk):
+                i = start + offset
+                yield EvaluationRow(self.files[i], names[self.labels[i]], names[predicted[offset]],
+                                    float(confidence[offset]), tuple(float(p) for p in row))
+
+    @property
+    def rows(self) -> list[EvaluationRow]:
+        """Every row, in path order."""
+        return list(self.iter_rows())
+
+    def top_losses(self, count: int = TOP_LOSSES) -> list[tuple[Path, str, str, float]]:
+        """The most confidently wrong images: (file, true, predicted, confidence), worst first."""
+        from transferkit.evaluation.metrics import predictions
+
+        predicted, confidence = predictions(self.probabilities)
+        wrong = np.flatnonzero(predicted != self.labels)
+        order = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+        return [(self.files[i], self.class_names[self.labels[i]], self.class_names[predicted[i]],
+                 float(confidence[i])) for i in order]
+
+    def summary(self, output: str | os.PathLike | None = None) -> str:
+        """A few lines for the terminal: how many images, accuracy, calibration, where written."""
+        m = self.metrics
+        lines = [
+            f"{m['n_images']} image(s) of {len(m['present_classes'])} class(es) evaluated "
+            f"({self.engine} engine{', TTA over ' + str(len(self.tta)) + ' variants' if self.tta else ''})",
+            f"  accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}"
+            + (f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""),
+            f"  ECE {m['ece']:.4f} ({m['ece_bins']} bins), log loss {m['log_loss']:.4f}, Brier {m['brier']:.4f}",
+        ]
+        if m.get("roc_auc") is not None:
+            lines.append(f"  ROC AUC {m['roc_auc']:.4f}, average precision {m['average_precision']:.4f} "
+                         f"({m['positive_class']} positive, threshold {m['threshold']})")
+        if m["absent_classes"]:
+            lines.append(f"  absent from the folder: {', '.join(m['absent_classes'])}")
+        if self.skipped:
+            lines.append(f"  {len(self.skipped)} unreadable image file(s) skipped")
+        if output is not None:
+            lines.append(f"  written to {output}")
+        return "\n".join(lines)
+
+
+def labelled_files(folder: Path, class_names: tuple[str, ...]):
+    """The image files of a labelled folder, with their class index.
+
+    Returns:
+        (files, labels, skipped, ignored): readable-looking image files in class then path
+        order; their class indices; (path, reason) of broken links and unreadable folders;
+        files without an image extension and files outside the class folders.
+
+    Raises:
+        DataError: the folder is missing or a file, has no class sub-folder, or has a class
+            sub-folder that is not one of the run's classes.
+    """
+    from transferkit.data.folders import IMAGE_EXTENSIONS, is_ignored, iter_image_files
+
+    if not folder.exists():
+        raise DataError(f"{folder} does not exist; pass a folder with one sub-folder of images per class")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file; pass a folder with one sub-folder of images per class")
+    try:
+        entries = sorted(folder.iterdir(), key=lambda path: path.name)
+    except OSError as error:
+        raise DataError(f"{folder} cannot be read ({error.strerror})") from error
+    class_dirs = [path for path in entries if path.is_dir() and not is_ignored(path)]
+    known = {name: index for index, name in enumerate(class_names)}
+    unknown = [path.name for path in class_dirs if path.name not in known]
+    if unknown:
+        raise DataError(
+            f"{folder} has class folder(s) the run does not know: {', '.join(unknown)}; the run's classes are "
+            f"{', '.join(class_names)} (rename or remove those folders)"
+        )
+    if not class_dirs:
+        raise DataError(f"{folder} has no class sub-folders; evaluate needs one sub-folder per class, named as "
+                        f"the run's classes ({', '.join(class_names)})")
+    files: list[Path] = []
+    labels: list[int] = []
+    skipped: list[tuple[Path, str]] = []
+    ignored = [path for path in entries if path.is_file() and not is_ignored(path)]
+    if any(path.suffix.lower() in IMAGE_EXTENSIONS for path in ignored):
+        log.warning("%s: image files outside the class folders have no class and are not evaluated", folder)
+    for class_dir in class_dirs:
+        for path, reason in iter_image_files(class_dir):
+            if reason is None:
+                files.append(path)
+                labels.append(known[class_dir.name])
+            elif path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append(path)
+            else:
+                skipped.append((path, reason))
+    return files, np.asarray(labels, dtype="int64"), skipped, ignored
+
+
+def evaluate_folder(
+    run,
+    folder: str | os.PathLike,
+    *,
+    tta: bool = False,
+    batch_size: int = 32,
+    engine="auto",
+    precision: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> EvaluationResult:
+    """Classify every image of a labelled folder and compute the metrics.
+
+    Args:
+        run: a ``Run`` (with its model) or a run folder.
+        folder: one sub-folder per class, named as (some of) the run's classes.
+        tta: average over the recipe's test-time variants (``tta.transforms``); default False.
+        batch_size: images per forward pass (times the variants with ``tta``); default 32.
+        engine: "auto", "keras" or "openvino", or a ``ForwardEngine`` built for this run's
+            model (used as it is, with ``tta`` ignored); default "auto".
+        precision: the engine's precision (see ``predict_folder``); default "auto".
+        progress: called with (images done, images total); default None.
+
+    Returns:
+        An ``EvaluationResult``.
+
+    Raises:
+        DataError: the folder is missing, has a class the run does not know, or no image
+            in it could be read.
+        RunError: the run cannot be loaded.
+    """
+    from transferkit.evaluation.metrics import classification_metrics
+    from transferkit.inference.predict import engine_outputs
+    from transferkit.outputs import class_probabilities
+    from transferkit.runs import load_run
+
+    if not hasattr(run, "model") or run.model is None:
+        run = load_run(run if not hasattr(run, "path") else run.path)
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    folder = Path(folder)
+    files, labels, skipped, ignored = labelled_files(folder, run.class_names)
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    if not files:
+        raise DataError(f"{folder} holds no image files in its class folders")
+    forward, variants = _engine(run, engine, precision, tta)
+    kept: list[int] = []
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None and count:
+            progress(done, len(files))
+
+    def batches():
+        for indices, images, batch_skipped in stream_batches(files, run.image_size, batch_size):
+            skipped.extend(batch_skipped)
+            advance(len(batch_skipped))
+            if len(images):
+                kept.extend(indices)
+                yield images
+
+    outputs = engine_outputs(forward, batches(), batch_size, finished=advance)
+    if not kept:
+        first, reason = skipped[0]
+        raise DataError(f"no image could be evaluated: all {len(skipped)} image files under {folder} are "
+                        f"unreadable (e.g. {first}: {reason}); replace them or pass another folder")
+    probabilities = class_probabilities(outputs).astype("float32")
+    kept_labels = labels[kept]
+    metrics = classification_metrics(kept_labels, probabilities, run.class_names)
+    metrics.update(engine=forward.name, tta=list(variants), n_skipped=len(skipped), n_ignored=len(ignored),
+                   run=str(run.path), folder=str(folder))
+    return EvaluationResult(
+        run_path=Path(run.path), folder=folder, class_names=tuple(run.class_names), metrics=metrics,
+        files=[files[i] for i in kept], labels=kept_labels, probabilities=probabilities, skipped=skipped,
+        ignored=ignored, engine=forward.name, tta=variants,
+    )
+
+
+def _engine(run, engine, precision: str, tta: bool):
+    """The forward engine for the run, and the TTA variants it averages over."""
+    if not isinstance(engine, str):
+        return engine, tuple(getattr(engine, "variants", ()))
+    if tta:
+        from transferkit.evaluation.tta import tta_engine
+
+        forward = tta_engine(run, engine, precision)
+        return forward, forward.variants
+    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.openvino import claim_engine_cache
+
+    forward = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
+                               precision=precision, input_dtype="uint8")
+    return forward, ()
+
+
+def stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[list[int], np.ndarray, list]]:
+    """Decode the next batch in a background thread while the current one is classified.
+
+    Yields:
+        (indices into ``files`` of the decoded images, uint8 (n, size, size, 3) images,
+        [(path, reason)] of the batch's unreadable files; ``decode_images`` warns of those).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit.data.images import decode_images
+    from transferkit.inference.engines import yield_to_engine
+
+    def decode(start: int):
+        chunk = files[start : start + batch_size]
+        # One decoding thread: it runs beside the engine, which uses every core itself.
+        images, kept, skipped = decode_images(chunk, size, workers=1)
+        return [start + int(i) for i in kept], images, skipped
+
+    starts = list(range(0, len(files), batch_size))
+    with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:
+        pending = pool.submit(decode, starts[0]) if starts else None
+        for next_start in starts[1:] + [None]:
+            current = pending.result()
+            pending = pool.submit(decode, next_start) if next_start is not None else None
+            yield current
+
+
+def default_output(result: EvaluationResult) -> Path:
+    """``RUN/eval-<folder name>-<YYYYmmdd-HHMMSS>``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = result.folder.resolve().name or "images"
+    return result.run_path / f"eval-{name}-{stamp}"
+
+
+def check_output_folder(out_dir: Path, force: bool) -> None:
+    """Fail before any work if ``out_dir`` exists (without ``force``) or is not an
+    evaluation folder that ``force`` may replace.
+
+    Raises:
+        RunError: it exists without ``force``, is a file, or holds something other than an
+            earlier evaluation.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise RunError(f"output {out_dir} is a file; pass a folder path with -o")
+    if not force:
+        raise RunError(f"{out_dir} exists already; pass --force to replace it or choose another -o")
+    if any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file():
+        raise RunError(f"{out_dir} is not an evaluation folder (no metrics.json) and is not empty; --force "
+                       "replaces only evaluation folders: choose another -o")
+
+
+def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None = None,
+                     force: bool = False) -> Path:
+    """Write metrics.json, predictions.csv and the figures into a new folder, atomically.
+
+    The folder is written under a temporary name beside its destination and renamed at the
+    end, so an interrupted write leaves no half-written evaluation.
+
+    Args:
+        result: from ``evaluate_folder``.
+        out_dir: the folder; default ``RUN/eval-<folder name>-<timestamp>``.
+        force: replace an existing evaluation folder; default False.
+
+    Returns:
+        The folder.
+
+    Raises:
+        RunError: the folder exists without ``force``, is not an evaluation folder, or
+            cannot be written.
+    """
+    from transferkit.runs import named_folder
+
+    out_dir = named_folder(out_dir) if out_dir is not None else default_output(result)
+    check_output_folder(out_dir, force)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        _write_contents(result, staging)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunError(f"could not write {out_dir}: {error.strerror or error}; nothing was written") from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, retired)
+    os.replace(staging, out_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+    return out_dir
+
+
+def _write_contents(result: EvaluationResult, folder: Path) -> None:
+    from transferkit.evaluation import figures
+
+    payload = dict(result.metrics, skipped=[{"file": str(p), "reason": r} for p, r in result.skipped])
+    (folder / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "true", "predicted", "confidence", *result.class_names])
+        for row in result.iter_rows():
+            writer.writerow([str(row.file), row.true, row.predicted, f"{row.confidence:.6f}",
+                             *(f"{p:.6f}" for p in row.probabilities)])
+    names = result.class_names
+    figures.plot_confusion(np.asarray(result.metrics["confusion_matrix"]), names, folder / "confusion.png",
+                           title=f"{result.folder.name}: confusion matrix")
+    figures.plot_top_losses(result.top_losses(), folder / "top_losses.png")
+    figures.plot_reliability(result.metrics["reliability"], result.metrics["ece"], folder / "reliability.png")
+    if len(names) == 2 and result.metrics.get("roc_auc") is not None:
+        figures.plot_roc(result.labels, result.probabilities[:, 1], folder / "roc.png", positive=names[1])
+        figures.plot_pr(result.labels, result.probabilities[:, 1], folder / "pr.png", positive=names[1])

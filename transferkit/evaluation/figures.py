@@ -1,0 +1,322 @@
+"""The pictures people open after a run or an evaluation.
+
+Drawn with matplotlib's object API (``matplotlib.figure.Figure``; never pyplot, so no window
+and no global figure state, and figures can be drawn in a background thread), saved at
+``DPI`` with a fixed size (a figure's pixel size is its ``*_size`` in inches times ``DPI``),
+and written atomically (``transferkit.files.atomic_path``). Class names the plot font lacks
+are told in one warning per figure.
+
+    confusion.png     counts and row-normalised side by side
+    top_losses.png    the most confidently wrong images, titled true / predicted / confidence
+    reliability.png   confidence against accuracy per bin, with the diagonal and bin counts
+    roc.png, pr.png   two classes: ROC and precision-recall curves of the second class
+    history.png       loss and accuracy per epoch, stages shaded and named, the saved epoch marked
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.files import atomic_path
+
+log = logging.getLogger("transferkit")
+
+DPI = 100
+# Beyond this many classes the cells of the confusion matrix get no numbers (unreadable).
+CELL_NUMBERS_UP_TO = 20
+CURVE_SIZE = (5.0, 5.0)
+RELIABILITY_SIZE = (6.0, 6.5)
+HISTORY_SIZE = (11.0, 4.5)
+
+
+def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "class names") -> None:
+    from transferkit.report import _warn_about_missing_glyphs as warn
+
+    warn(list(texts), path, what)
+
+
+def _save(figure, path: Path) -> Path:
+    """Write the figure as PNG at its own size (no tight bounding box: the size is fixed)."""
+    path = Path(path)
+    figure.set_layout_engine("constrained")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, format="png")
+    return path
+
+
+def confusion_size(n_classes: int) -> tuple[float, float]:
+    """The confusion figure's size in inches: two square panels that grow with the classes."""
+    panel = min(18.0, max(4.5, 0.3 * n_classes + 2.5))
+    return (2 * panel + 1.0, panel + 0.5)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
+                   title: str = "confusion matrix") -> Path:
+    """confusion.png: counts and row-normalised (recall per true class) side by side.
+
+    Args:
+        matrix: (k, k) counts, rows the true class, columns the predicted one.
+        class_names: the k names, on both axes.
+        path: the PNG to write.
+        title: the figure's title; default "confusion matrix".
+
+    Returns:
+        The path.
+    """
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    matrix = np.asarray(matrix, dtype="int64")
+    n = len(class_names)
+    _warn_about_missing_glyphs(class_names, path)
+    font = float(np.clip(11 - n / 6, 5, 10))
+    rows = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype="float64"), where=rows > 0)
+    figure = Figure(figsize=confusion_size(n))
+    figure.suptitle(title, fontsize=font + 2)
+    for axis, values, name, fmt in zip(figure.subplots(1, 2), (matrix, normalised),
+                                       ("counts", "share of each true class"), ("{:d}", "{:.2f}"), strict=False):
+        image = axis.imshow(values, cmap="Blues", vmin=0, vmax=1 if values is normalised else max(1, values.max()))
+        axis.set_xticks(range(n), class_names, rotation=90 if n > 8 else 45, ha="right" if n <= 8 else "center",
+                        fontsize=font)
+        axis.set_yticks(range(n), class_names, fontsize=font)
+        axis.set_xlabel("predicted", fontsize=font + 1)
+        axis.set_ylabel("true", fontsize=font + 1)
+        axis.set_title(name, fontsize=font + 1)
+        figure.colorbar(image, ax=axis, shrink=0.8)
+        if n <= CELL_NUMBERS_UP_TO:
+            peak = values.max() if values.size else 0
+            for (row, column), value in np.ndenumerate(values):
+                axis.text(column, row, fmt.format(value), ha="center", va="center", fontsize=font,
+                          color="white" if value > peak / 2 else "black")
+    return _save(figure, path)
+
+
+def top_losses_size(count: int, columns: int = 4) -> tuple[float, float]:
+    """The top-losses grid's size in inches for ``count`` images (at least one row)."""
+    rows = max(1, math.ceil(count / columns))
+    return (columns * 2.6, rows * 2.9)
+
+
+def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | os.PathLike,
+                    columns: int = 4, thumbnail: int = 160) -> Path:
+    """top_losses.png: the most confidently wrong images in a grid.
+
+    Args:
+        items: (file, true class, predicted class, confidence), worst first (from
+            ``EvaluationResult.top_losses``); the files are read again here.
+        path: the PNG to write.
+        columns: images per row; default 4.
+        thumbnail: the side each image is shown at, in pixels; default 160.
+
+    Returns:
+        The path. With no wrong image the figure says so.
+    """
+    from matplotlib.figure import Figure
+
+    from transferkit.data.images import load_image
+    from transferkit.errors import DataError
+
+    path = Path(path)
+    _warn_about_missing_glyphs([text for _, true, predicted, _ in items for text in (true, predicted)], path)
+    figure = Figure(figsize=top_losses_size(len(items), columns))
+    if not items:
+        axis = figure.subplots()
+        axis.axis("off")
+        axis.text(0.5, 0.5, "no wrong predictions", ha="center", va="center", fontsize=14)
+        return _save(figure, path)
+    figure.suptitle("most confidently wrong (true / predicted / confidence)")
+    rows = math.ceil(len(items) / columns)
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, (file, true, predicted, confidence) in zip(axes, items, strict=False):
+        try:
+            axis.imshow(load_image(file, thumbnail))
+        except (DataError, OSError) as error:  # gone or changed since it was classified
+            axis.text(0.5, 0.5, f"cannot read\n{Path(file).name}\n({error})", ha="center", va="center", fontsize=7)
+        axis.set_title(f"{true} / {predicted} / {confidence:.2f}", fontsize=9)
+    return _save(figure, path)
+
+
+def plot_reliability(bins: Sequence[dict], ece: float, path: str | os.PathLike) -> Path:
+    """reliability.png: accuracy against confidence per bin, the diagonal of perfect
+    calibration, and each bin's image count (on its bar and as a histogram below).
+
+    Args:
+        bins: dicts with lower, upper, count, confidence, accuracy (``ReliabilityBin``s'
+            fields, as metrics.json holds them).
+        ece: the expected calibration error, for the title.
+        path: the PNG to write.
+
+    Returns:
+        The path.
+    """
+    from matplotlib.figure import Figure
+
+    bins = [dict(b) if isinstance(b, dict) else dict(b.__dict__) for b in bins]
+    figure = Figure(figsize=RELIABILITY_SIZE)
+    top, bottom = figure.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    widths = [b["upper"] - b["lower"] for b in bins]
+    accuracy = [b["accuracy"] or 0.0 for b in bins]
+    top.bar(centres, accuracy, width=widths, edgecolor="black", color="#4c72b0", alpha=0.8, label="accuracy")
+    filled = [b for b in bins if b["count"]]
+    top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="#dd8452",
+             label="mean confidence of the bin")
+    top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    for centre, b in zip(centres, bins, strict=False):
+        if b["count"]:
+            top.text(centre, min(1.02, (b["accuracy"] or 0) + 0.02), str(b["count"]), ha="center", fontsize=7)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.08)
+    top.set_ylabel("accuracy")
+    top.set_title(f"reliability diagram (ECE {ece:.4f}, {len(bins)} bins)")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centres, [b["count"] for b in bins], width=widths, edgecolor="black", color="#8c8c8c")
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("images")
+    return _save(figure, path)
+
+
+def plot_roc(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, positive: str = "positive") -> Path:
+    """roc.png (two classes): the ROC curve of the second class, with its AUC.
+
+    Args:
+        true: 0/1 labels.
+        scores: the second class's probability per image.
+        path: the PNG to write.
+        positive: the second class's name, for the title.
+
+    Returns:
+        The path.
+    """
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    false_positive, true_positive, _ = roc_curve(true, scores)
+    figure = Figure(figsize=CURVE_SIZE)
+    axis = figure.subplots()
+    axis.plot(false_positive, true_positive, label=f"AUC {roc_auc_score(true, scores):.4f}")
+    axis.plot([0, 1], [0, 1], "--", color="gray", label="chance")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_title(f"ROC ({positive} positive)")
+    axis.legend(loc="lower right")
+    _warn_about_missing_glyphs([positive], Path(path))
+    return _save(figure, Path(path))
+
+
+def plot_pr(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, positive: str = "positive") -> Path:
+    """pr.png (two classes): the precision-recall curve of the second class, with its
+    average precision and the share of positives (a classifier that guesses).
+
+    Returns:
+        The path.
+    """
+    from matplotlib.figure import Figure
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(true, scores)
+    figure = Figure(figsize=CURVE_SIZE)
+    axis = figure.subplots()
+    axis.step(recall, precision, where="post", label=f"AP {average_precision_score(true, scores):.4f}")
+    axis.axhline(float(np.mean(true)), linestyle="--", color="gray", label="chance")
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.05)
+    axis.set_title(f"precision-recall ({positive} positive)")
+    axis.legend(loc="lower left")
+    _warn_about_missing_glyphs([positive], Path(path))
+    return _save(figure, Path(path))
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict | None = None) -> Path:
+    """history.png: loss and accuracy per epoch, training and validation, each stage shaded
+    and named, the epoch the saved model comes from marked.
+
+    Args:
+        history: one dict per epoch with epoch, stage, loss, accuracy, val_loss, val_accuracy
+            (numbers or, as read from history.csv, strings).
+        path: the PNG to write.
+        saved: metrics.json's "saved" ({"epoch", "stage", ...}); default None (not marked).
+
+    Returns:
+        The path.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    rows = [dict(row, epoch=int(_number(row["epoch"]))) for row in history]
+    _warn_about_missing_glyphs(sorted({str(row["stage"]) for row in rows}), path, "stage names")
+    epochs = [row["epoch"] for row in rows]
+    figure = Figure(figsize=HISTORY_SIZE)
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=False):
+        axis.plot(epochs, [_number(row[metric]) for row in rows], "o-", label=f"train {metric}")
+        axis.plot(epochs, [_number(row[f"val_{metric}"]) for row in rows], "s-", label=f"val {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        start = 0
+        for index, row in enumerate(rows):
+            if index == len(rows) - 1 or rows[index + 1]["stage"] != row["stage"]:
+                shade = 0.06 + 0.08 * (len(axis.patches) % 2)
+                axis.axvspan(epochs[start] - 0.5, row["epoch"] + 0.5, alpha=shade, color="gray")
+                # Named at the bottom of its band (x in epochs, y in axis fractions).
+                axis.text(epochs[start] - 0.4, 0.02, str(row["stage"]), va="bottom", fontsize=8,
+                          transform=axis.get_xaxis_transform())
+                start = index + 1
+        if saved and saved.get("epoch") is not None:
+            epoch = int(_number(saved["epoch"]))
+            axis.axvline(epoch, color="#c44e52", linestyle=":", label=f"saved (epoch {epoch})")
+            match = [row for row in rows if row["epoch"] == epoch]
+            if match:
+                axis.plot([epoch], [_number(match[-1][f"val_{metric}"])], "*", color="#c44e52", markersize=14)
+        axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def write_run_figures(run: str | os.PathLike) -> list[Path]:
+    """Draw a run's history.png (from history.csv) and confusion.png (from metrics.json)
+    again, in the run folder.
+
+    Args:
+        run: a run folder (or a ``Run``).
+
+    Returns:
+        The PNGs written.
+
+    Raises:
+        RunError: not a run folder, or it has neither history.csv nor a confusion matrix
+            in metrics.json.
+    """
+    from transferkit.errors import RunError
+    from transferkit.runs import load_run
+
+    loaded = load_run(getattr(run, "path", run), with_model=False)
+    written = []
+    if loaded.history:
+        written.append(plot_history(loaded.history, loaded.path / "history.png", loaded.metrics.get("saved")))
+    matrix = loaded.metrics.get("confusion_matrix")
+    if matrix:
+        written.append(plot_confusion(np.asarray(matrix), loaded.class_names, loaded.path / "confusion.png",
+                                      title="validation confusion matrix"))
+    if not written:
+        raise RunError(f"{loaded.path} has no history.csv and no confusion matrix in metrics.json; "
+                       "nothing to draw (re-run finetune)")
+    return written

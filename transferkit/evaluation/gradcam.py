@@ -1,0 +1,364 @@
+"""Grad-CAM: where in an image the model looked for a class.
+
+At the backbone's last convolutional layer (``BackboneSpec.last_conv`` in the registry), each
+feature map is weighted by the mean gradient of the class's logit (the output layer's
+pre-activation; for a sigmoid unit +z for the second class, -z for the first) and the
+weighted sum, through a ReLU, is the heatmap: scaled to 0..1 and resized to the image's own
+height and width (the model squashes every image to its square input, so the map covers the
+whole image). It is computed through the run's saved, self-contained model, split at that
+layer; the gradient is TensorFlow's GradientTape.
+
+    explanations = explain(load_run("runs/demo"), "photo.jpg", top=2)
+    explanations[0].heatmaps[0].heat      # float32 (H, W), 0..1
+    write_explanations(explanations, "out/")
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.errors import DataError, RunError
+
+log = logging.getLogger("transferkit")
+
+GRID_LIMIT = 48
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """One class's Grad-CAM heatmap for one image.
+
+    Attributes:
+        class_name: the class explained.
+        probability: the model's probability for it.
+        heat: float32 (H, W), values 0..1, at the image's own size.
+    """
+
+    class_name: str
+    probability: float
+    heat: np.ndarray
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """An image and its heatmaps (most likely class first, or the class asked for).
+
+    Attributes:
+        file: the image file (None for an array passed in).
+        image: the image, uint8 (H, W, 3) as read.
+        heatmaps: one ``Heatmap`` per explained class.
+    """
+
+    file: Path | None
+    image: np.ndarray
+    heatmaps: tuple[Heatmap, ...]
+
+    @property
+    def predicted(self) -> str:
+        """The first heatmap's class."""
+        return self.heatmaps[0].class_name
+
+
+class GradCAM:
+    """A run's classifier split at the backbone's last convolutional layer.
+
+    Args:
+        model: a transferkit classifier (image -> "preprocessing" -> "backbone" -> "head").
+        last_conv: the backbone layer whose output is explained.
+    """
+
+    def __init__(self, model, last_conv: str):
+        import keras
+
+        backbone = model.get_layer("backbone")
+        head = model.get_layer("head")
+        try:
+            conv = backbone.get_layer(last_conv)
+        except ValueError as error:
+            raise RunError(f"the backbone has no layer {last_conv!r} to explain at: {error}") from error
+        self.preprocessing = model.get_layer("preprocessing")
+        self.backbone_split = keras.Model(backbone.input, [conv.output, backbone.output], name="gradcam_split")
+        dense = head.get_layer("output")
+        self.before_output = keras.Model(head.input, dense.input, name="before_output")
+        self.dense = dense
+
+    def heatmaps(self, images: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Conv-resolution heatmaps and every class's probabilities.
+
+        Args:
+            images: (n, S, S, 3), 0..255.
+            targets: (n, r) class indices: r heatmaps per image.
+
+        Returns:
+            (heat (n, r, h, w) float32 in 0..1, probabilities (n, k) float64).
+        """
+        import tensorflow as tf
+
+        from transferkit.evaluation.calibration import probabilities_from_logits
+
+        kernel, bias = (tf.constant(w, dtype="float32") for w in self.dense.get_weights())
+        x = tf.convert_to_tensor(np.asarray(images, dtype="float32"))
+        maps = []
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            conv, features = self.backbone_split(self.preprocessing(x), training=False)
+            hidden = tf.cast(self.before_output(features, training=False), "float32")
+            logits = hidden @ kernel + bias
+            scores = []
+            for rank in range(targets.shape[1]):
+                column = tf.constant(targets[:, rank], dtype="int32")
+                if logits.shape[-1] == 1:  # a sigmoid unit: +z for the second class, -z for the first
+                    scores.append(tf.reduce_sum(tf.where(column == 1, logits[:, 0], -logits[:, 0])))
+                else:
+                    scores.append(tf.reduce_sum(tf.gather(logits, column, axis=1, batch_dims=1)))
+        for score in scores:
+            grads = tf.cast(tape.gradient(score, conv), "float32")
+            activations = tf.cast(conv, "float32")
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1)).numpy()
+            peak = cam.max(axis=(1, 2), keepdims=True)
+            maps.append(np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0))
+        del tape
+        probabilities = probabilities_from_logits(logits.numpy().astype("float64"))
+        return np.stack(maps, axis=1).astype("float32"), probabilities
+
+
+def resize_heat(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A (h, w) map resized to (height, width), bilinear, kept in 0..1, float32."""
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(np.asarray(heat, dtype="float32"), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR), dtype="float32")
+    return np.clip(resized, 0.0, 1.0)
+
+
+def _inputs(images) -> list[tuple[Path | None, object]]:
+    """(file or None, path or array) per image to explain."""
+    from transferkit.data.folders import iter_image_files
+
+    if isinstance(images, np.ndarray):
+        array = images[None] if images.ndim == 3 else images
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise DataError(f"images must be (H, W, 3) or (n, H, W, 3) RGB arrays, got shape {images.shape}")
+        return [(None, image) for image in array]
+    if isinstance(images, (str, os.PathLike)):
+        path = Path(images)
+        if not path.exists():
+            raise DataError(f"{path} does not exist; pass an image file or a folder of images")
+        if path.is_file():
+            return [(path, path)]
+        files = [file for file, reason in iter_image_files(path) if reason is None]
+        if not files:
+            raise DataError(f"{path} holds no image files")
+        return [(file, file) for file in files]
+    return [(Path(file), Path(file)) for file in images]
+
+
+def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_size: int = 16) -> list[Explanation]:
+    """Grad-CAM heatmaps for images, at the backbone's last convolutional layer.
+
+    Args:
+        run: a ``Run`` (with its model) or a run folder.
+        images: an image file, a folder (walked recursively), a list of files, or uint8
+            arrays (H, W, 3) / (n, H, W, 3).
+        class_name: explain this class for every image; default None (the predicted class,
+            or the ``top`` most likely).
+        top: how many of the most likely classes to explain (ignored with ``class_name``);
+            default 1.
+        batch_size: images per gradient pass; default 16.
+
+    Returns:
+        One ``Explanation`` per readable image, in input order (unreadable files are
+        skipped with a warning).
+
+    Raises:
+        DataError: no image, an unknown ``class_name``, ``top`` below 1, or no image could be read.
+        RunError: the run cannot be loaded, or its backbone is not in the registry.
+    """
+    from transferkit.backbones import REGISTRY
+    from transferkit.data.images import UnreadableImage, read_image
+    from transferkit.runs import load_run
+
+    if not hasattr(run, "model") or run.model is None:
+        run = load_run(run if not hasattr(run, "path") else run.path)
+    names = tuple(run.class_names)
+    if class_name is not None and class_name not in names:
+        raise DataError(f"--class {class_name!r} is not one of the run's classes: {', '.join(names)}")
+    if top < 1:
+        raise DataError(f"--top must be at least 1, got {top}")
+    spec = REGISTRY.get(run.backbone)
+    if spec is None:
+        raise RunError(f"the run's backbone {run.backbone!r} is not in the registry; cannot find its last conv layer")
+    cam = GradCAM(run.model, spec.last_conv)
+    count = 1 if class_name is not None else min(top, len(names))
+    results: list[Explanation] = []
+    items = _inputs(images)
+    for start in range(0, len(items), batch_size):
+        batch: list[tuple[Path | None, np.ndarray]] = []
+        for file, source in items[start : start + batch_size]:
+            try:
+                batch.append((file, read_image(source) if file is not None else np.asarray(source, dtype="uint8")))
+            except UnreadableImage as error:
+                log.warning("skipping %s: %s", file, error.reason)
+        if batch:
+            results.extend(_explain_batch(cam, batch, names, run.image_size, class_name, count))
+    if not results:
+        raise DataError("no image could be explained: every image file is unreadable")
+    return results
+
+
+def _explain_batch(cam: GradCAM, batch, names, size: int, class_name, count: int) -> list[Explanation]:
+    from PIL import Image
+
+    # The model's own Resizing squashes any image to its input; resized here only to batch.
+    squared = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+                        for _, image in batch])
+    if class_name is not None:
+        targets = np.full((len(batch), 1), names.index(class_name), dtype="int64")
+    else:
+        # Probabilities first (a forward pass without the tape), then the classes to explain.
+        _, probabilities = cam.heatmaps(squared, np.zeros((len(batch), 1), dtype="int64"))
+        targets = np.argsort(-probabilities, axis=1, kind="stable")[:, :count]
+    heat, probabilities = cam.heatmaps(squared, targets)
+    explanations = []
+    for i, (file, image) in enumerate(batch):
+        maps = tuple(
+            Heatmap(names[c], float(probabilities[i, c]), resize_heat(heat[i, r], *image.shape[:2]))
+            for r, c in enumerate(targets[i])
+        )
+        explanations.append(Explanation(file, image, maps))
+    return explanations
+
+
+def default_output(run_path: Path, images) -> Path:
+    """``RUN/explain-<image or folder name>-<YYYYmmdd-HHMMSS>``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = Path(images).resolve().stem if isinstance(images, (str, os.PathLike)) else "images"
+    return Path(run_path) / f"explain-{name}-{stamp}"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("._") or "image"
+
+
+def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.PathLike, force: bool = False,
+                       root: str | os.PathLike | None = None) -> list[Path]:
+    """Per image a PNG (the original, each heatmap over it, class and confidence) and per
+    heatmap the raw ``.npy`` beside it; with several images also ``gradcam_grid.png``;
+    ``heatmaps.json`` indexes them. Each file is written atomically.
+
+    File names: ``<image>.png`` and ``<image>.<class>.npy``, where ``<image>`` is the
+    image's path under ``root`` with "/" as "__" (its name without ``root``).
+
+    Args:
+        explanations: from ``explain``.
+        out_dir: the folder (created).
+        force: write into a folder that is not empty; default False.
+        root: the folder the images were found in, for unique names; default None.
+
+    Returns:
+        The files written.
+
+    Raises:
+        RunError: ``out_dir`` is a file, or is not empty without ``force``.
+    """
+    from transferkit.files import atomic_path, write_atomic
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
+        raise RunError(f"{out_dir} exists already; pass --force to write into it or choose another -o")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    index = []
+    used: set[str] = set()
+    for number, item in enumerate(explanations):
+        base = _base_name(item, number, root)
+        while base in used:
+            base = f"{base}_{number}"
+        used.add(base)
+        entry = {"file": str(item.file) if item.file else None, "png": f"{base}.png", "heatmaps": []}
+        for heatmap in item.heatmaps:
+            npy = out_dir / f"{base}.{_safe(heatmap.class_name)}.npy"
+            with atomic_path(npy) as temporary:
+                with open(temporary, "wb") as handle:
+                    np.save(handle, heatmap.heat.astype("float32"))
+            written.append(npy)
+            entry["heatmaps"].append({"class": heatmap.class_name, "probability": heatmap.probability,
+                                      "npy": npy.name})
+        written.append(plot_explanation(item, out_dir / f"{base}.png"))
+        index.append(entry)
+    if len(explanations) > 1:
+        written.append(plot_grid(explanations, out_dir / "gradcam_grid.png"))
+    written.append(write_atomic(out_dir / "heatmaps.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n"))
+    return written
+
+
+def _base_name(item: Explanation, number: int, root) -> str:
+    if item.file is None:
+        return f"image_{number:04d}"
+    path = Path(item.file)
+    if root is not None and Path(root).is_dir():
+        try:
+            path = path.relative_to(root)
+        except ValueError:
+            pass
+    else:
+        path = Path(path.name)
+    return _safe("__".join(path.with_suffix("").parts))
+
+
+def _overlay(axis, image: np.ndarray, heat: np.ndarray) -> None:
+    axis.imshow(image)
+    axis.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axis.axis("off")
+
+
+def plot_explanation(item: Explanation, path: Path) -> Path:
+    """One image: the original, then each heatmap over it titled class and probability."""
+    from matplotlib.figure import Figure
+
+    from transferkit.evaluation.figures import _save, _warn_about_missing_glyphs
+
+    _warn_about_missing_glyphs([h.class_name for h in item.heatmaps], path)
+    panels = 1 + len(item.heatmaps)
+    figure = Figure(figsize=(3.2 * panels, 3.6))
+    axes = np.atleast_1d(figure.subplots(1, panels))
+    axes[0].imshow(item.image)
+    axes[0].set_title(Path(item.file).name if item.file else "image", fontsize=9)
+    axes[0].axis("off")
+    for axis, heatmap in zip(axes[1:], item.heatmaps, strict=False):
+        _overlay(axis, item.image, heatmap.heat)
+        axis.set_title(f"{heatmap.class_name} ({heatmap.probability:.3f})", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6) -> Path:
+    """gradcam_grid.png: the first ``GRID_LIMIT`` images with their first heatmap over them."""
+    from matplotlib.figure import Figure
+
+    from transferkit.evaluation.figures import _save, _warn_about_missing_glyphs
+
+    shown = list(explanations[:GRID_LIMIT])
+    _warn_about_missing_glyphs([e.predicted for e in shown], path)
+    columns = min(columns, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    figure = Figure(figsize=(2.4 * columns, 2.7 * rows))
+    title = "Grad-CAM" + (f" (first {GRID_LIMIT} of {len(explanations)})" if len(explanations) > GRID_LIMIT else "")
+    figure.suptitle(title)
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, item in zip(axes, shown, strict=False):
+        _overlay(axis, item.image, item.heatmaps[0].heat)
+        axis.set_title(f"{item.predicted} ({item.heatmaps[0].probability:.2f})", fontsize=8)
+    return _save(figure, path)
