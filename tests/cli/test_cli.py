@@ -269,3 +269,16 @@ def test_parser_errors_are_one_line_from_the_console_script(args, fragment):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[0]
+
+
+def test_predict_with_tta_averages_over_variants(cli_run, shapes_dir, tmp_path):
+    output, _ = cli_run
+    plain = invoke("predict", output, shapes_dir / "circle", "-q", "-o", tmp_path / "plain.csv", "--engine", "keras")
+    tta = invoke("predict", output, shapes_dir / "circle", "-q", "-o", tmp_path / "tta.csv", "--engine", "keras",
+                 "--tta")
+    assert plain.exit_code == 0 and tta.exit_code == 0, tta.output
+    with open(tmp_path / "plain.csv", newline="") as a, open(tmp_path / "tta.csv", newline="") as b:
+        plain_rows, tta_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [row["file"] for row in plain_rows] == [row["file"] for row in tta_rows] and len(tta_rows) == 10
+    # the average over six variants is not the plain image's output
+    assert any(p["confidence"] != t["confidence"] for p, t in zip(plain_rows, tta_rows))

@@ -27,6 +27,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     engine: Annotated[str, typer.Option(metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
     precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 or float16 (16 bits only).")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -46,8 +47,13 @@ def predict(
             check_output(output)
         loaded = load_run(run)
         bar = progress_bar("image", enabled=not quiet)
+        forward = engine
+        if tta:
+            from transferkit.evaluation.tta import tta_engine
+
+            forward = tta_engine(loaded, engine, precision)
         result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
-                                engine=engine, precision=precision)
+                                engine=forward, precision=precision)
         if output is not None:
             write_predictions(result, output)
     except TransferkitError as error:
