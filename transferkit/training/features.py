@@ -404,8 +404,10 @@ class FeaturePlan:
             self._compute_from(index)
         train_store, val_store = self._stores[self._key(index)]
         data = self.train_data
+        # The order of the images' own batches (their seed), so that a cached stage sees the
+        # batches the uncached one would.
         train = FeatureBatches(train_store, data.targets, data.batch_size, sample_weights=data.sample_weights,
-                               seed=self.seed, views=self.views(index))
+                               seed=getattr(data, "seed", self.seed), views=self.views(index))
         val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
         calibration = None
         if own == len(self.spec.blocks):
