@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from transferkit.backbones import REGISTRY, load_backbone
-from transferkit.model.surgery import split_at_frozen_part
+from transferkit.model.surgery import extractor_at
 from transferkit.training.features import FeatureBatches, FeatureStore, compute_feature_stores
 from transferkit.outputs import encode_targets
 from transferkit.data.batches import ImageBatches
@@ -21,20 +21,6 @@ def build(name, n_classes=3, seed=0):
 
 def images(n=24, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype="uint8")
-
-
-@pytest.mark.parametrize("name, unfreeze, boundary", [
-    ("vgg16", 0, ""), ("vgg16", 1, "block4_pool"), ("resnet50", 2, "conv5_block1_out"), ("resnet50", 16, "pool1_pool"),
-])
-def test_split_model_computes_what_the_classifier_computes(name, unfreeze, boundary):
-    model = build(name)
-    split = split_at_frozen_part(model, REGISTRY[name], unfreeze)
-    assert split.boundary == boundary
-    x = images(4).astype("float32")
-    direct = model.predict_on_batch(x)
-    via_split = split.trainable.predict_on_batch(split.extractor.predict_on_batch(x))
-    np.testing.assert_allclose(via_split, direct, rtol=1e-4, atol=1e-5)
-    assert split_at_frozen_part(model, REGISTRY[name], "all") is None
 
 
 def test_store_spills_to_disk_beyond_its_budget_with_the_same_values():
@@ -252,7 +238,7 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
     np.testing.assert_array_equal(resumed.train.store.array, fine.train.store.array)
     np.testing.assert_array_equal(resumed.val.store.array, fine.val.store.array)
     # and they are the frozen part's output on the augmented views
-    direct = split_at_frozen_part(model, REGISTRY["vgg16"], 1).extractor
+    direct = extractor_at(model, REGISTRY["vgg16"], [REGISTRY["vgg16"].first_unfrozen(1)])
     view0 = direct.predict_on_batch(head_view_images(shared, view=0))
     np.testing.assert_allclose(fine.train.store.array[0], view0, rtol=1e-5, atol=1e-5)
     shared.stage_done(0)

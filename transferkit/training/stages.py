@@ -18,6 +18,7 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.outputs import loss_for
+from transferkit.keras_private import EarlyStoppingState
 from transferkit.recipe import StageConfig
 from transferkit.model.surgery import set_trainable
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
@@ -211,7 +212,7 @@ def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose
         resume_from = None
         initial_epoch = 0
         if resuming:
-            resume_from = (state.best, state.wait, state.best_epoch, work.best_weights() if work else None)
+            resume_from = EarlyStoppingState(state.best, state.wait, state.best_epoch, work.best_weights() if work else None)
             initial_epoch = state.epochs_done
             if work is not None:
                 if state.part_only:
@@ -250,8 +251,8 @@ def _run_stages(model, spec, stages, train_data, val_data, n_classes, *, verbose
         )
         if resuming and state.wait >= stage.patience and initial_epoch > 0:
             # Early stopping had fired on the last saved epoch: only the restore is left.
-            if resume_from[3] is not None:
-                train_model.set_weights(resume_from[3])
+            if resume_from.best_weights is not None:
+                train_model.set_weights(resume_from.best_weights)
         else:
             validation = [EagerValidation(stage_val, n_classes)] if cached else []
             train_model.fit(
