@@ -23,18 +23,19 @@ def images(n=24, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype="uint8")
 
 
-def test_store_spills_to_disk_beyond_its_budget_with_the_same_values():
+def test_store_spills_to_disk_beyond_its_budget_with_the_same_values_and_leaves_no_file(tmp_path):
     data = images(10)
-    forward = lambda batch: [batch.reshape(len(batch), -1)[:, :7] * 0.5]
+    forward = lambda batch: [batch.reshape(len(batch), -1)[:, :7] * 0.5]  # noqa: E731
     (in_memory,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=100)
-    (on_disk,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=1e-6)
+    (on_disk,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=1e-6,
+                                        spill_dir=tmp_path)
     assert not in_memory.on_disk and on_disk.on_disk
+    assert isinstance(on_disk.array, np.memmap)
+    # Unlinked as soon as it is mapped: a run killed now leaves nothing in the folder.
+    assert list(tmp_path.iterdir()) == []
     np.testing.assert_array_equal(in_memory.array, on_disk.array)
-    path = on_disk._file.name
     on_disk.close()
-    import os
-
-    assert not os.path.exists(path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_feature_batches_follow_the_image_order_and_rotate_views():

@@ -21,7 +21,6 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,21 +44,27 @@ log = logging.getLogger("transferkit")
 
 
 class FeatureStore:
-    """(views, n, *shape) features in memory up to a budget, else in a memory-mapped file."""
+    """(views, n, *shape) features in memory up to a budget, else in a memory-mapped file.
+
+    The file is unlinked as soon as it is mapped (on systems that allow it), as
+    ``data.arrays.image_array`` does, so a killed run leaves nothing in the temporary folder;
+    its space is freed when the store is closed.
+
+    Args:
+        views: stored versions of each image.
+        count: number of images.
+        shape: one image's features.
+        dtype: storage dtype.
+        memory_budget_mb: above this the store goes to a file.
+        spill_dir: where that file goes; default None (the system temporary folder).
+    """
 
     def __init__(self, views: int, count: int, shape: tuple[int, ...], dtype: str, memory_budget_mb: float,
                  spill_dir: str | os.PathLike | None = None):
         self.shape = (views, count, *shape)
         nbytes = math.prod(self.shape) * np.dtype(dtype).itemsize
         self.on_disk = nbytes > 0 and nbytes > memory_budget_mb * 2**20
-        self._file = None
-        if self.on_disk:
-            self._file = tempfile.NamedTemporaryFile(prefix="transferkit-features-", suffix=".npy",
-                                                     dir=spill_dir, delete=False)
-            self._file.close()
-            self.array = np.lib.format.open_memmap(self._file.name, mode="w+", dtype=dtype, shape=self.shape)
-        else:
-            self.array = np.empty(self.shape, dtype=dtype)
+        self.array = _spilled_array(self.shape, dtype, spill_dir) if self.on_disk else np.empty(self.shape, dtype)
         self.nbytes = nbytes
         self.filler: _ViewFiller | None = None
 
@@ -70,21 +75,30 @@ class FeatureStore:
             self.filler.wait(self.shape[0] - 1 if view is None else view)
 
     def close(self) -> None:
-        """Release the memory map and delete its file (after the background computation
-        of later views, if any, has finished)."""
+        """Release the memory map, and with it its file's space (after the background
+        computation of later views, if any, has finished)."""
         if self.filler is not None:
             self.filler.join()
             self.filler = None
-        if self._file is not None:
+        if self.on_disk and hasattr(self, "array"):
             del self.array
-            Path(self._file.name).unlink(missing_ok=True)
-            self._file = None
 
     def __del__(self):  # pragma: no cover - best effort clean-up
         try:
             self.close()
         except Exception:
             pass
+
+
+def _spilled_array(shape: tuple[int, ...], dtype: str, spill_dir) -> np.memmap:
+    """A memory-mapped array on a temporary file that is unlinked once mapped."""
+    handle = tempfile.NamedTemporaryFile(prefix="transferkit-features-", suffix=".bin", dir=spill_dir, delete=False)
+    try:
+        return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
+    finally:
+        handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
 
 
 class _ViewFiller:
