@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from transferkit.keras_private import (
-    EarlyStoppingState, early_stopping_state, graph_nodes, producing_layer, reseed, set_early_stopping_state,
+    EarlyStoppingState,
+    early_stopping_state,
+    graph_nodes,
+    producing_layer,
+    reseed,
+    set_early_stopping_state,
 )
 
 

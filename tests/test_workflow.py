@@ -262,13 +262,12 @@ def test_full_disk_at_the_final_save_keeps_the_training_for_resume(shapes_dir, t
 
 
 def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(tmp_path, caplog):
+    import logging
     import warnings
 
     import numpy as np
 
     from transferkit.report import plot_confusion, plot_history
-
-    import logging
 
     logger = logging.getLogger("transferkit")  # the CLI stops it propagating to caplog's root
     logger.addHandler(caplog.handler)

@@ -2,13 +2,12 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import REGISTRY, load_backbone
-from transferkit.model.fold import batchnorm_count, fold_batchnorm
-from transferkit.model.classifier import build_classifier
-from transferkit.runtime import dtype_policy
-from transferkit.model.surgery import set_trainable, walk_layers
-
 from tests.fresh_process import predict_without_transferkit
+from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.model.classifier import build_classifier
+from transferkit.model.fold import batchnorm_count, fold_batchnorm
+from transferkit.model.surgery import set_trainable, walk_layers
+from transferkit.runtime import dtype_policy
 
 SIZE = 32
 RESNET50 = REGISTRY["resnet50"]

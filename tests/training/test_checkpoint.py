@@ -1,11 +1,11 @@
 """A real SIGINT to a real training process, then --resume, against an uninterrupted run."""
 
 import json
-from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest

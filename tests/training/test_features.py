@@ -1,16 +1,17 @@
 import logging
+
 import keras
 import numpy as np
 import pytest
 
 from transferkit.backbones import REGISTRY, load_backbone
-from transferkit.model.surgery import extractor_at
-from transferkit.training.features import FeatureBatches, FeatureStore, compute_feature_stores
-from transferkit.outputs import encode_targets
 from transferkit.data.batches import ImageBatches
 from transferkit.model.classifier import build_classifier
+from transferkit.model.surgery import extractor_at
+from transferkit.outputs import encode_targets
 from transferkit.recipe import AugmentConfig, CacheConfig, HeadConfig, StageConfig
-from transferkit.training.stages import run_stages
+from transferkit.training.features import FeatureBatches, FeaturePass, FeatureStore, compute_feature_stores
+from transferkit.training.stages import Checkpointing, StageOptions, run_stages
 
 
 def build(name, n_classes=3, seed=0):
@@ -26,9 +27,9 @@ def images(n=24, seed=0):
 def test_store_spills_to_disk_beyond_its_budget_with_the_same_values_and_leaves_no_file(tmp_path):
     data = images(10)
     forward = lambda batch: [batch.reshape(len(batch), -1)[:, :7] * 0.5]  # noqa: E731
-    (in_memory,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=100)
-    (on_disk,) = compute_feature_stores(forward, data, [(7,)], views=[1], batch_size=3, memory_budget_mb=1e-6,
-                                        spill_dir=tmp_path)
+    (in_memory,) = compute_feature_stores(forward, data, [(7,)], FeaturePass([1], batch_size=3, memory_budget_mb=100))
+    spilled = FeaturePass([1], batch_size=3, memory_budget_mb=1e-6, spill_dir=tmp_path)
+    (on_disk,) = compute_feature_stores(forward, data, [(7,)], spilled)
     assert not in_memory.on_disk and on_disk.on_disk
     assert isinstance(on_disk.array, np.memmap)
     # Unlinked as soon as it is mapped: a run killed now leaves nothing in the folder.
@@ -57,13 +58,15 @@ def fit(model, cache, augment=None, unfreeze=0, epochs=3, optimizer="adam", orde
         forward_factory=None):
     name = "vgg16"
     labels = np.arange(24) % 3
-    factory = (lambda: __import__("transferkit.data.augment", fromlist=["x"]).build_augmenter(augment)) if augment else None
+    from transferkit.data.augment import build_augmenter
+
+    factory = (lambda: build_augmenter(augment)) if augment else None
     train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=order_seed,
                          augmenter_factory=factory)
     val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 8)
     stages = [StageConfig(epochs=epochs, learning_rate=1e-2, unfreeze=unfreeze, patience=10, optimizer=optimizer)]
-    return run_stages(model, REGISTRY[name], stages, train, val, 3, verbose=0, seed=seed, cache=cache,
-                      forward_factory=forward_factory)
+    options = StageOptions(verbose=0, seed=seed, cache=cache, forward_factory=forward_factory)
+    return run_stages(model, REGISTRY[name], stages, train, val, 3, options).history
 
 
 # The comparison trains with SGD, not Adam. Adam's first steps move each weight by about
@@ -160,16 +163,16 @@ def test_augmented_stage_stores_at_most_one_view_per_epoch(caplog):
         stages = [StageConfig(epochs=3, unfreeze=0, patience=10)]
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="transferkit"):
-            run_stages(model, REGISTRY["vgg16"], stages, train, val, 3, verbose=1, seed=1,
-                       cache=CacheConfig(enabled=True, views=views))
+            run_stages(model, REGISTRY["vgg16"], stages, train, val, 3,
+                       StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=True, views=views)))
         output = caplog.text
         assert "on cached features" in output
         assert f"({stored} view(s)" in output, output[-500:]
     model = build("vgg16", seed=0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="transferkit"):
-        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=1, seed=1,
-                   cache=CacheConfig(enabled=False))
+        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
+                   StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=False)))
     assert "stage 1/1" in caplog.text and "on cached features" not in caplog.text
 
 
@@ -178,13 +181,12 @@ def test_final_validation_outputs_from_the_cache_equal_the_models():
     labels = np.arange(24) % 3
     train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=1)
     val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 4)
-    outputs = {}
-    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=0,
-               seed=1, cache=CacheConfig(enabled=True), final_outputs=outputs)
-    np.testing.assert_allclose(outputs["val"], model.predict(val, verbose=0), rtol=1e-4, atol=1e-5)
-    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=0,
-               seed=1, cache=None, final_outputs=outputs)
-    assert "val" not in outputs  # an uncached last stage leaves the model to predict
+    result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
+                        StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True)))
+    np.testing.assert_allclose(result.val_outputs, model.predict(val, verbose=0), rtol=1e-4, atol=1e-5)
+    result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
+                        StageOptions(verbose=0, seed=1, cache=None))
+    assert result.val_outputs is None  # an uncached last stage leaves the model to predict
 
 
 def test_feature_batches_rotate_over_the_stage_views_only():
@@ -275,7 +277,7 @@ def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
     def plan():
         train = ImageBatches(pictures[:8], encode_targets(np.arange(8) % 3, 3), 4, shuffle=True, seed=1)
         val = ImageBatches(pictures[8:], encode_targets(np.arange(4) % 3, 3), 4)
-        stages = [StageConfig(epochs=1, unfreeze=0), StageConfig(epochs=1, unfreeze=2), StageConfig(epochs=1, unfreeze=3)]
+        stages = [StageConfig(epochs=1, unfreeze=unfreeze) for unfreeze in (0, 2, 3)]
         return FeaturePlan(model, REGISTRY["resnet50"], stages, train, val, CacheConfig(), factory, dtype="float16")
 
     whole = plan()
@@ -299,7 +301,8 @@ def test_cached_stage_validation_figures_are_what_keras_evaluate_gives(n_classes
     train = ImageBatches(images(24), encode_targets(labels, n_classes), 8, shuffle=True, seed=1)
     val = ImageBatches(images(11, seed=5), encode_targets(np.arange(11) % n_classes, n_classes), 4)
     history = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, learning_rate=1e-2, unfreeze=0)],
-                         train, val, n_classes, verbose=0, seed=1, cache=CacheConfig(enabled=True))
+                         train, val, n_classes,
+                         StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True))).history
     model.compile(loss=loss_for(n_classes), metrics=["accuracy"])
     expected = model.evaluate(val, verbose=0, return_dict=True)
     assert history[0]["val_loss"] == pytest.approx(expected["loss"], rel=1e-4)
@@ -317,8 +320,8 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
 
     stages = [StageConfig(epochs=2, learning_rate=1e-2, unfreeze=0, patience=10)]
     reference = build("vgg16", seed=7)
-    expected = run_stages(reference, REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
-                          cache=CacheConfig())
+    options = StageOptions(verbose=0, seed=1, cache=CacheConfig())
+    expected = run_stages(reference, REGISTRY["vgg16"], stages, *batches(), 3, options).history
 
     stop = StopFlag()
 
@@ -328,15 +331,16 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
 
     work = WorkFolder.create(tmp_path / "run", {}, "", force=False)
     with pytest.raises(TrainingInterrupted):
-        run_stages(build("vgg16", seed=7), REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
-                   cache=CacheConfig(), work=work, stop=stop, callbacks=[StopInFirstEpoch()])
+        run_stages(build("vgg16", seed=7), REGISTRY["vgg16"], stages, *batches(), 3,
+                   StageOptions(verbose=0, seed=1, cache=CacheConfig(), callbacks=[StopInFirstEpoch()]),
+                   Checkpointing(work=work, stop=stop))
     state = work.state()
     assert (state.epochs_done, state.part_only, state.history) == (0, True, [])
 
     work = WorkFolder.open(tmp_path / "run")
     resumed = work.load_model()
-    history = run_stages(resumed, REGISTRY["vgg16"], stages, *batches(), 3, verbose=0, seed=1,
-                         cache=CacheConfig(), work=work, state=state)
+    history = run_stages(resumed, REGISTRY["vgg16"], stages, *batches(), 3, options,
+                         Checkpointing(state=state, work=work)).history
     assert [row["val_loss"] for row in history] == pytest.approx([row["val_loss"] for row in expected], rel=1e-6)
     for a, b in zip(reference.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -344,13 +348,13 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
 
 def test_later_views_computed_in_the_background_equal_the_ones_computed_at_once():
     from transferkit.data.augment import build_augmenter
-    from transferkit.training.features import compute_feature_stores
 
     factory = lambda: build_augmenter(AugmentConfig(rotation=30.0, shift=0.2))  # noqa: E731
     forward = lambda batch: [batch.reshape(len(batch), -1)[:, :6] / 255.0]  # noqa: E731
     common = dict(views=[3], augmenter_factory=factory, seed=4, batch_size=5)
-    (at_once,) = compute_feature_stores(forward, images(12), [(6,)], **common)
-    (store,) = compute_feature_stores(forward, images(12), [(6,)], later_views_in_background=True, **common)
+    (at_once,) = compute_feature_stores(forward, images(12), [(6,)], FeaturePass(**common))
+    in_background = FeaturePass(later_views_in_background=True, **common)
+    (store,) = compute_feature_stores(forward, images(12), [(6,)], in_background)
     assert at_once.filler is None and store.filler is not None
     store.wait_for()
     np.testing.assert_array_equal(store.array, at_once.array)
@@ -360,7 +364,6 @@ def test_later_views_computed_in_the_background_equal_the_ones_computed_at_once(
 
 def test_a_failure_in_the_background_reaches_whoever_waits_for_that_view():
     from transferkit.data.augment import build_augmenter
-    from transferkit.training.features import compute_feature_stores
 
     calls = []
 
@@ -370,9 +373,9 @@ def test_a_failure_in_the_background_reaches_whoever_waits_for_that_view():
             raise RuntimeError("engine lost")
         return [batch.reshape(len(batch), -1)[:, :2]]
 
-    (store,) = compute_feature_stores(
-        forward, images(8), [(2,)], views=[2], batch_size=4, later_views_in_background=True,
-        augmenter_factory=lambda: build_augmenter(AugmentConfig(rotation=10.0)))
+    (store,) = compute_feature_stores(forward, images(8), [(2,)], FeaturePass(
+        views=[2], batch_size=4, later_views_in_background=True,
+        augmenter_factory=lambda: build_augmenter(AugmentConfig(rotation=10.0))))
     store.wait_for(0)
     with pytest.raises(RuntimeError, match="engine lost"):
         store.wait_for(1)
@@ -385,8 +388,8 @@ def test_cached_stage_progress_never_counts_past_the_epoch(capsys):
     model = build("vgg16", seed=1)
     train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)  # 3 steps
     val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
-    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3, verbose=1, seed=1,
-               cache=CacheConfig(enabled=True))
+    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
+               StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=True)))
     counts = [int(done) for done in re.findall(r"(\d+)/3\b", capsys.readouterr().out)]
     assert counts and max(counts) == 3
 
@@ -403,11 +406,11 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
         return [batch.reshape(len(batch), -1)[:, :6] / 255.0]
 
     stop = StopFlag()
-    (store,) = compute_feature_stores(forward, images(40), [(6,)], views=[3], batch_size=4,
-                                      augmenter_factory=lambda: __import__("transferkit.data.augment", fromlist=["x"])
-                                      .build_augmenter(AugmentConfig(rotation=30.0)),
-                                      later_views_in_background=True,
-                                      stop_requested=lambda: len(calls) >= 2)
+    (store,) = compute_feature_stores(forward, images(40), [(6,)], FeaturePass(
+        views=[3], batch_size=4,
+        augmenter_factory=lambda: __import__("transferkit.data.augment", fromlist=["x"])
+        .build_augmenter(AugmentConfig(rotation=30.0)),
+        later_views_in_background=True, stop_requested=lambda: len(calls) >= 2))
     assert len(calls) == 2 and store.filler is None  # 2 of 10 batches, no background views
 
     class Stopping(keras.callbacks.Callback):
@@ -429,5 +432,7 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
     train = ImageBatches(images(16), encode_targets(np.arange(16) % 3, 3), 4, shuffle=True, seed=1)
     val = ImageBatches(images(8, seed=2), encode_targets(np.arange(8) % 3, 3), 4)
     with pytest.raises(TrainingInterrupted):
-        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3, verbose=0,
-                   cache=CacheConfig(), stop=stop, forward_factory=stopping_factory, callbacks=[Stopping()])
+        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
+                   StageOptions(verbose=0, cache=CacheConfig(), forward_factory=stopping_factory,
+                                callbacks=[Stopping()]),
+                   Checkpointing(stop=stop))

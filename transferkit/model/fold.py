@@ -26,7 +26,7 @@ training dynamics (its gradient would no longer pass through the normalisation).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np

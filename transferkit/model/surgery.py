@@ -4,7 +4,7 @@ part ends, and the two models cut at that boundary (the frozen extractor and the
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import keras
 

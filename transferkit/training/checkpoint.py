@@ -20,10 +20,9 @@ finished folder is written atomically and RUN.partial is removed.
 
 from __future__ import annotations
 
-import logging
-
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -124,7 +123,7 @@ class WorkFolder:
         self._generation = max(existing, default=0)
 
     @classmethod
-    def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> "WorkFolder":
+    def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> WorkFolder:
         """Start a new in-progress folder; an old one is replaced only with ``force``.
 
         Raises:
@@ -152,7 +151,7 @@ class WorkFolder:
         return work
 
     @classmethod
-    def open(cls, run: str | os.PathLike) -> "WorkFolder":
+    def open(cls, run: str | os.PathLike) -> WorkFolder:
         """Find the in-progress folder of RUN (or RUN.partial itself).
 
         Raises:
