@@ -68,6 +68,16 @@ def test_metrics_and_recipe_are_saved(finished):
     assert recipe.image_size == 32 and recipe.weights == "none"
 
 
+def test_metrics_time_each_stage(finished):
+    _, output = finished
+    stages = json.loads((output / "metrics.json").read_text())["stages"]
+    assert [(stage["stage"], stage["epochs"]) for stage in stages] == [("head", 1), ("fine", 1)]
+    assert list(stages[0]) == ["stage", "epochs", "seconds", "caching_seconds", "cached"]
+    for stage in stages:
+        assert stage["seconds"] >= stage["caching_seconds"] >= 0
+        assert isinstance(stage["cached"], bool)
+
+
 def test_skipped_files_are_listed(finished):
     _, output = finished
     lines = (output / "skipped.txt").read_text().splitlines()

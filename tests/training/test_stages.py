@@ -87,8 +87,12 @@ def test_zero_epoch_stage_is_skipped():
     model = build("vgg16", 3)
     data = batches(3)
     stages = [StageConfig(epochs=1, unfreeze=0), StageConfig(name="fine", epochs=0, unfreeze=1)]
-    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, StageOptions(verbose=0)).history
+    result = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, StageOptions(verbose=0))
+    history = result.history
     assert [row["stage"] for row in history] == ["stage"]
+    # One timing per stage that ran; without a cache nothing is cached and no outputs come back.
+    assert [(timing.stage, timing.epochs, timing.cached) for timing in result.timings] == [("stage", 1, False)]
+    assert result.timings[0].caching_seconds == 0.0 and result.val_outputs is None
 
 
 def test_early_stopping_restores_the_best_weights_of_a_stage():

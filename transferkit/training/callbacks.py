@@ -34,10 +34,6 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         if self.resume_from is not None:
             set_early_stopping_state(self, self.resume_from)
 
-    def state(self) -> EarlyStoppingState:
-        """The counters and best weights now, for the checkpoint."""
-        return early_stopping_state(self)
-
 
 class EagerValidation(keras.callbacks.Callback):
     """Validation of a stage trained on cached features, computed eagerly at each epoch's end.

@@ -391,7 +391,7 @@ class FeaturePlan:
         forward_factory: extractor model -> batch function returning its outputs.
         seed: augmentation seed.
         dtype: storage dtype.
-        verbose: print what is computed, with a progress bar.
+        verbose: log what is computed, with a progress bar.
         stop: a ``StopFlag``; a feature pass stops early once it is set (the caller then
             stops training). Default None.
     """
