@@ -68,6 +68,16 @@ def test_metrics_and_recipe_are_saved(finished):
     assert recipe.image_size == 32 and recipe.weights == "none"
 
 
+def test_metrics_time_each_stage(finished):
+    _, output = finished
+    stages = json.loads((output / "metrics.json").read_text())["stages"]
+    assert [(stage["stage"], stage["epochs"]) for stage in stages] == [("head", 1), ("fine", 1)]
+    assert list(stages[0]) == ["stage", "epochs", "seconds", "caching_seconds", "cached"]
+    for stage in stages:
+        assert stage["seconds"] >= stage["caching_seconds"] >= 0
+        assert isinstance(stage["cached"], bool)
+
+
 def test_skipped_files_are_listed(finished):
     _, output = finished
     lines = (output / "skipped.txt").read_text().splitlines()
@@ -262,13 +272,12 @@ def test_full_disk_at_the_final_save_keeps_the_training_for_resume(shapes_dir, t
 
 
 def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(tmp_path, caplog):
+    import logging
     import warnings
 
     import numpy as np
 
     from transferkit.report import plot_confusion, plot_history
-
-    import logging
 
     logger = logging.getLogger("transferkit")  # the CLI stops it propagating to caplog's root
     logger.addHandler(caplog.handler)

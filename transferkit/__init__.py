@@ -29,6 +29,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that w
 _EXPORTS = {
     "AugmentConfig": "transferkit.recipe",
     "CacheConfig": "transferkit.recipe",
+    "Checkpointing": "transferkit.training.stages",
     "DataConfig": "transferkit.recipe",
     "DataError": "transferkit.errors",
     "EngineError": "transferkit.errors",
@@ -39,6 +40,8 @@ _EXPORTS = {
     "Run": "transferkit.runs",
     "RunError": "transferkit.errors",
     "StageConfig": "transferkit.recipe",
+    "StageOptions": "transferkit.training.stages",
+    "StagesResult": "transferkit.training.stages",
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
     "available_backbones": "transferkit.backbones",
@@ -78,7 +81,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.model.fold import fold_batchnorm
     from transferkit.recipe import AugmentConfig, CacheConfig, DataConfig, HeadConfig, Recipe, StageConfig, load_recipe
     from transferkit.runs import Run, load_run
-    from transferkit.training.stages import run_stages
+    from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
     from transferkit.workflow import finetune, resume_finetune
 
 

@@ -101,10 +101,9 @@ def compute_dtype(model) -> str:
     Mixed-precision models keep their input and output layers in float32, so it is the
     layers with weights in between that tell.
     """
-    pending = list(getattr(model, "layers", []))
-    while pending:
-        layer = pending.pop()
-        pending.extend(getattr(layer, "layers", []))
+    from transferkit.model.surgery import walk_layers
+
+    for layer in walk_layers(model):
         dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
         if layer.weights and dtype in ("bfloat16", "float16"):
             return dtype

@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -233,38 +234,77 @@ def _tell_split(class_names, train_labels: np.ndarray, val_labels: np.ndarray, r
         )
 
 
+@dataclass
+class _Trained:
+    """What a finished training hands to the evaluation and the run folder."""
+
+    model: object
+    policy: str  # the Keras dtype policy it trained in
+    history: list
+    metrics: dict | None = None
+
+
 def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save_h5: bool, verbose: int):
-    """Build (or load from the checkpoint) the model, run the stages, save the run."""
+    """Build (or load from the checkpoint) the model, run the stages, evaluate, save the run."""
     import keras
 
-    from transferkit import backbones, report, runs
-    from transferkit.data.arrays import balanced_class_weights
-    from transferkit.data.batches import ImageBatches
-    from transferkit.data.augment import augmentation_enabled, build_augmenter
-    from transferkit.training import stages as training_stages
-    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
-    from transferkit.model.classifier import build_classifier
-    from transferkit.outputs import encode_targets, loss_for, output_activation
-    from transferkit.runtime import dtype_policy, resolve_precision
+    from transferkit import runs
+    from transferkit.outputs import output_activation
 
-    class_names = prepared["class_names"]
-    n_classes = len(class_names)
-    train_labels, val_labels = prepared["train_labels"], prepared["val_labels"]
     # matplotlib is needed only at the end; importing it meanwhile costs the job nothing.
     threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True).start()
     keras.utils.set_random_seed(recipe.seed)
-    spec = backbones.get_spec(recipe.backbone)
-    state = work.state()
+    n_classes = len(prepared["class_names"])
+    model, policy = _build_or_load_model(recipe, n_classes, work, verbose)
+    train_batches, val_batches = _batches(prepared, recipe)
+    result = _run_training(model, recipe, train_batches, val_batches, n_classes, work, output, verbose)
+    trained = _Trained(model, policy, result.history)
+    trained.metrics = _evaluate(trained, result, val_batches, prepared)
+    _write_run(output, trained, recipe, prepared, work, force=force, save_h5=save_h5)
+    work.remove()
+    return runs.Run(
+        path=output,
+        class_names=prepared["class_names"],
+        image_size=recipe.image_size,
+        backbone=recipe.backbone,
+        head_activation=output_activation(n_classes),
+        recipe=recipe.model_dump(mode="json"),
+        history=trained.history,
+        metrics=trained.metrics,
+        model=model,
+    )
+
+
+def _build_or_load_model(recipe: Recipe, n_classes: int, work, verbose: int):
+    """The classifier from the checkpoint, or a new one in the recipe's precision.
+
+    Returns:
+        (the model, the Keras dtype policy of the run).
+    """
+    from transferkit import backbones
+    from transferkit.model.classifier import build_classifier
+    from transferkit.runtime import dtype_policy, resolve_precision
+
     policy, reason = resolve_precision(recipe.precision)
     if verbose:
         log.info(f"precision: {policy} ({reason})")
     if work.has_checkpoint():
-        model = work.load_model()
-    else:
-        with dtype_policy(policy):
-            backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
-            model = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
+        return work.load_model(), policy
+    with dtype_policy(policy):
+        backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
+        return build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone), policy
 
+
+def _batches(prepared: dict, recipe: Recipe):
+    """(training batches, shuffled, augmented and class-weighted as the recipe says;
+    validation batches)."""
+    from transferkit.data.arrays import balanced_class_weights
+    from transferkit.data.augment import augmentation_enabled, build_augmenter
+    from transferkit.data.batches import ImageBatches
+    from transferkit.outputs import encode_targets
+
+    n_classes = len(prepared["class_names"])
+    train_labels, val_labels = prepared["train_labels"], prepared["val_labels"]
     sample_weights = None
     if recipe.data.class_weights:
         sample_weights = balanced_class_weights(train_labels, n_classes)[train_labels].astype("float32")
@@ -278,11 +318,20 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
         sample_weights=sample_weights,
         seed=recipe.seed,
     )
-    val_batches = ImageBatches(
-        prepared["val_images"], encode_targets(val_labels, n_classes), recipe.batch_size
-    )
-    timings: list[dict] = []
-    final_outputs: dict = {}
+    val_batches = ImageBatches(prepared["val_images"], encode_targets(val_labels, n_classes), recipe.batch_size)
+    return train_batches, val_batches
+
+
+def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: int, work, output: Path, verbose: int):
+    """Run the recipe's stages under the signal handlers; an interruption becomes one
+    ``TrainingInterrupted`` that says what was kept.
+
+    Returns:
+        The ``StagesResult``.
+    """
+    from transferkit import backbones
+    from transferkit.training import stages as training_stages
+    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
 
     def forward_factory(extractor):
         from transferkit.inference.engines import inference_engine
@@ -293,13 +342,14 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
             log.info(f"forward engine for the feature cache: {engine.name}")
         return engine.predict
 
+    options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache,
+                                           forward_factory=forward_factory)
     try:
         with stop_on_signals(StopFlag()) as stop:
-            history = training_stages.run_stages(
-                model, spec, recipe.stages, train_batches, val_batches, n_classes,
-                verbose=verbose, seed=recipe.seed, state=state, work=work, stop=stop,
-                cache=recipe.cache, timings=timings, forward_factory=forward_factory,
-                final_outputs=final_outputs,
+            return training_stages.run_stages(
+                model, backbones.get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
+                n_classes, options,
+                training_stages.Checkpointing(state=work.state(), work=work, stop=stop),
             )
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
         # KeyboardInterrupt: a second Ctrl-C, which stops at once (the checkpoints on disk
@@ -315,62 +365,75 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
             f"saved in {work.path}. Continue with: transferkit finetune --resume {output}"
         ) from None
 
-    outputs = final_outputs.get("val")
+
+def _evaluate(trained: _Trained, result, val_batches, prepared: dict) -> dict:
+    """The run's metrics on the validation set (from the cache's final outputs when the
+    last stage trained on cached features), with its precision and stage timings."""
+    import keras
+
+    from transferkit import report
+    from transferkit.outputs import loss_for
+
+    n_classes = len(prepared["class_names"])
+    outputs = result.val_outputs
     if outputs is None:
-        outputs = model.predict(val_batches, verbose=0)
+        outputs = trained.model.predict(val_batches, verbose=0)
     val_loss = float(keras.ops.convert_to_numpy(
         keras.losses.get(loss_for(n_classes))(val_batches.targets, outputs)
     ).mean())
-    metrics = report.summarize(history, val_labels, outputs, class_names, val_loss, len(train_labels))
-    metrics["precision"] = policy
-    metrics["stages"] = timings
-    skipped = prepared["skipped"]
+    metrics = report.summarize(trained.history, prepared["val_labels"], outputs, prepared["class_names"], val_loss,
+                               len(prepared["train_labels"]))
+    metrics["precision"] = trained.policy
+    metrics["stages"] = [asdict(timing) for timing in result.timings]
+    return metrics
 
-    def draw_figures(folder: Path) -> None:
-        if history:
-            report.plot_history(history, folder / "history.png")
-        report.plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, folder / "confusion_matrix.png")
 
-    def write_contents(folder: Path) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # The figures are drawn while the model is written.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            figures = pool.submit(draw_figures, folder)
-            model.save(folder / runs.MODEL_FILE)
-            if save_h5:
-                model.save(folder / "model.h5")
-            figures.result()
-        runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone,
-                          output_activation(n_classes), precision=policy)
-        (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
-        runs.write_history(folder, history)
-        runs.write_json(folder / "metrics.json", metrics)
-        if skipped:
-            (folder / "skipped.txt").write_text(
-                "".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8"
-            )
+def _write_run(output: Path, trained: _Trained, recipe: Recipe, prepared: dict, work, *, force: bool,
+               save_h5: bool) -> None:
+    """Write the finished run folder atomically; when that fails, keep the training for
+    ``--resume`` and say so."""
+    from transferkit import runs
 
     try:
-        runs.save_run(output, write_contents, force=force)
+        runs.save_run(output, lambda folder: _write_contents(folder, trained, recipe, prepared, save_h5), force=force)
     except RunError as error:
         if not work.has_checkpoint():
             raise
         work.flush()
         raise RunError(f"{error}; the training is kept in {work.path}: once the folder can be written, "
                        f"finish with: transferkit finetune --resume {output}") from error
-    work.remove()
-    return runs.Run(
-        path=output,
-        class_names=class_names,
-        image_size=recipe.image_size,
-        backbone=recipe.backbone,
-        head_activation=output_activation(n_classes),
-        recipe=recipe.model_dump(mode="json"),
-        history=history,
-        metrics=metrics,
-        model=model,
-    )
+
+
+def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: dict, save_h5: bool) -> None:
+    """The run folder's files: model, labels, recipe, history, metrics, figures, skipped files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transferkit import report, runs
+    from transferkit.outputs import output_activation
+
+    class_names, history, metrics = prepared["class_names"], trained.history, trained.metrics
+
+    def draw_figures() -> None:
+        if history:
+            report.plot_history(history, folder / "history.png")
+        report.plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, folder / "confusion_matrix.png")
+
+    # The figures are drawn while the model is written.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        figures = pool.submit(draw_figures)
+        trained.model.save(folder / runs.MODEL_FILE)
+        if save_h5:
+            trained.model.save(folder / "model.h5")
+        figures.result()
+    runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone,
+                      output_activation(len(class_names)), precision=trained.policy)
+    (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+    runs.write_history(folder, history)
+    runs.write_json(folder / "metrics.json", metrics)
+    if prepared["skipped"]:
+        (folder / "skipped.txt").write_text(
+            "".join(f"{path}\t{reason}\n" for path, reason in prepared["skipped"]), encoding="utf-8"
+        )
 
 
 def _data_fingerprint(data_dir, val_dir, paths) -> str:

@@ -2,13 +2,11 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import load_backbone
+from tests.fresh_process import predict_without_transferkit
+from transferkit.backbones import REGISTRY, load_backbone
 from transferkit.model.classifier import build_classifier, build_preprocessing
 from transferkit.outputs import loss_for
-from transferkit.backbones import REGISTRY
 from transferkit.recipe import HeadConfig
-
-from tests.fresh_process import predict_without_transferkit
 
 
 def classifier(n_classes, head=None, name="vgg16", size=32):

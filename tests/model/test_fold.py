@@ -2,30 +2,22 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import REGISTRY, load_backbone
-from transferkit.model.fold import batchnorm_count, fold_batchnorm, fold_classifier
-from transferkit.model.classifier import build_classifier
-from transferkit.runtime import dtype_policy
-from transferkit.model.surgery import set_trainable
-
 from tests.fresh_process import predict_without_transferkit
+from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.model.classifier import build_classifier
+from transferkit.model.fold import batchnorm_count, fold_batchnorm
+from transferkit.model.surgery import set_trainable, walk_layers
+from transferkit.runtime import dtype_policy
 
 SIZE = 32
 RESNET50 = REGISTRY["resnet50"]
-
-
-def all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
 
 
 def give_batchnorm_statistics(model, seed=0):
     """Fresh BatchNorm layers are the identity (mean 0, variance 1, gamma 1, beta 0), which
     would let a wrong fold pass: give every one non-trivial values."""
     rng = np.random.default_rng(seed)
-    for layer in all_layers(model):
+    for layer in walk_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             channels = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(0.0, 0.3, channels))
@@ -88,7 +80,7 @@ def test_frozen_resnet50_folds_every_batchnorm_and_matches_in_float32():
 def test_folding_keeps_mixed_bfloat16_and_matches_within_bf16_tolerance():
     backbone = frozen_resnet50("mixed_bfloat16")
     folded = fold_batchnorm(backbone)
-    for original, copy in zip(all_layers(backbone), all_layers(folded)):
+    for original, copy in zip(walk_layers(backbone), walk_layers(folded)):
         assert copy.dtype_policy.name == original.dtype_policy.name, original.name
     assert folded.get_layer("conv1_conv").dtype_policy.name == "mixed_bfloat16"
     x = images()
@@ -104,8 +96,9 @@ def test_folding_keeps_mixed_bfloat16_and_matches_within_bf16_tolerance():
 
 
 def test_partly_unfrozen_classifier_keeps_batchnorm_after_training_convolutions():
+    """What a stage's feature pass and the Keras engine fold: the frozen pairs only."""
     classifier = resnet50_classifier(unfreeze=2)
-    folded = fold_classifier(classifier, RESNET50)
+    folded = fold_batchnorm(classifier)
     backbone, folded_backbone = classifier.get_layer("backbone"), folded.get_layer("backbone")
     training_blocks = {RESNET50.blocks.index(name) for name in ("conv5_block2", "conv5_block3")}
     for layer in backbone.layers:
@@ -134,7 +127,7 @@ def test_partly_unfrozen_classifier_keeps_batchnorm_after_training_convolutions(
 
 
 def test_folded_classifier_loads_and_predicts_identically_without_transferkit(tmp_path):
-    folded = fold_classifier(resnet50_classifier(unfreeze=0), RESNET50)
+    folded = fold_batchnorm(resnet50_classifier(unfreeze=0))
     assert batchnorm_count(folded.get_layer("backbone")) == 0
     x = images((4, 45, 37, 3))
     expected = folded.predict(x, verbose=0)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,29 @@ def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, mo
     with pytest.raises(TrainingInterrupted, match="SIGINT again: training stopped before its first epoch ended"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
     assert not any(tmp_path.iterdir())
+
+
+def test_checkpoint_files_are_flushed_to_disk_before_they_replace_the_old_ones(tmp_path, monkeypatch):
+    """checkpoint.keras, the arrays and state.json each go through the one atomic-write helper:
+    written beside, fsynced, then renamed; no temporary file stays."""
+    import keras
+
+    import transferkit.files
+    from transferkit.training.checkpoint import TrainingState, WorkFolder
+
+    synced = []
+    real_fsync = transferkit.files.fsync_file
+    monkeypatch.setattr(transferkit.files, "fsync_file", lambda path: (synced.append(Path(path).name),
+                                                                       real_fsync(path)))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    work = WorkFolder.create(tmp_path / "run", {"data_dir": "x"}, "", force=False)
+    work.save(model, TrainingState(stage_index=0, epochs_done=1), best_weights=model.get_weights())
+    work.flush()
+    state = work.state()
+    assert state.epochs_done == 1 and state.arrays_file == "arrays-1.npz"
+    assert any(name.endswith(".keras") for name in synced)
+    assert any(".arrays-1.npz." in name for name in synced) and any(".state.json." in name for name in synced)
+    assert sorted(path.name for path in work.path.iterdir()) == [
+        "arrays-1.npz", "checkpoint.keras", "job.json", "recipe.toml", "state.json"]
+    np.testing.assert_array_equal(work.best_weights()[0], model.get_weights()[0])
+    work.remove()

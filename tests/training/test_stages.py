@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 
 from transferkit.backbones import REGISTRY, load_backbone
-from transferkit.outputs import encode_targets
 from transferkit.data.batches import ImageBatches
 from transferkit.model.classifier import build_classifier
-from transferkit.recipe import HeadConfig, StageConfig
 from transferkit.model.surgery import set_trainable
+from transferkit.outputs import encode_targets
+from transferkit.recipe import HeadConfig, StageConfig
 from transferkit.runs import HISTORY_COLUMNS
-from transferkit.training.stages import run_stages
+from transferkit.training.stages import StageOptions, run_stages
 
 
 def batches(n_classes, n=16, size=32, seed=0):
@@ -33,7 +33,7 @@ def test_stage_one_changes_no_backbone_weight_and_trains_the_head():
     before_backbone, before_head = snapshot(backbone), snapshot(head)
     stages = [StageConfig(name="head", epochs=2, learning_rate=1e-2, unfreeze=0, patience=5)]
     data = batches(3)
-    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0)
+    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, StageOptions(verbose=0)).history
     for old, new in zip(before_backbone, snapshot(backbone)):
         np.testing.assert_array_equal(old, new)
     assert any(not np.array_equal(old, new) for old, new in zip(before_head, snapshot(head)))
@@ -51,7 +51,7 @@ def test_stage_two_changes_only_unfrozen_blocks_and_no_batchnorm_statistics():
         StageConfig(name="fine", epochs=1, learning_rate=1e-3, unfreeze=2, patience=5),
     ]
     data = batches(2)
-    history = run_stages(model, spec, stages, data, data, 2, verbose=0)
+    history = run_stages(model, spec, stages, data, data, 2, StageOptions(verbose=0)).history
     assert [row["stage"] for row in history] == ["head", "fine"]
     assert [row["epoch"] for row in history] == [1, 2]
     open_blocks = {len(spec.blocks) - 1, len(spec.blocks) - 2}  # conv5_block2, conv5_block3
@@ -87,8 +87,12 @@ def test_zero_epoch_stage_is_skipped():
     model = build("vgg16", 3)
     data = batches(3)
     stages = [StageConfig(epochs=1, unfreeze=0), StageConfig(name="fine", epochs=0, unfreeze=1)]
-    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0)
+    result = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, StageOptions(verbose=0))
+    history = result.history
     assert [row["stage"] for row in history] == ["stage"]
+    # One timing per stage that ran; without a cache nothing is cached and no outputs come back.
+    assert [(timing.stage, timing.epochs, timing.cached) for timing in result.timings] == [("stage", 1, False)]
+    assert result.timings[0].caching_seconds == 0.0 and result.val_outputs is None
 
 
 def test_early_stopping_restores_the_best_weights_of_a_stage():
@@ -108,7 +112,8 @@ def test_early_stopping_restores_the_best_weights_of_a_stage():
                 kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
 
     stages = [StageConfig(epochs=4, learning_rate=1e-3, unfreeze=0, patience=3)]
-    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, verbose=0, callbacks=[SpoilLastEpoch()])
+    options = StageOptions(verbose=0, callbacks=[SpoilLastEpoch()])
+    history = run_stages(model, REGISTRY["vgg16"], stages, data, data, 3, options).history
     best = min(row["val_loss"] for row in history)
     assert history[-1]["val_loss"] > best  # the last epoch was not the best one
     evaluated = model.evaluate(data, verbose=0, return_dict=True)["loss"]

@@ -19,19 +19,20 @@ the result holds built-in layers only (``keras.models.load_model`` needs no tran
 Only frozen pairs are folded by default: folding a convolution that trains would change its
 training dynamics (its gradient would no longer pass through the normalisation).
 
-    from transferkit.fold import fold_batchnorm, fold_classifier
-    fast = fold_classifier(classifier, REGISTRY["resnet50"])
-    fast.folded_batchnorm      # names of the BatchNormalization layers folded away
+    from transferkit.model.fold import fold_batchnorm
+    fast = fold_batchnorm(classifier)   # frozen pairs only: a stage's training blocks keep theirs
+    fast.folded_batchnorm               # names of the BatchNormalization layers folded away
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
 
-from transferkit.backbones import BackboneSpec
+from transferkit.keras_private import graph_nodes, producing_layer
+from transferkit.model.surgery import walk_layers
 from transferkit.runtime import dtype_policy
 
 # Convolutions whose output channels map one to one onto BatchNormalization channels.
@@ -65,43 +66,6 @@ def fold_batchnorm(model, fold_trainable: bool = False):
     return _fold(model, select)
 
 
-def fold_classifier(classifier, spec: BackboneSpec | None = None, fold_trainable: bool = False):
-    """Fold the frozen BatchNormalization layers of a classifier's backbone.
-
-    Only the nested model named "backbone" is folded; the preprocessing and head are copied
-    as they are. With ``spec``, a pair is folded only inside a frozen block (one whose layers
-    hold no trainable weights), so a partly unfrozen stage keeps every BatchNormalization of
-    its training blocks; the frozen convolutions of ``set_trainable`` are exactly those.
-
-    Args:
-        classifier: a model from ``build_classifier`` (trainable flags as ``set_trainable``
-            left them, or any others).
-        spec: the backbone's registry entry; default None (decide per convolution only).
-        fold_trainable: fold trainable pairs too, for inference only. Default False.
-
-    Returns:
-        A new classifier as ``fold_batchnorm`` describes (``folded_batchnorm`` names the
-        folded layers).
-    """
-    backbone = classifier.get_layer("backbone")
-    trained_blocks: set[int] = set()
-    if spec is not None:
-        trained_blocks = {
-            spec.block_of(layer.name) for layer in backbone.layers if layer.trainable_weights
-        }
-
-    def select(owner, conv, batchnorm) -> bool:
-        if owner is not backbone:
-            return False
-        if fold_trainable:
-            return True
-        if conv.trainable or batchnorm.trainable:
-            return False
-        return spec is None or spec.block_of(conv.name) not in trained_blocks
-
-    return _fold(classifier, select)
-
-
 def batchnorm_count(model) -> int:
     """How many BatchNormalization layers a model holds, nested models included.
 
@@ -111,7 +75,7 @@ def batchnorm_count(model) -> int:
     Returns:
         The count (0 for a fully folded backbone).
     """
-    return sum(isinstance(layer, keras.layers.BatchNormalization) for layer in _walk(model))
+    return sum(isinstance(layer, keras.layers.BatchNormalization) for layer in walk_layers(model))
 
 
 # --------------------------------------------------------------------------------------
@@ -124,7 +88,7 @@ def _fold(model, select: Callable):
     adds no op), and the Identity keeps every name and works inside Sequential models.
     """
     pairs = {}  # id(batchnorm) -> (conv, batchnorm)
-    for owner in [layer for layer in _walk(model) if isinstance(layer, keras.Model)] + [model]:
+    for owner in [layer for layer in walk_layers(model) if isinstance(layer, keras.Model)] + [model]:
         for conv, batchnorm in _candidate_pairs(owner):
             if select(owner, conv, batchnorm):
                 pairs[id(batchnorm)] = (conv, batchnorm)
@@ -176,7 +140,7 @@ def _clone(model, clone_layer, call_layer):
         inputs = keras.tree.map_structure(
             lambda tensor: keras.Input(
                 batch_shape=tensor.shape, dtype=tensor.dtype,
-                name=tensor._keras_history.operation.name,
+                name=producing_layer(tensor).name,
             ),
             model.input,
         )
@@ -185,22 +149,14 @@ def _clone(model, clone_layer, call_layer):
         )
 
 
-def _walk(model):
-    """Every layer of a model, depth first, nested models' layers included."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
-
-
 def _candidate_pairs(owner):
     """(conv, batchnorm) pairs of one model's own graph that could be folded at all."""
     if isinstance(owner, keras.Sequential):
         layers = owner.layers
         return [pair for pair in zip(layers, layers[1:]) if _foldable(*pair)]
-    if not hasattr(owner, "_nodes_by_depth"):
+    nodes = graph_nodes(owner)
+    if nodes is None:
         return []  # a subclassed model: its graph is not known
-    nodes = [node for depth in owner._nodes_by_depth.values() for node in depth]
     producer, consumers, calls = {}, {}, {}
     for node in nodes:
         calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1

@@ -1,58 +1,28 @@
-"""What is trainable in a classifier, where its frozen part ends, and models cut at that boundary."""
+"""Model surgery on a classifier: walking its layers, what trains in a stage, where the frozen
+part ends, and the two models cut at that boundary (the frozen extractor and the trainable top).
+"""
 
 from __future__ import annotations
 
-
-
-
-
-
-
-from dataclasses import dataclass
-
-
-from typing import Sequence
+from collections.abc import Iterator, Sequence
 
 import keras
-
 
 from transferkit.backbones import BackboneSpec
 
 
-
-@dataclass
-class SplitModel:
-    """A classifier cut at the boundary of its frozen part.
-
-    Attributes:
-        extractor: images -> boundary features (preprocessing + frozen backbone layers).
-        trainable: boundary features -> class outputs (unfrozen blocks + head), sharing its
-            layers (and so its weights) with the classifier.
-        boundary: name of the backbone layer whose output is the boundary, or "" for the
-            backbone's output.
-    """
-
-    extractor: object
-    trainable: object
-    boundary: str
-
-
-def split_at_frozen_part(model, spec: BackboneSpec, unfreeze: int | str) -> SplitModel | None:
-    """Cut a classifier where its frozen part ends; None when nothing in it is frozen.
+def walk_layers(model) -> Iterator:
+    """Every layer inside a model, depth first, the layers of nested models included.
 
     Args:
-        model: a classifier from ``build_classifier``.
-        spec: the backbone's registry entry.
-        unfreeze: the stage's depth: 0, N or "all".
+        model: a ``keras.Model`` (a layer that holds no layers yields nothing).
 
-    Returns:
-        A ``SplitModel``, or None for ``unfreeze="all"`` (or N = every block).
+    Yields:
+        Each layer; a nested model comes before its own layers.
     """
-    first_open = spec.first_unfrozen(unfreeze)
-    if first_open <= 0:
-        return None
-    trainable, boundary = trainable_at(model, spec, first_open)
-    return SplitModel(extractor_at(model, spec, [first_open]), trainable, boundary)
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        yield from walk_layers(layer)
 
 
 def trainable_at(model, spec: BackboneSpec, first_open: int) -> tuple[object, str]:

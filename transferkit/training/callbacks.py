@@ -1,34 +1,38 @@
-"""Per-stage callbacks: resumable early stopping, eager validation on cached features, and the
-per-epoch step that seeds the data and dropout, records history and saves the checkpoint."""
+"""Per-stage callbacks: early stopping that carries over a restart, eager validation on cached
+features, and the per-epoch step that seeds the data and dropout, records the history row and
+saves the checkpoint."""
 
 from __future__ import annotations
 
-
 import math
-
-
+import zlib
 
 import keras
-
 import numpy as np
 
-
+from transferkit.keras_private import EarlyStoppingState, early_stopping_state, reseed, set_early_stopping_state
+from transferkit.model.surgery import walk_layers
 from transferkit.outputs import is_binary, loss_for
 from transferkit.runs import HISTORY_COLUMNS
 
 
-
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping whose counters and best weights can be carried over a restart."""
+    """EarlyStopping whose counters and best weights can be carried over a restart.
 
-    def __init__(self, resume_from: tuple | None = None, **kwargs):
+    Args:
+        resume_from: the ``EarlyStoppingState`` saved with the checkpoint; default None (a
+            fresh start).
+        **kwargs: ``keras.callbacks.EarlyStopping``'s arguments.
+    """
+
+    def __init__(self, resume_from: EarlyStoppingState | None = None, **kwargs):
         super().__init__(**kwargs)
         self.resume_from = resume_from
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if self.resume_from is not None:
-            self.best, self.wait, self.best_epoch, self.best_weights = self.resume_from
+            set_early_stopping_state(self, self.resume_from)
 
 
 class EagerValidation(keras.callbacks.Callback):
@@ -99,14 +103,14 @@ class EpochCallback(keras.callbacks.Callback):
             from transferkit.training.checkpoint import TrainingState
 
             part = self.model.get_weights() if self.model is not self.classifier else None
+            stopping = early_stopping_state(self.stopper)
             state = TrainingState(
                 stage_index=self.stage_index, epochs_done=epoch + 1,
                 global_epoch=self.epoch_offset + epoch + 1, calibrated=True,
-                best=None if self.stopper.best is None else float(self.stopper.best),
-                wait=int(self.stopper.wait), best_epoch=int(self.stopper.best_epoch),
+                best=stopping.best, wait=stopping.wait, best_epoch=stopping.best_epoch,
                 history=self.rows,
             )
-            self.work.save(self.classifier, state, self.stopper.best_weights, self.model.optimizer, part)
+            self.work.save(self.classifier, state, stopping.best_weights, self.model.optimizer, part)
 
 
 def reseed_dropout(model, seed: int, epoch: int) -> None:
@@ -114,28 +118,32 @@ def reseed_dropout(model, seed: int, epoch: int) -> None:
 
     Masks then depend only on these, so a resumed run repeats them exactly, and training
     the head alone (on cached features) draws the same masks as training the whole model.
-    """
-    import zlib
 
+    Args:
+        model: the classifier (nested models are walked).
+        seed: the run's seed.
+        epoch: the run's epoch, counted over all stages from 0.
+    """
     for layer in walk_layers(model):
         generator = getattr(layer, "seed_generator", None)
         if generator is not None:
             name_hash = zlib.crc32(layer.name.encode())
             state = np.random.SeedSequence([seed, epoch, name_hash]).generate_state(1)[0]
-            generator.state.assign(np.asarray([int(state) % (2**31), 0], dtype=generator.state.dtype))
-
-
-def walk_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from walk_layers(layer)
+            reseed(generator, int(state) % (2**31))
 
 
 def predict_eagerly(model, batches) -> np.ndarray:
     """The model's inference outputs over unshuffled batches, run eagerly: for a small model
     this is faster than ``predict``, which first traces a function. Cached features are
-    read in large chunks (fewer calls) instead of batch by batch."""
+    read in large chunks (fewer calls) instead of batch by batch.
+
+    Args:
+        model: a small Keras model (the part trained on cached features).
+        batches: ``FeatureBatches`` (read with ``in_order``) or any unshuffled batches.
+
+    Returns:
+        float32 outputs, one row per sample, in order.
+    """
     chunks = batches.in_order() if hasattr(batches, "in_order") else (batches[i][0] for i in range(len(batches)))
     outputs = [keras.ops.convert_to_numpy(model(chunk, training=False)) for chunk in chunks]
     return np.concatenate(outputs).astype("float32")

@@ -20,10 +20,9 @@ finished folder is written atomically and RUN.partial is removed.
 
 from __future__ import annotations
 
-import logging
-
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import RunError, TransferkitError, first_line
+from transferkit.files import atomic_path, write_atomic
 
 log = logging.getLogger("transferkit")
 
@@ -123,7 +123,7 @@ class WorkFolder:
         self._generation = max(existing, default=0)
 
     @classmethod
-    def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> "WorkFolder":
+    def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> WorkFolder:
         """Start a new in-progress folder; an old one is replaced only with ``force``.
 
         Raises:
@@ -151,7 +151,7 @@ class WorkFolder:
         return work
 
     @classmethod
-    def open(cls, run: str | os.PathLike) -> "WorkFolder":
+    def open(cls, run: str | os.PathLike) -> WorkFolder:
         """Find the in-progress folder of RUN (or RUN.partial itself).
 
         Raises:
@@ -241,20 +241,17 @@ class WorkFolder:
         self._pending = self._writer.submit(self._write, dict(arrays), asdict(state), whole)
 
     def _save_whole(self, model) -> None:
-        temporary = self.path / f"tmp-{CHECKPOINT_FILE}"
-        model.save(temporary)
-        os.replace(temporary, self.path / CHECKPOINT_FILE)
+        with atomic_path(self.path / CHECKPOINT_FILE) as temporary:
+            model.save(temporary)
 
     def _write(self, arrays: dict, state: dict, whole=None) -> None:
         if whole is not None:
             self._save_whole(whole)
         if state["arrays_file"]:
-            temporary = self.path / f"tmp-{state['arrays_file']}"
-            with open(temporary, "wb") as handle:
+            with atomic_path(self.path / state["arrays_file"]) as temporary, open(temporary, "wb") as handle:
                 np.savez(handle, **arrays)
-            os.replace(temporary, self.path / state["arrays_file"])
-        (self.path / f"tmp-{STATE_FILE}").write_text(json.dumps(state), encoding="utf-8")
-        os.replace(self.path / f"tmp-{STATE_FILE}", self.path / STATE_FILE)
+        # Last: state.json names the arrays file, which is complete on disk by now.
+        write_atomic(self.path / STATE_FILE, json.dumps(state))
         for old in self.path.glob("arrays-*.npz"):
             if old.name != state["arrays_file"]:
                 old.unlink(missing_ok=True)

@@ -13,53 +13,51 @@ Features live in memory up to a budget and in a memory-mapped file beyond it.
 
 from __future__ import annotations
 
-import logging
-
 import contextlib
+import logging
 import math
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
-from transferkit.progress import progress_bar
 from transferkit.model.surgery import extractor_at, trainable_at
-
-
-
-
-
-
-
-
-
-
+from transferkit.progress import progress_bar
 
 log = logging.getLogger("transferkit")
 
+# How many training images' features set the head's BatchNorm statistics
+# (``training.stages.calibrate_head_batchnorm``); the cache hands them over.
+CALIBRATION_IMAGES = 128
+
 
 class FeatureStore:
-    """(views, n, *shape) features in memory up to a budget, else in a memory-mapped file."""
+    """(views, n, *shape) features in memory up to a budget, else in a memory-mapped file.
+
+    The file is unlinked as soon as it is mapped (on systems that allow it), as
+    ``data.arrays.image_array`` does, so a killed run leaves nothing in the temporary folder;
+    its space is freed when the store is closed.
+
+    Args:
+        views: stored versions of each image.
+        count: number of images.
+        shape: one image's features.
+        dtype: storage dtype.
+        memory_budget_mb: above this the store goes to a file.
+        spill_dir: where that file goes; default None (the system temporary folder).
+    """
 
     def __init__(self, views: int, count: int, shape: tuple[int, ...], dtype: str, memory_budget_mb: float,
                  spill_dir: str | os.PathLike | None = None):
         self.shape = (views, count, *shape)
         nbytes = math.prod(self.shape) * np.dtype(dtype).itemsize
         self.on_disk = nbytes > 0 and nbytes > memory_budget_mb * 2**20
-        self._file = None
-        if self.on_disk:
-            self._file = tempfile.NamedTemporaryFile(prefix="transferkit-features-", suffix=".npy",
-                                                     dir=spill_dir, delete=False)
-            self._file.close()
-            self.array = np.lib.format.open_memmap(self._file.name, mode="w+", dtype=dtype, shape=self.shape)
-        else:
-            self.array = np.empty(self.shape, dtype=dtype)
+        self.array = _spilled_array(self.shape, dtype, spill_dir) if self.on_disk else np.empty(self.shape, dtype)
         self.nbytes = nbytes
         self.filler: _ViewFiller | None = None
 
@@ -70,21 +68,30 @@ class FeatureStore:
             self.filler.wait(self.shape[0] - 1 if view is None else view)
 
     def close(self) -> None:
-        """Release the memory map and delete its file (after the background computation
-        of later views, if any, has finished)."""
+        """Release the memory map, and with it its file's space (after the background
+        computation of later views, if any, has finished)."""
         if self.filler is not None:
             self.filler.join()
             self.filler = None
-        if self._file is not None:
+        if self.on_disk and hasattr(self, "array"):
             del self.array
-            Path(self._file.name).unlink(missing_ok=True)
-            self._file = None
 
     def __del__(self):  # pragma: no cover - best effort clean-up
         try:
             self.close()
         except Exception:
             pass
+
+
+def _spilled_array(shape: tuple[int, ...], dtype: str, spill_dir) -> np.memmap:
+    """A memory-mapped array on a temporary file that is unlinked once mapped."""
+    handle = tempfile.NamedTemporaryFile(prefix="transferkit-features-", suffix=".bin", dir=spill_dir, delete=False)
+    try:
+        return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
+    finally:
+        handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
 
 
 class _ViewFiller:
@@ -141,110 +148,146 @@ class _ViewFiller:
             self._thread.join()
 
 
+@dataclass(frozen=True)
+class FeaturePass:
+    """How one pass of the frozen part over a set of images runs and keeps its outputs.
+
+    Attributes:
+        views: stored versions per image, per output; with an augmenter each is augmented
+            (seeded by seed, view and image), without one a single unaugmented view is
+            stored.
+        augmenter_factory: builds the albumentations pipeline; default None (no augmentation).
+        seed: augmentation seed; default 0.
+        batch_size: images per forward pass; default 32.
+        dtype: storage dtype; default float32.
+        memory_budget_mb: above this the stores spill to disk; default 2048.
+        spill_dir: where a spilled store's file goes; default None (the system temp folder).
+        progress: called with the number of forward batches done (of view 0 when the
+            later views go to the background); default None.
+        later_views_in_background: compute only view 0 before returning, the others in a
+            thread (``forward`` must not be used by anything else meanwhile); default False.
+            The values are the same either way.
+        stop_requested: checked before each batch; once it returns True the pass stops and
+            the stores are left incomplete (for a caller that is about to stop training:
+            Ctrl-C during a long pass). Default None.
+    """
+
+    views: Sequence[int]
+    augmenter_factory: Callable[[], object] | None = None
+    seed: int = 0
+    batch_size: int = 32
+    dtype: str = "float32"
+    memory_budget_mb: float = 2048
+    spill_dir: str | os.PathLike | None = None
+    progress: Callable[[int], None] | None = None
+    later_views_in_background: bool = False
+    stop_requested: Callable[[], bool] | None = None
+
+    def stored_views(self) -> list[int]:
+        """Views kept per output: as asked with an augmenter, at most one without."""
+        return [count if self.augmenter_factory is not None else min(count, 1) for count in self.views]
+
+    def stopped(self) -> bool:
+        return self.stop_requested is not None and self.stop_requested()
+
+
 def compute_feature_stores(
     forward: Callable[[np.ndarray], Sequence[np.ndarray]],
     images: np.ndarray,
     feature_shapes: Sequence[tuple[int, ...]],
-    *,
-    views: Sequence[int],
-    augmenter_factory: Callable[[], object] | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    dtype: str = "float32",
-    memory_budget_mb: float = 2048,
-    spill_dir: str | os.PathLike | None = None,
-    progress: Callable[[int], None] | None = None,
-    later_views_in_background: bool = False,
-    stop_requested: Callable[[], bool] | None = None,
+    settings: FeaturePass,
 ) -> list[FeatureStore]:
     """Run the frozen part once per image and view, keeping each of its outputs.
 
     View ``v`` of an image is the same augmented image for every output, so the stores
     agree with what one-output passes would compute. Output ``i`` keeps ``views[i]`` views;
     the pass runs max(views) times over the images. Stores are kept in memory while their
-    sum fits ``memory_budget_mb``; the rest spill to disk.
-
-    With ``later_views_in_background``, only view 0 is computed before this returns; the
-    others are computed in a thread (``forward`` must not be used by anything else
-    meanwhile), and ``FeatureStore.wait_for(view)`` waits for one. The values are the same
-    either way.
+    sum fits the memory budget; the rest spill to disk. With ``later_views_in_background``,
+    ``FeatureStore.wait_for(view)`` waits for a view.
 
     Args:
         forward: batch of images, as ``images`` holds them -> a list of feature maps, one
             per output (a Keras model call or an engine).
         images: uint8 (n, S, S, 3).
         feature_shapes: shape of one image's features, per output.
-        views: stored versions per image, per output; with an augmenter each is augmented
-            (seeded by seed, view and image), without one a single unaugmented view is
-            stored.
-        augmenter_factory: builds the albumentations pipeline; None for no augmentation.
-        seed: augmentation seed; default 0.
-        batch_size: images per forward pass; default 32.
-        dtype: storage dtype; default float32.
-        memory_budget_mb: above this the stores spill to disk; default 2048.
-        spill_dir: where a spilled store's file goes; default the system temp folder.
-        progress: called with the number of forward batches done (of view 0 when the
-            later views go to the background).
-        later_views_in_background: see above; default False.
-        stop_requested: checked before each batch; once it returns True the pass stops
-            and the stores are left incomplete (for a caller that is about to stop
-            training: Ctrl-C during a long pass). Default None.
+        settings: a ``FeaturePass`` (views, augmentation, batch size, storage, progress).
 
     Returns:
         A list of ``FeatureStore`` of shape (views[i], n, *feature_shapes[i]), in the
         order of the outputs.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    stores = _allocate_stores(len(images), feature_shapes, settings)
+    feature_pass = _Pass(forward, images, stores, settings)
+    jobs = [(view, start) for view in range(max((store.shape[0] for store in stores), default=0))
+            for start in range(0, len(images), settings.batch_size)]
+    now = [job for job in jobs if job[0] == 0] if settings.later_views_in_background else jobs
+    feature_pass.run(now, cancelled=_Asked(settings.stopped) if settings.stop_requested is not None else None)
+    if len(now) < len(jobs) and not settings.stopped():
+        filler = _ViewFiller(feature_pass.run, jobs[len(now):])
+        for store in stores:
+            store.filler = filler
+        filler.start(first_pending_view=1)
+    return stores
 
-    from transferkit.data.batches import augment_one
 
-    views = [min(view_count, 1) if augmenter_factory is None else view_count for view_count in views]
+def _allocate_stores(count: int, feature_shapes, settings: FeaturePass) -> list[FeatureStore]:
+    """One store per output, in memory while the budget lasts, on disk beyond it."""
     stores = []
-    budget = memory_budget_mb
-    for shape, view_count in zip(feature_shapes, views):
-        store = FeatureStore(view_count, len(images), shape, dtype, budget, spill_dir)
+    budget = settings.memory_budget_mb
+    for shape, view_count in zip(feature_shapes, settings.stored_views()):
+        store = FeatureStore(view_count, count, shape, settings.dtype, budget, settings.spill_dir)
         budget -= 0 if store.on_disk else store.nbytes / 2**20
         stores.append(store)
-    augmenter = augmenter_factory() if augmenter_factory is not None else None
+    return stores
 
-    def prepare(view: int, start: int) -> np.ndarray:
-        batch = images[start : start + batch_size]
-        if augmenter is not None:
+
+class _Pass:
+    """The batches of a feature pass: prepare (augment) one, run it forward, store its outputs."""
+
+    def __init__(self, forward, images: np.ndarray, stores: list[FeatureStore], settings: FeaturePass):
+        self.forward, self.images, self.stores, self.settings = forward, images, stores, settings
+        factory = settings.augmenter_factory
+        self.augmenter = factory() if factory is not None else None
+
+    def prepare(self, view: int, start: int) -> np.ndarray:
+        """Batch ``start`` of view ``view``, augmented as seeded by (seed, view, image)."""
+        from transferkit.data.batches import augment_one
+
+        batch = self.images[start : start + self.settings.batch_size]
+        if self.augmenter is not None:
             batch = np.stack([
-                augment_one(augmenter, image, [seed, 1_000_003, view, start + offset])
+                augment_one(self.augmenter, image, [self.settings.seed, 1_000_003, view, start + offset])
                 for offset, image in enumerate(batch)
             ])
         # As stored (uint8): an image engine converts inside its network.
         return np.ascontiguousarray(batch)
 
-    def run(jobs: list, view_done: Callable[[int], None] | None = None, cancelled=None) -> None:
+    def store(self, view: int, start: int, count: int, outputs) -> None:
+        """Keep the outputs of ``count`` images from ``start`` as view ``view`` (where kept)."""
+        for store, output in zip(self.stores, outputs):
+            if view < store.shape[0]:
+                store.array[view, start : start + count] = np.asarray(output, dtype=self.settings.dtype)
+
+    def run(self, jobs: list, view_done: Callable[[int], None] | None = None, cancelled=None) -> None:
+        """Run the (view, start) jobs in order; ``view_done(view)`` after a view's last batch."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        progress = self.settings.progress
         # Augment the next batch in a thread while the engine runs the current one. OpenCV's
         # own threads would only compete with the engine's for the same cores.
         with _opencv_threads(1), ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare, *jobs[0]) if jobs else None
+            pending = pool.submit(self.prepare, *jobs[0]) if jobs else None
             for done, (view, start) in enumerate(jobs, start=1):
                 if cancelled is not None and cancelled.is_set():
                     return
                 batch = pending.result()
                 if done < len(jobs):
-                    pending = pool.submit(prepare, *jobs[done])
-                for store, outputs in zip(stores, forward(batch)):
-                    if view < store.shape[0]:
-                        store.array[view, start : start + len(batch)] = np.asarray(outputs, dtype=dtype)
+                    pending = pool.submit(self.prepare, *jobs[done])
+                self.store(view, start, len(batch), self.forward(batch))
                 if progress is not None and view_done is None:
                     progress(done)
                 if view_done is not None and (done == len(jobs) or jobs[done][0] != view):
                     view_done(view)
-
-    jobs = [(view, start) for view in range(max(views, default=0)) for start in range(0, len(images), batch_size)]
-    now = [job for job in jobs if job[0] == 0] if later_views_in_background else jobs
-    run(now, cancelled=_Asked(stop_requested) if stop_requested is not None else None)
-    if len(now) < len(jobs) and not (stop_requested is not None and stop_requested()):
-        filler = _ViewFiller(run, jobs[len(now):])
-        for store in stores:
-            store.filler = filler
-        filler.start(first_pending_view=1)
-    return stores
 
 
 class _Asked:
@@ -348,7 +391,7 @@ class FeaturePlan:
         forward_factory: extractor model -> batch function returning its outputs.
         seed: augmentation seed.
         dtype: storage dtype.
-        verbose: print what is computed, with a progress bar.
+        verbose: log what is computed, with a progress bar.
         stop: a ``StopFlag``; a feature pass stops early once it is set (the caller then
             stops training). Default None.
     """
@@ -404,14 +447,14 @@ class FeaturePlan:
             self._compute_from(index)
         train_store, val_store = self._stores[self._key(index)]
         data = self.train_data
+        # The order of the images' own batches (their seed), so that a cached stage sees the
+        # batches the uncached one would.
         train = FeatureBatches(train_store, data.targets, data.batch_size, sample_weights=data.sample_weights,
-                               seed=self.seed, views=self.views(index))
+                               seed=getattr(data, "seed", self.seed), views=self.views(index))
         val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
         calibration = None
         if own == len(self.spec.blocks):
             # The first view: the features the head trains on (augmented when augmentation is on).
-            from transferkit.training.stages import CALIBRATION_IMAGES
-
             calibration = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
         return CachedStage(trainable_at(self.model, self.spec, own)[0], train, val, calibration, computed)
 
@@ -460,19 +503,17 @@ class FeaturePlan:
                   f"training + {len(val.images)} validation images; at {where}{later})")
         # Validation first: the training pass returns after its first view and goes on in
         # the background, and the engine serves one caller at a time.
-        val_stores = compute_feature_stores(
-            as_list, val.images, shapes, views=views, batch_size=val.batch_size,  # one view: no augmenter
-            dtype=self.dtype, memory_budget_mb=budget, progress=bar,
-            stop_requested=self.stop_requested,
-        )
+        val_stores = compute_feature_stores(as_list, val.images, shapes, FeaturePass(
+            views=views, batch_size=val.batch_size,  # one view: no augmenter
+            dtype=self.dtype, memory_budget_mb=budget, progress=bar, stop_requested=self.stop_requested,
+        ))
         budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
         done = len(val)
-        train_stores = compute_feature_stores(
-            as_list, train.images, shapes, views=views, augmenter_factory=self.augmenter_factory,
-            seed=self.seed, batch_size=train.batch_size, dtype=self.dtype, memory_budget_mb=budget,
-            progress=(lambda n: bar(done + n)) if bar else None, later_views_in_background=True,
-            stop_requested=self.stop_requested,
-        )
+        train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
+            views=views, augmenter_factory=self.augmenter_factory, seed=self.seed, batch_size=train.batch_size,
+            dtype=self.dtype, memory_budget_mb=budget, progress=(lambda n: bar(done + n)) if bar else None,
+            later_views_in_background=True, stop_requested=self.stop_requested,
+        ))
         for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
             if count:
                 self._stores[source, boundary] = (train_store, val_store)

@@ -1,0 +1,122 @@
+"""Each private Keras internal transferkit relies on, pinned: a Keras release that changes one
+fails here, by name, before it breaks folding, resume or dropout seeding quietly."""
+
+import keras
+import numpy as np
+import pytest
+
+from transferkit.keras_private import (
+    EarlyStoppingState,
+    early_stopping_state,
+    graph_nodes,
+    producing_layer,
+    reseed,
+    set_early_stopping_state,
+)
+
+
+def small_model():
+    images = keras.Input(shape=(4, 4, 3), name="image")
+    x = keras.layers.Conv2D(2, 1, name="conv")(images)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    return keras.Model(images, x, name="small"), images
+
+
+def test_producing_layer_names_the_input_layer_of_a_model_input():
+    model, images = small_model()
+    assert producing_layer(images).name == "image"
+    assert isinstance(producing_layer(images), keras.layers.InputLayer)
+    assert producing_layer(model.get_layer("conv").output) is model.get_layer("conv")
+    assert producing_layer(model.input).name == "image"
+
+
+def test_graph_nodes_list_each_call_with_its_tensors():
+    model, _ = small_model()
+    nodes = graph_nodes(model)
+    by_layer = {node.operation.name: node for node in nodes}
+    assert set(by_layer) == {"image", "conv", "bn"}
+    assert by_layer["image"].is_input and not by_layer["conv"].is_input
+    # The BatchNormalization's single input is the convolution's single output.
+    assert len(by_layer["bn"].input_tensors) == 1
+    assert by_layer["bn"].input_tensors[0] is by_layer["conv"].outputs[0]
+    assert by_layer["bn"].outputs[0] is model.outputs[0]
+
+
+def test_graph_nodes_of_a_subclassed_model_are_unknown():
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    assert graph_nodes(Subclassed()) is None
+
+
+def dropout_mask(layer):
+    return keras.ops.convert_to_numpy(layer(np.ones((1, 64), "float32"), training=True)) > 0
+
+
+def test_reseeding_a_dropout_layer_repeats_its_masks_and_another_seed_changes_them():
+    layer = keras.layers.Dropout(0.5, seed=1)
+    assert tuple(layer.seed_generator.state.shape) == (2,)
+    reseed(layer.seed_generator, 7)
+    first = [dropout_mask(layer) for _ in range(2)]
+    assert not np.array_equal(*first)  # the counter moves on between calls
+    reseed(layer.seed_generator, 7)
+    again = [dropout_mask(layer) for _ in range(2)]
+    np.testing.assert_array_equal(first, again)
+    reseed(layer.seed_generator, 8)
+    assert not np.array_equal(dropout_mask(layer), first[0])
+    # A fresh layer seeded so draws what the reseeded one drew.
+    fresh = keras.layers.Dropout(0.5, seed=3)
+    reseed(fresh.seed_generator, 7)
+    np.testing.assert_array_equal(dropout_mask(fresh), first[0])
+
+
+def forced(losses):
+    class ForcedLoss(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = losses[epoch]
+
+    return ForcedLoss()
+
+
+def fit_with(stopper, model, losses):
+    """Fit 1 epoch per loss in ``losses``; the epoch's val_loss is forced to it."""
+    x, y = np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")
+    history = model.fit(x, y, epochs=len(losses), verbose=0, callbacks=[forced(losses), stopper])
+    return len(history.epoch)
+
+
+def tiny():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+
+def test_early_stopping_state_reads_what_keras_keeps():
+    model = tiny()
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)
+    fit_with(stopper, model, [3.0, 1.0, 2.0])
+    state = early_stopping_state(stopper)
+    assert (state.best, state.wait, state.best_epoch) == (1.0, 1, 1)
+    assert isinstance(state.best, float)
+    assert [w.shape for w in state.best_weights] == [w.shape for w in model.get_weights()]
+
+
+def test_set_early_stopping_state_carries_patience_and_best_weights_over_a_restart():
+    class Resumed(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)  # resets the counters
+            set_early_stopping_state(self, saved)
+
+    model = tiny()
+    best_weights = [np.full(w.shape, 0.25, "float32") for w in model.get_weights()]
+    saved = EarlyStoppingState(best=1.0, wait=1, best_epoch=0, best_weights=best_weights)
+    stopper = Resumed(monitor="val_loss", patience=2, restore_best_weights=True)
+    # With wait 1 of patience 2, the first worse epoch ends training (epoch > 0 in Keras's
+    # count, so the run starts at its second epoch) and the saved best weights come back.
+    epochs = model.fit(np.ones((4, 2), "float32"), np.zeros((4, 1), "float32"), epochs=5, initial_epoch=1,
+                       verbose=0, callbacks=[forced([None, 2.0, 2.0, 2.0, 2.0]), stopper]).epoch
+    assert epochs == [1]
+    for value in model.get_weights():
+        np.testing.assert_array_equal(value, 0.25)
+    assert early_stopping_state(stopper).best == pytest.approx(1.0)

@@ -1,0 +1,114 @@
+"""The private Keras internals transferkit relies on, each behind one named helper.
+
+Keras offers no public way to do these four things; each helper says why it is needed, and
+tests/test_keras_private.py fails when a Keras release changes what it reads or writes, so
+an upgrade breaks one test here instead of training or folding quietly elsewhere. Nothing
+else in transferkit touches a private Keras name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def producing_layer(tensor):
+    """The layer (operation) whose call produced a symbolic Keras tensor.
+
+    Needed by ``model.fold``: ``keras.models.clone_model`` names a functional model's new
+    inputs after its input tensors ("keras_tensor_7"), so the clone's inputs are made by hand
+    with the names of the original's input layers, and only the tensor's private
+    ``_keras_history`` says which layer made it.
+
+    Args:
+        tensor: a ``KerasTensor`` (a model's input or an output of a layer call).
+
+    Returns:
+        The producing ``keras.layers.Layer`` (an ``InputLayer`` for a model input).
+    """
+    return tensor._keras_history.operation
+
+
+def graph_nodes(model) -> list | None:
+    """Every node (one call of a layer) of a functional model's own graph, or None when the
+    graph is not known (a subclassed model).
+
+    Needed by ``model.fold`` to find a convolution whose only consumer is a BatchNormalization:
+    the public API lists a model's layers, not which call of which layer feeds which; the
+    private ``_nodes_by_depth`` does. Each node has ``operation``, ``input_tensors``,
+    ``outputs`` and ``is_input``.
+
+    Args:
+        model: a ``keras.Model``.
+
+    Returns:
+        The nodes, in Keras's order (by depth), or None.
+    """
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if by_depth is None:
+        return None
+    return [node for nodes in by_depth.values() for node in nodes]
+
+
+def reseed(generator, seed: int) -> None:
+    """Restart a layer's ``keras.random.SeedGenerator`` at ``seed``.
+
+    Needed by ``training.callbacks.reseed_dropout``: dropout masks must depend only on (run
+    seed, epoch, layer), so that a resumed run and a head trained on cached features draw the
+    masks the uninterrupted, uncached run drew. Keras seeds a generator once, at construction;
+    restarting it means writing its state variable, whose layout ([seed, counter]) is private.
+
+    Args:
+        generator: a layer's ``seed_generator``.
+        seed: the new seed, 0 <= seed < 2**31.
+    """
+    generator.state.assign(np.asarray([seed, 0], dtype=generator.state.dtype))
+
+
+@dataclass
+class EarlyStoppingState:
+    """What ``keras.callbacks.EarlyStopping`` keeps between epochs (private attributes).
+
+    Attributes:
+        best: the best monitored value so far, or None before the first epoch.
+        wait: epochs since the last improvement.
+        best_epoch: the stage epoch (from 0) of ``best``.
+        best_weights: the model's weights at ``best_epoch`` (with restore_best_weights), or None.
+    """
+
+    best: float | None = None
+    wait: int = 0
+    best_epoch: int = 0
+    best_weights: list | None = None
+
+
+def early_stopping_state(stopper) -> EarlyStoppingState:
+    """Read an ``EarlyStopping`` callback's counters and best weights.
+
+    Needed to checkpoint a stage mid-way: Keras keeps these in attributes that are not part
+    of its API, and resets them in ``on_train_begin``.
+
+    Args:
+        stopper: a ``keras.callbacks.EarlyStopping``.
+
+    Returns:
+        An ``EarlyStoppingState`` (``best`` as a Python float).
+    """
+    best = stopper.best
+    return EarlyStoppingState(
+        best=None if best is None else float(best), wait=int(stopper.wait),
+        best_epoch=int(stopper.best_epoch), best_weights=stopper.best_weights,
+    )
+
+
+def set_early_stopping_state(stopper, state: EarlyStoppingState) -> None:
+    """Give an ``EarlyStopping`` callback saved counters and best weights; call it after
+    Keras's own ``on_train_begin``, which resets them.
+
+    Args:
+        stopper: a ``keras.callbacks.EarlyStopping``.
+        state: what ``early_stopping_state`` read before the restart.
+    """
+    stopper.best, stopper.wait = state.best, state.wait
+    stopper.best_epoch, stopper.best_weights = state.best_epoch, state.best_weights
