@@ -14,7 +14,7 @@ PYPROJECT = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="u
 LAYERS = (
     {"errors", "outputs", "files", "runtime", "progress"},
     {"backbones", "recipe", "keras_private"},
-    {"data", "runs", "report"},
+    {"data", "runs"},
     {"model"},
     {"inference"},
     {"training"},

@@ -12,7 +12,7 @@ from transferkit.runs import load_run, save_run
 
 RUN_FILES = {
     "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json",
-    "history.png", "confusion_matrix.png",
+    "history.png", "confusion.png",
 }
 
 
@@ -236,7 +236,7 @@ def test_metrics_name_the_epoch_the_saved_model_comes_from(finished):
     epoch of the last stage: its figures are the final ones."""
     import numpy as np
 
-    from transferkit.report import summarize
+    from transferkit.evaluation.summary import summarize
 
     run, _ = finished
     saved = run.metrics["saved"]
@@ -277,7 +277,7 @@ def test_class_names_the_plot_font_lacks_give_one_line_not_a_warning_per_glyph(t
 
     import numpy as np
 
-    from transferkit.report import plot_confusion, plot_history
+    from transferkit.evaluation.figures import plot_confusion, plot_history
 
     logger = logging.getLogger("transferkit")  # the CLI stops it propagating to caplog's root
     logger.addHandler(caplog.handler)
@@ -334,3 +334,30 @@ def test_a_split_that_leaves_almost_nothing_to_train_on_is_warned_about(shapes_d
                 "lower --val-split or add images"]), warned
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_the_saved_model_is_calibrated_on_the_validation_split(finished):
+    """calibrate = true (default): metrics.json records the temperature and the validation
+    ECE before and after; the saved model's outputs are the temperature-scaled ones."""
+    from transferkit.evaluation.calibration import logits_of, probabilities_from_logits
+
+    run, output = finished
+    calibration = json.loads((output / "metrics.json").read_text())["calibration"]
+    assert calibration["temperature"] > 0 and calibration["ece_after"] <= calibration["ece_before"]
+    model = load_run(output).model
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype="uint8")
+    np.testing.assert_allclose(model.predict(images, verbose=0),
+                               probabilities_from_logits(logits_of(model, images)), rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_can_be_switched_off_and_tensorboard_on(shapes_dir, tmp_path):
+    from tests.conftest import TINY
+    from tests.training.test_tensorboard import read_scalars
+
+    run = transferkit.finetune(shapes_dir, None, {**TINY, "calibrate": False, "tensorboard": True},
+                               output=tmp_path / "run", verbose=0)
+    assert "calibration" not in run.metrics
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    # one step count across the head and the fine stage
+    assert [step for step, _ in scalars["val_loss"]] == [1, 2]
+    assert [value for _, value in scalars["val_loss"]] == pytest.approx([row["val_loss"] for row in run.history])

@@ -36,6 +36,7 @@ FLAG_KEYS = {
     "cache": "cache.enabled",
     "cache_views": "cache.views",
     "cache_memory": "cache.memory_mb",
+    "tensorboard": "tensorboard",
     "head_epochs": "stages.0.epochs",
     "fine_epochs": "stages.1:.epochs",
 }

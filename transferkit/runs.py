@@ -7,7 +7,7 @@
       history.csv            epoch, stage, loss, accuracy, val_loss, val_accuracy, learning_rate
       metrics.json           final and best validation figures, per-class accuracy, confusion
       history.png            training curves, stage boundaries marked
-      confusion_matrix.png   validation confusion matrix
+      confusion.png          validation confusion matrix (counts and row-normalised)
       skipped.txt            files that were not used and why (only when there were some)
       model.h5               legacy HDF5 copy (only with --save-h5)
 

@@ -95,19 +95,6 @@ def dtype_policy(policy: str):
         keras.config.set_dtype_policy(previous)
 
 
-def compute_dtype(model) -> str:
-    """A model's 16-bit compute dtype ("bfloat16", "float16") if it has one, else "float32".
-
-    Mixed-precision models keep their input and output layers in float32, so it is the
-    layers with weights in between that tell.
-    """
-    from transferkit.model.surgery import walk_layers
-
-    for layer in walk_layers(model):
-        dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
-        if layer.weights and dtype in ("bfloat16", "float16"):
-            return dtype
-    return "float32"
 
 
 def gpu_visible() -> bool:

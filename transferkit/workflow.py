@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,10 @@ def finetune(
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    if recipe.tensorboard:
+        from transferkit.training.tensorboard import require_tensorboard
+
+        require_tensorboard()
     output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     prepared = _prepare(data_dir, val_dir, recipe, verbose)
@@ -242,6 +247,7 @@ class _Trained:
     policy: str  # the Keras dtype policy it trained in
     history: list
     metrics: dict | None = None
+    tensorboard: Path | None = None  # the TensorBoard logs written while training
 
 
 def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save_h5: bool, verbose: int):
@@ -259,7 +265,11 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     train_batches, val_batches = _batches(prepared, recipe)
     result = _run_training(model, recipe, train_batches, val_batches, n_classes, work, output, verbose)
     trained = _Trained(model, policy, result.history)
+    if recipe.tensorboard:
+        trained.tensorboard = work.path / "tensorboard"
     trained.metrics = _evaluate(trained, result, val_batches, prepared)
+    if recipe.calibrate:
+        trained.metrics["calibration"] = _calibrate(model, prepared, recipe, verbose)
     _write_run(output, trained, recipe, prepared, work, force=force, save_h5=save_h5)
     work.remove()
     return runs.Run(
@@ -342,16 +352,26 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
             log.info(f"forward engine for the feature cache: {engine.name}")
         return engine.predict
 
+    callbacks = ()
+    if recipe.tensorboard:
+        from transferkit.training.tensorboard import TensorBoardLog
+
+        # In the in-progress folder while training (a resumed run goes on in the same logs),
+        # copied into the run folder with the rest.
+        callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
     options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache,
-                                           forward_factory=forward_factory)
+                                           forward_factory=forward_factory, callbacks=callbacks)
     try:
         with stop_on_signals(StopFlag()) as stop:
-            return training_stages.run_stages(
+            result = training_stages.run_stages(
                 model, backbones.get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
                 n_classes, options,
                 training_stages.Checkpointing(state=work.state(), work=work, stop=stop),
             )
+        _close(callbacks)
+        return result
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
+        _close(callbacks)
         # KeyboardInterrupt: a second Ctrl-C, which stops at once (the checkpoints on disk
         # are each complete, so the last one still holds).
         signal_name = str(interrupted).split(":")[0] if isinstance(interrupted, TrainingInterrupted) else "SIGINT again"
@@ -366,12 +386,18 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
         ) from None
 
 
+def _close(callbacks) -> None:
+    for callback in callbacks:
+        if hasattr(callback, "close"):
+            callback.close()
+
+
 def _evaluate(trained: _Trained, result, val_batches, prepared: dict) -> dict:
     """The run's metrics on the validation set (from the cache's final outputs when the
     last stage trained on cached features), with its precision and stage timings."""
     import keras
 
-    from transferkit import report
+    from transferkit.evaluation import summary
     from transferkit.outputs import loss_for
 
     n_classes = len(prepared["class_names"])
@@ -381,11 +407,29 @@ def _evaluate(trained: _Trained, result, val_batches, prepared: dict) -> dict:
     val_loss = float(keras.ops.convert_to_numpy(
         keras.losses.get(loss_for(n_classes))(val_batches.targets, outputs)
     ).mean())
-    metrics = report.summarize(trained.history, prepared["val_labels"], outputs, prepared["class_names"], val_loss,
+    metrics = summary.summarize(trained.history, prepared["val_labels"], outputs, prepared["class_names"], val_loss,
                                len(prepared["train_labels"]))
     metrics["precision"] = trained.policy
     metrics["stages"] = [asdict(timing) for timing in result.timings]
     return metrics
+
+
+def _calibrate(model, prepared: dict, recipe: Recipe, verbose: int) -> dict:
+    """Fit the softmax (or sigmoid) temperature on the validation split and fold it into the
+    model's output layer, so the saved model gives calibrated confidences (same top class).
+
+    Returns:
+        metrics.json's "calibration": the temperature and the validation ECE and log loss
+        before and after.
+    """
+    from transferkit.evaluation.calibration import calibrate
+
+    calibration = calibrate(model, prepared["val_images"], prepared["val_labels"], len(prepared["class_names"]),
+                            batch_size=recipe.batch_size)
+    if verbose:
+        log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
+                 f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
+    return calibration.as_dict()
 
 
 def _write_run(output: Path, trained: _Trained, recipe: Recipe, prepared: dict, work, *, force: bool,
@@ -408,15 +452,18 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: d
     """The run folder's files: model, labels, recipe, history, metrics, figures, skipped files."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transferkit import report, runs
+    from transferkit import runs
     from transferkit.outputs import output_activation
 
     class_names, history, metrics = prepared["class_names"], trained.history, trained.metrics
 
     def draw_figures() -> None:
+        from transferkit.evaluation import figures
+
         if history:
-            report.plot_history(history, folder / "history.png")
-        report.plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, folder / "confusion_matrix.png")
+            figures.plot_history(history, folder / "history.png", metrics.get("saved"))
+        figures.plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, folder / "confusion.png",
+                               title="validation confusion matrix")
 
     # The figures are drawn while the model is written.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -430,6 +477,8 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: d
     (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
     runs.write_history(folder, history)
     runs.write_json(folder / "metrics.json", metrics)
+    if trained.tensorboard is not None:
+        shutil.copytree(trained.tensorboard, folder / "tensorboard")
     if prepared["skipped"]:
         (folder / "skipped.txt").write_text(
             "".join(f"{path}\t{reason}\n" for path, reason in prepared["skipped"]), encoding="utf-8"

@@ -44,6 +44,7 @@ def finetune(
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Cache the frozen part's features and train only the top on them (recipe key: cache.enabled).")] = None,
     cache_views: Annotated[Optional[int], typer.Option(help="Augmented views cached per image (recipe key: cache.views).")] = None,
     cache_memory: Annotated[Optional[float], typer.Option(help="Feature cache memory budget in MB; beyond it the cache spills to disk (recipe key: cache.memory_mb).")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard", help="Write TensorBoard logs to RUN/tensorboard/, one step count across stages (recipe key: tensorboard).")] = None,
     set_values: SetOption = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace the run folder if it exists (run folders only: never another folder).")] = False,

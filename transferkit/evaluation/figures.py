@@ -35,10 +35,17 @@ RELIABILITY_SIZE = (6.0, 6.5)
 HISTORY_SIZE = (11.0, 4.5)
 
 
-def _warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "class names") -> None:
-    from transferkit.report import _warn_about_missing_glyphs as warn
+def warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "class names") -> None:
+    """Characters the plot font lacks (class names in CJK, say) are drawn as boxes: say so in
+    one line instead of matplotlib's warning per glyph (which this silences)."""
+    import warnings
 
-    warn(list(texts), path, what)
+    from matplotlib import font_manager
+
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    if any(font.get_char_index(ord(char)) == 0 for text in texts for char in text if not char.isspace()):
+        log.warning("%s: some characters of the %s are not in the plot font and show as boxes", path.name, what)
 
 
 def _save(figure, path: Path) -> Path:
@@ -74,7 +81,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
     path = Path(path)
     matrix = np.asarray(matrix, dtype="int64")
     n = len(class_names)
-    _warn_about_missing_glyphs(class_names, path)
+    warn_about_missing_glyphs(class_names, path)
     font = float(np.clip(11 - n / 6, 5, 10))
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype="float64"), where=rows > 0)
@@ -124,7 +131,7 @@ def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | o
     from transferkit.errors import DataError
 
     path = Path(path)
-    _warn_about_missing_glyphs([text for _, true, predicted, _ in items for text in (true, predicted)], path)
+    warn_about_missing_glyphs([text for _, true, predicted, _ in items for text in (true, predicted)], path)
     figure = Figure(figsize=top_losses_size(len(items), columns))
     if not items:
         axis = figure.subplots()
@@ -209,7 +216,7 @@ def plot_roc(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, posi
     axis.set_ylabel("true positive rate")
     axis.set_title(f"ROC ({positive} positive)")
     axis.legend(loc="lower right")
-    _warn_about_missing_glyphs([positive], Path(path))
+    warn_about_missing_glyphs([positive], Path(path))
     return _save(figure, Path(path))
 
 
@@ -234,7 +241,7 @@ def plot_pr(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, posit
     axis.set_ylim(0, 1.05)
     axis.set_title(f"precision-recall ({positive} positive)")
     axis.legend(loc="lower left")
-    _warn_about_missing_glyphs([positive], Path(path))
+    warn_about_missing_glyphs([positive], Path(path))
     return _save(figure, Path(path))
 
 
@@ -263,7 +270,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict |
 
     path = Path(path)
     rows = [dict(row, epoch=int(_number(row["epoch"]))) for row in history]
-    _warn_about_missing_glyphs(sorted({str(row["stage"]) for row in rows}), path, "stage names")
+    warn_about_missing_glyphs(sorted({str(row["stage"]) for row in rows}), path, "stage names")
     epochs = [row["epoch"] for row in rows]
     figure = Figure(figsize=HISTORY_SIZE)
     for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=False):

@@ -383,7 +383,7 @@ def _keras_engine(model, precision: str) -> KerasEngine:
     other than the model's own cannot be had without rebuilding it: the model keeps its
     policy, and a one-line notice says so. "auto" is the model's own policy.
     """
-    from transferkit.runtime import compute_dtype
+    from transferkit.model.surgery import compute_dtype
 
     own = compute_dtype(model)
     # A Keras policy name ("mixed_bfloat16") asks for the same as its compute dtype.

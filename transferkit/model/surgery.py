@@ -112,3 +112,16 @@ def set_trainable(model, spec: BackboneSpec, unfreeze: int | str) -> None:
         layer.trainable = (
             block in blocks and not isinstance(layer, keras.layers.BatchNormalization)
         )
+
+
+def compute_dtype(model) -> str:
+    """A model's 16-bit compute dtype ("bfloat16", "float16") if it has one, else "float32".
+
+    Mixed-precision models keep their input and output layers in float32, so it is the
+    layers with weights in between that tell.
+    """
+    for layer in walk_layers(model):
+        dtype = getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32")
+        if layer.weights and dtype in ("bfloat16", "float16"):
+            return dtype
+    return "float32"

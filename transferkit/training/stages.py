@@ -484,7 +484,7 @@ def _stop_if_requested(stop, work) -> None:
 
 def _feature_plan(run: _Run):
     """The run's ``FeaturePlan``, or None when the cache is off."""
-    from transferkit.runtime import compute_dtype
+    from transferkit.model.surgery import compute_dtype
 
     cache = run.options.cache
     if cache is None or not cache.enabled:

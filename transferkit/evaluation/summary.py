@@ -1,0 +1,73 @@
+"""The validation summary of a finished run, as metrics.json holds it: final and best
+figures, the epoch the saved model comes from, per-class accuracy and the confusion matrix."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from transferkit.outputs import predicted_labels
+
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    matrix = np.zeros((n_classes, n_classes), dtype="int64")
+    np.add.at(matrix, (true, predicted), 1)
+    return matrix
+
+
+def summarize(
+    history: Sequence[dict],
+    true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    val_loss: float,
+    n_train: int,
+) -> dict:
+    """metrics.json content: final and best validation figures, the epoch the saved model
+    comes from, per-class accuracy, confusion.
+
+    Args:
+        history: one dict per epoch.
+        true: the validation labels.
+        probabilities: the saved model's outputs on the validation images.
+        class_names: in label order.
+        val_loss: the saved model's validation loss.
+        n_train: how many images trained.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    predicted = predicted_labels(probabilities)
+    matrix = confusion_matrix(true, predicted, len(class_names))
+    per_class = {
+        name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
+        for i, name in enumerate(class_names)
+    }
+    finite = [row for row in history if not math.isnan(row.get("val_accuracy", math.nan))]
+    best = max(finite, key=lambda row: row["val_accuracy"], default=None)
+    # Each stage ends restoring its epoch of lowest validation loss (the first of equals),
+    # so the saved model is that epoch of the last stage.
+    last_stage = [row for row in history if history and row["stage"] == history[-1]["stage"]
+                  and not math.isnan(row.get("val_loss", math.nan))]
+    saved = min(last_stage, key=lambda row: row["val_loss"], default=None)
+    return {
+        "final": {
+            "val_accuracy": float(np.mean(predicted == true)) if len(true) else math.nan,
+            "val_loss": float(val_loss),
+        },
+        "best": (
+            {"epoch": best["epoch"], "stage": best["stage"], "val_accuracy": best["val_accuracy"],
+             "val_loss": best["val_loss"]}
+            if best else {}
+        ),
+        "saved": {"epoch": saved["epoch"], "stage": saved["stage"], "val_loss": saved["val_loss"]} if saved else {},
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix.tolist(),
+        "class_names": list(class_names),
+        "n_train": int(n_train),
+        "n_val": int(len(true)),
+        "epochs": len(history),
+    }
