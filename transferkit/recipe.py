@@ -183,10 +183,10 @@ class Recipe(_Section):
         weights = self.weights
         if weights.lower() not in WEIGHTS_CHOICES:
             path = Path(weights).expanduser()
-            if not path.is_file():
+            if not path.is_file() and not (path.is_dir() and (path / "labels.json").is_file()):
                 raise ValueError(
-                    f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing file; "
-                    "pass one of those or the path to a .h5 weights file"
+                    f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing file or run folder; "
+                    "pass one of those, the path to a .h5 weights file, or a finished run to start from"
                 )
         return self
 

@@ -217,7 +217,7 @@ def _flush_tree(folder: Path) -> None:
 
 
 def write_labels(folder: Path, class_names, image_size: int, backbone: str, head_activation: str,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", extra: dict | None = None) -> None:
     """labels.json: what predict needs to read images and name outputs, and the dtype
     policy; written atomically.
 
@@ -228,6 +228,8 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
         backbone: registry name of the backbone.
         head_activation: "sigmoid" or "softmax".
         precision: the Keras dtype policy the run trained in; default "float32".
+        extra: more entries (the data fingerprint, the lineage of a run started from
+            another); default None.
     """
     from transferkit import __version__
 
@@ -239,6 +241,7 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
         "head_activation": head_activation,
         "precision": precision,
         "transferkit_version": __version__,
+        **(extra or {}),
     }
     write_atomic(folder / LABELS_FILE, json.dumps(payload, indent=2) + "\n")
 

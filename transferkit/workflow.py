@@ -293,6 +293,7 @@ def _build_or_load_model(recipe: Recipe, n_classes: int, work, verbose: int):
     """
     from transferkit import backbones
     from transferkit.model.classifier import build_classifier
+    from transferkit.model.transfer import load_run_backbone, source_run
     from transferkit.runtime import dtype_policy, resolve_precision
 
     policy, reason = resolve_precision(recipe.precision)
@@ -300,8 +301,15 @@ def _build_or_load_model(recipe: Recipe, n_classes: int, work, verbose: int):
         log.info(f"precision: {policy} ({reason})")
     if work.has_checkpoint():
         return work.load_model(), policy
+    shape = (recipe.image_size,) * 2 + (3,)
+    source = source_run(recipe.weights)
     with dtype_policy(policy):
-        backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
+        if source is not None:
+            backbone = load_run_backbone(source, backbones.get_spec(recipe.backbone), shape)
+            if verbose:
+                log.info(f"backbone weights from the run {source.folder}")
+        else:
+            backbone = backbones.load_backbone(recipe.backbone, recipe.weights, shape)
         return build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone), policy
 
 
@@ -453,6 +461,8 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: d
     from concurrent.futures import ThreadPoolExecutor
 
     from transferkit import runs
+    from transferkit.files import write_atomic
+    from transferkit.model.transfer import source_run
     from transferkit.outputs import output_activation
 
     class_names, history, metrics = prepared["class_names"], trained.history, trained.metrics
@@ -472,9 +482,17 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: d
         if save_h5:
             trained.model.save(folder / "model.h5")
         figures.result()
+    extra = {"data_fingerprint": prepared["fingerprint"]}
+    source = source_run(recipe.weights)
+    recipe_text = recipe.to_toml()
+    if source is not None:
+        extra["lineage"] = source.lineage()
+        recipe_text = (f"# lineage: the backbone started from the run {extra['lineage']['source_run']}\n"
+                       f"# (its data fingerprint {extra['lineage']['data_fingerprint']}; its recipe is that run's "
+                       "recipe.toml, copied into labels.json 'lineage')\n") + recipe_text
     runs.write_labels(folder, class_names, recipe.image_size, recipe.backbone,
-                      output_activation(len(class_names)), precision=trained.policy)
-    (folder / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+                      output_activation(len(class_names)), precision=trained.policy, extra=extra)
+    write_atomic(folder / "recipe.toml", recipe_text)
     runs.write_history(folder, history)
     runs.write_json(folder / "metrics.json", metrics)
     if trained.tensorboard is not None:

@@ -85,7 +85,7 @@ def test_existing_output_needs_force(cli_run, shapes_dir):
         (["finetune", "{data}", "--image-size", "8"], 2, "below the vgg16 minimum"),
         (["finetune", "{data}", "--set", "head.dropuot=0.1"], 2, "unknown key 'head.dropuot'"),
         (["finetune", "{data}", "--recipe", "nope"], 2, "recipe nope not found"),
-        (["finetune", "{data}", "--weights", "{missing}"], 2, "neither 'imagenet', 'none' nor an existing file"),
+        (["finetune", "{data}", "--weights", "{missing}"], 2, "neither 'imagenet', 'none' nor an existing file or run folder"),
         (["predict", "{missing}", "{data}"], 1, "does not exist"),
         (["predict", "{data}", "{data}"], 1, "not a transferkit run"),
         (["augment-preview", "{data}", "-o", "{tmp}/x.jpg"], 1, "must end in .png"),

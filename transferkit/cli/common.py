@@ -26,7 +26,8 @@ RecipeOption = Annotated[
 ]
 BackboneOption = Annotated[Optional[str], typer.Option(help="Backbone: vgg16, vgg19 or resnet50 (recipe key: backbone).")]
 WeightsOption = Annotated[
-    Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), or PATH to a .h5 file.")
+    Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), PATH to a .h5 file, or a "
+                                "finished RUN_DIR (or its model.keras) to start from its backbone.")
 ]
 ImageSizeOption = Annotated[Optional[int], typer.Option(help="Side in pixels images are resized to (recipe key: image_size).")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(help="Images per training step (recipe key: batch_size).")]
