@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFERKIT_CACHE", tempfile.mkdtemp(prefix="tk-cache-"))
 
 import pytest
 
+import transferkit
 import transferkit.runtime
 from transferkit.data.synthetic import write_shapes_dataset
 
@@ -101,3 +102,17 @@ def binary_dir(tmp_path_factory):
 def tiny():
     """Recipe overrides for a seconds-long run."""
     return dict(TINY)
+
+
+# Trained runs shared by every test that only reads one (predict, evaluate, export, transfer):
+# one training each for the whole session. A test that changes a run copies it first.
+@pytest.fixture(scope="session")
+def shapes_run(shapes_dir, tmp_path_factory):
+    """A tiny three-class run on ``shapes_dir`` (softmax output)."""
+    return transferkit.finetune(shapes_dir, None, TINY, output=tmp_path_factory.mktemp("shared-runs") / "shapes", verbose=0)
+
+
+@pytest.fixture(scope="session")
+def binary_run(binary_dir, tmp_path_factory):
+    """A tiny two-class run on ``binary_dir`` (one sigmoid unit)."""
+    return transferkit.finetune(binary_dir, None, TINY, output=tmp_path_factory.mktemp("shared-runs") / "binary", verbose=0)

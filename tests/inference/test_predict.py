@@ -12,12 +12,8 @@ from transferkit.runs import load_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(binary_dir, tmp_path_factory):
-    from tests.conftest import TINY
-
-    output = tmp_path_factory.mktemp("predict-runs") / "run"
-    transferkit.finetune(binary_dir, None, TINY, output=output, verbose=0)
-    return output
+def run_dir(binary_run):
+    return binary_run.path
 
 
 @pytest.fixture()

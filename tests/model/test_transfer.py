@@ -12,11 +12,8 @@ from transferkit.model.transfer import load_run_backbone, source_run
 
 
 @pytest.fixture(scope="module")
-def source(shapes_dir, tmp_path_factory):
-    from tests.conftest import TINY
-
-    output = tmp_path_factory.mktemp("source") / "run"
-    return transferkit.finetune(shapes_dir, None, TINY, output=output, verbose=0)
+def source(shapes_run):
+    return shapes_run
 
 
 def test_a_run_folder_or_its_model_file_names_the_source(source):

@@ -29,11 +29,18 @@ def epochs_saved(partial):
         return 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dir, tmp_path, signum):
-    reference = tmp_path / "reference"
-    done = subprocess.run(cli(shapes_dir, *FLAGS, "-o", reference), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def reference(shapes_dir, tmp_path_factory):
+    """The uninterrupted run both interrupted runs must end as (trained once)."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    done = subprocess.run(cli(shapes_dir, *FLAGS, "-o", output), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dir, tmp_path, signum, reference):
 
     output = tmp_path / "run"
     partial = tmp_path / "run.partial"

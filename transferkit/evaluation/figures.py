@@ -48,7 +48,7 @@ def warn_about_missing_glyphs(texts: Sequence[str], path: Path, what: str = "cla
         log.warning("%s: some characters of the %s are not in the plot font and show as boxes", path.name, what)
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
     """Write the figure as PNG at its own size (no tight bounding box: the size is fixed)."""
     path = Path(path)
     figure.set_layout_engine("constrained")
@@ -102,7 +102,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
             for (row, column), value in np.ndenumerate(values):
                 axis.text(column, row, fmt.format(value), ha="center", va="center", fontsize=font,
                           color="white" if value > peak / 2 else "black")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def top_losses_size(count: int, columns: int = 4) -> tuple[float, float]:
@@ -137,7 +137,7 @@ def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | o
         axis = figure.subplots()
         axis.axis("off")
         axis.text(0.5, 0.5, "no wrong predictions", ha="center", va="center", fontsize=14)
-        return _save(figure, path)
+        return save_figure(figure, path)
     figure.suptitle("most confidently wrong (true / predicted / confidence)")
     rows = math.ceil(len(items) / columns)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
@@ -149,7 +149,7 @@ def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | o
         except (DataError, OSError) as error:  # gone or changed since it was classified
             axis.text(0.5, 0.5, f"cannot read\n{Path(file).name}\n({error})", ha="center", va="center", fontsize=7)
         axis.set_title(f"{true} / {predicted} / {confidence:.2f}", fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_reliability(bins: Sequence[dict], ece: float, path: str | os.PathLike) -> Path:
@@ -189,7 +189,7 @@ def plot_reliability(bins: Sequence[dict], ece: float, path: str | os.PathLike) 
     bottom.bar(centres, [b["count"] for b in bins], width=widths, edgecolor="black", color="#8c8c8c")
     bottom.set_xlabel("confidence (probability of the predicted class)")
     bottom.set_ylabel("images")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_roc(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, positive: str = "positive") -> Path:
@@ -217,7 +217,7 @@ def plot_roc(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, posi
     axis.set_title(f"ROC ({positive} positive)")
     axis.legend(loc="lower right")
     warn_about_missing_glyphs([positive], Path(path))
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def plot_pr(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, positive: str = "positive") -> Path:
@@ -242,7 +242,7 @@ def plot_pr(true: np.ndarray, scores: np.ndarray, path: str | os.PathLike, posit
     axis.set_title(f"precision-recall ({positive} positive)")
     axis.legend(loc="lower left")
     warn_about_missing_glyphs([positive], Path(path))
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def _number(value) -> float:
@@ -295,7 +295,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict |
             if match:
                 axis.plot([epoch], [_number(match[-1][f"val_{metric}"])], "*", color="#c44e52", markersize=14)
         axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def write_run_figures(run: str | os.PathLike) -> list[Path]:

@@ -327,9 +327,9 @@ def plot_explanation(item: Explanation, path: Path) -> Path:
     """One image: the original, then each heatmap over it titled class and probability."""
     from matplotlib.figure import Figure
 
-    from transferkit.evaluation.figures import _save, _warn_about_missing_glyphs
+    from transferkit.evaluation.figures import save_figure, warn_about_missing_glyphs
 
-    _warn_about_missing_glyphs([h.class_name for h in item.heatmaps], path)
+    warn_about_missing_glyphs([h.class_name for h in item.heatmaps], path)
     panels = 1 + len(item.heatmaps)
     figure = Figure(figsize=(3.2 * panels, 3.6))
     axes = np.atleast_1d(figure.subplots(1, panels))
@@ -339,17 +339,17 @@ def plot_explanation(item: Explanation, path: Path) -> Path:
     for axis, heatmap in zip(axes[1:], item.heatmaps, strict=False):
         _overlay(axis, item.image, heatmap.heat)
         axis.set_title(f"{heatmap.class_name} ({heatmap.probability:.3f})", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6) -> Path:
     """gradcam_grid.png: the first ``GRID_LIMIT`` images with their first heatmap over them."""
     from matplotlib.figure import Figure
 
-    from transferkit.evaluation.figures import _save, _warn_about_missing_glyphs
+    from transferkit.evaluation.figures import save_figure, warn_about_missing_glyphs
 
     shown = list(explanations[:GRID_LIMIT])
-    _warn_about_missing_glyphs([e.predicted for e in shown], path)
+    warn_about_missing_glyphs([e.predicted for e in shown], path)
     columns = min(columns, len(shown))
     rows = math.ceil(len(shown) / columns)
     figure = Figure(figsize=(2.4 * columns, 2.7 * rows))
@@ -361,4 +361,4 @@ def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6)
     for axis, item in zip(axes, shown, strict=False):
         _overlay(axis, item.image, item.heatmaps[0].heat)
         axis.set_title(f"{item.predicted} ({item.heatmaps[0].probability:.2f})", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
