@@ -113,3 +113,13 @@ def test_data_checks_and_listings_do_not_load_keras():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_no_private_name_is_imported_across_modules():
+    private = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferkit"):
+                private += [f"{module_name(path)} imports {node.module}.{alias.name}" for alias in node.names
+                            if alias.name.startswith("_") and alias.name != "__version__"]
+    assert not private, "; ".join(private)
