@@ -53,9 +53,7 @@ def measure(name: str, size: int, batch: int, batches: int) -> dict:
         folded = fold_batchnorm(backbone)
         figures["folded_layers"] = len(folded.folded_batchnorm)
         # Nothing folded (VGG): the copy is the same network, not worth timing twice.
-        row["folded"] = (
-            images_per_second(folded, images, batches) if folded.folded_batchnorm else row["unfolded"]
-        )
+        row["folded"] = images_per_second(folded, images, batches) if folded.folded_batchnorm else row["unfolded"]
         figures[policy] = row
         keras.backend.clear_session()
     return figures
@@ -81,16 +79,24 @@ def main(argv=None) -> int:
             "bf16_unfolded_over_float32_unfolded": round(figures["mixed_bfloat16"]["unfolded"] / baseline, 2),
             "float32_folded_over_float32_unfolded": round(figures["float32"]["folded"] / baseline, 2),
         }
-    print(json.dumps({
-        "benchmark": "backbone_forward",
-        "unit": "images/s",
-        "size": args.size, "batch": args.batch, "batches": args.batches,
-        "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
-        "machine": machine_facts(),
-        "python": platform.python_version(), "keras": keras.__version__, "tensorflow": tf.__version__,
-        "results": results,
-        "ratios": ratios,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "backbone_forward",
+                "unit": "images/s",
+                "size": args.size,
+                "batch": args.batch,
+                "batches": args.batches,
+                "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+                "machine": machine_facts(),
+                "python": platform.python_version(),
+                "keras": keras.__version__,
+                "tensorflow": tf.__version__,
+                "results": results,
+                "ratios": ratios,
+            }
+        )
+    )
     return 0
 
 

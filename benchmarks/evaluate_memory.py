@@ -81,10 +81,19 @@ def child(run: str, images: str, out: str, batch: int) -> None:
     write_evaluation(result, out)
     seconds = time.perf_counter() - start
     # VmHWM is this process's own peak (ru_maxrss could carry the parent's from before exec).
-    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
-    print(json.dumps({"images": result.metrics["n_images"], "max_rss_mb": round(peak_kb / 1024, 1),
-                      "seconds": round(seconds, 1), "engine": result.engine}))
+    peak_kb = next(
+        int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
+    )
+    print(
+        json.dumps(
+            {
+                "images": result.metrics["n_images"],
+                "max_rss_mb": round(peak_kb / 1024, 1),
+                "seconds": round(seconds, 1),
+                "engine": result.engine,
+            }
+        )
+    )
 
 
 def measure(run: Path, images: Path, out: Path, batch: int) -> dict:
@@ -112,16 +121,22 @@ def main() -> None:
         run = save_run(tmp / "run", args.size)
         large = write_images(tmp / "large", args.images, args.size)
         small = subset(large, tmp / "small", args.small)
-        figures = {"small": measure(run, small, tmp / "eval-small", args.batch_size),
-                   "large": measure(run, large, tmp / "eval-large", args.batch_size)}
-    print(json.dumps({
-        "benchmark": "evaluate_memory",
-        "cpu": cpu_model(),
-        "image_size": args.size,
-        "small": figures["small"],
-        "large": figures["large"],
-        "rss_ratio_large_to_small": round(figures["large"]["max_rss_mb"] / figures["small"]["max_rss_mb"], 3),
-    }))
+        figures = {
+            "small": measure(run, small, tmp / "eval-small", args.batch_size),
+            "large": measure(run, large, tmp / "eval-large", args.batch_size),
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "evaluate_memory",
+                "cpu": cpu_model(),
+                "image_size": args.size,
+                "small": figures["small"],
+                "large": figures["large"],
+                "rss_ratio_large_to_small": round(figures["large"]["max_rss_mb"] / figures["small"]["max_rss_mb"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,24 +55,35 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
     # Keras prints "Using N files for ..." whatever verbose says: to stderr, so stdout holds
     # only the JSON line.
     with contextlib.redirect_stdout(sys.stderr):
-        train = keras.utils.image_dataset_from_directory(data_dir, subset="training", shuffle=True, verbose=False, **common)
+        train = keras.utils.image_dataset_from_directory(
+            data_dir, subset="training", shuffle=True, verbose=False, **common
+        )
         # The same shuffle and seed as the training subset, or the two subsets would overlap.
-        val = keras.utils.image_dataset_from_directory(data_dir, subset="validation", shuffle=True, verbose=False, **common)
+        val = keras.utils.image_dataset_from_directory(
+            data_dir, subset="validation", shuffle=True, verbose=False, **common
+        )
     n_classes = len(train.class_names)
     n_train = sum(int(x.shape[0]) for x, _ in train)
-    augmentation = keras.Sequential([
-        keras.layers.RandomTranslation(SHIFT, SHIFT),
-        keras.layers.RandomContrast(CONTRAST),
-        keras.layers.RandomRotation(ROTATION / 360.0),
-        keras.layers.RandomFlip("horizontal"),
-    ])
+    augmentation = keras.Sequential(
+        [
+            keras.layers.RandomTranslation(SHIFT, SHIFT),
+            keras.layers.RandomContrast(CONTRAST),
+            keras.layers.RandomRotation(ROTATION / 360.0),
+            keras.layers.RandomFlip("horizontal"),
+        ]
+    )
     train = train.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     train, val = train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
-    applications = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19,
-                    "resnet50": keras.applications.ResNet50}
-    preprocess = {"vgg16": keras.applications.vgg16.preprocess_input,
-                  "vgg19": keras.applications.vgg19.preprocess_input,
-                  "resnet50": keras.applications.resnet50.preprocess_input}[backbone]
+    applications = {
+        "vgg16": keras.applications.VGG16,
+        "vgg19": keras.applications.VGG19,
+        "resnet50": keras.applications.ResNet50,
+    }
+    preprocess = {
+        "vgg16": keras.applications.vgg16.preprocess_input,
+        "vgg19": keras.applications.vgg19.preprocess_input,
+        "resnet50": keras.applications.resnet50.preprocess_input,
+    }[backbone]
     base = applications[backbone](include_top=False, weights=None, input_shape=(size, size, 3))
     base.trainable = False
     inputs = keras.Input((size, size, 3))
@@ -93,7 +104,9 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
         base.trainable = True
         top_block = {"vgg16": "block5", "vgg19": "block5", "resnet50": "conv5_block3"}[backbone]
         for layer in base.layers:
-            layer.trainable = layer.name.startswith(top_block + "_") and not isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = layer.name.startswith(top_block + "_") and not isinstance(
+                layer, keras.layers.BatchNormalization
+            )
         model.compile(keras.optimizers.Adam(FINE_LR), "categorical_crossentropy", metrics=["accuracy"])
         clock = StageClock()
         model.fit(train, validation_data=val, epochs=fine_epochs, callbacks=[clock], verbose=0)
@@ -102,14 +115,38 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
     return figures, float(accuracy), n_train
 
 
-def transferkit_job(data_dir: Path, backbone: str, size: int, batch: int, head_epochs: int, fine_epochs: int,
-                    seed: int, precision: str, engine: str, output: Path, cache_views: int | None = None):
+def transferkit_job(
+    data_dir: Path,
+    backbone: str,
+    size: int,
+    batch: int,
+    head_epochs: int,
+    fine_epochs: int,
+    seed: int,
+    precision: str,
+    engine: str,
+    output: Path,
+    cache_views: int | None = None,
+):
     overrides = {
-        "backbone": backbone, "weights": "none", "image_size": size, "batch_size": batch, "seed": seed,
-        "precision": precision, "head.units": [256], "head.dropout": 0.3,
-        "augment.shift": SHIFT, "augment.contrast": CONTRAST, "augment.rotation": ROTATION, "augment.hflip": True,
-        "stages.0.epochs": head_epochs, "stages.0.learning_rate": HEAD_LR, "stages.0.patience": 100,
-        "stages.1.epochs": fine_epochs, "stages.1.learning_rate": FINE_LR, "stages.1.patience": 100,
+        "backbone": backbone,
+        "weights": "none",
+        "image_size": size,
+        "batch_size": batch,
+        "seed": seed,
+        "precision": precision,
+        "head.units": [256],
+        "head.dropout": 0.3,
+        "augment.shift": SHIFT,
+        "augment.contrast": CONTRAST,
+        "augment.rotation": ROTATION,
+        "augment.hflip": True,
+        "stages.0.epochs": head_epochs,
+        "stages.0.learning_rate": HEAD_LR,
+        "stages.0.patience": 100,
+        "stages.1.epochs": fine_epochs,
+        "stages.1.learning_rate": FINE_LR,
+        "stages.1.patience": 100,
         "stages.1.unfreeze": 1,
         # The baseline does not weight classes; the generated classes are balanced anyway.
         "data.class_weights": False,
@@ -136,23 +173,41 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", default="default", help="transferkit engine (default: the recipe's)")
     parser.add_argument("--cache-views", type=int, default=None, help="transferkit cache.views (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--order", choices=("baseline-first", "transferkit-first"), default="baseline-first",
-                        help="which job runs first in the process (default: the baseline)")
+    parser.add_argument(
+        "--order",
+        choices=("baseline-first", "transferkit-first"),
+        default="baseline-first",
+        help="which job runs first in the process (default: the baseline)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
-        data_dir = write_shapes_dataset(Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed)
+        data_dir = write_shapes_dataset(
+            Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed
+        )
+
         def run_baseline():
             started = time.perf_counter()
             result = keras_guide(
-                data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed)
+                data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed
+            )
             return (*result, time.perf_counter() - started)
 
         def run_ours():
             started = time.perf_counter()
             result = transferkit_job(
-                data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
-                args.precision, args.engine, Path(tmp) / "run", args.cache_views)
+                data_dir,
+                args.backbone,
+                args.size,
+                args.batch,
+                args.head_epochs,
+                args.fine_epochs,
+                args.seed,
+                args.precision,
+                args.engine,
+                Path(tmp) / "run",
+                args.cache_views,
+            )
             return (*result, time.perf_counter() - started)
 
         if args.order == "baseline-first":
@@ -174,14 +229,27 @@ def main(argv=None) -> int:
     result = {
         "machine": machine_facts(),
         "benchmark": "finetune_vs_keras",
-        "backbone": args.backbone, "size": args.size, "batch": args.batch,
-        "images": args.classes * args.per_class, "train_images": n_train,
-        "head_epochs": args.head_epochs, "fine_epochs": args.fine_epochs, "order": args.order,
-        "baseline": {"precision": "float32", "total_seconds": round(baseline_total, 2),
-                     "stages": per_stage(baseline, epochs, n_train), "val_accuracy": round(baseline_accuracy, 4)},
-        "transferkit": {"precision": metrics.get("precision"), "total_seconds": round(ours_total, 2),
-                        "stages": per_stage(ours, epochs, our_train), "val_accuracy": round(our_accuracy, 4),
-                        "stage_details": metrics.get("stages")},
+        "backbone": args.backbone,
+        "size": args.size,
+        "batch": args.batch,
+        "images": args.classes * args.per_class,
+        "train_images": n_train,
+        "head_epochs": args.head_epochs,
+        "fine_epochs": args.fine_epochs,
+        "order": args.order,
+        "baseline": {
+            "precision": "float32",
+            "total_seconds": round(baseline_total, 2),
+            "stages": per_stage(baseline, epochs, n_train),
+            "val_accuracy": round(baseline_accuracy, 4),
+        },
+        "transferkit": {
+            "precision": metrics.get("precision"),
+            "total_seconds": round(ours_total, 2),
+            "stages": per_stage(ours, epochs, our_train),
+            "val_accuracy": round(our_accuracy, 4),
+            "stage_details": metrics.get("stages"),
+        },
         "ratios": {
             "total_wall": round(ours_total / baseline_total, 3),
             **{f"{stage}_wall": round(ours[stage] / baseline[stage], 3) for stage in ours if stage in baseline},

@@ -21,18 +21,21 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-from transferkit.data.augment import build_augmenter  # noqa: E402
-from transferkit.runtime import machine_facts  # noqa: E402
 from transferkit.backbones import REGISTRY, load_backbone  # noqa: E402
-from transferkit.outputs import encode_targets  # noqa: E402
+from transferkit.data.augment import build_augmenter  # noqa: E402
 from transferkit.data.batches import ImageBatches  # noqa: E402
 from transferkit.data.folders import index_folder  # noqa: E402
 from transferkit.data.images import decode_images  # noqa: E402
-from transferkit.model.classifier import build_classifier  # noqa: E402
-from transferkit.runtime import dtype_policy, resolve_precision  # noqa: E402
-from transferkit.recipe import AugmentConfig, StageConfig  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
+from transferkit.model.classifier import build_classifier  # noqa: E402
 from transferkit.model.surgery import set_trainable  # noqa: E402
+from transferkit.outputs import encode_targets  # noqa: E402
+from transferkit.recipe import AugmentConfig, StageConfig  # noqa: E402
+from transferkit.runtime import (  # noqa: E402
+    dtype_policy,
+    machine_facts,  # noqa: E402
+    resolve_precision,
+)
 from transferkit.training.stages import compile_for_stage  # noqa: E402
 
 
@@ -54,7 +57,9 @@ def main(argv=None) -> int:
 
     classes = 6
     with tempfile.TemporaryDirectory(prefix="tk-pipeline-") as tmp:
-        root = write_shapes_dataset(Path(tmp) / "data", classes, args.images // classes, size=max(args.size * 2, 96), seed=0)
+        root = write_shapes_dataset(
+            Path(tmp) / "data", classes, args.images // classes, size=max(args.size * 2, 96), seed=0
+        )
         index = index_folder(root)
         started = time.perf_counter()
         images, _, _ = decode_images(index.paths, args.size)
@@ -64,7 +69,9 @@ def main(argv=None) -> int:
     factory = lambda: build_augmenter(AugmentConfig())  # noqa: E731
     augment = {}
     for workers in (1, os.cpu_count() or 1):
-        batches = ImageBatches(images, targets, args.batch, shuffle=True, augmenter_factory=factory, seed=0, workers=workers)
+        batches = ImageBatches(
+            images, targets, args.batch, shuffle=True, augmenter_factory=factory, seed=0, workers=workers
+        )
         epoch_through(batches)  # warm-up: per-thread augmenters are built
         seconds = epoch_through(batches)
         augment[f"workers_{workers}"] = round(len(images) / seconds, 1)
@@ -82,15 +89,23 @@ def main(argv=None) -> int:
     model.fit(plain, epochs=1, verbose=0, shuffle=False)
     train_rate = len(images) / (time.perf_counter() - started)
     best_augment = max(augment.values())
-    print(json.dumps({
-        "benchmark": "pipeline", "machine": machine_facts(), "backbone": args.backbone, "size": args.size, "images": len(images),
-        "precision": policy,
-        "decode_resize_images_per_s": round(len(images) / decode_seconds, 1),
-        "augment_images_per_s": augment,
-        "train_images_per_s": round(train_rate, 1),
-        "ratio_augment_to_train": round(best_augment / train_rate, 2),
-        "ratio_decode_to_train": round(len(images) / decode_seconds / train_rate, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "pipeline",
+                "machine": machine_facts(),
+                "backbone": args.backbone,
+                "size": args.size,
+                "images": len(images),
+                "precision": policy,
+                "decode_resize_images_per_s": round(len(images) / decode_seconds, 1),
+                "augment_images_per_s": augment,
+                "train_images_per_s": round(train_rate, 1),
+                "ratio_augment_to_train": round(best_augment / train_rate, 2),
+                "ratio_decode_to_train": round(len(images) / decode_seconds / train_rate, 2),
+            }
+        )
+    )
     return 0
 
 

@@ -114,14 +114,22 @@ def write_dataset(kind: str, root: Path, per_class: int, size: int, seed: int) -
     return write_shapes_dataset(root, CLASSES, per_class, size=size, seed=seed)
 
 
-def make_trained_run(run_dir: Path, backbone_name: str, size: int, tmp: Path, seed: int = 0,
-                     kind: str = "shapes") -> None:
+def make_trained_run(
+    run_dir: Path, backbone_name: str, size: int, tmp: Path, seed: int = 0, kind: str = "shapes"
+) -> None:
     """A run folder holding a classifier trained by transferkit on a generated dataset."""
     import transferkit
 
     data = write_dataset(kind, tmp / f"train-{kind}-{backbone_name}", TRAIN_PER_CLASS, size, seed)
-    overrides = {"backbone": backbone_name, "weights": "none", "image_size": size, "seed": seed,
-                 "stages.0.epochs": TRAIN_EPOCHS, "stages.0.patience": TRAIN_EPOCHS, "stages.1.epochs": 0}
+    overrides = {
+        "backbone": backbone_name,
+        "weights": "none",
+        "image_size": size,
+        "seed": seed,
+        "stages.0.epochs": TRAIN_EPOCHS,
+        "stages.0.patience": TRAIN_EPOCHS,
+        "stages.1.epochs": 0,
+    }
     transferkit.finetune(data, None, overrides, output=run_dir, verbose=0)
 
 
@@ -138,8 +146,9 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     return folder
 
 
-def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path, kind: str = "shapes",
-               modes: bool = True) -> dict:
+def throughput(
+    backbone_name: str, size: int, count: int, batch: int, tmp: Path, kind: str = "shapes", modes: bool = True
+) -> dict:
     """Predict against Keras and the bare forward for a classifier trained on ``kind``
     ("shapes" or "colours"); with ``modes``, also the other precisions and the untrained
     classifier."""
@@ -193,7 +202,9 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
         "engine_forward_with_near_ties_images_per_s": default["engine_forward_images_per_s"],
         "ratio_predict_to_engine_forward_with_near_ties": default["ratio_to_engine_forward"],
         "top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
-        "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4) if clear.any() else None,
+        "top1_agreement_where_keras_margin_over_0.05": round(float(np.mean((ours == theirs)[clear])), 4)
+        if clear.any()
+        else None,
         "images_with_margin_over_0.05": int(clear.sum()),
         "distinct_predicted_classes": int(len(np.unique(theirs))),
         "keras_float32_accuracy_on_these_images": round(float(np.mean(theirs == truth)), 4),
@@ -210,16 +221,21 @@ def throughput(backbone_name: str, size: int, count: int, batch: int, tmp: Path,
             "ratio_to_bare_engine": child["ratio"],
             "top1_agreement_with_keras_float32": round(float(np.mean(np.asarray(child["labels"]) == theirs)), 4),
         }
-    return {**figures, "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp),
-            **others}
+    return {**figures, "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp), **others}
 
 
 def predict_child(run_dir: Path, images_dir: Path, precision: str, batch: int) -> dict:
     """``throughput_child`` in a fresh process; its JSON line as a dict."""
-    output = subprocess.run(
-        [sys.executable, __file__, "--child-throughput", str(run_dir), str(images_dir), precision, str(batch)],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()[-1]
+    output = (
+        subprocess.run(
+            [sys.executable, __file__, "--child-throughput", str(run_dir), str(images_dir), precision, str(batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     return json.loads(output)
 
 
@@ -236,8 +252,9 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     run = load_run(run_dir)
     started = time.perf_counter()
     # Built as predict builds it: the network takes the decoded uint8 images.
-    engine = inference_engine(run.model, "auto", run.image_size, cache_dir=engine_cache_dir(run_dir),
-                              precision=precision, input_dtype="uint8")
+    engine = inference_engine(
+        run.model, "auto", run.image_size, cache_dir=engine_cache_dir(run_dir), precision=precision, input_dtype="uint8"
+    )
     getattr(engine, "exact", None)  # the float32 network for near ties, built now rather than on the first
     setup = time.perf_counter() - started
     files = [path for path, reason in iter_image_files(images_dir) if reason is None]
@@ -272,15 +289,21 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     rates = best_rates(jobs, len(files))
     predict_rate, bare_rate = rates[:2]
     engine_rate = rates[2] if len(rates) > 2 else bare_rate
-    print(json.dumps({
-        "engine": results[-1].engine, "setup_seconds": round(setup, 2),
-        "predict_images_per_s": round(predict_rate, 1), "bare_forward_images_per_s": round(bare_rate, 1),
-        "ratio": round(predict_rate / bare_rate, 3),
-        "engine_forward_images_per_s": round(engine_rate, 1),
-        "ratio_to_engine_forward": round(predict_rate / engine_rate, 3),
-        "refined": refined[-1],
-        "labels": [run.class_names.index(row.label) for row in results[-1].rows],
-    }))
+    print(
+        json.dumps(
+            {
+                "engine": results[-1].engine,
+                "setup_seconds": round(setup, 2),
+                "predict_images_per_s": round(predict_rate, 1),
+                "bare_forward_images_per_s": round(bare_rate, 1),
+                "ratio": round(predict_rate / bare_rate, 3),
+                "engine_forward_images_per_s": round(engine_rate, 1),
+                "ratio_to_engine_forward": round(predict_rate / engine_rate, 3),
+                "refined": refined[-1],
+                "labels": [run.class_names.index(row.label) for row in results[-1].rows],
+            }
+        )
+    )
 
 
 ROUNDS = 3
@@ -310,12 +333,16 @@ def untrained_agreement(backbone_name: str, size: int, decoded: np.ndarray, batc
     floats = decoded.astype("float32")
     plain = keras_float32(run_dir)
     theirs = np.argmax(plain.predict(floats, batch_size=batch, verbose=0), axis=1)
-    engine = inference_engine(load_run(run_dir).model, "auto", size, cache_dir=engine_cache_dir(run_dir),
-                              input_dtype="uint8")
-    ours = np.concatenate([np.argmax(engine.predict(decoded[i : i + batch]), axis=1)
-                           for i in range(0, len(decoded), batch)])
-    return {"top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
-            "distinct_predicted_classes": int(len(np.unique(theirs)))}
+    engine = inference_engine(
+        load_run(run_dir).model, "auto", size, cache_dir=engine_cache_dir(run_dir), input_dtype="uint8"
+    )
+    ours = np.concatenate(
+        [np.argmax(engine.predict(decoded[i : i + batch]), axis=1) for i in range(0, len(decoded), batch)]
+    )
+    return {
+        "top1_agreement_with_keras_float32": round(float(np.mean(ours == theirs)), 4),
+        "distinct_predicted_classes": int(len(np.unique(theirs))),
+    }
 
 
 def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:
@@ -325,8 +352,9 @@ def peak_memory_child(run_dir: str, images_dir: str, batch: int) -> None:
     result = predict_folder(load_run(run_dir), images_dir, batch_size=batch)
     # VmHWM is this process image's own peak; ru_maxrss would carry over the parent's
     # resident size from before exec.
-    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
+    peak_kb = next(
+        int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
+    )
     print(json.dumps({"rows": len(result.rows), "max_rss_mb": peak_kb / 1024}))
 
 
@@ -346,15 +374,29 @@ def memory(backbone_name: str, size: int, counts: list[int], batch: int, tmp: Pa
             sample, _, _ = decode_images([p for p, r in iter_image_files(folder) if r is None][:32], size)
             make_run(tmp / "memory-run", backbone_name, size, sample)
         started = time.perf_counter()
-        output = subprocess.run(
-            [sys.executable, __file__, "--child", str(tmp / "memory-run"), str(folder), str(batch)],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[-1]
+        output = (
+            subprocess.run(
+                [sys.executable, __file__, "--child", str(tmp / "memory-run"), str(folder), str(batch)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         child = json.loads(output)
-        figures[str(count)] = {"max_rss_mb": round(child["max_rss_mb"], 1), "rows": child["rows"],
-                               "seconds": round(time.perf_counter() - started, 1)}
+        figures[str(count)] = {
+            "max_rss_mb": round(child["max_rss_mb"], 1),
+            "rows": child["rows"],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
     low, high = figures[str(counts[0])]["max_rss_mb"], figures[str(counts[-1])]["max_rss_mb"]
-    return {"backbone": backbone_name, "size": size, "counts": figures, "ratio_peak_largest_to_smallest": round(high / low, 3)}
+    return {
+        "backbone": backbone_name,
+        "size": size,
+        "counts": figures,
+        "ratio_peak_largest_to_smallest": round(high / low, 3),
+    }
 
 
 def main(argv=None) -> int:
@@ -371,20 +413,34 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--memory-counts", default="2000,20000")
     parser.add_argument("--memory-backbone", default="resnet50")
-    parser.add_argument("--memory-size", type=int, default=64, help="image side for the memory runs (memory growth does not depend on it)")
-    parser.add_argument("--no-confident", dest="confident", action="store_false",
-                        help="skip the classifier trained on colours")
+    parser.add_argument(
+        "--memory-size",
+        type=int,
+        default=64,
+        help="image side for the memory runs (memory growth does not depend on it)",
+    )
+    parser.add_argument(
+        "--no-confident", dest="confident", action="store_false", help="skip the classifier trained on colours"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="tk-predict-bench-") as tmp:
         tmp = Path(tmp)
         os.environ["TRANSFERKIT_CACHE"] = str(tmp / "cache")
-        result = {"benchmark": "predict", "machine": machine_facts(), "size": args.size, "batch": args.batch, "images": args.images, "backbones": {}}
+        result = {
+            "benchmark": "predict",
+            "machine": machine_facts(),
+            "size": args.size,
+            "batch": args.batch,
+            "images": args.images,
+            "backbones": {},
+        }
         for name in args.backbones.split(","):
             result["backbones"][name] = throughput(name, args.size, args.images, args.batch, tmp)
             if args.confident:
                 result["backbones"][name]["confident_classifier"] = throughput(
-                    name, args.size, args.images, args.batch, tmp, kind="colours", modes=False)
+                    name, args.size, args.images, args.batch, tmp, kind="colours", modes=False
+                )
         counts = [int(c) for c in args.memory_counts.split(",") if c]
         if counts:
             result["memory"] = memory(args.memory_backbone, args.memory_size, counts, args.batch, tmp)

@@ -26,11 +26,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Converted inference networks go to a per-session folder, not the user's cache.
 os.environ.setdefault("TRANSFERKIT_CACHE", tempfile.mkdtemp(prefix="tk-cache-"))
 
-import pytest
+# The environment above must be set before these imports.
+import pytest  # noqa: E402
 
-import transferkit
-import transferkit.runtime
-from transferkit.data.synthetic import write_shapes_dataset
+import transferkit  # noqa: E402
+import transferkit.runtime  # noqa: E402
+from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
 
 if EMULATED_CPU == "avx2":
     _real_cpu_flags = transferkit.runtime.cpu_flags
@@ -109,10 +110,12 @@ def tiny():
 @pytest.fixture(scope="session")
 def shapes_run(shapes_dir, tmp_path_factory):
     """A tiny three-class run on ``shapes_dir`` (softmax output)."""
-    return transferkit.finetune(shapes_dir, None, TINY, output=tmp_path_factory.mktemp("shared-runs") / "shapes", verbose=0)
+    output = tmp_path_factory.mktemp("shared-runs") / "shapes"
+    return transferkit.finetune(shapes_dir, None, TINY, output=output, verbose=0)
 
 
 @pytest.fixture(scope="session")
 def binary_run(binary_dir, tmp_path_factory):
     """A tiny two-class run on ``binary_dir`` (one sigmoid unit)."""
-    return transferkit.finetune(binary_dir, None, TINY, output=tmp_path_factory.mktemp("shared-runs") / "binary", verbose=0)
+    output = tmp_path_factory.mktemp("shared-runs") / "binary"
+    return transferkit.finetune(binary_dir, None, TINY, output=output, verbose=0)

@@ -24,7 +24,7 @@ def test_public_functions_have_docstrings_with_returns():
 
 def test_unknown_attribute_raises_attribute_error():
     try:
-        transferkit.no_such_name
+        _ = transferkit.no_such_name
     except AttributeError as error:
         assert "no_such_name" in str(error)
     else:

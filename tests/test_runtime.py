@@ -15,14 +15,16 @@ def cpuinfo(tmp_path, flags):
 
 @pytest.mark.parametrize(
     "flags, policy",
-    [("avx512f amx_bf16 amx_tile", "mixed_bfloat16"), ("avx512f avx512_bf16", "mixed_bfloat16"), ("avx2 fma", "float32")],
+    [("avx512f amx_bf16 amx_tile", "mixed_bfloat16"), ("avx512f avx512_bf16", "mixed_bfloat16"),
+     ("avx2 fma", "float32")],
 )
 def test_auto_follows_the_cpu_flags(tmp_path, flags, policy):
     got, reason = resolve_precision("auto", cpuinfo(tmp_path, flags))
     assert got == policy and reason.startswith("auto")
 
 
-@pytest.mark.parametrize("choice, policy", [("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16")])
+@pytest.mark.parametrize(
+    "choice, policy", [("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16")])
 def test_explicit_choices(choice, policy):
     assert resolve_precision(choice)[0] == policy
 

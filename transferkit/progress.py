@@ -7,7 +7,7 @@ takes a progress callable from here (or None, for silence). The bar itself is Ke
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class ProgressBar:

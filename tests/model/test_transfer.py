@@ -47,7 +47,8 @@ def test_a_run_from_a_run_keeps_its_frozen_blocks_and_records_its_lineage(source
     assert lineage["source_run"] == str(source.path.resolve())
     assert lineage["data_fingerprint"] == json.loads((source.path / "labels.json").read_text())["data_fingerprint"]
     assert lineage["recipe"]["image_size"] == 32 and lineage["class_names"] == ["circle", "square", "triangle"]
-    assert (run.path / "recipe.toml").read_text().startswith(f"# lineage: the backbone started from the run {source.path.resolve()}")
+    lineage_comment = f"# lineage: the backbone started from the run {source.path.resolve()}"
+    assert (run.path / "recipe.toml").read_text().startswith(lineage_comment)
     assert transferkit.load_recipe(run.path / "recipe.toml").weights == str(source.path)
 
 

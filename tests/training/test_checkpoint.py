@@ -120,7 +120,8 @@ def test_resume_refuses_data_that_changed(interrupted):
 def test_resume_finds_moved_data_and_writes_where_the_partial_folder_is(interrupted, tmp_path):
     data, output = interrupted
     moved = data.rename(tmp_path / "elsewhere")
-    with pytest.raises(DataError, match="is gone; if it moved, give its new place: transferkit finetune NEW_DATA_DIR --resume"):
+    gone = "is gone; if it moved, give its new place: transferkit finetune NEW_DATA_DIR --resume"
+    with pytest.raises(DataError, match=gone):
         resume_finetune(output, verbose=0)
     renamed = output.parent / "renamed.partial"
     (output.parent / "run.partial").rename(renamed)

@@ -17,12 +17,18 @@ ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing 
 
 def evaluate(
     run: RunArgument,
-    images: Annotated[Path, typer.Argument(help="Labelled folder: one sub-folder per class, named as the run's classes.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write to; default RUN/eval-<folder>-<timestamp>/.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average over the recipe's test-time variants (tta.transforms).")] = False,
+    images: Annotated[Path, typer.Argument(
+            help="Labelled folder: one sub-folder per class, named as the run's classes.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+            help="Folder to write to; default RUN/eval-<folder>-<timestamp>/.")] = None,
+    tta: Annotated[bool, typer.Option("--tta",
+            help="Average over the recipe's test-time variants (tta.transforms).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    engine: Annotated[str, typer.Option(metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32, bfloat16 or float16.")] = "auto",
+    engine: Annotated[str, typer.Option(metavar=choices(ENGINES),
+            help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS),
+            help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32, bfloat16 or "
+                 "float16.")] = "auto",
     force: ForceOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     verbose: VerboseOption = False,
@@ -44,15 +50,17 @@ def evaluate(
                                  precision=precision, progress=progress_bar("image", enabled=not quiet))
         written = write_evaluation(result, output, force=force)
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     typer.echo(result.summary(written))
 
 
 def explain(
     run: RunArgument,
     images: Annotated[Path, typer.Argument(help="An image file, or a folder of images (walked recursively).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write to; default RUN/explain-<name>-<timestamp>/.")] = None,
-    class_name: Annotated[Optional[str], typer.Option("--class", help="Explain this class instead of the predicted one.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+            help="Folder to write to; default RUN/explain-<name>-<timestamp>/.")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class",
+            help="Explain this class instead of the predicted one.")] = None,
     top: Annotated[int, typer.Option("--top", help="Explain the K most likely classes.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Write into an output folder that is not empty.")] = False,
     verbose: VerboseOption = False,
@@ -70,7 +78,7 @@ def explain(
         folder = output if output is not None else default_output(loaded.path, images)
         write_explanations(explanations, folder, force=force, root=images if images.is_dir() else None)
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     for item in explanations:
         labels = ", ".join(f"{h.class_name} {h.probability:.3f}" for h in item.heatmaps)
         typer.echo(f"{item.file}  {labels}")
@@ -85,5 +93,5 @@ def report(run: RunArgument, verbose: VerboseOption = False) -> None:
     try:
         written = write_run_figures(run)
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     typer.echo("wrote " + ", ".join(str(path) for path in written))

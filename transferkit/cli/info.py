@@ -9,7 +9,8 @@ def backbones() -> None:
     """List the available backbones, their input sizes and parameter counts."""
     from transferkit.backbones import REGISTRY
 
-    typer.echo(f"{'name':<10} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}  ImageNet weights file")
+    header = f"{'name':<10} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
+    typer.echo(f"{header}  ImageNet weights file")
     for name, spec in sorted(REGISTRY.items()):
         typer.echo(
             f"{name:<10} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "

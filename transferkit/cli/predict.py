@@ -22,13 +22,19 @@ from transferkit.runtime import ENGINES, PRECISIONS
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")],
     images: Annotated[Path, typer.Argument(help="Folder of images to classify (walked recursively), or one image.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the predictions to FILE.csv or FILE.json.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+            help="Write the predictions to FILE.csv or FILE.json.")] = None,
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    engine: Annotated[str, typer.Option(metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 or float16 (16 bits only).")] = "auto",
-    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no table; with --output, print only the summary.")] = False,
+    engine: Annotated[str, typer.Option(metavar=choices(ENGINES),
+            help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
+    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS),
+            help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
+                 "or float16 (16 bits only).")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta",
+            help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+            help="No progress bar and no table; with --output, print only the summary.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
@@ -57,7 +63,7 @@ def predict(
         if output is not None:
             write_predictions(result, output)
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     if not quiet:
         width = max((len(str(row.file)) for row in result.rows), default=4)
         typer.echo(f"{'file':<{width}}  {'label':<16} confidence")

@@ -4,7 +4,7 @@ figures, the epoch the saved model comes from, per-class accuracy and the confus
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
