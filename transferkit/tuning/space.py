@@ -50,6 +50,7 @@ class Parameter:
         """A sampled value as the recipe key takes it."""
         if self.kind == "choice":
             return _decoded(sampled, self.spec.choices)
+        sampled = float(sampled) if self.kind == "float" else int(sampled)
         return [sampled] * self.repeat if self.repeat is not None else sampled
 
     def sampled_value(self, recipe_value: Any) -> Any | None:
