@@ -216,14 +216,20 @@ def test_a_study_of_another_metric_is_refused(stub_training, binary_dir, tmp_pat
 def test_without_a_tune_section_the_default_space_is_searched():
     recipe = load_recipe(None)
     space = default_space(recipe)
-    assert set(space) == {"stages.0.learning_rate", "stages.1:.learning_rate", "head.dropout", "head.units",
-                          "stages.1:.unfreeze"}
-    assert space["stages.0.learning_rate"].log and space["stages.1:.learning_rate"].log
+    assert set(space) == {"stages.0.learning_rate", "stages.1.learning_rate", "head.dropout", "head.units",
+                          "stages.1.unfreeze"}
+    assert space["stages.0.learning_rate"].log and space["stages.1.learning_rate"].log
     built = build_space(None, {}, recipe)
     # The recipe as given lies in it: the first trial of a new study is the recipe itself.
-    assert built.recipe_params(recipe) == {"stages.0.learning_rate": 1e-3, "stages.1:.learning_rate": 3e-5,
-                                           "head.dropout": 0.3, "head.units": "[256]", "stages.1:.unfreeze": 1}
-    assert "stages.1:.unfreeze" not in default_space(load_recipe(None, {"stages.1:.epochs": 0}))
+    assert built.recipe_params(recipe) == {"stages.0.learning_rate": 1e-3, "stages.1.learning_rate": 3e-5,
+                                           "head.dropout": 0.3, "head.units": "[256]", "stages.1.unfreeze": 1}
+    assert "stages.1.unfreeze" not in default_space(load_recipe(None, {"stages.1:.epochs": 0}))
+    # Each later stage is searched on its own (vgg16: block5, then block4 too).
+    vgg16 = load_recipe("vgg16")
+    space = build_space("vgg16", {}, vgg16)
+    sampled = space.recipe_params(vgg16)
+    assert {"stages.1.unfreeze": 1, "stages.2.unfreeze": 2}.items() <= sampled.items()
+    assert space.recipe({p.key: p.recipe_value(sampled[p.key]) for p in space.parameters}) == vgg16
 
 
 def test_sampled_values_become_recipe_values(tmp_path):

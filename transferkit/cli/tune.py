@@ -47,7 +47,7 @@ def tune(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Search hyperparameters on DATA_DIR: the recipe's [tune] space (or a default one), TPE
+    """Search hyperparameters on DATA_DIR: the space of the recipe's tune section (or a default one), TPE
     sampling with pruning, one Optuna study that the same command continues.
 
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe

@@ -29,10 +29,11 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from transferkit.errors import TransferkitError, first_line
 from transferkit.files import atomic_path, write_atomic
@@ -102,7 +103,8 @@ class TuneSummary:
         if self.best_trial is None:
             lines.append("no trial has completed yet")
         else:
-            lines.append(f"best {self.metric} {self.best_value:.4f} (trial {self.best_trial}): {_params_text(self.best_params)}")
+            lines.append(f"best {self.metric} {self.best_value:.4f} (trial {self.best_trial}): "
+                         f"{_params_text(self.best_params)}")
         if self.files:
             lines.append(f"wrote {self.output}/: {', '.join(path.name for path in self.files.values())}")
         if BEST_RECIPE_FILE in self.files:

@@ -69,15 +69,17 @@ class Parameter:
             return None
         if self.kind == "int":
             step = self.spec.step or 1
-            return int(recipe_value) if recipe_value == int(recipe_value) and (recipe_value - self.spec.low) % step == 0 else None
+            on_grid = recipe_value == int(recipe_value) and (recipe_value - self.spec.low) % step == 0
+            return int(recipe_value) if on_grid else None
         return float(recipe_value) if self.spec.step is None else None
 
 
 def default_space(recipe: Recipe) -> dict[str, TuneParam]:
     """The space searched when the recipe has no ``[tune]`` section: the head stage's
     learning rate (log-uniform 1e-4..1e-2), the head's dropout (0..0.5) and units (128, 256,
-    512 or 256+128), and, where later stages train, their learning rate (log-uniform
-    1e-6..1e-3) and how many blocks they unfreeze (0..3).
+    512 or 256+128), and for each later stage that trains its own learning rate
+    (log-uniform 1e-6..1e-3) and how many blocks it unfreezes (0..3, or up to the recipe's
+    own depth when that is more).
 
     Args:
         recipe: the study's recipe.
@@ -88,10 +90,13 @@ def default_space(recipe: Recipe) -> dict[str, TuneParam]:
     from transferkit.backbones import get_spec
 
     space = {"stages.0.learning_rate": DEFAULT_HEAD_RATES, "head.dropout": DEFAULT_DROPOUT, "head.units": DEFAULT_UNITS}
-    if any(stage.epochs > 0 for stage in recipe.stages[1:]):
-        blocks = len(get_spec(recipe.backbone).blocks)
-        space["stages.1:.learning_rate"] = DEFAULT_FINE_RATES
-        space["stages.1:.unfreeze"] = TuneParam(low=0, high=min(DEFAULT_MAX_UNFREEZE, blocks))
+    blocks = len(get_spec(recipe.backbone).blocks)
+    for index, stage in enumerate(recipe.stages[1:], start=1):
+        if stage.epochs == 0:
+            continue
+        deepest = max(min(DEFAULT_MAX_UNFREEZE, blocks), stage.unfreeze if isinstance(stage.unfreeze, int) else 0)
+        space[f"stages.{index}.learning_rate"] = DEFAULT_FINE_RATES
+        space[f"stages.{index}.unfreeze"] = TuneParam(low=0, high=deepest)
     return space
 
 
@@ -164,7 +169,8 @@ def build_space(source, overrides: Mapping[str, Any] | None, base: Recipe) -> Se
             try:
                 load_recipe(source, {**overrides, key: value})
             except RecipeError as error:
-                raise RecipeError(f"[tune] {key}: the value {_plain(value)!r} does not fit the recipe: {error}") from None
+                raise RecipeError(f"[tune] {key}: the value {_plain(value)!r} does not fit the recipe: "
+                                  f"{error}") from None
         parameters.append(parameter)
     return SearchSpace(source, overrides, tuple(parameters))
 
