@@ -20,6 +20,7 @@ LAYERS = (
     {"training"},
     {"evaluation"},
     {"workflow"},
+    {"tuning"},
     {"cli", "__main__", "__init__"},
 )
 

@@ -61,6 +61,7 @@ _EXPORTS = {
     "read_image": "transferkit.data.images",
     "resume_finetune": "transferkit.workflow",
     "run_stages": "transferkit.training.stages",
+    "tune": "transferkit.tuning.search",
     "write_predictions": "transferkit.inference.predict",
 }
 
@@ -82,6 +83,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.recipe import AugmentConfig, CacheConfig, DataConfig, HeadConfig, Recipe, StageConfig, load_recipe
     from transferkit.runs import Run, load_run
     from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
+    from transferkit.tuning.search import tune
     from transferkit.workflow import finetune, resume_finetune
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_serializer, model_validator
 
 from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
 from transferkit.errors import RecipeError
@@ -138,6 +138,105 @@ DEFAULT_STAGES = (
 )
 
 
+TUNE_SPEC_KEYS = ("low", "high", "log", "step", "choices")
+
+
+class TuneParam(_Section):
+    """One searched recipe key of ``[tune]``: a range or a list of choices.
+
+    ``{low = 1e-4, high = 1e-2, log = true}`` is a float range (log-uniform with ``log``);
+    integer ``low`` and ``high`` make an integer range (of the recipe's float keys, a float
+    range); ``step`` spaces the values; ``{choices = [[64], [256, 64]]}`` picks one value.
+    A range on a list key (``head.units``) sets every entry of the recipe's list to the value.
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_table(cls, value):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{value!r} is not a search spec; write a table such as {{low = 0.1, high = 0.5}} "
+                             "or {choices = [16, 32]}")
+        unknown = [key for key in value if key not in TUNE_SPEC_KEYS]
+        if unknown:
+            raise ValueError(f"unknown spec key {unknown[0]!r}; use {', '.join(TUNE_SPEC_KEYS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _a_range_or_choices(self):
+        if self.choices is not None:
+            if any(value is not None for value in (self.low, self.high, self.step)) or self.log:
+                raise ValueError("give either choices or a range (low, high), not both")
+            if not self.choices:
+                raise ValueError("choices is empty; list at least one value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high (or give choices = [...])")
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low!r} must be below high {self.high!r}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low!r}")
+        if self.step is not None and self.log:
+            raise ValueError("a log range takes no step; drop one of them")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be above 0, got {self.step!r}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _written_out(self, handler):
+        # TOML has no null: only what was given is written.
+        return {key: value for key, value in handler(self).items() if value is not None and value is not False}
+
+
+class TuneSpace(RootModel[dict[str, TuneParam]]):
+    """The ``[tune]`` section: recipe key -> ``TuneParam``, searched by ``transferkit tune``.
+    Keys are dotted recipe keys as ``--set`` takes them ("stages.0.learning_rate",
+    "stages.1:.epochs", "head.units"); empty: the tuner's default space."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="after")
+    def _recipe_keys(self):
+        for key in self.root:
+            problem = _unknown_recipe_key(key)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
+def _unknown_recipe_key(key: str) -> str | None:
+    """Why ``key`` names no recipe key a search can set, or None when it does."""
+    parts = key.split(".")
+    if parts[0].rstrip(":") == "stages":
+        selector = parts[1] if len(parts) == 3 else ""
+        if parts[0] != "stages" or not selector.rstrip(":").lstrip("-").isdigit():
+            return (f"{key!r}: a stage key names its stages: stages.0.learning_rate (the first) or "
+                    "stages.1:.learning_rate (the second on)")
+        if parts[2] not in StageConfig.model_fields:
+            return f"unknown recipe key {key!r}; valid stage keys: {', '.join(StageConfig.model_fields)}"
+        return None
+    model: type[BaseModel] = Recipe
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields or part == "tune":
+            fields = [name for name in model.model_fields if name != "tune"]
+            where = ".".join(parts[:depth]) or "the recipe"
+            return f"unknown recipe key {key!r}; valid keys in {where}: {', '.join(fields)}"
+        annotation = model.model_fields[part].annotation
+        nested = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth < len(parts) - 1:
+            if not nested:
+                return f"unknown recipe key {key!r}: {'.'.join(parts[: depth + 1])} is not a table"
+            model = annotation
+        elif nested:
+            return f"{key!r} is a table; name one of its keys: {', '.join(annotation.model_fields)}"
+    return None
+
+
 class Recipe(_Section):
     """A fully resolved recipe. Build one with ``load_recipe``."""
 
@@ -158,6 +257,8 @@ class Recipe(_Section):
     cache: CacheConfig = CacheConfig()
     tta: TTAConfig = TTAConfig()
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
+    # The search space of `transferkit tune`; written out only when there is one.
+    tune: TuneSpace = Field(TuneSpace({}), exclude_if=lambda space: not space.root)
 
     @model_validator(mode="after")
     def _fits_backbone(self):

@@ -58,7 +58,6 @@ def finetune(
             ``TrainingInterrupted`` after a signal.
     """
     from transferkit import runs
-    from transferkit.training.checkpoint import TrainingInterrupted, WorkFolder
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -69,9 +68,91 @@ def finetune(
     output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     prepared = _prepare(data_dir, val_dir, recipe, verbose)
+    return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose)
+
+
+def prepare_data(
+    data_dir: str | os.PathLike,
+    recipe: Recipe | str | os.PathLike | None = None,
+    *,
+    val_dir: str | os.PathLike | None = None,
+    verbose: int = 1,
+) -> dict:
+    """Index, decode and split the images once, for any number of trainings on them
+    (``train_prepared``), as ``finetune`` does before it trains.
+
+    What the result holds depends on the recipe's ``image_size``, ``seed`` and
+    ``data.val_split`` only: recipes that agree on those can share it.
+
+    Args:
+        data_dir: one sub-folder of images per class.
+        recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults.
+        val_dir: a validation folder; default None (a stratified ``data.val_split``).
+        verbose: 0 silent, 1 a progress bar and the split's counts; default 1.
+
+    Returns:
+        The prepared data: a dict of the class names, the training and validation images
+        (uint8) and labels, the skipped files and the data's fingerprint.
+
+    Raises:
+        DataError: the folder, its classes or its images cannot be used.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return _prepare(data_dir, val_dir, recipe, verbose)
+
+
+def train_prepared(
+    prepared: dict,
+    recipe: Recipe,
+    output: str | os.PathLike | None = None,
+    *,
+    callbacks=(),
+    calibrate: bool | None = None,
+    force: bool = False,
+    save_h5: bool = False,
+    verbose: int = 1,
+):
+    """Train on data from ``prepare_data`` exactly as ``finetune`` would with the recipe
+    (same seed, same split, same figures), into a run folder or only in memory.
+
+    Args:
+        prepared: from ``prepare_data`` with a recipe of the same image size, seed and
+            validation split.
+        recipe: the resolved ``Recipe``.
+        output: the run folder to write (with ``RUN.partial/`` checkpoints while it trains);
+            default None (nothing is written: no checkpoints, no TensorBoard logs).
+        callbacks: extra Keras callbacks for every stage, told of one epoch count across
+            stages only through their own counting (each stage is one ``fit``); default none.
+        calibrate: fit the confidence temperature; default None (the recipe's ``calibrate``).
+        force: replace an existing run folder; default False.
+        save_h5: also write model.h5; default False.
+        verbose: 0 silent, 1 progress bars and stage lines; default 1.
+
+    Returns:
+        The ``Run`` with its model and metrics (``path`` None when nothing was written).
+
+    Raises:
+        TransferkitError: bad weights or output folder; ``TrainingInterrupted`` after a signal.
+    """
+    from transferkit import runs
+
+    if output is None:
+        return _train(prepared, recipe, None, None, force, save_h5, verbose, callbacks=callbacks, calibrate=calibrate)
+    output = runs.named_folder(output)
+    runs.check_writable(output, force, data_folders=(prepared["data_dir"], prepared["val_dir"]))
+    return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose, callbacks=callbacks,
+                       calibrate=calibrate)
+
+
+def _train_into(prepared: dict, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
+                callbacks=(), calibrate: bool | None = None):
+    """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
+    from transferkit.training.checkpoint import TrainingInterrupted, WorkFolder
+
     job = {
-        "data_dir": str(Path(data_dir).resolve()),
-        "val_dir": str(Path(val_dir).resolve()) if val_dir is not None else None,
+        "data_dir": prepared["data_dir"],
+        "val_dir": prepared["val_dir"],
         "output": str(output.resolve()),
         "save_h5": save_h5,
         "force": force,
@@ -80,7 +161,8 @@ def finetune(
     }
     work = WorkFolder.create(output, job, recipe.to_toml(), force)
     try:
-        return _train(prepared, recipe, output, work, force, save_h5, verbose)
+        return _train(prepared, recipe, output, work, force, save_h5, verbose, callbacks=callbacks,
+                      calibrate=calibrate)
     except TrainingInterrupted:
         raise
     except BaseException:
@@ -190,6 +272,8 @@ def _prepare(data_dir, val_dir, recipe: Recipe, verbose: int) -> dict:
     _tell_split(class_names, train_labels, val_labels, recipe, val_dir, verbose)
     return {
         "class_names": class_names, "skipped": skipped, "fingerprint": _data_fingerprint(data_dir, val_dir, paths),
+        "data_dir": str(Path(data_dir).resolve()),
+        "val_dir": str(Path(val_dir).resolve()) if val_dir is not None else None,
         "train_images": train_images, "train_labels": train_labels,
         "val_images": val_images, "val_labels": val_labels,
     }
@@ -250,8 +334,10 @@ class _Trained:
     tensorboard: Path | None = None  # the TensorBoard logs written while training
 
 
-def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save_h5: bool, verbose: int):
-    """Build (or load from the checkpoint) the model, run the stages, evaluate, save the run."""
+def _train(prepared: dict, recipe: Recipe, output: Path | None, work, force: bool, save_h5: bool, verbose: int,
+           callbacks=(), calibrate: bool | None = None):
+    """Build (or load from the checkpoint) the model, run the stages, evaluate, save the run
+    (without ``work``, nothing is written: no checkpoints, no run folder)."""
     import keras
 
     from transferkit import runs
@@ -263,15 +349,16 @@ def _train(prepared: dict, recipe: Recipe, output: Path, work, force: bool, save
     n_classes = len(prepared["class_names"])
     model, policy = _build_or_load_model(recipe, n_classes, work, verbose)
     train_batches, val_batches = _batches(prepared, recipe)
-    result = _run_training(model, recipe, train_batches, val_batches, n_classes, work, output, verbose)
+    result = _run_training(model, recipe, train_batches, val_batches, n_classes, work, output, verbose, callbacks)
     trained = _Trained(model, policy, result.history)
-    if recipe.tensorboard:
+    if recipe.tensorboard and work is not None:
         trained.tensorboard = work.path / "tensorboard"
     trained.metrics = _evaluate(trained, result, val_batches, prepared)
-    if recipe.calibrate:
+    if recipe.calibrate if calibrate is None else calibrate:
         trained.metrics["calibration"] = _calibrate(model, prepared, recipe, verbose)
-    _write_run(output, trained, recipe, prepared, work, force=force, save_h5=save_h5)
-    work.remove()
+    if work is not None:
+        _write_run(output, trained, recipe, prepared, work, force=force, save_h5=save_h5)
+        work.remove()
     return runs.Run(
         path=output,
         class_names=prepared["class_names"],
@@ -299,7 +386,7 @@ def _build_or_load_model(recipe: Recipe, n_classes: int, work, verbose: int):
     policy, reason = resolve_precision(recipe.precision)
     if verbose:
         log.info(f"precision: {policy} ({reason})")
-    if work.has_checkpoint():
+    if work is not None and work.has_checkpoint():
         return work.load_model(), policy
     shape = (recipe.image_size,) * 2 + (3,)
     source = source_run(recipe.weights)
@@ -340,9 +427,10 @@ def _batches(prepared: dict, recipe: Recipe):
     return train_batches, val_batches
 
 
-def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: int, work, output: Path, verbose: int):
-    """Run the recipe's stages under the signal handlers; an interruption becomes one
-    ``TrainingInterrupted`` that says what was kept.
+def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: int, work, output: Path | None,
+                  verbose: int, extra_callbacks=()):
+    """Run the recipe's stages under the signal handlers (checkpointing into ``work``, when
+    there is one); an interruption becomes one ``TrainingInterrupted`` that says what was kept.
 
     Returns:
         The ``StagesResult``.
@@ -361,12 +449,13 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
         return engine.predict
 
     callbacks = ()
-    if recipe.tensorboard:
+    if recipe.tensorboard and work is not None:
         from transferkit.training.tensorboard import TensorBoardLog
 
         # In the in-progress folder while training (a resumed run goes on in the same logs),
         # copied into the run folder with the rest.
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
+    callbacks += tuple(extra_callbacks)
     options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache,
                                            forward_factory=forward_factory, callbacks=callbacks)
     try:
@@ -374,7 +463,7 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
             result = training_stages.run_stages(
                 model, backbones.get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
                 n_classes, options,
-                training_stages.Checkpointing(state=work.state(), work=work, stop=stop),
+                training_stages.Checkpointing(state=work.state() if work is not None else None, work=work, stop=stop),
             )
         _close(callbacks)
         return result
@@ -383,6 +472,8 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
         # KeyboardInterrupt: a second Ctrl-C, which stops at once (the checkpoints on disk
         # are each complete, so the last one still holds).
         signal_name = str(interrupted).split(":")[0] if isinstance(interrupted, TrainingInterrupted) else "SIGINT again"
+        if work is None:
+            raise TrainingInterrupted(f"{signal_name}: training stopped; nothing was written") from None
         if not work.has_checkpoint() and not work.state().history:
             work.remove()
             raise TrainingInterrupted(

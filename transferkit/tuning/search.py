@@ -1,0 +1,616 @@
+"""``transferkit tune``: a resumable, shareable hyperparameter search on Optuna.
+
+    data -> decoded once (per image size) -> for each trial: sample the [tune] space ->
+    load_recipe -> train exactly as finetune would (quietly, nothing written) -> the final
+    validation metric -> the study's storage -> trials.csv, best_recipe.toml, figures
+
+Each trial trains with ``workflow.train_prepared`` on data decoded once per study and image
+size, with the recipe's seed and split: ``transferkit finetune --recipe best_recipe.toml``
+trains the best trial again and gets its score. A Keras callback reports the validation
+metric after every epoch (one step count across stages) and raises ``optuna.TrialPruned``
+when the pruner (median of the earlier trials at the same epoch) calls the trial hopeless.
+
+The study lives in its storage: ``OUT/study.db`` (SQLite) unless ``storage`` names another
+Optuna storage URL (PostgreSQL, ``journal:///shared/study.log`` for a journal file on a
+shared disk), so the same command continues it, and several processes or machines can
+work on one study at once. A new study's first trial is the recipe as given (where the
+space holds its values), so the best trial is never worse than the recipe as given.
+
+Optuna is an extra (``pip install 'transferkit[tune]'``), imported only here, only when a
+study runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import TransferkitError, first_line
+from transferkit.files import atomic_path, write_atomic
+from transferkit.recipe import Recipe, load_recipe
+
+log = logging.getLogger("transferkit")
+
+INSTALL = "pip install 'transferkit[tune]'  (or: pip install optuna)"
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+DEFAULT_TRIALS = 20
+# Median pruning starts once this many trials completed, and from this epoch on.
+PRUNE_AFTER_TRIALS = 3
+PRUNE_FROM_EPOCH = 2
+# Random trials before TPE models the results.
+RANDOM_TRIALS = 5
+
+BEST_RECIPE_FILE = "best_recipe.toml"
+TRIALS_FILE = "trials.csv"
+HISTORY_FIGURE = "history.png"
+IMPORTANCE_FIGURE = "importance.png"
+STUDY_FILE = "study.db"
+FIGURE_SIZE = (7.0, 4.5)
+
+
+@dataclass
+class TuneSummary:
+    """What ``tune`` returns: where the study stands (all its workers' trials counted).
+
+    Attributes:
+        study: the study's name.
+        storage: its storage URL.
+        output: the folder of best_recipe.toml, trials.csv and the figures.
+        metric: "val_accuracy" (maximized) or "val_loss" (minimized).
+        best_value: the best trial's final validation metric; None before a trial completes.
+        best_trial: its number; None before a trial completes.
+        best_params: its sampled values, by recipe key (lists as their JSON text).
+        best_recipe: its complete resolved recipe; None before a trial completes.
+        counts: trials by state ("complete", "pruned", "fail", "running", ...).
+        new_trials: trials this call ran.
+        interrupted: Ctrl-C ended this call (the trial it was in is recorded as failed).
+        files: output name -> path, of those written.
+    """
+
+    study: str
+    storage: str
+    output: Path
+    metric: str
+    best_value: float | None = None
+    best_trial: int | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_recipe: Recipe | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    new_trials: int = 0
+    interrupted: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def trials(self) -> int:
+        """How many trials the study holds."""
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """A few lines for the terminal."""
+        counts = ", ".join(f"{count} {state}" for state, count in self.counts.items())
+        lines = [f"study {self.study!r} ({self.storage}): {self.trials} trial(s) ({counts}), {self.new_trials} new"
+                 + (" (interrupted)" if self.interrupted else "")]
+        if self.best_trial is None:
+            lines.append("no trial has completed yet")
+        else:
+            lines.append(f"best {self.metric} {self.best_value:.4f} (trial {self.best_trial}): "
+                         f"{_params_text(self.best_params)}")
+        if self.files:
+            lines.append(f"wrote {self.output}/: {', '.join(path.name for path in self.files.values())}")
+        if BEST_RECIPE_FILE in self.files:
+            lines.append(f"train it: transferkit finetune DATA_DIR --recipe {self.files[BEST_RECIPE_FILE]}")
+        return "\n".join(lines)
+
+
+def require_optuna():
+    """The optuna module, or the install command when it is missing.
+
+    Raises:
+        TransferkitError: optuna is not installed; the message gives the install command.
+    """
+    try:
+        import optuna
+    except ImportError:
+        raise TransferkitError(f"transferkit tune needs optuna, which is not installed; run: {INSTALL}") from None
+    return optuna
+
+
+def tune(
+    data_dir: str | os.PathLike,
+    recipe: Recipe | str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    trials: int = DEFAULT_TRIALS,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    metric: str = "val_accuracy",
+    output: str | os.PathLike | None = None,
+    val_dir: str | os.PathLike | None = None,
+    pruner=None,
+    verbose: int = 1,
+) -> TuneSummary:
+    """Search the recipe's ``[tune]`` space (or the default space) for the best validation
+    metric, adding trials to a study that the same call continues later.
+
+    Args:
+        data_dir: one sub-folder of images per class.
+        recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults;
+            its ``[tune]`` section is the space (``space.default_space`` when it has none).
+        overrides: dotted recipe keys to values over the recipe (ignored for a ``Recipe``).
+        trials: trials to run in this call; default 20.
+        timeout: start no trial after this many seconds; default None (no limit).
+        storage: an Optuna storage URL (``sqlite:///...``, ``postgresql://...``,
+            ``journal:///path/study.log`` for a journal file), or a path ending in .log (a
+            journal file) or .db (SQLite); default None (``OUTPUT/study.db``).
+        study: the study's name; default the data folder's name.
+        metric: "val_accuracy" (maximized; default) or "val_loss" (minimized), the final
+            figure of the trained model as finetune's metrics.json has it.
+        output: the folder for the outputs; default ``runs/tune-<data folder name>``.
+        val_dir: a validation folder instead of the recipe's split; default None.
+        pruner: an Optuna pruner; default None (the median of the completed trials at the
+            same epoch, after 3 completed trials, from epoch 2 on).
+        verbose: 0 warnings only, 1 a line per trial; default 1.
+
+    Returns:
+        The ``TuneSummary`` (best value, parameters and recipe, trial counts, files).
+
+    Raises:
+        TransferkitError: optuna is missing, a bad recipe or space (``RecipeError``), bad
+            data (``DataError``), a storage that cannot be opened, or a study that
+            optimizes another metric.
+    """
+    optuna = require_optuna()
+    from transferkit.tuning.space import build_space
+
+    if metric not in METRICS:
+        raise TransferkitError(f"metric {metric!r}: choose {' or '.join(METRICS)}")
+    if trials < 0:
+        raise TransferkitError(f"trials must be 0 or more, got {trials}")
+    name = Path(data_dir).resolve().name
+    output = Path(output) if output is not None else Path("runs") / f"tune-{name}"
+    _require_outside(output, data_dir, val_dir)
+    with _recipe_source(recipe, overrides) as (source, source_overrides):
+        base = load_recipe(source, source_overrides)
+        space = build_space(source, source_overrides, base)
+        output.mkdir(parents=True, exist_ok=True)
+        storage_url = storage if storage is not None else f"sqlite:///{(output / STUDY_FILE).resolve()}"
+        with _optuna_quiet(optuna):
+            the_study = _open_study(optuna, storage_url, study or name, metric, base, pruner)
+            if not the_study.trials and space.parameters:
+                params = space.recipe_params(base)
+                if params:
+                    the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"}, skip_if_exists=True)
+            data = _Data(data_dir, val_dir)
+            data.for_recipe(base, verbose)  # data errors before the first trial
+            search = _Search(the_study, space, data, metric, output, verbose)
+            search.run(trials, timeout)
+            return search.summary(storage_url)
+
+
+@contextmanager
+def _recipe_source(recipe, overrides):
+    """(source, overrides) that ``load_recipe`` resolves to the study's base recipe: the
+    file or name as given, or a ``Recipe`` written to a temporary file."""
+    if not isinstance(recipe, Recipe):
+        yield recipe, dict(overrides or {})
+        return
+    with tempfile.TemporaryDirectory(prefix="transferkit-tune-") as folder:
+        path = Path(folder) / "recipe.toml"
+        path.write_text(recipe.to_toml(), encoding="utf-8")
+        yield path, {}
+
+
+def _require_outside(output: Path, *folders) -> None:
+    """The outputs never go inside the data (they would be read as a class of images)."""
+    for folder in folders:
+        if folder is None:
+            continue
+        data = Path(folder).resolve()
+        if output.resolve() == data or data in output.resolve().parents:
+            raise TransferkitError(f"the tune folder {output} is inside the data folder {folder}; "
+                                   "give -o a folder outside it")
+
+
+@contextmanager
+def _optuna_quiet(optuna):
+    """Optuna's own per-trial log lines off (the search tells its own), restored after."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def open_storage(url: str):
+    """An Optuna storage for a URL: ``journal:///path`` (or a path ending in .log) a
+    journal file, ``sqlite:///path`` (or a path ending in .db) SQLite, waiting for the
+    other workers' writes instead of failing, any other URL as Optuna takes it.
+
+    Args:
+        url: the storage URL or path.
+
+    Returns:
+        An Optuna storage object.
+
+    Raises:
+        TransferkitError: a path that is neither .log nor .db, or a storage that cannot be
+            opened.
+    """
+    optuna = require_optuna()
+    if "://" not in url:
+        suffix = Path(url).suffix.lower()
+        if suffix in (".log", ".jsonl"):
+            url = f"journal://{Path(url).resolve()}"
+        elif suffix in (".db", ".sqlite", ".sqlite3"):
+            url = f"sqlite:///{Path(url).resolve()}"
+        else:
+            raise TransferkitError(f"storage {url!r}: give an Optuna storage URL (sqlite:///study.db, "
+                                   "postgresql://..., journal:///shared/study.log) or a path ending in .log or .db")
+    try:
+        if url.startswith("journal://"):
+            from optuna.storages.journal import JournalFileBackend
+
+            path = Path(url[len("journal://"):]).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # Several workers on one file: wait for the lock (60 s) rather than fail.
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:  # the drivers' own errors (no psycopg2, refused connection, ...)
+        raise TransferkitError(f"storage {url}: cannot be opened: {first_line(error)}") from None
+
+
+def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
+    """Load the study or create it; a study that optimizes another metric is refused.
+
+    The sampler is TPE seeded from the recipe's seed and the trials the study holds (a
+    worker that joins later samples apart from the first)."""
+    storage = open_storage(url)
+    pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS,
+                                                   n_warmup_steps=PRUNE_FROM_EPOCH)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction=METRICS[metric], pruner=pruner,
+                                    load_if_exists=True)
+    except Exception as error:
+        raise TransferkitError(f"study {name!r} in {url}: {first_line(error)}") from None
+    recorded = study.user_attrs.get("metric")
+    direction = study.direction.name.lower()
+    if (recorded or metric) != metric or direction != METRICS[metric]:
+        known = recorded or next((name for name, way in METRICS.items() if way == direction), direction)
+        raise TransferkitError(f"study {name!r} in {url} optimizes {known}, not {metric}; use --metric {known} "
+                               "to continue it, or --study NAME for a new study")
+    if recorded is None:
+        study.set_user_attr("metric", metric)
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials), n_startup_trials=RANDOM_TRIALS)
+    return study
+
+
+class _Data:
+    """The data decoded once per image size (and seed and split), for every trial."""
+
+    def __init__(self, data_dir, val_dir):
+        self.data_dir, self.val_dir = data_dir, val_dir
+        self._prepared: dict[tuple, dict] = {}
+
+    def for_recipe(self, recipe: Recipe, verbose: int = 0) -> dict:
+        from transferkit import workflow
+
+        key = (recipe.image_size, recipe.seed, recipe.data.val_split, recipe.data.memory_mb)
+        if key not in self._prepared:
+            self._prepared[key] = workflow.prepare_data(self.data_dir, recipe, val_dir=self.val_dir, verbose=verbose)
+        return self._prepared[key]
+
+
+class _Search:
+    """The trial loop of one call: ask, train, tell, write the outputs."""
+
+    def __init__(self, study, space, data: _Data, metric: str, output: Path, verbose: int):
+        self.study, self.space, self.data, self.metric = study, space, data, metric
+        self.output, self.verbose = output, verbose
+        self.new_trials = 0
+        self.interrupted = False
+
+    def run(self, trials: int, timeout: float | None) -> None:
+        started = time.monotonic()
+        try:
+            for _ in range(trials):
+                if timeout is not None and time.monotonic() - started >= timeout:
+                    log.info(f"timeout: {timeout:g} s passed; no new trial")
+                    break
+                self._trial()
+                write_tables(self.study, self.output, self.metric)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            log.warning("interrupted: the study is kept; the same command continues it")
+        write_tables(self.study, self.output, self.metric)
+        write_figures(self.study, self.output, self.metric)
+
+    def _trial(self) -> None:
+        """One trial, told to the study as complete, pruned or failed (with its reason)."""
+        optuna = require_optuna()
+        from transferkit.training.checkpoint import TrainingInterrupted
+
+        trial = self.study.ask()
+        self.new_trials += 1
+        started = time.perf_counter()
+        try:
+            value = self._train(trial)
+        except optuna.TrialPruned as pruned:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self._tell(trial, f"pruned {pruned}", started)
+        except (KeyboardInterrupt, TrainingInterrupted):
+            # Ctrl-C: training stopped after its current batch (a second one at once).
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise KeyboardInterrupt from None
+        except Exception as error:  # out of memory at a large batch size, NaN, ...: the search goes on
+            self._fail(trial, error, started)
+        else:
+            self.study.tell(trial, value)
+            self._tell(trial, f"{self.metric} {value:.4f}", started)
+
+    def _train(self, trial) -> float:
+        import keras
+
+        from transferkit import workflow
+
+        overrides = self.space.suggest(trial)
+        recipe = self.space.recipe(overrides)
+        trial.set_user_attr("recipe", recipe.to_toml())
+        prepared = self.data.for_recipe(recipe)
+        # A fresh Keras state per trial, as in a process of its own (finetune on the best
+        # recipe then trains the same model).
+        keras.backend.clear_session()
+        with _quiet_training():
+            run = workflow.train_prepared(prepared, recipe, callbacks=(_pruning_callback(trial, self.metric),),
+                                          calibrate=False, verbose=0)
+        final = run.metrics["final"]
+        for name in METRICS:
+            trial.set_user_attr(name, final[name])
+        trial.set_user_attr("epochs", len(run.history))
+        value = float(final[self.metric])
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the final {self.metric} is {value}")
+        return value
+
+    def _fail(self, trial, error: BaseException, started: float) -> None:
+        optuna = require_optuna()
+        reason = f"{type(error).__name__}: {first_line(error)}"
+        trial.set_user_attr("fail_reason", reason)
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning(f"trial {trial.number} failed after {time.perf_counter() - started:.1f} s: {reason} "
+                    f"({_params_text(trial.params)}); the search goes on")
+
+    def _tell(self, trial, outcome: str, started: float) -> None:
+        """The progress line of a trial: number, outcome, duration, parameters, best so far."""
+        if not self.verbose:
+            return
+        best = _best(self.study)
+        best_text = f"best {best.value:.4f} (trial {best.number})" if best is not None else "none complete yet"
+        log.info(f"trial {trial.number}: {outcome} in {time.perf_counter() - started:.1f} s "
+                 f"({_params_text(trial.params)}); {best_text}")
+
+    def summary(self, storage_url: str) -> TuneSummary:
+        counts: dict[str, int] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            state = trial.state.name.lower()
+            counts[state] = counts.get(state, 0) + 1
+        files = {name: self.output / name for name in (BEST_RECIPE_FILE, TRIALS_FILE, HISTORY_FIGURE, IMPORTANCE_FIGURE)
+                 if (self.output / name).is_file()}
+        summary = TuneSummary(study=self.study.study_name, storage=storage_url, output=self.output, metric=self.metric,
+                              counts=counts, new_trials=self.new_trials, interrupted=self.interrupted, files=files)
+        best = _best(self.study)
+        if best is not None:
+            summary.best_value, summary.best_trial, summary.best_params = best.value, best.number, dict(best.params)
+            summary.best_recipe = _recipe_of(best)
+        return summary
+
+
+@contextmanager
+def _quiet_training():
+    """Trials train quietly: the library's progress messages (engines, caches) and
+    TensorFlow's retracing notes (a new model per trial) are held back; warnings still show."""
+    loggers = [logging.getLogger("transferkit"), logging.getLogger("tensorflow")]
+    levels = [logger.level for logger in loggers]
+    loggers[0].setLevel(max(logging.WARNING, loggers[0].getEffectiveLevel()))
+    loggers[1].setLevel(max(logging.ERROR, loggers[1].getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _pruning_callback(trial, metric: str):
+    """A Keras callback that reports ``metric`` after every epoch, counting epochs across
+    the stages (each stage is one ``fit``), and raises ``optuna.TrialPruned`` out of
+    training when the pruner says so."""
+    import keras
+    import optuna
+
+    class PruneHopeless(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(metric)
+            if value is None:
+                return
+            self.epoch += 1
+            value = float(value)
+            trial.report(value, self.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"at epoch {self.epoch}, {metric} {value:.4f}")
+
+    return PruneHopeless()
+
+
+def _best(study):
+    """The best complete trial, or None."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _recipe_of(trial) -> Recipe | None:
+    text = trial.user_attrs.get("recipe")
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="transferkit-tune-") as folder:
+        path = Path(folder) / "recipe.toml"
+        path.write_text(text, encoding="utf-8")
+        return load_recipe(path)
+
+
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in params.items()) or "no parameters"
+
+
+def write_tables(study, output: Path, metric: str) -> list[Path]:
+    """trials.csv (number, state, value, duration, epochs, each parameter, why it failed)
+    and best_recipe.toml (the best trial's complete recipe), written atomically.
+
+    Args:
+        study: the Optuna study.
+        output: the folder.
+        metric: the study's metric (the value column's name).
+
+    Returns:
+        The paths written.
+    """
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({name for trial in trials for name in trial.params})
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["number", "state", metric, "duration_s", "epochs", *names, "fail_reason"])
+    for trial in trials:
+        duration = trial.duration.total_seconds() if trial.duration is not None else None
+        writer.writerow([trial.number, trial.state.name.lower(), _cell(trial.value), _cell(duration),
+                         trial.user_attrs.get("epochs", ""), *(_cell(trial.params.get(name)) for name in names),
+                         trial.user_attrs.get("fail_reason", "")])
+    written = [write_atomic(output / TRIALS_FILE, text.getvalue())]
+    best = _best(study)
+    if best is not None and "recipe" in best.user_attrs:
+        header = (f"# The best trial ({best.number}) of study {study.study_name!r}: {metric} {best.value:.4f}.\n"
+                  f"# Train it: transferkit finetune DATA_DIR --recipe {BEST_RECIPE_FILE}\n\n")
+        written.append(write_atomic(output / BEST_RECIPE_FILE, header + best.user_attrs["recipe"]))
+    return written
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_figures(study, output: Path, metric: str) -> list[Path]:
+    """history.png (each trial's value, the best so far) and importance.png (Optuna's
+    parameter importances; with fewer than 2 complete trials the figure says so).
+
+    Args:
+        study: the Optuna study.
+        output: the folder.
+        metric: the study's metric.
+
+    Returns:
+        The paths written.
+    """
+    return [plot_trials(study, output / HISTORY_FIGURE, metric), plot_importance(study, output / IMPORTANCE_FIGURE)]
+
+
+def plot_trials(study, path: Path, metric: str) -> Path:
+    """The optimization history: complete trials' values, pruned trials at their last
+    reported value, failed ones along the bottom, and the best so far."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [trial for trial in trials if trial.state.name == "COMPLETE"]
+    pruned = [trial for trial in trials if trial.state.name == "PRUNED" and trial.intermediate_values]
+    failed = [trial for trial in trials if trial.state.name == "FAIL"]
+    figure = Figure(figsize=FIGURE_SIZE)
+    axis = figure.subplots()
+    if complete:
+        axis.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete")
+        better = max if METRICS[metric] == "maximize" else min
+        best, running = [], None
+        for trial in complete:
+            running = trial.value if running is None else better(running, trial.value)
+            best.append(running)
+        axis.step([t.number for t in complete], best, where="post", color="#c44e52", label="best so far")
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        axis.plot([t.number for t in pruned], last, "x", color="gray", label="pruned (last reported)")
+    if failed:
+        axis.plot([t.number for t in failed], [0.0] * len(failed), "v", color="black",
+                  transform=axis.get_xaxis_transform(), clip_on=False, label="failed")
+    if not trials:
+        axis.text(0.5, 0.5, "no trials yet", ha="center", va="center", transform=axis.transAxes)
+    axis.set_xlabel("trial")
+    axis.set_ylabel(metric)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_title(f"study {study.study_name}: {metric} per trial ({METRICS[metric]}d)")
+    if trials:
+        axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_importance(study, path: Path) -> Path:
+    """Parameter importances (fANOVA, seeded) as horizontal bars; with fewer than 2
+    complete trials, or when they cannot be computed, the figure says why."""
+    import optuna
+    from matplotlib.figure import Figure
+
+    complete = [trial for trial in study.get_trials(deepcopy=False) if trial.state.name == "COMPLETE"]
+    figure = Figure(figsize=FIGURE_SIZE)
+    axis = figure.subplots()
+    note = None
+    importances: dict[str, float] = {}
+    if len(complete) < 2:
+        note = f"parameter importances need at least 2 complete trials ({len(complete)} so far)"
+    else:
+        try:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except Exception as error:  # e.g. every complete trial has the same parameters
+            note = f"parameter importances cannot be computed: {first_line(error, 120)}"
+        if not importances and note is None:
+            note = "no parameter varied between the complete trials"
+    if note is not None:
+        log.info(f"{path.name}: {note}")
+        axis.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=axis.transAxes)
+        axis.set_axis_off()
+    else:
+        names = list(importances)[::-1]  # the most important on top
+        axis.barh(names, [importances[name] for name in names], color="#4c72b0")
+        axis.set_xlabel("importance (share of the variance of the objective)")
+        axis.set_xlim(0, 1)
+    axis.set_title(f"study {study.study_name}: parameter importances ({len(complete)} complete trials)")
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    """Write the figure as PNG atomically, at the DPI the run figures use."""
+    from transferkit.evaluation.figures import DPI
+
+    figure.set_layout_engine("constrained")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, format="png")
+    return path
