@@ -359,7 +359,7 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
         # In the in-progress folder while training (a resumed run goes on in the same logs),
         # copied into the run folder with the rest.
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
-    options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache,
+    options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
                                            forward_factory=forward_factory, callbacks=callbacks)
     try:
         with stop_on_signals(StopFlag()) as stop:
