@@ -1,0 +1,7 @@
+"""Choosing hyperparameters and telling why a network does not learn.
+
+    lr_find.py       the learning-rate range test of one stage (``find_learning_rate``), and
+                     the stage's set-up it runs on, shared with the learning checks
+    diagnostics.py   the learning checks of ``transferkit doctor --model`` (``check_learning``)
+    search.py        the hyperparameter search on Optuna (``transferkit tune``)
+"""
