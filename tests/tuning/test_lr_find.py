@@ -68,12 +68,15 @@ def test_range_test_puts_the_weights_back():
         np.testing.assert_array_equal(old, new)
 
 
-def test_suggest_reads_a_tenth_of_the_minimum_and_none_from_a_flat_curve():
+def test_suggest_reads_midway_between_the_fall_and_a_tenth_of_the_minimum_and_none_from_a_flat_curve():
     rates = np.logspace(-6, 0, 61)
     loss = 1.0 - 0.5 * np.exp(-((np.log10(rates) + 2) ** 2))  # falls from 1 to 0.5 at 1e-2, rises after
     suggestion, (low, high) = suggest(rates, loss)
-    assert high == pytest.approx(1e-2) and suggestion == pytest.approx(1e-3)
-    assert low < suggestion
+    assert high == pytest.approx(1e-2)
+    fall = rates[np.argmax(loss <= 1.0 - 0.1 * 0.5)]  # where it has fallen 10% of its way down
+    assert low == pytest.approx(fall / 10)
+    assert suggestion == pytest.approx(np.sqrt(fall * high / 10))
+    assert fall < suggestion < high
     assert suggest(rates, np.full_like(rates, 0.7)) == (None, None)
 
 

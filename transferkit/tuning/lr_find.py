@@ -16,8 +16,11 @@ rises: too high), ``r_fall`` the rate from which on the smoothed loss stays 10% 
 from the start to the minimum below the start (where learning shows within the test's few
 steps).
 
-- suggestion: ``max(r_min / 10, r_fall)``: a tenth of the rate at the minimum (the usual
-  rule: a safe distance below where the loss turns), never below where learning showed;
+- suggestion: ``sqrt(r_fall x r_min / 10)``, the middle on the log scale between where
+  learning showed and a tenth of the rate at the minimum (the usual "minimum / 10" rule).
+  On small, easy data the loss keeps falling almost to the divergence (every step learns
+  more), so the minimum's tenth alone is often too bold for a whole stage; the middle
+  trains steadily. Never below ``r_fall``;
 - usable range: ``r_fall / 10 .. r_min``. A stage runs far more steps at one rate than the
   test spends there, so a rate a little below where the test first saw learning still
   learns; above the minimum's rate the loss climbs.
@@ -253,8 +256,8 @@ class RangeTest:
         else:
             low, high = self.usable
             lines += [f"usable: {low:.2g} .. {high:.2g} (the smoothed loss is lowest at {high:.2g})",
-                      f"suggestion: {self.suggestion:.2g} (a tenth of the rate at the minimum, "
-                      "no lower than where the loss began to fall)"]
+                      f"suggestion: {self.suggestion:.2g} (midway, on the log scale, between where the loss "
+                      f"began to fall, {low * 10:.2g}, and a tenth of the rate at its minimum)"]
             if self.override() is not None:
                 lines.append(f"use it with: --set {self.override()}")
         if self.figure is not None:
@@ -391,7 +394,7 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     above = np.flatnonzero(values[: lowest + 1] > start - FALL_SHOWN * fall)
     shown = int(above[-1]) + 1 if len(above) else 0
     r_min, r_fall = float(learning_rates[lowest]), float(learning_rates[shown])
-    return max(r_min / 10, r_fall), (r_fall / 10, r_min)
+    return max(math.sqrt(r_fall * r_min / 10), r_fall), (r_fall / 10, r_min)
 
 
 def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
