@@ -174,3 +174,42 @@ def test_messages_speak_of_lists_and_of_where_the_value_came_from(tmp_path):
     empty.write_text("stages = []\n")
     with pytest.raises(RecipeError, match="has no stages; at least one"):
         load_recipe(empty, {"stages.0.epochs": 1})
+
+
+def test_new_knobs_default_to_todays_behaviour():
+    recipe = load_recipe()
+    assert recipe.head.activation == "relu"
+    assert recipe.loss.label_smoothing == 0.0
+    for stage in recipe.stages:
+        assert (stage.schedule, stage.warmup_epochs, stage.weight_decay) == ("constant", 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "key, value, fragments",
+    [
+        ("head.activation", "tanh", ["head.activation = 'tanh'", "'leaky_relu'", "'selu'"]),
+        ("stages.0.schedule", "step", ["stages.0.schedule = 'step'", "'cosine'", "'one-cycle'"]),
+        ("stages.1.warmup_epochs", -1.0, ["stages.1.warmup_epochs = -1.0", "greater than or equal to 0"]),
+        ("stages.0.weight_decay", 1.5, ["stages.0.weight_decay = 1.5", "less than 1"]),
+        ("loss.label_smoothing", 1.0, ["loss.label_smoothing = 1.0", "less than 1"]),
+        ("loss.smoothing", 0.1, ["unknown key 'loss.smoothing'", "label_smoothing"]),
+    ],
+)
+def test_new_keys_are_validated_in_one_line(key, value, fragments):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, {key: value})
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_writes_out_each_new_key_with_a_comment(path):
+    text = path.read_text()
+    for key in ("activation", "label_smoothing", "schedule", "warmup_epochs", "weight_decay"):
+        lines = [line for line in text.splitlines() if line.startswith(f"{key} =")]
+        assert lines, f"{path.name} lacks {key}"
+        assert any("#" in line for line in lines), f"{path.name}: {key} is not commented"
+    recipe = load_recipe(path)
+    assert all(stage.schedule == "constant" for stage in recipe.stages)

@@ -34,6 +34,7 @@ _EXPORTS = {
     "DataError": "transferkit.errors",
     "EngineError": "transferkit.errors",
     "HeadConfig": "transferkit.recipe",
+    "LossConfig": "transferkit.recipe",
     "Prediction": "transferkit.inference.predict",
     "Recipe": "transferkit.recipe",
     "RecipeError": "transferkit.errors",
@@ -48,8 +49,10 @@ _EXPORTS = {
     "build_augmenter": "transferkit.data.augment",
     "build_classifier": "transferkit.model.classifier",
     "check_data": "transferkit.data.doctor",
+    "check_learning": "transferkit.tuning.diagnostics",
     "evaluate_folder": "transferkit.evaluation.evaluate",
     "explain": "transferkit.evaluation.gradcam",
+    "find_learning_rate": "transferkit.tuning.lr_find",
     "finetune": "transferkit.workflow",
     "fold_batchnorm": "transferkit.model.fold",
     "index_folder": "transferkit.data.folders",
@@ -80,10 +83,14 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.inference.predict import Prediction, predict_folder, write_predictions
     from transferkit.model.classifier import build_classifier
     from transferkit.model.fold import fold_batchnorm
-    from transferkit.recipe import AugmentConfig, CacheConfig, DataConfig, HeadConfig, Recipe, StageConfig, load_recipe
+    from transferkit.recipe import (
+        AugmentConfig, CacheConfig, DataConfig, HeadConfig, LossConfig, Recipe, StageConfig, load_recipe,
+    )
     from transferkit.runs import Run, load_run
     from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
     from transferkit.tuning.search import tune
+    from transferkit.tuning.diagnostics import check_learning
+    from transferkit.tuning.lr_find import find_learning_rate
     from transferkit.workflow import finetune, resume_finetune
 
 

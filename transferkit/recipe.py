@@ -56,11 +56,19 @@ class DataConfig(_Section):
     memory_mb: float = Field(4096.0, gt=0)
 
 
+HEAD_ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "selu")
+
+
 class HeadConfig(_Section):
-    """The new classification head on top of the backbone."""
+    """The new classification head on top of the backbone.
+
+    ``activation`` is that of the hidden Dense layers; the output layer follows the output
+    rule (one sigmoid unit for two classes, else softmax), which is not a setting.
+    """
 
     pooling: Literal["avg", "flatten"] = "avg"
     units: tuple[int, ...] = (256,)
+    activation: Literal[HEAD_ACTIVATIONS] = "relu"
     dropout: float = Field(0.3, ge=0, lt=1)
     batchnorm: bool = True
 
@@ -115,13 +123,29 @@ class TTAConfig(_Section):
         return self
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "one-cycle")
+
+
 class StageConfig(_Section):
-    """One fine-tuning stage: what is trainable and how it is optimised."""
+    """One fine-tuning stage: what is trainable and how it is optimised.
+
+    ``learning_rate`` is the stage's peak rate; ``schedule`` shapes it per step (constant,
+    cosine decay to 0 at the stage's last step, or one-cycle: a rise from rate/25 to the
+    rate, then cosine down to rate/1e4); ``warmup_epochs`` ramps it up linearly from ~0
+    first (in one-cycle it is the length of the rise, default 30% of the stage).
+    ``weight_decay`` is Keras 3's decoupled decay (each step every weight shrinks by
+    learning rate x weight_decay), which every optimizer applies the same way: with adam
+    it makes AdamW; 0 switches it off.
+    """
 
     name: str = "stage"
     epochs: int = Field(5, ge=0)
     learning_rate: float = Field(1e-3, gt=0, le=1)
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    optimizer: Literal[OPTIMIZERS] = "adam"
+    schedule: Literal[SCHEDULES] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, lt=1)
     unfreeze: int | Literal["all"] = 0
     patience: int = Field(3, ge=1)
 
@@ -136,6 +160,16 @@ DEFAULT_STAGES = (
     StageConfig(name="head", epochs=8, learning_rate=1e-3, optimizer="adam", unfreeze=0),
     StageConfig(name="fine", epochs=4, learning_rate=3e-5, optimizer="adam", unfreeze=1),
 )
+
+
+class LossConfig(_Section):
+    """The training loss (cross-entropy; binary for one sigmoid unit).
+
+    ``label_smoothing`` moves each target towards the uniform distribution by that much
+    (for one sigmoid unit, 0/1 targets towards 0.5); 0 switches it off.
+    """
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 TUNE_SPEC_KEYS = ("low", "high", "log", "step", "choices")
@@ -253,6 +287,7 @@ class Recipe(_Section):
     tensorboard: bool = False
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
     augment: AugmentConfig = AugmentConfig()
     cache: CacheConfig = CacheConfig()
     tta: TTAConfig = TTAConfig()

@@ -456,7 +456,7 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
         # copied into the run folder with the rest.
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
     callbacks += tuple(extra_callbacks)
-    options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache,
+    options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
                                            forward_factory=forward_factory, callbacks=callbacks)
     try:
         with stop_on_signals(StopFlag()) as stop:

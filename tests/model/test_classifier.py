@@ -50,6 +50,16 @@ def test_head_layers_follow_the_config():
     assert full.get_layer("dense_1").activation.__name__ == "relu"
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "gelu", "selu"])
+def test_head_activation_is_that_of_every_hidden_layer_and_not_of_the_output(activation):
+    head = classifier(3, HeadConfig(units=(8, 4), activation=activation)).get_layer("head")
+    for name in ("dense_1", "dense_2"):
+        assert head.get_layer(name).activation.__name__ == activation
+    assert head.get_layer("output").activation.__name__ == "softmax"
+    initializer = type(head.get_layer("dense_1").kernel_initializer).__name__
+    assert initializer == ("LecunNormal" if activation == "selu" else "GlorotUniform")
+
+
 def test_images_of_any_size_are_resized_inside_the_model():
     model = classifier(3)
     rng = np.random.default_rng(1)

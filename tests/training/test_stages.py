@@ -118,3 +118,94 @@ def test_early_stopping_restores_the_best_weights_of_a_stage():
     assert history[-1]["val_loss"] > best  # the last epoch was not the best one
     evaluated = model.evaluate(data, verbose=0, return_dict=True)["loss"]
     assert evaluated == pytest.approx(best, rel=1e-3)
+
+
+def _rates(schedule, steps):
+    import keras
+
+    if not callable(schedule):
+        return [float(schedule)] * len(steps)
+    return [float(keras.ops.convert_to_numpy(schedule(step))) for step in steps]
+
+
+def test_constant_schedule_without_warmup_is_the_plain_rate():
+    from transferkit.training.stages import stage_learning_rate
+
+    assert stage_learning_rate(StageConfig(epochs=3, learning_rate=1e-3), 10) == 1e-3
+
+
+def test_warmup_rises_linearly_to_the_rate_then_holds_it():
+    from transferkit.training.stages import stage_learning_rate
+
+    stage = StageConfig(epochs=4, learning_rate=1e-2, warmup_epochs=1)
+    rates = _rates(stage_learning_rate(stage, 4), range(16))  # 4 steps per epoch: warmup = 4 steps
+    np.testing.assert_allclose(rates[:4], [0.2e-2, 0.4e-2, 0.6e-2, 0.8e-2], rtol=1e-5)
+    np.testing.assert_allclose(rates[4:], 1e-2, rtol=1e-5)
+
+
+def test_cosine_falls_from_the_rate_to_zero_at_the_stages_end():
+    from transferkit.training.stages import stage_learning_rate
+
+    stage = StageConfig(epochs=2, learning_rate=1e-2, schedule="cosine")
+    rates = _rates(stage_learning_rate(stage, 5), [0, 5, 10])  # 10 steps in the stage
+    np.testing.assert_allclose(rates, [1e-2, 0.5e-2, 0.0], atol=1e-9)
+    warm = stage_learning_rate(StageConfig(epochs=3, learning_rate=1e-2, schedule="cosine", warmup_epochs=1), 5)
+    rates = _rates(warm, [0, 4, 5, 10, 15])  # warmup 5 steps, then cosine over 10
+    np.testing.assert_allclose(rates, [1e-2 / 6, 5e-2 / 6, 1e-2, 0.5e-2, 0.0], atol=1e-9, rtol=1e-5)
+
+
+def test_one_cycle_rises_from_a_25th_for_30_percent_then_falls_to_a_ten_thousandth():
+    from transferkit.training.stages import stage_learning_rate
+
+    stage = StageConfig(epochs=10, learning_rate=1e-2, schedule="one-cycle")
+    rates = _rates(stage_learning_rate(stage, 10), [0, 30, 65, 100])  # 100 steps: rise 30, fall 70
+    np.testing.assert_allclose(rates, [1e-2 / 25, 1e-2, 0.5e-2 * (1 + 1e-4), 1e-6], rtol=1e-4)
+    assert int(np.argmax(_rates(stage_learning_rate(stage, 10), range(100)))) == 30
+
+
+def test_weight_decay_reaches_the_optimizer_of_every_kind():
+    from transferkit.training.stages import make_optimizer
+
+    for name in ("adam", "adamw", "sgd", "rmsprop"):
+        assert make_optimizer(name, 1e-3, 0.01).weight_decay == pytest.approx(0.01)
+    assert make_optimizer("adam", 1e-3).weight_decay is None
+    assert make_optimizer("adamw", 1e-3).weight_decay == 0.0  # not Keras's own 0.004
+    assert make_optimizer("sgd", 1e-3).momentum == 0.9
+
+
+def test_weight_decay_shrinks_weights_that_get_no_gradient():
+    import keras
+
+    from transferkit.training.stages import make_optimizer
+
+    for decay, expected in ((0.0, 1.0), (0.5, 0.95)):
+        weight = keras.Variable(np.ones(3, dtype="float32"))
+        make_optimizer("adam", 0.1, decay).apply([keras.ops.zeros(3)], [weight])
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(weight), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_classes, kind", [(2, "BinaryCrossentropy"), (3, "CategoricalCrossentropy")])
+def test_label_smoothing_reaches_the_compiled_loss(n_classes, kind):
+    from transferkit.recipe import LossConfig
+    from transferkit.training.stages import compile_for_stage
+
+    model = build("vgg16", n_classes)
+    compile_for_stage(model, StageConfig(), n_classes, loss=LossConfig(label_smoothing=0.2))
+    assert type(model.loss).__name__ == kind
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.2)
+    compile_for_stage(model, StageConfig(), n_classes)
+    assert model.loss.get_config()["label_smoothing"] == 0.0
+
+
+def test_a_scheduled_stage_records_the_rate_of_each_epochs_last_step_and_smooths_cached_validation():
+    from transferkit.recipe import CacheConfig, LossConfig
+    from transferkit.training.stages import stage_learning_rate
+
+    model = build("vgg16", 3)
+    data = batches(3, n=16)  # 2 steps per epoch
+    stage = StageConfig(epochs=3, learning_rate=1e-2, schedule="cosine", warmup_epochs=1, patience=5)
+    options = StageOptions(verbose=0, cache=CacheConfig(), loss=LossConfig(label_smoothing=0.1))
+    history = run_stages(model, REGISTRY["vgg16"], [stage], data, data, 3, options).history
+    expected = _rates(stage_learning_rate(stage, 2), [1, 3, 5])
+    np.testing.assert_allclose([row["learning_rate"] for row in history], expected, rtol=1e-5)
+    assert history[0]["learning_rate"] == pytest.approx(1e-2 * 2 / 3)

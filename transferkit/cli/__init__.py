@@ -1,7 +1,8 @@
 """The command line: each command parses, calls one library function, prints.
 
-One module per group of commands: ``train`` (finetune), ``tune``, ``predict``, ``data`` (doctor,
-augment-preview), ``info`` (backbones, recipes); ``common`` holds the options defined once
+One module per group of commands: ``train`` (finetune), ``tune``, ``predict``, ``evaluate``
+(evaluate, explain, report), ``data`` (doctor, augment-preview), ``tuning`` (lr-find; doctor
+--model), ``info`` (backbones, recipes); ``common`` holds the options defined once
 and the error-to-exit-code mapping. Exit codes: 0 success, 1 the input or the run failed,
 2 a usage or recipe error, 130 interrupted.
 """
@@ -15,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import data, evaluate, info, predict, train, tune
+from transferkit.cli import data, evaluate, info, predict, train, tune, tuning
 from transferkit.cli.common import setup_logging
 
 app = typer.Typer(
@@ -49,6 +50,7 @@ app.command()(train.finetune)
 app.command()(predict.predict)
 app.command()(data.doctor)
 app.command("augment-preview")(data.augment_preview)
+app.command("lr-find")(tuning.lr_find)
 app.command()(evaluate.evaluate)
 app.command()(evaluate.explain)
 app.command()(evaluate.report)
@@ -59,7 +61,17 @@ app.command("recipes")(info.recipes)
 
 # The commands that load Keras / TensorFlow; the others (listings, data checks) answer
 # without paying for TensorFlow's start-up.
-TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain", "tune"})
+TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain", "lr-find", "tune"})
+# Commands that load TensorFlow only with one of their flags: doctor checks learning with --model.
+TENSORFLOW_FLAGS = {"doctor": "--model"}
+
+
+def needs_tensorflow(argv: list[str]) -> bool:
+    """Whether the command line runs a command that loads TensorFlow (not for --help)."""
+    if len(argv) < 2 or "--help" in argv:
+        return False
+    command = argv[1]
+    return command in TENSORFLOW_COMMANDS or TENSORFLOW_FLAGS.get(command, "\0") in argv[2:]
 
 
 def _import_tensorflow_quietly() -> None:
@@ -92,7 +104,7 @@ def main() -> None:
     click_exception, usage_error = (next(base for base in typer.BadParameter.__mro__ if base.__name__ == name)
                                     for name in ("ClickException", "UsageError"))
     try:
-        if len(sys.argv) > 1 and sys.argv[1] in TENSORFLOW_COMMANDS and "--help" not in sys.argv:
+        if needs_tensorflow(sys.argv):
             _import_tensorflow_quietly()
         code = app(standalone_mode=False)
     except click_exception as error:

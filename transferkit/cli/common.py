@@ -36,6 +36,9 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Any recipe key, e.g. --set head.dropout=0.5 --set stages.1.unfreeze=2."),
 ]
+StageOption = Annotated[
+    int, typer.Option("--stage", help="Which stage of the recipe (0: the first, the head); earlier stages are trained first."),
+]
 EngineOption = Annotated[
     Optional[str],
     typer.Option(metavar=choices(ENGINES), help="Engine for forward-only work: auto (OpenVINO on CPU when installed), "
@@ -98,3 +101,12 @@ def check_positive(flag: str, value: int | None) -> None:
     """A usage error for a count below 1."""
     if value is not None and value < 1:
         raise usage_error(f"{flag} must be at least 1, got {value}")
+
+
+def recipe_overrides(set_values: Sequence[str] | None, **flags) -> dict:
+    """The recipe overrides of a command line: its --set values, then the shared recipe
+    flags given (--backbone, --weights, --image-size, --batch-size ..., by their names in
+    ``recipe.FLAG_KEYS``; None: not given)."""
+    from transferkit.recipe import collect_overrides
+
+    return collect_overrides(set_values or [], flags)

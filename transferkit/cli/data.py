@@ -1,4 +1,5 @@
-"""Commands about a data folder: ``doctor`` (the data checks) and ``augment-preview``."""
+"""Commands about a data folder: ``doctor`` (the data checks; with ``--model`` the learning
+checks of ``cli.tuning``) and ``augment-preview``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit.cli.common import (
+    BackboneOption,
+    BatchSizeOption,
     DataDirArgument,
     ImageSizeOption,
     RecipeOption,
     SeedOption,
+    SetOption,
+    StageOption,
+    WeightsOption,
     check_positive,
     fail,
+    recipe_overrides,
     setup_logging,
 )
 from transferkit.errors import TransferkitError
@@ -27,16 +34,33 @@ def doctor(
     val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder to check against DATA_DIR instead of a split.")] = None,
     seed: SeedOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    model: Annotated[bool, typer.Option("--model", help="Check learning instead: initial loss, input, gradients, overfitting one batch, learning rate, validation loss (builds and trains the recipe's model briefly).")] = False,
+    stage: StageOption = 0,
+    backbone: BackboneOption = None,
+    weights: WeightsOption = None,
+    batch_size: BatchSizeOption = None,
+    set_values: SetOption = None,
 ) -> None:
     """Check a data folder: counts, imbalance, unreadable files, duplicates, leakage, sizes, modes.
 
-    Exit code 0 when clean, 1 when there are problems worth fixing.
+    With --model, check that the recipe's model learns on it instead (the --stage, --backbone,
+    --weights, --batch-size and --set flags apply). Exit code 0 when clean, 1 when there are
+    problems worth fixing.
     """
     import json
 
     from transferkit.data.doctor import check_data
     from transferkit.recipe import load_recipe
 
+    if model:
+        from transferkit.cli.tuning import doctor_model
+
+        try:
+            overrides = recipe_overrides(set_values, backbone=backbone, weights=weights, image_size=image_size,
+                                         batch_size=batch_size, val_split=val_split, seed=seed)
+        except TransferkitError as error:
+            raise fail(error)
+        doctor_model(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
     setup_logging()
     try:
         resolved = load_recipe(recipe, {"image_size": image_size, "data.val_split": val_split, "seed": seed})

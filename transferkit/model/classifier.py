@@ -4,7 +4,7 @@
       -> Resizing to the recipe's image size        (inside the model)
       -> the backbone's own preprocessing            (inside the model, a fixed 1x1 conv)
       -> backbone (nested model named "backbone")
-      -> head (nested model named "head"): pooling, [Dense+ReLU, BatchNorm, Dropout] x N, output
+      -> head (nested model named "head"): pooling, [Dense, BatchNorm, Dropout] x N, output
 
 Because every step is a built-in Keras layer, ``keras.models.load_model("model.keras")``
 works in a process that never imports transferkit and predicts the same numbers.
@@ -21,9 +21,9 @@ from transferkit.recipe import HeadConfig
 # ImageNet channel means in BGR order, as the "caffe" weights were trained with.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-
-
-
+# The hidden layers' kernel initializer per activation where Glorot's is not the fit: SELU
+# self-normalises only from LeCun-normal weights.
+_KERNEL_INITIALIZERS = {"selu": "lecun_normal"}
 
 
 def build_preprocessing(spec: BackboneSpec, image_size: int):
@@ -69,7 +69,7 @@ def build_head(feature_shape: tuple[int, ...], n_classes: int, head: HeadConfig)
     Args:
         feature_shape: the backbone output shape without the batch axis, e.g. (4, 4, 512).
         n_classes: number of classes (at least 2).
-        head: pooling, dense units, dropout and batchnorm settings.
+        head: pooling, dense units, their activation, dropout and batchnorm settings.
 
     Returns:
         A ``keras.Model`` named "head"; its output layer is float32 whatever the policy.
@@ -82,7 +82,10 @@ def build_head(feature_shape: tuple[int, ...], n_classes: int, head: HeadConfig)
     else:
         x = keras.layers.Flatten(name="pool")(features)
     for index, units in enumerate(head.units, start=1):
-        x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
+        x = keras.layers.Dense(
+            units, activation=head.activation, name=f"dense_{index}",
+            kernel_initializer=_KERNEL_INITIALIZERS.get(head.activation, "glorot_uniform"),
+        )(x)
         if head.batchnorm:
             # momentum 0.9, not Keras's 0.99: small datasets give few steps per epoch, and
             # the moving statistics used at inference must catch up within a few epochs.
@@ -101,8 +104,8 @@ def build_classifier(backbone, n_classes: int, head: HeadConfig | None = None, b
     Args:
         backbone: a model from ``load_backbone`` (square input of ``image_size``).
         n_classes: number of classes, at least 2.
-        head: head settings; default ``HeadConfig()`` (avg pooling, one Dense(256), batchnorm,
-            dropout 0.3).
+        head: head settings; default ``HeadConfig()`` (avg pooling, one Dense(256) with ReLU,
+            batchnorm, dropout 0.3).
         backbone_name: registry name of the backbone, for its preprocessing convention;
             default "vgg16". Images are resized to the backbone's input size.
 

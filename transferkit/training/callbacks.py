@@ -46,10 +46,11 @@ class EagerValidation(keras.callbacks.Callback):
     and the progress bar read them.
     """
 
-    def __init__(self, batches, n_classes: int):
+    def __init__(self, batches, n_classes: int, loss=None):
         super().__init__()
         self.batches = batches
-        self.loss = keras.losses.get(loss_for(n_classes))
+        # The compiled loss (label smoothing included), or plain cross-entropy.
+        self.loss = loss if loss is not None else keras.losses.get(loss_for(n_classes))
         self.binary = is_binary(n_classes)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -92,7 +93,7 @@ class EpochCallback(keras.callbacks.Callback):
         if self.stop is not None and self.stop.requested:
             return  # the epoch was cut short: it is neither recorded nor checkpointed
         logs = logs or {}
-        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        learning_rate = epoch_learning_rate(self.model.optimizer)
         row = {"epoch": self.epoch_offset + epoch + 1, "stage": self.stage_name}
         for key in HISTORY_COLUMNS[2:-1]:
             value = logs.get(key)
@@ -111,6 +112,20 @@ class EpochCallback(keras.callbacks.Callback):
                 history=self.rows,
             )
             self.work.save(self.classifier, state, stopping.best_weights, self.model.optimizer, part)
+
+
+def epoch_learning_rate(optimizer) -> float:
+    """The learning rate of the last step taken (of the epoch that just ended).
+
+    With a per-step schedule the optimizer's ``learning_rate`` is the rate of the *next*
+    step; the history row records the one the epoch ended with.
+    """
+    schedule = optimizer.get_config()["learning_rate"]
+    if not isinstance(schedule, dict):  # a constant rate
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    step = max(int(keras.ops.convert_to_numpy(optimizer.iterations)) - 1, 0)
+    rate = keras.optimizers.schedules.deserialize(schedule)(step)
+    return float(keras.ops.convert_to_numpy(rate))
 
 
 def reseed_dropout(model, seed: int, epoch: int) -> None:

@@ -31,7 +31,7 @@ from transferkit.backbones import BackboneSpec
 from transferkit.keras_private import EarlyStoppingState
 from transferkit.model.surgery import set_trainable
 from transferkit.outputs import loss_for
-from transferkit.recipe import CacheConfig, StageConfig
+from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
 from transferkit.training.features import CALIBRATION_IMAGES, FeaturePlan
 
@@ -40,8 +40,23 @@ log = logging.getLogger("transferkit")
 _OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
     "adamw": keras.optimizers.AdamW,
-    "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9),
+    "sgd": lambda **kwargs: keras.optimizers.SGD(momentum=0.9, **kwargs),
     "rmsprop": keras.optimizers.RMSprop,
+}
+
+_LOSSES = {
+    "binary_crossentropy": keras.losses.BinaryCrossentropy,
+    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+}
+
+# Per schedule, after the warmup: the share of the peak rate the cosine ends at (1: constant),
+# where the rise starts (a fraction of the peak) and how long it lasts when warmup_epochs is
+# 0 (a fraction of the stage). Every schedule is Keras's own CosineDecay, so a saved model
+# with its optimizer loads in any Keras.
+_SCHEDULES = {
+    "constant": {"final": 1.0, "rise_start": None, "default_rise": 0.0},
+    "cosine": {"final": 0.0, "rise_start": None, "default_rise": 0.0},
+    "one-cycle": {"final": 1e-4, "rise_start": 1 / 25, "default_rise": 0.3},
 }
 
 
@@ -57,6 +72,8 @@ class StageOptions:
             own seed.)
         callbacks: extra callbacks for every stage; default none.
         cache: the recipe's ``CacheConfig``; default None (no feature cache).
+        loss: the recipe's ``LossConfig`` (label smoothing); default None (plain
+            cross-entropy).
         forward_factory: turns an extractor model (images -> one feature map, or a list of
             them) into a batch -> outputs function (an inference engine); default None (the
             model's own ``predict_on_batch`` after BatchNorm folding, ``default_forward``).
@@ -66,6 +83,7 @@ class StageOptions:
     seed: int = 0
     callbacks: Sequence[keras.callbacks.Callback] = ()
     cache: CacheConfig | None = None
+    loss: LossConfig | None = None
     forward_factory: Callable | None = None
 
 
@@ -115,21 +133,73 @@ class StagesResult:
     val_outputs: np.ndarray | None = None
 
 
-def make_optimizer(name: str, learning_rate: float):
+def make_optimizer(name: str, learning_rate, weight_decay: float = 0.0):
     """A Keras optimizer by recipe name.
 
     Args:
         name: "adam", "adamw", "sgd" (with momentum 0.9) or "rmsprop".
-        learning_rate: the stage's learning rate.
+        learning_rate: the stage's learning rate, or a per-step schedule
+            (``stage_learning_rate``).
+        weight_decay: Keras's decoupled weight decay (each step, every weight shrinks by
+            learning rate x weight_decay), the same in every optimizer; default 0 (none).
 
     Returns:
         A new ``keras.optimizers.Optimizer``.
     """
-    return _OPTIMIZERS[name](learning_rate=learning_rate)
+    # None, not 0, where Keras allows it: no decay op per variable for nothing. AdamW
+    # requires a number (and would otherwise default to its own 0.004).
+    decay = weight_decay if weight_decay or name == "adamw" else None
+    return _OPTIMIZERS[name](learning_rate=learning_rate, weight_decay=decay)
 
 
-def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execution: int = 1) -> None:
-    """Compile with the stage's optimizer and learning rate.
+def stage_learning_rate(stage: StageConfig, steps_per_epoch: int):
+    """The stage's learning rate per step: its rate, or a schedule over its steps.
+
+    The step counts from the stage's start (the optimizer is new each stage). With
+    ``warmup_epochs`` W over S steps per epoch, the rate first rises linearly over
+    round(W x S) steps (step k: rate x (k + 1) / (steps + 1)), then follows the schedule:
+    constant; cosine from the rate to 0 at the stage's last step; one-cycle rises from
+    rate/25 over the warmup (30% of the stage when W is 0), then cosine to rate x 1e-4.
+
+    Args:
+        stage: the stage's recipe entry.
+        steps_per_epoch: training batches per epoch.
+
+    Returns:
+        The rate (a float) for a constant schedule without warmup, else a
+        ``keras.optimizers.schedules.CosineDecay``.
+    """
+    shape = _SCHEDULES[stage.schedule]
+    total = max(1, round(stage.epochs * steps_per_epoch))
+    rise = min(total, round(stage.warmup_epochs * steps_per_epoch)) or round(shape["default_rise"] * total)
+    peak = stage.learning_rate
+    if rise == 0:
+        if stage.schedule == "constant":
+            return peak
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=total, alpha=shape["final"])
+    start = peak * shape["rise_start"] if shape["rise_start"] is not None else peak / (rise + 1)
+    return keras.optimizers.schedules.CosineDecay(
+        start, decay_steps=max(1, total - rise), alpha=shape["final"], warmup_target=peak, warmup_steps=rise,
+    )
+
+
+def make_loss(n_classes: int, loss: LossConfig | None = None):
+    """The training loss: binary cross-entropy for one sigmoid unit, categorical for softmax.
+
+    Args:
+        n_classes: number of classes (the output rule picks the loss).
+        loss: the recipe's ``LossConfig``; default None (no label smoothing).
+
+    Returns:
+        A ``keras.losses.Loss``.
+    """
+    smoothing = loss.label_smoothing if loss is not None else 0.0
+    return _LOSSES[loss_for(n_classes)](label_smoothing=smoothing)
+
+
+def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execution: int = 1, *,
+                      steps_per_epoch: int = 1, loss: LossConfig | None = None) -> None:
+    """Compile with the stage's optimizer, learning-rate schedule and weight decay, and the loss.
 
     Recompiling after changing ``trainable`` is required, or the change is ignored.
 
@@ -139,10 +209,13 @@ def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execu
         n_classes: number of classes (the loss follows it).
         steps_per_execution: steps per call; default 1. More runs the same steps with less
             overhead, worth it when a step is as small as a head on cached features.
+        steps_per_epoch: training batches per epoch, which a schedule or warmup counts in;
+            default 1.
+        loss: the recipe's ``LossConfig``; default None (no label smoothing).
     """
     model.compile(
-        optimizer=make_optimizer(stage.optimizer, stage.learning_rate),
-        loss=loss_for(n_classes),
+        optimizer=make_optimizer(stage.optimizer, stage_learning_rate(stage, steps_per_epoch), stage.weight_decay),
+        loss=make_loss(n_classes, loss),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
     )
@@ -343,7 +416,8 @@ def _train_stage(run: _Run, index: int) -> tuple[StageTiming, np.ndarray | None]
     run.stop_if_requested()  # computing the features can take a while
     caching_seconds = time.perf_counter() - started if fitted.cached else 0.0
     _calibrate_head_once(run, fitted)
-    compile_for_stage(fitted.model, stage, run.n_classes, steps_per_execution=fitted.steps_per_execution)
+    compile_for_stage(fitted.model, stage, run.n_classes, steps_per_execution=fitted.steps_per_execution,
+                      steps_per_epoch=len(fitted.train), loss=run.options.loss)
     start = _resume_point(run.checkpointing, index, fitted)
     _checkpoint_stage_start(run, index, fitted)
     _log_stage(run, index, fitted, start)
@@ -421,7 +495,11 @@ def _log_stage(run: _Run, index: int, fitted: _Fitted, start: _Start) -> None:
     trainable = sum(int(np.prod(w.shape)) for w in fitted.model.trainable_weights)
     log.info(
         f"stage {index + 1}/{len(run.stages)} '{stage.name}': unfreeze={stage.unfreeze}, "
-        f"{stage.optimizer} lr={stage.learning_rate:g}, up to {stage.epochs} epochs"
+        f"{stage.optimizer} lr={stage.learning_rate:g}"
+        + (f" ({stage.schedule}" + (f", {stage.warmup_epochs:g} warmup epochs)" if stage.warmup_epochs else ")")
+           if stage.schedule != "constant" or stage.warmup_epochs else "")
+        + (f", weight decay {stage.weight_decay:g}" if stage.weight_decay else "")
+        + f", up to {stage.epochs} epochs"
         + (f" (resuming after epoch {start.initial_epoch})" if start.initial_epoch else "")
         + f", {trainable:,} trainable parameters"
         + (", on cached features" if fitted.cached else "")
@@ -444,7 +522,8 @@ def _fit(run: _Run, index: int, fitted: _Fitted, start: _Start) -> None:
         epoch_offset=run.global_epoch - start.initial_epoch, train_data=fitted.train, seed=run.options.seed,
         stopper=stopper, stop=run.checkpointing.stop, work=run.checkpointing.work,
     )
-    validation = [EagerValidation(fitted.val, run.n_classes)] if fitted.cached else []
+    validation = ([EagerValidation(fitted.val, run.n_classes, make_loss(run.n_classes, run.options.loss))]
+                  if fitted.cached else [])
     fitted.model.fit(
         fitted.train,
         validation_data=None if fitted.cached else fitted.val,

@@ -1,0 +1,82 @@
+"""Commands about learning: ``lr-find`` (the learning-rate range test) and the learning checks
+of ``doctor --model``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from transferkit.cli.common import (
+    BackboneOption,
+    BatchSizeOption,
+    DataDirArgument,
+    ImageSizeOption,
+    QuietOption,
+    RecipeOption,
+    SetOption,
+    StageOption,
+    VerboseOption,
+    WeightsOption,
+    fail,
+    recipe_overrides,
+    setup_logging,
+)
+from transferkit.errors import TransferkitError
+
+
+def lr_find(
+    data_dir: DataDirArgument,
+    recipe: RecipeOption = None,
+    stage: StageOption = 0,
+    backbone: BackboneOption = None,
+    weights: WeightsOption = None,
+    image_size: ImageSizeOption = None,
+    batch_size: BatchSizeOption = None,
+    set_values: SetOption = None,
+    val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder, instead of the recipe's split (only training images are used).")] = None,
+    min_lr: Annotated[float, typer.Option(help="Lowest learning rate tried.")] = 1e-7,
+    max_lr: Annotated[float, typer.Option(help="Highest learning rate tried (the test stops earlier when the loss diverges).")] = 10.0,
+    steps: Annotated[Optional[int], typer.Option(help="Steps over the range; default 8 passes over the training batches, 50..200.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The plot to write (PNG).")] = Path("lr_find.png"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """The learning-rate range test of one stage: plot the loss against the rate, print the rate to use.
+
+    Exit code 0 with a suggestion, 1 when no rate made the loss fall.
+    """
+    from transferkit.tuning.lr_find import find_learning_rate
+
+    setup_logging(quiet or json_output, verbose)
+    try:
+        overrides = recipe_overrides(set_values, backbone=backbone, weights=weights, image_size=image_size,
+                                     batch_size=batch_size)
+        result = find_learning_rate(data_dir, recipe, overrides, stage, val_dir=val_dir, min_lr=min_lr,
+                                    max_lr=max_lr, steps=steps, output=output,
+                                    verbose=0 if quiet or json_output else 1)
+    except TransferkitError as error:
+        raise fail(error)
+    typer.echo(json.dumps(result.to_dict()) if json_output else result.describe())
+    raise typer.Exit(code=0 if result.suggestion is not None else 1)
+
+
+def doctor_model(data_dir: Path, recipe: str | None, overrides: dict, *, stage: int, val_dir: Path | None,
+                 json_output: bool) -> None:
+    """``doctor --model``: the learning checks, printed; exit 0 when all pass, 1 otherwise."""
+    from transferkit.tuning.diagnostics import check_learning
+
+    setup_logging(quiet=json_output)
+    try:
+        report = check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir,
+                                verbose=0 if json_output else 1)
+    except TransferkitError as error:
+        if json_output:
+            typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
+            raise typer.Exit(code=error.exit_code)
+        raise fail(error)
+    typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
+    raise typer.Exit(code=0 if report.passed else 1)

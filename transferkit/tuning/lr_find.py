@@ -1,0 +1,448 @@
+"""The learning-rate range test: which rates make one stage learn, and which one to use.
+
+    result = find_learning_rate("images/", "quickstart", {"weights": "none"}, stage=0, output="lr_find.png")
+    result.suggestion, result.usable, result.override()   # "stages.0.learning_rate=0.003"
+
+The stage is set up as ``run_stages`` would begin it (``prepare_stage``): the data decoded
+and split as ``finetune`` does, the earlier stages trained, the stage's blocks opened, and,
+where its bottom is frozen and the recipe caches features, only its top trained on cached
+features of the frozen part (much faster). Then the rate grows exponentially from
+``min_lr`` to ``max_lr``, one step per training batch (cycling over them), and the loss of
+each step is smoothed (an exponential average, bias-corrected). The test stops when the
+smoothed loss passes ``DIVERGED`` x its minimum, or is no longer finite.
+
+Reading the curve: ``r_min`` is the rate at the smoothed loss's minimum (beyond it the loss
+rises: too high), ``r_fall`` the rate from which on the smoothed loss stays 10% of its way
+from the start to the minimum below the start (where learning shows within the test's few
+steps).
+
+- suggestion: ``sqrt(r_fall x r_min / 10)``, the middle on the log scale between where
+  learning showed and a tenth of the rate at the minimum (the usual "minimum / 10" rule).
+  On small, easy data the loss keeps falling almost to the divergence (every step learns
+  more), so the minimum's tenth alone is often too bold for a whole stage; the middle
+  trains steadily. Never below ``r_fall``;
+- usable range: ``r_fall / 10 .. r_min``. A stage runs far more steps at one rate than the
+  test spends there, so a rate a little below where the test first saw learning still
+  learns; above the minimum's rate the loss climbs.
+
+When the smoothed loss never falls by ``MIN_FALL`` of its start, no rate made the stage
+learn (a frozen head, labels that do not follow the images ...): no suggestion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from transferkit.errors import RecipeError
+from transferkit.recipe import Recipe, load_recipe
+
+log = logging.getLogger("transferkit")
+
+MIN_LR = 1e-7
+MAX_LR = 10.0
+MIN_STEPS, MAX_STEPS, STEPS_PER_BATCH = 50, 200, 8  # steps: 8 passes over the batches, within 50..200
+SMOOTHING = 0.9  # weight of the past in the averaged loss
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+MIN_FALL = 0.02  # a fall of the smoothed loss below this share of its start is no learning
+FALL_SHOWN = 0.1  # r_fall: where the smoothed loss has fallen this share of its way to the minimum
+FIGURE_SIZE = (7.0, 4.5)
+
+
+@dataclass
+class StageSetup:
+    """One stage of a recipe as ``run_stages`` begins it: what trains and on what.
+
+    Attributes:
+        recipe: the resolved recipe.
+        stage_index: which stage (0: the first).
+        classifier: the whole classifier (earlier stages trained, the stage's blocks open).
+        model: what the stage fits: the classifier, or its top part on cached features.
+        train, val: the batches ``model`` trains and validates on (images or features).
+        n_classes: number of classes.
+        class_names: the class names.
+        train_images: the decoded training images, uint8 (n, S, S, 3), as training reads them.
+        cached: whether ``model`` is the top part on cached features.
+        plan: the ``FeaturePlan`` holding the cached features, or None; ``close`` releases it.
+    """
+
+    recipe: Recipe
+    stage_index: int
+    classifier: Any
+    model: Any
+    train: Any
+    val: Any
+    n_classes: int
+    class_names: list
+    train_images: np.ndarray
+    cached: bool
+    plan: Any = None
+    initial_weights: list = field(default_factory=list)
+
+    @property
+    def stage(self):
+        """The stage's recipe entry."""
+        return self.recipe.stages[self.stage_index]
+
+    @property
+    def spec(self):
+        """The backbone's registry entry."""
+        from transferkit.backbones import get_spec
+
+        return get_spec(self.recipe.backbone)
+
+    def reset(self) -> None:
+        """Put back the weights the stage starts with (after a check or a test trained them)."""
+        self.model.set_weights(self.initial_weights)
+
+    def compile(self, learning_rate: float) -> None:
+        """Compile ``model`` with the stage's optimizer and weight decay at a constant rate,
+        and the recipe's loss."""
+        from transferkit.training.stages import make_loss, make_optimizer
+
+        self.model.compile(
+            optimizer=make_optimizer(self.stage.optimizer, learning_rate, self.stage.weight_decay),
+            loss=make_loss(self.n_classes, self.recipe.loss),
+            metrics=["accuracy"],
+        )
+
+    def close(self) -> None:
+        """Release the cached features."""
+        if self.plan is not None:
+            self.plan.close()
+            self.plan = None
+
+    def __enter__(self) -> StageSetup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def prepare_stage(
+    data_dir: str | os.PathLike,
+    recipe: Recipe,
+    stage: int = 0,
+    *,
+    val_dir: str | os.PathLike | None = None,
+    verbose: int = 0,
+) -> StageSetup:
+    """Set up one stage of a recipe on a data folder as ``finetune`` would begin it.
+
+    The images are decoded and split as in ``finetune``; the stages before ``stage`` are
+    trained as the recipe says (so a later stage starts from a trained head); then the
+    stage's blocks are opened and, where its bottom is frozen and ``cache.enabled``, the
+    features of the frozen part are computed once.
+
+    Args:
+        data_dir: one sub-folder of images per class.
+        recipe: the resolved recipe.
+        stage: index of the stage; default 0.
+        val_dir: a validation folder; default None (the recipe's split).
+        verbose: 0 silent, 1 progress; default 0.
+
+    Returns:
+        A ``StageSetup`` (close it, or use it in a ``with`` block, to release the cache).
+
+    Raises:
+        RecipeError: no such stage. TransferkitError: what ``finetune`` would raise for the data.
+    """
+    import keras
+
+    from transferkit import backbones, workflow
+    from transferkit.model.classifier import build_classifier
+    from transferkit.model.surgery import compute_dtype, set_trainable
+    from transferkit.runtime import dtype_policy, resolve_precision
+    from transferkit.training import stages as training
+    from transferkit.training.features import CALIBRATION_IMAGES, FeaturePlan
+
+    if not 0 <= stage < len(recipe.stages):
+        raise RecipeError(f"--stage {stage}: the recipe has {len(recipe.stages)} stage(s); "
+                          f"use 0..{len(recipe.stages) - 1}")
+    # The same decode and split as finetune (workflow's own steps, not a copy of them).
+    prepared = workflow._prepare(data_dir, val_dir, recipe, verbose)
+    keras.utils.set_random_seed(recipe.seed)
+    n_classes = len(prepared["class_names"])
+    spec = backbones.get_spec(recipe.backbone)
+    with dtype_policy(resolve_precision(recipe.precision)[0]):
+        backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
+        classifier = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
+    train, val = workflow._batches(prepared, recipe)
+    options = training.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss)
+    earlier = [config for config in recipe.stages[:stage] if config.epochs > 0]
+    if earlier:
+        training.run_stages(classifier, spec, earlier, train, val, n_classes, options)
+    set_trainable(classifier, spec, recipe.stages[stage].unfreeze)
+    plan = cached = None
+    if recipe.cache.enabled:
+        mixed = compute_dtype(classifier) != "float32"
+        # The plan caches only for stages that train: a stage of 0 epochs is tested as one.
+        tested = recipe.stages[stage].model_copy(update={"epochs": max(1, recipe.stages[stage].epochs)})
+        plan = FeaturePlan(classifier, spec, [tested], train, val, recipe.cache,
+                                    training.default_forward, seed=recipe.seed,
+                                    dtype="float16" if mixed else "float32", verbose=verbose)
+        cached = plan.stage_inputs(0)
+    if not earlier:  # as run_stages does before the first stage trains
+        features = cached.calibration if cached is not None else None
+        if features is None:
+            features = training.backbone_features(classifier, train.images[:CALIBRATION_IMAGES])
+        training.calibrate_head_batchnorm(classifier, features)
+    setup = StageSetup(
+        recipe=recipe, stage_index=stage, classifier=classifier,
+        model=cached.trainable if cached is not None else classifier,
+        train=cached.train if cached is not None else train, val=cached.val if cached is not None else val,
+        n_classes=n_classes, class_names=list(prepared["class_names"]), train_images=prepared["train_images"],
+        cached=cached is not None, plan=plan,
+    )
+    setup.initial_weights = setup.model.get_weights()
+    return setup
+
+
+@dataclass
+class RangeTest:
+    """What the learning-rate range test saw.
+
+    Attributes:
+        learning_rates: the rate of each step taken.
+        losses: each step's training loss (of the batch, before its update).
+        smoothed: the smoothed loss per step.
+        min_lr, max_lr: the range the test was to cover (it may stop before ``max_lr``).
+        steps: the steps planned (more than taken when the loss diverged).
+        suggestion: the rate to use (see the module's docstring), or None when no rate made
+            the loss fall.
+        usable: (lowest, highest) rate that learns, or None.
+        stage_index: the stage tested; None for a test on a model outside a recipe.
+        figure: the plot written, or None.
+    """
+
+    learning_rates: np.ndarray
+    losses: np.ndarray
+    smoothed: np.ndarray
+    min_lr: float
+    max_lr: float
+    steps: int
+    suggestion: float | None = None
+    usable: tuple[float, float] | None = None
+    stage_index: int | None = None
+    figure: Path | None = None
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the test stopped early because the loss diverged."""
+        return len(self.learning_rates) < self.steps
+
+    def override(self) -> str | None:
+        """The ``--set`` assignment of the suggestion, e.g. "stages.0.learning_rate=0.003"."""
+        if self.suggestion is None or self.stage_index is None:
+            return None
+        return f"stages.{self.stage_index}.learning_rate={self.suggestion:.2g}"
+
+    def describe(self) -> str:
+        """A few lines for the terminal: what was tested, the usable range, the suggestion
+        and the ``--set`` to use it."""
+        taken = len(self.learning_rates)
+        stage = f"stage {self.stage_index + 1}" if self.stage_index is not None else "the model"
+        lines = [f"learning-rate range test of {stage}: {taken} of {self.steps} steps, "
+                 f"{self.learning_rates[0]:.2g} .. {self.learning_rates[-1]:.2g}"
+                 + (" (stopped: the loss diverged)" if self.diverged else "")]
+        if self.suggestion is None:
+            lines.append("no rate made the loss fall: run transferkit doctor DATA_DIR --model to see why")
+        else:
+            low, high = self.usable
+            lines += [f"usable: {low:.2g} .. {high:.2g} (the smoothed loss is lowest at {high:.2g})",
+                      f"suggestion: {self.suggestion:.2g} (midway, on the log scale, between where the loss "
+                      f"began to fall, {low * 10:.2g}, and a tenth of the rate at its minimum)"]
+            if self.override() is not None:
+                lines.append(f"use it with: --set {self.override()}")
+        if self.figure is not None:
+            lines.append(f"wrote {self.figure}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """The result as JSON-serialisable values."""
+        return {
+            "stage": self.stage_index, "suggestion": self.suggestion,
+            "usable": list(self.usable) if self.usable else None, "min_lr": self.min_lr, "max_lr": self.max_lr,
+            "steps": self.steps, "steps_taken": len(self.learning_rates), "diverged": self.diverged,
+            "learning_rates": self.learning_rates.tolist(), "losses": self.losses.tolist(),
+            "smoothed": self.smoothed.tolist(), "figure": str(self.figure) if self.figure else None,
+        }
+
+
+def find_learning_rate(
+    data_dir: str | os.PathLike,
+    recipe: Recipe | str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    stage: int = 0,
+    *,
+    val_dir: str | os.PathLike | None = None,
+    min_lr: float = MIN_LR,
+    max_lr: float = MAX_LR,
+    steps: int | None = None,
+    output: str | os.PathLike | None = None,
+    verbose: int = 0,
+) -> RangeTest:
+    """The learning-rate range test of one stage of a recipe on a data folder.
+
+    Args:
+        data_dir: one sub-folder of images per class.
+        recipe: a ``Recipe``, a recipe file or shipped name, or None for the defaults.
+        overrides: dotted recipe keys to values (ignored when ``recipe`` is a ``Recipe``).
+        stage: the stage to test; default 0 (the head). Earlier stages are trained first.
+        val_dir: a validation folder; default None (the recipe's split; only the split's
+            training part is used).
+        min_lr, max_lr: the range of rates; default 1e-7 .. 10.
+        steps: steps over the range; default 8 passes over the training batches, at least
+            50 and at most 200.
+        output: where to draw the plot (PNG); default None (no plot).
+        verbose: 0 silent, 1 progress; default 0.
+
+    Returns:
+        A ``RangeTest`` with the suggestion and the usable range.
+
+    Raises:
+        RecipeError: a bad recipe, stage or range. TransferkitError: what ``finetune`` raises
+            for the data.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    _check_range(min_lr, max_lr, steps)
+    with prepare_stage(data_dir, recipe, stage, val_dir=val_dir, verbose=verbose) as setup:
+        if verbose:
+            log.info(f"learning-rate range test of stage {stage + 1} '{setup.stage.name}' "
+                     f"({setup.stage.optimizer}{', on cached features' if setup.cached else ''})")
+        result = range_test(setup, min_lr=min_lr, max_lr=max_lr, steps=steps)
+    result.stage_index = stage
+    if output is not None:
+        result.figure = plot_range_test(result, output)
+    return result
+
+
+def range_test(setup: StageSetup, *, min_lr: float = MIN_LR, max_lr: float = MAX_LR,
+               steps: int | None = None) -> RangeTest:
+    """Run the range test on a set-up stage; its weights are put back afterwards.
+
+    Args:
+        setup: from ``prepare_stage`` (or any ``StageSetup``: a model, its batches, the
+            recipe giving the optimizer and loss).
+        min_lr, max_lr: the range of rates; default 1e-7 .. 10.
+        steps: default 8 passes over the batches, within 50..200.
+
+    Returns:
+        A ``RangeTest`` (``stage_index`` is the set-up's stage).
+    """
+    _check_range(min_lr, max_lr, steps)
+    batches = setup.train
+    steps = steps or int(np.clip(STEPS_PER_BATCH * len(batches), MIN_STEPS, MAX_STEPS))
+    planned = min_lr * (max_lr / min_lr) ** (np.arange(steps) / max(steps - 1, 1))
+    setup.compile(float(planned[0]))
+    model = setup.model
+    rates, losses, smoothed = [], [], []
+    average, best = 0.0, math.inf
+    try:
+        for step, rate in enumerate(planned):
+            epoch, index = divmod(step, len(batches))
+            if index == 0 and hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
+            x, y, *weights = batches[index]
+            model.optimizer.learning_rate = float(rate)
+            loss = float(np.asarray(model.train_on_batch(x, y, sample_weight=weights[0] if weights else None)
+                                    ).reshape(-1)[0])
+            rates.append(float(rate))
+            losses.append(loss)
+            average = SMOOTHING * average + (1 - SMOOTHING) * loss
+            value = average / (1 - SMOOTHING ** (step + 1))
+            smoothed.append(value)
+            if not math.isfinite(value) or value > DIVERGED * best:
+                break
+            best = min(best, value)
+    finally:
+        setup.reset()
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(0)
+    result = RangeTest(np.asarray(rates), np.asarray(losses), np.asarray(smoothed), min_lr, max_lr, steps,
+                       stage_index=setup.stage_index)
+    result.suggestion, result.usable = suggest(result.learning_rates, result.smoothed)
+    return result
+
+
+def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | None, tuple[float, float] | None]:
+    """The suggestion and the usable range from a range test's smoothed loss (the rules
+    are in the module's docstring). The start is the median smoothed loss of the first
+    tenth of the steps (at least 3): one batch's loss alone is too noisy a start.
+
+    Returns:
+        (suggestion, (lowest, highest) usable rate), or (None, None) when the loss never fell.
+    """
+    values = np.where(np.isfinite(smoothed), smoothed, np.inf)
+    head = max(3, len(values) // 10)
+    if len(values) <= head:
+        return None, None
+    start = float(np.median(values[:head]))
+    lowest = int(np.argmin(values))
+    fall = start - float(values[lowest])
+    if fall <= MIN_FALL * abs(start):
+        return None, None
+    # From where on the loss stays below the threshold until the minimum (noise before it
+    # may dip below once).
+    above = np.flatnonzero(values[: lowest + 1] > start - FALL_SHOWN * fall)
+    shown = int(above[-1]) + 1 if len(above) else 0
+    r_min, r_fall = float(learning_rates[lowest]), float(learning_rates[shown])
+    return max(math.sqrt(r_fall * r_min / 10), r_fall), (r_fall / 10, r_min)
+
+
+def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
+    """Draw the smoothed loss against the learning rate (log scale), the usable range shaded
+    and the suggestion marked; written atomically as PNG.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.figure import Figure
+
+    from transferkit.evaluation.figures import DPI
+    from transferkit.files import atomic_path
+
+    figure = Figure(figsize=FIGURE_SIZE)
+    axes = figure.subplots()
+    rates, smoothed = result.learning_rates, result.smoothed
+    axes.plot(rates, result.losses, color="0.75", linewidth=0.8, label="loss per step")
+    axes.plot(rates, smoothed, color="C0", linewidth=2, label="smoothed loss")
+    if result.usable is not None:
+        axes.axvspan(*result.usable, color="C2", alpha=0.12, label="usable range")
+    if result.suggestion is not None:
+        at = float(np.interp(np.log(result.suggestion), np.log(rates), smoothed))
+        axes.axvline(result.suggestion, color="C3", linestyle="--", linewidth=1)
+        axes.plot([result.suggestion], [at], "o", color="C3", label=f"suggestion {result.suggestion:.2g}")
+    finite = smoothed[np.isfinite(smoothed)]
+    if len(finite):
+        # Up to the minimum and a little beyond: the diverging tail would flatten the rest.
+        low = float(finite.min())
+        high = float(finite[: int(np.argmin(finite)) + 1].max())
+        margin = 0.1 * (high - low) + 1e-3
+        axes.set_ylim(low - margin, high + 3 * margin)
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate (log scale)")
+    axes.set_ylabel("training loss")
+    stage = f"stage {result.stage_index + 1}" if result.stage_index is not None else "range test"
+    axes.set_title(f"learning-rate range test, {stage}" + (" (stopped: the loss diverged)" if result.diverged else ""))
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(loc="best")
+    figure.set_layout_engine("constrained")
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, format="png")
+    return path
+
+
+def _check_range(min_lr: float, max_lr: float, steps: int | None) -> None:
+    if not 0 < min_lr < max_lr:
+        raise RecipeError(f"learning-rate range {min_lr:g}..{max_lr:g}: need 0 < min_lr < max_lr, e.g. 1e-7..10")
+    if steps is not None and steps < 2:
+        raise RecipeError(f"steps {steps}: the range test needs at least 2 steps")
