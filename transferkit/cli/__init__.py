@@ -1,7 +1,7 @@
 """The command line: each command parses, calls one library function, prints.
 
-One module per group of commands: ``train`` (finetune), ``predict``, ``data`` (doctor,
-augment-preview), ``info`` (backbones, recipes); ``common`` holds the options defined once
+One module per group of commands: ``train`` (finetune), ``predict``, ``export`` (export,
+benchmark), ``data`` (doctor, augment-preview), ``info`` (backbones, recipes); ``common`` holds the options defined once
 and the error-to-exit-code mapping. Exit codes: 0 success, 1 the input or the run failed,
 2 a usage or recipe error, 130 interrupted.
 """
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import data, evaluate, info, predict, train
+from transferkit.cli import data, evaluate, export, info, predict, train
 from transferkit.cli.common import setup_logging
 
 app = typer.Typer(
@@ -52,13 +52,15 @@ app.command("augment-preview")(data.augment_preview)
 app.command()(evaluate.evaluate)
 app.command()(evaluate.explain)
 app.command()(evaluate.report)
+app.command()(export.export)
+app.command()(export.benchmark)
 app.command("backbones")(info.backbones)
 app.command("recipes")(info.recipes)
 
 
 # The commands that load Keras / TensorFlow; the others (listings, data checks) answer
 # without paying for TensorFlow's start-up.
-TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain"})
+TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain", "export", "benchmark"})
 
 
 def _import_tensorflow_quietly() -> None:

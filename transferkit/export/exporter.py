@@ -14,6 +14,8 @@ nothing behind and an existing folder is replaced only with ``force``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -140,7 +142,7 @@ def export_run(
             quantized one beyond ``max_drop`` without ``allow_drop``.
         RunError, DataError: the run or the data folder cannot be read.
     """
-    from transferkit.export.keras import float32_model, fixed_size_model, predict
+    from transferkit.export.keras import fixed_size_model, float32_model, predict
     from transferkit.export.samples import sample_images
     from transferkit.runs import Run, load_run
 
@@ -248,15 +250,40 @@ def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> E
 def _write(writer, spec: ExportFormat, model, file: Path, context: _Context) -> dict:
     run, quantize = context.run, context.quantize
     try:
-        if spec.name in ("savedmodel", "h5", "keras"):
-            return writer(model, file)
-        return writer(model, file, run.image_size, quantize, context.sample.calibration)
+        with quiet_converters():
+            if spec.name in ("savedmodel", "h5", "keras"):
+                return writer(model, file)
+            return writer(model, file, run.image_size, quantize, context.sample.calibration)
     except ExportError:
         raise
     except Exception as error:
         from transferkit.errors import first_line
 
         raise ExportError(f"the {spec.name} export failed: {type(error).__name__}: {first_line(error)}") from error
+
+
+@contextlib.contextmanager
+def quiet_converters():
+    """The converters' own chatter kept off the terminal: tf2onnx, NNCF and TensorFlow log
+    each step and print progress bars, and some configure the root logger (which would
+    then print transferkit's lines twice); the user sees transferkit's lines instead."""
+    import warnings
+
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "onnxruntime", "nncf", "tensorflow", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(state[0])
+        root.filters[:], root.handlers[:] = state[1], state[2]
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _compare(context: _Context, spec: ExportFormat, target: Path, outputs: np.ndarray, size: int) -> ExportResult:

@@ -3,9 +3,6 @@ Runtime; dynamic-range and static int8 (QDQ) quantization with ONNX Runtime's ow
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from pathlib import Path
 
@@ -35,8 +32,7 @@ def write_onnx(model, path: Path, image_size: int, quantize: str = "none",
     signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=INPUT_NAME)]
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as scratch:
         float_path = path if quantize == "none" else Path(scratch) / "float.onnx"
-        with _quiet():
-            model.export(str(float_path), format="onnx", input_signature=signature, verbose=False)
+        model.export(str(float_path), format="onnx", input_signature=signature, verbose=False)
         details = {"opset": _opset(onnx.load(str(float_path)))}
         if quantize == "dynamic":
             details.update(_quantize_dynamic(float_path, path))
@@ -70,27 +66,8 @@ def _quantize_static(source: Path, target: Path, calibration: np.ndarray, scratc
             return None if row is None else {INPUT_NAME: calibration[row : row + 1].astype("float32")}
 
     prepared = scratch / "prepared.onnx"
-    with _quiet():
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
     return {"quantization": "onnxruntime quantize_static, QDQ, int8 weights (per channel) and activations",
             "calibration_images": len(calibration)}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """tf2onnx and the quantizer log every step at INFO to the root logger and print to
-    stdout; the user sees transferkit's lines instead."""
-    loggers = [logging.getLogger(name) for name in ("tf2onnx", "onnxruntime", "root")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-

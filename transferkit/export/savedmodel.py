@@ -7,13 +7,16 @@ from pathlib import Path
 
 
 def write_savedmodel(model, path: Path) -> dict:
-    """Write a SavedModel folder through Keras's ``ExportArchive`` (what
-    ``model.export(format="tf_saved_model")`` uses), with two endpoints:
+    """Write a SavedModel folder with two endpoints (each also a signature):
 
-    - ``serve`` (also ``serving_default``): uint8 (n, h, w, 3), any h and w;
+    - ``serve`` (and ``serving_default``): uint8 (n, h, w, 3), any h and w;
     - ``serve_float``: float32 (n, h, w, 3) in 0..255.
 
     Both return (n, units) probabilities, resizing inside as the Keras model does.
+
+    A plain ``tf.Module`` holding the model's variables, not Keras's ``ExportArchive``
+    (behind ``model.export(format="tf_saved_model")``): with Keras 3.15 that one stores every
+    variable twice (``variables/`` and ``_all_variables/``), a SavedModel of twice the size.
 
     Args:
         model: the float32 classifier.
@@ -22,19 +25,21 @@ def write_savedmodel(model, path: Path) -> dict:
     Returns:
         Details for export.json (the signatures).
     """
-    import keras
     import tensorflow as tf
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serve", lambda image: model(tf.cast(image, tf.float32), training=False),
+    module = tf.Module()
+    module.model_variables = [variable.value for variable in model.weights]  # tracked: saved once each
+    module.serve = tf.function(
+        lambda image: model(tf.cast(image, tf.float32), training=False),
         input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="image")],
     )
-    archive.add_endpoint(
-        "serve_float", lambda image: model(image, training=False),
+    module.serve_float = tf.function(
+        lambda image: model(image, training=False),
         input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32, name="image")],
     )
-    archive.write_out(str(path), verbose=False)
+    signatures = {"serving_default": module.serve.get_concrete_function(),
+                  "serve": module.serve.get_concrete_function(),
+                  "serve_float": module.serve_float.get_concrete_function()}
+    tf.saved_model.save(module, str(path), signatures=signatures)
     return {"signatures": {"serve": "uint8 (n, h, w, 3), any h, w", "serve_float": "float32 (n, h, w, 3), 0..255",
                            "serving_default": "= serve"}}

@@ -145,7 +145,8 @@ def run_fresh(format_name: str, file: Path, images: np.ndarray, batch_size: int 
             result = subprocess.run([sys.executable, "-c", STANDALONE, str(folder / "job.json")], cwd=folder,
                                     capture_output=True, text=True, timeout=timeout, env=environment)
         except subprocess.TimeoutExpired as error:
-            raise ExportError(f"loading {file} with its runtime took over {timeout:.0f} s; the check was stopped") from error
+            raise ExportError(f"loading {file} with its runtime took over {timeout:.0f} s; "
+                              "the check was stopped") from error
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             raise ExportError(f"{file} does not load and run in a fresh {format_name} process: "
