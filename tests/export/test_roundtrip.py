@@ -37,6 +37,7 @@ def test_every_format_agrees_with_the_keras_model_within_tolerance(which, reques
         assert labels["resize"] == ("model" if FORMATS[name].any_size else "caller")
         assert labels["source_run"] == str(run.path.resolve()) and labels["transferkit_version"]
         assert not list(result.folder.parent.glob(".*partial*")), "a staging folder was left behind"
+    assert json.loads((exports["onnx"].folder / "export.json").read_text())["details"]["opset"] >= 13
 
 
 def test_checked_on_the_recreated_validation_split(shapes_exports, shapes_run):
@@ -45,8 +46,8 @@ def test_checked_on_the_recreated_validation_split(shapes_exports, shapes_run):
     assert accuracy["labels"].startswith("true classes") and accuracy["images"] == shapes_run.metrics["n_val"]
     assert len(accuracy["files"]) == accuracy["images"]
     assert accuracy["exported"] == accuracy["keras_float32"]  # float32: the same predictions
-    # the validation split finetune made: the run's own val_accuracy (float32 here) on the same images
-    assert accuracy["keras_float32"] == pytest.approx(shapes_run.metrics["final"]["val_accuracy"], abs=0.2)
+    # the split the run was trained with: its own val_accuracy on the same images
+    assert accuracy["keras_float32"] == pytest.approx(shapes_run.metrics["final"]["val_accuracy"])
 
 
 def _readme_lines(folder) -> str:
@@ -60,7 +61,8 @@ def test_readme_three_lines_run_in_a_fresh_process_and_agree(shapes_exports, sha
     images = generated_images(4, shapes_run.image_size, np.random.default_rng(3))
     expected = float32_model(shapes_run.model).predict(images.astype("float32"), verbose=0)
     np.save(tmp_path / "images.npy", images)
-    for name, result in shapes_exports.items():
+    for name in ("savedmodel", "litert", "onnx", "openvino"):  # .keras and .h5: keras.models.load_model
+        result = shapes_exports[name]
         script = (f"import sys, numpy as np\nimages = images_uint8 = np.load({str(tmp_path / 'images.npy')!r})\n"
                   f"{_readme_lines(result.folder)}\n"
                   f"np.save({str(tmp_path / (name + '.npy'))!r}, np.asarray(probabilities))\n"
