@@ -32,8 +32,10 @@ def export(
     run: RunArgument,
     format: Annotated[str, typer.Option("--format", "-f", metavar=choices(FORMAT_CHOICES),
                                         help="The format to write; all: every format whose runtime is installed.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Export folder (with --format all: the folder "
-                                                   "holding one per format); default RUN/exports/FORMAT[-QUANTIZE]/.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o",
+        help="Export folder (with --format all: the folder holding one per format); default "
+        "RUN/exports/FORMAT[-QUANTIZE]/.")] = None,
     quantize: Annotated[str, typer.Option(metavar=choices(QUANTIZATIONS), help="none (float32), float16, dynamic "
                                           "(int8 weights) or int8 (weights and activations, calibrated).")] = "none",
     data: DataOption = None,
@@ -63,7 +65,8 @@ def export(
 def benchmark(
     run: RunArgument,
     formats: Annotated[Optional[str], typer.Option(
-        "--formats", help="Comma-separated, e.g. keras,litert,litert-int8,onnx; default every float32 format installed.",
+        "--formats",
+        help="Comma-separated, e.g. keras,litert,litert-int8,onnx; default every float32 format installed.",
     )] = None,
     batch_size: Annotated[int, typer.Option(help="The larger batch timed, besides batch 1.")] = 32,
     data: DataOption = None,
