@@ -18,7 +18,7 @@ LAYERS = (
     {"model"},
     {"inference"},
     {"training"},
-    {"evaluation"},
+    {"evaluation", "export"},
     {"workflow"},
     {"tuning"},
     {"cli", "__main__", "__init__"},

@@ -46,12 +46,14 @@ _EXPORTS = {
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
     "available_backbones": "transferkit.backbones",
+    "benchmark_run": "transferkit.export.benchmark",
     "build_augmenter": "transferkit.data.augment",
     "build_classifier": "transferkit.model.classifier",
     "check_data": "transferkit.data.doctor",
     "check_learning": "transferkit.tuning.diagnostics",
     "evaluate_folder": "transferkit.evaluation.evaluate",
     "explain": "transferkit.evaluation.gradcam",
+    "export_run": "transferkit.export.exporter",
     "find_learning_rate": "transferkit.tuning.lr_find",
     "finetune": "transferkit.workflow",
     "fold_batchnorm": "transferkit.model.fold",
@@ -79,6 +81,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
     from transferkit.evaluation.evaluate import evaluate_folder
     from transferkit.evaluation.gradcam import explain
+    from transferkit.export.benchmark import benchmark_run
+    from transferkit.export.exporter import export_run
     from transferkit.inference.engines import make_engine
     from transferkit.inference.predict import Prediction, predict_folder, write_predictions
     from transferkit.model.classifier import build_classifier

@@ -1,8 +1,8 @@
 """The command line: each command parses, calls one library function, prints.
 
 One module per group of commands: ``train`` (finetune), ``tune``, ``predict``, ``evaluate``
-(evaluate, explain, report), ``data`` (doctor, augment-preview), ``tuning`` (lr-find; doctor
---model), ``info`` (backbones, recipes); ``common`` holds the options defined once
+(evaluate, explain, report), ``export`` (export, benchmark), ``data`` (doctor, augment-preview),
+``tuning`` (lr-find; doctor --model), ``info`` (backbones, recipes); ``common`` holds the options defined once
 and the error-to-exit-code mapping. Exit codes: 0 success, 1 the input or the run failed,
 2 a usage or recipe error, 130 interrupted.
 """
@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import data, evaluate, info, predict, train, tune, tuning
+from transferkit.cli import data, evaluate, export, info, predict, train, tune, tuning
 from transferkit.cli.common import setup_logging
 
 app = typer.Typer(
@@ -55,13 +55,15 @@ app.command()(evaluate.evaluate)
 app.command()(evaluate.explain)
 app.command()(evaluate.report)
 app.command()(tune.tune)
+app.command()(export.export)
+app.command()(export.benchmark)
 app.command("backbones")(info.backbones)
 app.command("recipes")(info.recipes)
 
 
 # The commands that load Keras / TensorFlow; the others (listings, data checks) answer
 # without paying for TensorFlow's start-up.
-TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain", "lr-find", "tune"})
+TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain", "lr-find", "tune", "export", "benchmark"})
 # Commands that load TensorFlow only with one of their flags: doctor checks learning with --model.
 TENSORFLOW_FLAGS = {"doctor": "--model"}
 

@@ -1,0 +1,74 @@
+"""The export and benchmark commands, through typer's CliRunner; a missing runtime and an
+existing folder are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import transferkit
+from transferkit.cli import TENSORFLOW_COMMANDS, app
+from transferkit.export.formats import ExportError
+
+runner = CliRunner()
+
+
+def test_export_writes_the_folder_and_needs_force_to_replace_it(shapes_run, shapes_dir, tmp_path):
+    out = tmp_path / "litert"
+    result = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out),
+                                 "--data", str(shapes_dir)])
+    assert result.exit_code == 0, result.output
+    assert "litert: " in result.output and "max |dp|" in result.output and "1 export(s) written" in result.output
+    assert {path.name for path in out.iterdir()} == {"model.tflite", "labels.json", "README.txt", "export.json"}
+    again = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output
+    before = (out / "export.json").stat().st_mtime_ns
+    forced = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "export.json").stat().st_mtime_ns != before
+
+
+def test_force_replaces_only_export_folders(shapes_run, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o", str(tmp_path), "--force"])
+    assert result.exit_code == 1 and "not an export folder" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    into_run = runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o", str(shapes_run.path),
+                                   "--force"])
+    assert into_run.exit_code == 1 and "would replace the run" in into_run.output
+
+
+@pytest.mark.parametrize("module, format, quantize", [("tf2onnx", "onnx", "none"), ("ai_edge_litert", "litert", "none"),
+                                                      ("nncf", "openvino", "int8")])
+def test_a_missing_runtime_names_the_install_command(module, format, quantize, shapes_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(ExportError, match=rf"needs {module}, which is not installed; install it with: pip install '"):
+        transferkit.export_run(shapes_run, format, quantize=quantize)
+    result = runner.invoke(app, ["export", str(shapes_run.path), "--format", format, "--quantize", quantize])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "pip install 'transferkit[export]'" in lines[0]
+
+
+def test_bad_choices_are_usage_errors(shapes_run):
+    for flags in (["--format", "tflite"], ["--format", "savedmodel", "--quantize", "int4"]):
+        result = runner.invoke(app, ["export", str(shapes_run.path), *flags])
+        assert result.exit_code == 2 and result.output.startswith("error:")
+    unsupported = runner.invoke(app, ["export", str(shapes_run.path), "--format", "savedmodel", "--quantize", "int8"])
+    assert unsupported.exit_code == 1 and "supports none" in unsupported.output
+
+
+def test_benchmark_prints_one_table_and_writes_benchmark_json(shapes_run, tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["benchmark", str(shapes_run.path), "--formats", "litert,onnx-dynamic",
+                                 "--batch-size", "4", "--seconds", "0.05", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "img/s b4" in result.output and "onnx-dynamic" in result.output
+    payload = json.loads(out.read_text())
+    assert [row["name"] for row in payload["rows"]] == ["litert", "onnx-dynamic"]
+    for row in payload["rows"]:
+        assert row["size_bytes"] > 0 and row["load_seconds"] > 0 and row["images_per_second_batch_n"] > 0
+        assert 0 <= row["accuracy"] <= 1
+    assert {"export", "benchmark"} <= TENSORFLOW_COMMANDS

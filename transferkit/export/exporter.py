@@ -1,0 +1,442 @@
+"""``export_run``: a run's model written in another format, checked against the Keras model
+in a fresh process before it is kept, with labels.json, README.txt and export.json beside it.
+
+    RUN/exports/litert-int8/
+      model.tflite     the file (savedmodel: a saved_model/ folder; openvino: model.xml + .bin)
+      labels.json      class names in output order, the input it takes, the output activation
+      README.txt       how to load it in its runtime, in three lines
+      export.json      how it was made and checked: agreement with Keras, accuracy, sizes
+
+Each export folder is filled under a temporary hidden name beside its destination and renamed
+only once its file has loaded and agreed in the fresh process, so a failed export leaves
+nothing behind and an existing folder is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.export.formats import (
+    DEFAULT_MAX_DROP,
+    FLOAT_TOLERANCE,
+    FORMATS,
+    ExportError,
+    ExportFormat,
+    check_quantization,
+    get_format,
+    install_hint,
+    missing_packages,
+    require_packages,
+)
+from transferkit.files import fsync_folder, write_atomic
+
+log = logging.getLogger("transferkit")
+
+EXPORTS_FOLDER = "exports"  # in a run folder: where exports go by default
+RECORD_FILE = "export.json"
+
+# format -> (module, writer function, which model it takes: "float32" or "fixed" size).
+WRITERS = {
+    "savedmodel": ("transferkit.export.savedmodel", "write_savedmodel", "float32"),
+    "litert": ("transferkit.export.litert", "write_litert", "fixed"),
+    "onnx": ("transferkit.export.onnx", "write_onnx", "fixed"),
+    "openvino": ("transferkit.export.openvino", "write_openvino", "float32"),
+    "h5": ("transferkit.export.keras", "write_h5", "float32"),
+    "keras": ("transferkit.export.keras", "write_keras", "float32"),
+}
+
+
+@dataclass
+class ExportResult:
+    """One written (and checked) export.
+
+    Attributes:
+        format: the format name.
+        quantize: "none", "float16", "dynamic" or "int8".
+        folder: the export folder.
+        file: the model file (or SavedModel folder) in it.
+        size_bytes: the model's size on disk.
+        max_abs_diff: the largest probability difference from the Keras model (float32).
+        top1_agreement: the share of images whose top class is the Keras model's.
+        n_images: images compared.
+        accuracy: the export's accuracy on the labelled validation images (or, without data,
+            its agreement with the float model's top class).
+        float_accuracy: the Keras model's (float32) accuracy on the same images.
+        record: the export.json content.
+    """
+
+    format: str
+    quantize: str
+    folder: Path
+    file: Path
+    size_bytes: int
+    max_abs_diff: float
+    top1_agreement: float
+    n_images: int
+    accuracy: float
+    float_accuracy: float
+    record: dict = field(default_factory=dict)
+
+    @property
+    def drop_points(self) -> float:
+        """Accuracy lost against the float Keras model, in percentage points."""
+        return 100.0 * (self.float_accuracy - self.accuracy)
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        name = self.format if self.quantize == "none" else f"{self.format} {self.quantize}"
+        return (f"{name}: {self.file} ({self.size_bytes / 1e6:.1f} MB); vs Keras max |dp| {self.max_abs_diff:.2g}, "
+                f"top-1 agreement {100 * self.top1_agreement:.1f}% on {self.n_images} images; accuracy "
+                f"{100 * self.accuracy:.1f}% (Keras float32 {100 * self.float_accuracy:.1f}%, "
+                f"drop {self.drop_points:.1f} points)")
+
+
+def export_run(
+    run,
+    format: str,
+    output: str | os.PathLike | None = None,
+    quantize: str = "none",
+    *,
+    data: str | os.PathLike | None = None,
+    max_drop: float = DEFAULT_MAX_DROP,
+    allow_drop: bool = False,
+    force: bool = False,
+    samples: int = 256,
+    calibration: int = 200,
+) -> list[ExportResult]:
+    """Export a run's model, check each file in a fresh process, and keep it only if it agrees.
+
+    Args:
+        run: a run folder (or its model.keras), or a loaded ``Run``.
+        format: one of ``FORMATS`` ("savedmodel", "litert", "onnx", "openvino", "h5",
+            "keras"), or "all": every format that supports ``quantize`` and whose runtime is
+            installed (the others are skipped with a warning naming the install command).
+        output: the export folder; with "all", the folder that holds one per format;
+            default ``RUN/exports/<format>[-<quantize>]``.
+        quantize: "none" (float32), "float16", "dynamic" or "int8"; default "none".
+        data: the run's data folder, whose validation split (re-created) checks the export
+            and whose training images calibrate int8; default None (``data_dir`` in the
+            run's labels.json if it names one, else generated images).
+        max_drop: accuracy points a quantized export may lose; default 1.0.
+        allow_drop: keep a quantized export that loses more; default False.
+        force: replace existing export folders; default False.
+        samples: at most this many validation images are compared; default 256.
+        calibration: at most this many training images calibrate int8; default 200.
+
+    Returns:
+        One ``ExportResult`` per written export.
+
+    Raises:
+        ExportError: an unknown format or quantization, a missing runtime, an existing
+            folder without ``force``, a float export beyond ``FLOAT_TOLERANCE``, or a
+            quantized one beyond ``max_drop`` without ``allow_drop``.
+        RunError, DataError: the run or the data folder cannot be read.
+    """
+    from transferkit.export.keras import fixed_size_model, float32_model, predict
+    from transferkit.export.samples import sample_images
+    from transferkit.runs import Run, load_run
+
+    specs = _chosen_formats(format, quantize)
+    run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
+    targets = _targets(run, specs, quantize, output, format == "all", force)
+    if max_drop < 0:
+        raise ExportError(f"--max-drop must be at least 0 points, got {max_drop:g}")
+    model = float32_model(run.model)
+    sample = sample_images(run, data, samples=samples, calibration=calibration if quantize == "int8" else 0)
+    reference = predict(model, sample.images)
+    context = _Context(run, model, sample, reference, quantize, max_drop, allow_drop)
+    fixed = None
+    results = []
+    for spec, target in zip(specs, targets, strict=True):
+        if WRITERS[spec.name][2] == "fixed" and fixed is None:
+            fixed = fixed_size_model(model)
+        results.append(_export_one(context, spec, target, fixed if WRITERS[spec.name][2] == "fixed" else model))
+    return results
+
+
+@dataclass
+class _Context:
+    run: object
+    model: object
+    sample: object
+    reference: np.ndarray
+    quantize: str
+    max_drop: float
+    allow_drop: bool
+
+
+def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
+    if format != "all":
+        spec = get_format(format)
+        check_quantization(spec, quantize)
+        require_packages(spec, quantize)
+        return [spec]
+    chosen = []
+    for spec in FORMATS.values():
+        if quantize not in spec.quantizations:
+            continue
+        missing = missing_packages(spec, quantize)
+        if missing:
+            log.warning("skipping the %s export: %s not installed (%s)", spec.name,
+                        ", ".join(package.module for package in missing), install_hint(missing))
+            continue
+        chosen.append(spec)
+    if not chosen:
+        raise ExportError(f"no format can be exported with --quantize {quantize} here; "
+                          f"install the export runtimes: {install_hint([])}")
+    return chosen
+
+
+def _targets(run, specs, quantize: str, output, many: bool, force: bool) -> list[Path]:
+    """Each export's folder, checked before any work: none may exist without ``force``,
+    and ``force`` replaces only export folders (never the run, never another folder)."""
+    root = Path(run.path) / EXPORTS_FOLDER if output is None or many else None
+    if output is not None and many:
+        root = Path(output)
+    targets = [root / spec.folder_name(quantize) if root is not None else Path(output) for spec in specs]
+    run_folder = Path(run.path).resolve()
+    for target in targets:
+        resolved = target.resolve()
+        if resolved == run_folder or resolved in run_folder.parents:
+            raise ExportError(f"export folder {target} would replace the run {run.path}; choose another -o")
+        if target.exists():
+            if not force:
+                raise ExportError(f"{target} exists already; pass --force to replace it or choose another -o")
+            if not target.is_dir() or (any(target.iterdir()) and not (target / RECORD_FILE).is_file()):
+                raise ExportError(f"{target} is not an export folder (no {RECORD_FILE}); --force replaces only "
+                                  "export folders: choose another -o")
+    return targets
+
+
+def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> ExportResult:
+    """Write one export into a staging folder, check it, describe it, then publish it."""
+    import importlib
+
+    from transferkit.export.verify import run_fresh
+
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        module, function, _ = WRITERS[spec.name]
+        file = staging / spec.filename
+        writer = getattr(importlib.import_module(module), function)
+        details = _write(writer, spec, model, file, context)
+        fresh = run_fresh(spec.name, file, context.sample.images)
+        result = _compare(context, spec, target, fresh.outputs, _size(file))
+        result.record = _record(context, spec, result, details, fresh.stats, time.perf_counter() - started)
+        _check(context, result)
+        _describe(context, spec, staging, result.record)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("%s", result.summary())
+    return result
+
+
+def _write(writer, spec: ExportFormat, model, file: Path, context: _Context) -> dict:
+    run, quantize = context.run, context.quantize
+    try:
+        with quiet_converters():
+            if spec.name in ("savedmodel", "h5", "keras"):
+                return writer(model, file)
+            return writer(model, file, run.image_size, quantize, context.sample.calibration)
+    except ExportError:
+        raise
+    except Exception as error:
+        from transferkit.errors import first_line
+
+        raise ExportError(f"the {spec.name} export failed: {type(error).__name__}: {first_line(error)}") from error
+
+
+@contextlib.contextmanager
+def quiet_converters():
+    """The converters' own chatter kept off the terminal: tf2onnx, NNCF and TensorFlow log
+    each step and print progress bars, and some configure the root logger (which would
+    then print transferkit's lines twice); the user sees transferkit's lines instead."""
+    import warnings
+
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "onnxruntime", "nncf", "tensorflow", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(state[0])
+        root.filters[:], root.handlers[:] = state[1], state[2]
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _compare(context: _Context, spec: ExportFormat, target: Path, outputs: np.ndarray, size: int) -> ExportResult:
+    from transferkit.outputs import class_probabilities, predicted_labels
+
+    reference = context.reference
+    if outputs.shape != reference.shape:
+        raise ExportError(f"the {spec.name} export returns outputs of shape {outputs.shape}, the Keras model "
+                          f"{reference.shape}")
+    diff = float(np.max(np.abs(class_probabilities(outputs) - class_probabilities(reference))))
+    agreement = float(np.mean(predicted_labels(outputs) == predicted_labels(reference)))
+    labels, rows = context.sample.labels, slice(None)
+    if len(labels):
+        rows = slice(0, len(labels))
+    else:
+        labels = predicted_labels(reference)
+    accuracy = float(np.mean(predicted_labels(outputs[rows]) == labels))
+    float_accuracy = float(np.mean(predicted_labels(reference[rows]) == labels))
+    return ExportResult(spec.name, context.quantize, target, target / spec.filename, size, diff, agreement,
+                        len(outputs), accuracy, float_accuracy)
+
+
+def _check(context: _Context, result: ExportResult) -> None:
+    """A float export must agree within the tolerance; a quantized one may lose at most
+    ``max_drop`` points (unless allowed)."""
+    if context.quantize == "none":
+        if not result.max_abs_diff <= FLOAT_TOLERANCE:
+            raise ExportError(f"the {result.format} export disagrees with the Keras model: max probability "
+                              f"difference {result.max_abs_diff:.3g} > {FLOAT_TOLERANCE:g} on {result.n_images} "
+                              "images; it was not written")
+        return
+    if result.drop_points > context.max_drop:
+        message = (f"the {result.format} {context.quantize} export loses {result.drop_points:.1f} accuracy points "
+                   f"({100 * result.accuracy:.1f}% vs {100 * result.float_accuracy:.1f}% for the float model) on "
+                   f"{len(context.sample.labels) or result.n_images} images, more than --max-drop "
+                   f"{context.max_drop:g}")
+        if not context.allow_drop:
+            raise ExportError(f"{message}; it was not written (pass --allow-drop to keep it)")
+        log.warning("%s; kept (--allow-drop)", message)
+
+
+def _record(context: _Context, spec: ExportFormat, result: ExportResult, details: dict, stats: dict,
+            seconds: float) -> dict:
+    from transferkit import __version__
+
+    sample = context.sample
+    return {
+        "format": spec.name,
+        "quantize": context.quantize,
+        "file": spec.filename,
+        "size_bytes": result.size_bytes,
+        "source_run": str(Path(context.run.path).resolve()),
+        "transferkit_version": __version__,
+        "details": details,
+        "verification": {
+            "process": "a fresh Python process that never imported transferkit",
+            "runtime": spec.runtime,
+            "reference": "the run's model.keras in Keras, computed in float32",
+            "images": result.n_images,
+            "source": sample.source,
+            "max_abs_diff": result.max_abs_diff,
+            "top1_agreement": result.top1_agreement,
+            "tolerance": FLOAT_TOLERANCE if context.quantize == "none" else None,
+            "load_seconds": stats.get("load_seconds"),
+        },
+        "accuracy": {
+            "exported": result.accuracy,
+            "keras_float32": result.float_accuracy,
+            "drop_points": result.drop_points,
+            "max_drop": context.max_drop if context.quantize != "none" else None,
+            "images": sample.labelled or result.n_images,
+            "labels": "true classes of the validation images" if sample.labelled
+            else "the float model's top class (no labelled data)",
+            "files": sample.files,
+        },
+        "seconds": seconds,
+    }
+
+
+def labels_payload(run, spec: ExportFormat, quantize: str) -> dict:
+    """labels.json of an export: what a program needs to feed it and read its outputs."""
+    from transferkit import __version__
+    from transferkit.outputs import output_activation, output_units
+
+    size = run.image_size
+    n_classes = len(run.class_names)
+    if spec.any_size:
+        dtype = "uint8" if spec.name == "savedmodel" else "float32"
+        image_input = {"shape": [None, None, None, 3], "dtype": dtype, "range": [0, 255], "layout": "NHWC, RGB",
+                       "resize": "model", "note": f"any height and width: resized inside to {size}x{size} "
+                       "(bilinear, antialiased), as the Keras model does"}
+    else:
+        image_input = {"shape": [None, size, size, 3], "dtype": "float32", "range": [0, 255], "layout": "NHWC, RGB",
+                       "resize": "caller", "note": f"images must be {size}x{size} already: resize them first "
+                       "(bilinear, antialiased); other sizes are refused"}
+    activation = output_activation(n_classes)
+    meaning = ("one unit: the probability of the second class, " + repr(run.class_names[1])
+               if n_classes == 2 else "one probability per class, in class_names order")
+    temperature = (run.metrics.get("calibration") or {}).get("temperature")
+    return {
+        "class_names": list(run.class_names),
+        "image_size": size,
+        "input_size": size,
+        "resize": image_input["resize"],
+        "input": image_input,
+        "output": {"shape": [None, output_units(n_classes)], "activation": activation, "meaning": meaning},
+        "output_activation": activation,
+        "head_activation": run.head_activation,
+        "calibration_temperature": temperature,
+        "backbone": run.backbone,
+        "precision": "float32",
+        "export_format": spec.name,
+        "quantize": quantize,
+        "transferkit_version": __version__,
+        "source_run": str(Path(run.path).resolve()),
+    }
+
+
+def readme_text(run, spec: ExportFormat, quantize: str) -> str:
+    """README.txt of an export: what it is and how to load it in three lines."""
+    labels = labels_payload(run, spec, quantize)
+    name = spec.name if quantize == "none" else f"{spec.name} ({quantize})"
+    snippet = "\n".join(f"    {line}" for line in spec.load.format(file=spec.filename).splitlines())
+    output = labels["output"]
+    return (
+        f"{name} export of the transferkit run {labels['source_run']}\n"
+        f"Runtime: {spec.runtime}. Classes: {', '.join(run.class_names)} (labels.json).\n"
+        f"Input: {labels['input']['dtype']} RGB 0..255, shape {labels['input']['shape']}; {labels['input']['note']}.\n"
+        f"Output: {output['activation']}, {output['meaning']}.\n"
+        f"Checked against the Keras model when written: see export.json.\n\n"
+        f"Load it in three lines (Python):\n{snippet}\n"
+    )
+
+
+def _describe(context: _Context, spec: ExportFormat, staging: Path, record: dict) -> None:
+    run, quantize = context.run, context.quantize
+    write_atomic(staging / "labels.json", json.dumps(labels_payload(run, spec, quantize), indent=2) + "\n")
+    write_atomic(staging / "README.txt", readme_text(run, spec, quantize))
+    write_atomic(staging / RECORD_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    retired = target.parent / f".{target.name}.replaced-{os.getpid()}"
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+    fsync_folder(target.parent)
+
+
+def _size(file: Path) -> int:
+    if file.is_dir():
+        return sum(path.stat().st_size for path in file.rglob("*") if path.is_file())
+    if file.suffix == ".xml":
+        return file.stat().st_size + file.with_suffix(".bin").stat().st_size
+    return file.stat().st_size
