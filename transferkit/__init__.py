@@ -88,13 +88,20 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.model.classifier import build_classifier
     from transferkit.model.fold import fold_batchnorm
     from transferkit.recipe import (
-        AugmentConfig, CacheConfig, DataConfig, HeadConfig, LossConfig, Recipe, StageConfig, load_recipe,
+        AugmentConfig,
+        CacheConfig,
+        DataConfig,
+        HeadConfig,
+        LossConfig,
+        Recipe,
+        StageConfig,
+        load_recipe,
     )
     from transferkit.runs import Run, load_run
     from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
-    from transferkit.tuning.search import tune
     from transferkit.tuning.diagnostics import check_learning
     from transferkit.tuning.lr_find import find_learning_rate
+    from transferkit.tuning.search import tune
     from transferkit.workflow import finetune, resume_finetune
 
 

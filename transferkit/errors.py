@@ -8,7 +8,9 @@ class names (1: the input or the run is wrong; 2: the command line or recipe is 
     ├── DataError          the image folder, a validation folder or an image cannot be used
     ├── WeightsError       backbone weights cannot be downloaded, found or loaded
     ├── EngineError        the inference engine asked for is not installed
-    └── RunError           a run folder cannot be written, found or read
+    ├── RunError           a run folder cannot be written, found or read
+    └── ExportError        an export cannot be written here, disagrees with the Keras model,
+                           loses more accuracy than allowed, or its folder exists already
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class EngineError(TransferkitError):
 
 class RunError(TransferkitError):
     """Raised when a run folder exists already, cannot be written, or is not a transferkit run."""
+
+
+class ExportError(TransferkitError):
+    """Raised when a format cannot be written here, disagrees with the Keras model, loses
+    more accuracy than allowed, or its output folder exists already."""
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

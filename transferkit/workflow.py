@@ -574,6 +574,9 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: d
             trained.model.save(folder / "model.h5")
         figures.result()
     extra = {"data_fingerprint": prepared["fingerprint"]}
+    if prepared.get("data_dir") is not None:  # where the data was (exports sample their check images there)
+        extra["data_dir"] = str(Path(prepared["data_dir"]).resolve())
+        extra["val_dir"] = str(Path(prepared["val_dir"]).resolve()) if prepared.get("val_dir") else None
     source = source_run(recipe.weights)
     recipe_text = recipe.to_toml()
     if source is not None:

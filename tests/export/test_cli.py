@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import transferkit
 from transferkit.cli import TENSORFLOW_COMMANDS, app
-from transferkit.export.formats import ExportError
+from transferkit.errors import ExportError
 
 runner = CliRunner()
 

@@ -12,8 +12,8 @@ import pytest
 
 import transferkit
 from transferkit.data.images import load_image
+from transferkit.errors import ExportError
 from transferkit.export.exporter import ExportResult, _check
-from transferkit.export.formats import ExportError
 from transferkit.outputs import predicted_labels
 
 

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferkit.export.formats import FORMATS, QUANTIZATIONS, ExportError, missing_packages
+from transferkit.errors import ExportError
+from transferkit.export.formats import FORMATS, QUANTIZATIONS, missing_packages
 from transferkit.files import write_atomic
 
 log = logging.getLogger("transferkit")

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.errors import ExportError
 from transferkit.export.formats import (
     DEFAULT_MAX_DROP,
     FLOAT_TOLERANCE,
     FORMATS,
-    ExportError,
     ExportFormat,
     check_quantization,
     get_format,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import ExportError
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 EXTRA_INSTALL = "pip install 'transferkit[export]'"
@@ -32,9 +32,6 @@ FLOAT_TOLERANCE = 1e-4
 DEFAULT_MAX_DROP = 1.0  # accuracy points a quantized export may lose before it is an error
 
 
-class ExportError(TransferkitError):
-    """Raised when a format cannot be written here, disagrees with the Keras model, loses
-    more accuracy than allowed, or its output folder exists already."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.export.formats import ExportError
+from transferkit.errors import ExportError
 
 # Run as ``python -c`` in an empty folder: nothing of transferkit is importable by accident
 # (a script run by its path would have transferkit/export/ on sys.path, whose onnx.py and
