@@ -1,6 +1,6 @@
 """Trained runs the export tests share and, per run, every format exported once and checked.
 
-The two-class run is a real ``finetune`` of the tiny VGG16 (59 MB of weights at any image
+The two-class run is the suite's shared ``binary_run``, a real ``finetune`` of the tiny VGG16 (59 MB of weights at any image
 size). The three-class run is the same classifier (``build_classifier``: resize + caffe
 preprocessing + backbone + head) on a small convolutional backbone trained here on the
 run's own split, written as finetune writes a run folder: every format converts the same
@@ -58,12 +58,6 @@ def small_backbone_run(data_dir, folder):
     runs.write_json(folder / "metrics.json", {"n_train": len(train), "n_val": len(val),
                                                "final": {"val_accuracy": float(val_accuracy)}})
     return runs.load_run(folder)
-
-
-@pytest.fixture(scope="session")
-def binary_run(binary_dir, tmp_path_factory):
-    """A tiny two-class run on ``binary_dir`` (one sigmoid unit)."""
-    return transferkit.finetune(binary_dir, None, TINY, output=tmp_path_factory.mktemp("export") / "binary", verbose=0)
 
 
 @pytest.fixture(scope="session")
