@@ -149,7 +149,9 @@ def test_resolved_recipe_round_trips_through_toml(tmp_path):
 
 def test_recipe_is_frozen():
     recipe = load_recipe()
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         recipe.image_size = 64
 
 
@@ -168,7 +170,8 @@ def test_a_stage_key_without_a_stage_says_how_to_name_one(key):
 
 
 def test_messages_speak_of_lists_and_of_where_the_value_came_from(tmp_path):
-    with pytest.raises(RecipeError, match=r"^head\.units = 512: expected a list, e\.g\. \[512\] \(in the built-in recipe with your settings\)$"):
+    expected = r"^head\.units = 512: expected a list, e\.g\. \[512\] \(in the built-in recipe with your settings\)$"
+    with pytest.raises(RecipeError, match=expected):
         load_recipe(None, {"head.units": 512})
     empty = tmp_path / "empty.toml"
     empty.write_text("stages = []\n")

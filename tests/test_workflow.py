@@ -167,7 +167,8 @@ def test_read_only_parent_is_refused_before_training(tmp_path, shapes_dir, monke
     parent.chmod(0o500)
     # Root can write anywhere, so let the permission check see what a normal user would.
     real_access = runs.os.access
-    monkeypatch.setattr(runs.os, "access", lambda path, mode: False if str(path) == str(parent) else real_access(path, mode))
+    monkeypatch.setattr(runs.os, "access",
+                        lambda path, mode: False if str(path) == str(parent) else real_access(path, mode))
     with pytest.raises(RunError, match="permission denied"):
         transferkit.finetune(shapes_dir, None, {"weights": "none", "image_size": 32}, output=parent / "run", verbose=0)
     assert list(parent.iterdir()) == []
@@ -201,7 +202,8 @@ def test_weights_that_cannot_be_loaded_leave_no_folder_behind(shapes_dir, tmp_pa
 
     monkeypatch.setattr(file_utils, "urlretrieve", no_network)
     with pytest.raises(WeightsError, match="--weights none"):
-        transferkit.finetune(shapes_dir, None, {"weights": "imagenet", "image_size": 32}, output=tmp_path / "run", verbose=0)
+        transferkit.finetune(shapes_dir, None, {"weights": "imagenet", "image_size": 32}, output=tmp_path / "run",
+                             verbose=0)
     assert [path.name for path in tmp_path.iterdir() if path.name != "keras-home"] == []
 
 

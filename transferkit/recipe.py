@@ -8,8 +8,9 @@ choices. The resolved recipe is frozen: steps receive the part they need and nev
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_serializer, model_validator

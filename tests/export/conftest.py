@@ -1,7 +1,7 @@
 """Trained runs the export tests share and, per run, every format exported once and checked.
 
-The two-class run is the suite's shared ``binary_run``, a real ``finetune`` of the tiny VGG16 (59 MB of weights at any image
-size). The three-class run is the same classifier (``build_classifier``: resize + caffe
+The two-class run is the suite's shared ``binary_run``, a real ``finetune`` of the tiny VGG16
+(59 MB of weights at any image size). The three-class run is the same classifier (``build_classifier``: resize + caffe
 preprocessing + backbone + head) on a small convolutional backbone trained here on the
 run's own split, written as finetune writes a run folder: every format converts the same
 layers, in a fraction of the time, so the many exports of the quantization and CLI tests

@@ -63,7 +63,8 @@ app.command("recipes")(info.recipes)
 
 # The commands that load Keras / TensorFlow; the others (listings, data checks) answer
 # without paying for TensorFlow's start-up.
-TENSORFLOW_COMMANDS = frozenset({"finetune", "predict", "evaluate", "explain", "lr-find", "tune", "export", "benchmark"})
+TENSORFLOW_COMMANDS = frozenset(
+    {"finetune", "predict", "evaluate", "explain", "lr-find", "tune", "export", "benchmark"})
 # Commands that load TensorFlow only with one of their flags: doctor checks learning with --model.
 TENSORFLOW_FLAGS = {"doctor": "--model"}
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,12 +25,14 @@ RecipeOption = Annotated[
     Optional[str],
     typer.Option("--recipe", "-r", help="Recipe TOML file, or a shipped recipe name (see `transferkit recipes`)."),
 ]
-BackboneOption = Annotated[Optional[str], typer.Option(help="Backbone: vgg16, vgg19 or resnet50 (recipe key: backbone).")]
+BackboneOption = Annotated[Optional[str], typer.Option(
+        help="Backbone: vgg16, vgg19 or resnet50 (recipe key: backbone).")]
 WeightsOption = Annotated[
     Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), PATH to a .h5 file, or a "
                                 "finished RUN_DIR (or its model.keras) to start from its backbone.")
 ]
-ImageSizeOption = Annotated[Optional[int], typer.Option(help="Side in pixels images are resized to (recipe key: image_size).")]
+ImageSizeOption = Annotated[Optional[int], typer.Option(
+        help="Side in pixels images are resized to (recipe key: image_size).")]
 BatchSizeOption = Annotated[Optional[int], typer.Option(help="Images per training step (recipe key: batch_size).")]
 SeedOption = Annotated[Optional[int], typer.Option(help="Random seed (recipe key: seed).")]
 SetOption = Annotated[
@@ -37,7 +40,8 @@ SetOption = Annotated[
     typer.Option("--set", help="Any recipe key, e.g. --set head.dropout=0.5 --set stages.1.unfreeze=2."),
 ]
 StageOption = Annotated[
-    int, typer.Option("--stage", help="Which stage of the recipe (0: the first, the head); earlier stages are trained first."),
+    int, typer.Option("--stage",
+            help="Which stage of the recipe (0: the first, the head); earlier stages are trained first."),
 ]
 EngineOption = Annotated[
     Optional[str],

@@ -30,11 +30,15 @@ def doctor(
     data_dir: DataDirArgument,
     recipe: RecipeOption = None,
     image_size: ImageSizeOption = None,
-    val_split: Annotated[Optional[float], typer.Option(help="Validation fraction, to check the split training would make for leakage.")] = None,
-    val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder to check against DATA_DIR instead of a split.")] = None,
+    val_split: Annotated[Optional[float], typer.Option(
+            help="Validation fraction, to check the split training would make for leakage.")] = None,
+    val_dir: Annotated[Optional[Path], typer.Option(
+            help="Validation folder to check against DATA_DIR instead of a split.")] = None,
     seed: SeedOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    model: Annotated[bool, typer.Option("--model", help="Check learning instead: initial loss, input, gradients, overfitting one batch, learning rate, validation loss (builds and trains the recipe's model briefly).")] = False,
+    model: Annotated[bool, typer.Option("--model",
+            help="Check learning instead: initial loss, input, gradients, overfitting one batch, learning rate, "
+                 "validation loss (builds and trains the recipe's model briefly).")] = False,
     stage: StageOption = 0,
     backbone: BackboneOption = None,
     weights: WeightsOption = None,
@@ -59,7 +63,7 @@ def doctor(
             overrides = recipe_overrides(set_values, backbone=backbone, weights=weights, image_size=image_size,
                                          batch_size=batch_size, val_split=val_split, seed=seed)
         except TransferkitError as error:
-            raise fail(error)
+            raise fail(error) from None
         doctor_model(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
     setup_logging()
     try:
@@ -72,8 +76,8 @@ def doctor(
         if json_output:
             # Scripts reading --json get JSON on stdout for a failure too.
             typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
-            raise typer.Exit(code=error.exit_code)
-        raise fail(error)
+            raise typer.Exit(code=error.exit_code) from None
+        raise fail(error) from None
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -103,5 +107,5 @@ def augment_preview(
             count=count, views=views, seed=resolved.seed,
         )
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     typer.echo(f"wrote {path}")

@@ -34,11 +34,17 @@ def tune(
     recipe: RecipeOption = None,
     trials: Annotated[int, typer.Option(help="Trials to run in this call (the study keeps earlier ones).")] = 20,
     timeout: Annotated[Optional[float], typer.Option(help="Start no trial after this many seconds.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by several workers: sqlite:///study.db, postgresql://..., journal:///shared/study.log; default OUT_DIR/study.db.")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+            help="Optuna storage URL shared by several workers: sqlite:///study.db, postgresql://..., "
+                 "journal:///shared/study.log; default OUT_DIR/study.db.")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name; default the data folder's name.")] = None,
-    metric: Annotated[str, typer.Option(metavar="[val_accuracy|val_loss]", help="Final validation figure to optimize (accuracy up, loss down).")] = "val_accuracy",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for best_recipe.toml, trials.csv, history.png, importance.png (and study.db); default runs/tune-<data-folder>.")] = None,
-    val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder with the same class sub-folders, instead of a split.")] = None,
+    metric: Annotated[str, typer.Option(metavar="[val_accuracy|val_loss]",
+            help="Final validation figure to optimize (accuracy up, loss down).")] = "val_accuracy",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+            help="Folder for best_recipe.toml, trials.csv, history.png, importance.png (and study.db); default "
+                 "runs/tune-<data-folder>.")] = None,
+    val_dir: Annotated[Optional[Path], typer.Option(
+            help="Validation folder with the same class sub-folders, instead of a split.")] = None,
     backbone: BackboneOption = None,
     weights: WeightsOption = None,
     image_size: ImageSizeOption = None,
@@ -66,7 +72,7 @@ def tune(
         summary = run_search(data_dir, recipe, overrides, trials=trials, timeout=timeout, storage=storage, study=study,
                              metric=metric, output=output, val_dir=val_dir, verbose=0 if quiet else 1)
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     typer.echo(summary.describe())
     if summary.interrupted:
         raise typer.Exit(code=130)

@@ -36,10 +36,13 @@ def lr_find(
     image_size: ImageSizeOption = None,
     batch_size: BatchSizeOption = None,
     set_values: SetOption = None,
-    val_dir: Annotated[Optional[Path], typer.Option(help="Validation folder, instead of the recipe's split (only training images are used).")] = None,
+    val_dir: Annotated[Optional[Path], typer.Option(
+            help="Validation folder, instead of the recipe's split (only training images are used).")] = None,
     min_lr: Annotated[float, typer.Option(help="Lowest learning rate tried.")] = 1e-7,
-    max_lr: Annotated[float, typer.Option(help="Highest learning rate tried (the test stops earlier when the loss diverges).")] = 10.0,
-    steps: Annotated[Optional[int], typer.Option(help="Steps over the range; default 8 passes over the training batches, 50..200.")] = None,
+    max_lr: Annotated[float, typer.Option(
+            help="Highest learning rate tried (the test stops earlier when the loss diverges).")] = 10.0,
+    steps: Annotated[Optional[int], typer.Option(
+            help="Steps over the range; default 8 passes over the training batches, 50..200.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The plot to write (PNG).")] = Path("lr_find.png"),
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOption = False,
@@ -59,7 +62,7 @@ def lr_find(
                                     max_lr=max_lr, steps=steps, output=output,
                                     verbose=0 if quiet or json_output else 1)
     except TransferkitError as error:
-        raise fail(error)
+        raise fail(error) from None
     typer.echo(json.dumps(result.to_dict()) if json_output else result.describe())
     raise typer.Exit(code=0 if result.suggestion is not None else 1)
 
@@ -76,7 +79,7 @@ def doctor_model(data_dir: Path, recipe: str | None, overrides: dict, *, stage: 
     except TransferkitError as error:
         if json_output:
             typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
-            raise typer.Exit(code=error.exit_code)
-        raise fail(error)
+            raise typer.Exit(code=error.exit_code) from None
+        raise fail(error) from None
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
     raise typer.Exit(code=0 if report.passed else 1)

@@ -68,7 +68,8 @@ def source_run(weights: str | os.PathLike) -> SourceRun | None:
     try:
         labels = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise WeightsError(f"--weights {weights}: {folder / LABELS_FILE} cannot be read ({first_line(error)})") from error
+        raise WeightsError(
+            f"--weights {weights}: {folder / LABELS_FILE} cannot be read ({first_line(error)})") from error
     return SourceRun(folder, model_path, labels)
 
 

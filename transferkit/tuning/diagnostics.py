@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -297,7 +297,7 @@ def _overfit_one_batch(setup: StageSetup) -> LearningCheck:
                              advice, 0.0)
     setup.compile(rate)
     accuracy, steps = 0.0, 0
-    for steps in range(OVERFIT_EVERY, OVERFIT_STEPS + 1, OVERFIT_EVERY):
+    for steps in range(OVERFIT_EVERY, OVERFIT_STEPS + 1, OVERFIT_EVERY):  # noqa: B007 (read after the loop)
         for _ in range(OVERFIT_EVERY):
             setup.model.train_on_batch(x, y)
         outputs = np.asarray(setup.model(x, training=False))
