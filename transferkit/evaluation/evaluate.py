@@ -216,7 +216,7 @@ def evaluate_folder(
         RunError: the run cannot be loaded.
     """
     from transferkit.evaluation.metrics import classification_metrics
-    from transferkit.inference.predict import engine_outputs
+    from transferkit.inference.predict import stream_outputs
     from transferkit.outputs import class_probabilities
     from transferkit.runs import load_run
 
@@ -231,24 +231,10 @@ def evaluate_folder(
     if not files:
         raise DataError(f"{folder} holds no image files in its class folders")
     forward, variants = _engine(run, engine, precision, tta)
-    kept: list[int] = []
-    done = 0
-
-    def advance(count: int) -> None:
-        nonlocal done
-        done += count
-        if progress is not None and count:
-            progress(done, len(files))
-
-    def batches():
-        for indices, images, batch_skipped in stream_batches(files, run.image_size, batch_size):
-            skipped.extend(batch_skipped)
-            advance(len(batch_skipped))
-            if len(images):
-                kept.extend(indices)
-                yield images
-
-    outputs = engine_outputs(forward, batches(), batch_size, finished=advance)
+    kept_files, outputs, unreadable = stream_outputs(forward, files, run.image_size, batch_size, progress)
+    skipped.extend(unreadable)
+    readable = set(kept_files)  # in the order of ``files``, as the outputs are
+    kept = [row for row, path in enumerate(files) if path in readable]
     if not kept:
         first, reason = skipped[0]
         raise DataError(f"no image could be evaluated: all {len(skipped)} image files under {folder} are "
@@ -266,7 +252,9 @@ def evaluate_folder(
 
 
 def _engine(run, engine, precision: str, tta: bool):
-    """The forward engine for the run, and the TTA variants it averages over."""
+    """The forward engine for the run (``predict.engine_for``), and the TTA variants it averages over."""
+    from transferkit.inference.predict import engine_for
+
     if not isinstance(engine, str):
         return engine, tuple(getattr(engine, "variants", ()))
     if tta:
@@ -274,39 +262,7 @@ def _engine(run, engine, precision: str, tta: bool):
 
         forward = tta_engine(run, engine, precision)
         return forward, forward.variants
-    from transferkit.inference.engines import inference_engine
-    from transferkit.inference.openvino import claim_engine_cache
-
-    forward = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
-                               precision=precision, input_dtype="uint8")
-    return forward, ()
-
-
-def stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[list[int], np.ndarray, list]]:
-    """Decode the next batch in a background thread while the current one is classified.
-
-    Yields:
-        (indices into ``files`` of the decoded images, uint8 (n, size, size, 3) images,
-        [(path, reason)] of the batch's unreadable files; ``decode_images`` warns of those).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from transferkit.data.images import decode_images
-    from transferkit.inference.engines import yield_to_engine
-
-    def decode(start: int):
-        chunk = files[start : start + batch_size]
-        # One decoding thread: it runs beside the engine, which uses every core itself.
-        images, kept, skipped = decode_images(chunk, size, workers=1)
-        return [start + int(i) for i in kept], images, skipped
-
-    starts = list(range(0, len(files), batch_size))
-    with ThreadPoolExecutor(max_workers=1, initializer=yield_to_engine) as pool:
-        pending = pool.submit(decode, starts[0]) if starts else None
-        for next_start in starts[1:] + [None]:
-            current = pending.result()
-            pending = pool.submit(decode, next_start) if next_start is not None else None
-            yield current
+    return engine_for(run, engine, precision), ()
 
 
 def default_output(result: EvaluationResult) -> Path:

@@ -113,8 +113,8 @@ def predict_folder(
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     folder = Path(folder)
     listing = list_images(folder)
-    forward = _engine_for(run, engine, precision)
-    kept, outputs, unreadable = _stream_outputs(forward, listing.files, run.image_size, batch_size, progress)
+    forward = engine_for(run, engine, precision)
+    kept, outputs, unreadable = stream_outputs(forward, listing.files, run.image_size, batch_size, progress)
     # decode_images warned about the files it could not read; the walk's finds are told here
     for path, reason in listing.skipped:
         log.warning("skipping %s: %s", path, reason)
@@ -175,7 +175,7 @@ def _loaded(run):
     return run
 
 
-def _engine_for(run, engine, precision: str):
+def engine_for(run, engine, precision: str):
     """The engine named (built for the run, its network cached in the run's engine cache
     folder), or the ``ForwardEngine`` given, as it is."""
     if not isinstance(engine, str):
@@ -187,7 +187,7 @@ def _engine_for(run, engine, precision: str):
                             precision=precision, input_dtype="uint8")
 
 
-def _stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,
+def stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,
                     progress: Callable[[int, int], None] | None):
     """Decode and predict the files batch by batch.
 
