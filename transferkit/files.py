@@ -77,6 +77,25 @@ def write_atomic(path: str | os.PathLike, content: str | bytes, encoding: str = 
     return path
 
 
+def replace_folder(staging: Path, target: Path) -> Path:
+    """Put a filled staging folder in place of ``target`` (which may exist): the old folder
+    is moved aside, the staging folder renamed to ``target``, the old one removed, and the
+    rename flushed to disk. A reader sees the old folder or the new one, never a mixture.
+
+    Returns:
+        ``target``.
+    """
+    import shutil
+
+    retired = target.parent / f".{target.name}.replaced-{os.getpid()}"
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+    fsync_folder(target.parent)
+    return target
+
+
 def existing_ancestor(path: Path) -> Path:
     """The nearest part of ``path`` that exists (``path`` itself when it does): where a
     folder that is not there yet would be created."""

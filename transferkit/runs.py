@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import RunError, first_line
-from transferkit.files import existing_ancestor, fsync_file, fsync_folder, write_atomic
+from transferkit.files import existing_ancestor, fsync_file, fsync_folder, replace_folder, write_atomic
 from transferkit.outputs import output_units
 
 LABELS_FILE = "labels.json"
@@ -197,13 +197,7 @@ def save_run(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _flush_tree(staging)
-    retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
-    if output.exists():
-        os.replace(output, retired)
-    os.replace(staging, output)
-    shutil.rmtree(retired, ignore_errors=True)
-    fsync_folder(output.parent)
-    return output
+    return replace_folder(staging, output)
 
 
 def _flush_tree(folder: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
+from transferkit.files import replace_folder
 
 log = logging.getLogger("transferkit")
 
@@ -325,12 +326,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    retired = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, retired)
-    os.replace(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
-    return out_dir
+    return replace_folder(staging, out_dir)
 
 
 def _write_contents(result: EvaluationResult, folder: Path) -> None:

@@ -38,7 +38,7 @@ from transferkit.export.formats import (
     missing_packages,
     require_packages,
 )
-from transferkit.files import fsync_folder, write_atomic
+from transferkit.files import replace_folder, write_atomic
 
 log = logging.getLogger("transferkit")
 
@@ -426,12 +426,7 @@ def _describe(context: _Context, spec: ExportFormat, staging: Path, record: dict
 
 
 def _publish(staging: Path, target: Path) -> None:
-    retired = target.parent / f".{target.name}.replaced-{os.getpid()}"
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
-    fsync_folder(target.parent)
+    replace_folder(staging, target)
 
 
 def _size(file: Path) -> int:
