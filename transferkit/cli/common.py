@@ -53,6 +53,13 @@ PrecisionOption = Annotated[
     typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU/GPU runs it fast), float32, bfloat16 "
                  "or float16 (recipe key: precision)."),
 ]
+# The inference engine and precision of the commands that run a saved model (predict, evaluate).
+InferenceEngineOption = Annotated[str, typer.Option(
+    "--engine", metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")]
+InferencePrecisionOption = Annotated[str, typer.Option(
+    "--precision", metavar=choices(PRECISIONS),
+    help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
+         "or float16 (16 bits only).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="More messages (engines, caches, decisions).")]
 DataDirArgument = Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")]

@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from transferkit.cli.common import VerboseOption, check_choice, check_positive, choices, fail, setup_logging
+from transferkit.cli.common import (
+    InferenceEngineOption,
+    InferencePrecisionOption,
+    VerboseOption,
+    check_choice,
+    check_positive,
+    fail,
+    setup_logging,
+)
 from transferkit.errors import TransferkitError
 from transferkit.runtime import ENGINES, PRECISIONS
 
@@ -24,11 +32,8 @@ def evaluate(
     tta: Annotated[bool, typer.Option("--tta",
             help="Average over the recipe's test-time variants (tta.transforms).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    engine: Annotated[str, typer.Option(metavar=choices(ENGINES),
-            help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS),
-            help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32, bfloat16 or "
-                 "float16.")] = "auto",
+    engine: InferenceEngineOption = "auto",
+    precision: InferencePrecisionOption = "auto",
     force: ForceOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     verbose: VerboseOption = False,

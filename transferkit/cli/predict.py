@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit.cli.common import (
+    InferenceEngineOption,
+    InferencePrecisionOption,
     VerboseOption,
     check_choice,
     check_positive,
-    choices,
     fail,
     setup_logging,
 )
@@ -26,11 +27,8 @@ def predict(
             help="Write the predictions to FILE.csv or FILE.json.")] = None,
     top_k: Annotated[int, typer.Option(help="How many classes to list per image.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    engine: Annotated[str, typer.Option(metavar=choices(ENGINES),
-            help="auto (OpenVINO on CPU when installed), keras or openvino.")] = "auto",
-    precision: Annotated[str, typer.Option(metavar=choices(PRECISIONS),
-            help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
-                 "or float16 (16 bits only).")] = "auto",
+    engine: InferenceEngineOption = "auto",
+    precision: InferencePrecisionOption = "auto",
     tta: Annotated[bool, typer.Option("--tta",
             help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
