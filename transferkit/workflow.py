@@ -110,6 +110,7 @@ def train_prepared(
     *,
     callbacks=(),
     calibrate: bool | None = None,
+    feature_cache=None,
     force: bool = False,
     save_h5: bool = False,
     verbose: int = 1,
@@ -126,6 +127,10 @@ def train_prepared(
         callbacks: extra Keras callbacks for every stage, told of one epoch count across
             stages only through their own counting (each stage is one ``fit``); default none.
         calibrate: fit the confidence temperature; default None (the recipe's ``calibrate``).
+        feature_cache: a ``training.features.FeatureCache`` shared by several trainings on
+            the same ``prepared`` data: a training whose frozen part computes what an earlier
+            one's did takes the cached features from it (values equal up to float rounding
+            from another batch grouping); default None (each training computes its own).
         force: replace an existing run folder; default False.
         save_h5: also write model.h5; default False.
         verbose: 0 silent, 1 progress bars and stage lines; default 1.
@@ -139,15 +144,16 @@ def train_prepared(
     from transferkit import runs
 
     if output is None:
-        return _train(prepared, recipe, None, None, force, save_h5, verbose, callbacks=callbacks, calibrate=calibrate)
+        return _train(prepared, recipe, None, None, force, save_h5, verbose, callbacks=callbacks, calibrate=calibrate,
+                      feature_cache=feature_cache)
     output = runs.named_folder(output)
     runs.check_writable(output, force, data_folders=(prepared["data_dir"], prepared["val_dir"]))
     return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose, callbacks=callbacks,
-                       calibrate=calibrate)
+                       calibrate=calibrate, feature_cache=feature_cache)
 
 
 def _train_into(prepared: dict, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
-                callbacks=(), calibrate: bool | None = None):
+                callbacks=(), calibrate: bool | None = None, feature_cache=None):
     """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
     from transferkit.training.checkpoint import TrainingInterrupted, WorkFolder
 
@@ -163,7 +169,7 @@ def _train_into(prepared: dict, recipe: Recipe, output: Path, *, force: bool, sa
     work = WorkFolder.create(output, job, recipe.to_toml(), force)
     try:
         return _train(prepared, recipe, output, work, force, save_h5, verbose, callbacks=callbacks,
-                      calibrate=calibrate)
+                      calibrate=calibrate, feature_cache=feature_cache)
     except TrainingInterrupted:
         raise
     except BaseException:
@@ -336,7 +342,7 @@ class _Trained:
 
 
 def _train(prepared: dict, recipe: Recipe, output: Path | None, work, force: bool, save_h5: bool, verbose: int,
-           callbacks=(), calibrate: bool | None = None):
+           callbacks=(), calibrate: bool | None = None, feature_cache=None):
     """Build (or load from the checkpoint) the model, run the stages, evaluate, save the run
     (without ``work``, nothing is written: no checkpoints, no run folder)."""
     import keras
@@ -350,7 +356,8 @@ def _train(prepared: dict, recipe: Recipe, output: Path | None, work, force: boo
     n_classes = len(prepared["class_names"])
     model, policy = _build_or_load_model(recipe, n_classes, work, verbose)
     train_batches, val_batches = _batches(prepared, recipe)
-    result = _run_training(model, recipe, train_batches, val_batches, n_classes, work, output, verbose, callbacks)
+    result = _run_training(model, recipe, train_batches, val_batches, n_classes, work, output, verbose, callbacks,
+                           feature_cache)
     trained = _Trained(model, policy, result.history)
     if recipe.tensorboard and work is not None:
         trained.tensorboard = work.path / "tensorboard"
@@ -429,7 +436,7 @@ def _batches(prepared: dict, recipe: Recipe):
 
 
 def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: int, work, output: Path | None,
-                  verbose: int, extra_callbacks=()):
+                  verbose: int, extra_callbacks=(), feature_cache=None):
     """Run the recipe's stages under the signal handlers (checkpointing into ``work``, when
     there is one); an interruption becomes one ``TrainingInterrupted`` that says what was kept.
 
@@ -458,7 +465,8 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
     callbacks += tuple(extra_callbacks)
     options = training_stages.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
-                                           forward_factory=forward_factory, callbacks=callbacks)
+                                           forward_factory=forward_factory, callbacks=callbacks,
+                                           feature_cache=feature_cache, forward_key=(recipe.engine, recipe.precision))
     try:
         with stop_on_signals(StopFlag()) as stop:
             result = training_stages.run_stages(

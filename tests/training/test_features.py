@@ -436,3 +436,118 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
                    StageOptions(verbose=0, cache=CacheConfig(), forward_factory=stopping_factory,
                                 callbacks=[Stopping()]),
                    Checkpointing(stop=stop))
+
+
+# --- features shared across runs (a study's trials) ------------------------------------------
+
+
+def shared_plan(model, unfreezes, data, cache, *, augment=AugmentConfig(rotation=20.0), context=("auto", "auto"),
+                forward_factory=None):
+    from transferkit.data.augment import build_augmenter
+    from transferkit.training.features import FeaturePlan
+    from transferkit.training.stages import default_forward
+
+    train_images, val_images = data
+    factory = (lambda: build_augmenter(augment)) if augment else None
+    train = ImageBatches(train_images, encode_targets(np.arange(len(train_images)) % 3, 3), 4, shuffle=True, seed=1,
+                         augmenter_factory=factory)
+    val = ImageBatches(val_images, encode_targets(np.arange(len(val_images)) % 3, 3), 4)
+    stages = [StageConfig(epochs=2, unfreeze=unfreeze) for unfreeze in unfreezes]
+    return FeaturePlan(model, REGISTRY["vgg16"], stages, train, val, CacheConfig(enabled=True, views=2),
+                       forward_factory or default_forward, seed=1, shared=cache, context=context)
+
+
+def counting(calls: list):
+    """A forward factory that records the number of outputs of each extractor it is given."""
+    from transferkit.training.stages import default_forward
+
+    def factory(extractor):
+        calls.append(len(extractor.outputs))
+        return default_forward(extractor)
+
+    return factory
+
+
+def test_a_shared_cache_serves_a_later_run_whose_frozen_part_is_the_same():
+    from transferkit.training.features import FeatureCache
+
+    cache = FeatureCache()
+    data = (images(12), images(6, seed=5))
+    first = shared_plan(build("vgg16", seed=6), [0, 1], data, cache)
+    head, fine = first.stage_inputs(0), first.stage_inputs(1)
+    assert head.computed and not fine.computed
+    first.stage_done(0)
+    first.close()  # the cache keeps both boundaries, every view stored
+    assert len(cache) == 2 and head.train.store.complete() and fine.train.store.complete()
+    # Another model with the same weights (same seed), the same images and augmentation.
+    calls = []
+    again = shared_plan(build("vgg16", seed=6), [0, 1], data, cache, forward_factory=counting(calls))
+    head_again, fine_again = again.stage_inputs(0), again.stage_inputs(1)
+    assert calls == [] and not head_again.computed and not fine_again.computed
+    assert head_again.train.store is head.train.store and fine_again.val.store is fine.val.store
+    np.testing.assert_array_equal(head_again.calibration, head.calibration)
+    again.close()
+    assert len(cache) == 2 and cache.hits == 2 and cache.misses == 2
+    # A deeper fine stage: the head's features come from the cache, the pass computes only
+    # the new boundary, and gets what a run of its own computes.
+    calls = []
+    deeper = shared_plan(build("vgg16", seed=6), [0, 2], data, cache, forward_factory=counting(calls))
+    deeper_fine = deeper.stage_inputs(1)
+    assert calls == [1] and deeper_fine.computed
+    assert deeper.stage_inputs(0).train.store is head.train.store
+    own = plan_for(build("vgg16", seed=6), [0, 2], augment=AugmentConfig(rotation=20.0))  # the same images
+    own_fine = own.stage_inputs(1)
+    own_fine.train.store.wait_for()
+    deeper_fine.train.store.wait_for()
+    np.testing.assert_allclose(deeper_fine.train.store.array, own_fine.train.store.array, rtol=1e-5, atol=1e-5)
+    own.close()
+    deeper.close()
+    cache.close()
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("change", ["weights", "augmentation", "engine", "images"])
+def test_a_shared_cache_never_serves_features_computed_otherwise(change):
+    from transferkit.training.features import FeatureCache
+
+    cache = FeatureCache()
+    data = (images(12), images(6, seed=5))
+    shared_plan(build("vgg16", seed=6), [0], data, cache).stage_inputs(0)
+    calls = []
+    other = {
+        "weights": dict(model=build("vgg16", seed=7)),
+        "augmentation": dict(augment=AugmentConfig(rotation=10.0)),
+        "engine": dict(context=("openvino", "float32")),
+        "images": dict(data=(data[0].copy(), data[1])),  # equal values, another array
+    }[change]
+    arguments = {"model": build("vgg16", seed=6), "data": data, **other}
+    model, data_used = arguments.pop("model"), arguments.pop("data")
+    plan = shared_plan(model, [0], data_used, cache, forward_factory=counting(calls), **arguments)
+    assert plan.stage_inputs(0).computed and calls == [1]
+    assert cache.hits == 0 and len(cache) == 2
+    cache.close()
+
+
+def test_the_shared_cache_releases_the_least_recently_used_stores_it_may():
+    from transferkit.training.features import FeatureCache
+
+    def entry():
+        return FeatureStore(1, 256, (1024,), "float32", 100), FeatureStore(1, 256, (1024,), "float32", 100)  # 2 MB
+
+    cache = FeatureCache(max_entries=3)
+    for name in "abc":
+        cache.keep((name,), entry(), views=1)
+    assert cache.memory_mb() == pytest.approx(6)
+    assert cache.lookup(("a",), views=1) is not None  # now the most recently used
+    assert cache.lookup(("b",), views=2) is None  # it holds fewer views than asked
+    cache.make_room(needed_mb=2, memory_mb=6, keep=[("b",)])
+    # Room for 2 MB more within 6 MB: "c" goes (the least recently used that may go; "b" is
+    # kept), and then there is room.
+    assert cache.lookup(("c",), views=1) is None
+    assert cache.lookup(("b",), views=1) is not None and cache.lookup(("a",), views=1) is not None
+    assert len(cache) == 2 and cache.memory_mb() == pytest.approx(4)
+    cache.keep(("d",), entry(), views=1)
+    cache.make_room(needed_mb=0, memory_mb=100)  # three entries at most: room for one more
+    assert len(cache) == 2 and cache.lookup(("b",), views=1) is None  # "b" was used longest ago
+    cache.close()
+    assert cache.memory_mb() == 0

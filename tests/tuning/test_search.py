@@ -50,13 +50,34 @@ def stored(output: Path, name: str):
     return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{output / 'study.db'}"))
 
 
+# The feature caches of the studies the ``searched`` fixture ran.
+CACHES: list = []
+
+
 @pytest.fixture(scope="module")
 def searched(shapes_dir, tmp_path_factory):
     """Two real trials on the tiny shapes: (summary, output folder)."""
+    from transferkit.training.features import FeatureCache
+
+    class Recorded(FeatureCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            CACHES.append(self)
+
     folder = tmp_path_factory.mktemp("tune")
     output = folder / "out"
-    summary = tune(shapes_dir, write_recipe(folder, SPACE), SEARCH, trials=2, output=output, verbose=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("transferkit.training.features.FeatureCache", Recorded)
+        summary = tune(shapes_dir, write_recipe(folder, SPACE), SEARCH, trials=2, output=output, verbose=0)
     return summary, output
+
+
+def test_trials_with_the_same_frozen_part_share_its_features(searched):
+    # The space varies the head's rate and width only: the first trial computes the features
+    # of both stages' boundaries, the second takes both from the study's cache.
+    (cache,) = CACHES
+    assert (cache.misses, cache.hits) == (2, 2)
+    assert len(cache) == 0  # released when the study's call ended
 
 
 def test_a_tiny_search_writes_every_output(searched):

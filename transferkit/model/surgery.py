@@ -1,5 +1,6 @@
 """Model surgery on a classifier: walking its layers, what trains in a stage, where the frozen
-part ends, and the two models cut at that boundary (the frozen extractor and the trainable top).
+part ends, the two models cut at that boundary (the frozen extractor and the trainable top),
+and a digest of the weights below it (what says two runs' frozen parts compute the same).
 """
 
 from __future__ import annotations
@@ -74,6 +75,36 @@ def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):
     images = keras.Input(shape=(image_size, image_size, 3), name="image")
     frozen = keras.Model(backbone.input, ends if len(ends) > 1 else ends[0], name="frozen_part")
     return keras.Model(images, frozen(model.get_layer("preprocessing")(images)), name="extractor")
+
+
+def frozen_digest(model, spec: BackboneSpec, first_open: int) -> str:
+    """A digest of the weights below a block boundary (the preprocessing layer's and the
+    backbone's layers before block ``first_open``): two models whose digests agree compute
+    the same features at that boundary.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        spec: the backbone's registry entry.
+        first_open: 1..``len(spec.blocks)`` (``len(spec.blocks)``: the whole backbone).
+
+    Returns:
+        A hex digest of the weights' values, shapes and dtypes.
+    """
+    import hashlib
+
+    import numpy as np
+
+    backbone = model.get_layer("backbone")
+    layers = list(backbone.layers)
+    if first_open < len(spec.blocks):
+        layers = layers[: layers.index(_boundary_layer(backbone, spec, first_open)) + 1]
+    digest = hashlib.blake2b(digest_size=16)
+    for layer in [model.get_layer("preprocessing"), *layers]:
+        for weight in layer.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(f"{layer.name}/{weight.path}:{value.dtype}{value.shape}".encode())
+            digest.update(value.data)
+    return digest.hexdigest()
 
 
 def _boundary_layer(backbone, spec: BackboneSpec, first_open: int):

@@ -8,7 +8,10 @@ uses view ``e mod views``; every epoch after the views are computed costs only t
 A stage starts training as soon as the first view is stored: the later views are
 computed in the background while the first epochs train (epoch ``e`` waits for its view).
 
-Features live in memory up to a budget and in a memory-mapped file beyond it.
+Features live in memory up to a budget and in a memory-mapped file beyond it. A
+``FeatureCache`` keeps them across runs on the same images (a study's trials): a later run
+whose frozen part has the same weights, augmentation, seed and engine trains on them without
+a pass of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +30,7 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
-from transferkit.model.surgery import extractor_at, trainable_at
+from transferkit.model.surgery import extractor_at, frozen_digest, trainable_at
 from transferkit.progress import progress_bar
 
 log = logging.getLogger("transferkit")
@@ -66,6 +70,10 @@ class FeatureStore:
         background computation."""
         if self.filler is not None:
             self.filler.wait(self.shape[0] - 1 if view is None else view)
+
+    def complete(self) -> bool:
+        """Every view is stored (none is still being computed, none was left out)."""
+        return self.filler is None or self.filler.complete(self.shape[0] - 1)
 
     def close(self) -> None:
         """Release the memory map, and with it its file's space (after the background
@@ -138,6 +146,11 @@ class _ViewFiller:
             if self._error is not None:
                 raise self._error
         raise RuntimeError(f"view {view} of the cached features was not computed (cancelled)")
+
+    def complete(self, view: int) -> bool:
+        """Views up to ``view`` are stored (without waiting)."""
+        with self._changed:
+            return self._complete > view
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -368,6 +381,76 @@ class CachedStage:
     computed: bool
 
 
+class FeatureCache:
+    """Feature stores kept across runs on the same images, for runs that compute the same
+    features: the trials of a study.
+
+    A run's ``FeaturePlan`` given the cache looks each boundary's features up before it runs
+    the frozen part, and hands what it computes to the cache. A store serves a later run
+    whose frozen part below that boundary has the same weights (a digest of their values),
+    on the same image arrays, with the same augmentation pipeline and seed, storage dtype and
+    engine, that trains on no more views than it holds. The cache owns its stores: a run
+    leaves them complete (it waits for views still computed in the background, unless it
+    was asked to stop) and the cache releases the least recently used ones beyond the
+    memory budget a run asks for and beyond ``max_entries``.
+
+    Args:
+        max_entries: stores (per boundary, training and validation together) kept at most;
+            default 8.
+    """
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[tuple[FeatureStore, FeatureStore], int, tuple]] = OrderedDict()
+        self.hits = 0  # boundaries a run took from the cache
+        self.misses = 0  # boundaries a run computed
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: tuple, views: int) -> tuple[FeatureStore, FeatureStore] | None:
+        """The (training, validation) stores under ``key`` when they hold ``views`` views."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] < views:
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def keep(self, key: tuple, stores: tuple[FeatureStore, FeatureStore], views: int, holds: tuple = ()) -> None:
+        """Own ``stores`` (``views`` views each) under ``key``; ``holds``: objects whose
+        identity the key names (the image arrays), kept alive as long as the entry."""
+        self.misses += 1
+        self.drop(key)
+        self._entries[key] = (stores, views, holds)
+
+    def drop(self, key: tuple) -> None:
+        """Release the stores under ``key`` (if any)."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            for store in entry[0]:
+                store.close()
+
+    def memory_mb(self) -> float:
+        """Megabytes of the stores held in memory (not spilled)."""
+        return sum(store.nbytes for stores, _, _ in self._entries.values() for store in stores
+                   if not store.on_disk) / 2**20
+
+    def make_room(self, needed_mb: float, memory_mb: float, keep=()) -> None:
+        """Release least recently used stores (never those under the keys in ``keep``) until
+        ``needed_mb`` more fit within ``memory_mb`` and one more entry fits ``max_entries``."""
+        keep = set(keep)
+        for key in [key for key in self._entries if key not in keep]:
+            if self.memory_mb() + needed_mb <= memory_mb and len(self._entries) < self.max_entries:
+                break
+            self.drop(key)
+
+    def close(self) -> None:
+        """Release every store."""
+        for key in list(self._entries):
+            self.drop(key)
+
+
 class FeaturePlan:
     """The frozen-part features of a run's stages, computed once for all stages that can share them.
 
@@ -394,10 +477,16 @@ class FeaturePlan:
         verbose: log what is computed, with a progress bar.
         stop: a ``StopFlag``; a feature pass stops early once it is set (the caller then
             stops training). Default None.
+        shared: a ``FeatureCache`` to take features from and give them to (the stores are
+            then the cache's, and a pass computes only the boundaries it lacks); default
+            None (the plan's own stores, released as its stages end).
+        context: what else the features depend on for the shared cache: the engine and
+            precision ``forward_factory`` runs the frozen part in; default ().
     """
 
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
-                 *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None):
+                 *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None,
+                 shared: FeatureCache | None = None, context: tuple = ()):
         self.model, self.spec, self.stages = model, spec, list(stages)
         # A StopFlag: a pass stops early once a signal asked training to stop.
         self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
@@ -407,6 +496,9 @@ class FeaturePlan:
         self.augmenter_factory = getattr(train_data, "augmenter_factory", None)
         # (source, boundary) -> (training store, validation store)
         self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
+        self.shared, self.context = shared, tuple(context)
+        # (source, boundary) -> its key in the shared cache
+        self._shared_keys: dict[tuple[int, int], tuple] = {}
 
     def boundary(self, index: int) -> int:
         """First block that stage ``index`` trains (``len(blocks)``: head only; 0: all)."""
@@ -442,9 +534,7 @@ class FeaturePlan:
         own = self.boundary(index)
         if own <= 0:
             return None
-        computed = self._key(index) not in self._stores
-        if computed:
-            self._compute_from(index)
+        computed = self._key(index) not in self._stores and self._compute_from(index)
         train_store, val_store = self._stores[self._key(index)]
         data = self.train_data
         # The order of the images' own batches (their seed), so that a cached stage sees the
@@ -462,22 +552,37 @@ class FeaturePlan:
         """Release the stores no later stage trains on."""
         later = {self._key(j) for j in self._cached_from(index + 1)}
         for key in [key for key in self._stores if key not in later]:
-            for store in self._stores.pop(key):
-                store.close()
+            self._release(key)
 
     def close(self) -> None:
-        """Stop any background computation and release every store."""
-        for stores in self._stores.values():
+        """Stop any background computation and release every store (a shared cache keeps
+        the complete ones)."""
+        stopping = self.stop_requested is not None and self.stop_requested()
+        for key, stores in self._stores.items():
             for store in stores:
-                if store.filler is not None:
+                if store.filler is not None and (key not in self._shared_keys or stopping):
                     store.filler.cancel()
-        for stores in self._stores.values():
+        for key in list(self._stores):
+            self._release(key)
+
+    def _release(self, key: tuple[int, int]) -> None:
+        """Close a store of the plan's own; leave a shared one to the cache, complete (its
+        later views waited for) or, where they were cancelled, dropped."""
+        stores = self._stores.pop(key)
+        shared_key = self._shared_keys.pop(key, None)
+        if shared_key is None:
             for store in stores:
                 store.close()
-        self._stores.clear()
+            return
+        for store in stores:
+            if store.filler is not None:
+                store.filler.join()
+        if not all(store.complete() for store in stores):
+            self.shared.drop(shared_key)
 
-    def _compute_from(self, index: int) -> None:
-        """One pass over the images for stage ``index`` and every later stage sharing its source."""
+    def _compute_from(self, index: int) -> bool:
+        """One pass over the images for stage ``index`` and every later stage sharing its
+        source (the boundaries a shared cache lacks). Returns whether a pass ran."""
         source = self.source(index)
         # The network has an output for every stage of the run with this source, needed now
         # or not (a store of 0 views costs nothing): a resumed run then runs the very network
@@ -487,12 +592,26 @@ class FeaturePlan:
         served = [j for j in group if j >= index and self._key(j) not in self._stores]
         boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
         views = [max((self.views(j) for j in served if self.boundary(j) == b), default=0) for b in boundaries]
+        shared_keys = {}
+        if self.shared is not None:
+            shared_keys = self._take_shared(source, boundaries, views)
+            wanted = [(b, count) for b, count in zip(boundaries, views) if count and (source, b) not in self._stores]
+            if not wanted:
+                return False
+            boundaries, views = [b for b, _ in wanted], [count for _, count in wanted]
         extractor = extractor_at(self.model, self.spec, boundaries)
         forward = self.forward_factory(extractor)
         as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
         shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
         train, val = self.train_data, self.val_data
-        budget = self.config.memory_mb - self._memory_used_mb()
+        if self.shared is not None:
+            itemsize = np.dtype(self.dtype).itemsize
+            needed = sum((count * len(train.images) + len(val.images)) * math.prod(shape) * itemsize
+                         for shape, count in zip(shapes, views) if count) / 2**20
+            self.shared.make_room(needed, self.config.memory_mb, keep=self._shared_keys.values())
+            budget = self.config.memory_mb - self.shared.memory_mb()
+        else:
+            budget = self.config.memory_mb - self._memory_used_mb()
         passes = max(views)  # self.views() is 1 without augmentation
         total = len(train) + len(val)  # the later views are computed while the stage trains
         bar = progress_bar("batch", total, enabled=bool(self.verbose))
@@ -517,6 +636,48 @@ class FeaturePlan:
         for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
             if count:
                 self._stores[source, boundary] = (train_store, val_store)
+                if shared_keys.get(boundary) is not None:
+                    self.shared.keep(shared_keys[boundary], (train_store, val_store), count,
+                                     holds=(train.images, val.images))
+                    self._shared_keys[source, boundary] = shared_keys[boundary]
+        return True
+
+    def _take_shared(self, source: int, boundaries: list[int], views: list[int]) -> dict[int, tuple | None]:
+        """Take from the shared cache the boundaries it holds with enough views.
+
+        Returns:
+            Each boundary's key in the cache (None where the features cannot be shared: an
+            augmentation pipeline albumentations cannot describe).
+        """
+        keys = {}
+        for boundary, count in zip(boundaries, views):
+            if not count:
+                continue
+            key = keys[boundary] = self._shared_key(boundary)
+            found = self.shared.lookup(key, count) if key is not None else None
+            if found is not None:
+                self._stores[source, boundary] = found
+                self._shared_keys[source, boundary] = key
+                if self.verbose:
+                    log.info(f"features at {self._describe(boundary)}: taken from an earlier run's cache")
+        return keys
+
+    def _shared_key(self, boundary: int) -> tuple | None:
+        """What the features at ``boundary`` depend on: the frozen weights below it, the
+        images, the augmentation and its seed, the storage dtype and the engine."""
+        augmentation = None
+        if self.augmenter_factory is not None:
+            import json
+
+            import albumentations as A
+
+            try:
+                augmentation = json.dumps(A.to_dict(self.augmenter_factory()), sort_keys=True)
+            except Exception:  # a transform albumentations cannot serialize
+                return None
+        images = [(id(batches.images), batches.images.shape) for batches in (self.train_data, self.val_data)]
+        return (self.context, self.dtype, *images, augmentation, self.seed if augmentation else None,
+                frozen_digest(self.model, self.spec, boundary), boundary)
 
     def _memory_used_mb(self) -> float:
         return sum(store.nbytes for stores in self._stores.values() for store in stores

@@ -33,7 +33,7 @@ from transferkit.model.surgery import set_trainable
 from transferkit.outputs import loss_for
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
-from transferkit.training.features import CALIBRATION_IMAGES, FeaturePlan
+from transferkit.training.features import CALIBRATION_IMAGES, FeatureCache, FeaturePlan
 
 log = logging.getLogger("transferkit")
 
@@ -77,6 +77,11 @@ class StageOptions:
         forward_factory: turns an extractor model (images -> one feature map, or a list of
             them) into a batch -> outputs function (an inference engine); default None (the
             model's own ``predict_on_batch`` after BatchNorm folding, ``default_forward``).
+        feature_cache: a ``FeatureCache`` that keeps the cached features for later runs on
+            the same images (a study's trials) and serves this one what earlier runs left;
+            default None (features are the run's own).
+        forward_key: what identifies ``forward_factory``'s engine and precision in the
+            shared cache's keys; default ().
     """
 
     verbose: int | str = "auto"
@@ -85,6 +90,8 @@ class StageOptions:
     cache: CacheConfig | None = None
     loss: LossConfig | None = None
     forward_factory: Callable | None = None
+    feature_cache: FeatureCache | None = None
+    forward_key: tuple = ()
 
 
 @dataclass
@@ -575,4 +582,5 @@ def _feature_plan(run: _Run):
         run.model, run.spec, run.stages, run.train_data, run.val_data, cache,
         run.options.forward_factory or default_forward, seed=run.options.seed,
         dtype="float16" if mixed else "float32", verbose=run.options.verbose, stop=run.checkpointing.stop,
+        shared=run.options.feature_cache, context=run.options.forward_key,
     )

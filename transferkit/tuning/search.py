@@ -5,8 +5,10 @@
     validation metric -> the study's storage -> trials.csv, best_recipe.toml, figures
 
 Each trial trains with ``workflow.train_prepared`` on data decoded once per study and image
-size, with the recipe's seed and split: ``transferkit finetune --recipe best_recipe.toml``
-trains the best trial again and gets its score. A Keras callback reports the validation
+size, with the recipe's seed and split, and on the frozen-part features of an earlier trial
+where its frozen part, augmentation and engine are the same (one ``FeatureCache`` per
+study): ``transferkit finetune --recipe best_recipe.toml`` trains the best trial again and
+gets its score. A Keras callback reports the validation
 metric after every epoch (one step count across stages) and raises ``optuna.TrialPruned``
 when the pruner (median of the earlier trials at the same epoch) calls the trial hopeless.
 
@@ -192,9 +194,12 @@ def tune(
                 if params:
                     the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"}, skip_if_exists=True)
             data = _Data(data_dir, val_dir)
-            data.for_recipe(base, verbose)  # data errors before the first trial
-            search = _Search(the_study, space, data, metric, output, verbose)
-            search.run(trials, timeout)
+            try:
+                data.for_recipe(base, verbose)  # data errors before the first trial
+                search = _Search(the_study, space, data, metric, output, verbose)
+                search.run(trials, timeout)
+            finally:
+                data.features.close()
             return search.summary(storage_url)
 
 
@@ -300,11 +305,15 @@ def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
 
 
 class _Data:
-    """The data decoded once per image size (and seed and split), for every trial."""
+    """The data decoded once per image size (and seed and split), for every trial, and the
+    frozen-part features the trials share (``training.features.FeatureCache``)."""
 
     def __init__(self, data_dir, val_dir):
+        from transferkit.training.features import FeatureCache
+
         self.data_dir, self.val_dir = data_dir, val_dir
         self._prepared: dict[tuple, dict] = {}
+        self.features = FeatureCache()
 
     def for_recipe(self, recipe: Recipe, verbose: int = 0) -> dict:
         from transferkit import workflow
@@ -377,7 +386,7 @@ class _Search:
         keras.backend.clear_session()
         with _quiet_training():
             run = workflow.train_prepared(prepared, recipe, callbacks=(_pruning_callback(trial, self.metric),),
-                                          calibrate=False, verbose=0)
+                                          calibrate=False, feature_cache=self.data.features, verbose=0)
         final = run.metrics["final"]
         for name in METRICS:
             trial.set_user_attr(name, final[name])
