@@ -21,6 +21,18 @@ EMULATED_CPU = os.environ.get("TRANSFERKIT_TEST_CPU", "")
 if EMULATED_CPU == "avx2":
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 
+# Under pytest-xdist (pyproject's addopts), each worker gets its share of the cores: TensorFlow
+# and oneDNN threads beyond it would only contend with the other workers' (measured with
+# TRANSFERKIT_TEST_CPU=avx2 on 2 cores, 2 workers: 8:11 with all cores each, 6:51 with one).
+# Subprocesses a test starts inherit the share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = str(max(1, _cores // _WORKERS))
+    for _name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_name, _share)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Converted inference networks go to a per-session folder, not the user's cache.

@@ -468,7 +468,8 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
                                            forward_factory=forward_factory, callbacks=callbacks,
                                            feature_cache=feature_cache, forward_key=(recipe.engine, recipe.precision))
     try:
-        with stop_on_signals(StopFlag()) as stop:
+        keeping = "keeping the last completed epoch" if work is not None else "writing nothing"
+        with stop_on_signals(StopFlag(), keeping) as stop:
             result = training_stages.run_stages(
                 model, backbones.get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
                 n_classes, options,

@@ -195,3 +195,21 @@ def test_checkpoint_files_are_flushed_to_disk_before_they_replace_the_old_ones(t
         "arrays-1.npz", "checkpoint.keras", "job.json", "recipe.toml", "state.json"]
     np.testing.assert_array_equal(work.best_weights()[0], model.get_weights()[0])
     work.remove()
+
+
+def test_a_first_signal_asks_to_stop_and_says_what_is_kept_a_second_stops_at_once(caplog):
+    import os
+
+    from transferkit.training.checkpoint import StopFlag, stop_on_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with caplog.at_level("WARNING", logger="transferkit"), stop_on_signals(StopFlag(), "writing nothing") as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert flag.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert "SIGINT received: stopping after this batch and writing nothing" in caplog.text
+    assert "last completed epoch" not in caplog.text
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # put back

@@ -83,10 +83,14 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signals(flag: StopFlag):
+def stop_on_signals(flag: StopFlag, keeping: str = "keeping the last completed epoch"):
     """Turn the first SIGINT/SIGTERM into a polite stop request; a second one is immediate.
 
     Only installs handlers from the main thread (signals cannot be caught elsewhere).
+
+    Args:
+        flag: the ``StopFlag`` to set.
+        keeping: what the warning says is kept; default "keeping the last completed epoch".
     """
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -97,8 +101,8 @@ def stop_on_signals(flag: StopFlag):
         if flag.requested is not None:
             raise KeyboardInterrupt
         flag.requested = signal.Signals(signum).name
-        log.warning("%s received: stopping after this batch and keeping the last completed epoch "
-                    "(press Ctrl-C again to stop at once)", flag.requested)
+        log.warning("%s received: stopping after this batch and %s (press Ctrl-C again to stop at once)",
+                    flag.requested, keeping)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, handle)
