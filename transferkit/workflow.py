@@ -445,7 +445,7 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
     """
     from transferkit import backbones
     from transferkit.training import stages as training_stages
-    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, stop_on_signals
+    from transferkit.training.checkpoint import KEEPS_LAST_EPOCH, StopFlag, TrainingInterrupted, stop_on_signals
 
     def forward_factory(extractor):
         from transferkit.inference.engines import inference_engine
@@ -468,7 +468,7 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
                                            forward_factory=forward_factory, callbacks=callbacks,
                                            feature_cache=feature_cache, forward_key=(recipe.engine, recipe.precision))
     try:
-        keeping = "keeping the last completed epoch" if work is not None else "writing nothing"
+        keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with stop_on_signals(StopFlag(), keeping) as stop:
             result = training_stages.run_stages(
                 model, backbones.get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,

@@ -82,15 +82,19 @@ class StopFlag:
         self.requested: str | None = None
 
 
+# What the stop warning says is kept when training checkpoints into a work folder.
+KEEPS_LAST_EPOCH = "keeping the last completed epoch"
+
+
 @contextlib.contextmanager
-def stop_on_signals(flag: StopFlag, keeping: str = "keeping the last completed epoch"):
+def stop_on_signals(flag: StopFlag, keeping: str = KEEPS_LAST_EPOCH):
     """Turn the first SIGINT/SIGTERM into a polite stop request; a second one is immediate.
 
     Only installs handlers from the main thread (signals cannot be caught elsewhere).
 
     Args:
         flag: the ``StopFlag`` to set.
-        keeping: what the warning says is kept; default "keeping the last completed epoch".
+        keeping: what the warning says is kept; default ``KEEPS_LAST_EPOCH``.
     """
     if threading.current_thread() is not threading.main_thread():
         yield flag
