@@ -36,7 +36,7 @@ from transferkit.runtime import (  # noqa: E402
     machine_facts,  # noqa: E402
     resolve_precision,
 )
-from transferkit.training.stages import compile_for_stage  # noqa: E402
+from transferkit.training.compile import compile_for_stage  # noqa: E402
 
 
 def epoch_through(batches) -> float:

@@ -53,10 +53,10 @@ def make_run(run_dir: Path, backbone_name: str, size: int, sample: np.ndarray, s
 
     from transferkit import runs
     from transferkit.backbones import load_backbone
-    from transferkit.model.classifier import build_classifier
+    from transferkit.model.classifier import build_classifier, calibrate_head_batchnorm
     from transferkit.outputs import output_activation
     from transferkit.recipe import HeadConfig
-    from transferkit.training.stages import backbone_features, calibrate_head_batchnorm
+    from transferkit.training.features import backbone_features
 
     keras.utils.set_random_seed(seed)
     backbone = load_backbone(backbone_name, "none", (size, size, 3))

@@ -124,3 +124,61 @@ def test_no_private_name_is_imported_across_modules():
                 private += [f"{module_name(path)} imports {node.module}.{alias.name}" for alias in node.names
                             if alias.name.startswith("_") and alias.name != "__version__"]
     assert not private, "; ".join(private)
+
+
+def module_aliases(tree: ast.AST) -> dict[str, str]:
+    """Local names bound to transferkit modules: ``import transferkit.x as y``, ``from
+    transferkit import runs``, ``from transferkit.training import stages as s``."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("transferkit"):  # "import transferkit.runs" binds "transferkit"
+                    aliases[alias.asname or "transferkit"] = alias.name if alias.asname else "transferkit"
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferkit"):
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                if (ROOT.parent / target.replace(".", "/")).with_suffix(".py").is_file() or \
+                        (ROOT.parent / target.replace(".", "/") / "__init__.py").is_file():
+                    aliases[alias.asname or alias.name] = target
+    return aliases
+
+
+def dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def test_no_private_name_of_another_module_is_reached_through_attributes():
+    """``workflow._prepare`` is as private as ``from transferkit.workflow import _prepare``."""
+    reached = []
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = module_aliases(tree)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            base = dotted(node.value)
+            if base is None:
+                continue
+            head, _, rest = base.partition(".")
+            if head in aliases:
+                module = aliases[head] + (f".{rest}" if rest else "")
+                if module != module_name(path):
+                    reached.append(f"{module_name(path)} reads {module}.{node.attr}")
+    assert not reached, "; ".join(sorted(reached))
+
+
+def test_the_private_attribute_check_sees_what_it_is_meant_to():
+    source = ("from transferkit import workflow\nimport transferkit.runs\nfrom transferkit.training import stages as s\n"
+              "workflow._prepare(); transferkit.runs._flush_tree(); s._Run; workflow.finetune; s.__doc__\n")
+    tree = ast.parse(source)
+    aliases = module_aliases(tree)
+    seen = sorted(f"{dotted(node.value)}.{node.attr}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and (dotted(node.value) or "").split(".")[0] in aliases)
+    assert seen == ["s._Run", "transferkit.runs._flush_tree", "workflow._prepare"]

@@ -110,7 +110,7 @@ def test_cached_training_matches_uncached_without_augmentation(uncached_training
 
 def noisy_forward(relative):
     """The default forward pass with relative Gaussian noise on its outputs (another CPU's kernels)."""
-    from transferkit.training.stages import default_forward
+    from transferkit.training.features import default_forward
 
     def factory(extractor):
         forward, rng = default_forward(extractor), np.random.default_rng(0)
@@ -210,7 +210,7 @@ def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2):
                          augmenter_factory=factory)
     val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 4)
     stages = [StageConfig(epochs=epochs, unfreeze=unfreeze) for unfreeze in unfreezes]
-    from transferkit.training.stages import default_forward
+    from transferkit.training.features import default_forward
 
     return FeaturePlan(model, REGISTRY["vgg16"], stages, train, val, CacheConfig(enabled=True, views=2),
                        forward_factory or default_forward, seed=1)
@@ -418,7 +418,7 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
             raise AssertionError("training started after the stop request")
 
     def stopping_factory(extractor):
-        from transferkit.training.stages import default_forward
+        from transferkit.training.features import default_forward
 
         inner = default_forward(extractor)
 
@@ -444,8 +444,7 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
 def shared_plan(model, unfreezes, data, cache, *, augment=AugmentConfig(rotation=20.0), context=("auto", "auto"),
                 forward_factory=None):
     from transferkit.data.augment import build_augmenter
-    from transferkit.training.features import FeaturePlan
-    from transferkit.training.stages import default_forward
+    from transferkit.training.features import FeaturePlan, default_forward
 
     train_images, val_images = data
     factory = (lambda: build_augmenter(augment)) if augment else None
@@ -459,7 +458,7 @@ def shared_plan(model, unfreezes, data, cache, *, augment=AugmentConfig(rotation
 
 def counting(calls: list):
     """A forward factory that records the number of outputs of each extractor it is given."""
-    from transferkit.training.stages import default_forward
+    from transferkit.training.features import default_forward
 
     def factory(extractor):
         calls.append(len(extractor.outputs))

@@ -129,13 +129,13 @@ def _rates(schedule, steps):
 
 
 def test_constant_schedule_without_warmup_is_the_plain_rate():
-    from transferkit.training.stages import stage_learning_rate
+    from transferkit.training.compile import stage_learning_rate
 
     assert stage_learning_rate(StageConfig(epochs=3, learning_rate=1e-3), 10) == 1e-3
 
 
 def test_warmup_rises_linearly_to_the_rate_then_holds_it():
-    from transferkit.training.stages import stage_learning_rate
+    from transferkit.training.compile import stage_learning_rate
 
     stage = StageConfig(epochs=4, learning_rate=1e-2, warmup_epochs=1)
     rates = _rates(stage_learning_rate(stage, 4), range(16))  # 4 steps per epoch: warmup = 4 steps
@@ -144,7 +144,7 @@ def test_warmup_rises_linearly_to_the_rate_then_holds_it():
 
 
 def test_cosine_falls_from_the_rate_to_zero_at_the_stages_end():
-    from transferkit.training.stages import stage_learning_rate
+    from transferkit.training.compile import stage_learning_rate
 
     stage = StageConfig(epochs=2, learning_rate=1e-2, schedule="cosine")
     rates = _rates(stage_learning_rate(stage, 5), [0, 5, 10])  # 10 steps in the stage
@@ -155,7 +155,7 @@ def test_cosine_falls_from_the_rate_to_zero_at_the_stages_end():
 
 
 def test_one_cycle_rises_from_a_25th_for_30_percent_then_falls_to_a_ten_thousandth():
-    from transferkit.training.stages import stage_learning_rate
+    from transferkit.training.compile import stage_learning_rate
 
     stage = StageConfig(epochs=10, learning_rate=1e-2, schedule="one-cycle")
     rates = _rates(stage_learning_rate(stage, 10), [0, 30, 65, 100])  # 100 steps: rise 30, fall 70
@@ -164,7 +164,7 @@ def test_one_cycle_rises_from_a_25th_for_30_percent_then_falls_to_a_ten_thousand
 
 
 def test_weight_decay_reaches_the_optimizer_of_every_kind():
-    from transferkit.training.stages import make_optimizer
+    from transferkit.training.compile import make_optimizer
 
     for name in ("adam", "adamw", "sgd", "rmsprop"):
         assert make_optimizer(name, 1e-3, 0.01).weight_decay == pytest.approx(0.01)
@@ -176,7 +176,7 @@ def test_weight_decay_reaches_the_optimizer_of_every_kind():
 def test_weight_decay_shrinks_weights_that_get_no_gradient():
     import keras
 
-    from transferkit.training.stages import make_optimizer
+    from transferkit.training.compile import make_optimizer
 
     for decay, expected in ((0.0, 1.0), (0.5, 0.95)):
         weight = keras.Variable(np.ones(3, dtype="float32"))
@@ -187,7 +187,7 @@ def test_weight_decay_shrinks_weights_that_get_no_gradient():
 @pytest.mark.parametrize("n_classes, kind", [(2, "BinaryCrossentropy"), (3, "CategoricalCrossentropy")])
 def test_label_smoothing_reaches_the_compiled_loss(n_classes, kind):
     from transferkit.recipe import LossConfig
-    from transferkit.training.stages import compile_for_stage
+    from transferkit.training.compile import compile_for_stage
 
     model = build("vgg16", n_classes)
     compile_for_stage(model, StageConfig(), n_classes, loss=LossConfig(label_smoothing=0.2))
@@ -199,7 +199,7 @@ def test_label_smoothing_reaches_the_compiled_loss(n_classes, kind):
 
 def test_a_scheduled_stage_records_the_rate_of_each_epochs_last_step_and_smooths_cached_validation():
     from transferkit.recipe import CacheConfig, LossConfig
-    from transferkit.training.stages import stage_learning_rate
+    from transferkit.training.compile import stage_learning_rate
 
     model = build("vgg16", 3)
     data = batches(3, n=16)  # 2 steps per epoch

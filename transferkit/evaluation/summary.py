@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 
-from transferkit.outputs import predicted_labels
+from transferkit.outputs import loss_for, predicted_labels
 
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -71,3 +72,27 @@ def summarize(
         "n_val": int(len(true)),
         "epochs": len(history),
     }
+
+
+def validation_metrics(model, val_batches, val_outputs: np.ndarray | None, history: Sequence[dict],
+                       val_labels: np.ndarray, class_names: Sequence[str], n_train: int) -> dict:
+    """metrics.json content for a trained model (``summarize``), from its outputs on the
+    validation batches.
+
+    Args:
+        model: the trained classifier.
+        val_batches: the validation ``ImageBatches`` (images and targets).
+        val_outputs: the model's outputs on them when already known (the feature cache
+            computes them when the last stage trained on cached features); None: predicted here.
+        history: one dict per epoch.
+        val_labels: the validation labels.
+        class_names: in label order.
+        n_train: how many images trained.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    outputs = val_outputs if val_outputs is not None else model.predict(val_batches, verbose=0)
+    loss = keras.losses.get(loss_for(len(class_names)))
+    val_loss = float(keras.ops.convert_to_numpy(loss(val_batches.targets, outputs)).mean())
+    return summarize(history, val_labels, outputs, class_names, val_loss, n_train)

@@ -124,3 +124,32 @@ def build_classifier(backbone, n_classes: int, head: HeadConfig | None = None, b
     x = backbone(x)
     outputs = build_head(tuple(backbone.output.shape[1:]), n_classes, head)(x)
     return keras.Model(images, outputs, name="classifier")
+
+
+def calibrate_head_batchnorm(model, features: np.ndarray) -> None:
+    """Set the head's BatchNorm moving statistics from real backbone features.
+
+    A fresh BatchNormalization layer starts with moving mean 0 and variance 1, and moves
+    towards the true statistics by 1 - momentum per step. Backbone features can have a
+    variance far below 1 (random or small-scale weights), and a small dataset gives few
+    steps, so at inference the layer would still divide by the initial variance and squash
+    every prediction towards one class. Starting from measured statistics avoids that.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        features: backbone outputs of some training images (the first
+            ``training.features.CALIBRATION_IMAGES`` are enough).
+    """
+    import keras
+
+    head = model.get_layer("head")
+    if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in head.layers):
+        return
+    values = keras.ops.convert_to_tensor(features)
+    for layer in head.layers[1:]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            axes = list(range(len(values.shape) - 1))
+            as_float = keras.ops.cast(values, "float32")
+            layer.moving_mean.assign(keras.ops.mean(as_float, axis=axes))
+            layer.moving_variance.assign(keras.ops.var(as_float, axis=axes))
+        values = layer(values, training=False)

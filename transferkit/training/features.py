@@ -26,17 +26,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
+from transferkit.model.fold import batchnorm_count, fold_batchnorm
 from transferkit.model.surgery import extractor_at, frozen_digest, trainable_at
 from transferkit.progress import progress_bar
 
 log = logging.getLogger("transferkit")
 
 # How many training images' features set the head's BatchNorm statistics
-# (``training.stages.calibrate_head_batchnorm``); the cache hands them over.
+# (``model.classifier.calibrate_head_batchnorm``); the cache hands them over.
 CALIBRATION_IMAGES = 128
 
 
@@ -692,3 +694,42 @@ class FeaturePlan:
 def _outputs(model) -> list:
     outputs = model.output
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+# --- forward passes in Keras ----------------------------------------------------------
+
+
+def backbone_features(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The backbone's output for uint8 images, computed in inference mode.
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        images: uint8 (n, S, S, 3).
+        batch_size: images per call; default 32.
+
+    Returns:
+        float32 features, one row per image.
+    """
+    layers = [model.get_layer("preprocessing"), model.get_layer("backbone")]
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].astype("float32")
+        for layer in layers:
+            x = layer(x, training=False)
+        outputs.append(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
+    return np.concatenate(outputs, axis=0)
+
+
+def default_forward(model):
+    """A batch -> outputs function for forward-only work in Keras, with frozen BatchNorm
+    folded into the convolutions before it (what makes bfloat16 pay on ResNet50).
+
+    Args:
+        model: an extractor (images -> feature maps).
+
+    Returns:
+        A function from a batch of images to the model's outputs.
+    """
+    if batchnorm_count(model):
+        model = fold_batchnorm(model)
+    return lambda batch: model.predict_on_batch(np.asarray(batch, dtype="float32"))

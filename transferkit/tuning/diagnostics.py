@@ -236,7 +236,7 @@ def _gradients(setup: StageSetup) -> LearningCheck:
     import tensorflow as tf  # gradients of a custom step: TensorFlow's tape (the backend transferkit uses)
 
     from transferkit.model.surgery import unfrozen_blocks, walk_layers
-    from transferkit.training.stages import make_loss
+    from transferkit.training.compile import make_loss
 
     model = setup.model
     head = {id(layer) for layer in walk_layers(setup.classifier.get_layer("head"))}
@@ -424,7 +424,7 @@ def _outputs_on(model, batches, limit: int | None = None):
 
 def _mean_loss(n_classes: int, targets: np.ndarray, outputs: np.ndarray) -> float:
     """The plain cross-entropy (no label smoothing), averaged over the samples."""
-    from transferkit.training.stages import make_loss
+    from transferkit.training.compile import make_loss
 
     return float(np.asarray(make_loss(n_classes)(targets, outputs)))
 

@@ -39,10 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
+from transferkit.backbones import BackboneSpec, get_spec
+from transferkit.data.prepare import prepare_data
 from transferkit.errors import RecipeError
-from transferkit.recipe import Recipe, load_recipe
+from transferkit.files import atomic_path
+from transferkit.model.build import build_model
+from transferkit.recipe import Recipe, StageConfig, load_recipe
+from transferkit.training.checkpoint import TrainingState
+from transferkit.training.compile import make_loss, make_optimizer
+from transferkit.training.stages import Checkpointing, StageOptions, StagesRun, begin_stage, run_stages
 
 log = logging.getLogger("transferkit")
 
@@ -70,32 +78,32 @@ class StageSetup:
         class_names: the class names.
         train_images: the decoded training images, uint8 (n, S, S, 3), as training reads them.
         cached: whether ``model`` is the top part on cached features.
-        plan: the ``FeaturePlan`` holding the cached features, or None; ``close`` releases it.
+        run: the ``StagesRun`` the stage was begun in (it holds the cached features);
+            ``close`` releases it.
+        initial_weights: ``model``'s weights as the stage begins (``reset`` puts them back).
     """
 
     recipe: Recipe
     stage_index: int
-    classifier: Any
-    model: Any
-    train: Any
-    val: Any
+    classifier: keras.Model
+    model: keras.Model
+    train: keras.utils.PyDataset
+    val: keras.utils.PyDataset
     n_classes: int
-    class_names: list
+    class_names: list[str]
     train_images: np.ndarray
     cached: bool
-    plan: Any = None
+    run: StagesRun | None = None
     initial_weights: list = field(default_factory=list)
 
     @property
-    def stage(self):
+    def stage(self) -> StageConfig:
         """The stage's recipe entry."""
         return self.recipe.stages[self.stage_index]
 
     @property
-    def spec(self):
+    def spec(self) -> BackboneSpec:
         """The backbone's registry entry."""
-        from transferkit.backbones import get_spec
-
         return get_spec(self.recipe.backbone)
 
     def reset(self) -> None:
@@ -105,8 +113,6 @@ class StageSetup:
     def compile(self, learning_rate: float) -> None:
         """Compile ``model`` with the stage's optimizer and weight decay at a constant rate,
         and the recipe's loss."""
-        from transferkit.training.stages import make_loss, make_optimizer
-
         self.model.compile(
             optimizer=make_optimizer(self.stage.optimizer, learning_rate, self.stage.weight_decay),
             loss=make_loss(self.n_classes, self.recipe.loss),
@@ -115,9 +121,9 @@ class StageSetup:
 
     def close(self) -> None:
         """Release the cached features."""
-        if self.plan is not None:
-            self.plan.close()
-            self.plan = None
+        if self.run is not None:
+            self.run.close()
+            self.run = None
 
     def __enter__(self) -> StageSetup:
         return self
@@ -154,52 +160,33 @@ def prepare_stage(
     Raises:
         RecipeError: no such stage. TransferkitError: what ``finetune`` would raise for the data.
     """
-    import keras
-
-    from transferkit import backbones, workflow
-    from transferkit.model.classifier import build_classifier
-    from transferkit.model.surgery import compute_dtype, set_trainable
-    from transferkit.runtime import dtype_policy, resolve_precision
-    from transferkit.training import stages as training
-    from transferkit.training.features import CALIBRATION_IMAGES, FeaturePlan
-
     if not 0 <= stage < len(recipe.stages):
         raise RecipeError(f"--stage {stage}: the recipe has {len(recipe.stages)} stage(s); "
                           f"use 0..{len(recipe.stages) - 1}")
-    # The same decode and split as finetune (workflow's own steps, not a copy of them).
-    prepared = workflow._prepare(data_dir, val_dir, recipe, verbose)
+    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
     keras.utils.set_random_seed(recipe.seed)
-    n_classes = len(prepared["class_names"])
-    spec = backbones.get_spec(recipe.backbone)
-    with dtype_policy(resolve_precision(recipe.precision)[0]):
-        backbone = backbones.load_backbone(recipe.backbone, recipe.weights, (recipe.image_size,) * 2 + (3,))
-        classifier = build_classifier(backbone, n_classes, recipe.head, backbone_name=recipe.backbone)
-    train, val = workflow._batches(prepared, recipe)
-    options = training.StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss)
+    classifier = build_model(recipe, prepared.n_classes).model
+    spec = get_spec(recipe.backbone)
+    train, val = prepared.batches(recipe)
+    options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss)
     earlier = [config for config in recipe.stages[:stage] if config.epochs > 0]
     if earlier:
-        training.run_stages(classifier, spec, earlier, train, val, n_classes, options)
-    set_trainable(classifier, spec, recipe.stages[stage].unfreeze)
-    plan = cached = None
-    if recipe.cache.enabled:
-        mixed = compute_dtype(classifier) != "float32"
-        # The plan caches only for stages that train: a stage of 0 epochs is tested as one.
-        tested = recipe.stages[stage].model_copy(update={"epochs": max(1, recipe.stages[stage].epochs)})
-        plan = FeaturePlan(classifier, spec, [tested], train, val, recipe.cache,
-                                    training.default_forward, seed=recipe.seed,
-                                    dtype="float16" if mixed else "float32", verbose=verbose)
-        cached = plan.stage_inputs(0)
-    if not earlier:  # as run_stages does before the first stage trains
-        features = cached.calibration if cached is not None else None
-        if features is None:
-            features = training.backbone_features(classifier, train.images[:CALIBRATION_IMAGES])
-        training.calibrate_head_batchnorm(classifier, features)
+        run_stages(classifier, spec, earlier, train, val, prepared.n_classes, options)
+    # The stage alone, begun as training begins it; a stage of 0 epochs is tested as one
+    # (the feature plan caches only for stages that train). The head's BatchNorm statistics
+    # are set before the first stage that trains, so once the earlier ones did.
+    tested = recipe.stages[stage].model_copy(update={"epochs": max(1, recipe.stages[stage].epochs)})
+    run = StagesRun.start(classifier, spec, [tested], train, val, prepared.n_classes, options,
+                          Checkpointing(state=TrainingState(calibrated=bool(earlier))))
+    try:
+        begun = begin_stage(run, 0)
+    except BaseException:
+        run.close()
+        raise
     setup = StageSetup(
-        recipe=recipe, stage_index=stage, classifier=classifier,
-        model=cached.trainable if cached is not None else classifier,
-        train=cached.train if cached is not None else train, val=cached.val if cached is not None else val,
-        n_classes=n_classes, class_names=list(prepared["class_names"]), train_images=prepared["train_images"],
-        cached=cached is not None, plan=plan,
+        recipe=recipe, stage_index=stage, classifier=classifier, model=begun.model, train=begun.train,
+        val=begun.val, n_classes=prepared.n_classes, class_names=list(prepared.class_names),
+        train_images=prepared.train_images, cached=begun.cached, run=run,
     )
     setup.initial_weights = setup.model.get_weights()
     return setup
@@ -408,7 +395,6 @@ def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
     from matplotlib.figure import Figure
 
     from transferkit.evaluation.figures import DPI
-    from transferkit.files import atomic_path
 
     figure = Figure(figsize=FIGURE_SIZE)
     axes = figure.subplots()

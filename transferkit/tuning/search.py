@@ -35,11 +35,14 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import TransferkitError, first_line
 from transferkit.files import atomic_path, write_atomic
 from transferkit.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from transferkit.data.prepare import PreparedData
 
 log = logging.getLogger("transferkit")
 
@@ -312,15 +315,15 @@ class _Data:
         from transferkit.training.features import FeatureCache
 
         self.data_dir, self.val_dir = data_dir, val_dir
-        self._prepared: dict[tuple, dict] = {}
+        self._prepared: dict[tuple, PreparedData] = {}
         self.features = FeatureCache()
 
-    def for_recipe(self, recipe: Recipe, verbose: int = 0) -> dict:
-        from transferkit import workflow
+    def for_recipe(self, recipe: Recipe, verbose: int = 0) -> PreparedData:
+        from transferkit.data.prepare import prepare_data  # loads Keras: not at the CLI's start-up
 
         key = (recipe.image_size, recipe.seed, recipe.data.val_split, recipe.data.memory_mb)
         if key not in self._prepared:
-            self._prepared[key] = workflow.prepare_data(self.data_dir, recipe, val_dir=self.val_dir, verbose=verbose)
+            self._prepared[key] = prepare_data(self.data_dir, recipe, val_dir=self.val_dir, verbose=verbose)
         return self._prepared[key]
 
 
