@@ -211,7 +211,7 @@ def test_images_beyond_the_memory_budget_train_the_same(shapes_dir, tmp_path, mo
     """data.memory_mb smaller than the decoded images: they go to a memory-mapped file and
     the run is the same as with everything in memory."""
     from tests.conftest import TINY
-    from transferkit.data import arrays as data
+    from transferkit.data import prepare as data
 
     spilled = []
     original = data.image_array
