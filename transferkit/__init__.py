@@ -33,6 +33,7 @@ _EXPORTS = {
     "DataConfig": "transferkit.recipe",
     "DataError": "transferkit.errors",
     "EngineError": "transferkit.errors",
+    "ExportError": "transferkit.errors",
     "HeadConfig": "transferkit.recipe",
     "LossConfig": "transferkit.recipe",
     "Prediction": "transferkit.inference.predict",
@@ -43,6 +44,7 @@ _EXPORTS = {
     "StageConfig": "transferkit.recipe",
     "StageOptions": "transferkit.training.stages",
     "StagesResult": "transferkit.training.stages",
+    "TrainingInterrupted": "transferkit.errors",
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
     "available_backbones": "transferkit.backbones",
@@ -78,7 +80,16 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.data.doctor import check_data
     from transferkit.data.folders import index_folder
     from transferkit.data.images import read_image
-    from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
+    from transferkit.errors import (
+        DataError,
+        EngineError,
+        ExportError,
+        RecipeError,
+        RunError,
+        TrainingInterrupted,
+        TransferkitError,
+        WeightsError,
+    )
     from transferkit.evaluation.evaluate import evaluate_folder
     from transferkit.evaluation.gradcam import explain
     from transferkit.export.benchmark import benchmark_run

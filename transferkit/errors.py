@@ -1,7 +1,8 @@
 """Errors that transferkit raises for things a user can get wrong.
 
 Every error here is caught by the CLI and printed as one line, with the exit code the
-class names (1: the input or the run is wrong; 2: the command line or recipe is wrong).
+class names (1: the input or the run is wrong; 2: the command line or recipe is wrong;
+130: training was interrupted).
 
     TransferkitError
     ├── RecipeError        a recipe key or CLI override is unknown, mistyped or out of range
@@ -9,8 +10,10 @@ class names (1: the input or the run is wrong; 2: the command line or recipe is 
     ├── WeightsError       backbone weights cannot be downloaded, found or loaded
     ├── EngineError        the inference engine asked for is not installed
     ├── RunError           a run folder cannot be written, found or read
-    └── ExportError        an export cannot be written here, disagrees with the Keras model,
-                           loses more accuracy than allowed, or its folder exists already
+    ├── ExportError        an export cannot be written here, disagrees with the Keras model,
+    │                      loses more accuracy than allowed, or its folder exists already
+    └── TrainingInterrupted  Ctrl-C (SIGINT) or SIGTERM stopped training; what was kept is
+                           told, and ``finetune --resume`` continues from it
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ class RunError(TransferkitError):
 class ExportError(TransferkitError):
     """Raised when a format cannot be written here, disagrees with the Keras model, loses
     more accuracy than allowed, or its output folder exists already."""
+
+
+class TrainingInterrupted(TransferkitError):
+    """Raised when SIGINT or SIGTERM stopped training; the message says what was kept (the
+    last completed epoch, or nothing)."""
+
+    exit_code = 130
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

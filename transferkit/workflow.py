@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.errors import DataError, RunError
+from transferkit.errors import DataError, RunError, TrainingInterrupted
 from transferkit.recipe import Recipe, load_recipe
 
 log = logging.getLogger("transferkit")
@@ -155,7 +155,7 @@ def train_prepared(
 def _train_into(prepared: dict, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
                 callbacks=(), calibrate: bool | None = None, feature_cache=None):
     """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
-    from transferkit.training.checkpoint import TrainingInterrupted, WorkFolder
+    from transferkit.training.checkpoint import WorkFolder
 
     job = {
         "data_dir": prepared["data_dir"],
@@ -445,7 +445,7 @@ def _run_training(model, recipe: Recipe, train_batches, val_batches, n_classes: 
     """
     from transferkit import backbones
     from transferkit.training import stages as training_stages
-    from transferkit.training.checkpoint import KEEPS_LAST_EPOCH, StopFlag, TrainingInterrupted, stop_on_signals
+    from transferkit.training.checkpoint import KEEPS_LAST_EPOCH, StopFlag, stop_on_signals
 
     def forward_factory(extractor):
         from transferkit.inference.engines import inference_engine

@@ -557,7 +557,7 @@ def _checkpoint_between_stages(run: _Run, index: int) -> None:
 
 def _stop_if_requested(stop, work) -> None:
     """Raise ``TrainingInterrupted`` once a signal asked training to stop."""
-    from transferkit.training.checkpoint import TrainingInterrupted
+    from transferkit.errors import TrainingInterrupted
 
     if stop is not None and stop.requested:
         if work is not None:

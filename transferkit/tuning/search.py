@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import TransferkitError, first_line
+from transferkit.errors import TrainingInterrupted, TransferkitError, first_line
 from transferkit.files import atomic_path, write_atomic
 from transferkit.recipe import Recipe, load_recipe
 
@@ -351,7 +351,6 @@ class _Search:
     def _trial(self) -> None:
         """One trial, told to the study as complete, pruned or failed (with its reason)."""
         optuna = require_optuna()
-        from transferkit.training.checkpoint import TrainingInterrupted
 
         trial = self.study.ask()
         self.new_trials += 1
