@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import data, evaluate, export, info, predict, train, tune, tuning
+from transferkit.cli import doctor, evaluate, export, finetune, info, lr_find, predict, tune
 from transferkit.cli.common import setup_logging
 
 app = typer.Typer(
@@ -46,11 +46,11 @@ def main_callback(
     setup_logging()
 
 
-app.command()(train.finetune)
+app.command()(finetune.finetune)
 app.command()(predict.predict)
-app.command()(data.doctor)
-app.command("augment-preview")(data.augment_preview)
-app.command("lr-find")(tuning.lr_find)
+app.command()(doctor.doctor)
+app.command("augment-preview")(doctor.augment_preview)
+app.command("lr-find")(lr_find.lr_find)
 app.command()(evaluate.evaluate)
 app.command()(evaluate.explain)
 app.command()(evaluate.report)

@@ -57,7 +57,7 @@ def doctor(
     from transferkit.recipe import load_recipe
 
     if model:
-        from transferkit.cli.tuning import doctor_model
+        from transferkit.cli.lr_find import doctor_model
 
         try:
             overrides = recipe_overrides(set_values, backbone=backbone, weights=weights, image_size=image_size,
