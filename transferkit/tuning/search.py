@@ -40,11 +40,11 @@ from typing import Any
 from transferkit.errors import TrainingInterrupted, TransferkitError, first_line
 from transferkit.files import atomic_path, write_atomic
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.tuning.objective import METRICS
 
 log = logging.getLogger("transferkit")
 
 INSTALL = "pip install 'transferkit[tune]'  (or: pip install optuna)"
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DEFAULT_TRIALS = 20
 # Median pruning starts once this many trials completed, and from this epoch on.
 PRUNE_AFTER_TRIALS = 3
