@@ -1,8 +1,9 @@
-"""Commands about a data folder: ``doctor`` (the data checks; with ``--model`` the learning
-checks of ``cli.tuning``) and ``augment-preview``."""
+"""``transferkit doctor``: check a data folder (counts, leakage, unreadable files, ...) or,
+with ``--model``, check that the recipe's model learns on it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,15 +19,15 @@ from transferkit.cli.common import (
     SetOption,
     StageOption,
     WeightsOption,
-    check_positive,
-    fail,
     recipe_overrides,
+    reports_errors,
     setup_logging,
 )
-from transferkit.errors import TransferkitError
 
 
+@reports_errors(json_flag="json_output")
 def doctor(
+    ctx: typer.Context,
     data_dir: DataDirArgument,
     recipe: RecipeOption = None,
     image_size: ImageSizeOption = None,
@@ -51,61 +52,26 @@ def doctor(
     --weights, --batch-size and --set flags apply). Exit code 0 when clean, 1 when there are
     problems worth fixing.
     """
-    import json
-
+    setup_logging(quiet=json_output)
+    overrides = recipe_overrides(ctx)
+    if model:
+        _check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
     from transferkit.data.doctor import check_data
     from transferkit.recipe import load_recipe
 
-    if model:
-        from transferkit.cli.lr_find import doctor_model
-
-        try:
-            overrides = recipe_overrides(set_values, backbone=backbone, weights=weights, image_size=image_size,
-                                         batch_size=batch_size, val_split=val_split, seed=seed)
-        except TransferkitError as error:
-            raise fail(error) from None
-        doctor_model(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
-    setup_logging()
-    try:
-        resolved = load_recipe(recipe, {"image_size": image_size, "data.val_split": val_split, "seed": seed})
-        report = check_data(
-            data_dir, image_size=resolved.image_size, val_split=resolved.data.val_split,
-            seed=resolved.seed, val_dir=val_dir,
-        )
-    except TransferkitError as error:
-        if json_output:
-            # Scripts reading --json get JSON on stdout for a failure too.
-            typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
-            raise typer.Exit(code=error.exit_code) from None
-        raise fail(error) from None
-    if json_output:
-        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        typer.echo(report.format_text())
+    resolved = load_recipe(recipe, overrides)
+    report = check_data(data_dir, image_size=resolved.image_size, val_split=resolved.data.val_split,
+                        seed=resolved.seed, val_dir=val_dir)
+    typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
     raise typer.Exit(code=0 if report.is_clean() else 1)
 
 
-def augment_preview(
-    data_dir: DataDirArgument,
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("augment-preview.png"),
-    recipe: RecipeOption = None,
-    image_size: ImageSizeOption = None,
-    count: Annotated[int, typer.Option(help="How many images (rows).")] = 6,
-    views: Annotated[int, typer.Option(help="Augmented versions per image (columns after the original).")] = 5,
-    seed: SeedOption = None,
-) -> None:
-    """Write a PNG grid of original images beside augmented versions."""
-    from transferkit.data.augment import write_preview
-    from transferkit.recipe import load_recipe
+def _check_learning(data_dir: Path, recipe: str | None, overrides: dict, *, stage: int, val_dir: Path | None,
+                    json_output: bool) -> None:
+    """``doctor --model``: the learning checks, printed; exit 0 when all pass, 1 otherwise."""
+    from transferkit.tuning.diagnostics import check_learning
 
-    setup_logging()
-    check_positive("--count", count)
-    try:
-        resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
-        path = write_preview(
-            data_dir, output, resolved.augment, image_size=resolved.image_size,
-            count=count, views=views, seed=resolved.seed,
-        )
-    except TransferkitError as error:
-        raise fail(error) from None
-    typer.echo(f"wrote {path}")
+    report = check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir,
+                            verbose=0 if json_output else 1)
+    typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
+    raise typer.Exit(code=0 if report.passed else 1)
