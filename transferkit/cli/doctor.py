@@ -52,13 +52,13 @@ def doctor(
     --weights, --batch-size and --set flags apply). Exit code 0 when clean, 1 when there are
     problems worth fixing.
     """
+    from transferkit.data.doctor import check_data
+    from transferkit.recipe import load_recipe
+
     setup_logging(quiet=json_output)
     overrides = recipe_overrides(ctx)
     if model:
         _check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
-    from transferkit.data.doctor import check_data
-    from transferkit.recipe import load_recipe
-
     resolved = load_recipe(recipe, overrides)
     report = check_data(data_dir, image_size=resolved.image_size, val_split=resolved.data.val_split,
                         seed=resolved.seed, val_dir=val_dir)
