@@ -17,7 +17,8 @@ def test_every_lazy_export_is_listed_in_all():
 
 
 def test_public_functions_have_docstrings_with_returns():
-    for name in ("load_backbone", "build_classifier", "load_recipe", "finetune", "load_run", "predict_folder"):
+    for name in ("load_backbone", "build_classifier", "build_model", "prepare_data", "begin_stage", "load_recipe",
+                 "finetune", "train_prepared", "load_run", "predict_folder"):
         doc = getattr(transferkit, name).__doc__
         assert doc and "Returns" in doc, name
 

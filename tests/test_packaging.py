@@ -174,7 +174,8 @@ def test_no_private_name_of_another_module_is_reached_through_attributes():
 
 
 def test_the_private_attribute_check_sees_what_it_is_meant_to():
-    source = ("from transferkit import workflow\nimport transferkit.runs\nfrom transferkit.training import stages as s\n"
+    source = ("from transferkit import workflow\nimport transferkit.runs\n"
+              "from transferkit.training import stages as s\n"
               "workflow._prepare(); transferkit.runs._flush_tree(); s._Run; workflow.finetune; s.__doc__\n")
     tree = ast.parse(source)
     aliases = module_aliases(tree)
@@ -182,3 +183,51 @@ def test_the_private_attribute_check_sees_what_it_is_meant_to():
                   if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
                   and (dotted(node.value) or "").split(".")[0] in aliases)
     assert seen == ["s._Run", "transferkit.runs._flush_tree", "workflow._prepare"]
+
+
+def exception_classes_outside_errors() -> set[str]:
+    """Every class outside errors.py that derives from an exception: a built-in one, one of
+    errors.py's, or another such class (by name, as the source spells its bases)."""
+    import builtins
+
+    errors_tree = ast.parse((ROOT / "errors.py").read_text(encoding="utf-8"))
+    exception_names = {node.name for node in errors_tree.body if isinstance(node, ast.ClassDef)}
+    exception_names |= {name for name, value in vars(builtins).items()
+                        if isinstance(value, type) and issubclass(value, BaseException)}
+    classes = []
+    for path in ROOT.rglob("*.py"):
+        if path.name == "errors.py" and path.parent == ROOT:
+            continue
+        classes += [(f"{module_name(path)}.{node.name}", node) for node in ast.walk(ast.parse(path.read_text(
+            encoding="utf-8"))) if isinstance(node, ast.ClassDef)]
+    found: set[str] = set()
+    while True:  # a class deriving from one found is an exception too
+        more = {qualified for qualified, node in classes
+                if any(ast.unparse(base).split(".")[-1] in exception_names for base in node.bases)}
+        if more <= found:
+            return found
+        found |= more
+        exception_names |= {qualified.rsplit(".", 1)[-1] for qualified in more}
+
+
+def test_no_exception_class_is_defined_outside_errors():
+    outside = exception_classes_outside_errors()
+    assert not outside, f"define these in transferkit/errors.py, in its tree: {sorted(outside)}"
+
+
+def test_every_exception_in_errors_is_public():
+    import inspect
+
+    from transferkit import errors
+
+    defined = {name for name, value in vars(errors).items()
+               if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == errors.__name__}
+    assert defined and defined <= set(transferkit.__all__), sorted(defined - set(transferkit.__all__))
+
+
+def test_the_errors_docstring_draws_every_exception():
+    from transferkit import errors
+
+    public = {name for name in transferkit.__all__ if name in vars(errors) and isinstance(vars(errors)[name], type)}
+    drawn = {line.split("── ")[1].split()[0] for line in errors.__doc__.splitlines() if "── " in line}
+    assert public - {"TransferkitError"} == drawn

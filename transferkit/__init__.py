@@ -33,9 +33,11 @@ _EXPORTS = {
     "DataConfig": "transferkit.recipe",
     "DataError": "transferkit.errors",
     "EngineError": "transferkit.errors",
+    "ExportError": "transferkit.errors",
     "HeadConfig": "transferkit.recipe",
     "LossConfig": "transferkit.recipe",
     "Prediction": "transferkit.inference.predict",
+    "PreparedData": "transferkit.data.prepare",
     "Recipe": "transferkit.recipe",
     "RecipeError": "transferkit.errors",
     "Run": "transferkit.runs",
@@ -43,12 +45,15 @@ _EXPORTS = {
     "StageConfig": "transferkit.recipe",
     "StageOptions": "transferkit.training.stages",
     "StagesResult": "transferkit.training.stages",
+    "TrainingInterrupted": "transferkit.errors",
+    "UnreadableImage": "transferkit.errors",
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
     "available_backbones": "transferkit.backbones",
     "benchmark_run": "transferkit.export.benchmark",
     "build_augmenter": "transferkit.data.augment",
     "build_classifier": "transferkit.model.classifier",
+    "build_model": "transferkit.model.build",
     "check_data": "transferkit.data.doctor",
     "check_learning": "transferkit.tuning.diagnostics",
     "evaluate_folder": "transferkit.evaluation.evaluate",
@@ -63,8 +68,11 @@ _EXPORTS = {
     "load_run": "transferkit.runs",
     "make_engine": "transferkit.inference.engines",
     "predict_folder": "transferkit.inference.predict",
+    "prepare_data": "transferkit.data.prepare",
     "read_image": "transferkit.data.images",
     "resume_finetune": "transferkit.workflow",
+    "train_prepared": "transferkit.workflow",
+    "begin_stage": "transferkit.training.stages",
     "run_stages": "transferkit.training.stages",
     "tune": "transferkit.tuning.search",
     "write_predictions": "transferkit.inference.predict",
@@ -78,13 +86,25 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     from transferkit.data.doctor import check_data
     from transferkit.data.folders import index_folder
     from transferkit.data.images import read_image
-    from transferkit.errors import DataError, EngineError, RecipeError, RunError, TransferkitError, WeightsError
+    from transferkit.data.prepare import PreparedData, prepare_data
+    from transferkit.errors import (
+        DataError,
+        EngineError,
+        ExportError,
+        RecipeError,
+        RunError,
+        TrainingInterrupted,
+        TransferkitError,
+        UnreadableImage,
+        WeightsError,
+    )
     from transferkit.evaluation.evaluate import evaluate_folder
     from transferkit.evaluation.gradcam import explain
     from transferkit.export.benchmark import benchmark_run
     from transferkit.export.exporter import export_run
     from transferkit.inference.engines import make_engine
     from transferkit.inference.predict import Prediction, predict_folder, write_predictions
+    from transferkit.model.build import build_model
     from transferkit.model.classifier import build_classifier
     from transferkit.model.fold import fold_batchnorm
     from transferkit.recipe import (
@@ -98,11 +118,11 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         load_recipe,
     )
     from transferkit.runs import Run, load_run
-    from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
+    from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, begin_stage, run_stages
     from transferkit.tuning.diagnostics import check_learning
     from transferkit.tuning.lr_find import find_learning_rate
     from transferkit.tuning.search import tune
-    from transferkit.workflow import finetune, resume_finetune
+    from transferkit.workflow import finetune, resume_finetune, train_prepared
 
 
 def __getattr__(name: str):

@@ -1,16 +1,20 @@
 """Errors that transferkit raises for things a user can get wrong.
 
 Every error here is caught by the CLI and printed as one line, with the exit code the
-class names (1: the input or the run is wrong; 2: the command line or recipe is wrong).
+class names (1: the input or the run is wrong; 2: the command line or recipe is wrong;
+130: training was interrupted).
 
     TransferkitError
     ├── RecipeError        a recipe key or CLI override is unknown, mistyped or out of range
     ├── DataError          the image folder, a validation folder or an image cannot be used
+    │   └── UnreadableImage  one file is not a readable image (skipped where others go on)
     ├── WeightsError       backbone weights cannot be downloaded, found or loaded
     ├── EngineError        the inference engine asked for is not installed
     ├── RunError           a run folder cannot be written, found or read
-    └── ExportError        an export cannot be written here, disagrees with the Keras model,
-                           loses more accuracy than allowed, or its folder exists already
+    ├── ExportError        an export cannot be written here, disagrees with the Keras model,
+    │                      loses more accuracy than allowed, or its folder exists already
+    └── TrainingInterrupted  Ctrl-C (SIGINT) or SIGTERM stopped training; what was kept is
+                           told, and ``finetune --resume`` continues from it
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ class DataError(TransferkitError):
     """Raised when the data folder, its classes or its images cannot be used."""
 
 
+class UnreadableImage(DataError):
+    """Raised by ``data.images.read_image`` for a file that is not a readable image; callers
+    that read many skip it with its reason.
+
+    Attributes:
+        path: the file.
+        reason: why it cannot be used, without the path.
+    """
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class WeightsError(TransferkitError):
     """Raised when backbone weights cannot be downloaded, found, or do not fit the backbone."""
 
@@ -47,6 +66,13 @@ class RunError(TransferkitError):
 class ExportError(TransferkitError):
     """Raised when a format cannot be written here, disagrees with the Keras model, loses
     more accuracy than allowed, or its output folder exists already."""
+
+
+class TrainingInterrupted(TransferkitError):
+    """Raised when SIGINT or SIGTERM stopped training; the message says what was kept (the
+    last completed epoch, or nothing)."""
+
+    exit_code = 130
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

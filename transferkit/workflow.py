@@ -26,7 +26,7 @@ import numpy as np
 from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
-from transferkit.errors import DataError, RunError
+from transferkit.errors import DataError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import write_atomic
@@ -39,7 +39,6 @@ from transferkit.runtime import resolve_precision
 from transferkit.training.checkpoint import (
     KEEPS_LAST_EPOCH,
     StopFlag,
-    TrainingInterrupted,
     WorkFolder,
     output_for,
     stop_on_signals,

@@ -87,7 +87,7 @@ def interrupted(shapes_dir, tmp_path, tiny, monkeypatch):
     import shutil
 
     import transferkit.workflow
-    from transferkit.training.checkpoint import TrainingInterrupted
+    from transferkit.errors import TrainingInterrupted
 
     data = shutil.copytree(shapes_dir, tmp_path / "data")
     output = tmp_path / "runs" / "run"
@@ -160,7 +160,7 @@ def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, mo
     """The second Ctrl-C stops at once (KeyboardInterrupt inside training): the run still
     ends with the one-line message, and a run with no finished epoch leaves nothing."""
     import transferkit.training.stages
-    from transferkit.training.checkpoint import TrainingInterrupted
+    from transferkit.errors import TrainingInterrupted
 
     def second_ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

@@ -312,7 +312,8 @@ def test_cached_stage_validation_figures_are_what_keras_evaluate_gives(n_classes
 def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_path):
     """The whole model is saved in the background as a cached stage starts, while its head
     already trains: resuming from that checkpoint must start from the head as it was."""
-    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, WorkFolder
+    from transferkit.errors import TrainingInterrupted
+    from transferkit.training.checkpoint import StopFlag, WorkFolder
 
     def batches():
         train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)
@@ -397,7 +398,8 @@ def test_cached_stage_progress_never_counts_past_the_epoch(capsys):
 def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_path):
     """Ctrl-C while features are computed (minutes on real data) stops at the next batch,
     and training does not start."""
-    from transferkit.training.checkpoint import StopFlag, TrainingInterrupted
+    from transferkit.errors import TrainingInterrupted
+    from transferkit.training.checkpoint import StopFlag
 
     calls = []
 

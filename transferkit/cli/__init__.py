@@ -1,10 +1,17 @@
 """The command line: each command parses, calls one library function, prints.
 
-One module per group of commands: ``train`` (finetune), ``tune``, ``predict``, ``evaluate``
-(evaluate, explain, report), ``export`` (export, benchmark), ``data`` (doctor, augment-preview),
-``tuning`` (lr-find; doctor --model), ``info`` (backbones, recipes); ``common`` holds the options defined once
-and the error-to-exit-code mapping. Exit codes: 0 success, 1 the input or the run failed,
-2 a usage or recipe error, 130 interrupted.
+Each module is named for its commands: ``finetune``, ``predict``, ``doctor`` (doctor, and
+doctor --model), ``augment_preview``, ``lr_find``, ``tune``, ``evaluate`` (evaluate, explain,
+report), ``export`` (export, benchmark), ``info`` (backbones, recipes). ``common`` holds the
+options defined once, the one path from flags to recipe overrides, and ``reports_errors``,
+on every command: a ``TransferkitError`` becomes one ``error:`` line and its class's exit
+code. Exit codes: 0 success, 1 the input or the run failed, 2 a usage or recipe error, 130
+interrupted.
+
+Start-up: a command module imports at its top what loads quickly (typer, the choice tables,
+the backbone registry); what loads numpy, Pillow, pydantic or Keras is imported inside the
+command that uses it, so that ``--help`` answers within 1 s and ``backbones`` within 2 s
+(tests/cli/test_startup.py).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import data, evaluate, export, info, predict, train, tune, tuning
+from transferkit.cli import augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, tune
 from transferkit.cli.common import setup_logging
+from transferkit.errors import TrainingInterrupted
 
 app = typer.Typer(
     name="transferkit",
@@ -46,27 +54,29 @@ def main_callback(
     setup_logging()
 
 
-app.command()(train.finetune)
-app.command()(predict.predict)
-app.command()(data.doctor)
-app.command("augment-preview")(data.augment_preview)
-app.command("lr-find")(tuning.lr_find)
-app.command()(evaluate.evaluate)
-app.command()(evaluate.explain)
-app.command()(evaluate.report)
-app.command()(tune.tune)
-app.command()(export.export)
-app.command()(export.benchmark)
-app.command("backbones")(info.backbones)
-app.command("recipes")(info.recipes)
+# Every command, in --help's order, with whether it loads Keras / TensorFlow: True, False
+# (listings, data checks: they answer without TensorFlow's start-up), or the flag with which
+# it does (doctor checks learning with --model).
+COMMANDS = (
+    ("finetune", finetune.finetune, True),
+    ("predict", predict.predict, True),
+    ("doctor", doctor.doctor, "--model"),
+    ("augment-preview", augment_preview.augment_preview, False),
+    ("lr-find", lr_find.lr_find, True),
+    ("evaluate", evaluate.evaluate, True),
+    ("explain", evaluate.explain, True),
+    ("report", evaluate.report, False),
+    ("tune", tune.tune, True),
+    ("export", export.export, True),
+    ("benchmark", export.benchmark, True),
+    ("backbones", info.backbones, False),
+    ("recipes", info.recipes, False),
+)
+for name, command, _ in COMMANDS:
+    app.command(name)(command)
 
-
-# The commands that load Keras / TensorFlow; the others (listings, data checks) answer
-# without paying for TensorFlow's start-up.
-TENSORFLOW_COMMANDS = frozenset(
-    {"finetune", "predict", "evaluate", "explain", "lr-find", "tune", "export", "benchmark"})
-# Commands that load TensorFlow only with one of their flags: doctor checks learning with --model.
-TENSORFLOW_FLAGS = {"doctor": "--model"}
+TENSORFLOW_COMMANDS = frozenset(name for name, _, loads in COMMANDS if loads is True)
+TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loads, str)}
 
 
 def needs_tensorflow(argv: list[str]) -> bool:
@@ -122,7 +132,7 @@ def main() -> None:
         # Ctrl-C outside training (starting up, reading images): nothing was written yet
         # that a later run needs; training itself turns Ctrl-C into a resumable stop.
         sys.stderr.write("\nerror: interrupted\n")
-        sys.exit(130)
+        sys.exit(TrainingInterrupted.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

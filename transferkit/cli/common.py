@@ -1,16 +1,20 @@
-"""What every command shares: the options defined once, logging to the terminal, and the
-one mapping from a ``TransferkitError`` to a one-line message and its exit code."""
+"""What every command shares: the options defined once, logging to the terminal, the one
+path from flags to recipe overrides, and the one mapping from a ``TransferkitError`` to a
+one-line message and its exit code (``reports_errors``, on every command)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from transferkit.backbones import available_backbones
 from transferkit.errors import TransferkitError
 from transferkit.runtime import ENGINES, PRECISIONS
 
@@ -20,13 +24,19 @@ def choices(values: Sequence[str]) -> str:
     return "[" + "|".join(values) + "]"
 
 
+def one_of(values: Sequence[str]) -> str:
+    """A choice in words: ``auto, keras or openvino``."""
+    *first, last = values
+    return f"{', '.join(first)} or {last}" if first else last
+
+
 # Recipe flags shared by every command that resolves a recipe (recipe keys in brackets).
 RecipeOption = Annotated[
     Optional[str],
     typer.Option("--recipe", "-r", help="Recipe TOML file, or a shipped recipe name (see `transferkit recipes`)."),
 ]
 BackboneOption = Annotated[Optional[str], typer.Option(
-        help="Backbone: vgg16, vgg19 or resnet50 (recipe key: backbone).")]
+        help=f"Backbone: {one_of(available_backbones())} (recipe key: backbone).")]
 WeightsOption = Annotated[
     Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), PATH to a .h5 file, or a "
                                 "finished RUN_DIR (or its model.keras) to start from its backbone.")
@@ -60,9 +70,12 @@ InferencePrecisionOption = Annotated[str, typer.Option(
     "--precision", metavar=choices(PRECISIONS),
     help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
          "or float16 (16 bits only).")]
+ValDirOption = Annotated[Optional[Path], typer.Option(
+        help="Validation folder with the same class sub-folders, instead of a split.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="More messages (engines, caches, decisions).")]
 DataDirArgument = Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")]
+RunArgument = Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")]
 
 
 class TerminalHandler(logging.Handler):
@@ -89,10 +102,35 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
-def fail(error: TransferkitError) -> typer.Exit:
-    """A library error as one ``error:`` line, with its class's exit code."""
-    typer.echo(f"error: {error}", err=True)
-    return typer.Exit(code=error.exit_code)
+def reports_errors(command: Callable | None = None, *, json_flag: str | None = None):
+    """Decorate a command so that a ``TransferkitError`` it raises ends it with one
+    ``error: ...`` line on stderr and the error class's exit code (no traceback).
+
+    Args:
+        command: the command function; leave it out to give ``json_flag``.
+        json_flag: the name of a parameter (``json_output``) that, when true, asks for the
+            error as ``{"error": "..."}`` on stdout instead, so scripts reading --json get
+            JSON for a failure too. Default None: always the line.
+
+    Returns:
+        The wrapped command (its signature, and so its options, unchanged), or a decorator.
+    """
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except TransferkitError as error:
+                if json_flag is not None and kwargs.get(json_flag):
+                    typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
+                else:
+                    typer.echo(f"error: {error}", err=True)
+                raise typer.Exit(code=error.exit_code) from None
+
+        run.reports_errors = True
+        return run
+
+    return decorate if command is None else decorate(command)
 
 
 def usage_error(message: str) -> typer.Exit:
@@ -104,8 +142,7 @@ def usage_error(message: str) -> typer.Exit:
 def check_choice(flag: str, value: str | None, allowed: Sequence[str]) -> None:
     """A usage error for a value outside a choice table (told before any work)."""
     if value is not None and value not in allowed:
-        *first, last = allowed
-        raise usage_error(f"{flag} {value!r}: choose {', '.join(first)} or {last}")
+        raise usage_error(f"{flag} {value!r}: choose {one_of(allowed)}")
 
 
 def check_positive(flag: str, value: int | None) -> None:
@@ -114,10 +151,21 @@ def check_positive(flag: str, value: int | None) -> None:
         raise usage_error(f"{flag} must be at least 1, got {value}")
 
 
-def recipe_overrides(set_values: Sequence[str] | None, **flags) -> dict:
-    """The recipe overrides of a command line: its --set values, then the shared recipe
-    flags given (--backbone, --weights, --image-size, --batch-size ..., by their names in
-    ``recipe.FLAG_KEYS``; None: not given)."""
-    from transferkit.recipe import collect_overrides
+def recipe_overrides(ctx: typer.Context) -> dict:
+    """The recipe overrides of a command line: its --set values, then every recipe flag the
+    command has (by its name in ``recipe.FLAG_KEYS``: --backbone, --image-size, ...) that
+    was given.
 
-    return collect_overrides(set_values or [], flags)
+    Args:
+        ctx: the command's context; its parameters hold the flags' values (None: not given).
+
+    Returns:
+        Dotted recipe key -> value, for ``load_recipe``.
+
+    Raises:
+        RecipeError: a --set value without "=".
+    """
+    from transferkit.recipe import FLAG_KEYS, collect_overrides
+
+    flags = {name: value for name, value in ctx.params.items() if name in FLAG_KEYS}
+    return collect_overrides(ctx.params.get("set_values") or [], flags)

@@ -10,19 +10,20 @@ import typer
 from transferkit.cli.common import (
     InferenceEngineOption,
     InferencePrecisionOption,
+    RunArgument,
     VerboseOption,
     check_choice,
     check_positive,
-    fail,
+    reports_errors,
     setup_logging,
 )
-from transferkit.errors import TransferkitError
+from transferkit.progress import progress_bar
 from transferkit.runtime import ENGINES, PRECISIONS
 
-RunArgument = Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 
 
+@reports_errors
 def evaluate(
     run: RunArgument,
     images: Annotated[Path, typer.Argument(
@@ -40,25 +41,22 @@ def evaluate(
 ) -> None:
     """Evaluate a run on a labelled folder: metrics.json, predictions.csv and figures."""
     from transferkit.evaluation.evaluate import check_output_folder, evaluate_folder, write_evaluation
-    from transferkit.progress import progress_bar
     from transferkit.runs import load_run
 
     setup_logging(quiet, verbose)
     check_positive("--batch-size", batch_size)
     check_choice("--engine", engine, ENGINES)
     check_choice("--precision", precision, PRECISIONS)
-    try:
-        if output is not None:
-            check_output_folder(output, force)
-        loaded = load_run(run)
-        result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
-                                 precision=precision, progress=progress_bar("image", enabled=not quiet))
-        written = write_evaluation(result, output, force=force)
-    except TransferkitError as error:
-        raise fail(error) from None
+    if output is not None:
+        check_output_folder(output, force)
+    loaded = load_run(run)
+    result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
+                             precision=precision, progress=progress_bar("image", enabled=not quiet))
+    written = write_evaluation(result, output, force=force)
     typer.echo(result.summary(written))
 
 
+@reports_errors
 def explain(
     run: RunArgument,
     images: Annotated[Path, typer.Argument(help="An image file, or a folder of images (walked recursively).")],
@@ -77,26 +75,21 @@ def explain(
 
     setup_logging(False, verbose)
     check_positive("--top", top)
-    try:
-        loaded = load_run(run)
-        explanations = explain_images(loaded, images, class_name=class_name, top=top)
-        folder = output if output is not None else default_output(loaded.path, images)
-        write_explanations(explanations, folder, force=force, root=images if images.is_dir() else None)
-    except TransferkitError as error:
-        raise fail(error) from None
+    loaded = load_run(run)
+    explanations = explain_images(loaded, images, class_name=class_name, top=top)
+    folder = output if output is not None else default_output(loaded.path, images)
+    write_explanations(explanations, folder, force=force, root=images if images.is_dir() else None)
     for item in explanations:
         labels = ", ".join(f"{h.class_name} {h.probability:.3f}" for h in item.heatmaps)
         typer.echo(f"{item.file}  {labels}")
     typer.echo(f"{len(explanations)} image(s) explained; written to {folder}")
 
 
+@reports_errors
 def report(run: RunArgument, verbose: VerboseOption = False) -> None:
     """Draw a run's history.png and confusion.png again from history.csv and metrics.json."""
     from transferkit.evaluation.figures import write_run_figures
 
     setup_logging(False, verbose)
-    try:
-        written = write_run_figures(run)
-    except TransferkitError as error:
-        raise fail(error) from None
+    written = write_run_figures(run)
     typer.echo("wrote " + ", ".join(str(path) for path in written))

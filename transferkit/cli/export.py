@@ -9,18 +9,17 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit.cli.common import (
+    RunArgument,
     VerboseOption,
     check_choice,
     check_positive,
     choices,
-    fail,
+    reports_errors,
     setup_logging,
     usage_error,
 )
-from transferkit.errors import TransferkitError
 from transferkit.export.formats import DEFAULT_MAX_DROP, FORMAT_CHOICES, QUANTIZATIONS
 
-RunArgument = Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")]
 DataOption = Annotated[
     Optional[Path],
     typer.Option("--data", help="The run's data folder: its validation split (re-created from recipe.toml) checks "
@@ -28,6 +27,7 @@ DataOption = Annotated[
 ]
 
 
+@reports_errors
 def export(
     run: RunArgument,
     format: Annotated[str, typer.Option("--format", "-f", metavar=choices(FORMAT_CHOICES),
@@ -53,15 +53,13 @@ def export(
     check_choice("--quantize", quantize, QUANTIZATIONS)
     if max_drop < 0:
         raise usage_error(f"--max-drop must be at least 0, got {max_drop:g}")
-    try:
-        results = export_run(run, format, output, quantize, data=data, max_drop=max_drop, allow_drop=allow_drop,
-                             force=force)
-    except TransferkitError as error:
-        raise fail(error) from error
+    results = export_run(run, format, output, quantize, data=data, max_drop=max_drop, allow_drop=allow_drop,
+                         force=force)
     folders = sorted({str(result.folder) for result in results})
     typer.echo(f"{len(results)} export(s) written and checked: {', '.join(folders)}")
 
 
+@reports_errors
 def benchmark(
     run: RunArgument,
     formats: Annotated[Optional[str], typer.Option(
@@ -81,10 +79,7 @@ def benchmark(
     setup_logging(False, verbose)
     check_positive("--batch-size", batch_size)
     entries = [entry.strip() for entry in formats.split(",") if entry.strip()] if formats else None
-    try:
-        result = benchmark_run(run, entries, batch_size, data=data, seconds=seconds, output=output)
-    except TransferkitError as error:
-        raise fail(error) from error
+    result = benchmark_run(run, entries, batch_size, data=data, seconds=seconds, output=output)
     typer.echo(result.table())
     typer.echo(f"written to {result.path}")
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from transferkit.backbones import REGISTRY
+from transferkit.cli.common import reports_errors
 
+
+@reports_errors
 def backbones() -> None:
     """List the available backbones, their input sizes and parameter counts."""
-    from transferkit.backbones import REGISTRY
-
     header = f"{'name':<10} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
     typer.echo(f"{header}  ImageNet weights file")
     for name, spec in sorted(REGISTRY.items()):
@@ -18,6 +20,7 @@ def backbones() -> None:
         )
 
 
+@reports_errors
 def recipes() -> None:
     """List the shipped recipes with the first line of each one's description."""
     from transferkit.recipe import available_recipes, recipe_summary

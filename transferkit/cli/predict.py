@@ -10,18 +10,20 @@ import typer
 from transferkit.cli.common import (
     InferenceEngineOption,
     InferencePrecisionOption,
+    RunArgument,
     VerboseOption,
     check_choice,
     check_positive,
-    fail,
+    reports_errors,
     setup_logging,
 )
-from transferkit.errors import TransferkitError
+from transferkit.progress import progress_bar
 from transferkit.runtime import ENGINES, PRECISIONS
 
 
+@reports_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")],
+    run: RunArgument,
     images: Annotated[Path, typer.Argument(help="Folder of images to classify (walked recursively), or one image.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o",
             help="Write the predictions to FILE.csv or FILE.json.")] = None,
@@ -37,7 +39,6 @@ def predict(
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
     from transferkit.inference.predict import check_output, predict_folder, write_predictions
-    from transferkit.progress import progress_bar
     from transferkit.runs import load_run
 
     setup_logging(quiet, verbose)
@@ -46,22 +47,19 @@ def predict(
     check_positive("--batch-size", batch_size)
     check_choice("--engine", engine, ENGINES)
     check_choice("--precision", precision, PRECISIONS)
-    try:
-        if output is not None:
-            check_output(output)
-        loaded = load_run(run)
-        bar = progress_bar("image", enabled=not quiet)
-        forward = engine
-        if tta:
-            from transferkit.evaluation.tta import tta_engine
+    if output is not None:
+        check_output(output)
+    loaded = load_run(run)
+    bar = progress_bar("image", enabled=not quiet)
+    forward = engine
+    if tta:
+        from transferkit.evaluation.tta import tta_engine
 
-            forward = tta_engine(loaded, engine, precision)
-        result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
-                                engine=forward, precision=precision)
-        if output is not None:
-            write_predictions(result, output)
-    except TransferkitError as error:
-        raise fail(error) from None
+        forward = tta_engine(loaded, engine, precision)
+    result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
+                            engine=forward, precision=precision)
+    if output is not None:
+        write_predictions(result, output)
     if not quiet:
         width = max((len(str(row.file)) for row in result.rows), default=4)
         typer.echo(f"{'file':<{width}}  {'label':<16} confidence")

@@ -21,23 +21,9 @@ try:
 except ImportError:  # pragma: no cover - a dependency; Pillow decodes every JPEG anyway
     simplejpeg = None
 
-from transferkit.errors import DataError
+from transferkit.errors import UnreadableImage
 
 log = logging.getLogger("transferkit")
-
-
-class UnreadableImage(DataError):
-    """Raised by read_image for a file that is not a readable image; callers skip it.
-
-    Attributes:
-        path: the file.
-        reason: why it cannot be used, without the path.
-    """
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import RunError, TransferkitError, first_line
+from transferkit.errors import RunError, first_line
 from transferkit.files import atomic_path, write_atomic
 
 log = logging.getLogger("transferkit")
@@ -41,12 +41,6 @@ log = logging.getLogger("transferkit")
 JOB_FILE = "job.json"
 STATE_FILE = "state.json"
 CHECKPOINT_FILE = "checkpoint.keras"
-
-
-class TrainingInterrupted(TransferkitError):
-    """Raised when SIGINT or SIGTERM stopped training after a checkpoint was saved."""
-
-    exit_code = 130
 
 
 @dataclass

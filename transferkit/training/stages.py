@@ -34,12 +34,13 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import ImageBatches
+from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import EarlyStoppingState
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, set_trainable
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
-from transferkit.training.checkpoint import StopFlag, TrainingInterrupted, TrainingState, WorkFolder
+from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder
 from transferkit.training.compile import compile_for_stage, make_loss
 from transferkit.training.features import (
     CALIBRATION_IMAGES,

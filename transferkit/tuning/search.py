@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transferkit.errors import TransferkitError, first_line
+from transferkit.errors import TrainingInterrupted, TransferkitError, first_line
 from transferkit.files import atomic_path, write_atomic
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.tuning.objective import METRICS
 
 if TYPE_CHECKING:
     from transferkit.data.prepare import PreparedData
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("transferkit")
 
 INSTALL = "pip install 'transferkit[tune]'  (or: pip install optuna)"
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 DEFAULT_TRIALS = 20
 # Median pruning starts once this many trials completed, and from this epoch on.
 PRUNE_AFTER_TRIALS = 3
@@ -354,7 +354,6 @@ class _Search:
     def _trial(self) -> None:
         """One trial, told to the study as complete, pruned or failed (with its reason)."""
         optuna = require_optuna()
-        from transferkit.training.checkpoint import TrainingInterrupted
 
         trial = self.study.ask()
         self.new_trials += 1

@@ -1,5 +1,5 @@
-"""Commands about learning: ``lr-find`` (the learning-rate range test) and the learning checks
-of ``doctor --model``."""
+"""``transferkit lr-find``: the learning-rate range test of one stage, plotted, with the rate
+to use."""
 
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ from transferkit.cli.common import (
     StageOption,
     VerboseOption,
     WeightsOption,
-    fail,
     recipe_overrides,
+    reports_errors,
     setup_logging,
 )
-from transferkit.errors import TransferkitError
 
 
+@reports_errors
 def lr_find(
+    ctx: typer.Context,
     data_dir: DataDirArgument,
     recipe: RecipeOption = None,
     stage: StageOption = 0,
@@ -55,31 +56,7 @@ def lr_find(
     from transferkit.tuning.lr_find import find_learning_rate
 
     setup_logging(quiet or json_output, verbose)
-    try:
-        overrides = recipe_overrides(set_values, backbone=backbone, weights=weights, image_size=image_size,
-                                     batch_size=batch_size)
-        result = find_learning_rate(data_dir, recipe, overrides, stage, val_dir=val_dir, min_lr=min_lr,
-                                    max_lr=max_lr, steps=steps, output=output,
-                                    verbose=0 if quiet or json_output else 1)
-    except TransferkitError as error:
-        raise fail(error) from None
+    result = find_learning_rate(data_dir, recipe, recipe_overrides(ctx), stage, val_dir=val_dir, min_lr=min_lr,
+                                max_lr=max_lr, steps=steps, output=output, verbose=0 if quiet or json_output else 1)
     typer.echo(json.dumps(result.to_dict()) if json_output else result.describe())
     raise typer.Exit(code=0 if result.suggestion is not None else 1)
-
-
-def doctor_model(data_dir: Path, recipe: str | None, overrides: dict, *, stage: int, val_dir: Path | None,
-                 json_output: bool) -> None:
-    """``doctor --model``: the learning checks, printed; exit 0 when all pass, 1 otherwise."""
-    from transferkit.tuning.diagnostics import check_learning
-
-    setup_logging(quiet=json_output)
-    try:
-        report = check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir,
-                                verbose=0 if json_output else 1)
-    except TransferkitError as error:
-        if json_output:
-            typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
-            raise typer.Exit(code=error.exit_code) from None
-        raise fail(error) from None
-    typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
-    raise typer.Exit(code=0 if report.passed else 1)

@@ -17,15 +17,21 @@ from transferkit.cli.common import (
     RecipeOption,
     SeedOption,
     SetOption,
+    ValDirOption,
     VerboseOption,
     WeightsOption,
-    fail,
+    recipe_overrides,
+    reports_errors,
     setup_logging,
     usage_error,
 )
-from transferkit.errors import TransferkitError
+
+# What --resume accepts besides RUN_DIR: where the data is now, and --force; every other
+# setting is the interrupted run's own.
+RESUME_PARAMETERS = frozenset({"data_dir", "val_dir", "resume", "force", "quiet", "verbose"})
 
 
+@reports_errors
 def finetune(
     ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Argument(
@@ -41,8 +47,7 @@ def finetune(
             help="Epochs of every later (fine-tuning) stage; 0 skips them.")] = None,
     val_split: Annotated[Optional[float], typer.Option(
             help="Fraction of each class held out for validation (recipe key: data.val_split).")] = None,
-    val_dir: Annotated[Optional[Path], typer.Option(
-            help="Validation folder with the same class sub-folders, instead of a split.")] = None,
+    val_dir: ValDirOption = None,
     seed: SeedOption = None,
     precision: PrecisionOption = None,
     engine: EngineOption = None,
@@ -75,36 +80,34 @@ def finetune(
     with --resume RUN_DIR.
     """
     from transferkit import workflow
-    from transferkit.recipe import FLAG_KEYS, collect_overrides, load_recipe
+    from transferkit.recipe import load_recipe
 
     setup_logging(quiet, verbose)
-    flags = {name: ctx.params[name] for name in FLAG_KEYS}
-    settings = {**flags, "recipe": recipe, "set_values": set_values or None, "output": output,
-                "save_h5": save_h5 or None}
     if resume is not None:
-        # The interrupted run's recipe and options hold; only where its data is now (when
-        # it moved) and --force may be given.
-        given = [_flag_name(name) for name, value in settings.items() if value is not None]
+        given = [_flag(parameter) for parameter in ctx.command.params
+                 if parameter.name not in RESUME_PARAMETERS and _given(ctx, parameter.name)]
         if given:
             raise usage_error(f"--resume continues the run with its own settings; drop {', '.join(given)} "
                               "(or start a new run without --resume)")
-        try:
-            run = workflow.resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir,
-                                           force=force)
-        except TransferkitError as error:
-            raise fail(error) from None
+        run = workflow.resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir,
+                                       force=force)
         typer.echo(run.describe())
         return
     if data_dir is None:
         raise usage_error("finetune needs DATA_DIR (or --resume RUN_DIR)")
-    try:
-        resolved = load_recipe(recipe, collect_overrides(set_values or [], flags))
-        run = workflow.finetune(data_dir, resolved, val_dir=val_dir, output=output, force=force, save_h5=save_h5,
-                                verbose=0 if quiet else 1)
-    except TransferkitError as error:
-        raise fail(error) from None
+    resolved = load_recipe(recipe, recipe_overrides(ctx))
+    run = workflow.finetune(data_dir, resolved, val_dir=val_dir, output=output, force=force, save_h5=save_h5,
+                            verbose=0 if quiet else 1)
     typer.echo(run.describe())
 
 
-def _flag_name(parameter: str) -> str:
-    return {"cache": "--cache/--no-cache", "set_values": "--set"}.get(parameter, "--" + parameter.replace("_", "-"))
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether a parameter was given a value on the command line (an empty --set list or a
+    switch left off is not)."""
+    value = ctx.params[name]
+    return value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value)
+
+
+def _flag(parameter) -> str:
+    """A parameter as --help names it: ``--output``, ``--cache/--no-cache``."""
+    return "/".join([parameter.opts[0], *parameter.secondary_opts])

@@ -1,0 +1,55 @@
+"""The command line turns a library error into one line and its exit code in one place:
+``cli.common.reports_errors``, on every command."""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import transferkit.cli
+from transferkit import errors
+from transferkit.cli import COMMANDS, app
+
+ERROR_CLASSES = [value for value in vars(errors).values()
+                 if inspect.isclass(value) and issubclass(value, errors.TransferkitError)]
+
+
+def test_every_command_reports_errors_through_the_one_wrapper():
+    registered = {info.name: info.callback for info in app.registered_commands}
+    assert registered == {name: command for name, command, _ in COMMANDS}
+    unwrapped = [name for name, command in registered.items() if not getattr(command, "reports_errors", False)]
+    assert not unwrapped, f"decorate with cli.common.reports_errors: {unwrapped}"
+
+
+def test_no_command_module_catches_library_errors_itself():
+    names = {error.__name__ for error in ERROR_CLASSES}
+    caught = []
+    for path in Path(transferkit.cli.__file__).parent.glob("*.py"):
+        if path.name == "common.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ExceptHandler) and node.type is not None:
+                spelled = {ast.unparse(part).split(".")[-1] for part in ast.walk(node.type)
+                           if isinstance(part, (ast.Name, ast.Attribute))}
+                caught += [f"{path.name}:{node.lineno} {name}" for name in sorted(spelled & names)]
+    assert not caught, "; ".join(caught)
+
+
+@pytest.mark.parametrize("error_class", ERROR_CLASSES, ids=lambda error_class: error_class.__name__)
+def test_a_library_error_is_one_line_with_its_class_exit_code(error_class, tmp_path, monkeypatch):
+    import transferkit.evaluation.figures
+
+    # UnreadableImage is told as "PATH: reason"; the others take their message whole.
+    arguments = (("what went wrong", "what to do") if error_class is errors.UnreadableImage
+                 else ("what went wrong; what to do",))
+    message = ": ".join(arguments)
+
+    def fails(run):
+        raise error_class(*arguments)
+
+    monkeypatch.setattr(transferkit.evaluation.figures, "write_run_figures", fails)
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == error_class.exit_code
+    assert result.output == f"error: {message}\n"

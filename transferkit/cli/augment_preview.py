@@ -1,0 +1,41 @@
+"""``transferkit augment-preview``: a PNG grid of images beside their augmented versions, to
+see what the recipe's augmentation does before training on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from transferkit.cli.common import (
+    DataDirArgument,
+    ImageSizeOption,
+    RecipeOption,
+    SeedOption,
+    check_positive,
+    reports_errors,
+    setup_logging,
+)
+
+
+@reports_errors
+def augment_preview(
+    data_dir: DataDirArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("augment-preview.png"),
+    recipe: RecipeOption = None,
+    image_size: ImageSizeOption = None,
+    count: Annotated[int, typer.Option(help="How many images (rows).")] = 6,
+    views: Annotated[int, typer.Option(help="Augmented versions per image (columns after the original).")] = 5,
+    seed: SeedOption = None,
+) -> None:
+    """Write a PNG grid of original images beside augmented versions."""
+    from transferkit.data.augment import write_preview
+    from transferkit.recipe import load_recipe
+
+    setup_logging()
+    check_positive("--count", count)
+    resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
+    path = write_preview(data_dir, output, resolved.augment, image_size=resolved.image_size, count=count,
+                         views=views, seed=resolved.seed)
+    typer.echo(f"wrote {path}")
