@@ -53,3 +53,35 @@ def test_a_library_error_is_one_line_with_its_class_exit_code(error_class, tmp_p
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == error_class.exit_code
     assert result.output == f"error: {message}\n"
+
+
+def test_an_error_after_an_unfinished_progress_line_starts_a_line_of_its_own(tmp_path, monkeypatch):
+    """A Keras progress bar leaves its line open ("\\r" redraws, no newline); the error line
+    must not be glued to its end."""
+    import sys
+
+    import transferkit.evaluation.figures
+
+    def fails(run):
+        sys.stdout.write("\r 3/10 ━━━━━━━━━━━━━━━━━━━━ 2s 300ms/step - loss: 0.6931")
+        raise errors.RunError("cannot write run/model.keras: File too large")
+
+    monkeypatch.setattr(transferkit.evaluation.figures, "write_run_figures", fails)
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stdout.endswith("loss: 0.6931\n")
+    assert result.stderr == "error: cannot write run/model.keras: File too large\n"
+
+
+def test_a_finished_line_gets_no_extra_newline(tmp_path, monkeypatch):
+    import sys
+
+    import transferkit.evaluation.figures
+
+    def fails(run):
+        sys.stdout.write("reading images (3 files)\n")
+        raise errors.RunError("stop")
+
+    monkeypatch.setattr(transferkit.evaluation.figures, "write_run_figures", fails)
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.stdout == "reading images (3 files)\n"

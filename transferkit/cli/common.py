@@ -78,6 +78,37 @@ DataDirArgument = Annotated[Path, typer.Argument(help="Folder with one sub-folde
 RunArgument = Annotated[Path, typer.Argument(help="Run folder (or a model.keras with labels.json beside it).")]
 
 
+class LineTracker:
+    """A text stream that remembers whether its last line is unfinished (a Keras progress bar
+    is redrawn with "\r" and no newline), so that an error or a warning on stderr starts on
+    a line of its own instead of being glued to the bar's end."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.line_open = False
+
+    def write(self, text: str) -> int:
+        written = self.stream.write(text)
+        if text:
+            self.line_open = not text.endswith("\n")
+        return written
+
+    def end_line(self) -> None:
+        """Finish an unfinished line with a newline."""
+        if self.line_open:
+            self.write("\n")
+            self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def end_open_line() -> None:
+    """Before a message on stderr: end the line a progress bar left open on stdout."""
+    if isinstance(sys.stdout, LineTracker):
+        sys.stdout.end_line()
+
+
 class TerminalHandler(logging.Handler):
     """The library's messages on the terminal: progress (info) as plain lines on stdout,
     warnings and errors as "warning: ..." on stderr; whatever sys.stdout / sys.stderr are
@@ -88,6 +119,7 @@ class TerminalHandler(logging.Handler):
             sys.stdout.write(f"{record.getMessage()}\n")
             sys.stdout.flush()
         else:
+            end_open_line()
             sys.stderr.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
 
 
@@ -118,14 +150,20 @@ def reports_errors(command: Callable | None = None, *, json_flag: str | None = N
     def decorate(function: Callable) -> Callable:
         @functools.wraps(function)
         def run(*args, **kwargs):
+            stdout = sys.stdout
+            if not isinstance(stdout, LineTracker):
+                sys.stdout = LineTracker(stdout)
             try:
                 return function(*args, **kwargs)
             except TransferkitError as error:
+                end_open_line()
                 if json_flag is not None and kwargs.get(json_flag):
                     typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
                 else:
                     typer.echo(f"error: {error}", err=True)
                 raise typer.Exit(code=error.exit_code) from None
+            finally:
+                sys.stdout = stdout
 
         run.reports_errors = True
         return run
