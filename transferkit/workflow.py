@@ -178,6 +178,8 @@ def _train_into(prepared: dict, recipe: Recipe, output: Path, *, force: bool, sa
         if not work.has_checkpoint():
             work.remove()
         raise
+    finally:
+        work.release()  # the owner lock (a finished run's went with its folder)
 
 
 def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str | os.PathLike | None = None,
@@ -207,25 +209,29 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     from transferkit import runs
     from transferkit.training.checkpoint import WorkFolder, output_for
 
-    work = WorkFolder.open(run)
-    job = work.job()
-    recipe = load_recipe(work.path / "recipe.toml")
-    output = output_for(work.path)
-    force = force or bool(job.get("force"))
-    for name, given, recorded in (("DATA_DIR", data_dir, job["data_dir"]), ("--val-dir", val_dir, job.get("val_dir"))):
-        if given is None and recorded is not None and not Path(recorded).is_dir():
-            raise DataError(f"the data of the interrupted run, {recorded}, is gone; if it moved, give its new place: "
-                            f"transferkit finetune {'NEW_DATA_DIR' if name == 'DATA_DIR' else '... --val-dir NEW_DIR'} "
-                            f"--resume {output}")
-    data_dir = data_dir if data_dir is not None else job["data_dir"]
-    val_dir = val_dir if val_dir is not None else job["val_dir"]
-    runs.check_writable(output, force, data_folders=(data_dir, val_dir))
-    if verbose:
-        state = work.state()
-        log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
-    prepared = _prepare(data_dir, val_dir, recipe, verbose)
-    _require_same_data(job, prepared, data_dir, output)
-    return _train(prepared, recipe, output, work, force, bool(job["save_h5"]), verbose)
+    work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
+    try:
+        job = work.job()
+        recipe = load_recipe(work.path / "recipe.toml")
+        output = output_for(work.path)
+        force = force or bool(job.get("force"))
+        for name, given, recorded in (("DATA_DIR", data_dir, job["data_dir"]),
+                                      ("--val-dir", val_dir, job.get("val_dir"))):
+            if given is None and recorded is not None and not Path(recorded).is_dir():
+                new_place = "NEW_DATA_DIR" if name == "DATA_DIR" else "... --val-dir NEW_DIR"
+                raise DataError(f"the data of the interrupted run, {recorded}, is gone; if it moved, give its new "
+                                f"place: transferkit finetune {new_place} --resume {output}")
+        data_dir = data_dir if data_dir is not None else job["data_dir"]
+        val_dir = val_dir if val_dir is not None else job["val_dir"]
+        runs.check_writable(output, force, data_folders=(data_dir, val_dir))
+        if verbose:
+            state = work.state()
+            log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
+        prepared = _prepare(data_dir, val_dir, recipe, verbose)
+        _require_same_data(job, prepared, data_dir, output)
+        return _train(prepared, recipe, output, work, force, bool(job["save_h5"]), verbose)
+    finally:
+        work.release()
 
 
 def _require_same_data(job: dict, prepared: dict, data_dir, output: Path) -> None:
@@ -602,9 +608,7 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: d
     if trained.tensorboard is not None:
         shutil.copytree(trained.tensorboard, folder / "tensorboard")
     if prepared["skipped"]:
-        (folder / "skipped.txt").write_text(
-            "".join(f"{path}\t{reason}\n" for path, reason in prepared["skipped"]), encoding="utf-8"
-        )
+        write_atomic(folder / "skipped.txt", "".join(f"{path}\t{reason}\n" for path, reason in prepared["skipped"]))
 
 
 def _data_fingerprint(data_dir, val_dir, paths) -> str:
