@@ -73,7 +73,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes, encoding: str = "utf-8") -> Path:
-    """Write text or bytes to ``path`` atomically (see ``atomic_path``).
+    """Write text or bytes to ``path`` atomically (see ``atomic_path``). Text is encoded with
+    ``surrogateescape``: file names that are not UTF-8 keep their bytes.
 
     Args:
         path: the file.
@@ -85,10 +86,9 @@ def write_atomic(path: str | os.PathLike, content: str | bytes, encoding: str = 
     """
     path = Path(path)
     with atomic_path(path) as temporary:
-        if isinstance(content, bytes):
-            temporary.write_bytes(content)
-        else:
-            temporary.write_text(content, encoding=encoding)
+        # surrogateescape: a file name that is not UTF-8 (os.fsdecode's surrogates) is
+        # written as its own bytes instead of failing the whole write.
+        temporary.write_bytes(content if isinstance(content, bytes) else content.encode(encoding, "surrogateescape"))
     return path
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import write_failure
+from transferkit.files import write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 
 log = logging.getLogger("transferkit")
@@ -331,8 +331,11 @@ def _write_contents(result: EvaluationResult, folder: Path) -> None:
     from transferkit.evaluation import figures
 
     payload = dict(result.metrics, skipped=[{"file": str(p), "reason": r} for p, r in result.skipped])
-    (folder / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+    # File names that are not UTF-8 (surrogates, from os.fsdecode): \udcXX escapes in the JSON,
+    # their own bytes in the CSV, as predict writes them.
+    write_atomic(folder / "metrics.json",
+                 (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
+    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "true", "predicted", "confidence", *result.class_names])
         for row in result.iter_rows():
