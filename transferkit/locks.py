@@ -220,10 +220,10 @@ def require_not_live(output: str | os.PathLike) -> None:
 
 
 def tell_previous(record: dict) -> str:
-    """"pid 4242 on gpu-3 (started ..., command ...) ended without finishing"."""
-    gone = "is gone" if record.get("host") == socket.gethostname() and not pid_alive(int(record.get("pid") or 0)) \
-        else "no longer holds the lock"
-    return f"{describe_owner(record)} {gone}"
+    """"pid 4242 on gpu-3 since ... (command: ...), which is gone": a dead owner, told."""
+    here = record.get("host") == socket.gethostname()
+    gone = "which is gone" if here and not pid_alive(int(record.get("pid") or 0)) else "which no longer holds the lock"
+    return f"{describe_owner(record)}, {gone}"
 
 
 STAGING = "staging"  # in a lock folder: the folder being filled, renamed to its final name

@@ -377,7 +377,7 @@ class WorkFolder:
     def remove(self) -> None:
         """Delete the in-progress folder, and the folders ``create`` made for it if they are
         empty now (a run that failed or stopped early leaves no empty ``runs/`` behind)."""
-        self.flush()
+        self.flush_quietly()  # a write that failed meanwhile does not matter: its folder goes
         shutil.rmtree(self.path, ignore_errors=True)
         if self.lock is not None:  # after the folder went: nobody finds it half-removed
             self.lock.release()
