@@ -146,13 +146,22 @@ class FolderLock:
         _HELD[key] = held
         return held
 
-    def release(self) -> None:
-        """Remove the owner record (a clean end leaves none) and free the lock; twice is harmless."""
+    def release(self, restore: bool = False) -> None:
+        """Remove the owner record (a clean end leaves none) and free the lock; twice is harmless.
+
+        Args:
+            restore: put back the record of the dead owner this lock was taken from (the
+                folder is left as that owner left it: it was refused, not taken over);
+                default False.
+        """
         key = Path(os.path.abspath(self.folder))
         if _HELD.get(key) is self:
             del _HELD[key]
             with contextlib.suppress(OSError):
-                (self.folder / OWNER_FILE).unlink(missing_ok=True)
+                if restore and self.previous is not None:
+                    write_atomic(self.folder / OWNER_FILE, json.dumps(self.previous, indent=2) + "\n")
+                else:
+                    (self.folder / OWNER_FILE).unlink(missing_ok=True)
             self._lock.release()
 
     def clear(self) -> None:
@@ -260,6 +269,7 @@ def publishing(target: str | os.PathLike, kind: str, check=None) -> Iterator[Pat
     try:
         others = [entry.name for entry in folder.iterdir() if entry.name not in (LOCK_FILE, OWNER_FILE, STAGING)]
         if others and (lock.previous or {}).get("kind") != kind:
+            lock.release(restore=True)
             raise RunError(f"{folder} holds {', '.join(sorted(others)[:3])}, not a {kind} being written (an "
                            f"interrupted finetune into {target}?); resume or remove it, or choose another -o")
         if lock.previous is not None or (folder / STAGING).exists():

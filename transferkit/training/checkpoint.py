@@ -152,6 +152,7 @@ class WorkFolder:
             kept = [entry for entry in path.iterdir() if entry.name not in (LOCK_FILE, OWNER_FILE)]
             left_by = f" (left by {tell_previous(lock.previous)})" if lock.previous else ""
             if kept and (path / JOB_FILE).is_file() and not force:
+                lock.release(restore=True)  # left as it was, for --resume to tell
                 raise RunError(
                     f"an interrupted run of {output} is in {path}{left_by}; continue it with "
                     f"--resume {output}, or pass --force to start over"
