@@ -102,14 +102,15 @@ class FolderLock:
         self._lock = lock
 
     @classmethod
-    def acquire(cls, folder: str | os.PathLike, kind: str, create: bool = True) -> FolderLock:
-        """Take the lock of ``folder`` (created when missing, with ``create``), or fail at once.
+    def acquire(cls, folder: str | os.PathLike, kind: str, create: bool = True, wait: float = 0) -> FolderLock:
+        """Take the lock of ``folder`` (created when missing, with ``create``), or fail.
 
         Args:
             folder: the lock folder, ``X.partial``.
-            kind: what is written: "run", "export" or "evaluation" (recorded for whoever
-                finds the folder later).
+            kind: what is written: "run", "export", "evaluation" or "tune" (recorded for
+                whoever finds the folder later).
             create: make the folder (and its parents) when missing; default True.
+            wait: seconds to wait for another owner to let go; default 0 (fail at once).
 
         Returns:
             The held ``FolderLock``; ``release`` (or leaving its ``with`` block) frees it.
@@ -127,7 +128,7 @@ class FolderLock:
         try:
             if create:
                 folder.mkdir(parents=True, exist_ok=True)
-            lock = filelock.FileLock(str(folder / LOCK_FILE), timeout=0, thread_local=False)
+            lock = filelock.FileLock(str(folder / LOCK_FILE), timeout=wait, thread_local=False)
             lock.acquire()
         except filelock.Timeout:
             raise RunError(live_message(folder, read_owner(folder))) from None

@@ -387,7 +387,7 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
     Raises:
         DataError: the extension is neither .csv nor .json, or the file cannot be written.
     """
-    from transferkit.files import write_atomic, write_failure
+    from transferkit.files import remove_leftovers, write_atomic, write_failure
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -395,6 +395,7 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
         raise DataError(f"--output {path}: use a .csv or .json file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent)  # what a killed predict was writing
         # CSV as bytes: the csv module writes its own line endings, which must not be translated
         text = _csv_text(result) if suffix == ".csv" else _json_text(result)
         # A file name that is not UTF-8 holds surrogates (os.fsdecode): the CSV keeps its
