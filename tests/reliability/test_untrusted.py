@@ -152,3 +152,21 @@ def test_a_decompression_bomb_is_a_finding_of_the_doctor(tmp_path):
     Image.new("1", (14000, 14000)).save(tmp_path / "circle" / "bomb.png")
     report = check_data(tmp_path, image_size=32)
     assert any("bomb.png" in str(path) and "decompression-bomb" in reason for path, reason in report.unreadable)
+
+
+@pytest.mark.parametrize("damaged", [".xml", ".bin"])
+def test_a_damaged_network_in_the_engine_cache_is_converted_again_with_a_notice(run_dir, tmp_path, caplog, damaged):
+    pytest.importorskip("openvino")
+    from transferkit.inference.openvino import load_or_convert
+
+    model = runs.load_run(run_dir).model
+    network, xml = load_or_convert(model, (32, 32, 3), tmp_path)
+    file = xml.with_suffix(damaged)
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])
+    with caplog.at_level("WARNING", logger="transferkit"):
+        again, same = load_or_convert(model, (32, 32, 3), tmp_path)
+    assert same == xml and f"{xml} in the engine cache is damaged" in caplog.text
+    with caplog.at_level("WARNING", logger="transferkit"):
+        caplog.clear()
+        load_or_convert(model, (32, 32, 3), tmp_path)
+    assert "damaged" not in caplog.text  # rebuilt: the next one reuses it quietly
