@@ -38,7 +38,7 @@ def test_run_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
 def test_the_run_folder_is_flushed_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     flushed, renamed = [], []
-    monkeypatch.setattr(runs, "fsync_file", lambda path: flushed.append(path.name))
+    monkeypatch.setattr(transferkit.files, "fsync_file", lambda path: flushed.append(path.name))
     real_replace = runs.os.replace
 
     def replace(source, destination):

@@ -3,15 +3,30 @@
 A file written with ``atomic_path`` or ``write_atomic`` is written under a temporary name
 beside its destination, flushed to disk (fsync) and only then renamed over it, so a crash,
 a full disk or a kill at any moment leaves either the old file or the new one, never a
-half-written one. No Keras import.
+half-written one. Every temporary name carries the writer's process id
+(``.NAME.partial-PID...``, ``.NAME.replaced-PID``), so ``remove_leftovers`` can tell the
+temporary files of a killed process from those of a live one and remove them, with a notice.
+No Keras import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from transferkit.errors import first_line
+
+log = logging.getLogger("transferkit")
+
+# The temporary names of this module, of staging folders (``staging_folder``) and of the
+# folders ``replace_folder`` moves aside: a leading dot, the final name, the writer's pid.
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?:partial|replaced)-(?P<pid>\d+)(?:\D.*)?$")
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -58,7 +73,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes, encoding: str = "utf-8") -> Path:
-    """Write text or bytes to ``path`` atomically (see ``atomic_path``).
+    """Write text or bytes to ``path`` atomically (see ``atomic_path``). Text is encoded with
+    ``surrogateescape``: file names that are not UTF-8 keep their bytes.
 
     Args:
         path: the file.
@@ -70,11 +86,80 @@ def write_atomic(path: str | os.PathLike, content: str | bytes, encoding: str = 
     """
     path = Path(path)
     with atomic_path(path) as temporary:
-        if isinstance(content, bytes):
-            temporary.write_bytes(content)
-        else:
-            temporary.write_text(content, encoding=encoding)
+        # surrogateescape: a file name that is not UTF-8 (os.fsdecode's surrogates) is
+        # written as its own bytes instead of failing the whole write.
+        temporary.write_bytes(content if isinstance(content, bytes) else content.encode(encoding, "surrogateescape"))
     return path
+
+
+def flush_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under ``folder``, so that the rename that publishes it
+    never publishes files whose data is not on the disk yet (writers such as ``model.save``
+    and matplotlib do not flush)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            fsync_file(Path(root) / name)
+        fsync_folder(root)
+
+
+def staging_folder(target: str | os.PathLike) -> Path:
+    """The temporary name a folder is filled under before ``replace_folder`` publishes it:
+    ``.NAME.partial-PID`` beside ``target`` (not created)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that killed processes left in ``folder``
+    (names from ``atomic_path``, ``staging_folder`` and ``replace_folder`` whose process is
+    gone), each named in a warning. Nothing of a live process is touched; a folder that
+    cannot be read or entries that cannot be removed are left as they are.
+
+    A process id is checked on this machine only: on a folder shared between machines, a
+    leftover of a process that still runs elsewhere with a pid that is free here would go.
+
+    Args:
+        folder: the folder to look in (not recursively).
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY_NAME.match(entry.name)
+        if match is None:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        log.warning("removed %s, left by a process that was killed while writing %s (pid %d)",
+                    entry, match["name"], pid)
+        removed.append(entry)
+    return removed
 
 
 def replace_folder(staging: Path, target: Path) -> Path:
@@ -85,8 +170,6 @@ def replace_folder(staging: Path, target: Path) -> Path:
     Returns:
         ``target``.
     """
-    import shutil
-
     retired = target.parent / f".{target.name}.replaced-{os.getpid()}"
     if target.exists():
         os.replace(target, retired)
@@ -102,3 +185,33 @@ def existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+# errno -> what a write failure is, in words a user acts on.
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file size limit was reached (ulimit -f)",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def write_failure(error: BaseException) -> str:
+    """Why a write failed, in a few words: the path it names (when it names one) and the cause.
+
+    Args:
+        error: an ``OSError``, or an error a writer raised for one (h5py, Keras), with the
+            ``OSError`` as its cause or context.
+
+    Returns:
+        For example "the disk is full (writing /runs/x/model.keras)".
+    """
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return first_line(error)
+    reason = WRITE_FAILURES.get(cause.errno) or cause.strerror or first_line(cause)
+    return f"{reason} (writing {cause.filename})" if cause.filename else reason

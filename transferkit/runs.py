@@ -14,26 +14,41 @@
 A run is written under a temporary hidden name beside its destination, flushed to disk and
 renamed at the end, so an interrupted run never leaves a folder that looks finished, and an
 existing folder is replaced only with ``force``. Each file is written with the one
-atomic-write helper (``transferkit.files``). No Keras import at module level (only
-``load_run`` loads the model).
+atomic-write helper (``transferkit.files``). While a run trains, its process holds the owner
+lock in ``RUN.partial`` (``transferkit.locks``), the final rename included: ``check_writable``
+refuses a second writer, naming it. ``load_run`` tells a damaged file as damaged (not as
+missing) and loads the model with Keras's ``safe_mode`` on. No Keras import at module level
+(only ``load_run`` loads the model).
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
+import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transferkit.errors import RunError, first_line
-from transferkit.files import existing_ancestor, fsync_file, fsync_folder, replace_folder, write_atomic
+from transferkit.files import (
+    existing_ancestor,
+    flush_tree,
+    remove_leftovers,
+    replace_folder,
+    staging_folder,
+    write_atomic,
+    write_failure,
+)
+from transferkit.locks import require_not_live
 from transferkit.outputs import output_units
+
+log = logging.getLogger("transferkit")
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
@@ -131,10 +146,12 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
             folder may be neither inside one nor contain one.
 
     Raises:
-        RunError: the folder exists (without ``force``), is a file, is not a run folder
+        RunError: another process is writing the folder now (named, whatever ``force``
+            says), the folder exists (without ``force``), is a file, is not a run folder
             (``force`` replaces run folders only), is inside or holds a data folder, or
             its parent cannot be created or written.
     """
+    require_not_live(output)
     if output.exists() and not output.is_dir():
         raise RunError(f"output {output} is a file; pass a folder path with -o")
     absolute = Path(os.path.abspath(output))
@@ -184,30 +201,26 @@ def save_run(
     """
     output = named_folder(output)
     check_writable(output, force)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    remove_leftovers(output.parent)
+    staging = staging_folder(output)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
         write_contents(staging)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise RunError(f"could not write run folder {output}: {reason}; the folder was not written") from error
+        raise RunError(f"could not write run folder {output}: {write_failure(error)}; the folder was not "
+                       "written") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _flush_tree(staging)
-    return replace_folder(staging, output)
-
-
-def _flush_tree(folder: Path) -> None:
-    """fsync every file and folder under ``folder``, so that the rename that publishes it
-    never publishes files whose data is not on the disk yet (writers such as
-    ``model.save`` do not flush)."""
-    for root, _, names in os.walk(folder):
-        for name in names:
-            fsync_file(Path(root) / name)
-        fsync_folder(root)
+    try:
+        flush_tree(staging)
+        return replace_folder(staging, output)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunError(f"could not write run folder {output}: {write_failure(error)}; the folder was not "
+                       "written") from error
 
 
 def write_labels(folder: Path, class_names, image_size: int, backbone: str, head_activation: str,
@@ -301,11 +314,17 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
         )
     try:
         labels = json.loads(labels_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunError(
+            f"{labels_path} is damaged ({getattr(error, 'strerror', None) or first_line(error)}): it is there but "
+            "is not readable JSON; copy it from a backup of the run, or re-run finetune"
+        ) from error
+    try:
         class_names = tuple(str(name) for name in labels["class_names"])
         image_size = int(labels["image_size"])
         backbone = str(labels["backbone"])
         head_activation = str(labels["head_activation"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise RunError(
             f"{labels_path} is not a valid labels file ({type(error).__name__}: {error}); "
             "it needs class_names, image_size, backbone and head_activation"
@@ -326,12 +345,7 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
 
 
 def _load_model(model_path: Path, n_classes: int):
-    import keras
-
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as error:
-        raise RunError(f"cannot load model {model_path}: {first_line(error)}") from error
+    model = load_keras_file(model_path, "re-run finetune, or copy it from a backup of the run")
     units = model.output_shape[-1]
     expected = output_units(n_classes)
     if units != expected:
@@ -342,19 +356,91 @@ def _load_model(model_path: Path, n_classes: int):
     return model
 
 
+def load_keras_file(path: str | os.PathLike, fix: str):
+    """Load a ``.keras`` file with Keras's ``safe_mode`` on: a model that would run code of
+    its own when loaded (a ``Lambda`` layer, an unregistered custom layer) is refused.
+
+    Args:
+        path: the file.
+        fix: what to do when it is damaged, for the message ("re-run finetune", ...).
+
+    Returns:
+        The ``keras.Model``, not compiled.
+
+    Raises:
+        RunError: the file is missing, damaged (truncated or corrupt: told as damaged, not
+            as missing), holds code, or cannot be loaded for another reason.
+    """
+    import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path} is missing; {fix}")
+    damage = keras_file_damage(path)
+    if damage is not None:
+        raise RunError(f"{path} is damaged ({damage}); {fix}")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:
+        message = first_line(error, limit=1000)
+        if "safe_mode" in message or "arbitrary code" in message:
+            kind = "a Lambda layer" if "Lambda" in message else "code"
+            raise RunError(f"refused to load {path}: it holds {kind}, which would run Python code from the file; "
+                           "transferkit loads only models made of built-in layers (retrain it, or load it "
+                           "yourself with safe_mode=False if you trust where it came from)") from error
+        damage = keras_file_damage(path, check_contents=True)
+        if damage is not None:
+            raise RunError(f"{path} is damaged ({damage}); {fix}") from error
+        raise RunError(f"cannot load model {path}: {first_line(error)}") from error
+
+
+def keras_file_damage(path: Path, check_contents: bool = False) -> str | None:
+    """What is wrong with a ``.keras`` file's container (a zip archive), or None.
+
+    Args:
+        path: the file.
+        check_contents: also check every member's CRC (reads the whole file); default False
+            (the archive's directory only, which a truncated file lacks).
+
+    Returns:
+        A few words ("truncated or not a .keras archive: ...", "corrupt: Bad CRC-32 ..."), or None.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "config.json" not in names:
+                return "not a .keras archive: it holds no config.json"
+            if check_contents:
+                bad = archive.testzip()
+                if bad is not None:
+                    return f"corrupt: {bad} fails its checksum"
+    except zipfile.BadZipFile as error:
+        return f"truncated or not a .keras archive: {first_line(error)}"
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    return None
+
+
 def _read_optional_toml(path: Path) -> dict | None:
     import tomllib
 
+    if not path.is_file():
+        return None
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as error:
+        raise RunError(f"{path} is damaged ({getattr(error, 'strerror', None) or first_line(error)}); copy it "
+                       "from a backup of the run, or re-run finetune") from error
 
 
 def _read_optional_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as error:
+        log.warning("%s is damaged (%s); its figures are left out", path,
+                    getattr(error, "strerror", None) or first_line(error))
         return {}
 
 
@@ -362,6 +448,9 @@ def _read_optional_history(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
-    except OSError:
+    except FileNotFoundError:
         return []
-
+    except (OSError, ValueError, csv.Error) as error:
+        log.warning("%s is damaged (%s); the run's history is left out", path,
+                    getattr(error, "strerror", None) or first_line(error))
+        return []

@@ -26,7 +26,7 @@ import numpy as np
 from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
-from transferkit.errors import DataError, RunError, TrainingInterrupted
+from transferkit.errors import RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import write_atomic
@@ -165,25 +165,22 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
         RunError: nothing to resume, or the checkpoint cannot be read.
         DataError: the data is missing or is not what the run started with.
     """
-    work = WorkFolder.open(run)
-    job = work.job()
-    recipe = load_recipe(work.path / "recipe.toml")
-    output = output_for(work.path)
-    force = force or bool(job.get("force"))
-    for name, given, recorded in (("DATA_DIR", data_dir, job["data_dir"]), ("--val-dir", val_dir, job.get("val_dir"))):
-        if given is None and recorded is not None and not Path(recorded).is_dir():
-            raise DataError(f"the data of the interrupted run, {recorded}, is gone; if it moved, give its new place: "
-                            f"transferkit finetune {'NEW_DATA_DIR' if name == 'DATA_DIR' else '... --val-dir NEW_DIR'} "
-                            f"--resume {output}")
-    data_dir = data_dir if data_dir is not None else job["data_dir"]
-    val_dir = val_dir if val_dir is not None else job["val_dir"]
-    runs.check_writable(output, force, data_folders=(data_dir, val_dir))
-    if verbose:
-        state = work.state()
-        log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
-    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
-    prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
-    return _train(prepared, recipe, _Output(output, work, force, bool(job["save_h5"])), verbose)
+    work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
+    try:
+        job = work.job()
+        recipe = load_recipe(work.path / "recipe.toml")
+        output = output_for(work.path)
+        force = force or bool(job.get("force"))
+        data_dir, val_dir = work.data_folders(data_dir, val_dir)
+        runs.check_writable(output, force, data_folders=(data_dir, val_dir))
+        if verbose:
+            state = work.state()
+            log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
+        prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
+        prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
+        return _train(prepared, recipe, _Output(output, work, force, bool(job["save_h5"])), verbose)
+    finally:
+        work.release()
 
 
 # --- the steps of a job -------------------------------------------------------------------
@@ -242,6 +239,8 @@ def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: 
         if not work.has_checkpoint():
             work.remove()
         raise
+    finally:
+        work.release()  # the owner lock (a finished run's went with its folder)
 
 
 def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose: int,

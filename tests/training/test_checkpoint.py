@@ -192,7 +192,7 @@ def test_checkpoint_files_are_flushed_to_disk_before_they_replace_the_old_ones(t
     assert any(name.endswith(".keras") for name in synced)
     assert any(".arrays-1.npz." in name for name in synced) and any(".state.json." in name for name in synced)
     assert sorted(path.name for path in work.path.iterdir()) == [
-        "arrays-1.npz", "checkpoint.keras", "job.json", "recipe.toml", "state.json"]
+        "arrays-1.npz", "checkpoint.keras", "job.json", "lock", "owner.json", "recipe.toml", "state.json"]
     np.testing.assert_array_equal(work.best_weights()[0], model.get_weights()[0])
     work.remove()
 

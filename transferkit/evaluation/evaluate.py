@@ -18,7 +18,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import replace_folder
+from transferkit.files import write_atomic, write_failure
+from transferkit.locks import publishing, require_not_live
 
 log = logging.getLogger("transferkit")
 
@@ -281,6 +281,7 @@ def check_output_folder(out_dir: Path, force: bool) -> None:
         RunError: it exists without ``force``, is a file, or holds something other than an
             earlier evaluation.
     """
+    require_not_live(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -296,8 +297,9 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
                      force: bool = False) -> Path:
     """Write metrics.json, predictions.csv and the figures into a new folder, atomically.
 
-    The folder is written under a temporary name beside its destination and renamed at the
-    end, so an interrupted write leaves no half-written evaluation.
+    The folder is filled in ``OUT.partial/`` under its owner lock (a second ``evaluate -o OUT``
+    is refused, naming this one), flushed to disk and renamed at the end, so an interrupted
+    write leaves no half-written evaluation.
 
     Args:
         result: from ``evaluate_folder``.
@@ -315,26 +317,25 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
 
     out_dir = named_folder(out_dir) if out_dir is not None else default_output(result)
     check_output_folder(out_dir, force)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.mkdir(parents=True)
-        _write_contents(result, staging)
+        # Under the folder's owner lock: a second evaluate -o OUT is refused, naming this one,
+        # and the check is made again, as another process may have written OUT meanwhile.
+        with publishing(out_dir, "evaluation", check=lambda: check_output_folder(out_dir, force)) as staging:
+            _write_contents(result, staging)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise RunError(f"could not write {out_dir}: {error.strerror or error}; nothing was written") from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return replace_folder(staging, out_dir)
+        raise RunError(f"could not write {out_dir}: {write_failure(error)}; nothing was written") from error
+    return out_dir
 
 
 def _write_contents(result: EvaluationResult, folder: Path) -> None:
     from transferkit.evaluation import figures
 
     payload = dict(result.metrics, skipped=[{"file": str(p), "reason": r} for p, r in result.skipped])
-    (folder / "metrics.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+    # File names that are not UTF-8 (surrogates, from os.fsdecode): \udcXX escapes in the JSON,
+    # their own bytes in the CSV, as predict writes them.
+    write_atomic(folder / "metrics.json",
+                 (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
+    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "true", "predicted", "confidence", *result.class_names])
         for row in result.iter_rows():

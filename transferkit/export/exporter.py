@@ -7,7 +7,8 @@ in a fresh process before it is kept, with labels.json, README.txt and export.js
       README.txt       how to load it in its runtime, in three lines
       export.json      how it was made and checked: agreement with Keras, accuracy, sizes
 
-Each export folder is filled under a temporary hidden name beside its destination and renamed
+Each export folder is filled in ``FOLDER.partial/`` while its process holds the folder's owner
+lock (``transferkit.locks``: a second export to it is refused, naming the first) and renamed
 only once its file has loaded and agreed in the fresh process, so a failed export leaves
 nothing behind and an existing folder is replaced only with ``force``.
 """
@@ -19,14 +20,13 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import ExportError
+from transferkit.errors import ExportError, RunError
 from transferkit.export.formats import (
     DEFAULT_MAX_DROP,
     FLOAT_TOLERANCE,
@@ -38,7 +38,8 @@ from transferkit.export.formats import (
     missing_packages,
     require_packages,
 )
-from transferkit.files import replace_folder, write_atomic
+from transferkit.files import write_atomic, write_failure
+from transferkit.locks import publishing, require_not_live
 
 log = logging.getLogger("transferkit")
 
@@ -154,7 +155,7 @@ def export_run(
     model = float32_model(run.model)
     sample = sample_images(run, data, samples=samples, calibration=calibration if quantize == "int8" else 0)
     reference = predict(model, sample.images)
-    context = _Context(run, model, sample, reference, quantize, max_drop, allow_drop)
+    context = _Context(run, model, sample, reference, quantize, max_drop, allow_drop, force)
     fixed = None
     results = []
     for spec, target in zip(specs, targets, strict=True):
@@ -173,6 +174,7 @@ class _Context:
     quantize: str
     max_drop: float
     allow_drop: bool
+    force: bool = False
 
 
 def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
@@ -204,18 +206,28 @@ def _targets(run, specs, quantize: str, output, many: bool, force: bool) -> list
     if output is not None and many:
         root = Path(output)
     targets = [root / spec.folder_name(quantize) if root is not None else Path(output) for spec in specs]
-    run_folder = Path(run.path).resolve()
     for target in targets:
-        resolved = target.resolve()
-        if resolved == run_folder or resolved in run_folder.parents:
-            raise ExportError(f"export folder {target} would replace the run {run.path}; choose another -o")
-        if target.exists():
-            if not force:
-                raise ExportError(f"{target} exists already; pass --force to replace it or choose another -o")
-            if not target.is_dir() or (any(target.iterdir()) and not (target / RECORD_FILE).is_file()):
-                raise ExportError(f"{target} is not an export folder (no {RECORD_FILE}); --force replaces only "
-                                  "export folders: choose another -o")
+        _check_target(run, target, force)
     return targets
+
+
+def _check_target(run, target: Path, force: bool) -> None:
+    """An export folder may be written: no other process writes it now, it does not exist
+    (or ``force`` and it is an export folder), and it is not the run or above it."""
+    run_folder = Path(run.path).resolve()
+    resolved = target.resolve()
+    if resolved == run_folder or resolved in run_folder.parents:
+        raise ExportError(f"export folder {target} would replace the run {run.path}; choose another -o")
+    try:
+        require_not_live(target)
+    except RunError as error:
+        raise ExportError(str(error)) from error
+    if target.exists():
+        if not force:
+            raise ExportError(f"{target} exists already; pass --force to replace it or choose another -o")
+        if not target.is_dir() or (any(target.iterdir()) and not (target / RECORD_FILE).is_file()):
+            raise ExportError(f"{target} is not an export folder (no {RECORD_FILE}); --force replaces only "
+                              "export folders: choose another -o")
 
 
 def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> ExportResult:
@@ -225,24 +237,24 @@ def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> E
     from transferkit.export.verify import run_fresh
 
     started = time.perf_counter()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        module, function, _ = WRITERS[spec.name]
-        file = staging / spec.filename
-        writer = getattr(importlib.import_module(module), function)
-        details = _write(writer, spec, model, file, context)
-        fresh = run_fresh(spec.name, file, context.sample.images)
-        result = _compare(context, spec, target, fresh.outputs, _size(file))
-        result.record = _record(context, spec, result, details, fresh.stats, time.perf_counter() - started)
-        _check(context, result)
-        _describe(context, spec, staging, result.record)
-        _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Under the folder's owner lock: a second export to the same folder is refused, naming
+        # this one; the folder is checked again there (another process may have written it).
+        with publishing(target, "export", check=lambda: _check_target(context.run, target, context.force)) as staging:
+            module, function, _ = WRITERS[spec.name]
+            file = staging / spec.filename
+            writer = getattr(importlib.import_module(module), function)
+            details = _write(writer, spec, model, file, context)
+            fresh = run_fresh(spec.name, file, context.sample.images)
+            result = _compare(context, spec, target, fresh.outputs, _size(file))
+            result.record = _record(context, spec, result, details, fresh.stats, time.perf_counter() - started)
+            _check(context, result)
+            _describe(context, spec, staging, result.record)
+    except RunError as error:
+        raise ExportError(str(error)) from error
+    except OSError as error:
+        raise ExportError(f"could not write {target}: {write_failure(error)}; nothing was written") from error
     log.info("%s", result.summary())
     return result
 
@@ -423,10 +435,6 @@ def _describe(context: _Context, spec: ExportFormat, staging: Path, record: dict
     write_atomic(staging / "labels.json", json.dumps(labels_payload(run, spec, quantize), indent=2) + "\n")
     write_atomic(staging / "README.txt", readme_text(run, spec, quantize))
     write_atomic(staging / RECORD_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
-
-
-def _publish(staging: Path, target: Path) -> None:
-    replace_folder(staging, target)
 
 
 def _size(file: Path) -> int:

@@ -69,7 +69,7 @@ def load_openvino(path):
 
 def load_keras(path):
     import keras
-    model = keras.models.load_model(path, compile=False)
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
     return lambda x: np.asarray(model(x.astype("float32"), training=False))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.files import atomic_path, write_atomic
+from transferkit.files import atomic_path, remove_leftovers, write_atomic
 
 log = logging.getLogger("transferkit")
 
@@ -139,8 +139,16 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
     for folder in candidates:
         xml = folder / f"{stem}.xml"
         if _cached(xml, fingerprint):
+            try:
+                network = openvino_core().read_model(xml)
+            except Exception as error:  # a truncated or corrupt file: convert again, say so
+                log.warning("the converted network %s in the engine cache is damaged (%s); it is converted again",
+                            xml, conversion_reason(error))
+                for suffix in (".fingerprint", ".xml", ".bin"):
+                    xml.with_suffix(suffix).unlink(missing_ok=True)
+                continue
             log.debug("reusing the OpenVINO network %s", xml)
-            return openvino_core().read_model(xml), xml
+            return network, xml
     network = export_network(model, input_shape)
     for folder in candidates:
         xml = folder / f"{stem}.xml"
@@ -176,8 +184,9 @@ def _write_cache(network, xml: Path, fingerprint: str) -> None:
     ov = import_openvino()
 
     xml.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(xml.parent)  # what a killed conversion was writing
     _fingerprint_file(xml).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=f".{xml.stem}.partial-") as staging:
+    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=f".{xml.stem}.partial-{os.getpid()}-") as staging:
         staged = Path(staging) / xml.name
         # compress_to_fp16=False: the weights stay float32; the bf16 hint decides at run time.
         ov.save_model(network, str(staged), compress_to_fp16=False)

@@ -372,6 +372,10 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
 
     CSV columns: file, label, confidence, then top_k as "name:prob;name:prob". JSON: a list
     of objects with file, label, confidence and top_k, plus the skipped and ignored files.
+    Every file name round-trips, whatever it holds (spaces, quotes, commas, newlines are
+    quoted or escaped): a name whose bytes are not UTF-8 keeps its bytes in the CSV (read it
+    with ``errors="surrogateescape"``) and is written with ``\\udcXX`` escapes in the JSON,
+    which ``json.load`` and ``os.fsencode`` turn back into the same bytes.
 
     Args:
         result: what ``predict_folder`` returned.
@@ -383,7 +387,7 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
     Raises:
         DataError: the extension is neither .csv nor .json, or the file cannot be written.
     """
-    from transferkit.files import write_atomic
+    from transferkit.files import remove_leftovers, write_atomic, write_failure
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -391,10 +395,14 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
         raise DataError(f"--output {path}: use a .csv or .json file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path.parent)  # what a killed predict was writing
         # CSV as bytes: the csv module writes its own line endings, which must not be translated
-        write_atomic(path, _csv_text(result).encode("utf-8") if suffix == ".csv" else _json_text(result))
+        text = _csv_text(result) if suffix == ".csv" else _json_text(result)
+        # A file name that is not UTF-8 holds surrogates (os.fsdecode): the CSV keeps its
+        # bytes; in the JSON they become \udcXX escapes, which JSON readers decode back.
+        write_atomic(path, text.encode("utf-8", "surrogateescape" if suffix == ".csv" else "backslashreplace"))
     except OSError as error:
-        raise DataError(f"cannot write {path}: {error.strerror or error}") from error
+        raise DataError(f"cannot write {path}: {write_failure(error)}") from error
     return path
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.backbones import BackboneSpec
-from transferkit.errors import WeightsError, first_line
-from transferkit.runs import LABELS_FILE, MODEL_FILE
+from transferkit.errors import RunError, WeightsError, first_line
+from transferkit.runs import LABELS_FILE, MODEL_FILE, load_keras_file
 
 
 @dataclass(frozen=True)
@@ -101,15 +101,17 @@ def load_run_backbone(source: SourceRun, spec: BackboneSpec, input_shape: tuple[
     Raises:
         WeightsError: another backbone or image size, or a model that cannot be read.
     """
-    import keras
-
     from transferkit.backbones import load_backbone
 
     check_fits(source, spec, int(input_shape[0]))
     try:
-        model = keras.models.load_model(source.model_path, compile=False)
+        # safe_mode: a model file from someone else runs no code of its own here.
+        model = load_keras_file(source.model_path, "re-run the source run's finetune, or choose another --weights")
+    except RunError as error:
+        raise WeightsError(f"--weights: {error}") from error
+    try:
         weights = model.get_layer("backbone").get_weights()
-    except Exception as error:  # a damaged or foreign model file
+    except Exception as error:  # a foreign model file
         raise WeightsError(f"--weights {source.model_path}: cannot read its backbone ({first_line(error)})") from error
     backbone = load_backbone(spec.name, "none", input_shape)
     backbone.set_weights(weights)

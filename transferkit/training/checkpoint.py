@@ -16,6 +16,12 @@ Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the e
 was cut short is dropped, so the checkpoint is always the last completed epoch, and
 ``transferkit finetune --resume RUN`` continues from there. When the run completes, the
 finished folder is written atomically and RUN.partial is removed.
+
+The process that trains holds RUN.partial's owner lock (``transferkit.locks``: ``lock`` and
+``owner.json`` in it) from ``create`` or ``open`` to ``remove`` or ``release``, the final
+rename included: a second finetune or ``--resume`` of RUN is refused, naming it. A folder
+whose owner died (killed, out of memory) is an interrupted run like one stopped by Ctrl-C,
+and its owner is named when it is resumed or started over.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import RunError, first_line
-from transferkit.files import atomic_path, write_atomic
+from transferkit.errors import DataError, RunError
+from transferkit.files import atomic_path, remove_leftovers, write_atomic, write_failure
+from transferkit.locks import LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
 
 log = logging.getLogger("transferkit")
 
@@ -57,11 +64,6 @@ class TrainingState:
     wait: int = 0
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-def work_dir_for(output: Path) -> Path:
-    """The in-progress folder of a run: ``RUN.partial`` beside it."""
-    return output.parent / f"{output.name}.partial"
 
 
 def output_for(path: Path) -> Path:
@@ -114,10 +116,11 @@ def stop_on_signals(flag: StopFlag, keeping: str = KEEPS_LAST_EPOCH):
 class WorkFolder:
     """The in-progress folder: job description, recipe, checkpoints and state."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock: FolderLock | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.path = path
+        self.lock = lock  # the owner lock, held from ``create`` / ``open`` to ``remove`` / ``release``
         self.created_parents: list[Path] = []  # by ``create``, deepest first
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-checkpoint")
         self._pending = None
@@ -126,47 +129,84 @@ class WorkFolder:
 
     @classmethod
     def create(cls, output: Path, job: dict, recipe_toml: str, force: bool) -> WorkFolder:
-        """Start a new in-progress folder; an old one is replaced only with ``force``.
+        """Start a new in-progress folder and hold its lock; an interrupted run there is
+        replaced only with ``force``.
 
         Raises:
-            RunError: an interrupted run is there already and ``force`` is not set.
+            RunError: another process is training into it (named, whatever ``force`` says),
+                or an interrupted run is there already and ``force`` is not set.
         """
         path = work_dir_for(output)
-        if path.exists():
-            if not force:
-                raise RunError(
-                    f"an interrupted run of {output} is in {path}; continue it with "
-                    f"--resume {output}, or pass --force to start over"
-                )
-            shutil.rmtree(path)
+        remove_leftovers(path.parent)  # half-written run folders of killed processes
         # Folders made for it go again with it when the run leaves nothing (see ``remove``).
         created = [parent for parent in path.absolute().parents if not parent.exists()]
+        made = not path.exists()
+        lock = FolderLock.acquire(path, "run")
         try:
-            path.mkdir(parents=True)
-            (path / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
-            (path / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
+            kept = [entry for entry in path.iterdir() if entry.name not in (LOCK_FILE, OWNER_FILE)]
+            left_by = f" (left by {tell_previous(lock.previous)})" if lock.previous else ""
+            if kept and (path / JOB_FILE).is_file() and not force:
+                lock.release(restore=True)  # left as it was, for --resume to tell
+                raise RunError(
+                    f"an interrupted run of {output} is in {path}{left_by}; continue it with "
+                    f"--resume {output}, or pass --force to start over"
+                )
+            if kept:
+                if lock.previous is not None:
+                    log.warning("starting over in %s, removing what %s left there", path,
+                                tell_previous(lock.previous))
+                lock.clear()
+            write_atomic(path / JOB_FILE, json.dumps(job, indent=2) + "\n")
+            write_atomic(path / "recipe.toml", recipe_toml)
         except OSError as error:
-            shutil.rmtree(path, ignore_errors=True)
-            raise RunError(f"cannot write {path}: {error.strerror or error}; choose another -o") from error
-        work = cls(path)
+            lock.release()
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"cannot write {path}: {write_failure(error)}; choose another -o") from error
+        except BaseException:
+            lock.release()
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        work = cls(path, lock)
         work.created_parents = created
         return work
 
     @classmethod
     def open(cls, run: str | os.PathLike) -> WorkFolder:
-        """Find the in-progress folder of RUN (or RUN.partial itself).
+        """Find the in-progress folder of RUN (or RUN.partial itself) and hold its lock.
 
         Raises:
-            RunError: there is nothing to resume.
+            RunError: another process is training into it (named), or there is nothing to
+                resume.
         """
         run = Path(run)
         path = run if run.name.endswith(".partial") else work_dir_for(run)
+        lock = FolderLock.acquire(path, "run", create=False) if path.is_dir() else None
         if not (path / JOB_FILE).is_file():
+            if lock is not None:
+                lock.release()
             finished = output_for(path)
             hint = (f"{finished} is a finished run" if (finished / "model.keras").is_file()
                     else f"no interrupted run at {path}")
             raise RunError(f"nothing to resume: {hint}; start a new run without --resume")
-        return cls(path)
+        if lock.previous is not None:
+            log.warning("%s was interrupted: %s; resuming from its last completed epoch", path,
+                        tell_previous(lock.previous))
+        remove_leftovers(path)  # checkpoint files a killed process was writing
+        remove_leftovers(path.parent)
+        return cls(path, lock)
+
+    def release(self) -> None:
+        """Free the owner lock (the folder stays, for ``--resume``); twice is harmless."""
+        self.flush_quietly()
+        if self.lock is not None:
+            self.lock.release()
+
+    def flush_quietly(self) -> None:
+        """Wait for the background write, ignoring its failure (already told, or to be told)."""
+        with contextlib.suppress(Exception):
+            self.flush()
 
     def job(self) -> dict:
         """What the run was started with (data folders, output, options).
@@ -178,6 +218,23 @@ class WorkFolder:
         if not isinstance(job, dict) or "data_dir" not in job:
             raise self._damaged(JOB_FILE, "no data folder recorded")
         return job
+
+    def data_folders(self, data_dir=None, val_dir=None) -> tuple:
+        """Where the run's data is now: (data folder, validation folder or None), where they
+        were recorded unless new places are given.
+
+        Raises:
+            DataError: a recorded folder is gone and no new place was given.
+        """
+        job, output = self.job(), output_for(self.path)
+        for name, given, recorded in (("DATA_DIR", data_dir, job["data_dir"]),
+                                      ("--val-dir", val_dir, job.get("val_dir"))):
+            if given is None and recorded is not None and not Path(recorded).is_dir():
+                new_place = "NEW_DATA_DIR" if name == "DATA_DIR" else "... --val-dir NEW_DIR"
+                raise DataError(f"the data of the interrupted run, {recorded}, is gone; if it moved, give its new "
+                                f"place: transferkit finetune {new_place} --resume {output}")
+        return (data_dir if data_dir is not None else job["data_dir"],
+                val_dir if val_dir is not None else job.get("val_dir"))
 
     def state(self) -> TrainingState:
         """Where training stands (the start, before the first checkpoint).
@@ -243,8 +300,18 @@ class WorkFolder:
         self._pending = self._writer.submit(self._write, dict(arrays), asdict(state), whole)
 
     def _save_whole(self, model) -> None:
-        with atomic_path(self.path / CHECKPOINT_FILE) as temporary:
-            model.save(temporary)
+        try:
+            with atomic_path(self.path / CHECKPOINT_FILE) as temporary:
+                model.save(temporary)
+        except Exception as error:  # h5py and Keras wrap the OSError of a full disk
+            raise self._write_failed(error) from error
+
+    def _write_failed(self, error: BaseException) -> RunError:
+        """The one line for a checkpoint that cannot be written: where, why, what is kept."""
+        output = output_for(self.path)
+        kept = (f"the last completed epoch is kept in {self.path}: once it can be written, continue with: "
+                f"transferkit finetune --resume {output}") if self.has_checkpoint() else "nothing was kept"
+        return RunError(f"cannot write the checkpoint in {self.path}: {write_failure(error)}; {kept}")
 
     def _write(self, arrays: dict, state: dict, whole=None) -> None:
         if whole is not None:
@@ -264,19 +331,21 @@ class WorkFolder:
             pending, self._pending = self._pending, None
             try:
                 pending.result()
-            except OSError as error:
-                raise RunError(f"cannot write the checkpoint in {self.path}: {error.strerror or error}") from error
+            except RunError:
+                raise
+            except Exception as error:
+                raise self._write_failed(error) from error
 
     def load_model(self):
-        import keras
+        """The model of the last checkpoint.
 
-        try:
-            return keras.models.load_model(self.path / CHECKPOINT_FILE, compile=False)
-        except Exception as error:
-            raise RunError(
-                f"the checkpoint in {self.path} cannot be loaded ({first_line(error)}); "
-                "start over with --force"
-            ) from error
+        Raises:
+            RunError: checkpoint.keras is damaged (told as damaged) or cannot be loaded.
+        """
+        from transferkit.runs import load_keras_file
+
+        return load_keras_file(self.path / CHECKPOINT_FILE,
+                               "the interrupted run cannot be resumed: start over with --force")
 
     def best_weights(self):
         """Early stopping's best weights saved with the checkpoint, or None."""
@@ -320,8 +389,10 @@ class WorkFolder:
     def remove(self) -> None:
         """Delete the in-progress folder, and the folders ``create`` made for it if they are
         empty now (a run that failed or stopped early leaves no empty ``runs/`` behind)."""
-        self.flush()
+        self.flush_quietly()  # a write that failed meanwhile does not matter: its folder goes
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock is not None:  # after the folder went: nobody finds it half-removed
+            self.lock.release()
         for parent in self.created_parents:
             try:
                 parent.rmdir()

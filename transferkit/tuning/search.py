@@ -117,6 +117,10 @@ class TuneSummary:
         return "\n".join(lines)
 
 
+# Seconds a tune waits for another process of the study to finish writing the same folder.
+OUTPUT_LOCK_WAIT = 120
+
+
 def require_optuna():
     """The optuna module, or the install command when it is missing.
 
@@ -344,12 +348,22 @@ class _Search:
                     log.info(f"timeout: {timeout:g} s passed; no new trial")
                     break
                 self._trial()
-                write_tables(self.study, self.output, self.metric)
+                self._write(figures=False)
         except KeyboardInterrupt:
             self.interrupted = True
             log.warning("interrupted: the study is kept; the same command continues it")
-        write_tables(self.study, self.output, self.metric)
-        write_figures(self.study, self.output, self.metric)
+        self._write(figures=True)
+
+    def _write(self, figures: bool) -> None:
+        """The tables (and figures) under the folder's lock, waited for: several processes
+        may work on one study into one folder, and each writes a consistent set in turn (the
+        study itself is shared through its storage, which is not locked here)."""
+        from transferkit.locks import FolderLock
+
+        with FolderLock.acquire(self.output, "tune", wait=OUTPUT_LOCK_WAIT):
+            write_tables(self.study, self.output, self.metric)
+            if figures:
+                write_figures(self.study, self.output, self.metric)
 
     def _trial(self) -> None:
         """One trial, told to the study as complete, pruned or failed (with its reason)."""
