@@ -1,4 +1,9 @@
-"""A real SIGINT to a real training process, then --resume, against an uninterrupted run."""
+"""A real SIGINT to a real training process, then --resume, against an uninterrupted run.
+
+Only the interrupted run needs a process of its own (a real signal); the uninterrupted run and
+--resume go through the same CLI in this process (typer's CliRunner), which spares each the
+seconds of a TensorFlow import.
+"""
 
 import json
 import signal
@@ -9,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import transferkit
+from transferkit.cli import app
 from transferkit.errors import DataError, RunError
 from transferkit.workflow import resume_finetune
 
@@ -31,10 +38,11 @@ def epochs_saved(partial):
 
 @pytest.fixture(scope="module")
 def reference(shapes_dir, tmp_path_factory):
-    """The uninterrupted run both interrupted runs must end as (trained once)."""
+    """The uninterrupted run both interrupted runs must end as (trained once, by the same
+    command line as theirs, in this process)."""
     output = tmp_path_factory.mktemp("reference") / "run"
-    done = subprocess.run(cli(shapes_dir, *FLAGS, "-o", output), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = CliRunner().invoke(app, ["finetune", str(shapes_dir), *FLAGS, "-o", str(output)])
+    assert done.exit_code == 0, done.output[-2000:]
     return output
 
 
@@ -58,8 +66,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dir, tmp_pat
     assert not (partial / "model.keras").exists() and not (partial / "labels.json").exists()
     assert 2 <= epochs_saved(partial) < 5
 
-    resumed = subprocess.run(cli("--resume", output, "--quiet"), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--quiet"])
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     assert not partial.exists()
     expected = transferkit.load_run(reference).model.get_weights()
     got = transferkit.load_run(output).model.get_weights()
@@ -146,10 +154,6 @@ def test_damaged_checkpoint_is_reported_in_one_line(interrupted):
 
 
 def test_resume_refuses_settings_it_would_ignore(interrupted):
-    from typer.testing import CliRunner
-
-    from transferkit.cli import app
-
     _, output = interrupted
     result = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--image-size", "48", "-o", "x"])
     assert result.exit_code == 2
@@ -159,13 +163,14 @@ def test_resume_refuses_settings_it_would_ignore(interrupted):
 def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, monkeypatch):
     """The second Ctrl-C stops at once (KeyboardInterrupt inside training): the run still
     ends with the one-line message, and a run with no finished epoch leaves nothing."""
-    import transferkit.training.stages
+    import transferkit.workflow
     from transferkit.errors import TrainingInterrupted
 
     def second_ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transferkit.training.stages, "run_stages", second_ctrl_c)
+    # where workflow looks it up (it imports the name from training.stages)
+    monkeypatch.setattr(transferkit.workflow, "run_stages", second_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="SIGINT again: training stopped before its first epoch ended"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
     assert not any(tmp_path.iterdir())
