@@ -1,11 +1,12 @@
 """Trained runs the export tests share and, per run, every format exported once and checked.
 
-The two-class run is the suite's shared ``binary_run``, a real ``finetune`` of the tiny VGG16
-(59 MB of weights at any image size). The three-class run is the same classifier (``build_classifier``: resize + caffe
-preprocessing + backbone + head) on a small convolutional backbone trained here on the
-run's own split, written as finetune writes a run folder: every format converts the same
-layers, in a fraction of the time, so the many exports of the quantization and CLI tests
-stay fast."""
+Both runs, the three-class (softmax) and the two-class (one sigmoid unit), are the classifier
+finetune builds (``build_classifier``: resize + caffe preprocessing + backbone + head, the
+layers a finetuned model.keras holds) on a small convolutional backbone trained here on the
+run's own split, written as finetune writes a run folder. Every format converts the same
+layers as for the tiny VGG16 (whose 59 MB of weights, at any image size, took the ONNX and
+LiteRT converters most of a minute on a 2-core AVX2 CPU), so the many exports stay fast; no
+export test is about the backbone."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from tests.conftest import TINY
 def shapes_run(shapes_dir, tmp_path_factory):
     """A three-class run on ``shapes_dir`` (softmax output), with a small backbone."""
     return small_backbone_run(shapes_dir, tmp_path_factory.mktemp("export") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def binary_run(binary_dir, tmp_path_factory):
+    """A two-class run on ``binary_dir`` (one sigmoid unit), with a small backbone."""
+    return small_backbone_run(binary_dir, tmp_path_factory.mktemp("export") / "binary")
 
 
 def small_backbone_run(data_dir, folder):
