@@ -16,6 +16,7 @@ command that uses it, so that ``--help`` answers within 1 s and ``backbones`` wi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Annotated, Optional
@@ -72,8 +73,26 @@ COMMANDS = (
     ("backbones", info.backbones, False),
     ("recipes", info.recipes, False),
 )
-for name, command, _ in COMMANDS:
-    app.command(name)(command)
+# Whether this console-script command line loads TensorFlow (``main`` decides, from argv).
+_STARTUP = {"tensorflow": False}
+
+
+def _tensorflow_first(command):
+    """The command with TensorFlow imported quietly just before its body when ``main`` said
+    the command line needs it: after parsing, so that a mistyped flag is answered at once,
+    not after TensorFlow's start-up (seconds)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        if _STARTUP["tensorflow"]:
+            _import_tensorflow_quietly()
+        return command(*args, **kwargs)
+
+    return run
+
+
+for name, command, loads in COMMANDS:
+    app.command(name)(_tensorflow_first(command) if loads else command)
 
 TENSORFLOW_COMMANDS = frozenset(name for name, _, loads in COMMANDS if loads is True)
 TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loads, str)}
@@ -117,8 +136,7 @@ def main() -> None:
     click_exception, usage_error = (next(base for base in typer.BadParameter.__mro__ if base.__name__ == name)
                                     for name in ("ClickException", "UsageError"))
     try:
-        if needs_tensorflow(sys.argv):
-            _import_tensorflow_quietly()
+        _STARTUP["tensorflow"] = needs_tensorflow(sys.argv)
         code = app(standalone_mode=False)
     except click_exception as error:
         if not isinstance(error, usage_error) or type(error).__name__ == "NoArgsIsHelpError":
