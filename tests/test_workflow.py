@@ -207,11 +207,13 @@ def test_weights_that_cannot_be_loaded_leave_no_folder_behind(shapes_dir, tmp_pa
     assert [path.name for path in tmp_path.iterdir() if path.name != "keras-home"] == []
 
 
-def test_images_beyond_the_memory_budget_train_the_same(shapes_dir, tmp_path, monkeypatch):
+def test_images_beyond_the_memory_budget_train_the_same(shapes_dir, shapes_run, tmp_path, monkeypatch):
     """data.memory_mb smaller than the decoded images: they go to a memory-mapped file and
-    the run is the same as with everything in memory."""
+    the run is the same as with everything in memory (the shared ``shapes_run``: the same
+    data and recipe within the budget)."""
     from tests.conftest import TINY
     from transferkit.data import prepare as data
+    from transferkit.recipe import load_recipe
 
     spilled = []
     original = data.image_array
@@ -226,8 +228,9 @@ def test_images_beyond_the_memory_budget_train_the_same(shapes_dir, tmp_path, mo
                                  verbose=0)
     assert spilled and all(spilled)
     spilled.clear()
-    large = transferkit.finetune(shapes_dir, None, TINY, output=tmp_path / "large", verbose=0)
+    data.prepare_data(shapes_dir, load_recipe(None, TINY), verbose=0)  # as shapes_run's data was prepared
     assert spilled and not any(spilled)
+    large = shapes_run
     assert [row["val_loss"] for row in small.history] == pytest.approx([row["val_loss"] for row in large.history])
     for a, b in zip(small.model.get_weights(), large.model.get_weights()):
         np.testing.assert_array_equal(a, b)
