@@ -337,6 +337,7 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
                    Checkpointing(work=work, stop=stop))
     state = work.state()
     assert (state.epochs_done, state.part_only, state.history) == (0, True, [])
+    work.release()  # its owner lock, as the interrupted process lets go of it when it ends
 
     work = WorkFolder.open(tmp_path / "run")
     resumed = work.load_model()
