@@ -55,24 +55,6 @@ def main_callback(
     setup_logging()
 
 
-# Every command, in --help's order, with whether it loads Keras / TensorFlow: True, False
-# (listings, data checks: they answer without TensorFlow's start-up), or the flag with which
-# it does (doctor checks learning with --model).
-COMMANDS = (
-    ("finetune", finetune.finetune, True),
-    ("predict", predict.predict, True),
-    ("doctor", doctor.doctor, "--model"),
-    ("augment-preview", augment_preview.augment_preview, False),
-    ("lr-find", lr_find.lr_find, True),
-    ("evaluate", evaluate.evaluate, True),
-    ("explain", evaluate.explain, True),
-    ("report", evaluate.report, False),
-    ("tune", tune.tune, True),
-    ("export", export.export, True),
-    ("benchmark", export.benchmark, True),
-    ("backbones", info.backbones, False),
-    ("recipes", info.recipes, False),
-)
 # Whether this console-script command line loads TensorFlow (``main`` decides, from argv).
 _STARTUP = {"tensorflow": False}
 
@@ -91,8 +73,26 @@ def _tensorflow_first(command):
     return run
 
 
-for name, command, loads in COMMANDS:
-    app.command(name)(_tensorflow_first(command) if loads else command)
+# Every command, in --help's order, with whether it loads Keras / TensorFlow: True, False
+# (listings, data checks: they answer without TensorFlow's start-up), or the flag with which
+# it does (doctor checks learning with --model); those that may are wrapped by _tensorflow_first.
+COMMANDS = tuple((name, _tensorflow_first(command) if loads else command, loads) for name, command, loads in (
+    ("finetune", finetune.finetune, True),
+    ("predict", predict.predict, True),
+    ("doctor", doctor.doctor, "--model"),
+    ("augment-preview", augment_preview.augment_preview, False),
+    ("lr-find", lr_find.lr_find, True),
+    ("evaluate", evaluate.evaluate, True),
+    ("explain", evaluate.explain, True),
+    ("report", evaluate.report, False),
+    ("tune", tune.tune, True),
+    ("export", export.export, True),
+    ("benchmark", export.benchmark, True),
+    ("backbones", info.backbones, False),
+    ("recipes", info.recipes, False),
+))
+for name, command, _ in COMMANDS:
+    app.command(name)(command)
 
 TENSORFLOW_COMMANDS = frozenset(name for name, _, loads in COMMANDS if loads is True)
 TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loads, str)}
