@@ -6,7 +6,7 @@ a full disk or a kill at any moment leaves either the old file or the new one, n
 half-written one. Every temporary name carries the writer's process id
 (``.NAME.partial-PID...``, ``.NAME.replaced-PID``), so ``remove_leftovers`` can tell the
 temporary files of a killed process from those of a live one and remove them, with a notice.
-No Keras import.
+``fault_point`` marks the instants where the tests kill a process (test-only). No Keras import.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,34 @@ log = logging.getLogger("transferkit")
 # The temporary names of this module, of staging folders (``staging_folder``) and of the
 # folders ``replace_folder`` moves aside: a leading dot, the final name, the writer's pid.
 _TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?:partial|replaced)-(?P<pid>\d+)(?:\D.*)?$")
+
+
+# Test-only: TRANSFERKIT_FAULT=<point> kills the process with SIGKILL when it reaches that
+# point (tests/reliability/test_faults.py), to prove what a kill -9 there leaves. The points:
+FAULT_VARIABLE = "TRANSFERKIT_FAULT"
+FAULT_POINTS = (
+    "run.epoch_saved",     # training.checkpoint.WorkFolder._write: an epoch's checkpoint is complete on disk
+    "run.staged",          # runs.save_run: the run folder is complete under its temporary name, not renamed
+    "run.published",       # workflow._train: the run folder is renamed into place, RUN.partial not removed
+    "export.staged",       # locks.publishing: the export is complete in OUT.partial/staging, not renamed
+    "export.published",    # locks.publishing: renamed into place, OUT.partial not removed
+    "evaluation.staged",   # the same for evaluate -o
+    "evaluation.published",
+    "tune.trial",          # tuning.search: a trial has reported its first epoch, mid-training
+)
+
+
+def fault_point(name: str) -> None:
+    """Test-only: kill this process at once (SIGKILL: no handler, no clean-up, as a kill -9 or
+    the out-of-memory killer would) when ``TRANSFERKIT_FAULT`` names this point; otherwise
+    nothing (one environment look-up).
+
+    Args:
+        name: one of ``FAULT_POINTS``.
+    """
+    assert name in FAULT_POINTS, name
+    if os.environ.get(FAULT_VARIABLE) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_file(path: str | os.PathLike) -> None:

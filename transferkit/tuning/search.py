@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import TrainingInterrupted, TransferkitError, first_line
-from transferkit.files import atomic_path, write_atomic
+from transferkit.files import atomic_path, fault_point, pid_alive, write_atomic
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.tuning.objective import METRICS
 
@@ -307,8 +308,32 @@ def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
                                "to continue it, or --study NAME for a new study")
     if recorded is None:
         study.set_user_attr("metric", metric)
+    _fail_killed_trials(optuna, storage, study)
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials), n_startup_trials=RANDOM_TRIALS)
     return study
+
+
+def _fail_killed_trials(optuna, storage, study) -> None:
+    """Tell the study as failed the trials whose worker was killed mid-trial (its process,
+    on this machine, is gone; a trial of another machine's worker is left running), with the
+    reason in their ``fail_reason``. The recipe as given, if it was one of them, is queued
+    again: the best trial is still never worse than it."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    study_id = storage.get_study_id_from_name(study.study_name) if running else None
+    for trial in running:
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") != socket.gethostname() or pid_alive(int(worker.get("pid") or 0)):
+            continue
+        reason = f"its worker, pid {worker['pid']} on {worker['host']}, was killed mid-trial"
+        try:
+            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                        "fail_reason", reason)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            continue  # another worker told it meanwhile
+        log.warning(f"trial {trial.number} failed: {reason}; the study goes on without it")
+        if "origin" in trial.user_attrs:
+            study.enqueue_trial(dict(trial.params), user_attrs={"origin": trial.user_attrs["origin"]})
 
 
 class _Data:
@@ -370,6 +395,8 @@ class _Search:
         optuna = require_optuna()
 
         trial = self.study.ask()
+        # Who runs it: a trial whose worker is gone is told as failed by the next worker.
+        trial.set_user_attr("worker", {"pid": os.getpid(), "host": socket.gethostname()})
         self.new_trials += 1
         started = time.perf_counter()
         try:
@@ -479,6 +506,7 @@ def _pruning_callback(trial, metric: str):
             self.epoch += 1
             value = float(value)
             trial.report(value, self.epoch)
+            fault_point("tune.trial")
             if trial.should_prune():
                 raise optuna.TrialPruned(f"at epoch {self.epoch}, {metric} {value:.4f}")
 
