@@ -202,8 +202,8 @@ def save_run(
             permission); nothing is left behind then and an existing run is unchanged.
     """
     output = named_folder(output)
+    remove_leftovers(output.parent)  # first: it puts back a run a killed process had moved aside
     check_writable(output, force)
-    remove_leftovers(output.parent)
     staging = staging_folder(output)
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -38,10 +38,9 @@ EPOCHS = ["--set", "stages.0.epochs=1", "--set", "stages.1:.epochs=1", "--set", 
 
 
 def killed_at(point: str, *args, code: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``transferkit ARGS`` (or ``python -c CODE``) with the fault at ``point``; it must die
-    there by SIGKILL."""
-    command = [sys.executable, "-c", code] if code is not None else [sys.executable, "-m", "transferkit",
-                                                                       *map(str, args)]
+    """Run ``transferkit ARGS`` (or ``python -c CODE ARGS``) with the fault at ``point``; it must
+    die there by SIGKILL."""
+    command = [sys.executable, *(("-c", code) if code is not None else ("-m", "transferkit")), *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), FAULT_VARIABLE: point})
     assert done.returncode == -signal.SIGKILL, f"{point}: exit {done.returncode}\n{done.stderr[-3000:]}"
@@ -131,21 +130,30 @@ PUBLISH = textwrap.dedent("""
 
 
 def publish(target: Path, content: str, point: str | None = None) -> None:
-    code = PUBLISH.replace("sys.argv[1]", repr(str(target))).replace("sys.argv[2]", repr(content))
     if point is not None:
-        killed_at(point, code=code)
+        killed_at(point, target, content, code=PUBLISH)
     else:
-        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run([sys.executable, "-c", PUBLISH, str(target), content], check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-@pytest.mark.parametrize("point", ["export.staged", "export.published"])
+@pytest.mark.parametrize("point", ["export.staged", "folder.moved_aside", "export.published"])
 def test_an_export_killed_around_its_rename_is_the_old_one_or_the_new_one_whole(tmp_path, point, caplog):
+    from transferkit.files import remove_leftovers
     from transferkit.locks import publishing
 
     target = tmp_path / "out"
     publish(target, "old")
     publish(target, "new", point)
-    expected = "old" if point == "export.staged" else "new"
+    if point == "folder.moved_aside":
+        # Killed between the two renames: the old export is aside, and the next command that
+        # looks (publishing does, first) puts it back.
+        [aside] = [entry for entry in tmp_path.iterdir() if entry.name.startswith(".out.replaced-")]
+        assert not target.exists()
+        with caplog.at_level("WARNING", logger="transferkit"):
+            assert remove_leftovers(tmp_path) == []
+        assert f"put {target} back" in caplog.text and not aside.exists()
+    expected = "new" if point == "export.published" else "old"
     assert (target / "export.json").read_text() == expected
     assert (target / "model.tflite").read_bytes() == expected.encode() * 1000
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["out", "out.partial"]
