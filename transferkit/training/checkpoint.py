@@ -15,7 +15,9 @@ run: it has no model.keras or labels.json) holding:
 Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the epoch that
 was cut short is dropped, so the checkpoint is always the last completed epoch, and
 ``transferkit finetune --resume RUN`` continues from there. When the run completes, the
-finished folder is written atomically and RUN.partial is removed.
+finished folder is written atomically and RUN.partial is removed (a process killed between
+the two leaves a RUN.partial whose job.json holds the ``run_id`` of RUN's labels.json: the
+next finetune or --resume removes it, ``remove_if_finished``).
 
 The process that trains holds RUN.partial's owner lock (``transferkit.locks``: ``lock`` and
 ``owner.json`` in it) from ``create`` or ``open`` to ``remove`` or ``release``, the final
