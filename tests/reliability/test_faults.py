@@ -32,9 +32,10 @@ from transferkit.files import FAULT_VARIABLE
 from transferkit.locks import OWNER_FILE, STAGING, work_dir_for
 
 ROOT = Path(__file__).resolve().parents[2]
-SEED = 7
-# One epoch per stage, as TINY (finetune also has --head-epochs and --fine-epochs; tune has not).
-EPOCHS = ["--set", "stages.0.epochs=1", "--set", "stages.1:.epochs=1", "--set", f"seed={SEED}"]
+# One epoch per stage: the recipe of conftest's TINY, and of the session's shapes_run, the
+# uninterrupted run a killed and resumed one must end as (finetune also has --head-epochs and
+# --fine-epochs; tune has not).
+EPOCHS = ["--set", "stages.0.epochs=1", "--set", "stages.1:.epochs=1"]
 
 
 def killed_at(point: str, *args, code: str | None = None) -> subprocess.CompletedProcess:
@@ -55,15 +56,8 @@ def dead_owner(folder: Path) -> int:
     return pid
 
 
-@pytest.fixture(scope="module")
-def reference(shapes_dir, tmp_path_factory):
-    """The uninterrupted run (in this process) that a killed and resumed one must end as."""
-    output = tmp_path_factory.mktemp("reference") / "run"
-    return transferkit.finetune(shapes_dir, None, {**TINY, "seed": SEED}, output=output, verbose=0)
-
-
 def test_a_finetune_killed_at_each_step_of_its_end_resumes_to_the_uninterrupted_result(
-        shapes_dir, tmp_path, reference, caplog):
+        shapes_dir, tmp_path, shapes_run, caplog):
     output = tmp_path / "X"
     partial = work_dir_for(output)
     # Killed once its first epoch is checkpointed: a resumable partial, nothing under X.
@@ -93,27 +87,27 @@ def test_a_finetune_killed_at_each_step_of_its_end_resumes_to_the_uninterrupted_
     assert f"{output} is finished" in caplog.text and str(partial) in caplog.text
     assert not partial.exists() and run.path == output
     # history.csv as written: strings
-    history, expected = run.history, transferkit.load_run(reference.path, with_model=False).history
+    history, expected = run.history, transferkit.load_run(shapes_run.path, with_model=False).history
     assert [(row["epoch"], row["stage"]) for row in history] == [(row["epoch"], row["stage"]) for row in expected]
     assert len(history) == 2
     for got, want in zip(history, expected, strict=True):
         for key in ("loss", "val_loss", "val_accuracy"):
             assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), (key, got, want)
-    assert run.metrics["final"]["val_loss"] == pytest.approx(reference.metrics["final"]["val_loss"], rel=1e-5)
-    assert (output / "history.csv").read_text() == (reference.path / "history.csv").read_text()
+    assert run.metrics["final"]["val_loss"] == pytest.approx(shapes_run.metrics["final"]["val_loss"], rel=1e-5)
+    assert (output / "history.csv").read_text() == (shapes_run.path / "history.csv").read_text()
 
 
 def test_an_evaluation_killed_before_it_is_published_leaves_nothing_under_its_name(
-        shapes_dir, tmp_path, reference, caplog):
+        shapes_dir, tmp_path, shapes_run, caplog):
     from transferkit.evaluation.evaluate import evaluate_folder, write_evaluation
 
     output = tmp_path / "eval"
-    killed_at("evaluation.staged", "evaluate", reference.path, shapes_dir, "-o", output, "--engine", "keras", "-q")
+    killed_at("evaluation.staged", "evaluate", shapes_run.path, shapes_dir, "-o", output, "--engine", "keras", "-q")
     assert not output.exists()
     assert (work_dir_for(output) / STAGING / "metrics.json").is_file()
     pid = dead_owner(work_dir_for(output))
     with caplog.at_level("WARNING", logger="transferkit"):
-        write_evaluation(evaluate_folder(transferkit.load_run(reference.path), shapes_dir, engine="keras"), output)
+        write_evaluation(evaluate_folder(transferkit.load_run(shapes_run.path), shapes_dir, engine="keras"), output)
     assert f"removing the unfinished evaluation in {work_dir_for(output)}, left by pid {pid}" in caplog.text
     assert (output / "metrics.json").is_file() and not work_dir_for(output).exists()
 
@@ -184,7 +178,7 @@ def test_a_tune_worker_killed_mid_trial_leaves_a_study_the_next_one_continues(sh
     # The next worker tells the killed trial as failed, naming its worker, and runs the
     # recipe as given (the killed trial was it) again.
     with caplog.at_level("WARNING", logger="transferkit"):
-        summary = tune(shapes_dir, recipe, {**TINY, "seed": SEED}, trials=1, output=output, verbose=0)
+        summary = tune(shapes_dir, recipe, TINY, trials=1, output=output, verbose=0)
     assert summary.counts == {"fail": 1, "complete": 1}, summary.counts
     with open(output / "trials.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
