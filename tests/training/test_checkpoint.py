@@ -159,13 +159,14 @@ def test_resume_refuses_settings_it_would_ignore(interrupted):
 def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, monkeypatch):
     """The second Ctrl-C stops at once (KeyboardInterrupt inside training): the run still
     ends with the one-line message, and a run with no finished epoch leaves nothing."""
-    import transferkit.training.stages
+    import transferkit.workflow
     from transferkit.errors import TrainingInterrupted
 
     def second_ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(transferkit.training.stages, "run_stages", second_ctrl_c)
+    # where the workflow finds it (it imports the name)
+    monkeypatch.setattr(transferkit.workflow, "run_stages", second_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="SIGINT again: training stopped before its first epoch ended"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
     assert not any(tmp_path.iterdir())
