@@ -390,9 +390,6 @@ class _Search:
         except KeyboardInterrupt:
             self.interrupted = True
             log.warning("interrupted: the study is kept; the same command continues it")
-        except _SetupFailure:
-            self._write(figures=True)
-            raise
         except Exception as error:
             if _storage_failure(error):
                 raise TransferkitError(f"storage {self.storage_url}: cannot be reached: {first_line(error)}; the "
@@ -415,7 +412,7 @@ class _Search:
         """One trial, told to the study as complete, pruned or failed (with its reason).
 
         Raises:
-            _SetupFailure: it failed for a reason no trial's parameters change.
+            TransferkitError: it failed for a reason no trial's parameters change.
         """
         optuna = require_optuna()
         states = optuna.trial.TrialState
@@ -487,10 +484,11 @@ class _Search:
         return value
 
     def _fail(self, trial, error: BaseException, started: float) -> None:
-        """Tell a failed trial with its reason; a set-up failure stops the search.
+        """Tell a failed trial with its reason; a set-up failure stops the search (the
+        outputs written first: trials.csv tells the failed trial).
 
         Raises:
-            _SetupFailure: ``error`` is one of ``SETUP_FAILURES``.
+            TransferkitError: ``error`` is one of ``SETUP_FAILURES``.
         """
         optuna = require_optuna()
         reason = f"{type(error).__name__}: {first_line(error)}"
@@ -498,7 +496,8 @@ class _Search:
             return
         took = time.perf_counter() - started
         if isinstance(error, SETUP_FAILURES):
-            raise _SetupFailure(f"trial {trial.number} failed: {first_line(error)}; no trial's parameters change "
+            self._write(figures=True)
+            raise TransferkitError(f"trial {trial.number} failed: {first_line(error)}; no trial's parameters change "
                                "that, so the search stops (fix it and run the same command: the study is kept)") \
                 from error
         log.warning(f"trial {trial.number} failed after {took:.1f} s: {reason} "
@@ -527,11 +526,6 @@ class _Search:
             summary.best_value, summary.best_trial, summary.best_params = best.value, best.number, dict(best.params)
             summary.best_recipe = _recipe_of(best)
         return summary
-
-
-class _SetupFailure(TransferkitError):
-    """A trial failed for a reason no trial's parameters change (``SETUP_FAILURES``): the
-    search stopped at it."""
 
 
 def _storage_failure(error: BaseException) -> bool:
