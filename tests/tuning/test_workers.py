@@ -259,3 +259,15 @@ def test_a_failure_of_a_trials_parameters_does_not_stop_the_search(stub_training
     stub_training["raise"] = FloatingPointError("the final val_accuracy is nan")
     summary = stub_tune(binary_dir, tmp_path, trials=2)
     assert summary.counts == {"fail": 2} and stub_training["count"] == 2
+
+
+def test_study_trials_on_the_command_line(stub_training, binary_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    arguments = ["tune", str(binary_dir), "-r", str(write_space(tmp_path, STUB_SPACE)), "-o", str(tmp_path / "out"),
+                 "--weights", "none", "--image-size", "32", "--batch-size", "8", "--quiet"]
+    result = CliRunner().invoke(app, [*arguments, "--study-trials", "0"])
+    assert result.exit_code == 2 and "--study-trials must be 1 or more, got 0" in result.output
+    result = CliRunner().invoke(app, [*arguments, "--study-trials", "2"])  # no --trials: until the study holds 2
+    assert result.exit_code == 0, result.output
+    assert "2 trial(s) (2 complete), 2 new" in result.output and stub_training["count"] == 2

@@ -63,10 +63,12 @@ def tune(
     sampling with pruning, one Optuna study that the same command continues.
 
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe
-    OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current trial and
-    keeps the study. Several workers (processes or machines) share one study through --storage; on
-    PostgreSQL, MySQL or SQLite a killed worker's trial is failed after 20 s without a heartbeat and
-    its parameters run again by the next worker.
+    OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current
+    trial and keeps the study.
+
+    Several workers (processes or machines) share one study through --storage.
+    On PostgreSQL, MySQL or SQLite, a killed worker's trial is failed after 20 s
+    without a heartbeat, and the next worker runs its parameters again.
     """
     from transferkit.tuning.search import tune as run_search
 
