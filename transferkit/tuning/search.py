@@ -49,7 +49,7 @@ from transferkit.errors import (
 from transferkit.files import atomic_path, write_atomic
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.tuning.objective import METRICS
-from transferkit.tuning.workers import SharedStudy, rdb_storage
+from transferkit.tuning.workers import BEAT, SharedStudy, rdb_storage
 
 if TYPE_CHECKING:
     from transferkit.data.prepare import PreparedData
@@ -622,7 +622,7 @@ def write_tables(study, output: Path, metric: str) -> list[Path]:
         duration = trial.duration.total_seconds() if trial.duration is not None else None
         writer.writerow([trial.number, trial.state.name.lower(), _cell(trial.value), _cell(duration),
                          trial.user_attrs.get("epochs", ""), *(_cell(trial.params.get(name)) for name in names),
-                         trial.user_attrs.get("fail_reason", "")])
+                         _fail_reason(trial)])
     written = [write_atomic(output / TRIALS_FILE, text.getvalue())]
     best = _best(study)
     if best is not None and "recipe" in best.user_attrs:
@@ -630,6 +630,16 @@ def write_tables(study, output: Path, metric: str) -> list[Path]:
                   f"# Train it: transferkit finetune DATA_DIR --recipe {BEST_RECIPE_FILE}\n\n")
         written.append(write_atomic(output / BEST_RECIPE_FILE, header + best.user_attrs["recipe"]))
     return written
+
+
+def _fail_reason(trial) -> str:
+    """Why a trial failed: as its worker told it, or, for a trial failed by another worker
+    because its heartbeats stopped, that."""
+    if "fail_reason" in trial.user_attrs:
+        return trial.user_attrs["fail_reason"]
+    if trial.state.name == "FAIL" and BEAT in trial.system_attrs:
+        return "its worker stopped sending heartbeats (killed?); its parameters were queued again"
+    return ""
 
 
 def _cell(value) -> str:
