@@ -113,11 +113,13 @@ def test_a_killed_workers_trial_is_failed_and_retried_by_the_next_worker(postgre
     trials = optuna.load_study(study_name=name, storage=storage).trials
     assert "RUNNING" not in [trial.state.name for trial in trials]
     assert trials[killed.number].state.name == "FAIL"
-    (retry,) = [trial for trial in trials if trial.system_attrs.get("failed_trial") == killed.number]
-    assert retry.state.name == "COMPLETE" and retry.params == killed.params
+    # On the same machine the dead pid is seen at once; elsewhere the stale heartbeat tells it.
+    (retry,) = [trial for trial in trials[killed.number + 1:] if trial.params == killed.params]
+    assert retry.state.name == "COMPLETE"
     assert summary.new_trials == 1 and summary.counts.get("running") is None
     row = read_trials(tmp_path / "out")[killed.number]
-    assert row["state"] == "fail" and row["fail_reason"].startswith("its worker stopped sending heartbeats")
+    assert row["state"] == "fail" and row["fail_reason"].startswith(("its worker stopped sending heartbeats",
+                                                                      f"its worker, pid {process.pid} on "))
 
 
 def test_weights_that_cannot_be_loaded_stop_the_search_at_the_first_trial(postgres_url, shapes_dir, tmp_path):
