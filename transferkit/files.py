@@ -6,7 +6,7 @@ a full disk or a kill at any moment leaves either the old file or the new one, n
 half-written one. Every temporary name carries the writer's process id
 (``.NAME.partial-PID...``, ``.NAME.replaced-PID``), so ``remove_leftovers`` can tell the
 temporary files of a killed process from those of a live one and remove them, with a notice.
-No Keras import.
+``fault_point`` marks the instants where the tests kill a process (test-only). No Keras import.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,36 @@ log = logging.getLogger("transferkit")
 
 # The temporary names of this module, of staging folders (``staging_folder``) and of the
 # folders ``replace_folder`` moves aside: a leading dot, the final name, the writer's pid.
-_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?:partial|replaced)-(?P<pid>\d+)(?:\D.*)?$")
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced)-(?P<pid>\d+)(?:\D.*)?$")
+
+
+# Test-only: TRANSFERKIT_FAULT=<point> kills the process with SIGKILL when it reaches that
+# point (tests/reliability/test_faults.py), to prove what a kill -9 there leaves. The points:
+FAULT_VARIABLE = "TRANSFERKIT_FAULT"
+FAULT_POINTS = (
+    "run.epoch_saved",     # training.checkpoint.WorkFolder._write: an epoch's checkpoint is complete on disk
+    "run.staged",          # runs.save_run: the run folder is complete under its temporary name, not renamed
+    "run.published",       # workflow._train: the run folder is renamed into place, RUN.partial not removed
+    "folder.moved_aside",  # replace_folder: the old folder is moved aside, the new one not renamed into place
+    "export.staged",       # locks.publishing: the export is complete in OUT.partial/staging, not renamed
+    "export.published",    # locks.publishing: renamed into place, OUT.partial not removed
+    "evaluation.staged",   # the same for evaluate -o
+    "evaluation.published",
+    "tune.trial",          # tuning.search: a trial has reported its first epoch, mid-training
+)
+
+
+def fault_point(name: str) -> None:
+    """Test-only: kill this process at once (SIGKILL: no handler, no clean-up, as a kill -9 or
+    the out-of-memory killer would) when ``TRANSFERKIT_FAULT`` names this point; otherwise
+    nothing (one environment look-up).
+
+    Args:
+        name: one of ``FAULT_POINTS``.
+    """
+    assert name in FAULT_POINTS, name
+    if os.environ.get(FAULT_VARIABLE) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -125,8 +155,10 @@ def pid_alive(pid: int) -> bool:
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders that killed processes left in ``folder``
     (names from ``atomic_path``, ``staging_folder`` and ``replace_folder`` whose process is
-    gone), each named in a warning. Nothing of a live process is touched; a folder that
-    cannot be read or entries that cannot be removed are left as they are.
+    gone), each named in a warning. A folder that ``replace_folder`` had moved aside when its
+    process was killed, before the new one took its name, is put back instead. Nothing of a
+    live process is touched; a folder that cannot be read or entries that cannot be removed
+    are left as they are.
 
     A process id is checked on this machine only: on a folder shared between machines, a
     leftover of a process that still runs elsewhere with a pid that is free here would go.
@@ -149,6 +181,13 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
         pid = int(match["pid"])
         if pid == os.getpid() or pid_alive(pid):
             continue
+        original = entry.parent / match["name"]
+        if match["kind"] == "replaced" and not os.path.lexists(original):
+            with contextlib.suppress(OSError):
+                os.replace(entry, original)
+                log.warning("put %s back, which a process killed while replacing it had moved aside (pid %d)",
+                            original, pid)
+            continue
         try:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -165,7 +204,9 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
 def replace_folder(staging: Path, target: Path) -> Path:
     """Put a filled staging folder in place of ``target`` (which may exist): the old folder
     is moved aside, the staging folder renamed to ``target``, the old one removed, and the
-    rename flushed to disk. A reader sees the old folder or the new one, never a mixture.
+    rename flushed to disk. A reader sees the old folder or the new one, never a mixture; a
+    kill between the two renames leaves neither under ``target`` until the next
+    ``remove_leftovers`` there puts the old one back.
 
     Returns:
         ``target``.
@@ -173,6 +214,7 @@ def replace_folder(staging: Path, target: Path) -> Path:
     retired = target.parent / f".{target.name}.replaced-{os.getpid()}"
     if target.exists():
         os.replace(target, retired)
+        fault_point("folder.moved_aside")
     os.replace(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
     fsync_folder(target.parent)

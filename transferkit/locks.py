@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from transferkit.errors import RunError
-from transferkit.files import flush_tree, pid_alive, remove_leftovers, replace_folder, write_atomic
+from transferkit.files import fault_point, flush_tree, pid_alive, remove_leftovers, replace_folder, write_atomic
 
 log = logging.getLogger("transferkit")
 
@@ -273,9 +273,12 @@ def publishing(target: str | os.PathLike, kind: str, check=None) -> Iterator[Pat
             lock.release(restore=True)
             raise RunError(f"{folder} holds {', '.join(sorted(others)[:3])}, not a {kind} being written (an "
                            f"interrupted finetune into {target}?); resume or remove it, or choose another -o")
-        if lock.previous is not None or (folder / STAGING).exists():
+        if (folder / STAGING).exists():
             log.warning("removing the unfinished %s in %s%s", kind, folder,
                         f", left by {tell_previous(lock.previous)}" if lock.previous else "")
+        elif lock.previous is not None:  # killed after it published, or before it began
+            log.warning("taking over %s, left by %s with no %s unfinished in it", folder,
+                        tell_previous(lock.previous), kind)
         lock.clear()
         if check is not None:
             check()
@@ -283,8 +286,10 @@ def publishing(target: str | os.PathLike, kind: str, check=None) -> Iterator[Pat
         staging.mkdir()
         yield staging
         flush_tree(staging)
+        fault_point(f"{kind}.staged")
         replace_folder(staging, target)
         published = True
+        fault_point(f"{kind}.published")
     finally:
         if published or not others_kept(folder):
             shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,8 @@
 
     RUN/
       model.keras            the whole classifier; plain keras.models.load_model() loads it
-      labels.json            class names in output order, image size, backbone, head activation
+      labels.json            class names in output order, image size, backbone, head activation,
+                             the run_id its RUN.partial's job.json holds too
       recipe.toml            the fully resolved recipe
       history.csv            epoch, stage, loss, accuracy, val_loss, val_accuracy, learning_rate
       metrics.json           final and best validation figures, per-class accuracy, confusion
@@ -38,6 +39,7 @@ from typing import Any
 from transferkit.errors import RunError, first_line
 from transferkit.files import (
     existing_ancestor,
+    fault_point,
     flush_tree,
     remove_leftovers,
     replace_folder,
@@ -200,8 +202,8 @@ def save_run(
             permission); nothing is left behind then and an existing run is unchanged.
     """
     output = named_folder(output)
+    remove_leftovers(output.parent)  # first: it puts back a run a killed process had moved aside
     check_writable(output, force)
-    remove_leftovers(output.parent)
     staging = staging_folder(output)
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -216,6 +218,7 @@ def save_run(
         raise
     try:
         flush_tree(staging)
+        fault_point("run.staged")
         return replace_folder(staging, output)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.errors import RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
-from transferkit.files import write_atomic
+from transferkit.files import fault_point, write_atomic
 from transferkit.inference.engines import inference_engine
 from transferkit.model.build import build_model
 from transferkit.model.transfer import source_run
@@ -41,6 +42,7 @@ from transferkit.training.checkpoint import (
     StopFlag,
     WorkFolder,
     output_for,
+    remove_if_finished,
     stop_on_signals,
 )
 from transferkit.training.features import FeatureCache
@@ -90,6 +92,7 @@ def finetune(
     if recipe.tensorboard:
         require_tensorboard()
     output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
+    remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
     prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
     return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose)
@@ -137,6 +140,7 @@ def train_prepared(
     if output is None:
         return _train(prepared, recipe, None, verbose, extras)
     output = runs.named_folder(output)
+    remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir))
     return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose, extras=extras)
 
@@ -148,7 +152,8 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     The recipe and options come from ``RUN.partial/``; with the same data the result
     matches an uninterrupted run with the same seed. The run is written to RUN, wherever
     the interrupted run was meant to go (a renamed or moved ``RUN.partial`` resumes where
-    it is now).
+    it is now). A run whose process was killed after it published RUN, before it removed
+    ``RUN.partial``, is finished: that folder is removed, with a warning, and RUN returned.
 
     Args:
         run: the run folder that was being written (or its ``.partial`` folder).
@@ -165,6 +170,9 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
         RunError: nothing to resume, or the checkpoint cannot be read.
         DataError: the data is missing or is not what the run started with.
     """
+    finished = remove_if_finished(run)
+    if finished is not None:
+        return runs.load_run(finished)
     work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
     try:
         job = work.job()
@@ -220,6 +228,7 @@ def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: 
                 extras: _Extras = _Extras()) -> runs.Run:
     """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
     job = {
+        "run_id": uuid.uuid4().hex,  # also in the run's labels.json: a published run tells its RUN.partial
         "data_dir": prepared.data_dir,
         "val_dir": prepared.val_dir,
         "output": str(output.resolve()),
@@ -277,6 +286,7 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
         trained.metrics["calibration"] = calibration.as_dict()
     if out is not None:
         _write_run(out, trained, recipe, prepared)
+        fault_point("run.published")
         out.work.remove()
     return runs.Run(
         path=out.path if out is not None else None,
@@ -345,8 +355,9 @@ def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: Prepar
     """Write the finished run folder atomically; when that fails, keep the training for
     ``--resume`` and say so."""
     try:
-        runs.save_run(out.path, lambda folder: _write_contents(folder, trained, recipe, prepared, out.save_h5),
-                      force=out.force)
+        run_id = out.work.job().get("run_id")
+        runs.save_run(out.path, lambda folder: _write_contents(folder, trained, recipe, prepared, out.save_h5,
+                                                               run_id), force=out.force)
     except RunError as error:
         if not out.work.has_checkpoint():
             raise
@@ -355,7 +366,8 @@ def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: Prepar
                        f"finish with: transferkit finetune --resume {out.path}") from error
 
 
-def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: PreparedData, save_h5: bool) -> None:
+def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: PreparedData, save_h5: bool,
+                    run_id: str | None = None) -> None:
     """The run folder's files: model, labels, recipe, history, metrics, figures, skipped files."""
     history, metrics = trained.history, trained.metrics
 
@@ -376,6 +388,8 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
         figures.result()
     # Where the data was: exports sample their check images there.
     extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir}
+    if run_id is not None:
+        extra["run_id"] = run_id
     source = source_run(recipe.weights)
     recipe_text = recipe.to_toml()
     if source is not None:

@@ -85,7 +85,7 @@ def test_leftovers_of_killed_processes_are_removed_by_name_and_live_ones_kept(tm
         folder.mkdir()
         (folder / "labels.json").write_text("{")
     kept = [tmp_path / f".run.partial-{os.getpid()}", tmp_path / f".other.partial-{os.getppid()}.json",
-            tmp_path / "run.partial", tmp_path / "notes.txt"]
+            tmp_path / "run.partial", tmp_path / "notes.txt", tmp_path / "run"]  # run: published (not put back)
     for path in kept:
         path.write_text("x")
     with caplog.at_level("WARNING", logger="transferkit"):

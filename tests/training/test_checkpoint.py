@@ -169,7 +169,7 @@ def test_a_second_ctrl_c_still_says_what_was_kept(shapes_dir, tmp_path, tiny, mo
     def second_ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    # where workflow looks it up (it imports the name from training.stages)
+    # where the workflow finds it (it imports the name)
     monkeypatch.setattr(transferkit.workflow, "run_stages", second_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="SIGINT again: training stopped before its first epoch ended"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)

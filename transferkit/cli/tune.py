@@ -34,7 +34,12 @@ def tune(
     ctx: typer.Context,
     data_dir: DataDirArgument,
     recipe: RecipeOption = None,
-    trials: Annotated[int, typer.Option(help="Trials to run in this call (the study keeps earlier ones).")] = 20,
+    trials: Annotated[Optional[int], typer.Option(
+            help="Trials to run in this call (the study keeps earlier ones); default 20, or no limit of its own "
+                 "with --study-trials.")] = None,
+    study_trials: Annotated[Optional[int], typer.Option(
+            help="Stop every worker of the study once it holds N finished (complete or pruned) trials, whatever "
+                 "each one's --trials; the workers together start no more than N.")] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Start no trial after this many seconds.")] = None,
     storage: Annotated[Optional[str], typer.Option(
             help="Optuna storage URL shared by several workers: sqlite:///study.db, postgresql://..., "
@@ -58,17 +63,24 @@ def tune(
     sampling with pruning, one Optuna study that the same command continues.
 
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe
-    OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current trial and
-    keeps the study.
+    OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current
+    trial and keeps the study.
+
+    Several workers (processes or machines) share one study through --storage.
+    On PostgreSQL, MySQL or SQLite, a killed worker's trial is failed after 20 s
+    without a heartbeat, and the next worker runs its parameters again.
     """
     from transferkit.tuning.search import tune as run_search
 
     setup_logging(quiet, verbose)
     check_choice("--metric", metric, tuple(METRICS))
-    if trials < 0:
+    if trials is not None and trials < 0:
         raise usage_error(f"--trials must be 0 or more, got {trials}")
+    if study_trials is not None and study_trials < 1:
+        raise usage_error(f"--study-trials must be 1 or more, got {study_trials}")
     summary = run_search(data_dir, recipe, recipe_overrides(ctx), trials=trials, timeout=timeout, storage=storage,
-                         study=study, metric=metric, output=output, val_dir=val_dir, verbose=0 if quiet else 1)
+                         study_trials=study_trials, study=study, metric=metric, output=output, val_dir=val_dir,
+                         verbose=0 if quiet else 1)
     typer.echo(summary.describe())
     if summary.interrupted:
         raise typer.Exit(code=TrainingInterrupted.exit_code)

@@ -15,7 +15,9 @@ run: it has no model.keras or labels.json) holding:
 Ctrl-C (SIGINT) or SIGTERM stops training at the end of the current batch; the epoch that
 was cut short is dropped, so the checkpoint is always the last completed epoch, and
 ``transferkit finetune --resume RUN`` continues from there. When the run completes, the
-finished folder is written atomically and RUN.partial is removed.
+finished folder is written atomically and RUN.partial is removed (a process killed between
+the two leaves a RUN.partial whose job.json holds the ``run_id`` of RUN's labels.json: the
+next finetune or --resume removes it, ``remove_if_finished``).
 
 The process that trains holds RUN.partial's owner lock (``transferkit.locks``: ``lock`` and
 ``owner.json`` in it) from ``create`` or ``open`` to ``remove`` or ``release``, the final
@@ -40,8 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import atomic_path, remove_leftovers, write_atomic, write_failure
+from transferkit.files import atomic_path, fault_point, remove_leftovers, write_atomic, write_failure
 from transferkit.locks import LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
+from transferkit.runs import LABELS_FILE
 
 log = logging.getLogger("transferkit")
 
@@ -111,6 +114,40 @@ def stop_on_signals(flag: StopFlag, keeping: str = KEEPS_LAST_EPOCH):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def remove_if_finished(run: str | os.PathLike) -> Path | None:
+    """Remove the in-progress folder of a run that is finished: its process published the
+    run folder and was killed before it removed RUN.partial. The two are told apart from an
+    interrupted run by the ``run_id`` that job.json and the run's labels.json both hold.
+
+    Args:
+        run: the run folder (or its ``.partial`` folder).
+
+    Returns:
+        The finished run folder when its in-progress folder was removed (with a warning),
+        else None (nothing there, an interrupted run, or its process is still removing it).
+    """
+    run = Path(run)
+    path = run if run.name.endswith(".partial") else work_dir_for(run)
+    output = output_for(path)
+    try:
+        run_id = json.loads((path / JOB_FILE).read_text(encoding="utf-8")).get("run_id")
+        finished = json.loads((output / LABELS_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not run_id or run_id != finished:
+        return None
+    try:
+        lock = FolderLock.acquire(path, "run", create=False)
+    except RunError:
+        return None  # its process is alive, about to remove it
+    writer = tell_previous(lock.previous) if lock.previous else "a process that has ended"
+    log.warning("%s is finished; removing its in-progress folder %s, which its writer left when it ended just "
+                "after publishing the run: %s", output, path, writer)
+    shutil.rmtree(path, ignore_errors=True)
+    lock.release()
+    return output
 
 
 class WorkFolder:
@@ -324,6 +361,8 @@ class WorkFolder:
         for old in self.path.glob("arrays-*.npz"):
             if old.name != state["arrays_file"]:
                 old.unlink(missing_ok=True)
+        if state["epochs_done"]:
+            fault_point("run.epoch_saved")
 
     def flush(self) -> None:
         """Wait for the background write; re-raise its error (a full disk, say)."""

@@ -29,6 +29,8 @@ import io
 import logging
 import math
 import os
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,10 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transferkit.errors import TrainingInterrupted, TransferkitError, first_line
-from transferkit.files import atomic_path, write_atomic
+from transferkit.errors import (
+    DataError,
+    EngineError,
+    TrainingInterrupted,
+    TransferkitError,
+    WeightsError,
+    first_line,
+)
+from transferkit.files import atomic_path, fault_point, pid_alive, write_atomic
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.tuning.objective import METRICS
+from transferkit.tuning.workers import BEAT, SharedStudy, rdb_storage
 
 if TYPE_CHECKING:
     from transferkit.data.prepare import PreparedData
@@ -54,6 +64,10 @@ PRUNE_AFTER_TRIALS = 3
 PRUNE_FROM_EPOCH = 2
 # Random trials before TPE models the results.
 RANDOM_TRIALS = 5
+# Failures of the set-up, not of a trial's parameters: every later trial would fail the same
+# way, so the search stops at the first with its reason (weights that cannot be loaded, data
+# that cannot be read, an engine that is not installed).
+SETUP_FAILURES = (WeightsError, DataError, EngineError)
 
 BEST_RECIPE_FILE = "best_recipe.toml"
 TRIALS_FILE = "trials.csv"
@@ -139,9 +153,10 @@ def tune(
     recipe: Recipe | str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
-    trials: int = DEFAULT_TRIALS,
+    trials: int | None = None,
     timeout: float | None = None,
     storage: str | None = None,
+    study_trials: int | None = None,
     study: str | None = None,
     metric: str = "val_accuracy",
     output: str | os.PathLike | None = None,
@@ -157,11 +172,20 @@ def tune(
         recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults;
             its ``[tune]`` section is the space (``space.default_space`` when it has none).
         overrides: dotted recipe keys to values over the recipe (ignored for a ``Recipe``).
-        trials: trials to run in this call; default 20.
+        trials: trials to run in this call; default None: 20, or no limit of this call's
+            own when ``study_trials`` is given.
         timeout: start no trial after this many seconds; default None (no limit).
-        storage: an Optuna storage URL (``sqlite:///...``, ``postgresql://...``,
-            ``journal:///path/study.log`` for a journal file), or a path ending in .log (a
-            journal file) or .db (SQLite); default None (``OUTPUT/study.db``).
+        storage: an Optuna storage URL (``sqlite:///...``, ``postgresql+psycopg://...``,
+            ``mysql://...``, ``journal:///path/study.log`` for a journal file), or a path
+            ending in .log (a journal file) or .db (SQLite); default None
+            (``OUTPUT/study.db``). The RDB storages record heartbeats: a trial whose worker
+            was killed is failed after 20 s without one and its parameters queued again
+            (``tuning.workers``).
+        study_trials: stop once the study holds this many finished trials, counted as
+            Optuna's ``MaxTrialsCallback(N, states=(COMPLETE, PRUNED))`` counts them (failed
+            trials leave their place to others), whatever every worker's ``trials``; several
+            workers together start no more than N (one waits while the running trials of
+            others may fill the study). Default None (no cap).
         study: the study's name; default the data folder's name.
         metric: "val_accuracy" (maximized; default) or "val_loss" (minimized), the final
             figure of the trained model as finetune's metrics.json has it.
@@ -176,16 +200,21 @@ def tune(
 
     Raises:
         TransferkitError: optuna is missing, a bad recipe or space (``RecipeError``), bad
-            data (``DataError``), a storage that cannot be opened, or a study that
-            optimizes another metric.
+            data (``DataError``), a storage that cannot be opened or reached, a study that
+            optimizes another metric, or a trial failed for a reason no trial's parameters
+            change (``SETUP_FAILURES``: the search stops at the first, the study is kept).
     """
     optuna = require_optuna()
     from transferkit.tuning.space import build_space
 
     if metric not in METRICS:
         raise TransferkitError(f"metric {metric!r}: choose {' or '.join(METRICS)}")
-    if trials < 0:
+    if trials is not None and trials < 0:
         raise TransferkitError(f"trials must be 0 or more, got {trials}")
+    if study_trials is not None and study_trials < 1:
+        raise TransferkitError(f"study_trials must be 1 or more, got {study_trials}")
+    if trials is None:
+        trials = DEFAULT_TRIALS if study_trials is None else sys.maxsize
     name = Path(data_dir).resolve().name
     output = Path(output) if output is not None else Path("runs") / f"tune-{name}"
     _require_outside(output, data_dir, val_dir)
@@ -195,7 +224,7 @@ def tune(
         output.mkdir(parents=True, exist_ok=True)
         storage_url = storage if storage is not None else f"sqlite:///{(output / STUDY_FILE).resolve()}"
         with _optuna_quiet(optuna):
-            the_study = _open_study(optuna, storage_url, study or name, metric, base, pruner)
+            the_study, opened = _open_study(optuna, storage_url, study or name, metric, base, pruner)
             if not the_study.trials and space.parameters:
                 params = space.recipe_params(base)
                 if params:
@@ -203,7 +232,8 @@ def tune(
             data = _Data(data_dir, val_dir)
             try:
                 data.for_recipe(base, verbose)  # data errors before the first trial
-                search = _Search(the_study, space, data, metric, output, verbose)
+                shared = SharedStudy(the_study, opened, cap=study_trials)
+                search = _Search(shared, space, data, metric, output, verbose, storage_url)
                 search.run(trials, timeout)
             finally:
                 data.features.close()
@@ -248,7 +278,9 @@ def _optuna_quiet(optuna):
 def open_storage(url: str):
     """An Optuna storage for a URL: ``journal:///path`` (or a path ending in .log) a
     journal file, ``sqlite:///path`` (or a path ending in .db) SQLite, waiting for the
-    other workers' writes instead of failing, any other URL as Optuna takes it.
+    other workers' writes instead of failing, any other URL as Optuna takes it; the RDB
+    storages (SQLite, PostgreSQL, MySQL) with heartbeats and the retry of a dead worker's
+    trial (``tuning.workers.rdb_storage``).
 
     Args:
         url: the storage URL or path.
@@ -280,14 +312,15 @@ def open_storage(url: str):
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
             # Several workers on one file: wait for the lock (60 s) rather than fail.
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(url)
+            return rdb_storage(optuna, url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return rdb_storage(optuna, url)
     except Exception as error:  # the drivers' own errors (no psycopg2, refused connection, ...)
         raise TransferkitError(f"storage {url}: cannot be opened: {first_line(error)}") from None
 
 
 def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
-    """Load the study or create it; a study that optimizes another metric is refused.
+    """(study, the storage object it is on): loaded or created; a study that optimizes
+    another metric is refused.
 
     The sampler is TPE seeded from the recipe's seed and the trials the study holds (a
     worker that joins later samples apart from the first)."""
@@ -307,8 +340,32 @@ def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
                                "to continue it, or --study NAME for a new study")
     if recorded is None:
         study.set_user_attr("metric", metric)
+    _fail_killed_trials(optuna, storage, study)
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials), n_startup_trials=RANDOM_TRIALS)
-    return study
+    return study, storage
+
+
+def _fail_killed_trials(optuna, storage, study) -> None:
+    """Tell the study as failed the trials whose worker was killed mid-trial (its process,
+    on this machine, is gone; another machine's worker's trial is left to the heartbeats of an
+    RDB storage), with the reason in their ``fail_reason``, and queue their parameters again
+    (the recipe as given keeps its origin: the best trial is still never worse than it)."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    study_id = storage.get_study_id_from_name(study.study_name) if running else None
+    for trial in running:
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") != socket.gethostname() or pid_alive(int(worker.get("pid") or 0)):
+            continue
+        reason = f"its worker, pid {worker['pid']} on {worker['host']}, was killed mid-trial"
+        try:
+            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                        "fail_reason", reason)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            continue  # another worker told it meanwhile
+        log.warning(f"trial {trial.number} failed: {reason}; its parameters are tried again")
+        origin = {"origin": trial.user_attrs["origin"]} if "origin" in trial.user_attrs else None
+        study.enqueue_trial(dict(trial.params), user_attrs=origin)
 
 
 class _Data:
@@ -334,24 +391,35 @@ class _Data:
 class _Search:
     """The trial loop of one call: ask, train, tell, write the outputs."""
 
-    def __init__(self, study, space, data: _Data, metric: str, output: Path, verbose: int):
-        self.study, self.space, self.data, self.metric = study, space, data, metric
-        self.output, self.verbose = output, verbose
+    def __init__(self, shared: SharedStudy, space, data: _Data, metric: str, output: Path, verbose: int,
+                 storage_url: str):
+        self.shared, self.study = shared, shared.study
+        self.space, self.data, self.metric = space, data, metric
+        self.output, self.verbose, self.storage_url = output, verbose, storage_url
         self.new_trials = 0
         self.interrupted = False
 
     def run(self, trials: int, timeout: float | None) -> None:
         started = time.monotonic()
+        deadline = started + timeout if timeout is not None else None
         try:
             for _ in range(trials):
-                if timeout is not None and time.monotonic() - started >= timeout:
+                if deadline is not None and time.monotonic() >= deadline:
                     log.info(f"timeout: {timeout:g} s passed; no new trial")
+                    break
+                if not self.shared.room(deadline):
                     break
                 self._trial()
                 self._write(figures=False)
+            self.shared.settle()
         except KeyboardInterrupt:
             self.interrupted = True
             log.warning("interrupted: the study is kept; the same command continues it")
+        except Exception as error:
+            if _storage_failure(error):
+                raise TransferkitError(f"storage {self.storage_url}: cannot be reached: {first_line(error)}; the "
+                                       "search stops (the same command continues the study once it is back)") from None
+            raise
         self._write(figures=True)
 
     def _write(self, figures: bool) -> None:
@@ -366,27 +434,58 @@ class _Search:
                 write_figures(self.study, self.output, self.metric)
 
     def _trial(self) -> None:
-        """One trial, told to the study as complete, pruned or failed (with its reason)."""
-        optuna = require_optuna()
+        """One trial, told to the study as complete, pruned or failed (with its reason).
 
-        trial = self.study.ask()
+        Raises:
+            TransferkitError: it failed for a reason no trial's parameters change.
+        """
+        optuna = require_optuna()
+        states = optuna.trial.TrialState
+
+        trial = self.shared.ask()
+        if self.shared.over_cap(trial):
+            # Another worker asked at the same moment and the study is full with it.
+            self._finish(trial, states.FAIL, reason=f"not run: the study had its {self.shared.cap} trials "
+                                                    "(--study-trials) when another worker asked at the same time")
+            return
+        # Who runs it: a trial whose worker is gone is told as failed by the next worker on
+        # this machine at once (heartbeats do it across machines, after their grace period).
+        trial.set_user_attr("worker", {"pid": os.getpid(), "host": socket.gethostname()})
         self.new_trials += 1
         started = time.perf_counter()
         try:
-            value = self._train(trial)
+            with self.shared.beating(trial):
+                value = self._train(trial)
         except optuna.TrialPruned as pruned:
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self._tell(trial, f"pruned {pruned}", started)
+            if self._finish(trial, states.PRUNED):
+                self._tell(trial, f"pruned {pruned}", started)
         except (KeyboardInterrupt, TrainingInterrupted):
             # Ctrl-C: training stopped after its current batch (a second one at once).
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self._finish(trial, states.FAIL, reason="interrupted (Ctrl-C)")
             raise KeyboardInterrupt from None
         except Exception as error:  # out of memory at a large batch size, NaN, ...: the search goes on
+            if _storage_failure(error):
+                raise  # nothing can be told; run() says so in one line
             self._fail(trial, error, started)
         else:
-            self.study.tell(trial, value)
-            self._tell(trial, f"{self.metric} {value:.4f}", started)
+            if self._finish(trial, states.COMPLETE, value):
+                self._tell(trial, f"{self.metric} {value:.4f}", started)
+
+    def _finish(self, trial, state, value: float | None = None, reason: str | None = None) -> bool:
+        """Tell the study how ``trial`` ended; False when another worker failed it first
+        (its heartbeats stopped reaching the storage: its retry is queued already)."""
+        optuna = require_optuna()
+        try:
+            if reason is not None:
+                trial.set_user_attr("fail_reason", reason)
+            told = self.study.tell(trial, value, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            told = None
+        if told is not None and told.state == state:
+            return True
+        log.warning(f"trial {trial.number}: another worker failed it, as no heartbeat of it reached the storage for "
+                    f"{self.shared.grace} s; its outcome is not recorded (its parameters are queued again)")
+        return False
 
     def _train(self, trial) -> float:
         import keras
@@ -413,11 +512,23 @@ class _Search:
         return value
 
     def _fail(self, trial, error: BaseException, started: float) -> None:
+        """Tell a failed trial with its reason; a set-up failure stops the search (the
+        outputs written first: trials.csv tells the failed trial).
+
+        Raises:
+            TransferkitError: ``error`` is one of ``SETUP_FAILURES``.
+        """
         optuna = require_optuna()
         reason = f"{type(error).__name__}: {first_line(error)}"
-        trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        log.warning(f"trial {trial.number} failed after {time.perf_counter() - started:.1f} s: {reason} "
+        if not self._finish(trial, optuna.trial.TrialState.FAIL, reason=reason):
+            return
+        took = time.perf_counter() - started
+        if isinstance(error, SETUP_FAILURES):
+            self._write(figures=True)
+            raise TransferkitError(f"trial {trial.number} failed: {first_line(error)}; no trial's parameters change "
+                               "that, so the search stops (fix it and run the same command: the study is kept)") \
+                from error
+        log.warning(f"trial {trial.number} failed after {took:.1f} s: {reason} "
                     f"({_params_text(trial.params)}); the search goes on")
 
     def _tell(self, trial, outcome: str, started: float) -> None:
@@ -443,6 +554,16 @@ class _Search:
             summary.best_value, summary.best_trial, summary.best_params = best.value, best.number, dict(best.params)
             summary.best_recipe = _recipe_of(best)
         return summary
+
+
+def _storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the database of an RDB storage failing (gone, unreachable):
+    no trial can be told, so no trial should start."""
+    try:
+        from sqlalchemy.exc import SQLAlchemyError  # Optuna's RDB storages need it
+    except ImportError:
+        return False
+    return isinstance(error, SQLAlchemyError)
 
 
 @contextmanager
@@ -479,6 +600,7 @@ def _pruning_callback(trial, metric: str):
             self.epoch += 1
             value = float(value)
             trial.report(value, self.epoch)
+            fault_point("tune.trial")
             if trial.should_prune():
                 raise optuna.TrialPruned(f"at epoch {self.epoch}, {metric} {value:.4f}")
 
@@ -529,7 +651,7 @@ def write_tables(study, output: Path, metric: str) -> list[Path]:
         duration = trial.duration.total_seconds() if trial.duration is not None else None
         writer.writerow([trial.number, trial.state.name.lower(), _cell(trial.value), _cell(duration),
                          trial.user_attrs.get("epochs", ""), *(_cell(trial.params.get(name)) for name in names),
-                         trial.user_attrs.get("fail_reason", "")])
+                         _fail_reason(trial)])
     written = [write_atomic(output / TRIALS_FILE, text.getvalue())]
     best = _best(study)
     if best is not None and "recipe" in best.user_attrs:
@@ -537,6 +659,16 @@ def write_tables(study, output: Path, metric: str) -> list[Path]:
                   f"# Train it: transferkit finetune DATA_DIR --recipe {BEST_RECIPE_FILE}\n\n")
         written.append(write_atomic(output / BEST_RECIPE_FILE, header + best.user_attrs["recipe"]))
     return written
+
+
+def _fail_reason(trial) -> str:
+    """Why a trial failed: as its worker told it, or, for a trial failed by another worker
+    because its heartbeats stopped, that."""
+    if "fail_reason" in trial.user_attrs:
+        return trial.user_attrs["fail_reason"]
+    if trial.state.name == "FAIL" and BEAT in trial.system_attrs:
+        return "its worker stopped sending heartbeats (killed?); its parameters were queued again"
+    return ""
 
 
 def _cell(value) -> str:
