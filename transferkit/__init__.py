@@ -15,8 +15,13 @@ import os
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-# Keras reads its backend once, on first import; transferkit is written for TensorFlow.
+# Keras reads its backend once, on first import: TensorFlow unless KERAS_BACKEND says "jax"
+# or "torch" (transferkit.backend holds what differs between them).
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if os.environ["KERAS_BACKEND"].strip().lower() == "jax":  # before JAX is imported: it reads these once
+    from transferkit.backend import use_jax_compilation_cache
+
+    use_jax_compilation_cache()
 # albumentations checks PyPI for a newer release when imported unless told not to: no
 # network call at import or at run time.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -257,3 +257,15 @@ def write_failure(error: BaseException) -> str:
         return first_line(error)
     reason = WRITE_FAILURES.get(cause.errno) or cause.strerror or first_line(cause)
     return f"{reason} (writing {cause.filename})" if cause.filename else reason
+
+
+def cache_root() -> Path:
+    """Where transferkit keeps what it can compute again (converted inference networks,
+    compiled programs): ``$TRANSFERKIT_CACHE``, else ``$XDG_CACHE_HOME/transferkit``
+    (default ``~/.cache/transferkit``). Not created here.
+    """
+    root = os.environ.get("TRANSFERKIT_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "transferkit")
+    return Path(root)

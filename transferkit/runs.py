@@ -24,12 +24,14 @@ missing) and loads the model with Keras's ``safe_mode`` on. No Keras import at m
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -383,7 +385,8 @@ def load_keras_file(path: str | os.PathLike, fix: str):
     if damage is not None:
         raise RunError(f"{path} is damaged ({damage}); {fix}")
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
+        with portable_copy(path) as loadable:
+            return keras.models.load_model(loadable, compile=False, safe_mode=True)
     except Exception as error:
         message = first_line(error, limit=1000)
         if "safe_mode" in message or "arbitrary code" in message:
@@ -395,6 +398,63 @@ def load_keras_file(path: str | os.PathLike, fix: str):
         if damage is not None:
             raise RunError(f"{path} is damaged ({damage}); {fix}") from error
         raise RunError(f"cannot load model {path}: {first_line(error)}") from error
+
+
+@contextlib.contextmanager
+def portable_copy(path: Path):
+    """The ``.keras`` file to load on this process's Keras backend: ``path`` itself, or, where
+    the model resizes with an interpolation only TensorFlow has ("area"; "lanczos3" and
+    "lanczos5" lack on PyTorch), a temporary copy whose ``Resizing`` layers use the closest one
+    this backend has, antialiased (``backend.resize_stand_in``), with a warning that says so.
+    The file itself is never changed.
+
+    Args:
+        path: a ``.keras`` file.
+
+    Yields:
+        The path to load.
+    """
+    import keras
+
+    from transferkit.backend import resize_stand_in
+
+    backend = keras.config.backend()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        yield path  # Keras's own load says what is wrong
+        return
+    changed = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            inner = node.get("config")
+            if node.get("class_name") == "Resizing" and isinstance(inner, dict):
+                stand_in = resize_stand_in(str(inner.get("interpolation", "bilinear")), backend)
+                if stand_in is not None:
+                    changed.append(f"{inner.get('name', 'resizing')} ({inner['interpolation']} -> {stand_in})")
+                    inner.update(interpolation=stand_in, antialias=True)
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    if not changed:
+        yield path
+        return
+    log.warning("%s resizes with an interpolation the Keras %s backend lacks (only TensorFlow has it): %s, "
+                "antialiased, stands in; its outputs differ slightly from TensorFlow's", path, backend,
+                ", ".join(changed))
+    with tempfile.TemporaryDirectory(prefix="transferkit-portable-") as folder:
+        copy = Path(folder) / path.name
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
+            for item in source.infolist():
+                data = json.dumps(config).encode() if item.filename == "config.json" else source.read(item)
+                target.writestr(item, data)
+        yield copy
 
 
 def keras_file_damage(path: Path, check_contents: bool = False) -> str | None:

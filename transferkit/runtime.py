@@ -64,10 +64,9 @@ def resolve_precision(choice: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> tup
     """
     if choice != "auto":
         return POLICIES[choice], "set in the recipe"
-    import tensorflow as tf
+    from transferkit.backend import gpu_capabilities
 
-    for device in tf.config.list_physical_devices("GPU"):
-        capability = tf.config.experimental.get_device_details(device).get("compute_capability")
+    for capability in gpu_capabilities():
         if capability and tuple(capability) >= (8, 0):
             return "mixed_bfloat16", f"auto: GPU compute capability {capability[0]}.{capability[1]}"
         return "float32", "auto: GPU without fast bfloat16"
@@ -95,9 +94,8 @@ def dtype_policy(policy: str):
         keras.config.set_dtype_policy(previous)
 
 
-
-
 def gpu_visible() -> bool:
-    import tensorflow as tf
+    """Whether the Keras backend of this process sees a GPU."""
+    from transferkit.backend import gpu_capabilities
 
-    return bool(tf.config.list_physical_devices("GPU"))
+    return bool(gpu_capabilities())

@@ -387,7 +387,8 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
             trained.model.save(folder / "model.h5")
         figures.result()
     # Where the data was: exports sample their check images there.
-    extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir}
+    extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,
+             "backend": keras.config.backend()}  # trained on; the folder loads on every backend
     if run_id is not None:
         extra["run_id"] = run_id
     source = source_run(recipe.weights)

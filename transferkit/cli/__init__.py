@@ -24,6 +24,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
+from transferkit.backend import requested_backend
 from transferkit.cli import augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, tune
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
@@ -99,8 +100,10 @@ TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loa
 
 
 def needs_tensorflow(argv: list[str]) -> bool:
-    """Whether the command line runs a command that loads TensorFlow (not for --help)."""
-    if len(argv) < 2 or "--help" in argv:
+    """Whether the command line runs a command that loads TensorFlow (not for --help; on the
+    JAX or PyTorch backend, KERAS_BACKEND, none does at start: TensorFlow is imported only
+    where a command needs it)."""
+    if len(argv) < 2 or "--help" in argv or requested_backend() != "tensorflow":
         return False
     command = argv[1]
     return command in TENSORFLOW_COMMANDS or TENSORFLOW_FLAGS.get(command, "\0") in argv[2:]

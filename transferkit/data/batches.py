@@ -1,4 +1,6 @@
-"""Keras PyDataset batches of decoded images, augmented with one augmenter per worker thread."""
+"""Keras PyDataset batches of decoded images, augmented with one augmenter per worker thread,
+and the same batches as a ``tf.data.Dataset`` where TensorFlow is installed (``to_tf_dataset``:
+the input ``keras.distribution`` shards across processes on the JAX backend)."""
 
 from __future__ import annotations
 
@@ -111,3 +113,29 @@ def augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarr
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     augmenter.set_random_seed(seed)
     return augmenter(image=image)["image"]
+
+
+def to_tf_dataset(batches: SeededBatches):
+    """The same batches, in the same seeded order, as a ``tf.data.Dataset`` (needs TensorFlow,
+    on any Keras backend): each pass over it is the next epoch of ``batches``.
+
+    Args:
+        batches: a ``SeededBatches`` (training or validation images, or features).
+
+    Returns:
+        A ``tf.data.Dataset`` of the tuples ``batches[i]`` gives ((x, y) or (x, y, weights)).
+
+    Raises:
+        ImportError: TensorFlow is not installed (the single-process path does not need this).
+    """
+    import tensorflow as tf
+
+    signature = tuple(tf.TensorSpec((None, *np.shape(part)[1:]), tf.as_dtype(np.asarray(part).dtype))
+                      for part in batches[0])
+
+    def one_epoch():
+        for index in range(len(batches)):
+            yield batches[index]
+        batches.on_epoch_end()
+
+    return tf.data.Dataset.from_generator(one_epoch, output_signature=signature)

@@ -6,7 +6,8 @@ pre-activation; for a sigmoid unit +z for the second class, -z for the first) an
 weighted sum, through a ReLU, is the heatmap: scaled to 0..1 and resized to the image's own
 height and width (the model squashes every image to its square input, so the map covers the
 whole image). It is computed through the run's saved, self-contained model, split at that
-layer; the gradient is TensorFlow's GradientTape.
+layer; the gradient is the Keras backend's own (``backend.input_gradient``: TensorFlow's tape,
+``jax.grad`` or PyTorch's autograd).
 
     explanations = explain(load_run("runs/demo"), "photo.jpg", top=2)
     explanations[0].heatmaps[0].heat      # float32 (H, W), 0..1
@@ -16,6 +17,7 @@ layer; the gradient is TensorFlow's GradientTape.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import math
@@ -87,10 +89,31 @@ class GradCAM:
         except ValueError as error:
             raise RunError(f"the backbone has no layer {last_conv!r} to explain at: {error}") from error
         self.preprocessing = model.get_layer("preprocessing")
-        self.backbone_split = keras.Model(backbone.input, [conv.output, backbone.output], name="gradcam_split")
+        self.to_conv = keras.Model(backbone.input, conv.output, name="gradcam_to_conv")
+        # The rest of the backbone (none where the layer is the backbone's last), so that the
+        # logits are a function of the layer's output and their gradient is taken there.
+        self.after_conv = (None if backbone.layers[-1] is conv else
+                           keras.Model(conv.output, backbone.output, name="gradcam_after_conv"))
         dense = head.get_layer("output")
         self.before_output = keras.Model(head.input, dense.input, name="before_output")
         self.dense = dense
+
+    def logits(self, activations):
+        """The output layer's pre-activations from the explained layer's output (a backend
+        tensor in, a float32 backend tensor out)."""
+        import keras
+
+        kernel, bias = (np.asarray(weight, dtype="float32") for weight in self.dense.get_weights())
+        features = activations if self.after_conv is None else self.after_conv(activations, training=False)
+        hidden = keras.ops.cast(self.before_output(features, training=False), "float32")
+        return keras.ops.add(keras.ops.matmul(hidden, kernel), bias)
+
+    def score(self, activations, select: np.ndarray):
+        """The sum over the batch of each image's selected logit (``select``: one row per
+        image, 1 at the class, or +1 / -1 for a sigmoid unit) as a backend scalar."""
+        import keras
+
+        return keras.ops.sum(keras.ops.multiply(self.logits(activations), select))
 
     def heatmaps(self, images: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Conv-resolution heatmaps and every class's probabilities.
@@ -102,35 +125,29 @@ class GradCAM:
         Returns:
             (heat (n, r, h, w) float32 in 0..1, probabilities (n, k) float64).
         """
-        import tensorflow as tf
+        import keras
 
+        from transferkit.backend import input_gradient
         from transferkit.evaluation.calibration import probabilities_from_logits
 
-        kernel, bias = (tf.constant(w, dtype="float32") for w in self.dense.get_weights())
-        x = tf.convert_to_tensor(np.asarray(images, dtype="float32"))
+        x = np.asarray(images, dtype="float32")
+        conv = keras.ops.convert_to_numpy(keras.ops.cast(self.to_conv(self.preprocessing(x), training=False),
+                                                         "float32"))
+        units = int(self.dense.units)
         maps = []
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            conv, features = self.backbone_split(self.preprocessing(x), training=False)
-            hidden = tf.cast(self.before_output(features, training=False), "float32")
-            logits = hidden @ kernel + bias
-            scores = []
-            for rank in range(targets.shape[1]):
-                column = tf.constant(targets[:, rank], dtype="int32")
-                if logits.shape[-1] == 1:  # a sigmoid unit: +z for the second class, -z for the first
-                    scores.append(tf.reduce_sum(tf.where(column == 1, logits[:, 0], -logits[:, 0])))
-                else:
-                    scores.append(tf.reduce_sum(tf.gather(logits, column, axis=1, batch_dims=1)))
-        for score in scores:
-            grads = tf.cast(tape.gradient(score, conv), "float32")
-            activations = tf.cast(conv, "float32")
-            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-            cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1)).numpy()
+        for rank in range(targets.shape[1]):
+            column = np.asarray(targets[:, rank], dtype="int64")
+            if units == 1:  # a sigmoid unit: +z for the second class, -z for the first
+                select = np.where(column == 1, 1.0, -1.0).astype("float32")[:, None]
+            else:
+                select = np.eye(units, dtype="float32")[column]
+            _, grads = input_gradient(functools.partial(self.score, select=select), conv)
+            weights = grads.mean(axis=(1, 2), keepdims=True)
+            cam = np.maximum((weights * conv).sum(axis=-1), 0.0)
             peak = cam.max(axis=(1, 2), keepdims=True)
             maps.append(np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0))
-        del tape
-        probabilities = probabilities_from_logits(logits.numpy().astype("float64"))
-        return np.stack(maps, axis=1).astype("float32"), probabilities
+        logits = np.asarray(keras.ops.convert_to_numpy(self.logits(conv)), dtype="float64")
+        return np.stack(maps, axis=1).astype("float32"), probabilities_from_logits(logits)
 
 
 def resize_heat(heat: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferkit.errors import ExportError
-from transferkit.export.formats import FORMATS, QUANTIZATIONS, missing_packages
+from transferkit.export.formats import FORMATS, QUANTIZATIONS, missing_packages, require_tensorflow_backend
 from transferkit.files import write_atomic
 
 log = logging.getLogger("transferkit")
@@ -95,6 +95,7 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
 
     if batch_size < 1:
         raise ExportError(f"batch size must be at least 1, got {batch_size}")
+    require_tensorflow_backend()
     entries = parse_formats(formats)
     run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
     path = Path(output) if output is not None else Path(run.path) / BENCHMARK_FILE

@@ -37,6 +37,7 @@ from transferkit.export.formats import (
     install_hint,
     missing_packages,
     require_packages,
+    require_tensorflow_backend,
 )
 from transferkit.files import write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
@@ -147,6 +148,7 @@ def export_run(
     from transferkit.export.samples import sample_images
     from transferkit.runs import Run, load_run
 
+    require_tensorflow_backend()
     specs = _chosen_formats(format, quantize)
     run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
     targets = _targets(run, specs, quantize, output, format == "all", force)

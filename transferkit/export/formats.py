@@ -152,6 +152,18 @@ def check_quantization(spec: ExportFormat, quantize: str) -> None:
                           f"{', '.join(spec.quantizations)}")
 
 
+def require_tensorflow_backend() -> None:
+    """Raises ExportError unless Keras runs on TensorFlow here: the converters read
+    TensorFlow graphs (a run trained on any backend loads on TensorFlow)."""
+    from transferkit.backend import active_backend
+
+    backend = active_backend()
+    if backend != "tensorflow":
+        raise ExportError(f"exports are written from Keras's TensorFlow backend, and this process runs on {backend}; "
+                          "run the command again with KERAS_BACKEND=tensorflow (a run folder trained on any backend "
+                          "loads there)")
+
+
 def missing_packages(spec: ExportFormat, quantize: str = "none") -> list[Package]:
     """The optional packages of a format that do not import here."""
     missing = []

@@ -19,7 +19,8 @@ front end reads no bfloat16 constants; the bf16 inference hint brings the 16-bit
 back), a ``Resizing`` layer that receives images already at its target size becomes the
 identity it computes anyway (the antialiased resize op has no OpenVINO conversion), the
 clone's inference call is traced as a ``tf.function`` with a dynamic batch and a static
-image size, and ``openvino.convert_model`` converts that. With a ``cache_dir`` (predict
+image size, and ``openvino.convert_model`` converts that (on the JAX and PyTorch backends,
+Keras's own OpenVINO backend converts the clone in a child process instead). With a ``cache_dir`` (predict
 passes the run's engine cache folder, outside the run under ``~/.cache/transferkit/engine/``;
 see ``inference.openvino``) the network is kept as ``cache_dir/openvino-{S}px/{model
 name}.xml`` (+ ``.bin``), keyed by a fingerprint of the model's architecture and weights so
@@ -254,7 +255,7 @@ def make_engine(
         model: a Keras model taking an image batch: a whole classifier, or a feature
             extractor such as ``keras.Model(images, backbone_output)``.
         engine: "auto" (default: OpenVINO when the ``openvino`` package imports and
-            TensorFlow sees no GPU, else Keras), "keras" or "openvino".
+            the Keras backend sees no GPU, else Keras), "keras" or "openvino".
         input_shape: the shape of one input without the batch axis, (S, S, 3) for images
             (or any static shape for a model on feature maps); default the model's own input
             shape, which must then be static.
@@ -298,7 +299,7 @@ def make_engine(
             log.warning("OpenVINO cannot be imported (%s); using Keras for inference", conversion_reason(error))
         return KerasEngine(model)
     if engine == "auto" and gpu_visible():
-        log.debug("a GPU is visible to TensorFlow; using Keras for inference")
+        log.debug("a GPU is visible to the Keras backend; using Keras for inference")
         return KerasEngine(model)
     input_shape = _input_shape(model, input_shape)
     if input_dtype == "uint8" and not is_image_shape(input_shape):

@@ -271,6 +271,11 @@ def _as_shape(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
 def export_network(model, input_shape: int | tuple[int, ...]):
     """Convert a Keras model to an ``openvino.Model`` for float32 batches of a static shape.
 
+    On the TensorFlow backend the model's inference call is traced as a ``tf.function`` and
+    converted in this process. On the others (JAX, PyTorch) it is converted by Keras's own
+    OpenVINO backend in a short child process (``convert_elsewhere``), which needs neither
+    TensorFlow nor the training backend, so runs trained on any backend get the engine.
+
     Args:
         model: a Keras model taking an image batch (or feature maps).
         input_shape: one input's shape, (S, S, 3), or the side S for images; the batch
@@ -279,12 +284,16 @@ def export_network(model, input_shape: int | tuple[int, ...]):
     Returns:
         The converted ``openvino.Model``.
     """
+    from transferkit.backend import active_backend
+
+    shape = _as_shape(input_shape)
+    if active_backend() != "tensorflow":
+        return convert_elsewhere(model, shape)
     ov = import_openvino()
     import tensorflow as tf
 
     clone = float32_clone(model)
     forward = tf.function(lambda images: clone(images, training=False), autograph=False)
-    shape = _as_shape(input_shape)
     concrete = forward.get_concrete_function(
         tf.TensorSpec((None, *shape), tf.float32, name="image" if is_image_shape(shape) else "features")
     )
@@ -299,7 +308,62 @@ def export_network(model, input_shape: int | tuple[int, ...]):
         root.filters[:], root.handlers[:] = state[1], state[2]
 
 
-def float32_clone(model):
+# How long a child process may take to convert one network (Keras's start-up included).
+CONVERSION_TIMEOUT = 900
+
+
+def convert_elsewhere(model, input_shape: tuple[int, ...]):
+    """Convert a model with Keras's OpenVINO backend in a child process: the way to OpenVINO
+    from the JAX and PyTorch backends (and where TensorFlow is not installed).
+
+    The model is cloned in float32 with its same-size resize as ``keras.layers.Identity``
+    (the antialiased resize has no OpenVINO equivalent; images of the network's input size
+    need none), saved as a ``.keras`` file of built-in layers only, and loaded and exported
+    there (``python -m transferkit.inference.openvino``).
+
+    Args:
+        model: a Keras model of built-in layers.
+        input_shape: one input's static shape; the batch stays dynamic.
+
+    Returns:
+        The ``openvino.Model``.
+
+    Raises:
+        RuntimeError: the model resizes to another size than its input's, or the child
+            process failed (its last line says why).
+    """
+    import subprocess
+    import sys
+
+    clone = float32_clone(model, identity_resize_at=input_shape)
+    with tempfile.TemporaryDirectory(prefix="transferkit-openvino-") as folder:
+        source, target = Path(folder) / "model.keras", Path(folder) / "model.xml"
+        clone.save(source)
+        environment = {**os.environ, "KERAS_BACKEND": "openvino", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        command = [sys.executable, "-m", "transferkit.inference.openvino", str(source), str(target),
+                   *map(str, input_shape)]
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=CONVERSION_TIMEOUT)
+        if done.returncode != 0 or not target.is_file():
+            lines = [line for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"exit status {done.returncode}"
+            raise RuntimeError(f"Keras's OpenVINO backend could not convert it: {reason}")
+        # Read into memory before the folder goes (a .bin file is otherwise mapped, not read).
+        ov = import_openvino()
+        weights = np.fromfile(target.with_suffix(".bin"), dtype=np.uint8)
+        return openvino_core().read_model(target.read_text(encoding="utf-8"), ov.Tensor(weights, shared_memory=False))
+
+
+def _convert_with_keras_openvino(source: str, target: str, shape: tuple[int, ...]) -> None:
+    """The child process of ``convert_elsewhere`` (Keras on its OpenVINO backend)."""
+    import_openvino()
+    import keras
+
+    model = keras.models.load_model(source, compile=False)
+    model.export(target, format="openvino", verbose=False,
+                 input_signature=[keras.InputSpec(shape=(None, *shape), dtype="float32")])
+
+
+def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
     """A float32 copy of a model for conversion, with same-size resizes made the identity.
 
     Nested models are cloned too and weights copied layer by layer. A model that cannot be
@@ -307,6 +371,10 @@ def float32_clone(model):
 
     Args:
         model: a Keras model, in any dtype policy.
+        identity_resize_at: the static input shape the copy will get, for a copy of built-in
+            layers only: each ``Resizing`` to that size becomes ``keras.layers.Identity``
+            (any other size raises RuntimeError); default None: each ``Resizing`` passes
+            through images already at its size at call time.
 
     Returns:
         The float32 clone (or ``model`` itself, see above).
@@ -315,7 +383,18 @@ def float32_clone(model):
 
     pairs = []
 
+    if identity_resize_at is not None:
+        from transferkit.model.surgery import walk_layers
+
+        for layer in walk_layers(model):
+            if isinstance(layer, keras.layers.Resizing) and tuple(identity_resize_at[:2]) != (layer.height,
+                                                                                            layer.width):
+                raise RuntimeError(f"its {layer.name!r} layer resizes {identity_resize_at[0]}px images to "
+                                   f"{layer.height}x{layer.width}, antialiased, which OpenVINO cannot do")
+
     def clone_layer(layer):
+        if isinstance(layer, keras.layers.Resizing) and identity_resize_at is not None:
+            return keras.layers.Identity(name=layer.name, dtype="float32")
         if isinstance(layer, keras.layers.Resizing):
             return _same_size_resizing_class()(layer)
         config = layer.get_config()
@@ -328,6 +407,8 @@ def float32_clone(model):
     try:
         clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     except Exception as error:
+        if identity_resize_at is not None:  # the model as it is would keep its resize
+            raise RuntimeError(f"it cannot be cloned in float32 ({conversion_reason(error)})") from error
         log.debug("cannot clone %s for conversion (%s); converting it as it is", model.name, error)
         return model
     for original, copy in pairs:
@@ -374,13 +455,11 @@ def engine_cache_dir(run_path: str | os.PathLike) -> Path:
     Returns:
         The folder; not created here (``claim_engine_cache`` does).
     """
-    root = os.environ.get("TRANSFERKIT_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "transferkit")
+    from transferkit.files import cache_root
+
     resolved = str(Path(run_path).resolve())
     digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
-    return Path(root) / "engine" / f"{Path(resolved).name}-{digest}"
+    return cache_root() / "engine" / f"{Path(resolved).name}-{digest}"
 
 
 RUN_RECORD = "run.txt"  # in each engine cache folder: the run folder it was made for
@@ -427,3 +506,9 @@ def is_image_shape(shape: tuple[int, ...]) -> bool:
 def shape_label(shape: tuple[int, ...]) -> str:
     """"224px" for (224, 224, 3) images, "14x14x512" for feature maps."""
     return f"{shape[0]}px" if is_image_shape(shape) else "x".join(map(str, shape))
+
+
+if __name__ == "__main__":  # ``convert_elsewhere``'s child process: SOURCE.keras TARGET.xml DIM...
+    import sys
+
+    _convert_with_keras_openvino(sys.argv[1], sys.argv[2], tuple(int(dim) for dim in sys.argv[3:]))

@@ -321,6 +321,8 @@ class WorkFolder:
                 background: the model outside the part must not change meanwhile (it is
                 frozen), and the part's weights in it are superseded by ``part_weights``.
         """
+        import keras
+
         self.flush()
         if part_weights is None:
             self._save_whole(model)
@@ -334,6 +336,11 @@ class WorkFolder:
         self._generation += 1
         state.arrays_file = f"arrays-{self._generation}.npz" if arrays else None
         whole = model if whole_in_background and part_weights is not None else None
+        if whole is not None and keras.config.backend() == "jax":
+            # Keras on JAX detaches the values of the variables it fits while ``fit`` runs
+            # (they live in its stateless train step until the epoch ends): written now.
+            self._save_whole(whole)
+            whole = None
         self._pending = self._writer.submit(self._write, dict(arrays), asdict(state), whole)
 
     def _save_whole(self, model) -> None:

@@ -285,8 +285,10 @@ class BegunStage:
     @property
     def steps_per_execution(self) -> int:
         # Several steps per call on cached features, but never more than an epoch holds
-        # (Keras's progress bar would count past the epoch's end).
-        return min(16, max(1, len(self.train))) if self.cached else 1
+        # (Keras's progress bar would count past the epoch's end); Keras on PyTorch runs one.
+        if not self.cached or keras.config.backend() == "torch":
+            return 1
+        return min(16, max(1, len(self.train)))
 
 
 def begin_stage(run: StagesRun, index: int) -> BegunStage:

@@ -233,8 +233,7 @@ def _input(setup: StageSetup) -> LearningCheck:
 
 def _gradients(setup: StageSetup) -> LearningCheck:
     """One batch's gradient norm per part that should train: the head and each unfrozen block."""
-    import tensorflow as tf  # gradients of a custom step: TensorFlow's tape (the backend transferkit uses)
-
+    from transferkit.backend import weight_gradients
     from transferkit.model.surgery import unfrozen_blocks, walk_layers
     from transferkit.training.compile import make_loss
 
@@ -253,9 +252,8 @@ def _gradients(setup: StageSetup) -> LearningCheck:
     x, y, *weights = _first_batch(setup.train)
     loss_fn = make_loss(setup.n_classes, setup.recipe.loss)
     variables = list(model.trainable_weights)
-    with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=True), sample_weight=weights[0] if weights else None)
-    gradients = tape.gradient(loss, [variable.value for variable in variables]) if variables else []
+    gradients = weight_gradients(
+        model, lambda outputs: loss_fn(y, outputs, sample_weight=weights[0] if weights else None), x)
     squares: dict[str, float] = {}
     for variable, gradient in zip(variables, gradients):
         value = 0.0 if gradient is None else float(np.sum(np.square(np.asarray(gradient, dtype="float64"))))
@@ -284,6 +282,8 @@ def _gradients(setup: StageSetup) -> LearningCheck:
 
 def _overfit_one_batch(setup: StageSetup) -> LearningCheck:
     """Train on one small batch at the stage's rate until every image of it is right."""
+    import keras
+
     from transferkit.outputs import predicted_labels
 
     x, y, *_ = _first_batch(setup.train)
@@ -300,7 +300,7 @@ def _overfit_one_batch(setup: StageSetup) -> LearningCheck:
     for steps in range(OVERFIT_EVERY, OVERFIT_STEPS + 1, OVERFIT_EVERY):  # noqa: B007 (read after the loop)
         for _ in range(OVERFIT_EVERY):
             setup.model.train_on_batch(x, y)
-        outputs = np.asarray(setup.model(x, training=False))
+        outputs = keras.ops.convert_to_numpy(setup.model(x, training=False))
         accuracy = float(np.mean(predicted_labels(outputs) == labels))
         if accuracy >= OVERFIT_ACCURACY:
             break
@@ -409,11 +409,13 @@ def _first_batch(batches):
 
 def _outputs_on(model, batches, limit: int | None = None):
     """(outputs, targets, sample weights or None) over the batches in order, up to ``limit`` samples."""
+    import keras
+
     outputs, targets, weights = [], [], []
     count = 0
     for index in range(len(batches)):
         x, y, *w = batches[index]
-        outputs.append(np.asarray(model(x, training=False), dtype="float32"))
+        outputs.append(np.asarray(keras.ops.convert_to_numpy(model(x, training=False)), dtype="float32"))
         targets.append(np.asarray(y))
         weights.append(w[0] if w else np.ones(len(y), dtype="float32"))
         count += len(y)

@@ -1,0 +1,139 @@
+"""One session of transferkit's commands on a Keras backend other than TensorFlow, in a
+process of its own (Keras picks its backend once per process) where TensorFlow cannot be
+imported, as on a machine that has JAX or PyTorch and no TensorFlow.
+
+    KERAS_BACKEND=jax python tests/backend_session.py ROOT [--full]
+
+ROOT holds ``data/`` (an image folder), ``area.keras`` (a model with an area resize) and
+``area_images.npy``; the session writes its runs and outputs there and ``session.json``: per
+command its exit code, seconds and output, and what the backend did. tests/test_backends.py
+reads it. The session finetunes once, then predicts (Keras and OpenVINO), evaluates,
+explains and tries an export; ``--full`` stops the finetune with a SIGINT and resumes it, and
+adds lr-find, doctor --model and tune.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """TensorFlow as if it were not installed: ``import tensorflow`` (and any sub-module)
+    raises ImportError. ``importlib.util.find_spec`` still answers a spec, with no origin
+    (PyTorch's dynamo asks it for every package it skips, and takes no origin as "nothing to
+    skip"); the spec's loader is what refuses."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            return importlib.machinery.ModuleSpec(name, self, origin=None)
+        return None
+
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r} (TensorFlow is blocked in this session)",
+                                  name=spec.name)
+
+    def exec_module(self, module):  # pragma: no cover - create_module raised
+        raise ModuleNotFoundError(module.__name__)
+
+
+sys.meta_path.insert(0, _NoTensorFlow())
+
+FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[8]",
+         "--set", 'engine="keras"']
+
+
+def interrupt_after_first_epoch(partial: Path) -> threading.Thread:
+    """SIGINT to this process once the run's first epoch is checkpointed (as Ctrl-C would)."""
+
+    def watch():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((partial / "state.json").read_text())["global_epoch"] >= 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(root: Path, full: bool) -> None:
+    import keras
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    data, run = root / "data", root / "run"
+    report: dict = {"backend": keras.config.backend(), "full": full, "commands": {}}
+    runner = CliRunner()
+
+    def invoke(name: str, *args) -> None:
+        start, cpu = time.perf_counter(), time.process_time()
+        result = runner.invoke(app, [*map(str, args)])
+        report["commands"][name] = {"exit": result.exit_code, "seconds": round(time.perf_counter() - start, 2),
+                                    "cpu_seconds": round(time.process_time() - cpu, 2),
+                                    "output": result.output[-3000:]}
+
+    if full:  # finetune, stopped by a real SIGINT after its first epoch, then --resume
+        watcher = interrupt_after_first_epoch(root / "run.partial")
+        invoke("finetune", "finetune", data, *FLAGS, "--head-epochs", "2", "--fine-epochs", "1", "-o", run,
+               "--quiet")
+        watcher.join(timeout=1)
+        state = root / "run.partial" / "state.json"
+        report["interrupted_history"] = json.loads(state.read_text())["history"] if state.is_file() else None
+        invoke("resume", "finetune", "--resume", run, "--quiet")
+    else:
+        invoke("finetune", "finetune", data, *FLAGS, "--head-epochs", "1", "--fine-epochs", "1", "-o", run,
+               "--quiet")
+    invoke("predict", "predict", run, data, "--engine", "keras", "-o", root / "keras.csv", "--quiet")
+    invoke("predict openvino", "predict", run, data, "--engine", "openvino", "-o", root / "openvino.csv",
+           "--quiet", "--verbose")
+    invoke("evaluate", "evaluate", run, data, "--engine", "keras", "-o", root / "evaluation", "--quiet")
+    invoke("explain", "explain", run, data / "circle", "--top", "2", "-o", root / "explain")
+    invoke("export", "export", run, "--format", "keras", "-o", root / "export")  # refused: TensorFlow's
+    if full:
+        invoke("lr-find", "lr-find", data, *FLAGS, "--steps", "6", "-o", root / "lr_find.png", "--json")
+        invoke("doctor --model", "doctor", data, "--model", *FLAGS, "--json")
+        # A space that keeps the network's shapes: the trial's steps are those finetune compiled.
+        space = root / "space.toml"
+        space.write_text('[tune]\n"stages.0.learning_rate" = {low = 1e-4, high = 1e-2, log = true}\n')
+        invoke("tune", "tune", data, "-r", space, *FLAGS, "--trials", "1", "--set", "stages.0.epochs=1",
+               "--set", "stages.1:.epochs=1", "-o", root / "tune", "--quiet")
+
+    # A model with a TensorFlow-only resize loads here with a stand-in, and says so.
+    from transferkit.runs import load_keras_file
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transferkit").addHandler(handler)
+    images = __import__("numpy").load(root / "area_images.npy")
+    area = load_keras_file(root / "area.keras", "")
+    __import__("numpy").save(root / "area_outputs.npy", keras.ops.convert_to_numpy(area(images)))
+    report["area_warnings"] = messages
+
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        report["tensorflow_importable"] = False
+    else:
+        report["tensorflow_importable"] = True
+    report["tensorflow_imported"] = sys.modules.get("tensorflow") is not None
+    (root / "session.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), full="--full" in sys.argv[2:])

@@ -1,0 +1,228 @@
+"""The same toolkit on Keras's JAX and PyTorch backends.
+
+One session per backend runs the commands in a process of its own with KERAS_BACKEND set and
+TensorFlow unimportable (tests/backend_session.py): finetune, predict (Keras and OpenVINO
+engines), evaluate, explain and an export (refused, in one line); the full session also stops
+the finetune with a real SIGINT and resumes it, and runs lr-find, doctor --model and tune.
+The tests read what it left; the run it trained is loaded here, on TensorFlow, and must
+predict what it predicted there. JAX runs the short session (XLA compiles each new step on
+a CPU: the full one takes about 4 times as long), the full one with
+TRANSFERKIT_TEST_BACKENDS=full; PyTorch runs the full session wherever torch is installed
+(its CPU wheels bring several GB: not in CI).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.backend import BACKENDS, RESIZE_INTERPOLATIONS, active_backend, input_gradient, resize_stand_in
+
+SESSION = Path(__file__).with_name("backend_session.py")
+INSTALL = {"jax": "pip install 'transferkit[jax]'", "torch": "pip install torch"}
+
+
+def smooth_images() -> np.ndarray:
+    """Two 40 px images of slow colour gradients (where every resize kernel nearly agrees)."""
+    y, x = np.mgrid[0:40, 0:40].astype("float32") / 39.0
+    first = np.stack([255 * x, 255 * y, 127 + 100 * np.sin(3 * x + 2 * y)], axis=-1)
+    return np.stack([first, first[::-1, ::-1]]).astype("float32")
+
+
+@pytest.fixture(scope="module", params=["jax", "torch"])
+def session(request, shapes_dir, tmp_path_factory):
+    """(backend, the folder the session wrote into, its session.json)."""
+    import keras
+
+    backend = request.param
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed here ({INSTALL[backend]}); its backend tests run where it is")
+    root = tmp_path_factory.mktemp(f"session-{backend}")
+    os.symlink(shapes_dir, root / "data")
+    area = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Resizing(16, 16, interpolation="area")])
+    area.save(root / "area.keras")
+    np.save(root / "area_images.npy", smooth_images())
+    environment = {**os.environ, "KERAS_BACKEND": backend}
+    full = backend == "torch" or os.environ.get("TRANSFERKIT_TEST_BACKENDS") == "full"
+    done = subprocess.run([sys.executable, str(SESSION), str(root), *(["--full"] if full else [])],
+                          env=environment, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return backend, root, json.loads((root / "session.json").read_text())
+
+
+def read_predictions(path: Path) -> dict[str, tuple[str, float]]:
+    with open(path, newline="") as handle:
+        return {row["file"]: (row["label"], float(row["confidence"])) for row in csv.DictReader(handle)}
+
+
+def json_in(output: str) -> dict:
+    """The JSON object a --json command printed (progress lines may come before it)."""
+    return json.loads(output[output.index("{"): output.rindex("}") + 1])
+
+
+def test_every_command_runs_on_the_backend_without_tensorflow(session):
+    backend, _, report = session
+    assert report["backend"] == backend
+    assert report["tensorflow_importable"] is False and report["tensorflow_imported"] is False
+    for name, command in report["commands"].items():
+        assert "Traceback" not in command["output"], f"{name}: {command['output']}"
+        if name == "finetune" and report["full"]:  # stopped by the SIGINT, resumable
+            assert command["exit"] == 130 and "--resume" in command["output"], command["output"]
+        elif name == "doctor --model":  # 1: a check failed on the tiny data; the report is what counts
+            assert command["exit"] in (0, 1), command["output"]
+        elif name == "export":  # the converters read TensorFlow graphs: one line saying how
+            assert command["exit"] == 1 and "KERAS_BACKEND=tensorflow" in command["output"], command["output"]
+            assert len(command["output"].strip().splitlines()) == 1
+        else:
+            assert command["exit"] == 0, f"{name}: {command['output']}"
+
+
+def needs_full(report) -> None:
+    if not report["full"]:
+        pytest.skip(f"the full {report['backend']} session runs with TRANSFERKIT_TEST_BACKENDS=full")
+
+
+def test_the_resumed_run_goes_on_from_its_checkpoint(session):
+    backend, root, report = session
+    needs_full(report)
+    kept = report["interrupted_history"]
+    assert kept and len(kept) < 3  # stopped after the first epoch, before the last
+    with open(root / "run" / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    assert [row["stage"] for row in history] == ["head", "head", "fine"]
+    for saved, row in zip(kept, history):  # the epochs before the stop are kept, not trained again
+        assert float(row["loss"]) == pytest.approx(saved["loss"], rel=1e-6)
+    assert not (root / "run.partial").exists()
+
+
+def test_the_run_predicts_the_same_under_tensorflow(session):
+    """The held-out check: a run trained on another backend, loaded on TensorFlow."""
+    backend, root, _ = session
+    assert json.loads((root / "run" / "labels.json").read_text())["backend"] == backend
+    there = read_predictions(root / "keras.csv")
+    run = transferkit.load_run(root / "run")
+    for engine in ("keras", "openvino"):
+        rows = transferkit.predict_folder(run, root / "data", engine=engine).rows
+        here = {str(row.file): (row.label, float(row.confidence)) for row in rows}
+        assert here.keys() == there.keys()
+        agreement = np.mean([here[file][0] == there[file][0] for file in there])
+        assert agreement >= 0.99, f"{engine}: top-1 agreement {agreement:.3f}"
+        gap = max(abs(here[file][1] - there[file][1]) for file in there)
+        assert gap < 1e-4, f"{engine}: confidences differ by {gap}"
+
+
+def test_the_openvino_engine_works_for_a_run_on_the_backend(session):
+    _, root, report = session
+    assert "OpenVINO" in report["commands"]["predict openvino"]["output"]
+    assert "using Keras" not in report["commands"]["predict openvino"]["output"]
+    keras_rows, openvino_rows = read_predictions(root / "keras.csv"), read_predictions(root / "openvino.csv")
+    assert keras_rows.keys() == openvino_rows.keys()
+    for file, (label, confidence) in keras_rows.items():
+        assert openvino_rows[file][0] == label and abs(openvino_rows[file][1] - confidence) < 1e-4
+
+
+def test_evaluate_leaves_its_results(session):
+    _, root, _ = session
+    metrics = json.loads((root / "evaluation" / "metrics.json").read_text())
+    assert metrics["n_images"] == 30 and 0 <= metrics["accuracy"] <= 1
+    assert (root / "evaluation" / "confusion.png").stat().st_size > 0
+    there = read_predictions(root / "keras.csv")
+    with open(root / "evaluation" / "predictions.csv", newline="") as handle:
+        evaluated = {row["file"]: row for row in csv.DictReader(handle)}
+    assert evaluated.keys() == there.keys()
+    assert all(evaluated[file]["predicted"] == label for file, (label, _) in there.items())
+
+
+def test_lr_find_doctor_and_tune_leave_their_results(session):
+    _, root, report = session
+    needs_full(report)
+    found = json_in(report["commands"]["lr-find"]["output"])
+    assert found["steps"] == 6 and found["suggestion"] is not None and (root / "lr_find.png").is_file()
+    checks = json_in(report["commands"]["doctor --model"]["output"])
+    assert len(checks["checks"]) == 6
+    gradients = next(check for check in checks["checks"] if check["name"] == "gradients")
+    assert gradients["passed"], gradients  # the backend's own gradients reach the head
+    assert (root / "tune" / "best_recipe.toml").is_file()
+
+
+def test_gradcam_on_the_backend_matches_tensorflow(session):
+    _, root, _ = session
+    index = json.loads((root / "explain" / "heatmaps.json").read_text())
+    assert len(index) == 10 and all(len(entry["heatmaps"]) == 2 for entry in index)
+    run = transferkit.load_run(root / "run")
+    files = [Path(entry["file"]) for entry in index]
+    here = transferkit.explain(run, files, top=2)
+    for entry, explanation in zip(index, here):
+        for saved, heatmap in zip(entry["heatmaps"], explanation.heatmaps):
+            assert saved["class"] == heatmap.class_name
+            np.testing.assert_allclose(np.load(root / "explain" / saved["npy"]), heatmap.heat, atol=2e-3)
+
+
+def test_a_tensorflow_only_resize_gets_a_stand_in_and_says_so(session):
+    import keras
+
+    backend, root, report = session
+    (warning,) = report["area_warnings"]
+    assert "area -> bilinear" in warning and backend in warning and "only TensorFlow" in warning
+    tensorflow = keras.models.load_model(root / "area.keras")(smooth_images())
+    there = np.load(root / "area_outputs.npy")
+    assert there.shape == (2, 16, 16, 3)
+    assert np.abs(there - np.asarray(tensorflow)).mean() < 2.0  # of 0..255: the closest kernel, not the same
+
+
+def test_the_resize_table_follows_keras():
+    """Each backend's interpolations as Keras lists them (``backend.RESIZE_INTERPOLATIONS``)."""
+    import importlib
+
+    for backend in BACKENDS:
+        try:
+            module = importlib.import_module(f"keras.src.backend.{backend}.image")
+        except ImportError:
+            continue  # its framework is not installed here
+        assert set(RESIZE_INTERPOLATIONS[backend]) == set(module.RESIZE_INTERPOLATIONS), backend
+    assert resize_stand_in("area", "tensorflow") is None and resize_stand_in("bilinear", "torch") is None
+    assert resize_stand_in("area", "jax") == "bilinear" and resize_stand_in("lanczos3", "torch") == "bicubic"
+
+
+def test_input_gradient_is_the_backend_s_own():
+    import keras
+
+    assert active_backend() == "tensorflow"
+    x = np.array([[1.0, -2.0, 3.0]], dtype="float32")
+    value, gradient = input_gradient(lambda t: keras.ops.sum(keras.ops.square(t)), x)
+    assert value == pytest.approx(14.0) and np.allclose(gradient, 2 * x)
+
+
+def test_the_command_line_imports_tensorflow_first_only_on_its_backend(monkeypatch):
+    from transferkit.cli import needs_tensorflow
+
+    assert needs_tensorflow(["transferkit", "finetune", "images"])
+    for backend in ("jax", "torch"):
+        monkeypatch.setenv("KERAS_BACKEND", backend)
+        assert not needs_tensorflow(["transferkit", "finetune", "images"])
+
+
+def test_batches_become_a_tf_data_pipeline_with_the_same_epochs():
+    from transferkit.data.batches import ImageBatches, to_tf_dataset
+
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype="uint8")
+    targets = np.arange(10) % 2
+    direct = ImageBatches(images, targets, 4, shuffle=True, seed=3)
+    piped = to_tf_dataset(ImageBatches(images, targets, 4, shuffle=True, seed=3))
+    for _ in range(2):  # two epochs, each in its own seeded order
+        expected = [direct[index] for index in range(len(direct))]
+        direct.on_epoch_end()
+        got = [tuple(part.numpy() for part in batch) for batch in piped]
+        assert len(got) == len(expected) == 3
+        for (x, y), (gx, gy) in zip(expected, got):
+            np.testing.assert_array_equal(x, gx)
+            np.testing.assert_array_equal(y, gy)
