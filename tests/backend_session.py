@@ -125,6 +125,11 @@ def main(root: Path, full: bool) -> None:
     __import__("numpy").save(root / "area_outputs.npy", keras.ops.convert_to_numpy(area(images)))
     report["area_warnings"] = messages
 
+    if report["backend"] == "jax":
+        import jax
+
+        folder = jax.config.jax_compilation_cache_dir
+        report["compilation_cache"] = {"folder": folder, "files": len(list(Path(folder).iterdir()))}
     try:
         import tensorflow  # noqa: F401
     except ImportError:

@@ -86,6 +86,14 @@ def test_every_command_runs_on_the_backend_without_tensorflow(session):
             assert command["exit"] == 0, f"{name}: {command['output']}"
 
 
+def test_jax_keeps_its_compiled_programs_in_the_cache(session):
+    backend, _, report = session
+    if backend != "jax":
+        pytest.skip("JAX's compilation cache")
+    cache = report["compilation_cache"]
+    assert Path(cache["folder"]) == Path(os.environ["TRANSFERKIT_CACHE"]) / "jax" and cache["files"] > 0
+
+
 def needs_full(report) -> None:
     if not report["full"]:
         pytest.skip(f"the full {report['backend']} session runs with TRANSFERKIT_TEST_BACKENDS=full")

@@ -34,20 +34,20 @@ def requested_backend() -> str:
 
 
 # JAX's persistent compilation cache, set for a process on the JAX backend unless the user
-# set it (JAX reads these when it is imported): every program XLA compiles (each layer's
-# random initializer, each train and predict step) is kept, and the next process loads it
-# instead of compiling again (a VGG16 model built and trained on a CPU: 12 s of
-# initializer and 10 s of train-step compilation the first time, 1.4 s and 3 s after).
+# set it (JAX reads these when it is imported): on JAX every new program is compiled by XLA
+# first (each layer's random initializer, each train and predict step), which takes longer
+# than the tiny runs themselves; kept, the next process loads them instead. Every program is
+# kept (most compile in under JAX's default threshold of 1 s), up to 1 GiB.
 JAX_CACHE_SETTINGS = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30),
 }
-JAX_CACHE_FOLDER = "jax"  # under runtime.cache_root()
+JAX_CACHE_FOLDER = "jax"  # under files.cache_root()
 
 
 def use_jax_compilation_cache() -> Path | None:
     """On the JAX backend, before JAX is imported: keep XLA's compiled programs under
-    ``runtime.cache_root()/jax`` (``JAX_COMPILATION_CACHE_DIR``) unless that is set already.
+    ``files.cache_root()/jax`` (``JAX_COMPILATION_CACHE_DIR``) unless that is set already.
 
     Returns:
         The cache folder, or None (another backend, or the user's own setting stands).

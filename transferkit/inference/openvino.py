@@ -311,6 +311,18 @@ def export_network(model, input_shape: int | tuple[int, ...]):
 # How long a child process may take to convert one network (Keras's start-up included).
 CONVERSION_TIMEOUT = 900
 
+# ``convert_elsewhere``'s child process (KERAS_BACKEND=openvino): SOURCE.keras TARGET.xml DIM...
+# OpenVINO's telemetry is made unimportable first, as ``import_openvino`` does.
+CONVERTER = """
+import sys
+sys.modules["openvino_telemetry"] = None
+import keras
+source, target, shape = sys.argv[1], sys.argv[2], tuple(int(dim) for dim in sys.argv[3:])
+model = keras.models.load_model(source, compile=False)
+model.export(target, format="openvino", verbose=False,
+             input_signature=[keras.InputSpec(shape=(None, *shape), dtype="float32")])
+"""
+
 
 def convert_elsewhere(model, input_shape: tuple[int, ...]):
     """Convert a model with Keras's OpenVINO backend in a child process: the way to OpenVINO
@@ -319,7 +331,7 @@ def convert_elsewhere(model, input_shape: tuple[int, ...]):
     The model is cloned in float32 with its same-size resize as ``keras.layers.Identity``
     (the antialiased resize has no OpenVINO equivalent; images of the network's input size
     need none), saved as a ``.keras`` file of built-in layers only, and loaded and exported
-    there (``python -m transferkit.inference.openvino``).
+    there (``CONVERTER``: Keras and OpenVINO only, no transferkit).
 
     Args:
         model: a Keras model of built-in layers.
@@ -340,8 +352,7 @@ def convert_elsewhere(model, input_shape: tuple[int, ...]):
         source, target = Path(folder) / "model.keras", Path(folder) / "model.xml"
         clone.save(source)
         environment = {**os.environ, "KERAS_BACKEND": "openvino", "TF_CPP_MIN_LOG_LEVEL": "3"}
-        command = [sys.executable, "-m", "transferkit.inference.openvino", str(source), str(target),
-                   *map(str, input_shape)]
+        command = [sys.executable, "-c", CONVERTER, str(source), str(target), *map(str, input_shape)]
         done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=CONVERSION_TIMEOUT)
         if done.returncode != 0 or not target.is_file():
             lines = [line for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
@@ -351,16 +362,6 @@ def convert_elsewhere(model, input_shape: tuple[int, ...]):
         ov = import_openvino()
         weights = np.fromfile(target.with_suffix(".bin"), dtype=np.uint8)
         return openvino_core().read_model(target.read_text(encoding="utf-8"), ov.Tensor(weights, shared_memory=False))
-
-
-def _convert_with_keras_openvino(source: str, target: str, shape: tuple[int, ...]) -> None:
-    """The child process of ``convert_elsewhere`` (Keras on its OpenVINO backend)."""
-    import_openvino()
-    import keras
-
-    model = keras.models.load_model(source, compile=False)
-    model.export(target, format="openvino", verbose=False,
-                 input_signature=[keras.InputSpec(shape=(None, *shape), dtype="float32")])
 
 
 def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
@@ -507,8 +508,3 @@ def shape_label(shape: tuple[int, ...]) -> str:
     """"224px" for (224, 224, 3) images, "14x14x512" for feature maps."""
     return f"{shape[0]}px" if is_image_shape(shape) else "x".join(map(str, shape))
 
-
-if __name__ == "__main__":  # ``convert_elsewhere``'s child process: SOURCE.keras TARGET.xml DIM...
-    import sys
-
-    _convert_with_keras_openvino(sys.argv[1], sys.argv[2], tuple(int(dim) for dim in sys.argv[3:]))
