@@ -38,28 +38,35 @@ def requested_backend() -> str:
 # first (each layer's random initializer, each train and predict step), which takes longer
 # than the tiny runs themselves; kept, the next process loads them instead. Every program is
 # kept (most compile in under JAX's default threshold of 1 s), up to 1 GiB.
-JAX_CACHE_SETTINGS = {
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30),
-}
+JAX_CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_compilation_cache_max_size": 2**30}
 JAX_CACHE_FOLDER = "jax"  # under files.cache_root()
 
 
 def use_jax_compilation_cache() -> Path | None:
-    """On the JAX backend, before JAX is imported: keep XLA's compiled programs under
-    ``files.cache_root()/jax`` (``JAX_COMPILATION_CACHE_DIR``) unless that is set already.
+    """On the JAX backend: keep XLA's compiled programs under ``files.cache_root()/jax``
+    (JAX's ``jax_compilation_cache_dir``) unless the user chose a folder already
+    (``JAX_COMPILATION_CACHE_DIR``). Before JAX is imported it sets JAX's variables; after,
+    its configuration (which takes effect while nothing was compiled yet).
 
     Returns:
         The cache folder, or None (another backend, or the user's own setting stands).
     """
+    import sys
+
     from transferkit.files import cache_root
 
-    if requested_backend() != "jax" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    jax = sys.modules.get("jax")
+    if requested_backend() != "jax" or "JAX_COMPILATION_CACHE_DIR" in os.environ or (
+            jax is not None and jax.config.jax_compilation_cache_dir is not None):
         return None
     folder = cache_root() / JAX_CACHE_FOLDER
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
-    for name, value in JAX_CACHE_SETTINGS.items():
-        os.environ.setdefault(name, value)
+    for name, value in {"jax_compilation_cache_dir": str(folder), **JAX_CACHE_SETTINGS}.items():
+        if name.upper() in os.environ:
+            continue  # the user's own
+        if jax is None:
+            os.environ[name.upper()] = str(value)
+        else:
+            jax.config.update(name, value)
     return folder
 
 
