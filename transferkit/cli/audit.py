@@ -56,11 +56,12 @@ def audit(
 ) -> None:
     """Find the likely label errors, outliers and near-duplicates in DATA_DIR.
 
-    Out-of-sample probabilities for every image (the recipe's head trained K times on
-    the frozen backbone's features, each time predicting the fold it did not see) rank
-    the label errors; image hashes and the features find near-copies and outliers.
-    Writes issues.csv, issues.png and moves.sh: the moves it suggests, for you to read
-    and run. It never moves a file itself.
+    The recipe's head is trained K times on the frozen backbone's features,
+    each time predicting the fold it did not see; those held-out
+    probabilities rank the label errors, and image hashes and the features
+    find near-copies and outliers. Writes issues.csv, issues.png and
+    moves.sh (the moves it suggests, for you to read and run): it never
+    moves a file itself.
     """
     from transferkit.recipe import load_recipe
     from transferkit.trust.audit import audit as run_audit

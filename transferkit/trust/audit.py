@@ -18,9 +18,10 @@ every image, one that its own label, right or wrong, did not teach. From those:
   1 - P(given); ``confident`` says whether the suggestion passed its threshold (those are
   the moves ``moves.sh`` suggests).
 - ``duplicate``: a difference hash of each decoded image (64 bits, 9 x 8 grey gradients)
-  within ``DUPLICATE_BITS`` bits of an earlier image's, and backbone features at least
-  ``DUPLICATE_SIMILARITY`` alike (cosine): copies re-encoded, resized, slightly cropped or
-  brightened, which the data checks' identical-file test misses. Scored 1 - bits / 64.
+  within ``DUPLICATE_BITS`` bits of an earlier image's, its 16 x 16 grey thumbnail
+  correlated with that image's at ``DUPLICATE_CORRELATION`` or more, and backbone features
+  at least ``DUPLICATE_SIMILARITY`` alike (cosine): copies re-encoded, resized, brightened
+  or barely cropped, which the data checks' identical-file test misses. Scored 1 - bits / 64.
 - ``outlier``: the mean cosine distance to its ``NEIGHBOURS`` nearest images in the
   backbone's pooled features, far above the folder's typical one (beyond the median by 5
   scaled median absolute deviations, and 1.5 times it):
@@ -64,6 +65,7 @@ MIN_HEAD_STEPS = 200
 TILED_BYTES = 256 * 2**20  # a fold's features repeated for every epoch up to this size: one fit call
 NEIGHBOURS = 5
 DUPLICATE_BITS = 6
+DUPLICATE_CORRELATION = 0.97
 DUPLICATE_SIMILARITY = 0.9
 OUTLIER_MADS = 5.0
 OUTLIER_RATIO = 1.5
@@ -212,8 +214,7 @@ def audit(
     probabilities = out_of_fold_probabilities(features, decoded.labels, len(decoded.class_names), recipe,
                                               groups=decoded.groups, folds=folds, verbose=verbose)
     embeddings = pooled(features)
-    hashes = difference_hashes(decoded.images)
-    result = _result(decoded, probabilities, embeddings, hashes, folds)
+    result = _result(decoded, probabilities, embeddings, image_signatures(decoded.images), folds)
     if verbose:
         log.info(f"audit computed in {time.perf_counter() - started:.1f}s")
     result.path = write_audit(result, recipe, out, force)
@@ -367,6 +368,7 @@ class FoldHead:
         self.n_classes, self.recipe = n_classes, recipe
         steps = math.ceil(train_size / recipe.batch_size)
         self.epochs = head_epochs(recipe.stages[0].epochs, steps)
+        self.steps = self.epochs * steps  # every fold trains this many full batches (one trace for all)
         keras.utils.set_random_seed(recipe.seed)
         inputs = keras.Input(shape=tuple(feature_shape), name="features")
         self.model = keras.Model(inputs, build_head(tuple(feature_shape), n_classes, recipe.head)(inputs))
@@ -396,21 +398,28 @@ class FoldHead:
         sample_weights = np.ones(len(train), dtype="float32")
         if self.recipe.data.class_weights:
             sample_weights = balanced_class_weights(labels[train], self.n_classes)[labels[train]].astype("float32")
-        epochs = self.epochs
-        if epochs * x.nbytes <= TILED_BYTES:
-            # The epochs' shuffled orders laid end to end and fitted as one: the same steps
-            # without Keras's per-epoch overhead, which dominates a small head's epoch.
-            order = np.concatenate([np.random.default_rng([self.recipe.seed, fold, epoch]).permutation(len(train))
-                                    for epoch in range(epochs)])
+        batch_size, epochs = self.recipe.batch_size, self.epochs
+        rows = self.steps * batch_size
+        if rows * x[0].nbytes <= TILED_BYTES:
+            # Shuffled orders laid end to end, cut to the same number of full batches in every
+            # fold, fitted as one epoch: the epochs' steps without Keras's per-epoch overhead
+            # (which dominates a small head's epoch), traced once for all folds.
+            orders = [np.random.default_rng([self.recipe.seed, fold, epoch]).permutation(len(train))
+                      for epoch in range(math.ceil(rows / len(train)))]
+            order = np.concatenate(orders)[:rows]
             x, targets, sample_weights, epochs = x[order], targets[order], sample_weights[order], 1
-        self.model.fit(x, targets, sample_weight=sample_weights, batch_size=self.recipe.batch_size, epochs=epochs,
-                       shuffle=True, verbose=0)
+        self.model.fit(x, targets, sample_weight=sample_weights, batch_size=batch_size, epochs=epochs, shuffle=True,
+                       verbose=0)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(n, k) class probabilities."""
         from transferkit.outputs import class_probabilities
 
-        outputs = self.model.predict(np.asarray(features, dtype="float32"), batch_size=256, verbose=0)
+        features = np.asarray(features, dtype="float32")
+        batch_size = self.recipe.batch_size
+        padded = np.zeros((math.ceil(len(features) / batch_size) * batch_size, *features.shape[1:]), "float32")
+        padded[: len(features)] = features  # full batches only: one trace for every fold
+        outputs = self.model.predict(padded, batch_size=batch_size, verbose=0)[: len(features)]
         return class_probabilities(outputs)
 
 
@@ -470,26 +479,45 @@ def pooled(features: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def difference_hashes(images: np.ndarray) -> np.ndarray:
-    """A 64-bit difference hash per image: the image in grey at 9 x 8 pixels, one bit per
-    pair of horizontal neighbours (left brighter than right).
+@dataclass(frozen=True)
+class Signatures:
+    """What near-copies are found by, per image.
+
+    Attributes:
+        hashes: uint64 (n,) difference hashes: the image in grey at 9 x 8 pixels, one bit
+            per pair of horizontal neighbours (left brighter than right).
+        thumbnails: float32 (n, 256) the image in grey at 16 x 16 pixels, less its mean, at
+            unit length: their dot product is the pixels' correlation (which brightness and
+            contrast changes leave alone).
+    """
+
+    hashes: np.ndarray
+    thumbnails: np.ndarray
+
+
+def image_signatures(images: np.ndarray) -> Signatures:
+    """The ``Signatures`` of decoded images.
 
     Args:
         images: uint8 (n, S, S, 3).
 
     Returns:
-        uint64 (n,).
+        ``Signatures``.
     """
     from PIL import Image
 
-    weights = (1 << np.arange(64, dtype=np.uint64))
+    powers = 1 << np.arange(64, dtype=np.uint64)
     hashes = np.zeros(len(images), dtype=np.uint64)
+    thumbnails = np.zeros((len(images), 256), dtype="float32")
     for row, image in enumerate(images):
-        grey = np.asarray(Image.fromarray(np.asarray(image)).convert("L").resize((9, 8), Image.Resampling.BOX),
-                          dtype="int16")
-        bits = (grey[:, :-1] > grey[:, 1:]).ravel()
-        hashes[row] = np.bitwise_or.reduce(weights[bits]) if bits.any() else np.uint64(0)
-    return hashes
+        grey = Image.fromarray(np.asarray(image)).convert("L")
+        small = np.asarray(grey.resize((9, 8), Image.Resampling.BOX), dtype="int16")
+        bits = (small[:, :-1] > small[:, 1:]).ravel()
+        hashes[row] = np.bitwise_or.reduce(powers[bits]) if bits.any() else np.uint64(0)
+        thumbnail = np.asarray(grey.resize((16, 16), Image.Resampling.BOX), dtype="float32").ravel()
+        thumbnail -= thumbnail.mean()
+        thumbnails[row] = thumbnail / max(float(np.linalg.norm(thumbnail)), 1e-6)
+    return Signatures(hashes, thumbnails)
 
 
 def _bit_counts(values: np.ndarray) -> np.ndarray:
@@ -500,15 +528,18 @@ def _bit_counts(values: np.ndarray) -> np.ndarray:
     return np.unpackbits(as_bytes, axis=-1).sum(axis=-1)
 
 
-def near_duplicates(hashes: np.ndarray, embeddings: np.ndarray, max_bits: int = DUPLICATE_BITS,
-                    min_similarity: float = DUPLICATE_SIMILARITY, chunk: int = 512) -> list[tuple[int, int, int]]:
-    """Pairs of near-identical images: hashes within ``max_bits`` bits and features at least
+def near_duplicates(signatures: Signatures, embeddings: np.ndarray, *, max_bits: int = DUPLICATE_BITS,
+                    min_correlation: float = DUPLICATE_CORRELATION, min_similarity: float = DUPLICATE_SIMILARITY,
+                    chunk: int = 512) -> list[tuple[int, int, int]]:
+    """Pairs of near-identical images: hashes within ``max_bits`` bits, grey thumbnails
+    correlated at least ``min_correlation`` and backbone features at least
     ``min_similarity`` alike.
 
     Args:
-        hashes: ``difference_hashes``.
+        signatures: ``image_signatures``.
         embeddings: ``pooled`` features, one row per image.
         max_bits: most differing hash bits; default 6 (of 64).
+        min_correlation: least correlation of the 16 x 16 grey thumbnails; default 0.97.
         min_similarity: least cosine similarity of the features; default 0.9.
         chunk: rows compared at a time; default 512.
 
@@ -516,13 +547,15 @@ def near_duplicates(hashes: np.ndarray, embeddings: np.ndarray, max_bits: int = 
         (earlier image, later image, differing bits) for each later image, paired with its
         nearest earlier near-copy; by later image.
     """
+    hashes, thumbnails = signatures.hashes, signatures.thumbnails
     best: dict[int, tuple[int, int]] = {}
     for start in range(0, len(hashes), chunk):
         rows = np.arange(start, min(start + chunk, len(hashes)))
         bits = _bit_counts(hashes[rows, None] ^ hashes[None, :])
         earlier, later = np.nonzero((bits <= max_bits) & (rows[:, None] < np.arange(len(hashes))[None, :]))
         for i, j in zip(rows[earlier], later, strict=True):
-            if float(embeddings[i] @ embeddings[j]) < min_similarity:
+            if (float(thumbnails[i] @ thumbnails[j]) < min_correlation
+                    or float(embeddings[i] @ embeddings[j]) < min_similarity):
                 continue
             distance = int(bits[i - start, j])
             if j not in best or distance < best[j][1]:
@@ -567,7 +600,7 @@ def outliers(distances: np.ndarray, mads: float = OUTLIER_MADS, ratio: float = O
     return flagged[np.argsort(-distances[flagged], kind="stable")]
 
 
-def _result(decoded, probabilities: np.ndarray, embeddings: np.ndarray, hashes: np.ndarray,
+def _result(decoded, probabilities: np.ndarray, embeddings: np.ndarray, signatures: Signatures,
             folds: int) -> AuditResult:
     """The suspicions of every kind, ordered as issues.csv lists them."""
     names, files, labels = decoded.class_names, list(decoded.files), decoded.labels
@@ -578,7 +611,7 @@ def _result(decoded, probabilities: np.ndarray, embeddings: np.ndarray, hashes: 
         issues.append(Issue(files[row], names[given], names[suggested], float(verdict.score[row]), "label",
                             f"P({names[given]}) {probabilities[row, given]:.3f}, P({names[suggested]}) "
                             f"{probabilities[row, suggested]:.3f}", bool(verdict.confident[row])))
-    for earlier, later, bits in near_duplicates(hashes, embeddings):
+    for earlier, later, bits in near_duplicates(signatures, embeddings):
         issues.append(Issue(files[later], names[labels[later]], names[labels[earlier]], 1.0 - bits / 64,
                             "duplicate", f"near-copy of {files[earlier]} ({bits} of 64 hash bits differ)",
                             copy_of=files[earlier]))
@@ -709,7 +742,8 @@ def moves_script(issues: Sequence[Issue], data_dir: str | os.PathLike) -> str:
         "# Nothing has been moved: read the lines below, delete those you disagree with, then run",
         "#   sh moves.sh                  (label fixes only)",
         "#   SET_ASIDE=yes sh moves.sh    (and set outliers and near-copies aside)",
-        "# mv -n never replaces a file: one whose new name is taken stays where it is.",
+        "# mv -n never replaces a file: one whose new name is taken stays where it is; a file",
+        "# moved already is passed over, so running it twice does no harm.",
         "set -u",
         "",
         "# Likely label errors: each to the class the held-out head is confident it belongs to.",
@@ -746,8 +780,10 @@ def _below_class(source: Path, data: Path) -> Path:
 
 
 def _move(source: Path, target: Path) -> str:
-    return (f"mkdir -p -- {shlex.quote(str(target.parent))} && "
-            f"mv -n -- {shlex.quote(str(source))} {shlex.quote(str(target))}")
+    """One move as a line of shell: passed over when the file is gone (moved already)."""
+    quoted = shlex.quote(str(source))
+    return (f"[ -e {quoted} ] && mkdir -p -- {shlex.quote(str(target.parent))} && "
+            f"mv -n -- {quoted} {shlex.quote(str(target))}")
 
 
 def _comment(text: str) -> str:
