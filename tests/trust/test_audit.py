@@ -24,6 +24,7 @@ from transferkit.trust.audit import (
     image_signatures,
     moves_script,
     near_duplicates,
+    out_of_fold_probabilities,
     outlier_scores,
     outliers,
     suspect_labels,
@@ -161,6 +162,21 @@ def test_audit_names_a_bad_group_pattern_and_a_bad_fold_count(audited):
 
 
 # --- the parts, on numbers made to show each behaviour ------------------------------------
+
+
+def test_two_classes_get_held_out_probabilities_from_one_sigmoid_head():
+    import transferkit
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 20)
+    features = (rng.normal(0, 1, (40, 1, 1, 6)) + 3 * labels[:, None, None, None]).astype("float32")
+    labels[[0, 25]] = [1, 0]  # two wrong labels
+    recipe = transferkit.load_recipe(None, {"weights": "none", "head.units": [8], "batch_size": 8})
+    probabilities = out_of_fold_probabilities(features, labels, 2, recipe, folds=4, verbose=0)
+    assert probabilities.shape == (40, 2) and np.allclose(probabilities.sum(axis=1), 1)
+    verdict = suspect_labels(probabilities, labels)
+    assert set(np.argsort(-verdict.score)[:2]) == {0, 25}
+    assert list(verdict.suggested[[0, 25]]) == [0, 1]
 
 
 def test_confident_learning_suggests_the_class_the_held_out_head_is_sure_of():

@@ -209,6 +209,10 @@ def audit(
     out = named_folder(output) if output is not None else default_output(data_dir)
     check_output_folder(out, force, data_dir)
     decoded = decode_folder(data_dir, recipe, verbose=verbose)
+    counts = np.bincount(decoded.labels, minlength=len(decoded.class_names))
+    if counts.min() < folds:
+        log.warning("class %s has %d image(s), fewer than the %d folds: a head trained without it cannot suggest "
+                    "it", decoded.class_names[int(np.argmin(counts))], int(counts.min()), folds)
     started = time.perf_counter()
     features = backbone_features(decoded.images, recipe, len(decoded.class_names), verbose)
     probabilities = out_of_fold_probabilities(features, decoded.labels, len(decoded.class_names), recipe,
@@ -393,6 +397,13 @@ class FoldHead:
         for variable, value in zip(self.model.optimizer.variables, optimizer_state, strict=True):
             variable.assign(value)
         x = np.asarray(features[train], dtype="float32")
+        # Each channel less its mean, all divided by one spread, over the fold's training
+        # images (applied alike to what it predicts): a head on raw backbone outputs, all
+        # positive and of a scale that varies by backbone and weights, learns far slower in
+        # the steps it has. One spread for all channels keeps the quiet ones quiet.
+        self.shift = x.mean(axis=tuple(range(x.ndim - 1)))
+        self.scale = 1.0 / max(float(np.sqrt(np.mean((x - self.shift) ** 2))), 1e-6)
+        x = (x - self.shift) * self.scale
         calibrate_head_batchnorm(self.model, x[:CALIBRATION_IMAGES])
         targets = encode_targets(labels[train], self.n_classes)
         sample_weights = np.ones(len(train), dtype="float32")
@@ -415,7 +426,7 @@ class FoldHead:
         """(n, k) class probabilities."""
         from transferkit.outputs import class_probabilities
 
-        features = np.asarray(features, dtype="float32")
+        features = (np.asarray(features, dtype="float32") - self.shift) * self.scale
         batch_size = self.recipe.batch_size
         padded = np.zeros((math.ceil(len(features) / batch_size) * batch_size, *features.shape[1:]), "float32")
         padded[: len(features)] = features  # full batches only: one trace for every fold
@@ -520,6 +531,12 @@ def image_signatures(images: np.ndarray) -> Signatures:
     return Signatures(hashes, thumbnails)
 
 
+def comparison_rows(count: int, cells: int = 1 << 22) -> int:
+    """Rows compared with all ``count`` images at once: at most ``cells`` pairs (about 32 MB
+    of float64), at most 512 rows."""
+    return max(1, min(512, cells // max(1, count)))
+
+
 def _bit_counts(values: np.ndarray) -> np.ndarray:
     """Set bits of each uint64."""
     if hasattr(np, "bitwise_count"):
@@ -530,7 +547,7 @@ def _bit_counts(values: np.ndarray) -> np.ndarray:
 
 def near_duplicates(signatures: Signatures, embeddings: np.ndarray, *, max_bits: int = DUPLICATE_BITS,
                     min_correlation: float = DUPLICATE_CORRELATION, min_similarity: float = DUPLICATE_SIMILARITY,
-                    chunk: int = 512) -> list[tuple[int, int, int]]:
+                    chunk: int | None = None) -> list[tuple[int, int, int]]:
     """Pairs of near-identical images: hashes within ``max_bits`` bits, grey thumbnails
     correlated at least ``min_correlation`` and backbone features at least
     ``min_similarity`` alike.
@@ -541,7 +558,7 @@ def near_duplicates(signatures: Signatures, embeddings: np.ndarray, *, max_bits:
         max_bits: most differing hash bits; default 6 (of 64).
         min_correlation: least correlation of the 16 x 16 grey thumbnails; default 0.97.
         min_similarity: least cosine similarity of the features; default 0.9.
-        chunk: rows compared at a time; default 512.
+        chunk: rows compared with all others at a time; default None (``comparison_rows``).
 
     Returns:
         (earlier image, later image, differing bits) for each later image, paired with its
@@ -549,6 +566,7 @@ def near_duplicates(signatures: Signatures, embeddings: np.ndarray, *, max_bits:
     """
     hashes, thumbnails = signatures.hashes, signatures.thumbnails
     best: dict[int, tuple[int, int]] = {}
+    chunk = chunk or comparison_rows(len(hashes))
     for start in range(0, len(hashes), chunk):
         rows = np.arange(start, min(start + chunk, len(hashes)))
         bits = _bit_counts(hashes[rows, None] ^ hashes[None, :])
@@ -563,13 +581,13 @@ def near_duplicates(signatures: Signatures, embeddings: np.ndarray, *, max_bits:
     return [(i, j, distance) for j, (i, distance) in sorted(best.items())]
 
 
-def outlier_scores(embeddings: np.ndarray, neighbours: int = NEIGHBOURS, chunk: int = 512) -> np.ndarray:
+def outlier_scores(embeddings: np.ndarray, neighbours: int = NEIGHBOURS, chunk: int | None = None) -> np.ndarray:
     """Each image's mean cosine distance to its nearest other images.
 
     Args:
         embeddings: ``pooled`` features (unit rows).
         neighbours: how many nearest; default 5 (fewer in a smaller folder).
-        chunk: rows compared at a time; default 512.
+        chunk: rows compared with all others at a time; default None (``comparison_rows``).
 
     Returns:
         float64 (n,) distances (0 for a folder of one image).
@@ -579,6 +597,7 @@ def outlier_scores(embeddings: np.ndarray, neighbours: int = NEIGHBOURS, chunk: 
     distances = np.zeros(n, dtype="float64")
     if count < 1:
         return distances
+    chunk = chunk or comparison_rows(n)
     for start in range(0, n, chunk):
         block = 1.0 - embeddings[start : start + chunk] @ embeddings.T
         block[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf  # not itself
