@@ -2,7 +2,8 @@
 recipe's ``data.group_by`` names groups), the K folds of an audit, and ``split.csv``.
 
 A group is what ``data.group_by``'s first regex group matches in a file's path relative to
-its data folder (``cat/patient12_3.jpg`` with ``'^[^/]+/(patient\\d+)_'``: ``patient12``).
+its data folder (``cat/patient12_3.jpg`` with ``'^[^/]+/(patient\\d+)_'``: ``patient12``),
+or, where that matches nothing, in the file's name alone (``'^(patient\\d+)_'``).
 Images of one group (one patient, one video, one object photographed three times) are
 near-copies of each other; a split that puts some on each side lets the model be scored
 on what it has, in effect, seen. With groups, the split keeps each group whole on one side
@@ -51,7 +52,8 @@ def relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
 
 
 def group_names(paths: Sequence[str | os.PathLike], root: str | os.PathLike, pattern: str) -> np.ndarray:
-    """The group of each file: the first group of ``pattern`` searched in its relative path.
+    """The group of each file: the first group of ``pattern`` searched in its path relative
+    to ``root`` (``cat/patient12_3.jpg``), or, where that names none, in its name alone.
 
     Args:
         paths: the image files.
@@ -77,10 +79,13 @@ def group_names(paths: Sequence[str | os.PathLike], root: str | os.PathLike, pat
     for row, path in enumerate(paths):
         relative = relative_name(path, root)
         match = compiled.search(relative)
+        if match is None or not match.group(1):  # a pattern written for the name alone ('^patient(\d+)_')
+            match = compiled.search(Path(path).name)
         if match is None or not match.group(1):
             raise DataError(
                 f"data.group_by {pattern!r} does not name a group for {relative} (in {root}): every file needs "
-                "one; change the pattern (it is searched in the path below the data folder) or rename the file"
+                "one; change the pattern (it is searched in the path below the data folder, then in the file's "
+                "name) or rename the file"
             )
         names[row] = match.group(1)
     return names
