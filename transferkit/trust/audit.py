@@ -244,8 +244,8 @@ def check_output_folder(out: Path, force: bool, data_dir: str | os.PathLike | No
     if data_dir is not None:
         data = Path(os.path.abspath(data_dir))
         if absolute == data or data in absolute.parents:
-            raise RunError(f"audit folder {out} is inside the data folder {data_dir} (its pictures would be read as "
-                           "images of a class); write it elsewhere with -o")
+            raise RunError(f"audit folder {out} is the data folder {data_dir} or inside it (its pictures would be "
+                           "read as images of a class); write it elsewhere with -o")
         if absolute in data.parents:
             raise RunError(f"audit folder {out} holds the data folder {data_dir}; choose another -o")
     if not out.exists():
