@@ -27,6 +27,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that w
     __version__ = "0+unknown"
 
 _EXPORTS = {
+    "AuditResult": "transferkit.trust.audit",
     "AugmentConfig": "transferkit.recipe",
     "CacheConfig": "transferkit.recipe",
     "Checkpointing": "transferkit.training.stages",
@@ -49,6 +50,7 @@ _EXPORTS = {
     "UnreadableImage": "transferkit.errors",
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
+    "audit": "transferkit.trust.audit",
     "available_backbones": "transferkit.backbones",
     "benchmark_run": "transferkit.export.benchmark",
     "build_augmenter": "transferkit.data.augment",
@@ -119,6 +121,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
     )
     from transferkit.runs import Run, load_run
     from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, begin_stage, run_stages
+    from transferkit.trust.audit import AuditResult, audit
     from transferkit.tuning.diagnostics import check_learning
     from transferkit.tuning.lr_find import find_learning_rate
     from transferkit.tuning.search import tune

@@ -7,13 +7,23 @@ choices. The resolved recipe is frozen: steps receive the part they need and nev
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
 from transferkit.errors import RecipeError
@@ -31,6 +41,7 @@ FLAG_KEYS = {
     "image_size": "image_size",
     "batch_size": "batch_size",
     "val_split": "data.val_split",
+    "group_by": "data.group_by",
     "seed": "seed",
     "precision": "precision",
     "engine": "engine",
@@ -55,6 +66,42 @@ class DataConfig(_Section):
     class_weights: bool = True
     # Decoded images stay in memory when they fit; beyond it they live in a memory-mapped file.
     memory_mb: float = Field(4096.0, gt=0)
+    # A regular expression whose first group, searched in each file's path relative to the
+    # data folder, names the file's group (a patient, a video); the validation split keeps
+    # every group on one side. Written out only when set (TOML has no null).
+    group_by: str | None = Field(None, exclude_if=lambda pattern: pattern is None)
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_has_a_group(cls, pattern):
+        if pattern is not None:
+            group_pattern(pattern)
+        return pattern
+
+
+def group_pattern(text: str) -> re.Pattern:
+    """The compiled ``data.group_by`` pattern.
+
+    Args:
+        text: a Python regular expression with at least one group; its first group names a
+            file's group.
+
+    Returns:
+        The compiled pattern.
+
+    Raises:
+        ValueError: not a regular expression, or one without a group (the message says
+            which and gives an example).
+    """
+    example = r"e.g. '^[^/]+/(patient\d+)_' for cat/patient12_3.jpg"
+    try:
+        pattern = re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{text!r} is not a regular expression ({error}); {example}") from None
+    if pattern.groups < 1:
+        raise ValueError(f"{text!r} has no group; put the part of the path that names the group in "
+                         f"parentheses, {example}")
+    return pattern
 
 
 HEAD_ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "selu")

@@ -27,6 +27,7 @@ import numpy as np
 from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
+from transferkit.data.split import SPLIT_FILE
 from transferkit.errors import RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
@@ -368,7 +369,7 @@ def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: Prepar
 
 def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: PreparedData, save_h5: bool,
                     run_id: str | None = None) -> None:
-    """The run folder's files: model, labels, recipe, history, metrics, figures, skipped files."""
+    """The run folder's files: model, labels, recipe, history, metrics, split, figures, skipped files."""
     history, metrics = trained.history, trained.metrics
 
     def draw_figures() -> None:
@@ -402,6 +403,7 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
     write_atomic(folder / "recipe.toml", recipe_text)
     runs.write_history(folder, history)
     runs.write_json(folder / "metrics.json", metrics)
+    write_atomic(folder / SPLIT_FILE, prepared.split_csv())  # which image trained, which validated
     if trained.tensorboard is not None:
         shutil.copytree(trained.tensorboard, folder / "tensorboard")
     if prepared.skipped:

@@ -2,8 +2,8 @@
 
 Each module is named for its commands: ``finetune``, ``predict``, ``doctor`` (doctor, and
 doctor --model), ``augment_preview``, ``lr_find``, ``tune``, ``evaluate`` (evaluate, explain,
-report), ``export`` (export, benchmark), ``info`` (backbones, recipes). ``common`` holds the
-options defined once, the one path from flags to recipe overrides, and ``reports_errors``,
+report), ``export`` (export, benchmark), ``info`` (backbones, recipes), ``audit``. ``common``
+holds the options defined once, the one path from flags to recipe overrides, and ``reports_errors``,
 on every command: a ``TransferkitError`` becomes one ``error:`` line and its class's exit
 code. Exit codes: 0 success, 1 the input or the run failed, 2 a usage or recipe error, 130
 interrupted.
@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, tune
+from transferkit.cli import audit, augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, tune
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
 
@@ -86,6 +86,7 @@ COMMANDS = tuple((name, _tensorflow_first(command) if loads else command, loads)
     ("explain", evaluate.explain, True),
     ("report", evaluate.report, False),
     ("tune", tune.tune, True),
+    ("audit", audit.audit, True),
     ("export", export.export, True),
     ("benchmark", export.benchmark, True),
     ("backbones", info.backbones, False),

@@ -70,6 +70,10 @@ InferencePrecisionOption = Annotated[str, typer.Option(
     "--precision", metavar=choices(PRECISIONS),
     help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
          "or float16 (16 bits only).")]
+GroupByOption = Annotated[Optional[str], typer.Option(
+        metavar="REGEX", help="Each file's group: the regex's first group, searched in its path below DATA_DIR "
+        "(else in its name), e.g. '^[^/]+/(patient\\d+)_' for cat/patient12_3.jpg; no group is split between "
+        "training and validation (recipe key: data.group_by).")]
 ValDirOption = Annotated[Optional[Path], typer.Option(
         help="Validation folder with the same class sub-folders, instead of a split.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]

@@ -11,6 +11,7 @@ from transferkit.cli.common import (
     BackboneOption,
     BatchSizeOption,
     EngineOption,
+    GroupByOption,
     ImageSizeOption,
     PrecisionOption,
     QuietOption,
@@ -48,6 +49,7 @@ def finetune(
     val_split: Annotated[Optional[float], typer.Option(
             help="Fraction of each class held out for validation (recipe key: data.val_split).")] = None,
     val_dir: ValDirOption = None,
+    group_by: GroupByOption = None,
     seed: SeedOption = None,
     precision: PrecisionOption = None,
     engine: EngineOption = None,

@@ -11,6 +11,7 @@ from transferkit.cli.common import (
     BackboneOption,
     BatchSizeOption,
     DataDirArgument,
+    GroupByOption,
     ImageSizeOption,
     QuietOption,
     RecipeOption,
@@ -51,6 +52,7 @@ def tune(
             help="Folder for best_recipe.toml, trials.csv, history.png, importance.png (and study.db); default "
                  "runs/tune-<data-folder>.")] = None,
     val_dir: ValDirOption = None,
+    group_by: GroupByOption = None,
     backbone: BackboneOption = None,
     weights: WeightsOption = None,
     image_size: ImageSizeOption = None,

@@ -382,7 +382,7 @@ class _Data:
     def for_recipe(self, recipe: Recipe, verbose: int = 0) -> PreparedData:
         from transferkit.data.prepare import prepare_data  # loads Keras: not at the CLI's start-up
 
-        key = (recipe.image_size, recipe.seed, recipe.data.val_split, recipe.data.memory_mb)
+        key = (recipe.image_size, recipe.seed, recipe.data.val_split, recipe.data.memory_mb, recipe.data.group_by)
         if key not in self._prepared:
             self._prepared[key] = prepare_data(self.data_dir, recipe, val_dir=self.val_dir, verbose=verbose)
         return self._prepared[key]
