@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.cli import augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, tune
+from transferkit.cli import augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, serve, tune
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
 
@@ -88,6 +88,7 @@ COMMANDS = tuple((name, _tensorflow_first(command) if loads else command, loads)
     ("tune", tune.tune, True),
     ("export", export.export, True),
     ("benchmark", export.benchmark, True),
+    ("serve", serve.serve, True),
     ("backbones", info.backbones, False),
     ("recipes", info.recipes, False),
 ))
