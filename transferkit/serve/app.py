@@ -279,4 +279,8 @@ def app_from_environment() -> FastAPI:
     Returns:
         A ``FastAPI`` application.
     """
-    return create_app(load_service(settings_from_environment()))
+    from transferkit.runtime import import_tensorflow_quietly
+
+    settings = settings_from_environment()
+    import_tensorflow_quietly()  # as the command line does: no C++ start-up lines from each worker
+    return create_app(load_service(settings))

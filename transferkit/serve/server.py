@@ -9,6 +9,7 @@ stops the engine's thread and returns: the command exits 0. A second Ctrl-C stop
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ log = logging.getLogger("transferkit")
 
 # How long requests in flight may take to finish after SIGTERM / Ctrl-C.
 SHUTDOWN_GRACE_S = 60
+# How long a worker process may stay silent (loading the run) before uvicorn restarts it.
+WORKER_START_S = 300
 
 INSTALL = "pip install 'transferkit[serve]'"
 
@@ -131,6 +134,10 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
 
         os.environ["TRANSFERKIT_SERVE"] = settings.to_json()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            # A worker answers the supervisor's pings only between the steps of loading the run,
+            # which on a busy machine can take longer than uvicorn's 5 s: it would be restarted.
+            common["timeout_worker_healthcheck"] = WORKER_START_S
         config = uvicorn.Config("transferkit.serve.app:app_from_environment", factory=True, workers=workers,
                                 **common)
         # The supervisor turns SIGTERM / SIGINT into a graceful stop of every worker, then returns.
