@@ -180,22 +180,6 @@ class Service:
         self.answered += len(records)
         return records
 
-    def predict(self, uploads: list[Upload], top_k: int = 1, **asked) -> list[dict]:
-        """Decode, batch through the engine and build rows, in the calling thread (the
-        HTTP application does the same steps without blocking its event loop).
-
-        Args:
-            uploads: the files.
-            top_k: classes per image; default 1.
-            **asked: predict's other per-row options (see ``row_options``).
-
-        Returns:
-            One dict per upload, in order.
-        """
-        options = self.row_options(top_k, **asked)
-        outputs = self.batcher.submit(self.decode(uploads)).result()
-        return self.rows([upload.name for upload in uploads], outputs, options)
-
     def explain_png(self, upload: Upload, class_name: str | None = None) -> bytes:
         """The Grad-CAM heatmap of one image drawn over it, as a PNG (at most
         ``EXPLAIN_SIDE`` pixels on its longer side).
