@@ -97,7 +97,9 @@ LONGEST_FIRST = (
     "training/test_features.py", "tuning/test_search.py", "reliability/test_faults.py",
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",
     "export/test_roundtrip.py", "inference/test_predict.py", "tuning/test_workers.py", "model/test_fold.py",
-    "cli/test_cli.py", "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
+    "cli/test_cli.py",
+    "serve/test_server.py",  # one server process (TensorFlow's start-up) and a headless Chromium
+    "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
     "export/test_quantize.py", "test_messy.py", "evaluation/test_gradcam.py", "model/test_surgery.py",
     "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
     "reliability/test_live_runs.py", "reliability/test_untrusted.py", "model/test_transfer.py",

@@ -19,6 +19,7 @@ LAYERS = (
     {"inference"},
     {"training"},
     {"evaluation", "export", "trust"},
+    {"serve"},
     {"workflow"},
     {"tuning"},
     {"cli", "__main__", "__init__"},

@@ -13,6 +13,8 @@ class names (1: the input or the run is wrong; 2: the command line or recipe is 
     ├── RunError           a run folder cannot be written, found or read
     ├── ExportError        an export cannot be written here, disagrees with the Keras model,
     │                      loses more accuracy than allowed, or its folder exists already
+    ├── ServeError         ``transferkit serve`` cannot start: its extra is missing, or the
+    │                      address cannot be listened on
     └── TrainingInterrupted  Ctrl-C (SIGINT) or SIGTERM stopped training; what was kept is
                            told, and ``finetune --resume`` continues from it
 """
@@ -66,6 +68,11 @@ class RunError(TransferkitError):
 class ExportError(TransferkitError):
     """Raised when a format cannot be written here, disagrees with the Keras model, loses
     more accuracy than allowed, or its output folder exists already."""
+
+
+class ServeError(TransferkitError):
+    """Raised when ``transferkit serve`` cannot start: the ``serve`` extra is not installed,
+    or the host and port cannot be listened on (in use, not this machine's, not allowed)."""
 
 
 class TrainingInterrupted(TransferkitError):

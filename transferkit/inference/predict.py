@@ -31,13 +31,13 @@ class Prediction:
     """One image's result.
 
     Attributes:
-        file: the image path.
+        file: the image path (an upload's file name in ``transferkit serve``).
         label: the predicted class name.
         confidence: its probability.
         top_k: (class name, probability) pairs, most likely first.
     """
 
-    file: Path
+    file: Path | str
     label: str
     confidence: float
     top_k: tuple[tuple[str, float], ...] = field(default=())
@@ -118,7 +118,7 @@ def predict_folder(
     # decode_images warned about the files it could not read; the walk's finds are told here
     for path, reason in listing.skipped:
         log.warning("skipping %s: %s", path, reason)
-    rows = _rows(kept, outputs, run.class_names, min(top_k, len(run.class_names)))
+    rows = prediction_rows(run, kept, outputs, top_k=top_k)
     skipped = listing.skipped + unreadable
     if not rows:
         # Nothing classified is a failed run, not an empty table (and no header-only file).
@@ -218,16 +218,59 @@ def stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,
     return kept, outputs, unreadable
 
 
-def _rows(files: list[Path], outputs: np.ndarray, names, top_k: int) -> list[Prediction]:
-    """One ``Prediction`` per file: its ``top_k`` classes, most likely first."""
+def prediction_rows(run, files: list, outputs: np.ndarray, top_k: int = 1) -> list[Prediction]:
+    """The rows of predict from the engine's outputs: per image its ``top_k`` classes, most
+    likely first. ``predict_folder`` and ``transferkit serve`` both build their answers here,
+    so every per-row option of predict reaches the server too.
+
+    Args:
+        run: the ``Run`` the outputs come from (its class names name them).
+        files: one path (or upload name) per image, in the order of ``outputs``.
+        outputs: the engine's outputs, (n, units) float32.
+        top_k: how many classes to list per image (at most the run's classes); default 1.
+
+    Returns:
+        One ``Prediction`` per image, in order.
+
+    Raises:
+        DataError: ``top_k`` below 1.
+    """
     from transferkit.outputs import class_probabilities
 
+    if top_k < 1:
+        raise DataError(f"--top-k must be at least 1, got {top_k}")
+    names = run.class_names
+    top_k = min(top_k, len(names))
     rows: list[Prediction] = []
     for path, row in zip(files, class_probabilities(outputs), strict=False):
         order = np.argsort(-row, kind="stable")[:top_k]
         ranked = tuple((names[i], float(row[i])) for i in order)
         rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
     return rows
+
+
+def prediction_record(row: Prediction) -> dict:
+    """One row as JSON-ready values: file, label, confidence, top_k as a list of
+    {"label", "probability"}, then any other field of ``Prediction`` as it is. The JSON
+    file of predict and the answers of ``transferkit serve`` both use it.
+
+    Args:
+        row: a ``Prediction``.
+
+    Returns:
+        A dict.
+    """
+    import dataclasses
+
+    record = {
+        "file": str(row.file),
+        "label": row.label,
+        "confidence": row.confidence,
+        "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
+    }
+    for item in dataclasses.fields(row):
+        record.setdefault(item.name, getattr(row, item.name))
+    return record
 
 
 def _nothing_classified(folder: Path, skipped: list[tuple[Path, str]]) -> DataError:
@@ -420,15 +463,7 @@ def _csv_text(result: PredictionResult) -> str:
 
 def _json_text(result: PredictionResult) -> str:
     payload = {
-        "predictions": [
-            {
-                "file": str(row.file),
-                "label": row.label,
-                "confidence": row.confidence,
-                "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
-            }
-            for row in result.rows
-        ],
+        "predictions": [prediction_record(row) for row in result.rows],
         "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
         "ignored": [str(p) for p in result.ignored],
     }
