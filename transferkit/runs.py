@@ -54,6 +54,8 @@ log = logging.getLogger("transferkit")
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
+EXPORTS_FOLDER = "exports"  # in a run folder: where exports go by default, one folder each
+EXPORT_RECORD = "export.json"  # in an export folder: how it was made and checked
 RUN_FORMAT = 1
 HISTORY_COLUMNS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 

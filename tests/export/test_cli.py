@@ -4,6 +4,7 @@ existing folder are one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -22,13 +23,34 @@ def test_export_writes_the_folder_and_needs_force_to_replace_it(shapes_run, shap
                                  "--data", str(shapes_dir)])
     assert result.exit_code == 0, result.output
     assert "litert: " in result.output and "max |dp|" in result.output and "1 export(s) written" in result.output
-    assert {path.name for path in out.iterdir()} == {"model.tflite", "labels.json", "README.txt", "export.json"}
+    assert {path.name for path in out.iterdir()} == {"model.tflite", "labels.json", "README.txt", "export.json",
+                                                     "MODEL_CARD.md"}
+    card = (out / "MODEL_CARD.md").read_text()  # the run's card, this export listed in it
+    assert "classes: [\"circle\", \"square\", \"triangle\"]" in card and "export model.tflite" in card
+    assert f"| `{out.resolve()}` | none |" in card
     again = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     before = (out / "export.json").stat().st_mtime_ns
     forced = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out), "--force"])
     assert forced.exit_code == 0, forced.output
     assert (out / "export.json").stat().st_mtime_ns != before
+
+
+def test_report_lists_the_exports_of_the_run_in_its_model_card(shapes_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(shapes_run.path, run)
+    first = runner.invoke(app, ["report", str(run)])
+    assert first.exit_code == 0 and str(run / "MODEL_CARD.md") in first.output, first.output
+    assert "## Exports\n\nNone yet" in (run / "MODEL_CARD.md").read_text()
+    exported = runner.invoke(app, ["export", str(run), "--format", "keras"])
+    assert exported.exit_code == 0, exported.output
+    copy = (run / "exports" / "keras" / "MODEL_CARD.md").read_text()
+    assert "| `exports/keras` | none |" in copy and "This copy travels with the keras export" in copy
+    assert "None yet" in (run / "MODEL_CARD.md").read_text()  # the run's own card: report writes it
+    again = runner.invoke(app, ["report", str(run)])
+    assert again.exit_code == 0, again.output
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "| `exports/keras` | none |" in card and "| 0.00 |" in card and "None yet" not in card
 
 
 def test_force_replaces_only_export_folders(shapes_run, tmp_path):

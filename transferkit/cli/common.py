@@ -70,6 +70,9 @@ InferencePrecisionOption = Annotated[str, typer.Option(
     "--precision", metavar=choices(PRECISIONS),
     help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
          "or float16 (16 bits only).")]
+MlflowOption = Annotated[Optional[str], typer.Option("--mlflow", metavar="URI",
+        help="Log to MLflow: params, per-epoch metrics, figures and the model (sqlite:///mlflow.db, "
+             "http://host:5000, ...; default MLFLOW_TRACKING_URI when set; off: never; recipe key: mlflow).")]
 ValDirOption = Annotated[Optional[Path], typer.Option(
         help="Validation folder with the same class sub-folders, instead of a split.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]

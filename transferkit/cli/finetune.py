@@ -12,6 +12,7 @@ from transferkit.cli.common import (
     BatchSizeOption,
     EngineOption,
     ImageSizeOption,
+    MlflowOption,
     PrecisionOption,
     QuietOption,
     RecipeOption,
@@ -62,6 +63,7 @@ def finetune(
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard",
             help="Write TensorBoard logs to RUN/tensorboard/, one step count across stages (recipe key: "
                  "tensorboard).")] = None,
+    mlflow: MlflowOption = None,
     set_values: SetOption = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o",
             help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,

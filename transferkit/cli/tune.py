@@ -12,6 +12,7 @@ from transferkit.cli.common import (
     BatchSizeOption,
     DataDirArgument,
     ImageSizeOption,
+    MlflowOption,
     QuietOption,
     RecipeOption,
     SetOption,
@@ -55,6 +56,7 @@ def tune(
     weights: WeightsOption = None,
     image_size: ImageSizeOption = None,
     batch_size: BatchSizeOption = None,
+    mlflow: MlflowOption = None,
     set_values: SetOption = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -65,6 +67,9 @@ def tune(
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe
     OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current
     trial and keeps the study.
+
+    With --mlflow (or MLFLOW_TRACKING_URI), the call is one MLflow run and each trial a
+    nested run under it.
 
     Several workers (processes or machines) share one study through --storage.
     On PostgreSQL, MySQL or SQLite, a killed worker's trial is failed after 20 s
