@@ -2,7 +2,8 @@
 
     finetune: recipe -> data.prepare (index, decode, check, split) -> model.build ->
               training.stages (under the signal handlers, checkpointing into RUN.partial)
-              -> validation metrics -> calibration -> the run folder (runs.save_run)
+              -> validation metrics -> calibration -> the run folder (runs.save_run, the
+              model card last), each step logged to MLflow when asked (training.tracking)
     resume_finetune: the same from RUN.partial's recipe, job and checkpoint
     train_prepared: the same on data prepared once (tune's trials), with or without a folder
 """

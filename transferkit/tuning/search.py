@@ -12,6 +12,11 @@ gets its score. A Keras callback reports the validation
 metric after every epoch (one step count across stages) and raises ``optuna.TrialPruned``
 when the pruner (median of the earlier trials at the same epoch) calls the trial hopeless.
 
+With MLflow tracking (the recipe's ``mlflow`` key, ``--mlflow`` or ``MLFLOW_TRACKING_URI``), each
+call is one MLflow run and each of its trials a nested run under it (the trial's recipe as params,
+its epochs' metrics, its final figure and state); the call's run gets the outputs and the best
+figure.
+
 The study lives in its storage: ``OUT/study.db`` (SQLite) unless ``storage`` names another
 Optuna storage URL (PostgreSQL, ``journal:///shared/study.log`` for a journal file on a
 shared disk), so the same command continues it, and several processes or machines can
