@@ -360,8 +360,11 @@ class EpochMetrics(keras.callbacks.Callback):
 @contextlib.contextmanager
 def mlflow_calls():
     """MLflow's calls as a training wants them: HTTP retries bounded (``HTTP_LIMITS``, where
-    the environment does not set them) and MLflow's own info lines (database migrations)
-    held back unless transferkit's logger shows details."""
+    the environment does not set them), MLflow's own info lines (database migrations) held
+    back unless transferkit's logger shows details, and its usage telemetry off (no call to
+    MLflow's servers) unless ``MLFLOW_DISABLE_TELEMETRY`` is set."""
+    # MLflow's usage telemetry would call out to its servers: off unless the environment says.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow  # noqa: F401  (its import sets its loggers' levels, which are set here after it)
 
     added = {name: value for name, value in HTTP_LIMITS.items() if name not in os.environ}
@@ -554,6 +557,9 @@ def tracked_training(recipe, prepared, output: Path, work):
         tracker = Tracker.open(uri, run_name=output.name, resume_id=previous,
                                tags=run_tags(prepared, recipe, output, work.job().get("run_id")),
                                params=recipe_params(recipe.model_dump(mode="json")))
+        if tracker is not None:
+            log.info(f"MLflow: {'continuing' if tracker.run_id == previous else 'logging to'} run "
+                     f"{tracker.run_id} at {public_uri(uri)}")
         if tracker is not None and tracker.run_id != previous:
             from transferkit.files import write_atomic
 
@@ -596,5 +602,6 @@ def log_finished_run(tracker: Tracker, folder: Path, model: keras.Model, metrics
     for name, recall in (metrics.get("per_class_accuracy") or {}).items():
         figures[f"val_recall/{name}"] = recall
     tracker.log_metrics(figures, step=int(metrics.get("epochs") or 0))
+    log.info(f"MLflow: logging the run folder's files and the model to run {tracker.run_id}")
     tracker.log_run_folder(folder)
     tracker.log_keras_model(model)

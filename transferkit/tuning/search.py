@@ -237,10 +237,10 @@ def tune(
                 if params:
                     the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"}, skip_if_exists=True)
             data = _Data(data_dir, val_dir)
-            tracker = _track_study(base, the_study, storage_url, output)
-            search, outcome = None, "fail"
+            tracker, search, outcome = None, None, "fail"
             try:
                 data.for_recipe(base, verbose)  # data errors before the first trial
+                tracker = _track_study(base, the_study, storage_url, output)
                 shared = SharedStudy(the_study, opened, cap=study_trials)
                 search = _Search(shared, space, data, metric, output, verbose, storage_url, tracker)
                 search.run(trials, timeout)
