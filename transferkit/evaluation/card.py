@@ -170,7 +170,7 @@ class _Facts:
         lineage = self.labels.get("lineage") or {}
         if lineage.get("source_run"):
             return f"the backbone of the run {lineage['source_run']}"
-        return {"imagenet": "ImageNet weights", "none": "random weights (no pretraining)"}.get(weights.lower(),
+        return {"imagenet": "ImageNet weights", "none": "random weights"}.get(weights.lower(),
                                                                                                f"the file {weights}")
 
     def per_class(self) -> dict[str, dict]:
@@ -259,7 +259,8 @@ def _details(facts: _Facts) -> str:
         lines += ["", "| stage | unfrozen blocks | epochs run (of) | optimizer | learning rate | schedule |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for stage in stages:
-            lines.append(f"| {stage.get('name')} | {stage.get('unfreeze')} | {ran.get(stage.get('name'), '?')} "
+            epochs = ran.get(stage.get("name"), 0 if stage.get("epochs") == 0 else "?")
+            lines.append(f"| {stage.get('name')} | {stage.get('unfreeze')} | {epochs} "
                          f"({stage.get('epochs')}) | {stage.get('optimizer')} | {stage.get('learning_rate')} | "
                          f"{stage.get('schedule', 'constant')} |")
     lines += ["", "Every setting is in `recipe.toml`; `transferkit finetune DATA_DIR --recipe recipe.toml` "
