@@ -93,7 +93,7 @@ def check_tracking(setting: str) -> str | None:
     if uri is None or importlib.util.find_spec("mlflow") is not None:
         return uri
     if setting.strip():
-        raise TransferkitError(f"--mlflow {uri} needs MLflow, which is not installed; run: {INSTALL}")
+        raise TransferkitError(f"--mlflow {public_uri(uri)} needs MLflow, which is not installed; run: {INSTALL}")
     log.warning(f"{ENVIRONMENT_URI} is set but MLflow is not installed, so this job is not tracked; run: {INSTALL}")
     return None
 
@@ -181,8 +181,8 @@ class Tracker:
                     tracker = cls(client, uri, run.info.run_id, experiment_id)
                     tracker.log_params(params or {})
         except Exception as error:
-            log.warning(f"MLflow tracking at {uri} is off for this job: {_reason(error)}; training goes on, "
-                        "the run folder keeps everything")
+            log.warning(f"MLflow tracking at {public_uri(uri)} is off for this job: {_reason(error)}; training goes "
+                        "on, the run folder keeps everything")
             return None
         if tracker.failed:
             return None
@@ -331,8 +331,8 @@ class Tracker:
                 yield
         except Exception as error:
             self.failed = True
-            log.warning(f"MLflow tracking at {self.uri} stopped (could not {what}: {_reason(error)}); training "
-                        "goes on, the run folder keeps everything")
+            log.warning(f"MLflow tracking at {public_uri(self.uri)} stopped (could not {what}: {_reason(error)}); "
+                        "training goes on, the run folder keeps everything")
 
 
 class EpochMetrics(keras.callbacks.Callback):
@@ -492,7 +492,8 @@ def require_mlflow(setting: str) -> None:
     import importlib.util
 
     if setting.strip() and setting.strip().lower() != OFF and importlib.util.find_spec("mlflow") is None:
-        raise TransferkitError(f"--mlflow {setting.strip()} needs MLflow, which is not installed; run: {INSTALL}")
+        raise TransferkitError(f"--mlflow {public_uri(setting.strip())} needs MLflow, which is not installed; "
+                               f"run: {INSTALL}")
 
 
 def public_uri(uri: str) -> str:
