@@ -89,11 +89,10 @@ def check_tracking(setting: str) -> str | None:
     """
     import importlib.util
 
+    require_mlflow(setting)
     uri = tracking_uri(setting)
     if uri is None or importlib.util.find_spec("mlflow") is not None:
         return uri
-    if setting.strip():
-        raise TransferkitError(f"--mlflow {public_uri(uri)} needs MLflow, which is not installed; run: {INSTALL}")
     log.warning(f"{ENVIRONMENT_URI} is set but MLflow is not installed, so this job is not tracked; run: {INSTALL}")
     return None
 
