@@ -214,7 +214,7 @@ def _front_matter(facts: _Facts) -> str:
         lines += ["model-index:", f"- name: {_yaml(facts.name)}", "  results:", "  - task:",
                   "      type: image-classification", "      name: Image Classification", "    dataset:",
                   "      type: imagefolder", f"      name: {_yaml(data_name)}", "    metrics:",
-                  "    - type: accuracy", f"      value: {facts.accuracy:.4f}", "      name: Validation accuracy"]
+                  "    - type: accuracy", f"      value: {_yaml(facts.accuracy)}", "      name: Validation accuracy"]
     lines += ["transferkit:", f"  version: {_yaml(__version__)}", f"  classes: {_yaml(facts.classes)}",
               f"  image_size: {_yaml(facts.size)}", f"  backbone: {_yaml(facts.backbone)}",
               f"  data_fingerprint: {_yaml(facts.labels.get('data_fingerprint'))}", "---", ""]
@@ -311,7 +311,8 @@ def _evaluation(facts: _Facts) -> str:
     if facts.accuracy is None:
         return "\n".join(lines + ["No validation figures were recorded (metrics.json is missing).", ""])
     low, high = _wilson(facts.accuracy, facts.n_val)
-    lines += [f"On the {facts.n_val} validation images: accuracy **{_percent(facts.accuracy)}** (95% interval "
+    lines += [f"On the {facts.n_val} validation images: accuracy **{_percent(facts.accuracy)}** "
+              f"({facts.accuracy:.3f}; 95% interval "
               f"{_percent(low)} to {_percent(high)}), loss {_number(facts.final.get('val_loss'))}.", ""]
     per_class = facts.per_class()
     if per_class:
