@@ -18,39 +18,31 @@ runner = CliRunner()
 
 
 def test_export_writes_the_folder_and_needs_force_to_replace_it(shapes_run, shapes_dir, tmp_path):
-    out = tmp_path / "litert"
-    result = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out),
-                                 "--data", str(shapes_dir)])
+    run = tmp_path / "run"  # a copy: the export goes into its exports/ folder, and report lists it there
+    shutil.copytree(shapes_run.path, run)
+    out = run / "exports" / "litert"
+    result = runner.invoke(app, ["export", str(run), "--format", "litert", "-o", str(out), "--data", str(shapes_dir)])
     assert result.exit_code == 0, result.output
     assert "litert: " in result.output and "max |dp|" in result.output and "1 export(s) written" in result.output
     assert {path.name for path in out.iterdir()} == {"model.tflite", "labels.json", "README.txt", "export.json",
                                                      "MODEL_CARD.md"}
-    card = (out / "MODEL_CARD.md").read_text()  # the run's card, this export listed in it
-    assert "classes: [\"circle\", \"square\", \"triangle\"]" in card and "export model.tflite" in card
-    assert f"| `{out.resolve()}` | none |" in card
-    again = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out)])
+    # The export carries the run's model card, this export listed in it with its accuracy drop.
+    copy = (out / "MODEL_CARD.md").read_text()
+    assert 'classes: ["circle", "square", "triangle"]' in copy and "litert export model.tflite" in copy
+    drop = json.loads((out / "export.json").read_text())["accuracy"]["drop_points"]
+    assert "| `exports/litert` | none |" in copy and f"| {drop:.2f} |" in copy
+    again = runner.invoke(app, ["export", str(run), "--format", "litert", "-o", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     before = (out / "export.json").stat().st_mtime_ns
-    forced = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out), "--force"])
+    forced = runner.invoke(app, ["export", str(run), "--format", "litert", "-o", str(out), "--force"])
     assert forced.exit_code == 0, forced.output
     assert (out / "export.json").stat().st_mtime_ns != before
-
-
-def test_report_lists_the_exports_of_the_run_in_its_model_card(shapes_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(shapes_run.path, run)
-    first = runner.invoke(app, ["report", str(run)])
-    assert first.exit_code == 0 and str(run / "MODEL_CARD.md") in first.output, first.output
-    assert "## Exports\n\nNone yet" in (run / "MODEL_CARD.md").read_text()
-    exported = runner.invoke(app, ["export", str(run), "--format", "keras"])
-    assert exported.exit_code == 0, exported.output
-    copy = (run / "exports" / "keras" / "MODEL_CARD.md").read_text()
-    assert "| `exports/keras` | none |" in copy and "This copy travels with the keras export" in copy
-    assert "None yet" in (run / "MODEL_CARD.md").read_text()  # the run's own card: report writes it
-    again = runner.invoke(app, ["report", str(run)])
-    assert again.exit_code == 0, again.output
+    # The run's own card lists its exports once report writes it again.
+    assert not (run / "MODEL_CARD.md").exists()  # (this hand-made run had none)
+    reported = runner.invoke(app, ["report", str(run)])
+    assert reported.exit_code == 0 and str(run / "MODEL_CARD.md") in reported.output, reported.output
     card = (run / "MODEL_CARD.md").read_text()
-    assert "| `exports/keras` | none |" in card and "| 0.00 |" in card and "None yet" not in card
+    assert "| `exports/litert` | none |" in card and "None yet" not in card and "This copy travels" not in card
 
 
 def test_force_replaces_only_export_folders(shapes_run, tmp_path):
