@@ -163,3 +163,22 @@ def binary_run(binary_dir, tmp_path_factory):
     """A tiny two-class run on ``binary_dir`` (one sigmoid unit)."""
     output = tmp_path_factory.mktemp("shared-runs") / "binary"
     return transferkit.finetune(binary_dir, None, TINY, output=output, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """A factory of fresh MLflow SQLite stores: ``mlflow_store(folder)`` -> a ``sqlite:///``
+    tracking URI in that folder. Each is a copy of one store made once per session (MLflow's
+    migrations take seconds when it creates a store)."""
+    import shutil
+
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+
+    def new_store(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return new_store

@@ -79,6 +79,7 @@ _EXPORTS = {
     "run_stages": "transferkit.training.stages",
     "tune": "transferkit.tuning.search",
     "write_predictions": "transferkit.inference.predict",
+    "write_model_card": "transferkit.evaluation.card",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -102,6 +103,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         UnreadableImage,
         WeightsError,
     )
+    from transferkit.evaluation.card import write_model_card
     from transferkit.evaluation.evaluate import evaluate_folder
     from transferkit.evaluation.gradcam import explain
     from transferkit.export.benchmark import benchmark_run

@@ -49,6 +49,7 @@ FLAG_KEYS = {
     "cache_views": "cache.views",
     "cache_memory": "cache.memory_mb",
     "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
     "head_epochs": "stages.0.epochs",
     "fine_epochs": "stages.1:.epochs",
 }
@@ -333,6 +334,9 @@ class Recipe(_Section):
     calibrate: bool = True
     # TensorBoard logs in RUN/tensorboard/, one step count across stages.
     tensorboard: bool = False
+    # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...): params, per-epoch metrics,
+    # the run's files and model. "": MLFLOW_TRACKING_URI when set, else none; "off": never.
+    mlflow: str = ""
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     loss: LossConfig = LossConfig()

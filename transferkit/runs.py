@@ -11,6 +11,8 @@
       confusion.png          validation confusion matrix (counts and row-normalised)
       skipped.txt            files that were not used and why (only when there were some)
       model.h5               legacy HDF5 copy (only with --save-h5)
+      MODEL_CARD.md          what the model is and how far to trust it (evaluation.card), written last
+      exports/FORMAT/        exports (transferkit export), each with its export.json
 
 A run is written under a temporary hidden name beside its destination, flushed to disk and
 renamed at the end, so an interrupted run never leaves a folder that looks finished, and an
@@ -54,6 +56,8 @@ log = logging.getLogger("transferkit")
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
+EXPORTS_FOLDER = "exports"  # in a run folder: where exports go by default, one folder each
+EXPORT_RECORD = "export.json"  # in an export folder: how it was made and checked
 RUN_FORMAT = 1
 HISTORY_COLUMNS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 

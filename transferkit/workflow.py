@@ -2,7 +2,8 @@
 
     finetune: recipe -> data.prepare (index, decode, check, split) -> model.build ->
               training.stages (under the signal handlers, checkpointing into RUN.partial)
-              -> validation metrics -> calibration -> the run folder (runs.save_run)
+              -> validation metrics -> calibration -> the run folder (runs.save_run, the
+              model card last), each step logged to MLflow when asked (training.tracking)
     resume_finetune: the same from RUN.partial's recipe, job and checkpoint
     train_prepared: the same on data prepared once (tune's trials), with or without a folder
 """
@@ -17,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from transferkit.data.split import SPLIT_FILE
 from transferkit.errors import RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
+from transferkit.evaluation.card import write_model_card
 from transferkit.files import fault_point, write_atomic
 from transferkit.inference.engines import inference_engine
 from transferkit.model.build import build_model
@@ -49,6 +51,7 @@ from transferkit.training.checkpoint import (
 from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
+from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
 
 log = logging.getLogger("transferkit")
 
@@ -92,6 +95,7 @@ def finetune(
         recipe = load_recipe(recipe, overrides)
     if recipe.tensorboard:
         require_tensorboard()
+    require_mlflow(recipe.mlflow)
     output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
     remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
@@ -140,6 +144,7 @@ def train_prepared(
     extras = _Extras(tuple(callbacks), calibrate, feature_cache)
     if output is None:
         return _train(prepared, recipe, None, verbose, extras)
+    require_mlflow(recipe.mlflow)
     output = runs.named_folder(output)
     remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir))
@@ -223,6 +228,7 @@ class _Trained:
     history: list[dict]
     metrics: dict | None = None
     tensorboard: Path | None = None  # the TensorBoard logs written while training
+    tracking: dict | None = None  # the MLflow run it is logged to
 
 
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
@@ -256,7 +262,16 @@ def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: 
 def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose: int,
            extras: _Extras = _Extras()) -> runs.Run:
     """Build (or load from the checkpoint) the model, run the stages, evaluate, calibrate,
-    save the run (without ``out``, nothing is written: no checkpoints, no run folder)."""
+    save the run (without ``out``, nothing is written: no checkpoints, no run folder, no
+    MLflow run), tracked in MLflow when the recipe or the environment asks."""
+    if out is None:
+        return _train_tracked(prepared, recipe, out, verbose, extras, None)
+    with tracked_training(recipe, prepared, out.path, out.work) as tracker:
+        return _train_tracked(prepared, recipe, out, verbose, extras, tracker)
+
+
+def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose: int, extras: _Extras,
+                   tracker: Tracker | None) -> runs.Run:
     # matplotlib is needed only at the end (the figures); imported meanwhile, it costs the job nothing.
     threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True).start()
     keras.utils.set_random_seed(recipe.seed)
@@ -271,12 +286,20 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
         model, policy = built.model, built.policy
     train_batches, val_batches = prepared.batches(recipe)
     tensorboard = work.path / "tensorboard" if recipe.tensorboard and work is not None else None
+    if tracker is not None:
+        epochs_done = len(work.state().history) if work is not None else 0
+        extras = replace(extras, callbacks=(*extras.callbacks, tracker.epoch_logger(epochs_done)))
     result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras)
     trained = _Trained(model, policy, result.history, tensorboard=tensorboard)
+    if tracker is not None:
+        trained.tracking = {"tracking_uri": public_uri(tracker.uri), "experiment_id": tracker.experiment_id,
+                            "run_id": tracker.run_id}
     trained.metrics = summary.validation_metrics(model, val_batches, result.val_outputs, trained.history,
                                                  prepared.val_labels, prepared.class_names,
                                                  len(prepared.train_labels))
     trained.metrics["precision"] = policy
+    trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
+                                                           prepared.class_names)
     trained.metrics["stages"] = [asdict(timing) for timing in result.timings]
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
@@ -289,6 +312,8 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")
         out.work.remove()
+        if tracker is not None:
+            log_finished_run(tracker, out.path, model, trained.metrics)
     return runs.Run(
         path=out.path if out is not None else None,
         class_names=list(prepared.class_names),
@@ -358,7 +383,7 @@ def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: Prepar
     try:
         run_id = out.work.job().get("run_id")
         runs.save_run(out.path, lambda folder: _write_contents(folder, trained, recipe, prepared, out.save_h5,
-                                                               run_id), force=out.force)
+                                                               run_id, out.path.name), force=out.force)
     except RunError as error:
         if not out.work.has_checkpoint():
             raise
@@ -368,8 +393,9 @@ def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: Prepar
 
 
 def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: PreparedData, save_h5: bool,
-                    run_id: str | None = None) -> None:
-    """The run folder's files: model, labels, recipe, history, metrics, split, figures, skipped files."""
+                    run_id: str | None = None, name: str | None = None) -> None:
+    """The run folder's files: model, labels, recipe, history, metrics, split, figures, skipped
+    files, and last the model card, which reads them."""
     history, metrics = trained.history, trained.metrics
 
     def draw_figures() -> None:
@@ -391,6 +417,8 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
     extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir}
     if run_id is not None:
         extra["run_id"] = run_id
+    if trained.tracking is not None:
+        extra["mlflow"] = trained.tracking
     source = source_run(recipe.weights)
     recipe_text = recipe.to_toml()
     if source is not None:
@@ -408,3 +436,4 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
         shutil.copytree(trained.tensorboard, folder / "tensorboard")
     if prepared.skipped:
         write_atomic(folder / "skipped.txt", "".join(f"{path}\t{reason}\n" for path, reason in prepared.skipped))
+    write_model_card(folder, name=name)

@@ -74,6 +74,9 @@ GroupByOption = Annotated[Optional[str], typer.Option(
         metavar="REGEX", help="Each file's group: the regex's first group, searched in its path below DATA_DIR "
         "(else in its name), e.g. '^[^/]+/(patient\\d+)_' for cat/patient12_3.jpg; no group is split between "
         "training and validation (recipe key: data.group_by).")]
+MlflowOption = Annotated[Optional[str], typer.Option("--mlflow", metavar="URI",
+        help="Log to MLflow: params, per-epoch metrics, figures and the model (sqlite:///mlflow.db, "
+             "http://host:5000, ...; default MLFLOW_TRACKING_URI when set; off: never; recipe key: mlflow).")]
 ValDirOption = Annotated[Optional[Path], typer.Option(
         help="Validation folder with the same class sub-folders, instead of a split.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]

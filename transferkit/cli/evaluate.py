@@ -87,9 +87,10 @@ def explain(
 
 @reports_errors
 def report(run: RunArgument, verbose: VerboseOption = False) -> None:
-    """Draw a run's history.png and confusion.png again from history.csv and metrics.json."""
-    from transferkit.evaluation.figures import write_run_figures
+    """Write a run's MODEL_CARD.md again (with its exports and evaluations so far), and draw
+    history.png and confusion.png again from history.csv and metrics.json."""
+    from transferkit.evaluation.card import write_run_report
 
     setup_logging(False, verbose)
-    written = write_run_figures(run)
+    written = write_run_report(run)
     typer.echo("wrote " + ", ".join(str(path) for path in written))

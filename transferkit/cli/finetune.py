@@ -13,6 +13,7 @@ from transferkit.cli.common import (
     EngineOption,
     GroupByOption,
     ImageSizeOption,
+    MlflowOption,
     PrecisionOption,
     QuietOption,
     RecipeOption,
@@ -64,6 +65,7 @@ def finetune(
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard",
             help="Write TensorBoard logs to RUN/tensorboard/, one step count across stages (recipe key: "
                  "tensorboard).")] = None,
+    mlflow: MlflowOption = None,
     set_values: SetOption = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o",
             help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,

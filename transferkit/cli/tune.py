@@ -13,6 +13,7 @@ from transferkit.cli.common import (
     DataDirArgument,
     GroupByOption,
     ImageSizeOption,
+    MlflowOption,
     QuietOption,
     RecipeOption,
     SetOption,
@@ -57,6 +58,7 @@ def tune(
     weights: WeightsOption = None,
     image_size: ImageSizeOption = None,
     batch_size: BatchSizeOption = None,
+    mlflow: MlflowOption = None,
     set_values: SetOption = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -67,6 +69,9 @@ def tune(
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe
     OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current
     trial and keeps the study.
+
+    With --mlflow (or MLFLOW_TRACKING_URI), the call is one MLflow run and each trial a
+    nested run under it.
 
     Several workers (processes or machines) share one study through --storage.
     On PostgreSQL, MySQL or SQLite, a killed worker's trial is failed after 20 s
