@@ -48,6 +48,7 @@ from transferkit.errors import RecipeError
 from transferkit.files import atomic_path
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
+from transferkit.strategies import resolve_distribution
 from transferkit.training.checkpoint import TrainingState
 from transferkit.training.compile import make_loss, make_optimizer
 from transferkit.training.stages import Checkpointing, StageOptions, StagesRun, begin_stage, run_stages
@@ -163,12 +164,15 @@ def prepare_stage(
     if not 0 <= stage < len(recipe.stages):
         raise RecipeError(f"--stage {stage}: the recipe has {len(recipe.stages)} stage(s); "
                           f"use 0..{len(recipe.stages) - 1}")
+    resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts: it may set its devices
     prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
     keras.utils.set_random_seed(recipe.seed)
-    classifier = build_model(recipe, prepared.n_classes).model
+    built = build_model(recipe, prepared.n_classes)
+    classifier = built.model
     spec = get_spec(recipe.backbone)
     train, val = prepared.batches(recipe)
-    options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss)
+    options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
+                           distribution=built.distribution)
     earlier = [config for config in recipe.stages[:stage] if config.epochs > 0]
     if earlier:
         run_stages(classifier, spec, earlier, train, val, prepared.n_classes, options)
