@@ -1,6 +1,6 @@
 """benchmarks/gpu.py on whatever this machine has (a CPU here): its --quick mode prints one JSON
-line per precision with the device, the forward baseline and the stages; and its choice of
-mixed precision per GPU generation."""
+line per precision and device count with the device, the forward baseline and the stages; and
+its choice of mixed precision per GPU generation."""
 
 import json
 import runpy
@@ -19,11 +19,12 @@ def benchmark():
 def test_quick_mode_prints_a_line_per_precision_against_the_forward_pass(benchmark, capsys):
     import tensorflow as tf
 
-    assert benchmark["main"](["--quick"]) == 0
+    # float32 only: mixed precision is the same code under another policy (chosen below).
+    assert benchmark["main"](["--quick", "--precisions", "float32"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     gpus = tf.config.list_physical_devices("GPU")
-    assert len(lines) == 2 * (1 if len(gpus) < 2 else 2)
-    assert {line["precision"] for line in lines} <= {"float32", "mixed_bfloat16", "mixed_float16"}
+    assert len(lines) == (1 if len(gpus) < 2 else 2)
+    assert {line["precision"] for line in lines} == {"float32"}
     for line in lines:
         assert line["benchmark"] == "gpu" and line["unit"] == "images/s" and line["backbone"] == "vgg16"
         assert line["device"]["kind"] == ("GPU" if gpus else "CPU") and line["device"]["name"]

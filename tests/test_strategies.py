@@ -165,6 +165,7 @@ def mirrored_run(shapes_dir, tmp_path_factory):
     return output, process.stdout + process.stderr
 
 
+@pytest.mark.slow
 def test_mirrored_run_on_two_devices_resumes_and_trains_as_one_device(mirrored_run, shapes_dir, tmp_path):
     output, text = mirrored_run
     assert "exit code 130\n" in text and "exit code 0\n" in text, text[-3000:]
@@ -185,7 +186,9 @@ def test_mirrored_run_on_two_devices_resumes_and_trains_as_one_device(mirrored_r
         for key in ("loss", "val_loss"):
             assert float(ours[key]) == pytest.approx(theirs[key], rel=0.02, abs=0.01), (key, mirrored.history,
                                                                                         one.history)
-    assert mirrored.metrics["val_accuracy"] == pytest.approx(one.metrics["val_accuracy"], abs=0.2)
+    final, one_final = mirrored.metrics["final"], one.metrics["final"]
+    assert final["val_loss"] == pytest.approx(one_final["val_loss"], rel=0.02, abs=0.01)
+    assert final["val_accuracy"] == pytest.approx(one_final["val_accuracy"], abs=0.2)
     # What is saved is a plain model: no BatchNorm synchronized across replicas.
     import keras
 
@@ -232,6 +235,7 @@ def free_ports(count):
     return ports
 
 
+@pytest.mark.slow
 def test_keras_fit_still_fails_under_multiworker_mirrored_strategy(tmp_path):
     """keras#20585 (also tensorflow#72388): two workers on loopback ports, a tiny model, Keras
     3 fit. When this test fails because fit worked, Keras has fixed it: offer a multi-worker

@@ -49,7 +49,9 @@ class Distribution:
         devices: the devices the replicas run on, e.g. ("/gpu:0", "/gpu:1"); one for none.
         reason: why this strategy (the request, or what ``auto`` saw).
         requested: the recipe's strategy as given ("auto", ...); default: ``name``.
-        strategy: the ``tf.distribute.Strategy``, or None (one device).
+        strategy: what ``scope()`` enters: a ``tf.distribute.Strategy`` (or, for a
+            data-parallel row, a ``keras.distribution.Distribution``, which has a ``scope()``
+            too), or None (one device).
     """
 
     name: str

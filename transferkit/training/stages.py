@@ -313,7 +313,7 @@ class BegunStage:
 def begin_stage(run: StagesRun, index: int) -> BegunStage:
     """Set stage ``index`` up as training begins it: freeze -> (feature cache) -> the head's
     BatchNorm statistics (once per run) -> recompile, what fits built and compiled in the
-    distribution strategy's scope (its BatchNorm synchronized across replicas there).
+    distribution strategy's scope.
 
     Args:
         run: the ``StagesRun`` (from ``StagesRun.start``).
@@ -339,7 +339,6 @@ def begin_stage(run: StagesRun, index: int) -> BegunStage:
         compile_for_stage(begun.model, stage, run.n_classes,
                           steps_per_execution=begun.steps_per_execution(distribution),
                           steps_per_epoch=len(begun.train), loss=run.options.loss)
-    synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
     return begun
 
 
@@ -367,15 +366,11 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, np.ndarray | 
     stage = run.stages[index]
     started = time.perf_counter()
     begun = begin_stage(run, index)
-    try:
-        with run.scope():  # the optimizer's restored state lives on every replica
-            start = _resume_point(run.checkpointing, index, begun)
-        _checkpoint_stage_start(run, index, begun)
-        _log_stage(run, index, begun, start)
-        _fit(run, index, begun, start)
-    finally:
-        # What is saved loads on any backend (and on one device).
-        synchronize_batchnorm(begun.model, False)
+    with run.scope():  # the optimizer's restored state lives on every replica
+        start = _resume_point(run.checkpointing, index, begun)
+    _checkpoint_stage_start(run, index, begun)
+    _log_stage(run, index, begun, start)
+    _fit(run, index, begun, start)
     run.stop_if_requested()
     val_outputs = predict_eagerly(begun.model, begun.val) if begun.cached else None
     timing = StageTiming(stage=stage.name, epochs=len(run.rows) - run.global_epoch,
@@ -476,15 +471,24 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     )
     validation = ([EagerValidation(begun.val, run.n_classes, make_loss(run.n_classes, run.options.loss))]
                   if begun.cached else [])
-    begun.model.fit(
-        begun.train,
-        validation_data=None if begun.cached else begun.val,
-        initial_epoch=start.initial_epoch,
-        epochs=stage.epochs,
-        shuffle=False,  # the batches shuffle themselves, seeded per epoch
-        callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks],
-        verbose=run.options.verbose,
-    )
+    # Across replicas, the head's BatchNorm normalises over the global batch while fit runs
+    # (its step is traced then); before and after, the model is a plain one that loads on any
+    # backend. (A whole-model checkpoint written during fit holds the flag: it resumes on
+    # TensorFlow, where the strategy is.)
+    distribution = run.options.distribution
+    synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
+    try:
+        begun.model.fit(
+            begun.train,
+            validation_data=None if begun.cached else begun.val,
+            initial_epoch=start.initial_epoch,
+            epochs=stage.epochs,
+            shuffle=False,  # the batches shuffle themselves, seeded per epoch
+            callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks],
+            verbose=run.options.verbose,
+        )
+    finally:
+        synchronize_batchnorm(begun.model, False)
 
 
 def _checkpoint_between_stages(run: StagesRun, index: int) -> None:
