@@ -124,6 +124,14 @@ def test_logical_devices_asked_for_after_tensorflow_started_are_one_line(shapes_
     assert "cannot change now" in line
 
 
+def test_lr_find_sets_its_stage_up_in_the_strategys_scope(shapes_dir):
+    """A mirrored strategy over one device (all this process can have): the stage lr-find
+    begins and compiles itself must make its optimizer in the strategy's scope."""
+    result = transferkit.find_learning_rate(shapes_dir, None, {**RECIPE, "strategy": "mirrored", "devices": 1},
+                                            steps=6)
+    assert len(result.losses) >= 2 and all(loss == loss for loss in result.losses)
+
+
 # --- a mirrored run on two logical CPU devices -------------------------------------------------
 
 

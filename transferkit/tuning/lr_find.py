@@ -31,6 +31,7 @@ learn (a frozen head, labels that do not follow the images ...): no suggestion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -113,12 +114,14 @@ class StageSetup:
 
     def compile(self, learning_rate: float) -> None:
         """Compile ``model`` with the stage's optimizer and weight decay at a constant rate,
-        and the recipe's loss."""
-        self.model.compile(
-            optimizer=make_optimizer(self.stage.optimizer, learning_rate, self.stage.weight_decay),
-            loss=make_loss(self.n_classes, self.recipe.loss),
-            metrics=["accuracy"],
-        )
+        and the recipe's loss (in the distribution strategy's scope, where the optimizer's
+        variables must be made)."""
+        with self.run.scope() if self.run is not None else contextlib.nullcontext():
+            self.model.compile(
+                optimizer=make_optimizer(self.stage.optimizer, learning_rate, self.stage.weight_decay),
+                loss=make_loss(self.n_classes, self.recipe.loss),
+                metrics=["accuracy"],
+            )
 
     def close(self) -> None:
         """Release the cached features."""
