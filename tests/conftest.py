@@ -94,7 +94,7 @@ def pytest_configure(config):
 # end: the workers finish together instead of one waiting on a long file started last.
 # The other files follow in their usual order; a new slow file belongs in this list.
 LONGEST_FIRST = (
-    "training/test_features.py", "tuning/test_search.py", "reliability/test_faults.py",
+    "test_strategies.py", "training/test_features.py", "tuning/test_search.py", "reliability/test_faults.py",
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",
     "export/test_roundtrip.py", "inference/test_predict.py", "tuning/test_workers.py", "model/test_fold.py",
     "cli/test_cli.py",

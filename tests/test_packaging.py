@@ -12,7 +12,7 @@ PYPROJECT = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="u
 
 # Lowest first. A module may import its own layer (without a circle) and the ones below it.
 LAYERS = (
-    {"errors", "outputs", "files", "locks", "runtime", "progress"},
+    {"errors", "outputs", "files", "locks", "runtime", "strategies", "progress"},
     {"backbones", "recipe", "keras_private"},
     {"data", "runs"},
     {"model"},

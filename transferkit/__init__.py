@@ -47,6 +47,7 @@ _EXPORTS = {
     "StageConfig": "transferkit.recipe",
     "StageOptions": "transferkit.training.stages",
     "StagesResult": "transferkit.training.stages",
+    "StrategyError": "transferkit.errors",
     "TrainingInterrupted": "transferkit.errors",
     "UnreadableImage": "transferkit.errors",
     "TransferkitError": "transferkit.errors",
@@ -73,6 +74,7 @@ _EXPORTS = {
     "predict_folder": "transferkit.inference.predict",
     "prepare_data": "transferkit.data.prepare",
     "read_image": "transferkit.data.images",
+    "resolve_distribution": "transferkit.strategies",
     "resume_finetune": "transferkit.workflow",
     "train_prepared": "transferkit.workflow",
     "begin_stage": "transferkit.training.stages",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         RecipeError,
         RunError,
         ServeError,
+        StrategyError,
         TrainingInterrupted,
         TransferkitError,
         UnreadableImage,
@@ -124,6 +127,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         load_recipe,
     )
     from transferkit.runs import Run, load_run
+    from transferkit.strategies import resolve_distribution
     from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, begin_stage, run_stages
     from transferkit.trust.audit import AuditResult, audit
     from transferkit.tuning.diagnostics import check_learning

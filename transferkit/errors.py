@@ -10,6 +10,8 @@ class names (1: the input or the run is wrong; 2: the command line or recipe is 
     │   └── UnreadableImage  one file is not a readable image (skipped where others go on)
     ├── WeightsError       backbone weights cannot be downloaded, found or loaded
     ├── EngineError        the inference engine asked for is not installed
+    ├── StrategyError      the distribution strategy or device count asked for cannot be
+    │                      set up here (more devices than the machine has, a strategy not built)
     ├── RunError           a run folder cannot be written, found or read
     ├── ExportError        an export cannot be written here, disagrees with the Keras model,
     │                      loses more accuracy than allowed, or its folder exists already
@@ -59,6 +61,14 @@ class WeightsError(TransferkitError):
 
 class EngineError(TransferkitError):
     """Raised when ``--engine openvino`` is asked for and the openvino package is missing."""
+
+
+class StrategyError(TransferkitError):
+    """Raised when ``--strategy`` / ``--devices`` ask for what this machine or this version
+    cannot give: more devices than it has, logical CPU devices after TensorFlow started, or a
+    strategy that is not built."""
+
+    exit_code = 2
 
 
 class RunError(TransferkitError):

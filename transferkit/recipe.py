@@ -28,6 +28,7 @@ from pydantic import (
 from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
 from transferkit.errors import RecipeError
 from transferkit.runtime import ENGINES, PRECISIONS
+from transferkit.strategies import STRATEGIES
 
 # The shipped recipes live in the repository's recipes/ folder, which the build maps into the
 # package as ``transferkit.recipes`` (so the wheel ships them; there is one copy).
@@ -50,6 +51,8 @@ FLAG_KEYS = {
     "cache_memory": "cache.memory_mb",
     "tensorboard": "tensorboard",
     "mlflow": "mlflow",
+    "strategy": "strategy",
+    "devices": "devices",
     "head_epochs": "stages.0.epochs",
     "fine_epochs": "stages.1:.epochs",
 }
@@ -337,6 +340,9 @@ class Recipe(_Section):
     # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...): params, per-epoch metrics,
     # the run's files and model. "": MLFLOW_TRACKING_URI when set, else none; "off": never.
     mlflow: str = ""
+    # How many devices train (transferkit.strategies): batch_size is the global batch.
+    strategy: Literal[STRATEGIES] = "auto"
+    devices: int | Literal["all"] = "all"
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     loss: LossConfig = LossConfig()
@@ -362,6 +368,8 @@ class Recipe(_Section):
             )
         if not self.stages:
             raise ValueError("stages: at least one [[stages]] table is needed")
+        if self.devices != "all" and self.devices < 1:
+            raise ValueError(f"devices: {self.devices} is not a number of devices; use 1 or more, or 'all'")
         for index, stage in enumerate(self.stages):
             if isinstance(stage.unfreeze, int) and stage.unfreeze > len(spec.blocks):
                 raise ValueError(
@@ -563,7 +571,8 @@ def _describe(error: ValidationError) -> str:
             text = f"{key} = {received!r}: {item['msg']}"
         if key in messages and kind not in ("extra_forbidden",):
             if "'all'" in item["msg"] or "'all'" in messages[key]:
-                messages[key] = f"{key} = {received!r}: expected an integer >= 0 or 'all'"
+                low = 1 if key == "devices" else 0
+                messages[key] = f"{key} = {received!r}: expected an integer >= {low} or 'all'"
             continue
         messages[key] = text
     return "; ".join(messages.values())

@@ -29,17 +29,18 @@ from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.data.split import SPLIT_FILE
-from transferkit.errors import RunError, TrainingInterrupted
+from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.evaluation.card import write_model_card
 from transferkit.files import fault_point, write_atomic
 from transferkit.inference.engines import inference_engine
-from transferkit.model.build import build_model
+from transferkit.model.build import build_model, log_setup
 from transferkit.model.transfer import source_run
 from transferkit.outputs import output_activation
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.runtime import resolve_precision
+from transferkit.strategies import Distribution, resolve_distribution
 from transferkit.training.checkpoint import (
     KEEPS_LAST_EPOCH,
     StopFlag,
@@ -93,6 +94,7 @@ def finetune(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts: it may set its devices
     if recipe.tensorboard:
         require_tensorboard()
     require_mlflow(recipe.mlflow)
@@ -142,6 +144,7 @@ def train_prepared(
         TransferkitError: bad weights or output folder; ``TrainingInterrupted`` after a signal.
     """
     extras = _Extras(tuple(callbacks), calibrate, feature_cache)
+    resolve_distribution(recipe.strategy, recipe.devices)
     if output is None:
         return _train(prepared, recipe, None, verbose, extras)
     require_mlflow(recipe.mlflow)
@@ -152,7 +155,8 @@ def train_prepared(
 
 
 def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str | os.PathLike | None = None,
-                    val_dir: str | os.PathLike | None = None, force: bool = False) -> runs.Run:
+                    val_dir: str | os.PathLike | None = None, force: bool = False,
+                    overrides: Mapping[str, Any] | None = None) -> runs.Run:
     """Continue an interrupted ``finetune`` from its last completed epoch.
 
     The recipe and options come from ``RUN.partial/``; with the same data the result
@@ -168,6 +172,8 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
             was). The images must be those the run started with.
         force: replace a finished run at RUN (as the interrupted run's own ``force``
             would); default False.
+        overrides: recipe keys to change for the rest of the run, only ``strategy`` and
+            ``devices`` (the devices it goes on with; None values are ignored); default None.
 
     Returns:
         The saved ``Run``.
@@ -175,14 +181,20 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     Raises:
         RunError: nothing to resume, or the checkpoint cannot be read.
         DataError: the data is missing or is not what the run started with.
+        RecipeError: an override of another key than strategy and devices.
     """
+    changed = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if set(changed) - {"strategy", "devices"}:
+        raise RecipeError(f"a resumed run keeps its own settings but strategy and devices; drop "
+                          f"{', '.join(sorted(set(changed) - {'strategy', 'devices'}))}")
     finished = remove_if_finished(run)
     if finished is not None:
         return runs.load_run(finished)
     work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
     try:
         job = work.job()
-        recipe = load_recipe(work.path / "recipe.toml")
+        recipe = load_recipe(work.path / "recipe.toml", changed)
+        resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts
         output = output_for(work.path)
         force = force or bool(job.get("force"))
         data_dir, val_dir = work.data_folders(data_dir, val_dir)
@@ -225,6 +237,7 @@ class _Trained:
 
     model: keras.Model
     policy: str  # the Keras dtype policy it trained in
+    distribution: Distribution  # the strategy it trained under
     history: list[dict]
     metrics: dict | None = None
     tensorboard: Path | None = None  # the TensorBoard logs written while training
@@ -277,20 +290,23 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     keras.utils.set_random_seed(recipe.seed)
     work = out.work if out is not None else None
     if work is not None and work.has_checkpoint():
+        distribution = resolve_distribution(recipe.strategy, recipe.devices)
         policy, reason = resolve_precision(recipe.precision)
         if verbose:
-            log.info(f"precision: {policy} ({reason})")
-        model = work.load_model()
+            log_setup(policy, reason, distribution)
+        with distribution.scope():  # its variables on every replica's device
+            model = work.load_model()
     else:
         built = build_model(recipe, prepared.n_classes, verbose=verbose)
-        model, policy = built.model, built.policy
+        model, policy, distribution = built.model, built.policy, built.distribution
     train_batches, val_batches = prepared.batches(recipe)
     tensorboard = work.path / "tensorboard" if recipe.tensorboard and work is not None else None
     if tracker is not None:
         epochs_done = len(work.state().history) if work is not None else 0
         extras = replace(extras, callbacks=(*extras.callbacks, tracker.epoch_logger(epochs_done)))
-    result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras)
-    trained = _Trained(model, policy, result.history, tensorboard=tensorboard)
+    result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras,
+                           distribution)
+    trained = _Trained(model, policy, distribution, result.history, tensorboard=tensorboard)
     if tracker is not None:
         trained.tracking = {"tracking_uri": public_uri(tracker.uri), "experiment_id": tracker.experiment_id,
                             "run_id": tracker.run_id}
@@ -300,6 +316,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics["precision"] = policy
     trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
                                                            prepared.class_names)
+    trained.metrics["strategy"] = distribution.as_dict()
     trained.metrics["stages"] = [asdict(timing) for timing in result.timings]
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
@@ -328,7 +345,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
 
 
 def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches, n_classes: int,
-                  out: _Output | None, verbose: int, extras: _Extras) -> StagesResult:
+                  out: _Output | None, verbose: int, extras: _Extras, distribution: Distribution) -> StagesResult:
     """Run the recipe's stages under the signal handlers (checkpointing into the work folder,
     when there is one); an interruption becomes one ``TrainingInterrupted`` that says what
     was kept."""
@@ -349,7 +366,8 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
     callbacks += extras.callbacks
     options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
                            forward_factory=forward_factory, callbacks=callbacks,
-                           feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision))
+                           feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
+                           distribution=distribution)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with stop_on_signals(StopFlag(), keeping) as stop:
@@ -414,7 +432,8 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
             trained.model.save(folder / "model.h5")
         figures.result()
     # Where the data was: exports sample their check images there.
-    extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir}
+    extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,
+             "strategy": trained.distribution.as_dict()}
     if run_id is not None:
         extra["run_id"] = run_id
     if trained.tracking is not None:

@@ -17,6 +17,7 @@ import typer
 from transferkit.backbones import available_backbones
 from transferkit.errors import TransferkitError
 from transferkit.runtime import ENGINES, PRECISIONS
+from transferkit.strategies import STRATEGIES
 
 
 def choices(values: Sequence[str]) -> str:
@@ -63,6 +64,27 @@ PrecisionOption = Annotated[
     typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU/GPU runs it fast), float32, bfloat16 "
                  "or float16 (recipe key: precision)."),
 ]
+
+
+def device_count(value: str | None) -> int | str | None:
+    """--devices as the recipe takes it: a number, or "all"."""
+    if value is None or value == "all":
+        return value
+    if not value.strip().lstrip("-").isdigit():
+        raise typer.BadParameter(f"{value!r} is not a number of devices; give 1 or more, or all")
+    return int(value)
+
+
+StrategyOption = Annotated[
+    Optional[str],
+    typer.Option(metavar=choices(STRATEGIES), help="How many devices train: auto (mirrored over the GPUs when "
+                 "TensorFlow sees several, else none), none (one device), mirrored (the local GPUs, or --devices "
+                 "logical CPU devices), data-parallel (not built yet) (recipe key: strategy).")]
+DevicesOption = Annotated[
+    Optional[str],
+    typer.Option(metavar="N|all", callback=device_count, help="Devices the strategy trains on: GPUs, or on a CPU "
+                 "logical CPU devices; default all GPUs (recipe key: devices). The batch size stays the global "
+                 "batch.")]
 # The inference engine and precision of the commands that run a saved model (predict, evaluate).
 InferenceEngineOption = Annotated[str, typer.Option(
     "--engine", metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")]

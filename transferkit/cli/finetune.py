@@ -10,6 +10,7 @@ import typer
 from transferkit.cli.common import (
     BackboneOption,
     BatchSizeOption,
+    DevicesOption,
     EngineOption,
     GroupByOption,
     ImageSizeOption,
@@ -19,6 +20,7 @@ from transferkit.cli.common import (
     RecipeOption,
     SeedOption,
     SetOption,
+    StrategyOption,
     ValDirOption,
     VerboseOption,
     WeightsOption,
@@ -28,9 +30,10 @@ from transferkit.cli.common import (
     usage_error,
 )
 
-# What --resume accepts besides RUN_DIR: where the data is now, and --force; every other
-# setting is the interrupted run's own.
-RESUME_PARAMETERS = frozenset({"data_dir", "val_dir", "resume", "force", "quiet", "verbose"})
+# What --resume accepts besides RUN_DIR: where the data is now, --force, and the devices it
+# goes on with (another machine may have others; the result does not depend on them beyond
+# float rounding); every other setting is the interrupted run's own.
+RESUME_PARAMETERS = frozenset({"data_dir", "val_dir", "resume", "force", "quiet", "verbose", "strategy", "devices"})
 
 
 @reports_errors
@@ -66,6 +69,8 @@ def finetune(
             help="Write TensorBoard logs to RUN/tensorboard/, one step count across stages (recipe key: "
                  "tensorboard).")] = None,
     mlflow: MlflowOption = None,
+    strategy: StrategyOption = None,
+    devices: DevicesOption = None,
     set_values: SetOption = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o",
             help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
@@ -94,7 +99,7 @@ def finetune(
             raise usage_error(f"--resume continues the run with its own settings; drop {', '.join(given)} "
                               "(or start a new run without --resume)")
         run = workflow.resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir,
-                                       force=force)
+                                       force=force, overrides={"strategy": strategy, "devices": devices})
         typer.echo(run.describe())
         return
     if data_dir is None:
