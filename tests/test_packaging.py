@@ -19,7 +19,7 @@ LAYERS = (
     {"inference"},
     {"training"},
     {"evaluation", "export", "trust"},
-    {"serve"},
+    {"serve", "run_folder"},
     {"workflow"},
     {"tuning"},
     {"cli", "__main__", "__init__"},

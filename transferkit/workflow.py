@@ -13,32 +13,27 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
-from transferkit.data.split import SPLIT_FILE
 from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
-from transferkit.evaluation.card import write_model_card
-from transferkit.files import fault_point, write_atomic
+from transferkit.files import fault_point
 from transferkit.inference.engines import inference_engine
 from transferkit.model.build import build_model, log_setup
-from transferkit.model.transfer import source_run
 from transferkit.outputs import output_activation
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.run_folder import TrainedRun, write_run_contents
 from transferkit.runtime import resolve_precision
 from transferkit.strategies import Distribution, resolve_distribution
 from transferkit.training.checkpoint import (
@@ -231,19 +226,6 @@ class _Extras:
     feature_cache: FeatureCache | None = None
 
 
-@dataclass
-class _Trained:
-    """What a finished training hands to the evaluation and the run folder."""
-
-    model: keras.Model
-    policy: str  # the Keras dtype policy it trained in
-    distribution: Distribution  # the strategy it trained under
-    history: list[dict]
-    metrics: dict | None = None
-    tensorboard: Path | None = None  # the TensorBoard logs written while training
-    tracking: dict | None = None  # the MLflow run it is logged to
-
-
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
                 extras: _Extras = _Extras()) -> runs.Run:
     """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
@@ -306,7 +288,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
         extras = replace(extras, callbacks=(*extras.callbacks, tracker.epoch_logger(epochs_done)))
     result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras,
                            distribution)
-    trained = _Trained(model, policy, distribution, result.history, tensorboard=tensorboard)
+    trained = TrainedRun(model, policy, distribution, result.history, tensorboard=tensorboard)
     if tracker is not None:
         trained.tracking = {"tracking_uri": public_uri(tracker.uri), "experiment_id": tracker.experiment_id,
                             "run_id": tracker.run_id}
@@ -395,64 +377,16 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                 callback.close()
 
 
-def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: PreparedData) -> None:
+def _write_run(out: _Output, trained: TrainedRun, recipe: Recipe, prepared: PreparedData) -> None:
     """Write the finished run folder atomically; when that fails, keep the training for
     ``--resume`` and say so."""
     try:
         run_id = out.work.job().get("run_id")
-        runs.save_run(out.path, lambda folder: _write_contents(folder, trained, recipe, prepared, out.save_h5,
-                                                               run_id, out.path.name), force=out.force)
+        runs.save_run(out.path, lambda folder: write_run_contents(
+            folder, trained, recipe, prepared, save_h5=out.save_h5, run_id=run_id, name=out.path.name), force=out.force)
     except RunError as error:
         if not out.work.has_checkpoint():
             raise
         out.work.flush()
         raise RunError(f"{error}; the training is kept in {out.work.path}: once the folder can be written, "
                        f"finish with: transferkit finetune --resume {out.path}") from error
-
-
-def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: PreparedData, save_h5: bool,
-                    run_id: str | None = None, name: str | None = None) -> None:
-    """The run folder's files: model, labels, recipe, history, metrics, split, figures, skipped
-    files, and last the model card, which reads them."""
-    history, metrics = trained.history, trained.metrics
-
-    def draw_figures() -> None:
-        from transferkit.evaluation import figures  # matplotlib: imported in the background meanwhile
-
-        if history:
-            figures.plot_history(history, folder / "history.png", metrics.get("saved"))
-        figures.plot_confusion(np.asarray(metrics["confusion_matrix"]), prepared.class_names,
-                               folder / "confusion.png", title="validation confusion matrix")
-
-    # The figures are drawn while the model is written.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        figures = pool.submit(draw_figures)
-        trained.model.save(folder / runs.MODEL_FILE)
-        if save_h5:
-            trained.model.save(folder / "model.h5")
-        figures.result()
-    # Where the data was: exports sample their check images there.
-    extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,
-             "strategy": trained.distribution.as_dict()}
-    if run_id is not None:
-        extra["run_id"] = run_id
-    if trained.tracking is not None:
-        extra["mlflow"] = trained.tracking
-    source = source_run(recipe.weights)
-    recipe_text = recipe.to_toml()
-    if source is not None:
-        extra["lineage"] = source.lineage()
-        recipe_text = (f"# lineage: the backbone started from the run {extra['lineage']['source_run']}\n"
-                       f"# (its data fingerprint {extra['lineage']['data_fingerprint']}; its recipe is that run's "
-                       "recipe.toml, copied into labels.json 'lineage')\n") + recipe_text
-    runs.write_labels(folder, list(prepared.class_names), recipe.image_size, recipe.backbone,
-                      output_activation(prepared.n_classes), precision=trained.policy, extra=extra)
-    write_atomic(folder / "recipe.toml", recipe_text)
-    runs.write_history(folder, history)
-    runs.write_json(folder / "metrics.json", metrics)
-    write_atomic(folder / SPLIT_FILE, prepared.split_csv())  # which image trained, which validated
-    if trained.tensorboard is not None:
-        shutil.copytree(trained.tensorboard, folder / "tensorboard")
-    if prepared.skipped:
-        write_atomic(folder / "skipped.txt", "".join(f"{path}\t{reason}\n" for path, reason in prepared.skipped))
-    write_model_card(folder, name=name)
