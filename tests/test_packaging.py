@@ -18,7 +18,7 @@ LAYERS = (
     {"model"},
     {"inference"},
     {"training"},
-    {"evaluation", "export"},
+    {"evaluation", "export", "trust"},
     {"workflow"},
     {"tuning"},
     {"cli", "__main__", "__init__"},

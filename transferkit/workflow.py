@@ -48,6 +48,7 @@ from transferkit.training.checkpoint import (
 from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
+from transferkit.trust.record import TrustRecord, fit_trust
 
 log = logging.getLogger("transferkit")
 
@@ -222,6 +223,7 @@ class _Trained:
     history: list[dict]
     metrics: dict | None = None
     tensorboard: Path | None = None  # the TensorBoard logs written while training
+    trust: TrustRecord | None = None  # the rejection threshold and prediction-set scores
 
 
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
@@ -284,7 +286,8 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
-    if out is not None:
+    if out is not None:  # what predict --reject and --sets need, fitted after calibration
+        trained.trust = fit_trust(model, prepared, recipe, verbose)
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")
         out.work.remove()
@@ -298,6 +301,7 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
         history=trained.history,
         metrics=trained.metrics,
         model=model,
+        **(trained.trust.labels_entries() if trained.trust is not None else {}),
     )
 
 
@@ -390,6 +394,9 @@ def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: P
     extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir}
     if run_id is not None:
         extra["run_id"] = run_id
+    if trained.trust is not None:
+        extra.update(trained.trust.labels_entries())
+        trained.trust.write_files(folder)
     source = source_run(recipe.weights)
     recipe_text = recipe.to_toml()
     if source is not None:
