@@ -69,7 +69,10 @@ def test_finetune_records_the_threshold_its_reference_and_the_set_scores(shapes_
     assert load_run(shapes_run.path, with_model=False).rejection == rejection
 
 
-def test_fit_keeps_its_coverage_of_validation_images_for_either_score(shapes_run):
+def test_fit_keeps_its_coverage_of_validation_images_for_either_score(shapes_run, monkeypatch):
+    import transferkit.trust.rejection
+
+    monkeypatch.setattr(transferkit.trust.rejection, "REFERENCE_LIMIT", 12)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     prepared = SimpleNamespace(train_images=images[:20], val_images=images[20:])
@@ -80,6 +83,11 @@ def test_fit_keeps_its_coverage_of_validation_images_for_either_score(shapes_run
         assert fit.record["threshold"] == pytest.approx(np.sort(fit.val_scores)[3])
         assert fit.record["validation_coverage"] == 17 / 20 and fit.record["score"] == score
         assert (fit.reference is None) == (score == "max_probability")
+    # knn compared with 12 of the 20 training images (REFERENCE_LIMIT), each its own nearest
+    chosen = images[reference_rows(20, seed=0)]
+    fit = fit_rejection(shapes_run.model, SimpleNamespace(train_images=images[:20], val_images=chosen),
+                        RejectConfig(coverage=0.5), image_size=32, batch_size=8, engine="keras")
+    assert fit.reference.shape == (12, 512) and fit.val_scores == pytest.approx(np.ones(12), abs=2e-3)
     assert reference_rows(10, limit=20).tolist() == list(range(10))
     chosen = reference_rows(100, limit=20, seed=3)
     assert len(set(chosen)) == 20 and chosen.tolist() == sorted(chosen) and chosen.tolist() == sorted(
@@ -205,3 +213,29 @@ def test_reject_coverage_and_score_are_checked_in_the_recipe():
     for key, value, words in (("reject.coverage", 1.5, "reject.coverage"), ("reject.score", "energy", "knn")):
         with pytest.raises(RecipeError, match=words):
             load_recipe(None, {key: value})
+
+
+def test_the_readme_formula_for_plain_keras_gives_predicts_scores_and_sets(shapes_run, shapes_dir):
+    from pathlib import Path
+
+    from transferkit.data.images import decode_images
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = readme.split("Plain Keras, from the run folder alone")[1].split("```python\n")[1].split("```")[0]
+    files = sorted(shapes_dir.glob("*/*.jpg"))[::3]
+    images, _, _ = decode_images(files, 32)
+    namespace = {"images": images}
+    exec(code.replace("runs/demo", str(shapes_run.path)).replace("0.9", "0.5"), namespace)  # noqa: S102
+    result = predict_folder(shapes_run, shapes_dir, engine="keras", reject=True, sets=0.5)
+    rows = {row.file: row for row in result.rows}
+    assert namespace["score"] == pytest.approx([rows[path].score for path in files], abs=1e-4)
+    # Images at a boundary (a validation image's own score is the threshold, or q) may fall
+    # either side by float rounding: compared elsewhere.
+    clear = np.abs(namespace["score"] - namespace["rule"]["threshold"]) > 1e-4
+    assert namespace["unknown"][clear].tolist() == [rows[path].unknown for path, c in zip(files, clear) if c]
+    names = shapes_run.class_names
+    probabilities, q = namespace["probabilities"], namespace["q"]
+    for path, row, members in zip(files, probabilities, namespace["in_set"]):
+        sure = np.abs(row - (1 - q)) > 1e-5
+        assert [names[i] for i in np.flatnonzero(members & sure)] == [
+            name for name in names if name in rows[path].prediction_set and sure[names.index(name)]]

@@ -55,6 +55,8 @@ def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0) -> TrustRecord:
     Returns:
         A ``TrustRecord``.
     """
+    if verbose:
+        log.info("fitting the rejection threshold and the prediction sets on the validation split")
     fit = fit_rejection(model, prepared, recipe.reject, image_size=recipe.image_size, batch_size=recipe.batch_size,
                         engine=recipe.engine, precision=recipe.precision, seed=recipe.seed)
     if verbose:

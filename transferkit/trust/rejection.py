@@ -59,23 +59,35 @@ class RejectionFit:
     val_scores: np.ndarray = field(repr=False)
 
 
-def forward_outputs(engine, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
     """An engine's outputs over images, batch by batch, concatenated (float32).
 
     Every batch has ``batch_size`` rows (the last one padded with copies of its first
     image, whose outputs are dropped): a Keras engine then traces its function once.
+
+    Args:
+        engine: a ``ForwardEngine``.
+        images: (n, S, S, 3) images (a memory-mapped array is read a batch at a time).
+        batch_size: images per pass; default 32.
+        rows: which images, in this order; default None (all).
+
+    Returns:
+        The outputs, one row per image.
     """
     chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start : start + batch_size])
+    count = len(images) if rows is None else len(rows)
+    for start in range(0, count, batch_size):
+        chosen = slice(start, start + batch_size) if rows is None else rows[start : start + batch_size]
+        batch = np.asarray(images[chosen])
         padded = np.concatenate([batch, np.repeat(batch[:1], batch_size - len(batch), axis=0)])
         chunks.append(np.asarray(engine.predict(padded), dtype="float32")[: len(batch)])
     return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype="float32")
 
 
-def reference_rows(n_images: int, limit: int = REFERENCE_LIMIT, seed: int = 0) -> np.ndarray:
+def reference_rows(n_images: int, limit: int | None = None, seed: int = 0) -> np.ndarray:
     """Which training images the knn score compares with: all, or a seeded random ``limit``
-    of them, in order."""
+    (default ``REFERENCE_LIMIT``) of them, in order."""
+    limit = REFERENCE_LIMIT if limit is None else limit
     if n_images <= limit:
         return np.arange(n_images)
     return np.sort(np.random.default_rng(seed).choice(n_images, size=limit, replace=False))
@@ -103,7 +115,8 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
         A ``RejectionFit``.
     """
     needs_embedding = SCORES[config.score][1]
-    n_images = len(prepared.val_images) + (len(prepared.train_images) if needs_embedding else 0)
+    n_images = len(prepared.val_images) + (min(len(prepared.train_images), REFERENCE_LIMIT) if needs_embedding else 0)
+    log.debug("rejection threshold: one forward pass over %d images", n_images)
     forward = embedding_engine(model, engine if n_images >= ENGINE_FROM else "keras", image_size,
                                precision=precision, input_dtype="uint8")
     outputs = forward_outputs(forward, prepared.val_images, batch_size)
@@ -111,7 +124,8 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
     reference = None
     if needs_embedding:
         rows = reference_rows(len(prepared.train_images), seed=seed)
-        train_outputs = forward_outputs(forward, prepared.train_images[rows], batch_size)
+        train_outputs = forward_outputs(forward, prepared.train_images, batch_size,
+                                        None if len(rows) == len(prepared.train_images) else rows)
         # Stored as float16: compare with what will be read back, so that the threshold fits.
         reference = unit_rows(train_outputs[:, forward.units :]).astype("float16").astype("float32")
     rule = RejectionRule(config.score, -np.inf, config.neighbours, reference, config.coverage)
