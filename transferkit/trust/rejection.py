@@ -33,8 +33,9 @@ from transferkit.recipe import RejectConfig
 
 log = logging.getLogger("transferkit")
 
-# Below this many images the forward passes run in Keras: converting the network for
-# OpenVINO costs seconds, which pays off only over a few hundred images.
+# Below this many images the forward passes call the Keras model directly: building an engine
+# (folding BatchNorm, converting for OpenVINO) costs seconds, which pays off only over a few
+# hundred images.
 ENGINE_FROM = 256
 # The knn score compares with at most this many training images (a seeded random choice):
 # it bounds rejection.npz (float16) and the work per predicted image.
@@ -84,6 +85,23 @@ def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.n
     return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype="float32")
 
 
+class _EagerEmbedding:
+    """The classifier's outputs and backbone embedding by calling the Keras model directly:
+    for a few images, cheaper than building an engine (no BatchNorm fold, no tracing)."""
+
+    def __init__(self, model):
+        import keras
+
+        image = keras.Input(shape=(None, None, 3))
+        maps = model.get_layer("backbone")(model.get_layer("preprocessing")(image))
+        self.both = keras.Model(image, [model.get_layer("head")(maps), keras.ops.mean(maps, axis=(1, 2))])
+        self.units = int(model.output_shape[-1])
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        outputs, embeddings = self.both(np.asarray(batch, dtype="float32"), training=False)
+        return np.concatenate([np.asarray(outputs, dtype="float32"), np.asarray(embeddings, dtype="float32")], axis=1)
+
+
 def reference_rows(n_images: int, limit: int | None = None, seed: int = 0) -> np.ndarray:
     """Which training images the knn score compares with: all, or a seeded random ``limit``
     (default ``REFERENCE_LIMIT``) of them, in order."""
@@ -117,8 +135,10 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
     needs_embedding = SCORES[config.score][1]
     n_images = len(prepared.val_images) + (min(len(prepared.train_images), REFERENCE_LIMIT) if needs_embedding else 0)
     log.debug("rejection threshold: one forward pass over %d images", n_images)
-    forward = embedding_engine(model, engine if n_images >= ENGINE_FROM else "keras", image_size,
-                               precision=precision, input_dtype="uint8")
+    if n_images >= ENGINE_FROM:
+        forward = embedding_engine(model, engine, image_size, precision=precision, input_dtype="uint8")
+    else:
+        forward = _EagerEmbedding(model)
     outputs = forward_outputs(forward, prepared.val_images, batch_size)
     probabilities = class_probabilities(outputs[:, : forward.units])
     reference = None
