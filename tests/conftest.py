@@ -99,7 +99,7 @@ LONGEST_FIRST = (
     "export/test_roundtrip.py", "inference/test_predict.py", "tuning/test_workers.py", "model/test_fold.py",
     "cli/test_cli.py", "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
     "export/test_quantize.py", "test_messy.py", "evaluation/test_gradcam.py", "model/test_surgery.py",
-    "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
+    "trust/test_open_set.py", "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
     "reliability/test_live_runs.py", "reliability/test_untrusted.py", "model/test_transfer.py",
     "test_backbones.py",
 )

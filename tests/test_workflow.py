@@ -11,7 +11,7 @@ from transferkit.errors import DataError, RunError
 from transferkit.runs import load_run, save_run
 
 RUN_FILES = {
-    "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json",
+    "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json", "rejection.npz",
     "history.png", "confusion.png",
 }
 

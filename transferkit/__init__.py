@@ -40,6 +40,7 @@ _EXPORTS = {
     "PreparedData": "transferkit.data.prepare",
     "Recipe": "transferkit.recipe",
     "RecipeError": "transferkit.errors",
+    "RejectConfig": "transferkit.recipe",
     "Run": "transferkit.runs",
     "RunError": "transferkit.errors",
     "StageConfig": "transferkit.recipe",
@@ -114,6 +115,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         HeadConfig,
         LossConfig,
         Recipe,
+        RejectConfig,
         StageConfig,
         load_recipe,
     )
