@@ -261,7 +261,7 @@ def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: s
     axis.set_xlabel("coverage (share of images kept, most familiar first)")
     axis.set_ylabel("risk (share of kept images answered wrongly)")
     axis.set_title(title)
-    axis.legend(loc="upper left", fontsize=8)
+    axis.legend(loc="best", fontsize=8)
     return save_figure(figure, Path(path))
 
 
