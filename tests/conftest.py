@@ -101,7 +101,7 @@ LONGEST_FIRST = (
     "serve/test_server.py",  # one server process (TensorFlow's start-up) and a headless Chromium
     "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
     "export/test_quantize.py", "test_messy.py", "evaluation/test_gradcam.py", "model/test_surgery.py",
-    "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
+    "trust/test_open_set.py", "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
     "reliability/test_live_runs.py", "reliability/test_untrusted.py", "model/test_transfer.py",
     "test_backbones.py",
 )

@@ -12,7 +12,7 @@ from transferkit.runs import load_run, save_run
 
 RUN_FILES = {
     "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json", "split.csv",
-    "history.png", "confusion.png", "MODEL_CARD.md",
+    "rejection.npz", "history.png", "confusion.png", "MODEL_CARD.md",
 }
 
 

@@ -41,6 +41,7 @@ _EXPORTS = {
     "PreparedData": "transferkit.data.prepare",
     "Recipe": "transferkit.recipe",
     "RecipeError": "transferkit.errors",
+    "RejectConfig": "transferkit.recipe",
     "Run": "transferkit.runs",
     "RunError": "transferkit.errors",
     "ServeError": "transferkit.errors",
@@ -123,6 +124,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         HeadConfig,
         LossConfig,
         Recipe,
+        RejectConfig,
         StageConfig,
         load_recipe,
     )

@@ -175,6 +175,25 @@ class TTAConfig(_Section):
         return self
 
 
+REJECT_SCORES = ("knn", "max_probability")
+
+
+class RejectConfig(_Section):
+    """Rejecting images of no known class (``predict --reject``): fitted at the end of
+    finetune, after calibration, on the validation split.
+
+    ``coverage`` is the share of validation images of the known classes kept (the
+    threshold keeps at least that share of new images of those classes); ``score`` how
+    familiar an image looks: "knn", the cosine similarity of its backbone embedding to the
+    ``neighbours``-th nearest training image's, or "max_probability", the largest
+    calibrated class probability.
+    """
+
+    coverage: float = Field(0.95, gt=0, lt=1)
+    score: Literal[REJECT_SCORES] = "knn"
+    neighbours: int = Field(1, ge=1)
+
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "one-cycle")
 
@@ -349,6 +368,7 @@ class Recipe(_Section):
     augment: AugmentConfig = AugmentConfig()
     cache: CacheConfig = CacheConfig()
     tta: TTAConfig = TTAConfig()
+    reject: RejectConfig = RejectConfig()
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
     # The search space of `transferkit tune`; written out only when there is one.
     tune: TuneSpace = Field(TuneSpace({}), exclude_if=lambda space: not space.root)

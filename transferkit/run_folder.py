@@ -2,7 +2,7 @@
 
 The jobs in workflow.py decide when a run is written and publish it (runs.save_run); this
 room decides what is in it, so that each file a capability adds (the split, the model card,
-MLflow's run, the strategy, the rejection threshold) has one place to go.
+MLflow's run, the strategy, the rejection threshold and prediction sets) has one place to go.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transferkit.model.transfer import source_run
 from transferkit.outputs import output_activation
 from transferkit.recipe import Recipe
 from transferkit.strategies import Distribution
+from transferkit.trust.record import TrustRecord
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TrainedRun:
         metrics: the validation metrics (and calibration) once computed.
         tensorboard: the TensorBoard logs written while training, if any.
         tracking: the MLflow run it is logged to, if any.
+        trust: the rejection threshold and prediction-set scores, when fitted.
     """
 
     model: keras.Model
@@ -45,6 +47,7 @@ class TrainedRun:
     metrics: dict | None = None
     tensorboard: Path | None = None  # the TensorBoard logs written while training
     tracking: dict | None = None  # the MLflow run it is logged to
+    trust: TrustRecord | None = None  # the rejection threshold and prediction-set scores
 
 
 def write_run_contents(folder: Path, trained: TrainedRun, recipe: Recipe, prepared: PreparedData, *,
@@ -85,6 +88,9 @@ def write_run_contents(folder: Path, trained: TrainedRun, recipe: Recipe, prepar
         extra["run_id"] = run_id
     if trained.tracking is not None:
         extra["mlflow"] = trained.tracking
+    if trained.trust is not None:
+        extra.update(trained.trust.labels_entries())
+        trained.trust.write_files(folder)
     source = source_run(recipe.weights)
     recipe_text = recipe.to_toml()
     if source is not None:

@@ -9,6 +9,7 @@
       metrics.json           final and best validation figures, per-class accuracy, confusion
       history.png            training curves, stage boundaries marked
       confusion.png          validation confusion matrix (counts and row-normalised)
+      rejection.npz          the training embeddings predict --reject compares with (knn score)
       skipped.txt            files that were not used and why (only when there were some)
       model.h5               legacy HDF5 copy (only with --save-h5)
       MODEL_CARD.md          what the model is and how far to trust it (evaluation.card), written last
@@ -76,6 +77,10 @@ class Run:
         history: one dict per epoch.
         metrics: final and best validation figures.
         model: the loaded ``keras.Model`` (None until ``load_run(..., with_model=True)``).
+        rejection: labels.json "rejection" (score, threshold, coverage); None for a run
+            trained before there was one.
+        prediction_sets: labels.json "prediction_sets" (the validation LAC scores); None
+            likewise.
     """
 
     path: Path
@@ -87,6 +92,8 @@ class Run:
     history: list[dict] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     model: Any = None
+    rejection: dict[str, Any] | None = None
+    prediction_sets: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """A few lines for the terminal: where, what, how well."""
@@ -345,6 +352,8 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
         recipe=_read_optional_toml(folder / "recipe.toml"),
         history=_read_optional_history(folder / "history.csv"),
         metrics=_read_optional_json(folder / "metrics.json"),
+        rejection=labels.get("rejection"),
+        prediction_sets=labels.get("prediction_sets"),
     )
     if with_model:
         run.model = _load_model(model_path, len(class_names))

@@ -48,6 +48,7 @@ from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
+from transferkit.trust.record import fit_trust
 
 log = logging.getLogger("transferkit")
 
@@ -307,7 +308,8 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
-    if out is not None:
+    if out is not None:  # what predict --reject and --sets need, fitted after calibration
+        trained.trust = fit_trust(model, prepared, recipe, verbose)
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")
         out.work.remove()
@@ -323,6 +325,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
         history=trained.history,
         metrics=trained.metrics,
         model=model,
+        **(trained.trust.labels_entries() if trained.trust is not None else {}),
     )
 
 

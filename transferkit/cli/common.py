@@ -99,6 +99,13 @@ GroupByOption = Annotated[Optional[str], typer.Option(
 MlflowOption = Annotated[Optional[str], typer.Option("--mlflow", metavar="URI",
         help="Log to MLflow: params, per-epoch metrics, figures and the model (sqlite:///mlflow.db, "
              "http://host:5000, ...; default MLFLOW_TRACKING_URI when set; off: never; recipe key: mlflow).")]
+# What predict and evaluate add to a class when asked (labels.json "rejection", "prediction_sets").
+RejectOption = Annotated[bool, typer.Option(
+    "--reject", help="Label images that look like none of the training images 'unknown' (the run's threshold, "
+                     "fitted on validation at reject.coverage); the top class stays in its own column.")]
+SetsOption = Annotated[Optional[float], typer.Option(
+    "--sets", metavar="COVERAGE", help="Conformal prediction sets (LAC) that hold the true class with this "
+                                       "probability, e.g. 0.9: columns set (names joined by |) and set_size.")]
 ValDirOption = Annotated[Optional[Path], typer.Option(
         help="Validation folder with the same class sub-folders, instead of a split.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]
@@ -210,6 +217,18 @@ def check_choice(flag: str, value: str | None, allowed: Sequence[str]) -> None:
     """A usage error for a value outside a choice table (told before any work)."""
     if value is not None and value not in allowed:
         raise usage_error(f"{flag} {value!r}: choose {one_of(allowed)}")
+
+
+def check_trust_flags(reject: bool, sets: float | None, tta: bool) -> None:
+    """Usage errors for --sets outside (0, 1), and for --reject or --sets with --tta (the
+    threshold and the set scores were fitted on single-view outputs, which TTA's averaged
+    probabilities are not)."""
+    if sets is not None and not 0 < sets < 1:
+        raise usage_error(f"--sets must be between 0 and 1 (exclusive), e.g. 0.9; got {sets:g}")
+    if tta and (reject or sets is not None):
+        flag = "--reject" if reject else "--sets"
+        raise usage_error(f"{flag} does not combine with --tta: its threshold was fitted on single-view "
+                          "probabilities, not TTA's averages; drop one of them")
 
 
 def check_positive(flag: str, value: int | None) -> None:

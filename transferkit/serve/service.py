@@ -88,14 +88,17 @@ class Service:
         run: the loaded ``Run`` (with its model).
         forward: the ``ForwardEngine`` predict would use.
         labels: the run's labels.json, as a dict.
+        rejection: the run's ``RejectionRule``, whose score ``forward`` computes; default
+            None (a run without one: ?reject=true is then a 4xx saying so).
 
     Attributes:
         batcher: the ``MicroBatcher`` that owns the engine.
         answered: images answered so far.
     """
 
-    def __init__(self, settings: ServeSettings, run, forward, labels: dict):
+    def __init__(self, settings: ServeSettings, run, forward, labels: dict, rejection=None):
         self.settings = settings
+        self.rejection = rejection  # the run's rejection rule, when it has one (?reject=true)
         self.run = run
         self.forward = forward
         self.labels = labels
@@ -176,7 +179,8 @@ class Service:
         """
         from transferkit.inference.predict import prediction_record, prediction_rows
 
-        records = [prediction_record(row) for row in prediction_rows(self.run, names, outputs, **options)]
+        rows = prediction_rows(self.run, names, outputs, rejection=self.rejection, **options)
+        records = [prediction_record(row) for row in rows]
         self.answered += len(records)
         return records
 
@@ -278,17 +282,23 @@ def load_service(settings: ServeSettings) -> Service:
         RunError: the run cannot be loaded.
         EngineError: the engine asked for is not installed.
     """
+    from transferkit.errors import RunError
     from transferkit.inference.predict import engine_for
+    from transferkit.inference.uncertainty import load_rejection
     from transferkit.runs import LABELS_FILE, load_run
 
     run = load_run(settings.run)
-    forward = engine_for(run, settings.engine, settings.precision)
+    try:  # the engine computes the rejection score too, so that ?reject=true costs no second pass
+        rejection = load_rejection(run)
+    except RunError:
+        rejection = None  # a run trained before transferkit fitted one
+    forward = engine_for(run, settings.engine, settings.precision, rejection)
     getattr(forward, "exact", None)  # predict builds the float32 engine for near ties on first use; here now
     # One pass, so that the first request meets a compiled, traced engine.
     forward.predict(np.zeros((1, run.image_size, run.image_size, 3), dtype="uint8"))
     labels = json.loads((run.path / LABELS_FILE).read_text(encoding="utf-8"))
     log.debug("serving %s with %r", run.path, forward)
-    return Service(settings, run, forward, labels)
+    return Service(settings, run, forward, labels, rejection)
 
 
 def settings_from_environment(variable: str = "TRANSFERKIT_SERVE") -> ServeSettings:
