@@ -45,7 +45,9 @@ def test_the_card_names_the_classes_their_counts_and_the_accuracy(shapes_run):
     assert sum(counts["train"].values()) == metrics["n_train"] and sum(counts["val"].values()) == metrics["n_val"]
     labels = read_json(output / "labels.json")
     temperature = metrics["calibration"]["temperature"]
-    for fact in (labels["data_fingerprint"], "## Calibration", f"{temperature:.3g}", "no rejection threshold",
+    rejection = labels["rejection"]
+    for fact in (labels["data_fingerprint"], "## Calibration", f"{temperature:.3g}", "## Rejection of unknown images",
+                 f"Images whose {rejection['score']} score falls below the threshold", "--sets 0.9",
                  "## Exports\n\nNone yet", "random weights", "keras.models.load_model"):
         assert fact in card, fact
     for section in ("## Model details", "## Classes", "## Training data", "## Evaluation", "## Uses",

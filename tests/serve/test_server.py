@@ -167,7 +167,8 @@ def test_health_metadata_and_docs(server, shapes_run):
     assert meta["classes"] == list(shapes_run.class_names)
     assert (meta["image_size"], meta["backbone"]) == (shapes_run.image_size, shapes_run.backbone)
     assert meta["calibration"]["temperature"] == shapes_run.metrics["calibration"]["temperature"]
-    assert meta["rejection_threshold"] is None and meta["max_upload_mb"] == LIMIT_MB
+    assert meta["rejection_threshold"] == pytest.approx(shapes_run.rejection["threshold"])
+    assert meta["max_upload_mb"] == LIMIT_MB
     import transferkit
 
     assert meta["transferkit_version"] == transferkit.__version__
@@ -189,6 +190,22 @@ def test_answers_are_predicts_rows_for_the_same_files(server, images, expected):
         assert row["confidence"] == pytest.approx(want.confidence, abs=1e-5)
         assert [item["label"] for item in row["top_k"]] == [name for name, _ in want.top_k]
         assert [item["probability"] for item in row["top_k"]] == pytest.approx([p for _, p in want.top_k], abs=1e-5)
+
+
+def test_rejection_and_prediction_sets_are_predicts_too(server, images, shapes_run):
+    files = sorted(images.iterdir())
+    want = {row.file.name: row for row in predict_folder(shapes_run, images, top_k=2, reject=True, sets=0.9).rows}
+    status, _, data = server.post("/predict?top_k=2&reject=true&sets=0.9",
+                                  [(path.name, path.read_bytes()) for path in files])
+    assert status == 200, data
+    for row in json.loads(data)["predictions"]:
+        expected_row = want[row["file"]]
+        assert (row["label"], row["unknown"], row["top_class"]) == (
+            expected_row.label, expected_row.unknown, expected_row.top_class)
+        assert row["score"] == pytest.approx(expected_row.score, abs=1e-4)
+        assert row["set"] == list(expected_row.prediction_set) and row["set_size"] == len(expected_row.prediction_set)
+    status, _, data = server.post("/predict", [(files[0].name, files[0].read_bytes())])
+    assert status == 200 and "unknown" not in json.loads(data)["predictions"][0]  # only when asked
 
 
 def test_eight_clients_at_once_are_all_answered_as_predict_answers(server, images, expected):
@@ -239,7 +256,6 @@ BAD_UPLOADS = {
     "top_k below 1": ([("ok.jpg", None)], "?top_k=0", 400, "top_k"),
     "top_k not a number": ([("ok.jpg", None)], "?top_k=many", 400, "top_k"),
     "sets out of range": ([("ok.jpg", None)], "?sets=1.5", 400, "sets"),
-    "reject": ([("ok.jpg", None)], "?reject=true", 400, "reject"),
 }
 
 

@@ -364,7 +364,7 @@ def _rejection(facts: _Facts) -> str:
     lines = ["## Rejection of unknown images", ""]
     if rejection:
         score, threshold = rejection.get("score", "?"), rejection.get("threshold")
-        lines += [f"Images whose {score} score passes the threshold {_number(threshold)} are answered `unknown` "
+        lines += [f"Images whose {score} score falls below the threshold {_number(threshold)} are answered `unknown` "
                   f"(`transferkit predict RUN IMAGES --reject`). On the validation images it keeps "
                   f"{_percent(rejection.get('validation_coverage'))} of them (target coverage "
                   f"{_percent(rejection.get('target_coverage'))}).", ""]
