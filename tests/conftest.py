@@ -94,12 +94,15 @@ def pytest_configure(config):
 # end: the workers finish together instead of one waiting on a long file started last.
 # The other files follow in their usual order; a new slow file belongs in this list.
 LONGEST_FIRST = (
-    "training/test_features.py", "tuning/test_search.py", "test_backends.py", "reliability/test_faults.py",
+    "test_strategies.py", "training/test_features.py", "tuning/test_search.py", "test_backends.py",
+    "reliability/test_faults.py",
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",
     "export/test_roundtrip.py", "inference/test_predict.py", "tuning/test_workers.py", "model/test_fold.py",
-    "cli/test_cli.py", "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
+    "cli/test_cli.py",
+    "serve/test_server.py",  # one server process (TensorFlow's start-up) and a headless Chromium
+    "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
     "export/test_quantize.py", "test_messy.py", "evaluation/test_gradcam.py", "model/test_surgery.py",
-    "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
+    "trust/test_open_set.py", "evaluation/test_evaluate.py", "model/test_classifier.py", "tuning/test_lr_find.py",
     "reliability/test_live_runs.py", "reliability/test_untrusted.py", "model/test_transfer.py",
     "test_backbones.py",
 )
@@ -161,3 +164,22 @@ def binary_run(binary_dir, tmp_path_factory):
     """A tiny two-class run on ``binary_dir`` (one sigmoid unit)."""
     output = tmp_path_factory.mktemp("shared-runs") / "binary"
     return transferkit.finetune(binary_dir, None, TINY, output=output, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """A factory of fresh MLflow SQLite stores: ``mlflow_store(folder)`` -> a ``sqlite:///``
+    tracking URI in that folder. Each is a copy of one store made once per session (MLflow's
+    migrations take seconds when it creates a store)."""
+    import shutil
+
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+
+    def new_store(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return new_store

@@ -12,13 +12,14 @@ PYPROJECT = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="u
 
 # Lowest first. A module may import its own layer (without a circle) and the ones below it.
 LAYERS = (
-    {"errors", "outputs", "files", "locks", "runtime", "backend", "progress"},
+    {"errors", "outputs", "files", "locks", "runtime", "backend", "strategies", "progress"},
     {"backbones", "recipe", "keras_private"},
     {"data", "runs"},
     {"model"},
     {"inference"},
     {"training"},
-    {"evaluation", "export"},
+    {"evaluation", "export", "trust"},
+    {"serve", "run_folder"},
     {"workflow"},
     {"tuning"},
     {"cli", "__main__", "__init__"},

@@ -11,8 +11,8 @@ from transferkit.errors import DataError, RunError
 from transferkit.runs import load_run, save_run
 
 RUN_FILES = {
-    "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json",
-    "history.png", "confusion.png",
+    "model.keras", "labels.json", "recipe.toml", "history.csv", "metrics.json", "split.csv",
+    "rejection.npz", "history.png", "confusion.png", "MODEL_CARD.md",
 }
 
 
@@ -37,6 +37,7 @@ def test_run_folder_holds_everything(finished):
     run, output = finished
     assert RUN_FILES | {"skipped.txt"} == {path.name for path in output.iterdir()}
     assert not [path for path in output.parent.iterdir() if path.name.startswith(".")]
+    assert "1 unreadable or non-image file(s), listed in `skipped.txt`" in (output / "MODEL_CARD.md").read_text()
 
 
 def test_labels_json_describes_the_model(finished):

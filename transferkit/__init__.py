@@ -32,6 +32,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - a source tree that w
     __version__ = "0+unknown"
 
 _EXPORTS = {
+    "AuditResult": "transferkit.trust.audit",
     "AugmentConfig": "transferkit.recipe",
     "CacheConfig": "transferkit.recipe",
     "Checkpointing": "transferkit.training.stages",
@@ -45,15 +46,19 @@ _EXPORTS = {
     "PreparedData": "transferkit.data.prepare",
     "Recipe": "transferkit.recipe",
     "RecipeError": "transferkit.errors",
+    "RejectConfig": "transferkit.recipe",
     "Run": "transferkit.runs",
     "RunError": "transferkit.errors",
+    "ServeError": "transferkit.errors",
     "StageConfig": "transferkit.recipe",
     "StageOptions": "transferkit.training.stages",
     "StagesResult": "transferkit.training.stages",
+    "StrategyError": "transferkit.errors",
     "TrainingInterrupted": "transferkit.errors",
     "UnreadableImage": "transferkit.errors",
     "TransferkitError": "transferkit.errors",
     "WeightsError": "transferkit.errors",
+    "audit": "transferkit.trust.audit",
     "available_backbones": "transferkit.backbones",
     "benchmark_run": "transferkit.export.benchmark",
     "build_augmenter": "transferkit.data.augment",
@@ -75,12 +80,14 @@ _EXPORTS = {
     "predict_folder": "transferkit.inference.predict",
     "prepare_data": "transferkit.data.prepare",
     "read_image": "transferkit.data.images",
+    "resolve_distribution": "transferkit.strategies",
     "resume_finetune": "transferkit.workflow",
     "train_prepared": "transferkit.workflow",
     "begin_stage": "transferkit.training.stages",
     "run_stages": "transferkit.training.stages",
     "tune": "transferkit.tuning.search",
     "write_predictions": "transferkit.inference.predict",
+    "write_model_card": "transferkit.evaluation.card",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -98,11 +105,14 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         ExportError,
         RecipeError,
         RunError,
+        ServeError,
+        StrategyError,
         TrainingInterrupted,
         TransferkitError,
         UnreadableImage,
         WeightsError,
     )
+    from transferkit.evaluation.card import write_model_card
     from transferkit.evaluation.evaluate import evaluate_folder
     from transferkit.evaluation.gradcam import explain
     from transferkit.export.benchmark import benchmark_run
@@ -119,11 +129,14 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time names load 
         HeadConfig,
         LossConfig,
         Recipe,
+        RejectConfig,
         StageConfig,
         load_recipe,
     )
     from transferkit.runs import Run, load_run
+    from transferkit.strategies import resolve_distribution
     from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, begin_stage, run_stages
+    from transferkit.trust.audit import AuditResult, audit
     from transferkit.tuning.diagnostics import check_learning
     from transferkit.tuning.lr_find import find_learning_rate
     from transferkit.tuning.search import tune

@@ -10,9 +10,13 @@ class names (1: the input or the run is wrong; 2: the command line or recipe is 
     │   └── UnreadableImage  one file is not a readable image (skipped where others go on)
     ├── WeightsError       backbone weights cannot be downloaded, found or loaded
     ├── EngineError        the inference engine asked for is not installed
+    ├── StrategyError      the distribution strategy or device count asked for cannot be
+    │                      set up here (more devices than the machine has, a strategy not built)
     ├── RunError           a run folder cannot be written, found or read
     ├── ExportError        an export cannot be written here, disagrees with the Keras model,
     │                      loses more accuracy than allowed, or its folder exists already
+    ├── ServeError         ``transferkit serve`` cannot start: its extra is missing, or the
+    │                      address cannot be listened on
     └── TrainingInterrupted  Ctrl-C (SIGINT) or SIGTERM stopped training; what was kept is
                            told, and ``finetune --resume`` continues from it
 """
@@ -59,6 +63,14 @@ class EngineError(TransferkitError):
     """Raised when ``--engine openvino`` is asked for and the openvino package is missing."""
 
 
+class StrategyError(TransferkitError):
+    """Raised when ``--strategy`` / ``--devices`` ask for what this machine or this version
+    cannot give: more devices than it has, logical CPU devices after TensorFlow started, or a
+    strategy that is not built."""
+
+    exit_code = 2
+
+
 class RunError(TransferkitError):
     """Raised when a run folder exists already, cannot be written, or is not a transferkit run."""
 
@@ -66,6 +78,11 @@ class RunError(TransferkitError):
 class ExportError(TransferkitError):
     """Raised when a format cannot be written here, disagrees with the Keras model, loses
     more accuracy than allowed, or its output folder exists already."""
+
+
+class ServeError(TransferkitError):
+    """Raised when ``transferkit serve`` cannot start: the ``serve`` extra is not installed,
+    or the host and port cannot be listened on (in use, not this machine's, not allowed)."""
 
 
 class TrainingInterrupted(TransferkitError):

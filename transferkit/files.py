@@ -42,6 +42,8 @@ FAULT_POINTS = (
     "export.published",    # locks.publishing: renamed into place, OUT.partial not removed
     "evaluation.staged",   # the same for evaluate -o
     "evaluation.published",
+    "audit.staged",        # the same for audit -o
+    "audit.published",
     "tune.trial",          # tuning.search: a trial has reported its first epoch, mid-training
 )
 

@@ -7,17 +7,28 @@ choices. The resolved recipe is frozen: steps receive the part they need and nev
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
 from transferkit.errors import RecipeError
 from transferkit.runtime import ENGINES, PRECISIONS
+from transferkit.strategies import STRATEGIES
 
 # The shipped recipes live in the repository's recipes/ folder, which the build maps into the
 # package as ``transferkit.recipes`` (so the wheel ships them; there is one copy).
@@ -31,6 +42,7 @@ FLAG_KEYS = {
     "image_size": "image_size",
     "batch_size": "batch_size",
     "val_split": "data.val_split",
+    "group_by": "data.group_by",
     "seed": "seed",
     "precision": "precision",
     "engine": "engine",
@@ -38,6 +50,9 @@ FLAG_KEYS = {
     "cache_views": "cache.views",
     "cache_memory": "cache.memory_mb",
     "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "strategy": "strategy",
+    "devices": "devices",
     "head_epochs": "stages.0.epochs",
     "fine_epochs": "stages.1:.epochs",
 }
@@ -55,6 +70,42 @@ class DataConfig(_Section):
     class_weights: bool = True
     # Decoded images stay in memory when they fit; beyond it they live in a memory-mapped file.
     memory_mb: float = Field(4096.0, gt=0)
+    # A regular expression whose first group, searched in each file's path relative to the
+    # data folder, names the file's group (a patient, a video); the validation split keeps
+    # every group on one side. Written out only when set (TOML has no null).
+    group_by: str | None = Field(None, exclude_if=lambda pattern: pattern is None)
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_has_a_group(cls, pattern):
+        if pattern is not None:
+            group_pattern(pattern)
+        return pattern
+
+
+def group_pattern(text: str) -> re.Pattern:
+    """The compiled ``data.group_by`` pattern.
+
+    Args:
+        text: a Python regular expression with at least one group; its first group names a
+            file's group.
+
+    Returns:
+        The compiled pattern.
+
+    Raises:
+        ValueError: not a regular expression, or one without a group (the message says
+            which and gives an example).
+    """
+    example = r"e.g. '^[^/]+/(patient\d+)_' for cat/patient12_3.jpg"
+    try:
+        pattern = re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{text!r} is not a regular expression ({error}); {example}") from None
+    if pattern.groups < 1:
+        raise ValueError(f"{text!r} has no group; put the part of the path that names the group in "
+                         f"parentheses, {example}")
+    return pattern
 
 
 HEAD_ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "selu")
@@ -122,6 +173,25 @@ class TTAConfig(_Section):
         if not self.transforms:
             raise ValueError(f"transforms: name at least one of {', '.join(TTA_TRANSFORMS)}")
         return self
+
+
+REJECT_SCORES = ("knn", "max_probability")
+
+
+class RejectConfig(_Section):
+    """Rejecting images of no known class (``predict --reject``): fitted at the end of
+    finetune, after calibration, on the validation split.
+
+    ``coverage`` is the share of validation images of the known classes kept (the
+    threshold keeps at least that share of new images of those classes); ``score`` how
+    familiar an image looks: "knn", the cosine similarity of its backbone embedding to the
+    ``neighbours``-th nearest training image's, or "max_probability", the largest
+    calibrated class probability.
+    """
+
+    coverage: float = Field(0.95, gt=0, lt=1)
+    score: Literal[REJECT_SCORES] = "knn"
+    neighbours: int = Field(1, ge=1)
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -286,12 +356,19 @@ class Recipe(_Section):
     calibrate: bool = True
     # TensorBoard logs in RUN/tensorboard/, one step count across stages.
     tensorboard: bool = False
+    # MLflow tracking URI (sqlite:///mlflow.db, http://host:5000, ...): params, per-epoch metrics,
+    # the run's files and model. "": MLFLOW_TRACKING_URI when set, else none; "off": never.
+    mlflow: str = ""
+    # How many devices train (transferkit.strategies): batch_size is the global batch.
+    strategy: Literal[STRATEGIES] = "auto"
+    devices: int | Literal["all"] = "all"
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     loss: LossConfig = LossConfig()
     augment: AugmentConfig = AugmentConfig()
     cache: CacheConfig = CacheConfig()
     tta: TTAConfig = TTAConfig()
+    reject: RejectConfig = RejectConfig()
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
     # The search space of `transferkit tune`; written out only when there is one.
     tune: TuneSpace = Field(TuneSpace({}), exclude_if=lambda space: not space.root)
@@ -311,6 +388,8 @@ class Recipe(_Section):
             )
         if not self.stages:
             raise ValueError("stages: at least one [[stages]] table is needed")
+        if self.devices != "all" and self.devices < 1:
+            raise ValueError(f"devices: {self.devices} is not a number of devices; use 1 or more, or 'all'")
         for index, stage in enumerate(self.stages):
             if isinstance(stage.unfreeze, int) and stage.unfreeze > len(spec.blocks):
                 raise ValueError(
@@ -512,7 +591,8 @@ def _describe(error: ValidationError) -> str:
             text = f"{key} = {received!r}: {item['msg']}"
         if key in messages and kind not in ("extra_forbidden",):
             if "'all'" in item["msg"] or "'all'" in messages[key]:
-                messages[key] = f"{key} = {received!r}: expected an integer >= 0 or 'all'"
+                low = 1 if key == "devices" else 0
+                messages[key] = f"{key} = {received!r}: expected an integer >= {low} or 'all'"
             continue
         messages[key] = text
     return "; ".join(messages.values())

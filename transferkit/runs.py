@@ -9,8 +9,11 @@
       metrics.json           final and best validation figures, per-class accuracy, confusion
       history.png            training curves, stage boundaries marked
       confusion.png          validation confusion matrix (counts and row-normalised)
+      rejection.npz          the training embeddings predict --reject compares with (knn score)
       skipped.txt            files that were not used and why (only when there were some)
       model.h5               legacy HDF5 copy (only with --save-h5)
+      MODEL_CARD.md          what the model is and how far to trust it (evaluation.card), written last
+      exports/FORMAT/        exports (transferkit export), each with its export.json
 
 A run is written under a temporary hidden name beside its destination, flushed to disk and
 renamed at the end, so an interrupted run never leaves a folder that looks finished, and an
@@ -56,6 +59,8 @@ log = logging.getLogger("transferkit")
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
+EXPORTS_FOLDER = "exports"  # in a run folder: where exports go by default, one folder each
+EXPORT_RECORD = "export.json"  # in an export folder: how it was made and checked
 RUN_FORMAT = 1
 HISTORY_COLUMNS = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -74,6 +79,10 @@ class Run:
         history: one dict per epoch.
         metrics: final and best validation figures.
         model: the loaded ``keras.Model`` (None until ``load_run(..., with_model=True)``).
+        rejection: labels.json "rejection" (score, threshold, coverage); None for a run
+            trained before there was one.
+        prediction_sets: labels.json "prediction_sets" (the validation LAC scores); None
+            likewise.
     """
 
     path: Path
@@ -85,6 +94,8 @@ class Run:
     history: list[dict] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     model: Any = None
+    rejection: dict[str, Any] | None = None
+    prediction_sets: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """A few lines for the terminal: where, what, how well."""
@@ -343,6 +354,8 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
         recipe=_read_optional_toml(folder / "recipe.toml"),
         history=_read_optional_history(folder / "history.csv"),
         metrics=_read_optional_json(folder / "metrics.json"),
+        rejection=labels.get("rejection"),
+        prediction_sets=labels.get("prediction_sets"),
     )
     if with_model:
         run.model = _load_model(model_path, len(class_names))

@@ -99,3 +99,30 @@ def gpu_visible() -> bool:
     from transferkit.backend import gpu_capabilities
 
     return bool(gpu_capabilities())
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+
+    Those lines are written before TensorFlow's own log level applies, straight to file
+    descriptor 2, so only a redirect hides them. Python errors still show: an ImportError
+    is raised after the descriptor is restored. ``TRANSFERKIT_DEBUG`` set: nothing hidden.
+    """
+    from transferkit.backend import requested_backend
+
+    if requested_backend() != "tensorflow":
+        return  # Keras on JAX or PyTorch: TensorFlow is imported only where a command needs it
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ.get("TRANSFERKIT_DEBUG"):
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass  # re-raised below with stderr restored
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

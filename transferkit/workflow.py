@@ -2,7 +2,8 @@
 
     finetune: recipe -> data.prepare (index, decode, check, split) -> model.build ->
               training.stages (under the signal handlers, checkpointing into RUN.partial)
-              -> validation metrics -> calibration -> the run folder (runs.save_run)
+              -> validation metrics -> calibration -> the run folder (runs.save_run, the
+              model card last), each step logged to MLflow when asked (training.tracking)
     resume_finetune: the same from RUN.partial's recipe, job and checkpoint
     train_prepared: the same on data prepared once (tune's trials), with or without a folder
 """
@@ -12,31 +13,29 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
-from transferkit.errors import RunError, TrainingInterrupted
+from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
-from transferkit.files import fault_point, write_atomic
+from transferkit.files import fault_point
 from transferkit.inference.engines import inference_engine
-from transferkit.model.build import build_model
-from transferkit.model.transfer import source_run
+from transferkit.model.build import build_model, log_setup
 from transferkit.outputs import output_activation
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.run_folder import TrainedRun, write_run_contents
 from transferkit.runtime import resolve_precision
+from transferkit.strategies import Distribution, resolve_distribution
 from transferkit.training.checkpoint import (
     KEEPS_LAST_EPOCH,
     StopFlag,
@@ -48,6 +47,8 @@ from transferkit.training.checkpoint import (
 from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
+from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
+from transferkit.trust.record import fit_trust
 
 log = logging.getLogger("transferkit")
 
@@ -89,8 +90,10 @@ def finetune(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts: it may set its devices
     if recipe.tensorboard:
         require_tensorboard()
+    require_mlflow(recipe.mlflow)
     output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
     remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(data_dir, val_dir))
@@ -137,8 +140,10 @@ def train_prepared(
         TransferkitError: bad weights or output folder; ``TrainingInterrupted`` after a signal.
     """
     extras = _Extras(tuple(callbacks), calibrate, feature_cache)
+    resolve_distribution(recipe.strategy, recipe.devices)
     if output is None:
         return _train(prepared, recipe, None, verbose, extras)
+    require_mlflow(recipe.mlflow)
     output = runs.named_folder(output)
     remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir))
@@ -146,7 +151,8 @@ def train_prepared(
 
 
 def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str | os.PathLike | None = None,
-                    val_dir: str | os.PathLike | None = None, force: bool = False) -> runs.Run:
+                    val_dir: str | os.PathLike | None = None, force: bool = False,
+                    overrides: Mapping[str, Any] | None = None) -> runs.Run:
     """Continue an interrupted ``finetune`` from its last completed epoch.
 
     The recipe and options come from ``RUN.partial/``; with the same data the result
@@ -162,6 +168,8 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
             was). The images must be those the run started with.
         force: replace a finished run at RUN (as the interrupted run's own ``force``
             would); default False.
+        overrides: recipe keys to change for the rest of the run, only ``strategy`` and
+            ``devices`` (the devices it goes on with; None values are ignored); default None.
 
     Returns:
         The saved ``Run``.
@@ -169,14 +177,20 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     Raises:
         RunError: nothing to resume, or the checkpoint cannot be read.
         DataError: the data is missing or is not what the run started with.
+        RecipeError: an override of another key than strategy and devices.
     """
+    changed = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if set(changed) - {"strategy", "devices"}:
+        raise RecipeError(f"a resumed run keeps its own settings but strategy and devices; drop "
+                          f"{', '.join(sorted(set(changed) - {'strategy', 'devices'}))}")
     finished = remove_if_finished(run)
     if finished is not None:
         return runs.load_run(finished)
     work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
     try:
         job = work.job()
-        recipe = load_recipe(work.path / "recipe.toml")
+        recipe = load_recipe(work.path / "recipe.toml", changed)
+        resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts
         output = output_for(work.path)
         force = force or bool(job.get("force"))
         data_dir, val_dir = work.data_folders(data_dir, val_dir)
@@ -213,17 +227,6 @@ class _Extras:
     feature_cache: FeatureCache | None = None
 
 
-@dataclass
-class _Trained:
-    """What a finished training hands to the evaluation and the run folder."""
-
-    model: keras.Model
-    policy: str  # the Keras dtype policy it trained in
-    history: list[dict]
-    metrics: dict | None = None
-    tensorboard: Path | None = None  # the TensorBoard logs written while training
-
-
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
                 extras: _Extras = _Extras()) -> runs.Run:
     """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
@@ -255,27 +258,48 @@ def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: 
 def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose: int,
            extras: _Extras = _Extras()) -> runs.Run:
     """Build (or load from the checkpoint) the model, run the stages, evaluate, calibrate,
-    save the run (without ``out``, nothing is written: no checkpoints, no run folder)."""
+    save the run (without ``out``, nothing is written: no checkpoints, no run folder, no
+    MLflow run), tracked in MLflow when the recipe or the environment asks."""
+    if out is None:
+        return _train_tracked(prepared, recipe, out, verbose, extras, None)
+    with tracked_training(recipe, prepared, out.path, out.work) as tracker:
+        return _train_tracked(prepared, recipe, out, verbose, extras, tracker)
+
+
+def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose: int, extras: _Extras,
+                   tracker: Tracker | None) -> runs.Run:
     # matplotlib is needed only at the end (the figures); imported meanwhile, it costs the job nothing.
     threading.Thread(target=importlib.import_module, args=("matplotlib.figure",), daemon=True).start()
     keras.utils.set_random_seed(recipe.seed)
     work = out.work if out is not None else None
     if work is not None and work.has_checkpoint():
+        distribution = resolve_distribution(recipe.strategy, recipe.devices)
         policy, reason = resolve_precision(recipe.precision)
         if verbose:
-            log.info(f"precision: {policy} ({reason})")
-        model = work.load_model()
+            log_setup(policy, reason, distribution)
+        with distribution.scope():  # its variables on every replica's device
+            model = work.load_model()
     else:
         built = build_model(recipe, prepared.n_classes, verbose=verbose)
-        model, policy = built.model, built.policy
+        model, policy, distribution = built.model, built.policy, built.distribution
     train_batches, val_batches = prepared.batches(recipe)
     tensorboard = work.path / "tensorboard" if recipe.tensorboard and work is not None else None
-    result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras)
-    trained = _Trained(model, policy, result.history, tensorboard=tensorboard)
+    if tracker is not None:
+        epochs_done = len(work.state().history) if work is not None else 0
+        extras = replace(extras, callbacks=(*extras.callbacks, tracker.epoch_logger(epochs_done)))
+    result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras,
+                           distribution)
+    trained = TrainedRun(model, policy, distribution, result.history, tensorboard=tensorboard)
+    if tracker is not None:
+        trained.tracking = {"tracking_uri": public_uri(tracker.uri), "experiment_id": tracker.experiment_id,
+                            "run_id": tracker.run_id}
     trained.metrics = summary.validation_metrics(model, val_batches, result.val_outputs, trained.history,
                                                  prepared.val_labels, prepared.class_names,
                                                  len(prepared.train_labels))
     trained.metrics["precision"] = policy
+    trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
+                                                           prepared.class_names)
+    trained.metrics["strategy"] = distribution.as_dict()
     trained.metrics["stages"] = [asdict(timing) for timing in result.timings]
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
@@ -284,10 +308,13 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
-    if out is not None:
+    if out is not None:  # what predict --reject and --sets need, fitted after calibration
+        trained.trust = fit_trust(model, prepared, recipe, verbose)
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")
         out.work.remove()
+        if tracker is not None:
+            log_finished_run(tracker, out.path, model, trained.metrics)
     return runs.Run(
         path=out.path if out is not None else None,
         class_names=list(prepared.class_names),
@@ -298,11 +325,12 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
         history=trained.history,
         metrics=trained.metrics,
         model=model,
+        **(trained.trust.labels_entries() if trained.trust is not None else {}),
     )
 
 
 def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches, n_classes: int,
-                  out: _Output | None, verbose: int, extras: _Extras) -> StagesResult:
+                  out: _Output | None, verbose: int, extras: _Extras, distribution: Distribution) -> StagesResult:
     """Run the recipe's stages under the signal handlers (checkpointing into the work folder,
     when there is one); an interruption becomes one ``TrainingInterrupted`` that says what
     was kept."""
@@ -323,7 +351,8 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
     callbacks += extras.callbacks
     options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
                            forward_factory=forward_factory, callbacks=callbacks,
-                           feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision))
+                           feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
+                           distribution=distribution)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with stop_on_signals(StopFlag(), keeping) as stop:
@@ -351,59 +380,16 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                 callback.close()
 
 
-def _write_run(out: _Output, trained: _Trained, recipe: Recipe, prepared: PreparedData) -> None:
+def _write_run(out: _Output, trained: TrainedRun, recipe: Recipe, prepared: PreparedData) -> None:
     """Write the finished run folder atomically; when that fails, keep the training for
     ``--resume`` and say so."""
     try:
         run_id = out.work.job().get("run_id")
-        runs.save_run(out.path, lambda folder: _write_contents(folder, trained, recipe, prepared, out.save_h5,
-                                                               run_id), force=out.force)
+        runs.save_run(out.path, lambda folder: write_run_contents(
+            folder, trained, recipe, prepared, save_h5=out.save_h5, run_id=run_id, name=out.path.name), force=out.force)
     except RunError as error:
         if not out.work.has_checkpoint():
             raise
         out.work.flush()
         raise RunError(f"{error}; the training is kept in {out.work.path}: once the folder can be written, "
                        f"finish with: transferkit finetune --resume {out.path}") from error
-
-
-def _write_contents(folder: Path, trained: _Trained, recipe: Recipe, prepared: PreparedData, save_h5: bool,
-                    run_id: str | None = None) -> None:
-    """The run folder's files: model, labels, recipe, history, metrics, figures, skipped files."""
-    history, metrics = trained.history, trained.metrics
-
-    def draw_figures() -> None:
-        from transferkit.evaluation import figures  # matplotlib: imported in the background meanwhile
-
-        if history:
-            figures.plot_history(history, folder / "history.png", metrics.get("saved"))
-        figures.plot_confusion(np.asarray(metrics["confusion_matrix"]), prepared.class_names,
-                               folder / "confusion.png", title="validation confusion matrix")
-
-    # The figures are drawn while the model is written.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        figures = pool.submit(draw_figures)
-        trained.model.save(folder / runs.MODEL_FILE)
-        if save_h5:
-            trained.model.save(folder / "model.h5")
-        figures.result()
-    # Where the data was: exports sample their check images there.
-    extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,
-             "backend": keras.config.backend()}  # trained on; the folder loads on every backend
-    if run_id is not None:
-        extra["run_id"] = run_id
-    source = source_run(recipe.weights)
-    recipe_text = recipe.to_toml()
-    if source is not None:
-        extra["lineage"] = source.lineage()
-        recipe_text = (f"# lineage: the backbone started from the run {extra['lineage']['source_run']}\n"
-                       f"# (its data fingerprint {extra['lineage']['data_fingerprint']}; its recipe is that run's "
-                       "recipe.toml, copied into labels.json 'lineage')\n") + recipe_text
-    runs.write_labels(folder, list(prepared.class_names), recipe.image_size, recipe.backbone,
-                      output_activation(prepared.n_classes), precision=trained.policy, extra=extra)
-    write_atomic(folder / "recipe.toml", recipe_text)
-    runs.write_history(folder, history)
-    runs.write_json(folder / "metrics.json", metrics)
-    if trained.tensorboard is not None:
-        shutil.copytree(trained.tensorboard, folder / "tensorboard")
-    if prepared.skipped:
-        write_atomic(folder / "skipped.txt", "".join(f"{path}\t{reason}\n" for path, reason in prepared.skipped))

@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -19,11 +20,32 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def cli_run(shapes_dir, tmp_path_factory):
+def cli_run(shapes_dir, tmp_path_factory, request):
+    """(run folder, result) of a tiny finetune, tracked with --mlflow in a SQLite store beside
+    the run (where the mlflow extra is installed: ``tracked_run``)."""
+    import importlib.util
+
     output = tmp_path_factory.mktemp("cli") / "demo"
-    result = invoke("finetune", shapes_dir, *TINY_FLAGS, "-o", output, "--save-h5")
+    tracking = []
+    if importlib.util.find_spec("mlflow") is not None:
+        tracking = ["--mlflow", request.getfixturevalue("mlflow_store")(output.parent)]
+    result = invoke("finetune", shapes_dir, *TINY_FLAGS, "-o", output, "--save-h5", *tracking)
     assert result.exit_code == 0, result.output
     return output, result
+
+
+def tracked_run(output):
+    """(tracking URI, the MLflow run) of ``cli_run``, read back with MLflow's own client."""
+    import mlflow
+
+    uri = f"sqlite:///{output.parent / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    return uri, run
+
+
+def _read_json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def test_finetune_end_to_end_writes_the_run(cli_run):
@@ -41,6 +63,73 @@ def test_finetune_flags_reach_the_recipe(cli_run):
     assert recipe["image_size"] == 32 and recipe["batch_size"] == 8 and recipe["weights"] == "none"
     assert recipe["head"]["units"] == [16]
     assert [stage["epochs"] for stage in recipe["stages"]] == [1, 1]
+
+
+def test_finetune_mlflow_logs_the_recipe_and_every_epoch_across_stages(cli_run):
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    output, result = cli_run
+    uri, run = tracked_run(output)
+    client = mlflow.MlflowClient(uri)
+    # nothing said about MLflow: it just worked (a tiny run's other warnings may stand)
+    assert not [line for line in result.output.lower().splitlines() if "warning" in line and "mlflow" in line]
+    assert run.info.status == "FINISHED" and run.info.run_name == output.name
+    params = run.data.params
+    assert params["backbone"] == "vgg16" and params["image_size"] == "32" and params["head.units"] == "[16]"
+    assert float(params["stages.1.learning_rate"]) == pytest.approx(3e-5) and params["stages.0.name"] == "head"
+    assert "mlflow" not in params
+    # One step per epoch, counted across the two stages (each stage is a fit of its own).
+    with open(output / "history.csv", encoding="utf-8") as handle:
+        history = [line.split(",") for line in handle.read().splitlines()]
+    columns = history[0]
+    for name in ("val_accuracy", "val_loss", "loss", "learning_rate"):
+        logged = client.get_metric_history(run.info.run_id, name)
+        assert [metric.step for metric in logged] == [1, 2], name
+        expected = [float(row[columns.index(name)]) for row in history[1:]]
+        assert [metric.value for metric in logged] == pytest.approx(expected, rel=1e-5), name
+    metrics = _read_json(output / "metrics.json")
+    assert run.data.metrics["final_val_accuracy"] == pytest.approx(metrics["final"]["val_accuracy"])
+    assert run.data.metrics["ece_after_calibration"] == pytest.approx(metrics["calibration"]["ece_after"])
+    labels = _read_json(output / "labels.json")
+    tags = run.data.tags
+    assert tags["transferkit.data_fingerprint"] == labels["data_fingerprint"]
+    assert tags["transferkit.run_folder"] == str(output.resolve()) and tags["transferkit.run_id"] == labels["run_id"]
+    assert tags["transferkit.classes"] == "circle, square, triangle"
+    assert labels["mlflow"] == {"tracking_uri": uri, "experiment_id": run.info.experiment_id,
+                                "run_id": run.info.run_id}
+    card = (output / "MODEL_CARD.md").read_text()
+    assert f"**MLflow:** run {run.info.run_id}" in card
+
+
+def test_finetune_mlflow_logs_the_run_files_and_a_keras_flavour_model(cli_run, shapes_dir, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    import importlib
+
+    keras_flavour = importlib.import_module("mlflow.keras")
+    output, _ = cli_run
+    uri, run = tracked_run(output)
+    client = mlflow.MlflowClient(uri)
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"history.png", "confusion.png", "metrics.json", "labels.json", "recipe.toml", "history.csv",
+            "MODEL_CARD.md", "model.keras"} <= artifacts
+    # The store keeps them beside the database, not in the folder the job ran in.
+    assert run.info.artifact_uri.startswith((output.parent / "mlartifacts").as_uri())
+    fetched = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))
+    assert _read_json(output / "metrics.json") == json.loads(open(fetched, encoding="utf-8").read())
+    assert run.data.tags["mlflow.note.content"] == (output / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # The logged model loads with MLflow's Keras flavour and predicts as the run's model.keras.
+    [logged] = client.search_logged_models([run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    import keras
+
+    from transferkit.data.images import load_image
+
+    images = np.stack([load_image(path, 32) for path in sorted((shapes_dir / "circle").iterdir())[:3]])
+    images = images.astype("float32")
+    expected = keras.models.load_model(output / "model.keras").predict(images, verbose=0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where models:/ URIs are looked up
+    assert not mlflow.is_tracking_uri_set() or mlflow.get_tracking_uri() == uri  # logging left no URI behind
+    loaded = keras_flavour.load_model(logged.model_uri)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, atol=1e-6)
 
 
 def test_predict_prints_a_table_and_writes_csv(cli_run, shapes_dir, tmp_path):

@@ -39,7 +39,7 @@ def test_no_command_module_catches_library_errors_itself():
 
 @pytest.mark.parametrize("error_class", ERROR_CLASSES, ids=lambda error_class: error_class.__name__)
 def test_a_library_error_is_one_line_with_its_class_exit_code(error_class, tmp_path, monkeypatch):
-    import transferkit.evaluation.figures
+    import transferkit.evaluation.card
 
     # UnreadableImage is told as "PATH: reason"; the others take their message whole.
     arguments = (("what went wrong", "what to do") if error_class is errors.UnreadableImage
@@ -49,7 +49,7 @@ def test_a_library_error_is_one_line_with_its_class_exit_code(error_class, tmp_p
     def fails(run):
         raise error_class(*arguments)
 
-    monkeypatch.setattr(transferkit.evaluation.figures, "write_run_figures", fails)
+    monkeypatch.setattr(transferkit.evaluation.card, "write_run_report", fails)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == error_class.exit_code
     assert result.output == f"error: {message}\n"
@@ -60,13 +60,13 @@ def test_an_error_after_an_unfinished_progress_line_starts_a_line_of_its_own(tmp
     must not be glued to its end."""
     import sys
 
-    import transferkit.evaluation.figures
+    import transferkit.evaluation.card
 
     def fails(run):
         sys.stdout.write("\r 3/10 ━━━━━━━━━━━━━━━━━━━━ 2s 300ms/step - loss: 0.6931")
         raise errors.RunError("cannot write run/model.keras: File too large")
 
-    monkeypatch.setattr(transferkit.evaluation.figures, "write_run_figures", fails)
+    monkeypatch.setattr(transferkit.evaluation.card, "write_run_report", fails)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1
     assert result.stdout.endswith("loss: 0.6931\n")
@@ -76,12 +76,12 @@ def test_an_error_after_an_unfinished_progress_line_starts_a_line_of_its_own(tmp
 def test_a_finished_line_gets_no_extra_newline(tmp_path, monkeypatch):
     import sys
 
-    import transferkit.evaluation.figures
+    import transferkit.evaluation.card
 
     def fails(run):
         sys.stdout.write("reading images (3 files)\n")
         raise errors.RunError("stop")
 
-    monkeypatch.setattr(transferkit.evaluation.figures, "write_run_figures", fails)
+    monkeypatch.setattr(transferkit.evaluation.card, "write_run_report", fails)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.stdout == "reading images (3 files)\n"

@@ -147,6 +147,17 @@ def test_fast_jpeg_decoding_gives_pillows_pixels(tmp_path, monkeypatch):
     assert fast["EXIF rotated"].shape == (48, 48, 3)
 
 
+def test_an_images_bytes_decode_to_its_files_pixels(tmp_path):
+    """What ``transferkit serve`` decodes from an upload is what predict decodes from the file."""
+    for name, path, _ in jpeg_cases(tmp_path):
+        np.testing.assert_array_equal(load_image(path.read_bytes(), 48), load_image(path, 48), err_msg=name)
+        np.testing.assert_array_equal(read_image(path.read_bytes()), read_image(path), err_msg=name)
+    for content in (b"", b"plain text, not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20):
+        with pytest.raises(UnreadableImage) as caught:
+            load_image(content, 48)
+        assert str(caught.value).startswith("image bytes: not a readable image") and "BytesIO" not in str(caught.value)
+
+
 @pytest.mark.parametrize("side", [3, 5, 7, 9, 15, 16, 17, 33])
 @pytest.mark.parametrize("size", [1, 2, 4])
 def test_fast_jpeg_decoding_of_tiny_images_at_tiny_sizes(tmp_path, monkeypatch, side, size):

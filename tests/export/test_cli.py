@@ -4,6 +4,7 @@ existing folder are one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -17,18 +18,31 @@ runner = CliRunner()
 
 
 def test_export_writes_the_folder_and_needs_force_to_replace_it(shapes_run, shapes_dir, tmp_path):
-    out = tmp_path / "litert"
-    result = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out),
-                                 "--data", str(shapes_dir)])
+    run = tmp_path / "run"  # a copy: the export goes into its exports/ folder, and report lists it there
+    shutil.copytree(shapes_run.path, run)
+    out = run / "exports" / "litert"
+    result = runner.invoke(app, ["export", str(run), "--format", "litert", "-o", str(out), "--data", str(shapes_dir)])
     assert result.exit_code == 0, result.output
     assert "litert: " in result.output and "max |dp|" in result.output and "1 export(s) written" in result.output
-    assert {path.name for path in out.iterdir()} == {"model.tflite", "labels.json", "README.txt", "export.json"}
-    again = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out)])
+    assert {path.name for path in out.iterdir()} == {"model.tflite", "labels.json", "README.txt", "export.json",
+                                                     "MODEL_CARD.md"}
+    # The export carries the run's model card, this export listed in it with its accuracy drop.
+    copy = (out / "MODEL_CARD.md").read_text()
+    assert 'classes: ["circle", "square", "triangle"]' in copy and "litert export model.tflite" in copy
+    drop = json.loads((out / "export.json").read_text())["accuracy"]["drop_points"]
+    assert "| `exports/litert` | none |" in copy and f"| {drop:.2f} |" in copy
+    again = runner.invoke(app, ["export", str(run), "--format", "litert", "-o", str(out)])
     assert again.exit_code == 1 and "--force" in again.output
     before = (out / "export.json").stat().st_mtime_ns
-    forced = runner.invoke(app, ["export", str(shapes_run.path), "--format", "litert", "-o", str(out), "--force"])
+    forced = runner.invoke(app, ["export", str(run), "--format", "litert", "-o", str(out), "--force"])
     assert forced.exit_code == 0, forced.output
     assert (out / "export.json").stat().st_mtime_ns != before
+    # The run's own card lists its exports once report writes it again.
+    assert not (run / "MODEL_CARD.md").exists()  # (this hand-made run had none)
+    reported = runner.invoke(app, ["report", str(run)])
+    assert reported.exit_code == 0 and str(run / "MODEL_CARD.md") in reported.output, reported.output
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "| `exports/litert` | none |" in card and "None yet" not in card and "This copy travels" not in card
 
 
 def test_force_replaces_only_export_folders(shapes_run, tmp_path):

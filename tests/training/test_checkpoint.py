@@ -1,7 +1,8 @@
-"""A real SIGINT to a real training process, then --resume, against an uninterrupted run.
+"""A real SIGTERM to a real training process, a real SIGINT to its resumed process, then
+--resume, against an uninterrupted run.
 
-Only the interrupted run needs a process of its own (a real signal); the uninterrupted run and
---resume go through the same CLI in this process (typer's CliRunner), which spares each the
+Only the interrupted runs need processes of their own (real signals); the uninterrupted run and
+the last --resume go through the same CLI in this process (typer's CliRunner), which spares each the
 seconds of a TensorFlow import.
 """
 
@@ -46,25 +47,36 @@ def reference(shapes_dir, tmp_path_factory):
     return output
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dir, tmp_path, signum, reference):
-
-    output = tmp_path / "run"
-    partial = tmp_path / "run.partial"
-    process = subprocess.Popen(cli(shapes_dir, *FLAGS, "-o", output), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+def interrupt(command, partial, after, signum):
+    """Start ``command``, send it ``signum`` once ``partial`` holds ``after`` epochs, and check
+    that it stopped as an interrupted run does: exit 130, the --resume line, no traceback, no
+    finished run. Returns the epochs it kept."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while epochs_saved(partial) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while epochs_saved(partial) < after and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "training finished before it could be interrupted"
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "--resume" in stderr and "Traceback" not in stderr
-    assert not output.exists()  # nothing that looks like a finished run
+    assert f"{signal.Signals(signum).name} received" in stderr
     assert not (partial / "model.keras").exists() and not (partial / "labels.json").exists()
-    assert 2 <= epochs_saved(partial) < 5
+    return epochs_saved(partial)
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_by_sigterm_then_resumed_and_interrupted_by_sigint_ends_as_the_uninterrupted_one(
+        shapes_dir, tmp_path, reference):
+    """Both signals, each to a real process: the first stops a new run, the second a resumed
+    one (so a resumed run keeps its own checkpoints too); the last --resume must then end
+    exactly as the run trained without a stop."""
+    output = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    first = interrupt(cli(shapes_dir, *FLAGS, "-o", output), partial, 1, signal.SIGTERM)
+    assert 1 <= first < 4 and not output.exists()
+    second = interrupt(cli("--resume", output, "--quiet"), partial, first + 1, signal.SIGINT)
+    assert first < second < 5 and not output.exists()
 
     resumed = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--quiet"])
     assert resumed.exit_code == 0, resumed.output[-2000:]

@@ -57,8 +57,11 @@ CACHES: list = []
 
 
 @pytest.fixture(scope="module")
-def searched(shapes_dir, tmp_path_factory):
-    """Two real trials on the tiny shapes: (summary, output folder)."""
+def searched(shapes_dir, tmp_path_factory, request):
+    """Two real trials on the tiny shapes: (summary, output folder), tracked in an MLflow
+    store named by MLFLOW_TRACKING_URI (where the mlflow extra is installed: ``tracked_study``)."""
+    import importlib.util
+
     from transferkit.training.features import FeatureCache
 
     class Recorded(FeatureCache):
@@ -70,8 +73,36 @@ def searched(shapes_dir, tmp_path_factory):
     output = folder / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("transferkit.training.features.FeatureCache", Recorded)
+        if importlib.util.find_spec("mlflow") is not None:
+            patch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("mlflow_store")(folder / "mlflow"))
         summary = tune(shapes_dir, write_recipe(folder, SPACE), SEARCH, trials=2, output=output, verbose=0)
     return summary, output
+
+
+def test_each_trial_is_a_nested_mlflow_run_under_the_call(searched):
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    summary, output = searched
+    client = mlflow.MlflowClient(f"sqlite:///{output.parent / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    trials = sorted((run for run in runs if run is not parent), key=lambda run: run.info.run_name)
+    assert parent.info.run_name == "tune-data" and parent.info.status == "FINISHED"
+    assert parent.data.tags["transferkit.tune.study"] == "data"
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(summary.best_value)
+    assert {"trials.csv", "best_recipe.toml", "history.png"} <= {item.path for item in
+                                                                 client.list_artifacts(parent.info.run_id)}
+    assert [run.info.run_name for run in trials] == ["trial-0", "trial-1"]
+    for run, row, stored_trial in zip(trials, read_trials(output), stored(output, "data").trials, strict=True):
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        sampled = stored_trial.params["stages.0.learning_rate"]
+        assert float(run.data.params["stages.0.learning_rate"]) == pytest.approx(sampled)
+        assert run.data.params["head.units"] == row["head.units"]
+        # Every epoch across the two stages, as the pruner saw them.
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert {metric.step: metric.value for metric in history} == pytest.approx(stored_trial.intermediate_values)
+        assert run.data.metrics["final_val_accuracy"] == pytest.approx(stored_trial.value)
+    # The environment's URI stays out of the recipe: finetune on it tracks wherever its own environment says.
+    assert tomllib.loads((output / "best_recipe.toml").read_text())["mlflow"] == ""
 
 
 def test_trials_with_the_same_frozen_part_share_its_features(searched):

@@ -2,8 +2,8 @@
 
 Each module is named for its commands: ``finetune``, ``predict``, ``doctor`` (doctor, and
 doctor --model), ``augment_preview``, ``lr_find``, ``tune``, ``evaluate`` (evaluate, explain,
-report), ``export`` (export, benchmark), ``info`` (backbones, recipes). ``common`` holds the
-options defined once, the one path from flags to recipe overrides, and ``reports_errors``,
+report), ``export`` (export, benchmark), ``info`` (backbones, recipes), ``audit``. ``common``
+holds the options defined once, the one path from flags to recipe overrides, and ``reports_errors``,
 on every command: a ``TransferkitError`` becomes one ``error:`` line and its class's exit
 code. Exit codes: 0 success, 1 the input or the run failed, 2 a usage or recipe error, 130
 interrupted.
@@ -17,7 +17,6 @@ command that uses it, so that ``--help`` answers within 1 s and ``backbones`` wi
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Annotated, Optional
 
@@ -25,9 +24,22 @@ import typer
 
 from transferkit import __version__
 from transferkit.backend import requested_backend
-from transferkit.cli import augment_preview, doctor, evaluate, export, finetune, info, lr_find, predict, tune
+from transferkit.cli import (
+    audit,
+    augment_preview,
+    doctor,
+    evaluate,
+    export,
+    finetune,
+    info,
+    lr_find,
+    predict,
+    serve,
+    tune,
+)
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
+from transferkit.runtime import import_tensorflow_quietly
 
 app = typer.Typer(
     name="transferkit",
@@ -68,7 +80,7 @@ def _tensorflow_first(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
         if _STARTUP["tensorflow"]:
-            _import_tensorflow_quietly()
+            import_tensorflow_quietly()
         return command(*args, **kwargs)
 
     return run
@@ -87,8 +99,10 @@ COMMANDS = tuple((name, _tensorflow_first(command) if loads else command, loads)
     ("explain", evaluate.explain, True),
     ("report", evaluate.report, False),
     ("tune", tune.tune, True),
+    ("audit", audit.audit, True),
     ("export", export.export, True),
     ("benchmark", export.benchmark, True),
+    ("serve", serve.serve, True),
     ("backbones", info.backbones, False),
     ("recipes", info.recipes, False),
 ))
@@ -107,29 +121,6 @@ def needs_tensorflow(argv: list[str]) -> bool:
         return False
     command = argv[1]
     return command in TENSORFLOW_COMMANDS or TENSORFLOW_FLAGS.get(command, "\0") in argv[2:]
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
-
-    Those lines are written before TensorFlow's own log level applies, straight to file
-    descriptor 2, so only a redirect hides them. Python errors still show: an ImportError
-    is raised after the descriptor is restored.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if os.environ.get("TRANSFERKIT_DEBUG"):
-        return
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                import tensorflow  # noqa: F401
-            except ImportError:
-                pass  # re-raised below with stderr restored
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import typer
 from transferkit.backbones import available_backbones
 from transferkit.errors import TransferkitError
 from transferkit.runtime import ENGINES, PRECISIONS
+from transferkit.strategies import STRATEGIES
 
 
 def choices(values: Sequence[str]) -> str:
@@ -63,6 +64,27 @@ PrecisionOption = Annotated[
     typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU/GPU runs it fast), float32, bfloat16 "
                  "or float16 (recipe key: precision)."),
 ]
+
+
+def device_count(value: str | None) -> int | str | None:
+    """--devices as the recipe takes it: a number, or "all"."""
+    if value is None or value == "all":
+        return value
+    if not value.strip().lstrip("-").isdigit():
+        raise typer.BadParameter(f"{value!r} is not a number of devices; give 1 or more, or all")
+    return int(value)
+
+
+StrategyOption = Annotated[
+    Optional[str],
+    typer.Option(metavar=choices(STRATEGIES), help="How many devices train: auto (mirrored over the GPUs when "
+                 "TensorFlow sees several, else none), none (one device), mirrored (the local GPUs, or --devices "
+                 "logical CPU devices), data-parallel (not built yet) (recipe key: strategy).")]
+DevicesOption = Annotated[
+    Optional[str],
+    typer.Option(metavar="N|all", callback=device_count, help="Devices the strategy trains on: GPUs, or on a CPU "
+                 "logical CPU devices; default all GPUs (recipe key: devices). The batch size stays the global "
+                 "batch.")]
 # The inference engine and precision of the commands that run a saved model (predict, evaluate).
 InferenceEngineOption = Annotated[str, typer.Option(
     "--engine", metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")]
@@ -70,6 +92,20 @@ InferencePrecisionOption = Annotated[str, typer.Option(
     "--precision", metavar=choices(PRECISIONS),
     help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
          "or float16 (16 bits only).")]
+GroupByOption = Annotated[Optional[str], typer.Option(
+        metavar="REGEX", help="Each file's group: the regex's first group, searched in its path below DATA_DIR "
+        "(else in its name), e.g. '^[^/]+/(patient\\d+)_' for cat/patient12_3.jpg; no group is split between "
+        "training and validation (recipe key: data.group_by).")]
+MlflowOption = Annotated[Optional[str], typer.Option("--mlflow", metavar="URI",
+        help="Log to MLflow: params, per-epoch metrics, figures and the model (sqlite:///mlflow.db, "
+             "http://host:5000, ...; default MLFLOW_TRACKING_URI when set; off: never; recipe key: mlflow).")]
+# What predict and evaluate add to a class when asked (labels.json "rejection", "prediction_sets").
+RejectOption = Annotated[bool, typer.Option(
+    "--reject", help="Label images that look like none of the training images 'unknown' (the run's threshold, "
+                     "fitted on validation at reject.coverage); the top class stays in its own column.")]
+SetsOption = Annotated[Optional[float], typer.Option(
+    "--sets", metavar="COVERAGE", help="Conformal prediction sets (LAC) that hold the true class with this "
+                                       "probability, e.g. 0.9: columns set (names joined by |) and set_size.")]
 ValDirOption = Annotated[Optional[Path], typer.Option(
         help="Validation folder with the same class sub-folders, instead of a split.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]
@@ -181,6 +217,18 @@ def check_choice(flag: str, value: str | None, allowed: Sequence[str]) -> None:
     """A usage error for a value outside a choice table (told before any work)."""
     if value is not None and value not in allowed:
         raise usage_error(f"{flag} {value!r}: choose {one_of(allowed)}")
+
+
+def check_trust_flags(reject: bool, sets: float | None, tta: bool) -> None:
+    """Usage errors for --sets outside (0, 1), and for --reject or --sets with --tta (the
+    threshold and the set scores were fitted on single-view outputs, which TTA's averaged
+    probabilities are not)."""
+    if sets is not None and not 0 < sets < 1:
+        raise usage_error(f"--sets must be between 0 and 1 (exclusive), e.g. 0.9; got {sets:g}")
+    if tta and (reject or sets is not None):
+        flag = "--reject" if reject else "--sets"
+        raise usage_error(f"{flag} does not combine with --tta: its threshold was fitted on single-view "
+                          "probabilities, not TTA's averages; drop one of them")
 
 
 def check_positive(flag: str, value: int | None) -> None:

@@ -13,6 +13,7 @@ from transferkit.cli.common import (
     BackboneOption,
     BatchSizeOption,
     DataDirArgument,
+    GroupByOption,
     ImageSizeOption,
     RecipeOption,
     SeedOption,
@@ -35,6 +36,7 @@ def doctor(
             help="Validation fraction, to check the split training would make for leakage.")] = None,
     val_dir: Annotated[Optional[Path], typer.Option(
             help="Validation folder to check against DATA_DIR instead of a split.")] = None,
+    group_by: GroupByOption = None,
     seed: SeedOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     model: Annotated[bool, typer.Option("--model",
@@ -47,6 +49,9 @@ def doctor(
     set_values: SetOption = None,
 ) -> None:
     """Check a data folder: counts, imbalance, unreadable files, duplicates, leakage, sizes, modes.
+
+    With --group-by, groups with images on both sides of the split (or in both DATA_DIR and
+    --val-dir) are a problem too.
 
     With --model, check that the recipe's model learns on it instead (the --stage, --backbone,
     --weights, --batch-size and --set flags apply). Exit code 0 when clean, 1 when there are
@@ -61,7 +66,7 @@ def doctor(
         _check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
     resolved = load_recipe(recipe, overrides)
     report = check_data(data_dir, image_size=resolved.image_size, val_split=resolved.data.val_split,
-                        seed=resolved.seed, val_dir=val_dir)
+                        seed=resolved.seed, val_dir=val_dir, group_by=resolved.data.group_by)
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
     raise typer.Exit(code=0 if report.is_clean() else 1)
 

@@ -10,10 +10,13 @@ import typer
 from transferkit.cli.common import (
     InferenceEngineOption,
     InferencePrecisionOption,
+    RejectOption,
     RunArgument,
+    SetsOption,
     VerboseOption,
     check_choice,
     check_positive,
+    check_trust_flags,
     reports_errors,
     setup_logging,
 )
@@ -32,6 +35,8 @@ def evaluate(
             help="Folder to write to; default RUN/eval-<folder>-<timestamp>/.")] = None,
     tta: Annotated[bool, typer.Option("--tta",
             help="Average over the recipe's test-time variants (tta.transforms).")] = False,
+    reject: RejectOption = False,
+    sets: SetsOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     engine: InferenceEngineOption = "auto",
     precision: InferencePrecisionOption = "auto",
@@ -39,7 +44,10 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Evaluate a run on a labelled folder: metrics.json, predictions.csv and figures."""
+    """Evaluate a run on a labelled folder: metrics.json, predictions.csv and figures.
+
+    Images of no known class in IMAGES/unknown/ give the open-set figures (AUROC, FPR at 95% TPR,
+    risk_coverage.png) of the run's rejection score."""
     from transferkit.evaluation.evaluate import check_output_folder, evaluate_folder, write_evaluation
     from transferkit.runs import load_run
 
@@ -47,11 +55,13 @@ def evaluate(
     check_positive("--batch-size", batch_size)
     check_choice("--engine", engine, ENGINES)
     check_choice("--precision", precision, PRECISIONS)
+    check_trust_flags(reject, sets, tta)
     if output is not None:
         check_output_folder(output, force)
     loaded = load_run(run)
     result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
-                             precision=precision, progress=progress_bar("image", enabled=not quiet))
+                             precision=precision, progress=progress_bar("image", enabled=not quiet),
+                             reject=reject, sets=sets)
     written = write_evaluation(result, output, force=force)
     typer.echo(result.summary(written))
 
@@ -87,9 +97,10 @@ def explain(
 
 @reports_errors
 def report(run: RunArgument, verbose: VerboseOption = False) -> None:
-    """Draw a run's history.png and confusion.png again from history.csv and metrics.json."""
-    from transferkit.evaluation.figures import write_run_figures
+    """Write a run's MODEL_CARD.md again (with its exports and evaluations so far), and draw
+    history.png and confusion.png again from history.csv and metrics.json."""
+    from transferkit.evaluation.card import write_run_report
 
     setup_logging(False, verbose)
-    written = write_run_figures(run)
+    written = write_run_report(run)
     typer.echo("wrote " + ", ".join(str(path) for path in written))

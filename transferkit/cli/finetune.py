@@ -10,13 +10,17 @@ import typer
 from transferkit.cli.common import (
     BackboneOption,
     BatchSizeOption,
+    DevicesOption,
     EngineOption,
+    GroupByOption,
     ImageSizeOption,
+    MlflowOption,
     PrecisionOption,
     QuietOption,
     RecipeOption,
     SeedOption,
     SetOption,
+    StrategyOption,
     ValDirOption,
     VerboseOption,
     WeightsOption,
@@ -26,9 +30,10 @@ from transferkit.cli.common import (
     usage_error,
 )
 
-# What --resume accepts besides RUN_DIR: where the data is now, and --force; every other
-# setting is the interrupted run's own.
-RESUME_PARAMETERS = frozenset({"data_dir", "val_dir", "resume", "force", "quiet", "verbose"})
+# What --resume accepts besides RUN_DIR: where the data is now, --force, and the devices it
+# goes on with (another machine may have others; the result does not depend on them beyond
+# float rounding); every other setting is the interrupted run's own.
+RESUME_PARAMETERS = frozenset({"data_dir", "val_dir", "resume", "force", "quiet", "verbose", "strategy", "devices"})
 
 
 @reports_errors
@@ -48,6 +53,7 @@ def finetune(
     val_split: Annotated[Optional[float], typer.Option(
             help="Fraction of each class held out for validation (recipe key: data.val_split).")] = None,
     val_dir: ValDirOption = None,
+    group_by: GroupByOption = None,
     seed: SeedOption = None,
     precision: PrecisionOption = None,
     engine: EngineOption = None,
@@ -62,6 +68,9 @@ def finetune(
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard",
             help="Write TensorBoard logs to RUN/tensorboard/, one step count across stages (recipe key: "
                  "tensorboard).")] = None,
+    mlflow: MlflowOption = None,
+    strategy: StrategyOption = None,
+    devices: DevicesOption = None,
     set_values: SetOption = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o",
             help="Run folder to write; default runs/<data-folder>-<timestamp>.")] = None,
@@ -90,7 +99,7 @@ def finetune(
             raise usage_error(f"--resume continues the run with its own settings; drop {', '.join(given)} "
                               "(or start a new run without --resume)")
         run = workflow.resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir,
-                                       force=force)
+                                       force=force, overrides={"strategy": strategy, "devices": devices})
         typer.echo(run.describe())
         return
     if data_dir is None:

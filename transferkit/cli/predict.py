@@ -10,10 +10,13 @@ import typer
 from transferkit.cli.common import (
     InferenceEngineOption,
     InferencePrecisionOption,
+    RejectOption,
     RunArgument,
+    SetsOption,
     VerboseOption,
     check_choice,
     check_positive,
+    check_trust_flags,
     reports_errors,
     setup_logging,
 )
@@ -33,6 +36,8 @@ def predict(
     precision: InferencePrecisionOption = "auto",
     tta: Annotated[bool, typer.Option("--tta",
             help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
+    reject: RejectOption = False,
+    sets: SetsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
             help="No progress bar and no table; with --output, print only the summary.")] = False,
     verbose: VerboseOption = False,
@@ -47,6 +52,7 @@ def predict(
     check_positive("--batch-size", batch_size)
     check_choice("--engine", engine, ENGINES)
     check_choice("--precision", precision, PRECISIONS)
+    check_trust_flags(reject, sets, tta)
     if output is not None:
         check_output(output)
     loaded = load_run(run)
@@ -57,15 +63,26 @@ def predict(
 
         forward = tta_engine(loaded, engine, precision)
     result = predict_folder(loaded, images, top_k=top_k, batch_size=batch_size, progress=bar,
-                            engine=forward, precision=precision)
+                            engine=forward, precision=precision, reject=reject, sets=sets)
     if output is not None:
         write_predictions(result, output)
     if not quiet:
-        width = max((len(str(row.file)) for row in result.rows), default=4)
-        typer.echo(f"{'file':<{width}}  {'label':<16} confidence")
-        for row in result.rows:
-            line = f"{str(row.file):<{width}}  {row.label:<16} {row.confidence:.3f}"
-            if top_k > 1:
-                line += "   " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k)
-            typer.echo(line)
+        _print_table(result, top_k)
     typer.echo(result.summary(output))
+
+
+def _print_table(result, top_k: int) -> None:
+    width = max((len(str(row.file)) for row in result.rows), default=4)
+    header = f"{'file':<{width}}  {'label':<16} confidence"
+    if result.rejection is not None:
+        header += f"  {'top class':<16} score"
+    typer.echo(header + ("  set" if result.set_rule is not None else ""))
+    for row in result.rows:
+        line = f"{str(row.file):<{width}}  {row.label:<16} {row.confidence:.3f}"
+        if result.rejection is not None:
+            line += f"       {row.top_class:<16} {row.score:.3f}"
+        if result.set_rule is not None:
+            line += "  " + "|".join(row.prediction_set)
+        if top_k > 1:
+            line += "   " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k)
+        typer.echo(line)

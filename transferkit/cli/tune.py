@@ -11,10 +11,14 @@ from transferkit.cli.common import (
     BackboneOption,
     BatchSizeOption,
     DataDirArgument,
+    DevicesOption,
+    GroupByOption,
     ImageSizeOption,
+    MlflowOption,
     QuietOption,
     RecipeOption,
     SetOption,
+    StrategyOption,
     ValDirOption,
     VerboseOption,
     WeightsOption,
@@ -51,10 +55,14 @@ def tune(
             help="Folder for best_recipe.toml, trials.csv, history.png, importance.png (and study.db); default "
                  "runs/tune-<data-folder>.")] = None,
     val_dir: ValDirOption = None,
+    group_by: GroupByOption = None,
     backbone: BackboneOption = None,
     weights: WeightsOption = None,
     image_size: ImageSizeOption = None,
     batch_size: BatchSizeOption = None,
+    mlflow: MlflowOption = None,
+    strategy: StrategyOption = None,
+    devices: DevicesOption = None,
     set_values: SetOption = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -65,6 +73,9 @@ def tune(
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe
     OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current
     trial and keeps the study.
+
+    With --mlflow (or MLFLOW_TRACKING_URI), the call is one MLflow run and each trial a
+    nested run under it.
 
     Several workers (processes or machines) share one study through --storage.
     On PostgreSQL, MySQL or SQLite, a killed worker's trial is failed after 20 s

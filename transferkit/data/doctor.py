@@ -10,8 +10,9 @@ and read once.
 ``transferkit doctor DATA_DIR`` prints this report and ``finetune`` logs its findings.
 Problems (the doctor exits 1) are things that make a run quietly worse: unreadable files,
 classes with too few readable images, identical images under two labels, identical images
-on both sides of the train/validation split, identical images within a class, strong class
-imbalance and images much smaller than the training size. Warnings are worth knowing but
+on both sides of the train/validation split, identical images within a class, groups
+(``data.group_by``) with images on both sides, strong class imbalance and images much smaller
+than the training size. Warnings are worth knowing but
 harmless: mixed colour modes (reading converts every image to RGB) and files without an image
 extension (never read).
 """
@@ -30,9 +31,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from transferkit.data.arrays import stratified_split
 from transferkit.data.folders import FolderIndex, index_folders, partition_skipped
 from transferkit.data.images import UnreadableImage, load_image
+from transferkit.data.split import group_names, split_rows
 from transferkit.errors import RecipeError
 
 EXAMPLES_SHOWN = 10
@@ -61,6 +62,21 @@ class LeakedGroup:
         validation: the copies used for validation, sorted.
     """
 
+    train: tuple[Path, ...]
+    validation: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class SharedGroup:
+    """A group (``data.group_by``) with images on both sides of the train/validation split.
+
+    Attributes:
+        name: the group's name (what the pattern's first group matched).
+        train: its images used for training, sorted.
+        validation: its images used for validation, sorted.
+    """
+
+    name: str
     train: tuple[Path, ...]
     validation: tuple[Path, ...]
 
@@ -103,6 +119,9 @@ class DataReport:
         small_images: (path, width, height) of images whose smaller side is below
             ``min_side``.
         colour_modes: number of readable images per PIL mode ("RGB", "L", "RGBA", ...).
+        group_by: the pattern naming each file's group, or None (no groups checked).
+        shared_groups: groups with images used for both training and validation (with a
+            validation folder: in both folders; a split by group never makes one).
     """
 
     root: Path
@@ -122,6 +141,8 @@ class DataReport:
     split_leakage: tuple[LeakedGroup, ...] = ()
     small_images: tuple[tuple[Path, int, int], ...] = ()
     colour_modes: dict[str, int] = field(default_factory=dict)
+    group_by: str | None = None
+    shared_groups: tuple[SharedGroup, ...] = ()
 
     def problem_findings(self) -> list[Finding]:
         """Findings worth fixing before training, each with its files."""
@@ -175,6 +196,12 @@ class DataReport:
                 for path, width, height in self.small_images
             ],
             "colour_modes": dict(self.colour_modes),
+            "group_by": self.group_by,
+            "shared_groups": [
+                {"group": group.name, "train": [str(path) for path in group.train],
+                 "validation": [str(path) for path in group.validation]}
+                for group in self.shared_groups
+            ],
             "problems": self.problems,
             "warnings": self.warnings,
         }
@@ -224,20 +251,22 @@ def check_data(
     workers: int | None = None,
     keep: Callable[[Path, np.ndarray], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    group_by: str | None = None,
 ) -> DataReport:
     """Read every image of a data folder once and report what is worth fixing.
 
     Each image is fully decoded with ``load_image`` (so truncated files count as
     unreadable, as in training), its header gives the colour mode, and its file content is
     hashed (SHA-256) to find exact duplicates. Leakage is computed on the split training
-    would make: ``stratified_split`` over the readable images with the same
-    ``val_split`` and ``seed``; with ``val_dir``, it is identical content in both folders.
+    would make: ``split.split_rows`` over the readable images with the same
+    ``val_split``, ``seed`` and ``group_by``; with ``val_dir``, it is identical content in
+    both folders.
 
     Problems (``DataReport.problems``; the doctor exits 1): unreadable files, a class with
     fewer readable images than the split needs, identical files in more than one class,
-    identical files in training and validation, identical files within a class, a
-    largest/smallest class ratio above ``imbalance_limit``, and images whose smaller side is
-    below ``min_side``. Warnings only (``DataReport.warnings``): mixed colour modes such as
+    identical files in training and validation, groups with images on both sides, identical
+    files within a class, a largest/smallest class ratio above ``imbalance_limit``, and
+    images whose smaller side is below ``min_side``. Warnings only (``DataReport.warnings``): mixed colour modes such as
     some grayscale among RGB (reading converts them all to RGB), and files without an image
     extension (never read).
 
@@ -257,17 +286,22 @@ def check_data(
             image) for every readable file, from the reading threads, so training need
             not read the files again.
         progress: called with the number of files read so far.
+        group_by: the recipe's ``data.group_by``: the split checked keeps groups whole, as
+            training's does, and groups with images on both sides (in both folders, with
+            ``val_dir``) are a problem; default None (no groups).
 
     Returns:
         A ``DataReport``.
 
     Raises:
         DataError: a folder is missing, has no class folders holding image files, or
-            ``val_dir`` has other classes than ``data_dir``.
+            ``val_dir`` has other classes than ``data_dir``; with ``group_by``, a file the
+            pattern names no group for, or a split by group that cannot be made.
         RecipeError: an argument is out of range.
     """
     min_side = _checked_arguments(image_size, val_split, imbalance_limit, min_side)
     index, val_index = index_folders(data_dir, val_dir)
+    group_of = _group_of(index, val_index, group_by)  # before reading: a file it cannot name fails at once
     entries = _entries(index, val_index)
     inspections = _inspect_all([path for _, _, path in entries], image_size, keep, workers, progress)
     skipped = list(index.skipped) + list(val_index.skipped if val_index else ())
@@ -285,7 +319,10 @@ def check_data(
         if val_index is not None
         else {}
     )
-    roles = _validation_roles(readable, index.class_names, class_counts, val_split, seed, val_index is not None)
+    groups = None if group_of is None else np.asarray(
+        [group_of[inspection.path] for _, _, inspection in readable], dtype=object)
+    roles = _validation_roles(readable, index.class_names, class_counts, val_split, seed, val_index is not None,
+                              groups)
     within, conflicting, leaked = _duplicate_groups(readable, roles)
     counts = list(class_counts.values())
     return DataReport(
@@ -312,7 +349,31 @@ def check_data(
             )
         ),
         colour_modes=dict(Counter(inspection.mode for _, _, inspection in readable).most_common()),
+        group_by=group_by,
+        shared_groups=_shared_groups(readable, roles, groups),
     )
+
+
+def _group_of(index: FolderIndex, val_index: FolderIndex | None, group_by: str | None) -> dict[Path, str] | None:
+    """Each image file's group (its path below its own folder, searched with ``group_by``),
+    or None without a pattern."""
+    if group_by is None:
+        return None
+    group_of = dict(zip(index.paths, group_names(index.paths, index.root, group_by), strict=True))
+    if val_index is not None:
+        group_of.update(zip(val_index.paths, group_names(val_index.paths, val_index.root, group_by), strict=True))
+    return group_of
+
+
+def _shared_groups(readable, roles: list[bool] | None, groups: np.ndarray | None) -> tuple[SharedGroup, ...]:
+    """The groups with images on both sides of the split, by name."""
+    if roles is None or groups is None:
+        return ()
+    sides: dict[str, tuple[list[Path], list[Path]]] = defaultdict(lambda: ([], []))
+    for (_, _, inspection), validates, group in zip(readable, roles, groups, strict=True):
+        sides[group][int(validates)].append(inspection.path)
+    return tuple(SharedGroup(str(name), tuple(sorted(train)), tuple(sorted(validation)))
+                 for name, (train, validation) in sorted(sides.items()) if train and validation)
 
 
 def _checked_arguments(image_size: int, val_split: float, imbalance_limit: float, min_side: int | None) -> int:
@@ -429,6 +490,7 @@ def _validation_roles(
     val_split: float,
     seed: int,
     has_val_dir: bool,
+    groups: np.ndarray | None = None,
 ) -> list[bool] | None:
     """Per readable image, True when it is used for validation; None if no split is possible."""
     if has_val_dir:
@@ -438,7 +500,7 @@ def _validation_roles(
     # The same labels, in the same order, as training passes to the split.
     label_of = {name: label for label, name in enumerate(class_names)}
     labels = np.asarray([label_of[name] for _, name, _ in readable], dtype="int64")
-    _, val_rows = stratified_split(labels, val_split, seed)
+    _, val_rows = split_rows(labels, val_split, seed, class_names, groups)
     roles = [False] * len(readable)
     for row in val_rows:
         roles[int(row)] = True
@@ -526,6 +588,19 @@ def _leakage(report: DataReport) -> Finding | None:
     )
 
 
+def _groups_across(report: DataReport) -> Finding | None:
+    if not report.shared_groups:
+        return None
+    where = (f"both {report.root} and the validation folder {report.val_root}" if report.val_root is not None
+             else "both training and validation")
+    return Finding(
+        f"{len(report.shared_groups)} group(s) of data.group_by {report.group_by!r} have images in {where}, which "
+        "inflates validation scores: keep each group's images on one side",
+        tuple(f"{group.name}: train {_paths(group.train)}; validation {_paths(group.validation)}"
+              for group in report.shared_groups),
+    )
+
+
 def _within_class(report: DataReport) -> Finding | None:
     if not report.duplicates_within_class:
         return None
@@ -584,6 +659,7 @@ _PROBLEM_CHECKS: tuple[Callable[[DataReport], Finding | None], ...] = (
     _too_few_to_split,
     _conflicting,
     _leakage,
+    _groups_across,
     _within_class,
     _imbalance,
     _small,

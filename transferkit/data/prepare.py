@@ -3,7 +3,8 @@ pass feeds the data checks), split, and turned into batches as the recipe says.
 
 ``prepare_data`` is what ``finetune``, ``--resume``, ``tune``'s trials, ``lr-find`` and
 ``doctor --model`` all start from, so they decode and split alike; ``PreparedData.batches``
-gives the training and validation batches of a recipe.
+gives the training and validation batches of a recipe. ``decode_folder`` is the same read
+without a split, for ``audit`` (which deals every image into folds of its own).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data.arrays import balanced_class_weights, image_array, partition_rows, stratified_split
+from transferkit.data.arrays import balanced_class_weights, image_array, partition_rows
 from transferkit.data.augment import augmentation_enabled, build_augmenter
 from transferkit.data.batches import ImageBatches
 from transferkit.data.doctor import DataReport, check_data
 from transferkit.data.folders import FolderIndex, index_folders
+from transferkit.data.split import TRAIN, VALIDATION, group_names, relative_name, split_rows, split_table
 from transferkit.errors import DataError
 from transferkit.outputs import encode_targets
 from transferkit.progress import progress_bar
@@ -46,6 +48,9 @@ class PreparedData:
             sizes), to tell whether a resumed run sees the data it started with.
         data_dir: the data folder, resolved.
         val_dir: the validation folder, resolved; None when validation is a split of data_dir.
+        split: (file, "train" or "validation") per image, in the order of the images (the
+            training ones first); each file's path relative to its own folder, as
+            ``split.csv`` lists them.
     """
 
     class_names: tuple[str, ...]
@@ -57,10 +62,15 @@ class PreparedData:
     fingerprint: str
     data_dir: str
     val_dir: str | None
+    split: tuple[tuple[str, str], ...] = ()
 
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    def split_csv(self) -> str:
+        """``split.csv``'s text: ``file,subset``, one row per image (see ``split``)."""
+        return split_table(self.split)
 
     def require_same(self, class_names, fingerprint: str | None, trained: str) -> None:
         """Raise unless these are the classes and images a run started with (a resumed run
@@ -135,6 +145,8 @@ def prepare_data(
     """
     index, val_index = index_folders(data_dir, val_dir)
     class_names = index.class_names
+    # Before any image is read: a file the pattern names no group for fails at once.
+    groups = group_names(index.paths, index.root, recipe.data.group_by) if recipe.data.group_by else None
     paths = list(index.paths) + (list(val_index.paths) if val_index is not None else [])
     decoded, readable, report = _decode_all(index, val_index, paths, recipe, verbose)
     reasons = dict(report.unreadable)
@@ -144,7 +156,8 @@ def prepare_data(
     skipped = list(index.skipped) + skipped
     _require_every_class(labels, class_names, data_dir)
     if val_index is None:
-        train_rows, val_rows = stratified_split(labels, recipe.data.val_split, recipe.seed, class_names)
+        train_rows, val_rows = split_rows(labels, recipe.data.val_split, recipe.seed, class_names,
+                                          groups[kept] if groups is not None else None)
         train_rows, val_rows, train_labels, val_labels = (
             kept[train_rows], kept[val_rows], labels[train_rows], labels[val_rows])
     else:
@@ -159,6 +172,14 @@ def prepare_data(
     if report.problems:
         log.warning("for the details run: %s", doctor_command(data_dir, val_dir, recipe))
     _tell_split(class_names, train_labels, val_labels, recipe, val_dir, verbose)
+    if groups is not None and val_index is None and verbose:
+        log.info(f"split by data.group_by: {len(set(groups[train_rows].tolist()))} group(s) train, "
+                 f"{len(set(groups[val_rows].tolist()))} validate, none on both sides")
+    def listed(row: int, subset: str) -> tuple[str, str]:
+        root = val_index.root if val_index is not None and row >= first else index.root
+        return relative_name(paths[row], root), subset
+
+    split = [listed(row, TRAIN) for row in train_rows] + [listed(row, VALIDATION) for row in val_rows]
     return PreparedData(
         class_names=tuple(class_names),
         train_images=train_images, train_labels=train_labels,
@@ -167,6 +188,67 @@ def prepare_data(
         fingerprint=data_fingerprint(data_dir, val_dir, paths),
         data_dir=str(Path(data_dir).resolve()),
         val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
+        split=tuple(split),
+    )
+
+
+@dataclass(frozen=True)
+class DecodedFolder:
+    """Every readable image of a data folder, decoded once, not split.
+
+    Attributes:
+        class_names: the classes, in label order.
+        images: uint8 (n, S, S, 3) images (memory-mapped when large).
+        labels: int label per image.
+        files: each image's file, in class then path order.
+        groups: each image's group (``data.group_by``), or None without a pattern.
+        skipped: (path, reason) of every file left out.
+        data_dir: the data folder, resolved.
+    """
+
+    class_names: tuple[str, ...]
+    images: np.ndarray
+    labels: np.ndarray
+    files: tuple[Path, ...]
+    groups: np.ndarray | None
+    skipped: tuple[tuple[str, str], ...]
+    data_dir: str
+
+
+def decode_folder(data_dir: str | os.PathLike, recipe: Recipe, *, verbose: int = 1) -> DecodedFolder:
+    """Index and decode every image of a folder once, as ``prepare_data`` does, without a split.
+
+    The data checks run on the same read and what they find is warned about; unreadable
+    files are skipped with a warning each.
+
+    Args:
+        data_dir: one sub-folder of images per class.
+        recipe: the resolved recipe (its image size, memory bound and ``data.group_by``).
+        verbose: 0 silent, 1 a progress bar; default 1.
+
+    Returns:
+        The ``DecodedFolder``.
+
+    Raises:
+        DataError: the folder, its classes or its images cannot be used, or the group
+            pattern names no group for a file.
+    """
+    index, _ = index_folders(data_dir)
+    groups = group_names(index.paths, index.root, recipe.data.group_by) if recipe.data.group_by else None
+    decoded, readable, report = _decode_all(index, None, list(index.paths), recipe, verbose)
+    kept, skipped = _kept_rows(index.paths, readable, dict(report.unreadable))
+    labels = index.labels[kept]
+    _require_every_class(labels, index.class_names, data_dir)
+    (images,) = partition_rows(decoded, [kept])  # in place: no second copy
+    skipped = list(index.skipped) + skipped
+    if skipped:
+        log.warning("skipped %d file(s) (unreadable or not images)", len(skipped))
+    if report.problems:
+        log.warning("for the details run: %s", doctor_command(data_dir, None, recipe))
+    return DecodedFolder(
+        class_names=tuple(index.class_names), images=images, labels=labels,
+        files=tuple(index.paths[row] for row in kept), groups=groups[kept] if groups is not None else None,
+        skipped=tuple((str(path), reason) for path, reason in skipped), data_dir=str(Path(data_dir).resolve()),
     )
 
 
@@ -191,6 +273,7 @@ def doctor_command(data_dir, val_dir, recipe: Recipe) -> str:
     """The ``transferkit doctor`` command that checks what ``prepare_data`` checked."""
     words = ["transferkit", "doctor", str(data_dir), "--image-size", str(recipe.image_size), "--seed", str(recipe.seed)]
     words += ["--val-dir", str(val_dir)] if val_dir is not None else ["--val-split", f"{recipe.data.val_split:g}"]
+    words += ["--group-by", recipe.data.group_by] if recipe.data.group_by else []
     return shlex.join(words)
 
 
@@ -223,7 +306,7 @@ def _decode_all(index: FolderIndex, val_index: FolderIndex | None, paths: list, 
         progress = progress_bar("image", len(paths))
     report = check_data(
         index, image_size=recipe.image_size, val_split=recipe.data.val_split,
-        seed=recipe.seed, val_dir=val_index, keep=keep, progress=progress,
+        seed=recipe.seed, val_dir=val_index, keep=keep, progress=progress, group_by=recipe.data.group_by,
     )
     for message in report.problems:
         if "unreadable file" not in message:  # those are warned about one by one in _kept_rows

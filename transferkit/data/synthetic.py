@@ -4,7 +4,9 @@
 
 Each class is one kind of shape (circle, square, triangle, stripes, cross, ring, ...) drawn
 with a random colour, size, position and rotation on a random textured background, so a
-classifier has to learn shape rather than colour.
+classifier has to learn shape rather than colour. ``write_unknown_images`` writes images of
+no shape at all (noise, smooth colour fields, checkerboards): images of no known class, for
+rejection tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -88,6 +90,58 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     else:
         raise ValueError(f"unknown shape {kind!r}; choose from {', '.join(SHAPES)}")
     return image.filter(ImageFilter.GaussianBlur(radius=size / 160))
+
+
+UNKNOWN_KINDS = ("noise", "field", "checker")
+
+
+def draw_unknown(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of no shape: "noise" (every pixel random), "field" (a smooth random
+    colour field) or "checker" (a checkerboard of two random colours, random cell size).
+
+    Args:
+        kind: one of ``UNKNOWN_KINDS``.
+        size: the image side in pixels.
+        rng: the random generator.
+
+    Returns:
+        A PIL RGB image.
+    """
+    if kind == "noise":
+        return Image.fromarray(rng.integers(0, 256, (size, size, 3)).astype("uint8"))
+    if kind == "field":
+        coarse = rng.integers(0, 256, (int(rng.integers(2, 6)),) * 2 + (3,)).astype("uint8")
+        return Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    if kind == "checker":
+        cell = int(rng.integers(max(2, size // 16), max(3, size // 3)))
+        grid = ((np.arange(size)[:, None] // cell + np.arange(size)[None, :] // cell) % 2).astype(bool)
+        colours = rng.integers(0, 256, (2, 3)).astype("uint8")
+        return Image.fromarray(np.where(grid[..., None], colours[0], colours[1]).astype("uint8"))
+    raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(UNKNOWN_KINDS)}")
+
+
+def write_unknown_images(folder: str | Path, count: int = 12, size: int = 96, seed: int = 0,
+                         kinds: Sequence[str] = UNKNOWN_KINDS, extension: str = ".png") -> Path:
+    """Write ``folder/<kind>_NNN<extension>`` images of no shape, the kinds in turn.
+
+    Args:
+        folder: the folder to create.
+        count: how many images; default 12.
+        size: image side in pixels; default 96.
+        seed: random seed; default 0.
+        kinds: which of ``UNKNOWN_KINDS``; default all.
+        extension: ".png" or ".jpg"; default ".png".
+
+    Returns:
+        ``folder``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        kind = kinds[index % len(kinds)]
+        draw_unknown(kind, size, rng).save(folder / f"{kind}_{index:03d}{extension}")
+    return folder
 
 
 def write_shapes_dataset(

@@ -7,4 +7,5 @@ test-time augmentation and Grad-CAM.
     evaluate.py      evaluate_folder: stream a labelled folder through an engine; write_evaluation
     tta.py           deterministic test-time variants and the engine that averages them
     gradcam.py       explain: Grad-CAM heatmaps at the backbone's last convolutional layer
+    card.py          MODEL_CARD.md of a run (Hugging Face layout), and ``report`` that refreshes it
 """

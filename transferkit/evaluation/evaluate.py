@@ -1,7 +1,10 @@
 """Evaluate a run on a labelled folder: metrics, per-image rows and the figures, written once.
 
 The folder holds one sub-folder per class, named as the run's classes (a subset is fine: the
-classes it lacks are reported as absent). Images are streamed in batches as predict streams
+classes it lacks are reported as absent), and may hold ``unknown/``: images of no known class,
+for the open-set figures (AUROC, FPR at 95% TPR, risk_coverage.png) of the run's rejection
+score. ``reject`` and ``sets`` apply the run's rejection threshold and prediction sets as
+predict does, and measure them. Images are streamed in batches as predict streams
 them, so memory stays flat in the folder's size: only the paths, the true classes and the
 (n, k) probabilities are kept, and the few most confidently wrong images are read again at
 the end for ``top_losses.png``.
@@ -17,6 +20,7 @@ import csv
 import datetime
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,25 +30,33 @@ import numpy as np
 
 from transferkit.errors import DataError, RunError
 from transferkit.files import write_atomic, write_failure
+from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.locks import publishing, require_not_live
 
 log = logging.getLogger("transferkit")
 
 TOP_LOSSES = 16
 FIGURES = ("confusion.png", "top_losses.png", "reliability.png")
+# With an unknown/ folder or --reject: risk against coverage, the run's score beside the largest probability.
+RISK_COVERAGE = "risk_coverage.png"
 BINARY_FIGURES = ("roc.png", "pr.png")
 
 
 @dataclass(frozen=True)
 class EvaluationRow:
-    """One image's result: its file, true and predicted class, confidence, and every class's
-    probability (in the run's class order)."""
+    """One image's result: its file, true class ("unknown" for ``unknown/``) and predicted
+    class ("unknown" when rejected), confidence, every class's probability (in the run's
+    class order), and, when asked for, the rejection score and the prediction set."""
 
     file: Path
     true: str
     predicted: str
     confidence: float
     probabilities: tuple[float, ...]
+    top_class: str = ""
+    score: float | None = None
+    unknown: bool | None = None
+    prediction_set: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -64,6 +76,11 @@ class EvaluationResult:
         ignored: files passed over (no image extension, or not inside a class folder).
         engine: the engine that ran.
         tta: the TTA variants used (empty without --tta).
+        scores: the open-set score per image (the run's rejection score, or the largest
+            probability for a run without one), when computed (``unknown/`` or ``reject``).
+        score_name: which score that is.
+        rejected: per image, whether ``reject`` labelled it unknown (None without ``reject``).
+        members: (n, k) bool prediction sets (None without ``sets``).
     """
 
     run_path: Path
@@ -77,6 +94,15 @@ class EvaluationResult:
     ignored: list[Path] = field(default_factory=list)
     engine: str = "keras"
     tta: tuple[str, ...] = ()
+    scores: np.ndarray | None = None
+    score_name: str | None = None
+    rejected: np.ndarray | None = None
+    members: np.ndarray | None = None
+
+    @property
+    def known(self) -> np.ndarray:
+        """True for images of the run's classes, False for those of ``unknown/``."""
+        return self.labels >= 0
 
     @property
     def predicted(self) -> np.ndarray:
@@ -95,8 +121,14 @@ class EvaluationResult:
             predicted, confidence = predictions(chunk)
             for offset, row in enumerate(chunk):
                 i = start + offset
-                yield EvaluationRow(self.files[i], names[self.labels[i]], names[predicted[offset]],
-                                    float(confidence[offset]), tuple(float(p) for p in row))
+                top = names[predicted[offset]]
+                rejected = None if self.rejected is None else bool(self.rejected[i])
+                members = None if self.members is None else tuple(
+                    names[j] for j in np.argsort(-row, kind="stable") if self.members[i, j])
+                yield EvaluationRow(self.files[i], names[self.labels[i]] if self.labels[i] >= 0 else UNKNOWN,
+                                    UNKNOWN if rejected else top, float(confidence[offset]),
+                                    tuple(float(p) for p in row), top,
+                                    None if self.scores is None else float(self.scores[i]), rejected, members)
 
     @property
     def rows(self) -> list[EvaluationRow]:
@@ -108,7 +140,7 @@ class EvaluationResult:
         from transferkit.evaluation.metrics import predictions
 
         predicted, confidence = predictions(self.probabilities)
-        wrong = np.flatnonzero(predicted != self.labels)
+        wrong = np.flatnonzero((predicted != self.labels) & self.known)
         order = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
         return [(self.files[i], self.class_names[self.labels[i]], self.class_names[predicted[i]],
                  float(confidence[i])) for i in order]
@@ -128,6 +160,7 @@ class EvaluationResult:
                          f"({m['positive_class']} positive, threshold {m['threshold']})")
         if m["absent_classes"]:
             lines.append(f"  absent from the folder: {', '.join(m['absent_classes'])}")
+        lines += trust_summary(m)
         if self.skipped:
             lines.append(f"  {len(self.skipped)} unreadable image file(s) skipped")
         if output is not None:
@@ -140,12 +173,13 @@ def labelled_files(folder: Path, class_names: tuple[str, ...]):
 
     Returns:
         (files, labels, skipped, ignored): readable-looking image files in class then path
-        order; their class indices; (path, reason) of broken links and unreadable folders;
-        files without an image extension and files outside the class folders.
+        order (``unknown/`` last); their class indices (-1 for ``unknown/``, when the run has
+        no class of that name); (path, reason) of broken links and unreadable folders; files
+        without an image extension and files outside the class folders.
 
     Raises:
         DataError: the folder is missing or a file, has no class sub-folder, or has a class
-            sub-folder that is not one of the run's classes.
+            sub-folder that is not one of the run's classes (nor ``unknown/``).
     """
     from transferkit.data.folders import IMAGE_EXTENSIONS, is_ignored, iter_image_files
 
@@ -159,13 +193,16 @@ def labelled_files(folder: Path, class_names: tuple[str, ...]):
         raise DataError(f"{folder} cannot be read ({error.strerror})") from error
     class_dirs = [path for path in entries if path.is_dir() and not is_ignored(path)]
     known = {name: index for index, name in enumerate(class_names)}
+    if UNKNOWN not in known:  # images of no known class, for the open-set figures
+        known[UNKNOWN] = -1
+        class_dirs.sort(key=lambda path: path.name == UNKNOWN)
     unknown = [path.name for path in class_dirs if path.name not in known]
     if unknown:
         raise DataError(
             f"{folder} has class folder(s) the run does not know: {', '.join(unknown)}; the run's classes are "
-            f"{', '.join(class_names)} (rename or remove those folders)"
+            f"{', '.join(class_names)} (rename or remove those folders; images of no known class go in {UNKNOWN}/)"
         )
-    if not class_dirs:
+    if not any(known[path.name] >= 0 for path in class_dirs):
         raise DataError(f"{folder} has no class sub-folders; evaluate needs one sub-folder per class, named as "
                         f"the run's classes ({', '.join(class_names)})")
     files: list[Path] = []
@@ -195,75 +232,161 @@ def evaluate_folder(
     engine="auto",
     precision: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    reject: bool = False,
+    sets: float | None = None,
 ) -> EvaluationResult:
     """Classify every image of a labelled folder and compute the metrics.
 
     Args:
         run: a ``Run`` (with its model) or a run folder.
-        folder: one sub-folder per class, named as (some of) the run's classes.
+        folder: one sub-folder per class, named as (some of) the run's classes, and
+            optionally ``unknown/`` with images of no known class (metrics "open_set": the
+            AUROC and FPR at 95% TPR of the run's rejection score, or of the largest
+            probability for a run without one, beside the largest probability's).
         tta: average over the recipe's test-time variants (``tta.transforms``); default False.
         batch_size: images per forward pass (times the variants with ``tta``); default 32.
         engine: "auto", "keras" or "openvino", or a ``ForwardEngine`` built for this run's
             model (used as it is, with ``tta`` ignored); default "auto".
         precision: the engine's precision (see ``predict_folder``); default "auto".
         progress: called with (images done, images total); default None.
+        reject: label images below the run's rejection threshold "unknown" and measure it
+            (metrics "rejection"); default False.
+        sets: a coverage in (0, 1): the run's conformal prediction sets at it, and their
+            empirical coverage and mean size (metrics "prediction_sets"); default None.
 
     Returns:
         An ``EvaluationResult``.
 
     Raises:
         DataError: the folder is missing, has a class the run does not know, or no image
-            in it could be read.
-        RunError: the run cannot be loaded.
+            of a known class in it could be read; ``sets`` is not in (0, 1); ``tta`` with
+            ``reject``, ``sets`` or an ``unknown/`` folder (those are fitted on single views).
+        RunError: the run cannot be loaded, or lacks the rejection threshold or set scores
+            asked for (a run trained before transferkit fitted them).
     """
-    from transferkit.evaluation.metrics import classification_metrics
     from transferkit.inference.predict import stream_outputs
-    from transferkit.outputs import class_probabilities
     from transferkit.runs import load_run
 
     if not hasattr(run, "model") or run.model is None:
         run = load_run(run if not hasattr(run, "path") else run.path)
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    set_rule = load_set_rule(run, sets) if sets is not None else None
     folder = Path(folder)
     files, labels, skipped, ignored = labelled_files(folder, run.class_names)
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
     if not files:
         raise DataError(f"{folder} holds no image files in its class folders")
-    forward, variants = _engine(run, engine, precision, tta)
+    has_unknown = bool(np.any(labels < 0))
+    if tta and (reject or sets is not None or has_unknown):
+        what = "--reject" if reject else "--sets" if sets is not None else f"an {UNKNOWN}/ folder"
+        raise DataError(f"{what} does not combine with --tta: the run's threshold and set scores were fitted on "
+                        "single-view probabilities, not TTA's averages; evaluate without --tta")
+    rule = _open_set_rule(run, reject, has_unknown)
+    forward, variants = _engine(run, engine, precision, tta, rule)
     kept_files, outputs, unreadable = stream_outputs(forward, files, run.image_size, batch_size, progress)
     skipped.extend(unreadable)
     readable = set(kept_files)  # in the order of ``files``, as the outputs are
     kept = [row for row, path in enumerate(files) if path in readable]
-    if not kept:
-        first, reason = skipped[0]
-        raise DataError(f"no image could be evaluated: all {len(skipped)} image files under {folder} are "
-                        f"unreadable (e.g. {first}: {reason}); replace them or pass another folder")
-    probabilities = class_probabilities(outputs).astype("float32")
-    kept_labels = labels[kept]
-    metrics = classification_metrics(kept_labels, probabilities, run.class_names)
-    metrics.update(engine=forward.name, tta=list(variants), n_skipped=len(skipped), n_ignored=len(ignored),
-                   run=str(run.path), folder=str(folder))
+    if not any(labels[row] >= 0 for row in kept):
+        if not kept:
+            first, reason = skipped[0]
+            raise DataError(f"no image could be evaluated: all {len(skipped)} image files under {folder} are "
+                            f"unreadable (e.g. {first}: {reason}); replace them or pass another folder")
+        raise DataError(f"no image of the run's classes could be read under {folder} (only {UNKNOWN}/ ones); "
+                        "evaluate needs images of its classes too")
+    result = _result(run, folder, outputs, labels[kept], rule, reject, set_rule)
+    result.files = [files[i] for i in kept]
+    result.skipped, result.ignored, result.engine, result.tta = skipped, ignored, forward.name, variants
+    result.metrics.update(engine=forward.name, tta=list(variants), n_skipped=len(skipped), n_ignored=len(ignored),
+                          run=str(run.path), folder=str(folder))
+    return result
+
+
+def _open_set_rule(run, reject: bool, has_unknown: bool) -> RejectionRule | None:
+    """The score that tells known from unknown images: the run's rejection rule (required
+    with ``reject``), the largest probability for a run without one, or None when neither
+    ``reject`` nor an ``unknown/`` folder asks for a score."""
+    if reject or (has_unknown and run.rejection):
+        return load_rejection(run)
+    if has_unknown:
+        log.info("%s has no rejection score (trained before transferkit fitted one): the open-set figures use "
+                 "the largest probability", run.path)
+        return RejectionRule("max_probability", math.nan)
+    return None
+
+
+def _result(run, folder: Path, outputs: np.ndarray, labels: np.ndarray, rule: RejectionRule | None, reject: bool,
+            set_rule: SetRule | None) -> EvaluationResult:
+    """The metrics, scores, rejections and sets of the outputs of readable images."""
+    from transferkit.evaluation.metrics import classification_metrics, predictions
+    from transferkit.outputs import class_probabilities, output_units
+    from transferkit.trust.conformal import set_metrics
+    from transferkit.trust.rejection import open_set_report, rejection_report
+
+    units = output_units(len(run.class_names))
+    probabilities = class_probabilities(outputs[:, :units]).astype("float32")
+    known = labels >= 0
+    metrics = classification_metrics(labels[known], probabilities[known], run.class_names)
+    scores = rejected = members = None
+    if rule is not None:
+        scores = outputs[:, units] if rule.needs_embedding else rule.scores(probabilities)
+        errors = (predictions(probabilities)[0] != labels) | ~known
+        if not known.all():
+            metrics["open_set"] = open_set_report(scores, probabilities, known, errors, rule.score)
+        if reject:
+            rejected = rule.rejects(scores)
+            metrics["rejection"] = rejection_report(rule, rejected, known, errors)
+    if set_rule is not None:
+        members = set_rule.sets(probabilities)
+        metrics["prediction_sets"] = dict(set_metrics(members[known], labels[known], set_rule.coverage),
+                                          n_calibration=set_rule.n_calibration)
     return EvaluationResult(
-        run_path=Path(run.path), folder=folder, class_names=tuple(run.class_names), metrics=metrics,
-        files=[files[i] for i in kept], labels=kept_labels, probabilities=probabilities, skipped=skipped,
-        ignored=ignored, engine=forward.name, tta=variants,
+        run_path=Path(run.path), folder=folder, class_names=tuple(run.class_names), metrics=metrics, files=[],
+        labels=labels, probabilities=probabilities, scores=scores, score_name=rule.score if rule else None,
+        rejected=rejected, members=members,
     )
 
 
-def _engine(run, engine, precision: str, tta: bool):
-    """The forward engine for the run (``predict.engine_for``), and the TTA variants it averages over."""
+def _engine(run, engine, precision: str, tta: bool, rule: RejectionRule | None = None):
+    """The forward engine for the run (``predict.engine_for``; with a rule whose score reads
+    the embedding, one that appends it), and the TTA variants it averages over."""
     from transferkit.inference.predict import engine_for
 
     if not isinstance(engine, str):
-        return engine, tuple(getattr(engine, "variants", ()))
+        return engine_for(run, engine, precision, rule), tuple(getattr(engine, "variants", ()))
     if tta:
         from transferkit.evaluation.tta import tta_engine
 
         forward = tta_engine(run, engine, precision)
         return forward, forward.variants
-    return engine_for(run, engine, precision), ()
+    return engine_for(run, engine, precision, rule), ()
+
+
+def trust_summary(metrics: dict) -> list[str]:
+    """The summary lines of the open-set, rejection and prediction-set metrics present."""
+    lines = []
+    open_set = metrics.get("open_set")
+    if open_set:
+        line = (f"  open set ({open_set['n_unknown']} unknown images): {open_set['score']} AUROC "
+                f"{open_set['auroc']:.4f}, FPR at 95% TPR {open_set['fpr_at_95_tpr']:.4f}")
+        plain = open_set.get("max_probability")
+        if plain:
+            line += f" (max probability: AUROC {plain['auroc']:.4f}, FPR {plain['fpr_at_95_tpr']:.4f})"
+        lines.append(line)
+    rejection = metrics.get("rejection")
+    if rejection:
+        line = (f"  rejected as unknown ({rejection['score']} < {rejection['threshold']:.4g}): "
+                f"{1 - rejection['known_kept']:.1%} of known images")
+        if rejection.get("unknown_rejected") is not None:
+            line += f", {rejection['unknown_rejected']:.1%} of unknown ones"
+        lines.append(line + f"; risk of the kept {rejection['risk']:.4f}")
+    sets = metrics.get("prediction_sets")
+    if sets:
+        lines.append(f"  prediction sets at {sets['target_coverage']:g}: coverage {sets['coverage']:.4f}, mean size "
+                     f"{sets['mean_size']:.3f}")
+    return lines
 
 
 def default_output(result: EvaluationResult) -> Path:
@@ -337,15 +460,44 @@ def _write_contents(result: EvaluationResult, folder: Path) -> None:
                  (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace"))
     with open(folder / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "true", "predicted", "confidence", *result.class_names])
+        scored, rejecting = result.scores is not None, result.rejected is not None
+        with_sets = result.members is not None
+        writer.writerow(["file", "true", "predicted", "confidence", *result.class_names] + (["score"] if scored else [])
+                        + (["unknown", "top_class"] if rejecting else []) + (["set", "set_size"] if with_sets else []))
         for row in result.iter_rows():
-            writer.writerow([str(row.file), row.true, row.predicted, f"{row.confidence:.6f}",
-                             *(f"{p:.6f}" for p in row.probabilities)])
+            fields = [str(row.file), row.true, row.predicted, f"{row.confidence:.6f}",
+                      *(f"{p:.6f}" for p in row.probabilities)]
+            fields += [f"{row.score:.6f}"] if scored else []
+            fields += [str(row.unknown).lower(), row.top_class] if rejecting else []
+            fields += ["|".join(row.prediction_set), len(row.prediction_set)] if with_sets else []
+            writer.writerow(fields)
     names = result.class_names
     figures.plot_confusion(np.asarray(result.metrics["confusion_matrix"]), names, folder / "confusion.png",
                            title=f"{result.folder.name}: confusion matrix")
     figures.plot_top_losses(result.top_losses(), folder / "top_losses.png")
     figures.plot_reliability(result.metrics["reliability"], result.metrics["ece"], folder / "reliability.png")
+    known = result.known
     if len(names) == 2 and result.metrics.get("roc_auc") is not None:
-        figures.plot_roc(result.labels, result.probabilities[:, 1], folder / "roc.png", positive=names[1])
-        figures.plot_pr(result.labels, result.probabilities[:, 1], folder / "pr.png", positive=names[1])
+        figures.plot_roc(result.labels[known], result.probabilities[known, 1], folder / "roc.png", positive=names[1])
+        figures.plot_pr(result.labels[known], result.probabilities[known, 1], folder / "pr.png", positive=names[1])
+    if result.scores is not None:
+        _plot_risk_coverage(result, folder / RISK_COVERAGE)
+
+
+def _plot_risk_coverage(result: EvaluationResult, path: Path) -> None:
+    from transferkit.evaluation.metrics import predictions
+    from transferkit.inference.uncertainty import max_probability
+    from transferkit.trust.rejection import plot_risk_coverage, risk_coverage
+
+    predicted, _ = predictions(result.probabilities)
+    errors = (predicted != result.labels) | ~result.known
+    curves = {result.score_name: risk_coverage(result.scores, errors)}
+    if result.score_name != "max_probability":
+        curves["max_probability"] = risk_coverage(max_probability(result.probabilities), errors)
+    point = None
+    if result.rejected is not None:
+        kept = ~result.rejected
+        point = (float(kept.mean()), float(errors[kept].mean()) if kept.any() else 0.0)
+    n_unknown = int((~result.known).sum())
+    title = f"{result.folder.name}: risk-coverage" + (f" ({n_unknown} unknown images)" if n_unknown else "")
+    plot_risk_coverage(curves, path, point, title=title)

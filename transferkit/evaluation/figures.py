@@ -11,6 +11,7 @@ are told in one warning per figure.
     reliability.png   confidence against accuracy per bin, with the diagonal and bin counts
     roc.png, pr.png   two classes: ROC and precision-recall curves of the second class
     history.png       loss and accuracy per epoch, stages shaded and named, the saved epoch marked
+    issues.png        an audit's top suspicions, given and suggested class under each
 """
 
 from __future__ import annotations
@@ -327,3 +328,57 @@ def write_run_figures(run: str | os.PathLike) -> list[Path]:
         raise RunError(f"{loaded.path} has no history.csv and no confusion matrix in metrics.json; "
                        "nothing to draw (re-run finetune)")
     return written
+
+
+def contact_sheet_size(count: int, columns: int = 6) -> tuple[float, float]:
+    """A contact sheet's size in inches for ``count`` images (at least one row)."""
+    rows = max(1, math.ceil(count / columns))
+    return (columns * 2.2, rows * 2.9 + 0.6)
+
+
+def plot_contact_sheet(items: Sequence[tuple[Path, str]], path: str | os.PathLike, title: str,
+                       columns: int = 6, thumbnail: int = 128, empty: str = "nothing to show") -> Path:
+    """A grid of images, each with a few lines of caption under it (``issues.png``).
+
+    Args:
+        items: (file, caption) in the order shown; the files are read here (one that cannot
+            be read shows its name and why).
+        path: the PNG to write.
+        title: the figure's title.
+        columns: images per row; default 6.
+        thumbnail: the side each image is shown at, in pixels; default 128.
+        empty: what the figure says when there is no item; default "nothing to show".
+
+    Returns:
+        The path.
+    """
+    from matplotlib.figure import Figure
+
+    from transferkit.data.images import load_image
+    from transferkit.errors import DataError
+
+    path = Path(path)
+    warn_about_missing_glyphs([caption for _, caption in items], path, "captions")
+    columns = max(1, min(columns, len(items)))
+    figure = Figure(figsize=contact_sheet_size(len(items), columns))
+    if not items:
+        axis = figure.subplots()
+        axis.axis("off")
+        axis.text(0.5, 0.5, empty, ha="center", va="center", fontsize=14)
+        return save_figure(figure, path)
+    figure.suptitle(title)
+    rows = math.ceil(len(items) / columns)
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, (file, caption) in zip(axes, items, strict=False):
+        axis.axis("on")  # a frame without ticks: the caption is its x label, which the layout makes room for
+        axis.set_xticks([])
+        axis.set_yticks([])
+        try:
+            axis.imshow(load_image(file, thumbnail))
+        except (DataError, OSError):  # gone or changed since it was read
+            axis.set_aspect("equal")
+            axis.text(0.5, 0.5, "cannot read\nthe file now", ha="center", va="center", fontsize=8)
+        axis.set_xlabel(caption, fontsize=8)
+    return save_figure(figure, path)

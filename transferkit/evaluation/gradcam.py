@@ -334,10 +334,36 @@ def _base_name(item: Explanation, number: int, root) -> str:
     return _safe("__".join(path.with_suffix("").parts))
 
 
+# How a heatmap is drawn over its image, in the figures and in ``overlay_heatmap``.
+HEAT_COLOURS = "jet"
+HEAT_ALPHA = 0.45
+
+
 def _overlay(axis, image: np.ndarray, heat: np.ndarray) -> None:
     axis.imshow(image)
-    axis.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axis.imshow(heat, cmap=HEAT_COLOURS, alpha=HEAT_ALPHA, vmin=0, vmax=1)
     axis.axis("off")
+
+
+def overlay_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
+    """A heatmap drawn over its image as the figures draw it (the "jet" colours, blended).
+
+    Args:
+        image: uint8 (H, W, 3).
+        heat: (H, W), 0..1 (``Heatmap.heat``); resized to the image when its size differs.
+        alpha: the heatmap's weight in the blend; default 0.45.
+
+    Returns:
+        uint8 (H, W, 3).
+    """
+    from matplotlib import colormaps
+
+    height, width = image.shape[:2]
+    if heat.shape != (height, width):
+        heat = resize_heat(heat, height, width)
+    colours = colormaps[HEAT_COLOURS](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * image.astype("float32") + alpha * colours
+    return np.clip(np.rint(blended), 0, 255).astype("uint8")
 
 
 def plot_explanation(item: Explanation, path: Path) -> Path:

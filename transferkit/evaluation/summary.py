@@ -19,6 +19,23 @@ def confusion_matrix(true: np.ndarray, predicted: np.ndarray, n_classes: int) ->
     return matrix
 
 
+def class_counts(train_labels: np.ndarray, val_labels: np.ndarray, class_names: Sequence[str]) -> dict:
+    """How many training and validation images each class has (metrics.json "class_counts").
+
+    Args:
+        train_labels, val_labels: int labels.
+        class_names: in label order.
+
+    Returns:
+        {"train": {class: count}, "val": {class: count}}.
+    """
+    def count(labels):
+        found = np.bincount(np.asarray(labels, dtype="int64"), minlength=len(class_names))
+        return {name: int(found[index]) for index, name in enumerate(class_names)}
+
+    return {"train": count(train_labels), "val": count(val_labels)}
+
+
 def summarize(
     history: Sequence[dict],
     true: np.ndarray,

@@ -6,6 +6,7 @@ in a fresh process before it is kept, with labels.json, README.txt and export.js
       labels.json      class names in output order, the input it takes, the output activation
       README.txt       how to load it in its runtime, in three lines
       export.json      how it was made and checked: agreement with Keras, accuracy, sizes
+      MODEL_CARD.md    the run's model card, this export listed in it
 
 Each export folder is filled in ``FOLDER.partial/`` while its process holds the folder's owner
 lock (``transferkit.locks``: a second export to it is refused, naming the first) and renamed
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import ExportError, RunError
+from transferkit.evaluation.card import write_model_card
 from transferkit.export.formats import (
     DEFAULT_MAX_DROP,
     FLOAT_TOLERANCE,
@@ -41,11 +43,11 @@ from transferkit.export.formats import (
 )
 from transferkit.files import write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
+from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER
 
 log = logging.getLogger("transferkit")
 
-EXPORTS_FOLDER = "exports"  # in a run folder: where exports go by default
-RECORD_FILE = "export.json"
+RECORD_FILE = EXPORT_RECORD  # export.json; runs.EXPORTS_FOLDER: where exports go in a run folder
 
 # format -> (module, writer function, which model it takes: "float32" or "fixed" size).
 WRITERS = {
@@ -253,6 +255,11 @@ def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> E
             result.record = _record(context, spec, result, details, fresh.stats, time.perf_counter() - started)
             _check(context, result)
             _describe(context, spec, staging, result.record)
+            # The run's model card, this export listed in it (report lists it in the run's own card).
+            write_model_card(context.run.path, staging, extra_exports=[(target, result.record)],
+                             note=f"This copy travels with the {_export_name(spec, context.quantize)} export "
+                                  f"{spec.filename} in this folder (README.txt: how to load it); the rest "
+                                  "describes the run it was exported from.")
     except RunError as error:
         raise ExportError(str(error)) from error
     except OSError as error:
@@ -437,6 +444,10 @@ def _describe(context: _Context, spec: ExportFormat, staging: Path, record: dict
     write_atomic(staging / "labels.json", json.dumps(labels_payload(run, spec, quantize), indent=2) + "\n")
     write_atomic(staging / "README.txt", readme_text(run, spec, quantize))
     write_atomic(staging / RECORD_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
+
+
+def _export_name(spec: ExportFormat, quantize: str) -> str:
+    return spec.name if quantize == "none" else f"{spec.name} {quantize}"
 
 
 def _size(file: Path) -> int:

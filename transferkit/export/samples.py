@@ -89,8 +89,8 @@ def _recorded_data_dir(run) -> Path | None:
 
 
 def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> ImageSample:
-    from transferkit.data.arrays import stratified_split
     from transferkit.data.folders import index_folder
+    from transferkit.data.split import group_names, split_rows
 
     index = index_folder(data_dir)
     if tuple(index.class_names) != tuple(run.class_names):
@@ -99,7 +99,9 @@ def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> Im
     recipe = run.recipe or {}
     val_split = float(recipe.get("data", {}).get("val_split", 0.2))
     split_seed = int(recipe.get("seed", 42))
-    train_rows, val_rows = stratified_split(index.labels, val_split, split_seed, index.class_names)
+    group_by = recipe.get("data", {}).get("group_by")
+    groups = group_names(index.paths, index.root, group_by) if group_by else None
+    train_rows, val_rows = split_rows(index.labels, val_split, split_seed, index.class_names, groups)
     val_rows = _subset(val_rows, samples, rng)
     train_rows = _subset(train_rows, calibration, rng)
     val_images, val_labels, val_files = _read(index, val_rows, run.image_size)

@@ -351,7 +351,7 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
     if batchnorm_count(model):
         model = fold_batchnorm(model, fold_trainable=True)
     shape = (image_size, image_size, 3) if image_size else None
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     if parts is not None and engine != "keras" and precision_hint(precision) != "f32":
         # A classifier in 16 bits: the body runs in 16 bits, the head (a few dense layers,
         # next to nothing to compute) in float32, and, for precision "auto", near ties
@@ -400,8 +400,15 @@ def _keras_engine(model, precision: str) -> KerasEngine:
     return KerasEngine(model)
 
 
-def _body_and_head(model):
-    """(images -> head input, head) for a transferkit classifier; None for other models."""
+def body_and_head(model):
+    """Split a transferkit classifier in two.
+
+    Args:
+        model: a classifier (image -> "preprocessing" -> "backbone" -> "head"), or any model.
+
+    Returns:
+        (body: images -> the backbone's feature maps, head), or None for other models.
+    """
     import keras
 
     names = [layer.name for layer in model.layers]

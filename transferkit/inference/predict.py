@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, RunError
+from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
 
 log = logging.getLogger("transferkit")
 
@@ -31,16 +32,29 @@ class Prediction:
     """One image's result.
 
     Attributes:
-        file: the image path.
-        label: the predicted class name.
-        confidence: its probability.
+        file: the image path (an upload's file name in ``transferkit serve``).
+        label: the predicted class name, or "unknown" when rejection was asked for and the
+            image looks like none of the training images.
+        confidence: the top class's probability.
         top_k: (class name, probability) pairs, most likely first.
+        unknown: whether the image was rejected; None when rejection was not asked for.
+        score: the rejection score (higher: more like the training images); None likewise.
+        prediction_set: the classes of the conformal prediction set, most likely first; None
+            when sets were not asked for.
     """
 
-    file: Path
+    file: Path | str
     label: str
     confidence: float
     top_k: tuple[tuple[str, float], ...] = field(default=())
+    unknown: bool | None = None
+    score: float | None = None
+    prediction_set: tuple[str, ...] | None = None
+
+    @property
+    def top_class(self) -> str:
+        """The most likely class, whether or not the image was rejected."""
+        return self.top_k[0][0] if self.top_k else self.label
 
 
 @dataclass(frozen=True)
@@ -52,16 +66,25 @@ class PredictionResult:
         skipped: (path, reason) of unreadable image files and broken links; each is warned about.
         ignored: files without an image extension (notes, CSVs), counted but not warned about.
         engine: the engine that ran ("keras" or "openvino").
+        rejection: the run's ``RejectionRule`` when rejection was asked for, else None.
+        set_rule: the ``SetRule`` when prediction sets were asked for, else None.
     """
 
     rows: list[Prediction]
     skipped: list[tuple[Path, str]]
     ignored: list[Path] = field(default_factory=list)
     engine: str = "keras"
+    rejection: RejectionRule | None = None
+    set_rule: SetRule | None = None
 
     def summary(self, output: str | os.PathLike | None = None) -> str:
         """One line: how many images were classified, skipped and ignored, and where to."""
         line = f"{len(self.rows)} image(s) classified ({self.engine} engine)"
+        if self.rejection is not None:
+            line += f", {sum(bool(row.unknown) for row in self.rows)} unknown"
+        if self.set_rule is not None and self.rows:
+            mean = sum(len(row.prediction_set or ()) for row in self.rows) / len(self.rows)
+            line += f", {self.set_rule.coverage:g} prediction sets of {mean:.2f} classes on average"
         if self.skipped:
             line += f", {len(self.skipped)} skipped (unreadable)"
         if self.ignored:
@@ -79,6 +102,8 @@ def predict_folder(
     progress: Callable[[int, int], None] | None = None,
     engine="auto",
     precision: str = "auto",
+    reject: bool = False,
+    sets: float | None = None,
 ) -> PredictionResult:
     """Classify every image under a folder (recursively), streaming it in batches.
 
@@ -97,33 +122,41 @@ def predict_folder(
             fast, near ties computed again in float32 so the top class agrees with float32),
             "float32" (matches Keras float32 to ~1e-5), "bfloat16" or "float16" (16 bits
             only: fastest).
+        reject: label images that look like none of the training images "unknown" (the
+            run's rejection threshold, fitted at the end of finetune); default False.
+        sets: a coverage in (0, 1), e.g. 0.9: give each image its conformal prediction set,
+            which holds the true class with that probability; default None (no sets).
 
     Returns:
         A ``PredictionResult``: rows in path order, skipped and ignored files.
 
     Raises:
         DataError: the folder does not exist, holds no image file, or none of its image
-            files could be read (nothing classified).
-        RunError: the run cannot be loaded.
+            files could be read (nothing classified); ``sets`` is not in (0, 1).
+        RunError: the run cannot be loaded, or has no rejection threshold (``reject``) or
+            prediction-set scores (``sets``): a run trained before transferkit fitted them.
     """
     run = _loaded(run)
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    set_rule = load_set_rule(run, sets) if sets is not None else None
+    rejection = load_rejection(run) if reject else None
     folder = Path(folder)
     listing = list_images(folder)
-    forward = engine_for(run, engine, precision)
+    forward = engine_for(run, engine, precision, rejection)
     kept, outputs, unreadable = stream_outputs(forward, listing.files, run.image_size, batch_size, progress)
     # decode_images warned about the files it could not read; the walk's finds are told here
     for path, reason in listing.skipped:
         log.warning("skipping %s: %s", path, reason)
-    rows = _rows(kept, outputs, run.class_names, min(top_k, len(run.class_names)))
+    rows = build_rows(kept, outputs, run.class_names, min(top_k, len(run.class_names)), rejection, set_rule)
     skipped = listing.skipped + unreadable
     if not rows:
         # Nothing classified is a failed run, not an empty table (and no header-only file).
         raise _nothing_classified(folder, skipped)
-    return PredictionResult(rows=rows, skipped=skipped, ignored=listing.ignored, engine=forward.name)
+    return PredictionResult(rows=rows, skipped=skipped, ignored=listing.ignored, engine=forward.name,
+                            rejection=rejection, set_rule=set_rule)
 
 
 @dataclass(frozen=True)
@@ -175,16 +208,40 @@ def _loaded(run):
     return run
 
 
-def engine_for(run, engine, precision: str):
+def engine_for(run, engine, precision: str, rejection: RejectionRule | None = None):
     """The engine named (built for the run, its network cached in the run's engine cache
-    folder), or the ``ForwardEngine`` given, as it is."""
+    folder), or the ``ForwardEngine`` given, as it is.
+
+    Args:
+        run: a ``Run`` with its model.
+        engine: "auto", "keras" or "openvino", or a ``ForwardEngine``.
+        precision: the engine's precision (see ``predict_folder``).
+        rejection: a rule whose score reads the backbone embedding gets an
+            ``EmbeddingEngine`` that appends the score to each image's outputs; default None.
+
+    Returns:
+        A ``ForwardEngine``.
+
+    Raises:
+        ValueError: a ``ForwardEngine`` given for a rejection score it does not compute.
+    """
+    from transferkit.inference.embedding import EmbeddingEngine, embedding_engine
+
+    needs_score = rejection is not None and rejection.needs_embedding
     if not isinstance(engine, str):
+        if needs_score and not (isinstance(engine, EmbeddingEngine) and engine.columns is not None):
+            raise ValueError(f"the {rejection.score} rejection score needs the engine engine_for(run, name, "
+                             "precision, rejection) builds; pass the engine by name")
         return engine
     from transferkit.inference.engines import inference_engine
     from transferkit.inference.openvino import claim_engine_cache
 
-    return inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
-                            precision=precision, input_dtype="uint8")
+    cache = claim_engine_cache(run.path)
+    if needs_score:
+        return embedding_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
+                                input_dtype="uint8", columns=lambda embeddings: rejection.scores(None, embeddings))
+    return inference_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
+                            input_dtype="uint8")
 
 
 def stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,
@@ -218,16 +275,102 @@ def stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,
     return kept, outputs, unreadable
 
 
-def _rows(files: list[Path], outputs: np.ndarray, names, top_k: int) -> list[Prediction]:
-    """One ``Prediction`` per file: its ``top_k`` classes, most likely first."""
-    from transferkit.outputs import class_probabilities
+def prediction_rows(run, files: list, outputs: np.ndarray, top_k: int = 1, *, reject: bool = False,
+                    sets: float | None = None, rejection: RejectionRule | None = None) -> list[Prediction]:
+    """The rows of predict from the engine's outputs: per image its ``top_k`` classes, most
+    likely first. ``predict_folder`` and ``transferkit serve`` both build their answers here,
+    so every per-row option of predict reaches the server too.
 
+    Args:
+        run: the ``Run`` the outputs come from (its class names name them).
+        files: one path (or upload name) per image, in the order of ``outputs``.
+        outputs: the engine's outputs, (n, units) float32.
+        top_k: how many classes to list per image (at most the run's classes); default 1.
+        reject: label images below the run's rejection threshold "unknown"; default False.
+        sets: a coverage in (0, 1): each image's conformal prediction set; default None.
+        rejection: the run's ``RejectionRule`` (``load_rejection``), whose engine
+            (``engine_for(run, ..., rejection)``) made ``outputs``; needed for ``reject``.
+
+    Returns:
+        One ``Prediction`` per image, in order.
+
+    Raises:
+        DataError: ``top_k`` below 1, or ``sets`` not in (0, 1).
+        RunError: ``reject`` without a rejection rule, or ``sets`` on a run without set scores.
+    """
+    if top_k < 1:
+        raise DataError(f"--top-k must be at least 1, got {top_k}")
+    if reject and rejection is None:
+        raise RunError(f"{run.path}: this run has no rejection threshold to --reject with (it was trained "
+                       "before transferkit fitted one); train it again to get one")
+    set_rule = load_set_rule(run, sets) if sets is not None else None
+    return build_rows(files, outputs, run.class_names, min(top_k, len(run.class_names)),
+                      rejection if reject else None, set_rule)
+
+
+def build_rows(files: list[Path], outputs: np.ndarray, names, top_k: int = 1,
+               rejection: RejectionRule | None = None, set_rule: SetRule | None = None) -> list[Prediction]:
+    """One ``Prediction`` per file from the engine's outputs: what ``predict_folder`` returns.
+
+    Args:
+        files: the images, in the order of the outputs.
+        outputs: (n, units) outputs of ``engine_for``'s engine; for a rejection score that
+            reads the embedding, (n, units + 1), the score last.
+        names: the run's class names, in output order.
+        top_k: how many classes to list per image; default 1.
+        rejection: label images below its threshold "unknown"; default None.
+        set_rule: give each image its prediction set; default None.
+
+    Returns:
+        The rows, in the order of ``files``.
+    """
+    from transferkit.outputs import class_probabilities, output_units
+
+    units = output_units(len(names))
+    outputs = np.asarray(outputs)
+    probabilities = class_probabilities(outputs[:, :units])
+    scores = unknown = members = None
+    if rejection is not None:
+        scores = outputs[:, units] if rejection.needs_embedding else rejection.scores(probabilities)
+        unknown = rejection.rejects(scores)
+    if set_rule is not None:
+        members = set_rule.sets(probabilities)
     rows: list[Prediction] = []
-    for path, row in zip(files, class_probabilities(outputs), strict=False):
-        order = np.argsort(-row, kind="stable")[:top_k]
-        ranked = tuple((names[i], float(row[i])) for i in order)
-        rows.append(Prediction(path, ranked[0][0], ranked[0][1], ranked))
+    for index, (path, row) in enumerate(zip(files, probabilities, strict=False)):
+        order = np.argsort(-row, kind="stable")
+        ranked = tuple((names[i], float(row[i])) for i in order[:top_k])
+        rejected = None if unknown is None else bool(unknown[index])
+        rows.append(Prediction(
+            path, UNKNOWN if rejected else ranked[0][0], ranked[0][1], ranked, unknown=rejected,
+            score=None if scores is None else float(scores[index]),
+            prediction_set=None if members is None else tuple(names[i] for i in order if members[index, i]),
+        ))
     return rows
+
+
+def prediction_record(row: Prediction) -> dict:
+    """One row as JSON-ready values: file, label, confidence, top_k as a list of
+    {"label", "probability"}; with rejection asked for, unknown, top_class and score; with
+    prediction sets, set (class names) and set_size. The JSON file of predict and the answers
+    of ``transferkit serve`` both use it.
+
+    Args:
+        row: a ``Prediction``.
+
+    Returns:
+        A dict.
+    """
+    record = {
+        "file": str(row.file),
+        "label": row.label,
+        "confidence": row.confidence,
+        "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
+    }
+    if row.unknown is not None:
+        record.update(unknown=row.unknown, top_class=row.top_class, score=row.score)
+    if row.prediction_set is not None:
+        record.update(set=list(row.prediction_set), set_size=len(row.prediction_set))
+    return record
 
 
 def _nothing_classified(folder: Path, skipped: list[tuple[Path, str]]) -> DataError:
@@ -370,8 +513,10 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
     """Write rows as CSV or JSON, chosen by the file's extension, atomically (an existing
     file is replaced only once the new one is complete).
 
-    CSV columns: file, label, confidence, then top_k as "name:prob;name:prob". JSON: a list
-    of objects with file, label, confidence and top_k, plus the skipped and ignored files.
+    CSV columns: file, label, confidence, then top_k as "name:prob;name:prob"; with
+    rejection, unknown (true/false), top_class and score; with prediction sets, set (class
+    names joined by "|", most likely first) and set_size. JSON: a list of objects with the
+    same fields (set as a list), plus the skipped and ignored files.
     Every file name round-trips, whatever it holds (spaces, quotes, commas, newlines are
     quoted or escaped): a name whose bytes are not UTF-8 keeps its bytes in the CSV (read it
     with ``errors="surrogateescape"``) and is written with ``\\udcXX`` escapes in the JSON,
@@ -409,26 +554,23 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
 def _csv_text(result: PredictionResult) -> str:
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
-    writer.writerow(["file", "label", "confidence", "top_k"])
+    rejecting, with_sets = result.rejection is not None, result.set_rule is not None
+    writer.writerow(["file", "label", "confidence", "top_k"] + (["unknown", "top_class", "score"] if rejecting else [])
+                    + (["set", "set_size"] if with_sets else []))
     for row in result.rows:
-        writer.writerow([
-            str(row.file), row.label, f"{row.confidence:.6f}",
-            ";".join(f"{name}:{p:.6f}" for name, p in row.top_k),
-        ])
+        fields = [str(row.file), row.label, f"{row.confidence:.6f}",
+                  ";".join(f"{name}:{p:.6f}" for name, p in row.top_k)]
+        if rejecting:
+            fields += [str(row.unknown).lower(), row.top_class, f"{row.score:.6f}"]
+        if with_sets:
+            fields += ["|".join(row.prediction_set), len(row.prediction_set)]
+        writer.writerow(fields)
     return handle.getvalue()
 
 
 def _json_text(result: PredictionResult) -> str:
     payload = {
-        "predictions": [
-            {
-                "file": str(row.file),
-                "label": row.label,
-                "confidence": row.confidence,
-                "top_k": [{"label": name, "probability": p} for name, p in row.top_k],
-            }
-            for row in result.rows
-        ],
+        "predictions": [prediction_record(row) for row in result.rows],
         "skipped": [{"file": str(p), "reason": reason} for p, reason in result.skipped],
         "ignored": [str(p) for p in result.ignored],
     }

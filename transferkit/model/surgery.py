@@ -156,3 +156,22 @@ def compute_dtype(model) -> str:
         if layer.weights and dtype in ("bfloat16", "float16"):
             return dtype
     return "float32"
+
+
+def synchronize_batchnorm(model, synchronized: bool) -> None:
+    """Make the trainable BatchNorm layers of a model compute their batch statistics across
+    the replicas of a TensorFlow distribution strategy (``synchronized``), or each on its own
+    replica's share of the batch (Keras's default).
+
+    Set before ``fit`` traces its step (compiling resets the step); frozen BatchNorm layers
+    run in inference mode and compute no batch statistics, so they are left alone (turning it
+    off reaches every BatchNorm layer). A saved model should hold False: a synchronized
+    BatchNorm loads only on TensorFlow.
+
+    Args:
+        model: the model being fitted (nested models are walked).
+        synchronized: True to synchronize, False for per-replica statistics.
+    """
+    for layer in walk_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and (layer.trainable or not synchronized):
+            layer.synchronized = synchronized

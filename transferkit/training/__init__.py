@@ -8,4 +8,5 @@
     callbacks.py    per-epoch bookkeeping, resumable early stopping, eager validation
     checkpoint.py   RUN.partial: checkpoints after every epoch, resume, the signal handlers
     tensorboard.py  one TensorBoard log across the stages
+    tracking.py     MLflow tracking: params, per-epoch metrics across stages, files, the model
 """

@@ -484,11 +484,14 @@ class FeaturePlan:
             None (the plan's own stores, released as its stages end).
         context: what else the features depend on for the shared cache: the engine and
             precision ``forward_factory`` runs the frozen part in; default ().
+        scope: returns the context the trainable part is built in (a distribution
+            strategy's scope); default None (none). The features are computed outside it,
+            once, whatever the number of replicas.
     """
 
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
                  *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None,
-                 shared: FeatureCache | None = None, context: tuple = ()):
+                 shared: FeatureCache | None = None, context: tuple = (), scope: Callable | None = None):
         self.model, self.spec, self.stages = model, spec, list(stages)
         # A StopFlag: a pass stops early once a signal asked training to stop.
         self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
@@ -499,6 +502,7 @@ class FeaturePlan:
         # (source, boundary) -> (training store, validation store)
         self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
         self.shared, self.context = shared, tuple(context)
+        self.scope = scope or contextlib.nullcontext
         # (source, boundary) -> its key in the shared cache
         self._shared_keys: dict[tuple[int, int], tuple] = {}
 
@@ -548,7 +552,9 @@ class FeaturePlan:
         if own == len(self.spec.blocks):
             # The first view: the features the head trains on (augmented when augmentation is on).
             calibration = np.asarray(train_store.array[0, :CALIBRATION_IMAGES], dtype="float32")
-        return CachedStage(trainable_at(self.model, self.spec, own)[0], train, val, calibration, computed)
+        with self.scope():
+            trainable = trainable_at(self.model, self.spec, own)[0]
+        return CachedStage(trainable, train, val, calibration, computed)
 
     def stage_done(self, index: int) -> None:
         """Release the stores no later stage trains on."""

@@ -16,6 +16,13 @@ its fit:
    ignored);
 5. fit, with early stopping on the validation loss that restores the stage's best weights.
 
+Under a distribution strategy (``StageOptions.distribution``), what fits is built and
+compiled in the strategy's scope, and fit splits each batch (the recipe's global batch)
+across the replicas; the head's BatchNorm layers then compute their batch statistics over
+the global batch (synchronized across replicas), so a step normalises as on one device and
+every replica keeps the same moving statistics. The feature cache is computed once, outside
+the strategy, and its batches are split across the replicas like image batches.
+
 ``begin_stage`` (steps 1-4) is public: ``lr-find`` and ``doctor --model`` set a stage up
 exactly as training begins it. Beside the steps: resuming a stage from the checkpoint
 (``_resume_point``) and checkpointing (``_checkpoint_stage_start``,
@@ -24,6 +31,7 @@ exactly as training begins it. Beside the steps: resuming a stage from the check
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +45,9 @@ from transferkit.data.batches import ImageBatches
 from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import EarlyStoppingState
 from transferkit.model.classifier import calibrate_head_batchnorm
-from transferkit.model.surgery import compute_dtype, set_trainable
+from transferkit.model.surgery import compute_dtype, set_trainable, synchronize_batchnorm
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
+from transferkit.strategies import Distribution
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
 from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder
 from transferkit.training.compile import compile_for_stage, make_loss
@@ -75,6 +84,8 @@ class StageOptions:
             default None (features are the run's own).
         forward_key: what identifies ``forward_factory``'s engine and precision in the
             shared cache's keys; default ().
+        distribution: the ``strategies.Distribution`` the model was built under (what fits
+            is built and compiled in its scope); default None (one device).
     """
 
     verbose: int | str = "auto"
@@ -85,6 +96,7 @@ class StageOptions:
     forward_factory: Callable | None = None
     feature_cache: FeatureCache | None = None
     forward_key: tuple = ()
+    distribution: Distribution | None = None
 
 
 @dataclass
@@ -245,6 +257,12 @@ class StagesRun:
                 "Continue with: transferkit finetune --resume RUN"
             )
 
+    def scope(self):
+        """The distribution strategy's scope (a no-op on one device): models that fit are
+        built and compiled in it."""
+        distribution = self.options.distribution
+        return distribution.scope() if distribution is not None else contextlib.nullcontext()
+
     def stage_done(self, index: int) -> None:
         """Release the cached features no later stage needs."""
         if self.plan is not None:
@@ -282,18 +300,22 @@ class BegunStage:
     caching_seconds: float = 0.0
     calibration: np.ndarray | None = None
 
-    @property
-    def steps_per_execution(self) -> int:
-        # Several steps per call on cached features, but never more than an epoch holds
-        # (Keras's progress bar would count past the epoch's end); Keras on PyTorch runs one.
-        if not self.cached or keras.config.backend() == "torch":
+    def steps_per_execution(self, distribution: Distribution | None = None) -> int:
+        """Steps per call: several on cached features, but never more than an epoch holds
+        (Keras's progress bar would count past the epoch's end); one under a tf.distribute
+        strategy, where Keras 3.15's multi-step loop fails on a PyDataset ("You must feed a
+        value for placeholder tensor"), and on PyTorch (Keras runs one there)."""
+        if distribution is not None and distribution.strategy is not None:
             return 1
-        return min(16, max(1, len(self.train)))
+        if keras.config.backend() == "torch":  # Keras on PyTorch runs one
+            return 1
+        return min(16, max(1, len(self.train))) if self.cached else 1
 
 
 def begin_stage(run: StagesRun, index: int) -> BegunStage:
     """Set stage ``index`` up as training begins it: freeze -> (feature cache) -> the head's
-    BatchNorm statistics (once per run) -> recompile.
+    BatchNorm statistics (once per run) -> recompile, what fits built and compiled in the
+    distribution strategy's scope.
 
     Args:
         run: the ``StagesRun`` (from ``StagesRun.start``).
@@ -314,8 +336,11 @@ def begin_stage(run: StagesRun, index: int) -> BegunStage:
     if begun.cached:
         begun.caching_seconds = time.perf_counter() - started
     _calibrate_head_once(run, begun)
-    compile_for_stage(begun.model, stage, run.n_classes, steps_per_execution=begun.steps_per_execution,
-                      steps_per_epoch=len(begun.train), loss=run.options.loss)
+    distribution = run.options.distribution
+    with run.scope():
+        compile_for_stage(begun.model, stage, run.n_classes,
+                          steps_per_execution=begun.steps_per_execution(distribution),
+                          steps_per_epoch=len(begun.train), loss=run.options.loss)
     return begun
 
 
@@ -343,7 +368,8 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, np.ndarray | 
     stage = run.stages[index]
     started = time.perf_counter()
     begun = begin_stage(run, index)
-    start = _resume_point(run.checkpointing, index, begun)
+    with run.scope():  # the optimizer's restored state lives on every replica
+        start = _resume_point(run.checkpointing, index, begun)
     _checkpoint_stage_start(run, index, begun)
     _log_stage(run, index, begun, start)
     _fit(run, index, begun, start)
@@ -447,15 +473,24 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     )
     validation = ([EagerValidation(begun.val, run.n_classes, make_loss(run.n_classes, run.options.loss))]
                   if begun.cached else [])
-    begun.model.fit(
-        begun.train,
-        validation_data=None if begun.cached else begun.val,
-        initial_epoch=start.initial_epoch,
-        epochs=stage.epochs,
-        shuffle=False,  # the batches shuffle themselves, seeded per epoch
-        callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks],
-        verbose=run.options.verbose,
-    )
+    # Across replicas, the head's BatchNorm normalises over the global batch while fit runs
+    # (its step is traced then); before and after, the model is a plain one that loads on any
+    # backend. (A whole-model checkpoint written during fit holds the flag: it resumes on
+    # TensorFlow, where the strategy is.)
+    distribution = run.options.distribution
+    synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
+    try:
+        begun.model.fit(
+            begun.train,
+            validation_data=None if begun.cached else begun.val,
+            initial_epoch=start.initial_epoch,
+            epochs=stage.epochs,
+            shuffle=False,  # the batches shuffle themselves, seeded per epoch
+            callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks],
+            verbose=run.options.verbose,
+        )
+    finally:
+        synchronize_batchnorm(begun.model, False)
 
 
 def _checkpoint_between_stages(run: StagesRun, index: int) -> None:
@@ -481,5 +516,5 @@ def _feature_plan(run: StagesRun):
         run.model, run.spec, run.stages, run.train_data, run.val_data, cache,
         run.options.forward_factory or default_forward, seed=run.options.seed,
         dtype="float16" if mixed else "float32", verbose=run.options.verbose, stop=run.checkpointing.stop,
-        shared=run.options.feature_cache, context=run.options.forward_key,
+        shared=run.options.feature_cache, context=run.options.forward_key, scope=run.scope,
     )

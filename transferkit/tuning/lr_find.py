@@ -31,6 +31,7 @@ learn (a frozen head, labels that do not follow the images ...): no suggestion.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from transferkit.errors import RecipeError
 from transferkit.files import atomic_path
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
+from transferkit.strategies import resolve_distribution
 from transferkit.training.checkpoint import TrainingState
 from transferkit.training.compile import make_loss, make_optimizer
 from transferkit.training.stages import Checkpointing, StageOptions, StagesRun, begin_stage, run_stages
@@ -112,12 +114,14 @@ class StageSetup:
 
     def compile(self, learning_rate: float) -> None:
         """Compile ``model`` with the stage's optimizer and weight decay at a constant rate,
-        and the recipe's loss."""
-        self.model.compile(
-            optimizer=make_optimizer(self.stage.optimizer, learning_rate, self.stage.weight_decay),
-            loss=make_loss(self.n_classes, self.recipe.loss),
-            metrics=["accuracy"],
-        )
+        and the recipe's loss (in the distribution strategy's scope, where the optimizer's
+        variables must be made)."""
+        with self.run.scope() if self.run is not None else contextlib.nullcontext():
+            self.model.compile(
+                optimizer=make_optimizer(self.stage.optimizer, learning_rate, self.stage.weight_decay),
+                loss=make_loss(self.n_classes, self.recipe.loss),
+                metrics=["accuracy"],
+            )
 
     def close(self) -> None:
         """Release the cached features."""
@@ -163,12 +167,15 @@ def prepare_stage(
     if not 0 <= stage < len(recipe.stages):
         raise RecipeError(f"--stage {stage}: the recipe has {len(recipe.stages)} stage(s); "
                           f"use 0..{len(recipe.stages) - 1}")
+    resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts: it may set its devices
     prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
     keras.utils.set_random_seed(recipe.seed)
-    classifier = build_model(recipe, prepared.n_classes).model
+    built = build_model(recipe, prepared.n_classes)
+    classifier = built.model
     spec = get_spec(recipe.backbone)
     train, val = prepared.batches(recipe)
-    options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss)
+    options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
+                           distribution=built.distribution)
     earlier = [config for config in recipe.stages[:stage] if config.epochs > 0]
     if earlier:
         run_stages(classifier, spec, earlier, train, val, prepared.n_classes, options)

@@ -12,6 +12,11 @@ gets its score. A Keras callback reports the validation
 metric after every epoch (one step count across stages) and raises ``optuna.TrialPruned``
 when the pruner (median of the earlier trials at the same epoch) calls the trial hopeless.
 
+With MLflow tracking (the recipe's ``mlflow`` key, ``--mlflow`` or ``MLFLOW_TRACKING_URI``), each
+call is one MLflow run and each of its trials a nested run under it (the trial's recipe as params,
+its epochs' metrics, its final figure and state); the call's run gets the outputs and the best
+figure.
+
 The study lives in its storage: ``OUT/study.db`` (SQLite) unless ``storage`` names another
 Optuna storage URL (PostgreSQL, ``journal:///shared/study.log`` for a journal file on a
 shared disk), so the same command continues it, and several processes or machines can
@@ -49,6 +54,7 @@ from transferkit.errors import (
 )
 from transferkit.files import atomic_path, fault_point, pid_alive, write_atomic
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.strategies import resolve_distribution
 from transferkit.tuning.objective import METRICS
 from transferkit.tuning.workers import BEAT, SharedStudy, rdb_storage
 
@@ -205,6 +211,7 @@ def tune(
             change (``SETUP_FAILURES``: the search stops at the first, the study is kept).
     """
     optuna = require_optuna()
+    from transferkit.training.tracking import require_mlflow
     from transferkit.tuning.space import build_space
 
     if metric not in METRICS:
@@ -220,7 +227,9 @@ def tune(
     _require_outside(output, data_dir, val_dir)
     with _recipe_source(recipe, overrides) as (source, source_overrides):
         base = load_recipe(source, source_overrides)
+        resolve_distribution(base.strategy, base.devices)  # before TensorFlow starts: it may set its devices
         space = build_space(source, source_overrides, base)
+        require_mlflow(base.mlflow)
         output.mkdir(parents=True, exist_ok=True)
         storage_url = storage if storage is not None else f"sqlite:///{(output / STUDY_FILE).resolve()}"
         with _optuna_quiet(optuna):
@@ -230,13 +239,18 @@ def tune(
                 if params:
                     the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"}, skip_if_exists=True)
             data = _Data(data_dir, val_dir)
+            tracker, search, outcome = None, None, "fail"
             try:
                 data.for_recipe(base, verbose)  # data errors before the first trial
+                tracker = _track_study(base, the_study, storage_url, output)
                 shared = SharedStudy(the_study, opened, cap=study_trials)
-                search = _Search(shared, space, data, metric, output, verbose, storage_url)
+                search = _Search(shared, space, data, metric, output, verbose, storage_url, tracker)
                 search.run(trials, timeout)
+                outcome = "interrupted" if search.interrupted else "complete"
             finally:
                 data.features.close()
+                if tracker is not None:
+                    _end_study_run(tracker, the_study, output, metric, outcome)
             return search.summary(storage_url)
 
 
@@ -382,20 +396,46 @@ class _Data:
     def for_recipe(self, recipe: Recipe, verbose: int = 0) -> PreparedData:
         from transferkit.data.prepare import prepare_data  # loads Keras: not at the CLI's start-up
 
-        key = (recipe.image_size, recipe.seed, recipe.data.val_split, recipe.data.memory_mb)
+        key = (recipe.image_size, recipe.seed, recipe.data.val_split, recipe.data.memory_mb, recipe.data.group_by)
         if key not in self._prepared:
             self._prepared[key] = prepare_data(self.data_dir, recipe, val_dir=self.val_dir, verbose=verbose)
         return self._prepared[key]
+
+
+def _track_study(base: Recipe, study, storage_url: str, output: Path):
+    """The MLflow run of this call (each trial a nested run under it), when the recipe or the
+    environment asks for one; None otherwise, or when its store cannot be reached (warned)."""
+    from transferkit.training.tracking import Tracker, check_tracking, public_uri, recipe_params
+
+    uri = check_tracking(base.mlflow)
+    if uri is None:
+        return None
+    tags = {"transferkit.tune.study": study.study_name, "transferkit.tune.storage": public_uri(storage_url),
+            "transferkit.tune.output": output.resolve()}
+    return Tracker.open(uri, run_name=f"tune-{study.study_name}", tags=tags,
+                        params=recipe_params(base.model_dump(mode="json")))
+
+
+def _end_study_run(tracker, study, output: Path, metric: str, outcome: str) -> None:
+    """The study's best figure and this call's outputs on its MLflow run, which then ends."""
+    best = _best(study)
+    if best is not None:
+        tracker.log_metrics({f"best_{metric}": best.value, "best_trial": best.number})
+    tracker.log_files([output / name for name in (BEST_RECIPE_FILE, TRIALS_FILE, HISTORY_FIGURE, IMPORTANCE_FIGURE)
+                       if (output / name).is_file()])
+    tracker.end(outcome)
 
 
 class _Search:
     """The trial loop of one call: ask, train, tell, write the outputs."""
 
     def __init__(self, shared: SharedStudy, space, data: _Data, metric: str, output: Path, verbose: int,
-                 storage_url: str):
+                 storage_url: str, tracker=None):
         self.shared, self.study = shared, shared.study
         self.space, self.data, self.metric = space, data, metric
         self.output, self.verbose, self.storage_url = output, verbose, storage_url
+        self.tracker = tracker  # the call's MLflow run; each trial's nested run is trial_tracker
+        self.trial_tracker = None
         self.new_trials = 0
         self.interrupted = False
 
@@ -457,17 +497,21 @@ class _Search:
             with self.shared.beating(trial):
                 value = self._train(trial)
         except optuna.TrialPruned as pruned:
+            self._end_trial_run("pruned")
             if self._finish(trial, states.PRUNED):
                 self._tell(trial, f"pruned {pruned}", started)
         except (KeyboardInterrupt, TrainingInterrupted):
             # Ctrl-C: training stopped after its current batch (a second one at once).
+            self._end_trial_run("interrupted")
             self._finish(trial, states.FAIL, reason="interrupted (Ctrl-C)")
             raise KeyboardInterrupt from None
         except Exception as error:  # out of memory at a large batch size, NaN, ...: the search goes on
+            self._end_trial_run("fail", f"{type(error).__name__}: {first_line(error)}")
             if _storage_failure(error):
                 raise  # nothing can be told; run() says so in one line
             self._fail(trial, error, started)
         else:
+            self._end_trial_run("complete")
             if self._finish(trial, states.COMPLETE, value):
                 self._tell(trial, f"{self.metric} {value:.4f}", started)
 
@@ -496,13 +540,19 @@ class _Search:
         recipe = self.space.recipe(overrides)
         trial.set_user_attr("recipe", recipe.to_toml())
         prepared = self.data.for_recipe(recipe)
+        callbacks = (_pruning_callback(trial, self.metric),)
+        self.trial_tracker = self._trial_run(trial, recipe)
+        if self.trial_tracker is not None:  # first: the epoch a trial is pruned at is logged too
+            callbacks = (self.trial_tracker.epoch_logger(), *callbacks)
         # A fresh Keras state per trial, as in a process of its own (finetune on the best
         # recipe then trains the same model).
         keras.backend.clear_session()
         with _quiet_training():
-            run = workflow.train_prepared(prepared, recipe, callbacks=(_pruning_callback(trial, self.metric),),
-                                          calibrate=False, feature_cache=self.data.features, verbose=0)
+            run = workflow.train_prepared(prepared, recipe, callbacks=callbacks, calibrate=False,
+                                          feature_cache=self.data.features, verbose=0)
         final = run.metrics["final"]
+        if self.trial_tracker is not None:
+            self.trial_tracker.log_metrics({f"final_{name}": final[name] for name in METRICS}, step=len(run.history))
         for name in METRICS:
             trial.set_user_attr(name, final[name])
         trial.set_user_attr("epochs", len(run.history))
@@ -510,6 +560,24 @@ class _Search:
         if not math.isfinite(value):
             raise FloatingPointError(f"the final {self.metric} is {value}")
         return value
+
+    def _trial_run(self, trial, recipe: Recipe):
+        """The trial's nested MLflow run (its recipe as params), or None."""
+        if self.tracker is None:
+            return None
+        from transferkit.training.tracking import recipe_params
+
+        tags = {"transferkit.tune.study": self.study.study_name, "transferkit.tune.trial": trial.number,
+                "transferkit.tune.sampled": _params_text(trial.params)}
+        return self.tracker.child(f"trial-{trial.number}", tags=tags,
+                                  params=recipe_params(recipe.model_dump(mode="json")))
+
+    def _end_trial_run(self, outcome: str, reason: str | None = None) -> None:
+        """End the trial's nested MLflow run: complete, pruned, interrupted or fail (with why)."""
+        tracker, self.trial_tracker = self.trial_tracker, None
+        if tracker is not None:
+            tracker.set_tags({"transferkit.tune.state": outcome, "transferkit.tune.fail_reason": reason})
+            tracker.end(outcome)
 
     def _fail(self, trial, error: BaseException, started: float) -> None:
         """Tell a failed trial with its reason; a set-up failure stops the search (the

@@ -1,0 +1,75 @@
+"""MODEL_CARD.md: written with every run (Hugging Face layout: YAML front matter, then
+sections), its plain-Keras lines giving predict's answer, and ``report`` on a folder that is no
+run. (Exports copying the card and ``report`` listing them: tests/export/test_cli.py; the card
+of a tracked run naming its MLflow run: tests/cli/test_cli.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import transferkit
+from transferkit.cli import app
+from transferkit.evaluation.card import CARD_FILE
+
+runner = CliRunner()
+
+
+def read_json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_the_card_names_the_classes_their_counts_and_the_accuracy(shapes_run):
+    output = shapes_run.path
+    card = (output / CARD_FILE).read_text(encoding="utf-8")
+    metrics = read_json(output / "metrics.json")
+    accuracy = metrics["final"]["val_accuracy"]
+    meta = front_matter(card)
+    assert meta["library_name"] == "keras" and meta["pipeline_tag"] == "image-classification"
+    assert meta["transferkit"]["classes"] == ["circle", "square", "triangle"]
+    [result] = meta["model-index"][0]["results"]
+    assert result["metrics"][0] == {"type": "accuracy", "value": pytest.approx(accuracy, abs=1e-4),
+                                    "name": "Validation accuracy"}
+    assert f"Validation accuracy: **{100 * accuracy:.1f}%** on {metrics['n_val']} images" in card
+    counts = metrics["class_counts"]
+    for index, name in enumerate(("circle", "square", "triangle")):
+        assert f"| {index} | {name} | {counts['train'][name]} | {counts['val'][name]} |" in card
+    assert sum(counts["train"].values()) == metrics["n_train"] and sum(counts["val"].values()) == metrics["n_val"]
+    labels = read_json(output / "labels.json")
+    temperature = metrics["calibration"]["temperature"]
+    rejection = labels["rejection"]
+    for fact in (labels["data_fingerprint"], "## Calibration", f"{temperature:.3g}", "## Rejection of unknown images",
+                 f"Images whose {rejection['score']} score falls below the threshold", "--sets 0.9",
+                 "## Exports\n\nNone yet", "random weights", "keras.models.load_model"):
+        assert fact in card, fact
+    for section in ("## Model details", "## Classes", "## Training data", "## Evaluation", "## Uses",
+                    "## Bias, risks and limitations", "## How to use"):
+        assert section in card
+
+
+def test_the_cards_plain_keras_snippet_gives_predicts_answer(shapes_run, shapes_dir, monkeypatch):
+    output = shapes_run.path
+    card = (output / CARD_FILE).read_text(encoding="utf-8")
+    snippet = card.split("```python\n")[1].split("```")[0]
+    photo = sorted((shapes_dir / "square").iterdir())[0]
+    monkeypatch.chdir(output)
+    namespace = {}
+    exec(snippet.replace('"photo.jpg"', repr(str(photo))), namespace)  # noqa: S102
+    [row] = transferkit.predict_folder(shapes_run, photo, engine="keras", precision="float32").rows
+    assert namespace["label"] == row.label
+    assert namespace["confidence"] == pytest.approx(row.confidence, abs=1e-5)
+
+
+def test_report_on_a_folder_that_is_no_run_is_one_line(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / CARD_FILE).exists()

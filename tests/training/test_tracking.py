@@ -1,0 +1,67 @@
+"""MLflow tracking without a training: where the URI comes from, MLflow missing, a server that
+cannot be reached and a store that fails mid-run (each one warning line, the epochs going on).
+A real ``finetune --mlflow`` read back with MLflow's client: tests/cli/test_cli.py; a tune
+study's nested runs: tests/tuning/test_search.py."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import pytest
+
+import transferkit
+from transferkit.training import tracking
+
+
+def test_tracking_uri_comes_from_the_recipe_then_the_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert tracking.tracking_uri("") == "sqlite:///from-env.db"
+    assert tracking.tracking_uri("http://tracker:5000") == "http://tracker:5000"
+    assert tracking.tracking_uri("off") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri("") is None
+    assert tracking.public_uri("https://me:secret@tracker:5000/") == "https://tracker:5000/"
+
+
+def test_without_mlflow_a_named_uri_is_an_error_and_the_environment_alone_a_warning(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(transferkit.TransferkitError, match=r"pip install 'transferkit\[mlflow\]'"):
+        tracking.require_mlflow("sqlite:///runs.db")
+    tracking.require_mlflow("")  # nothing named: nothing needed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs.db")
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        assert tracking.check_tracking("") is None
+    assert [record.getMessage() for record in caplog.records] == [
+        "MLFLOW_TRACKING_URI is set but MLflow is not installed, so this job is not tracked; run: "
+        + tracking.INSTALL]
+
+
+def test_a_tracking_server_that_cannot_be_reached_is_one_warning(caplog):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        tracker = tracking.Tracker.open(f"http://127.0.0.1:{port}", run_name="run", params={"a": "1"})
+    assert tracker is None
+    [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    message = record.getMessage()
+    assert f"MLflow tracking at http://127.0.0.1:{port} is off" in message and "training goes on" in message
+    assert "\n" not in message
+
+
+def test_a_store_failing_mid_run_is_one_warning_and_the_epochs_go_on(mlflow_store, tmp_path, caplog):
+    uri = mlflow_store(tmp_path)
+    tracker = tracking.Tracker.open(uri, run_name="run", params={"a": "1"})
+    logger = tracker.epoch_logger()
+    logger.on_epoch_end(0, {"loss": 1.0, "learning_rate": 1e-3})
+    with open(tmp_path / "mlflow.db", "r+b") as database:  # the store breaks under the run
+        database.write(b"not a database any more" * 100)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        for epoch in (1, 2):
+            logger.on_epoch_end(epoch, {"loss": 0.5, "learning_rate": 1e-3})
+        tracker.end()
+    assert tracker.failed and logger.epoch == 3
+    [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "stopped" in record.getMessage() and "training goes on" in record.getMessage()

@@ -1,0 +1,245 @@
+"""transferkit audit: out-of-sample label errors, near-copies and outliers, issues.csv /
+issues.png / moves.sh, and a folder it never changes.
+
+The folder audited: three classes that differ in colour (so that even a backbone with
+random weights separates them), each image with a shape of its own on it, three files put
+in the wrong class folder and one brightened copy of an image."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+from transferkit.trust.audit import (
+    Issue,
+    Signatures,
+    image_signatures,
+    moves_script,
+    near_duplicates,
+    out_of_fold_probabilities,
+    outlier_scores,
+    outliers,
+    suspect_labels,
+)
+
+runner = CliRunner()
+
+COLOURS = {"blue": (40, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}
+# file -> (the class folder it is put in, its true class)
+MISLABELLED = {"red_03.png": ("green", "red"), "green_07.png": ("blue", "green"), "blue_05.png": ("red", "blue")}
+COPY = ("green", "green_02.png", "green_02_again.png")
+FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
+         "--engine", "keras", "--folds", "3", "--quiet"]
+
+
+def colour_image(colour, rng, size=40) -> Image.Image:
+    pixels = np.clip(np.asarray(colour) + rng.normal(0, 12, (size, size, 3)), 0, 255).astype("uint8")
+    image = Image.fromarray(pixels)
+    x, y = rng.integers(4, size - 16, 2)
+    w, h = rng.integers(8, 14, 2)
+    ImageDraw.Draw(image).ellipse([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def write_folder(root: Path) -> Path:
+    rng = np.random.default_rng(3)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(12):
+            colour_image(colour, rng).save(root / name / f"{name}_{index:02d}.png")
+    for file, (folder, true) in MISLABELLED.items():
+        os.replace(root / true / file, root / folder / file)
+    folder, original, copy = COPY
+    brighter = np.clip(np.asarray(Image.open(root / folder / original), dtype="int16") + 8, 0, 255)
+    Image.fromarray(brighter.astype("uint8")).save(root / folder / copy)
+    return root
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    root = write_folder(tmp_path_factory.mktemp("audit") / "data")
+    before = listing(root)
+    output = root.parent / "out"
+    result = runner.invoke(app, ["audit", str(root), *FLAGS, "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    return root, output, result.output, before
+
+
+def read_issues(output: Path) -> list[dict]:
+    with open(output / "issues.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_mislabelled_files_lead_the_issues_with_their_true_class(audited):
+    _, output, printed, _ = audited
+    rows = read_issues(output)
+    top = {Path(row["file"]).name: row for row in rows[: len(MISLABELLED)]}
+    assert set(top) == set(MISLABELLED), [(row["file"], row["kind"], row["score"]) for row in rows[:6]]
+    for file, (folder, true) in MISLABELLED.items():
+        row = top[file]
+        assert (row["kind"], row["given"], row["suggested"], row["confident"]) == ("label", folder, true, "true")
+        assert float(row["score"]) > 0.5
+    assert list(rows[0]) == ["file", "given", "suggested", "score", "kind", "confident", "detail"]
+    assert "likely label error" in printed and "nothing was moved" in printed
+
+
+def test_the_brightened_copy_is_a_near_duplicate_and_nothing_else_is(audited):
+    root, output, _, _ = audited
+    folder, original, copy = COPY
+    duplicates = [row for row in read_issues(output) if row["kind"] == "duplicate"]
+    assert [(Path(row["file"]).name, row["given"], row["suggested"]) for row in duplicates] == [
+        (copy, folder, folder)]
+    assert str(root / folder / original) in duplicates[0]["detail"]
+
+
+def test_audit_writes_its_folder_and_moves_nothing(audited):
+    root, output, _, before = audited
+    assert listing(root) == before
+    assert sorted(path.name for path in output.iterdir()) == [
+        "audit.json", "issues.csv", "issues.png", "moves.sh", "predictions.csv", "recipe.toml"]
+    assert not list(output.parent.glob(".*partial*")) and not (output.parent / "out.partial").exists()
+    with Image.open(output / "issues.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width > 400
+    summary = json.loads((output / "audit.json").read_text())
+    assert summary["n_images"] == 37 and summary["folds"] == 3
+    assert summary["counts"]["label"] >= len(MISLABELLED) and summary["counts"]["duplicate"] == 1
+    with open(output / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 37 and set(rows[0]) >= {"file", "given", "predicted", "blue", "green", "red"}
+    assert all(abs(sum(float(row[name]) for name in COLOURS) - 1) < 1e-3 for row in rows)
+
+
+def test_running_moves_sh_puts_the_files_in_their_suggested_class(audited, tmp_path):
+    root, output, _, before = audited
+    data = shutil.copytree(root, tmp_path / "data")
+    script = (output / "moves.sh").read_text().replace(str(root), str(data))
+    (tmp_path / "moves.sh").write_text(script)
+    subprocess.run(["sh", str(tmp_path / "moves.sh")], check=True, timeout=30)
+    moved = {f"{folder}/{file}": f"{true}/{file}" for file, (folder, true) in MISLABELLED.items()}
+    assert listing(data) == sorted(moved.get(name, name) for name in before)
+    subprocess.run(["sh", str(tmp_path / "moves.sh")], check=True, timeout=30, env={**os.environ, "SET_ASIDE": "yes"})
+    folder, _, copy = COPY
+    assert (tmp_path / "data-set-aside" / folder / copy).is_file()
+    assert not (data / folder / copy).exists()
+
+
+def test_audit_refuses_an_existing_folder_without_force_and_a_folder_inside_the_data(audited, tmp_path):
+    root, output, _, _ = audited
+    again = runner.invoke(app, ["audit", str(root), *FLAGS, "-o", str(output)])
+    assert again.exit_code == 1 and "exists already" in again.output and "--force" in again.output
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    forced = runner.invoke(app, ["audit", str(root), *FLAGS, "-o", str(other), "--force"])
+    assert forced.exit_code == 1 and "not an audit folder" in forced.output
+    assert (other / "keep.txt").read_text() == "mine"
+    inside = runner.invoke(app, ["audit", str(root), *FLAGS, "-o", str(root / "audit")])
+    assert inside.exit_code == 1 and "or inside it" in inside.output
+    for result in (again, forced, inside):
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_audit_names_a_bad_group_pattern_and_a_bad_fold_count(audited):
+    root, _, _, _ = audited
+    no_group = runner.invoke(app, ["audit", str(root), *FLAGS, "--group-by", "red_"])
+    assert no_group.exit_code == 2 and "data.group_by" in no_group.output and "no group" in no_group.output
+    unmatched = runner.invoke(app, ["audit", str(root), *FLAGS, "--group-by", r"^red/(red)_"])
+    assert unmatched.exit_code == 1 and "data.group_by" in unmatched.output and "blue/blue_00.png" in unmatched.output
+    one_fold = runner.invoke(app, ["audit", str(root), *FLAGS[:-3], "--folds", "1"])
+    assert one_fold.exit_code == 2 and "--folds" in one_fold.output
+
+
+# --- the parts, on numbers made to show each behaviour ------------------------------------
+
+
+def test_two_classes_get_held_out_probabilities_from_one_sigmoid_head():
+    import transferkit
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 20)
+    features = (rng.normal(0, 1, (40, 1, 1, 6)) + 3 * labels[:, None, None, None]).astype("float32")
+    labels[[0, 25]] = [1, 0]  # two wrong labels
+    recipe = transferkit.load_recipe(None, {"weights": "none", "head.units": [8], "batch_size": 8})
+    probabilities = out_of_fold_probabilities(features, labels, 2, recipe, folds=4, verbose=0)
+    assert probabilities.shape == (40, 2) and np.allclose(probabilities.sum(axis=1), 1)
+    verdict = suspect_labels(probabilities, labels)
+    assert set(np.argsort(-verdict.score)[:2]) == {0, 25}
+    assert list(verdict.suggested[[0, 25]]) == [0, 1]
+
+
+def test_confident_learning_suggests_the_class_the_held_out_head_is_sure_of():
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    probabilities = np.array([
+        [0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.05, 0.9, 0.05],  # the third: labelled 0, surely 1
+        [0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.4, 0.45, 0.15],    # the last: doubtful, its label likeliest
+        [0.1, 0.1, 0.8], [0.5, 0.1, 0.4],                       # the last: 0 likelier, not confidently
+    ])
+    verdict = suspect_labels(probabilities, labels)
+    assert np.allclose(verdict.thresholds, [np.mean([0.9, 0.8, 0.05]), np.mean([0.8, 0.7, 0.45]), 0.6])
+    assert list(np.flatnonzero(verdict.listed)) == [2, 7]
+    assert verdict.suggested[2] == 1 and verdict.confident[2]
+    assert verdict.suggested[7] == 0 and not verdict.confident[7]  # 0.5 < threshold of class 0 (0.583)
+    assert np.allclose(verdict.score, 1 - probabilities[np.arange(8), labels])
+
+
+def test_outliers_are_far_beyond_the_typical_neighbour_distance():
+    rng = np.random.default_rng(0)
+    cluster = rng.normal(0, 0.05, (40, 16)) + np.eye(16)[0]
+    far = np.eye(16)[5]
+    embeddings = np.vstack([cluster, far])
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    distances = outlier_scores(embeddings, neighbours=5)
+    assert list(outliers(distances)) == [40]
+    assert list(outliers(outlier_scores(embeddings[:40]))) == []
+
+
+def test_near_duplicates_need_close_hashes_correlated_pixels_and_alike_features():
+    rng = np.random.default_rng(1)
+    images = np.stack([np.asarray(colour_image((120, 120, 120), rng, 32)) for _ in range(4)])
+    images[2] = np.clip(images[0].astype("int16") + 6, 0, 255)  # a brightened copy of the first
+    images[3] = images[1][:, ::-1]  # a mirror image: another picture
+    signatures = image_signatures(images)
+    same = np.ones((4, 3), dtype="float32") / np.sqrt(3)
+    bits = bin(int(signatures.hashes[0]) ^ int(signatures.hashes[2])).count("1")
+    assert near_duplicates(signatures, same) == [(0, 2, bits)]
+    unlike = np.eye(4, dtype="float32")  # the features disagree: not a copy
+    assert near_duplicates(signatures, unlike) == []
+    flat = Signatures(np.zeros(4, dtype=np.uint64), signatures.thumbnails)  # hashes alike, pixels not
+    assert [(i, j) for i, j, _ in near_duplicates(flat, same)] == [(0, 2)]
+
+
+def test_moves_sh_quotes_every_name_and_sets_aside_only_when_asked(tmp_path):
+    data = tmp_path / "my data"
+    names = ["it's $HOME.png", "new\nline.png", "semi;colon `x`.png", "-dash.png"]
+    for name in names:
+        (data / "cat").mkdir(parents=True, exist_ok=True)
+        (data / "cat" / name).write_bytes(b"x")
+    (data / "cat" / "odd").mkdir()
+    (data / "cat" / "odd" / "deep.png").write_bytes(b"x")
+    issues = [Issue(data / "cat" / name, "cat", "dog", 0.9, "label", confident=True) for name in names[:3]]
+    issues += [Issue(data / "cat" / "odd" / "deep.png", "cat", "dog", 0.8, "label", confident=True),
+               Issue(data / "cat" / names[3], "cat", "cat", 0.5, "outlier"),
+               Issue(data / "cat" / names[0], "cat", "cat", 0.4, "outlier"),  # moved already: not twice
+               Issue(data / "cat" / "nope.png", "cat", "dog", 0.3, "label", confident=False)]
+    script = tmp_path / "moves.sh"
+    script.write_text(moves_script(issues, data))
+    assert all("\n" not in line for line in script.read_text().split("\n") if line.startswith("#"))
+    subprocess.run(["sh", str(script)], check=True, cwd=tmp_path, timeout=30)
+    assert sorted(path.name for path in (data / "dog").iterdir()) == sorted([*names[:3], "odd"])
+    assert (data / "dog" / "odd" / "deep.png").is_file()
+    assert (data / "cat" / names[3]).is_file() and not (tmp_path / "my data-set-aside").exists()
+    subprocess.run(["sh", str(script)], check=True, cwd=tmp_path, timeout=30, env={**os.environ, "SET_ASIDE": "yes"})
+    assert (tmp_path / "my data-set-aside" / "cat" / names[3]).is_file()
+    assert sorted(path.name for path in (data / "dog").iterdir()) == sorted([*names[:3], "odd"])

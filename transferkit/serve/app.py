@@ -1,0 +1,286 @@
+"""The HTTP application: FastAPI routes over a ``Service``.
+
+    POST /predict   images as multipart fields named "file" (one or more); ?top_k=, and
+                    predict's other per-row options (?reject=true, ?sets=0.9) where predict
+                    has them -> {"predictions": [{"file", "label", "confidence", "top_k"}, ...]}
+    POST /explain   one image -> PNG: its Grad-CAM heatmap drawn over it (?class= a class)
+    GET  /health    liveness and counters
+    GET  /metadata  the run's facts (classes, image size, backbone, calibration, rejection
+                    threshold, version)
+    GET  /          the page: choose or drop an image, see the classes and the heatmap
+    GET  /docs      the OpenAPI documentation (FastAPI's)
+
+Every error is ``{"error": "..."}`` with a 4xx status (a request body over the limit: 413,
+told before its files are parsed), or 500 with one log line for a failure of the server's
+own; no traceback reaches the log and the server keeps answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Optional
+
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from transferkit.errors import TransferkitError, first_line
+from transferkit.serve.service import Service, Upload, load_service, settings_from_environment, upload_name
+
+log = logging.getLogger("transferkit")
+
+# A body over the limit is read to its end (up to this much) before the 413 is sent: a client
+# still sending when the server closes would see a reset connection instead of the answer.
+DRAIN_LIMIT = 1 << 30
+
+
+class TopClass(BaseModel):
+    """One of an image's most likely classes."""
+
+    label: str
+    probability: float
+
+
+class PredictionOut(BaseModel):
+    """One image's answer, as a row of ``transferkit predict``'s JSON output (predict's
+    options that add fields, such as rejection, add them here too)."""
+
+    model_config = ConfigDict(extra="allow")
+    file: str
+    label: str
+    confidence: float
+    top_k: list[TopClass]
+
+
+class PredictionsOut(BaseModel):
+    """The answer of POST /predict: one prediction per uploaded file, in order."""
+
+    predictions: list[PredictionOut]
+
+
+class ErrorOut(BaseModel):
+    """Any error: what was wrong, and what to do."""
+
+    error: str
+
+
+ERRORS = {400: {"model": ErrorOut, "description": "a bad upload or option"},
+          413: {"model": ErrorOut, "description": "the request is larger than --max-upload-mb"}}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """``{"error": message}`` with a status code."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def page_html() -> str:
+    """The page served at / (``page.html`` beside this module)."""
+    return resources.files("transferkit.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application for a loaded run; its lifespan starts and stops the engine's thread.
+
+    Args:
+        service: from ``load_service``.
+
+    Returns:
+        A ``FastAPI`` application, for uvicorn.
+    """
+    from transferkit import __version__
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        yield
+        # After uvicorn has let the requests in flight finish: the queue is empty by then.
+        service.batcher.stop()
+
+    app = FastAPI(
+        title=f"transferkit: {service.run.path.name}",
+        version=__version__,
+        description=("Classify images with a transferkit run: the labels and calibrated confidences of "
+                     "`transferkit predict`. Classes: " + ", ".join(service.run.class_names) + "."),
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestGuard, max_body=service.settings.max_upload_bytes,
+                       limit_text=f"{service.settings.max_upload_mb:g} MB")
+    page = page_html()
+
+    @app.exception_handler(TransferkitError)
+    async def user_error(request: Request, error: TransferkitError) -> JSONResponse:
+        return error_response(400, str(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return error_response(404, f"no such endpoint: {request.url.path}; see /docs for the API")
+        if error.status_code == 405:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}; see /docs")
+        return error_response(error.status_code, str(error.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(400, validation_message(error))
+
+    @app.post("/predict", response_model=PredictionsOut, responses=ERRORS,
+              summary="Classify images as `transferkit predict` does")
+    async def predict(
+        file: Annotated[list[UploadFile], File(description="One or more images, each a form field named 'file'.")],
+        top_k: Annotated[int, Query(ge=1, description="How many classes to list per image.")] = 1,
+        reject: Annotated[bool, Query(description="Answer 'unknown' below the run's rejection threshold "
+                                      "(as predict --reject).")] = False,
+        sets: Annotated[Optional[float], Query(gt=0, lt=1, description="Prediction sets at this coverage "
+                                               "(as predict --sets).")] = None,
+    ) -> JSONResponse:
+        options = service.row_options(top_k, reject=reject, sets=sets)
+        uploads = [Upload(upload_name(part.filename, index), await part.read()) for index, part in enumerate(file)]
+        images = await run_in_threadpool(service.decode, uploads)
+        outputs = await asyncio.wrap_future(service.batcher.submit(images))
+        rows = service.rows([upload.name for upload in uploads], outputs, options)
+        return JSONResponse({"predictions": rows})
+
+    @app.post("/explain", response_class=Response, responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+              summary="The Grad-CAM heatmap of an image, drawn over it (PNG)")
+    async def explain(
+        file: Annotated[UploadFile, File(description="One image.")],
+        class_name: Annotated[Optional[str], Query(alias="class", description="The class to explain; "
+                                                   "default the predicted one.")] = None,
+    ) -> Response:
+        upload = Upload(upload_name(file.filename, 0), await file.read())
+        png = await run_in_threadpool(service.explain_png, upload, class_name)
+        return Response(png, media_type="image/png")
+
+    @app.get("/health", summary="Liveness and counters")
+    async def health() -> dict:
+        return service.health()
+
+    @app.get("/metadata", summary="The run: classes, image size, backbone, calibration, rejection threshold")
+    async def metadata() -> dict:
+        return service.metadata()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def validation_message(error: RequestValidationError) -> str:
+    """One line for FastAPI's validation errors: which field, what was wrong."""
+    parts = []
+    for item in error.errors():
+        where = [str(part) for part in item.get("loc", ())]
+        if where[:2] == ["body", "file"] and item.get("type") == "missing":
+            parts.append("no image in the request: send each image as a multipart form field named 'file'")
+            continue
+        if where[:2] == ["body", "file"]:
+            parts.append("the 'file' field must hold a file (multipart/form-data with a file name), not text")
+            continue
+        name = " ".join(where[1:]) if where and where[0] in ("query", "body") else " ".join(where)
+        parts.append(f"{where[0] if where else 'request'} {name}: {item.get('msg', 'invalid')}".replace("  ", " "))
+    return "; ".join(dict.fromkeys(parts)) or "the request is not valid; see /docs"
+
+
+class RequestGuard:
+    """ASGI middleware: a request body over ``max_body`` bytes is answered 413 (read to its
+    end first, up to ``DRAIN_LIMIT``, so the client gets the answer), and any exception
+    that escapes a route becomes a 500 ``{"error"}`` and one log line, never a traceback.
+    """
+
+    def __init__(self, app, max_body: int, limit_text: str):
+        self.app = app
+        self.max_body = max_body
+        self.limit_text = limit_text
+
+    def too_large(self, size: str) -> str:
+        return (f"the request is {size}, over the server's limit of {self.limit_text} (--max-upload-mb); "
+                "send smaller or fewer images per request")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = content_length(scope)
+        if declared is not None and declared > self.max_body:
+            await drain(receive, DRAIN_LIMIT)
+            await send_json(send, 413, {"error": self.too_large(f"{declared / 1048576:.1f} MB")})
+            return
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise HTTPException(413, self.too_large(f"over {self.limit_text}"))
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except Exception as error:  # whatever a route did not expect: one line, and a 500 if possible
+            log.error("%s %s failed: %s: %s", scope.get("method"), scope.get("path"), type(error).__name__,
+                      first_line(error))
+            if not started:
+                await send_json(send, 500, {"error": f"the server failed on this request ({type(error).__name__}: "
+                                                     f"{first_line(error)}); it keeps answering others"})
+
+
+def content_length(scope) -> int | None:
+    """The request's Content-Length header, or None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def drain(receive, limit: int) -> None:
+    """Read and drop a request's body, up to ``limit`` bytes."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def send_json(send, status: int, payload: dict) -> None:
+    """A whole JSON response through a raw ASGI ``send``."""
+    body = json.dumps(payload).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def app_from_environment() -> FastAPI:
+    """The application of a worker process (``transferkit serve --workers N``): the run named
+    by ``TRANSFERKIT_SERVE``, loaded in this process.
+
+    Returns:
+        A ``FastAPI`` application.
+    """
+    from transferkit.runtime import import_tensorflow_quietly
+
+    settings = settings_from_environment()
+    import_tensorflow_quietly()  # as the command line does: no C++ start-up lines from each worker
+    return create_app(load_service(settings))

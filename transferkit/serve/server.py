@@ -1,0 +1,173 @@
+"""Running the application: a socket bound here, uvicorn in this process or in worker
+processes, and a graceful stop.
+
+The socket is bound before the run is loaded, so a port in use is told at once, and
+``--port 0`` gets a free port whose number is announced. SIGTERM or SIGINT (Ctrl-C) stops
+accepting connections, lets the requests in flight finish (up to ``SHUTDOWN_GRACE_S``),
+stops the engine's thread and returns: the command exits 0. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transferkit.errors import ServeError
+from transferkit.serve.service import ServeSettings
+
+log = logging.getLogger("transferkit")
+
+# How long requests in flight may take to finish after SIGTERM / Ctrl-C.
+SHUTDOWN_GRACE_S = 60
+# How long a worker process may stay silent (loading the run) before uvicorn restarts it.
+WORKER_START_S = 300
+
+INSTALL = "pip install 'transferkit[serve]'"
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    """How a server ended.
+
+    Attributes:
+        url: where it listened.
+        stopped_by: the signal's name ("SIGTERM", "SIGINT"), or None.
+        images_answered: images classified (in this process; None with worker processes).
+    """
+
+    url: str
+    stopped_by: str | None
+    images_answered: int | None
+
+
+def check_installed() -> None:
+    """Raise ``ServeError`` with the install command when the ``serve`` extra is missing."""
+    import importlib.util
+
+    missing = [name for module, name in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"),
+                                         ("multipart", "python-multipart"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ServeError(f"transferkit serve needs {', '.join(missing)} (the serve extra); run: {INSTALL}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one).
+
+    Raises:
+        ServeError: the address cannot be listened on (in use, not this machine's, not allowed).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as error:
+        raise ServeError(f"--host {host}: {getattr(error, 'strerror', None) or error}; "
+                         "give an address of this machine (127.0.0.1, 0.0.0.0, ::1)") from error
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port "
+                         "(--port 0 picks a free one) or stop what is using it") from error
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          access_log: bool = True, announce: Callable[[str, object], None] | None = None) -> ServeResult:
+    """Serve a run until SIGTERM or Ctrl-C.
+
+    Args:
+        settings: what to serve (``ServeSettings``).
+        host: the address to listen on; default "127.0.0.1" (this machine only).
+        port: the port; default 8000 (0: a free one).
+        workers: processes answering, each with the model loaded; default 1 (one process,
+            whose engine thread batches all requests).
+        access_log: log one line per request (uvicorn's); default True.
+        announce: called with the URL and the loaded ``Service`` once the socket listens
+            and the run is loaded, before requests are answered; default None.
+
+    Returns:
+        A ``ServeResult``.
+
+    Raises:
+        ServeError: the serve extra is missing, or the address cannot be listened on.
+        RunError, EngineError: the run cannot be loaded, or its engine built.
+    """
+    import uvicorn
+
+    from transferkit.serve.app import create_app
+    from transferkit.serve.service import load_service
+
+    check_installed()
+    if workers < 1:
+        raise ServeError(f"--workers must be at least 1, got {workers}")
+    sock = bind(host, port)
+    try:
+        # Loaded here in any case: a run that cannot be loaded is told once, as one line, and
+        # the engine cache is filled before worker processes look for it.
+        service = load_service(settings)
+        url = url_of(sock)
+        if announce is not None:
+            announce(url, service)
+        common = dict(log_level="info" if access_log else "warning", access_log=access_log,
+                      timeout_graceful_shutdown=SHUTDOWN_GRACE_S, server_header=False)
+        if workers == 1:
+            server = uvicorn.Server(uvicorn.Config(create_app(service), **common))
+            stopped_by = run_until_signal(lambda: server.run(sockets=[sock]), server)
+            return ServeResult(url, stopped_by, service.answered)
+        del service
+        from uvicorn.supervisors import Multiprocess
+
+        os.environ["TRANSFERKIT_SERVE"] = settings.to_json()
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            # A worker answers the supervisor's pings only between the steps of loading the run,
+            # which on a busy machine can take longer than uvicorn's 5 s: it would be restarted.
+            common["timeout_worker_healthcheck"] = WORKER_START_S
+        config = uvicorn.Config("transferkit.serve.app:app_from_environment", factory=True, workers=workers,
+                                **common)
+        # The supervisor turns SIGTERM / SIGINT into a graceful stop of every worker, then returns.
+        Multiprocess(config, sockets=[sock]).run()
+        return ServeResult(url, None, None)
+    finally:
+        sock.close()
+
+
+def run_until_signal(run: Callable[[], None], server) -> str | None:
+    """Run uvicorn's server with SIGTERM and SIGINT ending it gracefully and nothing more.
+
+    uvicorn handles both while it serves, then raises the signal again once it has shut
+    down, for the handler that was there before; that handler is this one, which only
+    records it, so the process goes on to exit 0. A signal that comes before uvicorn has
+    started makes it stop as soon as it has.
+
+    Returns:
+        The name of the signal that stopped it, or None.
+    """
+    received: list[str] = []
+
+    def record(number, frame):
+        received.append(signal.Signals(number).name)
+        server.should_exit = True
+
+    previous = {number: signal.signal(number, record) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return received[0] if received else None

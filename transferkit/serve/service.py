@@ -1,0 +1,322 @@
+"""What the server answers with, apart from HTTP: the run, its engine, uploads decoded and
+turned into predict's own rows, Grad-CAM pictures, and the run's facts.
+
+The engine is built by ``inference.predict.engine_for`` (predict's own choice of engine
+and precision), uploads are decoded by ``data.images.load_image`` (predict's decoding:
+formats, modes, EXIF orientation) and rows come from ``inference.predict.prediction_rows``
+and ``prediction_record`` (predict's row builder and its JSON form), so an answer holds
+exactly what ``transferkit predict`` gives for the same files. Nothing here imports FastAPI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from transferkit.errors import DataError, UnreadableImage
+from transferkit.serve.batcher import MicroBatcher
+
+log = logging.getLogger("transferkit")
+
+# The side, in pixels, that an image is scaled down to (keeping its shape) before Grad-CAM:
+# the model sees the image at its own input size anyway; the picture stays small to send.
+EXPLAIN_SIDE = 512
+
+READABLE = "send a JPEG, PNG, BMP, GIF, WebP or TIFF image"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How to serve a run (what ``transferkit serve`` takes, less the address).
+
+    Attributes:
+        run: the run folder (or its model.keras).
+        engine: "auto", "keras" or "openvino", as predict's ``--engine``; default "auto".
+        precision: as predict's ``--precision``; default "auto".
+        max_batch: the most images in one engine call; default 32.
+        max_upload_mb: the largest request body, in MB (all its files together); default 20.
+    """
+
+    run: str
+    engine: str = "auto"
+    precision: str = "auto"
+    max_batch: int = 32
+    max_upload_mb: float = 20.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes (MB = 2**20 bytes)."""
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def to_json(self) -> str:
+        """The settings as JSON (for worker processes, through the environment)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeSettings:
+        """Settings from ``to_json``'s text."""
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file.
+
+    Attributes:
+        name: the file name the client gave (or "file1", "file2", ... without one).
+        data: its bytes.
+    """
+
+    name: str
+    data: bytes
+
+
+class Service:
+    """A loaded run ready to answer: its engine's thread, its facts, its counters.
+
+    Args:
+        settings: the ``ServeSettings``.
+        run: the loaded ``Run`` (with its model).
+        forward: the ``ForwardEngine`` predict would use.
+        labels: the run's labels.json, as a dict.
+        rejection: the run's ``RejectionRule``, whose score ``forward`` computes; default
+            None (a run without one: ?reject=true is then a 4xx saying so).
+
+    Attributes:
+        batcher: the ``MicroBatcher`` that owns the engine.
+        answered: images answered so far.
+    """
+
+    def __init__(self, settings: ServeSettings, run, forward, labels: dict, rejection=None):
+        self.settings = settings
+        self.rejection = rejection  # the run's rejection rule, when it has one (?reject=true)
+        self.run = run
+        self.forward = forward
+        self.labels = labels
+        # Grad-CAM runs the Keras model; so does a Keras engine: one at a time.
+        self.model_lock = threading.Lock()
+        self.batcher = MicroBatcher(forward, settings.max_batch,
+                                    lock=self.model_lock if forward.name == "keras" else None)
+        self.answered = 0
+        self.started = time.time()
+
+    def decode(self, uploads: list[Upload]) -> np.ndarray:
+        """Decode uploads as predict decodes files, at the run's image size.
+
+        Args:
+            uploads: the files of one request.
+
+        Returns:
+            uint8 (n, S, S, 3).
+
+        Raises:
+            DataError: no file, an empty file, or one that is not a readable image (named).
+        """
+        from transferkit.data.images import load_image
+
+        if not uploads:
+            raise DataError("no image in the request: send each image as a multipart form field named 'file'")
+        size = self.run.image_size
+        images = np.empty((len(uploads), size, size, 3), dtype="uint8")
+        for index, upload in enumerate(uploads):
+            if not upload.data:
+                raise DataError(f"{upload.name} is empty (0 bytes); send the image file's contents")
+            try:
+                images[index] = load_image(upload.data, size)
+            except UnreadableImage as error:
+                raise DataError(f"{upload.name}: {error.reason}; {READABLE}") from None
+        return images
+
+    def row_options(self, top_k: int = 1, **asked) -> dict:
+        """The options for ``prediction_rows``: ``top_k`` and every other one asked for
+        (``reject``, ``sets``: predict's per-row options) that predict's row builder takes.
+
+        Args:
+            top_k: classes per image; default 1.
+            **asked: option name -> value, None or False when not asked for.
+
+        Returns:
+            Keyword arguments for ``prediction_rows``.
+
+        Raises:
+            DataError: ``top_k`` below 1, or an option predict's row builder does not take.
+        """
+        from transferkit.inference.predict import prediction_rows
+
+        if top_k < 1:
+            raise DataError(f"top_k must be at least 1, got {top_k}")
+        accepted = inspect.signature(prediction_rows).parameters
+        options = {"top_k": top_k}
+        for name, value in asked.items():
+            if value is None or value is False:
+                continue
+            if name not in accepted:
+                raise DataError(f"?{name}= is not supported by this transferkit's predict "
+                                f"(transferkit {self.version}); leave it out")
+            options[name] = value
+        return options
+
+    def rows(self, names: list[str], outputs: np.ndarray, options: dict) -> list[dict]:
+        """Predict's rows for one request's outputs, as JSON-ready dicts.
+
+        Args:
+            names: the uploads' names, in order.
+            outputs: their engine outputs.
+            options: from ``row_options``.
+
+        Returns:
+            One dict per image (file, label, confidence, top_k, and whatever else predict's
+            rows hold).
+        """
+        from transferkit.inference.predict import prediction_record, prediction_rows
+
+        rows = prediction_rows(self.run, names, outputs, rejection=self.rejection, **options)
+        records = [prediction_record(row) for row in rows]
+        self.answered += len(records)
+        return records
+
+    def explain_png(self, upload: Upload, class_name: str | None = None) -> bytes:
+        """The Grad-CAM heatmap of one image drawn over it, as a PNG (at most
+        ``EXPLAIN_SIDE`` pixels on its longer side).
+
+        Args:
+            upload: the image.
+            class_name: the class to explain; default None (the predicted one).
+
+        Returns:
+            The PNG file's bytes.
+
+        Raises:
+            DataError: an empty or unreadable upload, or an unknown class name.
+        """
+        from PIL import Image
+
+        from transferkit.data.images import read_image
+        from transferkit.evaluation.gradcam import explain, overlay_heatmap
+
+        if not upload.data:
+            raise DataError(f"{upload.name} is empty (0 bytes); send the image file's contents")
+        try:
+            image = Image.fromarray(read_image(upload.data))
+        except UnreadableImage as error:
+            raise DataError(f"{upload.name}: {error.reason}; {READABLE}") from None
+        image.thumbnail((EXPLAIN_SIDE, EXPLAIN_SIDE), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image)
+        with self.model_lock:
+            (explanation,) = explain(self.run, pixels, class_name=class_name, top=1)
+        picture = overlay_heatmap(pixels, explanation.heatmaps[0].heat)
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    @property
+    def version(self) -> str:
+        from transferkit import __version__
+
+        return __version__
+
+    def metadata(self) -> dict:
+        """The run's facts: classes, image size, backbone, calibration, rejection threshold
+        (when the run has one), prediction sets (when it has them), validation accuracy, the
+        engine and the server's limits, the transferkit version."""
+        run, labels = self.run, self.labels
+        rejection = labels.get("rejection")
+        sets = labels.get("prediction_sets")
+        final = run.metrics.get("final", {})
+        return {
+            "run": run.path.name,
+            "classes": list(run.class_names),
+            "image_size": run.image_size,
+            "backbone": run.backbone,
+            "head_activation": run.head_activation,
+            "trained_precision": labels.get("precision"),
+            "calibration": run.metrics.get("calibration"),
+            "rejection": rejection,
+            "rejection_threshold": rejection.get("threshold") if isinstance(rejection, dict) else None,
+            # the method only: the validation scores behind the sets are long and say nothing here
+            "prediction_sets": ({key: value for key, value in sets.items() if key != "scores"}
+                                if isinstance(sets, dict) else None),
+            "validation": {"accuracy": final.get("val_accuracy"), "images": run.metrics.get("n_val")},
+            "data_fingerprint": labels.get("data_fingerprint"),
+            "engine": self.forward.name,
+            "precision": self.settings.precision,
+            "max_batch": self.settings.max_batch,
+            "max_upload_mb": self.settings.max_upload_mb,
+            "transferkit_version": self.version,
+        }
+
+    def health(self) -> dict:
+        """Liveness and counters: status, engine, images answered, queue, engine batches."""
+        stats = self.batcher.stats
+        return {
+            "status": "ok",
+            "engine": self.forward.name,
+            "images_answered": self.answered,
+            "queued": self.batcher.queued,
+            "batches": stats.batches,
+            "largest_batch": stats.largest,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+
+def load_service(settings: ServeSettings) -> Service:
+    """Load a run and build its engine as predict does, then warm it up (so the first
+    request does not pay for it).
+
+    Args:
+        settings: the ``ServeSettings``.
+
+    Returns:
+        A ``Service``; its batcher is not started yet (``Service.batcher.start()``).
+
+    Raises:
+        RunError: the run cannot be loaded.
+        EngineError: the engine asked for is not installed.
+    """
+    from transferkit.errors import RunError
+    from transferkit.inference.predict import engine_for
+    from transferkit.inference.uncertainty import load_rejection
+    from transferkit.runs import LABELS_FILE, load_run
+
+    run = load_run(settings.run)
+    try:  # the engine computes the rejection score too, so that ?reject=true costs no second pass
+        rejection = load_rejection(run)
+    except RunError:
+        rejection = None  # a run trained before transferkit fitted one
+    forward = engine_for(run, settings.engine, settings.precision, rejection)
+    getattr(forward, "exact", None)  # predict builds the float32 engine for near ties on first use; here now
+    # One pass, so that the first request meets a compiled, traced engine.
+    forward.predict(np.zeros((1, run.image_size, run.image_size, 3), dtype="uint8"))
+    labels = json.loads((run.path / LABELS_FILE).read_text(encoding="utf-8"))
+    log.debug("serving %s with %r", run.path, forward)
+    return Service(settings, run, forward, labels, rejection)
+
+
+def settings_from_environment(variable: str = "TRANSFERKIT_SERVE") -> ServeSettings:
+    """The settings a worker process was given through the environment.
+
+    Args:
+        variable: the environment variable holding ``ServeSettings.to_json``'s text.
+
+    Returns:
+        The ``ServeSettings``.
+    """
+    text = os.environ.get(variable)
+    if not text:
+        raise RuntimeError(f"{variable} is not set: worker processes are started by `transferkit serve`")
+    return ServeSettings.from_json(text)
+
+
+def upload_name(name: str | None, index: int) -> str:
+    """The name an upload goes by in the answer: the file name the client gave, or
+    "file<index + 1>" without one."""
+    return name or f"file{index + 1}"

@@ -1,0 +1,66 @@
+"""What a run records of its validation split for ``predict --reject`` and ``--sets``: the
+rejection threshold (``rejection``) and the prediction-set scores (``conformal``), fitted
+once, after calibration, and written into the run folder (labels.json "rejection" and
+"prediction_sets", and rejection.npz for the knn score).
+
+    record = fit_trust(model, prepared, recipe)
+    extra.update(record.labels_entries()); record.write_files(folder)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from transferkit.inference.uncertainty import write_reference
+from transferkit.recipe import Recipe
+from transferkit.trust.conformal import fit_prediction_sets
+from transferkit.trust.rejection import RejectionFit, fit_rejection
+
+log = logging.getLogger("transferkit")
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """The fitted rejection threshold and prediction-set scores of a run.
+
+    Attributes:
+        rejection: the ``RejectionFit`` (its ``record`` is labels.json "rejection").
+        prediction_sets: labels.json "prediction_sets".
+    """
+
+    rejection: RejectionFit
+    prediction_sets: dict
+
+    def labels_entries(self) -> dict:
+        """{"rejection": ..., "prediction_sets": ...} for labels.json."""
+        return {"rejection": self.rejection.record, "prediction_sets": self.prediction_sets}
+
+    def write_files(self, folder: str | os.PathLike) -> None:
+        """Write rejection.npz (the knn score's training embeddings) into the run folder."""
+        if self.rejection.reference is not None:
+            write_reference(folder, self.rejection.reference)
+
+
+def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0) -> TrustRecord:
+    """Fit the rejection threshold and the prediction-set scores on the validation split.
+
+    Args:
+        model: the trained, calibrated classifier.
+        prepared: the run's ``PreparedData``.
+        recipe: the run's recipe (``reject``, image size, batch size, engine, precision, seed).
+        verbose: 1 logs one line with the threshold; default 0.
+
+    Returns:
+        A ``TrustRecord``.
+    """
+    if verbose:
+        log.info("fitting the rejection threshold and the prediction sets on the validation split")
+    fit = fit_rejection(model, prepared, recipe.reject, image_size=recipe.image_size, batch_size=recipe.batch_size,
+                        engine=recipe.engine, precision=recipe.precision, seed=recipe.seed)
+    if verbose:
+        log.info(f"rejection: {fit.record['score']} score >= {fit.record['threshold']:.4g} keeps "
+                 f"{fit.record['validation_coverage']:.1%} of the validation images (reject.coverage "
+                 f"{recipe.reject.coverage:g})")
+    return TrustRecord(fit, fit_prediction_sets(fit.val_probabilities, prepared.val_labels))
