@@ -7,9 +7,9 @@ imported, as on a machine that has JAX or PyTorch and no TensorFlow.
 ROOT holds ``data/`` (an image folder), ``area.keras`` (a model with an area resize) and
 ``area_images.npy``; the session writes its runs and outputs there and ``session.json``: per
 command its exit code, seconds and output, and what the backend did. tests/test_backends.py
-reads it. The session finetunes once, then predicts (Keras and OpenVINO), evaluates,
-explains and tries an export; ``--full`` stops the finetune with a SIGINT and resumes it, and
-adds lr-find, doctor --model and tune.
+reads it. The session finetunes once, then predicts, evaluates, tries an export and takes
+the backend's gradients of known functions; ``--full`` stops the finetune with a SIGINT and
+resumes it, and adds predict on the OpenVINO engine, explain, lr-find, doctor --model and tune.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 
@@ -83,9 +84,11 @@ def main(root: Path, full: bool) -> None:
     def invoke(name: str, *args) -> None:
         start, cpu = time.perf_counter(), time.process_time()
         result = runner.invoke(app, [*map(str, args)])
+        output = result.output
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            output += "Traceback (escaped the command):\n" + "".join(traceback.format_exception(result.exception))
         report["commands"][name] = {"exit": result.exit_code, "seconds": round(time.perf_counter() - start, 2),
-                                    "cpu_seconds": round(time.process_time() - cpu, 2),
-                                    "output": result.output[-3000:]}
+                                    "cpu_seconds": round(time.process_time() - cpu, 2), "output": output[-3000:]}
 
     if full:  # finetune, stopped by a real SIGINT after its first epoch, then --resume
         watcher = interrupt_after_first_epoch(root / "run.partial")
@@ -99,12 +102,24 @@ def main(root: Path, full: bool) -> None:
         invoke("finetune", "finetune", data, *FLAGS, "--head-epochs", "1", "--fine-epochs", "1", "-o", run,
                "--quiet")
     invoke("predict", "predict", run, data, "--engine", "keras", "-o", root / "keras.csv", "--quiet")
-    invoke("predict openvino", "predict", run, data, "--engine", "openvino", "-o", root / "openvino.csv",
-           "--quiet", "--verbose")
     invoke("evaluate", "evaluate", run, data, "--engine", "keras", "-o", root / "evaluation", "--quiet")
-    invoke("explain", "explain", run, data / "circle", "--top", "2", "-o", root / "explain")
     invoke("export", "export", run, "--format", "keras", "-o", root / "export")  # refused: TensorFlow's
+
+    # The backend's own gradients (Grad-CAM's and doctor's), on functions whose gradient is known.
+    import numpy as np
+
+    from transferkit.backend import input_gradient, weight_gradients
+
+    x = np.array([[1.0, -2.0, 3.0]], dtype="float32")
+    value, gradient = input_gradient(lambda t: keras.ops.sum(keras.ops.square(t)), x)
+    dense = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    report["gradients"] = {"value": value, "input": gradient.tolist(),
+                           "kernel": weight_gradients(dense, keras.ops.sum, x)[0].tolist()}
+
     if full:
+        invoke("predict openvino", "predict", run, data, "--engine", "openvino", "-o", root / "openvino.csv",
+               "--quiet", "--verbose")
+        invoke("explain", "explain", run, data / "circle", "--top", "2", "-o", root / "explain")
         invoke("lr-find", "lr-find", data, *FLAGS, "--steps", "6", "-o", root / "lr_find.png", "--json")
         invoke("doctor --model", "doctor", data, "--model", *FLAGS, "--json")
         # A space that keeps the network's shapes: the trial's steps are those finetune compiled.
@@ -120,9 +135,9 @@ def main(root: Path, full: bool) -> None:
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("transferkit").addHandler(handler)
-    images = __import__("numpy").load(root / "area_images.npy")
+    images = np.load(root / "area_images.npy")
     area = load_keras_file(root / "area.keras", "")
-    __import__("numpy").save(root / "area_outputs.npy", keras.ops.convert_to_numpy(area(images)))
+    np.save(root / "area_outputs.npy", keras.ops.convert_to_numpy(area(images)))
     report["area_warnings"] = messages
 
     if report["backend"] == "jax":

@@ -1,12 +1,13 @@
 """The same toolkit on Keras's JAX and PyTorch backends.
 
 One session per backend runs the commands in a process of its own with KERAS_BACKEND set and
-TensorFlow unimportable (tests/backend_session.py): finetune, predict (Keras and OpenVINO
-engines), evaluate, explain and an export (refused, in one line); the full session also stops
-the finetune with a real SIGINT and resumes it, and runs lr-find, doctor --model and tune.
-The tests read what it left; the run it trained is loaded here, on TensorFlow, and must
-predict what it predicted there. JAX runs the short session (XLA compiles each new step on
-a CPU: the full one takes about 4 times as long), the full one with
+TensorFlow unimportable (tests/backend_session.py): finetune, predict, evaluate, an export
+(refused, in one line) and the backend's gradients of known functions; the full session also
+stops the finetune with a real SIGINT and resumes it, and runs predict on the OpenVINO
+engine, explain, lr-find, doctor --model and tune. The tests read what it left; the run it
+trained is loaded here, on TensorFlow, and must predict what it predicted there. JAX runs
+the short session (on a CPU, XLA compiles every new step first: the JAX finetune alone takes
+about 30 s, the full session about 3 times the short one), the full one with
 TRANSFERKIT_TEST_BACKENDS=full; PyTorch runs the full session wherever torch is installed
 (its CPU wheels bring several GB: not in CI).
 """
@@ -130,6 +131,7 @@ def test_the_run_predicts_the_same_under_tensorflow(session):
 
 def test_the_openvino_engine_works_for_a_run_on_the_backend(session):
     _, root, report = session
+    needs_full(report)
     assert "OpenVINO" in report["commands"]["predict openvino"]["output"]
     assert "using Keras" not in report["commands"]["predict openvino"]["output"]
     keras_rows, openvino_rows = read_predictions(root / "keras.csv"), read_predictions(root / "openvino.csv")
@@ -162,8 +164,17 @@ def test_lr_find_doctor_and_tune_leave_their_results(session):
     assert (root / "tune" / "best_recipe.toml").is_file()
 
 
+def test_the_backend_s_gradients_are_right(session):
+    _, _, report = session
+    gradients = report["gradients"]
+    assert gradients["value"] == pytest.approx(14.0)
+    np.testing.assert_allclose(gradients["input"], [[2.0, -4.0, 6.0]], rtol=1e-6)
+    np.testing.assert_allclose(gradients["kernel"], [[1.0], [-2.0], [3.0]], rtol=1e-6)  # d sum(x W) / dW = x
+
+
 def test_gradcam_on_the_backend_matches_tensorflow(session):
-    _, root, _ = session
+    _, root, report = session
+    needs_full(report)
     index = json.loads((root / "explain" / "heatmaps.json").read_text())
     assert len(index) == 10 and all(len(entry["heatmaps"]) == 2 for entry in index)
     run = transferkit.load_run(root / "run")

@@ -98,7 +98,10 @@ class _EagerEmbedding:
         self.units = int(model.output_shape[-1])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        outputs, embeddings = self.both(np.asarray(batch, dtype="float32"), training=False)
+        import keras
+
+        outputs, embeddings = (keras.ops.convert_to_numpy(part)  # from any backend's tensors (PyTorch's too)
+                               for part in self.both(np.asarray(batch, dtype="float32"), training=False))
         return np.concatenate([np.asarray(outputs, dtype="float32"), np.asarray(embeddings, dtype="float32")], axis=1)
 
 

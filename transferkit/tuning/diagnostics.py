@@ -393,10 +393,13 @@ _KNOWN_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0], [25
 
 def _preprocessing_error(classifier, spec) -> float:
     """The largest difference between the model's preprocessing and Keras's on plain colours."""
+    import keras
+
     size = int(classifier.get_layer("backbone").input_shape[1])
     images = np.broadcast_to(_KNOWN_COLOURS[:, None, None, :], (len(_KNOWN_COLOURS), size, size, 3))
     images = np.ascontiguousarray(images)
-    ours = np.asarray(classifier.get_layer("preprocessing")(images, training=False), dtype="float32")
+    ours = np.asarray(keras.ops.convert_to_numpy(classifier.get_layer("preprocessing")(images, training=False)),
+                      dtype="float32")
     reference = _CONVENTIONS[spec.preprocessing]["reference"](images)
     return float(np.max(np.abs(ours - reference)))
 
