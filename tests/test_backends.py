@@ -221,15 +221,6 @@ def test_input_gradient_is_the_backend_s_own():
     assert value == pytest.approx(14.0) and np.allclose(gradient, 2 * x)
 
 
-def test_the_command_line_imports_tensorflow_first_only_on_its_backend(monkeypatch):
-    from transferkit.cli import needs_tensorflow
-
-    assert needs_tensorflow(["transferkit", "finetune", "images"])
-    for backend in ("jax", "torch"):
-        monkeypatch.setenv("KERAS_BACKEND", backend)
-        assert not needs_tensorflow(["transferkit", "finetune", "images"])
-
-
 def test_batches_become_a_tf_data_pipeline_with_the_same_epochs():
     from transferkit.data.batches import ImageBatches, to_tf_dataset
 

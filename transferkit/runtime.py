@@ -108,10 +108,6 @@ def import_tensorflow_quietly() -> None:
     descriptor 2, so only a redirect hides them. Python errors still show: an ImportError
     is raised after the descriptor is restored. ``TRANSFERKIT_DEBUG`` set: nothing hidden.
     """
-    from transferkit.backend import requested_backend
-
-    if requested_backend() != "tensorflow":
-        return  # Keras on JAX or PyTorch: TensorFlow is imported only where a command needs it
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if os.environ.get("TRANSFERKIT_DEBUG"):
         return

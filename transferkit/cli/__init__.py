@@ -23,7 +23,6 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
-from transferkit.backend import requested_backend
 from transferkit.cli import (
     audit,
     augment_preview,
@@ -114,10 +113,11 @@ TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loa
 
 
 def needs_tensorflow(argv: list[str]) -> bool:
-    """Whether the command line runs a command that loads TensorFlow (not for --help; on the
-    JAX or PyTorch backend, KERAS_BACKEND, none does at start: TensorFlow is imported only
-    where a command needs it)."""
-    if len(argv) < 2 or "--help" in argv or requested_backend() != "tensorflow":
+    """Whether the command line runs a command that loads TensorFlow (not for --help). On JAX
+    or PyTorch too: Keras imports TensorFlow wherever it is installed (its serialization looks
+    for TensorFlow's shapes), so it is imported first, quietly; where it is not installed,
+    nothing is missed."""
+    if len(argv) < 2 or "--help" in argv:
         return False
     command = argv[1]
     return command in TENSORFLOW_COMMANDS or TENSORFLOW_FLAGS.get(command, "\0") in argv[2:]
