@@ -5,8 +5,12 @@
                    per logical CPU device (``devices`` of them, configured before TensorFlow
                    starts); each step splits the recipe's batch (the global batch) across
                    the replicas and averages their gradients
-    data-parallel  several processes on Keras's JAX backend through keras.distribution
-                   (not built yet: choosing it is a clear error)
+    data-parallel  several processes (one per machine, or per accelerator) on Keras's JAX
+                   backend: keras.distribution.DataParallel over the devices of every
+                   process, joined by keras.distribution.initialize() from Keras's
+                   KERAS_DISTRIBUTION_* variables or from Slurm (srun); each process trains
+                   on its share of the images (a tf.data pipeline of its part of every
+                   global batch), and process 0 alone writes the run folder
     auto           data-parallel when a KERAS_DISTRIBUTION_* variable is set, mirrored when
                    TensorFlow sees more than one GPU (or when ``devices`` > 1 asks for
                    several devices on a CPU), else none (always none with Keras on JAX or
@@ -15,6 +19,10 @@
 Each strategy is a row of ``BUILDERS``; ``resolve_distribution`` turns a recipe's
 ``strategy`` and ``devices`` into a ``Distribution`` (the same object for the same request
 within a process) whose ``scope()`` every model build and compile enters.
+
+Under data-parallel every process runs the same command; ``Distribution.process`` tells
+process 0 (which checkpoints and writes the run) from the others (which train, then wait for
+the run to be written: ``training.data_parallel``).
 
 TensorFlow's multi-worker strategy is not offered: Keras 3's ``fit`` fails under it
 (keras#20585; tests/test_strategies.py pins the failure so that the day Keras fixes it shows).
@@ -40,6 +48,8 @@ KERAS_DISTRIBUTION_VARIABLES = (
     "KERAS_DISTRIBUTION_NUM_PROCESSES",
     "KERAS_DISTRIBUTION_PROCESS_ID",
 )
+# What jax.distributed reads to join the processes of an srun step by itself.
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,9 @@ class Distribution:
         devices: the devices the replicas run on, e.g. ("/gpu:0", "/gpu:1"); one for none.
         reason: why this strategy (the request, or what ``auto`` saw).
         requested: the recipe's strategy as given ("auto", ...); default: ``name``.
+        process: this process's index among those that train together (data-parallel;
+            0 writes the run); default 0.
+        processes: how many processes train together; default 1.
         strategy: what ``scope()`` enters: a ``tf.distribute.Strategy`` (or, for a
             data-parallel row, a ``keras.distribution.Distribution``, which has a ``scope()``
             too), or None (one device).
@@ -61,6 +74,8 @@ class Distribution:
     reason: str
     requested: str = ""
     strategy: Any = field(default=None, compare=False, repr=False)
+    process: int = 0
+    processes: int = 1
 
     @property
     def replicas(self) -> int:
@@ -83,12 +98,17 @@ class Distribution:
         """One line, e.g. "mirrored over 2 devices (/cpu:0, /cpu:1)"."""
         if self.name == "none":
             return f"none (one device, {self.devices[0]})" if self.devices else "none (one device)"
-        return f"{self.name} over {self.replicas} device(s) ({', '.join(self.devices)})"
+        across = f" in {self.processes} processes" if self.processes > 1 else ""
+        return f"{self.name} over {self.replicas} device(s){across} ({', '.join(self.devices)})"
 
     def as_dict(self) -> dict:
-        """What labels.json records: name, what was asked, replicas, devices and why."""
-        return {"name": self.name, "requested": self.requested or self.name, "replicas": self.replicas,
-                "devices": list(self.devices), "reason": self.reason}
+        """What labels.json records: name, what was asked, replicas, devices (processes, when
+        several) and why."""
+        record = {"name": self.name, "requested": self.requested or self.name, "replicas": self.replicas,
+                  "devices": list(self.devices), "reason": self.reason}
+        if self.processes > 1:
+            record["processes"] = self.processes
+        return record
 
 
 def keras_distribution_variables(environ=None) -> list[str]:
@@ -143,13 +163,54 @@ def _mirrored(devices: int | str, reason: str) -> Distribution:
     return Distribution("mirrored", names, reason, strategy=_mirrored_strategy(names))
 
 
+def check_data_parallel(devices: int | str = "all", environ=None) -> None:
+    """Raise ``StrategyError`` unless data-parallel can start here: Keras on JAX, and the
+    processes to join named by the three KERAS_DISTRIBUTION_* variables or by Slurm.
+
+    Args:
+        devices: the recipe's device count; data-parallel takes every device ("all").
+        environ: the environment to read; default ``os.environ``.
+    """
+    environ = os.environ if environ is None else environ
+    backend = requested_backend()
+    if backend != "jax":
+        raise StrategyError(f"--strategy data-parallel runs on Keras's JAX backend (keras.distribution), and Keras "
+                            f"runs on {backend} here; start every process with KERAS_BACKEND=jax (or use --strategy "
+                            "mirrored for the GPUs of one machine)")
+    given = keras_distribution_variables(environ)
+    if given and len(given) < len(KERAS_DISTRIBUTION_VARIABLES):
+        missing = [name for name in KERAS_DISTRIBUTION_VARIABLES if name not in given]
+        raise StrategyError(f"--strategy data-parallel: {', '.join(given)} set but not {', '.join(missing)}; set "
+                            "all three in every process (README: Scale out)")
+    if not given and not all(environ.get(name) for name in SLURM_VARIABLES):
+        raise StrategyError("--strategy data-parallel needs the processes to join: set "
+                            f"{', '.join(KERAS_DISTRIBUTION_VARIABLES)} in every process, or start them with srun "
+                            "under Slurm (README: Scale out)")
+    if devices != "all":
+        raise StrategyError(f"--devices {devices}: data-parallel trains on every device of every process; drop "
+                            "--devices (start fewer processes, or hide devices with CUDA_VISIBLE_DEVICES)")
+
+
 def _data_parallel(devices: int | str, reason: str) -> Distribution:
-    raise StrategyError(
-        "--strategy data-parallel (several processes on Keras's JAX backend through keras.distribution) is not "
-        "built in this version of transferkit"
-        + (f" ({reason})" if reason.startswith("auto") else "")
-        + "; unset the KERAS_DISTRIBUTION_* variables and use --strategy mirrored for the GPUs of one machine"
-    )
+    check_data_parallel(devices)
+    import keras
+
+    if keras.distribution.distribution() is None:
+        try:
+            keras.distribution.initialize()  # reads KERAS_DISTRIBUTION_*, or Slurm through jax.distributed
+        except (RuntimeError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StrategyError(f"--strategy data-parallel: the processes could not join ({first}); check "
+                                f"{', '.join(KERAS_DISTRIBUTION_VARIABLES)} in every process") from None
+        # transferkit hands each process its own share of every batch (``data.batches``),
+        # so Keras must not shard the input again.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(auto_shard_dataset=False))
+    parallel = keras.distribution.distribution()
+    import jax
+
+    names = tuple(str(device) for device in parallel.device_mesh.devices.flatten())
+    return Distribution("data-parallel", names, reason, strategy=parallel, process=jax.process_index(),
+                        processes=jax.process_count())
 
 
 # Strategy name -> builder(devices, reason) -> Distribution. A new strategy is one row here
@@ -225,14 +286,37 @@ def resolve_distribution(choice: str = "auto", devices: int | str = "all") -> Di
     Raises:
         StrategyError: a bad choice or count, more devices than the machine has, logical
             CPU devices asked for after TensorFlow started with fewer, or data-parallel
-            (not built).
+            off the JAX backend or without the processes to join.
     """
     key = (choice, devices)
     if key not in _RESOLVED:
         name, reason = choose_strategy(choice, devices)
         built = BUILDERS[name](devices, reason)
-        _RESOLVED[key] = Distribution(built.name, built.devices, built.reason, choice, built.strategy)
+        _RESOLVED[key] = Distribution(built.name, built.devices, built.reason, choice, built.strategy,
+                                      built.process, built.processes)
     return _RESOLVED[key]
+
+
+@contextlib.contextmanager
+def alone():
+    """A block that one process runs on its own while Keras's distribution is set
+    (data-parallel): the distribution is unset in it, so that what it creates (saving a model
+    makes a variable) is not placed across every process, which would wait for the others.
+    A no-op without a distribution, or off the JAX backend."""
+    if requested_backend() != "jax":
+        yield
+        return
+    import keras
+
+    current = keras.distribution.distribution()
+    if current is None:
+        yield
+        return
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
 
 
 def _logical_cpus(count: int) -> int:

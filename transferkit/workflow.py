@@ -44,6 +44,14 @@ from transferkit.training.checkpoint import (
     remove_if_finished,
     stop_on_signals,
 )
+from transferkit.training.data_parallel import (
+    exit_on_signals,
+    failing_before_training,
+    leave_distribution,
+    meet,
+    published,
+    wait_for_run,
+)
 from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
@@ -90,15 +98,21 @@ def finetune(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts: it may set its devices
-    if recipe.tensorboard:
-        require_tensorboard()
-    require_mlflow(recipe.mlflow)
-    output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
-    remove_if_finished(output)
-    runs.check_writable(output, force, data_folders=(data_dir, val_dir))
-    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
-    return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose)
+    # Before TensorFlow starts (it may set its devices), and before JAX computes (data-parallel).
+    distribution = resolve_distribution(recipe.strategy, recipe.devices)
+    with failing_before_training(distribution):
+        if recipe.tensorboard:
+            require_tensorboard()
+        require_mlflow(recipe.mlflow)
+        if output is None and distribution.processes > 1:
+            raise RunError("--strategy data-parallel: give -o RUN, the same run folder in every process")
+        output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
+        if distribution.process > 0:  # process 0 checks and writes the run
+            return _follow(data_dir, val_dir, recipe, output, None)
+        remove_if_finished(output)
+        runs.check_writable(output, force, data_folders=(data_dir, val_dir))
+        prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
+        return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose)
 
 
 def train_prepared(
@@ -183,29 +197,73 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     if set(changed) - {"strategy", "devices"}:
         raise RecipeError(f"a resumed run keeps its own settings but strategy and devices; drop "
                           f"{', '.join(sorted(set(changed) - {'strategy', 'devices'}))}")
-    finished = remove_if_finished(run)
-    if finished is not None:
-        return runs.load_run(finished)
-    work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
+    # Read before the lock is taken: under data-parallel only process 0 takes it.
     try:
-        job = work.job()
-        recipe = load_recipe(work.path / "recipe.toml", changed)
-        resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts
-        output = output_for(work.path)
-        force = force or bool(job.get("force"))
-        data_dir, val_dir = work.data_folders(data_dir, val_dir)
-        runs.check_writable(output, force, data_folders=(data_dir, val_dir))
-        if verbose:
-            state = work.state()
-            log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
-        prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
-        prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
-        return _train(prepared, recipe, _Output(output, work, force, bool(job["save_h5"])), verbose)
-    finally:
-        work.release()
+        reader = WorkFolder.open(run, owner=False)
+        recipe = load_recipe(reader.path / "recipe.toml", changed)
+    except (RunError, RecipeError):
+        reader = recipe = None  # told below, as without data-parallel
+    distribution = resolve_distribution(recipe.strategy, recipe.devices) if recipe is not None else None
+    if distribution is not None and distribution.process > 0:
+        return _follow_resumed(reader, recipe, data_dir, val_dir, distribution)
+    with failing_before_training(distribution):
+        finished = remove_if_finished(run)
+        if finished is not None:
+            return runs.load_run(finished)
+        work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
+        try:
+            job = work.job()
+            recipe = load_recipe(work.path / "recipe.toml", changed)
+            resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts
+            output = output_for(work.path)
+            force = force or bool(job.get("force"))
+            data_dir, val_dir = work.data_folders(data_dir, val_dir)
+            runs.check_writable(output, force, data_folders=(data_dir, val_dir))
+            if verbose:
+                state = work.state()
+                log.info(f"resuming {output}: {state.global_epoch} epoch(s) done, stage {state.stage_index + 1}")
+            prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
+            prepared.require_same(job.get("class_names"), job.get("data_fingerprint"),
+                                  f"the interrupted run of {output}")
+            return _train(prepared, recipe, _Output(output, work, force, bool(job["save_h5"])), verbose)
+        finally:
+            work.release()
 
 
 # --- the steps of a job -------------------------------------------------------------------
+
+
+def _follow_resumed(reader: WorkFolder, recipe: Recipe, data_dir, val_dir, distribution: Distribution) -> runs.Run:
+    """``resume_finetune`` in a data-parallel process other than 0: from the checkpoint that
+    process 0 owns (read, never written), unless the run was finished already."""
+    output = output_for(reader.path)
+    if reader.job().get("run_id") and published(output, reader.job()["run_id"]):
+        return runs.load_run(output, with_model=False)  # process 0 finds it finished too: nothing to train
+    with failing_before_training(distribution):
+        data_dir, val_dir = reader.data_folders(data_dir, val_dir)
+        return _follow(data_dir, val_dir, recipe, output, reader)
+
+
+def _follow(data_dir, val_dir, recipe: Recipe, output: Path, reader: WorkFolder | None) -> runs.Run:
+    """A data-parallel process other than 0: train on its share beside process 0, as
+    ``_train_tracked`` does there (the same steps, so that they meet in every collective one),
+    then wait for process 0 to write the run. Quiet: process 0 tells the story."""
+    distribution = resolve_distribution(recipe.strategy, recipe.devices)
+    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=0)
+    if reader is not None:
+        job = reader.job()
+        prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
+    run_id = meet(distribution)
+    keras.utils.set_random_seed(recipe.seed)
+    if reader is not None and reader.has_checkpoint():
+        with distribution.scope():
+            model = reader.load_model()
+    else:
+        model = build_model(recipe, prepared.n_classes, verbose=0).model
+    train_batches, val_batches = prepared.batches(recipe)
+    out = _Output(output, reader, False, False) if reader is not None else None
+    _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, 0, _Extras(), distribution)
+    return runs.load_run(wait_for_run(output, run_id, distribution), with_model=False)  # process 0 has it
 
 
 @dataclass(frozen=True)
@@ -260,6 +318,7 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
     """Build (or load from the checkpoint) the model, run the stages, evaluate, calibrate,
     save the run (without ``out``, nothing is written: no checkpoints, no run folder, no
     MLflow run), tracked in MLflow when the recipe or the environment asks."""
+    meet(resolve_distribution(recipe.strategy, recipe.devices), out.work.job().get("run_id") if out else None)
     if out is None:
         return _train_tracked(prepared, recipe, out, verbose, extras, None)
     with tracked_training(recipe, prepared, out.path, out.work) as tracker:
@@ -289,6 +348,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
         extras = replace(extras, callbacks=(*extras.callbacks, tracker.epoch_logger(epochs_done)))
     result = _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, verbose, extras,
                            distribution)
+    model = leave_distribution(model, distribution)  # data-parallel: process 0 finishes the run alone
     trained = TrainedRun(model, policy, distribution, result.history, tensorboard=tensorboard)
     if tracker is not None:
         trained.tracking = {"tracking_uri": public_uri(tracker.uri), "experiment_id": tracker.experiment_id,
@@ -344,7 +404,7 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
         return engine.predict
 
     callbacks = ()
-    if recipe.tensorboard and work is not None:
+    if recipe.tensorboard and work is not None and not work.reader:
         # In the in-progress folder while training (a resumed run goes on in the same logs),
         # copied into the run folder with the rest.
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
@@ -355,7 +415,8 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                            distribution=distribution)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
-        with stop_on_signals(StopFlag(), keeping) as stop:
+        with (exit_on_signals(distribution, out.path if out is not None else None) if distribution.processes > 1
+              else stop_on_signals(StopFlag(), keeping)) as stop:
             state = work.state() if work is not None else None
             return run_stages(model, get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
                               n_classes, options, Checkpointing(state=state, work=work, stop=stop))

@@ -79,7 +79,8 @@ StrategyOption = Annotated[
     Optional[str],
     typer.Option(metavar=choices(STRATEGIES), help="How many devices train: auto (mirrored over the GPUs when "
                  "TensorFlow sees several, else none), none (one device), mirrored (the local GPUs, or --devices "
-                 "logical CPU devices), data-parallel (not built yet) (recipe key: strategy).")]
+                 "logical CPU devices), data-parallel (several processes on Keras's JAX backend, joined through the "
+                 "KERAS_DISTRIBUTION_* variables or Slurm) (recipe key: strategy).")]
 DevicesOption = Annotated[
     Optional[str],
     typer.Option(metavar="N|all", callback=device_count, help="Devices the strategy trains on: GPUs, or on a CPU "

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
+from transferkit.errors import StrategyError
+
 log = logging.getLogger("transferkit")
 
 
@@ -115,6 +117,47 @@ def augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarr
     return augmenter(image=image)["image"]
 
 
+def process_share(batches: ImageBatches, process: int, processes: int, local_devices: int = 1) -> ImageBatches:
+    """One process's share of ``batches`` for data-parallel training: its part of every
+    global batch, from images only it reads.
+
+    The process takes every ``processes``-th image from ``process`` on, repeats its own
+    first images up to as many as the largest share holds (rounded up to a multiple of
+    ``local_devices``: every process must run as many steps, of equal sizes, split evenly
+    over its devices), and batches them ``batch_size / processes`` at a time, shuffled per
+    epoch from a seed of its own (the run's seed and ``process``).
+
+    Args:
+        batches: the run's training or validation ``ImageBatches`` (global batch size).
+        process: this process's index, from 0.
+        processes: how many processes train together.
+        local_devices: devices in each process; default 1.
+
+    Returns:
+        The share, an ``ImageBatches``.
+
+    Raises:
+        StrategyError: the batch size does not split evenly over the devices, or there are
+            fewer images than processes.
+    """
+    if batches.batch_size % (processes * local_devices):
+        raise StrategyError(f"--batch-size {batches.batch_size} does not split evenly over {processes} processes "
+                            f"of {local_devices} device(s) each; use a multiple of {processes * local_devices}")
+    if batches.count < processes:
+        raise StrategyError(f"{batches.count} image(s) cannot be shared by {processes} processes; add images or "
+                            "start fewer processes")
+    size = -(-batches.count // processes)
+    size = -(-size // local_devices) * local_devices
+    rows = np.resize(np.arange(process, batches.count, processes), size)  # np.resize repeats from the start
+    return ImageBatches(
+        batches.images[rows], batches.targets[rows], batches.batch_size // processes, shuffle=batches.shuffle,
+        augmenter_factory=batches.augmenter_factory,
+        sample_weights=None if batches.sample_weights is None else batches.sample_weights[rows],
+        seed=int(np.random.SeedSequence([batches.seed, process]).generate_state(1)[0]) if process else batches.seed,
+        workers=batches.workers,
+    )
+
+
 def to_tf_dataset(batches: SeededBatches):
     """The same batches, in the same seeded order, as a ``tf.data.Dataset`` (needs TensorFlow,
     on any Keras backend): each pass over it is the next epoch of ``batches``.
@@ -138,4 +181,5 @@ def to_tf_dataset(batches: SeededBatches):
             yield batches[index]
         batches.on_epoch_end()
 
-    return tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
+    dataset = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches)))  # Keras counts the steps

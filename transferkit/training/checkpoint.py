@@ -45,6 +45,7 @@ from transferkit.errors import DataError, RunError
 from transferkit.files import atomic_path, fault_point, remove_leftovers, write_atomic, write_failure
 from transferkit.locks import LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
 from transferkit.runs import LABELS_FILE
+from transferkit.strategies import alone
 
 log = logging.getLogger("transferkit")
 
@@ -161,6 +162,7 @@ class WorkFolder:
         self.created_parents: list[Path] = []  # by ``create``, deepest first
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-checkpoint")
         self._pending = None
+        self.reader = False  # only reads the folder another process owns (``open(owner=False)``)
         existing = [int(p.stem.split("-")[1]) for p in path.glob("arrays-*.npz") if p.stem.split("-")[1].isdigit()]
         self._generation = max(existing, default=0)
 
@@ -210,8 +212,14 @@ class WorkFolder:
         return work
 
     @classmethod
-    def open(cls, run: str | os.PathLike) -> WorkFolder:
+    def open(cls, run: str | os.PathLike, owner: bool = True) -> WorkFolder:
         """Find the in-progress folder of RUN (or RUN.partial itself) and hold its lock.
+
+        Args:
+            run: the run folder, or its ``.partial`` folder.
+            owner: take the lock; default True. Without it the folder is only read (a
+                data-parallel process other than 0 resumes from the checkpoint that process
+                0 owns): ``save`` writes nothing.
 
         Raises:
             RunError: another process is training into it (named), or there is nothing to
@@ -219,14 +227,17 @@ class WorkFolder:
         """
         run = Path(run)
         path = run if run.name.endswith(".partial") else work_dir_for(run)
+        if not owner:
+            if not (path / JOB_FILE).is_file():
+                raise _nothing_to_resume(path)
+            reader = cls(path)
+            reader.reader = True
+            return reader
         lock = FolderLock.acquire(path, "run", create=False) if path.is_dir() else None
         if not (path / JOB_FILE).is_file():
             if lock is not None:
                 lock.release()
-            finished = output_for(path)
-            hint = (f"{finished} is a finished run" if (finished / "model.keras").is_file()
-                    else f"no interrupted run at {path}")
-            raise RunError(f"nothing to resume: {hint}; start a new run without --resume")
+            raise _nothing_to_resume(path)
         if lock.previous is not None:
             log.warning("%s was interrupted: %s; resuming from its last completed epoch", path,
                         tell_previous(lock.previous))
@@ -323,6 +334,8 @@ class WorkFolder:
         """
         import keras
 
+        if self.reader:
+            return
         self.flush()
         if part_weights is None:
             self._save_whole(model)
@@ -345,7 +358,7 @@ class WorkFolder:
 
     def _save_whole(self, model) -> None:
         try:
-            with atomic_path(self.path / CHECKPOINT_FILE) as temporary:
+            with atomic_path(self.path / CHECKPOINT_FILE) as temporary, alone():  # the others do not save
                 model.save(temporary)
         except Exception as error:  # h5py and Keras wrap the OSError of a full disk
             raise self._write_failed(error) from error
@@ -435,6 +448,8 @@ class WorkFolder:
     def remove(self) -> None:
         """Delete the in-progress folder, and the folders ``create`` made for it if they are
         empty now (a run that failed or stopped early leaves no empty ``runs/`` behind)."""
+        if self.reader:
+            return
         self.flush_quietly()  # a write that failed meanwhile does not matter: its folder goes
         shutil.rmtree(self.path, ignore_errors=True)
         if self.lock is not None:  # after the folder went: nobody finds it half-removed
@@ -444,6 +459,12 @@ class WorkFolder:
                 parent.rmdir()
             except OSError:
                 break  # not empty: the finished run is in it, or something else is
+
+
+def _nothing_to_resume(path: Path) -> RunError:
+    finished = output_for(path)
+    hint = f"{finished} is a finished run" if (finished / "model.keras").is_file() else f"no interrupted run at {path}"
+    return RunError(f"nothing to resume: {hint}; start a new run without --resume")
 
 
 def _variable_values(optimizer) -> list[np.ndarray]:

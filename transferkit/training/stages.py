@@ -21,7 +21,10 @@ compiled in the strategy's scope, and fit splits each batch (the recipe's global
 across the replicas; the head's BatchNorm layers then compute their batch statistics over
 the global batch (synchronized across replicas), so a step normalises as on one device and
 every replica keeps the same moving statistics. The feature cache is computed once, outside
-the strategy, and its batches are split across the replicas like image batches.
+the strategy, and its batches are split across the replicas like image batches. Under
+data-parallel (several processes, ``strategies``), each process fits on its own share of
+the images (``data.batches.process_share``, as a tf.data pipeline), and the feature cache is
+off: the frozen part runs in every step, on each process's share.
 
 ``begin_stage`` (steps 1-4) is public: ``lr-find`` and ``doctor --model`` set a stage up
 exactly as training begins it. Beside the steps: resuming a stage from the checkpoint
@@ -41,7 +44,7 @@ import keras
 import numpy as np
 
 from transferkit.backbones import BackboneSpec
-from transferkit.data.batches import ImageBatches
+from transferkit.data.batches import ImageBatches, process_share, to_tf_dataset
 from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import EarlyStoppingState
 from transferkit.model.classifier import calibrate_head_batchnorm
@@ -387,6 +390,11 @@ def _what_to_fit(run: StagesRun, index: int) -> BegunStage:
     them, else the whole classifier on the image batches."""
     cached = run.plan.stage_inputs(index) if run.plan is not None else None
     if cached is None:
+        parallel = _data_parallel(run)
+        if parallel is not None:  # this process's share of every global batch
+            local = max(1, parallel.replicas // parallel.processes)
+            return BegunStage(run.model, process_share(run.train_data, parallel.process, parallel.processes, local),
+                              process_share(run.val_data, parallel.process, parallel.processes, local), cached=False)
         return BegunStage(run.model, run.train_data, run.val_data, cached=False)
     return BegunStage(cached.trainable, cached.train, cached.val, cached=True, calibration=cached.calibration)
 
@@ -479,10 +487,12 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     # TensorFlow, where the strategy is.)
     distribution = run.options.distribution
     synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
+    # Keras takes several processes' input only as tf.data (each process's own share here).
+    parallel = _data_parallel(run) is not None
     try:
         begun.model.fit(
-            begun.train,
-            validation_data=None if begun.cached else begun.val,
+            to_tf_dataset(begun.train) if parallel else begun.train,
+            validation_data=None if begun.cached else to_tf_dataset(begun.val) if parallel else begun.val,
             initial_epoch=start.initial_epoch,
             epochs=stage.epochs,
             shuffle=False,  # the batches shuffle themselves, seeded per epoch
@@ -509,6 +519,11 @@ def _feature_plan(run: StagesRun):
     cache = run.options.cache
     if cache is None or not cache.enabled:
         return None
+    if _data_parallel(run) is not None:
+        if run.options.verbose:
+            log.info("feature cache: off under data-parallel (each process runs the frozen part on its own share "
+                     "of the images in every step)")
+        return None
     # Features from a 16-bit network are stored in float16 (half the memory, no precision
     # lost that the network had); from a float32 network, in float32.
     mixed = compute_dtype(run.model) != "float32"
@@ -518,3 +533,9 @@ def _feature_plan(run: StagesRun):
         dtype="float16" if mixed else "float32", verbose=run.options.verbose, stop=run.checkpointing.stop,
         shared=run.options.feature_cache, context=run.options.forward_key, scope=run.scope,
     )
+
+
+def _data_parallel(run: StagesRun) -> Distribution | None:
+    """The data-parallel ``Distribution`` the run trains under, or None."""
+    distribution = run.options.distribution
+    return distribution if distribution is not None and distribution.name == "data-parallel" else None
