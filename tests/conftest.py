@@ -94,6 +94,7 @@ def pytest_configure(config):
 # end: the workers finish together instead of one waiting on a long file started last.
 # The other files follow in their usual order; a new slow file belongs in this list.
 LONGEST_FIRST = (
+    "test_data_parallel.py",  # two pairs of real processes on loopback (Keras on JAX)
     "test_strategies.py", "training/test_features.py", "tuning/test_search.py", "test_backends.py",
     "reliability/test_faults.py",
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",

@@ -163,20 +163,27 @@ def _mirrored(devices: int | str, reason: str) -> Distribution:
     return Distribution("mirrored", names, reason, strategy=_mirrored_strategy(names))
 
 
-def check_data_parallel(devices: int | str = "all", environ=None) -> None:
+def check_data_parallel(devices: int | str = "all", environ=None, reason: str = "") -> None:
     """Raise ``StrategyError`` unless data-parallel can start here: Keras on JAX, and the
     processes to join named by the three KERAS_DISTRIBUTION_* variables or by Slurm.
 
     Args:
         devices: the recipe's device count; data-parallel takes every device ("all").
         environ: the environment to read; default ``os.environ``.
+        reason: why data-parallel (``choose_strategy``'s), told when ``auto`` chose it.
+
+    Raises:
+        StrategyError: off the JAX backend, some variables set but not all, none set and
+            no Slurm step, or ``devices`` given.
     """
     environ = os.environ if environ is None else environ
     backend = requested_backend()
+    chosen = f" ({reason})" if reason.startswith("auto") else ""
     if backend != "jax":
-        raise StrategyError(f"--strategy data-parallel runs on Keras's JAX backend (keras.distribution), and Keras "
-                            f"runs on {backend} here; start every process with KERAS_BACKEND=jax (or use --strategy "
-                            "mirrored for the GPUs of one machine)")
+        raise StrategyError(f"--strategy data-parallel{chosen} runs on Keras's JAX backend (keras.distribution), "
+                            f"and Keras runs on {backend} here; start every process with KERAS_BACKEND=jax (or unset "
+                            "the KERAS_DISTRIBUTION_* variables and use --strategy mirrored for the GPUs of one "
+                            "machine)")
     given = keras_distribution_variables(environ)
     if given and len(given) < len(KERAS_DISTRIBUTION_VARIABLES):
         missing = [name for name in KERAS_DISTRIBUTION_VARIABLES if name not in given]
@@ -192,7 +199,7 @@ def check_data_parallel(devices: int | str = "all", environ=None) -> None:
 
 
 def _data_parallel(devices: int | str, reason: str) -> Distribution:
-    check_data_parallel(devices)
+    check_data_parallel(devices, reason=reason)
     import keras
 
     if keras.distribution.distribution() is None:

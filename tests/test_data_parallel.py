@@ -1,0 +1,123 @@
+"""Data-parallel training (``--strategy data-parallel``): two real processes on loopback, Keras
+on JAX, joined through Keras's KERAS_DISTRIBUTION_* variables. Process 0 is killed (SIGKILL)
+right after its first epoch's checkpoint and process 1 with it; both started again with
+``--resume`` finish the run: one run folder and nothing beside it, which loads and predicts
+under TensorFlow here as process 0 predicted under JAX. Plus each process's share of the
+images, and the one-line errors when data-parallel cannot start.
+"""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.data.batches import ImageBatches, process_share
+from transferkit.errors import StrategyError
+from transferkit.strategies import KERAS_DISTRIBUTION_VARIABLES, SLURM_VARIABLES, check_data_parallel
+
+# Two head epochs (an epoch to resume after), no fine stage: the smallest run with a resume.
+FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
+         "--head-epochs", "2", "--fine-epochs", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(process: int, port: int, *args, fault: str | None = None) -> subprocess.Popen:
+    """One of two ``transferkit finetune`` processes on loopback, Keras on JAX."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+           "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(process)}
+    env.pop("TRANSFERKIT_FAULT", None)
+    if fault is not None:
+        env["TRANSFERKIT_FAULT"] = fault
+    return subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tensorflow(shapes_dir, tmp_path):
+    parent = tmp_path / "runs"
+    run = parent / "run"
+    port = free_port()
+    # Process 0 kills itself once the first epoch's checkpoint is on disk; process 1 is killed then.
+    first = [start(0, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", run, fault="run.epoch_saved"),
+             start(1, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", run)]
+    try:
+        output = first[0].communicate(timeout=400)[0]
+        assert first[0].returncode == -signal.SIGKILL, output
+    finally:
+        for process in first:
+            process.kill()
+            process.communicate()
+    state = json.loads((parent / "run.partial" / "state.json").read_text())
+    assert state["epochs_done"] == 1 and not run.exists()
+
+    port = free_port()
+    second = [start(process, port, "--resume", run) for process in (0, 1)]
+    outputs = [process.communicate(timeout=400)[0] for process in second]
+    for process, output in zip(second, outputs, strict=True):
+        assert process.returncode == 0, output
+        assert "Traceback" not in output, output
+    assert "resuming" in outputs[0] and "data-parallel over 2 device(s) in 2 processes" in outputs[0]
+    assert sorted(os.listdir(parent)) == ["run"]  # RUN.partial gone, nothing else written
+
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["backend"] == "jax"
+    assert labels["strategy"]["name"] == "data-parallel" and labels["strategy"]["processes"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    # Under TensorFlow here, the validation images fall in the confusion matrix that process 0
+    # computed under JAX, image for image.
+    with open(run / "split.csv", newline="") as table:
+        validation = {row["file"] for row in csv.DictReader(table) if row["subset"] == "validation"}
+    loaded = transferkit.load_run(run)
+    result = transferkit.predict_folder(loaded, shapes_dir, engine="keras", precision="float32")
+    names = list(labels["class_names"])
+    confusion = np.zeros((len(names), len(names)), dtype=int)
+    for row in result.rows:
+        relative = os.path.relpath(row.file, shapes_dir).replace(os.sep, "/")
+        if relative in validation:
+            confusion[names.index(relative.split("/")[0]), names.index(row.label)] += 1
+    assert confusion.sum() == len(validation) > 0
+    assert confusion.tolist() == metrics["confusion_matrix"]
+
+
+# --- each process's share ---------------------------------------------------------------------
+
+
+def test_process_shares_cover_the_images_in_equal_steps():
+    images = np.arange(11, dtype=np.uint8).reshape(11, 1, 1, 1).repeat(3, axis=3)
+    batches = ImageBatches(images, np.eye(11, dtype="float32"), 4, shuffle=True, seed=3)
+    shares = [process_share(batches, process, 2) for process in (0, 1)]
+    seen = [set(share.images[:, 0, 0, 0].tolist()) for share in shares]
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(11))
+    assert [share.count for share in shares] == [6, 6] and [share.batch_size for share in shares] == [2, 2]
+    assert len(shares[0]) == len(shares[1]) == 3
+    with pytest.raises(StrategyError, match="--batch-size 4 does not split evenly over 3 processes"):
+        process_share(batches, 0, 3)
+
+
+# --- what keeps it from starting: one line each ---------------------------------------------
+
+
+def test_data_parallel_needs_the_jax_backend_and_the_processes_to_join(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    with pytest.raises(StrategyError, match="runs on Keras's JAX backend .* KERAS_BACKEND=jax"):
+        check_data_parallel(environ={name: "1" for name in KERAS_DISTRIBUTION_VARIABLES})
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    with pytest.raises(StrategyError, match="KERAS_DISTRIBUTION_JOB_ADDRESSES.*srun"):
+        check_data_parallel(environ={})
+    with pytest.raises(StrategyError, match="but not KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+        check_data_parallel(environ={"KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": "0"})
+    with pytest.raises(StrategyError, match="drop --devices"):
+        check_data_parallel(2, environ={name: "1" for name in KERAS_DISTRIBUTION_VARIABLES})
+    check_data_parallel(environ={name: "1" for name in SLURM_VARIABLES})  # an srun step joins by itself
