@@ -130,19 +130,41 @@ def pytest_runtest_setup(item):
                         "a bfloat16 hint computes in float32 here")
 
 
+# Session-wide things every xdist worker shares: each is made once, by the first worker that
+# needs it, under a file lock, in the folder the workers' temporary folders share (with -n 0,
+# this session's own), and the other workers use it as it is. A test never changes one.
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """``<shared>/NAME/``, where ``make(folder)`` was run once this session (by this worker
+    or another: the others wait for it)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    folder, done = root / name, root / "locks" / f"{name}.done"
+    with open(root / "locks" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """Three classes x 10 images, 40 px JPEGs."""
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data", 3, 10, size=40, seed=1)
+    return shared(tmp_path_factory, "shapes", lambda folder: write_shapes_dataset(
+        folder / "data", 3, 10, size=40, seed=1)) / "data"
 
 
 @pytest.fixture(scope="session")
 def binary_dir(tmp_path_factory):
     """Two classes x 10 images, 40 px PNGs."""
-    return write_shapes_dataset(
-        tmp_path_factory.mktemp("binary") / "data", ["circle", "square"], 10, size=40, seed=2,
-        extension=".png",
-    )
+    return shared(tmp_path_factory, "binary", lambda folder: write_shapes_dataset(
+        folder / "data", ["circle", "square"], 10, size=40, seed=2, extension=".png")) / "data"
 
 
 @pytest.fixture()
@@ -156,15 +178,24 @@ def tiny():
 @pytest.fixture(scope="session")
 def shapes_run(shapes_dir, tmp_path_factory):
     """A tiny three-class run on ``shapes_dir`` (softmax output)."""
-    output = tmp_path_factory.mktemp("shared-runs") / "shapes"
-    return transferkit.finetune(shapes_dir, None, TINY, output=output, verbose=0)
+    return shared_run(tmp_path_factory, "shapes-run", shapes_dir)
 
 
 @pytest.fixture(scope="session")
 def binary_run(binary_dir, tmp_path_factory):
     """A tiny two-class run on ``binary_dir`` (one sigmoid unit)."""
-    output = tmp_path_factory.mktemp("shared-runs") / "binary"
-    return transferkit.finetune(binary_dir, None, TINY, output=output, verbose=0)
+    return shared_run(tmp_path_factory, "binary-run", binary_dir)
+
+
+def shared_run(tmp_path_factory, name: str, data_dir: Path, overrides: dict | None = None):
+    """A run trained once per session (by whichever worker needs it first) on ``data_dir``
+    with TINY and ``overrides``, in a folder of its own: ``<shared>/NAME/run``."""
+    recipe = {**TINY, **(overrides or {})}
+
+    def train(folder):
+        transferkit.finetune(data_dir, None, recipe, output=folder / "run", verbose=0)
+
+    return transferkit.load_run(shared(tmp_path_factory, name, train) / "run")
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,29 @@ def test_set_early_stopping_state_carries_patience_and_best_weights_over_a_resta
     for value in model.get_weights():
         np.testing.assert_array_equal(value, 0.25)
     assert early_stopping_state(stopper).best == pytest.approx(1.0)
+
+
+def test_build_for_fit_creates_every_variable_fit_would_create_in_its_first_trace():
+    """No variable created inside the traced step: tf.function then traces it once, not twice."""
+    import tensorflow as tf
+
+    from transferkit.keras_private import build_for_fit
+
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(4)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).random((8, 6), dtype="float32")
+    y = np.eye(3, dtype="float32")[np.arange(8) % 3]
+    build_for_fit(model, (x[:4], y[:4]))
+    assert model.optimizer.built and len(model.optimizer.variables) > 2
+    created = []
+
+    def record(next_creator, **kwargs):
+        created.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(record):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert created == []

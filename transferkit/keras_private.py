@@ -1,6 +1,6 @@
 """The private Keras internals transferkit relies on, each behind one named helper.
 
-Keras offers no public way to do these four things; each helper says why it is needed, and
+Keras offers no public way to do these things; each helper says why it is needed, and
 tests/test_keras_private.py fails when a Keras release changes what it reads or writes, so
 an upgrade breaks one test here instead of training or folding quietly elsewhere. Nothing
 else in transferkit touches a private Keras name.
@@ -49,6 +49,24 @@ def graph_nodes(model) -> list | None:
     if by_depth is None:
         return None
     return [node for nodes in by_depth.values() for node in nodes]
+
+
+def build_for_fit(model, batch) -> None:
+    """Create a compiled model's optimizer and metric variables before ``fit`` traces its step.
+
+    Needed to trace each stage's train step once instead of twice: with no distribution
+    strategy, Keras on TensorFlow defers creating the optimizer's slots and the metrics'
+    totals to the first trace of the train step, and ``tf.function`` traces a function that
+    created variables a second time (measured: a third to a half of a stage's start-up on a
+    small model). Under a strategy Keras builds them first itself, through the same private
+    ``_symbolic_build``; this does what it does then. Variables that exist are left alone.
+
+    Args:
+        model: a compiled ``keras.Model`` about to be fitted.
+        batch: one batch as ``fit`` will receive it: ``(x, y)`` or ``(x, y, sample_weight)``
+            (only shapes and dtypes are read).
+    """
+    model._symbolic_build(data_batch=tuple(batch) + (None,) * (3 - len(batch)))
 
 
 def reseed(generator, seed: int) -> None:

@@ -13,19 +13,22 @@ from __future__ import annotations
 import pytest
 
 import transferkit
-from tests.conftest import TINY
+from tests.conftest import TINY, shared
 
 
 @pytest.fixture(scope="session")
 def shapes_run(shapes_dir, tmp_path_factory):
-    """A three-class run on ``shapes_dir`` (softmax output), with a small backbone."""
-    return small_backbone_run(shapes_dir, tmp_path_factory.mktemp("export") / "shapes")
+    """A three-class run on ``shapes_dir`` (softmax output), with a small backbone (made once
+    per session, whichever worker needs it first)."""
+    folder = shared(tmp_path_factory, "export-shapes", lambda folder: small_backbone_run(shapes_dir, folder / "run"))
+    return transferkit.load_run(folder / "run")
 
 
 @pytest.fixture(scope="session")
 def binary_run(binary_dir, tmp_path_factory):
     """A two-class run on ``binary_dir`` (one sigmoid unit), with a small backbone."""
-    return small_backbone_run(binary_dir, tmp_path_factory.mktemp("export") / "binary")
+    folder = shared(tmp_path_factory, "export-binary", lambda folder: small_backbone_run(binary_dir, folder / "run"))
+    return transferkit.load_run(folder / "run")
 
 
 def small_backbone_run(data_dir, folder):

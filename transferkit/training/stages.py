@@ -46,7 +46,7 @@ import numpy as np
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import ImageBatches, process_share, to_tf_dataset
 from transferkit.errors import TrainingInterrupted
-from transferkit.keras_private import EarlyStoppingState
+from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, set_trainable, synchronize_batchnorm
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
@@ -344,6 +344,9 @@ def begin_stage(run: StagesRun, index: int) -> BegunStage:
         compile_for_stage(begun.model, stage, run.n_classes,
                           steps_per_execution=begun.steps_per_execution(distribution),
                           steps_per_epoch=len(begun.train), loss=run.options.loss)
+        if len(begun.train):
+            # The optimizer's and metrics' variables now, so that fit traces its step once.
+            build_for_fit(begun.model, begun.train[0])
     return begun
 
 

@@ -382,7 +382,12 @@ class FoldHead:
                           loss=recipe.loss)
         # A head this small trains faster than XLA compiles it.
         self.model.jit_compile = False
-        self.model.optimizer.build(self.model.trainable_variables)
+        # Every variable fit makes, made now: its step is traced once (for all folds).
+        from transferkit.keras_private import build_for_fit
+        from transferkit.outputs import encode_targets
+
+        sample = np.zeros((1, *feature_shape), "float32")
+        build_for_fit(self.model, (sample, encode_targets(np.zeros(1, int), n_classes), np.ones(1, "float32")))
         self.initial = (self.model.get_weights(), [variable.numpy() for variable in self.model.optimizer.variables])
 
     def fit(self, features: np.ndarray, labels: np.ndarray, train: np.ndarray, fold: int) -> None:

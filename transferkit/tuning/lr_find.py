@@ -47,6 +47,7 @@ from transferkit.backbones import BackboneSpec, get_spec
 from transferkit.data.prepare import prepare_data
 from transferkit.errors import RecipeError
 from transferkit.files import atomic_path
+from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
 from transferkit.strategies import resolve_distribution
@@ -122,6 +123,8 @@ class StageSetup:
                 loss=make_loss(self.n_classes, self.recipe.loss),
                 metrics=["accuracy"],
             )
+            if len(self.train):
+                build_for_fit(self.model, self.train[0])  # fit's step traced once
 
     def close(self) -> None:
         """Release the cached features."""
