@@ -50,6 +50,16 @@ class TrainedRun:
     trust: TrustRecord | None = None  # the rejection threshold and prediction-set scores
 
 
+    def as_run(self, path: Path | None, recipe: Recipe, prepared: PreparedData) -> runs.Run:
+        """The ``Run`` a job returns: this training, written at ``path`` (or None: not written)."""
+        return runs.Run(
+            path=path, class_names=list(prepared.class_names), image_size=recipe.image_size,
+            backbone=recipe.backbone, head_activation=output_activation(prepared.n_classes),
+            recipe=recipe.model_dump(mode="json"), history=self.history, metrics=self.metrics, model=self.model,
+            **(self.trust.labels_entries() if self.trust is not None else {}),
+        )
+
+
 def write_run_contents(folder: Path, trained: TrainedRun, recipe: Recipe, prepared: PreparedData, *,
                        save_h5: bool = False, run_id: str | None = None, name: str | None = None) -> None:
     """Write the run folder's files into ``folder`` (a staging folder that runs.save_run then

@@ -31,7 +31,6 @@ from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import fault_point
 from transferkit.inference.engines import inference_engine
 from transferkit.model.build import build_model, log_setup
-from transferkit.outputs import output_activation
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run_folder import TrainedRun, write_run_contents
 from transferkit.runtime import resolve_precision
@@ -40,6 +39,7 @@ from transferkit.training.checkpoint import (
     KEEPS_LAST_EPOCH,
     StopFlag,
     WorkFolder,
+    interruption,
     output_for,
     remove_if_finished,
     stop_on_signals,
@@ -47,10 +47,11 @@ from transferkit.training.checkpoint import (
 from transferkit.training.data_parallel import (
     exit_on_signals,
     failing_before_training,
+    follow,
+    follow_resumed,
     leave_distribution,
     meet,
-    published,
-    wait_for_run,
+    read_resumed,
 )
 from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
@@ -108,7 +109,7 @@ def finetune(
             raise RunError("--strategy data-parallel: give -o RUN, the same run folder in every process")
         output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
         if distribution.process > 0:  # process 0 checks and writes the run
-            return _follow(data_dir, val_dir, recipe, output, None)
+            return follow(data_dir, val_dir, recipe, output, None, _train_beside)
         remove_if_finished(output)
         runs.check_writable(output, force, data_folders=(data_dir, val_dir))
         prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
@@ -197,15 +198,9 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
     if set(changed) - {"strategy", "devices"}:
         raise RecipeError(f"a resumed run keeps its own settings but strategy and devices; drop "
                           f"{', '.join(sorted(set(changed) - {'strategy', 'devices'}))}")
-    # Read before the lock is taken: under data-parallel only process 0 takes it.
-    try:
-        reader = WorkFolder.open(run, owner=False)
-        recipe = load_recipe(reader.path / "recipe.toml", changed)
-    except (RunError, RecipeError):
-        reader = recipe = None  # told below, as without data-parallel
-    distribution = resolve_distribution(recipe.strategy, recipe.devices) if recipe is not None else None
+    reader, recipe, distribution = read_resumed(run, changed)  # before the lock, which only process 0 takes
     if distribution is not None and distribution.process > 0:
-        return _follow_resumed(reader, recipe, data_dir, val_dir, distribution)
+        return follow_resumed(reader, recipe, data_dir, val_dir, distribution, _train_beside)
     with failing_before_training(distribution):
         finished = remove_if_finished(run)
         if finished is not None:
@@ -233,37 +228,10 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
 # --- the steps of a job -------------------------------------------------------------------
 
 
-def _follow_resumed(reader: WorkFolder, recipe: Recipe, data_dir, val_dir, distribution: Distribution) -> runs.Run:
-    """``resume_finetune`` in a data-parallel process other than 0: from the checkpoint that
-    process 0 owns (read, never written), unless the run was finished already."""
-    output = output_for(reader.path)
-    if reader.job().get("run_id") and published(output, reader.job()["run_id"]):
-        return runs.load_run(output, with_model=False)  # process 0 finds it finished too: nothing to train
-    with failing_before_training(distribution):
-        data_dir, val_dir = reader.data_folders(data_dir, val_dir)
-        return _follow(data_dir, val_dir, recipe, output, reader)
-
-
-def _follow(data_dir, val_dir, recipe: Recipe, output: Path, reader: WorkFolder | None) -> runs.Run:
-    """A data-parallel process other than 0: train on its share beside process 0, as
-    ``_train_tracked`` does there (the same steps, so that they meet in every collective one),
-    then wait for process 0 to write the run. Quiet: process 0 tells the story."""
-    distribution = resolve_distribution(recipe.strategy, recipe.devices)
-    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=0)
-    if reader is not None:
-        job = reader.job()
-        prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
-    run_id = meet(distribution)
-    keras.utils.set_random_seed(recipe.seed)
-    if reader is not None and reader.has_checkpoint():
-        with distribution.scope():
-            model = reader.load_model()
-    else:
-        model = build_model(recipe, prepared.n_classes, verbose=0).model
-    train_batches, val_batches = prepared.batches(recipe)
+def _train_beside(model, recipe: Recipe, train_batches, val_batches, n_classes, output, reader, distribution):
+    """A data-parallel process other than 0 trains as ``_train_tracked`` does in process 0."""
     out = _Output(output, reader, False, False) if reader is not None else None
-    _run_training(model, recipe, train_batches, val_batches, prepared.n_classes, out, 0, _Extras(), distribution)
-    return runs.load_run(wait_for_run(output, run_id, distribution), with_model=False)  # process 0 has it
+    _run_training(model, recipe, train_batches, val_batches, n_classes, out, 0, _Extras(), distribution)
 
 
 @dataclass(frozen=True)
@@ -375,18 +343,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
         out.work.remove()
         if tracker is not None:
             log_finished_run(tracker, out.path, model, trained.metrics)
-    return runs.Run(
-        path=out.path if out is not None else None,
-        class_names=list(prepared.class_names),
-        image_size=recipe.image_size,
-        backbone=recipe.backbone,
-        head_activation=output_activation(prepared.n_classes),
-        recipe=recipe.model_dump(mode="json"),
-        history=trained.history,
-        metrics=trained.metrics,
-        model=model,
-        **(trained.trust.labels_entries() if trained.trust is not None else {}),
-    )
+    return trained.as_run(out.path if out is not None else None, recipe, prepared)
 
 
 def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches, n_classes: int,
@@ -421,20 +378,7 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
             return run_stages(model, get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
                               n_classes, options, Checkpointing(state=state, work=work, stop=stop))
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
-        # KeyboardInterrupt: a second Ctrl-C, which stops at once (the checkpoints on disk
-        # are each complete, so the last one still holds).
-        signal_name = str(interrupted).split(":")[0] if isinstance(interrupted, TrainingInterrupted) else "SIGINT again"
-        if work is None:
-            raise TrainingInterrupted(f"{signal_name}: training stopped; nothing was written") from None
-        if not work.has_checkpoint() and not work.state().history:
-            work.remove()
-            raise TrainingInterrupted(
-                f"{signal_name}: training stopped before its first epoch ended; nothing was kept"
-            ) from None
-        raise TrainingInterrupted(
-            f"{signal_name}: training stopped; the last completed epoch is "
-            f"saved in {work.path}. Continue with: transferkit finetune --resume {out.path}"
-        ) from None
+        raise interruption(interrupted, work, out.path if out is not None else None) from None
     finally:
         for callback in callbacks:
             if hasattr(callback, "close"):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import DataError, RunError
+from transferkit.errors import DataError, RunError, TrainingInterrupted
 from transferkit.files import atomic_path, fault_point, remove_leftovers, write_atomic, write_failure
 from transferkit.locks import LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
 from transferkit.runs import LABELS_FILE
@@ -471,3 +471,29 @@ def _variable_values(optimizer) -> list[np.ndarray]:
     import keras
 
     return [np.array(keras.ops.convert_to_numpy(variable)) for variable in optimizer.variables]
+
+
+def interruption(interrupted: BaseException, work: WorkFolder | None, output: Path | None) -> TrainingInterrupted:
+    """The one ``TrainingInterrupted`` a stopped training ends with, saying what was kept
+    (and removing an in-progress folder that kept nothing).
+
+    Args:
+        interrupted: the ``TrainingInterrupted`` from the stop flag, or a ``KeyboardInterrupt``
+            (a second Ctrl-C, which stops at once: the checkpoints on disk are each complete,
+            so the last one still holds).
+        work: the run's in-progress folder, or None (a training that writes nothing).
+        output: the run folder it was training into, or None.
+
+    Returns:
+        The error to raise.
+    """
+    signal_name = str(interrupted).split(":")[0] if isinstance(interrupted, TrainingInterrupted) else "SIGINT again"
+    if work is None:
+        return TrainingInterrupted(f"{signal_name}: training stopped; nothing was written")
+    if not work.has_checkpoint() and not work.state().history:
+        work.remove()
+        return TrainingInterrupted(f"{signal_name}: training stopped before its first epoch ended; nothing was kept")
+    return TrainingInterrupted(
+        f"{signal_name}: training stopped; the last completed epoch is "
+        f"saved in {work.path}. Continue with: transferkit finetune --resume {output}"
+    )

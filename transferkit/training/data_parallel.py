@@ -185,3 +185,83 @@ def exit_on_signals(distribution: Distribution, output: Path | None):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def follow_resumed(reader, recipe, data_dir, val_dir, distribution: Distribution, train):
+    """``resume_finetune`` in a data-parallel process other than 0: from the checkpoint that
+    process 0 owns (read, never written), unless the run was finished already.
+
+    Args:
+        reader: the run's in-progress folder, opened read-only (``WorkFolder.open(owner=False)``).
+        recipe: the run's recipe; data_dir, val_dir: as given to ``--resume`` (or None).
+        distribution: this process's ``Distribution``.
+        train: what trains, as in process 0 (see ``follow``).
+
+    Returns:
+        The run process 0 published (without its model).
+    """
+    from transferkit import runs
+    from transferkit.training.checkpoint import output_for
+
+    output = output_for(reader.path)
+    if reader.job().get("run_id") and published(output, reader.job()["run_id"]):
+        return runs.load_run(output, with_model=False)  # process 0 finds it finished too: nothing to train
+    with failing_before_training(distribution):
+        data_dir, val_dir = reader.data_folders(data_dir, val_dir)
+        return follow(data_dir, val_dir, recipe, output, reader, train)
+
+
+def follow(data_dir, val_dir, recipe, output: Path, reader, train):
+    """A data-parallel process other than 0: train on its share beside process 0 (the same
+    steps, so that they meet in every collective one), then wait for process 0 to write the
+    run. Quiet: process 0 tells the story.
+
+    Args:
+        data_dir, val_dir: the data folders; recipe: the run's recipe; output: the run folder.
+        reader: the read-only in-progress folder when resuming, else None.
+        train: ``train(model, recipe, train_batches, val_batches, n_classes, output, reader,
+            distribution)``, the training step process 0 runs (``workflow``'s).
+
+    Returns:
+        The run process 0 published (without its model).
+    """
+    import keras
+
+    from transferkit import runs
+    from transferkit.data.prepare import prepare_data
+    from transferkit.model.build import build_model
+    from transferkit.strategies import resolve_distribution
+
+    distribution = resolve_distribution(recipe.strategy, recipe.devices)
+    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=0)
+    if reader is not None:
+        job = reader.job()
+        prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
+    run_id = meet(distribution)
+    keras.utils.set_random_seed(recipe.seed)
+    if reader is not None and reader.has_checkpoint():
+        with distribution.scope():
+            model = reader.load_model()
+    else:
+        model = build_model(recipe, prepared.n_classes, verbose=0).model
+    train_batches, val_batches = prepared.batches(recipe)
+    train(model, recipe, train_batches, val_batches, prepared.n_classes, output, reader, distribution)
+    return runs.load_run(wait_for_run(output, run_id, distribution), with_model=False)  # process 0 has it
+
+
+def read_resumed(run, changed: dict):
+    """What ``--resume`` starts from, read before the run's lock is taken (under data-parallel
+    only process 0 takes it): (read-only in-progress folder, recipe with ``changed``, its
+    ``Distribution``), or (None, None, None) when the folder or its recipe cannot be read
+    (``resume_finetune`` then says why, as without data-parallel)."""
+    from transferkit.errors import RecipeError
+    from transferkit.recipe import load_recipe
+    from transferkit.strategies import resolve_distribution
+    from transferkit.training.checkpoint import WorkFolder
+
+    try:
+        reader = WorkFolder.open(run, owner=False)
+        recipe = load_recipe(reader.path / "recipe.toml", changed)
+    except (RunError, RecipeError):
+        return None, None, None
+    return reader, recipe, resolve_distribution(recipe.strategy, recipe.devices)
