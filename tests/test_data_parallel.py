@@ -121,3 +121,20 @@ def test_data_parallel_needs_the_jax_backend_and_the_processes_to_join(monkeypat
     with pytest.raises(StrategyError, match="drop --devices"):
         check_data_parallel(2, environ={name: "1" for name in KERAS_DISTRIBUTION_VARIABLES})
     check_data_parallel(environ={name: "1" for name in SLURM_VARIABLES})  # an srun step joins by itself
+
+
+@pytest.mark.parametrize("command", [["tune", "--trials", "1"], ["lr-find"], ["doctor", "--model"]])
+def test_commands_of_one_process_refuse_data_parallel_in_one_line_and_write_nothing(command, shapes_dir, tmp_path,
+                                                                                    monkeypatch):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    name, *flags = command
+    result = CliRunner().invoke(app, [name, str(shapes_dir), *flags, "--set", "strategy=data-parallel"])
+    assert result.exit_code == 2, result.output  # a setting the command cannot use, as a bad strategy is
+    [line] = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("error: data-parallel (--strategy data-parallel) is for finetune") and name in line
+    assert "trains in one process: run it with --strategy none" in line
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []

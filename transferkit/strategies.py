@@ -275,6 +275,24 @@ def choose_strategy(choice: str, devices: int | str = "all", environ=None) -> tu
 _RESOLVED: dict[tuple[str, int | str], Distribution] = {}
 
 
+def require_one_process(choice: str, devices: int | str, command: str) -> None:
+    """Refuse data-parallel for a command that runs in one process (tune, lr-find, doctor
+    --model), before any process joins the others.
+
+    Args:
+        choice, devices: the recipe's ``strategy`` and ``devices``.
+        command: the command, for the message ("tune").
+
+    Raises:
+        StrategyError: the request means data-parallel (asked for, or ``auto`` with the
+            KERAS_DISTRIBUTION_* variables set).
+    """
+    name, reason = choose_strategy(choice, devices)
+    if name == "data-parallel":
+        raise StrategyError(f"data-parallel ({reason}) is for finetune and --resume; {command} trains in one "
+                            "process: run it with --strategy none and without the KERAS_DISTRIBUTION_* variables")
+
+
 def resolve_distribution(choice: str = "auto", devices: int | str = "all") -> Distribution:
     """The ``Distribution`` for a recipe's ``strategy`` and ``devices``, set up once per process.
 

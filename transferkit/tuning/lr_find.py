@@ -50,7 +50,7 @@ from transferkit.files import atomic_path
 from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
-from transferkit.strategies import resolve_distribution
+from transferkit.strategies import require_one_process, resolve_distribution
 from transferkit.training.checkpoint import TrainingState
 from transferkit.training.compile import make_loss, make_optimizer
 from transferkit.training.stages import Checkpointing, StageOptions, StagesRun, begin_stage, run_stages
@@ -170,6 +170,7 @@ def prepare_stage(
     if not 0 <= stage < len(recipe.stages):
         raise RecipeError(f"--stage {stage}: the recipe has {len(recipe.stages)} stage(s); "
                           f"use 0..{len(recipe.stages) - 1}")
+    require_one_process(recipe.strategy, recipe.devices, "lr-find (and doctor --model)")
     resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts: it may set its devices
     prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
     keras.utils.set_random_seed(recipe.seed)

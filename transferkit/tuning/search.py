@@ -54,7 +54,7 @@ from transferkit.errors import (
 )
 from transferkit.files import atomic_path, fault_point, pid_alive, write_atomic
 from transferkit.recipe import Recipe, load_recipe
-from transferkit.strategies import resolve_distribution
+from transferkit.strategies import require_one_process, resolve_distribution
 from transferkit.tuning.objective import METRICS
 from transferkit.tuning.workers import BEAT, SharedStudy, rdb_storage
 
@@ -227,6 +227,7 @@ def tune(
     _require_outside(output, data_dir, val_dir)
     with _recipe_source(recipe, overrides) as (source, source_overrides):
         base = load_recipe(source, source_overrides)
+        require_one_process(base.strategy, base.devices, "tune")
         resolve_distribution(base.strategy, base.devices)  # before TensorFlow starts: it may set its devices
         space = build_space(source, source_overrides, base)
         require_mlflow(base.mlflow)
