@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+
+from tests import forked
 
 
 def predict_without_transferkit(model, images: np.ndarray, folder: Path, check: str = "") -> np.ndarray:
@@ -23,6 +24,6 @@ def predict_without_transferkit(model, images: np.ndarray, folder: Path, check: 
         assert not any(name.startswith("transferkit") for name in sys.modules), "transferkit was imported"
         """
     ) + textwrap.dedent(check)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=folder)
+    result = forked.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=folder)
     assert result.returncode == 0, result.stderr[-2000:]
     return np.load(folder / "out.npy")

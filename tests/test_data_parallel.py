@@ -1,6 +1,6 @@
 """Data-parallel training (``--strategy data-parallel``): two real processes on loopback, Keras
 on JAX, joined through Keras's KERAS_DISTRIBUTION_* variables. Process 0 is killed (SIGKILL)
-right after its first epoch's checkpoint and process 1 with it; both started again with
+right after its first epoch's checkpoint, and process 1 stops by itself in one line; both started again with
 ``--resume`` finish the run: one run folder and nothing beside it, which loads and predicts
 under TensorFlow here as process 0 predicted under JAX. Plus each process's share of the
 images, and the one-line errors when data-parallel cannot start.
@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import transferkit
 from transferkit.data.batches import ImageBatches, process_share
 from transferkit.errors import StrategyError
 from transferkit.strategies import KERAS_DISTRIBUTION_VARIABLES, SLURM_VARIABLES, check_data_parallel
+from transferkit.training.data_parallel import PartnerWatch
 
 # Two head epochs (an epoch to resume after), no fine stage: the smallest run with a resume.
 FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
@@ -48,16 +50,21 @@ def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tens
     parent = tmp_path / "runs"
     run = parent / "run"
     port = free_port()
-    # Process 0 kills itself once the first epoch's checkpoint is on disk; process 1 is killed then.
+    # Process 0 kills itself once the first epoch's checkpoint is on disk; process 1, waiting
+    # for it in the next step, sees it gone and stops by itself, in one line.
     first = [start(0, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", run, fault="run.epoch_saved"),
              start(1, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", run)]
     try:
-        output = first[0].communicate(timeout=400)[0]
-        assert first[0].returncode == -signal.SIGKILL, output
+        outputs = [process.communicate(timeout=400)[0] for process in first]
     finally:
         for process in first:
-            process.kill()
-            process.communicate()
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert first[0].returncode == -signal.SIGKILL, outputs[0]
+    assert first[1].returncode == 1 and "Traceback" not in outputs[1], outputs[1]
+    [line] = [line for line in outputs[1].splitlines() if "stopped during training" in line]
+    assert line.startswith("error: process 0 of 2 stopped during training") and f"--resume {run}," in line
     state = json.loads((parent / "run.partial" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not run.exists()
 
@@ -138,3 +145,55 @@ def test_commands_of_one_process_refuse_data_parallel_in_one_line_and_write_noth
     assert line.startswith("error: data-parallel (--strategy data-parallel) is for finetune") and name in line
     assert "trains in one process: run it with --strategy none" in line
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+# --- a partner lost while training ----------------------------------------------------------
+
+PARTNER = """
+import sys, time
+from pathlib import Path
+from transferkit.training.data_parallel import finish, register
+folder, index = Path(sys.argv[1]), int(sys.argv[2])
+handle = register(folder, index)
+print("registered", flush=True)
+if sys.stdin.readline().strip() == "finish":
+    finish(folder, index, handle)
+else:
+    time.sleep(120)
+"""
+
+
+def test_a_partner_killed_while_training_is_seen_and_one_that_finished_or_never_started_is_not(tmp_path):
+    """What every data-parallel process watches while training (the whole chain, one line and
+    the end of the survivor, is tested above): process 1 is killed with SIGKILL and is
+    reported; process 2 finishes and is not; a lock file left by an earlier, killed attempt
+    (process 1's) is not taken for a death before process 1 has started again."""
+    folder = tmp_path / "processes"
+    folder.mkdir()
+    (folder / "process-1.lock").write_text("left unlocked by an earlier attempt\n")
+    (folder / "process-2.done").write_text("")
+    lost = []
+    with PartnerWatch(folder, 0, 3, lost.append, poll=0.05):
+        time.sleep(0.3)  # the stale file is looked at, and not reported
+        assert lost == []
+        partners = {index: subprocess.Popen([sys.executable, "-c", PARTNER, str(folder), str(index)], text=True,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    for index in (1, 2)}
+        try:
+            for partner in partners.values():
+                assert partner.stdout.readline().strip() == "registered"
+            time.sleep(0.3)  # both seen alive
+            partners[2].communicate("finish\n", timeout=60)
+            assert partners[2].returncode == 0 and (folder / "process-2.done").is_file()
+            time.sleep(0.3)
+            assert lost == []
+            partners[1].kill()
+            partners[1].wait()
+            deadline = time.monotonic() + 10
+            while not lost and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            for partner in partners.values():
+                partner.kill()
+                partner.communicate()
+    assert lost == [1]

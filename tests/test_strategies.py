@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import transferkit
+from tests import forked
 from transferkit.cli import app, main
 from transferkit.errors import StrategyError
 from transferkit.strategies import choose_strategy
@@ -165,7 +166,7 @@ def mirrored_run(shapes_dir, tmp_path_factory):
     """A run trained with --strategy mirrored --devices 2 in a fresh process, stopped by
     SIGINT after its first epoch and resumed there: (run folder, the process's output)."""
     output = tmp_path_factory.mktemp("mirrored") / "run"
-    process = subprocess.run(
+    process = forked.run(
         [sys.executable, "-c", CHILD, str(output), "finetune", str(shapes_dir), *FLAGS,
          "--strategy", "mirrored", "--devices", "2", "-o", str(output)],
         capture_output=True, text=True, timeout=600,
@@ -250,7 +251,7 @@ def test_keras_fit_still_fails_under_multiworker_mirrored_strategy(tmp_path):
     strategy (a row of transferkit.strategies.BUILDERS) and turn this test around."""
     ports = ",".join(map(str, free_ports(2)))
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(index), ports], stdout=subprocess.PIPE,
+    workers = [forked.Popen([sys.executable, "-c", WORKER, str(index), ports], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=environment, cwd=tmp_path)
                for index in range(2)]
     outputs = []

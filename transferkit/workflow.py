@@ -45,13 +45,13 @@ from transferkit.training.checkpoint import (
     stop_on_signals,
 )
 from transferkit.training.data_parallel import (
-    exit_on_signals,
     failing_before_training,
     follow,
     follow_resumed,
     leave_distribution,
     meet,
     read_resumed,
+    training_together,
 )
 from transferkit.training.features import FeatureCache
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
@@ -229,9 +229,9 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
 
 
 def _train_beside(model, recipe: Recipe, train_batches, val_batches, n_classes, output, reader, distribution):
-    """A data-parallel process other than 0 trains as ``_train_tracked`` does in process 0."""
-    out = _Output(output, reader, False, False) if reader is not None else None
-    _run_training(model, recipe, train_batches, val_batches, n_classes, out, 0, _Extras(), distribution)
+    """A data-parallel process other than 0 trains as process 0 does (checkpointing nothing)."""
+    _run_training(model, recipe, train_batches, val_batches, n_classes, _Output(output, reader, False, False), 0,
+                  _Extras(), distribution)
 
 
 @dataclass(frozen=True)
@@ -372,7 +372,7 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                            distribution=distribution)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
-        with (exit_on_signals(distribution, out.path if out is not None else None) if distribution.processes > 1
+        with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1
               else stop_on_signals(StopFlag(), keeping)) as stop:
             state = work.state() if work is not None else None
             return run_stages(model, get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests import forked
 from transferkit import __version__
 from transferkit.cli import app
 
@@ -352,10 +353,9 @@ def test_set_reaches_keys_that_also_have_a_flag_and_the_flag_wins(shapes_dir, mo
 ])
 def test_parser_errors_are_one_line_from_the_console_script(args, fragment):
     """Typer's own parse errors come as one `error:` line too (not a box), exit 2."""
-    import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=120)
+    done = forked.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[0]

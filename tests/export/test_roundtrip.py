@@ -4,13 +4,13 @@ transferkit, agrees with the Keras model; labels.json and README.txt say how to 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 
+from tests import forked
 from transferkit.export.formats import FLOAT_TOLERANCE, FORMATS
 from transferkit.export.keras import float32_model
 from transferkit.export.samples import generated_images
@@ -67,7 +67,7 @@ def test_readme_three_lines_run_in_a_fresh_process_and_agree(shapes_exports, sha
                   f"{_readme_lines(result.folder)}\n"
                   f"np.save({str(tmp_path / (name + '.npy'))!r}, np.asarray(probabilities))\n"
                   "assert not [m for m in sys.modules if m.startswith('transferkit')]\n")
-        done = subprocess.run([sys.executable, "-c", script], cwd=result.folder, capture_output=True, text=True,
+        done = forked.run([sys.executable, "-c", script], cwd=result.folder, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, (name, done.stderr[-1500:])
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected, atol=FLOAT_TOLERANCE, err_msg=name)

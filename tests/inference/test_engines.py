@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests import forked
 from transferkit.backbones import load_backbone
 from transferkit.errors import EngineError, TransferkitError
 from transferkit.inference import engines as engine_module
@@ -265,7 +266,6 @@ def test_wrong_batch_shape_and_unknown_engine_are_refused(vgg, shared_cache):
 
 def test_openvino_is_used_with_its_telemetry_off(tmp_path):
     """OpenVINO sends usage events on import unless its telemetry package is unavailable."""
-    import subprocess
     import textwrap
 
     script = textwrap.dedent(
@@ -280,7 +280,7 @@ def test_openvino_is_used_with_its_telemetry_off(tmp_path):
     )
     env = {**os.environ, "HOME": str(tmp_path)}
     env.pop("CI", None)  # CI=true switches telemetry off by itself; test without it
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    result = forked.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "intel").exists()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import transferkit
+from tests import forked
 from tests.conftest import TINY
 from tests.reliability.test_live_runs import TINY_FLAGS
 from transferkit.files import FAULT_VARIABLE
@@ -42,7 +43,7 @@ def killed_at(point: str, *args, code: str | None = None) -> subprocess.Complete
     """Run ``transferkit ARGS`` (or ``python -c CODE ARGS``) with the fault at ``point``; it must
     die there by SIGKILL."""
     command = [sys.executable, *(("-c", code) if code is not None else ("-m", "transferkit")), *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+    done = forked.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), FAULT_VARIABLE: point})
     assert done.returncode == -signal.SIGKILL, f"{point}: exit {done.returncode}\n{done.stderr[-3000:]}"
     return done
@@ -127,7 +128,7 @@ def publish(target: Path, content: str, point: str | None = None) -> None:
     if point is not None:
         killed_at(point, target, content, code=PUBLISH)
     else:
-        subprocess.run([sys.executable, "-c", PUBLISH, str(target), content], check=True,
+        forked.run([sys.executable, "-c", PUBLISH, str(target), content], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

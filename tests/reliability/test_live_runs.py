@@ -7,6 +7,7 @@ second writer, then killed and resumed; one run under a file-size limit.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import transferkit
+from tests import forked
 from tests.conftest import TINY
 from transferkit.errors import RunError
 from transferkit.locks import OWNER_FILE, work_dir_for
@@ -30,7 +32,7 @@ TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "-
 
 
 def transferkit_process(*args, **options) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
+    return forked.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             **options)
 
@@ -84,9 +86,7 @@ def test_a_live_run_refuses_a_second_writer_and_a_killed_one_resumes_to_the_end(
 
 
 def limit_file_size(limit: int):
-    def limit_it():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return limit_it
+    return functools.partial(resource.setrlimit, resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def test_a_file_size_limit_smaller_than_the_model_is_one_error_line_and_leaves_nothing(shapes_dir, tmp_path):

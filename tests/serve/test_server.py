@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import forked
 from transferkit.inference.predict import predict_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +129,7 @@ def server(shapes_run, tmp_path_factory, request):
     predict's answers are computed here while it starts."""
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     with open(log, "w") as handle:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [sys.executable, "-m", "transferkit", "serve", str(shapes_run.path), "--port", "0", "--max-batch", "8",
              "--max-upload-mb", str(LIMIT_MB)],
             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT),

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import transferkit
+from tests import forked
 from transferkit.cli import app
 from transferkit.errors import DataError, RunError
 from transferkit.workflow import resume_finetune
@@ -51,7 +52,7 @@ def interrupt(command, partial, after, signum):
     """Start ``command``, send it ``signum`` once ``partial`` holds ``after`` epochs, and check
     that it stopped as an interrupted run does: exit 130, the --resume line, no traceback, no
     finished run. Returns the epochs it kept."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = forked.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while epochs_saved(partial) < after and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -19,6 +19,7 @@ optuna = pytest.importorskip("optuna")
 from typer.testing import CliRunner  # noqa: E402
 
 import transferkit  # noqa: E402
+from tests import forked  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 from transferkit.cli import app  # noqa: E402
 from transferkit.errors import RecipeError, TransferkitError  # noqa: E402
@@ -167,7 +168,7 @@ def test_two_processes_on_one_journal_file_add_trials_to_one_study(shapes_dir, t
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     # One worker in a process of its own, the other in this one (one TensorFlow start-up less),
     # both at once on the journal file.
-    other = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    other = forked.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     here = CliRunner().invoke(app, command[3:])
     results = [other.communicate(timeout=300)]
     assert (other.returncode, here.exit_code) == (0, 0), (results, here.output)

@@ -20,6 +20,7 @@ optuna = pytest.importorskip("optuna")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from tests import forked  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 from transferkit.cli import app  # noqa: E402
 from transferkit.errors import DataError, TransferkitError, WeightsError  # noqa: E402
@@ -49,7 +50,7 @@ def worker(data: Path, url: str, study: str, output: Path, *flags: str) -> subpr
     command = [sys.executable, "-m", "transferkit", "tune", str(data), "--storage", url, "--study", study,
                "-o", str(output), "-r", str(write_space(output.parent)), *WORKER_FLAGS, *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return forked.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def states(url: str, study: str) -> list[str]:

@@ -14,10 +14,14 @@ RUN is published with the run's id, or fail when process 0 let go of RUN.partial
 publishing. (They watch RUN.partial's lock: -o must be on a folder every process sees, as
 for ``--resume``.)
 
-A signal (Ctrl-C, SIGTERM) ends a data-parallel process at once (``exit_on_signals``): the
-processes could not agree on a batch to stop after without a collective step per batch, so
-each leaves as a killed one does, and the last completed epoch in RUN.partial is what
-``--resume`` (started the same way in every process) continues from.
+While they train (``training_together``), a signal (Ctrl-C, SIGTERM) ends a data-parallel
+process at once: the processes could not agree on a batch to stop after without a collective
+step per batch, so each leaves as a killed one does, and the last completed epoch in
+RUN.partial is what ``--resume`` (started the same way in every process) continues from. And
+each watches the others (``PartnerWatch``: a lock file per process in RUN.partial/processes/,
+which the system frees when its process dies): when one dies before its training ended, the
+others stop within a second, with one line, instead of waiting in a collective step until
+JAX gives up.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from transferkit.strategies import Distribution
 
 log = logging.getLogger("transferkit")
 
+# In RUN.partial: one lock file per process while it trains (``register``, ``PartnerWatch``).
+PROCESSES_FOLDER = "processes"
 # Whether this process has met the others (a failure after that is not told at the meeting).
 _MET: list[bool] = [False]
 
@@ -158,33 +164,149 @@ def published(output: Path, run_id: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def exit_on_signals(distribution: Distribution, output: Path | None):
-    """End this process at once on SIGINT or SIGTERM, with one line (as a killed process
-    ends: what RUN.partial holds is the last completed epoch). Only from the main thread.
+def training_together(distribution: Distribution, output: Path | None):
+    """While this process trains beside the others: SIGINT or SIGTERM ends it at once, with one
+    line (as a killed process ends: what RUN.partial holds is the last completed epoch), and
+    the others are watched (``PartnerWatch``, through ``RUN.partial/processes/``): one that dies
+    before its training ended stops this one too, with one line. Only from the main thread.
 
     Args:
         distribution: the run's ``Distribution``.
-        output: the run folder, for the line's ``--resume``; None when nothing is written.
+        output: the run folder, for the lines' ``--resume`` and the watch; None when nothing is
+            written (nothing is watched then).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    kept = (f"the last completed epoch is kept in {work_dir_for(output)}; continue with: transferkit finetune "
+            f"--resume {output}, started the same way in every process" if output is not None
+            else "nothing was written")
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
-        kept = (f"the last completed epoch is kept in {work_dir_for(output)}; continue with: transferkit finetune "
-                f"--resume {output}, started the same way in every process" if output is not None
-                else "nothing was written")
         sys.stderr.write(f"{name}: process {distribution.process} of {distribution.processes} stopped; {kept}\n")
         sys.stderr.flush()
         os._exit(128 + signum)  # the others cannot finish the step without it: no polite stop
 
+    def lost(partner: int) -> None:
+        sys.stderr.write(f"error: process {partner} of {distribution.processes} stopped during training (its own "
+                         f"message says why), so process {distribution.process} stops too; {kept}\n")
+        sys.stderr.flush()
+        os._exit(1)  # its steps wait for the lost process in a collective that cannot be left
+
+    folder = work_dir_for(output) / PROCESSES_FOLDER if output is not None else None
+    handle_file = register(folder, distribution.process) if folder is not None and folder.parent.is_dir() else None
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with (PartnerWatch(folder, distribution.process, distribution.processes, lost) if handle_file is not None
+              else contextlib.nullcontext()):
+            yield
+        if handle_file is not None:
+            finish(folder, distribution.process, handle_file)
     finally:
+        if handle_file is not None:
+            handle_file.close()  # after a failure: the others see it, as they would a killed process
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+_REGISTERED: dict[str, object] = {}
+PROCESSES_FOLDER = "processes"
+
+
+def register(folder: Path, process: int):
+    """Hold ``folder/process-N.lock`` (locked for as long as this process trains: the OS frees
+    it when the process dies, whatever killed it). Put in place already locked, by a rename,
+    so that a partner never sees it unlocked while this process lives.
+
+    Returns:
+        The open file (``finish`` renames and closes it).
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"process-{process}.lock"
+    staging = folder / f".process-{process}.{os.getpid()}.lock"
+    handle = open(staging, "w")  # noqa: SIM115 - held until training ends
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    os.replace(staging, final)
+    return handle
+
+
+def finish(folder: Path, process: int, handle) -> None:
+    """Say this process's training ended as it should: its lock file becomes ``.done`` (the
+    same file, so a partner that saw it locked knows it is this one), then is let go."""
+    with contextlib.suppress(OSError):
+        os.replace(folder / f"process-{process}.lock", folder / f"process-{process}.done")
+    handle.close()
+
+
+class PartnerWatch:
+    """Watch the other processes' lock files while training (``with``: a thread looks every
+    ``poll`` seconds): one whose file this watch saw
+    locked and then finds unlocked died (killed, crashed, stopped by a signal) before its
+    training ended. The processes could not go on without it (each step is collective, and
+    JAX would only give up minutes later, with pages of output), so ``lost(process)`` is
+    called: by default one line and the end of this process.
+
+    A file not yet seen locked (a partner still starting, or one left by an earlier, killed
+    attempt) is never taken for a death, nor a partner that finished (``.done``) or whose
+    file is gone.
+    """
+
+    def __init__(self, folder: Path, process: int, processes: int, lost, poll: float = 0.5):
+        self.folder, self.process, self.processes, self.lost, self.poll = folder, process, processes, lost, poll
+        self._seen: dict[int, int] = {}  # partner -> inode of its lock file, seen locked
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="transferkit-partners", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        partners = set(range(self.processes)) - {self.process}
+        while partners and not self._stop.is_set():
+            for partner in sorted(partners):
+                state = self.look(partner)
+                if state in ("done", "gone"):
+                    partners.discard(partner)
+                elif state == "dead" and not self._stop.is_set():
+                    self.lost(partner)
+                    return
+            self._stop.wait(self.poll)
+
+    def look(self, partner: int) -> str:
+        """"alive", "starting", "done", "gone" or "dead"."""
+        import fcntl
+
+        path = self.folder / f"process-{partner}.lock"
+        try:
+            handle = open(path)  # noqa: SIM115
+        except FileNotFoundError:
+            if partner not in self._seen:
+                return "starting"
+            with contextlib.suppress(OSError):
+                if (self.folder / f"process-{partner}.done").stat().st_ino == self._seen[partner]:
+                    return "done"
+            return "gone"
+        except OSError:
+            return "starting"
+        with handle:
+            inode = os.fstat(handle.fileno()).st_ino
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                self._seen[partner] = inode
+                return "alive"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return "dead" if self._seen.get(partner) == inode else "starting"
 
 
 def follow_resumed(reader, recipe, data_dir, val_dir, distribution: Distribution, train):
