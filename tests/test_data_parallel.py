@@ -20,7 +20,9 @@ import pytest
 
 import transferkit
 from transferkit.data.batches import ImageBatches, process_share
-from transferkit.errors import StrategyError
+from transferkit.data.prepare import prepare_data, prepare_share
+from transferkit.errors import DataError, StrategyError
+from transferkit.recipe import load_recipe
 from transferkit.strategies import KERAS_DISTRIBUTION_VARIABLES, SLURM_VARIABLES, check_data_parallel
 from transferkit.training.data_parallel import PartnerWatch
 
@@ -63,8 +65,8 @@ def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tens
                 process.communicate()
     assert first[0].returncode == -signal.SIGKILL, outputs[0]
     assert first[1].returncode == 1 and "Traceback" not in outputs[1], outputs[1]
-    [line] = [line for line in outputs[1].splitlines() if "stopped during training" in line]
-    assert line.startswith("error: process 0 of 2 stopped during training") and f"--resume {run}," in line
+    [line] = [line for line in outputs[1].splitlines() if "training ended" in line]
+    assert line.startswith("error: process 0 of 2 stopped before its training ended") and f"--resume {run}," in line
     state = json.loads((parent / "run.partial" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not run.exists()
 
@@ -153,28 +155,27 @@ PARTNER = """
 import sys, time
 from pathlib import Path
 from transferkit.training.data_parallel import finish, register
-folder, index = Path(sys.argv[1]), int(sys.argv[2])
-handle = register(folder, index)
+register(Path(sys.argv[1]), int(sys.argv[2]), "attempt-2")
 print("registered", flush=True)
 if sys.stdin.readline().strip() == "finish":
-    finish(folder, index, handle)
+    finish(True)
 else:
     time.sleep(120)
 """
 
 
-def test_a_partner_killed_while_training_is_seen_and_one_that_finished_or_never_started_is_not(tmp_path):
+def test_a_partner_that_stops_before_its_training_ended_is_seen_and_one_that_finished_is_not(tmp_path):
     """What every data-parallel process watches while training (the whole chain, one line and
     the end of the survivor, is tested above): process 1 is killed with SIGKILL and is
-    reported; process 2 finishes and is not; a lock file left by an earlier, killed attempt
-    (process 1's) is not taken for a death before process 1 has started again."""
+    reported; process 2 finishes and is not; files an earlier, killed attempt left are not
+    taken for this attempt's."""
     folder = tmp_path / "processes"
     folder.mkdir()
-    (folder / "process-1.lock").write_text("left unlocked by an earlier attempt\n")
-    (folder / "process-2.done").write_text("")
+    (folder / "process-1.lock").write_text("attempt-1\n4242\n")  # unlocked: its process is gone
+    (folder / "process-2.done").write_text("attempt-1\n4243\n")
     lost = []
-    with PartnerWatch(folder, 0, 3, lost.append, poll=0.05):
-        time.sleep(0.3)  # the stale file is looked at, and not reported
+    with PartnerWatch(folder, 0, 3, "attempt-2", lost.append, poll=0.05):
+        time.sleep(0.3)  # the old files are looked at, and not reported
         assert lost == []
         partners = {index: subprocess.Popen([sys.executable, "-c", PARTNER, str(folder), str(index)], text=True,
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -182,7 +183,6 @@ def test_a_partner_killed_while_training_is_seen_and_one_that_finished_or_never_
         try:
             for partner in partners.values():
                 assert partner.stdout.readline().strip() == "registered"
-            time.sleep(0.3)  # both seen alive
             partners[2].communicate("finish\n", timeout=60)
             assert partners[2].returncode == 0 and (folder / "process-2.done").is_file()
             time.sleep(0.3)
@@ -197,3 +197,19 @@ def test_a_partner_killed_while_training_is_seen_and_one_that_finished_or_never_
                 partner.kill()
                 partner.communicate()
     assert lost == [1]
+
+
+def test_a_process_decodes_only_its_share_of_process_0s_split(shapes_dir):
+    recipe = load_recipe(None, {"image_size": 32, "data.val_split": 0.3})
+    whole = prepare_data(shapes_dir, recipe, verbose=0)
+    for process in (0, 1):
+        share = prepare_share(shapes_dir, recipe, whole.split_csv(), process, 2)
+        assert share.split == whole.split and share.fingerprint == whole.fingerprint
+        for mine, full in ((share.train_images, whole.train_images), (share.val_images, whole.val_images)):
+            assert mine.shape == full.shape
+            np.testing.assert_array_equal(mine[process::2], full[process::2])
+            assert not mine[1 - process::2].any()  # never decoded
+        np.testing.assert_array_equal(share.train_labels, whole.train_labels)
+        np.testing.assert_array_equal(share.val_labels, whole.val_labels)
+    with pytest.raises(DataError, match="class nothing"):
+        prepare_share(shapes_dir, recipe, "file,subset\nnothing/a.png,train\n", 0, 2)

@@ -286,7 +286,8 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
     """Build (or load from the checkpoint) the model, run the stages, evaluate, calibrate,
     save the run (without ``out``, nothing is written: no checkpoints, no run folder, no
     MLflow run), tracked in MLflow when the recipe or the environment asks."""
-    meet(resolve_distribution(recipe.strategy, recipe.devices), out.work.job().get("run_id") if out else None)
+    meet(resolve_distribution(recipe.strategy, recipe.devices), out.work.job().get("run_id") if out else None,
+         prepared.split_csv, out.work.path if out else None)  # the others decode their share of this split
     if out is None:
         return _train_tracked(prepared, recipe, out, verbose, extras, None)
     with tracked_training(recipe, prepared, out.path, out.work) as tracker:
@@ -327,8 +328,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics["precision"] = policy
     trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
                                                            prepared.class_names)
-    trained.metrics["strategy"] = distribution.as_dict()
-    trained.metrics["stages"] = [asdict(timing) for timing in result.timings]
+    trained.metrics.update(strategy=distribution.as_dict(), stages=[asdict(timing) for timing in result.timings])
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
                                       batch_size=recipe.batch_size)

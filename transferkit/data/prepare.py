@@ -3,7 +3,8 @@ pass feeds the data checks), split, and turned into batches as the recipe says.
 
 ``prepare_data`` is what ``finetune``, ``--resume``, ``tune``'s trials, ``lr-find`` and
 ``doctor --model`` all start from, so they decode and split alike; ``PreparedData.batches``
-gives the training and validation batches of a recipe. ``decode_folder`` is the same read
+gives the training and validation batches of a recipe. ``prepare_share`` is a data-parallel
+process's part of process 0's: the same split, only its share decoded. ``decode_folder`` is the same read
 without a split, for ``audit`` (which deals every image into folds of its own).
 """
 
@@ -189,6 +190,62 @@ def prepare_data(
         data_dir=str(Path(data_dir).resolve()),
         val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
         split=tuple(split),
+    )
+
+
+def prepare_share(data_dir: str | os.PathLike, recipe: Recipe, split: str, process: int, processes: int, *,
+                  val_dir: str | os.PathLike | None = None) -> PreparedData:
+    """One data-parallel process's part of what ``prepare_data`` gave process 0: process 0's
+    split, with only this process's images decoded, those that ``data.batches.process_share``
+    gives it (every ``processes``-th training and validation image from ``process`` on). The
+    other rows stay zeros, never read and, allocated lazily, never in memory.
+
+    Args:
+        data_dir: one sub-folder of images per class, as process 0 read it.
+        recipe: the run's recipe (its image size).
+        split: process 0's ``split.csv`` text (``PreparedData.split_csv``).
+        process, processes: this process's index, and how many train together.
+        val_dir: the validation folder, as process 0 was given; default None.
+
+    Returns:
+        The ``PreparedData``, its images decoded for this process's share only.
+
+    Raises:
+        DataError: the folders cannot be used, or a file of the share cannot be read here
+            (process 0 read it: every process must see the same images).
+    """
+    import csv
+    import io
+
+    from transferkit.data.images import decode_images
+
+    index, val_index = index_folders(data_dir, val_dir)
+    names = {name: label for label, name in enumerate(index.class_names)}
+    rows = [(row["file"], row["subset"]) for row in csv.DictReader(io.StringIO(split))]
+    parts = []
+    for subset, root in ((TRAIN, Path(data_dir)), (VALIDATION, Path(val_dir if val_dir is not None else data_dir))):
+        files = [file for file, kind in rows if kind == subset]
+        try:
+            labels = np.array([names[file.split("/", 1)[0]] for file in files], dtype=int)
+        except KeyError as error:
+            raise DataError(f"process 0 trains on class {error.args[0]}, which {root} has not; every process "
+                            "needs the same data folder") from None
+        images = np.zeros((len(files), recipe.image_size, recipe.image_size, 3), dtype="uint8")
+        share = list(range(process, len(files), processes))
+        decoded, kept, skipped = decode_images([root / files[row] for row in share], recipe.image_size)
+        if skipped:
+            path, reason = skipped[0]
+            raise DataError(f"{path}: {reason}, though process 0 read it; every process needs the same images")
+        images[share] = decoded
+        parts += [images, labels]
+    paths = list(index.paths) + (list(val_index.paths) if val_index is not None else [])
+    return PreparedData(
+        class_names=tuple(index.class_names),
+        train_images=parts[0], train_labels=parts[1], val_images=parts[2], val_labels=parts[3],
+        skipped=(), fingerprint=data_fingerprint(data_dir, val_dir, paths),
+        data_dir=str(Path(data_dir).resolve()),
+        val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
+        split=tuple(rows),
     )
 
 

@@ -1,10 +1,12 @@
 """Several processes training one run (``--strategy data-parallel``): what sets them apart.
 
 Every process runs the same command. Before training they meet once (``meet``): each says
-whether it got ready (its data read; for process 0 also the run's in-progress folder taken,
-under its owner lock), and process 0 hands the run's id to the others. A process that
-failed on the way is named to the others and all stop, so that none waits in training for a
-partner that will never come (``failing_before_training`` tells them of the failure).
+whether it got ready (process 0: its data read, checked and split, and the run's in-progress
+folder taken, under its owner lock; the others: the data folders found), and process 0 hands
+the others the run's id and its split, of which each decodes only its share
+(``data.prepare.prepare_share``). A process that failed on the way is named to the others
+and all stop, so that none waits in training for a partner that will never come
+(``failing_before_training`` tells them of the failure).
 
 Then each process trains on its share of the images (``training.stages``). Process 0 alone
 checkpoints into RUN.partial and, once training ends, leaves the distribution
@@ -34,6 +36,8 @@ import signal
 import sys
 import threading
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,57 +49,84 @@ from transferkit.strategies import Distribution
 
 log = logging.getLogger("transferkit")
 
-# In RUN.partial: one lock file per process while it trains (``register``, ``PartnerWatch``).
+# In RUN.partial: one lock file per process from the meeting to the end of its training
+# (``register``, ``PartnerWatch``).
 PROCESSES_FOLDER = "processes"
 # Whether this process has met the others (a failure after that is not told at the meeting).
 _MET: list[bool] = [False]
+# This process's registration: (folder, process, attempt, open locked file), from ``meet``.
+_REGISTRATION: list[tuple] = []
+# A meeting's row: failed, run id (16 bytes), attempt (8), length of process 0's split (8).
+_ROW = 33
 
 
-def _gather(failed: bool, run_id: str | None) -> np.ndarray:
-    """Every process's (failed, run id bytes), one row per process."""
+def _gather(failed: bool, run_id: str | None = None, attempt: bytes = b"", plan_length: int = 0) -> np.ndarray:
+    """Every process's meeting row (``_ROW``), one row per process."""
     from jax.experimental import multihost_utils
 
-    mine = np.zeros(17, dtype=np.uint8)
+    mine = np.zeros(_ROW, dtype=np.uint8)
     mine[0] = 1 if failed else 0
     if run_id:
-        mine[1:] = np.frombuffer(bytes.fromhex(run_id), dtype=np.uint8)
+        mine[1:17] = np.frombuffer(bytes.fromhex(run_id), dtype=np.uint8)
+    mine[17:25] = np.frombuffer(attempt.ljust(8, b"\0")[:8], dtype=np.uint8)
+    mine[25:33] = np.frombuffer(int(plan_length).to_bytes(8, "little"), dtype=np.uint8)
     _MET[0] = True
-    return np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 17)
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, _ROW)
 
 
-def meet(distribution: Distribution, run_id: str | None = None) -> str | None:
-    """Meet the other processes before training: all got ready, or all stop.
+def meet(distribution: Distribution, run_id: str | None = None, split: Callable[[], str] | None = None,
+         work: Path | None = None) -> tuple[str | None, str | None]:
+    """Meet the other processes before training: all got ready, or all stop. Process 0 hands
+    the others the run's id and its split of the images (so that each decodes only its
+    share), and every process registers in ``work``/processes/ for the others to watch.
 
     Args:
         distribution: the run's ``Distribution`` (a no-op for one process).
         run_id: the run's id (process 0: from RUN.partial's job.json); default None.
+        split: gives process 0's ``split.csv`` text (``PreparedData.split_csv``); default None.
+        work: RUN.partial, where it is on this machine; default None (nothing registered).
 
     Returns:
-        Process 0's run id (None for one process).
+        (process 0's run id, process 0's split.csv text); (run_id, None) for one process.
 
     Raises:
         StrategyError: another process failed before training (it tells why).
     """
     if distribution.processes <= 1:
-        return run_id
-    every = _gather(False, run_id)
+        return run_id, None
+    plan = zlib.compress(split().encode("utf-8")) if split is not None and distribution.process == 0 else b""
+    attempt = os.urandom(8) if distribution.process == 0 else b""
+    every = _gather(False, run_id, attempt, len(plan))
     failed = [index for index, row in enumerate(every) if row[0]]
     if failed:
         raise StrategyError(f"process(es) {', '.join(map(str, failed))} of {distribution.processes} stopped before "
                             "training (see their message); fix that and start every process again")
-    return bytes(every[0, 1:]).hex() if every[0, 1:].any() else None
+    first = every[0]
+    length = int.from_bytes(bytes(first[25:33]), "little")
+    if length:
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(plan, dtype=np.uint8) if distribution.process == 0 else np.zeros(length, np.uint8)
+        plan = bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine), dtype=np.uint8))
+    if work is not None and Path(work).is_dir():
+        register(Path(work) / PROCESSES_FOLDER, distribution.process, bytes(first[17:25]).hex())
+    return (bytes(first[1:17]).hex() if first[1:17].any() else None,
+            zlib.decompress(plan).decode("utf-8") if length else None)
 
 
 @contextlib.contextmanager
 def failing_before_training(distribution: Distribution | None):
     """Tell the other processes when this one fails before it met them (they would wait for
-    it in training otherwise); the error goes on as it was. None: nothing to tell."""
+    it in training otherwise), and let go of its registration when it fails after (they see
+    it stop); the error goes on as it was. None: nothing to tell."""
     try:
         yield
     except Exception:
         if distribution is not None and distribution.processes > 1 and not _MET[0]:
             _gather(True, None)
         raise
+    finally:
+        finish(False)  # still registered after the meeting: failed before training ended
 
 
 def leave_distribution(model, distribution: Distribution):
@@ -167,13 +198,13 @@ def published(output: Path, run_id: str | None) -> bool:
 def training_together(distribution: Distribution, output: Path | None):
     """While this process trains beside the others: SIGINT or SIGTERM ends it at once, with one
     line (as a killed process ends: what RUN.partial holds is the last completed epoch), and
-    the others are watched (``PartnerWatch``, through ``RUN.partial/processes/``): one that dies
-    before its training ended stops this one too, with one line. Only from the main thread.
+    the others are watched (``PartnerWatch``, through the files ``meet`` registered in
+    RUN.partial/processes/): one that dies before its training ended stops this one too, with
+    one line. Only from the main thread.
 
     Args:
         distribution: the run's ``Distribution``.
-        output: the run folder, for the lines' ``--resume`` and the watch; None when nothing is
-            written (nothing is watched then).
+        output: the run folder, for the lines' ``--resume``; None when nothing is written.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -189,76 +220,70 @@ def training_together(distribution: Distribution, output: Path | None):
         os._exit(128 + signum)  # the others cannot finish the step without it: no polite stop
 
     def lost(partner: int) -> None:
-        sys.stderr.write(f"error: process {partner} of {distribution.processes} stopped during training (its own "
-                         f"message says why), so process {distribution.process} stops too; {kept}\n")
+        sys.stderr.write(f"error: process {partner} of {distribution.processes} stopped before its training ended "
+                         f"(its own message says why), so process {distribution.process} stops too; {kept}\n")
         sys.stderr.flush()
         os._exit(1)  # its steps wait for the lost process in a collective that cannot be left
 
-    folder = work_dir_for(output) / PROCESSES_FOLDER if output is not None else None
-    handle_file = register(folder, distribution.process) if folder is not None and folder.parent.is_dir() else None
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    completed = False
     try:
-        with (PartnerWatch(folder, distribution.process, distribution.processes, lost) if handle_file is not None
-              else contextlib.nullcontext()):
+        if _REGISTRATION:
+            folder, _, attempt, _ = _REGISTRATION[0]
+            with PartnerWatch(folder, distribution.process, distribution.processes, attempt, lost):
+                yield
+        else:  # RUN.partial is not on this machine: nothing to watch through
             yield
-        if handle_file is not None:
-            finish(folder, distribution.process, handle_file)
+        completed = True
     finally:
-        if handle_file is not None:
-            handle_file.close()  # after a failure: the others see it, as they would a killed process
+        finish(completed)  # not completed: the others see it, as they would a killed process
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-_REGISTERED: dict[str, object] = {}
-PROCESSES_FOLDER = "processes"
-
-
-def register(folder: Path, process: int):
-    """Hold ``folder/process-N.lock`` (locked for as long as this process trains: the OS frees
-    it when the process dies, whatever killed it). Put in place already locked, by a rename,
-    so that a partner never sees it unlocked while this process lives.
-
-    Returns:
-        The open file (``finish`` renames and closes it).
+def register(folder: Path, process: int, attempt: str) -> None:
+    """Hold ``folder/process-N.lock`` until this process's training ends: locked (the system
+    frees it when the process dies, whatever killed it), and holding this attempt's id (which
+    process 0 drew for the meeting), so that a file an earlier, killed attempt left is never
+    taken for this one. Put in place already locked, by a rename.
     """
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"process-{process}.lock"
     staging = folder / f".process-{process}.{os.getpid()}.lock"
-    handle = open(staging, "w")  # noqa: SIM115 - held until training ends
+    handle = open(staging, "w", encoding="utf-8")  # noqa: SIM115 - held until training ends
     fcntl.flock(handle, fcntl.LOCK_EX)
-    handle.write(f"{os.getpid()}\n")
+    handle.write(f"{attempt}\n{os.getpid()}\n")
     handle.flush()
-    os.replace(staging, final)
-    return handle
+    os.replace(staging, folder / f"process-{process}.lock")
+    _REGISTRATION[:] = [(folder, process, attempt, handle)]
 
 
-def finish(folder: Path, process: int, handle) -> None:
-    """Say this process's training ended as it should: its lock file becomes ``.done`` (the
-    same file, so a partner that saw it locked knows it is this one), then is let go."""
-    with contextlib.suppress(OSError):
-        os.replace(folder / f"process-{process}.lock", folder / f"process-{process}.done")
+def finish(completed: bool) -> None:
+    """Let go of this process's registration: after its training completed, as ``.done`` (the
+    others stop watching it); else as it is (the others see it die)."""
+    if not _REGISTRATION:
+        return
+    folder, process, _, handle = _REGISTRATION.pop()
+    if completed:
+        with contextlib.suppress(OSError):
+            os.replace(folder / f"process-{process}.lock", folder / f"process-{process}.done")
     handle.close()
 
 
 class PartnerWatch:
     """Watch the other processes' lock files while training (``with``: a thread looks every
-    ``poll`` seconds): one whose file this watch saw
-    locked and then finds unlocked died (killed, crashed, stopped by a signal) before its
-    training ended. The processes could not go on without it (each step is collective, and
-    JAX would only give up minutes later, with pages of output), so ``lost(process)`` is
-    called: by default one line and the end of this process.
-
-    A file not yet seen locked (a partner still starting, or one left by an earlier, killed
-    attempt) is never taken for a death, nor a partner that finished (``.done``) or whose
-    file is gone.
+    ``poll`` seconds): one whose file holds this attempt's id and is no longer locked died
+    (killed, crashed, failed, stopped by a signal) before its training ended. The processes
+    could not go on without it (each step is collective, and JAX would only give up minutes
+    later, with pages of output), so ``lost(process)`` is called: by default one line and the
+    end of this process. A partner whose file is missing (not there yet) or another attempt's,
+    or that finished (``.done``), is not a death.
     """
 
-    def __init__(self, folder: Path, process: int, processes: int, lost, poll: float = 0.5):
-        self.folder, self.process, self.processes, self.lost, self.poll = folder, process, processes, lost, poll
-        self._seen: dict[int, int] = {}  # partner -> inode of its lock file, seen locked
+    def __init__(self, folder: Path, process: int, processes: int, attempt: str, lost, poll: float = 0.5):
+        self.folder, self.process, self.processes, self.attempt = folder, process, processes, attempt
+        self.lost, self.poll = lost, poll
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="transferkit-partners", daemon=True)
 
@@ -275,38 +300,41 @@ class PartnerWatch:
         while partners and not self._stop.is_set():
             for partner in sorted(partners):
                 state = self.look(partner)
-                if state in ("done", "gone"):
+                if state == "done":
                     partners.discard(partner)
                 elif state == "dead" and not self._stop.is_set():
                     self.lost(partner)
                     return
             self._stop.wait(self.poll)
 
+    def _ours(self, path: Path) -> bool:
+        try:
+            return path.read_text(encoding="utf-8").split("\n", 1)[0] == self.attempt
+        except OSError:
+            return False
+
     def look(self, partner: int) -> str:
-        """"alive", "starting", "done", "gone" or "dead"."""
+        """"alive", "waiting" (no file of this attempt yet), "done" or "dead"."""
         import fcntl
 
-        path = self.folder / f"process-{partner}.lock"
+        path, done = self.folder / f"process-{partner}.lock", self.folder / f"process-{partner}.done"
         try:
-            handle = open(path)  # noqa: SIM115
-        except FileNotFoundError:
-            if partner not in self._seen:
-                return "starting"
-            with contextlib.suppress(OSError):
-                if (self.folder / f"process-{partner}.done").stat().st_ino == self._seen[partner]:
-                    return "done"
-            return "gone"
+            handle = open(path, encoding="utf-8")  # noqa: SIM115
         except OSError:
-            return "starting"
+            return "done" if self._ours(done) else "waiting"
         with handle:
-            inode = os.fstat(handle.fileno()).st_ino
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                self._seen[partner] = inode
                 return "alive"
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return "dead" if self._seen.get(partner) == inode else "starting"
+            ours = handle.read().split("\n", 1)[0] == self.attempt
+            try:
+                renamed = os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino
+            except OSError:
+                renamed = True
+            if renamed:  # finished (renamed .done) between the open and the lock
+                return "done" if self._ours(done) else "waiting"
+            return "dead" if ours else "waiting"
 
 
 def follow_resumed(reader, recipe, data_dir, val_dir, distribution: Distribution, train):
@@ -350,16 +378,20 @@ def follow(data_dir, val_dir, recipe, output: Path, reader, train):
     import keras
 
     from transferkit import runs
-    from transferkit.data.prepare import prepare_data
+    from transferkit.data.folders import index_folders
+    from transferkit.data.prepare import prepare_share
     from transferkit.model.build import build_model
     from transferkit.strategies import resolve_distribution
 
     distribution = resolve_distribution(recipe.strategy, recipe.devices)
-    prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=0)
+    index_folders(data_dir, val_dir)  # a folder that cannot be used is told at the meeting
+    # After the meeting RUN.partial exists (process 0 takes it first): registered there, this
+    # process decodes only its share of process 0's split.
+    run_id, split = meet(distribution, work=work_dir_for(output))
+    prepared = prepare_share(data_dir, recipe, split, distribution.process, distribution.processes, val_dir=val_dir)
     if reader is not None:
         job = reader.job()
         prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
-    run_id = meet(distribution)
     keras.utils.set_random_seed(recipe.seed)
     if reader is not None and reader.has_checkpoint():
         with distribution.scope():
