@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,8 +36,16 @@ if _WORKERS > 1:
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Converted inference networks go to a per-session folder, not the user's cache.
-os.environ.setdefault("TRANSFERKIT_CACHE", tempfile.mkdtemp(prefix="tk-cache-"))
+# No test process sends OpenVINO's usage events (transferkit imports openvino with them off,
+# and tests/inference/test_engines.py checks that in a process of its own; a test that imported
+# openvino or nncf first would turn them on: each conversion would then try to reach the
+# network, in a process of its own).
+sys.modules.setdefault("openvino_telemetry", None)
+# Converted inference networks go to a per-session folder, not the user's cache (made by the
+# process that starts the session; its xdist workers inherit it; removed when it ends).
+_SESSION_CACHE = None if os.environ.get("TRANSFERKIT_CACHE") else tempfile.mkdtemp(prefix="tk-cache-")
+if _SESSION_CACHE is not None:
+    os.environ["TRANSFERKIT_CACHE"] = _SESSION_CACHE
 
 # The environment above must be set before these imports.
 import pytest  # noqa: E402
@@ -107,6 +116,13 @@ LONGEST_FIRST = (
     "reliability/test_live_runs.py", "reliability/test_untrusted.py", "model/test_transfer.py",
     "test_backbones.py",
 )
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

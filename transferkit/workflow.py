@@ -29,7 +29,7 @@ from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import fault_point
-from transferkit.inference.engines import inference_engine
+from transferkit.inference.engines import SHARED, inference_engine
 from transferkit.model.build import build_model, log_setup
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run_folder import TrainedRun, write_run_contents
@@ -354,8 +354,8 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
     work = out.work if out is not None else None
 
     def forward_factory(extractor):
-        # The feature passes hand it uint8 images, augmented or not.
-        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, input_dtype="uint8")
+        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, cache_dir=SHARED,
+                                  input_dtype="uint8")  # the feature passes hand it uint8 images
         if verbose:
             log.info(f"forward engine for the feature cache: {engine.name}")
         return engine.predict

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import EngineError
-from transferkit.inference.openvino import (
+from transferkit.inference.openvino import (  # noqa: F401 - SHARED: for engine callers
+    SHARED,
     compile_network,
     conversion_reason,
     float32_clone,

@@ -115,6 +115,24 @@ def openvino_core():
     return ov.Core()
 
 
+class SharedCache:
+    """The ``cache_dir`` (``SHARED``) of networks kept by their fingerprint alone, in
+    ``cache_root()/engine/shared/<fingerprint>/``: the frozen part that training, tune's trials
+    and audit run forward, which runs on the same backbone weights, image size and frozen depth
+    share (each run converted and compiled it again before)."""
+
+    def folder(self, fingerprint: str) -> Path:
+        from transferkit.files import cache_root
+
+        return cache_root() / "engine" / "shared" / fingerprint[:16]
+
+    def __repr__(self) -> str:
+        return "SHARED"
+
+
+SHARED = SharedCache()
+
+
 def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
     """The OpenVINO network for a model: read from the cache when its fingerprint matches,
     else converted (and written to the cache).
@@ -122,7 +140,8 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
     Args:
         model: a Keras model.
         input_shape: one input's shape, without the batch axis.
-        cache_dir: the engine cache folder, or None (convert in memory, cache nothing).
+        cache_dir: the engine cache folder, ``SHARED`` (a folder of its fingerprint's), or None
+            (convert in memory, cache nothing).
 
     Returns:
         (the ``openvino.Model``, its cached ``.xml`` path or None when it was not written).
@@ -130,6 +149,8 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
     if cache_dir is None:
         return export_network(model, input_shape), None
     fingerprint = model_fingerprint(model, input_shape)
+    if isinstance(cache_dir, SharedCache):
+        cache_dir = cache_dir.folder(fingerprint)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(model, "name", "") or "model")
     folder_name = f"openvino-{shape_label(input_shape)}"
     candidates = (

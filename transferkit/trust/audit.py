@@ -279,7 +279,7 @@ def backbone_features(images: np.ndarray, recipe: Recipe, n_classes: int, verbos
     import keras
 
     from transferkit.backbones import get_spec
-    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.engines import SHARED, inference_engine
     from transferkit.model.build import build_model
     from transferkit.model.surgery import extractor_at
     from transferkit.progress import progress_bar
@@ -289,7 +289,8 @@ def backbone_features(images: np.ndarray, recipe: Recipe, n_classes: int, verbos
     model = build_model(recipe, n_classes, verbose=verbose).model
     spec = get_spec(recipe.backbone)
     extractor = extractor_at(model, spec, [len(spec.blocks)])
-    engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, input_dtype="uint8")
+    engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, cache_dir=SHARED,
+                              input_dtype="uint8")
     shape = tuple(int(d) for d in extractor.output.shape[1:])
     average = recipe.head.pooling == "avg"
     if average:  # the head's average pooling of a 1 x 1 map is the map: keep c numbers, not h x w x c
