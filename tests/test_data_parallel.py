@@ -1,6 +1,7 @@
 """Data-parallel training (``--strategy data-parallel``): two real processes on loopback, Keras
 on JAX, joined through Keras's KERAS_DISTRIBUTION_* variables. Process 0 is killed (SIGKILL)
-right after its first epoch's checkpoint, and process 1 stops by itself in one line; both started again with
+right after its first epoch's checkpoint, and process 1 stops by itself (in one line, or ended
+by JAX, whose coordinator process 0 was); both started again with
 ``--resume`` finish the run: one run folder and nothing beside it, which loads and predicts
 under TensorFlow here as process 0 predicted under JAX. Plus each process's share of the
 images, and the one-line errors when data-parallel cannot start.
@@ -53,7 +54,7 @@ def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tens
     run = parent / "run"
     port = free_port()
     # Process 0 kills itself once the first epoch's checkpoint is on disk; process 1, waiting
-    # for it in the next step, sees it gone and stops by itself, in one line.
+    # for it in the next step, sees it gone and stops by itself, with no traceback.
     first = [start(0, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", run, fault="run.epoch_saved"),
              start(1, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", run)]
     try:
@@ -64,9 +65,14 @@ def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tens
                 process.kill()
                 process.communicate()
     assert first[0].returncode == -signal.SIGKILL, outputs[0]
-    assert first[1].returncode == 1 and "Traceback" not in outputs[1], outputs[1]
-    [line] = [line for line in outputs[1].splitlines() if "training ended" in line]
-    assert line.startswith("error: process 0 of 2 stopped before its training ended") and f"--resume {run}," in line
+    assert "Traceback" not in outputs[1], outputs[1]
+    if first[1].returncode == -signal.SIGABRT:
+        # Process 0 is JAX's coordinator: JAX itself may end the others first, in its words.
+        assert "another task died" in outputs[1], outputs[1]
+    else:
+        assert first[1].returncode == 1, outputs[1]
+        [line] = [line for line in outputs[1].splitlines() if "training ended" in line]
+        assert line.startswith("error: process 0 of 2 stopped before its training ended") and f"--resume {run}," in line
     state = json.loads((parent / "run.partial" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not run.exists()
 

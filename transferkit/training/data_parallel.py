@@ -230,8 +230,17 @@ def training_together(distribution: Distribution, output: Path | None):
     try:
         if _REGISTRATION:
             folder, _, attempt, _ = _REGISTRATION[0]
-            with PartnerWatch(folder, distribution.process, distribution.processes, attempt, lost):
-                yield
+            watch = PartnerWatch(folder, distribution.process, distribution.processes, attempt, lost)
+            try:
+                with watch:
+                    yield
+            except Exception:
+                # A collective step fails at once when a partner's connection drops (before
+                # the watch looks again): a partner that died is told as the watch tells it.
+                partner = watch.dead_partner(wait=2.0)
+                if partner is not None:
+                    lost(partner)
+                raise
         else:  # RUN.partial is not on this machine: nothing to watch through
             yield
         completed = True
@@ -306,6 +315,17 @@ class PartnerWatch:
                     self.lost(partner)
                     return
             self._stop.wait(self.poll)
+
+    def dead_partner(self, wait: float = 0.0) -> int | None:
+        """A partner that died (or None), looking again for up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            for partner in sorted(set(range(self.processes)) - {self.process}):
+                if self.look(partner) == "dead":
+                    return partner
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     def _ours(self, path: Path) -> bool:
         try:
