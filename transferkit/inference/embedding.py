@@ -21,14 +21,13 @@ from collections.abc import Callable
 import numpy as np
 
 from transferkit.inference.engines import (
-    REFINE_MARGIN,
     ForwardEngine,
     OpenVINOEngine,
+    TwoLookEngine,
     body_and_head,
     inference_engine,
     make_engine,
 )
-from transferkit.outputs import top_margin
 
 
 def pooled(feature_maps: np.ndarray) -> np.ndarray:
@@ -37,49 +36,33 @@ def pooled(feature_maps: np.ndarray) -> np.ndarray:
     return maps.mean(axis=(1, 2)) if maps.ndim == 4 else maps.reshape(len(maps), -1)
 
 
-class EmbeddingEngine(ForwardEngine):
+class EmbeddingEngine(TwoLookEngine):
     """A classifier's outputs followed by columns computed from its backbone embedding.
 
     Attributes:
         body, head: the engines of the two parts (``engines.body_and_head``).
         units: how many of the output columns are the head's (1 for a sigmoid unit).
-        refined: how many images were computed again in float32 (near ties of a 16-bit body).
+        refined: how many images were computed again in float32 (near ties of a 16-bit body,
+            as ``TwoLookEngine`` looks at them).
     """
 
     def __init__(self, body: ForwardEngine, head: ForwardEngine, units: int,
                  columns: Callable[[np.ndarray], np.ndarray] | None = None, exact_factory=None):
+        super().__init__(exact_factory)
         self.body, self.head, self.units = body, head, units
         self.columns = columns
         self.name = body.name
-        self._exact_factory = exact_factory
-        self._exact = None
-        self.refined = 0
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        outputs, near = self.first_look(batch)
-        if len(near):
-            outputs = np.array(outputs, copy=True)
-            outputs[near] = self.second_look(np.asarray(batch)[near])
-        return outputs
 
     def first_look(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The outputs and, with a 16-bit body and "auto" precision, the near ties to compute
-        again in float32 (``inference.predict.engine_outputs`` gathers them across batches)."""
+        """The outputs with their columns and, with a 16-bit body and "auto" precision, the
+        near ties to compute again in float32 (``inference.predict.engine_outputs`` gathers
+        them across batches)."""
         maps = self.body.predict(batch)
         outputs = np.asarray(self.head.predict(maps), dtype="float32")
         embeddings = pooled(maps)
         extra = embeddings if self.columns is None else np.asarray(self.columns(embeddings), dtype="float32")
         combined = np.concatenate([outputs, extra.reshape(len(outputs), -1)], axis=1)
-        if self._exact_factory is None or len(combined) == 0:
-            return combined, np.zeros(0, dtype="int64")
-        return combined, np.flatnonzero(top_margin(outputs) < REFINE_MARGIN)
-
-    def second_look(self, images: np.ndarray) -> np.ndarray:
-        """Float32 outputs (and columns) for images (near ties from ``first_look``)."""
-        if self._exact is None:
-            self._exact = self._exact_factory()
-        self.refined += len(images)
-        return self._exact.predict(images)
+        return combined, self.near_ties(combined, outputs)
 
     def __repr__(self) -> str:
         return f"<EmbeddingEngine body={self.body!r} head={self.head!r}, refined={self.refined}>"

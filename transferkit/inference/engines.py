@@ -153,33 +153,20 @@ class OpenVINOEngine(ForwardEngine):
 REFINE_MARGIN = 0.02
 
 
-class ChainedEngine(ForwardEngine):
-    """A classifier in 16 bits: its body (preprocessing + backbone) in the 16-bit precision
-    that makes it fast, then its small head in float32, so the output layer stays float32 as
-    it does in Keras's mixed precision. With ``exact_factory``, near ties (top-two margin
-    below ``REFINE_MARGIN``) are computed again by the float32 engine it builds (on first
-    use, or when ``exact`` is read), so the top class agrees with float32 Keras while
-    confident predictions keep the 16-bit speed.
+class TwoLookEngine(ForwardEngine):
+    """An engine that looks twice: ``first_look`` gives every image's outputs fast (a 16-bit
+    body) and which of them are near ties (top-two margin below ``REFINE_MARGIN``, only with
+    an ``exact_factory``); ``second_look`` computes those again with the float32 engine that
+    ``exact_factory`` builds (on first use, or when ``exact`` is read). ``predict`` does both.
 
     Attributes:
-        body, head: the two ``OpenVINOEngine`` parts.
         refined: how many images were computed again in float32 so far.
     """
 
-    name = "openvino"
-
-    def __init__(self, body: OpenVINOEngine, head: OpenVINOEngine, exact_factory=None):
-        self.body, self.head = body, head
-        self.input_shape = body.input_shape
-        self.precision_hint = body.precision_hint
-        self.ir_path = body.ir_path
+    def __init__(self, exact_factory=None):
         self._exact_factory = exact_factory
         self._exact = None
         self.refined = 0
-
-    @property
-    def image_size(self) -> int:
-        return self.body.image_size
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         outputs, near = self.first_look(batch)
@@ -189,14 +176,18 @@ class ChainedEngine(ForwardEngine):
         return outputs
 
     def first_look(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The 16-bit outputs, and the indices of the near ties that ``second_look`` should
+        """The fast outputs, and the indices of the near ties that ``second_look`` should
         compute again (none without a float32 engine). A caller streaming many batches can
         gather near ties from several and look at them in one call: a float32 pass over a
         few images costs more per image than over a batch."""
-        outputs = self.head.predict(self.body.predict(batch))
+        raise NotImplementedError
+
+    def near_ties(self, outputs: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+        """The rows of ``outputs`` to look at again: those whose ``scores`` (default the
+        outputs) have a top-two margin below ``REFINE_MARGIN``; none without a float32 engine."""
         if self._exact_factory is None or len(outputs) == 0:
-            return outputs, np.zeros(0, dtype="int64")
-        return outputs, np.flatnonzero(top_margin(outputs) < REFINE_MARGIN)
+            return np.zeros(0, dtype="int64")
+        return np.flatnonzero(top_margin(outputs if scores is None else scores) < REFINE_MARGIN)
 
     def second_look(self, images: np.ndarray) -> np.ndarray:
         """Float32 outputs for images (near ties from ``first_look``)."""
@@ -209,6 +200,37 @@ class ChainedEngine(ForwardEngine):
         if self._exact is None and self._exact_factory is not None:
             self._exact = self._exact_factory()
         return self._exact
+
+
+class ChainedEngine(TwoLookEngine):
+    """A classifier in 16 bits: its body (preprocessing + backbone) in the 16-bit precision
+    that makes it fast, then its small head in float32, so the output layer stays float32 as
+    it does in Keras's mixed precision. With ``exact_factory``, near ties are computed again
+    in float32 (``TwoLookEngine``), so the top class agrees with float32 Keras while
+    confident predictions keep the 16-bit speed.
+
+    Attributes:
+        body, head: the two ``OpenVINOEngine`` parts.
+        refined: how many images were computed again in float32 so far.
+    """
+
+    name = "openvino"
+
+    def __init__(self, body: OpenVINOEngine, head: OpenVINOEngine, exact_factory=None):
+        super().__init__(exact_factory)
+        self.body, self.head = body, head
+        self.input_shape = body.input_shape
+        self.precision_hint = body.precision_hint
+        self.ir_path = body.ir_path
+
+    @property
+    def image_size(self) -> int:
+        return self.body.image_size
+
+    def first_look(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The 16-bit outputs, and the near ties (see ``TwoLookEngine.first_look``)."""
+        outputs = self.head.predict(self.body.predict(batch))
+        return outputs, self.near_ties(outputs)
 
     def __repr__(self) -> str:
         if self._exact_factory is None:
