@@ -194,7 +194,8 @@ def prepare_data(
 
 
 def prepare_share(data_dir: str | os.PathLike, recipe: Recipe, split: str, process: int, processes: int, *,
-                  val_dir: str | os.PathLike | None = None) -> PreparedData:
+                  val_dir: str | os.PathLike | None = None,
+                  indexes: tuple[FolderIndex, FolderIndex | None] | None = None) -> PreparedData:
     """One data-parallel process's part of what ``prepare_data`` gave process 0: process 0's
     split, with only this process's images decoded, those that ``data.batches.process_share``
     gives it (every ``processes``-th training and validation image from ``process`` on). The
@@ -206,6 +207,8 @@ def prepare_share(data_dir: str | os.PathLike, recipe: Recipe, split: str, proce
         split: process 0's ``split.csv`` text (``PreparedData.split_csv``).
         process, processes: this process's index, and how many train together.
         val_dir: the validation folder, as process 0 was given; default None.
+        indexes: ``index_folders(data_dir, val_dir)`` when the caller has it; default None
+            (indexed here).
 
     Returns:
         The ``PreparedData``, its images decoded for this process's share only.
@@ -219,7 +222,7 @@ def prepare_share(data_dir: str | os.PathLike, recipe: Recipe, split: str, proce
 
     from transferkit.data.images import decode_images
 
-    index, val_index = index_folders(data_dir, val_dir)
+    index, val_index = indexes if indexes is not None else index_folders(data_dir, val_dir)
     names = {name: label for label, name in enumerate(index.class_names)}
     rows = [(row["file"], row["subset"]) for row in csv.DictReader(io.StringIO(split))]
     parts = []

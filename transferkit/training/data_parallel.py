@@ -404,11 +404,12 @@ def follow(data_dir, val_dir, recipe, output: Path, reader, train):
     from transferkit.strategies import resolve_distribution
 
     distribution = resolve_distribution(recipe.strategy, recipe.devices)
-    index_folders(data_dir, val_dir)  # a folder that cannot be used is told at the meeting
+    indexes = index_folders(data_dir, val_dir)  # a folder that cannot be used is told at the meeting
     # After the meeting RUN.partial exists (process 0 takes it first): registered there, this
     # process decodes only its share of process 0's split.
     run_id, split = meet(distribution, work=work_dir_for(output))
-    prepared = prepare_share(data_dir, recipe, split, distribution.process, distribution.processes, val_dir=val_dir)
+    prepared = prepare_share(data_dir, recipe, split, distribution.process, distribution.processes, val_dir=val_dir,
+                             indexes=indexes)
     if reader is not None:
         job = reader.job()
         prepared.require_same(job.get("class_names"), job.get("data_fingerprint"), f"the interrupted run of {output}")
