@@ -29,7 +29,6 @@ from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import fault_point
-from transferkit.inference.engines import SHARED, inference_engine
 from transferkit.model.build import build_model, log_setup
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run_folder import TrainedRun, write_run_contents
@@ -53,7 +52,7 @@ from transferkit.training.data_parallel import (
     read_resumed,
     training_together,
 )
-from transferkit.training.features import FeatureCache
+from transferkit.training.features import FeatureCache, engine_forward
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
@@ -353,13 +352,6 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
     was kept."""
     work = out.work if out is not None else None
 
-    def forward_factory(extractor):
-        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, cache_dir=SHARED,
-                                  input_dtype="uint8")  # the feature passes hand it uint8 images
-        if verbose:
-            log.info(f"forward engine for the feature cache: {engine.name}")
-        return engine.predict
-
     callbacks = ()
     if recipe.tensorboard and work is not None and not work.reader:
         # In the in-progress folder while training (a resumed run goes on in the same logs),
@@ -367,7 +359,8 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
     callbacks += extras.callbacks
     options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
-                           forward_factory=forward_factory, callbacks=callbacks,
+                           forward_factory=engine_forward(recipe.engine, recipe.precision, verbose),
+                           callbacks=callbacks,
                            feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
                            distribution=distribution)
     try:

@@ -123,7 +123,8 @@ class TTAEngine(ForwardEngine):
         return f"<TTAEngine {', '.join(self.variants)} over {self.inner!r}>"
 
 
-def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Sequence[str] | None = None) -> TTAEngine:
+def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Sequence[str] | None = None,
+               images: int = 0) -> TTAEngine:
     """The TTA engine for a loaded run, over its inference engine.
 
     Args:
@@ -131,13 +132,18 @@ def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Seq
         engine: "auto", "keras" or "openvino"; default "auto" (see ``inference_engine``).
         precision: the engine's precision; default "auto".
         variants: the variants to use; default the run recipe's (``tta_variants``).
+        images: how many images it will be given (each runs once per variant: int8 may be
+            worth it, ``inference.predict.int8_samples_for``); default 0.
 
     Returns:
         A ``TTAEngine`` taking uint8 (B, S, S, 3) batches.
     """
-    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.int8 import forward_engine
     from transferkit.inference.openvino import claim_engine_cache
+    from transferkit.inference.predict import int8_samples_for
 
-    inner = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
-                             precision=precision, input_dtype="uint8")
-    return TTAEngine(inner, variants if variants is not None else tta_variants(run.recipe), tta_shift(run.recipe))
+    variants = variants if variants is not None else tta_variants(run.recipe)
+    inner = forward_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
+                           precision=precision, input_dtype="uint8",
+                           int8_samples=int8_samples_for(run, precision, images * (1 + len(variants))))
+    return TTAEngine(inner, variants, tta_shift(run.recipe))

@@ -31,6 +31,7 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
+from transferkit.inference.int8 import samples_from
 from transferkit.model.fold import batchnorm_count, fold_batchnorm
 from transferkit.model.surgery import extractor_at, frozen_digest, trainable_at
 from transferkit.progress import progress_bar
@@ -473,7 +474,7 @@ class FeaturePlan:
         stages: the recipe's stages.
         train_data, val_data: the ``ImageBatches`` of the run.
         config: the recipe's ``CacheConfig``.
-        forward_factory: extractor model -> batch function returning its outputs.
+        forward_factory: (extractor model, ``ForwardWork``) -> batch function returning its outputs.
         seed: augmentation seed.
         dtype: storage dtype.
         verbose: log what is computed, with a progress bar.
@@ -608,10 +609,13 @@ class FeaturePlan:
                 return False
             boundaries, views = [b for b, _ in wanted], [count for _, count in wanted]
         extractor = extractor_at(self.model, self.spec, boundaries)
-        forward = self.forward_factory(extractor)
+        train, val = self.train_data, self.val_data
+        passes = max(views)  # self.views() is 1 without augmentation
+        forward = self.forward_factory(extractor, ForwardWork(
+            passes * len(train.images) + len(val.images),
+            lambda: samples_from(train.images, val.images, seed=self.seed)))
         as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
         shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
-        train, val = self.train_data, self.val_data
         if self.shared is not None:
             itemsize = np.dtype(self.dtype).itemsize
             needed = sum((count * len(train.images) + len(val.images)) * math.prod(shape) * itemsize
@@ -620,7 +624,6 @@ class FeaturePlan:
             budget = self.config.memory_mb - self.shared.memory_mb()
         else:
             budget = self.config.memory_mb - self._memory_used_mb()
-        passes = max(views)  # self.views() is 1 without augmentation
         total = len(train) + len(val)  # the later views are computed while the stage trains
         bar = progress_bar("batch", total, enabled=bool(self.verbose))
         if self.verbose:
@@ -726,12 +729,56 @@ def backbone_features(model, images: np.ndarray, batch_size: int = 32) -> np.nda
     return np.concatenate(outputs, axis=0)
 
 
-def default_forward(model):
+@dataclass(frozen=True)
+class ForwardWork:
+    """What a feature pass will ask of the forward function a ``forward_factory`` makes.
+
+    Attributes:
+        image_passes: images it will run (every view of the training images, and the
+            validation images once).
+        int8_samples: returns the ``inference.int8.Int8Samples`` an int8 network would be
+            calibrated and checked on (training images; validation images held back).
+    """
+
+    image_passes: int
+    int8_samples: Callable
+
+
+def engine_forward(engine: str, precision: str, verbose: int | str = 0) -> Callable:
+    """The ``forward_factory`` of a run: each extractor's inference engine (its network shared by
+    runs on the same frozen weights: ``inference.openvino.SHARED``), taking uint8 images, in
+    int8 where ``inference.int8.worth_int8`` says the work is worth trying it.
+
+    Args:
+        engine: the recipe's engine ("auto", "keras" or "openvino").
+        precision: the recipe's precision.
+        verbose: log which engine runs; default 0.
+
+    Returns:
+        (extractor, ``ForwardWork``) -> batch function.
+    """
+    from transferkit.inference.engines import SHARED
+    from transferkit.inference.int8 import forward_engine, worth_int8
+
+    def forward_factory(extractor, work: ForwardWork):
+        samples = work.int8_samples if worth_int8(precision, work.image_passes) else None
+        forward = forward_engine(extractor, engine, precision=precision, cache_dir=SHARED, input_dtype="uint8",
+                                 int8_samples=samples)
+        if verbose:
+            log.info(f"forward engine for the feature cache: {forward.name}"
+                     + (" int8" if getattr(forward, "precision_hint", "") == "int8" else ""))
+        return forward.predict
+
+    return forward_factory
+
+
+def default_forward(model, work: ForwardWork | None = None):
     """A batch -> outputs function for forward-only work in Keras, with frozen BatchNorm
     folded into the convolutions before it (what makes bfloat16 pay on ResNet50).
 
     Args:
         model: an extractor (images -> feature maps).
+        work: what it will be asked (unused here: Keras runs every precision as built).
 
     Returns:
         A function from a batch of images to the model's outputs.

@@ -80,7 +80,8 @@ class StageOptions:
         loss: the recipe's ``LossConfig`` (label smoothing); default None (plain
             cross-entropy).
         forward_factory: turns an extractor model (images -> one feature map, or a list of
-            them) into a batch -> outputs function (an inference engine); default None (the
+            them) and the ``features.ForwardWork`` it will do into a batch -> outputs
+            function (an inference engine); default None (the
             model's own ``predict_on_batch`` after BatchNorm folding, ``default_forward``).
         feature_cache: a ``FeatureCache`` that keeps the cached features for later runs on
             the same images (a study's trials) and serves this one what earlier runs left;
