@@ -109,12 +109,13 @@ class TimeBudget:
         first_stage: the stage the run starts at (a resumed run's); default 0.
         done_before: epochs done in that stage before (a resumed run's); default 0.
         verbose: print the plan through the ``transferkit`` logger; default 0.
-        clock: seconds, monotonic; default ``time.monotonic``.
+        clock: seconds, monotonic; default ``time.perf_counter`` (the clock ``training.stages``
+            times a stage's start with).
     """
 
     def __init__(self, seconds: float, stages: Sequence[StageConfig], *, train_images: int, val_images: int,
                  first_stage: int = 0, done_before: int = 0, verbose: int | str = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.perf_counter):
         self.seconds, self.clock, self.verbose = seconds, clock, verbose
         self.started = clock()
         self.train_images, self.val_images = train_images, val_images

@@ -26,6 +26,10 @@ data-parallel (several processes, ``strategies``), each process fits on its own 
 the images (``data.batches.process_share``, as a tf.data pipeline), and the feature cache is
 off: the frozen part runs in every step, on each process's share.
 
+With a time budget (``StageOptions.time_budget``, ``training.budget``), a stage starts only
+when the budget leaves time for it, its fit is timed and stopped at the budget's plan, and
+the feature cache computes the views that fit.
+
 ``begin_stage`` (steps 1-4) is public: ``lr-find`` and ``doctor --model`` set a stage up
 exactly as training begins it. Beside the steps: resuming a stage from the checkpoint
 (``_resume_point``) and checkpointing (``_checkpoint_stage_start``,
