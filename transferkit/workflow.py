@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +327,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics["precision"] = policy
     trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
                                                            prepared.class_names)
-    trained.metrics.update(strategy=distribution.as_dict(), stages=[asdict(timing) for timing in result.timings])
+    trained.metrics.update(strategy=distribution.as_dict(), **result.records())
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
                                       batch_size=recipe.batch_size)
@@ -362,7 +362,7 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                            forward_factory=engine_forward(recipe.engine, recipe.precision, verbose),
                            callbacks=callbacks,
                            feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
-                           distribution=distribution)
+                           distribution=distribution, time_budget=recipe.time_budget_seconds)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1

@@ -156,6 +156,7 @@ class TerminalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno == logging.INFO:
+            end_open_line()  # told during an epoch (a time budget's plan): below the progress bar
             sys.stdout.write(f"{record.getMessage()}\n")
             sys.stdout.flush()
         else:

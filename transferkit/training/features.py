@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -488,11 +489,15 @@ class FeaturePlan:
         scope: returns the context the trainable part is built in (a distribution
             strategy's scope); default None (none). The features are computed outside it,
             once, whatever the number of replicas.
+        plan_views: (views a pass would compute, seconds of one image's forward pass timed
+            on the validation images) -> the views to compute (a time budget's
+            ``cache_views``); default None (all).
     """
 
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
                  *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None,
-                 shared: FeatureCache | None = None, context: tuple = (), scope: Callable | None = None):
+                 shared: FeatureCache | None = None, context: tuple = (), scope: Callable | None = None,
+                 plan_views: Callable[[int, float], int] | None = None):
         self.model, self.spec, self.stages = model, spec, list(stages)
         # A StopFlag: a pass stops early once a signal asked training to stop.
         self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
@@ -504,6 +509,7 @@ class FeaturePlan:
         self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
         self.shared, self.context = shared, tuple(context)
         self.scope = scope or contextlib.nullcontext
+        self.plan_views = plan_views
         # (source, boundary) -> its key in the shared cache
         self._shared_keys: dict[tuple[int, int], tuple] = {}
 
@@ -633,11 +639,15 @@ class FeaturePlan:
                   f"training + {len(val.images)} validation images; at {where}{later})")
         # Validation first: the training pass returns after its first view and goes on in
         # the background, and the engine serves one caller at a time.
+        started = time.perf_counter()
         val_stores = compute_feature_stores(as_list, val.images, shapes, FeaturePass(
             views=views, batch_size=val.batch_size,  # one view: no augmenter
             dtype=self.dtype, memory_budget_mb=budget, progress=bar, stop_requested=self.stop_requested,
         ))
         budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
+        if self.plan_views is not None and len(val.images):  # the views that fit a time budget
+            computed = self.plan_views(passes, (time.perf_counter() - started) / len(val.images))
+            views = [min(count, computed) for count in views]
         done = len(val)
         train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
             views=views, augmenter_factory=self.augmenter_factory, seed=self.seed, batch_size=train.batch_size,
