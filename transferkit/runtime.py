@@ -53,6 +53,9 @@ def machine_facts() -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "fast_bfloat16": sorted(flag for flag in flags if flag in ("amx_bf16", "avx512_bf16")),
+        # oneDNN (TensorFlow's and OpenVINO's kernels) capped to an older instruction set, as
+        # ONEDNN_MAX_CPU_ISA=AVX2 runs them as on a CPU without AVX-512.
+        **({"onednn_max_cpu_isa": os.environ["ONEDNN_MAX_CPU_ISA"]} if os.environ.get("ONEDNN_MAX_CPU_ISA") else {}),
     }
 
 
