@@ -434,7 +434,10 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
         log.debug("cannot clone %s for conversion (%s); converting it as it is", model.name, error)
         return model
     for original, copy in pairs:
-        copy.set_weights(original.get_weights())
+        # keras.ops calls in a functional graph (MobileNetV3's hard sigmoid, ConvNeXt's residual
+        # sums) are cloned as operations too, and hold no weights.
+        if isinstance(original, keras.layers.Layer):
+            copy.set_weights(original.get_weights())
     return clone
 
 
