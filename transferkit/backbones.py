@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferkit.errors import WeightsError, first_line
+from transferkit.errors import ExportError, WeightsError, first_line
 
 WEIGHTS_CHOICES = ("imagenet", "none")
 
@@ -46,6 +46,9 @@ class BackboneSpec:
         output_layer: the name ``load_backbone`` gives the backbone's last layer where
             Keras leaves it an automatic name ("layer_normalization_3"), which depends on
             what else the process built; "" where Keras names it.
+        unsupported_formats: (export format, why it cannot hold this backbone) pairs: the
+            formats whose files of it fail to load back or convert (``--save-h5`` is the
+            "h5" format).
     """
 
     name: str
@@ -59,6 +62,7 @@ class BackboneSpec:
     last_conv: str
     parameters: int
     output_layer: str = ""
+    unsupported_formats: tuple[tuple[str, str], ...] = ()
 
     def first_unfrozen(self, unfreeze: int | str) -> int:
         """Index of the first block that trains for an unfreeze depth (0, N or "all");
@@ -77,6 +81,24 @@ class BackboneSpec:
                 found, length = index, len(prefix)
         return found
 
+    def require_format(self, format: str, alternatives: str = "keras, savedmodel, openvino or litert") -> bool:
+        """Check that this backbone's model can be written in an export format.
+
+        Args:
+            format: an export format name ("h5", "onnx", ...).
+            alternatives: the formats the message offers instead.
+
+        Returns:
+            True.
+
+        Raises:
+            ExportError: the format cannot hold this backbone (``unsupported_formats``).
+        """
+        reason = dict(self.unsupported_formats).get(format)
+        if reason is not None:
+            raise ExportError(f"{self.name} cannot be written as {format}: {reason}; use {alternatives} instead")
+        return True
+
 
 _KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -85,7 +107,6 @@ _RESNET50_BLOCKS = ("conv1",) + tuple(
     for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
     for block in range(1, count + 1)
 )
-
 
 
 def _efficientnetv2_blocks(depths: tuple[int, ...]) -> tuple[str, ...]:
@@ -146,6 +167,11 @@ def _convnext(variant: str, depths: tuple[int, ...], parameters: int) -> Backbon
         last_conv=f"{keras_name}_top_layernorm",
         parameters=parameters,
         output_layer=f"{keras_name}_top_layernorm",
+        unsupported_formats=(
+            ("onnx", "tf2onnx cannot convert its grouped 7x7 convolutions and exact GELU"),
+            ("h5", "its LayerScale layers (keras.src.applications.convnext) are not registered, so the "
+                   "legacy HDF5 file does not load"),
+        ),
     )
 
 
@@ -163,6 +189,10 @@ def _mobilenetv3(variant: str, inverted_residuals: int, parameters: int) -> Back
         last_conv="conv_1_activation",
         parameters=parameters,
         output_layer="conv_1_activation",
+        unsupported_formats=(
+            ("h5", "its hard sigmoid (keras.ops with a constant argument) does not load from the legacy HDF5 "
+                   "format"),
+        ),
     )
 
 
