@@ -9,7 +9,6 @@ import pytest
 from transferkit.backbones import REGISTRY, available_backbones, load_backbone
 from transferkit.errors import ExportError, WeightsError
 
-
 NEW_FAMILIES = [
     "efficientnetv2-b0", "efficientnetv2-b1", "efficientnetv2-b2", "efficientnetv2-b3", "efficientnetv2-s",
     "convnext-tiny", "convnext-small", "mobilenetv3-small", "mobilenetv3-large",
@@ -185,7 +184,8 @@ def test_block_of_takes_the_longest_prefix():
     assert mobilenet.blocks[mobilenet.block_of("expanded_conv_10_add")] == "expanded_conv_10"
     assert mobilenet.blocks[mobilenet.block_of("expanded_conv_squeeze_excite_mul")] == "expanded_conv"
     small = REGISTRY["convnext-small"]
-    assert small.blocks[small.block_of("convnext_small_stage_2_block_20_layernorm")] == "convnext_small_stage_2_block_20"
+    block = small.block_of("convnext_small_stage_2_block_20_layernorm")
+    assert small.blocks[block] == "convnext_small_stage_2_block_20"
     assert small.block_of("convnext_small_prestem_normalization") is None  # no weights that train
 
 
