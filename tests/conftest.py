@@ -104,7 +104,8 @@ def pytest_configure(config):
 # The other files follow in their usual order; a new slow file belongs in this list.
 LONGEST_FIRST = (
     "test_data_parallel.py",  # two pairs of real processes on loopback (Keras on JAX)
-    "test_strategies.py", "training/test_features.py", "tuning/test_search.py", "test_backends.py",
+    "test_strategies.py", "test_backbone_families.py", "training/test_features.py", "tuning/test_search.py",
+    "test_backends.py",
     "reliability/test_faults.py",
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",
     "training/test_budget.py",

@@ -1,15 +1,22 @@
+import functools
 import urllib.error
 
 import h5py
+import keras
 import numpy as np
 import pytest
 
 from transferkit.backbones import REGISTRY, available_backbones, load_backbone
-from transferkit.errors import WeightsError
+from transferkit.errors import ExportError, WeightsError
+
+NEW_FAMILIES = [
+    "efficientnetv2-b0", "efficientnetv2-b1", "efficientnetv2-b2", "efficientnetv2-b3", "efficientnetv2-s",
+    "convnext-tiny", "convnext-small", "mobilenetv3-small", "mobilenetv3-large",
+]
 
 
-def test_registry_lists_the_three_backbones():
-    assert available_backbones() == ["resnet50", "vgg16", "vgg19"]
+def test_registry_lists_every_backbone():
+    assert available_backbones() == sorted(["resnet50", "vgg16", "vgg19", *NEW_FAMILIES])
 
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg19", "resnet50"])
@@ -25,7 +32,7 @@ def test_load_with_random_weights_every_layer_has_a_block(name):
 
 
 def test_unknown_backbone_and_too_small_input():
-    with pytest.raises(WeightsError, match="choose one of: resnet50, vgg16, vgg19"):
+    with pytest.raises(WeightsError, match="choose one of: convnext-small, .*, resnet50, vgg16, vgg19"):
         load_backbone("mobilenet", weights="none")
     with pytest.raises(WeightsError, match="at least 32x32x3"):
         load_backbone("vgg16", weights="none", input_shape=(16, 16, 3))
@@ -78,7 +85,7 @@ def test_corrupt_and_missing_weights_files(tmp_path):
         load_backbone("vgg16", weights=wrong_kind, input_shape=(32, 32, 3))
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "efficientnetv2-b0", "convnext-tiny", "mobilenetv3-small"])
 def test_failed_download_names_file_folder_and_alternatives(name, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     requested = []
@@ -100,3 +107,93 @@ def test_failed_download_names_file_folder_and_alternatives(name, tmp_path, monk
     assert str(tmp_path / "keras-home" / "models") in message
     assert "--weights PATH" in message and "--weights none" in message
     assert "\n" not in message
+
+
+# --- the EfficientNetV2, ConvNeXt and MobileNetV3 families: registry facts against Keras ---
+
+
+@functools.cache
+def built(name):
+    """The backbone at its minimum size, built once per test process."""
+    return load_backbone(name, weights="none", input_shape=(REGISTRY[name].min_size,) * 2 + (3,))
+
+
+def leaf_layers(model):
+    for layer in model.layers:
+        yield from leaf_layers(layer) if isinstance(layer, keras.Model) else (layer,)
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_new_backbone_facts_match_what_keras_builds(name):
+    spec, backbone = REGISTRY[name], built(name)
+    assert spec.preprocessing == "included"  # Keras's Rescaling / Normalization inside the backbone
+    assert spec.parameters == backbone.count_params()
+    # Keras's own minimum: one pixel less is refused by the Keras constructor itself.
+    with pytest.raises(ValueError, match="at least 32x32"):
+        getattr(keras.applications, spec.constructor)(include_top=False, weights=None,
+                                                      input_shape=(spec.min_size - 1, spec.min_size - 1, 3))
+    # Every layer with weights is in a block (nested ones through their container's name, as
+    # set_trainable sets them), and every block holds weights.
+    blocks = {}
+    for layer in backbone.layers:
+        if layer.weights:
+            assert spec.block_of(layer.name) is not None, layer.name
+            blocks.setdefault(spec.block_of(layer.name), []).append(layer.name)
+    assert sorted(blocks) == list(range(len(spec.blocks)))
+    # Blocks run from the input to the output: each block's first layer comes after the last
+    # layer of the block before it.
+    order = [spec.block_of(layer.name) for layer in backbone.layers if spec.block_of(layer.name) is not None]
+    assert order == sorted(order)
+    # Grad-CAM's layer: a spatial map, and the one the head reads.
+    conv = backbone.get_layer(spec.last_conv)
+    assert len(conv.output.shape) == 4 and conv is backbone.layers[-1]
+    # Only the layers with weights of batch statistics are BatchNormalization (ConvNeXt: none).
+    has_batchnorm = any(isinstance(layer, keras.layers.BatchNormalization) for layer in leaf_layers(backbone))
+    assert has_batchnorm == (not name.startswith("convnext"))
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_new_backbone_weights_file_is_the_one_keras_downloads(name):
+    """The file name and origin as Keras's application module computes them (its
+    BASE_WEIGHTS_PATH and its naming rule), for the offline instructions."""
+    import inspect
+
+    from keras.src.applications import convnext, efficientnet_v2, mobilenet_v3
+
+    spec = REGISTRY[name]
+    constructor = getattr(keras.applications, spec.constructor)
+    if name.startswith("mobilenetv3"):
+        variant = name.split("-")[1]
+        model_name = f"{variant}_224_1.0_float"
+        assert model_name in mobilenet_v3.WEIGHTS_HASHES
+        expected = f"weights_mobilenet_v3_{model_name}_no_top_v2.h5"
+        base = mobilenet_v3.BASE_WEIGHT_PATH
+    else:
+        module = convnext if name.startswith("convnext") else efficientnet_v2
+        keras_name = inspect.signature(constructor).parameters["name"].default
+        expected, base = f"{keras_name}_notop.h5", module.BASE_WEIGHTS_PATH
+    assert spec.weights_file == expected
+    assert spec.weights_origin == base + expected
+
+
+def test_block_of_takes_the_longest_prefix():
+    mobilenet = REGISTRY["mobilenetv3-small"]
+    assert mobilenet.blocks[mobilenet.block_of("conv_bn")] == "conv"
+    assert mobilenet.blocks[mobilenet.block_of("conv_1_bn")] == "conv_1"
+    assert mobilenet.blocks[mobilenet.block_of("expanded_conv_1_expand")] == "expanded_conv_1"
+    assert mobilenet.blocks[mobilenet.block_of("expanded_conv_10_add")] == "expanded_conv_10"
+    assert mobilenet.blocks[mobilenet.block_of("expanded_conv_squeeze_excite_mul")] == "expanded_conv"
+    small = REGISTRY["convnext-small"]
+    block = small.block_of("convnext_small_stage_2_block_20_layernorm")
+    assert small.blocks[block] == "convnext_small_stage_2_block_20"
+    assert small.block_of("convnext_small_prestem_normalization") is None  # no weights that train
+
+
+def test_formats_a_backbone_cannot_be_written_in_are_refused_in_one_line():
+    with pytest.raises(ExportError) as info:
+        REGISTRY["convnext-tiny"].require_format("onnx")
+    message = str(info.value)
+    assert "convnext-tiny cannot be written as onnx" in message and "openvino" in message and "\n" not in message
+    with pytest.raises(ExportError, match="mobilenetv3-small cannot be written as h5"):
+        REGISTRY["mobilenetv3-small"].require_format("h5")
+    assert REGISTRY["efficientnetv2-b0"].require_format("onnx") and REGISTRY["vgg16"].require_format("h5")

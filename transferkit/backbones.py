@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferkit.errors import WeightsError, first_line
+from transferkit.errors import ExportError, WeightsError, first_line
 
 WEIGHTS_CHOICES = ("imagenet", "none")
 
@@ -29,8 +29,10 @@ class BackboneSpec:
     Attributes:
         name: registry name used in recipes and on the command line.
         constructor: attribute of ``keras.applications`` that builds it.
-        preprocessing: input convention the ImageNet weights expect ("caffe": BGR, mean
-            subtracted, no scaling).
+        preprocessing: input convention the ImageNet weights expect, which transferkit's
+            "preprocessing" layer applies: "caffe" (BGR, mean subtracted, no scaling), or
+            "included" (the Keras model scales and normalises RGB 0..255 itself, with its
+            own Rescaling / Normalization layers: the pixels pass as they are).
         min_size: smallest input height/width Keras accepts without the top.
         default_size: the size the ImageNet weights were trained at.
         blocks: layer-name prefixes from the input to the output; unfreezing N blocks makes
@@ -41,6 +43,12 @@ class BackboneSpec:
             Grad-CAM looks).
         parameters: weights without the top, counted from the built model (a listing
             answers at once; a test checks the figure against Keras).
+        output_layer: the name ``load_backbone`` gives the backbone's last layer where
+            Keras leaves it an automatic name ("layer_normalization_3"), which depends on
+            what else the process built; "" where Keras names it.
+        unsupported_formats: (export format, why it cannot hold this backbone) pairs: the
+            formats whose files of it fail to load back or convert (``--save-h5`` is the
+            "h5" format).
     """
 
     name: str
@@ -53,6 +61,8 @@ class BackboneSpec:
     weights_origin: str
     last_conv: str
     parameters: int
+    output_layer: str = ""
+    unsupported_formats: tuple[tuple[str, str], ...] = ()
 
     def first_unfrozen(self, unfreeze: int | str) -> int:
         """Index of the first block that trains for an unfreeze depth (0, N or "all");
@@ -61,11 +71,33 @@ class BackboneSpec:
         return len(self.blocks) - depth
 
     def block_of(self, layer_name: str) -> int | None:
-        """Index into ``blocks`` of the block a layer belongs to, or None (input layers)."""
+        """Index into ``blocks`` of the block a layer belongs to, or None (input layers).
+
+        The longest prefix wins: MobileNetV3's ``conv_1_bn`` is in ``conv_1``, not in the
+        stem ``conv``."""
+        found, length = None, -1
         for index, prefix in enumerate(self.blocks):
-            if layer_name == prefix or layer_name.startswith(prefix + "_"):
-                return index
-        return None
+            if (layer_name == prefix or layer_name.startswith(prefix + "_")) and len(prefix) > length:
+                found, length = index, len(prefix)
+        return found
+
+    def require_format(self, format: str, alternatives: str = "keras, savedmodel, openvino or litert") -> bool:
+        """Check that this backbone's model can be written in an export format.
+
+        Args:
+            format: an export format name ("h5", "onnx", ...).
+            alternatives: the formats the message offers instead.
+
+        Returns:
+            True.
+
+        Raises:
+            ExportError: the format cannot hold this backbone (``unsupported_formats``).
+        """
+        reason = dict(self.unsupported_formats).get(format)
+        if reason is not None:
+            raise ExportError(f"{self.name} cannot be written as {format}: {reason}; use {alternatives} instead")
+        return True
 
 
 _KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -75,6 +107,94 @@ _RESNET50_BLOCKS = ("conv1",) + tuple(
     for stage, count in ((2, 3), (3, 4), (4, 6), (5, 3))
     for block in range(1, count + 1)
 )
+
+
+def _efficientnetv2_blocks(depths: tuple[int, ...]) -> tuple[str, ...]:
+    """The stem, each MBConv block ("block1a" .. "block6h": stage number, then a letter per
+    repeat) and the top 1x1 convolution, for the repeats per stage Keras builds."""
+    return ("stem",) + tuple(
+        f"block{stage}{chr(ord('a') + repeat)}"
+        for stage, count in enumerate(depths, start=1)
+        for repeat in range(count)
+    ) + ("top",)
+
+
+def _convnext_blocks(prefix: str, depths: tuple[int, ...]) -> tuple[str, ...]:
+    """The stem, each ConvNeXt block, the downsampling layer before stages 1..3 (each its own
+    block) and the LayerNormalization over the output (named by ``output_layer``)."""
+    blocks = [f"{prefix}_stem"]
+    for stage, count in enumerate(depths):
+        if stage:
+            blocks.append(f"{prefix}_downsampling_block_{stage - 1}")
+        blocks.extend(f"{prefix}_stage_{stage}_block_{block}" for block in range(count))
+    return (*blocks, f"{prefix}_top_layernorm")
+
+
+def _mobilenetv3_blocks(inverted_residuals: int) -> tuple[str, ...]:
+    """The stem convolution, the inverted residual blocks and the last 1x1 convolution."""
+    return ("conv", "expanded_conv") + tuple(
+        f"expanded_conv_{index}" for index in range(1, inverted_residuals)
+    ) + ("conv_1",)
+
+
+def _efficientnetv2(variant: str, default_size: int, depths: tuple[int, ...], parameters: int) -> BackboneSpec:
+    keras_name = f"efficientnetv2-{variant}"
+    return BackboneSpec(
+        name=keras_name,
+        constructor=f"EfficientNetV2{variant.upper()}",
+        preprocessing="included",
+        min_size=32,
+        default_size=default_size,
+        blocks=_efficientnetv2_blocks(depths),
+        weights_file=f"{keras_name}_notop.h5",
+        weights_origin=_KERAS_APPLICATIONS + f"efficientnet_v2/{keras_name}_notop.h5",
+        last_conv="top_activation",
+        parameters=parameters,
+    )
+
+
+def _convnext(variant: str, depths: tuple[int, ...], parameters: int) -> BackboneSpec:
+    keras_name = f"convnext_{variant}"
+    return BackboneSpec(
+        name=f"convnext-{variant}",
+        constructor=f"ConvNeXt{variant.capitalize()}",
+        preprocessing="included",
+        min_size=32,
+        default_size=224,
+        blocks=_convnext_blocks(keras_name, depths),
+        weights_file=f"{keras_name}_notop.h5",
+        weights_origin=_KERAS_APPLICATIONS + f"convnext/{keras_name}_notop.h5",
+        last_conv=f"{keras_name}_top_layernorm",
+        parameters=parameters,
+        output_layer=f"{keras_name}_top_layernorm",
+        unsupported_formats=(
+            ("onnx", "tf2onnx cannot convert its grouped 7x7 convolutions and exact GELU"),
+            ("h5", "its LayerScale layers (keras.src.applications.convnext) are not registered, so the "
+                   "legacy HDF5 file does not load"),
+        ),
+    )
+
+
+def _mobilenetv3(variant: str, inverted_residuals: int, parameters: int) -> BackboneSpec:
+    weights_file = f"weights_mobilenet_v3_{variant}_224_1.0_float_no_top_v2.h5"
+    return BackboneSpec(
+        name=f"mobilenetv3-{variant}",
+        constructor=f"MobileNetV3{variant.capitalize()}",
+        preprocessing="included",
+        min_size=32,
+        default_size=224,
+        blocks=_mobilenetv3_blocks(inverted_residuals),
+        weights_file=weights_file,
+        weights_origin=_KERAS_APPLICATIONS + f"mobilenet_v3/{weights_file}",
+        last_conv="conv_1_activation",
+        parameters=parameters,
+        output_layer="conv_1_activation",
+        unsupported_formats=(
+            ("h5", "its hard sigmoid (keras.ops with a constant argument) does not load from the legacy HDF5 "
+                   "format"),
+        ),
+    )
+
 
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
@@ -118,6 +238,16 @@ REGISTRY: dict[str, BackboneSpec] = {
             last_conv="conv5_block3_out",
             parameters=23_587_712,
         ),
+        # Repeats per stage as Keras scales them for each variant (B0's are the base ones).
+        _efficientnetv2("b0", 224, (1, 2, 2, 3, 5, 8), 5_919_312),
+        _efficientnetv2("b1", 240, (2, 3, 3, 4, 6, 9), 6_931_124),
+        _efficientnetv2("b2", 260, (2, 3, 3, 4, 6, 10), 8_769_374),
+        _efficientnetv2("b3", 300, (2, 3, 3, 5, 7, 12), 12_930_622),
+        _efficientnetv2("s", 384, (2, 4, 4, 6, 9, 15), 20_331_360),
+        _convnext("tiny", (3, 3, 9, 3), 27_820_128),
+        _convnext("small", (3, 3, 27, 3), 49_454_688),
+        _mobilenetv3("small", 11, 939_120),
+        _mobilenetv3("large", 15, 2_996_352),
     )
 }
 
@@ -126,7 +256,7 @@ def available_backbones() -> list[str]:
     """Names of the backbones transferkit can load, sorted.
 
     Returns:
-        A list such as ``["resnet50", "vgg16", "vgg19"]``.
+        A list such as ``["convnext-small", ..., "resnet50", "vgg16", "vgg19"]``.
     """
     return sorted(REGISTRY)
 
@@ -165,7 +295,8 @@ def load_backbone(
     """Build a keras.applications backbone without its classification top.
 
     Args:
-        name: "vgg16", "vgg19" or "resnet50".
+        name: a name from ``available_backbones()`` ("vgg16", "resnet50",
+            "efficientnetv2-b0", "convnext-tiny", "mobilenetv3-small", ...).
         weights: "imagenet" (default; Keras download and cache), "none" (random), or a path
             to a ``.h5`` / ``.weights.h5`` file holding this architecture's weights.
         input_shape: (height, width, 3); each side at least the backbone's ``min_size``.
@@ -199,6 +330,10 @@ def load_backbone(
         load_weights_file(backbone, spec, Path(weights_text))
     # A stable name so the classifier can find the backbone after save and load.
     backbone.name = "backbone"
+    if spec.output_layer:
+        # Keras leaves this layer an automatic name; the registry's blocks and last_conv
+        # need one that is the same in every process.
+        backbone.layers[-1].name = spec.output_layer
     return backbone
 
 

@@ -260,7 +260,7 @@ def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: 
         "data_dir": prepared.data_dir,
         "val_dir": prepared.val_dir,
         "output": str(output.resolve()),
-        "save_h5": save_h5,
+        "save_h5": save_h5 and get_spec(recipe.backbone).require_format("h5", "the run's model.keras"),
         "force": force,
         "class_names": list(prepared.class_names),
         "data_fingerprint": prepared.fingerprint,

@@ -11,11 +11,11 @@ from transferkit.cli.common import reports_errors
 @reports_errors
 def backbones() -> None:
     """List the available backbones, their input sizes and parameter counts."""
-    header = f"{'name':<10} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
+    header = f"{'name':<17} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
     typer.echo(f"{header}  ImageNet weights file")
     for name, spec in sorted(REGISTRY.items()):
         typer.echo(
-            f"{name:<10} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "
+            f"{name:<17} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "
             f"{spec.parameters:>12,}  {spec.weights_file}"
         )
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.backbones import get_spec
 from transferkit.errors import ExportError, RunError
 from transferkit.evaluation.card import write_model_card
 from transferkit.export.formats import (
@@ -153,6 +154,7 @@ def export_run(
     require_tensorflow_backend()
     specs = _chosen_formats(format, quantize)
     run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
+    specs = _fit_for_backbone(get_spec(run.backbone), specs, many=format == "all")
     targets = _targets(run, specs, quantize, output, format == "all", force)
     if max_drop < 0:
         raise ExportError(f"--max-drop must be at least 0 points, got {max_drop:g}")
@@ -201,6 +203,22 @@ def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
         raise ExportError(f"no format can be exported with --quantize {quantize} here; "
                           f"install the export runtimes: {install_hint([])}")
     return chosen
+
+
+def _fit_for_backbone(backbone, specs: list[ExportFormat], many: bool) -> list[ExportFormat]:
+    """The formats that can hold the run's backbone (``BackboneSpec.unsupported_formats``):
+    with "all" the others are skipped with a warning; one asked for by name is an error."""
+    fit = []
+    for spec in specs:
+        try:
+            backbone.require_format(spec.name)
+        except ExportError as error:
+            if not many:
+                raise
+            log.warning("skipping the %s export: %s", spec.name, error)
+            continue
+        fit.append(spec)
+    return fit
 
 
 def _targets(run, specs, quantize: str, output, many: bool, force: bool) -> list[Path]:

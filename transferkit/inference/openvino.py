@@ -369,10 +369,29 @@ def export_network(model, input_shape: int | tuple[int, ...]):
     root = logging.getLogger()
     state = (root.level, list(root.filters), list(root.handlers))
     try:
-        return ov.convert_model(concrete)
+        network = ov.convert_model(concrete)
     finally:
         root.setLevel(state[0])
         root.filters[:], root.handlers[:] = state[1], state[2]
+    return _function_outputs_only(ov, network, [tensor.name for tensor in concrete.outputs])
+
+
+def _function_outputs_only(ov, network, names: list[str]):
+    """The network with the traced function's own outputs only, in its order.
+
+    OpenVINO's TensorFlow front end also makes an output of each activation TensorFlow computes
+    with a custom gradient (the swish of EfficientNetV2: 55 extra outputs), which the engine
+    would take for the model's own.
+    """
+    results = network.get_results()
+    if len(results) == len(names):
+        return network
+    by_name = {name: result for result in results for name in result.output(0).get_names()}
+    by_name.update({name: result for result in results for name in result.input_value(0).get_names()})
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise RuntimeError(f"the converted network has {len(results)} outputs and none named {missing[0]!r}")
+    return ov.Model([by_name[name] for name in names], network.get_parameters(), network.friendly_name)
 
 
 # How long a child process may take to convert one network (Keras's start-up included).
@@ -465,6 +484,8 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
             return keras.layers.Identity(name=layer.name, dtype="float32")
         if isinstance(layer, keras.layers.Resizing):
             return _same_size_resizing_class()(layer)
+        if _fixed_normalization(layer):
+            return _as_rescaling(layer)
         config = layer.get_config()
         if "dtype" in config:
             config["dtype"] = "float32"
@@ -480,8 +501,33 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
         log.debug("cannot clone %s for conversion (%s); converting it as it is", model.name, error)
         return model
     for original, copy in pairs:
-        copy.set_weights(original.get_weights())
+        # keras.ops calls in a functional graph (MobileNetV3's hard sigmoid, ConvNeXt's residual
+        # sums) are cloned as operations too, and hold no weights.
+        if isinstance(original, keras.layers.Layer):
+            copy.set_weights(original.get_weights())
     return clone
+
+
+def _fixed_normalization(layer) -> bool:
+    """A ``Normalization`` over the channels with its mean and variance given, not adapted
+    (EfficientNetV2's and ConvNeXt's own input normalisation)."""
+    import keras
+
+    return (isinstance(layer, keras.layers.Normalization) and not layer.invert
+            and layer.input_mean is not None and tuple(layer.axis) in ((-1,), (3,)))
+
+
+def _as_rescaling(layer):
+    """The same per-channel ``(x - mean) / sqrt(variance)`` as a ``Rescaling`` layer, whose
+    constants are made inside the traced function: tf2onnx turns the Normalization's tensors,
+    made when the layer was built, into inputs of the ONNX graph that nobody feeds."""
+    import keras
+
+    mean, variance = np.broadcast_arrays(np.asarray(layer.input_mean, dtype="float64").reshape(-1),
+                                         np.asarray(layer.input_variance, dtype="float64").reshape(-1))
+    deviation = np.maximum(np.sqrt(variance), keras.config.epsilon())
+    return keras.layers.Rescaling(scale=(1.0 / deviation).tolist(), offset=(-mean / deviation).tolist(),
+                                  name=layer.name, dtype="float32")
 
 
 @functools.cache

@@ -2,7 +2,8 @@
 
     image (any height x width, RGB 0..255)
       -> Resizing to the recipe's image size        (inside the model)
-      -> the backbone's own preprocessing            (inside the model, a fixed 1x1 conv)
+      -> the backbone's own preprocessing            (inside the model: a fixed 1x1 conv for
+                                                      "caffe"; inside the backbone for "included")
       -> backbone (nested model named "backbone")
       -> head (nested model named "head"): pooling, [Dense, BatchNorm, Dropout] x N, output
 
@@ -26,6 +27,28 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _KERNEL_INITIALIZERS = {"selu": "lecun_normal"}
 
 
+def _caffe_layers(image_size: int) -> list:
+    """RGB -> BGR and mean subtraction as one frozen 1x1 convolution: a built-in layer, so the
+    saved model needs no custom code to load."""
+    import keras
+
+    kernel = np.zeros((1, 1, 3, 3), dtype="float32")
+    for rgb_channel, bgr_channel in ((0, 2), (1, 1), (2, 0)):
+        kernel[0, 0, rgb_channel, bgr_channel] = 1.0
+    convert = keras.layers.Conv2D(
+        3, 1, use_bias=True, trainable=False, dtype="float32", name="rgb_to_bgr_minus_mean"
+    )
+    convert.build((None, image_size, image_size, 3))
+    convert.set_weights([kernel, -np.asarray(_CAFFE_MEAN_BGR, dtype="float32")])
+    return [convert]
+
+
+# The layers after resizing, per input convention of the registry (BackboneSpec.preprocessing).
+# "included": the backbone scales and normalises RGB 0..255 itself (EfficientNetV2, ConvNeXt,
+# MobileNetV3 hold Keras's Rescaling / Normalization layers), so the pixels pass as they are.
+_CONVENTION_LAYERS = {"caffe": _caffe_layers, "included": lambda image_size: []}
+
+
 def build_preprocessing(spec: BackboneSpec, image_size: int):
     """Resizing plus the backbone's input convention, as a small Sequential of built-in layers.
 
@@ -44,20 +67,7 @@ def build_preprocessing(spec: BackboneSpec, image_size: int):
             dtype="float32", name="resize",
         )
     ]
-    if spec.preprocessing == "caffe":
-        # RGB -> BGR and mean subtraction as one frozen 1x1 convolution: a built-in layer,
-        # so the saved model needs no custom code to load.
-        kernel = np.zeros((1, 1, 3, 3), dtype="float32")
-        for rgb_channel, bgr_channel in ((0, 2), (1, 1), (2, 0)):
-            kernel[0, 0, rgb_channel, bgr_channel] = 1.0
-        convert = keras.layers.Conv2D(
-            3, 1, use_bias=True, trainable=False, dtype="float32", name="rgb_to_bgr_minus_mean"
-        )
-        convert.build((None, image_size, image_size, 3))
-        convert.set_weights([kernel, -np.asarray(_CAFFE_MEAN_BGR, dtype="float32")])
-        layers.append(convert)
-    else:  # pragma: no cover - every registered backbone names a known convention
-        raise AssertionError(f"unknown preprocessing {spec.preprocessing!r}")
+    layers.extend(_CONVENTION_LAYERS[spec.preprocessing](image_size))
     model = keras.Sequential(layers, name="preprocessing")
     model.build((None, None, None, 3))
     return model

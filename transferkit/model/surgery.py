@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import keras
 
 from transferkit.backbones import BackboneSpec
+from transferkit.keras_private import graph_nodes, producing_layer
 
 
 def walk_layers(model) -> Iterator:
@@ -37,8 +38,8 @@ def trainable_at(model, spec: BackboneSpec, first_open: int) -> tuple[object, st
             (``len(spec.blocks)``: the head alone).
 
     Returns:
-        (the model, the name of the backbone layer whose output it takes, or "" for the
-        backbone's output).
+        (the model, the name of the backbone layer (or operation: ConvNeXt's residual sums
+        are ``keras.ops`` calls) whose output it takes, or "" for the backbone's output).
     """
     backbone = model.get_layer("backbone")
     head = model.get_layer("head")
@@ -47,10 +48,10 @@ def trainable_at(model, spec: BackboneSpec, first_open: int) -> tuple[object, st
     if first_open == len(spec.blocks):
         features = keras.Input(shape=tuple(backbone.output.shape[1:]), name="features")
         return keras.Model(features, head(features), name="trainable_part"), ""
-    boundary = _boundary_layer(backbone, spec, first_open)
-    top = keras.Model(boundary.output, backbone.output, name="open_part")
-    features = keras.Input(shape=tuple(boundary.output.shape[1:]), name="features")
-    return keras.Model(features, head(top(features)), name="trainable_part"), boundary.name
+    boundary = _boundary_tensor(backbone, spec, first_open)
+    top = keras.Model(boundary, backbone.output, name="open_part")
+    features = keras.Input(shape=tuple(boundary.shape[1:]), name="features")
+    return keras.Model(features, head(top(features)), name="trainable_part"), producing_layer(boundary).name
 
 
 def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):
@@ -69,7 +70,7 @@ def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):
     backbone = model.get_layer("backbone")
     image_size = int(backbone.input_shape[1])
     ends = [
-        backbone.output if index == len(spec.blocks) else _boundary_layer(backbone, spec, index).output
+        backbone.output if index == len(spec.blocks) else _boundary_tensor(backbone, spec, index)
         for index in first_open
     ]
     images = keras.Input(shape=(image_size, image_size, 3), name="image")
@@ -97,21 +98,34 @@ def frozen_digest(model, spec: BackboneSpec, first_open: int) -> str:
     backbone = model.get_layer("backbone")
     layers = list(backbone.layers)
     if first_open < len(spec.blocks):
-        layers = layers[: layers.index(_boundary_layer(backbone, spec, first_open)) + 1]
+        layers = layers[: layers.index(_first_layer(backbone, spec, first_open))]
     digest = hashlib.blake2b(digest_size=16)
     for layer in [model.get_layer("preprocessing"), *layers]:
-        for weight in layer.weights:
+        # Each weight by its place in the layer, not its path: a path holds the name the layer
+        # was built with, automatic for some (ConvNeXt's last LayerNormalization) and so
+        # different from one process to the next.
+        for index, weight in enumerate(layer.weights):
             value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
-            digest.update(f"{layer.name}/{weight.path}:{value.dtype}{value.shape}".encode())
+            digest.update(f"{layer.name}/{index}:{value.dtype}{value.shape}".encode())
             digest.update(value.data)
     return digest.hexdigest()
 
 
-def _boundary_layer(backbone, spec: BackboneSpec, first_open: int):
-    """The last backbone layer before block ``first_open``."""
-    layers = backbone.layers
-    start = next(i for i, layer in enumerate(layers) if spec.block_of(layer.name) == first_open)
-    return layers[start - 1]
+def _first_layer(backbone, spec: BackboneSpec, first_open: int):
+    """The first backbone layer of block ``first_open``."""
+    return next(layer for layer in backbone.layers if spec.block_of(layer.name) == first_open)
+
+
+def _boundary_tensor(backbone, spec: BackboneSpec, first_open: int):
+    """The tensor block ``first_open`` starts from: its first layer's input.
+
+    A tensor, not the last layer before the block: a residual sum written with ``keras.ops``
+    (ConvNeXt) is no layer, and the layer before it gives only the residual branch.
+    """
+    first = _first_layer(backbone, spec, first_open)
+    # The call in the backbone's graph: a nested model's own ``input`` is its inner input.
+    node = next(node for node in graph_nodes(backbone) if node.operation is first)
+    return node.input_tensors[0]
 
 
 def unfrozen_blocks(spec: BackboneSpec, unfreeze: int | str) -> set[int]:
@@ -122,8 +136,9 @@ def unfrozen_blocks(spec: BackboneSpec, unfreeze: int | str) -> set[int]:
 def set_trainable(model, spec: BackboneSpec, unfreeze: int | str) -> None:
     """Make the top ``unfreeze`` blocks of the backbone trainable, all else in it frozen.
 
-    BatchNormalization layers stay frozen whatever the depth; the preprocessing layers never
-    train; the head always trains.
+    BatchNormalization layers stay frozen whatever the depth (LayerNormalization, as in
+    ConvNeXt, trains with its block); the preprocessing layers never train; the head
+    always trains.
 
     Args:
         model: a classifier from ``build_classifier``.
@@ -140,9 +155,13 @@ def set_trainable(model, spec: BackboneSpec, unfreeze: int | str) -> None:
         return
     for layer in backbone.layers:
         block = spec.block_of(layer.name)
-        layer.trainable = (
-            block in blocks and not isinstance(layer, keras.layers.BatchNormalization)
-        )
+        layer.trainable = block in blocks
+    # After the blocks' flags, which reach into nested models (ConvNeXt's downsampling).
+    # LayerNormalization trains with its block: it keeps no moving statistics, so it computes
+    # the same in training and inference, which is why BatchNormalization stays frozen.
+    for layer in walk_layers(backbone):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
 
 def compute_dtype(model) -> str:

@@ -242,13 +242,14 @@ def _gradients(setup: StageSetup) -> LearningCheck:
     expected = ["head"] + [setup.spec.blocks[index] for index in sorted(unfrozen_blocks(setup.spec,
                                                                                        setup.stage.unfreeze))]
     groups: dict[int, str] = {}
-    for layer in walk_layers(model):
-        if getattr(layer, "layers", None):
-            continue  # a nested model: its own layers are walked
+    for layer in walk_layers(model):  # a nested model comes before its own layers
         block = setup.spec.block_of(layer.name)
+        if getattr(layer, "layers", None) and block is None:
+            continue  # a nested model that is no block (backbone, head): its own layers are walked
+        # A nested model that is a block (ConvNeXt's downsampling) names its layers' weights.
         name = "head" if id(layer) in head else setup.spec.blocks[block] if block is not None else layer.name
         for weight in layer.trainable_weights:
-            groups[id(weight)] = name
+            groups.setdefault(id(weight), name)
     x, y, *weights = _first_batch(setup.train)
     loss_fn = make_loss(setup.n_classes, setup.recipe.loss)
     variables = list(model.trainable_weights)
@@ -385,8 +386,19 @@ def _keras_caffe(rgb: np.ndarray) -> np.ndarray:
     return keras.applications.imagenet_utils.preprocess_input(rgb.copy(), mode="caffe")
 
 
+def _keras_included(rgb: np.ndarray) -> np.ndarray:
+    import keras
+
+    # A pass-through: these backbones normalise inside the model (convnext's and mobilenet_v3's
+    # preprocess_input are the same pass-through).
+    return keras.applications.efficientnet_v2.preprocess_input(rgb.copy())
+
+
 # Per preprocessing convention of the registry: Keras's own function, and in words.
-_CONVENTIONS = {"caffe": {"reference": _keras_caffe, "words": "BGR, ImageNet mean subtracted"}}
+_CONVENTIONS = {
+    "caffe": {"reference": _keras_caffe, "words": "BGR, ImageNet mean subtracted"},
+    "included": {"reference": _keras_included, "words": "RGB 0..255 as they are; the backbone normalises them"},
+}
 _KNOWN_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0], [255, 255, 255], [200, 120, 40]],
                           dtype="float32")
 
