@@ -39,17 +39,18 @@ def write_colour_classes(root: Path, per_class: int = 20, size: int = 40, seed: 
     return root
 
 
-def write_stripe_classes(root: Path, per_class: int = 24, size: int = 40, seed: int = 0) -> Path:
-    """Two classes of noisy grey PNGs striped along a diagonal, a random phase each: "rising"
-    (/) and "falling" (\\), which a horizontal flip turns into each other. A backbone with
-    random weights tells stripe directions apart as it tells colours (first-layer features)."""
+def write_stripe_classes(root: Path, per_class: int = 24, size: int = 32, seed: int = 0) -> Path:
+    """Two classes of noisy grey PNGs striped along a diagonal: "rising" (/) and "falling"
+    (\\), each the other's mirror image, so that a horizontal flip turns one class into the
+    other. Stripes of one phase and little noise: a backbone with random weights tells the
+    two apart about as clearly as it tells colours."""
     rng = np.random.default_rng(seed)
     rows, columns = np.mgrid[0:size, 0:size]
-    for direction, along in (("rising", rows + columns), ("falling", rows - columns)):
-        folder = root / direction
+    rising = 128 + 100 * np.sin(2 * np.pi * (rows + columns) / 6.0)[..., None]
+    for name, template in (("rising", rising), ("falling", rising[:, ::-1])):
+        folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for number in range(per_class):
-            wave = np.sin(2 * np.pi * along / 6.0 + rng.uniform(0, 2 * np.pi))
-            image = 128 + 90 * wave[..., None] + rng.normal(0, 20, (size, size, 3))
-            Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(folder / f"{direction}_{number:03d}.png")
+            image = template + rng.normal(0, 10, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(folder / f"{name}_{number:03d}.png")
     return root
