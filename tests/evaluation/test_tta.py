@@ -27,7 +27,7 @@ from transferkit.inference.predict import predict_folder
 # "hflip" the only transform beside the image. Ten head epochs at a cosine-decayed rate
 # (the head's BatchNorm statistics settle as the rate falls), no fine stage.
 STRIPES = {**LEARNING, "data.val_split": 0.3, "cache.views": 1, "stages.0.epochs": 10, "stages.0.patience": 10,
-           "stages.0.schedule": "cosine", "head.dropout": 0.0, "stages.1:.epochs": 0,
+           "stages.0.schedule": "cosine", "stages.1:.epochs": 0,
            "tta.transforms": ["identity", "hflip"]}
 
 
@@ -91,7 +91,7 @@ def stripes(tmp_path_factory):
     """(run, data folder, the warnings its finetune logged) of a run on "rising" and
     "falling" stripes: a horizontal flip turns one class into the other."""
     folder = tmp_path_factory.mktemp("stripes")
-    data = write_stripe_classes(folder / "data")
+    data = write_stripe_classes(folder / "data", per_class=34)  # 20 validation images: enough to judge on
     collect = _Collect()
     logging.getLogger("transferkit").addHandler(collect)
     try:
@@ -106,13 +106,13 @@ def test_a_flip_that_changes_the_class_is_dropped_recorded_and_warned_about(stri
     assert run.metrics["final"]["val_accuracy"] >= 0.75  # it learnt the stripes' direction
     record = json.loads((run.path / "metrics.json").read_text())["tta"]
     assert record == run.metrics["tta"]
-    assert record["kept"] == ["identity"] and record["log_loss"] == record["plain_log_loss"]
+    assert record["judged"] and record["kept"] == ["identity"] and record["log_loss"] == record["plain_log_loss"]
     [hflip] = record["transforms"]
     assert hflip["transform"] == "hflip" and not hflip["kept"]
     assert hflip["log_loss"] > hflip["compared_with"] == record["plain_log_loss"]
     flip = record["flip"]
     assert flip["changes_class"] and flip["flipped_accuracy"] <= flip["accuracy"] - 0.5
-    assert flip["made_wrong"] - flip["made_right"] >= 7 and flip["n_images"] == 14
+    assert flip["made_wrong"] - flip["made_right"] >= 10 and flip["n_images"] == record["n_images"] >= 20
     [warning] = [line for line in warnings if "flips seem to change the class" in line]
     assert "--set augment.hflip=false" in warning and "\n" not in warning
 
@@ -131,7 +131,7 @@ def test_predict_tta_on_a_run_that_kept_nothing_says_so_and_predicts_plainly(str
     told = [line for line in outputs["tta"].splitlines() if "--tta" in line]
     assert len(told) == 1 and "predicts without test-time augmentation" in told[0]
     assert "--tta" not in outputs["plain"]
-    assert len(outputs["tta rows"]) == 48 and outputs["tta rows"] == outputs["plain rows"]
+    assert len(outputs["tta rows"]) == 68 and outputs["tta rows"] == outputs["plain rows"]
 
 
 def test_a_harmless_flip_is_kept_a_tie_included(stripes):
@@ -151,14 +151,14 @@ def test_a_harmless_flip_is_kept_a_tie_included(stripes):
     assert choice.flip is not None and not choice.flip.changes_class
 
 
-def test_tta_averages_the_kept_variants_and_an_older_run_all_of_its_recipes(shapes_run, shapes_dir):
-    kept = tuple(shapes_run.metrics["tta"]["kept"])
-    assert kept[0] == "identity" and set(kept) <= set(tta_variants(shapes_run.recipe))
-    assert tta_engine(shapes_run, "keras").variants == kept
+def test_tta_averages_the_kept_variants_and_older_or_unjudged_runs_all_of_their_recipes(shapes_run, shapes_dir):
+    # 6 validation images: too few to judge on, so --tta averages all of the recipe's variants.
+    assert shapes_run.metrics["tta"] == {"judged": False, "n_images": 6}
+    assert tta_engine(shapes_run, "keras").variants == ("identity", "hflip", *SHIFTS)
     older = dataclasses.replace(shapes_run, metrics={key: value for key, value in shapes_run.metrics.items()
                                                      if key != "tta"})
     assert tta_engine(older, "keras").variants == ("identity", "hflip", *SHIFTS)
-    flip_only = dataclasses.replace(shapes_run, metrics={**shapes_run.metrics, "tta": {"kept": ["identity",
-                                                                                               "hflip"]}})
+    flip_only = dataclasses.replace(shapes_run, metrics={**shapes_run.metrics, "tta": {"judged": True, "kept": [
+        "identity", "hflip"]}})
     result = evaluate_folder(flip_only, shapes_dir, tta=True, engine="keras")
     assert result.tta == ("identity", "hflip") and result.metrics["tta"] == ["identity", "hflip"]

@@ -51,6 +51,6 @@ def write_stripe_classes(root: Path, per_class: int = 24, size: int = 32, seed: 
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for number in range(per_class):
-            image = template + rng.normal(0, 10, (size, size, 3))
+            image = template + rng.normal(0, 4, (size, size, 3))
             Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(folder / f"{name}_{number:03d}.png")
     return root

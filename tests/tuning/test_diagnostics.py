@@ -75,8 +75,8 @@ def test_shuffled_labels_fail_the_validation_check_that_colour_labels_pass(sound
 def test_classes_a_flip_turns_into_each_other_fail_the_flip_check_whose_advice_names_the_recipe_key(tmp_path):
     # The colour classes pass it (test_doctor_model_passes_a_sound_set_up_with_every_check).
     # A low constant rate without dropout: the short run learns the stripes' direction.
-    learns = {**LEARNING, "head.dropout": 0.0, "data.val_split": 0.3, "stages.0.learning_rate": 1e-4}
-    stripes = write_stripe_classes(tmp_path / "stripes")
+    learns = {**LEARNING, "head.dropout": 0.0, "data.val_split": 0.3, "stages.0.learning_rate": 3e-4}
+    stripes = write_stripe_classes(tmp_path / "stripes", per_class=34)  # 20 validation images: enough to judge on
     with prepare_stage(stripes, load_recipe(None, learns)) as setup:
         check = run(setup, "horizontal_flip")["horizontal flip"]
         unflipped = run(dataclasses.replace(setup, recipe=load_recipe(None, {**learns, "augment.hflip": False})),

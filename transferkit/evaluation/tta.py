@@ -44,6 +44,9 @@ KEEP_TOLERANCE = 1e-6
 # by more than twice the square root of their sum (a sign test at about two standard
 # deviations, which needs at least 5 more images made wrong than right: few images never warn).
 FLIP_ACCURACY_DROP = 0.05
+# Fewer validation images than this tell a transform's effect from noise too seldom: finetune
+# then neither chooses (--tta keeps the recipe's transforms) nor checks flips.
+MIN_JUDGED_IMAGES = 20
 FLIP_LOSS_MARGIN = 0.1
 FLIP_ADVICE = "turn the recipe's horizontal flip off: --set augment.hflip=false (or hflip = false under [augment])"
 
@@ -77,8 +80,9 @@ def _flips(run_recipe: dict | None) -> bool:
 
 def run_variants(run) -> tuple[str, ...]:
     """The variants ``--tta`` averages for a run: those its finetune kept (metrics.json
-    "tta" "kept", see ``choose_transforms``), or, for a run trained before that record (or
-    a bare model file), all its recipe's (``tta_variants``).
+    "tta" "kept", see ``choose_transforms``), or, for a run trained before that record, one
+    with too few validation images to judge on, or a bare model file, all its recipe's
+    (``tta_variants``).
 
     Args:
         run: a ``Run``.
@@ -189,7 +193,7 @@ def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Seq
 
     if variants is None:
         variants = run_variants(run)
-        if variants == ("identity",) and (run.metrics or {}).get("tta"):
+        if variants == ("identity",) and ((run.metrics or {}).get("tta") or {}).get("kept"):
             log.warning("--tta: no test-time transform lowered this run's validation log loss at the end of "
                         "finetune (metrics.json \"tta\"), so it predicts without test-time augmentation")
     inner = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
@@ -399,17 +403,21 @@ def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
         verbose: 1 logs the choice in one line; default 0.
 
     Returns:
-        metrics.json "tta" (``TTAChoice.as_dict``); None without validation images.
+        metrics.json "tta": ``TTAChoice.as_dict`` with "judged" true; with fewer than
+        ``MIN_JUDGED_IMAGES`` validation images, only {"judged": false, "n_images": n}.
     """
-    if not len(prepared.val_labels):
-        return None
+    if len(prepared.val_labels) < MIN_JUDGED_IMAGES:
+        if verbose:
+            log.info(f"test-time augmentation: {len(prepared.val_labels)} validation images, fewer than the "
+                     f"{MIN_JUDGED_IMAGES} needed to judge the transforms on; --tta averages all of tta.transforms")
+        return {"judged": False, "n_images": int(len(prepared.val_labels))}
     choice = choose_transforms(model, prepared.val_images, prepared.val_labels, recipe.model_dump(mode="json"),
                                batch_size=recipe.batch_size)
     if verbose:
         log.info(choice.summary())
     if choice.flip is not None and choice.flip.changes_class:
         log.warning(f"horizontal flips seem to change the class: {choice.flip.figure()}; {FLIP_ADVICE}")
-    return choice.as_dict()
+    return {"judged": True, **choice.as_dict()}
 
 
 def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:

@@ -22,10 +22,11 @@ figure and, when it fails, what to try):
    usable (``lr_find``);
 6. validation loss: falls below chance in a short run (``SHORT_RUN_EPOCHS`` epochs, more on
    tiny data: at least ``SHORT_RUN_STEPS`` steps);
-7. horizontal flip: where the recipe flips images (``augment.hflip``), after the same short
-   run, mirrored validation images do not score clearly worse than the originals (the rule
-   of ``evaluation.tta.check_flips``, which finetune warns with too): a flip that changes
-   the class (digits, left and right) teaches the model wrong labels.
+7. horizontal flip: where the recipe flips images (``augment.hflip``) and there are at least
+   ``MIN_JUDGED_IMAGES`` validation images, after the same short run, mirrored validation
+   images do not score clearly worse than the originals (the rule of
+   ``evaluation.tta.check_flips``, which finetune warns with too): a flip that changes the
+   class (digits, left and right) teaches the model wrong labels.
 """
 
 from __future__ import annotations
@@ -367,12 +368,14 @@ def _validation_loss_falls(setup: StageSetup) -> LearningCheck:
 
 def _horizontal_flip(setup: StageSetup) -> LearningCheck:
     """Where the recipe flips: after the short run, mirrored validation images against the originals."""
-    from transferkit.evaluation.tta import FLIP_ADVICE, check_flips, variant_probabilities
+    from transferkit.evaluation.tta import FLIP_ADVICE, MIN_JUDGED_IMAGES, check_flips, variant_probabilities
 
     if not setup.recipe.augment.hflip:
         return LearningCheck("horizontal flip", True, "the recipe does not flip images (augment.hflip = false)")
-    if setup.val_images is None or not len(setup.val_images):
-        return LearningCheck("horizontal flip", True, "no validation images to compare mirrored images on")
+    count = 0 if setup.val_images is None else len(setup.val_images)
+    if count < MIN_JUDGED_IMAGES:
+        return LearningCheck("horizontal flip", True, f"{count} validation images, fewer than the "
+                             f"{MIN_JUDGED_IMAGES} needed to compare mirrored images with")
     _short_run(setup)
     plain, flipped = variant_probabilities(setup.classifier, setup.val_images, ("identity", "hflip"),
                                            batch_size=setup.recipe.batch_size)
