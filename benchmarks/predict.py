@@ -7,8 +7,10 @@ images at the same batch size, and against the bare forward pass of the engine p
 ties that predict's default precision adds) and, for that default, against the engine as
 predict calls it (second look included) on images decoded beforehand, which isolates what
 reading the folder costs; top-1 agreement with Keras float32; the same with ``--precision
-bfloat16`` (no second look) and ``float32``. Each precision runs in a fresh process, as a
-user's predict does, where predict and the forward passes run in turn, best of three each.
+bfloat16`` (no second look), ``float32`` and ``int8`` (checked against float32 first, near
+ties again in float32; quantized once per run, cached, so the figures are warm). Each
+precision runs in a fresh process, as a user's predict does, where predict and the forward
+passes run in turn, best of three each.
 Then the peak memory (max RSS) of predict over 2,000 and 20,000 images, each in a fresh
 process (its VmHWM). Prints one JSON line.
 
@@ -212,9 +214,11 @@ def throughput(
     if not modes:
         return figures
     others = {}
-    for precision in ("bfloat16", "float32"):
+    for precision in ("bfloat16", "float32", "int8"):
         child = predict_child(run_dir, images_dir, precision, batch)
         others[f"with_precision_{precision}"] = {
+            "precision_run": child["precision_run"],
+            "setup_seconds": child["setup_seconds"],
             "images_per_s": child["predict_images_per_s"],
             "bare_forward_images_per_s": child["bare_forward_images_per_s"],
             "ratio_to_keras_float32": round(child["predict_images_per_s"] / keras_rate, 2),
@@ -244,20 +248,17 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     ``ROUNDS``; prints one JSON line (rates, labels, near ties recomputed per run)."""
     from transferkit.data.folders import iter_image_files
     from transferkit.data.images import decode_images
-    from transferkit.inference.engines import inference_engine
-    from transferkit.inference.openvino import engine_cache_dir
-    from transferkit.inference.predict import engine_outputs, predict_folder
+    from transferkit.inference.predict import engine_for, engine_outputs, predict_folder
     from transferkit.runs import load_run
 
     run = load_run(run_dir)
+    files = [path for path, reason in iter_image_files(images_dir) if reason is None]
     started = time.perf_counter()
-    # Built as predict builds it: the network takes the decoded uint8 images.
-    engine = inference_engine(
-        run.model, "auto", run.image_size, cache_dir=engine_cache_dir(run_dir), precision=precision, input_dtype="uint8"
-    )
+    # Built as predict builds it (engine_for): the network takes the decoded uint8 images; int8
+    # is quantized on the run's training images and checked on held-back ones (once: cached).
+    engine = engine_for(run, "auto", precision, images=len(files))
     getattr(engine, "exact", None)  # the float32 network for near ties, built now rather than on the first
     setup = time.perf_counter() - started
-    files = [path for path, reason in iter_image_files(images_dir) if reason is None]
     decoded = decode_images(files, run.image_size)[0]
     engine.predict(decoded[:batch])  # warm-up
     # The bare forward: the network alone (for the 16-bit classifier engine, its body and
@@ -265,6 +266,8 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
     forward = engine.predict
     if hasattr(engine, "body"):
         forward = lambda images: engine.head.predict(engine.body.predict(images))  # noqa: E731
+    elif hasattr(engine, "int8"):  # the int8 network alone
+        forward = engine.int8.predict
 
     def batches():
         return (decoded[start : start + batch] for start in range(0, len(decoded), batch))
@@ -293,6 +296,7 @@ def throughput_child(run_dir: str, images_dir: str, precision: str, batch: int) 
         json.dumps(
             {
                 "engine": results[-1].engine,
+                "precision_run": getattr(engine, "precision_hint", "keras"),
                 "setup_seconds": round(setup, 2),
                 "predict_images_per_s": round(predict_rate, 1),
                 "bare_forward_images_per_s": round(bare_rate, 1),

@@ -55,6 +55,7 @@ FLAG_KEYS = {
     "devices": "devices",
     "head_epochs": "stages.0.epochs",
     "fine_epochs": "stages.1:.epochs",
+    "time_budget": "time_budget",
 }
 
 
@@ -106,6 +107,33 @@ def group_pattern(text: str) -> re.Pattern:
         raise ValueError(f"{text!r} has no group; put the part of the path that names the group in "
                          f"parentheses, {example}")
     return pattern
+
+
+# The units of a duration ("90s", "10m", "1.5h") and their seconds.
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*")
+
+
+def parse_duration(text: object) -> float:
+    """The seconds of a duration written as a number and a unit: "90s", "10m", "1.5h".
+
+    Args:
+        text: the duration.
+
+    Returns:
+        Its length in seconds, above 0.
+
+    Raises:
+        ValueError: anything else (the message names the value and the valid forms).
+    """
+    forms = "a number and a unit s, m or h, e.g. '90s', '10m' or '1.5h'"
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration; write {forms}")
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all; give a duration above 0, {forms}")
+    return seconds
 
 
 HEAD_ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "selu")
@@ -362,6 +390,10 @@ class Recipe(_Section):
     # How many devices train (transferkit.strategies): batch_size is the global batch.
     strategy: Literal[STRATEGIES] = "auto"
     devices: int | Literal["all"] = "all"
+    # A wall-clock budget for training ("90s", "10m", "1.5h"): the stages' epochs (at most the
+    # recipe's) and the cached views are planned to fit it (training.budget). Written out only
+    # when set.
+    time_budget: str | None = Field(None, exclude_if=lambda budget: budget is None)
     data: DataConfig = DataConfig()
     head: HeadConfig = HeadConfig()
     loss: LossConfig = LossConfig()
@@ -372,6 +404,18 @@ class Recipe(_Section):
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
     # The search space of `transferkit tune`; written out only when there is one.
     tune: TuneSpace = Field(TuneSpace({}), exclude_if=lambda space: not space.root)
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _a_duration(cls, budget):
+        if budget is not None:
+            parse_duration(budget)
+        return budget
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, or None without one."""
+        return parse_duration(self.time_budget) if self.time_budget is not None else None
 
     @model_validator(mode="after")
     def _fits_backbone(self):
@@ -388,6 +432,9 @@ class Recipe(_Section):
             )
         if not self.stages:
             raise ValueError("stages: at least one [[stages]] table is needed")
+        if self.time_budget is not None and self.strategy == "data-parallel":
+            raise ValueError(f"time_budget: {self.time_budget!r} does not combine with strategy 'data-parallel' (each "
+                             "process would time its own steps and stop at its own); drop one of them")
         if self.devices != "all" and self.devices < 1:
             raise ValueError(f"devices: {self.devices} is not a number of devices; use 1 or more, or 'all'")
         for index, stage in enumerate(self.stages):

@@ -3,6 +3,9 @@
 ``auto`` picks mixed bfloat16 where the hardware runs it fast (CPUs with AMX or AVX512-BF16,
 GPUs of compute capability 8.0 or newer) and float32 elsewhere. Mixed policies keep weights
 in float32 and compute in 16 bits; the preprocessing and output layers stay float32.
+``int8`` trains in float32 and runs the forward-only work (the feature cache, predict,
+evaluate) in int8 on OpenVINO, checked against float32 first (``inference.int8``); where the
+CPU has no fast bfloat16, ``auto`` does so too when the work is large enough to pay.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import os
 from pathlib import Path
 
 # The choice tables: recipes, the CLI's --help and the engines all read these.
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 ENGINES = ("auto", "keras", "openvino")
 
 # Recipe precision -> Keras dtype policy.
-POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# int8 is for forward passes only: its training (and any Keras forward pass) is float32.
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -49,6 +53,9 @@ def machine_facts() -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "fast_bfloat16": sorted(flag for flag in flags if flag in ("amx_bf16", "avx512_bf16")),
+        # oneDNN (TensorFlow's and OpenVINO's kernels) capped to an older instruction set, as
+        # ONEDNN_MAX_CPU_ISA=AVX2 runs them as on a CPU without AVX-512.
+        **({"onednn_max_cpu_isa": os.environ["ONEDNN_MAX_CPU_ISA"]} if os.environ.get("ONEDNN_MAX_CPU_ISA") else {}),
     }
 
 
@@ -56,12 +63,14 @@ def resolve_precision(choice: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> tup
     """Turn a recipe's precision into a Keras dtype policy name and the reason for it.
 
     Args:
-        choice: "auto", "float32", "bfloat16" or "float16".
+        choice: "auto", "float32", "bfloat16", "float16" or "int8" (float32 training).
         cpuinfo: where to read CPU flags; default /proc/cpuinfo.
 
     Returns:
         (policy, reason), e.g. ("mixed_bfloat16", "auto: CPU has AMX-BF16").
     """
+    if choice == "int8":
+        return "float32", "int8 asked for: training in float32, forward-only work in int8 where it passes its check"
     if choice != "auto":
         return POLICIES[choice], "set in the recipe"
     from transferkit.backend import gpu_capabilities

@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary, tta
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import fault_point
-from transferkit.inference.engines import SHARED, inference_engine
 from transferkit.model.build import build_model, log_setup
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run_folder import TrainedRun, write_run_contents
@@ -53,7 +52,7 @@ from transferkit.training.data_parallel import (
     read_resumed,
     training_together,
 )
-from transferkit.training.features import FeatureCache
+from transferkit.training.features import FeatureCache, engine_forward
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
@@ -325,9 +324,10 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics = summary.validation_metrics(model, val_batches, result.val_outputs, trained.history,
                                                  prepared.val_labels, prepared.class_names,
                                                  len(prepared.train_labels))
-    trained.metrics.update(precision=policy, class_counts=summary.class_counts(
-        prepared.train_labels, prepared.val_labels, prepared.class_names), strategy=distribution.as_dict())
-    trained.metrics["stages"] = [asdict(timing) for timing in result.timings]
+    trained.metrics["precision"] = policy
+    trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
+                                                           prepared.class_names)
+    trained.metrics.update(strategy=distribution.as_dict(), **result.records())
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
                                       batch_size=recipe.batch_size)
@@ -353,13 +353,6 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
     was kept."""
     work = out.work if out is not None else None
 
-    def forward_factory(extractor):
-        engine = inference_engine(extractor, recipe.engine, precision=recipe.precision, cache_dir=SHARED,
-                                  input_dtype="uint8")  # the feature passes hand it uint8 images
-        if verbose:
-            log.info(f"forward engine for the feature cache: {engine.name}")
-        return engine.predict
-
     callbacks = ()
     if recipe.tensorboard and work is not None and not work.reader:
         # In the in-progress folder while training (a resumed run goes on in the same logs),
@@ -367,9 +360,10 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
         callbacks = (TensorBoardLog(work.path / "tensorboard", epochs_done=len(work.state().history)),)
     callbacks += extras.callbacks
     options = StageOptions(verbose=verbose, seed=recipe.seed, cache=recipe.cache, loss=recipe.loss,
-                           forward_factory=forward_factory, callbacks=callbacks,
+                           forward_factory=engine_forward(recipe.engine, recipe.precision, verbose),
+                           callbacks=callbacks,
                            feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
-                           distribution=distribution)
+                           distribution=distribution, time_budget=recipe.time_budget_seconds)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1

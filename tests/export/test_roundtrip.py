@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from tests import forked
+from transferkit.data.samples import generated_images
 from transferkit.export.formats import FLOAT_TOLERANCE, FORMATS
 from transferkit.export.keras import float32_model
-from transferkit.export.samples import generated_images
 
 EVERY_FORMAT = tuple(FORMATS)  # every one converts here (the export extra is installed for the tests)
 

@@ -112,7 +112,7 @@ def noisy_forward(relative):
     """The default forward pass with relative Gaussian noise on its outputs (another CPU's kernels)."""
     from transferkit.training.features import default_forward
 
-    def factory(extractor):
+    def factory(extractor, work=None):
         forward, rng = default_forward(extractor), np.random.default_rng(0)
 
         def noisy(batch):
@@ -269,7 +269,7 @@ def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
         model = build_classifier(backbone, 3, HeadConfig(units=(8,)), backbone_name="resnet50")
     pictures = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype="uint8")
 
-    def factory(extractor):
+    def factory(extractor, work=None):
         return inference_engine(extractor, "auto", precision="bfloat16").predict
 
     from transferkit.training.features import FeaturePlan
@@ -420,7 +420,7 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
         def on_train_begin(self, logs=None):
             raise AssertionError("training started after the stop request")
 
-    def stopping_factory(extractor):
+    def stopping_factory(extractor, work=None):
         from transferkit.training.features import default_forward
 
         inner = default_forward(extractor)
@@ -463,7 +463,7 @@ def counting(calls: list):
     """A forward factory that records the number of outputs of each extractor it is given."""
     from transferkit.training.features import default_forward
 
-    def factory(extractor):
+    def factory(extractor, work=None):
         calls.append(len(extractor.outputs))
         return default_forward(extractor)
 

@@ -61,8 +61,10 @@ EngineOption = Annotated[
 ]
 PrecisionOption = Annotated[
     Optional[str],
-    typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU/GPU runs it fast), float32, bfloat16 "
-                 "or float16 (recipe key: precision)."),
+    typer.Option(metavar=choices(PRECISIONS), help="auto (bfloat16 where the CPU/GPU runs it fast; on a CPU without "
+                 "it, the feature cache in int8 where the work pays and int8 passes its check), float32, bfloat16, "
+                 "float16 or int8 (training in float32, the feature cache in int8 once checked) (recipe key: "
+                 "precision)."),
 ]
 
 
@@ -91,8 +93,9 @@ InferenceEngineOption = Annotated[str, typer.Option(
     "--engine", metavar=choices(ENGINES), help="auto (OpenVINO on CPU when installed), keras or openvino.")]
 InferencePrecisionOption = Annotated[str, typer.Option(
     "--precision", metavar=choices(PRECISIONS),
-    help="auto (bfloat16 where the CPU runs it fast, near ties again in float32), float32 (exact), bfloat16 "
-         "or float16 (16 bits only).")]
+    help="auto (bfloat16 where the CPU runs it fast, near ties again in float32; without it, int8 for 1,000 "
+         "images or more where int8 passes its check and is faster), float32 (exact), bfloat16 or float16 (16 bits "
+         "only), int8 (calibrated on the run's training images, checked on held-back ones, near ties in float32).")]
 GroupByOption = Annotated[Optional[str], typer.Option(
         metavar="REGEX", help="Each file's group: the regex's first group, searched in its path below DATA_DIR "
         "(else in its name), e.g. '^[^/]+/(patient\\d+)_' for cat/patient12_3.jpg; no group is split between "
@@ -153,6 +156,7 @@ class TerminalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno == logging.INFO:
+            end_open_line()  # told during an epoch (a time budget's plan): below the progress bar
             sys.stdout.write(f"{record.getMessage()}\n")
             sys.stdout.flush()
         else:

@@ -284,7 +284,7 @@ def evaluate_folder(
         raise DataError(f"{what} does not combine with --tta: the run's threshold and set scores were fitted on "
                         "single-view probabilities, not TTA's averages; evaluate without --tta")
     rule = _open_set_rule(run, reject, has_unknown)
-    forward, variants = _engine(run, engine, precision, tta, rule)
+    forward, variants = _engine(run, engine, precision, tta, rule, images=len(files))
     kept_files, outputs, unreadable = stream_outputs(forward, files, run.image_size, batch_size, progress)
     skipped.extend(unreadable)
     readable = set(kept_files)  # in the order of ``files``, as the outputs are
@@ -349,7 +349,7 @@ def _result(run, folder: Path, outputs: np.ndarray, labels: np.ndarray, rule: Re
     )
 
 
-def _engine(run, engine, precision: str, tta: bool, rule: RejectionRule | None = None):
+def _engine(run, engine, precision: str, tta: bool, rule: RejectionRule | None = None, images: int = 0):
     """The forward engine for the run (``predict.engine_for``; with a rule whose score reads
     the embedding, one that appends it), and the TTA variants it averages over."""
     from transferkit.inference.predict import engine_for
@@ -359,9 +359,9 @@ def _engine(run, engine, precision: str, tta: bool, rule: RejectionRule | None =
     if tta:
         from transferkit.evaluation.tta import tta_engine
 
-        forward = tta_engine(run, engine, precision)
+        forward = tta_engine(run, engine, precision, images=images)
         return forward, forward.variants
-    return engine_for(run, engine, precision, rule), ()
+    return engine_for(run, engine, precision, rule, images), ()
 
 
 def trust_summary(metrics: dict) -> list[str]:

@@ -174,7 +174,8 @@ class TTAEngine(ForwardEngine):
         return f"<TTAEngine {', '.join(self.variants)} over {self.inner!r}>"
 
 
-def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Sequence[str] | None = None) -> TTAEngine:
+def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Sequence[str] | None = None,
+               images: int = 0) -> TTAEngine:
     """The TTA engine for a loaded run, over its inference engine.
 
     Args:
@@ -184,20 +185,24 @@ def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Seq
         variants: the variants to use; default the run's (``run_variants``: those its
             finetune kept, or its recipe's for an older run). When the run kept none but
             "identity", one warning says that ``--tta`` predicts without augmentation.
+        images: how many images it will be given (each runs once per variant: int8 may be
+            worth it, ``inference.predict.int8_samples_for``); default 0.
 
     Returns:
         A ``TTAEngine`` taking uint8 (B, S, S, 3) batches.
     """
-    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.int8 import forward_engine
     from transferkit.inference.openvino import claim_engine_cache
+    from transferkit.inference.predict import int8_samples_for
 
     if variants is None:
         variants = run_variants(run)
         if variants == ("identity",) and ((run.metrics or {}).get("tta") or {}).get("kept"):
             log.warning("--tta: no test-time transform lowered this run's validation log loss at the end of "
                         "finetune (metrics.json \"tta\"), so it predicts without test-time augmentation")
-    inner = inference_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
-                             precision=precision, input_dtype="uint8")
+    inner = forward_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
+                           precision=precision, input_dtype="uint8",
+                           int8_samples=int8_samples_for(run, precision, images * (1 + len(variants))))
     return TTAEngine(inner, variants, tta_shift(run.recipe))
 
 

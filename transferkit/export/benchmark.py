@@ -130,7 +130,7 @@ def _sample_images(folder: Path):
     same size (throughput does not depend on what the pixels show)."""
     import numpy as np
 
-    from transferkit.export.samples import generated_images
+    from transferkit.data.samples import generated_images
 
     size = json.loads((folder / "labels.json").read_text(encoding="utf-8"))["input_size"]
     return generated_images(32, size, np.random.default_rng(0))

@@ -146,8 +146,8 @@ def export_run(
             quantized one beyond ``max_drop`` without ``allow_drop``.
         RunError, DataError: the run or the data folder cannot be read.
     """
+    from transferkit.data.samples import sample_images
     from transferkit.export.keras import fixed_size_model, float32_model, predict
-    from transferkit.export.samples import sample_images
     from transferkit.runs import Run, load_run
 
     require_tensorflow_backend()

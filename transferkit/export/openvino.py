@@ -24,24 +24,15 @@ def write_openvino(model, path: Path, image_size: int, quantize: str = "none",
     Returns:
         Details for export.json.
     """
-    from transferkit.inference.openvino import export_network, import_openvino
+    from transferkit.inference.openvino import export_network, import_openvino, quantize_int8
 
     ov = import_openvino()
     network = export_network(model, image_size)
     details = {"openvino": ov.__version__}
     if quantize == "int8":
         assert calibration is not None and len(calibration), "int8 needs calibration images"
-        network = _quantize_int8(network, calibration)
+        network = quantize_int8(network, calibration)
         details.update({"quantization": "NNCF quantize (post-training, int8)", "calibration_images": len(calibration)})
     ov.save_model(network, str(path), compress_to_fp16=quantize == "float16")
     return details
 
-
-def _quantize_int8(network, calibration: np.ndarray):
-    import logging
-
-    import nncf
-
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    dataset = nncf.Dataset([calibration[i : i + 1].astype("float32") for i in range(len(calibration))])
-    return nncf.quantize(network, dataset, subset_size=len(calibration))

@@ -163,6 +163,8 @@ class TwoLookEngine(ForwardEngine):
         refined: how many images were computed again in float32 so far.
     """
 
+    refine_margin: float | None = None  # None: REFINE_MARGIN; an engine whose first look rounds more has its own
+
     def __init__(self, exact_factory=None):
         self._exact_factory = exact_factory
         self._exact = None
@@ -187,7 +189,8 @@ class TwoLookEngine(ForwardEngine):
         outputs) have a top-two margin below ``REFINE_MARGIN``; none without a float32 engine."""
         if self._exact_factory is None or len(outputs) == 0:
             return np.zeros(0, dtype="int64")
-        return np.flatnonzero(top_margin(outputs if scores is None else scores) < REFINE_MARGIN)
+        margin = REFINE_MARGIN if self.refine_margin is None else self.refine_margin
+        return np.flatnonzero(top_margin(outputs if scores is None else scores) < margin)
 
     def second_look(self, images: np.ndarray) -> np.ndarray:
         """Float32 outputs for images (near ties from ``first_look``)."""
@@ -358,7 +361,8 @@ def inference_engine(model, engine: str = "auto", image_size: int | None = None,
         engine: "auto", "keras" or "openvino"; default "auto".
         image_size: the side of the square batches it will get; default the model's own.
         cache_dir: where the converted network is cached; default None (not cached).
-        precision: "auto", "float32", "bfloat16" or "float16"; default "auto". A classifier
+        precision: "auto", "float32", "bfloat16", "float16" or "int8" (float32 here:
+            ``inference.int8.forward_engine`` is the one that runs int8); default "auto". A classifier
             in 16 bits (auto on a CPU with bfloat16, or asked for) gets a ``ChainedEngine``:
             body in 16 bits, head in float32; with "auto" near ties are also computed again
             in float32. The Keras engine runs a 16-bit model's float32 clone for "float32"

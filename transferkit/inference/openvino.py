@@ -133,7 +133,7 @@ class SharedCache:
 SHARED = SharedCache()
 
 
-def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
+def load_or_convert(model, input_shape: tuple[int, ...], cache_dir, calibration=None):
     """The OpenVINO network for a model: read from the cache when its fingerprint matches,
     else converted (and written to the cache).
 
@@ -142,10 +142,23 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
         input_shape: one input's shape, without the batch axis.
         cache_dir: the engine cache folder, ``SHARED`` (a folder of its fingerprint's), or None
             (convert in memory, cache nothing).
+        calibration: images (or inputs) to quantize the network to int8 on (``quantize_int8``),
+            or a function returning them, called only when the int8 network is not cached
+            yet; it is then cached as ``{name}-int8.xml``, keyed by the float network's
+            fingerprint and "int8": the first calibration of a network is the one kept.
+            Default None (the float32 network).
 
     Returns:
         (the ``openvino.Model``, its cached ``.xml`` path or None when it was not written).
     """
+    if calibration is not None:
+        source, source_xml = load_or_convert(model, input_shape, cache_dir)
+        images = calibration if callable(calibration) else (lambda: calibration)
+        if source_xml is None:
+            return quantize_int8(source, images()), None
+        return _load_or_make(lambda: quantize_int8(source, images()),
+                             source_xml.with_name(f"{source_xml.stem}-int8.xml"),
+                             fingerprint=_fingerprint_file(source_xml).read_text(encoding="utf-8").strip() + "|int8")
     if cache_dir is None:
         return export_network(model, input_shape), None
     fingerprint = model_fingerprint(model, input_shape)
@@ -157,8 +170,14 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
         Path(cache_dir) / folder_name,
         Path(tempfile.gettempdir()) / "transferkit-openvino" / fingerprint[:16] / folder_name,
     )
-    for folder in candidates:
-        xml = folder / f"{stem}.xml"
+    return _load_or_make(lambda: export_network(model, input_shape), *(folder / f"{stem}.xml" for folder in candidates),
+                         fingerprint=fingerprint)
+
+
+def _load_or_make(make, *places: Path, fingerprint: str):
+    """The network cached at the first of ``places`` whose fingerprint matches, else ``make()``
+    written to the first place that can be written (the network and that path, or None)."""
+    for xml in places:
         if _cached(xml, fingerprint):
             try:
                 network = openvino_core().read_model(xml)
@@ -170,9 +189,8 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
                 continue
             log.debug("reusing the OpenVINO network %s", xml)
             return network, xml
-    network = export_network(model, input_shape)
-    for folder in candidates:
-        xml = folder / f"{stem}.xml"
+    network = make()
+    for xml in places:
         try:
             _write_cache(network, xml, fingerprint)
             # The network as a warm start will read it: the same graph to OpenVINO's
@@ -182,8 +200,36 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir):
         except OSError as error:
             # A read-only run folder still predicts; the network goes to the temp folder.
             log.info("cannot write the OpenVINO cache in %s (%s); trying the temp folder",
-                     folder, error.strerror or error)
+                     xml.parent, error.strerror or error)
     return network, None
+
+
+def quantize_int8(network, calibration: np.ndarray):
+    """NNCF's post-training int8 quantization of a network, calibrated on some of its inputs.
+
+    Args:
+        network: a float32 ``openvino.Model`` with one input.
+        calibration: inputs to gather activation ranges on, (n, ...) of the network's input
+            shape (uint8 images are converted to float32); one at a time, as NNCF advises.
+
+    Returns:
+        The quantized ``openvino.Model`` (int8 weights and activations, float32 input and outputs).
+
+    Raises:
+        ImportError: NNCF is not installed (``pip install nncf``).
+    """
+    import_openvino()  # its telemetry off first: NNCF imports it too
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    dataset = nncf.Dataset([np.asarray(calibration[i : i + 1], dtype="float32") for i in range(len(calibration))])
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    try:
+        return nncf.quantize(network, dataset, subset_size=len(calibration))
+    finally:  # as for convert_model: the root logger as it was
+        root.setLevel(state[0])
+        root.filters[:], root.handlers[:] = state[1], state[2]
 
 
 def _fingerprint_file(xml: Path) -> Path:

@@ -145,7 +145,7 @@ def predict_folder(
     rejection = load_rejection(run) if reject else None
     folder = Path(folder)
     listing = list_images(folder)
-    forward = engine_for(run, engine, precision, rejection)
+    forward = engine_for(run, engine, precision, rejection, images=len(listing.files))
     kept, outputs, unreadable = stream_outputs(forward, listing.files, run.image_size, batch_size, progress)
     # decode_images warned about the files it could not read; the walk's finds are told here
     for path, reason in listing.skipped:
@@ -208,7 +208,7 @@ def _loaded(run):
     return run
 
 
-def engine_for(run, engine, precision: str, rejection: RejectionRule | None = None):
+def engine_for(run, engine, precision: str, rejection: RejectionRule | None = None, images: int = 0):
     """The engine named (built for the run, its network cached in the run's engine cache
     folder), or the ``ForwardEngine`` given, as it is.
 
@@ -218,6 +218,8 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
         precision: the engine's precision (see ``predict_folder``).
         rejection: a rule whose score reads the backbone embedding gets an
             ``EmbeddingEngine`` that appends the score to each image's outputs; default None.
+        images: how many images it will run (``inference.int8.worth_int8`` decides from
+            it whether "auto" tries int8); default 0.
 
     Returns:
         A ``ForwardEngine``.
@@ -233,15 +235,43 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
             raise ValueError(f"the {rejection.score} rejection score needs the engine engine_for(run, name, "
                              "precision, rejection) builds; pass the engine by name")
         return engine
-    from transferkit.inference.engines import inference_engine
+    from transferkit.inference.int8 import forward_engine
     from transferkit.inference.openvino import claim_engine_cache
 
     cache = claim_engine_cache(run.path)
     if needs_score:
         return embedding_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
                                 input_dtype="uint8", columns=lambda embeddings: rejection.scores(None, embeddings))
-    return inference_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
-                            input_dtype="uint8")
+    return forward_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
+                          input_dtype="uint8", int8_samples=int8_samples_for(run, precision, images))
+
+
+def int8_samples_for(run, precision: str, images: int):
+    """Where int8 is worth trying for ``images`` images in ``precision``, a function drawing
+    the run's int8 calibration and held-back images (from its recorded data folder, on first
+    use: a warm start finds the int8 network and its check cached); else None.
+
+    Args:
+        run: a ``Run``.
+        precision: the precision asked for.
+        images: how many images the engine will run.
+
+    Returns:
+        A function returning ``inference.int8.Int8Samples`` (or None without the data
+        folder), or None.
+    """
+    from transferkit.inference.int8 import Int8Samples, worth_int8
+
+    if not worth_int8(precision, images):
+        return None
+
+    def draw():
+        from transferkit.data.samples import int8_samples
+
+        drawn = int8_samples(run)
+        return None if drawn is None else Int8Samples(*drawn)
+
+    return draw
 
 
 def stream_outputs(forward, files: list[Path], image_size: int, batch_size: int,

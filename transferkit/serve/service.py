@@ -283,6 +283,7 @@ def load_service(settings: ServeSettings) -> Service:
         EngineError: the engine asked for is not installed.
     """
     from transferkit.errors import RunError
+    from transferkit.inference.int8 import AUTO_MIN_IMAGES
     from transferkit.inference.predict import engine_for
     from transferkit.inference.uncertainty import load_rejection
     from transferkit.runs import LABELS_FILE, load_run
@@ -292,7 +293,8 @@ def load_service(settings: ServeSettings) -> Service:
         rejection = load_rejection(run)
     except RunError:
         rejection = None  # a run trained before transferkit fitted one
-    forward = engine_for(run, settings.engine, settings.precision, rejection)
+    # A server runs many images over its life: int8 is worth trying where the precision allows.
+    forward = engine_for(run, settings.engine, settings.precision, rejection, images=AUTO_MIN_IMAGES)
     getattr(forward, "exact", None)  # predict builds the float32 engine for near ties on first use; here now
     # One pass, so that the first request meets a compiled, traced engine.
     forward.predict(np.zeros((1, run.image_size, run.image_size, 3), dtype="uint8"))

@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
+from transferkit.inference.int8 import samples_from
 from transferkit.model.fold import batchnorm_count, fold_batchnorm
 from transferkit.model.surgery import extractor_at, frozen_digest, trainable_at
 from transferkit.progress import progress_bar
@@ -473,7 +475,7 @@ class FeaturePlan:
         stages: the recipe's stages.
         train_data, val_data: the ``ImageBatches`` of the run.
         config: the recipe's ``CacheConfig``.
-        forward_factory: extractor model -> batch function returning its outputs.
+        forward_factory: (extractor model, ``ForwardWork``) -> batch function returning its outputs.
         seed: augmentation seed.
         dtype: storage dtype.
         verbose: log what is computed, with a progress bar.
@@ -487,11 +489,15 @@ class FeaturePlan:
         scope: returns the context the trainable part is built in (a distribution
             strategy's scope); default None (none). The features are computed outside it,
             once, whatever the number of replicas.
+        plan_views: (views a pass would compute, seconds of one image's forward pass timed
+            on the validation images) -> the views to compute (a time budget's
+            ``cache_views``); default None (all).
     """
 
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
                  *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None,
-                 shared: FeatureCache | None = None, context: tuple = (), scope: Callable | None = None):
+                 shared: FeatureCache | None = None, context: tuple = (), scope: Callable | None = None,
+                 plan_views: Callable[[int, float], int] | None = None):
         self.model, self.spec, self.stages = model, spec, list(stages)
         # A StopFlag: a pass stops early once a signal asked training to stop.
         self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
@@ -503,6 +509,7 @@ class FeaturePlan:
         self._stores: dict[tuple[int, int], tuple[FeatureStore, FeatureStore]] = {}
         self.shared, self.context = shared, tuple(context)
         self.scope = scope or contextlib.nullcontext
+        self.plan_views = plan_views
         # (source, boundary) -> its key in the shared cache
         self._shared_keys: dict[tuple[int, int], tuple] = {}
 
@@ -608,10 +615,13 @@ class FeaturePlan:
                 return False
             boundaries, views = [b for b, _ in wanted], [count for _, count in wanted]
         extractor = extractor_at(self.model, self.spec, boundaries)
-        forward = self.forward_factory(extractor)
+        train, val = self.train_data, self.val_data
+        passes = max(views)  # self.views() is 1 without augmentation
+        forward = self.forward_factory(extractor, ForwardWork(
+            passes * len(train.images) + len(val.images),
+            lambda: samples_from(train.images, val.images, seed=self.seed)))
         as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
         shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
-        train, val = self.train_data, self.val_data
         if self.shared is not None:
             itemsize = np.dtype(self.dtype).itemsize
             needed = sum((count * len(train.images) + len(val.images)) * math.prod(shape) * itemsize
@@ -620,7 +630,6 @@ class FeaturePlan:
             budget = self.config.memory_mb - self.shared.memory_mb()
         else:
             budget = self.config.memory_mb - self._memory_used_mb()
-        passes = max(views)  # self.views() is 1 without augmentation
         total = len(train) + len(val)  # the later views are computed while the stage trains
         bar = progress_bar("batch", total, enabled=bool(self.verbose))
         if self.verbose:
@@ -630,11 +639,15 @@ class FeaturePlan:
                   f"training + {len(val.images)} validation images; at {where}{later})")
         # Validation first: the training pass returns after its first view and goes on in
         # the background, and the engine serves one caller at a time.
+        started = time.perf_counter()
         val_stores = compute_feature_stores(as_list, val.images, shapes, FeaturePass(
             views=views, batch_size=val.batch_size,  # one view: no augmenter
             dtype=self.dtype, memory_budget_mb=budget, progress=bar, stop_requested=self.stop_requested,
         ))
         budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
+        if self.plan_views is not None and len(val.images):  # the views that fit a time budget
+            computed = self.plan_views(passes, (time.perf_counter() - started) / len(val.images))
+            views = [min(count, computed) for count in views]
         done = len(val)
         train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
             views=views, augmenter_factory=self.augmenter_factory, seed=self.seed, batch_size=train.batch_size,
@@ -726,12 +739,56 @@ def backbone_features(model, images: np.ndarray, batch_size: int = 32) -> np.nda
     return np.concatenate(outputs, axis=0)
 
 
-def default_forward(model):
+@dataclass(frozen=True)
+class ForwardWork:
+    """What a feature pass will ask of the forward function a ``forward_factory`` makes.
+
+    Attributes:
+        image_passes: images it will run (every view of the training images, and the
+            validation images once).
+        int8_samples: returns the ``inference.int8.Int8Samples`` an int8 network would be
+            calibrated and checked on (training images; validation images held back).
+    """
+
+    image_passes: int
+    int8_samples: Callable
+
+
+def engine_forward(engine: str, precision: str, verbose: int | str = 0) -> Callable:
+    """The ``forward_factory`` of a run: each extractor's inference engine (its network shared by
+    runs on the same frozen weights: ``inference.openvino.SHARED``), taking uint8 images, in
+    int8 where ``inference.int8.worth_int8`` says the work is worth trying it.
+
+    Args:
+        engine: the recipe's engine ("auto", "keras" or "openvino").
+        precision: the recipe's precision.
+        verbose: log which engine runs; default 0.
+
+    Returns:
+        (extractor, ``ForwardWork``) -> batch function.
+    """
+    from transferkit.inference.engines import SHARED
+    from transferkit.inference.int8 import forward_engine, worth_int8
+
+    def forward_factory(extractor, work: ForwardWork):
+        samples = work.int8_samples if worth_int8(precision, work.image_passes) else None
+        forward = forward_engine(extractor, engine, precision=precision, cache_dir=SHARED, input_dtype="uint8",
+                                 int8_samples=samples)
+        if verbose:
+            log.info(f"forward engine for the feature cache: {forward.name}"
+                     + (" int8" if getattr(forward, "precision_hint", "") == "int8" else ""))
+        return forward.predict
+
+    return forward_factory
+
+
+def default_forward(model, work: ForwardWork | None = None):
     """A batch -> outputs function for forward-only work in Keras, with frozen BatchNorm
     folded into the convolutions before it (what makes bfloat16 pay on ResNet50).
 
     Args:
         model: an extractor (images -> feature maps).
+        work: what it will be asked (unused here: Keras runs every precision as built).
 
     Returns:
         A function from a batch of images to the model's outputs.

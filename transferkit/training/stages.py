@@ -26,6 +26,10 @@ data-parallel (several processes, ``strategies``), each process fits on its own 
 the images (``data.batches.process_share``, as a tf.data pipeline), and the feature cache is
 off: the frozen part runs in every step, on each process's share.
 
+With a time budget (``StageOptions.time_budget``, ``training.budget``), a stage starts only
+when the budget leaves time for it, its fit is timed and stopped at the budget's plan, and
+the feature cache computes the views that fit.
+
 ``begin_stage`` (steps 1-4) is public: ``lr-find`` and ``doctor --model`` set a stage up
 exactly as training begins it. Beside the steps: resuming a stage from the checkpoint
 (``_resume_point``) and checkpointing (``_checkpoint_stage_start``,
@@ -38,7 +42,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import keras
 import numpy as np
@@ -51,6 +55,7 @@ from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, set_trainable, synchronize_batchnorm
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.strategies import Distribution
+from transferkit.training.budget import TimeBudget
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
 from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder
 from transferkit.training.compile import compile_for_stage, make_loss
@@ -80,7 +85,8 @@ class StageOptions:
         loss: the recipe's ``LossConfig`` (label smoothing); default None (plain
             cross-entropy).
         forward_factory: turns an extractor model (images -> one feature map, or a list of
-            them) into a batch -> outputs function (an inference engine); default None (the
+            them) and the ``features.ForwardWork`` it will do into a batch -> outputs
+            function (an inference engine); default None (the
             model's own ``predict_on_batch`` after BatchNorm folding, ``default_forward``).
         feature_cache: a ``FeatureCache`` that keeps the cached features for later runs on
             the same images (a study's trials) and serves this one what earlier runs left;
@@ -89,6 +95,9 @@ class StageOptions:
             shared cache's keys; default ().
         distribution: the ``strategies.Distribution`` the model was built under (what fits
             is built and compiled in its scope); default None (one device).
+        time_budget: seconds the stages and the work after them may take: their epochs (at
+            most the stages' own) and the cached views are planned to fit
+            (``training.budget``); default None (no budget).
     """
 
     verbose: int | str = "auto"
@@ -100,6 +109,7 @@ class StageOptions:
     feature_cache: FeatureCache | None = None
     forward_key: tuple = ()
     distribution: Distribution | None = None
+    time_budget: float | None = None
 
 
 @dataclass
@@ -138,6 +148,8 @@ class StagesResult:
         history: one continuous history, a dict per epoch with the keys of
             ``runs.HISTORY_COLUMNS`` (the resumed run's earlier epochs included).
         timings: one ``StageTiming`` per stage run (in this process).
+        budget: with a time budget, its plan and what came of it (``TimeBudget.record``);
+            else None.
         val_outputs: when the last stage trained on cached features, the final model's
             outputs on the validation set, computed from the cached features (the frozen
             part cannot have changed); else None (predict with the model).
@@ -145,7 +157,16 @@ class StagesResult:
 
     history: list[dict] = field(default_factory=list)
     timings: list[StageTiming] = field(default_factory=list)
+    budget: dict | None = None
     val_outputs: np.ndarray | None = None
+
+    def records(self) -> dict:
+        """What metrics.json records of the stages: "stages", one timing each, and with a
+        time budget "time_budget"."""
+        records = {"stages": [asdict(timing) for timing in self.timings]}
+        if self.budget is not None:
+            records["time_budget"] = self.budget
+        return records
 
 
 def run_stages(
@@ -187,8 +208,8 @@ def run_stages(
     first = run.checkpointing.state.stage_index
     result = StagesResult(history=run.rows)
     with run:
-        for index, stage in enumerate(run.stages):
-            if index < first or stage.epochs == 0:
+        for index in range(len(run.stages)):
+            if index < first or not run.trains(index):
                 continue
             timing, result.val_outputs = _train_stage(run, index)
             result.timings.append(timing)
@@ -196,6 +217,7 @@ def run_stages(
             _checkpoint_between_stages(run, index)
     if run.checkpointing.work is not None:
         run.checkpointing.work.flush()
+    result.budget = run.budget.finish() if run.budget is not None else None
     return result
 
 
@@ -218,6 +240,7 @@ class StagesRun:
         global_epoch: epochs done before the current stage.
         calibrated: whether the head's BatchNorm statistics are set.
         plan: the ``FeaturePlan`` holding the cached features, or None without a cache.
+        budget: the ``training.budget.TimeBudget``, or None without one.
     """
 
     model: keras.Model
@@ -232,6 +255,7 @@ class StagesRun:
     global_epoch: int = 0
     calibrated: bool = False
     plan: FeaturePlan | None = None
+    budget: TimeBudget | None = None
 
     @classmethod
     def start(cls, model: keras.Model, spec: BackboneSpec, stages: Sequence[StageConfig], train_data: ImageBatches,
@@ -246,8 +270,17 @@ class StagesRun:
         state = checkpointing.state
         run = cls(model, spec, list(stages), train_data, val_data, n_classes, options, checkpointing,
                   rows=list(state.history), global_epoch=state.global_epoch, calibrated=state.calibrated)
+        if options.time_budget is not None:  # its clock starts here, before the feature cache
+            run.budget = TimeBudget(options.time_budget, stages, train_images=len(train_data.images),
+                                    val_images=len(val_data.images), first_stage=state.stage_index,
+                                    done_before=state.epochs_done, verbose=options.verbose)
         run.plan = _feature_plan(run)
         return run
+
+    def trains(self, index: int) -> bool:
+        """Whether stage ``index`` trains: it has epochs, and the time budget (if any) lets it
+        start (decided once)."""
+        return self.stages[index].epochs > 0 and (self.budget is None or self.budget.allows(index))
 
     def stop_if_requested(self) -> None:
         """Raise ``TrainingInterrupted`` once a signal asked training to stop."""
@@ -293,6 +326,7 @@ class BegunStage:
         train, val: the batches it fits on (images, or cached features).
         cached: whether ``model`` is the top part on cached features.
         caching_seconds: the time spent computing cached features for it.
+        began: ``time.perf_counter()`` as the stage began to be set up.
         calibration: backbone features of some training images, when the cache has them.
     """
 
@@ -301,6 +335,7 @@ class BegunStage:
     val: keras.utils.PyDataset
     cached: bool
     caching_seconds: float = 0.0
+    began: float = 0.0
     calibration: np.ndarray | None = None
 
     def steps_per_execution(self, distribution: Distribution | None = None) -> int:
@@ -336,6 +371,7 @@ def begin_stage(run: StagesRun, index: int) -> BegunStage:
     set_trainable(run.model, run.spec, stage.unfreeze)
     begun = _what_to_fit(run, index)
     run.stop_if_requested()  # computing the features can take a while
+    begun.began = started
     if begun.cached:
         begun.caching_seconds = time.perf_counter() - started
     _calibrate_head_once(run, begun)
@@ -484,6 +520,10 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     )
     validation = ([EagerValidation(begun.val, run.n_classes, make_loss(run.n_classes, run.options.loss))]
                   if begun.cached else [])
+    # Last: it times each epoch with its validation and checkpoint.
+    budget = [] if run.budget is None else [run.budget.callback(
+        index, began=begun.began, caching_seconds=begun.caching_seconds, steps_per_epoch=len(begun.train),
+        cached=begun.cached)]
     # Across replicas, the head's BatchNorm normalises over the global batch while fit runs
     # (its step is traced then); before and after, the model is a plain one that loads on any
     # backend. (A whole-model checkpoint written during fit holds the flag: it resumes on
@@ -499,7 +539,7 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
             initial_epoch=start.initial_epoch,
             epochs=stage.epochs,
             shuffle=False,  # the batches shuffle themselves, seeded per epoch
-            callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks],
+            callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks, *budget],
             verbose=run.options.verbose,
         )
     finally:
@@ -511,7 +551,7 @@ def _checkpoint_between_stages(run: StagesRun, index: int) -> None:
     once; resuming from its last epoch checkpoint would only repeat the restore of the best
     weights, so nothing is written then."""
     work = run.checkpointing.work
-    if work is None or all(later.epochs == 0 for later in run.stages[index + 1 :]):
+    if work is None or not any(run.trains(later) for later in range(index + 1, len(run.stages))):
         return
     work.save(run.model, TrainingState(stage_index=index + 1, epochs_done=0, global_epoch=run.global_epoch,
                                        calibrated=True, history=run.rows))
@@ -535,6 +575,7 @@ def _feature_plan(run: StagesRun):
         run.options.forward_factory or default_forward, seed=run.options.seed,
         dtype="float16" if mixed else "float32", verbose=run.options.verbose, stop=run.checkpointing.stop,
         shared=run.options.feature_cache, context=run.options.forward_key, scope=run.scope,
+        plan_views=run.budget.cache_views if run.budget is not None else None,
     )
 
 

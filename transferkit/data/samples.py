@@ -1,4 +1,4 @@
-"""The images an export is checked and calibrated on.
+"""The images a run's exports and int8 networks are checked and calibrated on.
 
 From the run's data folder when it is given (or recorded in labels.json as ``data_dir``):
 its validation split re-created exactly as finetune made it (``data.val_split`` and
@@ -145,3 +145,27 @@ def generated_images(count: int, size: int, rng) -> np.ndarray:
     if count <= 0:
         return np.zeros((0, size, size, 3), dtype="uint8")
     return np.stack([np.asarray(draw_shape(SHAPES[i % len(SHAPES)], size, rng)) for i in range(count)])
+
+
+def int8_samples(run, count: int = 64, seed: int = 0):
+    """The images to quantize a run's network to int8 on and check it with: training images
+    to calibrate on and validation images held back, from the run's recorded data folder.
+
+    Args:
+        run: a loaded ``Run``.
+        count: at most this many of each; default 64.
+        seed: which images are sampled; default 0.
+
+    Returns:
+        ``inference.int8.Int8Samples``-shaped (calibration, held_back) pair as a tuple, or
+        None when the run's data folder is not there (generated images are no calibration).
+    """
+    data_dir = _recorded_data_dir(run)
+    if data_dir is None:
+        return None
+    try:
+        sample = _from_folder(run, data_dir, count, count, np.random.default_rng(seed))
+    except DataError as error:
+        log.info("no int8 calibration images from %s: %s", data_dir, error)
+        return None
+    return sample.calibration, sample.images

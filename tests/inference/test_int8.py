@@ -1,0 +1,145 @@
+"""int8 forward passes: quantized once and cached by fingerprint, checked against float32 before
+use, float32 with a notice where int8 falls short; finetune and predict with --precision int8."""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.inference import int8 as int8_module
+from transferkit.inference.engines import OpenVINOEngine, make_engine
+from transferkit.inference.int8 import Int8Engine, Int8Samples, int8_engine, samples_from, worth_int8
+from transferkit.runtime import resolve_precision
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+SIZE = 32
+
+
+def images(n, seed=0):
+    """Noisy images around a random colour, of random contrast."""
+    rng = np.random.default_rng(seed)
+    colour = rng.uniform(0, 255, (n, 1, 1, 3))
+    contrast = rng.uniform(5, 120, (n, 1, 1, 1))
+    return np.clip(colour + contrast * rng.standard_normal((n, SIZE, SIZE, 3)), 0, 255).astype("uint8")
+
+
+def extractor(seed=0, outlier=1.0):
+    """A small convolutional feature extractor; ``outlier`` scales one channel of its first
+    layer: a large one leaves 8 bits too coarse for the other channels after it."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    first = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="first")
+    x = first(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same")(x)
+    model = keras.Model(inputs, x, name=f"extractor{seed}")
+    kernel, bias = first.get_weights()
+    kernel[..., 0] *= outlier
+    first.set_weights([kernel, bias])
+    return model
+
+
+def float_engine(model, cache):
+    engine = make_engine(model, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=cache, precision="float32",
+                         input_dtype="uint8")
+    assert isinstance(engine, OpenVINOEngine)
+    return engine
+
+
+def test_int8_network_is_quantized_once_and_cached_with_its_check(tmp_path):
+    model = extractor()
+    samples = Int8Samples(images(32, seed=1), images(32, seed=2))
+    first = int8_engine(model, float_engine(model, tmp_path), samples, tmp_path, classifier=False, auto=False)
+    assert isinstance(first, Int8Engine) and first.check.passed
+    assert first.check.measure == "feature error" and first.check.value <= int8_module.FEATURE_ERROR
+    assert first.ir_path.name == f"{model.name}-int8.xml" and first.ir_path.with_suffix(".check.json").is_file()
+
+    def never():
+        raise AssertionError("a cached int8 network and check need no images")
+
+    again = int8_engine(model, float_engine(model, tmp_path), never, tmp_path, classifier=False, auto=False)
+    batch = images(8, seed=3)
+    np.testing.assert_array_equal(again.predict(batch), first.predict(batch))
+    assert again.check == first.check
+    # Other weights: another fingerprint, quantized and checked anew.
+    other = extractor(seed=1)
+    asked = []
+    third = int8_engine(other, float_engine(other, tmp_path), lambda: asked.append(1) or samples, tmp_path,
+                        classifier=False, auto=False)
+    assert asked == [1] and third.ir_path != first.ir_path
+
+
+def test_int8_that_falls_short_of_float32_runs_float32_with_a_notice(tmp_path, caplog):
+    model = extractor(outlier=300.0)
+    exact = float_engine(model, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        engine = int8_engine(model, exact, Int8Samples(images(32, seed=1), images(32, seed=2)), tmp_path,
+                             classifier=False, auto=False)
+    assert engine is exact
+    notice = [record.getMessage() for record in caplog.records if "int8 fell short" in record.getMessage()]
+    assert len(notice) == 1 and "feature error" in notice[0] and "running float32" in notice[0]
+    stored = int8_module._cached_check(tmp_path / f"openvino-{SIZE}px" / f"{model.name}-int8.xml")
+    assert stored is not None and not stored.passed and stored.value > int8_module.FEATURE_ERROR
+
+
+def test_predict_in_int8_agrees_with_float32(shapes_run, shapes_dir, tmp_path):
+    """Calibrated on the run's own training images (its recorded data folder), checked on held-back
+    ones, near ties computed again in float32."""
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    labels, outputs = {}, {}
+    for precision in ("int8", "float32"):
+        out = tmp_path / f"{precision}.csv"
+        done = CliRunner().invoke(app, ["predict", str(shapes_run.path), str(shapes_dir), "--precision", precision,
+                                        "--output", str(out)])
+        assert done.exit_code == 0, done.output
+        outputs[precision] = done.output
+        labels[precision] = np.array([line.split(",")[1] for line in out.read_text().splitlines()[1:]])
+    assert "OpenVINO int8" in outputs["int8"] and "top-1 agreement" in outputs["int8"]
+    assert "OpenVINO int8" not in outputs["float32"]
+    assert len(labels["int8"]) == 30
+    assert np.mean(labels["int8"] == labels["float32"]) >= int8_module.AGREEMENT
+
+
+def test_auto_tries_int8_only_for_work_worth_quantizing():
+    assert worth_int8("int8", 1)
+    assert not worth_int8("float32", 10**6) and not worth_int8("bfloat16", 10**6)
+    assert not worth_int8("auto", int8_module.AUTO_MIN_IMAGES - 1)
+    no_fast_bfloat16 = resolve_precision("auto")[0] == "float32"
+    assert worth_int8("auto", int8_module.AUTO_MIN_IMAGES) == no_fast_bfloat16
+
+
+def test_samples_hold_back_images_never_calibrated_on():
+    train = np.arange(200, dtype="uint8").reshape(200, 1, 1, 1) * np.ones((1, 2, 2, 3), dtype="uint8")
+    val = (train[:10] + 200).astype("uint8")
+    samples = samples_from(train, val, seed=0)
+    calibrated = set(samples.calibration[:, 0, 0, 0].tolist())
+    held = samples.held_back[:, 0, 0, 0].tolist()
+    assert len(calibrated) == int8_module.CALIBRATION_IMAGES
+    assert len(held) == int8_module.HELD_BACK_IMAGES and sorted(held[:10]) == list(range(200, 210))
+    assert not calibrated & set(held)
+
+
+def test_finetune_trains_in_float32_on_int8_features(shapes_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("weights = 'none'\nimage_size = 32\nbatch_size = 8\nprecision = 'int8'\n[head]\nunits = [16]\n"
+                      "[[stages]]\nepochs = 1\n[[stages]]\nepochs = 1\nunfreeze = 1\nlearning_rate = 1e-5\n")
+    done = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--recipe", str(recipe), "--output", str(run)])
+    assert done.exit_code == 0, done.output
+    assert "forward engine for the feature cache: openvino int8" in done.output
+    loaded = transferkit.load_run(run)
+    assert loaded.recipe["precision"] == "int8" and loaded.model.dtype_policy.name == "float32"
