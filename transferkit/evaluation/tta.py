@@ -47,6 +47,9 @@ FLIP_ACCURACY_DROP = 0.05
 # Fewer validation images than this tell a transform's effect from noise too seldom: finetune
 # then neither chooses (--tta keeps the recipe's transforms) nor checks flips.
 MIN_JUDGED_IMAGES = 20
+# At most this many validation images (a seeded choice) are judged on: each goes through the
+# model once per variant (six by default), eagerly, at the end of every finetune.
+MAX_JUDGED_IMAGES = 500
 FLIP_LOSS_MARGIN = 0.1
 FLIP_ADVICE = "turn the recipe's horizontal flip off: --set augment.hflip=false (or hflip = false under [augment])"
 
@@ -398,8 +401,9 @@ def variant_probabilities(model, images: np.ndarray, variants: Sequence[str], sh
 
 def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
     """The end-of-finetune step: choose the TTA transforms on the validation split
-    (``choose_transforms``), log the choice, and warn in one line when mirrored images
-    score clearly worse than the originals (``FlipCheck.changes_class``).
+    (``choose_transforms``; on a seeded choice of ``MAX_JUDGED_IMAGES`` of a larger one),
+    log the choice, and warn in one line when mirrored images score clearly worse than the
+    originals (``FlipCheck.changes_class``).
 
     Args:
         model: the trained, calibrated classifier.
@@ -416,8 +420,11 @@ def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
             log.info(f"test-time augmentation: {len(prepared.val_labels)} validation images, fewer than the "
                      f"{MIN_JUDGED_IMAGES} needed to judge the transforms on; --tta averages all of tta.transforms")
         return {"judged": False, "n_images": int(len(prepared.val_labels))}
-    choice = choose_transforms(model, prepared.val_images, prepared.val_labels, recipe.model_dump(mode="json"),
-                               batch_size=recipe.batch_size)
+    images, labels = prepared.val_images, prepared.val_labels
+    if len(labels) > MAX_JUDGED_IMAGES:
+        rows = np.sort(np.random.default_rng(recipe.seed).choice(len(labels), MAX_JUDGED_IMAGES, replace=False))
+        images, labels = images[rows], labels[rows]
+    choice = choose_transforms(model, images, labels, recipe.model_dump(mode="json"), batch_size=recipe.batch_size)
     if verbose:
         log.info(choice.summary())
     if choice.flip is not None and choice.flip.changes_class:
