@@ -2,8 +2,8 @@
 
     finetune: recipe -> data.prepare (index, decode, check, split) -> model.build ->
               training.stages (under the signal handlers, checkpointing into RUN.partial)
-              -> validation metrics -> calibration -> the run folder (runs.save_run, the
-              model card last), each step logged to MLflow when asked (training.tracking)
+              -> validation metrics -> calibration -> TTA choice, trust -> the run folder
+              (runs.save_run, the model card last), each step logged to MLflow when asked
     resume_finetune: the same from RUN.partial's recipe, job and checkpoint
     train_prepared: the same on data prepared once (tune's trials), with or without a folder
 """
@@ -26,7 +26,7 @@ from transferkit import runs
 from transferkit.backbones import get_spec
 from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.errors import RecipeError, RunError, TrainingInterrupted
-from transferkit.evaluation import summary
+from transferkit.evaluation import summary, tta
 from transferkit.evaluation.calibration import calibrate as fit_calibration
 from transferkit.files import fault_point
 from transferkit.model.build import build_model, log_setup
@@ -335,7 +335,8 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
-    if out is not None:  # what predict --reject and --sets need, fitted after calibration
+    if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration
+        trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose)
         trained.trust = fit_trust(model, prepared, recipe, verbose)
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")

@@ -361,8 +361,18 @@ def test_parser_errors_are_one_line_from_the_console_script(args, fragment):
     assert lines[0].startswith("error: ") and fragment in lines[0] and "--help" in lines[0]
 
 
-def test_predict_with_tta_averages_over_variants(cli_run, shapes_dir, tmp_path):
-    output, _ = cli_run
+def test_predict_with_tta_on_a_run_without_the_tta_record_averages_over_all_the_recipes_variants(
+        cli_run, shapes_dir, tmp_path):
+    import os
+    import shutil
+
+    # A run trained before finetune chose the transforms: its metrics.json has no "tta".
+    output = tmp_path / "older"
+    shutil.copytree(cli_run[0], output, copy_function=os.link)
+    metrics = json.loads((output / "metrics.json").read_text())
+    del metrics["tta"]
+    (output / "metrics.json").unlink()  # a link to the shared run's file: not written through
+    (output / "metrics.json").write_text(json.dumps(metrics))
     plain = invoke("predict", output, shapes_dir / "circle", "-q", "-o", tmp_path / "plain.csv", "--engine", "keras")
     tta = invoke("predict", output, shapes_dir / "circle", "-q", "-o", tmp_path / "tta.csv", "--engine", "keras",
                  "--tta")

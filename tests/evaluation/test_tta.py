@@ -1,10 +1,34 @@
+import csv
+import dataclasses
+import json
+import logging
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+import transferkit
+from tests.tuning.learning_data import LEARNING, write_stripe_classes
+from transferkit.cli import app
 from transferkit.evaluation.evaluate import evaluate_folder
-from transferkit.evaluation.tta import SHIFTS, TTAEngine, transform_batch, tta_engine, tta_variants
+from transferkit.evaluation.tta import (
+    SHIFTS,
+    TTAEngine,
+    choose_transforms,
+    transform_batch,
+    tta_engine,
+    tta_variants,
+)
 from transferkit.inference.engines import ForwardEngine, inference_engine
 from transferkit.inference.predict import predict_folder
+
+# Diagonal stripes, trained on unflipped views only (cache.views 1: the head stage's one
+# cached view is the image itself; the recipe still flips, so "hflip" is tried), with
+# "hflip" the only transform beside the image. Ten head epochs at a cosine-decayed rate
+# (the head's BatchNorm statistics settle as the rate falls), no fine stage.
+STRIPES = {**LEARNING, "data.val_split": 0.3, "cache.views": 1, "stages.0.epochs": 10, "stages.0.patience": 10,
+           "stages.0.schedule": "cosine", "stages.1:.epochs": 0,
+           "tta.transforms": ["identity", "hflip"]}
 
 
 class CountingEngine(ForwardEngine):
@@ -51,3 +75,90 @@ def test_tta_runs_on_each_engine(shapes_run, shapes_dir, engine):
     result = evaluate_folder(shapes_run, shapes_dir, engine=forward)
     assert result.metrics["n_images"] == 30 and result.engine == engine
     assert np.allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def stripes(tmp_path_factory):
+    """(run, data folder, the warnings its finetune logged) of a run on "rising" and
+    "falling" stripes: a horizontal flip turns one class into the other."""
+    folder = tmp_path_factory.mktemp("stripes")
+    data = write_stripe_classes(folder / "data", per_class=34)  # 20 validation images: enough to judge on
+    collect = _Collect()
+    logging.getLogger("transferkit").addHandler(collect)
+    try:
+        run = transferkit.finetune(data, None, STRIPES, output=folder / "run", verbose=0)
+    finally:
+        logging.getLogger("transferkit").removeHandler(collect)
+    return run, data, collect.lines
+
+
+def test_a_flip_that_changes_the_class_is_dropped_recorded_and_warned_about(stripes):
+    run, _, warnings = stripes
+    assert run.metrics["final"]["val_accuracy"] >= 0.75  # it learnt the stripes' direction
+    record = json.loads((run.path / "metrics.json").read_text())["tta"]
+    assert record == run.metrics["tta"]
+    assert record["judged"] and record["kept"] == ["identity"] and record["log_loss"] == record["plain_log_loss"]
+    [hflip] = record["transforms"]
+    assert hflip["transform"] == "hflip" and not hflip["kept"]
+    assert hflip["log_loss"] > hflip["compared_with"] == record["plain_log_loss"]
+    flip = record["flip"]
+    assert flip["changes_class"] and flip["flipped_accuracy"] <= flip["accuracy"] - 0.5
+    assert flip["made_wrong"] - flip["made_right"] >= 10 and flip["n_images"] == record["n_images"] >= 20
+    [warning] = [line for line in warnings if "flips seem to change the class" in line]
+    assert "--set augment.hflip=false" in warning and "\n" not in warning
+
+
+def test_predict_tta_on_a_run_that_kept_nothing_says_so_and_predicts_plainly(stripes, tmp_path):
+    run, data, _ = stripes
+    runner = CliRunner()
+    outputs = {}
+    for name, flags in (("plain", []), ("tta", ["--tta"])):
+        result = runner.invoke(app, ["predict", str(run.path), str(data / "rising"), "-q", "--engine", "keras", "-o",
+                                     str(tmp_path / f"{name}.csv"), *flags])
+        assert result.exit_code == 0, result.output
+        outputs[name] = result.output
+        with open(tmp_path / f"{name}.csv", newline="") as file:
+            outputs[name + " rows"] = list(csv.DictReader(file))
+    told = [line for line in outputs["tta"].splitlines() if "--tta" in line]
+    assert len(told) == 1 and "predicts without test-time augmentation" in told[0]
+    assert "--tta" not in outputs["plain"]
+    assert len(outputs["tta rows"]) == 34 and outputs["tta rows"] == outputs["plain rows"]
+
+
+def test_a_harmless_flip_is_kept_a_tie_included(stripes):
+    run, _, _ = stripes
+    # Mirror-symmetric images: the flip gives the very same image, so the same log loss.
+    rng = np.random.default_rng(3)
+    half = rng.integers(0, 256, (12, 32, 16, 3), dtype="uint8")
+    images = np.concatenate([half, half[:, :, ::-1]], axis=2)
+    labels = np.arange(12) % 2
+    choice = choose_transforms(run.model, images, labels, {**run.recipe, "tta": {"transforms": ["identity", "hflip",
+                                                                                                "shift"]}})
+    assert choice.kept[:2] == ("identity", "hflip")
+    hflip, shift = choice.trials
+    assert hflip.kept and hflip.log_loss == pytest.approx(choice.plain_log_loss, abs=1e-6)
+    assert shift.compared_with == hflip.log_loss and shift.variants == SHIFTS
+    assert choice.log_loss <= choice.plain_log_loss + 1e-6  # the kept set never scores worse than plain
+    assert choice.flip is not None and not choice.flip.changes_class
+
+
+def test_tta_averages_the_kept_variants_and_older_or_unjudged_runs_all_of_their_recipes(shapes_run, shapes_dir):
+    # 6 validation images: too few to judge on, so --tta averages all of the recipe's variants.
+    assert shapes_run.metrics["tta"] == {"judged": False, "n_images": 6}
+    assert tta_engine(shapes_run, "keras").variants == ("identity", "hflip", *SHIFTS)
+    older = dataclasses.replace(shapes_run, metrics={key: value for key, value in shapes_run.metrics.items()
+                                                     if key != "tta"})
+    assert tta_engine(older, "keras").variants == ("identity", "hflip", *SHIFTS)
+    flip_only = dataclasses.replace(shapes_run, metrics={**shapes_run.metrics, "tta": {"judged": True, "kept": [
+        "identity", "hflip"]}})
+    result = evaluate_folder(flip_only, shapes_dir, tta=True, engine="keras")
+    assert result.tta == ("identity", "hflip") and result.metrics["tta"] == ["identity", "hflip"]

@@ -37,3 +37,20 @@ def write_colour_classes(root: Path, per_class: int = 20, size: int = 40, seed: 
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{number:03d}.png")
     return root
+
+
+def write_stripe_classes(root: Path, per_class: int = 24, size: int = 32, seed: int = 0) -> Path:
+    """Two classes of noisy grey PNGs striped along a diagonal: "rising" (/) and "falling"
+    (\\), each the other's mirror image, so that a horizontal flip turns one class into the
+    other. Stripes of one phase and little noise: a backbone with random weights tells the
+    two apart about as clearly as it tells colours."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:size, 0:size]
+    rising = 128 + 100 * np.sin(2 * np.pi * (rows + columns) / 6.0)[..., None]
+    for name, template in (("rising", rising), ("falling", rising[:, ::-1])):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for number in range(per_class):
+            image = template + rng.normal(0, 4, (size, size, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype("uint8")).save(folder / f"{name}_{number:03d}.png")
+    return root

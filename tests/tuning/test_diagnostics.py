@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.tuning.learning_data import LEARNING, write_colour_classes
+from tests.tuning.learning_data import LEARNING, write_colour_classes, write_stripe_classes
 from transferkit.cli import app
 from transferkit.recipe import load_recipe
 from transferkit.tuning import diagnostics
 from transferkit.tuning.lr_find import prepare_stage
 
 CHECK = {check.__name__.strip("_"): check for check in diagnostics.CHECKS}
-NAMES = ["initial loss", "input", "gradients", "overfit one batch", "learning rate", "validation loss falls"]
+NAMES = ["initial loss", "input", "gradients", "overfit one batch", "learning rate", "validation loss falls",
+         "horizontal flip"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,21 @@ def test_shuffled_labels_fail_the_validation_check_that_colour_labels_pass(sound
         check = run(setup, "validation_loss_falls")["validation loss falls"]
     assert not check.passed
     assert "labels that do not follow the images" in check.advice
+
+
+def test_classes_a_flip_turns_into_each_other_fail_the_flip_check_whose_advice_names_the_recipe_key(tmp_path):
+    # The colour classes pass it (test_doctor_model_passes_a_sound_set_up_with_every_check).
+    # A low constant rate without dropout: the short run learns the stripes' direction.
+    learns = {**LEARNING, "head.dropout": 0.0, "data.val_split": 0.3, "stages.0.learning_rate": 3e-4}
+    stripes = write_stripe_classes(tmp_path / "stripes", per_class=34)  # 20 validation images: enough to judge on
+    with prepare_stage(stripes, load_recipe(None, learns)) as setup:
+        check = run(setup, "horizontal_flip")["horizontal flip"]
+        unflipped = run(dataclasses.replace(setup, recipe=load_recipe(None, {**learns, "augment.hflip": False})),
+                        "horizontal_flip")["horizontal flip"]
+    assert not check.passed and check.value <= -0.5
+    assert "mirrored validation images: accuracy" in check.figure
+    assert "--set augment.hflip=false" in check.advice
+    assert unflipped.passed and "does not flip" in unflipped.figure
 
 
 def test_a_frozen_head_fails_the_gradient_and_overfit_checks(sound):

@@ -41,7 +41,7 @@ def doctor(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     model: Annotated[bool, typer.Option("--model",
             help="Check learning instead: initial loss, input, gradients, overfitting one batch, learning rate, "
-                 "validation loss (builds and trains the recipe's model briefly).")] = False,
+                 "validation loss, horizontal flip (builds and trains the recipe's model briefly).")] = False,
     stage: StageOption = 0,
     backbone: BackboneOption = None,
     weights: WeightsOption = None,

@@ -9,18 +9,49 @@ variant is deterministic, so a TTA prediction is reproducible.
 ``TTAEngine`` wraps any ``ForwardEngine`` (Keras, OpenVINO, chained): a batch of B images
 becomes B x V variants that go through the inner engine in one call, then each image's V
 outputs are averaged.
+
+At the end of finetune, ``choose_transforms`` keeps only the transforms that help on the
+validation split (the rule is in its docstring) and ``fit_tta`` records them in the run's
+metrics.json ("tta"); ``--tta`` then averages over the kept ones (``run_variants``), and a
+run trained before that record over its recipe's. ``check_flips`` tells when mirrored
+images score clearly worse than the originals (the flip changes the class: digits,
+left/right): finetune warns, and so does ``doctor --model``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from transferkit.inference.engines import ForwardEngine
+from transferkit.outputs import class_probabilities
 from transferkit.recipe import TTAConfig
 
+log = logging.getLogger("transferkit")
+
 SHIFTS = ("shift_left", "shift_right", "shift_up", "shift_down")
+# A transform is kept when adding it raises the validation log loss by at most this much
+# (nats): float rounding only, so that a tie (a mirror-symmetric image's flip is the image
+# itself) keeps it.
+KEEP_TOLERANCE = 1e-6
+# Mirrored validation images score "clearly worse" (check_flips) when all three hold: the
+# accuracy drops by at least FLIP_ACCURACY_DROP, the log loss rises by more than
+# FLIP_LOSS_MARGIN nats, and the images the flip makes wrong outnumber those it makes right
+# by more than twice the square root of their sum (a sign test at about two standard
+# deviations, which needs at least 5 more images made wrong than right: few images never warn).
+FLIP_ACCURACY_DROP = 0.05
+# Fewer validation images than this tell a transform's effect from noise too seldom: finetune
+# then neither chooses (--tta keeps the recipe's transforms) nor checks flips.
+MIN_JUDGED_IMAGES = 20
+# At most this many validation images (a seeded choice) are judged on: each goes through the
+# model once per variant (six by default), eagerly, at the end of every finetune.
+MAX_JUDGED_IMAGES = 500
+FLIP_LOSS_MARGIN = 0.1
+FLIP_ADVICE = "turn the recipe's horizontal flip off: --set augment.hflip=false (or hflip = false under [augment])"
 
 
 def tta_variants(run_recipe: dict | None) -> tuple[str, ...]:
@@ -33,16 +64,39 @@ def tta_variants(run_recipe: dict | None) -> tuple[str, ...]:
     Returns:
         Variant names, e.g. ("identity", "hflip", "shift_left", ..., "shift_down").
     """
+    return tuple(name for _, variants in _transforms(run_recipe) for name in variants)
+
+
+def _transforms(run_recipe: dict | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(transform, its variants) per transform of the recipe's ``tta.transforms``, in order;
+    "hflip" only when the run trained with horizontal flips."""
     recipe = run_recipe or {}
     config = TTAConfig.model_validate(_tuples(recipe.get("tta", {})))
-    flips = bool(recipe.get("augment", {}).get("hflip", False))
-    names: list[str] = []
-    for transform in config.transforms:
-        if transform == "shift":
-            names.extend(SHIFTS)
-        elif transform != "hflip" or flips:
-            names.append(transform)
-    return tuple(names)
+    return tuple((transform, SHIFTS if transform == "shift" else (transform,)) for transform in config.transforms
+                 if transform != "hflip" or _flips(recipe))
+
+
+def _flips(run_recipe: dict | None) -> bool:
+    """Whether the run trained with horizontal flips (``augment.hflip``)."""
+    return bool((run_recipe or {}).get("augment", {}).get("hflip", False))
+
+
+def run_variants(run) -> tuple[str, ...]:
+    """The variants ``--tta`` averages for a run: those its finetune kept (metrics.json
+    "tta" "kept", see ``choose_transforms``), or, for a run trained before that record, one
+    with too few validation images to judge on, or a bare model file, all its recipe's
+    (``tta_variants``).
+
+    Args:
+        run: a ``Run``.
+
+    Returns:
+        Variant names, "identity" first when it was kept.
+    """
+    record = (run.metrics or {}).get("tta")
+    if record and record.get("kept"):
+        return tuple(record["kept"])
+    return tta_variants(run.recipe)
 
 
 def tta_shift(run_recipe: dict | None) -> float:
@@ -131,7 +185,9 @@ def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Seq
         run: a ``Run`` with its model.
         engine: "auto", "keras" or "openvino"; default "auto" (see ``inference_engine``).
         precision: the engine's precision; default "auto".
-        variants: the variants to use; default the run recipe's (``tta_variants``).
+        variants: the variants to use; default the run's (``run_variants``: those its
+            finetune kept, or its recipe's for an older run). When the run kept none but
+            "identity", one warning says that ``--tta`` predicts without augmentation.
         images: how many images it will be given (each runs once per variant: int8 may be
             worth it, ``inference.predict.int8_samples_for``); default 0.
 
@@ -142,8 +198,241 @@ def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Seq
     from transferkit.inference.openvino import claim_engine_cache
     from transferkit.inference.predict import int8_samples_for
 
-    variants = variants if variants is not None else tta_variants(run.recipe)
+    if variants is None:
+        variants = run_variants(run)
+        if variants == ("identity",) and ((run.metrics or {}).get("tta") or {}).get("kept"):
+            log.warning("--tta: no test-time transform lowered this run's validation log loss at the end of "
+                        "finetune (metrics.json \"tta\"), so it predicts without test-time augmentation")
     inner = forward_engine(run.model, engine, run.image_size, cache_dir=claim_engine_cache(run.path),
                            precision=precision, input_dtype="uint8",
                            int8_samples=int8_samples_for(run, precision, images * (1 + len(variants))))
     return TTAEngine(inner, variants, tta_shift(run.recipe))
+
+
+# --- which transforms help: chosen at the end of finetune ---------------------------------
+
+
+@dataclass(frozen=True)
+class FlipCheck:
+    """How mirrored validation images score against the originals.
+
+    Attributes:
+        n_images: validation images.
+        accuracy, flipped_accuracy: accuracy on the images and on their mirror images.
+        log_loss, flipped_log_loss: mean log loss (nats) likewise.
+        made_wrong: images right as they are and wrong mirrored; made_right: the reverse.
+    """
+
+    n_images: int
+    accuracy: float
+    flipped_accuracy: float
+    log_loss: float
+    flipped_log_loss: float
+    made_wrong: int
+    made_right: int
+
+    @property
+    def changes_class(self) -> bool:
+        """Mirrored images score clearly worse (the rule at ``FLIP_ACCURACY_DROP``)."""
+        net = self.made_wrong - self.made_right
+        return (net >= FLIP_ACCURACY_DROP * self.n_images - 1e-9
+                and self.flipped_log_loss > self.log_loss + FLIP_LOSS_MARGIN
+                and net > 2 * math.sqrt(self.made_wrong + self.made_right))
+
+    def figure(self) -> str:
+        """The measurement in words, e.g. "accuracy 0.950 -> 0.610, log loss 0.150 -> 1.200 ..."."""
+        return (f"mirrored validation images: accuracy {self.accuracy:.3f} -> {self.flipped_accuracy:.3f}, "
+                f"log loss {self.log_loss:.3f} -> {self.flipped_log_loss:.3f} ({self.n_images} images; "
+                f"{self.made_wrong} made wrong, {self.made_right} made right)")
+
+    def as_dict(self) -> dict:
+        """The fields and ``changes_class``, JSON-ready."""
+        return {**asdict(self), "changes_class": self.changes_class}
+
+
+def check_flips(plain: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -> FlipCheck:
+    """Compare the class probabilities of images and of their mirror images.
+
+    Args:
+        plain, flipped: (n, k) class probabilities of the images and of their mirror images.
+        labels: (n,) true class indices.
+
+    Returns:
+        A ``FlipCheck``; its ``changes_class`` is the warning's rule.
+    """
+    labels = np.asarray(labels, dtype="int64")
+    right = np.argmax(plain, axis=1) == labels
+    right_flipped = np.argmax(flipped, axis=1) == labels
+    count = max(1, len(labels))
+    return FlipCheck(
+        n_images=int(len(labels)), accuracy=float(np.sum(right) / count),
+        flipped_accuracy=float(np.sum(right_flipped) / count), log_loss=_log_loss(plain, labels),
+        flipped_log_loss=_log_loss(flipped, labels), made_wrong=int(np.sum(right & ~right_flipped)),
+        made_right=int(np.sum(~right & right_flipped)),
+    )
+
+
+@dataclass(frozen=True)
+class TransformTrial:
+    """One TTA transform tried by ``choose_transforms``.
+
+    Attributes:
+        transform: its name in the recipe's ``tta.transforms`` ("hflip", "shift").
+        variants: the variants it stands for.
+        log_loss: the validation log loss of the average over the kept variants and these.
+        compared_with: that of the kept variants before it (plain prediction for the first).
+        kept: whether it was kept.
+    """
+
+    transform: str
+    variants: tuple[str, ...]
+    log_loss: float
+    compared_with: float
+    kept: bool
+
+
+@dataclass(frozen=True)
+class TTAChoice:
+    """Which TTA transforms lower the validation log loss (metrics.json "tta").
+
+    Attributes:
+        kept: the variants ``--tta`` averages, "identity" first.
+        plain_log_loss: the validation log loss of plain prediction.
+        log_loss: that of the average over ``kept``.
+        trials: one ``TransformTrial`` per transform tried, in the recipe's order.
+        n_images: validation images.
+        flip: how mirrored images score, when the run trained with flips; else None.
+    """
+
+    kept: tuple[str, ...]
+    plain_log_loss: float
+    log_loss: float
+    trials: tuple[TransformTrial, ...]
+    n_images: int
+    flip: FlipCheck | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-ready, for metrics.json "tta"."""
+        return {"kept": list(self.kept), "plain_log_loss": self.plain_log_loss, "log_loss": self.log_loss,
+                "n_images": self.n_images,
+                "transforms": [{**asdict(trial), "variants": list(trial.variants)} for trial in self.trials],
+                "flip": self.flip.as_dict() if self.flip is not None else None}
+
+    def summary(self) -> str:
+        """One line: each transform's log loss against what it was compared with, and the choice."""
+        if not self.trials:
+            return "test-time augmentation: the recipe's tta.transforms name nothing beyond identity"
+        tried = ", ".join(f"{trial.transform} {trial.compared_with:.4f} -> {trial.log_loss:.4f} "
+                          f"({'kept' if trial.kept else 'dropped'})" for trial in self.trials)
+        return (f"test-time augmentation, validation log loss: {tried}; --tta averages "
+                f"{', '.join(self.kept) if len(self.kept) > 1 else 'nothing but the image itself'}")
+
+
+def choose_transforms(model, images: np.ndarray, labels: np.ndarray, run_recipe: dict | None,
+                      batch_size: int = 32) -> TTAChoice:
+    """Keep the recipe's TTA transforms that do not raise the validation log loss.
+
+    The rule: start from plain prediction (the image alone: "identity" is always kept);
+    try the recipe's transforms in the order of ``tta.transforms`` ("hflip" only when the
+    run trained with flips; "shift" as its four shifts together); keep a transform when the
+    log loss of the probabilities averaged over the kept variants and its own is at most
+    that of the kept variants alone (plus ``KEEP_TOLERANCE``, float rounding). Each
+    transform is so judged against what ``--tta`` would average without it, and the kept
+    set never scores worse than plain prediction on the validation split. With flips in
+    the recipe, ``check_flips`` compares the mirror images with the originals too.
+
+    Args:
+        model: the trained (calibrated) Keras classifier, called directly.
+        images: (n, S, S, 3) validation images, uint8 (a memory-mapped array is read a
+            batch at a time).
+        labels: (n,) their class indices.
+        run_recipe: the run's recipe as a dict (``Recipe.model_dump(mode="json")``).
+        batch_size: images per call (times the variants); default 32.
+
+    Returns:
+        A ``TTAChoice``.
+    """
+    transforms = [(name, variants) for name, variants in _transforms(run_recipe) if name != "identity"]
+    names = ["identity", *(variant for _, variants in transforms for variant in variants)]
+    if _flips(run_recipe) and "hflip" not in names:
+        names.append("hflip")
+    labels = np.asarray(labels, dtype="int64")
+    probabilities = dict(zip(names, variant_probabilities(model, images, names, tta_shift(run_recipe), batch_size),
+                             strict=True))
+    kept = ["identity"]
+    plain = current = _log_loss(probabilities["identity"], labels)
+    trials = []
+    for transform, variants in transforms:
+        loss = _log_loss(np.mean([probabilities[name] for name in (*kept, *variants)], axis=0), labels)
+        keep = loss <= current + KEEP_TOLERANCE
+        trials.append(TransformTrial(transform, variants, loss, current, keep))
+        if keep:
+            kept.extend(variants)
+            current = loss
+    flip = check_flips(probabilities["identity"], probabilities["hflip"], labels) if _flips(run_recipe) else None
+    return TTAChoice(tuple(kept), plain, current, tuple(trials), int(len(labels)), flip)
+
+
+def variant_probabilities(model, images: np.ndarray, variants: Sequence[str], shift: float = 0.05,
+                          batch_size: int = 32) -> np.ndarray:
+    """The class probabilities of each variant of the images, calling the Keras model
+    directly (a few calls over a validation split: no engine to build).
+
+    Args:
+        model: a Keras classifier taking (B, S, S, 3) images, 0..255.
+        images: (n, S, S, 3) images, read ``batch_size`` at a time.
+        variants: variant names (see ``transform_batch``).
+        shift: fraction of the side a shift moves the image; default 0.05.
+        batch_size: images per call (times the variants); default 32.
+
+    Returns:
+        (len(variants), n, k) float64 class probabilities (a sigmoid unit p as [1 - p, p]).
+    """
+    import keras
+
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        stacked = np.concatenate([transform_batch(batch, variant, shift) for variant in variants])
+        outputs = keras.ops.convert_to_numpy(model(stacked.astype("float32"), training=False))
+        chunks.append(class_probabilities(outputs).reshape(len(variants), len(batch), -1))
+    return np.concatenate(chunks, axis=1)
+
+
+def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
+    """The end-of-finetune step: choose the TTA transforms on the validation split
+    (``choose_transforms``; on a seeded choice of ``MAX_JUDGED_IMAGES`` of a larger one),
+    log the choice, and warn in one line when mirrored images score clearly worse than the
+    originals (``FlipCheck.changes_class``).
+
+    Args:
+        model: the trained, calibrated classifier.
+        prepared: the run's ``PreparedData`` (its validation images and labels).
+        recipe: the run's ``Recipe``.
+        verbose: 1 logs the choice in one line; default 0.
+
+    Returns:
+        metrics.json "tta": ``TTAChoice.as_dict`` with "judged" true; with fewer than
+        ``MIN_JUDGED_IMAGES`` validation images, only {"judged": false, "n_images": n}.
+    """
+    if len(prepared.val_labels) < MIN_JUDGED_IMAGES:
+        if verbose:
+            log.info(f"test-time augmentation: {len(prepared.val_labels)} validation images, fewer than the "
+                     f"{MIN_JUDGED_IMAGES} needed to judge the transforms on; --tta averages all of tta.transforms")
+        return {"judged": False, "n_images": int(len(prepared.val_labels))}
+    images, labels = prepared.val_images, prepared.val_labels
+    if len(labels) > MAX_JUDGED_IMAGES:
+        rows = np.sort(np.random.default_rng(recipe.seed).choice(len(labels), MAX_JUDGED_IMAGES, replace=False))
+        images, labels = images[rows], labels[rows]
+    choice = choose_transforms(model, images, labels, recipe.model_dump(mode="json"), batch_size=recipe.batch_size)
+    if verbose:
+        log.info(choice.summary())
+    if choice.flip is not None and choice.flip.changes_class:
+        log.warning(f"horizontal flips seem to change the class: {choice.flip.figure()}; {FLIP_ADVICE}")
+    return {"judged": True, **choice.as_dict()}
+
+
+def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log probability of the true classes (nats; probabilities clipped at 1e-15)."""
+    picked = np.asarray(probabilities, dtype="float64")[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0)))) if len(labels) else 0.0

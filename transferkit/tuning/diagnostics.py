@@ -21,7 +21,12 @@ figure and, when it fails, what to try):
 5. learning rate: the stage's rate lies in the range the learning-rate range test finds
    usable (``lr_find``);
 6. validation loss: falls below chance in a short run (``SHORT_RUN_EPOCHS`` epochs, more on
-   tiny data: at least ``SHORT_RUN_STEPS`` steps).
+   tiny data: at least ``SHORT_RUN_STEPS`` steps);
+7. horizontal flip: where the recipe flips images (``augment.hflip``) and there are at least
+   ``MIN_JUDGED_IMAGES`` validation images, after the same short run, mirrored validation
+   images do not score clearly worse than the originals (the rule of
+   ``evaluation.tta.check_flips``, which finetune warns with too): a flip that changes the
+   class (digits, left and right) teaches the model wrong labels.
 """
 
 from __future__ import annotations
@@ -348,12 +353,7 @@ def _validation_loss_falls(setup: StageSetup) -> LearningCheck:
         def on_epoch_end(self, epoch, logs=None):
             losses.append(val_loss())
 
-    if setup.model.trainable_weights:
-        setup.compile(setup.stage.learning_rate)
-        epochs = min(MAX_SHORT_RUN_EPOCHS, max(SHORT_RUN_EPOCHS, math.ceil(SHORT_RUN_STEPS / len(setup.train))))
-        setup.model.fit(setup.train, epochs=epochs, shuffle=False, verbose=0, callbacks=[Record()])
-        if hasattr(setup.train, "set_epoch"):
-            setup.train.set_epoch(0)
+    _short_run(setup, [Record()])
     best = min(losses) if losses else start
     target = (1 - VALIDATION_FALL) * min(start, chance)
     passed = math.isfinite(best) and best < target
@@ -367,6 +367,26 @@ def _validation_loss_falls(setup: StageSetup) -> LearningCheck:
     return LearningCheck("validation loss falls", passed, figure, advice, best)
 
 
+def _horizontal_flip(setup: StageSetup) -> LearningCheck:
+    """Where the recipe flips: after the short run, mirrored validation images against the originals."""
+    from transferkit.evaluation.tta import FLIP_ADVICE, MIN_JUDGED_IMAGES, check_flips, variant_probabilities
+
+    if not setup.recipe.augment.hflip:
+        return LearningCheck("horizontal flip", True, "the recipe does not flip images (augment.hflip = false)")
+    count = 0 if setup.val_images is None else len(setup.val_images)
+    if count < MIN_JUDGED_IMAGES:
+        return LearningCheck("horizontal flip", True, f"{count} validation images, fewer than the "
+                             f"{MIN_JUDGED_IMAGES} needed to compare mirrored images with")
+    _short_run(setup)
+    plain, flipped = variant_probabilities(setup.classifier, setup.val_images, ("identity", "hflip"),
+                                           batch_size=setup.recipe.batch_size)
+    check = check_flips(plain, flipped, setup.val_labels)
+    passed = not check.changes_class
+    return LearningCheck("horizontal flip", passed, f"after the short run, {check.figure()}",
+                         "" if passed else f"flipping seems to change the class; {FLIP_ADVICE}",
+                         check.flipped_accuracy - check.accuracy)
+
+
 CHECKS: tuple[Callable[[StageSetup], LearningCheck], ...] = (
     _initial_loss,
     _input,
@@ -374,6 +394,7 @@ CHECKS: tuple[Callable[[StageSetup], LearningCheck], ...] = (
     _overfit_one_batch,
     _learning_rate,
     _validation_loss_falls,
+    _horizontal_flip,
 )
 
 
@@ -414,6 +435,18 @@ def _preprocessing_error(classifier, spec) -> float:
                       dtype="float32")
     reference = _CONVENTIONS[spec.preprocessing]["reference"](images)
     return float(np.max(np.abs(ours - reference)))
+
+
+def _short_run(setup: StageSetup, callbacks=()) -> None:
+    """Train the stage's model at its rate for ``SHORT_RUN_EPOCHS`` epochs (more on tiny data:
+    at least ``SHORT_RUN_STEPS`` steps, at most ``MAX_SHORT_RUN_EPOCHS`` epochs)."""
+    if not setup.model.trainable_weights:
+        return
+    setup.compile(setup.stage.learning_rate)
+    epochs = min(MAX_SHORT_RUN_EPOCHS, max(SHORT_RUN_EPOCHS, math.ceil(SHORT_RUN_STEPS / len(setup.train))))
+    setup.model.fit(setup.train, epochs=epochs, shuffle=False, verbose=0, callbacks=list(callbacks))
+    if hasattr(setup.train, "set_epoch"):
+        setup.train.set_epoch(0)
 
 
 def _first_batch(batches):

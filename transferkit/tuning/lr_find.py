@@ -80,6 +80,8 @@ class StageSetup:
         n_classes: number of classes.
         class_names: the class names.
         train_images: the decoded training images, uint8 (n, S, S, 3), as training reads them.
+        val_images, val_labels: the decoded validation images, uint8, and their class
+            indices (None where a caller set the stage up without them).
         cached: whether ``model`` is the top part on cached features.
         run: the ``StagesRun`` the stage was begun in (it holds the cached features);
             ``close`` releases it.
@@ -98,6 +100,8 @@ class StageSetup:
     cached: bool
     run: StagesRun | None = None
     initial_weights: list = field(default_factory=list)
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
     @property
     def stage(self) -> StageConfig:
@@ -197,7 +201,8 @@ def prepare_stage(
     setup = StageSetup(
         recipe=recipe, stage_index=stage, classifier=classifier, model=begun.model, train=begun.train,
         val=begun.val, n_classes=prepared.n_classes, class_names=list(prepared.class_names),
-        train_images=prepared.train_images, cached=begun.cached, run=run,
+        train_images=prepared.train_images, cached=begun.cached, run=run, val_images=prepared.val_images,
+        val_labels=prepared.val_labels,
     )
     setup.initial_weights = setup.model.get_weights()
     return setup
