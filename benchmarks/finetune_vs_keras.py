@@ -127,6 +127,7 @@ def transferkit_job(
     engine: str,
     output: Path,
     cache_views: int | None = None,
+    extra: dict | None = None,
 ):
     overrides = {
         "backbone": backbone,
@@ -155,6 +156,7 @@ def transferkit_job(
         overrides["engine"] = engine
     if cache_views is not None:
         overrides["cache.views"] = cache_views
+    overrides.update(extra or {})  # benchmarks/quick.py --override: transferkit's side only
     run = transferkit.finetune(data_dir, None, overrides, output=output, force=True, verbose=0)
     figures = {timing["stage"]: timing["seconds"] for timing in run.metrics["stages"]}
     return figures, float(run.metrics["final"]["val_accuracy"]), run.metrics["n_train"], run.metrics
