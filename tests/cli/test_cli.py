@@ -285,7 +285,7 @@ def test_predict_checks_the_output_before_any_work(target, fragment, shapes_dir,
         ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
         ("--batch-size", "-3", "--batch-size must be at least 1, got -3"),
         ("--engine", "tensorrt", "--engine 'tensorrt'"),
-        ("--precision", "int8", "--precision 'int8'"),
+        ("--precision", "int4", "--precision 'int4'"),
     ],
 )
 def test_predict_bad_flag_values_are_usage_errors_before_loading(flag, value, fragment, shapes_dir, tmp_path):
