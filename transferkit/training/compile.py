@@ -1,11 +1,13 @@
-"""What a stage compiles with: the optimizer, the learning-rate schedule with its warmup, and
-the loss, each by its recipe name.
+"""What a stage compiles with: the optimizer, the learning-rate schedule with its warmup, the
+loss, each by its recipe name, and whether its step is compiled by XLA (``xla_pays``).
 
 Every schedule is Keras's own ``CosineDecay`` and every optimizer a built-in one, so a saved
 model with its optimizer loads in any Keras.
 """
 
 from __future__ import annotations
+
+import os
 
 import keras
 
@@ -99,8 +101,50 @@ def make_loss(n_classes: int, loss: LossConfig | None = None):
     return _LOSSES[loss_for(n_classes)](label_smoothing=smoothing)
 
 
+# CPU flags with which TensorFlow runs its oneDNN kernels by default (TF_ENABLE_ONEDNN_OPTS unset).
+_ONEDNN_FLAGS = frozenset({"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"})
+# A stage of fewer steps than this keeps Keras's step: XLA's compile (about a second for VGG16's
+# top block) would cost more than it saves.
+XLA_MIN_STEPS = 32
+
+
+def xla_pays(model, steps: int, distributed: bool = False) -> bool:
+    """Whether a stage's training step should be compiled by XLA.
+
+    Where TensorFlow runs without oneDNN (CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or
+    AMX, such as AVX2-only ones, or ``TF_ENABLE_ONEDNN_OPTS=0``), its own convolution kernels
+    on the small maps of a fine stage reach about a quarter of the CPU's matrix-product rate;
+    XLA's CPU code reaches most of it (``benchmarks/fine_stage.py``). Keras turns XLA off on
+    CPU-only machines by default. Only on the TensorFlow backend, in float32 (16-bit runs are
+    on CPUs with oneDNN), on one device, for a model whose layers all support XLA, and for
+    at least ``XLA_MIN_STEPS`` steps. ``TRANSFERKIT_XLA=0`` turns it off, ``=1`` asks for it
+    wherever those allow, whatever the CPU.
+
+    Args:
+        model: what the stage fits.
+        steps: the stage's training steps (epochs x batches).
+        distributed: it trains under a distribution strategy; default False.
+
+    Returns:
+        True to compile the step with ``jit_compile=True``.
+    """
+    setting = os.environ.get("TRANSFERKIT_XLA", "auto")
+    if setting == "0" or distributed or steps < XLA_MIN_STEPS or keras.config.backend() != "tensorflow":
+        return False
+    from transferkit.model.surgery import compute_dtype, walk_layers
+    from transferkit.runtime import cpu_flags, gpu_visible
+
+    if gpu_visible() or compute_dtype(model) != "float32":
+        return False
+    if not all(getattr(layer, "supports_jit", True) for layer in walk_layers(model)):
+        return False
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "") not in ("0", "false", "False") and bool(
+        _ONEDNN_FLAGS & cpu_flags())
+    return setting == "1" or not onednn
+
+
 def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execution: int = 1, *,
-                      steps_per_epoch: int = 1, loss: LossConfig | None = None) -> None:
+                      steps_per_epoch: int = 1, loss: LossConfig | None = None, jit_compile: bool = False) -> None:
     """Compile with the stage's optimizer, learning-rate schedule and weight decay, and the loss.
 
     Recompiling after changing ``trainable`` is required, or the change is ignored.
@@ -114,10 +158,12 @@ def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execu
         steps_per_epoch: training batches per epoch, which a schedule or warmup counts in;
             default 1.
         loss: the recipe's ``LossConfig``; default None (no label smoothing).
+        jit_compile: compile the step with XLA (``xla_pays``); default False.
     """
     model.compile(
         optimizer=make_optimizer(stage.optimizer, stage_learning_rate(stage, steps_per_epoch), stage.weight_decay),
         loss=make_loss(n_classes, loss),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
     )

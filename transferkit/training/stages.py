@@ -58,7 +58,7 @@ from transferkit.strategies import Distribution
 from transferkit.training.budget import TimeBudget
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
 from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder
-from transferkit.training.compile import compile_for_stage, make_loss
+from transferkit.training.compile import compile_for_stage, make_loss, xla_pays
 from transferkit.training.features import (
     CALIBRATION_IMAGES,
     FeatureCache,
@@ -377,9 +377,12 @@ def begin_stage(run: StagesRun, index: int) -> BegunStage:
     _calibrate_head_once(run, begun)
     distribution = run.options.distribution
     with run.scope():
+        # XLA only for the part above cached features: blocks and head, no image layers.
+        xla = begun.cached and xla_pays(begun.model, stage.epochs * len(begun.train),
+                                        distributed=distribution is not None and distribution.name != "none")
         compile_for_stage(begun.model, stage, run.n_classes,
                           steps_per_execution=begun.steps_per_execution(distribution),
-                          steps_per_epoch=len(begun.train), loss=run.options.loss)
+                          steps_per_epoch=len(begun.train), loss=run.options.loss, jit_compile=xla)
         if len(begun.train):
             # The optimizer's and metrics' variables now, so that fit traces its step once.
             build_for_fit(begun.model, begun.train[0])

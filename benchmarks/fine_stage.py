@@ -1,0 +1,126 @@
+"""The fine stage's training step against the CPU's matrix-product rate, in one run.
+
+The default recipe's fine stage trains VGG16's top block (three 3x3 convolutions of 512
+channels) and the head on cached features of the blocks below: at 64 px, 4x4x512 maps. The
+step is timed as transferkit compiles it (``training.compile.xla_pays``: XLA where TensorFlow
+runs without oneDNN) and as Keras compiles it by default (no XLA on a CPU), and its rate in
+GFLOP/s is set against a bare 2048x2048 float32 matrix product in the same process. Prints
+one JSON line.
+
+    python benchmarks/fine_stage.py
+    TRANSFERKIT_TEST_CPU=avx2 python benchmarks/fine_stage.py   # as on a CPU without AVX-512
+
+``TRANSFERKIT_TEST_CPU=avx2`` runs it as the test suite does on such a CPU: TensorFlow without
+oneDNN, oneDNN's kernels (OpenVINO's) capped to AVX2, no AVX-512 flag read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if os.environ.get("TRANSFERKIT_TEST_CPU") == "avx2":
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+import transferkit.runtime  # noqa: E402
+
+if os.environ.get("TRANSFERKIT_TEST_CPU") == "avx2":
+    _flags = transferkit.runtime.cpu_flags
+    transferkit.runtime.cpu_flags = lambda *a: {f for f in _flags(*a) if not f.startswith(("avx512", "amx"))}
+
+
+def top_part(size: int, classes: int):
+    """The fine stage's model: VGG16's block5 and the default head on block4's output."""
+    from transferkit.backbones import get_spec, load_backbone
+    from transferkit.model.classifier import build_classifier
+    from transferkit.model.surgery import set_trainable, trainable_at
+    from transferkit.recipe import HeadConfig
+
+    spec = get_spec("vgg16")
+    model = build_classifier(load_backbone("vgg16", "none", (size, size, 3)), classes, HeadConfig(),
+                             backbone_name="vgg16")
+    set_trainable(model, spec, 1)
+    return trainable_at(model, spec, spec.first_unfrozen(1))[0]
+
+
+def step_ms(size: int, classes: int, batch: int, steps: int, xla: bool) -> tuple[float, float]:
+    """Median milliseconds of a training step (after the first, traced call), and that first call's seconds."""
+    import keras
+
+    from transferkit.recipe import StageConfig
+    from transferkit.training.compile import compile_for_stage
+
+    keras.utils.set_random_seed(0)
+    model = top_part(size, classes)
+    compile_for_stage(model, StageConfig(epochs=1, unfreeze=1, learning_rate=1e-5), classes, jit_compile=xla)
+    shape = tuple(model.input_shape[1:])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 4, (batch, *shape)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, classes, batch), classes)
+    started = time.perf_counter()
+    model.train_on_batch(x, y)
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1000, first
+
+
+def gemm_gflops(n: int = 2048, rounds: int = 5) -> float:
+    """Best rate of an n x n float32 matrix product in TensorFlow, GFLOP/s."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    tf.matmul(a, a).numpy()
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        tf.matmul(a, a).numpy()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64, help="image size (64: 4x4 maps into block5)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--classes", type=int, default=10)
+    args = parser.parse_args()
+
+    from transferkit.training.compile import xla_pays
+
+    side = args.size // 16
+    # Forward: three 3x3 convolutions of 512 -> 512 channels on side x side maps; backward ~2x forward.
+    flops = 3 * args.batch * 3 * (side * side * 9 * 512 * 512 * 2)
+    chosen = xla_pays(top_part(args.size, args.classes), steps=10**6)
+    gemm = gemm_gflops()
+    figures = {}
+    for label, xla in (("keras_default", False), ("xla", True)):
+        ms, first = step_ms(args.size, args.classes, args.batch, args.steps, xla)
+        rate = flops / (ms / 1000) / 1e9
+        figures[label] = {"step_ms": round(ms, 1), "gflops": round(rate, 1), "share_of_gemm": round(rate / gemm, 3),
+                          "first_call_s": round(first, 2)}
+    gemm_after = gemm_gflops()
+    ours = figures["xla" if chosen else "keras_default"]
+    print(json.dumps({
+        "benchmark": "fine_stage", "machine": transferkit.runtime.machine_facts(),
+        "emulated_cpu": os.environ.get("TRANSFERKIT_TEST_CPU", ""),
+        "size": args.size, "batch": args.batch, "gflop_per_step": round(flops / 1e9, 2),
+        "gemm_gflops": round(gemm, 1), "gemm_gflops_after": round(gemm_after, 1),
+        "transferkit_uses_xla": chosen, "transferkit": ours, **figures,
+        "ratio_transferkit_to_keras_default_step": round(ours["step_ms"] / figures["keras_default"]["step_ms"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
