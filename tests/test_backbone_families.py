@@ -2,7 +2,7 @@
 backbone: the classifier (raw pixels: the backbone normalises them itself), what trains at an
 unfreeze depth, BatchNorm folding, the feature cache's split at a block boundary, the OpenVINO
 conversion; then one run of the smallest end to end (finetune, predict with the OpenVINO
-engine, Grad-CAM, two exports checked in their runtimes). One member per family at 32 px:
+engine, Grad-CAM, the ONNX export checked in its runtime). One member per family at 32 px:
 the members of a family differ in widths and repeats, not in the layers these parts meet."""
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def test_mobilenetv3_small_end_to_end_finetune_predict_explain_export(shapes_dir
     heat = explanation.heatmaps[0].heat
     assert heat.shape == explanation.image.shape[:2] and 0.0 <= heat.min() and heat.max() <= 1.0
 
-    # Each export is loaded and compared in its own runtime, in a fresh process.
-    for format in ("onnx", "openvino"):
-        (result,) = transferkit.export_run(run, format, data=shapes_dir, samples=16)
-        assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
+    # The export is loaded and compared in its own runtime, in a fresh process. (The OpenVINO
+    # export is the engine's conversion, compared with Keras above.)
+    (result,) = transferkit.export_run(run, "onnx", data=shapes_dir, samples=16)
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
