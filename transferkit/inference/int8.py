@@ -284,6 +284,8 @@ def _quantized(model, shape, cache_dir, images: Callable[[], Int8Samples | None]
     def calibration() -> np.ndarray:
         if images() is None or not len(images().calibration):
             raise LookupError("no calibration images")  # found only when the int8 network is not cached
+        log.info("quantizing %s to int8 on %d training images (NNCF; once: it is cached)",
+                 getattr(model, "name", "the model"), len(images().calibration))
         return images().calibration
 
     try:

@@ -16,8 +16,10 @@ and the compile settings match, so a warm predict neither converts nor compiles 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -226,7 +228,10 @@ def quantize_int8(network, calibration: np.ndarray):
     root = logging.getLogger()
     state = (root.level, list(root.filters), list(root.handlers))
     try:
-        return nncf.quantize(network, dataset, subset_size=len(calibration))
+        # NNCF draws its own progress bars on standard output, which is the user's (a CSV or
+        # JSON being written there): its own lines go nowhere, transferkit tells the step.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return nncf.quantize(network, dataset, subset_size=len(calibration))
     finally:  # as for convert_model: the root logger as it was
         root.setLevel(state[0])
         root.filters[:], root.handlers[:] = state[1], state[2]
