@@ -51,19 +51,7 @@ if EMULATED_CPU == "avx2":
     os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import transferkit.runtime  # noqa: E402
-
-_REAL_CPU_FLAGS = transferkit.runtime.cpu_flags
-if EMULATED_CPU == "avx2":
-
-    def _without_avx512(cpuinfo=Path("/proc/cpuinfo")):
-        """The CPU flags transferkit reads, less AMX and AVX-512 (as tests/conftest.py)."""
-        flags = _REAL_CPU_FLAGS(cpuinfo)
-        if Path(cpuinfo) != Path("/proc/cpuinfo"):
-            return flags
-        return {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
-
-    transferkit.runtime.cpu_flags = _without_avx512
+import transferkit.runtime  # noqa: E402  (cpu_flags leaves AVX-512 and AMX out under the emulation)
 
 
 def cpu_kind(flags: set[str], emulated: str = "") -> str:
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from transferkit.data.synthetic import write_shapes_dataset
 
     sys.path.insert(0, str(HERE))  # finetune_vs_keras.py's and predict.py's pieces
-    kind = cpu_kind(_REAL_CPU_FLAGS(), EMULATED_CPU)
+    kind = cpu_kind(transferkit.runtime.cpu_flags(emulated=False), EMULATED_CPU)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tk-quick-") as name:
         tmp = Path(name)

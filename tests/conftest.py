@@ -15,7 +15,8 @@ from pathlib import Path
 
 # TRANSFERKIT_TEST_CPU=avx2 runs the suite as on a CPU without AVX-512, AMX or bfloat16 (the
 # AMD EPYC Zen 3 machines): TensorFlow without its oneDNN kernels (it enables them only on
-# CPUs with AVX512-VNNI/BF16 or AMX) and transferkit reading no fast-bfloat16 flag, so "auto"
+# CPUs with AVX512-VNNI/BF16 or AMX) and transferkit reading no fast-bfloat16 flag
+# (``runtime.cpu_flags`` leaves them out, in every process of the session), so "auto"
 # precision is float32 everywhere. (OpenVINO still sees the real CPU: where a test asks it
 # for bfloat16 it gets it here, and float32 on a CPU without bfloat16, as OpenVINO falls back.)
 EMULATED_CPU = os.environ.get("TRANSFERKIT_TEST_CPU", "")
@@ -53,18 +54,6 @@ import pytest  # noqa: E402
 import transferkit  # noqa: E402
 import transferkit.runtime  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
-
-if EMULATED_CPU == "avx2":
-    _real_cpu_flags = transferkit.runtime.cpu_flags
-
-    def _without_avx512(cpuinfo=Path("/proc/cpuinfo")):
-        """The CPU flags transferkit reads, less AMX and AVX-512 (a test's own cpuinfo file as it is)."""
-        flags = _real_cpu_flags(cpuinfo)
-        if Path(cpuinfo) != Path("/proc/cpuinfo"):
-            return flags
-        return {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
-
-    transferkit.runtime.cpu_flags = _without_avx512
 
 # Small everything: 32 px is VGG's minimum, one tiny dense layer, one epoch per stage.
 TINY = {

@@ -23,6 +23,21 @@ def test_auto_follows_the_cpu_flags(tmp_path, flags, policy):
     assert got == policy and reason.startswith("auto")
 
 
+def test_the_avx2_emulation_leaves_avx512_and_amx_out_of_this_machines_flags_only(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from transferkit.runtime import cpu_flags
+
+    monkeypatch.setenv("TRANSFERKIT_TEST_CPU", "avx2")
+    real = cpu_flags(emulated=False)
+    assert cpu_flags() == {flag for flag in real if not flag.startswith(("avx512", "amx"))}
+    # a file of another CPU is read as it is, emulation or not
+    assert "amx_bf16" in cpu_flags(cpuinfo(tmp_path, "avx512f amx_bf16 amx_tile"))
+    assert resolve_precision("auto", Path("/proc/cpuinfo"))[0] == "float32"
+    monkeypatch.delenv("TRANSFERKIT_TEST_CPU")
+    assert cpu_flags() == real
+
+
 @pytest.mark.parametrize(
     "choice, policy", [("float32", "float32"), ("bfloat16", "mixed_bfloat16"), ("float16", "mixed_float16")])
 def test_explicit_choices(choice, policy):

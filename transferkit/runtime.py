@@ -23,15 +23,30 @@ ENGINES = ("auto", "keras", "openvino")
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is missing)."""
+# TRANSFERKIT_TEST_CPU=avx2: the tests and benchmarks run as on a CPU without AVX-512 or AMX
+# (the AVX2-only AMD EPYC Zen 3 machines): this machine's flags are read without those.
+EMULATED_CPU_VARIABLE = "TRANSFERKIT_TEST_CPU"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), emulated: bool = True) -> set[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is missing).
+
+    Args:
+        cpuinfo: where to read them; default /proc/cpuinfo.
+        emulated: with ``TRANSFERKIT_TEST_CPU=avx2`` set, leave AVX-512 and AMX out of
+            /proc/cpuinfo's flags (any other file is read as it is); default True.
+    """
+    flags: set[str] = set()
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
-    return set()
+    if emulated and os.environ.get(EMULATED_CPU_VARIABLE) == "avx2" and Path(cpuinfo) == Path("/proc/cpuinfo"):
+        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+    return flags
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
