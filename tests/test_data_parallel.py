@@ -219,3 +219,52 @@ def test_a_process_decodes_only_its_share_of_process_0s_split(shapes_dir):
         np.testing.assert_array_equal(share.val_labels, whole.val_labels)
     with pytest.raises(DataError, match="class nothing"):
         prepare_share(shapes_dir, recipe, "file,subset\nnothing/a.png,train\n", 0, 2)
+
+
+# --- the head's BatchNorm starts alike in every process ---------------------------------------
+
+CALIBRATION = """
+import json, sys
+import keras, numpy as np
+from transferkit.backbones import load_backbone
+from transferkit.data.batches import ImageBatches
+from transferkit.model.classifier import build_classifier, calibrate_head_batchnorm
+from transferkit.recipe import HeadConfig
+from transferkit.strategies import resolve_distribution
+from transferkit.training.features import backbone_features
+from transferkit.training.stages import head_calibration_features
+
+distribution = resolve_distribution("data-parallel")
+keras.utils.set_random_seed(0)
+with distribution.scope():
+    model = build_classifier(load_backbone("vgg16", "none", (32, 32, 3)), 3, HeadConfig(units=(16,)),
+                             backbone_name="vgg16")
+images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+decoded = np.zeros_like(images)  # what prepare_share decodes: this process's rows only
+decoded[distribution.process :: 2] = images[distribution.process :: 2]
+calibrate_head_batchnorm(model, head_calibration_features(model, ImageBatches(decoded, np.eye(3)[np.arange(10) % 3], 4),
+                                                          distribution))
+batchnorm = model.get_layer("head").get_layer("batchnorm_1")
+mean = keras.ops.convert_to_numpy(batchnorm.moving_mean).tolist()
+calibrate_head_batchnorm(model, backbone_features(model, images))  # every image, as one process reads them
+print(json.dumps({"mean": mean, "whole": keras.ops.convert_to_numpy(batchnorm.moving_mean).tolist()}))
+"""
+
+
+def test_every_process_starts_the_heads_batchnorm_from_every_processs_images():
+    """A data-parallel run whose best epoch was not its last failed as it restored it: each
+    process had set the head's BatchNorm statistics from the first images of its own
+    decoded rows (the others' rows are never decoded there), the step kept them apart, and
+    JAX refused to restore weights that differed between the processes."""
+    port = free_port()
+    env = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+           "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+    processes = [subprocess.Popen([sys.executable, "-c", CALIBRATION], env={**env, "KERAS_DISTRIBUTION_PROCESS_ID":
+                                                                            str(index)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert results[0]["mean"] == results[1]["mean"]
+    np.testing.assert_allclose(results[0]["mean"], results[0]["whole"], rtol=1e-4, atol=1e-6)

@@ -74,6 +74,14 @@ def _gather(failed: bool, run_id: str | None = None, attempt: bytes = b"", plan_
     return np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, _ROW)
 
 
+def gather_rows(mine: np.ndarray) -> np.ndarray:
+    """Every process's rows, process 0's first: the same array in every process (each must
+    give as many rows of the same shape and dtype)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.ascontiguousarray(mine), tiled=True))
+
+
 def meet(distribution: Distribution, run_id: str | None = None, split: Callable[[], str] | None = None,
          work: Path | None = None) -> tuple[str | None, str | None]:
     """Meet the other processes before training: all got ready, or all stop. Process 0 hands

@@ -59,6 +59,7 @@ from transferkit.training.budget import TimeBudget
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
 from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder
 from transferkit.training.compile import compile_for_stage, make_loss, xla_pays
+from transferkit.training.data_parallel import gather_rows
 from transferkit.training.features import (
     CALIBRATION_IMAGES,
     FeatureCache,
@@ -448,9 +449,37 @@ def _calibrate_head_once(run: StagesRun, begun: BegunStage) -> None:
         return
     features = begun.calibration
     if features is None:
-        features = backbone_features(run.model, run.train_data.images[:CALIBRATION_IMAGES])
+        features = head_calibration_features(run.model, run.train_data, _data_parallel(run))
     calibrate_head_batchnorm(run.model, features)
     run.calibrated = True
+
+
+def head_calibration_features(model: keras.Model, train_data: ImageBatches,
+                              distribution: Distribution | None = None) -> np.ndarray:
+    """The backbone features the head's BatchNorm statistics start from: those of the first
+    ``CALIBRATION_IMAGES`` training images.
+
+    Under data-parallel, each process decoded only its own share of the images (every
+    ``processes``-th from its index): each computes the features of its rows among them, and
+    every process gets all processes' rows, so that the head starts alike everywhere.
+    (Statistics that differed would stay different: the step updates them from the global
+    batch, and restoring the best epoch's weights requires them equal in every process.)
+
+    Args:
+        model: a classifier from ``build_classifier``.
+        train_data: the run's whole training batches (this process's decoded rows).
+        distribution: the run's ``Distribution``; its rows are gathered when it is
+            data-parallel over several processes; default None.
+
+    Returns:
+        float32 features, one row per image.
+    """
+    images = train_data.images[:CALIBRATION_IMAGES]
+    if distribution is None or distribution.name != "data-parallel" or distribution.processes < 2:
+        return backbone_features(model, images)
+    count = len(images) // distribution.processes
+    mine = images[distribution.process :: distribution.processes][:count]
+    return gather_rows(backbone_features(model, mine))
 
 
 def _resume_point(checkpointing: Checkpointing, index: int, begun: BegunStage) -> _Start:
