@@ -158,12 +158,15 @@ def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execu
         steps_per_epoch: training batches per epoch, which a schedule or warmup counts in;
             default 1.
         loss: the recipe's ``LossConfig``; default None (no label smoothing).
-        jit_compile: compile the step with XLA (``xla_pays``); default False.
+        jit_compile: compile the step with XLA (``xla_pays``); default False: Keras's own
+            choice ("auto": XLA on JAX and on TensorFlow with a GPU, none on TensorFlow on a
+            CPU alone or under a tf.distribute strategy, none on PyTorch). False is never
+            passed on: on JAX it would run the step op by op, uncompiled.
     """
     model.compile(
         optimizer=make_optimizer(stage.optimizer, stage_learning_rate(stage, steps_per_epoch), stage.weight_decay),
         loss=make_loss(n_classes, loss),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
-        jit_compile=jit_compile,
+        jit_compile=True if jit_compile else "auto",
     )
