@@ -75,3 +75,23 @@ def test_a_step_compiled_by_xla_trains_as_kerass_own():
         weights[xla] = model.get_weights()
     for keras_own, compiled in zip(weights[False], weights[True], strict=True):
         np.testing.assert_allclose(compiled, keras_own, rtol=1e-3, atol=1e-5)
+
+
+def test_without_xla_the_step_is_left_to_kerass_own_choice():
+    """False is never passed on to Keras: on JAX it runs every step op by op, uncompiled (a
+    data-parallel epoch took seconds per step so), and on TensorFlow with a GPU it turns
+    XLA off. Keras's "auto" compiles there, and leaves a CPU-only TensorFlow step as it was."""
+
+    class Asked(keras.Model):
+        def compile(self, **kwargs):
+            self.asked = kwargs["jit_compile"]
+            super().compile(**kwargs)
+
+    model = top_part()
+    model = Asked(model.inputs, model.outputs)
+    stage = StageConfig(name="fine", epochs=1, learning_rate=1e-3, unfreeze=0)
+    compile_for_stage(model, stage, 3)
+    assert model.asked == "auto"
+    assert model.jit_compile is (keras.config.backend() == "jax")  # TensorFlow here, on a CPU: no XLA
+    compile_for_stage(model, stage, 3, jit_compile=True)
+    assert model.asked is True and model.jit_compile is True
