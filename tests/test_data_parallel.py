@@ -224,24 +224,27 @@ def test_a_process_decodes_only_its_share_of_process_0s_split(shapes_dir):
 # --- the head's BatchNorm starts alike in every process ---------------------------------------
 
 CALIBRATION = """
-import json, sys
-import keras, numpy as np
-from transferkit.backbones import load_backbone
+import json, os
+import jax, keras, numpy as np
 from transferkit.data.batches import ImageBatches
 from transferkit.model.classifier import build_classifier, calibrate_head_batchnorm
 from transferkit.recipe import HeadConfig
-from transferkit.strategies import resolve_distribution
+from transferkit.strategies import Distribution
 from transferkit.training.features import backbone_features
 from transferkit.training.stages import head_calibration_features
 
-distribution = resolve_distribution("data-parallel")
+# The two processes joined as data-parallel joins them (the whole set-up is tested above).
+process = int(os.environ["PROCESS"])
+jax.distributed.initialize(os.environ["ADDRESS"], 2, process)
+distribution = Distribution("data-parallel", ("cpu:0",), "test", process=process, processes=2)
 keras.utils.set_random_seed(0)
-with distribution.scope():
-    model = build_classifier(load_backbone("vgg16", "none", (32, 32, 3)), 3, HeadConfig(units=(16,)),
-                             backbone_name="vgg16")
+inputs = keras.Input((32, 32, 3))  # a two-convolution backbone: what is tested is the head's start
+features = keras.layers.Conv2D(8, 3, strides=4, activation="relu")(keras.layers.Conv2D(4, 3, strides=2)(inputs))
+model = build_classifier(keras.Model(inputs, features, name="backbone"), 3, HeadConfig(units=(16,)),
+                         backbone_name="vgg16")
 images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
 decoded = np.zeros_like(images)  # what prepare_share decodes: this process's rows only
-decoded[distribution.process :: 2] = images[distribution.process :: 2]
+decoded[process :: 2] = images[process :: 2]
 calibrate_head_batchnorm(model, head_calibration_features(model, ImageBatches(decoded, np.eye(3)[np.arange(10) % 3], 4),
                                                           distribution))
 batchnorm = model.get_layer("head").get_layer("batchnorm_1")
@@ -257,10 +260,8 @@ def test_every_process_starts_the_heads_batchnorm_from_every_processs_images():
     decoded rows (the others' rows are never decoded there), the step kept them apart, and
     JAX refused to restore weights that differed between the processes."""
     port = free_port()
-    env = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
-           "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
-    processes = [subprocess.Popen([sys.executable, "-c", CALIBRATION], env={**env, "KERAS_DISTRIBUTION_PROCESS_ID":
-                                                                            str(index)},
+    env = {**os.environ, "KERAS_BACKEND": "jax", "ADDRESS": f"127.0.0.1:{port}"}
+    processes = [subprocess.Popen([sys.executable, "-c", CALIBRATION], env={**env, "PROCESS": str(index)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
     outputs = [process.communicate(timeout=300) for process in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
