@@ -56,7 +56,7 @@ from transferkit.training.features import FeatureCache, engine_forward
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
-from transferkit.trust.record import fit_trust
+from transferkit.trust.record import after_training_forward, fit_trust
 
 log = logging.getLogger("transferkit")
 
@@ -335,9 +335,10 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
-    if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration
-        trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose)
-        trained.trust = fit_trust(model, prepared, recipe, verbose)
+    if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration on one engine
+        forward = after_training_forward(model, prepared, recipe, run_path=out.path)
+        trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose, forward)
+        trained.trust = fit_trust(model, prepared, recipe, verbose, forward)
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")
         out.work.remove()

@@ -11,9 +11,10 @@ becomes B x V variants that go through the inner engine in one call, then each i
 outputs are averaged.
 
 At the end of finetune, ``choose_transforms`` keeps only the transforms that help on the
-validation split (the rule is in its docstring) and ``fit_tta`` records them in the run's
-metrics.json ("tta"); ``--tta`` then averages over the kept ones (``run_variants``), and a
-run trained before that record over its recipe's. ``check_flips`` tells when mirrored
+validation split (the rule is in its docstring), on the engine the rejection fit shares
+(``inference.passes``), and ``fit_tta`` records them in the run's metrics.json ("tta");
+``--tta`` then averages over the kept ones (``run_variants``), and a run trained before
+that record over its recipe's. ``check_flips`` tells when mirrored
 images score clearly worse than the originals (the flip changes the class: digits,
 left/right): finetune warns, and so does ``doctor --model``.
 """
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from transferkit.inference.engines import ForwardEngine
+from transferkit.inference.passes import ForwardPasses
 from transferkit.outputs import class_probabilities
 from transferkit.recipe import TTAConfig
 
@@ -48,7 +50,7 @@ FLIP_ACCURACY_DROP = 0.05
 # then neither chooses (--tta keeps the recipe's transforms) nor checks flips.
 MIN_JUDGED_IMAGES = 20
 # At most this many validation images (a seeded choice) are judged on: each goes through the
-# model once per variant (six by default), eagerly, at the end of every finetune.
+# model once per variant (six by default) at the end of every finetune.
 MAX_JUDGED_IMAGES = 500
 FLIP_LOSS_MARGIN = 0.1
 FLIP_ADVICE = "turn the recipe's horizontal flip off: --set augment.hflip=false (or hflip = false under [augment])"
@@ -329,7 +331,7 @@ class TTAChoice:
 
 
 def choose_transforms(model, images: np.ndarray, labels: np.ndarray, run_recipe: dict | None,
-                      batch_size: int = 32) -> TTAChoice:
+                      batch_size: int = 32, plain: np.ndarray | None = None) -> TTAChoice:
     """Keep the recipe's TTA transforms that do not raise the validation log loss.
 
     The rule: start from plain prediction (the image alone: "identity" is always kept);
@@ -342,25 +344,30 @@ def choose_transforms(model, images: np.ndarray, labels: np.ndarray, run_recipe:
     the recipe, ``check_flips`` compares the mirror images with the originals too.
 
     Args:
-        model: the trained (calibrated) Keras classifier, called directly.
+        model: the trained (calibrated) Keras classifier, called directly, or an
+            ``inference.passes.ForwardPasses`` of it (its engine runs the variants).
         images: (n, S, S, 3) validation images, uint8 (a memory-mapped array is read a
             batch at a time).
         labels: (n,) their class indices.
         run_recipe: the run's recipe as a dict (``Recipe.model_dump(mode="json")``).
-        batch_size: images per call (times the variants); default 32.
+        batch_size: images per call (times the variants); default 32 (a ``ForwardPasses``
+            has its own).
+        plain: (n, k) class probabilities of the images themselves when they are computed
+            already (not computed again); default None.
 
     Returns:
         A ``TTAChoice``.
     """
     transforms = [(name, variants) for name, variants in _transforms(run_recipe) if name != "identity"]
-    names = ["identity", *(variant for _, variants in transforms for variant in variants)]
-    if _flips(run_recipe) and "hflip" not in names:
-        names.append("hflip")
+    names = judged_variants(run_recipe)
     labels = np.asarray(labels, dtype="int64")
-    probabilities = dict(zip(names, variant_probabilities(model, images, names, tta_shift(run_recipe), batch_size),
-                             strict=True))
+    computed = names if plain is None else names[1:]
+    probabilities = {"identity": np.asarray(plain, dtype="float64")} if plain is not None else {}
+    if computed:
+        probabilities.update(zip(computed, variant_probabilities(model, images, computed, tta_shift(run_recipe),
+                                                                 batch_size), strict=True))
     kept = ["identity"]
-    plain = current = _log_loss(probabilities["identity"], labels)
+    plain_loss = current = _log_loss(probabilities["identity"], labels)
     trials = []
     for transform, variants in transforms:
         loss = _log_loss(np.mean([probabilities[name] for name in (*kept, *variants)], axis=0), labels)
@@ -370,16 +377,27 @@ def choose_transforms(model, images: np.ndarray, labels: np.ndarray, run_recipe:
             kept.extend(variants)
             current = loss
     flip = check_flips(probabilities["identity"], probabilities["hflip"], labels) if _flips(run_recipe) else None
-    return TTAChoice(tuple(kept), plain, current, tuple(trials), int(len(labels)), flip)
+    return TTAChoice(tuple(kept), plain_loss, current, tuple(trials), int(len(labels)), flip)
+
+
+def judged_variants(run_recipe: dict | None) -> list[str]:
+    """The variants ``choose_transforms`` computes: "identity" first, then those of the
+    recipe's transforms, and "hflip" for the flip check when the run trained with flips."""
+    names = ["identity", *(variant for name, variants in _transforms(run_recipe) if name != "identity"
+                           for variant in variants)]
+    if _flips(run_recipe) and "hflip" not in names:
+        names.append("hflip")
+    return names
 
 
 def variant_probabilities(model, images: np.ndarray, variants: Sequence[str], shift: float = 0.05,
                           batch_size: int = 32) -> np.ndarray:
-    """The class probabilities of each variant of the images, calling the Keras model
-    directly (a few calls over a validation split: no engine to build).
+    """The class probabilities of each variant of the images, all variants of a batch in one
+    call: of the Keras model called directly, or of the engine of a ``ForwardPasses``.
 
     Args:
-        model: a Keras classifier taking (B, S, S, 3) images, 0..255.
+        model: a Keras classifier taking (B, S, S, 3) images, 0..255, or an
+            ``inference.passes.ForwardPasses`` (batches of its own ``batch_size``).
         images: (n, S, S, 3) images, read ``batch_size`` at a time.
         variants: variant names (see ``transform_batch``).
         shift: fraction of the side a shift moves the image; default 0.05.
@@ -390,16 +408,29 @@ def variant_probabilities(model, images: np.ndarray, variants: Sequence[str], sh
     """
     import keras
 
+    def expand(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([transform_batch(batch, variant, shift) for variant in variants])
+
+    if isinstance(model, ForwardPasses):
+        return model.probabilities(model.variant_outputs(images, expand, len(variants)))
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = np.asarray(images[start : start + batch_size])
-        stacked = np.concatenate([transform_batch(batch, variant, shift) for variant in variants])
-        outputs = keras.ops.convert_to_numpy(model(stacked.astype("float32"), training=False))
+        outputs = keras.ops.convert_to_numpy(model(expand(batch).astype("float32"), training=False))
         chunks.append(class_probabilities(outputs).reshape(len(variants), len(batch), -1))
     return np.concatenate(chunks, axis=1)
 
 
-def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
+def judged_passes(prepared, recipe) -> int:
+    """How many image passes beyond the validation images' plain one ``fit_tta`` takes:
+    each judged image once per variant other than "identity" (none when too few to judge)."""
+    count = len(prepared.val_labels)
+    if count < MIN_JUDGED_IMAGES:
+        return 0
+    return min(count, MAX_JUDGED_IMAGES) * (len(judged_variants(recipe.model_dump(mode="json"))) - 1)
+
+
+def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | None = None) -> dict | None:
     """The end-of-finetune step: choose the TTA transforms on the validation split
     (``choose_transforms``; on a seeded choice of ``MAX_JUDGED_IMAGES`` of a larger one),
     log the choice, and warn in one line when mirrored images score clearly worse than the
@@ -410,6 +441,10 @@ def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
         prepared: the run's ``PreparedData`` (its validation images and labels).
         recipe: the run's ``Recipe``.
         verbose: 1 logs the choice in one line; default 0.
+        forward: the ``inference.passes.ForwardPasses`` of ``model`` that the work after
+            training shares: its engine runs the variants, and the validation images' plain
+            outputs (computed there once, for the rejection fit too) stand for "identity";
+            default None (the Keras model is called directly on every variant).
 
     Returns:
         metrics.json "tta": ``TTAChoice.as_dict`` with "judged" true; with fewer than
@@ -421,10 +456,13 @@ def fit_tta(model, prepared, recipe, verbose: int = 0) -> dict | None:
                      f"{MIN_JUDGED_IMAGES} needed to judge the transforms on; --tta averages all of tta.transforms")
         return {"judged": False, "n_images": int(len(prepared.val_labels))}
     images, labels = prepared.val_images, prepared.val_labels
+    rows = slice(None)
     if len(labels) > MAX_JUDGED_IMAGES:
         rows = np.sort(np.random.default_rng(recipe.seed).choice(len(labels), MAX_JUDGED_IMAGES, replace=False))
         images, labels = images[rows], labels[rows]
-    choice = choose_transforms(model, images, labels, recipe.model_dump(mode="json"), batch_size=recipe.batch_size)
+    plain = None if forward is None else forward.probabilities(forward.validation_outputs()[rows])
+    choice = choose_transforms(model if forward is None else forward, images, labels, recipe.model_dump(mode="json"),
+                               batch_size=recipe.batch_size, plain=plain)
     if verbose:
         log.info(choice.summary())
     if choice.flip is not None and choice.flip.changes_class:

@@ -11,6 +11,9 @@ they are:
     engine = embedding_engine(run.model, "auto", image_size=run.image_size, input_dtype="uint8",
                               columns=lambda embeddings: rule.scores(None, embeddings)[:, None])
     outputs = engine.predict(images)      # (B, head units + 1): the outputs, then the score
+
+``KerasEmbedding`` gives the outputs and the embedding itself by calling the Keras model
+directly: for a few images, cheaper than building an engine.
 """
 
 from __future__ import annotations
@@ -113,3 +116,30 @@ def embedding_engine(model, engine: str = "auto", image_size: int | None = None,
             return embedding_engine(model, engine, image_size, cache_dir, "float32", input_dtype, columns)
 
     return EmbeddingEngine(body_engine, head_engine, units, columns, exact)
+
+
+class KerasEmbedding(ForwardEngine):
+    """A classifier's outputs followed by its backbone embedding, by calling the Keras model
+    directly (eagerly): for a few images, cheaper than building an engine (no BatchNorm fold,
+    no tracing, no conversion).
+
+    Attributes:
+        units: how many of the output columns are the head's (1 for a sigmoid unit).
+    """
+
+    name = "keras"
+
+    def __init__(self, model):
+        import keras
+
+        image = keras.Input(shape=(None, None, 3))
+        maps = model.get_layer("backbone")(model.get_layer("preprocessing")(image))
+        self.both = keras.Model(image, [model.get_layer("head")(maps), keras.ops.mean(maps, axis=(1, 2))])
+        self.units = int(model.output_shape[-1])
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import keras
+
+        outputs, embeddings = (keras.ops.convert_to_numpy(part)  # from any backend's tensors (PyTorch's too)
+                               for part in self.both(np.asarray(batch, dtype="float32"), training=False))
+        return np.concatenate([np.asarray(outputs, dtype="float32"), np.asarray(embeddings, dtype="float32")], axis=1)

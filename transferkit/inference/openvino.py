@@ -310,7 +310,8 @@ def compile_network(network, hint: str, ir_path: Path | None = None):
 
 
 def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
-    """A hash of a model's architecture and weights, the input shape and the OpenVINO version.
+    """A hash of a model's architecture (its layers' ``trainable`` flags left out) and weights,
+    the input shape and the OpenVINO version.
 
     Args:
         model: a Keras model.
@@ -323,7 +324,7 @@ def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
 
     digest = hashlib.sha256()
     try:
-        config = json.dumps(model.get_config(), sort_keys=True, default=repr)
+        config = json.dumps(_forward_config(model.get_config()), sort_keys=True, default=repr)
     except Exception:  # a subclassed model without get_config: its shapes stand in
         config = repr((model.name, model.input_shape, model.output_shape))
     shape = _as_shape(input_shape)
@@ -334,6 +335,17 @@ def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
         digest.update(f"{weights.dtype}{weights.shape}".encode())
         digest.update(weights.tobytes())
     return digest.hexdigest()
+
+
+def _forward_config(config):
+    """A model's config without its layers' ``trainable`` flags, which change nothing that runs
+    forward: finetune's model and the same run loaded from model.keras (which keeps a nested
+    model's flag as it pleases) then share their converted networks."""
+    if isinstance(config, dict):
+        return {key: _forward_config(value) for key, value in config.items() if key != "trainable"}
+    if isinstance(config, list):
+        return [_forward_config(value) for value in config]
+    return config
 
 
 def _as_shape(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -590,9 +602,10 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
 
     Each predicted run adds its converted networks (about 100 MB each for VGG16 / ResNet50)
     and their compiled blobs; without this, deleting runs would leave their networks behind for ever. A folder is
-    removed only when the run it records is gone (no ``labels.json`` there); folders
-    without a record are left alone. Nothing here stops a prediction: a cache that cannot
-    be written only means converting again next time.
+    removed only when the run it records is gone (no ``labels.json`` there) and is not being
+    written either (no ``RUN.partial``: finetune converts the run's networks into it before
+    it publishes the run); folders without a record are left alone. Nothing here stops a
+    prediction: a cache that cannot be written only means converting again next time.
 
     Args:
         run_path: the run folder (or its model file).
@@ -600,6 +613,7 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
     Returns:
         The run's cache folder.
     """
+    from transferkit.locks import work_dir_for
     from transferkit.runs import LABELS_FILE
 
     folder = engine_cache_dir(run_path)
@@ -610,7 +624,8 @@ def claim_engine_cache(run_path: str | os.PathLike) -> Path:
             record = other / RUN_RECORD
             if other != folder and record.is_file():
                 recorded = Path(record.read_text(encoding="utf-8").strip())
-                if not (recorded / LABELS_FILE).is_file() and not (recorded.parent / LABELS_FILE).is_file():
+                published = (recorded / LABELS_FILE).is_file() or (recorded.parent / LABELS_FILE).is_file()
+                if not published and not work_dir_for(recorded).is_dir():
                     shutil.rmtree(other, ignore_errors=True)
     except OSError as error:
         log.debug("engine cache %s: %s", folder, error)

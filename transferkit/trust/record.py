@@ -3,7 +3,8 @@ rejection threshold (``rejection``) and the prediction-set scores (``conformal``
 once, after calibration, and written into the run folder (labels.json "rejection" and
 "prediction_sets", and rejection.npz for the knn score).
 
-    record = fit_trust(model, prepared, recipe)
+    forward = after_training_forward(model, prepared, recipe, run_path=output)  # shared with fit_tta
+    record = fit_trust(model, prepared, recipe, forward=forward)
     extra.update(record.labels_entries()); record.write_files(folder)
 """
 
@@ -13,10 +14,12 @@ import logging
 import os
 from dataclasses import dataclass
 
+from transferkit.evaluation.tta import judged_passes
+from transferkit.inference.passes import ForwardPasses
 from transferkit.inference.uncertainty import write_reference
 from transferkit.recipe import Recipe
 from transferkit.trust.conformal import fit_prediction_sets
-from transferkit.trust.rejection import RejectionFit, fit_rejection
+from transferkit.trust.rejection import RejectionFit, fit_rejection, image_passes
 
 log = logging.getLogger("transferkit")
 
@@ -43,7 +46,29 @@ class TrustRecord:
             write_reference(folder, self.rejection.reference)
 
 
-def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0) -> TrustRecord:
+def after_training_forward(model, prepared, recipe: Recipe,
+                           run_path: str | os.PathLike | None = None) -> ForwardPasses:
+    """The one forward engine of the work after training, shared by ``evaluation.tta.fit_tta``
+    and ``fit_trust`` (built on first use: an engine when their image passes together reach
+    ``inference.passes.ENGINE_FROM``).
+
+    Args:
+        model: the trained, calibrated classifier.
+        prepared: the run's ``PreparedData``.
+        recipe: the run's recipe (image size, batch size, engine, precision, tta, reject).
+        run_path: the run folder being written: the converted networks go to its engine
+            cache, where its first ``predict`` finds them; default None (kept nowhere).
+
+    Returns:
+        A ``ForwardPasses`` over the validation images.
+    """
+    passes = judged_passes(prepared, recipe) + image_passes(prepared, recipe.reject)
+    return ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
+                         engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
+                         run_path=run_path)
+
+
+def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0, forward: ForwardPasses | None = None) -> TrustRecord:
     """Fit the rejection threshold and the prediction-set scores on the validation split.
 
     Args:
@@ -51,6 +76,8 @@ def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0) -> TrustRecord:
         prepared: the run's ``PreparedData``.
         recipe: the run's recipe (``reject``, image size, batch size, engine, precision, seed).
         verbose: 1 logs one line with the threshold; default 0.
+        forward: the ``after_training_forward`` passes shared with the TTA choice; default
+            None (built for the rejection fit alone).
 
     Returns:
         A ``TrustRecord``.
@@ -58,7 +85,7 @@ def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0) -> TrustRecord:
     if verbose:
         log.info("fitting the rejection threshold and the prediction sets on the validation split")
     fit = fit_rejection(model, prepared, recipe.reject, image_size=recipe.image_size, batch_size=recipe.batch_size,
-                        engine=recipe.engine, precision=recipe.precision, seed=recipe.seed)
+                        engine=recipe.engine, precision=recipe.precision, seed=recipe.seed, forward=forward)
     if verbose:
         log.info(f"rejection: {fit.record['score']} score >= {fit.record['threshold']:.4g} keeps "
                  f"{fit.record['validation_coverage']:.1%} of the validation images (reject.coverage "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.inference.embedding import embedding_engine
+from transferkit.inference.passes import ForwardPasses
 from transferkit.inference.uncertainty import (
     REFERENCE_FILE,
     SCORES,
@@ -28,15 +28,10 @@ from transferkit.inference.uncertainty import (
     keep_threshold,
     unit_rows,
 )
-from transferkit.outputs import class_probabilities
 from transferkit.recipe import RejectConfig
 
 log = logging.getLogger("transferkit")
 
-# Below this many images the forward passes call the Keras model directly: building an engine
-# (folding BatchNorm, converting for OpenVINO) costs seconds, which pays off only over a few
-# hundred images.
-ENGINE_FROM = 256
 # The knn score compares with at most this many training images (a seeded random choice):
 # it bounds rejection.npz (float16) and the work per predicted image.
 REFERENCE_LIMIT = 5000
@@ -60,51 +55,6 @@ class RejectionFit:
     val_scores: np.ndarray = field(repr=False)
 
 
-def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
-    """An engine's outputs over images, batch by batch, concatenated (float32).
-
-    Every batch has ``batch_size`` rows (the last one padded with copies of its first
-    image, whose outputs are dropped): a Keras engine then traces its function once.
-
-    Args:
-        engine: a ``ForwardEngine``.
-        images: (n, S, S, 3) images (a memory-mapped array is read a batch at a time).
-        batch_size: images per pass; default 32.
-        rows: which images, in this order; default None (all).
-
-    Returns:
-        The outputs, one row per image.
-    """
-    chunks = []
-    count = len(images) if rows is None else len(rows)
-    for start in range(0, count, batch_size):
-        chosen = slice(start, start + batch_size) if rows is None else rows[start : start + batch_size]
-        batch = np.asarray(images[chosen])
-        padded = np.concatenate([batch, np.repeat(batch[:1], batch_size - len(batch), axis=0)])
-        chunks.append(np.asarray(engine.predict(padded), dtype="float32")[: len(batch)])
-    return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype="float32")
-
-
-class _EagerEmbedding:
-    """The classifier's outputs and backbone embedding by calling the Keras model directly:
-    for a few images, cheaper than building an engine (no BatchNorm fold, no tracing)."""
-
-    def __init__(self, model):
-        import keras
-
-        image = keras.Input(shape=(None, None, 3))
-        maps = model.get_layer("backbone")(model.get_layer("preprocessing")(image))
-        self.both = keras.Model(image, [model.get_layer("head")(maps), keras.ops.mean(maps, axis=(1, 2))])
-        self.units = int(model.output_shape[-1])
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        import keras
-
-        outputs, embeddings = (keras.ops.convert_to_numpy(part)  # from any backend's tensors (PyTorch's too)
-                               for part in self.both(np.asarray(batch, dtype="float32"), training=False))
-        return np.concatenate([np.asarray(outputs, dtype="float32"), np.asarray(embeddings, dtype="float32")], axis=1)
-
-
 def reference_rows(n_images: int, limit: int | None = None, seed: int = 0) -> np.ndarray:
     """Which training images the knn score compares with: all, or a seeded random ``limit``
     (default ``REFERENCE_LIMIT``) of them, in order."""
@@ -114,8 +64,17 @@ def reference_rows(n_images: int, limit: int | None = None, seed: int = 0) -> np
     return np.sort(np.random.default_rng(seed).choice(n_images, size=limit, replace=False))
 
 
+def image_passes(prepared, config: RejectConfig) -> int:
+    """How many images ``fit_rejection`` runs forward: the validation images, and the
+    reference images (up to ``REFERENCE_LIMIT`` training images) for a score that reads the
+    embedding."""
+    reference = min(len(prepared.train_images), REFERENCE_LIMIT) if SCORES[config.score][1] else 0
+    return len(prepared.val_images) + reference
+
+
 def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, batch_size: int = 32,
-                  engine: str = "auto", precision: str = "auto", seed: int = 0) -> RejectionFit:
+                  engine: str = "auto", precision: str = "auto", seed: int = 0,
+                  forward: ForwardPasses | None = None) -> RejectionFit:
     """Fit the rejection threshold on the validation split (after calibration).
 
     One forward pass over the validation images (calibrated probabilities and backbone
@@ -128,27 +87,31 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
         config: the recipe's ``reject`` section (coverage, score, neighbours).
         image_size: the side of the prepared images.
         batch_size: images per forward pass; default 32.
-        engine: the recipe's engine, used from ``ENGINE_FROM`` images on; default "auto".
+        engine: the recipe's engine, used from ``inference.passes.ENGINE_FROM`` image passes on;
+            default "auto".
         precision: the recipe's precision; default "auto".
         seed: for the choice of reference images beyond ``REFERENCE_LIMIT``; default 0.
+        forward: the ``inference.passes.ForwardPasses`` of ``model`` that the work after
+            training shares (over ``prepared``'s validation images, whose outputs it may
+            have computed already; ``image_size``, ``batch_size``, ``engine`` and
+            ``precision`` are then its own); default None (built here for these passes).
 
     Returns:
         A ``RejectionFit``.
     """
     needs_embedding = SCORES[config.score][1]
-    n_images = len(prepared.val_images) + (min(len(prepared.train_images), REFERENCE_LIMIT) if needs_embedding else 0)
-    log.debug("rejection threshold: one forward pass over %d images", n_images)
-    if n_images >= ENGINE_FROM:
-        forward = embedding_engine(model, engine, image_size, precision=precision, input_dtype="uint8")
-    else:
-        forward = _EagerEmbedding(model)
-    outputs = forward_outputs(forward, prepared.val_images, batch_size)
-    probabilities = class_probabilities(outputs[:, : forward.units])
+    if forward is None:
+        forward = ForwardPasses(model, image_size, validation=prepared.val_images,
+                                image_passes=image_passes(prepared, config), engine=engine, precision=precision,
+                                batch_size=batch_size)
+    log.debug("rejection threshold: forward passes over %d images", image_passes(prepared, config))
+    outputs = forward.validation_outputs()
+    probabilities = forward.probabilities(outputs)
     reference = None
     if needs_embedding:
         rows = reference_rows(len(prepared.train_images), seed=seed)
-        train_outputs = forward_outputs(forward, prepared.train_images, batch_size,
-                                        None if len(rows) == len(prepared.train_images) else rows)
+        every = len(rows) == len(prepared.train_images)
+        train_outputs = forward.outputs(prepared.train_images, None if every else rows)
         # Stored as float16: compare with what will be read back, so that the threshold fits.
         reference = unit_rows(train_outputs[:, forward.units :]).astype("float16").astype("float32")
     rule = RejectionRule(config.score, -np.inf, config.neighbours, reference, config.coverage)

@@ -1,0 +1,103 @@
+"""The work after training on one engine (``inference.passes.ForwardPasses``): the TTA choice
+and the rejection fit share it, the validation images' plain pass runs once, the results
+agree with each step computing its own on Keras, small splits stay on Keras, and the run's
+first predict finds the converted networks in its engine cache."""
+
+import logging
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import transferkit
+from tests.conftest import TINY
+from transferkit.data.synthetic import write_shapes_dataset
+from transferkit.evaluation.tta import fit_tta, judged_passes
+from transferkit.inference.embedding import EmbeddingEngine, KerasEmbedding
+from transferkit.inference.openvino import claim_engine_cache, engine_cache_dir
+from transferkit.inference.passes import ENGINE_FROM
+from transferkit.inference.predict import engine_for
+from transferkit.inference.uncertainty import load_rejection
+from transferkit.recipe import load_recipe
+from transferkit.trust.record import after_training_forward, fit_trust
+from transferkit.trust.rejection import image_passes
+
+
+def split_of(count_val: int, count_train: int, seed: int = 0):
+    """Validation and training images as ``PreparedData`` holds them (uint8, 32 px), with labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count_val + count_train, 32, 32, 3), dtype=np.uint8)
+    return SimpleNamespace(val_images=images[:count_val], val_labels=rng.integers(0, 3, count_val),
+                           train_images=images[count_val:], train_labels=rng.integers(0, 3, count_train))
+
+
+def test_one_engine_serves_the_tta_choice_and_the_rejection_fit_and_agrees_with_keras(shapes_run, tmp_path):
+    pytest.importorskip("openvino")
+    recipe = load_recipe(None, {**TINY, "augment.hflip": True, "engine": "openvino", "precision": "float32"})
+    prepared = split_of(48, 30)
+    passes = judged_passes(prepared, recipe) + image_passes(prepared, recipe.reject)
+    assert passes == 48 * 5 + 48 + 30 >= ENGINE_FROM  # hflip and four shifts beside the plain pass
+    forward = after_training_forward(shapes_run.model, prepared, recipe, run_path=tmp_path / "run")
+    shared_tta = fit_tta(shapes_run.model, prepared, recipe, forward=forward)
+    shared_trust = fit_trust(shapes_run.model, prepared, recipe, forward=forward)
+    assert isinstance(forward.engine, EmbeddingEngine) and forward.engine_name == "openvino"
+    assert forward.builds == 1 and forward.validation_passes == 1
+    # The networks went to the engine cache of the run folder (not yet written: being written).
+    assert (engine_cache_dir(tmp_path / "run") / "openvino-32px" / "body.xml").is_file()
+
+    # Each step on its own: TTA calls the Keras model on every variant; the rejection fit
+    # builds its own engine (Keras here).
+    keras_recipe = recipe.model_copy(update={"engine": "keras"})
+    alone_tta = fit_tta(shapes_run.model, prepared, keras_recipe)
+    alone_trust = fit_trust(shapes_run.model, prepared, keras_recipe)
+    assert shared_tta["kept"] == alone_tta["kept"] and shared_tta["n_images"] == 48
+    assert shared_tta["plain_log_loss"] == pytest.approx(alone_tta["plain_log_loss"], abs=1e-5)
+    for shared, alone in zip(shared_tta["transforms"], alone_tta["transforms"], strict=True):
+        assert shared["kept"] == alone["kept"] and shared["log_loss"] == pytest.approx(alone["log_loss"], abs=1e-5)
+    assert shared_tta["flip"]["made_wrong"] == alone_tta["flip"]["made_wrong"]
+    shared_fit, alone_fit = shared_trust.rejection, alone_trust.rejection
+    assert shared_fit.record["threshold"] == pytest.approx(alone_fit.record["threshold"], abs=1e-4)
+    assert shared_fit.record["validation_coverage"] == alone_fit.record["validation_coverage"]
+    np.testing.assert_allclose(shared_fit.val_probabilities, alone_fit.val_probabilities, atol=1e-5)
+    np.testing.assert_allclose(shared_fit.reference, alone_fit.reference, atol=2e-3)  # stored as float16
+    assert shared_trust.prediction_sets["scores"] == pytest.approx(alone_trust.prediction_sets["scores"], abs=1e-5)
+
+
+def test_a_small_split_stays_on_keras_called_eagerly_and_caches_nothing(shapes_run, tmp_path):
+    recipe = load_recipe(None, dict(TINY))
+    prepared = split_of(24, 24)  # 24 x 5 + 24 + 24 = 168 image passes
+    forward = after_training_forward(shapes_run.model, prepared, recipe, run_path=tmp_path / "run")
+    choice = fit_tta(shapes_run.model, prepared, recipe, forward=forward)
+    fit_trust(shapes_run.model, prepared, recipe, forward=forward)
+    assert choice["judged"] and isinstance(forward.engine, KerasEmbedding) and forward.image_passes < ENGINE_FROM
+    assert forward.builds == 1 and forward.validation_passes == 1
+    assert not engine_cache_dir(tmp_path / "run").exists()
+    alone = fit_tta(shapes_run.model, prepared, recipe)  # the Keras model on every variant, identity included
+    assert choice["kept"] == alone["kept"]
+    assert choice["log_loss"] == pytest.approx(alone["log_loss"], abs=1e-5)
+
+
+def test_finetune_leaves_its_networks_for_the_first_predict_reject(tmp_path, caplog):
+    pytest.importorskip("openvino")
+    data = write_shapes_dataset(tmp_path / "data", 3, 40, size=40, seed=4)
+    # 36 validation images: 36 x 5 variants + 36 + 84 training images = 300 image passes.
+    run = transferkit.finetune(data, None, {**TINY, "data.val_split": 0.3, "engine": "openvino"},
+                               output=tmp_path / "run", verbose=0)
+    assert run.metrics["tta"]["judged"] and run.rejection["n_validation"] == 36
+    cache = engine_cache_dir(run.path)
+    assert (cache / "openvino-32px" / "body.xml").is_file() and (cache / "compiled").is_dir()
+    with caplog.at_level(logging.DEBUG, logger="transferkit"):
+        engine_for(transferkit.load_run(run.path), "openvino", "auto", load_rejection(run))
+    assert sum("reusing the OpenVINO network" in record.getMessage() for record in caplog.records) == 2  # body, head
+
+
+def test_the_engine_cache_of_a_run_being_written_is_kept_until_neither_it_nor_its_work_folder_exists(tmp_path):
+    writing = tmp_path / "writing"
+    ours = claim_engine_cache(writing)
+    (tmp_path / "writing.partial").mkdir()
+    claim_engine_cache(tmp_path / "other")  # another run's predict cleans up
+    assert ours.is_dir()
+    shutil.rmtree(tmp_path / "writing.partial")  # the run failed before it was published
+    claim_engine_cache(tmp_path / "other")
+    assert not ours.exists()

@@ -1,0 +1,165 @@
+"""The forward passes of the work after training: ONE engine of the trained, calibrated
+classifier, shared by the TTA choice (``evaluation.tta.fit_tta``) and the rejection fit
+(``trust.rejection.fit_rejection``), the validation images' plain pass computed once for both.
+
+    forward = ForwardPasses(model, 64, validation=prepared.val_images, image_passes=3000,
+                            run_path=output)
+    forward.validation_outputs()                   # once: (n, units + d), outputs then embedding
+    forward.variant_outputs(images, expand, 5)     # (5, n, units + d): a batch's variants in one call
+    forward.outputs(prepared.train_images, rows)   # the knn score's reference images
+
+The engine is built on first use: from ``ENGINE_FROM`` image passes on, ``embedding_engine``
+(OpenVINO where the recipe's engine, or "auto", picks it, in the recipe's precision, as
+``predict --reject`` builds it), its networks written to the run's engine cache folder, so
+that the first ``predict --reject`` of the run (and, in 16 bits, any predict: the same body
+and head networks) neither converts nor compiles; below it, the Keras model called eagerly
+(``KerasEmbedding``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.inference.embedding import KerasEmbedding, embedding_engine
+from transferkit.outputs import class_probabilities
+
+log = logging.getLogger("transferkit")
+
+# Below this many image passes the Keras model is called eagerly: building an engine (folding
+# BatchNorm, converting and compiling for OpenVINO) costs seconds, which pays off only over a
+# few hundred images (benchmarks/after_training.py).
+ENGINE_FROM = 256
+
+
+def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
+    """An engine's outputs over images, batch by batch, concatenated (float32).
+
+    Every batch has ``batch_size`` rows (the last one padded with copies of its first
+    image, whose outputs are dropped): a Keras engine then traces its function once.
+
+    Args:
+        engine: a ``ForwardEngine``.
+        images: (n, S, S, 3) images (a memory-mapped array is read a batch at a time).
+        batch_size: images per pass; default 32.
+        rows: which images, in this order; default None (all).
+
+    Returns:
+        The outputs, one row per image.
+    """
+    chunks = []
+    count = len(images) if rows is None else len(rows)
+    for start in range(0, count, batch_size):
+        chosen = slice(start, start + batch_size) if rows is None else rows[start : start + batch_size]
+        batch = np.asarray(images[chosen])
+        chunks.append(np.asarray(engine.predict(_padded(batch, batch_size)), dtype="float32")[: len(batch)])
+    return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype="float32")
+
+
+def _padded(batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """The batch topped up to ``batch_size`` rows with copies of its first image."""
+    return np.concatenate([batch, np.repeat(batch[:1], batch_size - len(batch), axis=0)])
+
+
+class ForwardPasses:
+    """A trained classifier's outputs and backbone embeddings over the images of the work
+    after training, from one engine built on first use.
+
+    Args:
+        model: the trained, calibrated classifier (image -> preprocessing -> backbone -> head).
+        image_size: the side of the images.
+        validation: the validation images, uint8 (n, S, S, 3); default None (none).
+        image_passes: how many image passes the work will take in all (each variant of an
+            image counts once): an engine from ``ENGINE_FROM`` on, else Keras eagerly; default 0.
+        engine: "auto", "keras" or "openvino" (``embedding_engine``); default "auto".
+        precision: the engine's precision; default "auto".
+        batch_size: images per pass (times the variants in ``variant_outputs``); default 32.
+        run_path: the run folder whose engine cache keeps the converted networks (claimed
+            when the engine is built); default None (converted in memory, kept nowhere).
+
+    Attributes:
+        units: how many output columns are the head's (1 for a sigmoid unit); the backbone
+            embedding follows.
+        builds: how many engines were built (at most one).
+        validation_passes: how many times the validation images went through it (at most one).
+    """
+
+    def __init__(self, model, image_size: int, *, validation: np.ndarray | None = None, image_passes: int = 0,
+                 engine: str = "auto", precision: str = "auto", batch_size: int = 32,
+                 run_path: str | os.PathLike | None = None):
+        self.model, self.image_size, self.validation = model, image_size, validation
+        self.image_passes, self.engine_choice, self.precision = image_passes, engine, precision
+        self.batch_size, self.run_path = batch_size, run_path
+        self.units = int(model.output_shape[-1])
+        self.builds = self.validation_passes = 0
+        self._engine = None
+        self._validation_outputs: np.ndarray | None = None
+
+    @property
+    def engine(self):
+        """The engine (built on first use): an ``EmbeddingEngine`` or a ``KerasEmbedding``."""
+        if self._engine is None:
+            self.builds += 1
+            if self.image_passes >= ENGINE_FROM:
+                self._engine = embedding_engine(self.model, self.engine_choice, self.image_size,
+                                                cache_dir=self._cache_dir(), precision=self.precision,
+                                                input_dtype="uint8")
+            else:
+                self._engine = KerasEmbedding(self.model)
+            log.debug("the work after training: %d image passes on %r", self.image_passes, self._engine)
+        return self._engine
+
+    @property
+    def engine_name(self) -> str:
+        """"openvino" or "keras"."""
+        return self.engine.name
+
+    def _cache_dir(self) -> Path | None:
+        from transferkit.inference.openvino import claim_engine_cache
+
+        return None if self.run_path is None else claim_engine_cache(self.run_path)
+
+    def outputs(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n, units + d) float32: the head's outputs, then the embedding, of images (or of
+        their ``rows``, in that order)."""
+        return forward_outputs(self.engine, images, self.batch_size, rows)
+
+    def validation_outputs(self) -> np.ndarray:
+        """``outputs`` of the validation images, computed on the first call only."""
+        if self._validation_outputs is None:
+            if self.validation is None:
+                raise ValueError("these ForwardPasses were given no validation images")
+            self.validation_passes += 1
+            self._validation_outputs = self.outputs(self.validation)
+        return self._validation_outputs
+
+    def variant_outputs(self, images: np.ndarray, expand: Callable[[np.ndarray], np.ndarray],
+                        variants: int) -> np.ndarray:
+        """The outputs of variants of the images, each batch's variants in one engine call.
+
+        Args:
+            images: (n, S, S, 3) images, read ``batch_size`` at a time.
+            expand: a (B, S, S, 3) batch -> its ``variants`` variants stacked variant-major
+                (rows [v * B, (v + 1) * B) are variant v), as ``evaluation.tta.TTAEngine`` does.
+            variants: how many variants ``expand`` makes.
+
+        Returns:
+            (variants, n, units + d) float32.
+        """
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            batch = np.asarray(images[start : start + self.batch_size])
+            padded = _padded(batch, self.batch_size)
+            outputs = np.asarray(self.engine.predict(np.ascontiguousarray(expand(padded))), dtype="float32")
+            chunks.append(outputs.reshape(variants, len(padded), -1)[:, : len(batch)])
+        if not chunks:
+            return np.zeros((variants, 0, self.units), dtype="float32")
+        return np.concatenate(chunks, axis=1)
+
+    def probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """(..., k) float64 class probabilities from ``outputs`` (a sigmoid unit p as [1 - p, p])."""
+        return class_probabilities(np.asarray(outputs)[..., : self.units])
