@@ -56,7 +56,7 @@ from transferkit.training.features import FeatureCache, engine_forward
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
-from transferkit.trust.record import after_training_forward, fit_trust
+from transferkit.trust.record import after_training_forward, after_training_passes, fit_trust
 
 log = logging.getLogger("transferkit")
 
@@ -250,6 +250,7 @@ class _Extras:
     callbacks: tuple = ()
     calibrate: bool | None = None
     feature_cache: FeatureCache | None = None
+    after_passes: int | None = None  # the image passes after training, for a time budget
 
 
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
@@ -310,6 +311,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
         built = build_model(recipe, prepared.n_classes, verbose=verbose)
         model, policy, distribution = built.model, built.policy, built.distribution
     train_batches, val_batches = prepared.batches(recipe)
+    extras = replace(extras, after_passes=after_training_passes(prepared, recipe, with_trust=out is not None))
     tensorboard = work.path / "tensorboard" if recipe.tensorboard and work is not None else None
     if tracker is not None:
         epochs_done = len(work.state().history) if work is not None else 0
@@ -364,7 +366,8 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                            forward_factory=engine_forward(recipe.engine, recipe.precision, verbose),
                            callbacks=callbacks,
                            feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
-                           distribution=distribution, time_budget=recipe.time_budget_seconds)
+                           distribution=distribution, time_budget=recipe.time_budget_seconds,
+                           after_training_passes=extras.after_passes)
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1

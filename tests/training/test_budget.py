@@ -98,6 +98,28 @@ def test_the_budget_computes_the_cached_views_that_fit_half_the_training_time_le
     assert budget(3600)[0].cache_views(4, 0.1) == 4
 
 
+def test_the_time_kept_for_the_work_after_training_counts_its_image_passes(tmp_path):
+    from transferkit.data.synthetic import write_shapes_dataset
+    from transferkit.trust.record import after_training_passes
+
+    data = write_shapes_dataset(tmp_path / "data", 3, 40, size=36, seed=5)
+    recipe = load_recipe(None, {"image_size": 32, "data.val_split": 0.3})
+    prepared = prepare_data(data, recipe, verbose=0)
+    val, train = len(prepared.val_images), len(prepared.train_images)
+    assert (val, train) == (36, 84)
+    # Calibration's pass and the shared plain pass over the validation images; the TTA choice's
+    # other variants (four shifts, and the flip the recipe trains with); the knn score's
+    # reference: every training image.
+    assert after_training_passes(prepared, recipe) == val + val + 5 * val + train
+    assert after_training_passes(prepared, recipe, with_trust=False) == val  # calibration alone
+    plain = load_recipe(None, {"image_size": 32, "data.val_split": 0.3, "reject.score": "max_probability"})
+    assert after_training_passes(prepared, plain) == val + val + 5 * val  # no reference images
+    kept = TimeBudget(100, [StageConfig(epochs=1)], train_images=train, val_images=val,
+                      after_training_passes=after_training_passes(prepared, recipe))
+    kept.forward_seconds = 0.01
+    assert kept.after_training_seconds() == pytest.approx(AFTER_TRAINING_SECONDS + 0.01 * (7 * val + train))
+
+
 def test_a_small_budget_stops_many_epochs_early_prints_its_plan_and_records_it(shapes_dir, tmp_path):
     output = tmp_path / "run"
     started = time.monotonic()

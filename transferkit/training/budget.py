@@ -24,9 +24,11 @@ the final save of the run folder, are outside the budget. The rules:
    to take); after any step, when the budget itself would run out before the epoch's
    validation ends. An epoch cut so keeps its (partial) row in the history and is weighed
    by early stopping like any other; early stopping still ends a stage first where it fires.
-5. The work after training is kept from the budget: forward passes over the training images
-   once and the validation images three times, at the speed the feature cache's pass
-   measured (without a cache, the last epoch's validation), plus ``AFTER_TRAINING_SECONDS``.
+5. The work after training is kept from the budget: its image passes (calibration's over the
+   validation images; for a run written to a folder, the TTA choice's variants and the
+   rejection fit's passes: ``trust.record.after_training_passes``), at the speed the feature
+   cache's pass measured (without a cache, the last epoch's validation), plus
+   ``AFTER_TRAINING_SECONDS``.
 6. Cached views: once the validation images' features are computed (their time per image
    known), the views after the first are computed only while they take at most half the
    training time left (a stage's epoch ``e`` waits for view ``e``).
@@ -106,6 +108,9 @@ class TimeBudget:
         seconds: the budget.
         stages: the recipe's stages.
         train_images, val_images: how many images train and validate.
+        after_training_passes: the image passes of the work after training (each image, or
+            variant of one, once); default None (the training images once and the validation
+            images three times).
         first_stage: the stage the run starts at (a resumed run's); default 0.
         done_before: epochs done in that stage before (a resumed run's); default 0.
         verbose: print the plan through the ``transferkit`` logger; default 0.
@@ -115,10 +120,12 @@ class TimeBudget:
 
     def __init__(self, seconds: float, stages: Sequence[StageConfig], *, train_images: int, val_images: int,
                  first_stage: int = 0, done_before: int = 0, verbose: int | str = 0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, after_training_passes: int | None = None):
         self.seconds, self.clock, self.verbose = seconds, clock, verbose
         self.started = clock()
         self.train_images, self.val_images = train_images, val_images
+        self.after_training_passes = (train_images + 3 * val_images if after_training_passes is None
+                                      else after_training_passes)
         self.plans = [StagePlan(stage.name, stage.epochs) for stage in stages]
         for plan in self.plans[:first_stage]:
             plan.ended_by, plan.epochs = "before resume", plan.recipe_epochs
@@ -144,7 +151,7 @@ class TimeBudget:
     def after_training_seconds(self) -> float:
         """What the work after training is expected to take (rule 5)."""
         forward = self.forward_seconds or 0.0
-        return AFTER_TRAINING_SECONDS + forward * (self.train_images + 3 * self.val_images)
+        return AFTER_TRAINING_SECONDS + forward * self.after_training_passes
 
     def training_left(self) -> float:
         """Seconds left for training (may be negative)."""

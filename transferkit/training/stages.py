@@ -99,6 +99,9 @@ class StageOptions:
         time_budget: seconds the stages and the work after them may take: their epochs (at
             most the stages' own) and the cached views are planned to fit
             (``training.budget``); default None (no budget).
+        after_training_passes: the image passes of the work after the stages (calibration,
+            TTA choice, rejection fit), which the budget keeps time for; default None (the
+            training images once and the validation images three times).
     """
 
     verbose: int | str = "auto"
@@ -111,6 +114,7 @@ class StageOptions:
     forward_key: tuple = ()
     distribution: Distribution | None = None
     time_budget: float | None = None
+    after_training_passes: int | None = None
 
 
 @dataclass
@@ -274,7 +278,8 @@ class StagesRun:
         if options.time_budget is not None:  # its clock starts here, before the feature cache
             run.budget = TimeBudget(options.time_budget, stages, train_images=len(train_data.images),
                                     val_images=len(val_data.images), first_stage=state.stage_index,
-                                    done_before=state.epochs_done, verbose=options.verbose)
+                                    done_before=state.epochs_done, verbose=options.verbose,
+                                    after_training_passes=options.after_training_passes)
         run.plan = _feature_plan(run)
         return run
 

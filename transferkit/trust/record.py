@@ -68,6 +68,17 @@ def after_training_forward(model, prepared, recipe: Recipe,
                          run_path=run_path)
 
 
+def after_training_passes(prepared, recipe: Recipe, with_trust: bool = True) -> int:
+    """How many image passes finetune's work after training takes (what a time budget keeps
+    time for): calibration's pass over the validation images, and, for a run written to a
+    folder (``with_trust``), the TTA choice's variants and the rejection fit's passes (the
+    validation images' plain pass among them, shared)."""
+    passes = len(prepared.val_images)
+    if with_trust:
+        passes += judged_passes(prepared, recipe) + image_passes(prepared, recipe.reject)
+    return passes
+
+
 def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0, forward: ForwardPasses | None = None) -> TrustRecord:
     """Fit the rejection threshold and the prediction-set scores on the validation split.
 
