@@ -144,3 +144,5 @@ def test_finetune_trains_in_float32_on_int8_features(shapes_dir, tmp_path):
     assert "forward engine for the feature cache: openvino int8" in done.output
     loaded = transferkit.load_run(run)
     assert loaded.recipe["precision"] == "int8" and loaded.model.dtype_policy.name == "float32"
+    guard = loaded.metrics["int8_features"]  # the head's validation loss on int8 features against float32's
+    assert guard["stage"] == "stage" and guard["images"] > 0 and isinstance(guard["passed"], bool)

@@ -11,7 +11,9 @@ passed its check on held-back images, never among the calibration images:
 - a feature extractor (the frozen part): its features differ from float32 by at most
   ``FEATURE_ERROR`` (relative L2 norm over the sample).
 
-Where it falls short the float32 network runs, with a one-line notice. ``precision="int8"``
+Where it falls short the float32 network runs, with a one-line notice. (The feature
+cache's int8 features are checked once more, by the head they train: ``training.int8_guard``.)
+``precision="int8"``
 asks for int8; ``"auto"`` takes it where the CPU has no fast bfloat16 and no GPU is in use
 (``int8_candidate``), the work is large enough for quantizing to pay (``worth_int8``), and the
 check also measured it at least ``AUTO_SPEEDUP`` times as fast as float32; it says so. The

@@ -32,7 +32,7 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
-from transferkit.inference.int8 import samples_from
+from transferkit.inference.int8 import Int8Check, Int8Engine, samples_from
 from transferkit.model.fold import batchnorm_count, fold_batchnorm
 from transferkit.model.surgery import extractor_at, frozen_digest, trainable_at
 from transferkit.progress import progress_bar
@@ -42,6 +42,16 @@ log = logging.getLogger("transferkit")
 # How many training images' features set the head's BatchNorm statistics
 # (``model.classifier.calibrate_head_batchnorm``); the cache hands them over.
 CALIBRATION_IMAGES = 128
+
+
+@dataclass(frozen=True)
+class Int8Origin:
+    """Where features an int8 network computed came from: its ``inference.int8.Int8Engine``
+    (whose float32 network they can be compared with, ``FeaturePlan.int8_sample``) and which
+    of its outputs they are."""
+
+    engine: Int8Engine
+    output: int
 
 
 class FeatureStore:
@@ -58,6 +68,9 @@ class FeatureStore:
         dtype: storage dtype.
         memory_budget_mb: above this the store goes to a file.
         spill_dir: where that file goes; default None (the system temporary folder).
+
+    Attributes:
+        int8: an ``Int8Origin`` where an int8 network computed the features, else None.
     """
 
     def __init__(self, views: int, count: int, shape: tuple[int, ...], dtype: str, memory_budget_mb: float,
@@ -68,6 +81,7 @@ class FeatureStore:
         self.array = _spilled_array(self.shape, dtype, spill_dir) if self.on_disk else np.empty(self.shape, dtype)
         self.nbytes = nbytes
         self.filler: _ViewFiller | None = None
+        self.int8: Int8Origin | None = None
 
     def wait_for(self, view: int | None = None) -> None:
         """Block until ``view`` (default: every view) is stored; re-raise a failure of the
@@ -385,6 +399,22 @@ class CachedStage:
     computed: bool
 
 
+@dataclass(frozen=True)
+class PairedFeatures:
+    """The same validation images' features from an int8 network and from its float32 one.
+
+    Attributes:
+        targets: the images' targets, one row each.
+        int8, float32: their features, float32 arrays of the same shape.
+        check: the int8 network's own check against float32 (``inference.int8.Int8Check``).
+    """
+
+    targets: np.ndarray
+    int8: np.ndarray
+    float32: np.ndarray
+    check: Int8Check
+
+
 class FeatureCache:
     """Feature stores kept across runs on the same images, for runs that compute the same
     features: the trials of a study.
@@ -492,6 +522,9 @@ class FeaturePlan:
         plan_views: (views a pass would compute, seconds of one image's forward pass timed
             on the validation images) -> the views to compute (a time budget's
             ``cache_views``); default None (all).
+
+    Attributes:
+        float32_only: int8 is no longer tried for this plan's passes (``use_float32``).
     """
 
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
@@ -512,6 +545,7 @@ class FeaturePlan:
         self.plan_views = plan_views
         # (source, boundary) -> its key in the shared cache
         self._shared_keys: dict[tuple[int, int], tuple] = {}
+        self.float32_only = False
 
     def boundary(self, index: int) -> int:
         """First block that stage ``index`` trains (``len(blocks)``: head only; 0: all)."""
@@ -580,6 +614,40 @@ class FeaturePlan:
         for key in list(self._stores):
             self._release(key)
 
+    def int8_sample(self, index: int, count: int) -> PairedFeatures | None:
+        """Stage ``index``'s features of up to ``count`` validation images (seeded), as the int8
+        network computed them and as its float32 network computes them now: what
+        ``training.int8_guard`` compares the trained part's loss on.
+
+        Returns:
+            ``PairedFeatures``, or None where the stage's features are not an int8
+            network's or there are no validation images.
+        """
+        stores = self._stores.get(self._key(index))
+        origin = stores[1].int8 if stores is not None else None
+        if origin is None or not stores[1].shape[1]:
+            return None
+        rows = np.sort(np.random.default_rng(self.seed).permutation(stores[1].shape[1])[:count])
+        images, size = np.asarray(self.val_data.images[rows]), self.val_data.batch_size
+        exact = []
+        for start in range(0, len(rows), size):
+            outputs = origin.engine.float32.predict(images[start : start + size])
+            exact.append(outputs[origin.output] if isinstance(outputs, list) else outputs)
+        return PairedFeatures(np.asarray(self.val_data.targets[rows]),
+                              np.asarray(stores[1].array[0, rows], dtype="float32"),
+                              np.concatenate(exact).astype("float32", copy=False), origin.engine.check)
+
+    def use_float32(self) -> None:
+        """Compute the later stages' features in float32: release the stores an int8 network
+        computed (its views still computed in the background are stopped) and try int8 no
+        more; the shared cache is left alone from now on (it may hold int8 features)."""
+        self.float32_only = True
+        for key in [key for key, stores in self._stores.items() if any(store.int8 for store in stores)]:
+            for store in self._stores[key]:
+                if store.filler is not None:
+                    store.filler.cancel()
+            self._release(key)
+
     def _release(self, key: tuple[int, int]) -> None:
         """Close a store of the plan's own; leave a shared one to the cache, complete (its
         later views waited for) or, where they were cancelled, dropped."""
@@ -607,8 +675,9 @@ class FeaturePlan:
         served = [j for j in group if j >= index and self._key(j) not in self._stores]
         boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
         views = [max((self.views(j) for j in served if self.boundary(j) == b), default=0) for b in boundaries]
+        shared = None if self.float32_only else self.shared
         shared_keys = {}
-        if self.shared is not None:
+        if shared is not None:
             shared_keys = self._take_shared(source, boundaries, views)
             wanted = [(b, count) for b, count in zip(boundaries, views) if count and (source, b) not in self._stores]
             if not wanted:
@@ -619,10 +688,10 @@ class FeaturePlan:
         passes = max(views)  # self.views() is 1 without augmentation
         forward = self.forward_factory(extractor, ForwardWork(
             passes * len(train.images) + len(val.images),
-            lambda: samples_from(train.images, val.images, seed=self.seed)))
+            None if self.float32_only else lambda: samples_from(train.images, val.images, seed=self.seed)))
         as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
         shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
-        if self.shared is not None:
+        if shared is not None:
             itemsize = np.dtype(self.dtype).itemsize
             needed = sum((count * len(train.images) + len(val.images)) * math.prod(shape) * itemsize
                          for shape, count in zip(shapes, views) if count) / 2**20
@@ -654,8 +723,11 @@ class FeaturePlan:
             dtype=self.dtype, memory_budget_mb=budget, progress=(lambda n: bar(done + n)) if bar else None,
             later_views_in_background=True, stop_requested=self.stop_requested,
         ))
-        for boundary, count, train_store, val_store in zip(boundaries, views, train_stores, val_stores):
+        for output, (boundary, count, train_store, val_store) in enumerate(
+                zip(boundaries, views, train_stores, val_stores)):
             if count:
+                if isinstance(forward, Int8Engine):
+                    train_store.int8 = val_store.int8 = Int8Origin(forward, output)
                 self._stores[source, boundary] = (train_store, val_store)
                 if shared_keys.get(boundary) is not None:
                     self.shared.keep(shared_keys[boundary], (train_store, val_store), count,
@@ -747,11 +819,12 @@ class ForwardWork:
         image_passes: images it will run (every view of the training images, and the
             validation images once).
         int8_samples: returns the ``inference.int8.Int8Samples`` an int8 network would be
-            calibrated and checked on (training images; validation images held back).
+            calibrated and checked on (training images; validation images held back); None:
+            no int8 (its features fell short of float32's in this run, ``FeaturePlan.use_float32``).
     """
 
     image_passes: int
-    int8_samples: Callable
+    int8_samples: Callable | None
 
 
 def engine_forward(engine: str, precision: str, verbose: int | str = 0) -> Callable:
@@ -765,19 +838,22 @@ def engine_forward(engine: str, precision: str, verbose: int | str = 0) -> Calla
         verbose: log which engine runs; default 0.
 
     Returns:
-        (extractor, ``ForwardWork``) -> batch function.
+        (extractor, ``ForwardWork``) -> the engine (called on a batch; an
+        ``inference.int8.Int8Engine`` where int8 runs).
     """
     from transferkit.inference.engines import SHARED
     from transferkit.inference.int8 import forward_engine, worth_int8
 
     def forward_factory(extractor, work: ForwardWork):
         samples = work.int8_samples if worth_int8(precision, work.image_passes) else None
-        forward = forward_engine(extractor, engine, precision=precision, cache_dir=SHARED, input_dtype="uint8",
+        # No int8 samples from the plan: int8 was refused for this run; "int8" then runs float32.
+        asked = "float32" if work.int8_samples is None and precision == "int8" else precision
+        forward = forward_engine(extractor, engine, precision=asked, cache_dir=SHARED, input_dtype="uint8",
                                  int8_samples=samples)
         if verbose:
             log.info(f"forward engine for the feature cache: {forward.name}"
                      + (" int8" if getattr(forward, "precision_hint", "") == "int8" else ""))
-        return forward.predict
+        return forward
 
     return forward_factory
 

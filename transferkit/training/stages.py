@@ -67,6 +67,7 @@ from transferkit.training.features import (
     backbone_features,
     default_forward,
 )
+from transferkit.training.int8_guard import CHECK_IMAGES, HeadLossCheck, compare_head_loss
 
 log = logging.getLogger("transferkit")
 
@@ -158,19 +159,24 @@ class StagesResult:
         val_outputs: when the last stage trained on cached features, the final model's
             outputs on the validation set, computed from the cached features (the frozen
             part cannot have changed); else None (predict with the model).
+        int8_guard: where a stage trained on int8 features, how the head's validation loss
+            on them compared with float32's (``training.int8_guard``); else None.
     """
 
     history: list[dict] = field(default_factory=list)
     timings: list[StageTiming] = field(default_factory=list)
     budget: dict | None = None
     val_outputs: np.ndarray | None = None
+    int8_guard: HeadLossCheck | None = None
 
     def records(self) -> dict:
-        """What metrics.json records of the stages: "stages", one timing each, and with a
-        time budget "time_budget"."""
+        """What metrics.json records of the stages: "stages", one timing each, with a time
+        budget "time_budget", and on int8 features "int8_features" (the head-loss guard)."""
         records = {"stages": [asdict(timing) for timing in self.timings]}
         if self.budget is not None:
             records["time_budget"] = self.budget
+        if self.int8_guard is not None:
+            records["int8_features"] = self.int8_guard.record()
         return records
 
 
@@ -223,6 +229,7 @@ def run_stages(
     if run.checkpointing.work is not None:
         run.checkpointing.work.flush()
     result.budget = run.budget.finish() if run.budget is not None else None
+    result.int8_guard = run.int8_guard
     return result
 
 
@@ -246,6 +253,8 @@ class StagesRun:
         calibrated: whether the head's BatchNorm statistics are set.
         plan: the ``FeaturePlan`` holding the cached features, or None without a cache.
         budget: the ``training.budget.TimeBudget``, or None without one.
+        int8_guard: the head-loss guard's ``HeadLossCheck`` once a stage trained on int8
+            features, else None.
     """
 
     model: keras.Model
@@ -261,6 +270,7 @@ class StagesRun:
     calibrated: bool = False
     plan: FeaturePlan | None = None
     budget: TimeBudget | None = None
+    int8_guard: HeadLossCheck | None = None
 
     @classmethod
     def start(cls, model: keras.Model, spec: BackboneSpec, stages: Sequence[StageConfig], train_data: ImageBatches,
@@ -425,12 +435,40 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, np.ndarray | 
     _log_stage(run, index, begun, start)
     _fit(run, index, begun, start)
     run.stop_if_requested()
-    val_outputs = predict_eagerly(begun.model, begun.val) if begun.cached else None
+    kept = _guard_int8_features(run, index, begun) if begun.cached else True
+    val_outputs = predict_eagerly(begun.model, begun.val) if begun.cached and kept else None
     timing = StageTiming(stage=stage.name, epochs=len(run.rows) - run.global_epoch,
                          seconds=time.perf_counter() - started, caching_seconds=begun.caching_seconds,
                          cached=begun.cached)
     run.global_epoch = len(run.rows)
     return timing, val_outputs
+
+
+def _guard_int8_features(run: StagesRun, index: int, begun: BegunStage) -> bool:
+    """After the run's first stage on int8 features: compare its trained part's validation
+    loss on them with float32's (``training.int8_guard``); where int8 falls short, say so in
+    one line and compute the later stages' features in float32.
+
+    Returns:
+        Whether the stage's cached validation features may stand for the model's (False:
+        int8 fell short; the validation figures come from the model, in float32).
+    """
+    if run.plan is None or run.int8_guard is not None:
+        return True
+    sample = run.plan.int8_sample(index, CHECK_IMAGES)
+    if sample is None:
+        return True
+    check = compare_head_loss(begun.model, sample, make_loss(run.n_classes, run.options.loss), run.stages[index].name)
+    run.int8_guard = check
+    if check.passed:
+        if run.options.verbose:
+            log.info(check.describe())
+        return True
+    later = any(stage.epochs > 0 and run.plan.boundary(j) > 0 for j, stage in enumerate(run.stages) if j > index)
+    log.warning("%s; %s", check.describe(), "the later stages' features are computed in float32" if later
+                else "the validation figures are computed in float32")
+    run.plan.use_float32()
+    return False
 
 
 def _what_to_fit(run: StagesRun, index: int) -> BegunStage:

@@ -1,0 +1,108 @@
+"""The head-loss guard of int8 features: after the first stage trained on them, its head's
+validation loss on int8 features is compared with float32's, recorded, and where int8 falls
+short the later stages' features are computed in float32, with a one-line notice."""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.data.batches import ImageBatches
+from transferkit.data.synthetic import SHAPES, draw_shape
+from transferkit.model.classifier import build_classifier
+from transferkit.outputs import encode_targets
+from transferkit.recipe import CacheConfig, HeadConfig, StageConfig
+from transferkit.training import int8_guard
+from transferkit.training.features import engine_forward
+from transferkit.training.stages import StageOptions, run_stages
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+HEAD_AND_FINE = [StageConfig(name="head", epochs=2, unfreeze=0),
+                 StageConfig(name="fine", epochs=1, unfreeze=1, learning_rate=1e-5)]
+
+
+def shapes(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    pictures = np.stack([np.asarray(draw_shape(SHAPES[label], 32, rng)) for label in labels])
+    return pictures.astype("uint8"), encode_targets(labels, 3)
+
+
+def classifier(seed=2):
+    keras.utils.set_random_seed(seed)
+    backbone = load_backbone("vgg16", weights="none", input_shape=(32, 32, 3))
+    return build_classifier(backbone, 3, HeadConfig(units=(16,)), backbone_name="vgg16")
+
+
+def train_on_int8(stages=HEAD_AND_FINE, model=None, seed=2):
+    """VGG16 (random weights, 32 px; default a new one) trained on features from
+    ``--precision int8``; returns the result and the precision of each engine the feature
+    cache ran."""
+    model = model or classifier(seed)
+    train = ImageBatches(*shapes(48, seed + 100), 8, shuffle=True, seed=1)
+    val = ImageBatches(*shapes(24, seed + 200), 8)
+    factory, engines = engine_forward("openvino", "int8"), []
+
+    def recorded(extractor, work):
+        engine = factory(extractor, work)
+        engines.append(engine.precision_hint)
+        return engine
+
+    options = StageOptions(verbose=0, seed=1, cache=CacheConfig(), forward_factory=recorded)
+    return run_stages(model, REGISTRY["vgg16"], stages, train, val, 3, options), engines
+
+
+def test_a_head_trained_on_int8_features_is_compared_with_float32_recorded_and_kept(caplog):
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        result, engines = train_on_int8()
+    assert engines == ["int8"]  # one pass served both stages, its features kept for the fine stage
+    check = result.int8_guard
+    assert check.passed and check.stage == "head" and check.images == 24
+    assert abs(check.int8_loss - check.float32_loss) <= check.tolerance == int8_guard.tolerance(check.float32_loss)
+    assert check.int8_loss != check.float32_loss  # two precisions' features, not one twice
+    assert "feature error" in check.feature_check
+    recorded = result.records()["int8_features"]
+    assert recorded["passed"] and recorded["float32_loss"] == check.float32_loss
+    assert not [record for record in caplog.records if "head's validation loss" in record.getMessage()]
+    assert result.val_outputs is not None  # the fine stage's, from its int8 features
+
+
+def test_int8_that_falls_short_on_the_heads_loss_leaves_the_later_stages_to_float32(monkeypatch, caplog):
+    """A tolerance of 0 fails any difference: the later stage's features come from a float32
+    engine, and the run's validation outputs with them."""
+    monkeypatch.setattr(int8_guard, "LOSS_TOLERANCE", 0.0)
+    monkeypatch.setattr(int8_guard, "RELATIVE_TOLERANCE", 0.0)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        result, engines = train_on_int8()
+    assert engines == ["int8", "f32"]
+    notice = [record.getMessage() for record in caplog.records if "head's validation loss" in record.getMessage()]
+    assert len(notice) == 1 and "\n" not in notice[0]
+    assert "on 24 images" in notice[0] and notice[0].endswith("the later stages' features are computed in float32")
+    assert not result.int8_guard.passed and result.records()["int8_features"]["passed"] is False
+    fine = result.timings[1]
+    assert fine.cached and fine.caching_seconds > 0  # computed again for the fine stage
+
+
+def test_a_cached_int8_network_is_guarded_again_in_each_run(monkeypatch, caplog):
+    """The second run on the same frozen weights takes the int8 network and its feature check
+    from the engine cache; the head-loss guard still runs on its own head. Falling short in
+    the last stage leaves the validation figures to the model (float32)."""
+    model = classifier()
+    first, _ = train_on_int8(stages=HEAD_AND_FINE[:1], model=model)
+    assert first.int8_guard.passed and first.val_outputs is not None
+    monkeypatch.setattr(int8_guard, "LOSS_TOLERANCE", 0.0)
+    monkeypatch.setattr(int8_guard, "RELATIVE_TOLERANCE", 0.0)
+    caplog.clear()  # the first run's records, where an earlier test left the logger at INFO
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        result, engines = train_on_int8(stages=HEAD_AND_FINE[:1], model=model)  # its head trains on
+    assert not any("quantizing" in record.getMessage() for record in caplog.records)  # from the cache
+    assert engines == ["int8"] and result.int8_guard.feature_check == first.int8_guard.feature_check
+    assert not result.int8_guard.passed and result.val_outputs is None  # summary predicts with the model
+    notice = [record.getMessage() for record in caplog.records if "head's validation loss" in record.getMessage()]
+    assert len(notice) == 1 and notice[0].endswith("the validation figures are computed in float32")
