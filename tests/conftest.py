@@ -97,7 +97,7 @@ LONGEST_FIRST = (
     "test_backends.py",
     "reliability/test_faults.py",
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",
-    "training/test_budget.py",
+    "training/test_budget.py", "inference/test_passes.py", "training/test_int8_guard.py",
     "export/test_roundtrip.py", "inference/test_predict.py", "tuning/test_workers.py", "model/test_fold.py",
     "cli/test_cli.py",
     "serve/test_server.py",  # one server process (TensorFlow's start-up) and a headless Chromium
