@@ -40,7 +40,7 @@ def classifier(seed=2):
     return build_classifier(backbone, 3, HeadConfig(units=(16,)), backbone_name="vgg16")
 
 
-def train_on_int8(stages=HEAD_AND_FINE, model=None, seed=2):
+def train_on_int8(stages=HEAD_AND_FINE, model=None, seed=2, checkpointing=None):
     """VGG16 (random weights, 32 px; default a new one) trained on features from
     ``--precision int8``; returns the result and the precision of each engine the feature
     cache ran."""
@@ -55,7 +55,7 @@ def train_on_int8(stages=HEAD_AND_FINE, model=None, seed=2):
         return engine
 
     options = StageOptions(verbose=0, seed=1, cache=CacheConfig(), forward_factory=recorded)
-    return run_stages(model, REGISTRY["vgg16"], stages, train, val, 3, options), engines
+    return run_stages(model, REGISTRY["vgg16"], stages, train, val, 3, options, checkpointing), engines
 
 
 def test_a_head_trained_on_int8_features_is_compared_with_float32_recorded_and_kept(caplog):
@@ -106,3 +106,21 @@ def test_a_cached_int8_network_is_guarded_again_in_each_run(monkeypatch, caplog)
     assert not result.int8_guard.passed and result.val_outputs is None  # summary predicts with the model
     notice = [record.getMessage() for record in caplog.records if "head's validation loss" in record.getMessage()]
     assert len(notice) == 1 and notice[0].endswith("the validation figures are computed in float32")
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_a_run_resumed_after_the_guard_computes_its_later_stages_as_the_guard_decided(passed, caplog):
+    """The guard's record is in every checkpoint's state after it ran: a run resumed at the
+    fine stage neither guards again nor tries int8 where the guard had turned it off, and
+    keeps int8 where it had passed (as the uninterrupted run did)."""
+    from transferkit.training.checkpoint import TrainingState
+    from transferkit.training.stages import Checkpointing
+
+    record = int8_guard.HeadLossCheck("head", 24, 0.9, 0.9 if passed else 1.2, 0.02, "feature error 0.03").record()
+    state = TrainingState(stage_index=1, epochs_done=0, global_epoch=2, calibrated=True,
+                          history=[{"epoch": 1}, {"epoch": 2}], int8_guard=record)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        result, engines = train_on_int8(checkpointing=Checkpointing(state=state))
+    assert engines == (["int8"] if passed else ["f32"])
+    assert result.int8_guard.record() == record  # not guarded again
+    assert not [entry for entry in caplog.records if "head's validation loss" in entry.getMessage()]

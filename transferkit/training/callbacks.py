@@ -72,8 +72,9 @@ class EpochCallback(keras.callbacks.Callback):
     history row and save the checkpoint. An epoch cut short by a stop request is dropped."""
 
     def __init__(self, *, classifier, rows, stage_index, stage_name, epoch_offset, train_data, seed,
-                 stopper, stop, work):
+                 stopper, stop, work, int8_guard: dict | None = None):
         super().__init__()
+        self.int8_guard = int8_guard  # the head-loss guard's record, kept in each checkpoint
         self.classifier = classifier
         self.rows, self.stage_index, self.stage_name = rows, stage_index, stage_name
         self.epoch_offset, self.train_data, self.seed = epoch_offset, train_data, seed
@@ -109,7 +110,7 @@ class EpochCallback(keras.callbacks.Callback):
                 stage_index=self.stage_index, epochs_done=epoch + 1,
                 global_epoch=self.epoch_offset + epoch + 1, calibrated=True,
                 best=stopping.best, wait=stopping.wait, best_epoch=stopping.best_epoch,
-                history=self.rows,
+                history=self.rows, int8_guard=self.int8_guard,
             )
             self.work.save(self.classifier, state, stopping.best_weights, self.model.optimizer, part)
 

@@ -68,6 +68,9 @@ class TrainingState:
     wait: int = 0
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    # The head-loss guard's record (training.int8_guard), once a stage trained on int8
+    # features: a resumed run computes its later stages' features as the guard decided.
+    int8_guard: dict | None = None
 
 
 def output_for(path: Path) -> Path:

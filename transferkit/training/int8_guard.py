@@ -71,8 +71,13 @@ class HeadLossCheck:
                 f"{self.int8_loss:.4f} on {self.images} images (> {self.tolerance:.4f})")
 
     def record(self) -> dict:
-        """What metrics.json records (its "int8_features")."""
+        """What metrics.json records (its "int8_features"), and a checkpoint's state."""
         return {**asdict(self), "passed": self.passed}
+
+    @classmethod
+    def from_record(cls, record: dict) -> HeadLossCheck:
+        """The check ``record`` wrote (a resumed run's)."""
+        return cls(**{name: value for name, value in record.items() if name != "passed"})
 
 
 def compare_head_loss(part, sample, loss, stage: str) -> HeadLossCheck:

@@ -291,6 +291,10 @@ class StagesRun:
                                     done_before=state.epochs_done, verbose=options.verbose,
                                     after_training_passes=options.after_training_passes)
         run.plan = _feature_plan(run)
+        if state.int8_guard is not None:  # resumed after the guard: its later stages as it decided
+            run.int8_guard = HeadLossCheck.from_record(state.int8_guard)
+            if not run.int8_guard.passed and run.plan is not None:
+                run.plan.use_float32()
         return run
 
     def trains(self, index: int) -> bool:
@@ -444,6 +448,11 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, np.ndarray | 
     return timing, val_outputs
 
 
+def _guard_record(run: StagesRun) -> dict | None:
+    """The head-loss guard's record for a checkpoint's state, once it ran."""
+    return None if run.int8_guard is None else run.int8_guard.record()
+
+
 def _guard_int8_features(run: StagesRun, index: int, begun: BegunStage) -> bool:
     """After the run's first stage on int8 features: compare its trained part's validation
     loss on them with float32's (``training.int8_guard``); where int8 falls short, say so in
@@ -555,7 +564,7 @@ def _checkpoint_stage_start(run: StagesRun, index: int, begun: BegunStage) -> No
     if work is None or not begun.cached or work.has_checkpoint():
         return
     state = TrainingState(stage_index=index, epochs_done=0, global_epoch=run.global_epoch, calibrated=True,
-                          history=run.rows)
+                          history=run.rows, int8_guard=_guard_record(run))
     work.save(run.model, state, part_weights=begun.model.get_weights(), whole_in_background=True)
 
 
@@ -592,6 +601,7 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
         classifier=run.model, rows=run.rows, stage_index=index, stage_name=stage.name,
         epoch_offset=run.global_epoch - start.initial_epoch, train_data=begun.train, seed=run.options.seed,
         stopper=stopper, stop=run.checkpointing.stop, work=run.checkpointing.work,
+        int8_guard=_guard_record(run),
     )
     validation = ([EagerValidation(begun.val, run.n_classes, make_loss(run.n_classes, run.options.loss))]
                   if begun.cached else [])
@@ -629,7 +639,7 @@ def _checkpoint_between_stages(run: StagesRun, index: int) -> None:
     if work is None or not any(run.trains(later) for later in range(index + 1, len(run.stages))):
         return
     work.save(run.model, TrainingState(stage_index=index + 1, epochs_done=0, global_epoch=run.global_epoch,
-                                       calibrated=True, history=run.rows))
+                                       calibrated=True, history=run.rows, int8_guard=_guard_record(run)))
 
 
 def _feature_plan(run: StagesRun):
