@@ -62,8 +62,8 @@ def after_training_forward(model, prepared, recipe: Recipe,
     Returns:
         A ``ForwardPasses`` over the validation images.
     """
-    passes = judged_passes(prepared, recipe) + image_passes(prepared, recipe.reject)
-    return ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
+    return ForwardPasses(model, recipe.image_size, validation=prepared.val_images,
+                         image_passes=_trust_passes(prepared, recipe),
                          engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
                          run_path=run_path)
 
@@ -73,10 +73,12 @@ def after_training_passes(prepared, recipe: Recipe, with_trust: bool = True) -> 
     time for): calibration's pass over the validation images, and, for a run written to a
     folder (``with_trust``), the TTA choice's variants and the rejection fit's passes (the
     validation images' plain pass among them, shared)."""
-    passes = len(prepared.val_images)
-    if with_trust:
-        passes += judged_passes(prepared, recipe) + image_passes(prepared, recipe.reject)
-    return passes
+    return len(prepared.val_images) + (_trust_passes(prepared, recipe) if with_trust else 0)
+
+
+def _trust_passes(prepared, recipe: Recipe) -> int:
+    """The image passes of the TTA choice and the rejection fit on their shared engine."""
+    return judged_passes(prepared, recipe) + image_passes(prepared, recipe.reject)
 
 
 def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0, forward: ForwardPasses | None = None) -> TrustRecord:

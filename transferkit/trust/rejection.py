@@ -100,11 +100,11 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
         A ``RejectionFit``.
     """
     needs_embedding = SCORES[config.score][1]
+    passes = image_passes(prepared, config)
     if forward is None:
-        forward = ForwardPasses(model, image_size, validation=prepared.val_images,
-                                image_passes=image_passes(prepared, config), engine=engine, precision=precision,
-                                batch_size=batch_size)
-    log.debug("rejection threshold: forward passes over %d images", image_passes(prepared, config))
+        forward = ForwardPasses(model, image_size, validation=prepared.val_images, image_passes=passes,
+                                engine=engine, precision=precision, batch_size=batch_size)
+    log.debug("rejection threshold: forward passes over %d images", passes)
     outputs = forward.validation_outputs()
     probabilities = forward.probabilities(outputs)
     reference = None
