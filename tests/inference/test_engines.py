@@ -190,6 +190,36 @@ def test_network_is_cached_per_size_and_reused(vgg, tmp_path, monkeypatch):
     np.testing.assert_allclose(again.predict(batch), first.predict(batch), rtol=1e-5, atol=1e-6)
 
 
+def test_the_same_classifier_built_again_in_one_process_reuses_its_network(tmp_path, monkeypatch):
+    """Keras numbers the names it makes up per process (input_layer_3, then input_layer_7):
+    a second finetune or tune trial in the same process must still find its networks."""
+    first, again = classifier("vgg16", seed=5), classifier("vgg16", seed=5)
+    assert first.get_config() != again.get_config()  # the names Keras made up differ
+    assert openvino_module.model_fingerprint(first, SIZE) == openvino_module.model_fingerprint(again, SIZE)
+    calls = []
+    export = openvino_module.export_network
+    monkeypatch.setattr(openvino_module, "export_network", lambda *a: calls.append(1) or export(*a))
+    make_engine(first, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    engine = make_engine(again, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    assert len(calls) == 1
+    batch = images(4, seed=6)
+    np.testing.assert_allclose(engine.predict(batch), again.predict_on_batch(batch), rtol=1e-4, atol=1e-5)
+
+    # Wiring still counts: the same layers and weights, the sum's first input another layer's
+    # output, is another network.
+    def skip_from(source):
+        keras.utils.set_random_seed(0)
+        x = keras.Input(shape=(4,))
+        h = keras.layers.Dense(4)(x)
+        o = keras.layers.Dense(4)(h)
+        return keras.Model(x, keras.layers.Add()([h if source == "h" else x, o]))
+
+    from_h, from_x = skip_from("h"), skip_from("x")
+    assert all(np.array_equal(a, b) for a, b in zip(from_h.get_weights(), from_x.get_weights(), strict=True))
+    assert openvino_module.model_fingerprint(from_h, (4,)) != openvino_module.model_fingerprint(from_x, (4,))
+    assert openvino_module.model_fingerprint(from_h, (4,)) == openvino_module.model_fingerprint(skip_from("h"), (4,))
+
+
 def test_changed_weights_are_converted_again(tmp_path, monkeypatch):
     model = classifier("vgg16", seed=5)
     calls = []

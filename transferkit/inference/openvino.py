@@ -324,7 +324,7 @@ def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
 
     digest = hashlib.sha256()
     try:
-        config = json.dumps(_forward_config(model.get_config()), sort_keys=True, default=repr)
+        config = json.dumps(_named_by_place(_forward_config(model.get_config())), sort_keys=True, default=repr)
     except Exception:  # a subclassed model without get_config: its shapes stand in
         config = repr((model.name, model.input_shape, model.output_shape))
     shape = _as_shape(input_shape)
@@ -346,6 +346,44 @@ def _forward_config(config):
     if isinstance(config, list):
         return [_forward_config(value) for value in config]
     return config
+
+
+def _named_by_place(config):
+    """A model's config with its layers' (and its own) names replaced by their order of first
+    appearance: Keras numbers the names it makes up (``input_layer_3``, ``functional_7``) per
+    process, so the same classifier built twice in one process (a second finetune, the next
+    tune trial, a test) had another fingerprint each time and was converted again. Names run
+    nothing forward; where a name is referred to (a layer's inputs, the model's inputs and
+    outputs), the reference is renamed with it, so the wiring still counts."""
+    names: dict[str, str] = {}
+
+    def collect(node):
+        if isinstance(node, dict):
+            # A layer: {"class_name", "config": {"name", ...}, "name" (a functional model's)}
+            # ("DTypePolicy" entries are named after their dtype: not a layer).
+            inner = node.get("config")
+            name = node.get("name", inner.get("name") if isinstance(inner, dict) else None)
+            if (isinstance(name, str) and "class_name" in node and "DTypePolicy" not in str(node["class_name"])
+                    and name not in names):
+                names[name] = f"#{len(names)}"
+            for key in sorted(node):
+                collect(node[key])
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                collect(value)
+
+    def renamed(node):
+        if isinstance(node, dict):
+            return {key: renamed(value) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):  # a layer's inputs are (name, node, tensor) tuples
+            return [renamed(value) for value in node]
+        return names.get(node, node) if isinstance(node, str) else node
+
+    top = config.get("name") if isinstance(config, dict) else None
+    if isinstance(top, str):
+        names[top] = "#model"
+    collect(config)
+    return renamed(config)
 
 
 def _as_shape(input_shape: int | tuple[int, ...]) -> tuple[int, ...]:
