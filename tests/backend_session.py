@@ -14,8 +14,6 @@ resumes it, and adds predict on the OpenVINO engine, explain, lr-find, doctor --
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import logging
 import os
@@ -26,27 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-
-class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """TensorFlow as if it were not installed: ``import tensorflow`` (and any sub-module)
-    raises ImportError. ``importlib.util.find_spec`` still answers a spec, with no origin
-    (PyTorch's dynamo asks it for every package it skips, and takes no origin as "nothing to
-    skip"); the spec's loader is what refuses."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            return importlib.machinery.ModuleSpec(name, self, origin=None)
-        return None
-
-    def create_module(self, spec):
-        raise ModuleNotFoundError(f"No module named {spec.name!r} (TensorFlow is blocked in this session)",
-                                  name=spec.name)
-
-    def exec_module(self, module):  # pragma: no cover - create_module raised
-        raise ModuleNotFoundError(module.__name__)
-
-
-sys.meta_path.insert(0, _NoTensorFlow())
+import no_tensorflow  # noqa: E402, F401  (tests/no_tensorflow.py, beside this script: TensorFlow blocked)
 
 FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[8]",
          "--set", 'engine="keras"']

@@ -27,6 +27,8 @@ from transferkit.recipe import load_recipe
 from transferkit.strategies import KERAS_DISTRIBUTION_VARIABLES, SLURM_VARIABLES, check_data_parallel
 from transferkit.training.data_parallel import PartnerWatch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: tests.no_tensorflow
+
 # Two head epochs (an epoch to resume after), no fine stage: the smallest run with a resume.
 FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
          "--head-epochs", "2", "--fine-epochs", "0"]
@@ -224,6 +226,7 @@ def test_a_process_decodes_only_its_share_of_process_0s_split(shapes_dir):
 # --- the head's BatchNorm starts alike in every process ---------------------------------------
 
 CALIBRATION = """
+import tests.no_tensorflow  # nothing here needs TensorFlow: spared its start-up (seconds per process)
 import json, os
 import jax, keras, numpy as np
 from transferkit.data.batches import ImageBatches
@@ -261,7 +264,7 @@ def test_every_process_starts_the_heads_batchnorm_from_every_processs_images():
     JAX refused to restore weights that differed between the processes."""
     port = free_port()
     env = {**os.environ, "KERAS_BACKEND": "jax", "ADDRESS": f"127.0.0.1:{port}"}
-    processes = [subprocess.Popen([sys.executable, "-c", CALIBRATION], env={**env, "PROCESS": str(index)},
+    processes = [subprocess.Popen([sys.executable, "-c", CALIBRATION], env={**env, "PROCESS": str(index)}, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
     outputs = [process.communicate(timeout=300) for process in processes]
     for process, (_, err) in zip(processes, outputs, strict=True):
