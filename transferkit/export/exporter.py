@@ -42,6 +42,7 @@ from transferkit.export.formats import (
     require_packages,
     require_tensorflow_backend,
 )
+from transferkit.export.verify import SHARED_PROCESS, FreshChecks
 from transferkit.files import write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER
@@ -161,13 +162,14 @@ def export_run(
     model = float32_model(run.model)
     sample = sample_images(run, data, samples=samples, calibration=calibration if quantize == "int8" else 0)
     reference = predict(model, sample.images)
-    context = _Context(run, model, sample, reference, quantize, max_drop, allow_drop, force)
     fixed = None
     results = []
-    for spec, target in zip(specs, targets, strict=True):
-        if WRITERS[spec.name][2] == "fixed" and fixed is None:
-            fixed = fixed_size_model(model)
-        results.append(_export_one(context, spec, target, fixed if WRITERS[spec.name][2] == "fixed" else model))
+    with FreshChecks() as checks:  # the TensorFlow formats checked in one fresh process
+        context = _Context(run, model, sample, reference, quantize, max_drop, allow_drop, force, checks)
+        for spec, target in zip(specs, targets, strict=True):
+            if WRITERS[spec.name][2] == "fixed" and fixed is None:
+                fixed = fixed_size_model(model)
+            results.append(_export_one(context, spec, target, fixed if WRITERS[spec.name][2] == "fixed" else model))
     return results
 
 
@@ -180,7 +182,8 @@ class _Context:
     quantize: str
     max_drop: float
     allow_drop: bool
-    force: bool = False
+    force: bool
+    checks: FreshChecks
 
 
 def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
@@ -256,8 +259,6 @@ def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> E
     """Write one export into a staging folder, check it, describe it, then publish it."""
     import importlib
 
-    from transferkit.export.verify import run_fresh
-
     started = time.perf_counter()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +269,7 @@ def _export_one(context: _Context, spec: ExportFormat, target: Path, model) -> E
             file = staging / spec.filename
             writer = getattr(importlib.import_module(module), function)
             details = _write(writer, spec, model, file, context)
-            fresh = run_fresh(spec.name, file, context.sample.images)
+            fresh = context.checks.run(spec.name, file, context.sample.images)
             result = _compare(context, spec, target, fresh.outputs, _size(file))
             result.record = _record(context, spec, result, details, fresh.stats, time.perf_counter() - started)
             _check(context, result)
@@ -378,7 +379,9 @@ def _record(context: _Context, spec: ExportFormat, result: ExportResult, details
         "transferkit_version": __version__,
         "details": details,
         "verification": {
-            "process": "a fresh Python process that never imported transferkit",
+            "process": "a fresh Python process that never imported transferkit" + (
+                " (one for this export's TensorFlow formats: savedmodel, keras, h5)"
+                if spec.name in SHARED_PROCESS else ""),
             "runtime": spec.runtime,
             "reference": "the run's model.keras in Keras, computed in float32",
             "images": result.n_images,
