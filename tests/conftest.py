@@ -194,6 +194,13 @@ def binary_run(binary_dir, tmp_path_factory):
     return shared_run(tmp_path_factory, "binary-run", binary_dir)
 
 
+@pytest.fixture(scope="session")
+def bfloat16_run(binary_dir, tmp_path_factory):
+    """A tiny two-class run trained in mixed bfloat16 whatever the CPU ("auto" picks it only
+    on some)."""
+    return shared_run(tmp_path_factory, "bfloat16-run", binary_dir, {"precision": "bfloat16"})
+
+
 def shared_run(tmp_path_factory, name: str, data_dir: Path, overrides: dict | None = None):
     """A run trained once per session (by whichever worker needs it first) on ``data_dir``
     with TINY and ``overrides``, in a folder of its own: ``<shared>/NAME/run``."""

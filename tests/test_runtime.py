@@ -52,12 +52,9 @@ def test_policy_is_restored_after_building():
     assert keras.config.dtype_policy().name == before
 
 
-def test_run_records_its_precision_and_keeps_io_layers_float32(shapes_dir, tmp_path, tiny):
-    tiny["stages.1:.epochs"] = 0
-    tiny["precision"] = "bfloat16"
-    run = transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
-    assert json.loads((tmp_path / "run" / "labels.json").read_text())["precision"] == "mixed_bfloat16"
-    model = run.model
+def test_run_records_its_precision_and_keeps_io_layers_float32(bfloat16_run):
+    assert json.loads((bfloat16_run.path / "labels.json").read_text())["precision"] == "mixed_bfloat16"
+    model = bfloat16_run.model
     assert model.get_layer("backbone").get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
     assert model.get_layer("head").get_layer("output").dtype_policy.name == "float32"
     assert model.get_layer("preprocessing").get_layer("resize").dtype_policy.name == "float32"

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import transferkit
 from transferkit.errors import DataError, RunError
 from transferkit.inference.predict import predict_folder, write_predictions
 from transferkit.runs import load_run
@@ -235,16 +234,6 @@ def test_check_output_tries_the_folder_even_where_permissions_say_yes():
     # Root may write anywhere by the permission bits, yet no file can be made in /proc.
     with pytest.raises(DataError, match="cannot write in /proc"):
         check_output("/proc/x.csv")
-
-
-@pytest.fixture(scope="module")
-def bfloat16_run(binary_dir, tmp_path_factory):
-    """A run trained in mixed bfloat16 whatever the CPU (auto picks it only on some)."""
-    from tests.conftest import TINY
-
-    output = tmp_path_factory.mktemp("predict-runs") / "bf16"
-    transferkit.finetune(binary_dir, None, {**TINY, "precision": "bfloat16"}, output=output, verbose=0)
-    return load_run(output)
 
 
 def test_keras_engine_in_float32_runs_the_float32_clone(bfloat16_run, to_sort):
