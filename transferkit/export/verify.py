@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,9 +292,10 @@ class _JobProcess:
             self.process.stdin.flush()
         except OSError:
             pass  # it died: the reader says so below
+        deadline = time.monotonic() + timeout
         try:
             while True:
-                line = self._lines.get(timeout=timeout)
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
                 if line is None:
                     self.process.wait()
                     return self._last_error_line() or f"exit code {self.process.returncode}", True
