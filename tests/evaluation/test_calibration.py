@@ -49,3 +49,23 @@ def test_overconfident_model_gets_lower_ece_same_top_class_and_loads_without_tra
 def test_apply_temperature_rejects_non_positive(shapes_run):
     with pytest.raises(ValueError, match="positive"):
         apply_temperature(shapes_run.model, 0.0)
+
+
+def test_a_small_validation_split_is_run_eagerly_and_gives_what_the_traced_pass_gives(shapes_run, monkeypatch):
+    import keras
+
+    from transferkit.data.samples import generated_images
+    from transferkit.evaluation.calibration import EAGER_UP_TO
+
+    images = generated_images(EAGER_UP_TO + 6, shapes_run.image_size, np.random.default_rng(2))
+    traced = []
+    predict_on_batch = keras.Model.predict_on_batch
+    monkeypatch.setattr(keras.Model, "predict_on_batch",
+                        lambda self, x: traced.append(len(x)) or predict_on_batch(self, x))
+    many = logits_of(shapes_run.model, images)
+    assert sum(traced) == len(images)  # more than EAGER_UP_TO: through the traced function
+    traced.clear()
+    few = logits_of(shapes_run.model, images[:EAGER_UP_TO])
+    assert traced == []  # called eagerly: nothing traced
+    np.testing.assert_allclose(few, many[:EAGER_UP_TO], rtol=1e-5, atol=1e-5)
+    assert few.dtype == np.float64 and few.shape == (EAGER_UP_TO, 3)

@@ -27,6 +27,10 @@ HEAD = "head"
 OUTPUT = "output"
 # Temperatures are searched in [exp(-LOG_T_BOUND), exp(LOG_T_BOUND)], about 0.007 .. 150.
 LOG_T_BOUND = 5.0
+# Up to this many images the network is called eagerly: ``predict_on_batch`` first traces a
+# function of the whole network (a second for ResNet50 on two cores), which pays off only
+# over more batches than a small validation split has.
+EAGER_UP_TO = 64
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,9 @@ def output_layer(model):
 def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """The exact pre-activation outputs of the classifier's output layer, in float64.
 
-    The model is run up to the output Dense's input; x @ W + b is then computed in float64.
+    The model is run up to the output Dense's input (called eagerly for up to
+    ``EAGER_UP_TO`` images, else through ``predict_on_batch``); x @ W + b is then computed in
+    float64.
 
     Args:
         model: a transferkit classifier (image -> "preprocessing" -> "backbone" -> "head").
@@ -81,10 +87,12 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     before_output = keras.Model(head.input, dense.input)
     penultimate = keras.Model(inputs, before_output(features), name="penultimate")
     kernel, bias = (np.asarray(weight, dtype="float64") for weight in dense.get_weights())
+    eager = len(images) <= EAGER_UP_TO
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = np.asarray(images[start : start + batch_size], dtype="float32")
-        chunks.append(np.asarray(penultimate.predict_on_batch(batch), dtype="float64"))
+        outputs = penultimate(batch, training=False) if eager else penultimate.predict_on_batch(batch)
+        chunks.append(np.asarray(keras.ops.convert_to_numpy(outputs), dtype="float64"))
     x = np.concatenate(chunks) if chunks else np.zeros((0, kernel.shape[0]))
     return x @ kernel + bias
 
