@@ -13,7 +13,7 @@ import pytest
 import transferkit
 from tests.conftest import TINY
 from transferkit.data.synthetic import write_shapes_dataset
-from transferkit.evaluation.tta import fit_tta, judged_passes
+from transferkit.evaluation.tta import fit_tta, judged_passes, judged_variants
 from transferkit.inference.embedding import EmbeddingEngine, KerasEmbedding
 from transferkit.inference.openvino import claim_engine_cache, engine_cache_dir
 from transferkit.inference.passes import ENGINE_FROM
@@ -68,10 +68,17 @@ def test_a_small_split_stays_on_keras_called_eagerly_and_caches_nothing(shapes_r
     recipe = load_recipe(None, dict(TINY))
     prepared = split_of(24, 24)  # 24 x 5 + 24 + 24 = 168 image passes
     forward = after_training_forward(shapes_run.model, prepared, recipe, run_path=tmp_path / "run")
+    calls = []
+    predict = forward.engine.predict
+    forward.engine.predict = lambda batch: calls.append(len(batch)) or predict(batch)
     choice = fit_tta(shapes_run.model, prepared, recipe, forward=forward)
     fit_trust(shapes_run.model, prepared, recipe, forward=forward)
     assert choice["judged"] and isinstance(forward.engine, KerasEmbedding) and forward.image_passes < ENGINE_FROM
     assert forward.builds == 1 and forward.validation_passes == 1
+    # Called eagerly, it traces nothing: no padding, and each pass in one call, not one per
+    # batch of 8 (each call costs a walk over the layers in Python).
+    variants = len(judged_variants(recipe.model_dump(mode="json"))) - 1  # the plain pass is the shared one
+    assert recipe.batch_size == 8 and variants == 5 and sorted(calls) == [24, 24, 24 * variants]
     assert not engine_cache_dir(tmp_path / "run").exists()
     alone = fit_tta(shapes_run.model, prepared, recipe)  # the Keras model on every variant, identity included
     assert choice["kept"] == alone["kept"]

@@ -34,9 +34,15 @@ log = logging.getLogger("transferkit")
 # BatchNorm, converting and compiling for OpenVINO) costs seconds, which pays off only over a
 # few hundred images (benchmarks/after_training.py).
 ENGINE_FROM = 256
+# The Keras model called eagerly traces nothing, so its batches need no fixed size: it takes
+# the images in calls of up to this many pixels (times the variants; at least ``batch_size``
+# images), each call's Python overhead (a layer at a time: half a second for ResNet50) paid
+# once for many images rather than once per batch.
+EAGER_PIXELS = 2**21
 
 
-def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
+def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None,
+                    pad: bool = True) -> np.ndarray:
     """An engine's outputs over images, batch by batch, concatenated (float32).
 
     Every batch has ``batch_size`` rows (the last one padded with copies of its first
@@ -47,6 +53,7 @@ def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.n
         images: (n, S, S, 3) images (a memory-mapped array is read a batch at a time).
         batch_size: images per pass; default 32.
         rows: which images, in this order; default None (all).
+        pad: pad the last batch; default True (False: for an engine that traces nothing).
 
     Returns:
         The outputs, one row per image.
@@ -56,7 +63,8 @@ def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.n
     for start in range(0, count, batch_size):
         chosen = slice(start, start + batch_size) if rows is None else rows[start : start + batch_size]
         batch = np.asarray(images[chosen])
-        chunks.append(np.asarray(engine.predict(_padded(batch, batch_size)), dtype="float32")[: len(batch)])
+        batch_in = _padded(batch, batch_size) if pad else batch
+        chunks.append(np.asarray(engine.predict(batch_in), dtype="float32")[: len(batch)])
     return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype="float32")
 
 
@@ -77,7 +85,8 @@ class ForwardPasses:
             image counts once): an engine from ``ENGINE_FROM`` on, else Keras eagerly; default 0.
         engine: "auto", "keras" or "openvino" (``embedding_engine``); default "auto".
         precision: the engine's precision; default "auto".
-        batch_size: images per pass (times the variants in ``variant_outputs``); default 32.
+        batch_size: images per engine call (times the variants in ``variant_outputs``); the
+            eager Keras model takes more (``EAGER_PIXELS``); default 32.
         run_path: the run folder whose engine cache keeps the converted networks (claimed
             when the engine is built); default None (converted in memory, kept nowhere).
 
@@ -126,7 +135,7 @@ class ForwardPasses:
     def outputs(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, units + d) float32: the head's outputs, then the embedding, of images (or of
         their ``rows``, in that order)."""
-        return forward_outputs(self.engine, images, self.batch_size, rows)
+        return forward_outputs(self.engine, images, self._call_size(), rows, pad=not self._eager)
 
     def validation_outputs(self) -> np.ndarray:
         """``outputs`` of the validation images, computed on the first call only."""
@@ -142,7 +151,7 @@ class ForwardPasses:
         """The outputs of variants of the images, each batch's variants in one engine call.
 
         Args:
-            images: (n, S, S, 3) images, read ``batch_size`` at a time.
+            images: (n, S, S, 3) images, read a call's worth at a time.
             expand: a (B, S, S, 3) batch -> its ``variants`` variants stacked variant-major
                 (rows [v * B, (v + 1) * B) are variant v), as ``evaluation.tta.TTAEngine`` does.
             variants: how many variants ``expand`` makes.
@@ -151,14 +160,26 @@ class ForwardPasses:
             (variants, n, units + d) float32.
         """
         chunks = []
-        for start in range(0, len(images), self.batch_size):
-            batch = np.asarray(images[start : start + self.batch_size])
-            padded = _padded(batch, self.batch_size)
+        size = self._call_size(variants)
+        for start in range(0, len(images), size):
+            batch = np.asarray(images[start : start + size])
+            padded = batch if self._eager else _padded(batch, size)
             outputs = np.asarray(self.engine.predict(np.ascontiguousarray(expand(padded))), dtype="float32")
             chunks.append(outputs.reshape(variants, len(padded), -1)[:, : len(batch)])
         if not chunks:
             return np.zeros((variants, 0, self.units), dtype="float32")
         return np.concatenate(chunks, axis=1)
+
+    @property
+    def _eager(self) -> bool:
+        return isinstance(self.engine, KerasEmbedding)
+
+    def _call_size(self, variants: int = 1) -> int:
+        """Images per engine call: ``batch_size``, or for the eager Keras model as many as
+        ``EAGER_PIXELS`` allows (each with its variants), at least ``batch_size``."""
+        if not self._eager:
+            return self.batch_size
+        return max(self.batch_size, EAGER_PIXELS // (self.image_size * self.image_size * variants))
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """(..., k) float64 class probabilities from ``outputs`` (a sigmoid unit p as [1 - p, p])."""
