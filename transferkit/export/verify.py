@@ -229,8 +229,8 @@ class FreshChecks:
     def __enter__(self) -> FreshChecks:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)  # on an error or Ctrl-C, no wait for a check under way
 
     def run(self, format_name: str, file: Path, images: np.ndarray, batch_size: int = 32) -> FreshRun:
         """Check one file as ``run_fresh`` does (no benchmark), in the shared process where
@@ -260,10 +260,11 @@ class FreshChecks:
                 raise _failure(file, format_name, reason[:300])
             return _read_result(folder, file)
 
-    def close(self) -> None:
-        """End the shared processes (each finishes its last check first)."""
+    def close(self, kill: bool = False) -> None:
+        """End the shared processes: each finishes the check under way first (up to 30 s),
+        unless ``kill``."""
         while self._shared:
-            self._shared.popitem()[1].close()
+            self._shared.popitem()[1].close(kill=kill)
 
 
 class _JobProcess:
