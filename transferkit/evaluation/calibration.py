@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from transferkit.inference.passes import EAGER_PIXELS
 from transferkit.outputs import is_binary
 
 log = logging.getLogger("transferkit")
@@ -67,8 +68,8 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """The exact pre-activation outputs of the classifier's output layer, in float64.
 
     The model is run up to the output Dense's input (called eagerly for up to
-    ``EAGER_UP_TO`` images, else through ``predict_on_batch``); x @ W + b is then computed in
-    float64.
+    ``EAGER_UP_TO`` images, in calls of up to ``inference.passes.EAGER_PIXELS`` pixels, else
+    through ``predict_on_batch`` a batch at a time); x @ W + b is then computed in float64.
 
     Args:
         model: a transferkit classifier (image -> "preprocessing" -> "backbone" -> "head").
@@ -88,6 +89,8 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     penultimate = keras.Model(inputs, before_output(features), name="penultimate")
     kernel, bias = (np.asarray(weight, dtype="float64") for weight in dense.get_weights())
     eager = len(images) <= EAGER_UP_TO
+    if eager:  # nothing traced: as many images a call as the work after training takes
+        batch_size = max(batch_size, EAGER_PIXELS // (int(images.shape[1]) * int(images.shape[2])))
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = np.asarray(images[start : start + batch_size], dtype="float32")

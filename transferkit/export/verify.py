@@ -172,6 +172,10 @@ def _failure(file: Path, format_name: str, reason: str) -> ExportError:
     return ExportError(f"{file} does not load and run in a fresh {format_name} process: {reason}")
 
 
+def _timed_out(file: Path, timeout: float) -> ExportError:
+    return ExportError(f"loading {file} with its runtime took over {timeout:.0f} s; the check was stopped")
+
+
 def run_fresh(format_name: str, file: Path, images: np.ndarray, batch_size: int = 32,
               benchmark_seconds: float | None = None, timeout: float = 600) -> FreshRun:
     """Load a written file with its own runtime in a new process and predict ``images``.
@@ -199,8 +203,7 @@ def run_fresh(format_name: str, file: Path, images: np.ndarray, batch_size: int 
             result = subprocess.run([sys.executable, "-c", STANDALONE, str(job)], cwd=folder,
                                     capture_output=True, text=True, timeout=timeout, env=_environment())
         except subprocess.TimeoutExpired as error:
-            raise ExportError(f"loading {file} with its runtime took over {timeout:.0f} s; "
-                              "the check was stopped") from error
+            raise _timed_out(file, timeout) from error
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             raise _failure(file, format_name, lines[-1][:300] if lines else f"exit code {result.returncode}")
@@ -255,8 +258,7 @@ class FreshChecks:
                 if ended:  # it died or took too long: the next check starts another
                     self._shared.pop(family).close(kill=True)
                 if reason is None:
-                    raise ExportError(f"loading {file} with its runtime took over {self.timeout:.0f} s; "
-                                      "the check was stopped")
+                    raise _timed_out(file, self.timeout)
                 raise _failure(file, format_name, reason[:300])
             return _read_result(folder, file)
 
