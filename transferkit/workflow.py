@@ -332,13 +332,13 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics.update(strategy=distribution.as_dict(), **result.records())
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
-                                      batch_size=recipe.batch_size)
+                                      batch_size=recipe.batch_size, dense_inputs=result.val_dense_inputs)
         if verbose:
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
     if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration on one engine
-        forward = after_training_forward(model, prepared, recipe, run_path=out.path)
+        forward = after_training_forward(model, prepared, recipe, out.path, result.validation)
         trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose, forward)
         trained.trust = fit_trust(model, prepared, recipe, verbose, forward)
         _write_run(out, trained, recipe, prepared)

@@ -69,3 +69,26 @@ def test_a_small_validation_split_is_run_eagerly_and_gives_what_the_traced_pass_
     assert traced == []  # called eagerly: nothing traced
     np.testing.assert_allclose(few, many[:EAGER_UP_TO], rtol=1e-5, atol=1e-5)
     assert few.dtype == np.float64 and few.shape == (EAGER_UP_TO, 3)
+
+
+def test_dense_inputs_known_beforehand_give_the_temperature_a_pass_gives(shapes_run, shapes_dir):
+    import keras
+
+    from transferkit.model.surgery import readout_at
+
+    index = index_folder(shapes_dir)
+    images, _, _ = decode_images(list(index.paths), shapes_run.image_size)
+    copies = []
+    for _ in range(2):
+        model = keras.models.clone_model(shapes_run.model)
+        model.set_weights(shapes_run.model.get_weights())
+        kernel, bias = output_layer(model).get_weights()
+        output_layer(model).set_weights([kernel * 10, bias * 10])  # something to calibrate
+        copies.append(model)
+    _, dense_inputs, _ = readout_at(copies[0]).predict(images, verbose=0)
+    known = calibrate(copies[0], images[:0], index.labels, 3, dense_inputs=dense_inputs)  # no image is read
+    passed = calibrate(copies[1], images, index.labels, 3)
+    assert known.temperature == pytest.approx(passed.temperature, rel=1e-4) and known.temperature > 1
+    assert known.n_images == passed.n_images == len(images)
+    np.testing.assert_allclose(output_layer(copies[0]).get_weights()[0], output_layer(copies[1]).get_weights()[0],
+                               rtol=1e-4)

@@ -15,7 +15,7 @@ from tests.conftest import TINY
 from transferkit.data.synthetic import write_shapes_dataset
 from transferkit.evaluation.tta import fit_tta, judged_passes, judged_variants
 from transferkit.inference.embedding import EmbeddingEngine, KerasEmbedding
-from transferkit.inference.openvino import claim_engine_cache, engine_cache_dir
+from transferkit.inference.openvino import claim_engine_cache, engine_cache_dir, precision_hint
 from transferkit.inference.passes import ENGINE_FROM
 from transferkit.inference.predict import engine_for
 from transferkit.inference.uncertainty import load_rejection
@@ -85,12 +85,50 @@ def test_a_small_split_stays_on_keras_called_eagerly_and_caches_nothing(shapes_r
     assert choice["log_loss"] == pytest.approx(alone["log_loss"], abs=1e-5)
 
 
-def test_finetune_leaves_its_networks_for_the_first_predict_reject(tmp_path, caplog):
+def test_the_last_cached_stages_readout_stands_for_the_validation_pass_only_where_both_are_float32(shapes_run):
+    from dataclasses import replace
+
+    from transferkit.model.surgery import readout_at
+    from transferkit.training.stages import ValidationReadout
+    from transferkit.trust.record import known_validation
+
+    recipe = load_recipe(None, {**TINY, "precision": "float32"})
+    prepared = split_of(24, 24)
+    readout = ValidationReadout(*readout_at(shapes_run.model).predict(prepared.val_images, verbose=0), int8=False)
+    known = after_training_forward(shapes_run.model, prepared, recipe, readout=readout)
+    plain = after_training_forward(shapes_run.model, prepared, recipe)
+    np.testing.assert_allclose(known.validation_outputs(), plain.validation_outputs(), rtol=1e-5, atol=1e-5)
+    assert known.validation_passes == 0 and plain.validation_passes == 1
+    assert known.image_passes == plain.image_passes - 24
+    known_tta, plain_tta = (fit_tta(shapes_run.model, prepared, recipe, forward=forward) for forward in (known, plain))
+    assert known_tta["kept"] == plain_tta["kept"]
+    assert known_tta["plain_log_loss"] == pytest.approx(plain_tta["plain_log_loss"], abs=1e-5)
+    # Features an int8 network computed, or an engine in 16 bits: the pass runs, so that every
+    # variant the TTA choice compares with "identity" comes from one engine.
+    assert known_validation(shapes_run.model, recipe, replace(readout, int8=True)) is None
+    bfloat16 = recipe.model_copy(update={"precision": "bfloat16"})
+    assert known_validation(shapes_run.model, bfloat16, readout) is None
+    assert known_validation(shapes_run.model, recipe, None) is None
+
+
+def test_finetune_leaves_its_networks_for_the_first_predict_reject(tmp_path, caplog, monkeypatch):
     pytest.importorskip("openvino")
+    from transferkit.evaluation import calibration
+
+    calibration_passes = []
+    logits_of = calibration.logits_of
+    monkeypatch.setattr(calibration, "logits_of", lambda *args, **kwargs: calibration_passes.append(1) or logits_of(
+        *args, **kwargs))
     data = write_shapes_dataset(tmp_path / "data", 3, 40, size=40, seed=4)
-    # 36 validation images: 36 x 5 variants + 36 + 84 training images = 300 image passes.
-    run = transferkit.finetune(data, None, {**TINY, "data.val_split": 0.3, "engine": "openvino"},
-                               output=tmp_path / "run", verbose=0)
+    # 36 validation images: 36 x 5 variants + 36 + 84 training images = 300 image passes; in
+    # float32 the last stage's readout of its cached features stands for the 36 plain ones.
+    with caplog.at_level(logging.DEBUG, logger="transferkit"):
+        run = transferkit.finetune(data, None, {**TINY, "data.val_split": 0.3, "engine": "openvino"},
+                                   output=tmp_path / "run", verbose=0)
+    passes = 300 - (36 if precision_hint("auto") == "f32" else 0)
+    assert f"the work after training: {passes} image passes on <EmbeddingEngine" in caplog.text
+    assert calibration_passes == []  # its logits too came from the last stage's readout
+    caplog.clear()
     assert run.metrics["tta"]["judged"] and run.rejection["n_validation"] == 36
     cache = engine_cache_dir(run.path)
     assert (cache / "openvino-32px" / "body.xml").is_file() and (cache / "compiled").is_dir()

@@ -176,17 +176,29 @@ def test_augmented_stage_stores_at_most_one_view_per_epoch(caplog):
     assert "stage 1/1" in caplog.text and "on cached features" not in caplog.text
 
 
-def test_final_validation_outputs_from_the_cache_equal_the_models():
+@pytest.mark.parametrize("unfreeze", [0, 1])  # the head alone on backbone maps; block5 and the head
+def test_final_validation_readout_from_the_cache_equals_the_models(unfreeze):
+    from transferkit.evaluation.calibration import logits_from, logits_of
+    from transferkit.model.surgery import readout_at
+
     model = build("vgg16", seed=3)
     labels = np.arange(24) % 3
     train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=1)
     val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 4)
-    result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
-                        StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True)))
+    result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2 - unfreeze, unfreeze=unfreeze)], train, val,
+                        3, StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True)))
+    outputs, dense_inputs, embeddings = readout_at(model).predict(val, verbose=0)
     np.testing.assert_allclose(result.val_outputs, model.predict(val, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.validation.outputs, outputs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.validation.dense_inputs, dense_inputs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(result.validation.embeddings, embeddings, rtol=1e-4, atol=1e-4)
+    assert embeddings.shape == (9, 512) and not result.validation.int8
+    # Calibration's logits from them are the ones a pass of the model gives.
+    np.testing.assert_allclose(logits_from(model, result.val_dense_inputs), logits_of(model, val.images),
+                               rtol=1e-4, atol=1e-4)
     result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
                         StageOptions(verbose=0, seed=1, cache=None))
-    assert result.val_outputs is None  # an uncached last stage leaves the model to predict
+    assert result.val_outputs is None and result.validation is None  # an uncached last stage: the model runs
 
 
 def test_feature_batches_rotate_over_the_stage_views_only():

@@ -81,13 +81,10 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """
     import keras
 
-    head = model.get_layer(HEAD)
-    dense = output_layer(model)
-    inputs = keras.Input(shape=tuple(model.input_shape[1:]), name="image")
-    features = model.get_layer("backbone")(model.get_layer("preprocessing")(inputs))
-    before_output = keras.Model(head.input, dense.input)
-    penultimate = keras.Model(inputs, before_output(features), name="penultimate")
-    kernel, bias = (np.asarray(weight, dtype="float64") for weight in dense.get_weights())
+    from transferkit.model.surgery import readout_at
+
+    readout = readout_at(model)
+    penultimate = keras.Model(readout.input, readout.outputs[1], name="penultimate")
     eager = len(images) <= EAGER_UP_TO
     if eager:  # nothing traced: as many images a call as the work after training takes
         batch_size = max(batch_size, EAGER_PIXELS // (int(images.shape[1]) * int(images.shape[2])))
@@ -96,8 +93,15 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         batch = np.asarray(images[start : start + batch_size], dtype="float32")
         outputs = penultimate(batch, training=False) if eager else penultimate.predict_on_batch(batch)
         chunks.append(np.asarray(keras.ops.convert_to_numpy(outputs), dtype="float64"))
-    x = np.concatenate(chunks) if chunks else np.zeros((0, kernel.shape[0]))
-    return x @ kernel + bias
+    return logits_from(model, np.concatenate(chunks) if chunks else np.zeros((0, penultimate.output.shape[-1])))
+
+
+def logits_from(model, dense_inputs: np.ndarray) -> np.ndarray:
+    """(n, units) float64 logits from the output Dense's inputs (``logits_of``'s, or the
+    readout of the last stage on cached features, ``training.stages.ValidationReadout``):
+    x @ W + b computed in float64."""
+    kernel, bias = (np.asarray(weight, dtype="float64") for weight in output_layer(model).get_weights())
+    return np.asarray(dense_inputs, dtype="float64") @ kernel + bias
 
 
 def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -174,7 +178,7 @@ def apply_temperature(model, temperature: float):
 
 
 def calibrate(model, val_images: np.ndarray, val_labels: np.ndarray, n_classes: int,
-              batch_size: int = 32) -> Calibration:
+              batch_size: int = 32, dense_inputs: np.ndarray | None = None) -> Calibration:
     """Fit a temperature on validation images and fold it into the model (in place).
 
     The fitted T is kept only when it does not raise the validation ECE (it always lowers
@@ -187,6 +191,9 @@ def calibrate(model, val_images: np.ndarray, val_labels: np.ndarray, n_classes: 
         val_labels: their class indices.
         n_classes: the number of classes.
         batch_size: images per forward pass; default 32.
+        dense_inputs: the output Dense's inputs on the validation images when already known
+            (the last stage's readout on cached features: no pass over the images); default
+            None (``logits_of`` runs the model).
 
     Returns:
         A ``Calibration`` with the temperatures and ECE / log loss before and after.
@@ -194,7 +201,7 @@ def calibrate(model, val_images: np.ndarray, val_labels: np.ndarray, n_classes: 
     from transferkit.evaluation.metrics import expected_calibration_error
 
     labels = np.asarray(val_labels, dtype="int64")
-    logits = logits_of(model, val_images, batch_size)
+    logits = logits_of(model, val_images, batch_size) if dense_inputs is None else logits_from(model, dense_inputs)
     fitted = fit_temperature(logits, labels, n_classes)
     ece_before, _ = expected_calibration_error(labels, probabilities_from_logits(logits))
     ece_fitted, _ = expected_calibration_error(labels, probabilities_from_logits(logits, fitted))

@@ -89,24 +89,28 @@ class ForwardPasses:
             eager Keras model takes more (``EAGER_PIXELS``); default 32.
         run_path: the run folder whose engine cache keeps the converted networks (claimed
             when the engine is built); default None (converted in memory, kept nowhere).
+        known_validation: the validation images' ``outputs``, already computed as this
+            engine computes them (in float32: from the last stage's cached features,
+            ``trust.record.after_training_forward``); default None (one pass computes them).
 
     Attributes:
         units: how many output columns are the head's (1 for a sigmoid unit); the backbone
             embedding follows.
         builds: how many engines were built (at most one).
-        validation_passes: how many times the validation images went through it (at most one).
+        validation_passes: how many times the validation images went through it (at most
+            one; none when they were known).
     """
 
     def __init__(self, model, image_size: int, *, validation: np.ndarray | None = None, image_passes: int = 0,
                  engine: str = "auto", precision: str = "auto", batch_size: int = 32,
-                 run_path: str | os.PathLike | None = None):
+                 run_path: str | os.PathLike | None = None, known_validation: np.ndarray | None = None):
         self.model, self.image_size, self.validation = model, image_size, validation
         self.image_passes, self.engine_choice, self.precision = image_passes, engine, precision
         self.batch_size, self.run_path = batch_size, run_path
         self.units = int(model.output_shape[-1])
         self.builds = self.validation_passes = 0
         self._engine = None
-        self._validation_outputs: np.ndarray | None = None
+        self._validation_outputs = None if known_validation is None else np.asarray(known_validation, "float32")
 
     @property
     def engine(self):

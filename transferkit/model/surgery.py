@@ -1,10 +1,12 @@
 """Model surgery on a classifier: walking its layers, what trains in a stage, where the frozen
 part ends, the two models cut at that boundary (the frozen extractor and the trainable top),
-and a digest of the weights below it (what says two runs' frozen parts compute the same).
+a digest of the weights below it (what says two runs' frozen parts compute the same), and
+the readout of a classifier or its top part (outputs, the output layer's inputs, the embedding).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import keras
@@ -52,6 +54,34 @@ def trainable_at(model, spec: BackboneSpec, first_open: int) -> tuple[object, st
     top = keras.Model(boundary, backbone.output, name="open_part")
     features = keras.Input(shape=tuple(boundary.shape[1:]), name="features")
     return keras.Model(features, head(top(features)), name="trainable_part"), producing_layer(boundary).name
+
+
+def readout_at(part):
+    """A model of a classifier, or of its top part (``trainable_at``), with three outputs: the
+    class outputs, the inputs of the head's output Dense (what calibration's logits are computed
+    from, ``evaluation.calibration``) and the backbone's feature maps averaged over their
+    positions (the embedding the rejection scores read, as ``inference.embedding.pooled``
+    computes it), sharing the part's layers and weights.
+
+    Args:
+        part: a chain of layers ending in the classifier's "head": the classifier (image ->
+            preprocessing -> backbone -> head) or a ``trainable_at`` part (features -> [open
+            part] -> head).
+
+    Returns:
+        A ``keras.Model`` from the part's input to [outputs, Dense inputs, embedding].
+    """
+    head = part.get_layer("head")
+    inner = keras.Model(head.input, [head.output, head.get_layer("output").input], name="head_readout")
+    inputs = keras.Input(shape=tuple(part.input_shape[1:]), name=part.layers[0].name)
+    maps = inputs
+    for layer in part.layers[1:-1]:  # what feeds the head: the backbone's maps
+        maps = layer(maps)
+    outputs, dense_inputs = inner(maps)
+    as_float32 = keras.ops.cast(maps, "float32")
+    embedding = keras.ops.mean(as_float32, axis=(1, 2)) if len(maps.shape) == 4 else keras.ops.reshape(
+        as_float32, (-1, math.prod(maps.shape[1:])))
+    return keras.Model(inputs, [outputs, dense_inputs, embedding], name="readout")
 
 
 def extractor_at(model, spec: BackboneSpec, first_open: Sequence[int]):

@@ -148,7 +148,7 @@ def reseed_dropout(model, seed: int, epoch: int) -> None:
             reseed(generator, int(state) % (2**31))
 
 
-def predict_eagerly(model, batches) -> np.ndarray:
+def predict_eagerly(model, batches) -> np.ndarray | list[np.ndarray]:
     """The model's inference outputs over unshuffled batches, run eagerly: for a small model
     this is faster than ``predict``, which first traces a function. Cached features are
     read in large chunks (fewer calls) instead of batch by batch.
@@ -158,8 +158,11 @@ def predict_eagerly(model, batches) -> np.ndarray:
         batches: ``FeatureBatches`` (read with ``in_order``) or any unshuffled batches.
 
     Returns:
-        float32 outputs, one row per sample, in order.
+        float32 outputs, one row per sample, in order; for a model of several outputs, a
+        list of them.
     """
     chunks = batches.in_order() if hasattr(batches, "in_order") else (batches[i][0] for i in range(len(batches)))
-    outputs = [keras.ops.convert_to_numpy(model(chunk, training=False)) for chunk in chunks]
-    return np.concatenate(outputs).astype("float32")
+    calls = [keras.tree.map_structure(keras.ops.convert_to_numpy, model(chunk, training=False)) for chunk in chunks]
+    if calls and isinstance(calls[0], (list, tuple)):
+        return [np.concatenate([call[place] for call in calls]).astype("float32") for place in range(len(calls[0]))]
+    return np.concatenate(calls).astype("float32")

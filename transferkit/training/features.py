@@ -614,6 +614,11 @@ class FeaturePlan:
         for key in list(self._stores):
             self._release(key)
 
+    def computed_in_int8(self, index: int) -> bool:
+        """Whether an int8 network computed the features stage ``index`` trains on."""
+        stores = self._stores.get(self._key(index))
+        return stores is not None and any(store.int8 is not None for store in stores)
+
     def int8_sample(self, index: int, count: int) -> PairedFeatures | None:
         """Stage ``index``'s features of up to ``count`` validation images (seeded), as the int8
         network computed them and as its float32 network computes them now: what

@@ -52,7 +52,7 @@ from transferkit.data.batches import ImageBatches, process_share, to_tf_dataset
 from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
-from transferkit.model.surgery import compute_dtype, set_trainable, synchronize_batchnorm
+from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.strategies import Distribution
 from transferkit.training.budget import TimeBudget
@@ -146,6 +146,25 @@ class StageTiming:
     cached: bool
 
 
+@dataclass(frozen=True)
+class ValidationReadout:
+    """The final model's readout (``model.surgery.readout_at``) of the validation images, from
+    the last stage's cached features (the frozen part cannot have changed): what the work after
+    training would otherwise run the whole network over those images for.
+
+    Attributes:
+        outputs: (n, units) class outputs (the validation metrics').
+        dense_inputs: (n, d) inputs of the head's output Dense (calibration's logits).
+        embeddings: (n, e) backbone embeddings (the rejection fit's and the TTA choice's).
+        int8: whether an int8 network computed the features (kept by the head-loss guard).
+    """
+
+    outputs: np.ndarray
+    dense_inputs: np.ndarray
+    embeddings: np.ndarray
+    int8: bool
+
+
 @dataclass
 class StagesResult:
     """What ``run_stages`` returns.
@@ -156,9 +175,9 @@ class StagesResult:
         timings: one ``StageTiming`` per stage run (in this process).
         budget: with a time budget, its plan and what came of it (``TimeBudget.record``);
             else None.
-        val_outputs: when the last stage trained on cached features, the final model's
-            outputs on the validation set, computed from the cached features (the frozen
-            part cannot have changed); else None (predict with the model).
+        validation: when the last stage trained on cached features (int8 ones kept by the
+            guard), the final model's ``ValidationReadout`` of the validation images; else
+            None (the model runs over them).
         int8_guard: where a stage trained on int8 features, how the head's validation loss
             on them compared with float32's (``training.int8_guard``); else None.
     """
@@ -166,8 +185,18 @@ class StagesResult:
     history: list[dict] = field(default_factory=list)
     timings: list[StageTiming] = field(default_factory=list)
     budget: dict | None = None
-    val_outputs: np.ndarray | None = None
+    validation: ValidationReadout | None = None
     int8_guard: HeadLossCheck | None = None
+
+    @property
+    def val_outputs(self) -> np.ndarray | None:
+        """The validation readout's class outputs, or None."""
+        return None if self.validation is None else self.validation.outputs
+
+    @property
+    def val_dense_inputs(self) -> np.ndarray | None:
+        """The validation readout's output-Dense inputs (calibration's logits), or None."""
+        return None if self.validation is None else self.validation.dense_inputs
 
     def records(self) -> dict:
         """What metrics.json records of the stages: "stages", one timing each, with a time
@@ -222,7 +251,7 @@ def run_stages(
         for index in range(len(run.stages)):
             if index < first or not run.trains(index):
                 continue
-            timing, result.val_outputs = _train_stage(run, index)
+            timing, result.validation = _train_stage(run, index)
             result.timings.append(timing)
             run.stage_done(index)
             _checkpoint_between_stages(run, index)
@@ -424,11 +453,11 @@ class _Start:
         return self.stopping is not None and self.initial_epoch > 0 and self.stopping.wait >= patience
 
 
-def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, np.ndarray | None]:
+def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, ValidationReadout | None]:
     """One stage: begin it (freeze -> cache -> recompile) -> (resume) -> fit.
 
     Returns:
-        (its timing, the validation outputs from the cache, or None).
+        (its timing, the validation readout from the cache, or None).
     """
     stage = run.stages[index]
     started = time.perf_counter()
@@ -440,12 +469,15 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, np.ndarray | 
     _fit(run, index, begun, start)
     run.stop_if_requested()
     kept = _guard_int8_features(run, index, begun) if begun.cached else True
-    val_outputs = predict_eagerly(begun.model, begun.val) if begun.cached and kept else None
+    readout = None
+    if begun.cached and kept:
+        outputs, dense_inputs, embeddings = predict_eagerly(readout_at(begun.model), begun.val)
+        readout = ValidationReadout(outputs, dense_inputs, embeddings, int8=run.plan.computed_in_int8(index))
     timing = StageTiming(stage=stage.name, epochs=len(run.rows) - run.global_epoch,
                          seconds=time.perf_counter() - started, caching_seconds=begun.caching_seconds,
                          cached=begun.cached)
     run.global_epoch = len(run.rows)
-    return timing, val_outputs
+    return timing, readout
 
 
 def _guard_record(run: StagesRun) -> dict | None:

@@ -14,10 +14,16 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
+from transferkit.evaluation.calibration import logits_from, probabilities_from_logits
 from transferkit.evaluation.tta import judged_passes
+from transferkit.inference.openvino import precision_hint
 from transferkit.inference.passes import ForwardPasses
 from transferkit.inference.uncertainty import write_reference
+from transferkit.model.surgery import compute_dtype
 from transferkit.recipe import Recipe
+from transferkit.training.stages import ValidationReadout
 from transferkit.trust.conformal import fit_prediction_sets
 from transferkit.trust.rejection import RejectionFit, fit_rejection, image_passes
 
@@ -46,8 +52,8 @@ class TrustRecord:
             write_reference(folder, self.rejection.reference)
 
 
-def after_training_forward(model, prepared, recipe: Recipe,
-                           run_path: str | os.PathLike | None = None) -> ForwardPasses:
+def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.PathLike | None = None,
+                           readout: ValidationReadout | None = None) -> ForwardPasses:
     """The one forward engine of the work after training, shared by ``evaluation.tta.fit_tta``
     and ``fit_trust`` (built on first use: an engine when their image passes together reach
     ``inference.passes.ENGINE_FROM``).
@@ -58,14 +64,34 @@ def after_training_forward(model, prepared, recipe: Recipe,
         recipe: the run's recipe (image size, batch size, engine, precision, tta, reject).
         run_path: the run folder being written: the converted networks go to its engine
             cache, where its first ``predict`` finds them; default None (kept nowhere).
+        readout: the last stage's ``training.stages.ValidationReadout`` (from cached
+            features), or None. Where the features and the engine are both float32
+            (``known_validation``), it stands for the validation images' plain pass; in 16
+            bits or int8 the pass runs, so that the TTA choice compares every variant with
+            "identity" computed by one engine.
 
     Returns:
         A ``ForwardPasses`` over the validation images.
     """
-    return ForwardPasses(model, recipe.image_size, validation=prepared.val_images,
-                         image_passes=_trust_passes(prepared, recipe),
+    known = known_validation(model, recipe, readout)
+    passes = _trust_passes(prepared, recipe) - (len(prepared.val_images) if known is not None else 0)
+    return ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
                          engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
-                         run_path=run_path)
+                         run_path=run_path, known_validation=known)
+
+
+def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -> np.ndarray | None:
+    """The validation images' ``ForwardPasses.outputs`` (the calibrated model's outputs, then
+    the embedding) from the last stage's readout, where both sides compute in float32: the
+    features not int8, the model float32, the engine's precision hint f32. Else None."""
+    if readout is None or readout.int8:
+        return None
+    if compute_dtype(model) != "float32" or precision_hint(recipe.precision) != "f32":
+        return None
+    logits = logits_from(model, readout.dense_inputs)  # the calibrated output layer's
+    probabilities = probabilities_from_logits(logits)
+    outputs = probabilities[:, 1:] if logits.shape[1] == 1 else probabilities
+    return np.concatenate([outputs, readout.embeddings], axis=1).astype("float32")
 
 
 def after_training_passes(prepared, recipe: Recipe, with_trust: bool = True) -> int:
