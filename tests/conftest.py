@@ -13,6 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The repository (what subprocesses put on PYTHONPATH or run in, to import ``tests.*`` helpers).
+ROOT = Path(__file__).resolve().parent.parent
+
 # TRANSFERKIT_TEST_CPU=avx2 runs the suite as on a CPU without AVX-512, AMX or bfloat16 (the
 # AMD EPYC Zen 3 machines): TensorFlow without its oneDNN kernels (it enables them only on
 # CPUs with AVX512-VNNI/BF16 or AMX) and transferkit reading no fast-bfloat16 flag

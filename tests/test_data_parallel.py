@@ -20,14 +20,13 @@ import numpy as np
 import pytest
 
 import transferkit
+from tests.conftest import ROOT
 from transferkit.data.batches import ImageBatches, process_share
 from transferkit.data.prepare import prepare_data, prepare_share
 from transferkit.errors import DataError, StrategyError
 from transferkit.recipe import load_recipe
 from transferkit.strategies import KERAS_DISTRIBUTION_VARIABLES, SLURM_VARIABLES, check_data_parallel
 from transferkit.training.data_parallel import PartnerWatch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: tests.no_tensorflow
 
 # Two head epochs (an epoch to resume after), no fine stage: the smallest run with a resume.
 FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",

@@ -27,12 +27,11 @@ import pytest
 
 import transferkit
 from tests import forked
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 from tests.reliability.test_live_runs import TINY_FLAGS
 from transferkit.files import FAULT_VARIABLE
 from transferkit.locks import OWNER_FILE, STAGING, work_dir_for
 
-ROOT = Path(__file__).resolve().parents[2]
 # One epoch per stage: the recipe of conftest's TINY, and of the session's shapes_run, the
 # uninterrupted run a killed and resumed one must end as (finetune also has --head-epochs and
 # --fine-epochs; tune has not).

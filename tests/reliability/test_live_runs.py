@@ -22,11 +22,10 @@ import pytest
 
 import transferkit
 from tests import forked
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 from transferkit.errors import RunError
 from transferkit.locks import OWNER_FILE, work_dir_for
 
-ROOT = Path(__file__).resolve().parents[2]
 # The tiny recipe on the command line: VGG16 without weights at 32 px, one small dense layer.
 TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]"]
 

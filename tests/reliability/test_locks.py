@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from transferkit import files, locks
 from transferkit.errors import RunError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def holder(folder: Path, kind: str = "run", then: str = "time.sleep(120)") -> subprocess.Popen:

@@ -28,9 +28,9 @@ import pytest
 from PIL import Image
 
 from tests import forked
+from tests.conftest import ROOT
 from transferkit.inference.predict import predict_folder
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT_MB = 1  # the server's --max-upload-mb here, so that "too large" is cheap to send
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

@@ -128,6 +128,7 @@ class KerasEmbedding(ForwardEngine):
     """
 
     name = "keras"
+    fixed_batches = False  # called eagerly: nothing is traced
 
     def __init__(self, model):
         import keras

@@ -57,9 +57,16 @@ log = logging.getLogger("transferkit")
 
 
 class ForwardEngine:
-    """Runs a model's forward pass on batches; ``name`` says which runtime."""
+    """Runs a model's forward pass on batches; ``name`` says which runtime.
+
+    Attributes:
+        fixed_batches: whether a batch of another size costs it a new trace or compile, so
+            that callers pad the last batch to the size of the others (False: an engine that
+            traces nothing, which takes any batch as it comes and as large as they like).
+    """
 
     name = ""
+    fixed_batches = True
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Outputs of the model for a batch of shape (B, S, S, 3) (or the model's input

@@ -1,6 +1,7 @@
 """The forward passes of the work after training: ONE engine of the trained, calibrated
 classifier, shared by the TTA choice (``evaluation.tta.fit_tta``) and the rejection fit
-(``trust.rejection.fit_rejection``), the validation images' plain pass computed once for both.
+(``trust.rejection.fit_rejection``), the validation images' plain pass computed once for both
+(or none: in float32, the last stage's readout of its cached features stands for it).
 
     forward = ForwardPasses(model, 64, validation=prepared.val_images, image_passes=3000,
                             run_path=output)
@@ -41,19 +42,18 @@ ENGINE_FROM = 256
 EAGER_PIXELS = 2**21
 
 
-def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None,
-                    pad: bool = True) -> np.ndarray:
+def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
     """An engine's outputs over images, batch by batch, concatenated (float32).
 
-    Every batch has ``batch_size`` rows (the last one padded with copies of its first
-    image, whose outputs are dropped): a Keras engine then traces its function once.
+    For an engine with ``fixed_batches``, every batch has ``batch_size`` rows (the last one
+    padded with copies of its first image, whose outputs are dropped): a Keras engine then
+    traces its function once.
 
     Args:
         engine: a ``ForwardEngine``.
         images: (n, S, S, 3) images (a memory-mapped array is read a batch at a time).
         batch_size: images per pass; default 32.
         rows: which images, in this order; default None (all).
-        pad: pad the last batch; default True (False: for an engine that traces nothing).
 
     Returns:
         The outputs, one row per image.
@@ -63,7 +63,7 @@ def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.n
     for start in range(0, count, batch_size):
         chosen = slice(start, start + batch_size) if rows is None else rows[start : start + batch_size]
         batch = np.asarray(images[chosen])
-        batch_in = _padded(batch, batch_size) if pad else batch
+        batch_in = _padded(batch, batch_size) if engine.fixed_batches else batch
         chunks.append(np.asarray(engine.predict(batch_in), dtype="float32")[: len(batch)])
     return np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype="float32")
 
@@ -139,7 +139,7 @@ class ForwardPasses:
     def outputs(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, units + d) float32: the head's outputs, then the embedding, of images (or of
         their ``rows``, in that order)."""
-        return forward_outputs(self.engine, images, self._call_size(), rows, pad=not self._eager)
+        return forward_outputs(self.engine, images, self._call_size(), rows)
 
     def validation_outputs(self) -> np.ndarray:
         """``outputs`` of the validation images, computed on the first call only."""
@@ -167,21 +167,18 @@ class ForwardPasses:
         size = self._call_size(variants)
         for start in range(0, len(images), size):
             batch = np.asarray(images[start : start + size])
-            padded = batch if self._eager else _padded(batch, size)
+            padded = _padded(batch, size) if self.engine.fixed_batches else batch
             outputs = np.asarray(self.engine.predict(np.ascontiguousarray(expand(padded))), dtype="float32")
             chunks.append(outputs.reshape(variants, len(padded), -1)[:, : len(batch)])
         if not chunks:
             return np.zeros((variants, 0, self.units), dtype="float32")
         return np.concatenate(chunks, axis=1)
 
-    @property
-    def _eager(self) -> bool:
-        return isinstance(self.engine, KerasEmbedding)
-
     def _call_size(self, variants: int = 1) -> int:
-        """Images per engine call: ``batch_size``, or for the eager Keras model as many as
-        ``EAGER_PIXELS`` allows (each with its variants), at least ``batch_size``."""
-        if not self._eager:
+        """Images per engine call: ``batch_size``, or for an engine without fixed batches (the
+        eager Keras model) as many as ``EAGER_PIXELS`` allows (each with its variants), at
+        least ``batch_size``."""
+        if self.engine.fixed_batches:
             return self.batch_size
         return max(self.batch_size, EAGER_PIXELS // (self.image_size * self.image_size * variants))
 
