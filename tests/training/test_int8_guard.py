@@ -71,6 +71,7 @@ def test_a_head_trained_on_int8_features_is_compared_with_float32_recorded_and_k
     assert recorded["passed"] and recorded["float32_loss"] == check.float32_loss
     assert not [record for record in caplog.records if "head's validation loss" in record.getMessage()]
     assert result.val_outputs is not None  # the fine stage's, from its int8 features
+    assert result.validation.int8  # said, so the TTA choice and rejection fit run their own pass
 
 
 def test_int8_that_falls_short_on_the_heads_loss_leaves_the_later_stages_to_float32(monkeypatch, caplog):
@@ -87,6 +88,7 @@ def test_int8_that_falls_short_on_the_heads_loss_leaves_the_later_stages_to_floa
     assert not result.int8_guard.passed and result.records()["int8_features"]["passed"] is False
     fine = result.timings[1]
     assert fine.cached and fine.caching_seconds > 0  # computed again for the fine stage
+    assert result.validation is not None and not result.validation.int8  # float32 features now
 
 
 def test_a_cached_int8_network_is_guarded_again_in_each_run(monkeypatch, caplog):
