@@ -53,7 +53,7 @@ from transferkit.training.data_parallel import (
     training_together,
 )
 from transferkit.training.features import FeatureCache, engine_forward
-from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, run_stages
+from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, ValidationReadout, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
 from transferkit.trust.record import after_training_forward, after_training_passes, fit_trust
@@ -323,7 +323,8 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     if tracker is not None:
         trained.tracking = {"tracking_uri": public_uri(tracker.uri), "experiment_id": tracker.experiment_id,
                             "run_id": tracker.run_id}
-    trained.metrics = summary.validation_metrics(model, val_batches, result.val_outputs, trained.history,
+    readout = result.validation or ValidationReadout.of_model(model, val_batches)  # one pass at most
+    trained.metrics = summary.validation_metrics(model, val_batches, readout.outputs, trained.history,
                                                  prepared.val_labels, prepared.class_names,
                                                  len(prepared.train_labels))
     trained.metrics["precision"] = policy
@@ -332,13 +333,13 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics.update(strategy=distribution.as_dict(), **result.records())
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
-                                      batch_size=recipe.batch_size, dense_inputs=result.val_dense_inputs)
+                                      batch_size=recipe.batch_size, dense_inputs=readout.dense_inputs)
         if verbose:
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
     if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration on one engine
-        forward = after_training_forward(model, prepared, recipe, out.path, result.validation)
+        forward = after_training_forward(model, prepared, recipe, out.path, readout)
         trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose, forward)
         trained.trust = fit_trust(model, prepared, recipe, verbose, forward)
         _write_run(out, trained, recipe, prepared)

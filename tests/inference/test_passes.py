@@ -137,6 +137,25 @@ def test_finetune_leaves_its_networks_for_the_first_predict_reject(tmp_path, cap
     assert sum("reusing the OpenVINO network" in record.getMessage() for record in caplog.records) == 2  # body, head
 
 
+def test_an_uncached_run_reads_its_validation_images_once_for_metrics_calibration_and_trust(
+        shapes_dir, tmp_path, caplog, monkeypatch):
+    from transferkit.evaluation import calibration
+
+    calibration_passes = []
+    logits_of = calibration.logits_of
+    monkeypatch.setattr(calibration, "logits_of", lambda *args, **kwargs: calibration_passes.append(1) or logits_of(
+        *args, **kwargs))
+    with caplog.at_level(logging.DEBUG, logger="transferkit"):
+        run = transferkit.finetune(shapes_dir, None, {**TINY, "cache.enabled": False}, output=tmp_path / "run",
+                                   verbose=0)
+    assert all(not stage["cached"] for stage in run.metrics["stages"])
+    # 6 validation images (too few to judge TTA on) + 24 training ones for the knn reference;
+    # in float32 the one readout of the model over the validation images stands for their pass.
+    passes = 30 - (6 if precision_hint("auto") == "f32" else 0)
+    assert f"the work after training: {passes} image passes" in caplog.text
+    assert calibration_passes == [] and run.metrics["calibration"]["n_images"] == 6
+
+
 def test_the_engine_cache_of_a_run_being_written_is_kept_until_neither_it_nor_its_work_folder_exists(tmp_path):
     writing = tmp_path / "writing"
     ours = claim_engine_cache(writing)

@@ -194,7 +194,7 @@ def test_final_validation_readout_from_the_cache_equals_the_models(unfreeze):
     np.testing.assert_allclose(result.validation.embeddings, embeddings, rtol=1e-4, atol=1e-4)
     assert embeddings.shape == (9, 512) and not result.validation.int8
     # Calibration's logits from them are the ones a pass of the model gives.
-    np.testing.assert_allclose(logits_from(model, result.val_dense_inputs), logits_of(model, val.images),
+    np.testing.assert_allclose(logits_from(model, result.validation.dense_inputs), logits_of(model, val.images),
                                rtol=1e-4, atol=1e-4)
     result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
                         StageOptions(verbose=0, seed=1, cache=None))

@@ -149,8 +149,9 @@ class StageTiming:
 @dataclass(frozen=True)
 class ValidationReadout:
     """The final model's readout (``model.surgery.readout_at``) of the validation images, from
-    the last stage's cached features (the frozen part cannot have changed): what the work after
-    training would otherwise run the whole network over those images for.
+    the last stage's cached features (the frozen part cannot have changed), or from one pass of
+    the model (``of_model``): what the validation metrics, calibration and the work after
+    training read, instead of a pass of the whole network each.
 
     Attributes:
         outputs: (n, units) class outputs (the validation metrics').
@@ -163,6 +164,14 @@ class ValidationReadout:
     dense_inputs: np.ndarray
     embeddings: np.ndarray
     int8: bool
+
+    @classmethod
+    def of_model(cls, model: keras.Model, batches) -> ValidationReadout:
+        """The whole classifier's readout over unshuffled image batches, in one pass: what
+        the validation metrics, calibration and the work after training read where no stage
+        on cached features left one (an uncached last stage, a run resumed after its stages)."""
+        readouts = readout_at(model).predict(batches, verbose=0)
+        return cls(*(np.asarray(readout, dtype="float32") for readout in readouts), int8=False)
 
 
 @dataclass
@@ -192,11 +201,6 @@ class StagesResult:
     def val_outputs(self) -> np.ndarray | None:
         """The validation readout's class outputs, or None."""
         return None if self.validation is None else self.validation.outputs
-
-    @property
-    def val_dense_inputs(self) -> np.ndarray | None:
-        """The validation readout's output-Dense inputs (calibration's logits), or None."""
-        return None if self.validation is None else self.validation.dense_inputs
 
     def records(self) -> dict:
         """What metrics.json records of the stages: "stages", one timing each, with a time
