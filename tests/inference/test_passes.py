@@ -146,8 +146,8 @@ def test_an_uncached_run_reads_its_validation_images_once_for_metrics_calibratio
     monkeypatch.setattr(calibration, "logits_of", lambda *args, **kwargs: calibration_passes.append(1) or logits_of(
         *args, **kwargs))
     with caplog.at_level(logging.DEBUG, logger="transferkit"):
-        run = transferkit.finetune(shapes_dir, None, {**TINY, "cache.enabled": False}, output=tmp_path / "run",
-                                   verbose=0)
+        run = transferkit.finetune(shapes_dir, None, {**TINY, "cache.enabled": False, "stages.1:.epochs": 0},
+                                   output=tmp_path / "run", verbose=0)
     assert all(not stage["cached"] for stage in run.metrics["stages"])
     # 6 validation images (too few to judge TTA on) + 24 training ones for the knn reference;
     # in float32 the one readout of the model over the validation images stands for their pass.
