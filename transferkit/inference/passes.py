@@ -1,7 +1,7 @@
 """The forward passes of the work after training: ONE engine of the trained, calibrated
 classifier, shared by the TTA choice (``evaluation.tta.fit_tta``) and the rejection fit
 (``trust.rejection.fit_rejection``), the validation images' plain pass computed once for both
-(or none: in float32, the last stage's readout of its cached features stands for it).
+(or none: in float32, the run's one readout of the validation images stands for it).
 
     forward = ForwardPasses(model, 64, validation=prepared.val_images, image_passes=3000,
                             run_path=output)
@@ -90,7 +90,7 @@ class ForwardPasses:
         run_path: the run folder whose engine cache keeps the converted networks (claimed
             when the engine is built); default None (converted in memory, kept nowhere).
         known_validation: the validation images' ``outputs``, already computed as this
-            engine computes them (in float32: from the last stage's cached features,
+            engine computes them (in float32: from the run's readout of the validation images,
             ``trust.record.after_training_forward``); default None (one pass computes them).
 
     Attributes:

@@ -64,11 +64,11 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
         recipe: the run's recipe (image size, batch size, engine, precision, tta, reject).
         run_path: the run folder being written: the converted networks go to its engine
             cache, where its first ``predict`` finds them; default None (kept nowhere).
-        readout: the last stage's ``training.stages.ValidationReadout`` (from cached
-            features), or None. Where the features and the engine are both float32
-            (``known_validation``), it stands for the validation images' plain pass; in 16
-            bits or int8 the pass runs, so that the TTA choice compares every variant with
-            "identity" computed by one engine.
+        readout: the run's ``training.stages.ValidationReadout`` of the validation images
+            (the last stage's on cached features, or the model's one pass), or None. Where it
+            and the engine are both float32 (``known_validation``), it stands for the
+            validation images' plain pass; in 16 bits or int8 the pass runs, so that the TTA
+            choice compares every variant with "identity" computed by one engine.
 
     Returns:
         A ``ForwardPasses`` over the validation images.
@@ -82,8 +82,10 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
 
 def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -> np.ndarray | None:
     """The validation images' ``ForwardPasses.outputs`` (the calibrated model's outputs, then
-    the embedding) from the last stage's readout, where both sides compute in float32: the
-    features not int8, the model float32, the engine's precision hint f32. Else None."""
+    the embedding) from the run's readout of them, where both sides compute in float32: the
+    readout not from int8 features, the model float32, the engine's precision hint f32. Else
+    None. (The Dense inputs do not depend on calibration: the calibrated output layer applied
+    to them gives the calibrated outputs.)"""
     if readout is None or readout.int8:
         return None
     if compute_dtype(model) != "float32" or precision_hint(recipe.precision) != "f32":
