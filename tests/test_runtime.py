@@ -1,6 +1,8 @@
 import json
+import logging
 
 import keras
+import numpy as np
 import pytest
 
 import transferkit
@@ -64,3 +66,28 @@ def test_run_records_its_precision_and_keeps_io_layers_float32(bfloat16_run):
 def test_unknown_precision_is_a_recipe_error():
     with pytest.raises(transferkit.RecipeError, match="precision = 'half'"):
         transferkit.load_recipe(None, {"precision": "half"})
+
+
+def test_keras_functions_traced_anew_for_each_model_are_not_reported_but_a_retracing_function_is(caplog):
+    import tensorflow as tf
+
+    from transferkit.runtime import KerasRetracingFilter
+
+    assert any(isinstance(known, KerasRetracingFilter) for known in logging.getLogger("tensorflow").filters)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(7):  # as a notebook's runs (or tune's trials) do: a new model, new functions
+            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+            model.compile("sgd", "mse")
+            model.fit(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0)
+    assert not [record for record in caplog.records if "retracing" in record.getMessage()]
+
+    def traced_again():
+        def step(x):
+            return x + 1
+
+        return tf.function(step)
+
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(7):  # a function of one's own, traced again and again: still reported
+            traced_again()(tf.constant(1.0))
+    assert any("triggered tf.function retracing" in record.getMessage() for record in caplog.records)

@@ -25,6 +25,10 @@ if os.environ["KERAS_BACKEND"].strip().lower() == "jax":  # before JAX is import
 # albumentations checks PyPI for a newer release when imported unless told not to: no
 # network call at import or at run time.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# A process that trains several models (each with new Keras functions) is not told it retraces.
+from transferkit.runtime import quiet_keras_retracing  # noqa: E402
+
+quiet_keras_retracing()
 
 try:
     __version__ = metadata.version("transferkit")

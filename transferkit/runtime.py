@@ -11,6 +11,7 @@ CPU has no fast bfloat16, ``auto`` does so too when the work is large enough to 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -123,6 +124,30 @@ def gpu_visible() -> bool:
     from transferkit.backend import gpu_capabilities
 
     return bool(gpu_capabilities())
+
+
+class KerasRetracingFilter(logging.Filter):
+    """Drops TensorFlow's warning that Keras's train, test or predict function was traced again.
+
+    Keras makes those functions anew for every model it compiles, so a process that trains
+    several models (a notebook's runs, the stages of one run, tune's trials) traces each anew by
+    design; TensorFlow takes the fifth such trace in its window for a retracing mistake and
+    warns ("... triggered tf.function retracing. Tracing is expensive ...") at every one after.
+    Only the warnings that name Keras's trainer functions are dropped: a function of the
+    user's own that retraces is still reported.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "TensorFlowTrainer" in message)
+
+
+def quiet_keras_retracing() -> None:
+    """Put one ``KerasRetracingFilter`` on TensorFlow's logger (done when transferkit is
+    imported; TensorFlow itself is not imported)."""
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(known, KerasRetracingFilter) for known in logger.filters):
+        logger.addFilter(KerasRetracingFilter())
 
 
 def import_tensorflow_quietly() -> None:
