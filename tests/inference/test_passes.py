@@ -106,6 +106,8 @@ def test_the_last_cached_stages_readout_stands_for_the_validation_pass_only_wher
     # Features an int8 network computed, or an engine in 16 bits: the pass runs, so that every
     # variant the TTA choice compares with "identity" comes from one engine.
     assert known_validation(shapes_run.model, recipe, replace(readout, int8=True)) is None
+    # Calibration, whose temperature goes into the float32 model, makes its own pass then too.
+    assert readout.calibration_inputs is readout.dense_inputs and replace(readout, int8=True).calibration_inputs is None
     bfloat16 = recipe.model_copy(update={"precision": "bfloat16"})
     assert known_validation(shapes_run.model, bfloat16, readout) is None
     assert known_validation(shapes_run.model, recipe, None) is None

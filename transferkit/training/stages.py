@@ -165,6 +165,13 @@ class ValidationReadout:
     embeddings: np.ndarray
     int8: bool
 
+    @property
+    def calibration_inputs(self) -> np.ndarray | None:
+        """The Dense inputs calibration fits its temperature on; None where an int8 network
+        computed the features: the temperature goes into the float32 model, so it is then
+        fitted on a float32 pass of its own."""
+        return None if self.int8 else self.dense_inputs
+
     @classmethod
     def of_model(cls, model: keras.Model, batches) -> ValidationReadout:
         """The whole classifier's readout over unshuffled image batches, in one pass: what

@@ -97,10 +97,13 @@ def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -
 
 
 def after_training_passes(prepared, recipe: Recipe, with_trust: bool = True) -> int:
-    """How many image passes finetune's work after training takes (what a time budget keeps
-    time for): calibration's pass over the validation images, and, for a run written to a
-    folder (``with_trust``), the TTA choice's variants and the rejection fit's passes (the
-    validation images' plain pass among them, shared)."""
+    """How many image passes finetune's work after training takes at most (what a time budget
+    keeps time for): calibration's pass over the validation images, and, for a run written to
+    a folder (``with_trust``), the TTA choice's variants and the rejection fit's passes (the
+    validation images' plain pass among them, shared). Where the last stage leaves a readout of
+    the validation images (``training.stages.ValidationReadout``), calibration's pass and, in
+    float32, the plain one do not run; whether it will is known only once the stages ran (int8
+    features may fall short of their guard), so the budget keeps time for them."""
     return len(prepared.val_images) + (_trust_passes(prepared, recipe) if with_trust else 0)
 
 
