@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from transferkit.inference.passes import EAGER_PIXELS
+from transferkit.inference.passes import eager_call_size
 from transferkit.outputs import is_binary
 
 log = logging.getLogger("transferkit")
@@ -87,7 +87,7 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     penultimate = keras.Model(readout.input, readout.outputs[1], name="penultimate")
     eager = len(images) <= EAGER_UP_TO
     if eager:  # nothing traced: as many images a call as the work after training takes
-        batch_size = max(batch_size, EAGER_PIXELS // (int(images.shape[1]) * int(images.shape[2])))
+        batch_size = eager_call_size(batch_size, int(images.shape[1]) * int(images.shape[2]))
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = np.asarray(images[start : start + batch_size], dtype="float32")
@@ -98,8 +98,7 @@ def logits_of(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
 
 def logits_from(model, dense_inputs: np.ndarray) -> np.ndarray:
     """(n, units) float64 logits from the output Dense's inputs (``logits_of``'s, or the
-    readout of the last stage on cached features, ``training.stages.ValidationReadout``):
-    x @ W + b computed in float64."""
+    run's ``training.stages.ValidationReadout``): x @ W + b computed in float64."""
     kernel, bias = (np.asarray(weight, dtype="float64") for weight in output_layer(model).get_weights())
     return np.asarray(dense_inputs, dtype="float64") @ kernel + bias
 
@@ -192,8 +191,8 @@ def calibrate(model, val_images: np.ndarray, val_labels: np.ndarray, n_classes: 
         n_classes: the number of classes.
         batch_size: images per forward pass; default 32.
         dense_inputs: the output Dense's inputs on the validation images when already known
-            (the last stage's readout on cached features: no pass over the images); default
-            None (``logits_of`` runs the model).
+            (the run's ``training.stages.ValidationReadout``: no pass over the images);
+            default None (``logits_of`` runs the model).
 
     Returns:
         A ``Calibration`` with the temperatures and ECE / log loss before and after.

@@ -42,6 +42,12 @@ ENGINE_FROM = 256
 EAGER_PIXELS = 2**21
 
 
+def eager_call_size(batch_size: int, pixels: int) -> int:
+    """Images per call of a model called eagerly: as many as ``EAGER_PIXELS`` allows for
+    images (with their variants) of ``pixels`` pixels each, at least ``batch_size``."""
+    return max(batch_size, EAGER_PIXELS // pixels)
+
+
 def forward_outputs(engine, images: np.ndarray, batch_size: int = 32, rows: np.ndarray | None = None) -> np.ndarray:
     """An engine's outputs over images, batch by batch, concatenated (float32).
 
@@ -180,7 +186,7 @@ class ForwardPasses:
         least ``batch_size``."""
         if self.engine.fixed_batches:
             return self.batch_size
-        return max(self.batch_size, EAGER_PIXELS // (self.image_size * self.image_size * variants))
+        return eager_call_size(self.batch_size, self.image_size * self.image_size * variants)
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """(..., k) float64 class probabilities from ``outputs`` (a sigmoid unit p as [1 - p, p])."""
