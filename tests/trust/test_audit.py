@@ -3,7 +3,8 @@ issues.png / moves.sh, and a folder it never changes.
 
 The folder audited: three classes that differ in colour (so that even a backbone with
 random weights separates them), each image with a shape of its own on it, three files put
-in the wrong class folder and one brightened copy of an image."""
+in the wrong class folder, one brightened copy of an image and an exact copy of another put
+under a third class."""
 
 import csv
 import json
@@ -21,6 +22,7 @@ from transferkit.cli import app
 from transferkit.trust.audit import (
     Issue,
     Signatures,
+    fold_groups,
     image_signatures,
     moves_script,
     near_duplicates,
@@ -36,6 +38,8 @@ COLOURS = {"blue": (40, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}
 # file -> (the class folder it is put in, its true class)
 MISLABELLED = {"red_03.png": ("green", "red"), "green_07.png": ("blue", "green"), "blue_05.png": ("red", "blue")}
 COPY = ("green", "green_02.png", "green_02_again.png")
+# (class folder, file) of an image and where an exact copy of it is put: under another class
+TWIN = (("blue", "blue_09.png"), ("red", "blue_09_copy.png"))
 FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
          "--engine", "keras", "--folds", "3", "--quiet"]
 
@@ -60,6 +64,8 @@ def write_folder(root: Path) -> Path:
     folder, original, copy = COPY
     brighter = np.clip(np.asarray(Image.open(root / folder / original), dtype="int16") + 8, 0, 255)
     Image.fromarray(brighter.astype("uint8")).save(root / folder / copy)
+    (original, copy) = TWIN
+    shutil.copyfile(root.joinpath(*original), root.joinpath(*copy))
     return root
 
 
@@ -85,9 +91,11 @@ def read_issues(output: Path) -> list[dict]:
 def test_the_mislabelled_files_lead_the_issues_with_their_true_class(audited):
     _, output, printed, _ = audited
     rows = read_issues(output)
-    top = {Path(row["file"]).name: row for row in rows[: len(MISLABELLED)]}
-    assert set(top) == set(MISLABELLED), [(row["file"], row["kind"], row["score"]) for row in rows[:6]]
-    for file, (folder, true) in MISLABELLED.items():
+    (true, _), (folder, copy) = TWIN
+    mislabelled = {**MISLABELLED, copy: (folder, true)}  # the copy under another class: its class is its twin's
+    top = {Path(row["file"]).name: row for row in rows[: len(mislabelled)]}
+    assert set(top) == set(mislabelled), [(row["file"], row["kind"], row["score"]) for row in rows[:6]]
+    for file, (folder, true) in mislabelled.items():
         row = top[file]
         assert (row["kind"], row["given"], row["suggested"], row["confident"]) == ("label", folder, true, "true")
         assert float(row["score"]) > 0.5
@@ -95,13 +103,30 @@ def test_the_mislabelled_files_lead_the_issues_with_their_true_class(audited):
     assert "likely label error" in printed and "nothing was moved" in printed
 
 
-def test_the_brightened_copy_is_a_near_duplicate_and_nothing_else_is(audited):
+def test_the_copies_are_near_duplicates_and_nothing_else_is(audited):
     root, output, _, _ = audited
     folder, original, copy = COPY
+    (twin_class, twin), (copy_class, twin_copy) = TWIN
     duplicates = [row for row in read_issues(output) if row["kind"] == "duplicate"]
+    # the copy under another class first (a conflicting duplicate), then the one within its class
     assert [(Path(row["file"]).name, row["given"], row["suggested"]) for row in duplicates] == [
-        (copy, folder, folder)]
-    assert str(root / folder / original) in duplicates[0]["detail"]
+        (twin_copy, copy_class, twin_class), (copy, folder, folder)]
+    assert str(root / twin_class / twin) in duplicates[0]["detail"]
+    assert str(root / folder / original) in duplicates[1]["detail"]
+
+
+def test_an_image_and_its_copy_under_another_class_are_held_out_together(audited):
+    """A head that had learnt one copy's label would "correct" the other to it, both ways:
+    moves.sh would swap the two files. Held out in one fold, both get the same head's
+    prediction (and only the copy whose label it contradicts moves: the test below runs
+    moves.sh)."""
+    root, output, _, _ = audited
+    with open(output / "predictions.csv", newline="") as handle:
+        rows = {Path(row["file"]).relative_to(root).as_posix(): row for row in csv.DictReader(handle)}
+    original, copy = ("/".join(place) for place in TWIN)
+    for name in COLOURS:
+        assert float(rows[original][name]) == pytest.approx(float(rows[copy][name]), abs=1e-6)
+    assert rows[original]["predicted"] == rows[copy]["predicted"] == TWIN[0][0]
 
 
 def test_audit_writes_its_folder_and_moves_nothing(audited):
@@ -113,11 +138,11 @@ def test_audit_writes_its_folder_and_moves_nothing(audited):
     with Image.open(output / "issues.png") as sheet:
         assert sheet.format == "PNG" and sheet.width > 400
     summary = json.loads((output / "audit.json").read_text())
-    assert summary["n_images"] == 37 and summary["folds"] == 3
-    assert summary["counts"]["label"] >= len(MISLABELLED) and summary["counts"]["duplicate"] == 1
+    assert summary["n_images"] == 38 and summary["folds"] == 3
+    assert summary["counts"]["label"] >= len(MISLABELLED) + 1 and summary["counts"]["duplicate"] == 2
     with open(output / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 37 and set(rows[0]) >= {"file", "given", "predicted", "blue", "green", "red"}
+    assert len(rows) == 38 and set(rows[0]) >= {"file", "given", "predicted", "blue", "green", "red"}
     assert all(abs(sum(float(row[name]) for name in COLOURS) - 1) < 1e-3 for row in rows)
 
 
@@ -128,6 +153,8 @@ def test_running_moves_sh_puts_the_files_in_their_suggested_class(audited, tmp_p
     (tmp_path / "moves.sh").write_text(script)
     subprocess.run(["sh", str(tmp_path / "moves.sh")], check=True, timeout=30)
     moved = {f"{folder}/{file}": f"{true}/{file}" for file, (folder, true) in MISLABELLED.items()}
+    (true, _), (folder, copy) = TWIN
+    moved[f"{folder}/{copy}"] = f"{true}/{copy}"
     assert listing(data) == sorted(moved.get(name, name) for name in before)
     subprocess.run(["sh", str(tmp_path / "moves.sh")], check=True, timeout=30, env={**os.environ, "SET_ASIDE": "yes"})
     folder, _, copy = COPY
@@ -177,6 +204,15 @@ def test_two_classes_get_held_out_probabilities_from_one_sigmoid_head():
     verdict = suspect_labels(probabilities, labels)
     assert set(np.argsort(-verdict.score)[:2]) == {0, 25}
     assert list(verdict.suggested[[0, 25]]) == [0, 1]
+
+
+def test_folds_keep_each_group_and_each_set_of_near_copies_whole():
+    assert fold_groups(None, [], 6) is None
+    copies = [(0, 4, 1), (4, 5, 0)]  # 0 ~ 4 ~ 5: one set
+    assert fold_groups(None, copies, 6).tolist() == [0, 1, 2, 3, 0, 0]
+    groups = np.array(["a", "b", "a", "c", "d", "e"], dtype=object)  # 0 and 2 one group; 4 copies 0
+    joined = fold_groups(groups, copies, 6)
+    assert len({joined[i] for i in (0, 2, 4, 5)}) == 1 and len(set(joined.tolist())) == 3
 
 
 def test_confident_learning_suggests_the_class_the_held_out_head_is_sure_of():

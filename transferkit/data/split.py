@@ -171,7 +171,7 @@ def stratified_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int,
 
     Args:
         labels: class index per image.
-        groups: group name per image, or None.
+        groups: group (name or number) per image, or None.
         folds: K, at least 2.
         seed: random seed.
 
@@ -185,8 +185,9 @@ def stratified_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int,
 
     labels = np.asarray(labels)
     if groups is not None and len(set(groups.tolist())) < folds:
-        raise DataError(f"data.group_by names {len(set(groups.tolist()))} group(s), fewer than the {folds} folds "
-                        "asked for: use fewer folds or check the pattern")
+        raise DataError(f"the images fall into {len(set(groups.tolist()))} group(s) kept whole (data.group_by's "
+                        f"groups, near-copies of one image joined), fewer than the {folds} folds asked for: use "
+                        "fewer folds or check the pattern")
     if len(labels) < folds:
         raise DataError(f"{len(labels)} image(s) cannot be dealt into {folds} folds; use fewer folds")
     with warnings.catch_warnings():

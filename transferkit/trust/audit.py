@@ -7,8 +7,9 @@
 Every image goes once through the recipe's frozen backbone (the feature pass of
 ``training.features``, in the inference engine). The recipe's head is then trained K times
 on those features, each time on K - 1 folds (stratified by class; whole groups with
-``data.group_by``), and predicts the fold it did not see: an out-of-sample probability for
-every image, one that its own label, right or wrong, did not teach. From those:
+``data.group_by``; near-copies of one image in one fold), and predicts the fold it did not
+see: an out-of-sample probability for every image, one that its own label, right or wrong,
+did not teach. From those:
 
 - ``label``: confident learning (Northcutt, Jiang and Chuang, 2021), written out here (the
   cleanlab package is AGPL). Class j's threshold t_j is the mean out-of-sample probability
@@ -215,10 +216,12 @@ def audit(
                     "it", decoded.class_names[int(np.argmin(counts))], int(counts.min()), folds)
     started = time.perf_counter()
     features = backbone_features(decoded.images, recipe, len(decoded.class_names), verbose)
-    probabilities = out_of_fold_probabilities(features, decoded.labels, len(decoded.class_names), recipe,
-                                              groups=decoded.groups, folds=folds, verbose=verbose)
     embeddings = pooled(features)
-    result = _result(decoded, probabilities, embeddings, image_signatures(decoded.images), folds)
+    copies = near_duplicates(image_signatures(decoded.images), embeddings)
+    probabilities = out_of_fold_probabilities(features, decoded.labels, len(decoded.class_names), recipe,
+                                              groups=fold_groups(decoded.groups, copies, len(decoded.labels)),
+                                              folds=folds, verbose=verbose)
+    result = _result(decoded, probabilities, embeddings, copies, folds)
     if verbose:
         log.info(f"audit computed in {time.perf_counter() - started:.1f}s")
     result.path = write_audit(result, recipe, out, force)
@@ -625,7 +628,36 @@ def outliers(distances: np.ndarray, mads: float = OUTLIER_MADS, ratio: float = O
     return flagged[np.argsort(-distances[flagged], kind="stable")]
 
 
-def _result(decoded, probabilities: np.ndarray, embeddings: np.ndarray, signatures: Signatures,
+def fold_groups(groups: np.ndarray | None, copies: Sequence[tuple[int, int, int]], count: int) -> np.ndarray | None:
+    """What the audit's folds keep whole: each ``data.group_by`` group and each set of
+    near-copies (joined where they share an image). A copy held out apart from its twin
+    would be predicted by a head that learnt the twin's label: two copies under two
+    classes would each be "corrected" to the other's class, and ``moves.sh`` would swap them.
+
+    Args:
+        groups: group name per image, or None.
+        copies: ``near_duplicates`` (earlier image, later image, bits).
+        count: the number of images.
+
+    Returns:
+        An int group per image, or None where there are neither groups nor copies (the
+        folds are then stratified by class alone).
+    """
+    if groups is None and not copies:
+        return None
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = [(earlier, later) for earlier, later, _ in copies]
+    if groups is not None:
+        first: dict[Any, int] = {}
+        edges += [(first.setdefault(name, row), row) for row, name in enumerate(groups.tolist())]
+    rows, columns = np.asarray(edges, dtype=np.int64).reshape(-1, 2).T
+    graph = coo_matrix((np.ones(len(rows)), (rows, columns)), shape=(count, count))
+    return connected_components(graph, directed=False)[1]
+
+
+def _result(decoded, probabilities: np.ndarray, embeddings: np.ndarray, copies: Sequence[tuple[int, int, int]],
             folds: int) -> AuditResult:
     """The suspicions of every kind, ordered as issues.csv lists them."""
     names, files, labels = decoded.class_names, list(decoded.files), decoded.labels
@@ -636,7 +668,7 @@ def _result(decoded, probabilities: np.ndarray, embeddings: np.ndarray, signatur
         issues.append(Issue(files[row], names[given], names[suggested], float(verdict.score[row]), "label",
                             f"P({names[given]}) {probabilities[row, given]:.3f}, P({names[suggested]}) "
                             f"{probabilities[row, suggested]:.3f}", bool(verdict.confident[row])))
-    for earlier, later, bits in near_duplicates(signatures, embeddings):
+    for earlier, later, bits in copies:
         issues.append(Issue(files[later], names[labels[later]], names[labels[earlier]], 1.0 - bits / 64,
                             "duplicate", f"near-copy of {files[earlier]} ({bits} of 64 hash bits differ)",
                             copy_of=files[earlier]))
