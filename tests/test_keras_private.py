@@ -1,6 +1,8 @@
 """Each private Keras internal transferkit relies on, pinned: a Keras release that changes one
 fails here, by name, before it breaks folding, resume or dropout seeding quietly."""
 
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from transferkit.keras_private import (
     producing_layer,
     reseed,
     set_early_stopping_state,
+    start_progbar_at,
 )
 
 
@@ -146,3 +149,11 @@ def test_build_for_fit_creates_every_variable_fit_would_create_in_its_first_trac
     with tf.variable_creator_scope(record):
         model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert created == []
+
+
+def test_a_progbar_started_earlier_counts_that_time_in_its_time_per_unit(capsys):
+    bar = keras.utils.Progbar(5, verbose=2, unit_name="image")
+    start_progbar_at(bar, time.time() - 10.0)
+    bar.update(5)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("5/5 - 10s -") and line.endswith("2s/image"), line

@@ -12,8 +12,8 @@ PYPROJECT = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="u
 
 # Lowest first. A module may import its own layer (without a circle) and the ones below it.
 LAYERS = (
-    {"errors", "outputs", "files", "locks", "runtime", "backend", "strategies", "progress"},
-    {"backbones", "recipe", "keras_private"},
+    {"errors", "outputs", "files", "locks", "runtime", "backend", "strategies", "keras_private", "progress"},
+    {"backbones", "recipe"},
     {"data", "runs"},
     {"model"},
     {"inference"},

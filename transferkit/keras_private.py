@@ -69,6 +69,22 @@ def build_for_fit(model, batch) -> None:
     model._symbolic_build(data_batch=tuple(batch) + (None,) * (3 - len(batch)))
 
 
+def start_progbar_at(bar, started: float) -> None:
+    """Start a ``keras.utils.Progbar``'s clock at ``started`` (a ``time.time()``).
+
+    Needed by ``progress.ProgressBar``, which makes its bar when the first units are done
+    (the total is known only then, and Keras is imported only then): counted from then, the
+    work of that first call would be left out of the time per unit (a 30-image predict in
+    one batch read "0us/image"). Keras starts the clock in the constructor, in private
+    attributes.
+
+    Args:
+        bar: a ``Progbar`` not yet updated.
+        started: when its work began.
+    """
+    bar._start = bar._time_at_epoch_start = started
+
+
 def reseed(generator, seed: int) -> None:
     """Restart a layer's ``keras.random.SeedGenerator`` at ``seed``.
 

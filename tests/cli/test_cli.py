@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def cli_run(shapes_dir, tmp_path_factory, request):
     tracking = []
     if importlib.util.find_spec("mlflow") is not None:
         tracking = ["--mlflow", request.getfixturevalue("mlflow_store")(output.parent)]
-    result = invoke("finetune", shapes_dir, *TINY_FLAGS, "-o", output, "--save-h5", *tracking)
+    result = invoke("finetune", shapes_dir, *TINY_FLAGS[:-1], "-o", output, "--save-h5", *tracking)  # not --quiet
     assert result.exit_code == 0, result.output
     return output, result
 
@@ -52,6 +53,10 @@ def _read_json(path):
 def test_finetune_end_to_end_writes_the_run(cli_run):
     output, result = cli_run
     assert "validation accuracy" in result.output
+    # Its output went to no terminal (as into a log file): each epoch is one line, no bar redrawn.
+    assert "\r" not in result.output and "\x1b" not in result.output and "\b" not in result.output
+    epochs = [line for line in result.output.splitlines() if re.match(r"\s*\d+/\d+ - \d+s - .*val_loss", line)]
+    assert len(epochs) == 2, result.output
     for name in ("model.keras", "model.h5", "labels.json", "recipe.toml", "history.csv", "metrics.json"):
         assert (output / name).is_file(), name
 

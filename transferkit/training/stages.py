@@ -53,6 +53,7 @@ from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
+from transferkit.progress import fit_verbosity
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.strategies import Distribution
 from transferkit.training.budget import TimeBudget
@@ -668,7 +669,7 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
             epochs=stage.epochs,
             shuffle=False,  # the batches shuffle themselves, seeded per epoch
             callbacks=[*validation, stopper, epoch_callback, *run.options.callbacks, *budget],
-            verbose=run.options.verbose,
+            verbose=fit_verbosity(run.options.verbose),
         )
     finally:
         synchronize_batchnorm(begun.model, False)
