@@ -114,7 +114,7 @@ def test_trials_with_the_same_frozen_part_share_its_features(searched):
     assert len(cache) == 0  # released when the study's call ended
 
 
-def test_a_tiny_search_writes_every_output(searched):
+def test_a_tiny_search_writes_every_output(searched, shapes_dir):
     summary, output = searched
     assert OUTPUTS <= {path.name for path in output.iterdir()}
     assert summary.counts == {"complete": 2} and summary.new_trials == 2
@@ -129,6 +129,9 @@ def test_a_tiny_search_writes_every_output(searched):
     # One report per epoch, counted across the two stages.
     assert [sorted(trial.intermediate_values) for trial in stored(output, "data").trials] == [[1, 2], [1, 2]]
     assert not [path for path in output.iterdir() if path.name.startswith(".")]  # no run folders, no temporaries
+    # the command to train the best recipe, ready to paste: the data folder named
+    assert summary.data_dir == shapes_dir
+    assert f"train it: transferkit finetune {shapes_dir} --recipe {output / 'best_recipe.toml'}" in summary.describe()
 
 
 def test_the_first_trial_is_the_recipe_as_given(searched):

@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import os
+import shlex
 import socket
 import sys
 import tempfile
@@ -81,6 +82,8 @@ HISTORY_FIGURE = "history.png"
 IMPORTANCE_FIGURE = "importance.png"
 STUDY_FILE = "study.db"
 FIGURE_SIZE = (7.0, 4.5)
+# Below this many complete trials the importance figure calls itself a rough estimate.
+ROUGH_IMPORTANCE = 10
 
 
 @dataclass
@@ -100,6 +103,7 @@ class TuneSummary:
         new_trials: trials this call ran.
         interrupted: Ctrl-C ended this call (the trial it was in is recorded as failed).
         files: output name -> path, of those written.
+        data_dir: the data folder the trials trained on; default None (not known).
     """
 
     study: str
@@ -114,6 +118,7 @@ class TuneSummary:
     new_trials: int = 0
     interrupted: bool = False
     files: dict[str, Path] = field(default_factory=dict)
+    data_dir: Path | None = None
 
     @property
     def trials(self) -> int:
@@ -133,7 +138,9 @@ class TuneSummary:
         if self.files:
             lines.append(f"wrote {self.output}/: {', '.join(path.name for path in self.files.values())}")
         if BEST_RECIPE_FILE in self.files:
-            lines.append(f"train it: transferkit finetune DATA_DIR --recipe {self.files[BEST_RECIPE_FILE]}")
+            data = shlex.quote(str(self.data_dir)) if self.data_dir is not None else "DATA_DIR"
+            best = shlex.quote(str(self.files[BEST_RECIPE_FILE]))
+            lines.append(f"train it: transferkit finetune {data} --recipe {best}")
         return "\n".join(lines)
 
 
@@ -617,7 +624,8 @@ class _Search:
         files = {name: self.output / name for name in (BEST_RECIPE_FILE, TRIALS_FILE, HISTORY_FIGURE, IMPORTANCE_FIGURE)
                  if (self.output / name).is_file()}
         summary = TuneSummary(study=self.study.study_name, storage=storage_url, output=self.output, metric=self.metric,
-                              counts=counts, new_trials=self.new_trials, interrupted=self.interrupted, files=files)
+                              counts=counts, new_trials=self.new_trials, interrupted=self.interrupted, files=files,
+                              data_dir=Path(self.data.data_dir))
         best = _best(self.study)
         if best is not None:
             summary.best_value, summary.best_trial, summary.best_params = best.value, best.number, dict(best.params)
@@ -828,7 +836,9 @@ def plot_importance(study, path: Path) -> Path:
         axis.barh(names, [importances[name] for name in names], color="#4c72b0")
         axis.set_xlabel("importance (share of the variance of the objective)")
         axis.set_xlim(0, 1)
-    axis.set_title(f"study {study.study_name}: parameter importances ({len(complete)} complete trials)")
+    rough = ": a rough estimate" if note is None and len(complete) < ROUGH_IMPORTANCE else ""
+    # A figure title, so that the layout makes room for it whatever the width of the bars' names.
+    figure.suptitle(f"study {study.study_name}: parameter importances\n({len(complete)} complete trials{rough})")
     return _save(figure, path)
 
 
