@@ -11,8 +11,11 @@ CPU has no fast bfloat16, ``auto`` does so too when the work is large enough to 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 # The choice tables: recipes, the CLI's --help and the engines all read these.
@@ -150,24 +153,78 @@ def quiet_keras_retracing() -> None:
         logger.addFilter(KerasRetracingFilter())
 
 
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
-
-    Those lines are written before TensorFlow's own log level applies, straight to file
-    descriptor 2, so only a redirect hides them. Python errors still show: an ImportError
-    is raised after the descriptor is restored. ``TRANSFERKIT_DEBUG`` set: nothing hidden.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if os.environ.get("TRANSFERKIT_DEBUG"):
-        return
+@contextlib.contextmanager
+def _stderr_hidden():
+    """File descriptor 2 sent to the null device for the block (C++ libraries write there
+    directly, past Python's ``sys.stderr``), restored after it, errors included."""
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            try:
-                import tensorflow  # noqa: F401
-            except ImportError:
-                pass  # re-raised below with stderr restored
+            yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+
+    Those lines are written before TensorFlow's own log level applies, straight to file
+    descriptor 2, so only a redirect hides them. Where TensorFlow is not installed, nothing
+    happens. ``TRANSFERKIT_DEBUG`` set: nothing hidden.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ.get("TRANSFERKIT_DEBUG"):
+        return
+    with _stderr_hidden():
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            pass
+
+
+class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """TensorFlow's first import, whenever something makes it (Keras, an export), with its
+    C++ start-up chatter hidden as ``import_tensorflow_quietly`` hides it: the command line
+    puts one on ``sys.meta_path`` (``quiet_tensorflow_import``) instead of importing
+    TensorFlow before each command, so that a mistake found before Keras is needed (a
+    recipe key, a run folder that does not exist) is told at once, not after seconds of
+    TensorFlow's start-up. It takes itself off at that first import."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # by the finders after this one
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """A module's own loader, its module run with file descriptor 2 hidden; the module keeps
+    its own loader afterwards."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        with _stderr_hidden():
+            self.loader.exec_module(module)
+
+
+def quiet_tensorflow_import() -> None:
+    """Hide the C++ start-up chatter of TensorFlow's import whenever it comes (a
+    ``QuietTensorFlowImport`` on ``sys.meta_path``); nothing where TensorFlow is imported
+    already or ``TRANSFERKIT_DEBUG`` is set."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ.get("TRANSFERKIT_DEBUG") or "tensorflow" in sys.modules:
+        return
+    if not any(isinstance(finder, QuietTensorFlowImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, QuietTensorFlowImport())

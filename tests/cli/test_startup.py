@@ -32,3 +32,37 @@ def best_of_three(*args: str) -> float:
 def test_help_and_listings_answer_within_their_start_up_budget(args, budget):
     seconds = best_of_three(*args)
     assert seconds < budget, f"transferkit {' '.join(args)} took {seconds:.2f} s (budget {budget} s)"
+
+
+# Told before Keras is needed, so before TensorFlow's start-up (which a finetune or predict
+# makes quietly, whenever it comes: its C++ lines, oneDNN's and CUDA's, never reach stderr).
+REPORTS_TENSORFLOW = "import atexit, sys; atexit.register(lambda: print('tensorflow' in sys.modules, file=sys.stderr))"
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["finetune", "{data}", "--set", "bogus.key=1"], 2, "unknown key 'bogus'"),
+    (["predict", "{tmp}/no-run", "{data}"], 1, "no-run does not exist"),
+])
+def test_a_mistake_found_before_keras_is_needed_is_told_without_loading_tensorflow(args, code, fragment, shapes_dir,
+                                                                                 tmp_path):
+    import os
+
+    command = [sys.executable, "-c", f"{REPORTS_TENSORFLOW}; from transferkit.cli import main; sys.argv[0] = "
+               "'transferkit'; main()", *(arg.format(data=shapes_dir, tmp=tmp_path) for arg in args)]
+    env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and fragment in lines[0], done.stderr
+    assert lines[1] == "False"  # TensorFlow never imported
+
+
+def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_stderr(shapes_run, shapes_dir):
+    import os
+
+    command = [sys.executable, "-c", f"{REPORTS_TENSORFLOW}; from transferkit.cli import main; sys.argv[0] = "
+               "'transferkit'; main()", "predict", str(shapes_run.path), str(shapes_dir), "-q", "--engine", "keras"]
+    env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["True"], done.stderr  # TensorFlow loaded, and not one line of its own

@@ -38,7 +38,7 @@ from transferkit.cli import (
 )
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
-from transferkit.runtime import import_tensorflow_quietly
+from transferkit.runtime import quiet_tensorflow_import
 
 app = typer.Typer(
     name="transferkit",
@@ -72,14 +72,14 @@ _STARTUP = {"tensorflow": False}
 
 
 def _tensorflow_first(command):
-    """The command with TensorFlow imported quietly just before its body when ``main`` said
-    the command line needs it: after parsing, so that a mistyped flag is answered at once,
-    not after TensorFlow's start-up (seconds)."""
+    """The command with TensorFlow's import made quiet, whenever it comes, when ``main`` said
+    the command line needs it: a mistyped flag, or a mistake found before Keras is needed, is
+    answered at once, not after TensorFlow's start-up (seconds)."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         if _STARTUP["tensorflow"]:
-            import_tensorflow_quietly()
+            quiet_tensorflow_import()
         return command(*args, **kwargs)
 
     return run
@@ -115,8 +115,8 @@ TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loa
 def needs_tensorflow(argv: list[str]) -> bool:
     """Whether the command line runs a command that loads TensorFlow (not for --help). On JAX
     or PyTorch too: Keras imports TensorFlow wherever it is installed (its serialization looks
-    for TensorFlow's shapes), so it is imported first, quietly; where it is not installed,
-    nothing is missed."""
+    for TensorFlow's shapes), so its import is made quiet; where it is not installed, nothing
+    is missed."""
     if len(argv) < 2 or "--help" in argv:
         return False
     command = argv[1]

@@ -92,11 +92,12 @@ def finetune(
     Ctrl-C stops after the current batch and keeps the last completed epoch; continue
     with --resume RUN_DIR.
     """
-    from transferkit import workflow
     from transferkit.recipe import load_recipe
 
     setup_logging(quiet, verbose)
     if resume is not None:
+        from transferkit import workflow
+
         given = [_flag(parameter) for parameter in ctx.command.params
                  if parameter.name not in RESUME_PARAMETERS and _given(ctx, parameter.name)]
         if given:
@@ -108,7 +109,9 @@ def finetune(
         return
     if data_dir is None:
         raise usage_error("finetune needs DATA_DIR (or --resume RUN_DIR)")
-    resolved = load_recipe(recipe, recipe_overrides(ctx))
+    resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
+    from transferkit import workflow
+
     run = workflow.finetune(data_dir, resolved, val_dir=val_dir, output=output, force=force, save_h5=save_h5,
                             verbose=0 if quiet else 1)
     typer.echo(run.describe())
