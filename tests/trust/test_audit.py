@@ -101,6 +101,7 @@ def test_the_mislabelled_files_lead_the_issues_with_their_true_class(audited):
         assert float(row["score"]) > 0.5
     assert list(rows[0]) == ["file", "given", "suggested", "score", "kind", "confident", "detail"]
     assert "likely label error" in printed and "nothing was moved" in printed
+    assert "random weights (--weights none)" in printed  # the fixes of a random backbone are guesses: warned
 
 
 def test_the_copies_are_near_duplicates_and_nothing_else_is(audited):

@@ -157,7 +157,7 @@ class AuditResult:
         for issue in self.issues[:5]:
             lines.append(f"  {issue.kind:9} {issue.score:.2f}  {issue.file}  ({issue.given} -> {issue.suggested})")
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} unreadable file(s) skipped")
+            lines.append(f"  {len(self.skipped)} file(s) skipped (unreadable or not images)")
         if self.path is not None:
             lines.append(f"  written to {self.path} (issues.csv, issues.png, moves.sh); nothing was moved")
         return "\n".join(lines)
@@ -209,6 +209,9 @@ def audit(
         raise RecipeError(f"--folds must be at least 2, got {folds}")
     out = named_folder(output) if output is not None else default_output(data_dir)
     check_output_folder(out, force, data_dir)
+    if recipe.weights == "none":
+        log.warning("the backbone has random weights (--weights none): its features separate colours, not much "
+                    "else, so the label fixes suggested are guesses on photographs; read moves.sh before running it")
     decoded = decode_folder(data_dir, recipe, verbose=verbose)
     counts = np.bincount(decoded.labels, minlength=len(decoded.class_names))
     if counts.min() < folds:
