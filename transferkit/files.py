@@ -231,6 +231,41 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def require_apart(output: str | os.PathLike, data_folders, what: str) -> None:
+    """Refuse an output folder that is a data folder, lies inside one (what it writes would
+    be read as a class of images, or mixed into one) or holds one (replacing it would
+    delete the data). Paths are compared with symbolic links resolved, so that a link to
+    the data is the data.
+
+    Args:
+        output: the folder to be written (it need not exist).
+        data_folders: the folders read (None entries are passed over).
+        what: what the output is, for the message ("run folder", "evaluation folder").
+
+    Raises:
+        RunError: it is, lies inside or holds one of them.
+    """
+    from transferkit.errors import RunError
+
+    def real(path) -> Path:
+        path = Path(os.path.abspath(path))
+        existing = existing_ancestor(path)
+        return existing.resolve() / path.relative_to(existing)
+
+    target = real(output)
+    for folder in data_folders:
+        if folder is None:
+            continue
+        data = real(folder)
+        if target == data:
+            raise RunError(f"{what} {output} is the data folder {folder}; write it elsewhere with -o")
+        if data in target.parents:
+            raise RunError(f"{what} {output} is inside the data folder {folder} (its files would be read as "
+                           "images of a class); write it outside it with -o")
+        if target in data.parents:
+            raise RunError(f"{what} {output} holds the data folder {folder}; choose another -o")
+
+
 # errno -> what a write failure is, in words a user acts on.
 WRITE_FAILURES = {
     errno.ENOSPC: "the disk is full",

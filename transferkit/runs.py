@@ -48,6 +48,7 @@ from transferkit.files import (
     flush_tree,
     remove_leftovers,
     replace_folder,
+    require_apart,
     staging_folder,
     write_atomic,
     write_failure,
@@ -170,17 +171,7 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
     if output.exists() and not output.is_dir():
         raise RunError(f"output {output} is a file; pass a folder path with -o")
     absolute = Path(os.path.abspath(output))
-    for folder in data_folders:
-        if folder is None:
-            continue
-        data = Path(os.path.abspath(folder))
-        if absolute == data:
-            raise RunError(f"run folder {output} is the data folder {folder}; write the run elsewhere with -o")
-        if data in absolute.parents:
-            raise RunError(f"run folder {output} is inside the data folder {folder} (it would be read as a "
-                           "class); write the run outside it with -o")
-        if absolute in data.parents:
-            raise RunError(f"run folder {output} holds the data folder {folder}; choose another -o")
+    require_apart(output, data_folders, "run folder")
     if output.exists():
         if not force:
             raise RunError(f"run folder {output} exists already; pass --force to replace it or choose another -o")

@@ -174,7 +174,7 @@ def test_audit_refuses_an_existing_folder_without_force_and_a_folder_inside_the_
     assert forced.exit_code == 1 and "not an audit folder" in forced.output
     assert (other / "keep.txt").read_text() == "mine"
     inside = runner.invoke(app, ["audit", str(root), *FLAGS, "-o", str(root / "audit")])
-    assert inside.exit_code == 1 and "or inside it" in inside.output
+    assert inside.exit_code == 1 and "is inside the data folder" in inside.output
     for result in (again, forced, inside):
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 

@@ -57,7 +57,7 @@ def evaluate(
     check_choice("--precision", precision, PRECISIONS)
     check_trust_flags(reject, sets, tta)
     if output is not None:
-        check_output_folder(output, force)
+        check_output_folder(output, force, images)
     loaded = load_run(run)
     result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
                              precision=precision, progress=progress_bar("image", enabled=not quiet),
@@ -79,12 +79,14 @@ def explain(
     verbose: VerboseOption = False,
 ) -> None:
     """Grad-CAM heatmaps: where the model looked, per image a PNG and the raw .npy."""
-    from transferkit.evaluation.gradcam import default_output, write_explanations
+    from transferkit.evaluation.gradcam import check_output_folder, default_output, write_explanations
     from transferkit.evaluation.gradcam import explain as explain_images
     from transferkit.runs import load_run
 
     setup_logging(False, verbose)
     check_positive("--top", top)
+    if output is not None:
+        check_output_folder(output, force, images)  # before any work
     loaded = load_run(run)
     explanations = explain_images(loaded, images, class_name=class_name, top=top)
     folder = output if output is not None else default_output(loaded.path, images)

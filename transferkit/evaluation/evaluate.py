@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import write_atomic, write_failure
+from transferkit.files import require_apart, write_atomic, write_failure
 from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.locks import publishing, require_not_live
+from transferkit.runs import LABELS_FILE
 
 log = logging.getLogger("transferkit")
 
@@ -396,24 +397,32 @@ def default_output(result: EvaluationResult) -> Path:
     return result.run_path / f"eval-{name}-{stamp}"
 
 
-def check_output_folder(out_dir: Path, force: bool) -> None:
-    """Fail before any work if ``out_dir`` exists (without ``force``) or is not an
-    evaluation folder that ``force`` may replace.
+def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | None = None) -> None:
+    """Fail before any work if ``out_dir`` exists (without ``force``), is not an evaluation
+    folder that ``force`` may replace (a run folder, which also holds a metrics.json, never
+    is), or is, lies inside or holds the folder evaluated.
+
+    Args:
+        out_dir: the evaluation folder.
+        force: an earlier evaluation folder there may be replaced.
+        folder: the labelled folder evaluated; default None (not checked).
 
     Raises:
-        RunError: it exists without ``force``, is a file, or holds something other than an
-            earlier evaluation.
+        RunError: it exists without ``force``, is a file, holds something other than an
+            earlier evaluation, or is, lies inside or holds ``folder``.
     """
     require_not_live(out_dir)
+    require_apart(out_dir, [folder], "evaluation folder")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise RunError(f"output {out_dir} is a file; pass a folder path with -o")
     if not force:
         raise RunError(f"{out_dir} exists already; pass --force to replace it or choose another -o")
-    if any(out_dir.iterdir()) and not (out_dir / "metrics.json").is_file():
-        raise RunError(f"{out_dir} is not an evaluation folder (no metrics.json) and is not empty; --force "
-                       "replaces only evaluation folders: choose another -o")
+    if any(out_dir.iterdir()) and (not (out_dir / "metrics.json").is_file() or (out_dir / LABELS_FILE).is_file()):
+        kind = "a run folder" if (out_dir / LABELS_FILE).is_file() else "not an evaluation folder (no metrics.json)"
+        raise RunError(f"{out_dir} is {kind} and is not empty; --force replaces only evaluation folders: choose "
+                       "another -o")
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None = None,
@@ -439,11 +448,12 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
     from transferkit.runs import named_folder
 
     out_dir = named_folder(out_dir) if out_dir is not None else default_output(result)
-    check_output_folder(out_dir, force)
+    check = lambda: check_output_folder(out_dir, force, result.folder)
+    check()
     try:
         # Under the folder's owner lock: a second evaluate -o OUT is refused, naming this one,
         # and the check is made again, as another process may have written OUT meanwhile.
-        with publishing(out_dir, "evaluation", check=lambda: check_output_folder(out_dir, force)) as staging:
+        with publishing(out_dir, "evaluation", check=check) as staging:
             _write_contents(result, staging)
     except OSError as error:
         raise RunError(f"could not write {out_dir}: {write_failure(error)}; nothing was written") from error

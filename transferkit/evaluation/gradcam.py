@@ -34,6 +34,7 @@ from transferkit.errors import DataError, RunError
 log = logging.getLogger("transferkit")
 
 GRID_LIMIT = 48
+INDEX_FILE = "heatmaps.json"  # what marks an explain folder
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,38 @@ def _safe(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text).strip("._") or "image"
 
 
+def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | None = None) -> None:
+    """Fail before any work where the heatmaps could not be written or would mix into
+    something else.
+
+    Args:
+        out_dir: the folder to write.
+        force: write into an earlier explain folder (its heatmaps.json) that is not empty.
+        images: the image file or folder explained; default None (not checked).
+
+    Raises:
+        RunError: ``out_dir`` is a file, is not empty (without ``force``; with it, unless it
+            is an explain folder: never a run folder), or is, lies inside or holds the
+            images' folder (an image file's own folder).
+    """
+    from transferkit.files import existing_ancestor, require_apart
+
+    if images is not None:
+        images = Path(images)
+        require_apart(out_dir, [images if images.is_dir() else images.parent], "explain folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"output {out_dir} is a file; pass a folder path with -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise RunError(f"{out_dir} exists already; pass --force to write into it or choose another -o")
+        if not (out_dir / INDEX_FILE).is_file():
+            raise RunError(f"{out_dir} is not an explain folder (no {INDEX_FILE}) and is not empty; --force writes "
+                           "only into explain folders: choose another -o")
+    existing = existing_ancestor(Path(os.path.abspath(out_dir)))
+    if not existing.is_dir():
+        raise RunError(f"cannot create {out_dir}: {existing} is a file; choose another -o")
+
+
 def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.PathLike, force: bool = False,
                        root: str | os.PathLike | None = None) -> list[Path]:
     """Per image a PNG (the original, each heatmap over it, class and confidence) and per
@@ -287,14 +320,16 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
         The files written.
 
     Raises:
-        RunError: ``out_dir`` is a file, or is not empty without ``force``.
+        RunError: see ``check_output_folder`` (with ``root`` as the images' folder).
     """
-    from transferkit.files import atomic_path, write_atomic
+    from transferkit.files import atomic_path, write_atomic, write_failure
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
-        raise RunError(f"{out_dir} exists already; pass --force to write into it or choose another -o")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir, force, root)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create {out_dir}: {write_failure(error)}; choose another -o") from None
     written: list[Path] = []
     index = []
     used: set[str] = set()
@@ -316,7 +351,7 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
         index.append(entry)
     if len(explanations) > 1:
         written.append(plot_grid(explanations, out_dir / "gradcam_grid.png"))
-    written.append(write_atomic(out_dir / "heatmaps.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n"))
+    written.append(write_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n"))
     return written
 
 

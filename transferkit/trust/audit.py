@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import write_atomic, write_failure
+from transferkit.files import require_apart, write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.recipe import Recipe
 
@@ -246,14 +246,7 @@ def check_output_folder(out: Path, force: bool, data_dir: str | os.PathLike | No
             the data folder or holds it.
     """
     require_not_live(out)
-    absolute = Path(os.path.abspath(out))
-    if data_dir is not None:
-        data = Path(os.path.abspath(data_dir))
-        if absolute == data or data in absolute.parents:
-            raise RunError(f"audit folder {out} is the data folder {data_dir} or inside it (its pictures would be "
-                           "read as images of a class); write it elsewhere with -o")
-        if absolute in data.parents:
-            raise RunError(f"audit folder {out} holds the data folder {data_dir}; choose another -o")
+    require_apart(out, [data_dir], "audit folder")
     if not out.exists():
         return
     if not out.is_dir():

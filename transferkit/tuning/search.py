@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
@@ -48,12 +49,13 @@ from typing import TYPE_CHECKING, Any
 from transferkit.errors import (
     DataError,
     EngineError,
+    RunError,
     TrainingInterrupted,
     TransferkitError,
     WeightsError,
     first_line,
 )
-from transferkit.files import atomic_path, fault_point, pid_alive, write_atomic
+from transferkit.files import atomic_path, fault_point, pid_alive, require_apart, write_atomic
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.strategies import require_one_process, resolve_distribution
 from transferkit.tuning.objective import METRICS
@@ -231,35 +233,69 @@ def tune(
         trials = DEFAULT_TRIALS if study_trials is None else sys.maxsize
     name = Path(data_dir).resolve().name
     output = Path(output) if output is not None else Path("runs") / f"tune-{name}"
-    _require_outside(output, data_dir, val_dir)
+    require_apart(output, [data_dir, val_dir], "tune folder")
     with _recipe_source(recipe, overrides) as (source, source_overrides):
         base = load_recipe(source, source_overrides)
         require_one_process(base.strategy, base.devices, "tune")
         resolve_distribution(base.strategy, base.devices)  # before TensorFlow starts: it may set its devices
         space = build_space(source, source_overrides, base)
         require_mlflow(base.mlflow)
-        output.mkdir(parents=True, exist_ok=True)
-        storage_url = storage if storage is not None else f"sqlite:///{(output / STUDY_FILE).resolve()}"
-        with _optuna_quiet(optuna):
-            the_study, opened = _open_study(optuna, storage_url, study or name, metric, base, pruner)
-            if not the_study.trials and space.parameters:
-                params = space.recipe_params(base)
-                if params:
-                    the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"}, skip_if_exists=True)
-            data = _Data(data_dir, val_dir)
-            tracker, search, outcome = None, None, "fail"
-            try:
-                data.for_recipe(base, verbose)  # data errors before the first trial
+        _check_tune_output(output)
+        created = not output.exists()
+        data = _Data(data_dir, val_dir)
+        tracker, search, outcome = None, None, "fail"
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            storage_url = storage if storage is not None else f"sqlite:///{(output / STUDY_FILE).resolve()}"
+            with _optuna_quiet(optuna):
+                try:
+                    the_study, opened = _open_study(optuna, storage_url, study or name, metric, base, pruner)
+                    if not the_study.trials and space.parameters:
+                        params = space.recipe_params(base)
+                        if params:
+                            the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"},
+                                                    skip_if_exists=True)
+                    data.for_recipe(base, verbose)  # data errors before the first trial
+                except TransferkitError:
+                    if created:  # a call that fails before its first trial leaves no folder of its own
+                        shutil.rmtree(output, ignore_errors=True)
+                    raise
                 tracker = _track_study(base, the_study, storage_url, output)
                 shared = SharedStudy(the_study, opened, cap=study_trials)
                 search = _Search(shared, space, data, metric, output, verbose, storage_url, tracker)
                 search.run(trials, timeout)
                 outcome = "interrupted" if search.interrupted else "complete"
-            finally:
-                data.features.close()
-                if tracker is not None:
-                    _end_study_run(tracker, the_study, output, metric, outcome)
-            return search.summary(storage_url)
+        finally:
+            data.features.close()
+            if tracker is not None:
+                _end_study_run(tracker, the_study, output, metric, outcome)
+        return search.summary(storage_url)
+
+
+def _check_tune_output(output: Path) -> None:
+    """Fail before any work where the tune folder cannot be written, or is another kind of
+    folder (a run, an export): an existing tune folder (its study.db or trials.csv) is where
+    the same command continues the study.
+
+    Raises:
+        RunError: it is a file, a non-empty folder of something else, or its parent cannot
+            be created or written.
+    """
+    from transferkit.files import existing_ancestor
+    from transferkit.locks import LOCK_FILE
+
+    if output.exists() and not output.is_dir():
+        raise RunError(f"output {output} is a file; pass a folder path with -o")
+    # What a tune (this one's partner on the study, maybe, a moment earlier) writes first.
+    marks = (STUDY_FILE, TRIALS_FILE, BEST_RECIPE_FILE, LOCK_FILE)
+    if output.is_dir() and any(output.iterdir()) and not any((output / name).is_file() for name in marks):
+        raise RunError(f"{output} is not a tune folder (no {STUDY_FILE} or {TRIALS_FILE}) and is not empty; "
+                       "choose another -o")
+    existing = existing_ancestor(Path(os.path.abspath(output)))
+    if not existing.is_dir():
+        raise RunError(f"cannot create {output}: {existing} is a file; choose another -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
 
 
 @contextmanager
@@ -273,17 +309,6 @@ def _recipe_source(recipe, overrides):
         path = Path(folder) / "recipe.toml"
         path.write_text(recipe.to_toml(), encoding="utf-8")
         yield path, {}
-
-
-def _require_outside(output: Path, *folders) -> None:
-    """The outputs never go inside the data (they would be read as a class of images)."""
-    for folder in folders:
-        if folder is None:
-            continue
-        data = Path(folder).resolve()
-        if output.resolve() == data or data in output.resolve().parents:
-            raise TransferkitError(f"the tune folder {output} is inside the data folder {folder}; "
-                                   "give -o a folder outside it")
 
 
 @contextmanager

@@ -1,0 +1,88 @@
+"""Where a command writes, it never destroys or pollutes what it reads: an output folder is
+never a run it was not asked to replace, never inside the images it reads (where its files
+would become a class), symbolic links seen through; and a bad -o is one line, before any
+work, with nothing created."""
+
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import transferkit
+from transferkit.cli import app
+from transferkit.errors import RunError
+
+runner = CliRunner()
+
+
+def listing(root):
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*"))
+
+
+def one_error_line(result, code=1):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_a_run_folder_reached_through_a_link_to_the_data_is_inside_the_data(shapes_dir, tmp_path):
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    (tmp_path / "link").symlink_to(data)
+    before = listing(data)
+    with pytest.raises(RunError, match="inside the data folder"):
+        transferkit.finetune(data, None, {"weights": "none"}, output=tmp_path / "link" / "run", verbose=0)
+    with pytest.raises(RunError, match="inside the data folder"):
+        transferkit.finetune(tmp_path / "link", None, {"weights": "none"}, output=data / "run", verbose=0)
+    assert listing(data) == before
+
+
+def test_evaluate_never_replaces_a_run_and_never_writes_into_the_images(shapes_run, shapes_dir, tmp_path):
+    victim = shutil.copytree(shapes_run.path, tmp_path / "victim")
+    before = listing(victim)
+    line = one_error_line(runner.invoke(app, ["evaluate", str(shapes_run.path), str(shapes_dir), "-o", str(victim),
+                                              "--force", "-q"]))
+    assert "is a run folder" in line and "--force replaces only evaluation folders" in line
+    assert listing(victim) == before and transferkit.load_run(victim).model is not None
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    line = one_error_line(runner.invoke(app, ["evaluate", str(shapes_run.path), str(data), "-o",
+                                              str(data / "ev"), "-q"]))
+    assert "inside the data folder" in line and not (data / "ev").exists()
+
+
+def test_explain_refuses_a_run_the_images_folder_and_a_file_in_the_path_before_any_work(shapes_run, shapes_dir,
+                                                                                       tmp_path):
+    victim = shutil.copytree(shapes_run.path, tmp_path / "victim")
+    before = listing(victim)
+    images = shapes_dir / shapes_run.class_names[0]
+    line = one_error_line(runner.invoke(app, ["explain", str(shapes_run.path), str(images), "-o", str(victim),
+                                              "--force"]))
+    assert "not an explain folder" in line and listing(victim) == before
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    one_image = sorted((data / shapes_run.class_names[0]).iterdir())[0]
+    line = one_error_line(runner.invoke(app, ["explain", str(shapes_run.path), str(one_image), "-o",
+                                              str(one_image.parent / "heat")]))
+    assert "inside the data folder" in line and not (one_image.parent / "heat").exists()
+    (tmp_path / "afile").write_text("keep me")
+    line = one_error_line(runner.invoke(app, ["explain", str(shapes_run.path), str(images), "-o",
+                                              str(tmp_path / "afile" / "x")]))
+    assert "afile is a file" in line and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_tune_refuses_another_kind_of_folder_and_leaves_nothing_when_the_data_is_wrong(shapes_run, tmp_path):
+    pytest.importorskip("optuna", reason="the tune extra is not installed")
+    victim = shutil.copytree(shapes_run.path, tmp_path / "victim")
+    before = listing(victim)
+    flags = ["--weights", "none", "--trials", "1", "-q"]
+    line = one_error_line(runner.invoke(app, ["tune", str(tmp_path / "nowhere"), *flags, "-o", str(victim)]))
+    assert "not a tune folder" in line and listing(victim) == before
+    (tmp_path / "afile").write_text("keep me")
+    line = one_error_line(runner.invoke(app, ["tune", str(tmp_path / "nowhere"), *flags, "-o",
+                                              str(tmp_path / "afile")]))
+    assert "is a file" in line and (tmp_path / "afile").read_text() == "keep me"
+    line = one_error_line(runner.invoke(app, ["tune", str(tmp_path / "nowhere"), *flags, "-o",
+                                              str(tmp_path / "study")]))
+    assert "nowhere does not exist" in line and not (tmp_path / "study").exists()
+    assert sorted(os.listdir(tmp_path)) == ["afile", "victim"]  # nothing else was made beside them
