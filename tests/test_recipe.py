@@ -54,9 +54,16 @@ def test_stage_overrides_by_index_and_open_range():
     assert [stage.epochs for stage in recipe.stages] == [2, 0, 0]
 
 
-def test_stage_override_out_of_range_names_the_count():
-    with pytest.raises(RecipeError, match="2 stage"):
-        load_recipe(None, {"stages.5.epochs": 1})
+@pytest.mark.parametrize("key", ["stages.5.epochs", "stages.2:.epochs", "stages.-3:.epochs"])
+def test_stage_override_out_of_range_names_the_count(key):
+    # an open range too: one past the last stage set nothing, one before the first raised IndexError
+    with pytest.raises(RecipeError, match="the recipe has 2 stage"):
+        load_recipe(None, {key: 1})
+
+
+def test_a_negative_open_range_counts_from_the_last_stage_as_a_slice_does():
+    recipe = load_recipe("vgg16", {"stages.0:.epochs": 4, "stages.-1:.epochs": 1})
+    assert [stage.epochs for stage in recipe.stages] == [4, 4, 1]
 
 
 def test_unknown_key_names_key_and_valid_keys(tmp_path):

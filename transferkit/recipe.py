@@ -586,7 +586,10 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
         selector = parts[1]
         try:
             if selector.endswith(":"):
-                chosen = range(int(selector[:-1]), len(stages))
+                start = int(selector[:-1])
+                if not -len(stages) <= start < len(stages):  # it starts at a stage the recipe has
+                    raise IndexError
+                chosen = range(start % len(stages), len(stages))  # as a Python slice: -1: is the last
             else:
                 index = int(selector)
                 if not -len(stages) <= index < len(stages):
