@@ -86,3 +86,26 @@ def test_tune_refuses_another_kind_of_folder_and_leaves_nothing_when_the_data_is
                                               str(tmp_path / "study")]))
     assert "nowhere does not exist" in line and not (tmp_path / "study").exists()
     assert sorted(os.listdir(tmp_path)) == ["afile", "victim"]  # nothing else was made beside them
+
+
+def test_lr_find_checks_its_plot_before_the_range_test(shapes_dir, tmp_path):
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    before = listing(data)
+    (tmp_path / "afile").write_text("keep me")
+    flags = ["--weights", "none", "--image-size", "32", "--steps", "5"]
+    for target, fragment in [(data / "circle" / "lr.png", "inside the data folder"),
+                             (tmp_path / "lr.txt", "use a .png file name"),
+                             (tmp_path / "afile" / "lr.png", "afile is a file")]:
+        line = one_error_line(runner.invoke(app, ["lr-find", str(data), *flags, "-o", str(target)]))
+        assert fragment in line and "learning-rate range test" not in line
+    assert listing(data) == before and (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "data"]
+
+
+def test_export_never_writes_into_the_data_folder_it_checks_on(shapes_run, shapes_dir, tmp_path):
+    pytest.importorskip("tensorflow")
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    before = listing(data)
+    line = one_error_line(runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o",
+                                              str(data / "exported"), "--data", str(data)]))
+    assert "inside the data folder" in line and listing(data) == before

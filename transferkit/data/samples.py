@@ -68,7 +68,7 @@ def sample_images(run, data_dir: str | os.PathLike | None = None, samples: int =
         DataError: the data folder's classes are not the run's.
     """
     rng = np.random.default_rng(seed)
-    data_dir = data_dir if data_dir is not None else _recorded_data_dir(run)
+    data_dir = data_dir if data_dir is not None else recorded_data_dir(run)
     if data_dir is None:
         log.warning("no data folder for %s (pass --data DATA_DIR to check on its validation images); "
                     "checking on generated images against the float model's own predictions", run.path)
@@ -78,7 +78,9 @@ def sample_images(run, data_dir: str | os.PathLike | None = None, samples: int =
     return _from_folder(run, Path(data_dir), samples, calibration, rng)
 
 
-def _recorded_data_dir(run) -> Path | None:
+def recorded_data_dir(run) -> Path | None:
+    """The data folder the run's labels.json records (``data_dir``), where it is still a
+    folder; else None."""
     import json
 
     try:
@@ -160,7 +162,7 @@ def int8_samples(run, count: int = 64, seed: int = 0):
         ``inference.int8.Int8Samples``-shaped (calibration, held_back) pair as a tuple, or
         None when the run's data folder is not there (generated images are no calibration).
     """
-    data_dir = _recorded_data_dir(run)
+    data_dir = recorded_data_dir(run)
     if data_dir is None:
         return None
     try:

@@ -43,7 +43,7 @@ from transferkit.export.formats import (
     require_tensorflow_backend,
 )
 from transferkit.export.verify import SHARED_PROCESS, FreshChecks
-from transferkit.files import write_atomic, write_failure
+from transferkit.files import require_apart, write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER
 
@@ -156,7 +156,7 @@ def export_run(
     specs = _chosen_formats(format, quantize)
     run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
     specs = _fit_for_backbone(get_spec(run.backbone), specs, many=format == "all")
-    targets = _targets(run, specs, quantize, output, format == "all", force)
+    targets = _targets(run, specs, quantize, output, format == "all", force, data)
     if max_drop < 0:
         raise ExportError(f"--max-drop must be at least 0 points, got {max_drop:g}")
     model = float32_model(run.model)
@@ -224,27 +224,33 @@ def _fit_for_backbone(backbone, specs: list[ExportFormat], many: bool) -> list[E
     return fit
 
 
-def _targets(run, specs, quantize: str, output, many: bool, force: bool) -> list[Path]:
+def _targets(run, specs, quantize: str, output, many: bool, force: bool, data=None) -> list[Path]:
     """Each export's folder, checked before any work: none may exist without ``force``,
-    and ``force`` replaces only export folders (never the run, never another folder)."""
+    ``force`` replaces only export folders (never the run, never another folder), and none
+    lies in the data folder (``data``, else the one the run recorded)."""
     root = Path(run.path) / EXPORTS_FOLDER if output is None or many else None
     if output is not None and many:
         root = Path(output)
     targets = [root / spec.folder_name(quantize) if root is not None else Path(output) for spec in specs]
+    from transferkit.data.samples import recorded_data_dir
+
+    data = data if data is not None else recorded_data_dir(run)
     for target in targets:
-        _check_target(run, target, force)
+        _check_target(run, target, force, data)
     return targets
 
 
-def _check_target(run, target: Path, force: bool) -> None:
+def _check_target(run, target: Path, force: bool, data=None) -> None:
     """An export folder may be written: no other process writes it now, it does not exist
-    (or ``force`` and it is an export folder), and it is not the run or above it."""
+    (or ``force`` and it is an export folder), it is not the run or above it, and it is not
+    in the data folder ``data`` (nor holds it)."""
     run_folder = Path(run.path).resolve()
     resolved = target.resolve()
     if resolved == run_folder or resolved in run_folder.parents:
         raise ExportError(f"export folder {target} would replace the run {run.path}; choose another -o")
     try:
         require_not_live(target)
+        require_apart(target, [data], "export folder")
     except RunError as error:
         raise ExportError(str(error)) from error
     if target.exists():

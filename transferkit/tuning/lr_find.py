@@ -45,8 +45,8 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec, get_spec
 from transferkit.data.prepare import prepare_data
-from transferkit.errors import RecipeError
-from transferkit.files import atomic_path
+from transferkit.errors import RecipeError, RunError
+from transferkit.files import atomic_path, existing_ancestor, require_apart
 from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
@@ -311,12 +311,15 @@ def find_learning_rate(
         A ``RangeTest`` with the suggestion and the usable range.
 
     Raises:
-        RecipeError: a bad recipe, stage or range. TransferkitError: what ``finetune`` raises
-            for the data.
+        RecipeError: a bad recipe, stage or range. RunError: the plot cannot be written
+            there (``check_plot_output``). TransferkitError: what ``finetune`` raises for
+            the data.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     _check_range(min_lr, max_lr, steps)
+    if output is not None:
+        check_plot_output(output, [data_dir, val_dir])
     with prepare_stage(data_dir, recipe, stage, val_dir=val_dir, verbose=verbose) as setup:
         if verbose:
             log.info(f"learning-rate range test of stage {stage + 1} '{setup.stage.name}' "
@@ -399,6 +402,27 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     shown = int(above[-1]) + 1 if len(above) else 0
     r_min, r_fall = float(learning_rates[lowest]), float(learning_rates[shown])
     return max(math.sqrt(r_fall * r_min / 10), r_fall), (r_fall / 10, r_min)
+
+
+def check_plot_output(path: str | os.PathLike, data_folders=()) -> None:
+    """Fail before the range test where its plot could not be written or would land among
+    the images read.
+
+    Raises:
+        RunError: not a .png name, a folder, inside a data folder (it would be read as an
+            image of a class), or its folder cannot be created or written.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise RunError(f"--output {path}: the plot is a PNG; use a .png file name")
+    if path.is_dir():
+        raise RunError(f"--output {path} is a folder; name a .png file in it")
+    require_apart(path, data_folders, "plot")
+    existing = existing_ancestor(Path(os.path.abspath(path)).parent)
+    if not existing.is_dir():
+        raise RunError(f"cannot create {path.parent}: {existing} is a file; choose another -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
 
 
 def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
