@@ -231,6 +231,24 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def require_writable_place(folder: str | os.PathLike) -> None:
+    """Fail before any work where ``folder`` could not be created or written: a file stands
+    where a folder of its path should be, or the nearest part of it that exists is not
+    writable.
+
+    Raises:
+        RunError: either of those, naming the part and what to do.
+    """
+    from transferkit.errors import RunError
+
+    folder = Path(os.path.abspath(folder))
+    existing = existing_ancestor(folder)
+    if not existing.is_dir():
+        raise RunError(f"cannot create {folder}: {existing} is a file; choose another -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
+
+
 def require_apart(output: str | os.PathLike, data_folders, what: str) -> None:
     """Refuse an output folder that is a data folder, lies inside one (what it writes would
     be read as a class of images, or mixed into one) or holds one (replacing it would

@@ -43,12 +43,12 @@ from typing import Any
 
 from transferkit.errors import RunError, first_line
 from transferkit.files import (
-    existing_ancestor,
     fault_point,
     flush_tree,
     remove_leftovers,
     replace_folder,
     require_apart,
+    require_writable_place,
     staging_folder,
     write_atomic,
     write_failure,
@@ -178,12 +178,7 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
         if not (output / LABELS_FILE).is_file() and any(output.iterdir()):
             raise RunError(f"{output} is not a run folder (no {LABELS_FILE}) and is not empty; --force replaces "
                            "only run folders: choose another -o")
-    # The parent is created when the run is written; here only check that it can be.
-    existing = existing_ancestor(absolute.parent)
-    if not existing.is_dir():
-        raise RunError(f"cannot create {absolute.parent}: {existing} is a file; choose another -o")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
+    require_writable_place(absolute.parent)  # created when the run is written: only checked here
 
 
 def save_run(

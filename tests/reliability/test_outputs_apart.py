@@ -109,3 +109,11 @@ def test_export_never_writes_into_the_data_folder_it_checks_on(shapes_run, shape
     line = one_error_line(runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o",
                                               str(data / "exported"), "--data", str(data)]))
     assert "inside the data folder" in line and listing(data) == before
+
+
+def test_an_evaluation_whose_folder_cannot_be_made_is_refused_before_the_images_are_read(shapes_run, shapes_dir,
+                                                                                         tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    line = one_error_line(runner.invoke(app, ["evaluate", str(shapes_run.path), str(shapes_dir), "-o",
+                                              str(tmp_path / "afile" / "x"), "-q"]))
+    assert "afile is a file" in line and (tmp_path / "afile").read_text() == "keep me"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import require_apart, write_atomic, write_failure
+from transferkit.files import require_apart, require_writable_place, write_atomic, write_failure
 from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.locks import publishing, require_not_live
 from transferkit.runs import LABELS_FILE
@@ -409,10 +409,12 @@ def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | 
 
     Raises:
         RunError: it exists without ``force``, is a file, holds something other than an
-            earlier evaluation, or is, lies inside or holds ``folder``.
+            earlier evaluation, is, lies inside or holds ``folder``, or its place cannot be
+            written.
     """
     require_not_live(out_dir)
     require_apart(out_dir, [folder], "evaluation folder")
+    require_writable_place(Path(os.path.abspath(out_dir)).parent)  # where it is published
     if not out_dir.exists():
         return
     if not out_dir.is_dir():

@@ -283,7 +283,7 @@ def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | 
             is an explain folder: never a run folder), or is, lies inside or holds the
             images' folder (an image file's own folder).
     """
-    from transferkit.files import existing_ancestor, require_apart
+    from transferkit.files import require_apart, require_writable_place
 
     if images is not None:
         images = Path(images)
@@ -296,9 +296,7 @@ def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | 
         if not (out_dir / INDEX_FILE).is_file():
             raise RunError(f"{out_dir} is not an explain folder (no {INDEX_FILE}) and is not empty; --force writes "
                            "only into explain folders: choose another -o")
-    existing = existing_ancestor(Path(os.path.abspath(out_dir)))
-    if not existing.is_dir():
-        raise RunError(f"cannot create {out_dir}: {existing} is a file; choose another -o")
+    require_writable_place(out_dir)
 
 
 def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.PathLike, force: bool = False,

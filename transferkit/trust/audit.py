@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import require_apart, write_atomic, write_failure
+from transferkit.files import require_apart, require_writable_place, write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.recipe import Recipe
 
@@ -247,6 +247,7 @@ def check_output_folder(out: Path, force: bool, data_dir: str | os.PathLike | No
     """
     require_not_live(out)
     require_apart(out, [data_dir], "audit folder")
+    require_writable_place(Path(os.path.abspath(out)).parent)  # where it is published
     if not out.exists():
         return
     if not out.is_dir():

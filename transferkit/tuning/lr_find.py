@@ -46,7 +46,7 @@ import numpy as np
 from transferkit.backbones import BackboneSpec, get_spec
 from transferkit.data.prepare import prepare_data
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import atomic_path, existing_ancestor, require_apart
+from transferkit.files import atomic_path, require_apart, require_writable_place
 from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
@@ -418,11 +418,7 @@ def check_plot_output(path: str | os.PathLike, data_folders=()) -> None:
     if path.is_dir():
         raise RunError(f"--output {path} is a folder; name a .png file in it")
     require_apart(path, data_folders, "plot")
-    existing = existing_ancestor(Path(os.path.abspath(path)).parent)
-    if not existing.is_dir():
-        raise RunError(f"cannot create {path.parent}: {existing} is a file; choose another -o")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
+    require_writable_place(path.parent)
 
 
 def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:

@@ -281,7 +281,7 @@ def _check_tune_output(output: Path) -> None:
         RunError: it is a file, a non-empty folder of something else, or its parent cannot
             be created or written.
     """
-    from transferkit.files import existing_ancestor
+    from transferkit.files import require_writable_place
     from transferkit.locks import LOCK_FILE
 
     if output.exists() and not output.is_dir():
@@ -291,11 +291,7 @@ def _check_tune_output(output: Path) -> None:
     if output.is_dir() and any(output.iterdir()) and not any((output / name).is_file() for name in marks):
         raise RunError(f"{output} is not a tune folder (no {STUDY_FILE} or {TRIALS_FILE}) and is not empty; "
                        "choose another -o")
-    existing = existing_ancestor(Path(os.path.abspath(output)))
-    if not existing.is_dir():
-        raise RunError(f"cannot create {output}: {existing} is a file; choose another -o")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
+    require_writable_place(output)
 
 
 @contextmanager
