@@ -34,6 +34,16 @@ def test_symlink_loop_is_walked_once(tmp_path):
     assert len(files) == 3
 
 
+def test_a_link_to_the_data_folder_inside_a_class_is_reported_not_walked(tmp_path):
+    """Followed, it would bring every other class's images in under this class's name."""
+    make_tree(tmp_path)
+    (tmp_path / "a_cats" / "up").symlink_to(tmp_path, target_is_directory=True)
+    index = index_folder(tmp_path)
+    assert index.counts() == {"a_cats": 3, "b_dogs": 4}
+    assert ("up", "a link to a folder above it (not followed)") in [(path.name, reason)
+                                                                   for path, reason in index.skipped]
+
+
 @pytest.mark.parametrize(
     "setup, fragment",
     [

@@ -91,9 +91,12 @@ def iter_image_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
 
     Yields:
         (path, None) for each file with an image extension and (path, reason) for other
-        files, which callers report as skipped. Symlink loops are walked once.
+        files, which callers report as skipped. Symlink loops are walked once, and a link
+        to a folder that holds ``folder`` (its parent, the data folder above a class) is
+        reported, not walked: it would bring in other classes' images under this one.
     """
     seen: set[str] = set()
+    top = Path(os.path.realpath(folder))
 
     def walk(directory: Path) -> Iterator[tuple[Path, str | None]]:
         real = os.path.realpath(directory)
@@ -114,7 +117,9 @@ def iter_image_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
                 is_file = entry.is_file()
             except OSError:
                 is_dir = is_file = False
-            if is_dir:
+            if is_dir and entry.is_symlink() and Path(os.path.realpath(path)) in top.parents:
+                yield path, "a link to a folder above it (not followed)"
+            elif is_dir:
                 yield from walk(path)
             elif is_file:
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
