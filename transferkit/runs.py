@@ -322,8 +322,12 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
             "is not readable JSON; copy it from a backup of the run, or re-run finetune"
         ) from error
     try:
+        if not isinstance(labels["class_names"], list) or len(set(map(str, labels["class_names"]))) < 2:
+            raise ValueError(f"class_names must list two or more different names, got {labels['class_names']!r}")
         class_names = tuple(str(name) for name in labels["class_names"])
         image_size = int(labels["image_size"])
+        if image_size < 1:
+            raise ValueError(f"image_size must be a size in pixels, got {image_size}")
         backbone = str(labels["backbone"])
         head_activation = str(labels["head_activation"])
     except (ValueError, KeyError, TypeError) as error:
@@ -345,6 +349,10 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
     )
     if with_model:
         run.model = _load_model(model_path, len(class_names))
+        size = tuple(run.model.input_shape[1:3])
+        if None not in size and size != (image_size, image_size):
+            raise RunError(f"model {model_path} takes {size[0]}x{size[1]} images but {labels_path} says image_size "
+                           f"{image_size}; the two files come from different runs")
     return run
 
 

@@ -82,6 +82,25 @@ def test_a_damaged_labels_or_recipe_file_is_told_as_damaged(run_dir, tmp_path, n
     assert f"{run / name} is damaged" in one_line(error.value)
 
 
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"class_names": "abc"}, "class_names must list two or more different names"),
+    ({"class_names": ["cat", "cat"]}, "class_names must list two or more different names"),
+    ({"image_size": 0}, "image_size must be a size in pixels"),
+    ({"image_size": 64}, "takes 32x32 images but"),
+])
+def test_labels_that_read_as_json_but_do_not_fit_the_run_are_one_error(run_dir, tmp_path, change, fragment):
+    """Valid JSON is not enough: a string of class names would label images "a", "b", "c",
+    and another image size would feed the model images it was not built for."""
+    import json
+
+    run = copy_of(run_dir, tmp_path)
+    labels = json.loads((run / "labels.json").read_text())
+    (run / "labels.json").write_text(json.dumps({**labels, **change}))
+    with pytest.raises(RunError) as error:
+        runs.load_run(run)
+    assert fragment in one_line(error.value) and str(run / "labels.json") in one_line(error.value)
+
+
 def test_a_damaged_checkpoint_is_told_as_damaged(run_dir, tmp_path):
     from transferkit.training.checkpoint import CHECKPOINT_FILE, STATE_FILE, WorkFolder
 
