@@ -57,5 +57,6 @@ def test_the_run_folder_is_flushed_before_it_is_renamed_into_place(tmp_path, mon
     assert destination == output and sorted(files_flushed) == ["deep.txt", "model.keras"]
 
 
-def test_one_existing_ancestor():
-    assert runs.existing_ancestor is transferkit.files.existing_ancestor
+def test_one_check_of_where_a_run_may_be_written():
+    assert runs.require_writable_place is transferkit.files.require_writable_place
+    assert runs.require_apart is transferkit.files.require_apart

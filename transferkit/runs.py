@@ -349,7 +349,8 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
     )
     if with_model:
         run.model = _load_model(model_path, len(class_names))
-        size = tuple(run.model.input_shape[1:3])
+        shape = run.model.input_shape  # (None, S, S, 3) for a classifier; a list for several inputs
+        size = tuple(shape[1:3]) if isinstance(shape, tuple) and len(shape) == 4 else (None, None)
         if None not in size and size != (image_size, image_size):
             raise RunError(f"model {model_path} takes {size[0]}x{size[1]} images but {labels_path} says image_size "
                            f"{image_size}; the two files come from different runs")

@@ -228,12 +228,12 @@ def _targets(run, specs, quantize: str, output, many: bool, force: bool, data=No
     """Each export's folder, checked before any work: none may exist without ``force``,
     ``force`` replaces only export folders (never the run, never another folder), and none
     lies in the data folder (``data``, else the one the run recorded)."""
+    from transferkit.data.samples import recorded_data_dir
+
     root = Path(run.path) / EXPORTS_FOLDER if output is None or many else None
     if output is not None and many:
         root = Path(output)
     targets = [root / spec.folder_name(quantize) if root is not None else Path(output) for spec in specs]
-    from transferkit.data.samples import recorded_data_dir
-
     data = data if data is not None else recorded_data_dir(run)
     for target in targets:
         _check_target(run, target, force, data)
