@@ -212,6 +212,7 @@ def stub_training(monkeypatch):
 
     def train_prepared(prepared, recipe, output=None, *, callbacks=(), calibrate=None, verbose=1, **_):
         calls["count"] += 1
+        calls.setdefault("recipes", []).append(recipe)
         if calls["count"] == calls["interrupt_at"]:
             raise KeyboardInterrupt
         if recipe.batch_size == 32:
@@ -252,6 +253,17 @@ def test_ctrl_c_ends_the_trial_keeps_the_study_and_exits_130(stub_training, bina
     result = CliRunner().invoke(app, [*arguments[:5], "1", *arguments[6:]])  # the same study goes on
     assert result.exit_code == 0, result.output
     assert len(read_trials(tmp_path / "out")) == 3
+
+
+def test_tune_takes_finetunes_epoch_and_time_budget_flags(stub_training, binary_dir, tmp_path):
+    arguments = ["tune", str(binary_dir), "-r", str(write_recipe(tmp_path, STUB_SPACE)), "--trials", "1", "-o",
+                 str(tmp_path / "out"), "--weights", "none", "--image-size", "32", "--batch-size", "8",
+                 "--head-epochs", "3", "--fine-epochs", "0", "--time-budget", "90s", "-q"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    [trained] = stub_training["recipes"]
+    assert [stage.epochs for stage in trained.stages] == [3] + [0] * (len(trained.stages) - 1)
+    assert trained.time_budget == "90s"  # as the recipe keeps it (parsed where training plans)
 
 
 def test_importance_needs_two_complete_trials_and_says_so(stub_training, binary_dir, tmp_path):

@@ -112,6 +112,14 @@ SetsOption = Annotated[Optional[float], typer.Option(
                                        "probability, e.g. 0.9: columns set (names joined by |) and set_size.")]
 ValDirOption = Annotated[Optional[Path], typer.Option(
         help="Validation folder with the same class sub-folders, instead of a split.")]
+HeadEpochsOption = Annotated[Optional[int], typer.Option(
+        help="Epochs of the first stage, the head with the backbone frozen (recipe key: stages.0.epochs).")]
+FineEpochsOption = Annotated[Optional[int], typer.Option(
+        help="Epochs of every later (fine-tuning) stage; 0 skips them (recipe key: stages.1:.epochs).")]
+TimeBudgetOption = Annotated[Optional[str], typer.Option(metavar="DURATION",
+        help="Finish training within this time, e.g. 90s, 10m or 1.5h: the stages' epochs (at most the recipe's) "
+             "and the cached views are planned from the first steps' measured speed; the final save comes after "
+             "(recipe key: time_budget).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars and no progress messages.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="More messages (engines, caches, decisions).")]
 DataDirArgument = Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class.")]

@@ -12,7 +12,9 @@ from transferkit.cli.common import (
     BatchSizeOption,
     DevicesOption,
     EngineOption,
+    FineEpochsOption,
     GroupByOption,
+    HeadEpochsOption,
     ImageSizeOption,
     MlflowOption,
     PrecisionOption,
@@ -21,6 +23,7 @@ from transferkit.cli.common import (
     SeedOption,
     SetOption,
     StrategyOption,
+    TimeBudgetOption,
     ValDirOption,
     VerboseOption,
     WeightsOption,
@@ -46,14 +49,9 @@ def finetune(
     weights: WeightsOption = None,
     image_size: ImageSizeOption = None,
     batch_size: BatchSizeOption = None,
-    head_epochs: Annotated[Optional[int], typer.Option(
-            help="Epochs of the first stage, the head with the backbone frozen.")] = None,
-    fine_epochs: Annotated[Optional[int], typer.Option(
-            help="Epochs of every later (fine-tuning) stage; 0 skips them.")] = None,
-    time_budget: Annotated[Optional[str], typer.Option(metavar="DURATION",
-            help="Finish training within this time, e.g. 90s, 10m or 1.5h: the stages' epochs (at most the "
-                 "recipe's) and the cached views are planned from the first steps' measured speed; the final save "
-                 "comes after (recipe key: time_budget).")] = None,
+    head_epochs: HeadEpochsOption = None,
+    fine_epochs: FineEpochsOption = None,
+    time_budget: TimeBudgetOption = None,
     val_split: Annotated[Optional[float], typer.Option(
             help="Fraction of each class held out for validation (recipe key: data.val_split).")] = None,
     val_dir: ValDirOption = None,
