@@ -34,6 +34,22 @@ def test_symlink_loop_is_walked_once(tmp_path):
     assert len(files) == 3
 
 
+def test_a_class_folder_that_cannot_be_listed_is_told_so_not_called_empty(tmp_path, monkeypatch):
+    import os
+
+    make_tree(tmp_path)
+    listing = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == os.fspath(tmp_path / "b_dogs"):
+            raise PermissionError(13, "Permission denied")  # as for another user under chmod 000
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataError, match=r"b_dogs cannot be read \(Permission denied\); give this user read"):
+        index_folder(tmp_path)
+
+
 def test_a_link_to_the_data_folder_inside_a_class_is_reported_not_walked(tmp_path):
     """Followed, it would bring every other class's images in under this class's name."""
     make_tree(tmp_path)

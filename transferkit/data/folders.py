@@ -173,6 +173,9 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
                 paths.append(path)
                 labels.append(label)
                 found += 1
+            elif path == class_dir:  # the class folder itself cannot be listed
+                raise DataError(f"class folder {class_dir} {reason.removeprefix('folder ')}; give this user read "
+                                "access to it (chmod -R u+rX) or remove it")
             else:
                 skipped.append((path, reason))
         if found == 0:
