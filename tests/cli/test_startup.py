@@ -65,4 +65,7 @@ def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_stderr(sha
     env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ["True"], done.stderr  # TensorFlow loaded, and not one line of its own
+    lines = done.stderr.splitlines()
+    assert lines[-1] == "True", done.stderr  # TensorFlow was loaded
+    # and not one line of its own (transferkit's warnings, one CPU kind's or another's, may stand)
+    assert all(line.startswith("warning: ") for line in lines[:-1]), done.stderr
