@@ -99,3 +99,27 @@ def test_heat_lies_on_the_deciding_quadrant(region_run):
     # (12 or more of 24 by chance: p = 0.003).
     assert np.mean(most) >= 0.5, (most, shares)
     assert np.mean(shares) >= 0.35, shares
+
+
+def test_the_grid_names_each_cells_file_and_says_when_its_heatmap_is_empty(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from transferkit.evaluation import figures
+    from transferkit.evaluation.gradcam import Explanation, Heatmap, plot_grid
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda figure, path: drawn.append(figure) or path)
+    image = np.zeros((16, 16, 3), dtype="uint8")
+    hot = np.zeros((16, 16), dtype="float32")
+    hot[4:8, 4:8] = 1.0
+    explanations = [
+        Explanation(Path("cats/cat_001.jpg"), image, (Heatmap("cat", 0.91, hot),)),
+        Explanation(Path("dogs/a_very_long_file_name_of_a_dog_photo_0042.jpg"), image,
+                    (Heatmap("dog", 0.55, np.zeros((16, 16), dtype="float32")),)),
+    ]
+    plot_grid(explanations, tmp_path / "grid.png")
+    titles = [axis.get_title() for axis in drawn[0].axes if axis.get_title()]
+    assert titles[0] == "cat_001.jpg\ncat (0.91)"
+    name, label = titles[1].split("\n")
+    assert len(name) <= 24 and name.endswith("_0042.jpg") and "…" in name
+    assert label == "dog (0.55); no heat"

@@ -434,7 +434,17 @@ def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axis in axes:
         axis.axis("off")
-    for axis, item in zip(axes, shown, strict=False):
-        _overlay(axis, item.image, item.heatmaps[0].heat)
-        axis.set_title(f"{item.predicted} ({item.heatmaps[0].probability:.2f})", fontsize=8)
+    for number, (axis, item) in enumerate(zip(axes, shown, strict=False)):
+        heat = item.heatmaps[0].heat
+        _overlay(axis, item.image, heat)
+        # Which file each cell is, and a heatmap with no heat said so (it draws as a plain tint).
+        name = _short(Path(item.file).name) if item.file is not None else f"image {number + 1}"
+        empty = "; no heat" if not np.any(heat > 0) else ""
+        axis.set_title(f"{name}\n{item.predicted} ({item.heatmaps[0].probability:.2f}){empty}", fontsize=8)
     return save_figure(figure, path)
+
+
+def _short(name: str, limit: int = 24) -> str:
+    """A file name cut in its middle to at most ``limit`` characters (its end kept: the
+    extension and numbering tell files apart)."""
+    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}…{name[-(limit - limit // 2):]}"
