@@ -109,6 +109,14 @@ def test_export_never_writes_into_the_data_folder_it_checks_on(shapes_run, shape
     line = one_error_line(runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o",
                                               str(data / "exported"), "--data", str(data)]))
     assert "inside the data folder" in line and listing(data) == before
+    (tmp_path / "afile").write_text("keep me")
+    for target, fragment in [(tmp_path / "afile", "afile is a file; pass a folder path"),
+                             (tmp_path / "afile" / "x", "afile is a file; choose another -o")]:
+        for force in ([], ["--force"]):
+            line = one_error_line(runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o",
+                                                      str(target), *force]))
+            assert fragment in line, line
+    assert (tmp_path / "afile").read_text() == "keep me"
 
 
 def test_an_evaluation_whose_folder_cannot_be_made_is_refused_before_the_images_are_read(shapes_run, shapes_dir,
