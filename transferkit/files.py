@@ -231,6 +231,18 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def require_not_a_file(output: str | os.PathLike) -> None:
+    """Refuse an output folder path where a file stands.
+
+    Raises:
+        RunError: ``output`` is a file.
+    """
+    from transferkit.errors import RunError
+
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise RunError(f"output {output} is a file; pass a folder path with -o")
+
+
 def require_writable_place(folder: str | os.PathLike) -> None:
     """Fail before any work where ``folder`` could not be created or written: a file stands
     where a folder of its path should be, or the nearest part of it that exists is not

@@ -48,6 +48,7 @@ from transferkit.files import (
     remove_leftovers,
     replace_folder,
     require_apart,
+    require_not_a_file,
     require_writable_place,
     staging_folder,
     write_atomic,
@@ -168,8 +169,7 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
             its parent cannot be created or written.
     """
     require_not_live(output)
-    if output.exists() and not output.is_dir():
-        raise RunError(f"output {output} is a file; pass a folder path with -o")
+    require_not_a_file(output)
     absolute = Path(os.path.abspath(output))
     require_apart(output, data_folders, "run folder")
     if output.exists():

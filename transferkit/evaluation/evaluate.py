@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import require_apart, require_writable_place, write_atomic, write_failure
+from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
 from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.locks import publishing, require_not_live
 from transferkit.runs import LABELS_FILE
@@ -417,8 +417,7 @@ def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | 
     require_writable_place(Path(os.path.abspath(out_dir)).parent)  # where it is published
     if not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise RunError(f"output {out_dir} is a file; pass a folder path with -o")
+    require_not_a_file(out_dir)
     if not force:
         raise RunError(f"{out_dir} exists already; pass --force to replace it or choose another -o")
     if any(out_dir.iterdir()) and (not (out_dir / "metrics.json").is_file() or (out_dir / LABELS_FILE).is_file()):

@@ -283,13 +283,12 @@ def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | 
             is an explain folder: never a run folder), or is, lies inside or holds the
             images' folder (an image file's own folder).
     """
-    from transferkit.files import require_apart, require_writable_place
+    from transferkit.files import require_apart, require_not_a_file, require_writable_place
 
     if images is not None:
         images = Path(images)
         require_apart(out_dir, [images if images.is_dir() else images.parent], "explain folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"output {out_dir} is a file; pass a folder path with -o")
+    require_not_a_file(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise RunError(f"{out_dir} exists already; pass --force to write into it or choose another -o")

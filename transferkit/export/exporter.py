@@ -43,7 +43,7 @@ from transferkit.export.formats import (
     require_tensorflow_backend,
 )
 from transferkit.export.verify import SHARED_PROCESS, FreshChecks
-from transferkit.files import require_apart, require_writable_place, write_atomic, write_failure
+from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER
 
@@ -251,8 +251,7 @@ def _check_target(run, target: Path, force: bool, data=None) -> None:
     try:
         require_not_live(target)
         require_apart(target, [data], "export folder")
-        if target.exists() and not target.is_dir():
-            raise RunError(f"output {target} is a file; pass a folder path with -o")
+        require_not_a_file(target)
         require_writable_place(target.parent)
     except RunError as error:
         raise ExportError(str(error)) from error

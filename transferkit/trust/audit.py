@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import require_apart, require_writable_place, write_atomic, write_failure
+from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.recipe import Recipe
 
@@ -250,8 +250,7 @@ def check_output_folder(out: Path, force: bool, data_dir: str | os.PathLike | No
     require_writable_place(Path(os.path.abspath(out)).parent)  # where it is published
     if not out.exists():
         return
-    if not out.is_dir():
-        raise RunError(f"output {out} is a file; pass a folder path with -o")
+    require_not_a_file(out)
     if not force:
         raise RunError(f"{out} exists already; pass --force to replace it or choose another -o")
     if any(out.iterdir()) and not (out / SUMMARY_FILE).is_file():

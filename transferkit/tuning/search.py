@@ -281,11 +281,10 @@ def _check_tune_output(output: Path) -> None:
         RunError: it is a file, a non-empty folder of something else, or its parent cannot
             be created or written.
     """
-    from transferkit.files import require_writable_place
+    from transferkit.files import require_not_a_file, require_writable_place
     from transferkit.locks import LOCK_FILE
 
-    if output.exists() and not output.is_dir():
-        raise RunError(f"output {output} is a file; pass a folder path with -o")
+    require_not_a_file(output)
     # What a tune (this one's partner on the study, maybe, a moment earlier) writes first.
     marks = (STUDY_FILE, TRIALS_FILE, BEST_RECIPE_FILE, LOCK_FILE)
     if output.is_dir() and any(output.iterdir()) and not any((output / name).is_file() for name in marks):
