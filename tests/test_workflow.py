@@ -181,9 +181,19 @@ def test_val_dir_with_other_classes_is_refused(shapes_dir, binary_dir, tmp_path)
                              output=tmp_path / "run", verbose=0)
 
 
+def test_the_data_folder_as_its_own_validation_folder_is_refused(binary_dir, tmp_path):
+    (tmp_path / "link").symlink_to(binary_dir, target_is_directory=True)
+    for val_dir in (binary_dir, tmp_path / "link"):
+        with pytest.raises(DataError, match=r"is the data folder itself; pass a folder of other images"):
+            transferkit.finetune(binary_dir, None, {"weights": "none", "image_size": 32}, val_dir=val_dir,
+                                 output=tmp_path / "run", verbose=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link"]
+
+
 def test_binary_run_with_val_dir_uses_a_sigmoid(binary_dir, tiny, tmp_path):
     tiny["stages.1:.epochs"] = 0
-    run = transferkit.finetune(binary_dir, None, tiny, val_dir=binary_dir, output=tmp_path / "run", verbose=0)
+    shutil.copytree(binary_dir, tmp_path / "val")
+    run = transferkit.finetune(binary_dir, None, tiny, val_dir=tmp_path / "val", output=tmp_path / "run", verbose=0)
     assert run.head_activation == "sigmoid"
     assert run.metrics["n_val"] == 20 and run.metrics["n_train"] == 20
     assert run.model.output_shape == (None, 1)

@@ -184,7 +184,11 @@ def test_existing_output_needs_force(cli_run, shapes_dir):
          "neither 'imagenet', 'none' nor an existing file or run folder"),
         (["predict", "{missing}", "{data}"], 1, "does not exist"),
         (["predict", "{data}", "{data}"], 1, "not a transferkit run"),
-        (["augment-preview", "{data}", "-o", "{tmp}/x.jpg"], 1, "must end in .png"),
+        (["finetune", "{data}", "--val-split", "0.3", "--val-dir", "{data}"], 2, "pass one of them"),
+        (["augment-preview", "{data}", "-o", "{tmp}/x.jpg"], 2, "x.jpg: use a .png file name"),
+        (["augment-preview", "{data}", "--views", "0"], 2, "--views must be at least 1, got 0"),
+        (["lr-find", "{data}", "-o", "{tmp}/lr.txt"], 2, "lr.txt: use a .png file name"),
+        (["predict", "{missing}", "{data}", "-o", "{tmp}/p.txt"], 2, "p.txt: use a .csv or .json file name"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args, code, fragment, shapes_dir, tmp_path):
@@ -255,6 +259,10 @@ def test_predict_with_no_readable_image_fails_and_writes_nothing(cli_run, tmp_pa
         assert len(errors) == 1 and named in errors[0]
         assert "image(s) classified" not in result.output and "Traceback" not in result.output
         assert not (tmp_path / "out").exists()
+    # one image file that cannot be read is that one line, told before the run loads
+    result = invoke("predict", tmp_path / "no-run", images / "trunc.jpg")
+    assert result.exit_code == 1 and result.output.startswith("error:") and len(result.output.splitlines()) == 1
+    assert "trunc.jpg" in result.output and "pass a readable image file" in result.output
     result = invoke("predict", output, images, "-q")
     assert "all 2 image files" in result.output
     # each unreadable file is warned about once
@@ -262,14 +270,14 @@ def test_predict_with_no_readable_image_fails_and_writes_nothing(cli_run, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "target, fragment",
+    "target, code, fragment",
     [
-        ("{tmp}/afile.txt/x.csv", "afile.txt is a file, not a folder"),
-        ("{tmp}/x.xlsx", "use a .csv or .json file name"),
-        ("/proc/x.csv", "cannot write in /proc"),
+        ("{tmp}/afile.txt/x.csv", 1, "afile.txt is a file, not a folder"),
+        ("{tmp}/x.xlsx", 2, "use a .csv or .json file name"),
+        ("/proc/x.csv", 1, "cannot write in /proc"),
     ],
 )
-def test_predict_checks_the_output_before_any_work(target, fragment, shapes_dir, tmp_path):
+def test_predict_checks_the_output_before_any_work(target, code, fragment, shapes_dir, tmp_path):
     import os
 
     if target.startswith("/proc") and not os.path.isdir("/proc/self"):
@@ -277,7 +285,7 @@ def test_predict_checks_the_output_before_any_work(target, fragment, shapes_dir,
     (tmp_path / "afile.txt").write_text("keep me")
     # The run does not exist: an error about the output shows it was checked first.
     result = invoke("predict", tmp_path / "no-run", shapes_dir, "-o", target.format(tmp=tmp_path))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0] and "no-run" not in errors[0]
     assert (tmp_path / "afile.txt").read_text() == "keep me"

@@ -42,11 +42,20 @@ REPORTS_TENSORFLOW = "import atexit, sys; atexit.register(lambda: print('tensorf
 @pytest.mark.parametrize("args, code, fragment", [
     (["finetune", "{data}", "--set", "bogus.key=1"], 2, "unknown key 'bogus'"),
     (["predict", "{tmp}/no-run", "{data}"], 1, "no-run does not exist"),
+    (["predict", "{tmp}/no-run", "{tmp}/bad.jpg"], 1, "bad.jpg: "),
+    (["finetune", "{tmp}/no-data"], 1, "data folder {tmp}/no-data does not exist"),
+    (["finetune", "{data}", "--val-dir", "{tmp}/no-val"], 1, "validation folder {tmp}/no-val does not exist"),
+    (["tune", "{tmp}/bad.jpg"], 1, "bad.jpg is a file, not a folder"),
+    (["lr-find", "{tmp}/no-data"], 1, "no-data does not exist"),
+    (["audit", "{tmp}/no-data"], 1, "no-data does not exist"),
+    (["evaluate", "{tmp}/no-run", "{tmp}/no-data"], 1, "labelled folder {tmp}/no-data does not exist"),
 ])
 def test_a_mistake_found_before_keras_is_needed_is_told_without_loading_tensorflow(args, code, fragment, shapes_dir,
                                                                                  tmp_path):
     import os
 
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    fragment = fragment.format(tmp=tmp_path)
     command = [sys.executable, "-c", f"{REPORTS_TENSORFLOW}; from transferkit.cli import main; sys.argv[0] = "
                "'transferkit'; main()", *(arg.format(data=shapes_dir, tmp=tmp_path) for arg in args)]
     env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}

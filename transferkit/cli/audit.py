@@ -21,6 +21,7 @@ from transferkit.cli.common import (
     SetOption,
     VerboseOption,
     WeightsOption,
+    check_folders,
     recipe_overrides,
     reports_errors,
     setup_logging,
@@ -64,11 +65,13 @@ def audit(
     moves a file itself.
     """
     from transferkit.recipe import load_recipe
-    from transferkit.trust.audit import audit as run_audit
 
     setup_logging(quiet, verbose)
     if folds < 2:
         raise usage_error(f"--folds must be at least 2, got {folds}")
     resolved = load_recipe(recipe, recipe_overrides(ctx))
+    check_folders(data_dir)
+    from transferkit.trust.audit import audit as run_audit
+
     result = run_audit(data_dir, resolved, output=output, force=force, folds=folds, verbose=0 if quiet else 1)
     typer.echo(result.summary())

@@ -13,7 +13,9 @@ from transferkit.cli.common import (
     ImageSizeOption,
     RecipeOption,
     SeedOption,
+    check_folders,
     check_positive,
+    check_suffix,
     reports_errors,
     setup_logging,
 )
@@ -35,6 +37,9 @@ def augment_preview(
 
     setup_logging()
     check_positive("--count", count)
+    check_positive("--views", views)
+    check_suffix("--output", output, (".png",))
+    check_folders(data_dir)
     resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
     path = write_preview(data_dir, output, resolved.augment, image_size=resolved.image_size, count=count,
                          views=views, seed=resolved.seed)

@@ -244,6 +244,24 @@ def check_trust_flags(reject: bool, sets: float | None, tta: bool) -> None:
                           "probabilities, not TTA's averages; drop one of them")
 
 
+def check_suffix(flag: str, path: Path | None, suffixes: Sequence[str]) -> None:
+    """A usage error for a file name whose extension is none of ``suffixes`` (told before
+    any work; the library checks it again for its own callers)."""
+    if path is not None and path.suffix.lower() not in suffixes:
+        raise usage_error(f"{flag} {path}: use a {' or '.join(suffixes)} file name")
+
+
+def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str = "data folder") -> None:
+    """A missing or mistyped data (and validation) folder, told in one line before Keras
+    loads (seconds) instead of after."""
+    from transferkit.data.folders import require_folder
+
+    if data_dir is not None:
+        require_folder(data_dir, what)
+    if val_dir is not None:
+        require_folder(val_dir, "validation folder")
+
+
 def check_positive(flag: str, value: int | None) -> None:
     """A usage error for a count below 1."""
     if value is not None and value < 1:

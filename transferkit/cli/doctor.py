@@ -20,6 +20,7 @@ from transferkit.cli.common import (
     SetOption,
     StageOption,
     WeightsOption,
+    check_folders,
     recipe_overrides,
     reports_errors,
     setup_logging,
@@ -62,6 +63,7 @@ def doctor(
 
     setup_logging(quiet=json_output)
     overrides = recipe_overrides(ctx)
+    check_folders(data_dir, val_dir)
     if model:
         _check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
     resolved = load_recipe(recipe, overrides)

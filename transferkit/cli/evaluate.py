@@ -15,6 +15,7 @@ from transferkit.cli.common import (
     SetsOption,
     VerboseOption,
     check_choice,
+    check_folders,
     check_positive,
     check_trust_flags,
     reports_errors,
@@ -56,6 +57,7 @@ def evaluate(
     check_choice("--engine", engine, ENGINES)
     check_choice("--precision", precision, PRECISIONS)
     check_trust_flags(reject, sets, tta)
+    check_folders(images, what="labelled folder")
     if output is not None:
         check_output_folder(output, force, images)
     loaded = load_run(run)

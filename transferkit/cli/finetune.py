@@ -27,6 +27,7 @@ from transferkit.cli.common import (
     ValDirOption,
     VerboseOption,
     WeightsOption,
+    check_folders,
     recipe_overrides,
     reports_errors,
     setup_logging,
@@ -94,20 +95,25 @@ def finetune(
 
     setup_logging(quiet, verbose)
     if resume is not None:
-        from transferkit import workflow
-
         given = [_flag(parameter) for parameter in ctx.command.params
                  if parameter.name not in RESUME_PARAMETERS and _given(ctx, parameter.name)]
         if given:
             raise usage_error(f"--resume continues the run with its own settings; drop {', '.join(given)} "
                               "(or start a new run without --resume)")
+        check_folders(data_dir, val_dir)
+        from transferkit import workflow
+
         run = workflow.resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir,
                                        force=force, overrides={"strategy": strategy, "devices": devices})
         typer.echo(run.describe())
         return
     if data_dir is None:
         raise usage_error("finetune needs DATA_DIR (or --resume RUN_DIR)")
+    if val_split is not None and val_dir is not None:
+        raise usage_error("--val-split holds out part of DATA_DIR and --val-dir names other validation images; "
+                          "pass one of them")
     resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
+    check_folders(data_dir, val_dir)
     from transferkit import workflow
 
     run = workflow.finetune(data_dir, resolved, val_dir=val_dir, output=output, force=force, save_h5=save_h5,

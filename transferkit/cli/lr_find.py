@@ -22,6 +22,8 @@ from transferkit.cli.common import (
     StrategyOption,
     VerboseOption,
     WeightsOption,
+    check_folders,
+    check_suffix,
     recipe_overrides,
     reports_errors,
     setup_logging,
@@ -57,9 +59,11 @@ def lr_find(
 
     Exit code 0 with a suggestion, 1 when no rate made the loss fall.
     """
+    setup_logging(quiet or json_output, verbose)
+    check_suffix("--output", output, (".png",))
+    check_folders(data_dir, val_dir)
     from transferkit.tuning.lr_find import find_learning_rate
 
-    setup_logging(quiet or json_output, verbose)
     result = find_learning_rate(data_dir, recipe, recipe_overrides(ctx), stage, val_dir=val_dir, min_lr=min_lr,
                                 max_lr=max_lr, steps=steps, output=output, verbose=0 if quiet or json_output else 1)
     typer.echo(json.dumps(result.to_dict()) if json_output else result.describe())

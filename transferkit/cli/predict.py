@@ -16,6 +16,7 @@ from transferkit.cli.common import (
     VerboseOption,
     check_choice,
     check_positive,
+    check_suffix,
     check_trust_flags,
     reports_errors,
     setup_logging,
@@ -43,7 +44,13 @@ def predict(
     verbose: VerboseOption = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
-    from transferkit.inference.predict import check_output, predict_folder, write_predictions
+    from transferkit.inference.predict import (
+        OUTPUT_SUFFIXES,
+        check_images,
+        check_output,
+        predict_folder,
+        write_predictions,
+    )
     from transferkit.runs import load_run
 
     setup_logging(quiet, verbose)
@@ -53,8 +60,10 @@ def predict(
     check_choice("--engine", engine, ENGINES)
     check_choice("--precision", precision, PRECISIONS)
     check_trust_flags(reject, sets, tta)
+    check_suffix("--output", output, OUTPUT_SUFFIXES)
     if output is not None:
         check_output(output)
+    check_images(images)
     loaded = load_run(run)
     bar = progress_bar("image", enabled=not quiet)
     forward = engine

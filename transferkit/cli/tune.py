@@ -26,6 +26,7 @@ from transferkit.cli.common import (
     VerboseOption,
     WeightsOption,
     check_choice,
+    check_folders,
     choices,
     recipe_overrides,
     reports_errors,
@@ -87,14 +88,15 @@ def tune(
     On PostgreSQL, MySQL or SQLite, a killed worker's trial is failed after 20 s
     without a heartbeat, and the next worker runs its parameters again.
     """
-    from transferkit.tuning.search import tune as run_search
-
     setup_logging(quiet, verbose)
     check_choice("--metric", metric, tuple(METRICS))
     if trials is not None and trials < 0:
         raise usage_error(f"--trials must be 0 or more, got {trials}")
     if study_trials is not None and study_trials < 1:
         raise usage_error(f"--study-trials must be 1 or more, got {study_trials}")
+    check_folders(data_dir, val_dir)
+    from transferkit.tuning.search import tune as run_search
+
     summary = run_search(data_dir, recipe, recipe_overrides(ctx), trials=trials, timeout=timeout, storage=storage,
                          study_trials=study_trials, study=study, metric=metric, output=output, val_dir=val_dir,
                          verbose=0 if quiet else 1)

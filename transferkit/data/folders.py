@@ -132,6 +132,28 @@ def iter_image_files(folder: Path) -> Iterator[tuple[Path, str | None]]:
     yield from walk(folder)
 
 
+def require_folder(root: str | os.PathLike, what: str = "data folder") -> Path:
+    """Check that a folder of class sub-folders exists and is a folder (nothing is listed:
+    the CLI calls this before Keras loads, so a mistyped path is told at once).
+
+    Args:
+        root: the folder.
+        what: how the message names it; default "data folder".
+
+    Returns:
+        ``root`` as a ``Path``.
+
+    Raises:
+        DataError: it does not exist, or it is a file.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist; pass a folder with one sub-folder per class")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder; pass a folder with one sub-folder per class")
+    return root
+
+
 def index_folder(root: str | os.PathLike) -> FolderIndex:
     """Index a folder of class sub-folders.
 
@@ -145,11 +167,7 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
         DataError: the folder is missing, is a file, or has fewer than two class folders
             holding image files.
     """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist; pass a folder with one sub-folder per class")
-    if not root.is_dir():
-        raise DataError(f"{root} is a file, not a folder; pass a folder with one sub-folder per class")
+    root = require_folder(root)
     try:
         class_dirs = sorted(
             (path for path in root.iterdir() if path.is_dir() and not is_ignored(path)),
@@ -213,12 +231,19 @@ def index_folders(
         (index, val_index); val_index is None without ``val_dir``.
 
     Raises:
-        DataError: as ``index_folder``, or the validation folder has other classes.
+        DataError: as ``index_folder``, or the validation folder is the data folder or has
+            other classes.
     """
     index = data_dir if isinstance(data_dir, FolderIndex) else index_folder(data_dir)
     if val_dir is None:
         return index, None
     val_index = val_dir if isinstance(val_dir, FolderIndex) else index_folder(val_dir)
+    if Path(val_index.root).resolve() == Path(index.root).resolve():
+        # Validation on the training images says nothing about new ones.
+        raise DataError(
+            f"validation folder {val_index.root} is the data folder itself; pass a folder of other "
+            "images, or leave --val-dir off to hold out --val-split of each class"
+        )
     if val_index.class_names != index.class_names:
         raise DataError(
             f"validation folder {val_index.root} has classes {', '.join(val_index.class_names)} but "

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.errors import DataError, RunError
+from transferkit.errors import DataError, RunError, UnreadableImage
 from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
+
+# The files predictions are written to, by extension.
+OUTPUT_SUFFIXES = (".csv", ".json")
 
 log = logging.getLogger("transferkit")
 
@@ -174,6 +177,32 @@ class ImageListing:
     ignored: list[Path]
 
 
+def check_images(folder: str | os.PathLike) -> Path:
+    """Check what to classify before any model loads: the folder exists, and one image
+    file given alone can be read (told in one line, not as a warning and an error).
+
+    Args:
+        folder: a folder, or one image file.
+
+    Returns:
+        ``folder`` as a ``Path``.
+
+    Raises:
+        DataError: it does not exist, or it is one file that is not a readable image.
+    """
+    from transferkit.data.images import read_image
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder} does not exist; pass a folder of images to classify")
+    if folder.is_file():
+        try:
+            read_image(folder)
+        except UnreadableImage as error:
+            raise DataError(f"{folder}: {error.reason}; pass a readable image file") from None
+    return folder
+
+
 def list_images(folder: str | os.PathLike) -> ImageListing:
     """List the images under a folder (recursively), or a single image file.
 
@@ -184,13 +213,11 @@ def list_images(folder: str | os.PathLike) -> ImageListing:
         An ``ImageListing``.
 
     Raises:
-        DataError: the folder does not exist or holds no image file.
+        DataError: as ``check_images``, or the folder holds no image file.
     """
     from transferkit.data.folders import IMAGE_EXTENSIONS, iter_image_files, partition_skipped
 
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder} does not exist; pass a folder of images to classify")
+    folder = check_images(folder)
     entries = [(folder, None)] if folder.is_file() else list(iter_image_files(folder))
     files = [path for path, reason in entries if reason is None]
     ignored, skipped = partition_skipped((path, reason) for path, reason in entries if reason is not None)
@@ -517,7 +544,7 @@ def check_output(path: str | os.PathLike) -> Path:
     from transferkit.files import existing_ancestor
 
     path = Path(path)
-    if path.suffix.lower() not in (".csv", ".json"):
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise DataError(f"--output {path}: use a .csv or .json file name")
     if path.is_dir():
         raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
@@ -566,7 +593,7 @@ def write_predictions(result: PredictionResult, path: str | os.PathLike) -> Path
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".json"):
+    if suffix not in OUTPUT_SUFFIXES:
         raise DataError(f"--output {path}: use a .csv or .json file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
