@@ -209,3 +209,38 @@ def test_a_scheduled_stage_records_the_rate_of_each_epochs_last_step_and_smooths
     expected = _rates(stage_learning_rate(stage, 2), [1, 3, 5])
     np.testing.assert_allclose([row["learning_rate"] for row in history], expected, rtol=1e-5)
     assert history[0]["learning_rate"] == pytest.approx(1e-2 * 2 / 3)
+
+
+def test_a_stop_request_mid_epoch_ends_fit_at_once_without_the_validation_pass():
+    """Ctrl-C in an uncached stage: the batch ends, then training stops; Keras's validation
+    pass of the epoch that was cut short (minutes on a big folder) is not run."""
+    import keras
+
+    from transferkit.errors import TrainingInterrupted
+    from transferkit.training.checkpoint import StopFlag
+    from transferkit.training.stages import Checkpointing
+
+    stop = StopFlag()
+    seen = {"validation passes": 0, "epochs ended": 0, "batches": 0}
+
+    class StopInSecondEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                stop.requested = "SIGINT"
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen["batches"] += 1
+
+        def on_test_begin(self, logs=None):
+            seen["validation passes"] += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen["epochs ended"] += 1
+
+    stages = [StageConfig(name="head", epochs=3, learning_rate=1e-2, unfreeze=0, patience=5)]
+    data = batches(3)  # two batches an epoch
+    with pytest.raises(TrainingInterrupted, match="SIGINT: training stopped"):
+        run_stages(build("vgg16", 3), REGISTRY["vgg16"], stages, data, data, 3,
+                   StageOptions(verbose=0, callbacks=[StopInSecondEpoch()]), Checkpointing(stop=stop))
+    # the first epoch whole, with its validation; of the second, one batch and nothing after it
+    assert seen == {"validation passes": 1, "epochs ended": 1, "batches": 2}

@@ -14,6 +14,7 @@ from transferkit.keras_private import EarlyStoppingState, early_stopping_state, 
 from transferkit.model.surgery import walk_layers
 from transferkit.outputs import is_binary, loss_for
 from transferkit.runs import HISTORY_COLUMNS
+from transferkit.training.checkpoint import stop_if_requested
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -69,7 +70,8 @@ class EagerValidation(keras.callbacks.Callback):
 
 class EpochCallback(keras.callbacks.Callback):
     """Per epoch: seed the data stream and dropout from (seed, epoch); after it, record the
-    history row and save the checkpoint. An epoch cut short by a stop request is dropped."""
+    history row and save the checkpoint. A stop request ends fit after the current batch
+    (``TrainingInterrupted``); the epoch it cut short is dropped."""
 
     def __init__(self, *, classifier, rows, stage_index, stage_name, epoch_offset, train_data, seed,
                  stopper, stop, work, int8_guard: dict | None = None):
@@ -87,12 +89,13 @@ class EpochCallback(keras.callbacks.Callback):
         reseed_dropout(self.classifier, self.seed, global_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.stop is not None and self.stop.requested:
-            self.model.stop_training = True
+        # Out of fit at once: a stop flag that only ended the epoch would still have Keras run
+        # the validation pass (minutes on a big folder) of an epoch that is dropped anyway.
+        stop_if_requested(self.stop, self.work)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.stop is not None and self.stop.requested:
-            return  # the epoch was cut short: it is neither recorded nor checkpointed
+            return  # asked during validation: the epoch is neither recorded nor checkpointed
         logs = logs or {}
         learning_rate = epoch_learning_rate(self.model.optimizer)
         row = {"epoch": self.epoch_offset + epoch + 1, "stage": self.stage_name}

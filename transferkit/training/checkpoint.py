@@ -89,6 +89,26 @@ class StopFlag:
 KEEPS_LAST_EPOCH = "keeping the last completed epoch"
 
 
+def stop_if_requested(stop: StopFlag | None, work: WorkFolder | None) -> None:
+    """Raise ``TrainingInterrupted`` once a signal asked training to stop, after the work
+    folder's last checkpoint is written.
+
+    Args:
+        stop: the run's ``StopFlag``, or None (no signals watched).
+        work: the run's ``WorkFolder``, or None (nothing kept).
+
+    Raises:
+        TrainingInterrupted: the flag is set.
+    """
+    if stop is not None and stop.requested:
+        if work is not None:
+            work.flush()
+        raise TrainingInterrupted(
+            f"{stop.requested}: training stopped; the last completed epoch is saved. "
+            "Continue with: transferkit finetune --resume RUN"
+        )
+
+
 @contextlib.contextmanager
 def stop_on_signals(flag: StopFlag, keeping: str = KEEPS_LAST_EPOCH):
     """Turn the first SIGINT/SIGTERM into a polite stop request; a second one is immediate.

@@ -49,7 +49,6 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import ImageBatches, process_share, to_tf_dataset
-from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
@@ -58,7 +57,7 @@ from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.strategies import Distribution
 from transferkit.training.budget import TimeBudget
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
-from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder
+from transferkit.training.checkpoint import StopFlag, TrainingState, WorkFolder, stop_if_requested
 from transferkit.training.compile import compile_for_stage, make_loss, xla_pays
 from transferkit.training.data_parallel import gather_rows
 from transferkit.training.features import (
@@ -345,14 +344,7 @@ class StagesRun:
 
     def stop_if_requested(self) -> None:
         """Raise ``TrainingInterrupted`` once a signal asked training to stop."""
-        stop, work = self.checkpointing.stop, self.checkpointing.work
-        if stop is not None and stop.requested:
-            if work is not None:
-                work.flush()
-            raise TrainingInterrupted(
-                f"{stop.requested}: training stopped; the last completed epoch is saved. "
-                "Continue with: transferkit finetune --resume RUN"
-            )
+        stop_if_requested(self.checkpointing.stop, self.checkpointing.work)
 
     def scope(self):
         """The distribution strategy's scope (a no-op on one device): models that fit are
