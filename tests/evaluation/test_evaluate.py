@@ -51,7 +51,7 @@ def test_every_file_is_written_and_each_png_opens_at_its_size(binary_run, binary
     assert sorted(p.name for p in out.iterdir()) == [
         "confusion.png", "metrics.json", "pr.png", "predictions.csv", "reliability.png", "roc.png", "top_losses.png"]
     px = lambda inches: (round(inches[0] * figures.DPI), round(inches[1] * figures.DPI))  # noqa: E731
-    assert _size(out / "confusion.png") == px(figures.confusion_size(2))
+    assert _size(out / "confusion.png") == px(figures.confusion_size(2, 6))
     assert _size(out / "reliability.png") == px(figures.RELIABILITY_SIZE)
     assert _size(out / "roc.png") == _size(out / "pr.png") == px(figures.CURVE_SIZE)
     assert _size(out / "top_losses.png") == px(figures.top_losses_size(len(result.top_losses())))

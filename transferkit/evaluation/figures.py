@@ -58,10 +58,12 @@ def save_figure(figure, path: Path) -> Path:
     return path
 
 
-def confusion_size(n_classes: int) -> tuple[float, float]:
-    """The confusion figure's size in inches: two square panels that grow with the classes."""
+def confusion_size(n_classes: int, longest_name: int = 6) -> tuple[float, float]:
+    """The confusion figure's size in inches: two square panels that grow with the classes,
+    and room for the class names beside and below them (growing up to 30 characters)."""
     panel = min(18.0, max(4.5, 0.3 * n_classes + 2.5))
-    return (2 * panel + 1.0, panel + 0.5)
+    names = 0.07 * max(0, min(longest_name, 30) - 6)
+    return (2 * (panel + names) - 0.2, panel + names - 0.1)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
@@ -86,7 +88,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
     font = float(np.clip(11 - n / 6, 5, 10))
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype="float64"), where=rows > 0)
-    figure = Figure(figsize=confusion_size(n))
+    figure = Figure(figsize=confusion_size(n, max(map(len, class_names), default=0)))
     figure.suptitle(title, fontsize=font + 2)
     for axis, values, name, fmt in zip(figure.subplots(1, 2), (matrix, normalised),
                                        ("counts", "share of each true class"), ("{:d}", "{:.2f}"), strict=False):
@@ -97,7 +99,9 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
         axis.set_xlabel("predicted", fontsize=font + 1)
         axis.set_ylabel("true", fontsize=font + 1)
         axis.set_title(name, fontsize=font + 1)
-        figure.colorbar(image, ax=axis, shrink=0.8)
+        # Beside the matrix itself: a colour bar given the panel's cell would stand at the
+        # cell's far edge, as far from a square matrix as the cell is wide.
+        figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.04, 1.0]))
         if n <= CELL_NUMBERS_UP_TO:
             peak = values.max() if values.size else 0
             for (row, column), value in np.ndenumerate(values):
@@ -255,7 +259,8 @@ def _number(value) -> float:
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict | None = None) -> Path:
     """history.png: loss and accuracy per epoch, training and validation, each stage shaded
-    and named, the epoch the saved model comes from marked.
+    and named, the epoch the saved model comes from marked, and where a stage started from
+    an earlier epoch than the one before it (its predecessor's best) that epoch ringed.
 
     Args:
         history: one dict per epoch with epoch, stage, loss, accuracy, val_loss, val_accuracy
@@ -280,14 +285,17 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict |
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        start = 0
+        start, began_from = 0, None
         for index, row in enumerate(rows):
             if index == len(rows) - 1 or rows[index + 1]["stage"] != row["stage"]:
                 shade = 0.06 + 0.08 * (len(axis.patches) % 2)
                 axis.axvspan(epochs[start] - 0.5, row["epoch"] + 0.5, alpha=shade, color="gray")
                 # Named at the bottom of its band (x in epochs, y in axis fractions).
-                axis.text(epochs[start] - 0.4, 0.02, str(row["stage"]), va="bottom", fontsize=8,
+                name = str(row["stage"]) + ("" if began_from is None else f" (from epoch {began_from})")
+                axis.text(epochs[start] - 0.4, 0.02, name, va="bottom", fontsize=8,
                           transform=axis.get_xaxis_transform())
+                if index < len(rows) - 1:  # the last stage's best is the saved epoch, starred below
+                    began_from = _ring_best_before_its_end(axis, rows[start:index + 1], metric)
                 start = index + 1
         if saved and saved.get("epoch") is not None:
             epoch = int(_number(saved["epoch"]))
@@ -297,6 +305,25 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, saved: dict |
                 axis.plot([epoch], [_number(match[-1][f"val_{metric}"])], "*", color="#c44e52", markersize=14)
         axis.legend(fontsize=8)
     return save_figure(figure, path)
+
+
+def _ring_best_before_its_end(axis, stage_rows: list[dict], metric: str) -> int | None:
+    """A stage ends on its best epoch (lowest validation loss), so the next one starts from
+    there: where that is not the stage's last epoch, ring its point (the line drawn on from
+    the last epoch would suggest otherwise) and return it for the next band's name.
+
+    Returns:
+        The epoch the next stage started from, or None when it is the stage's last.
+    """
+    losses = [_number(row["val_loss"]) for row in stage_rows]
+    if not losses or all(math.isnan(loss) for loss in losses):
+        return None
+    best = stage_rows[int(np.nanargmin(losses))]
+    if best["epoch"] == stage_rows[-1]["epoch"]:
+        return None
+    axis.plot([best["epoch"]], [_number(best[f"val_{metric}"])], "o", markersize=11, markerfacecolor="none",
+              markeredgecolor="dimgray")
+    return best["epoch"]
 
 
 def write_run_figures(run: str | os.PathLike) -> list[Path]:
