@@ -58,8 +58,12 @@ import transferkit  # noqa: E402
 import transferkit.runtime  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
 
-# Small everything: 32 px is VGG's minimum, one tiny dense layer, one epoch per stage.
+# Small everything: 32 px is VGG's minimum, one tiny dense layer, one epoch per stage. In
+# float32 on every CPU ("auto" is mixed bfloat16 on AMX and AVX512-BF16 ones), so that what a
+# test compares to float rounding (two passes of one model, Keras and an engine, two backends)
+# is compared alike everywhere; the bfloat16 path has its own run (``bfloat16_run``) and tests.
 TINY = {
+    "precision": "float32",
     "weights": "none",
     "image_size": 32,
     "batch_size": 8,

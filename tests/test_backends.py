@@ -120,7 +120,7 @@ def test_the_run_predicts_the_same_under_tensorflow(session):
     there = read_predictions(root / "keras.csv")
     run = transferkit.load_run(root / "run")
     for engine in ("keras", "openvino"):
-        rows = transferkit.predict_folder(run, root / "data", engine=engine).rows
+        rows = transferkit.predict_folder(run, root / "data", engine=engine, precision="float32").rows
         here = {str(row.file): (row.label, float(row.confidence)) for row in rows}
         assert here.keys() == there.keys()
         agreement = np.mean([here[file][0] == there[file][0] for file in there])

@@ -199,8 +199,8 @@ def test_the_same_classifier_built_again_in_one_process_reuses_its_network(tmp_p
     calls = []
     export = openvino_module.export_network
     monkeypatch.setattr(openvino_module, "export_network", lambda *a: calls.append(1) or export(*a))
-    make_engine(first, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
-    engine = make_engine(again, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path)
+    make_engine(first, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path, precision="float32")
+    engine = make_engine(again, "openvino", input_shape=(SIZE, SIZE, 3), cache_dir=tmp_path, precision="float32")
     assert len(calls) == 1
     batch = images(4, seed=6)
     np.testing.assert_allclose(engine.predict(batch), again.predict_on_batch(batch), rtol=1e-4, atol=1e-5)
