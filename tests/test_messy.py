@@ -14,7 +14,9 @@ from transferkit.cli import app
 from transferkit.data.images import UnreadableImage, load_image, read_image
 
 runner = CliRunner()
-TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--head-epochs", "1",
+# conftest.TINY as flags (float32 on every CPU, as TINY).
+TINY_FLAGS = ["--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
+              "--batch-size", "8", "--head-epochs", "1",
               "--fine-epochs", "0", "--set", "head.units=[8]", "--quiet"]
 
 

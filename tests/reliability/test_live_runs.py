@@ -27,7 +27,9 @@ from transferkit.errors import RunError
 from transferkit.locks import OWNER_FILE, work_dir_for
 
 # The tiny recipe on the command line: VGG16 without weights at 32 px, one small dense layer.
-TINY_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]"]
+# conftest.TINY as flags (float32 on every CPU, as TINY).
+TINY_FLAGS = ["--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
+              "--batch-size", "8", "--set", "head.units=[16]"]
 
 
 def transferkit_process(*args, **options) -> subprocess.Popen:

@@ -71,16 +71,16 @@ def test_explain_refuses_a_run_the_images_folder_and_a_file_in_the_path_before_a
     assert "afile is a file" in line and (tmp_path / "afile").read_text() == "keep me"
 
 
-def test_tune_refuses_another_kind_of_folder_and_leaves_nothing_when_the_data_is_wrong(shapes_run, tmp_path):
+def test_tune_refuses_another_kind_of_folder_and_leaves_nothing_when_the_data_is_wrong(shapes_run, shapes_dir,
+                                                                                      tmp_path):
     pytest.importorskip("optuna", reason="the tune extra is not installed")
     victim = shutil.copytree(shapes_run.path, tmp_path / "victim")
     before = listing(victim)
     flags = ["--weights", "none", "--trials", "1", "-q"]
-    line = one_error_line(runner.invoke(app, ["tune", str(tmp_path / "nowhere"), *flags, "-o", str(victim)]))
+    line = one_error_line(runner.invoke(app, ["tune", str(shapes_dir), *flags, "-o", str(victim)]))
     assert "not a tune folder" in line and listing(victim) == before
     (tmp_path / "afile").write_text("keep me")
-    line = one_error_line(runner.invoke(app, ["tune", str(tmp_path / "nowhere"), *flags, "-o",
-                                              str(tmp_path / "afile")]))
+    line = one_error_line(runner.invoke(app, ["tune", str(shapes_dir), *flags, "-o", str(tmp_path / "afile")]))
     assert "is a file" in line and (tmp_path / "afile").read_text() == "keep me"
     line = one_error_line(runner.invoke(app, ["tune", str(tmp_path / "nowhere"), *flags, "-o",
                                               str(tmp_path / "study")]))
@@ -93,10 +93,10 @@ def test_lr_find_checks_its_plot_before_the_range_test(shapes_dir, tmp_path):
     before = listing(data)
     (tmp_path / "afile").write_text("keep me")
     flags = ["--weights", "none", "--image-size", "32", "--steps", "5"]
-    for target, fragment in [(data / "circle" / "lr.png", "inside the data folder"),
-                             (tmp_path / "lr.txt", "use a .png file name"),
-                             (tmp_path / "afile" / "lr.png", "afile is a file")]:
-        line = one_error_line(runner.invoke(app, ["lr-find", str(data), *flags, "-o", str(target)]))
+    for target, code, fragment in [(data / "circle" / "lr.png", 1, "inside the data folder"),
+                                   (tmp_path / "lr.txt", 2, "use a .png file name"),  # a bad flag value
+                                   (tmp_path / "afile" / "lr.png", 1, "afile is a file")]:
+        line = one_error_line(runner.invoke(app, ["lr-find", str(data), *flags, "-o", str(target)]), code)
         assert fragment in line and "learning-rate range test" not in line
     assert listing(data) == before and (tmp_path / "afile").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["afile", "data"]
