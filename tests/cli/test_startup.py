@@ -49,12 +49,21 @@ REPORTS_TENSORFLOW = "import atexit, sys; atexit.register(lambda: print('tensorf
     (["lr-find", "{tmp}/no-data"], 1, "no-data does not exist"),
     (["audit", "{tmp}/no-data"], 1, "no-data does not exist"),
     (["evaluate", "{tmp}/no-run", "{tmp}/no-data"], 1, "labelled folder {tmp}/no-data does not exist"),
+    (["finetune", "{data}", "--val-dir", "{data}"], 1, "is the data folder itself"),
+    (["finetune", "{data}", "-o", "{tmp}/existing"], 1, "run folder {tmp}/existing exists already"),
+    (["export", "{tmp}/run", "--format", "onnx", "-o", "{tmp}/existing"], 1, "{tmp}/existing exists already"),
 ])
 def test_a_mistake_found_before_keras_is_needed_is_told_without_loading_tensorflow(args, code, fragment, shapes_dir,
                                                                                  tmp_path):
     import os
 
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "notes.txt").write_text("keep me")
+    (tmp_path / "run").mkdir()  # a run's record (its model is loaded only once the output is known good)
+    (tmp_path / "run" / "model.keras").write_bytes(b"")
+    (tmp_path / "run" / "labels.json").write_text('{"class_names": ["a", "b"], "image_size": 32, "backbone": "vgg16", '
+                                                  '"head_activation": "sigmoid"}')
     fragment = fragment.format(tmp=tmp_path)
     command = [sys.executable, "-c", f"{REPORTS_TENSORFLOW}; from transferkit.cli import main; sys.argv[0] = "
                "'transferkit'; main()", *(arg.format(data=shapes_dir, tmp=tmp_path) for arg in args)]
@@ -64,6 +73,7 @@ def test_a_mistake_found_before_keras_is_needed_is_told_without_loading_tensorfl
     lines = done.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith("error: ") and fragment in lines[0], done.stderr
     assert lines[1] == "False"  # TensorFlow never imported
+    assert (tmp_path / "existing" / "notes.txt").read_text() == "keep me"
 
 
 def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_stderr(shapes_run, shapes_dir):

@@ -125,3 +125,19 @@ def test_an_evaluation_whose_folder_cannot_be_made_is_refused_before_the_images_
     line = one_error_line(runner.invoke(app, ["evaluate", str(shapes_run.path), str(shapes_dir), "-o",
                                               str(tmp_path / "afile" / "x"), "-q"]))
     assert "afile is a file" in line and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_preview_or_predictions_file_is_never_written_among_the_images_read(shapes_run, shapes_dir, tmp_path):
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    before = listing(data)
+    for target in (data / "circle" / "preview.png", tmp_path / "link" / "preview.png"):
+        line = one_error_line(runner.invoke(app, ["augment-preview", str(data), "-o", str(target)]))
+        assert "preview" in line and "inside the data folder" in line  # it would be trained on as a circle
+    for target in (data / "predictions.csv", tmp_path / "link" / "circle" / "p.json"):
+        line = one_error_line(runner.invoke(app, ["predict", str(shapes_run.path), str(data), "-o", str(target)]))
+        assert "predictions file" in line and "inside the data folder" in line
+    assert listing(data) == before
+    # beside the images, both are written
+    assert runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png")]).exit_code == 0
+    assert (tmp_path / "preview.png").is_file()

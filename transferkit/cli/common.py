@@ -252,14 +252,16 @@ def check_suffix(flag: str, path: Path | None, suffixes: Sequence[str]) -> None:
 
 
 def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str = "data folder") -> None:
-    """A missing or mistyped data (and validation) folder, told in one line before Keras
-    loads (seconds) instead of after."""
-    from transferkit.data.folders import require_folder
+    """A missing or mistyped data (and validation) folder, or a validation folder that is the
+    data folder, told in one line before Keras loads (seconds) instead of after."""
+    from transferkit.data.folders import require_folder, require_other_folder
 
     if data_dir is not None:
         require_folder(data_dir, what)
     if val_dir is not None:
         require_folder(val_dir, "validation folder")
+        if data_dir is not None:
+            require_other_folder(data_dir, val_dir)
 
 
 def check_positive(flag: str, value: int | None) -> None:

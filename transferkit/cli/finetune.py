@@ -33,6 +33,7 @@ from transferkit.cli.common import (
     setup_logging,
     usage_error,
 )
+from transferkit.strategies import keras_distribution_variables
 
 # What --resume accepts besides RUN_DIR: where the data is now, --force, and the devices it
 # goes on with (another machine may have others; the result does not depend on them beyond
@@ -114,6 +115,12 @@ def finetune(
                           "pass one of them")
     resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
     check_folders(data_dir, val_dir)
+    if output is not None and resolved.strategy != "data-parallel" and not keras_distribution_variables():
+        from transferkit.runs import check_writable
+
+        # An -o that exists, or lies in the data, told before Keras loads too (in one process
+        # only: of several, process 0 checks once they have met).
+        check_writable(output, force, data_folders=(data_dir, val_dir))
     from transferkit import workflow
 
     run = workflow.finetune(data_dir, resolved, val_dir=val_dir, output=output, force=force, save_h5=save_h5,

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from transferkit.errors import DataError
+from transferkit.files import require_apart
 from transferkit.recipe import AugmentConfig
 
 
@@ -121,6 +122,7 @@ def write_preview(
     Raises:
         DataError: ``count`` is below 1, or the folder cannot be indexed or holds no
             readable image.
+        RunError: ``output`` lies inside ``data_dir``.
     """
     from transferkit.data.folders import index_folder
     from transferkit.data.images import decode_images
@@ -130,6 +132,7 @@ def write_preview(
         raise DataError(f"count must be at least 1, got {count}")
     if output.suffix.lower() != ".png":
         raise DataError(f"preview output {output} must end in .png")
+    require_apart(output, [data_dir], "preview")  # a PNG in a class folder would be trained on
     index = index_folder(data_dir)
     rng = np.random.default_rng(seed)
     # Round-robin over classes so every class shows up.

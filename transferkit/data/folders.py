@@ -154,6 +154,20 @@ def require_folder(root: str | os.PathLike, what: str = "data folder") -> Path:
     return root
 
 
+def require_other_folder(data_dir: str | os.PathLike, val_dir: str | os.PathLike) -> None:
+    """Refuse a validation folder that is the data folder itself (links seen through):
+    validation on the training images says nothing about new ones.
+
+    Raises:
+        DataError: both name one folder.
+    """
+    if Path(val_dir).resolve() == Path(data_dir).resolve():
+        raise DataError(
+            f"validation folder {val_dir} is the data folder itself; pass a folder of other "
+            "images, or leave --val-dir off to hold out --val-split of each class"
+        )
+
+
 def index_folder(root: str | os.PathLike) -> FolderIndex:
     """Index a folder of class sub-folders.
 
@@ -238,12 +252,7 @@ def index_folders(
     if val_dir is None:
         return index, None
     val_index = val_dir if isinstance(val_dir, FolderIndex) else index_folder(val_dir)
-    if Path(val_index.root).resolve() == Path(index.root).resolve():
-        # Validation on the training images says nothing about new ones.
-        raise DataError(
-            f"validation folder {val_index.root} is the data folder itself; pass a folder of other "
-            "images, or leave --val-dir off to hold out --val-split of each class"
-        )
+    require_other_folder(index.root, val_index.root)
     if val_index.class_names != index.class_names:
         raise DataError(
             f"validation folder {val_index.root} has classes {', '.join(val_index.class_names)} but "

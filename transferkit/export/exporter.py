@@ -148,17 +148,22 @@ def export_run(
             quantized one beyond ``max_drop`` without ``allow_drop``.
         RunError, DataError: the run or the data folder cannot be read.
     """
-    from transferkit.data.samples import sample_images
-    from transferkit.export.keras import fixed_size_model, float32_model, predict
     from transferkit.runs import Run, load_run
 
-    require_tensorflow_backend()
     specs = _chosen_formats(format, quantize)
-    run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
-    specs = _fit_for_backbone(get_spec(run.backbone), specs, many=format == "all")
-    targets = _targets(run, specs, quantize, output, format == "all", force, data)
     if max_drop < 0:
         raise ExportError(f"--max-drop must be at least 0 points, got {max_drop:g}")
+    # The run's record, then the folders: a bad -o is told before Keras loads (seconds).
+    described = run if isinstance(run, Run) else load_run(getattr(run, "path", run), with_model=False)
+    specs = _fit_for_backbone(get_spec(described.backbone), specs, many=format == "all")
+    targets = _targets(described, specs, quantize, output, format == "all", force, data)
+    if format != "all":
+        require_packages(specs[0], quantize)
+    require_tensorflow_backend()
+    from transferkit.data.samples import sample_images
+    from transferkit.export.keras import fixed_size_model, float32_model, predict
+
+    run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
     model = float32_model(run.model)
     sample = sample_images(run, data, samples=samples, calibration=calibration if quantize == "int8" else 0)
     reference = predict(model, sample.images)
@@ -187,10 +192,11 @@ class _Context:
 
 
 def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
+    """The format named (its packages are checked later, once its folder is known good:
+    importing them can load TensorFlow), or with "all" those whose packages import here."""
     if format != "all":
         spec = get_format(format)
         check_quantization(spec, quantize)
-        require_packages(spec, quantize)
         return [spec]
     chosen = []
     for spec in FORMATS.values():

@@ -521,8 +521,9 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
             yield current
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """Check, before any prediction, that ``write_predictions`` can write this file.
+def check_output(path: str | os.PathLike, images: str | os.PathLike | None = None) -> Path:
+    """Check, before any prediction, that ``write_predictions`` can write this file, and
+    that it lies outside the folder of images predicted.
 
     Nothing is created: a missing parent folder only has to be creatable (``write_predictions``
     creates it once the predictions are done). Writability is tried with an anonymous
@@ -531,6 +532,7 @@ def check_output(path: str | os.PathLike) -> Path:
 
     Args:
         path: the .csv or .json file to write.
+        images: the folder (or image file) predicted; default None (not checked).
 
     Returns:
         The path, as a ``Path``.
@@ -538,16 +540,20 @@ def check_output(path: str | os.PathLike) -> Path:
     Raises:
         DataError: the extension is neither .csv nor .json, the path is a folder, a part
             of it is a file, or the folder it would go in cannot be written.
+        RunError: it lies inside the folder of images (a folder of classes, read again,
+            would hold it).
     """
     import tempfile
 
-    from transferkit.files import existing_ancestor
+    from transferkit.files import existing_ancestor, require_apart
 
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise DataError(f"--output {path}: use a .csv or .json file name")
     if path.is_dir():
         raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
+    if images is not None and Path(images).is_dir():
+        require_apart(path, [images], "predictions file")
     # The nearest part of the path that exists: the folder itself, or the one it would be
     # created in. A file there means the folder can never be made.
     existing = existing_ancestor(path.parent)
