@@ -64,12 +64,23 @@ def test_weights_file_round_trip_legacy_h5_as_keras_downloads_them(tmp_path):
         np.testing.assert_array_equal(saved, got)
 
 
-def test_weights_of_another_backbone_are_refused(tmp_path):
+def test_weights_of_another_backbone_are_refused_in_one_error_without_kerass_warnings(tmp_path):
+    import warnings
+
     other = load_backbone("vgg19", weights="none", input_shape=(32, 32, 3))
     path = tmp_path / "vgg19.h5"
     write_legacy_h5(other, path)
     with pytest.raises(WeightsError, match="does not fit the vgg16 backbone"):
         load_backbone("vgg16", weights=path, input_shape=(32, 32, 3))
+    # a file of another family (Keras 3's own format): Keras warns of each part it skips, then fails
+    mobilenet = load_backbone("mobilenetv3-small", weights="none", input_shape=(32, 32, 3))
+    path = tmp_path / "mobilenet.weights.h5"
+    mobilenet.save_weights(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(WeightsError, match="does not fit the vgg16 backbone"):
+            load_backbone("vgg16", weights=path, input_shape=(32, 32, 3))
+    assert [str(warning.message) for warning in caught if "Skipping" in str(warning.message)] == []
 
 
 def test_corrupt_and_missing_weights_files(tmp_path):

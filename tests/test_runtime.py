@@ -91,3 +91,20 @@ def test_keras_functions_traced_anew_for_each_model_are_not_reported_but_a_retra
         for _ in range(7):  # a function of one's own, traced again and again: still reported
             traced_again()(tf.constant(1.0))
     assert any("triggered tf.function retracing" in record.getMessage() for record in caplog.records)
+
+
+def test_held_stderr_drops_what_cpp_code_writes_unless_the_block_fails(capfd, monkeypatch):
+    import os
+
+    from transferkit.runtime import held_stderr
+
+    monkeypatch.delenv("TRANSFERKIT_DEBUG", raising=False)
+    with held_stderr():
+        os.write(2, b"fully_quantize: 0, inference_type: 6\n")  # as a converter's C++ writes it
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="conversion failed"), held_stderr():
+        os.write(2, b"the converter's context\n")
+        raise RuntimeError("conversion failed")
+    assert capfd.readouterr().err == "the converter's context\n"
+    os.write(2, b"after\n")  # file descriptor 2 is back
+    assert capfd.readouterr().err == "after\n"

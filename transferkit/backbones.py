@@ -14,6 +14,7 @@ Weights are one of:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,10 +378,22 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
             f"weights file {path} is not a .h5 or .weights.h5 file; "
             f"pass the Keras notop file ({spec.weights_file}) or weights saved from {spec.name}"
         )
-    try:
-        backbone.load_weights(str(path))
-    except Exception as error:
+    # Keras warns, layer by layer, of what it could not match before it fails (or, loading
+    # what matches, leaves the rest as initialized): one error says it instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            backbone.load_weights(str(path))
+        except Exception as error:
+            raise WeightsError(
+                f"weights file {path} does not fit the {spec.name} backbone ({first_line(error)}); "
+                f"pass {spec.weights_file} or weights saved from a {spec.name} backbone"
+            ) from error
+    skipped = [str(warning.message) for warning in caught if "Skipping" in str(warning.message)]
+    if skipped:
         raise WeightsError(
-            f"weights file {path} does not fit the {spec.name} backbone ({first_line(error)}); "
-            f"pass {spec.weights_file} or weights saved from a {spec.name} backbone"
-        ) from error
+            f"weights file {path} does not fit the {spec.name} backbone (Keras left {len(skipped)} part(s) without "
+            f"weights: {first_line(skipped[0])}); pass {spec.weights_file} or weights saved from a {spec.name} backbone"
+        )
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

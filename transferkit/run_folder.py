@@ -7,6 +7,7 @@ MLflow's run, the strategy, the rejection threshold and prediction sets) has one
 
 from __future__ import annotations
 
+import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,7 +90,14 @@ def write_run_contents(folder: Path, trained: TrainedRun, recipe: Recipe, prepar
         figures = pool.submit(draw_figures)
         trained.model.save(folder / runs.MODEL_FILE)
         if save_h5:
-            trained.model.save(folder / "model.h5")
+            # Keras warns through absl that HDF5 is a legacy format: asked for by name here.
+            absl = logging.getLogger("absl")
+            level = absl.level
+            absl.setLevel(logging.ERROR)
+            try:
+                trained.model.save(folder / "model.h5")
+            finally:
+                absl.setLevel(level)
         figures.result()
     # Where the data was: exports sample their check images there.
     extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,

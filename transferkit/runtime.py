@@ -154,14 +154,27 @@ def quiet_keras_retracing() -> None:
 
 
 @contextlib.contextmanager
-def _stderr_hidden():
-    """File descriptor 2 sent to the null device for the block (C++ libraries write there
-    directly, past Python's ``sys.stderr``), restored after it, errors included."""
+def held_stderr():
+    """File descriptor 2 held for the block (C++ libraries, TensorFlow's start-up and its
+    converters, write there directly, past Python's ``sys.stderr``): what was written is
+    dropped when the block succeeds and written out when it fails, so an error keeps its
+    context. ``TRANSFERKIT_DEBUG`` set: nothing is held."""
+    if os.environ.get("TRANSFERKIT_DEBUG"):
+        yield
+        return
+    import tempfile
+
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            except BaseException:
+                os.dup2(saved, 2)
+                held.seek(0)
+                os.write(2, held.read())
+                raise
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -177,7 +190,7 @@ def import_tensorflow_quietly() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if os.environ.get("TRANSFERKIT_DEBUG"):
         return
-    with _stderr_hidden():
+    with held_stderr():
         try:
             import tensorflow  # noqa: F401
         except ImportError:
@@ -215,7 +228,7 @@ class _QuietLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         module.__loader__ = module.__spec__.loader = self.loader
-        with _stderr_hidden():
+        with held_stderr():
             self.loader.exec_module(module)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.runtime import held_stderr
+
 
 def write_litert(model, path: Path, image_size: int, quantize: str = "none",
                  calibration: np.ndarray | None = None) -> dict:
@@ -42,7 +44,8 @@ def write_litert(model, path: Path, image_size: int, quantize: str = "none",
         images = calibration.astype("float32")
         settings["representative_dataset"] = lambda: ([images[i : i + 1]] for i in range(len(images)))
     signature = [tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name="image")]
-    model.export(str(path), format="litert", input_signature=signature, verbose=False, **settings)
+    with held_stderr():  # the converter's C++ lines (quantization settings), unless it fails
+        model.export(str(path), format="litert", input_signature=signature, verbose=False, **settings)
     details = {"converter": f"tensorflow {tf.__version__} TFLiteConverter", "input_output": "float32"}
     if quantize == "int8":
         details["calibration_images"] = len(calibration)
