@@ -322,8 +322,9 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
             "is not readable JSON; copy it from a backup of the run, or re-run finetune"
         ) from error
     try:
-        if not isinstance(labels["class_names"], list) or len(set(map(str, labels["class_names"]))) < 2:
-            raise ValueError(f"class_names must list two or more different names, got {labels['class_names']!r}")
+        names = labels["class_names"]
+        if not isinstance(names, list) or len(names) < 2 or len(set(map(str, names))) < len(names):
+            raise ValueError(f"class_names must list two or more different names, got {names!r}")
         class_names = tuple(str(name) for name in labels["class_names"])
         image_size = int(labels["image_size"])
         if image_size < 1:

@@ -187,6 +187,8 @@ def test_existing_output_needs_force(cli_run, shapes_dir):
         (["predict", "{missing}", "{data}"], 1, "does not exist"),
         (["predict", "{data}", "{data}"], 1, "not a transferkit run"),
         (["finetune", "{data}", "--val-split", "0.3", "--val-dir", "{data}"], 2, "pass one of them"),
+        (["tune", "{data}", "--timeout", "-5", "-o", "{tmp}/study"], 2, "--timeout must be a number of seconds"),
+        (["tune", "{data}", "--timeout", "nan", "-o", "{tmp}/study"], 2, "--timeout must be a number of seconds"),
         (["augment-preview", "{data}", "-o", "{tmp}/x.jpg"], 2, "x.jpg: use a .png file name"),
         (["augment-preview", "{data}", "--views", "0"], 2, "--views must be at least 1, got 0"),
         (["lr-find", "{data}", "-o", "{tmp}/lr.txt"], 2, "lr.txt: use a .png file name"),

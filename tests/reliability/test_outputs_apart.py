@@ -141,3 +141,21 @@ def test_a_preview_or_predictions_file_is_never_written_among_the_images_read(sh
     # beside the images, both are written
     assert runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png")]).exit_code == 0
     assert (tmp_path / "preview.png").is_file()
+
+
+def test_predictions_never_replace_a_file_unasked_nor_land_in_the_run(shapes_run, shapes_dir, tmp_path):
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in ("labels.json", "history.csv")}
+    for target in (run / "labels.json", run / "history.csv", run / "sub" / "p.csv"):
+        line = one_error_line(runner.invoke(app, ["predict", str(run), str(shapes_dir / "circle"), "-q", "-o",
+                                                  str(target), "--force"]))
+        assert "inside the run folder" in line
+    assert {name: (run / name).read_bytes() for name in before} == before and not (run / "sub").exists()
+    (tmp_path / "keep.csv").write_text("precious\n")
+    line = one_error_line(runner.invoke(app, ["predict", str(run), str(shapes_dir / "circle"), "-q", "-o",
+                                              str(tmp_path / "keep.csv")]))
+    assert "exists already; pass --force" in line and (tmp_path / "keep.csv").read_text() == "precious\n"
+    replaced = runner.invoke(app, ["predict", str(run), str(shapes_dir / "circle"), "-q", "-o",
+                                   str(tmp_path / "keep.csv"), "--force"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (tmp_path / "keep.csv").read_text().startswith("file,label,confidence")

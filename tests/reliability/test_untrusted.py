@@ -85,6 +85,7 @@ def test_a_damaged_labels_or_recipe_file_is_told_as_damaged(run_dir, tmp_path, n
 @pytest.mark.parametrize(("change", "fragment"), [
     ({"class_names": "abc"}, "class_names must list two or more different names"),
     ({"class_names": ["cat", "cat"]}, "class_names must list two or more different names"),
+    ({"class_names": ["cat", "cat", "dog"]}, "class_names must list two or more different names"),
     ({"image_size": 0}, "image_size must be a size in pixels"),
     ({"image_size": 64}, "takes 32x32 images but"),
 ])

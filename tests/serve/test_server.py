@@ -377,7 +377,9 @@ def test_a_port_in_use_and_bad_flags_are_one_line_each(shapes_run):
     finally:
         taken.close()
     for flags, words in ((["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
-                         (["--engine", "tpu"], "--engine"), (["--max-upload-mb", "0"], "--max-upload-mb")):
+                         (["--engine", "tpu"], "--engine"), (["--max-upload-mb", "0"], "--max-upload-mb"),
+                         (["--max-upload-mb", "nan"], "--max-upload-mb"),
+                         (["--max-upload-mb", "inf"], "--max-upload-mb")):
         result = CliRunner().invoke(app, ["serve", str(shapes_run.path), *flags])
         assert result.exit_code == 2 and words in result.output
 

@@ -39,6 +39,7 @@ def predict(
             help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
     reject: RejectOption = False,
     sets: SetsOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
             help="No progress bar and no table; with --output, print only the summary.")] = False,
     verbose: VerboseOption = False,
@@ -62,7 +63,7 @@ def predict(
     check_trust_flags(reject, sets, tta)
     check_suffix("--output", output, OUTPUT_SUFFIXES)
     if output is not None:
-        check_output(output, images)
+        check_output(output, images, run, force)
     check_images(images)
     loaded = load_run(run)
     bar = progress_bar("image", enabled=not quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -47,8 +48,8 @@ def serve(
     check_positive("--max-batch", max_batch)
     if not 0 <= port <= 65535:
         raise usage_error(f"--port must be 0..65535, got {port}")
-    if max_upload_mb <= 0:
-        raise usage_error(f"--max-upload-mb must be above 0, got {max_upload_mb:g}")
+    if not 0 < max_upload_mb < math.inf:  # nan fails both comparisons
+        raise usage_error(f"--max-upload-mb must be a size above 0 in MB, got {max_upload_mb:g}")
     check_installed()
     if not quiet:
         typer.echo(f"loading {run} ...")

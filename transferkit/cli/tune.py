@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,6 +95,8 @@ def tune(
         raise usage_error(f"--trials must be 0 or more, got {trials}")
     if study_trials is not None and study_trials < 1:
         raise usage_error(f"--study-trials must be 1 or more, got {study_trials}")
+    if timeout is not None and not 0 < timeout < math.inf:  # nan fails both comparisons
+        raise usage_error(f"--timeout must be a number of seconds above 0, got {timeout:g}")
     check_folders(data_dir, val_dir)
     from transferkit.tuning.search import tune as run_search
 

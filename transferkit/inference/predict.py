@@ -521,9 +521,11 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
             yield current
 
 
-def check_output(path: str | os.PathLike, images: str | os.PathLike | None = None) -> Path:
-    """Check, before any prediction, that ``write_predictions`` can write this file, and
-    that it lies outside the folder of images predicted.
+def check_output(path: str | os.PathLike, images: str | os.PathLike | None = None,
+                 run: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Check, before any prediction, that ``write_predictions`` can write this file, that
+    it lies outside the folder of images predicted and the run folder, and that it replaces
+    no file unless asked to.
 
     Nothing is created: a missing parent folder only has to be creatable (``write_predictions``
     creates it once the predictions are done). Writability is tried with an anonymous
@@ -533,13 +535,16 @@ def check_output(path: str | os.PathLike, images: str | os.PathLike | None = Non
     Args:
         path: the .csv or .json file to write.
         images: the folder (or image file) predicted; default None (not checked).
+        run: the run folder predicted with; default None (not checked).
+        force: an existing file may be replaced; default False.
 
     Returns:
         The path, as a ``Path``.
 
     Raises:
         DataError: the extension is neither .csv nor .json, the path is a folder, a part
-            of it is a file, or the folder it would go in cannot be written.
+            of it is a file, the folder it would go in cannot be written, it lies in the
+            run folder, or the file exists (without ``force``).
         RunError: it lies inside the folder of images (a folder of classes, read again,
             would hold it).
     """
@@ -554,6 +559,13 @@ def check_output(path: str | os.PathLike, images: str | os.PathLike | None = Non
         raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
     if images is not None and Path(images).is_dir():
         require_apart(path, [images], "predictions file")
+    if run is not None:
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        if folder.resolve() in Path(os.path.abspath(path)).resolve().parents:
+            raise DataError(f"--output {path} is inside the run folder {folder} (it would replace or mix with the "
+                            "run's own files); write it elsewhere")
+    if path.is_file() and not force:
+        raise DataError(f"--output {path} exists already; pass --force to replace it or choose another file")
     # The nearest part of the path that exists: the folder itself, or the one it would be
     # created in. A file there means the folder can never be made.
     existing = existing_ancestor(path.parent)
