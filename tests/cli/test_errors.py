@@ -85,3 +85,15 @@ def test_a_finished_line_gets_no_extra_newline(tmp_path, monkeypatch):
     monkeypatch.setattr(transferkit.evaluation.card, "write_run_report", fails)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.stdout == "reading images (3 files)\n"
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(shapes_dir, tmp_path, monkeypatch):
+    import transferkit.runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what SIGINT raises in the main thread while the run loads
+
+    monkeypatch.setattr(transferkit.runs, "load_run", interrupted)
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(shapes_dir), "-q"])
+    assert result.exit_code == 130
+    assert result.output.strip() == "error: interrupted"

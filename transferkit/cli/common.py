@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit.backbones import available_backbones
-from transferkit.errors import TransferkitError
+from transferkit.errors import TrainingInterrupted, TransferkitError
 from transferkit.runtime import ENGINES, PRECISIONS
 from transferkit.strategies import STRATEGIES
 
@@ -211,6 +211,12 @@ def reports_errors(command: Callable | None = None, *, json_flag: str | None = N
                 else:
                     typer.echo(f"error: {error}", err=True)
                 raise typer.Exit(code=error.exit_code) from None
+            except KeyboardInterrupt:
+                # Ctrl-C outside training (loading, predicting, exporting): typer would end
+                # with 130 and no word; training turns it into a resumable stop above.
+                end_open_line()
+                typer.echo("error: interrupted", err=True)
+                raise typer.Exit(code=TrainingInterrupted.exit_code) from None
             finally:
                 sys.stdout = stdout
 
