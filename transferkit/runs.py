@@ -509,17 +509,28 @@ def _read_optional_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON object was expected, not a {type(record).__name__}")
+        return record
     except (OSError, ValueError) as error:
         log.warning("%s is damaged (%s); its figures are left out", path,
                     getattr(error, "strerror", None) or first_line(error))
         return {}
 
 
+# What history.png needs of each row of history.csv.
+HISTORY_NEEDED = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
 def _read_optional_history(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            missing = [column for column in HISTORY_NEEDED if column not in (reader.fieldnames or ())]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} column")
+            return list(reader)
     except FileNotFoundError:
         return []
     except (OSError, ValueError, csv.Error) as error:

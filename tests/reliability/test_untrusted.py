@@ -190,3 +190,20 @@ def test_a_damaged_network_in_the_engine_cache_is_converted_again_with_a_notice(
         caplog.clear()
         load_or_convert(model, (32, 32, 3), tmp_path)
     assert "damaged" not in caplog.text  # rebuilt: the next one reuses it quietly
+
+
+def test_report_on_a_run_with_damaged_records_warns_or_says_so_in_one_line(run_dir, tmp_path, caplog):
+    from transferkit.evaluation.card import write_run_report
+
+    run = copy_of(run_dir, tmp_path)
+    (run / "history.csv").write_text("epoch,loss\n1,abc\n")  # no stage column
+    (run / "metrics.json").write_text("[1, 2]")  # JSON, not an object
+    written = write_run_report(run)
+    assert [path.name for path in written] == ["MODEL_CARD.md"]  # no figure to draw from them
+    assert "history.csv is damaged (no stage, accuracy, val_loss, val_accuracy column)" in caplog.text
+    assert "metrics.json is damaged (a JSON object was expected, not a list)" in caplog.text
+    (run / "MODEL_CARD.md").unlink()
+    (run / "MODEL_CARD.md").mkdir()  # a folder where the card goes
+    with pytest.raises(RunError) as error:
+        write_run_report(run)
+    assert one_line(error.value).startswith(f"cannot write the report into {run}")

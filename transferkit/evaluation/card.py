@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import RunError
-from transferkit.files import write_atomic
+from transferkit.files import write_atomic, write_failure
 from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER, LABELS_FILE, MODEL_FILE
 
 log = logging.getLogger("transferkit")
@@ -84,9 +84,12 @@ def write_run_report(run: str | os.PathLike) -> list[Path]:
 
     loaded = load_run(getattr(run, "path", run), with_model=False)
     written = []
-    if loaded.history or loaded.metrics.get("confusion_matrix"):
-        written += write_run_figures(loaded)
-    return [*written, write_model_card(loaded.path)]
+    try:
+        if loaded.history or loaded.metrics.get("confusion_matrix"):
+            written += write_run_figures(loaded)
+        return [*written, write_model_card(loaded.path)]
+    except OSError as error:  # a read-only run, a folder where a file goes
+        raise RunError(f"cannot write the report into {loaded.path}: {write_failure(error)}") from error
 
 
 def render_model_card(run: str | os.PathLike, *, name: str | None = None,
