@@ -44,6 +44,8 @@ FAULT_POINTS = (
     "evaluation.published",
     "audit.staged",        # the same for audit -o
     "audit.published",
+    "explain.staged",      # the same for explain -o
+    "explain.published",
     "tune.trial",          # tuning.search: a trial has reported its first epoch, mid-training
 )
 

@@ -107,7 +107,7 @@ class FolderLock:
 
         Args:
             folder: the lock folder, ``X.partial``.
-            kind: what is written: "run", "export", "evaluation", "audit" or "tune" (recorded for
+            kind: what is written: "run", "export", "evaluation", "audit", "explain" or "tune" (recorded for
                 whoever finds the folder later).
             create: make the folder (and its parents) when missing; default True.
             wait: seconds to wait for another owner to let go; default 0 (fail at once).
@@ -251,7 +251,7 @@ def publishing(target: str | os.PathLike, kind: str, check=None) -> Iterator[Pat
 
     Args:
         target: the final folder.
-        kind: "export", "evaluation" or "audit" (recorded in the owner record).
+        kind: "export", "evaluation", "audit" or "explain" (recorded in the owner record).
         check: called with no argument under the lock, before anything is written; it
             raises to refuse. Default None.
 

@@ -50,3 +50,24 @@ def test_explain_writes_png_npy_and_grid_and_report_redraws(shapes_run, shapes_d
     assert bad.exit_code == 1 and "nope" in bad.output
     report = runner.invoke(app, ["report", str(shapes_run.path)])
     assert report.exit_code == 0 and "history.png" in report.output and "confusion.png" in report.output
+
+
+def test_explain_stopped_while_writing_leaves_no_folder_and_the_retry_needs_no_force(shapes_run, shapes_dir,
+                                                                                      tmp_path, monkeypatch):
+    from transferkit.evaluation import gradcam
+
+    out = tmp_path / "explain"
+    images = shapes_dir / shapes_run.class_names[0]
+    plot_grid = gradcam.plot_grid
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C once the per-image files are written, before the grid
+
+    monkeypatch.setattr(gradcam, "plot_grid", stopped)
+    result = runner.invoke(app, ["explain", str(shapes_run.path), str(images), "-o", str(out)])
+    assert result.exit_code == 130 and result.output.strip().endswith("error: interrupted")
+    assert sorted(tmp_path.iterdir()) == []  # neither the folder nor its work folder
+    monkeypatch.setattr(gradcam, "plot_grid", plot_grid)
+    again = runner.invoke(app, ["explain", str(shapes_run.path), str(images), "-o", str(out)])
+    assert again.exit_code == 0, again.output
+    assert (out / "heatmaps.json").is_file() and (out / "gradcam_grid.png").is_file()

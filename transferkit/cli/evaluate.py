@@ -77,7 +77,7 @@ def explain(
     class_name: Annotated[Optional[str], typer.Option("--class",
             help="Explain this class instead of the predicted one.")] = None,
     top: Annotated[int, typer.Option("--top", help="Explain the K most likely classes.")] = 1,
-    force: Annotated[bool, typer.Option("--force", help="Write into an output folder that is not empty.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing explain folder.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Grad-CAM heatmaps: where the model looked, per image a PNG and the raw .npy."""

@@ -275,7 +275,7 @@ def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | 
 
     Args:
         out_dir: the folder to write.
-        force: write into an earlier explain folder (its heatmaps.json) that is not empty.
+        force: replace an earlier explain folder (its heatmaps.json) that is not empty.
         images: the image file or folder explained; default None (not checked).
 
     Raises:
@@ -291,10 +291,10 @@ def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | 
     require_not_a_file(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
-            raise RunError(f"{out_dir} exists already; pass --force to write into it or choose another -o")
+            raise RunError(f"{out_dir} exists already; pass --force to replace it or choose another -o")
         if not (out_dir / INDEX_FILE).is_file():
-            raise RunError(f"{out_dir} is not an explain folder (no {INDEX_FILE}) and is not empty; --force writes "
-                           "only into explain folders: choose another -o")
+            raise RunError(f"{out_dir} is not an explain folder (no {INDEX_FILE}) and is not empty; --force replaces "
+                           "only explain folders: choose another -o")
     require_writable_place(out_dir)
 
 
@@ -302,7 +302,8 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
                        root: str | os.PathLike | None = None) -> list[Path]:
     """Per image a PNG (the original, each heatmap over it, class and confidence) and per
     heatmap the raw ``.npy`` beside it; with several images also ``gradcam_grid.png``;
-    ``heatmaps.json`` indexes them. Each file is written atomically.
+    ``heatmaps.json`` indexes them. The folder is written whole under its owner lock and
+    published when complete: an interrupted explain leaves none.
 
     File names: ``<image>.png`` and ``<image>.<class>.npy``, where ``<image>`` is the
     image's path under ``root`` with "/" as "__" (its name without ``root``).
@@ -310,23 +311,35 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
     Args:
         explanations: from ``explain``.
         out_dir: the folder (created).
-        force: write into a folder that is not empty; default False.
+        force: replace an earlier explain folder; default False.
         root: the folder the images were found in, for unique names; default None.
 
     Returns:
         The files written.
 
     Raises:
-        RunError: see ``check_output_folder`` (with ``root`` as the images' folder).
+        RunError: see ``check_output_folder`` (with ``root`` as the images' folder), or it
+            could not be written.
     """
-    from transferkit.files import atomic_path, write_atomic, write_failure
+    from transferkit.files import write_failure
+    from transferkit.locks import publishing
 
     out_dir = Path(out_dir)
-    check_output_folder(out_dir, force, root)
+    check = lambda: check_output_folder(out_dir, force, root)  # noqa: E731
+    check()
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # Under the folder's owner lock, the check made again (another process may have
+        # written the folder meanwhile).
+        with publishing(out_dir, "explain", check=check) as staging:
+            names = _write_contents(explanations, staging, root)
     except OSError as error:
-        raise RunError(f"cannot create {out_dir}: {write_failure(error)}; choose another -o") from None
+        raise RunError(f"could not write {out_dir}: {write_failure(error)}; nothing was written") from error
+    return [out_dir / name for name in names]
+
+
+def _write_contents(explanations: Sequence[Explanation], folder: Path, root) -> list[str]:
+    from transferkit.files import atomic_path, write_atomic
+
     written: list[Path] = []
     index = []
     used: set[str] = set()
@@ -337,19 +350,19 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
         used.add(base)
         entry = {"file": str(item.file) if item.file else None, "png": f"{base}.png", "heatmaps": []}
         for heatmap in item.heatmaps:
-            npy = out_dir / f"{base}.{_safe(heatmap.class_name)}.npy"
+            npy = folder / f"{base}.{_safe(heatmap.class_name)}.npy"
             with atomic_path(npy) as temporary:
                 with open(temporary, "wb") as handle:
                     np.save(handle, heatmap.heat.astype("float32"))
             written.append(npy)
             entry["heatmaps"].append({"class": heatmap.class_name, "probability": heatmap.probability,
                                       "npy": npy.name})
-        written.append(plot_explanation(item, out_dir / f"{base}.png"))
+        written.append(plot_explanation(item, folder / f"{base}.png"))
         index.append(entry)
     if len(explanations) > 1:
-        written.append(plot_grid(explanations, out_dir / "gradcam_grid.png"))
-    written.append(write_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n"))
-    return written
+        written.append(plot_grid(explanations, folder / "gradcam_grid.png"))
+    written.append(write_atomic(folder / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n"))
+    return [path.name for path in written]
 
 
 def _base_name(item: Explanation, number: int, root) -> str:
