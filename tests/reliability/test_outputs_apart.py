@@ -127,20 +127,23 @@ def test_an_evaluation_whose_folder_cannot_be_made_is_refused_before_the_images_
     assert "afile is a file" in line and (tmp_path / "afile").read_text() == "keep me"
 
 
-def test_a_preview_or_predictions_file_is_never_written_among_the_images_read(shapes_run, shapes_dir, tmp_path):
+def test_an_augmentation_preview_is_never_written_among_the_images_read(shapes_dir, tmp_path):
     data = shutil.copytree(shapes_dir, tmp_path / "data")
     (tmp_path / "link").symlink_to(data, target_is_directory=True)
     before = listing(data)
     for target in (data / "circle" / "preview.png", tmp_path / "link" / "preview.png"):
         line = one_error_line(runner.invoke(app, ["augment-preview", str(data), "-o", str(target)]))
         assert "preview" in line and "inside the data folder" in line  # it would be trained on as a circle
-    for target in (data / "predictions.csv", tmp_path / "link" / "circle" / "p.json"):
-        line = one_error_line(runner.invoke(app, ["predict", str(shapes_run.path), str(data), "-o", str(target)]))
-        assert "predictions file" in line and "inside the data folder" in line
     assert listing(data) == before
-    # beside the images, both are written
+    # beside the images, both are written, an earlier preview replaced only with --force
     assert runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png")]).exit_code == 0
-    assert (tmp_path / "preview.png").is_file()
+    first = (tmp_path / "preview.png").read_bytes()
+    line = one_error_line(runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png"),
+                                              "--seed", "3"]))
+    assert "exists already; pass --force" in line and (tmp_path / "preview.png").read_bytes() == first
+    replaced = runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png"), "--seed", "3",
+                                   "--force"])
+    assert replaced.exit_code == 0 and (tmp_path / "preview.png").read_bytes() != first
 
 
 def test_predictions_never_replace_a_file_unasked_nor_land_in_the_run(shapes_run, shapes_dir, tmp_path):

@@ -93,8 +93,11 @@ def test_lr_find_command_prints_the_set_to_use_and_writes_the_plot(colour_dir, t
     assert result.exit_code == 0, result.output
     assert "use it with: --set stages.0.learning_rate=" in result.output
     assert f"wrote {output}" in result.output and output.is_file()
+    before = output.read_bytes()
+    again = CliRunner().invoke(app, ["lr-find", str(colour_dir), *flags, "-o", str(output), "--steps", "20"])
+    assert again.exit_code == 1 and "exists already; pass --force" in again.output and output.read_bytes() == before
     data = json.loads(CliRunner().invoke(app, ["lr-find", str(colour_dir), *flags, "-o", str(output), "--json",
-                                               "--steps", "20"]).output)
+                                               "--steps", "20", "--force"]).output)
     assert data["steps"] == 20 and data["suggestion"] is not None
 
 

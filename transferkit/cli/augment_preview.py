@@ -30,6 +30,7 @@ def augment_preview(
     count: Annotated[int, typer.Option(help="How many images (rows).")] = 6,
     views: Annotated[int, typer.Option(help="Augmented versions per image (columns after the original).")] = 5,
     seed: SeedOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the PNG file if it exists.")] = False,
 ) -> None:
     """Write a PNG grid of original images beside augmented versions."""
     from transferkit.data.augment import write_preview
@@ -42,5 +43,5 @@ def augment_preview(
     check_folders(data_dir)
     resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
     path = write_preview(data_dir, output, resolved.augment, image_size=resolved.image_size, count=count,
-                         views=views, seed=resolved.seed)
+                         views=views, seed=resolved.seed, force=force)
     typer.echo(f"wrote {path}")

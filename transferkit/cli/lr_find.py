@@ -51,6 +51,7 @@ def lr_find(
     steps: Annotated[Optional[int], typer.Option(
             help="Steps over the range; default 8 passes over the training batches, 50..200.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The plot to write (PNG).")] = Path("lr_find.png"),
+    force: Annotated[bool, typer.Option("--force", help="Replace the plot file if it exists.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -65,6 +66,7 @@ def lr_find(
     from transferkit.tuning.lr_find import find_learning_rate
 
     result = find_learning_rate(data_dir, recipe, recipe_overrides(ctx), stage, val_dir=val_dir, min_lr=min_lr,
-                                max_lr=max_lr, steps=steps, output=output, verbose=0 if quiet or json_output else 1)
+                                max_lr=max_lr, steps=steps, output=output, force=force,
+                                verbose=0 if quiet or json_output else 1)
     typer.echo(json.dumps(result.to_dict()) if json_output else result.describe())
     raise typer.Exit(code=0 if result.suggestion is not None else 1)

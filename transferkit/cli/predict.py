@@ -63,7 +63,7 @@ def predict(
     check_trust_flags(reject, sets, tta)
     check_suffix("--output", output, OUTPUT_SUFFIXES)
     if output is not None:
-        check_output(output, images, run, force)
+        check_output(output, run, force)
     check_images(images)
     loaded = load_run(run)
     bar = progress_bar("image", enabled=not quiet)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from transferkit.errors import DataError
+from transferkit.errors import DataError, RunError
 from transferkit.files import require_apart
 from transferkit.recipe import AugmentConfig
 
@@ -104,6 +104,7 @@ def write_preview(
     count: int = 6,
     views: int = 5,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
     """Write a PNG of originals beside augmented versions, for images drawn from a data folder.
 
@@ -115,6 +116,7 @@ def write_preview(
         count: how many images (spread over the classes); default 6.
         views: augmented versions per image; default 5.
         seed: picks the images and seeds the augmentation; default 0.
+        force: replace an existing file; default False.
 
     Returns:
         The path written.
@@ -122,7 +124,7 @@ def write_preview(
     Raises:
         DataError: ``count`` is below 1, or the folder cannot be indexed or holds no
             readable image.
-        RunError: ``output`` lies inside ``data_dir``.
+        RunError: ``output`` lies inside ``data_dir``, or exists (without ``force``).
     """
     from transferkit.data.folders import index_folder
     from transferkit.data.images import decode_images
@@ -133,6 +135,8 @@ def write_preview(
     if output.suffix.lower() != ".png":
         raise DataError(f"preview output {output} must end in .png")
     require_apart(output, [data_dir], "preview")  # a PNG in a class folder would be trained on
+    if output.exists() and not force:
+        raise RunError(f"preview {output} exists already; pass --force to replace it or choose another -o")
     index = index_folder(data_dir)
     rng = np.random.default_rng(seed)
     # Round-robin over classes so every class shows up.

@@ -521,11 +521,10 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
             yield current
 
 
-def check_output(path: str | os.PathLike, images: str | os.PathLike | None = None,
-                 run: str | os.PathLike | None = None, force: bool = False) -> Path:
+def check_output(path: str | os.PathLike, run: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Check, before any prediction, that ``write_predictions`` can write this file, that
-    it lies outside the folder of images predicted and the run folder, and that it replaces
-    no file unless asked to.
+    it lies outside the run folder, and that it replaces no file unless asked to (beside or
+    among the images predicted is fine: a CSV or JSON file is never read as an image).
 
     Nothing is created: a missing parent folder only has to be creatable (``write_predictions``
     creates it once the predictions are done). Writability is tried with an anonymous
@@ -534,7 +533,6 @@ def check_output(path: str | os.PathLike, images: str | os.PathLike | None = Non
 
     Args:
         path: the .csv or .json file to write.
-        images: the folder (or image file) predicted; default None (not checked).
         run: the run folder predicted with; default None (not checked).
         force: an existing file may be replaced; default False.
 
@@ -545,21 +543,17 @@ def check_output(path: str | os.PathLike, images: str | os.PathLike | None = Non
         DataError: the extension is neither .csv nor .json, the path is a folder, a part
             of it is a file, the folder it would go in cannot be written, it lies in the
             run folder, or the file exists (without ``force``).
-        RunError: it lies inside the folder of images (a folder of classes, read again,
-            would hold it).
     """
     import tempfile
 
-    from transferkit.files import existing_ancestor, require_apart
+    from transferkit.files import existing_ancestor
 
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise DataError(f"--output {path}: use a .csv or .json file name")
     if path.is_dir():
         raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
-    if images is not None and Path(images).is_dir():
-        require_apart(path, [images], "predictions file")
-    if run is not None:
+    if run is not None and Path(run).exists():  # a run folder, or a model file in one
         folder = Path(run) if Path(run).is_dir() else Path(run).parent
         if folder.resolve() in Path(os.path.abspath(path)).resolve().parents:
             raise DataError(f"--output {path} is inside the run folder {folder} (it would replace or mix with the "

@@ -290,6 +290,7 @@ def find_learning_rate(
     max_lr: float = MAX_LR,
     steps: int | None = None,
     output: str | os.PathLike | None = None,
+    force: bool = False,
     verbose: int = 0,
 ) -> RangeTest:
     """The learning-rate range test of one stage of a recipe on a data folder.
@@ -305,6 +306,7 @@ def find_learning_rate(
         steps: steps over the range; default 8 passes over the training batches, at least
             50 and at most 200.
         output: where to draw the plot (PNG); default None (no plot).
+        force: replace an existing plot file; default False.
         verbose: 0 silent, 1 progress; default 0.
 
     Returns:
@@ -319,7 +321,7 @@ def find_learning_rate(
         recipe = load_recipe(recipe, overrides)
     _check_range(min_lr, max_lr, steps)
     if output is not None:
-        check_plot_output(output, [data_dir, val_dir])
+        check_plot_output(output, [data_dir, val_dir], force)
     with prepare_stage(data_dir, recipe, stage, val_dir=val_dir, verbose=verbose) as setup:
         if verbose:
             log.info(f"learning-rate range test of stage {stage + 1} '{setup.stage.name}' "
@@ -404,19 +406,22 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     return max(math.sqrt(r_fall * r_min / 10), r_fall), (r_fall / 10, r_min)
 
 
-def check_plot_output(path: str | os.PathLike, data_folders=()) -> None:
-    """Fail before the range test where its plot could not be written or would land among
-    the images read.
+def check_plot_output(path: str | os.PathLike, data_folders=(), force: bool = False) -> None:
+    """Fail before the range test where its plot could not be written, would land among
+    the images read, or would replace an earlier plot unasked.
 
     Raises:
-        RunError: not a .png name, a folder, inside a data folder (it would be read as an
-            image of a class), or its folder cannot be created or written.
+        RunError: not a .png name, a folder, a file that exists (without ``force``), inside
+            a data folder (it would be read as an image of a class), or its folder cannot
+            be created or written.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise RunError(f"--output {path}: the plot is a PNG; use a .png file name")
     if path.is_dir():
         raise RunError(f"--output {path} is a folder; name a .png file in it")
+    if path.exists() and not force:
+        raise RunError(f"--output {path} exists already; pass --force to replace it or choose another -o")
     require_apart(path, data_folders, "plot")
     require_writable_place(path.parent)
 
