@@ -296,6 +296,11 @@ class TuneParam(_Section):
             raise ValueError(f"{value!r} is not a search spec; write a table such as {{low = 0.1, high = 0.5}} "
                              "or {choices = [16, 32]}")
         unknown = [key for key in value if key not in TUNE_SPEC_KEYS]
+        if unknown and isinstance(value[unknown[0]], Mapping):
+            # A dotted recipe key split into tables (--set tune.head.dropout=...): it is one key.
+            raise ValueError(f"{unknown[0]!r} is not a spec key: a tuned recipe key is one quoted key, e.g. "
+                             "\"head.dropout\" = {low = 0.1, high = 0.5} under [tune], or on the command line "
+                             "--set 'tune={\"head.dropout\" = {low = 0.1, high = 0.5}}'")
         if unknown:
             raise ValueError(f"unknown spec key {unknown[0]!r}; use {', '.join(TUNE_SPEC_KEYS)}")
         return value

@@ -323,6 +323,8 @@ def test_sampled_values_become_recipe_values(tmp_path):
     ('"stages.0.learning_rate" = {low = 1e-2, high = 1e-4}', "low 0.01 must be below high 0.0001"),
     ('"stages.5.epochs" = {low = 1, high = 3}', "stages.5.epochs: the recipe has 2 stage(s)"),
     ('batch_size = {choices = []}', "choices is empty"),
+    # a dotted key split into tables, as --set tune.head.dropout={...} splits it
+    ('head = {dropout = {low = 0.1, high = 0.5}}', "'dropout' is not a spec key: a tuned recipe key is one quoted"),
 ])
 def test_a_bad_tune_section_is_one_line_error(section, expected, binary_dir, tmp_path):
     recipe = write_recipe(tmp_path, f"[tune]\n{section}\n")

@@ -52,7 +52,7 @@ def export(
     setup_logging(False, verbose)
     check_choice("--format", format, FORMAT_CHOICES)
     check_choice("--quantize", quantize, QUANTIZATIONS)
-    if max_drop < 0:
+    if not max_drop >= 0:  # nan too
         raise usage_error(f"--max-drop must be at least 0, got {max_drop:g}")
     results = export_run(run, format, output, quantize, data=data, max_drop=max_drop, allow_drop=allow_drop,
                          force=force)

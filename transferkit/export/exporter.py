@@ -151,7 +151,7 @@ def export_run(
     from transferkit.runs import Run, load_run
 
     specs = _chosen_formats(format, quantize)
-    if max_drop < 0:
+    if not max_drop >= 0:  # nan too
         raise ExportError(f"--max-drop must be at least 0 points, got {max_drop:g}")
     # The run's record, then the folders: a bad -o is told before Keras loads (seconds).
     described = run if isinstance(run, Run) else load_run(getattr(run, "path", run), with_model=False)
