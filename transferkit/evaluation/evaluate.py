@@ -278,7 +278,9 @@ def evaluate_folder(
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
     if not files:
-        raise DataError(f"{folder} holds no image files in its class folders")
+        raise DataError(f"{folder} holds no image files in its class folders; put each class's test images in a "
+                        f"sub-folder named as the run's class ({', '.join(run.class_names[:3])}"
+                        f"{', ...' if len(run.class_names) > 3 else ''})")
     has_unknown = bool(np.any(labels < 0))
     if tta and (reject or sets is not None or has_unknown):
         what = "--reject" if reject else "--sets" if sets is not None else f"an {UNKNOWN}/ folder"

@@ -177,7 +177,7 @@ def _inputs(images) -> list[tuple[Path | None, object]]:
             return [(path, path)]
         files = [file for file, reason in iter_image_files(path) if reason is None]
         if not files:
-            raise DataError(f"{path} holds no image files")
+            raise DataError(f"{path} holds no image files (.jpg, .png, ...); pass a folder of images or one image")
         return [(file, file) for file in files]
     return [(Path(file), Path(file)) for file in images]
 
@@ -231,7 +231,8 @@ def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_s
         if batch:
             results.extend(_explain_batch(cam, batch, names, run.image_size, class_name, count))
     if not results:
-        raise DataError("no image could be explained: every image file is unreadable")
+        raise DataError("no image could be explained: every image file is unreadable (see the warnings above); "
+                        "pass readable images")
     return results
 
 

@@ -357,7 +357,9 @@ def open_storage(url: str):
             return rdb_storage(optuna, url, engine_kwargs={"connect_args": {"timeout": 60}})
         return rdb_storage(optuna, url)
     except Exception as error:  # the drivers' own errors (no psycopg2, refused connection, ...)
-        raise TransferkitError(f"storage {url}: cannot be opened: {first_line(error)}") from None
+        raise TransferkitError(f"storage {url}: cannot be opened: {first_line(error)}; use sqlite:///FILE.db, "
+                               "journal://FILE.log, postgresql://... (with its driver installed) or a .db/.log "
+                               "path") from None
 
 
 def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
