@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from transferkit.errors import RecipeError
-from transferkit.recipe import Recipe, available_recipes, load_recipe, parse_override
+from transferkit.recipe import Recipe, available_recipes, collect_overrides, load_recipe, parse_override
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -180,6 +180,11 @@ def test_messages_speak_of_lists_and_of_where_the_value_came_from(tmp_path):
     expected = r"^head\.units = 512: expected a list, e\.g\. \[512\] \(in the built-in recipe with your settings\)$"
     with pytest.raises(RecipeError, match=expected):
         load_recipe(None, {"head.units": 512})
+    # no example that would be refused in its turn
+    with pytest.raises(RecipeError, match=r"^head\.units = -5: expected a list \(in the built-in"):
+        load_recipe(None, {"head.units": -5})
+    with pytest.raises(RecipeError, match=r"= '\[256': expected a list \(TOML writes one in brackets, both of them"):
+        load_recipe(None, collect_overrides(["head.units=[256"], {}))
     empty = tmp_path / "empty.toml"
     empty.write_text("stages = []\n")
     with pytest.raises(RecipeError, match="has no stages; at least one"):

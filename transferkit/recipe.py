@@ -641,7 +641,7 @@ def _describe(error: ValidationError) -> str:
             if key:
                 text = f"{key}: {text}"
         elif kind in ("tuple_type", "list_type"):
-            text = f"{key} = {received!r}: expected a list, e.g. [{received!r}]"
+            text = f"{key} = {received!r}: expected a list" + _list_hint(received)
         else:
             text = f"{key} = {received!r}: {item['msg']}"
         if key in messages and kind not in ("extra_forbidden",):
@@ -651,6 +651,15 @@ def _describe(error: ValidationError) -> str:
             continue
         messages[key] = text
     return "; ".join(messages.values())
+
+
+def _list_hint(received) -> str:
+    """How the value received would read as a list, where that is a fair guess."""
+    if isinstance(received, str) and received.lstrip().startswith("["):
+        return " (TOML writes one in brackets, both of them: [256, 64])"
+    if isinstance(received, bool) or (isinstance(received, int | float) and received <= 0):
+        return ""
+    return f", e.g. [{received!r}]"
 
 
 def _section_fields(loc: list[str]) -> list[str]:
