@@ -360,3 +360,12 @@ def test_tune_is_public():
     assert "Returns" in transferkit.tune.__doc__
     with pytest.raises(RecipeError):
         load_recipe(None, {"tune": {"head.dropout": {"low": 0.5, "high": 0.1}}})
+
+
+def test_trials_0_on_a_new_study_is_one_line_and_leaves_no_folder(binary_dir, tmp_path):
+    result = CliRunner().invoke(app, ["tune", str(binary_dir), "--weights", "none", "--trials", "0", "-o",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == ("error: --trials 0 runs no trial, and study 'data' holds none yet; give --trials "
+                                     "1 or more")
+    assert not (tmp_path / "out").exists()

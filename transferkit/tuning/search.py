@@ -250,6 +250,9 @@ def tune(
             with _optuna_quiet(optuna):
                 try:
                     the_study, opened = _open_study(optuna, storage_url, study or name, metric, base, pruner)
+                    if trials == 0 and not the_study.trials:  # nothing to run and nothing to summarise
+                        raise TransferkitError(f"--trials 0 runs no trial, and study {the_study.study_name!r} holds "
+                                               "none yet; give --trials 1 or more")
                     if not the_study.trials and space.parameters:
                         params = space.recipe_params(base)
                         if params:
