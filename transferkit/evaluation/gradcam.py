@@ -326,7 +326,7 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
     from transferkit.locks import publishing
 
     out_dir = Path(out_dir)
-    check = lambda: check_output_folder(out_dir, force, root)  # noqa: E731
+    check = lambda: check_output_folder(out_dir, force, root)
     check()
     try:
         # Under the folder's owner lock, the check made again (another process may have
