@@ -144,3 +144,21 @@ def test_report_text_says_pass_or_fail_with_what_to_try(sound):
     assert text.splitlines()[1].startswith("pass  initial loss")
     assert "FAIL  overfit one batch" in text and "try: " in text
     assert not report.passed and text.endswith("1 of 2 checks failed")
+
+
+def test_doctor_model_json_keeps_stdout_for_the_json_alone(shapes_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+    from transferkit.errors import WeightsError
+    from transferkit.tuning import diagnostics
+
+    def downloading(*args, **kwargs):
+        print("Downloading data from https://storage.googleapis.com/...")  # as Keras's get_file prints it
+        raise WeightsError("could not download the ImageNet weights for vgg16")
+
+    monkeypatch.setattr(diagnostics, "check_learning", downloading)
+    result = CliRunner().invoke(app, ["doctor", str(shapes_dir), "--model", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"error": "could not download the ImageNet weights for vgg16"}
+    assert "Downloading data from" in result.stderr

@@ -3,7 +3,9 @@ with ``--model``, check that the recipe's model learns on it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -78,7 +80,10 @@ def _check_learning(data_dir: Path, recipe: str | None, overrides: dict, *, stag
     """``doctor --model``: the learning checks, printed; exit 0 when all pass, 1 otherwise."""
     from transferkit.tuning.diagnostics import check_learning
 
-    report = check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir,
-                            verbose=0 if json_output else 1)
+    # With --json, stdout holds the JSON alone: what the libraries print there (Keras's
+    # "Downloading data from ...") goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
+        report = check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir,
+                                verbose=0 if json_output else 1)
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())
     raise typer.Exit(code=0 if report.passed else 1)
