@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The label of an image of no known class (predict --reject), and the name of evaluate's
+# folder of such images: no class may bear it.
+UNKNOWN = "unknown"
+
 
 def is_binary(n_classes: int) -> bool:
     """Whether the classifier has one sigmoid unit (exactly two classes)."""

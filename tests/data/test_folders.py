@@ -76,3 +76,12 @@ def test_bad_folders_give_clear_errors(tmp_path, setup, fragment):
     setup(root)
     with pytest.raises(DataError, match=fragment):
         index_folder(root)
+
+
+def test_a_class_named_unknown_is_refused_as_the_label_of_no_known_class(tmp_path):
+    for name in ("cat", "unknown"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    with pytest.raises(DataError, match=r"class folder .*unknown has the name transferkit gives images of no known "
+                                        r"class .*; rename it, e\.g\. to unknown_class"):
+        index_folder(tmp_path)

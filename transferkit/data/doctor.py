@@ -594,7 +594,7 @@ def _groups_across(report: DataReport) -> Finding | None:
     where = (f"both {report.root} and the validation folder {report.val_root}" if report.val_root is not None
              else "both training and validation")
     return Finding(
-        f"{len(report.shared_groups)} group(s) of data.group_by {report.group_by!r} have images in {where}, which "
+        f"{len(report.shared_groups)} group(s) of data.group_by '{report.group_by}' have images in {where}, which "
         "inflates validation scores: keep each group's images on one side",
         tuple(f"{group.name}: train {_paths(group.train)}; validation {_paths(group.validation)}"
               for group in report.shared_groups),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError
+from transferkit.outputs import UNKNOWN
 
 log = logging.getLogger("transferkit")
 
@@ -178,7 +179,8 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
         A ``FolderIndex``; files are not opened yet.
 
     Raises:
-        DataError: the folder is missing, is a file, or has fewer than two class folders
+        DataError: the folder is missing, is a file, has a class folder named "unknown" (the
+            label of images of no known class), or has fewer than two class folders
             holding image files.
     """
     root = require_folder(root)
@@ -193,6 +195,11 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
         raise DataError(
             f"{root} has no class sub-folders; put each class's images in a sub-folder "
             f"named after the class, e.g. {root}/cats/ and {root}/dogs/"
+        )
+    if any(path.name == UNKNOWN for path in class_dirs):
+        raise DataError(
+            f"class folder {root / UNKNOWN} has the name transferkit gives images of no known class (predict "
+            f"--reject's label, evaluate's folder of such images); rename it, e.g. to {UNKNOWN}_class"
         )
     paths: list[Path] = []
     labels: list[int] = []

@@ -83,7 +83,7 @@ def group_names(paths: Sequence[str | os.PathLike], root: str | os.PathLike, pat
             match = compiled.search(Path(path).name)
         if match is None or not match.group(1):
             raise DataError(
-                f"data.group_by {pattern!r} does not name a group for {relative} (in {root}): every file needs "
+                f"data.group_by '{pattern}' does not name a group for {relative} (in {root}): every file needs "
                 "one; change the pattern (it is searched in the path below the data folder, then in the file's "
                 "name) or rename the file"
             )

@@ -30,8 +30,9 @@ import numpy as np
 
 from transferkit.errors import DataError, RunError
 from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
-from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
+from transferkit.inference.uncertainty import RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.locks import publishing, require_not_live
+from transferkit.outputs import UNKNOWN
 from transferkit.runs import LABELS_FILE
 
 log = logging.getLogger("transferkit")

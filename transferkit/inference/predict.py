@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError, UnreadableImage
-from transferkit.inference.uncertainty import UNKNOWN, RejectionRule, SetRule, load_rejection, load_set_rule
+from transferkit.inference.uncertainty import RejectionRule, SetRule, load_rejection, load_set_rule
+from transferkit.outputs import UNKNOWN
 
 # The files predictions are written to, by extension.
 OUTPUT_SUFFIXES = (".csv", ".json")

@@ -32,7 +32,6 @@ import numpy as np
 from transferkit.errors import DataError, RunError
 from transferkit.outputs import class_probabilities
 
-UNKNOWN = "unknown"
 REFERENCE_FILE = "rejection.npz"
 SET_METHOD = "LAC"
 
