@@ -162,3 +162,17 @@ def test_predictions_never_replace_a_file_unasked_nor_land_in_the_run(shapes_run
                                    str(tmp_path / "keep.csv"), "--force"])
     assert replaced.exit_code == 0, replaced.output
     assert (tmp_path / "keep.csv").read_text().startswith("file,label,confidence")
+
+
+def test_an_evaluation_is_never_written_into_the_runs_own_data_folder(shapes_run, shapes_dir, tmp_path):
+    import json
+
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    labels = json.loads((run / "labels.json").read_text())
+    (run / "labels.json").write_text(json.dumps({**labels, "data_dir": str(data)}))
+    before = listing(data)
+    line = one_error_line(runner.invoke(app, ["evaluate", str(run), str(shapes_dir), "-o", str(data / "circle" / "x"),
+                                              "-q"]))
+    assert "evaluation folder" in line and "inside the data folder" in line  # its PNGs would become circles
+    assert listing(data) == before

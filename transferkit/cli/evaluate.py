@@ -59,7 +59,7 @@ def evaluate(
     check_trust_flags(reject, sets, tta)
     check_folders(images, what="labelled folder")
     if output is not None:
-        check_output_folder(output, force, images)
+        check_output_folder(output, force, images, run)
     loaded = load_run(run)
     result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
                              precision=precision, progress=progress_bar("image", enabled=not quiet),

@@ -80,11 +80,12 @@ def sample_images(run, data_dir: str | os.PathLike | None = None, samples: int =
 
 def recorded_data_dir(run) -> Path | None:
     """The data folder the run's labels.json records (``data_dir``), where it is still a
-    folder; else None."""
+    folder; else None. ``run`` is a ``Run`` or a run folder."""
     import json
 
     try:
-        recorded = json.loads((Path(run.path) / "labels.json").read_text(encoding="utf-8")).get("data_dir")
+        labels = Path(getattr(run, "path", run)) / "labels.json"
+        recorded = json.loads(labels.read_text(encoding="utf-8")).get("data_dir")
     except (OSError, ValueError):
         return None
     return Path(recorded) if recorded and Path(recorded).is_dir() else None

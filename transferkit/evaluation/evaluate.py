@@ -400,23 +400,28 @@ def default_output(result: EvaluationResult) -> Path:
     return result.run_path / f"eval-{name}-{stamp}"
 
 
-def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | None = None) -> None:
+def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | None = None,
+                        run: str | os.PathLike | None = None) -> None:
     """Fail before any work if ``out_dir`` exists (without ``force``), is not an evaluation
     folder that ``force`` may replace (a run folder, which also holds a metrics.json, never
-    is), or is, lies inside or holds the folder evaluated.
+    is), or is, lies inside or holds the folder evaluated or the run's own data folder
+    (its figures would be trained on as images of a class).
 
     Args:
         out_dir: the evaluation folder.
         force: an earlier evaluation folder there may be replaced.
         folder: the labelled folder evaluated; default None (not checked).
+        run: the run evaluated (its labels.json records its data folder); default None.
 
     Raises:
         RunError: it exists without ``force``, is a file, holds something other than an
-            earlier evaluation, is, lies inside or holds ``folder``, or its place cannot be
-            written.
+            earlier evaluation, is, lies inside or holds ``folder`` or the run's data
+            folder, or its place cannot be written.
     """
+    from transferkit.data.samples import recorded_data_dir
+
     require_not_live(out_dir)
-    require_apart(out_dir, [folder], "evaluation folder")
+    require_apart(out_dir, [folder, recorded_data_dir(run) if run is not None else None], "evaluation folder")
     require_writable_place(Path(os.path.abspath(out_dir)).parent)  # where it is published
     if not out_dir.exists():
         return
@@ -452,7 +457,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
     from transferkit.runs import named_folder
 
     out_dir = named_folder(out_dir) if out_dir is not None else default_output(result)
-    check = lambda: check_output_folder(out_dir, force, result.folder)
+    check = lambda: check_output_folder(out_dir, force, result.folder, result.run_path)
     check()
     try:
         # Under the folder's owner lock: a second evaluate -o OUT is refused, naming this one,
