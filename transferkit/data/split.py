@@ -164,6 +164,16 @@ def _fold_share(val_split: float, n_groups: int) -> tuple[int, int]:
     return taken, max(folds, 2)
 
 
+def require_foldable(images: int, folds: int) -> None:
+    """Refuse more folds than images (told as soon as the images are counted).
+
+    Raises:
+        DataError: fewer images than folds.
+    """
+    if images < folds:
+        raise DataError(f"{images} image(s) cannot be dealt into {folds} folds; use fewer folds")
+
+
 def stratified_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int,
                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """K seeded folds stratified by class (and kept whole by group, with ``groups``): what an
@@ -188,8 +198,7 @@ def stratified_folds(labels: np.ndarray, groups: np.ndarray | None, folds: int,
         raise DataError(f"the images fall into {len(set(groups.tolist()))} group(s) kept whole (data.group_by's "
                         f"groups, near-copies of one image joined), fewer than the {folds} folds asked for: use "
                         "fewer folds or check the pattern")
-    if len(labels) < folds:
-        raise DataError(f"{len(labels)} image(s) cannot be dealt into {folds} folds; use fewer folds")
+    require_foldable(len(labels), folds)
     with warnings.catch_warnings():
         # "The least populated class has only N members": small classes are dealt as far as they go.
         warnings.simplefilter("ignore", UserWarning)

@@ -200,6 +200,7 @@ def audit(
         WeightsError: the backbone's weights cannot be loaded.
     """
     from transferkit.data.prepare import decode_folder
+    from transferkit.data.split import require_foldable
     from transferkit.recipe import load_recipe
     from transferkit.runs import named_folder
 
@@ -213,6 +214,7 @@ def audit(
         log.warning("the backbone has random weights (--weights none): its features separate colours, not much "
                     "else, so the label fixes suggested are guesses on photographs; read moves.sh before running it")
     decoded = decode_folder(data_dir, recipe, verbose=verbose)
+    require_foldable(len(decoded.labels), folds)  # before the features are computed (minutes)
     counts = np.bincount(decoded.labels, minlength=len(decoded.class_names))
     if counts.min() < folds:
         log.warning("class %s has %d image(s), fewer than the %d folds: a head trained without it cannot suggest "
