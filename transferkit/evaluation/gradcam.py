@@ -211,7 +211,8 @@ def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_s
         run = load_run(run if not hasattr(run, "path") else run.path)
     names = tuple(run.class_names)
     if class_name is not None and class_name not in names:
-        raise DataError(f"--class {class_name!r} is not one of the run's classes: {', '.join(names)}")
+        raise DataError(f"class {class_name!r} (--class, or /explain's ?class=) is not one of the run's classes: "
+                        f"{', '.join(names)}")
     if top < 1:
         raise DataError(f"--top must be at least 1, got {top}")
     spec = REGISTRY.get(run.backbone)
