@@ -77,3 +77,18 @@ def test_confusion_of_fifty_classes_scales_and_history_marks_the_saved_epoch(tmp
     assert [p.name for p in written] == ["history.png", "confusion.png"]
     width, height = figures.HISTORY_SIZE
     assert _size(written[0]) == (round(width * figures.DPI), round(height * figures.DPI))
+
+
+def test_a_labelled_folder_of_unknown_images_alone_is_told_as_such(tmp_path):
+    from transferkit.errors import DataError
+    from transferkit.evaluation.evaluate import labelled_files
+
+    (tmp_path / "unknown").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "unknown" / "a.png")
+    with pytest.raises(DataError, match=r"holds only unknown/ \(images of no known class\); evaluate needs a "
+                                        r"sub-folder per class, named as the run's classes \(cat, dog\)"):
+        labelled_files(tmp_path, ("cat", "dog"))
+    (tmp_path / "unknown" / "a.png").unlink()
+    (tmp_path / "unknown").rmdir()
+    with pytest.raises(DataError, match="has no class sub-folders; evaluate needs"):
+        labelled_files(tmp_path, ("cat", "dog"))

@@ -205,8 +205,9 @@ def labelled_files(folder: Path, class_names: tuple[str, ...]):
             f"{', '.join(class_names)} (rename or remove those folders; images of no known class go in {UNKNOWN}/)"
         )
     if not any(known[path.name] >= 0 for path in class_dirs):
-        raise DataError(f"{folder} has no class sub-folders; evaluate needs one sub-folder per class, named as "
-                        f"the run's classes ({', '.join(class_names)})")
+        which = f"holds only {UNKNOWN}/ (images of no known class)" if class_dirs else "has no class sub-folders"
+        raise DataError(f"{folder} {which}; evaluate needs a sub-folder per class, named as the run's classes "
+                        f"({', '.join(class_names)})")
     files: list[Path] = []
     labels: list[int] = []
     skipped: list[tuple[Path, str]] = []
