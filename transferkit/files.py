@@ -245,6 +245,23 @@ def require_not_a_file(output: str | os.PathLike) -> None:
         raise RunError(f"output {output} is a file; pass a folder path with -o")
 
 
+def require_new_file(output: str | os.PathLike, force: bool, what: str) -> None:
+    """Refuse to replace an existing output file (predictions, a plot) unless asked to.
+
+    Args:
+        output: the file to be written.
+        force: an existing file may be replaced.
+        what: what the file is, for the message ("predictions file", "plot").
+
+    Raises:
+        RunError: it exists and ``force`` is not given.
+    """
+    from transferkit.errors import RunError
+
+    if os.path.exists(output) and not force:
+        raise RunError(f"{what} {output} exists already; pass --force to replace it or choose another -o")
+
+
 def require_writable_place(folder: str | os.PathLike) -> None:
     """Fail before any work where ``folder`` could not be created or written: a file stands
     where a folder of its path should be, or the nearest part of it that exists is not

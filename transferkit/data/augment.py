@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from transferkit.errors import DataError, RunError
-from transferkit.files import require_apart
+from transferkit.errors import DataError
+from transferkit.files import require_apart, require_new_file
 from transferkit.recipe import AugmentConfig
 
 
@@ -135,8 +135,7 @@ def write_preview(
     if output.suffix.lower() != ".png":
         raise DataError(f"preview output {output} must end in .png")
     require_apart(output, [data_dir], "preview")  # a PNG in a class folder would be trained on
-    if output.exists() and not force:
-        raise RunError(f"preview {output} exists already; pass --force to replace it or choose another -o")
+    require_new_file(output, force, "preview")
     index = index_folder(data_dir)
     rng = np.random.default_rng(seed)
     # Round-robin over classes so every class shows up.

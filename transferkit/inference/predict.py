@@ -542,12 +542,13 @@ def check_output(path: str | os.PathLike, run: str | os.PathLike | None = None, 
 
     Raises:
         DataError: the extension is neither .csv nor .json, the path is a folder, a part
-            of it is a file, the folder it would go in cannot be written, it lies in the
-            run folder, or the file exists (without ``force``).
+            of it is a file, the folder it would go in cannot be written, or it lies in
+            the run folder.
+        RunError: the file exists (without ``force``).
     """
     import tempfile
 
-    from transferkit.files import existing_ancestor
+    from transferkit.files import existing_ancestor, require_new_file
 
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -559,8 +560,7 @@ def check_output(path: str | os.PathLike, run: str | os.PathLike | None = None, 
         if folder.resolve() in Path(os.path.abspath(path)).resolve().parents:
             raise DataError(f"--output {path} is inside the run folder {folder} (it would replace or mix with the "
                             "run's own files); write it elsewhere")
-    if path.is_file() and not force:
-        raise DataError(f"--output {path} exists already; pass --force to replace it or choose another file")
+    require_new_file(path, force, "predictions file")
     # The nearest part of the path that exists: the folder itself, or the one it would be
     # created in. A file there means the folder can never be made.
     existing = existing_ancestor(path.parent)

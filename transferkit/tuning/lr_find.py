@@ -46,7 +46,7 @@ import numpy as np
 from transferkit.backbones import BackboneSpec, get_spec
 from transferkit.data.prepare import prepare_data
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import atomic_path, require_apart, require_writable_place
+from transferkit.files import atomic_path, require_apart, require_new_file, require_writable_place
 from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
@@ -420,8 +420,7 @@ def check_plot_output(path: str | os.PathLike, data_folders=(), force: bool = Fa
         raise RunError(f"--output {path}: the plot is a PNG; use a .png file name")
     if path.is_dir():
         raise RunError(f"--output {path} is a folder; name a .png file in it")
-    if path.exists() and not force:
-        raise RunError(f"--output {path} exists already; pass --force to replace it or choose another -o")
+    require_new_file(path, force, "plot")
     require_apart(path, data_folders, "plot")
     require_writable_place(path.parent)
 
