@@ -69,6 +69,29 @@ def build_for_fit(model, batch) -> None:
     model._symbolic_build(data_batch=tuple(batch) + (None,) * (3 - len(batch)))
 
 
+def hide_tensorflow_from_keras() -> bool:
+    """Make Keras's optional uses of TensorFlow see none, as where it is not installed.
+
+    Needed by the command line on JAX and PyTorch: Keras probes for TensorFlow wherever it is
+    installed (``keras.utils.set_random_seed`` imports it to seed ``tf.random`` for tf.data;
+    serialization imports it to look for its shapes), 3 s of start-up per process that runs
+    nothing on it. The probe is the private ``_available`` of the lazy module
+    ``keras.src.utils.module_utils.tensorflow``; answered False, Keras runs as on a machine
+    without TensorFlow, the set-up the backend sessions test (tests/test_backends.py). An
+    explicit ``import tensorflow`` still works.
+
+    Returns:
+        True where Keras now sees no TensorFlow; False where it had already imported it.
+    """
+    from keras.src.utils import module_utils
+
+    lazy = module_utils.tensorflow
+    if lazy.module is not None:
+        return False
+    lazy._available = False
+    return True
+
+
 def start_progbar_at(bar, started: float) -> None:
     """Start a ``keras.utils.Progbar``'s clock at ``started`` (a ``time.time()``).
 

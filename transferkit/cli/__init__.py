@@ -23,6 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from transferkit import __version__
+from transferkit.backend import requested_backend
 from transferkit.cli import (
     audit,
     augment_preview,
@@ -38,6 +39,7 @@ from transferkit.cli import (
 )
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
+from transferkit.keras_private import hide_tensorflow_from_keras
 from transferkit.runtime import quiet_tensorflow_import
 
 app = typer.Typer(
@@ -74,12 +76,15 @@ _STARTUP = {"tensorflow": False}
 def _tensorflow_first(command):
     """The command with TensorFlow's import made quiet, whenever it comes, when ``main`` said
     the command line needs it: a mistyped flag, or a mistake found before Keras is needed, is
-    answered at once, not after TensorFlow's start-up (seconds)."""
+    answered at once, not after TensorFlow's start-up (seconds). On JAX and PyTorch, Keras is
+    kept from importing TensorFlow at all (``keras_private.hide_tensorflow_from_keras``)."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         if _STARTUP["tensorflow"]:
             quiet_tensorflow_import()
+            if requested_backend() != "tensorflow":  # JAX, PyTorch: as where TensorFlow is not installed
+                hide_tensorflow_from_keras()
         return command(*args, **kwargs)
 
     return run
@@ -113,10 +118,9 @@ TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loa
 
 
 def needs_tensorflow(argv: list[str]) -> bool:
-    """Whether the command line runs a command that loads TensorFlow (not for --help). On JAX
-    or PyTorch too: Keras imports TensorFlow wherever it is installed (its serialization looks
-    for TensorFlow's shapes), so its import is made quiet; where it is not installed, nothing
-    is missed."""
+    """Whether the command line runs a command that loads Keras, and with it TensorFlow (not
+    for --help). On JAX or PyTorch, Keras's own probes for TensorFlow are then answered as
+    where it is not installed, and an import a command makes itself is made quiet."""
     if len(argv) < 2 or "--help" in argv:
         return False
     command = argv[1]
