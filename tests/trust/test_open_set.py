@@ -20,7 +20,7 @@ from transferkit.errors import RecipeError, RunError
 from transferkit.evaluation import figures
 from transferkit.evaluation.evaluate import evaluate_folder, write_evaluation
 from transferkit.inference.predict import engine_for, predict_folder
-from transferkit.inference.uncertainty import load_rejection
+from transferkit.inference.uncertainty import images_for_coverage, load_rejection, load_set_rule
 from transferkit.recipe import RejectConfig, load_recipe
 from transferkit.runs import load_run
 from transferkit.trust.rejection import fit_rejection, fpr_at_tpr, reference_rows
@@ -120,6 +120,29 @@ def test_predict_reject_and_sets_rows_follow_the_threshold_and_keep_the_top_clas
     assert [row["top_class"] for row in rows] == [row.label for row in plain.rows]
     assert all(len(row["set"].split("|")) == int(row["set_size"]) for row in rows)
     assert f"{len(unknown)} unknown" in done.output
+
+
+def test_a_coverage_the_validation_split_cannot_reach_is_told_once_with_what_it_needs(shapes_run, shapes_dir,
+                                                                                      tmp_path, caplog):
+    n = shapes_run.prediction_sets["n_validation"]
+    assert n == 6  # reaches 6/7 = 0.857 at most
+    assert images_for_coverage(0.857) == 6 and images_for_coverage(0.9) == 9 and images_for_coverage(0.99) == 99
+    copied = copy_run(shapes_run, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="transferkit"):
+        assert not np.isinf(load_set_rule(load_run(copied), 0.85).quantile)
+        assert not caplog.records
+        for _ in range(2):  # once: serve asks per request
+            assert np.isinf(load_set_rule(load_run(copied), 0.9).quantile)
+    [record] = caplog.records
+    assert record.getMessage() == (f"--sets 0.9 needs at least 9 validation images; {copied} was calibrated on 6, "
+                                   "so every set holds every class: ask for --sets 0.857 or less, or train with "
+                                   "more validation images")
+    done = invoke("predict", tmp_path / "run", shapes_dir, "--engine", "keras", "--sets", "0.95",
+                  "-o", tmp_path / "p.csv")
+    assert done.exit_code == 0, done.output
+    assert [line for line in done.output.splitlines() if "--sets 0.95 needs at least 19" in line]
+    with open(tmp_path / "p.csv", newline="") as handle:
+        assert {int(row["set_size"]) for row in csv.DictReader(handle)} == {3}  # every class, as it said
 
 
 def test_a_binary_run_gets_sets_and_a_max_probability_rule_needs_no_embedding(binary_run, binary_dir):

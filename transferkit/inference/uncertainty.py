@@ -21,6 +21,7 @@ The scores, all "higher is more familiar":
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from transferkit.outputs import class_probabilities
 
 REFERENCE_FILE = "rejection.npz"
 SET_METHOD = "LAC"
+
+log = logging.getLogger("transferkit")
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -292,7 +295,28 @@ def load_set_rule(run, coverage: float) -> SetRule:
     if method != SET_METHOD or scores.ndim != 1:
         raise RunError(f"{Path(run.path) / 'labels.json'}: \"prediction_sets\" holds method {method!r} "
                        f"with scores of shape {scores.shape}; this transferkit reads {SET_METHOD} scores")
-    return SetRule(coverage, set_quantile(scores, coverage), len(scores))
+    rule = SetRule(coverage, set_quantile(scores, coverage), len(scores))
+    if math.isinf(rule.quantile) and (str(run.path), coverage) not in _UNREACHABLE_TOLD:
+        _UNREACHABLE_TOLD.add((str(run.path), coverage))  # once per run and coverage (serve asks per request)
+        log.warning("--sets %g needs at least %d validation images; %s was calibrated on %d, so every set holds "
+                    "every class: ask for --sets %s or less, or train with more validation images", coverage,
+                    images_for_coverage(coverage), run.path, len(scores), _reachable(len(scores)))
+    return rule
+
+
+# (run folder, coverage) pairs whose unreachable coverage was already warned about.
+_UNREACHABLE_TOLD: set[tuple[str, float]] = set()
+
+
+def images_for_coverage(coverage: float) -> int:
+    """The fewest validation images with which split-conformal sets can reach ``coverage``
+    (n / (n + 1) >= coverage); with fewer, every set holds every class."""
+    return max(1, math.ceil(coverage / (1.0 - coverage) - 1e-9))
+
+
+def _reachable(n: int) -> str:
+    """The highest coverage n validation images reach, n / (n + 1), rounded down to 3 places."""
+    return f"{math.floor(1000 * n / (n + 1)) / 1000:g}"
 
 
 def write_reference(folder: str | os.PathLike, embeddings: np.ndarray) -> Path:
