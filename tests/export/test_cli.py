@@ -45,6 +45,22 @@ def test_export_writes_the_folder_and_needs_force_to_replace_it(shapes_run, shap
     assert "| `exports/litert` | none |" in card and "None yet" not in card and "This copy travels" not in card
 
 
+def test_all_over_earlier_exports_names_them_and_the_commands_for_the_rest(shapes_run, tmp_path):
+    """As after an interrupted ``--format all``: the completed format folders are kept, and
+    the retry says which exist and how to export the others, and writes nothing."""
+    out = tmp_path / "all"
+    for name in ("onnx", "keras"):
+        (out / name).mkdir(parents=True)
+    result = runner.invoke(app, ["export", str(shapes_run.path), "--format", "all", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert f"{out / 'onnx'}" in line and f"{out / 'keras'}" in line
+    assert "pass --force to export every format again" in line
+    assert f"--format savedmodel -o {out / 'savedmodel'}" in line and "--format onnx" not in line
+    assert sorted(path.name for path in out.iterdir()) == ["keras", "onnx"]
+    assert not any(any((out / name).iterdir()) for name in ("keras", "onnx"))  # nothing written
+
+
 def test_force_replaces_only_export_folders(shapes_run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = runner.invoke(app, ["export", str(shapes_run.path), "--format", "keras", "-o", str(tmp_path), "--force"])

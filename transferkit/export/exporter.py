@@ -233,7 +233,9 @@ def _fit_for_backbone(backbone, specs: list[ExportFormat], many: bool) -> list[E
 def _targets(run, specs, quantize: str, output, many: bool, force: bool, data=None) -> list[Path]:
     """Each export's folder, checked before any work: none may exist without ``force``,
     ``force`` replaces only export folders (never the run, never another folder), and none
-    lies in the data folder (``data``, else the one the run recorded)."""
+    lies in the data folder (``data``, else the one the run recorded). With "all", the
+    folders that exist are named together with the commands for the formats still missing
+    (an interrupted "all" keeps the exports it completed)."""
     from transferkit.data.samples import recorded_data_dir
 
     root = Path(run.path) / EXPORTS_FOLDER if output is None or many else None
@@ -241,8 +243,19 @@ def _targets(run, specs, quantize: str, output, many: bool, force: bool, data=No
         root = Path(output)
     targets = [root / spec.folder_name(quantize) if root is not None else Path(output) for spec in specs]
     data = data if data is not None else recorded_data_dir(run)
-    for target in targets:
+    existing = []
+    for spec, target in zip(specs, targets, strict=True):
+        if many and not force and target.exists():
+            existing.append((spec, target))  # told together below: an earlier or interrupted "all"
+            continue
         _check_target(run, target, force, data)
+    if existing:
+        there = {spec.name for spec, _ in existing}
+        rest = [f"--format {spec.name}" + (f" -o {target}" if output is not None else "")
+                for spec, target in zip(specs, targets, strict=True) if spec.name not in there]
+        raise ExportError(f"{', '.join(str(target) for _, target in existing)} exist already; pass --force to "
+                          + ("export every format again, or export the rest one at a time: " + "; ".join(rest)
+                             if rest else "export them again"))
     return targets
 
 
