@@ -163,9 +163,10 @@ HIDDEN = """
 import sys
 import numpy as np
 from transferkit.keras_private import hide_tensorflow_from_keras
+hide_tensorflow_from_keras()  # before Keras loads: on its load
+assert "keras" not in sys.modules
 import keras
 assert keras.backend.backend() == "jax"
-assert hide_tensorflow_from_keras()
 keras.utils.set_random_seed(3)  # imports TensorFlow to seed it, wherever it is installed and seen
 model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
 model.save(sys.argv[1])

@@ -8,6 +8,10 @@ else in transferkit touches a private Keras name.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +73,7 @@ def build_for_fit(model, batch) -> None:
     model._symbolic_build(data_batch=tuple(batch) + (None,) * (3 - len(batch)))
 
 
-def hide_tensorflow_from_keras() -> bool:
+def hide_tensorflow_from_keras() -> None:
     """Make Keras's optional uses of TensorFlow see none, as where it is not installed.
 
     Needed by the command line on JAX and PyTorch: Keras probes for TensorFlow wherever it is
@@ -78,18 +82,55 @@ def hide_tensorflow_from_keras() -> bool:
     nothing on it. The probe is the private ``_available`` of the lazy module
     ``keras.src.utils.module_utils.tensorflow``; answered False, Keras runs as on a machine
     without TensorFlow, the set-up the backend sessions test (tests/test_backends.py). An
-    explicit ``import tensorflow`` still works.
+    explicit ``import tensorflow`` still works (data-parallel's tf.data input), and Keras then
+    uses it where it is handed TensorFlow objects, but never seeds ``tf.random``.
 
-    Returns:
-        True where Keras now sees no TensorFlow; False where it had already imported it.
+    Keras is not imported here: where it is not loaded yet, the flag is set as Keras loads
+    that module (a finder on ``sys.meta_path``), so a command that fails before it needs Keras
+    still answers at once. Nothing where Keras has already imported TensorFlow.
     """
-    from keras.src.utils import module_utils
+    loaded = sys.modules.get(_LAZY_MODULES)
+    if loaded is not None:
+        _hide_tensorflow(loaded)
+    elif not any(isinstance(finder, _HideTensorFlowOnLoad) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _HideTensorFlowOnLoad())
 
+
+_LAZY_MODULES = "keras.src.utils.module_utils"  # Keras's lazy modules, TensorFlow's among them
+
+
+def _hide_tensorflow(module_utils) -> None:
     lazy = module_utils.tensorflow
-    if lazy.module is not None:
-        return False
-    lazy._available = False
-    return True
+    if lazy.module is None:
+        lazy._available = False
+
+
+class _HideTensorFlowOnLoad(importlib.abc.MetaPathFinder):
+    """Finds Keras's lazy-modules module by the finders after it, and hides TensorFlow in it
+    once it has run; takes itself off at that import."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _LAZY_MODULES:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenHide(spec.loader)
+        return spec
+
+
+class _ThenHide(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _hide_tensorflow(module)
 
 
 def start_progbar_at(bar, started: float) -> None:

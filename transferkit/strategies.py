@@ -210,7 +210,9 @@ def _data_parallel(devices: int | str, reason: str) -> Distribution:
             raise StrategyError(f"--strategy data-parallel: the processes could not join ({first}); check "
                                 f"{', '.join(KERAS_DISTRIBUTION_VARIABLES)} in every process") from None
         # transferkit hands each process its own share of every batch (``data.batches``),
-        # so Keras must not shard the input again.
+        # so Keras must not shard the input again. (Its sharding would also refuse the
+        # tf.data input where the command line hid TensorFlow from Keras's probes:
+        # ``keras_private.hide_tensorflow_from_keras``.)
         keras.distribution.set_distribution(keras.distribution.DataParallel(auto_shard_dataset=False))
     parallel = keras.distribution.distribution()
     import jax

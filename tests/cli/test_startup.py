@@ -88,3 +88,22 @@ def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_stderr(sha
     assert lines[-1] == "True", done.stderr  # TensorFlow was loaded
     # and not one line of its own (transferkit's warnings, one CPU kind's or another's, may stand)
     assert all(line.startswith("warning: ") for line in lines[:-1]), done.stderr
+
+
+def test_on_jax_a_mistake_is_told_without_loading_keras_or_jax(shapes_dir, tmp_path):
+    """On JAX and PyTorch the command line keeps Keras from importing TensorFlow by a hook on
+    Keras's own import (``keras_private.hide_tensorflow_from_keras``), not by loading Keras
+    before the command has checked its arguments."""
+    import os
+
+    pytest.importorskip("jax", reason="the jax extra is not installed")
+    reports = ("import atexit, sys; atexit.register(lambda: print(sorted(name for name in ('keras', 'jax', "
+               "'tensorflow') if name in sys.modules), file=sys.stderr))")
+    command = [sys.executable, "-c", f"{reports}; from transferkit.cli import main; sys.argv[0] = 'transferkit'; "
+               "main()", "predict", str(tmp_path / "no-run"), str(shapes_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and "no-run does not exist" in lines[0], done.stderr
+    assert lines[1] == "[]"

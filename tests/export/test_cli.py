@@ -56,9 +56,21 @@ def test_all_over_earlier_exports_names_them_and_the_commands_for_the_rest(shape
     [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert f"{out / 'onnx'}" in line and f"{out / 'keras'}" in line
     assert "pass --force to export every format again" in line
-    assert f"--format savedmodel -o {out / 'savedmodel'}" in line and "--format onnx" not in line
+    assert f"transferkit export {shapes_run.path} --format savedmodel -o {out / 'savedmodel'}" in line
+    assert "--format onnx" not in line and "--quantize" not in line
     assert sorted(path.name for path in out.iterdir()) == ["keras", "onnx"]
     assert not any(any((out / name).iterdir()) for name in ("keras", "onnx"))  # nothing written
+    # Quantized: the commands keep --quantize; a folder that is no export is told as such.
+    (out / "litert-int8").mkdir()
+    (out / "onnx-int8").mkdir()
+    (out / "onnx-int8" / "notes.txt").write_text("mine")
+    int8_all = ["export", str(shapes_run.path), "--format", "all", "--quantize", "int8", "-o", str(out)]
+    result = runner.invoke(app, int8_all)
+    assert result.exit_code == 1 and "onnx-int8 is not an export folder" in result.output, result.output
+    (out / "onnx-int8" / "notes.txt").unlink()
+    result = runner.invoke(app, int8_all)
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert f"--format openvino --quantize int8 -o {out / 'openvino-int8'}" in line, line
 
 
 def test_force_replaces_only_export_folders(shapes_run, tmp_path):

@@ -127,20 +127,21 @@ def test_a_coverage_the_validation_split_cannot_reach_is_told_once_with_what_it_
     n = shapes_run.prediction_sets["n_validation"]
     assert n == 6  # reaches 6/7 = 0.857 at most
     assert images_for_coverage(0.857) == 6 and images_for_coverage(0.9) == 9 and images_for_coverage(0.99) == 99
+    assert images_for_coverage(0.9999) == 9999 and images_for_coverage(0.5) == 1
     copied = copy_run(shapes_run, tmp_path / "run")
     with caplog.at_level("WARNING", logger="transferkit"):
         assert not np.isinf(load_set_rule(load_run(copied), 0.85).quantile)
         assert not caplog.records
-        for _ in range(2):  # once: serve asks per request
-            assert np.isinf(load_set_rule(load_run(copied), 0.9).quantile)
+        for coverage in (0.9, 0.9, 0.95):  # once per run: serve asks per request
+            assert np.isinf(load_set_rule(load_run(copied), coverage).quantile)
     [record] = caplog.records
-    assert record.getMessage() == (f"--sets 0.9 needs at least 9 validation images; {copied} was calibrated on 6, "
-                                   "so every set holds every class: ask for --sets 0.857 or less, or train with "
-                                   "more validation images")
-    done = invoke("predict", tmp_path / "run", shapes_dir, "--engine", "keras", "--sets", "0.95",
-                  "-o", tmp_path / "p.csv")
+    assert record.getMessage() == (f"prediction sets at coverage 0.9 need at least 9 validation images; {copied} "
+                                   "was calibrated on 6, so above 0.857 every set holds every class: ask for 0.857 "
+                                   "or less (--sets, serve's ?sets=), or train with more validation images")
+    other = copy_run(shapes_run, tmp_path / "other")
+    done = invoke("predict", other, shapes_dir, "--engine", "keras", "--sets", "0.95", "-o", tmp_path / "p.csv")
     assert done.exit_code == 0, done.output
-    assert [line for line in done.output.splitlines() if "--sets 0.95 needs at least 19" in line]
+    assert [line for line in done.output.splitlines() if "coverage 0.95 need at least 19" in line], done.output
     with open(tmp_path / "p.csv", newline="") as handle:
         assert {int(row["set_size"]) for row in csv.DictReader(handle)} == {3}  # every class, as it said
 

@@ -246,16 +246,20 @@ def _targets(run, specs, quantize: str, output, many: bool, force: bool, data=No
     existing = []
     for spec, target in zip(specs, targets, strict=True):
         if many and not force and target.exists():
+            _check_target(run, target, True, data)  # every other check: a file, a live or foreign folder
             existing.append((spec, target))  # told together below: an earlier or interrupted "all"
             continue
         _check_target(run, target, force, data)
     if existing:
         there = {spec.name for spec, _ in existing}
-        rest = [f"--format {spec.name}" + (f" -o {target}" if output is not None else "")
+        quantized = f" --quantize {quantize}" if quantize != "none" else ""
+        rest = [f"transferkit export {run.path} --format {spec.name}{quantized}"
+                + (f" -o {target}" if output is not None else "")
                 for spec, target in zip(specs, targets, strict=True) if spec.name not in there]
-        raise ExportError(f"{', '.join(str(target) for _, target in existing)} exist already; pass --force to "
-                          + ("export every format again, or export the rest one at a time: " + "; ".join(rest)
-                             if rest else "export them again"))
+        folders = ", ".join(str(target) for _, target in existing)
+        raise ExportError(f"{folders} {'exists' if len(existing) == 1 else 'exist'} already; pass --force to "
+                          + ("export every format again, or export the rest one at a time (with your other "
+                             "options): " + "; ".join(rest) if rest else "export again"))
     return targets
 
 

@@ -161,8 +161,13 @@ def set_quantile(calibration_scores: np.ndarray, coverage: float) -> float:
         q: a class is in an image's set when 1 - its probability <= q.
     """
     scores = np.sort(np.asarray(calibration_scores, dtype="float64"))
-    rank = math.ceil((len(scores) + 1) * coverage - 1e-9)
+    rank = _set_rank(len(scores), coverage)
     return float(scores[rank - 1]) if 1 <= rank <= len(scores) else math.inf
+
+
+def _set_rank(n: int, coverage: float) -> int:
+    """Which of n sorted calibration scores is the quantile: ceil((n + 1) * coverage)."""
+    return math.ceil((n + 1) * coverage - 1e-9)
 
 
 def prediction_sets(probabilities: np.ndarray, quantile: float) -> np.ndarray:
@@ -296,22 +301,30 @@ def load_set_rule(run, coverage: float) -> SetRule:
         raise RunError(f"{Path(run.path) / 'labels.json'}: \"prediction_sets\" holds method {method!r} "
                        f"with scores of shape {scores.shape}; this transferkit reads {SET_METHOD} scores")
     rule = SetRule(coverage, set_quantile(scores, coverage), len(scores))
-    if math.isinf(rule.quantile) and (str(run.path), coverage) not in _UNREACHABLE_TOLD:
-        _UNREACHABLE_TOLD.add((str(run.path), coverage))  # once per run and coverage (serve asks per request)
-        log.warning("--sets %g needs at least %d validation images; %s was calibrated on %d, so every set holds "
-                    "every class: ask for --sets %s or less, or train with more validation images", coverage,
-                    images_for_coverage(coverage), run.path, len(scores), _reachable(len(scores)))
+    if math.isinf(rule.quantile) and str(run.path) not in _UNREACHABLE_TOLD:
+        _UNREACHABLE_TOLD.add(str(run.path))  # once per run: serve asks per request, at any coverage
+        reachable = (f"above {_reachable(len(scores))} every set holds every class: ask for "
+                     f"{_reachable(len(scores))} or less (--sets, serve's ?sets=), or train with more validation "
+                     "images") if len(scores) else "every set holds every class: train with a validation split"
+        log.warning("prediction sets at coverage %s need at least %d validation images; %s was calibrated on %d, "
+                    "so %s", coverage, images_for_coverage(coverage), run.path, len(scores), reachable)
     return rule
 
 
-# (run folder, coverage) pairs whose unreachable coverage was already warned about.
-_UNREACHABLE_TOLD: set[tuple[str, float]] = set()
+# Run folders whose unreachable coverage was already warned about.
+_UNREACHABLE_TOLD: set[str] = set()
 
 
 def images_for_coverage(coverage: float) -> int:
     """The fewest validation images with which split-conformal sets can reach ``coverage``
-    (n / (n + 1) >= coverage); with fewer, every set holds every class."""
-    return max(1, math.ceil(coverage / (1.0 - coverage) - 1e-9))
+    (the quantile's rank ceil((n + 1) * coverage) at most n); with fewer, every set holds
+    every class."""
+    n = max(1, math.ceil(coverage / (1.0 - coverage) - 1e-9))
+    while n > 1 and _set_rank(n - 1, coverage) <= n - 1:
+        n -= 1
+    while _set_rank(n, coverage) > n:
+        n += 1
+    return n
 
 
 def _reachable(n: int) -> str:
