@@ -8,13 +8,12 @@ else in transferkit touches a private Keras name.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.util
 import sys
 from dataclasses import dataclass
 
 import numpy as np
+
+from transferkit.runtime import WrappedLoader, hook_first_import
 
 
 def producing_layer(tensor):
@@ -86,14 +85,14 @@ def hide_tensorflow_from_keras() -> None:
     uses it where it is handed TensorFlow objects, but never seeds ``tf.random``.
 
     Keras is not imported here: where it is not loaded yet, the flag is set as Keras loads
-    that module (a finder on ``sys.meta_path``), so a command that fails before it needs Keras
+    that module (``runtime.hook_first_import``), so a command that fails before it needs Keras
     still answers at once. Nothing where Keras has already imported TensorFlow.
     """
     loaded = sys.modules.get(_LAZY_MODULES)
     if loaded is not None:
         _hide_tensorflow(loaded)
-    elif not any(isinstance(finder, _HideTensorFlowOnLoad) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _HideTensorFlowOnLoad())
+    else:
+        hook_first_import(_LAZY_MODULES, lambda loader: WrappedLoader(loader, then=_hide_tensorflow))
 
 
 _LAZY_MODULES = "keras.src.utils.module_utils"  # Keras's lazy modules, TensorFlow's among them
@@ -103,34 +102,6 @@ def _hide_tensorflow(module_utils) -> None:
     lazy = module_utils.tensorflow
     if lazy.module is None:
         lazy._available = False
-
-
-class _HideTensorFlowOnLoad(importlib.abc.MetaPathFinder):
-    """Finds Keras's lazy-modules module by the finders after it, and hides TensorFlow in it
-    once it has run; takes itself off at that import."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _LAZY_MODULES:
-            return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenHide(spec.loader)
-        return spec
-
-
-class _ThenHide(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__loader__ = module.__spec__.loader = self.loader
-        self.loader.exec_module(module)
-        _hide_tensorflow(module)
 
 
 def start_progbar_at(bar, started: float) -> None:

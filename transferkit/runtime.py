@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # The choice tables: recipes, the CLI's --help and the engines all read these.
@@ -197,47 +198,66 @@ def import_tensorflow_quietly() -> None:
             pass
 
 
-class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """TensorFlow's first import, whenever something makes it (Keras, an export), with its
-    C++ start-up chatter hidden as ``import_tensorflow_quietly`` hides it: the command line
-    puts one on ``sys.meta_path`` (``quiet_tensorflow_import``) instead of importing
-    TensorFlow before each command, so that a mistake found before Keras is needed (a
+class FirstImportHook(importlib.abc.MetaPathFinder):
+    """Changes how one module runs at its first import, whenever something makes it: the
+    module's own loader, found by the finders after this one, is wrapped by ``wrap`` (a
+    ``WrappedLoader``). It takes itself off at that import.
+
+    The command line puts one on ``sys.meta_path`` for TensorFlow (``quiet_tensorflow_import``:
+    its C++ start-up chatter hidden, as ``import_tensorflow_quietly`` hides it) instead of
+    importing TensorFlow before each command, so that a mistake found before Keras is needed (a
     recipe key, a run folder that does not exist) is told at once, not after seconds of
-    TensorFlow's start-up. It takes itself off at that first import."""
+    TensorFlow's start-up; ``keras_private.hide_tensorflow_from_keras`` puts one on Keras's
+    lazy modules.
+
+    Args:
+        name: the module's full name.
+        wrap: ``loader -> loader``.
+    """
+
+    def __init__(self, name: str, wrap: Callable):
+        self.name, self.wrap = name, wrap
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != self.name:
             return None
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)  # by the finders after this one
         if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
+            spec.loader = self.wrap(spec.loader)
         return spec
 
 
-class _QuietLoader(importlib.abc.Loader):
-    """A module's own loader, its module run with file descriptor 2 hidden; the module keeps
-    its own loader afterwards."""
+def hook_first_import(name: str, wrap: Callable) -> None:
+    """A ``FirstImportHook`` for ``name`` on ``sys.meta_path``, unless one is there already."""
+    if not any(isinstance(finder, FirstImportHook) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, FirstImportHook(name, wrap))
 
-    def __init__(self, loader):
-        self.loader = loader
+
+class WrappedLoader(importlib.abc.Loader):
+    """A module's own loader, its module run inside ``around()`` and then handed to ``then``;
+    the module keeps its own loader afterwards."""
+
+    def __init__(self, loader, around: Callable = contextlib.nullcontext, then: Callable | None = None):
+        self.loader, self.around, self.then = loader, around, then
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         module.__loader__ = module.__spec__.loader = self.loader
-        with held_stderr():
+        with self.around():
             self.loader.exec_module(module)
+        if self.then is not None:
+            self.then(module)
 
 
 def quiet_tensorflow_import() -> None:
     """Hide the C++ start-up chatter of TensorFlow's import whenever it comes (a
-    ``QuietTensorFlowImport`` on ``sys.meta_path``); nothing where TensorFlow is imported
-    already or ``TRANSFERKIT_DEBUG`` is set."""
+    ``FirstImportHook`` on ``sys.meta_path``); nothing where TensorFlow is imported already
+    or ``TRANSFERKIT_DEBUG`` is set."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if os.environ.get("TRANSFERKIT_DEBUG") or "tensorflow" in sys.modules:
         return
-    if not any(isinstance(finder, QuietTensorFlowImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, QuietTensorFlowImport())
+    hook_first_import("tensorflow", lambda loader: WrappedLoader(loader, around=held_stderr))
