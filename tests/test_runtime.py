@@ -108,3 +108,17 @@ def test_held_stderr_drops_what_cpp_code_writes_unless_the_block_fails(capfd, mo
     assert capfd.readouterr().err == "the converter's context\n"
     os.write(2, b"after\n")  # file descriptor 2 is back
     assert capfd.readouterr().err == "after\n"
+
+
+def test_quieter_loggers_raise_levels_for_the_block_never_lower_them_and_restore_them_after_an_error():
+    import logging
+
+    from transferkit.runtime import quieter_loggers
+
+    loud, silent = logging.getLogger("tk-test-loud"), logging.getLogger("tk-test-silent")
+    loud.setLevel(logging.INFO)
+    silent.setLevel(logging.CRITICAL)
+    with pytest.raises(RuntimeError), quieter_loggers({"tk-test-loud": logging.ERROR, "tk-test-silent": logging.ERROR}):
+        assert loud.level == logging.ERROR and silent.level == logging.CRITICAL
+        raise RuntimeError("inside")
+    assert loud.level == logging.INFO and silent.level == logging.CRITICAL

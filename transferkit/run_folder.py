@@ -24,6 +24,7 @@ from transferkit.files import write_atomic
 from transferkit.model.transfer import source_run
 from transferkit.outputs import output_activation
 from transferkit.recipe import Recipe
+from transferkit.runtime import quieter_loggers
 from transferkit.strategies import Distribution
 from transferkit.trust.record import TrustRecord
 
@@ -91,13 +92,8 @@ def write_run_contents(folder: Path, trained: TrainedRun, recipe: Recipe, prepar
         trained.model.save(folder / runs.MODEL_FILE)
         if save_h5:
             # Keras warns through absl that HDF5 is a legacy format: asked for by name here.
-            absl = logging.getLogger("absl")
-            level = absl.level
-            absl.setLevel(logging.ERROR)
-            try:
+            with quieter_loggers({"absl": logging.ERROR}):
                 trained.model.save(folder / "model.h5")
-            finally:
-                absl.setLevel(level)
         figures.result()
     # Where the data was: exports sample their check images there.
     extra = {"data_fingerprint": prepared.fingerprint, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,

@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 # The choice tables: recipes, the CLI's --help and the engines all read these.
@@ -144,6 +144,25 @@ class KerasRetracingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not ("triggered tf.function retracing" in message and "TensorFlowTrainer" in message)
+
+
+@contextlib.contextmanager
+def quieter_loggers(levels: Mapping[str, int]):
+    """For the block, each named logger shows only records of at least its level in
+    ``levels`` (never more than it showed before); then its own level again, errors included.
+
+    Args:
+        levels: logger name -> the lowest level shown, e.g. {"absl": logging.ERROR}.
+    """
+    loggers = [(logging.getLogger(name), level) for name, level in levels.items()]
+    saved = [(logger, logger.level) for logger, _ in loggers]
+    for logger, level in loggers:
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def quiet_keras_retracing() -> None:

@@ -46,6 +46,7 @@ from transferkit.export.verify import SHARED_PROCESS, FreshChecks
 from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
 from transferkit.locks import publishing, require_not_live
 from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER
+from transferkit.runtime import quieter_loggers
 
 log = logging.getLogger("transferkit")
 
@@ -342,19 +343,14 @@ def quiet_converters():
 
     root = logging.getLogger()
     state = (root.level, list(root.filters), list(root.handlers))
-    loggers = [logging.getLogger(name) for name in ("tf2onnx", "onnxruntime", "nncf", "tensorflow", "absl")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    converters = dict.fromkeys(("tf2onnx", "onnxruntime", "nncf", "tensorflow", "absl"), logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with quieter_loggers(converters), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         root.setLevel(state[0])
         root.filters[:], root.handlers[:] = state[1], state[2]
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _compare(context: _Context, spec: ExportFormat, target: Path, outputs: np.ndarray, size: int) -> ExportResult:

@@ -29,6 +29,7 @@ from typing import Any
 import keras
 
 from transferkit.errors import TransferkitError, first_line
+from transferkit.runtime import quieter_loggers
 from transferkit.training.tensorboard import SCALARS
 
 log = logging.getLogger("transferkit")
@@ -368,18 +369,13 @@ def mlflow_calls():
 
     added = {name: value for name, value in HTTP_LIMITS.items() if name not in os.environ}
     os.environ.update(added)
-    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
-    levels = [logger.level for logger in loggers]
-    if not log.isEnabledFor(logging.DEBUG):
-        for logger in loggers:
-            logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    held = {} if log.isEnabledFor(logging.DEBUG) else {"mlflow": logging.WARNING, "alembic": logging.WARNING}
     try:
-        yield
+        with quieter_loggers(held):
+            yield
     finally:
         for name in added:
             os.environ.pop(name, None)
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _probe(uri: str) -> None:

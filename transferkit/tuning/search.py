@@ -57,6 +57,7 @@ from transferkit.errors import (
 )
 from transferkit.files import atomic_path, fault_point, pid_alive, require_apart, write_atomic
 from transferkit.recipe import Recipe, load_recipe
+from transferkit.runtime import quieter_loggers
 from transferkit.strategies import require_one_process, resolve_distribution
 from transferkit.tuning.objective import METRICS
 from transferkit.tuning.workers import BEAT, SharedStudy, rdb_storage
@@ -672,15 +673,8 @@ def _storage_failure(error: BaseException) -> bool:
 def _quiet_training():
     """Trials train quietly: the library's progress messages (engines, caches) and
     TensorFlow's retracing notes (a new model per trial) are held back; warnings still show."""
-    loggers = [logging.getLogger("transferkit"), logging.getLogger("tensorflow")]
-    levels = [logger.level for logger in loggers]
-    loggers[0].setLevel(max(logging.WARNING, loggers[0].getEffectiveLevel()))
-    loggers[1].setLevel(max(logging.ERROR, loggers[1].getEffectiveLevel()))
-    try:
+    with quieter_loggers({"transferkit": logging.WARNING, "tensorflow": logging.ERROR}):
         yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _pruning_callback(trial, metric: str):
