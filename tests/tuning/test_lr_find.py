@@ -9,10 +9,10 @@ import transferkit
 from tests.tuning.learning_data import LEARNING, write_colour_classes
 from transferkit.cli import app, needs_tensorflow
 from transferkit.data.batches import ImageBatches
-from transferkit.errors import RecipeError
+from transferkit.errors import RecipeError, RunError
 from transferkit.outputs import encode_targets
 from transferkit.recipe import load_recipe
-from transferkit.tuning.lr_find import StageSetup, range_test, suggest
+from transferkit.tuning.lr_find import StageSetup, plot_range_test, range_test, suggest
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def colour_dir(tmp_path_factory):
 
 
 def test_suggestion_lies_in_the_tested_and_usable_range_and_the_plot_is_written(colour_dir, tmp_path):
-    result = transferkit.find_learning_rate(colour_dir, None, LEARNING, output=tmp_path / "lr.png")
+    result = transferkit.find_learning_rate(colour_dir, None, LEARNING, output=tmp_path / "new" / "lr.png")
     rates = result.learning_rates
     assert result.min_lr == rates[0] < rates[-1] <= result.max_lr
     assert np.all(np.diff(rates) > 0) and len(rates) == len(result.losses) == len(result.smoothed)
@@ -29,7 +29,11 @@ def test_suggestion_lies_in_the_tested_and_usable_range_and_the_plot_is_written(
     low, high = result.usable
     assert rates[0] <= low * 10 <= result.suggestion <= high <= rates[-1]
     assert result.override() == f"stages.0.learning_rate={result.suggestion:.2g}"
-    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "new" / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its folder made
+    # A plot that cannot be written is one line naming it, not a traceback after the test.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RunError, match=r"cannot write the plot .*a-file/lr.png: .*choose another -o"):
+        plot_range_test(result, tmp_path / "a-file" / "lr.png")
     # The recipe's own head rate is one the test finds usable on this easy task.
     assert low <= load_recipe().stages[0].learning_rate <= high
 

@@ -46,7 +46,7 @@ import numpy as np
 from transferkit.backbones import BackboneSpec, get_spec
 from transferkit.data.prepare import prepare_data
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import atomic_path, require_apart, require_new_file, require_writable_place
+from transferkit.files import atomic_path, require_apart, require_new_file, require_writable_place, write_failure
 from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
@@ -427,10 +427,13 @@ def check_plot_output(path: str | os.PathLike, data_folders=(), force: bool = Fa
 
 def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
     """Draw the smoothed loss against the learning rate (log scale), the usable range shaded
-    and the suggestion marked; written atomically as PNG.
+    and the suggestion marked; written atomically as PNG, its folder made if missing.
 
     Returns:
         The path written.
+
+    Raises:
+        RunError: the plot cannot be written (a full disk, no permission), in one line.
     """
     from matplotlib.figure import Figure
 
@@ -463,8 +466,12 @@ def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
     axes.legend(loc="best")
     figure.set_layout_engine("constrained")
     path = Path(path)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=DPI, format="png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=DPI, format="png")
+    except OSError as error:
+        raise RunError(f"cannot write the plot {path}: {write_failure(error)}; choose another -o") from error
     return path
 
 
