@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
 import re
@@ -187,10 +188,7 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
             continue
         original = entry.parent / match["name"]
         if match["kind"] == "replaced" and not os.path.lexists(original):
-            with contextlib.suppress(OSError):
-                os.replace(entry, original)
-                log.warning("put %s back, which a process killed while replacing it had moved aside (pid %d)",
-                            original, pid)
+            _put_back(entry, original, pid)
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():
@@ -205,12 +203,51 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _put_back(entry: Path, original: Path, pid: int) -> bool:
+    try:
+        os.replace(entry, original)
+    except OSError:
+        return False
+    log.warning("put %s back, which a process killed while replacing it had moved aside (pid %d)", original, pid)
+    return True
+
+
+def put_back_replaced(target: str | os.PathLike) -> bool:
+    """Put back a folder that ``replace_folder`` had moved aside when its process was killed,
+    before the new one took its name: what a command that reads ``target`` does when it
+    finds nothing there, so that a run whose replacement was killed is found, not told
+    missing. Only a folder of a process that is gone, and only where ``target`` is free.
+
+    Args:
+        target: the folder looked for.
+
+    Returns:
+        True when it was put back (and ``target`` now exists).
+    """
+    target = Path(target)
+    if os.path.lexists(target) or not target.name:
+        return False
+    try:
+        entries = list(target.parent.glob(f".{glob.escape(target.name)}.replaced-*"))
+    except OSError:
+        return False
+    for entry in entries:
+        match = _TEMPORARY_NAME.match(entry.name)
+        if match is None or match["name"] != target.name or match["kind"] != "replaced":
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and not pid_alive(pid) and _put_back(entry, target, pid):
+            return True
+    return False
+
+
 def replace_folder(staging: Path, target: Path) -> Path:
     """Put a filled staging folder in place of ``target`` (which may exist): the old folder
     is moved aside, the staging folder renamed to ``target``, the old one removed, and the
     rename flushed to disk. A reader sees the old folder or the new one, never a mixture; a
     kill between the two renames leaves neither under ``target`` until the next
-    ``remove_leftovers`` there puts the old one back.
+    ``remove_leftovers`` there, or a reader looking for it (``put_back_replaced``), puts the
+    old one back.
 
     Returns:
         ``target``.

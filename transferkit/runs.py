@@ -45,6 +45,7 @@ from transferkit.errors import RunError, first_line
 from transferkit.files import (
     fault_point,
     flush_tree,
+    put_back_replaced,
     remove_leftovers,
     replace_folder,
     require_apart,
@@ -297,7 +298,9 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
             be loaded or does not match its labels.
     """
     path = Path(path)
-    if not path.exists():
+    # A run whose replacement (finetune --force) was killed between its two renames is put
+    # back here, not told missing.
+    if not path.exists() and not put_back_replaced(path):
         raise RunError(f"{path} does not exist; pass a run folder made by 'transferkit finetune'")
     if path.is_file():
         folder, model_path = path.parent, path

@@ -8,7 +8,8 @@ then resumed twice and killed before and after the rename that publishes the run
 code publishes finetune's and resume's runs), ending as an uninterrupted run with the same
 seed; evaluate -o killed before publishing; a tune worker killed mid-trial. The publishing
 of exports and evaluations (one helper) is killed before and after its rename in processes
-without Keras. Two writers at one live run, with and without --force: test_live_runs.
+without Keras, and a run folder's replacement between its two renames. Two writers at one
+live run, with and without --force: test_live_runs.
 """
 
 from __future__ import annotations
@@ -157,6 +158,34 @@ def test_an_export_killed_around_its_rename_is_the_old_one_or_the_new_one_whole(
         (staging / "export.json").write_text("next")
     assert f"left by pid {pid}" in caplog.text
     assert (target / "export.json").read_text() == "next" and not work_dir_for(target).exists()
+
+
+# A run folder replaced as finetune --force replaces one (runs.save_run), by a process without Keras.
+REPLACE = textwrap.dedent("""
+    import shutil, sys
+    from pathlib import Path
+    from transferkit.files import replace_folder, staging_folder
+    target = Path(sys.argv[1])
+    staging = staging_folder(target)
+    shutil.copytree(target, staging)
+    replace_folder(staging, target)
+""")
+
+
+def test_a_run_whose_replacement_was_killed_between_the_renames_is_put_back_by_the_next_reader(
+        tmp_path, shapes_run, caplog):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(shapes_run.path, run)
+    killed_at("folder.moved_aside", run, code=REPLACE)
+    [aside] = [entry for entry in tmp_path.iterdir() if entry.name.startswith(".run.replaced-")]
+    assert not run.exists()
+    # predict, evaluate, report and export load the run: the old one is put back, not told missing.
+    with caplog.at_level("WARNING", logger="transferkit"):
+        loaded = transferkit.load_run(run, with_model=False)
+    assert f"put {run} back" in caplog.text and not aside.exists()
+    assert loaded.class_names == shapes_run.class_names and (run / "model.keras").is_file()
 
 
 TUNE_SPACE = """
