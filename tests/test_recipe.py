@@ -129,12 +129,19 @@ def test_unfreeze_accepts_all_and_rejects_other_words():
         load_recipe(None, {"stages.1.unfreeze": "most"})
 
 
-def test_weights_must_be_a_choice_or_an_existing_file(tmp_path):
+def test_weights_must_be_a_choice_or_an_existing_file(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="weights"):
         load_recipe(None, {"weights": str(tmp_path / "missing.h5")})
     existing = tmp_path / "w.weights.h5"
     existing.write_bytes(b"x")
     assert load_recipe(None, {"weights": str(existing)}).weights == str(existing)
+    # A relative path is kept absolute: the recipe.toml a run writes names the same file
+    # from any folder (--resume, or --recipe, run elsewhere).
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(None, {"weights": "w.weights.h5"})
+    assert recipe.weights == str(existing)
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_recipe(None, {"weights": recipe.weights}).weights == str(existing)
 
 
 def test_invalid_toml_is_reported_with_the_file(tmp_path):

@@ -7,6 +7,7 @@ choices. The resolved recipe is frozen: steps receive the part they need and nev
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -409,6 +410,16 @@ class Recipe(_Section):
     stages: tuple[StageConfig, ...] = DEFAULT_STAGES
     # The search space of `transferkit tune`; written out only when there is one.
     tune: TuneSpace = Field(TuneSpace({}), exclude_if=lambda space: not space.root)
+
+    @field_validator("weights", mode="after")
+    @classmethod
+    def _an_absolute_path(cls, weights):
+        # A weights file or run folder is kept as an absolute path: the recipe.toml a run
+        # writes must name the same file from any folder (--resume, --recipe from elsewhere).
+        if weights.lower() in WEIGHTS_CHOICES:
+            return weights
+        path = Path(weights).expanduser()
+        return os.path.abspath(path) if path.exists() else weights
 
     @field_validator("time_budget", mode="before")
     @classmethod
