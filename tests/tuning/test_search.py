@@ -154,6 +154,16 @@ def test_the_best_recipe_is_complete_and_finetune_reproduces_its_score(searched,
     assert run.metrics["final"]["val_loss"] == pytest.approx(best.user_attrs["val_loss"], rel=1e-4)
 
 
+def test_a_call_with_other_fixed_settings_is_refused_before_any_trial(searched, shapes_dir):
+    summary, output = searched
+    before = len(stored(output, "data").trials)
+    with pytest.raises(TransferkitError, match=r"study 'data' in .* was run with other settings \(image_size 32 -> "
+                                               r"48\).*--study NAME"):
+        tune(shapes_dir, output.parent / "recipe.toml", {**SEARCH, "image_size": 48}, trials=1, output=output,
+             verbose=0)
+    assert len(stored(output, "data").trials) == before
+
+
 def test_running_the_same_command_again_continues_the_study(searched, shapes_dir):
     summary, output = searched
     recipe = output.parent / "recipe.toml"
@@ -300,6 +310,23 @@ def test_without_a_tune_section_the_default_space_is_searched():
     sampled = space.recipe_params(vgg16)
     assert {"stages.1.unfreeze": 1, "stages.2.unfreeze": 2}.items() <= sampled.items()
     assert space.recipe({p.key: p.recipe_value(sampled[p.key]) for p in space.parameters}) == vgg16
+
+
+def test_keys_the_user_set_are_left_out_of_the_default_space_and_values_outside_a_space_are_named(tmp_path):
+    overrides = {"head.units": [16], "stages.1:.learning_rate": 1e-4, "image_size": 32}
+    base = load_recipe(None, overrides)
+    space = build_space(None, overrides, base)
+    assert space.fixed == ("head.units", "stages.1.learning_rate")
+    assert {parameter.key for parameter in space.parameters} == {"stages.0.learning_rate", "head.dropout",
+                                                                 "stages.1.unfreeze"}
+    assert space.outside(base) == []  # the first trial is the recipe as given, whole
+    # A [tune] section searches what it names, whatever the overrides set; a value of the
+    # recipe's that the space does not hold is named (the first trial samples it).
+    path = write_recipe(tmp_path, SPACE)
+    base = load_recipe(path, {"head.units": [32]})
+    space = build_space(path, {"head.units": [32]}, base)
+    assert space.fixed == () and "head.units" in {parameter.key for parameter in space.parameters}
+    assert space.outside(base) == ["head.units [32]"]
 
 
 def test_sampled_values_become_recipe_values(tmp_path):

@@ -21,7 +21,9 @@ The study lives in its storage: ``OUT/study.db`` (SQLite) unless ``storage`` nam
 Optuna storage URL (PostgreSQL, ``journal:///shared/study.log`` for a journal file on a
 shared disk), so the same command continues it, and several processes or machines can
 work on one study at once. A new study's first trial is the recipe as given (where the
-space holds its values), so the best trial is never worse than the recipe as given.
+space holds its values; a warning names those it does not), so the best trial is never worse
+than the recipe as given. Without a ``[tune]`` section, the keys the overrides set (--set,
+flags) are left out of the default space: they stay as the user set them.
 
 Optuna is an extra (``pip install 'transferkit[tune]'``), imported only here, only when a
 study runs.
@@ -240,6 +242,9 @@ def tune(
         require_one_process(base.strategy, base.devices, "tune")
         resolve_distribution(base.strategy, base.devices)  # before TensorFlow starts: it may set its devices
         space = build_space(source, source_overrides, base)
+        if space.fixed:
+            log.info(f"not searched, as you set them: {', '.join(space.fixed)} (a [tune] section in the recipe "
+                     "searches any key)")
         require_mlflow(base.mlflow)
         _check_tune_output(output)
         created = not output.exists()
@@ -250,12 +255,18 @@ def tune(
             storage_url = storage if storage is not None else f"sqlite:///{(output / STUDY_FILE).resolve()}"
             with _optuna_quiet(optuna):
                 try:
-                    the_study, opened = _open_study(optuna, storage_url, study or name, metric, base, pruner)
+                    the_study, opened = _open_study(optuna, storage_url, study or name, metric, base, pruner,
+                                                    _fixed_settings(base, space))
                     if trials == 0 and not the_study.trials:  # nothing to run and nothing to summarise
                         raise TransferkitError(f"--trials 0 runs no trial, and study {the_study.study_name!r} holds "
                                                "none yet; give --trials 1 or more")
                     if not the_study.trials and space.parameters:
                         params = space.recipe_params(base)
+                        outside = space.outside(base)
+                        if outside:
+                            log.warning(f"the first trial cannot be the recipe as given: the search space does not "
+                                        f"hold its {'; '.join(outside)}, so that trial samples "
+                                        f"{'it' if len(outside) == 1 else 'them'}")
                         if params:
                             the_study.enqueue_trial(params, user_attrs={"origin": "the recipe as given"},
                                                     skip_if_exists=True)
@@ -366,9 +377,46 @@ def open_storage(url: str):
                                "path") from None
 
 
-def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
+def _fixed_settings(base: Recipe, space) -> dict[str, Any]:
+    """The settings every trial of a study shares: the recipe's keys, dotted, but the
+    searched ones, the search space itself and MLflow's address (neither changes a trial)."""
+    searched = {parameter.key for parameter in space.parameters}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        elif isinstance(node, list) and prefix == "stages.":
+            for index, value in enumerate(node):
+                walk(f"stages.{index}.", value)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", base.model_dump(mode="json", exclude={"tune", "mlflow"}))
+    return {key: value for key, value in flat.items() if key not in searched}
+
+
+def _check_settings(study, url: str, settings: dict[str, Any]) -> None:
+    """Refuse to add trials to a study whose earlier trials were trained with other fixed
+    settings (another image size, backbone, epochs...): their figures would be ranked
+    together. A study made before this record takes this call's settings."""
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        study.set_user_attr("settings", settings)
+        return
+    changed = [f"{key} {recorded.get(key)!r} -> {settings.get(key)!r}"
+               for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if changed:
+        shown = "; ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise TransferkitError(f"study {study.study_name!r} in {url} was run with other settings ({shown}): its "
+                               "trials would be ranked with this call's; use the same settings to continue it, or "
+                               "--study NAME (or another -o) for a new study")
+
+
+def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner, settings: dict[str, Any]):
     """(study, the storage object it is on): loaded or created; a study that optimizes
-    another metric is refused.
+    another metric, or whose trials were trained with other fixed settings, is refused.
 
     The sampler is TPE seeded from the recipe's seed and the trials the study holds (a
     worker that joins later samples apart from the first)."""
@@ -388,6 +436,7 @@ def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner):
                                "to continue it, or --study NAME for a new study")
     if recorded is None:
         study.set_user_attr("metric", metric)
+    _check_settings(study, url, settings)
     _fail_killed_trials(optuna, storage, study)
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials), n_startup_trials=RANDOM_TRIALS)
     return study, storage

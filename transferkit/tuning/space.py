@@ -109,11 +109,14 @@ class SearchSpace:
         source: the recipe file (or shipped name, or None for the defaults).
         overrides: the user's overrides over it.
         parameters: the searched keys.
+        fixed: keys of the default space left out because the overrides set them (a key
+            given with --set or a flag stays as given); empty with a ``[tune]`` section.
     """
 
     source: str | os.PathLike | None
     overrides: Mapping[str, Any]
     parameters: tuple[Parameter, ...]
+    fixed: tuple[str, ...] = ()
 
     def recipe(self, values: Mapping[str, Any] | None = None) -> Recipe:
         """The recipe with the searched keys set to ``values`` (recipe values, by key).
@@ -141,6 +144,13 @@ class SearchSpace:
                 values[parameter.key] = sampled
         return values
 
+    def outside(self, recipe: Recipe) -> list[str]:
+        """The searched keys whose value in ``recipe`` the space does not hold (the first
+        trial, the recipe as given, samples them instead), as "key value"."""
+        held = self.recipe_params(recipe)
+        return [f"{parameter.key} {_plain(recipe_value(recipe, parameter.key))!r}"
+                for parameter in self.parameters if parameter.key not in held]
+
 
 def build_space(source, overrides: Mapping[str, Any] | None, base: Recipe) -> SearchSpace:
     """The search space of ``base`` (its ``[tune]`` section, or ``default_space``), each
@@ -157,8 +167,12 @@ def build_space(source, overrides: Mapping[str, Any] | None, base: Recipe) -> Se
     Raises:
         RecipeError: a range end or a choice that the key does not take, named.
     """
-    specs = dict(base.tune.root) or default_space(base)
     overrides = dict(overrides or {})
+    specs, fixed = dict(base.tune.root), ()
+    if not specs:  # transferkit's own space: a key the user set stays as set
+        specs = default_space(base)
+        fixed = tuple(key for key in specs if any(_sets(override, key, len(base.stages)) for override in overrides))
+        specs = {key: spec for key, spec in specs.items() if key not in fixed}
     parameters = []
     for key, spec in specs.items():
         current = recipe_value(base, key)
@@ -172,7 +186,22 @@ def build_space(source, overrides: Mapping[str, Any] | None, base: Recipe) -> Se
                 raise RecipeError(f"[tune] {key}: the value {_plain(value)!r} does not fit the recipe: "
                                   f"{error}") from None
         parameters.append(parameter)
-    return SearchSpace(source, overrides, tuple(parameters))
+    return SearchSpace(source, overrides, tuple(parameters), fixed)
+
+
+def _sets(override: str, key: str, stages: int) -> bool:
+    """Whether the override key sets ``key``: the same key, or a stage index or open range
+    ("stages.1:.learning_rate") that takes in ``key``'s stage."""
+    if override == key:
+        return True
+    given, wanted = override.split("."), key.split(".")
+    if len(given) != 3 or len(wanted) != 3 or given[0] != "stages" or wanted[0] != "stages" or given[2] != wanted[2]:
+        return False
+    try:
+        start, index = int(given[1].rstrip(":")) % stages, int(wanted[1])
+    except (ValueError, ZeroDivisionError):
+        return False
+    return index >= start if given[1].endswith(":") else index == start
 
 
 def recipe_value(recipe: Recipe, key: str) -> Any:
