@@ -41,6 +41,7 @@ from transferkit.training.checkpoint import (
     interruption,
     output_for,
     remove_if_finished,
+    stop_if_requested,
     stop_on_signals,
 )
 from transferkit.training.data_parallel import (
@@ -256,16 +257,11 @@ class _Extras:
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
                 extras: _Extras = _Extras()) -> runs.Run:
     """Train into the run folder ``output``, checkpointing into ``output.partial/``."""
-    job = {
-        "run_id": uuid.uuid4().hex,  # also in the run's labels.json: a published run tells its RUN.partial
-        "data_dir": prepared.data_dir,
-        "val_dir": prepared.val_dir,
-        "output": str(output.resolve()),
-        "save_h5": save_h5 and get_spec(recipe.backbone).require_format("h5", "the run's model.keras"),
-        "force": force,
-        "class_names": list(prepared.class_names),
-        "data_fingerprint": prepared.fingerprint,
-    }
+    # run_id is also in the run's labels.json: a published run tells its RUN.partial apart.
+    job = {"run_id": uuid.uuid4().hex, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,
+           "output": str(output.resolve()), "force": force,
+           "save_h5": save_h5 and get_spec(recipe.backbone).require_format("h5", "the run's model.keras"),
+           "class_names": list(prepared.class_names), "data_fingerprint": prepared.fingerprint}
     work = WorkFolder.create(output, job, recipe.to_toml(), force)
     try:
         return _train(prepared, recipe, _Output(output, work, force, save_h5), verbose, extras)
@@ -290,8 +286,11 @@ def _train(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose:
          prepared.split_csv, out.work.path if out else None)  # the others decode their share of this split
     if out is None:
         return _train_tracked(prepared, recipe, out, verbose, extras, None)
-    with tracked_training(recipe, prepared, out.path, out.work) as tracker:
-        return _train_tracked(prepared, recipe, out, verbose, extras, tracker)
+    try:
+        with tracked_training(recipe, prepared, out.path, out.work) as tracker:
+            return _train_tracked(prepared, recipe, out, verbose, extras, tracker)
+    except KeyboardInterrupt:  # outside training's handlers (after it): what it kept is told
+        raise interruption(TrainingInterrupted("interrupted"), out.work, out.path) from None
 
 
 def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, verbose: int, extras: _Extras,
@@ -374,8 +373,10 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
         with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1
               else stop_on_signals(StopFlag(), keeping)) as stop:
             state = work.state() if work is not None else None
-            return run_stages(model, get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
-                              n_classes, options, Checkpointing(state=state, work=work, stop=stop))
+            result = run_stages(model, get_spec(recipe.backbone), recipe.stages, train_batches, val_batches,
+                                n_classes, options, Checkpointing(state=state, work=work, stop=stop))
+            stop_if_requested(stop, work)  # asked after the last epoch's check: every epoch kept, not published
+            return result
     except (TrainingInterrupted, KeyboardInterrupt) as interrupted:
         raise interruption(interrupted, work, out.path if out is not None else None) from None
     finally:

@@ -89,6 +89,62 @@ def test_a_run_interrupted_by_sigterm_then_resumed_and_interrupted_by_sigint_end
     assert (output / "history.csv").read_text() == (reference / "history.csv").read_text()
 
 
+# A SIGTERM the process sends itself at a chosen step of finetune (``python -c``, through the
+# console script's ``main``): before training, at the end of the last stage (its handlers still
+# on), and after training (calibration, outside them).
+AT_STEP = """
+import os, signal, sys
+import transferkit.workflow as workflow
+from transferkit.cli import main
+
+step = sys.argv[1]
+real = getattr(workflow, step)
+
+def terminated_there(*args, **kwargs):
+    if step == "run_stages":
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+setattr(workflow, step, terminated_there)
+sys.argv = ["transferkit", "finetune", *sys.argv[2:]]
+main()
+"""
+
+
+def test_sigterm_before_at_the_end_of_and_after_training_is_one_line_and_keeps_what_resumes(shapes_dir, tmp_path):
+    """SIGTERM outside training ended the process at once (exit 143, no word, an in-progress
+    folder left); at the end of the last stage it was told as a stop and then ignored."""
+    output, partial = tmp_path / "run", tmp_path / "run.partial"
+
+    def terminated_at(step, *args):
+        done = forked.run([sys.executable, "-c", AT_STEP, step, *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+        assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        return [line for line in done.stderr.splitlines() if line.startswith("error:")]
+
+    tiny = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
+            "--head-epochs", "1", "--fine-epochs", "1", "--quiet"]
+    # Before training (the model being built): one line, and no folder left to step around.
+    [line] = terminated_at("build_model", shapes_dir, *tiny, "-o", output)
+    assert line == "error: interrupted: training stopped before its first epoch ended; nothing was kept"
+    assert list(tmp_path.iterdir()) == []
+    # As the last stage ends: the stop is honoured, every epoch kept, the run not published.
+    [line] = terminated_at("run_stages", shapes_dir, *tiny, "-o", output)
+    assert f"saved in {partial}. Continue with: transferkit finetune --resume {output}" in line
+    assert epochs_saved(partial) == 2 and not output.exists()
+    # After training (calibrating), resumed: still kept, still not published.
+    [line] = terminated_at("fit_calibration", "--resume", output, "--quiet")
+    assert line.startswith("error: interrupted: training stopped; the last completed epoch is saved in")
+    assert epochs_saved(partial) == 2 and not output.exists()
+    resumed = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--quiet"])
+    assert resumed.exit_code == 0, resumed.output[-2000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    assert len(transferkit.load_run(output, with_model=False).history) == 2
+
+
 def test_resume_without_an_interrupted_run_is_an_error(tmp_path):
     with pytest.raises(RunError, match="nothing to resume"):
         resume_finetune(tmp_path / "never-started")

@@ -17,6 +17,7 @@ command that uses it, so that ``--help`` answers within 1 s and ``backbones`` wi
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -133,6 +134,10 @@ def main() -> None:
     # typer.BadParameter, since typer ships its own copy of click.
     click_exception, usage_error = (next(base for base in typer.BadParameter.__mro__ if base.__name__ == name)
                                     for name in ("ClickException", "UsageError"))
+    # SIGTERM (a scheduler, `kill`, a container stopping) ends a command as Ctrl-C does: one
+    # line, exit code 130, nothing half-written; training turns either into a resumable stop.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         _STARTUP["tensorflow"] = needs_tensorflow(sys.argv)
         code = app(standalone_mode=False)
