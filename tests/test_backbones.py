@@ -96,9 +96,20 @@ def test_corrupt_and_missing_weights_files(tmp_path):
         load_backbone("vgg16", weights=wrong_kind, input_shape=(32, 32, 3))
 
 
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    """A Keras home of the test's own: Keras read KERAS_HOME when it was imported and keeps
+    it (what ``keras_private.keras_home`` reads)."""
+    from keras.src.backend import config
+
+    home = tmp_path / "keras-home"
+    home.mkdir()
+    monkeypatch.setattr(config, "_KERAS_DIR", str(home))
+    return home
+
+
 @pytest.mark.parametrize("name", ["vgg16", "resnet50", "efficientnetv2-b0", "convnext-tiny", "mobilenetv3-small"])
-def test_failed_download_names_file_folder_and_alternatives(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+def test_failed_download_names_file_folder_and_alternatives(name, tmp_path, keras_home, monkeypatch):
     requested = []
 
     def no_network(url, *args, **kwargs):
@@ -118,6 +129,50 @@ def test_failed_download_names_file_folder_and_alternatives(name, tmp_path, monk
     assert str(tmp_path / "keras-home" / "models") in message
     assert "--weights PATH" in message and "--weights none" in message
     assert "\n" not in message
+
+
+def test_a_silent_server_is_given_up_after_the_download_timeout(keras_home, monkeypatch):
+    """Through a proxy that accepts the connection and never answers, urllib would wait forever."""
+    import socket
+    import threading
+    import time
+
+    import transferkit.backbones
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    held = []
+    threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{silent.getsockname()[1]}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(transferkit.backbones, "DOWNLOAD_TIMEOUT", 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(WeightsError, match="could not download the ImageNet weights for vgg16 .*timed out"):
+            load_backbone("vgg16", weights="imagenet", input_shape=(32, 32, 3))
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 30 and held  # the proxy was reached, and given up on
+    assert socket.getdefaulttimeout() is None  # the process's own setting is put back
+
+
+def test_a_cached_file_keras_rejects_and_removes_is_told_as_such(keras_home, monkeypatch):
+    cached = keras_home / "models" / REGISTRY["vgg16"].weights_file
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not the weights")
+    from keras.src.utils import file_utils
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    with pytest.raises(WeightsError, match=f"the cached ImageNet weights {cached} did not match Keras's checksum .*"
+                                           "Keras removed it .*Put the original"):
+        load_backbone("vgg16", weights="imagenet", input_shape=(32, 32, 3))
+    assert not cached.exists()
 
 
 # --- the EfficientNetV2, ConvNeXt and MobileNetV3 families: registry facts against Keras ---

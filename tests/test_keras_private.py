@@ -187,3 +187,17 @@ def test_keras_on_jax_with_tensorflow_hidden_seeds_saves_and_loads_without_impor
                           text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_keras_home_is_where_get_file_downloads(tmp_path, monkeypatch):
+    from keras.src.backend import config
+
+    from transferkit.keras_private import keras_home
+
+    (tmp_path / "home").mkdir()
+    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "home"))
+    assert keras_home() == str(tmp_path / "home")
+    source = tmp_path / "source.txt"
+    source.write_text("weights")
+    fetched = keras.utils.get_file("fetched.txt", origin=source.as_uri(), cache_subdir="models")
+    assert fetched == str(tmp_path / "home" / "models" / "fetched.txt")

@@ -14,6 +14,7 @@ Weights are one of:
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,9 +284,15 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def keras_cache_dir() -> Path:
-    """The folder Keras downloads application weights into: $KERAS_HOME/models or ~/.keras/models."""
-    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(keras_home) / "models"
+    """The folder Keras downloads application weights into: ``models/`` in its home folder
+    ($KERAS_HOME as it was when Keras was imported, else ~/.keras), or in /tmp/.keras where
+    that cannot be written, as Keras's ``get_file`` decides."""
+    from transferkit.keras_private import keras_home
+
+    home = os.path.expanduser(keras_home())
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return Path(home) / "models"
 
 
 def load_backbone(
@@ -338,12 +345,33 @@ def load_backbone(
     return backbone
 
 
+# Seconds a weights download may wait for the server's next bytes before it is given up
+# (urllib has no limit of its own: a proxy or firewall that accepts and stays silent would
+# hold it forever). Where the program set a socket default timeout, that one stands.
+DOWNLOAD_TIMEOUT = 60.0
+
+
 def _build_with_imagenet(spec: BackboneSpec, constructor, input_shape):
+    import socket
+
+    cached = keras_cache_dir() / spec.weights_file
+    was_cached = cached.is_file()
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
         return constructor(include_top=False, weights="imagenet", input_shape=input_shape)
     except Exception as error:  # Keras raises a bare Exception for a failed fetch.
-        cached = keras_cache_dir() / spec.weights_file
         reason = first_line(error)
+        if was_cached and not cached.exists():
+            # Keras checks the cached file's hash, downloads it again when it differs, and
+            # deletes it when that fails.
+            raise WeightsError(
+                f"the cached ImageNet weights {cached} did not match Keras's checksum for {spec.name} (a damaged or "
+                f"another file), and Keras removed it when downloading a good copy failed ({reason}). Put the "
+                f"original {spec.weights_file} (from {spec.weights_origin}) there, or pass --weights PATH or "
+                "--weights none"
+            ) from error
         if cached.exists():
             raise WeightsError(
                 f"the cached ImageNet weights {cached} could not be loaded ({reason}); "
@@ -354,6 +382,9 @@ def _build_with_imagenet(spec: BackboneSpec, constructor, input_shape):
             f"Put {spec.weights_file} (from {spec.weights_origin}) into {cached.parent}/, "
             f"or pass --weights PATH to a copy of it, or --weights none for random weights"
         ) from error
+    finally:
+        if previous is None:
+            socket.setdefaulttimeout(None)
 
 
 def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:

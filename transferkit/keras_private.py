@@ -104,6 +104,21 @@ def _hide_tensorflow(module_utils) -> None:
         lazy._available = False
 
 
+def keras_home() -> str:
+    """The folder Keras downloads into (``get_file``'s cache folder, before its ``models/``).
+
+    Needed by ``backbones`` to name where the ImageNet weights belong: Keras reads
+    ``KERAS_HOME`` once, when it is imported, and keeps it privately; the environment may
+    say otherwise later.
+
+    Returns:
+        The path as Keras holds it (``~`` not yet expanded).
+    """
+    from keras.src.backend import config
+
+    return config.keras_home()
+
+
 def start_progbar_at(bar, started: float) -> None:
     """Start a ``keras.utils.Progbar``'s clock at ``started`` (a ``time.time()``).
 
