@@ -457,6 +457,9 @@ def _how_to_use(facts: _Facts) -> str:
     else:
         answer = ("probabilities = model.predict(pixels[None])[0]\n"
                   "label, confidence = class_names[int(probabilities.argmax())], float(probabilities.max())")
+    precision = facts.labels.get("precision", "float32")
+    agreement = ("predict's confidences exactly" if precision == "float32" else
+                 f"predict's confidences within a few thousandths\n# (this run computes in {precision})")
     return (f"## How to use\n\n"
             f"In plain Keras (the model needs nothing from transferkit), from this folder:\n\n"
             f"```python\nimport json\n\nimport keras\nimport numpy as np\nfrom PIL import Image, ImageOps\n\n"
@@ -464,7 +467,7 @@ def _how_to_use(facts: _Facts) -> str:
             f"class_names = json.load(open(\"{LABELS_FILE}\"))[\"class_names\"]\n"
             f"# The model takes RGB 0..255 of any size and resizes it itself; read as transferkit predict\n"
             f"# reads images (JPEGs decoded at a reduced scale, EXIF orientation, bilinear resize), it gives\n"
-            f"# predict's confidences exactly.\n"
+            f"# {agreement}. Other sizes go through the model's own resize: close, not the same.\n"
             f"image = Image.open(\"photo.jpg\")\n"
             f"image.draft(\"RGB\", ({facts.size}, {facts.size}))\n"
             f"image = ImageOps.exif_transpose(image).convert(\"RGB\").resize(({facts.size}, {facts.size}), "
