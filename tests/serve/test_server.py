@@ -32,6 +32,7 @@ from tests.conftest import ROOT
 from transferkit.inference.predict import predict_folder
 
 LIMIT_MB = 1  # the server's --max-upload-mb here, so that "too large" is cheap to send
+GRACE_S = 5  # its --grace: what the last test's stalled upload waits for
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -131,7 +132,7 @@ def server(shapes_run, tmp_path_factory, request):
     with open(log, "w") as handle:
         process = forked.Popen(
             [sys.executable, "-m", "transferkit", "serve", str(shapes_run.path), "--port", "0", "--max-batch", "8",
-             "--max-upload-mb", str(LIMIT_MB)],
+             "--max-upload-mb", str(LIMIT_MB), "--grace", str(GRACE_S)],
             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT),
                                                          "PYTHONUNBUFFERED": "1"})
     request.getfixturevalue("expected")
@@ -257,6 +258,8 @@ BAD_UPLOADS = {
     "top_k below 1": ([("ok.jpg", None)], "?top_k=0", 400, "top_k"),
     "top_k not a number": ([("ok.jpg", None)], "?top_k=many", 400, "top_k"),
     "sets out of range": ([("ok.jpg", None)], "?sets=1.5", 400, "sets"),
+    # predict's --tta is not served: asking is told, not answered without it
+    "an unknown option": ([("ok.jpg", None)], "?tta=true", 400, "unknown query parameter(s) tta on /predict"),
 }
 
 
@@ -302,6 +305,10 @@ def test_explain_draws_the_heatmap_over_the_image(server, images, shapes_run):
     assert status == 200 and Image.open(BytesIO(data)).size == (40, 56)
     status, kind, data = server.post("/explain?class=unicorn", [(path.name, path.read_bytes())])
     assert status == 400 and "unicorn" in json.loads(data)["error"]
+    status, kind, data = server.post("/explain", [(path.name, path.read_bytes())] * 2)
+    assert status == 400 and "takes one image per request, got 2" in json.loads(data)["error"]
+    status, kind, data = server.post("/explain?top=3", [(path.name, path.read_bytes())])
+    assert status == 400 and "unknown query parameter(s) top on /explain; it takes class" in json.loads(data)["error"]
 
 
 # --- the page, in a real browser ---------------------------------------------------------
@@ -379,19 +386,24 @@ def test_a_port_in_use_and_bad_flags_are_one_line_each(shapes_run):
     for flags, words in ((["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
                          (["--engine", "tpu"], "--engine"), (["--max-upload-mb", "0"], "--max-upload-mb"),
                          (["--max-upload-mb", "nan"], "--max-upload-mb"),
-                         (["--max-upload-mb", "inf"], "--max-upload-mb")):
+                         (["--max-upload-mb", "inf"], "--max-upload-mb"), (["--grace", "-1"], "--grace")):
         result = CliRunner().invoke(app, ["serve", str(shapes_run.path), *flags])
         assert result.exit_code == 2 and words in result.output
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server, images, expected):
+    """A request in flight is finished; one whose body never comes is answered 503 once the
+    grace has passed (it was a traceback in the log and a plain-text 500)."""
     path = sorted(images.glob("*.jpg"))[0]
     body, content_type = multipart([(path.name, path.read_bytes())])
     head = (f"POST /predict HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection((server.host, server.port), timeout=120) as client:
+    stalled = socket.create_connection((server.host, server.port), timeout=120)
+    with stalled, socket.create_connection((server.host, server.port), timeout=120) as client:
+        stalled.sendall(head)  # and nothing more
         client.sendall(head + body[: len(body) // 2])
         time.sleep(0.5)  # the server has the request's start: it is in flight
+        stopped = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while True:  # once stopping, it takes no new connection
@@ -405,11 +417,18 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server, images, e
         answer = b""
         while chunk := client.recv(65536):
             answer += chunk
+        late = b""
+        while chunk := stalled.recv(65536):
+            late += chunk
+    assert time.monotonic() - stopped >= GRACE_S
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 200 OK", answer[:500]
     (row,) = json.loads(rest.split(b"\r\n\r\n", 1)[1])["predictions"]
     assert row["label"] == expected[path.name].label
+    status_line, _, rest = late.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 503 Service Unavailable", late[:500]
+    assert "send it again" in json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
     assert server.process.wait(timeout=120) == 0
     log = server.text()
-    assert "stopped by SIGTERM" in log
+    assert "stopped by SIGTERM" in log and "POST /predict: not finished when the server stopped" in log
     assert "Traceback" not in log, log[-3000:]

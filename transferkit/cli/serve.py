@@ -33,6 +33,9 @@ def serve(
             help="Most images in one engine call: requests arriving together are batched up to it.")] = 32,
     max_upload_mb: Annotated[float, typer.Option(
             help="Largest request (all its images together), in MB; larger ones get a 413 error.")] = 20.0,
+    grace: Annotated[float, typer.Option(
+            help="Seconds the requests in flight may take to finish after SIGTERM or Ctrl-C; those still "
+                 "running then get a 503.")] = 60.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per request; warnings only.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -50,6 +53,8 @@ def serve(
         raise usage_error(f"--port must be 0..65535, got {port}")
     if not 0 < max_upload_mb < math.inf:  # nan fails both comparisons
         raise usage_error(f"--max-upload-mb must be a size above 0 in MB, got {max_upload_mb:g}")
+    if not 0 <= grace < math.inf:
+        raise usage_error(f"--grace must be 0 or more seconds, got {grace:g}")
     check_installed()
     if not quiet:
         typer.echo(f"loading {run} ...")
@@ -63,6 +68,7 @@ def serve(
 
     settings = ServeSettings(run=str(run), engine=engine, precision=precision, max_batch=max_batch,
                              max_upload_mb=max_upload_mb)
-    result = run_server(settings, host=host, port=port, workers=workers, access_log=not quiet, announce=announce)
+    result = run_server(settings, host=host, port=port, workers=workers, access_log=not quiet, announce=announce,
+                        grace=grace)
     answered = f"; {result.images_answered} image(s) answered" if result.images_answered is not None else ""
     typer.echo(f"stopped{f' by {result.stopped_by}' if result.stopped_by else ''}{answered}")

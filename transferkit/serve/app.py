@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Annotated, Optional
 
@@ -133,6 +133,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/predict", response_model=PredictionsOut, responses=ERRORS,
               summary="Classify images as `transferkit predict` does")
     async def predict(
+        request: Request,
         file: Annotated[list[UploadFile], File(description="One or more images, each a form field named 'file'.")],
         top_k: Annotated[int, Query(ge=1, description="How many classes to list per image.")] = 1,
         reject: Annotated[bool, Query(description="Answer 'unknown' below the run's rejection threshold "
@@ -140,6 +141,7 @@ def create_app(service: Service) -> FastAPI:
         sets: Annotated[Optional[float], Query(gt=0, lt=1, description="Prediction sets at this coverage "
                                                "(as predict --sets).")] = None,
     ) -> JSONResponse:
+        require_known_query(request, ("top_k", "reject", "sets"))
         options = service.row_options(top_k, reject=reject, sets=sets)
         uploads = [Upload(upload_name(part.filename, index), await part.read()) for index, part in enumerate(file)]
         images = await run_in_threadpool(service.decode, uploads)
@@ -150,10 +152,16 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/explain", response_class=Response, responses={**ERRORS, 200: {"content": {"image/png": {}}}},
               summary="The Grad-CAM heatmap of an image, drawn over it (PNG)")
     async def explain(
+        request: Request,
         file: Annotated[UploadFile, File(description="One image.")],
         class_name: Annotated[Optional[str], Query(alias="class", description="The class to explain; "
                                                    "default the predicted one.")] = None,
     ) -> Response:
+        require_known_query(request, ("class",))
+        sent = len((await request.form()).getlist("file"))  # the form FastAPI parsed, kept by the request
+        if sent > 1:
+            return error_response(400, f"/explain takes one image per request, got {sent}; send each in its own "
+                                       "request (/predict takes several)")
         upload = Upload(upload_name(file.filename, 0), await file.read())
         png = await run_in_threadpool(service.explain_png, upload, class_name)
         return Response(png, media_type="image/png")
@@ -233,12 +241,34 @@ class RequestGuard:
 
         try:
             await self.app(scope, limited_receive, tracked_send)
+        except asyncio.CancelledError:
+            # The server stopped (SIGTERM, Ctrl-C) and its grace for requests in flight passed:
+            # uvicorn cancels what still runs. One line and a 503, not a traceback and a 500.
+            log.warning("%s %s: not finished when the server stopped (its --grace passed)", scope.get("method"),
+                        scope.get("path"))
+            if not started:
+                with suppress(Exception):
+                    await send_json(send, 503, {"error": "the server stopped before this request finished; send it "
+                                                         "again once it is back"})
         except Exception as error:  # whatever a route did not expect: one line, and a 500 if possible
             log.error("%s %s failed: %s: %s", scope.get("method"), scope.get("path"), type(error).__name__,
                       first_line(error))
             if not started:
                 await send_json(send, 500, {"error": f"the server failed on this request ({type(error).__name__}: "
                                                      f"{first_line(error)}); it keeps answering others"})
+
+
+def require_known_query(request: Request, known: tuple[str, ...]) -> None:
+    """Refuse a query parameter the endpoint does not take (``?tta=true`` would otherwise be
+    dropped without a word, and the answer taken for what it asked).
+
+    Raises:
+        HTTPException: 400 naming it and the parameters taken.
+    """
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        raise HTTPException(400, f"unknown query parameter(s) {', '.join(unknown)} on {request.url.path}; it takes "
+                                 f"{', '.join(known)} (see /docs)")
 
 
 def content_length(scope) -> int | None:

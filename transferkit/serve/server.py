@@ -3,8 +3,9 @@ processes, and a graceful stop.
 
 The socket is bound before the run is loaded, so a port in use is told at once, and
 ``--port 0`` gets a free port whose number is announced. SIGTERM or SIGINT (Ctrl-C) stops
-accepting connections, lets the requests in flight finish (up to ``SHUTDOWN_GRACE_S``),
-stops the engine's thread and returns: the command exits 0. A second Ctrl-C stops at once.
+accepting connections, lets the requests in flight finish (up to ``grace`` seconds, default
+``SHUTDOWN_GRACE_S``; those still running then are answered 503), stops the engine's thread
+and returns: the command exits 0. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          access_log: bool = True, announce: Callable[[str, object], None] | None = None) -> ServeResult:
+          access_log: bool = True, announce: Callable[[str, object], None] | None = None,
+          grace: float = SHUTDOWN_GRACE_S) -> ServeResult:
     """Serve a run until SIGTERM or Ctrl-C.
 
     Args:
@@ -99,6 +101,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         access_log: log one line per request (uvicorn's); default True.
         announce: called with the URL and the loaded ``Service`` once the socket listens
             and the run is loaded, before requests are answered; default None.
+        grace: seconds the requests in flight may take to finish once SIGTERM or Ctrl-C
+            came (those still running then are answered 503); default ``SHUTDOWN_GRACE_S``.
 
     Returns:
         A ``ServeResult``.
@@ -115,6 +119,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     check_installed()
     if workers < 1:
         raise ServeError(f"--workers must be at least 1, got {workers}")
+    if not 0 <= grace < float("inf"):
+        raise ServeError(f"--grace must be 0 or more seconds, got {grace:g}")
     sock = bind(host, port)
     try:
         # Loaded here in any case: a run that cannot be loaded is told once, as one line, and
@@ -124,7 +130,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         if announce is not None:
             announce(url, service)
         common = dict(log_level="info" if access_log else "warning", access_log=access_log,
-                      timeout_graceful_shutdown=SHUTDOWN_GRACE_S, server_header=False)
+                      timeout_graceful_shutdown=grace, server_header=False)
         if workers == 1:
             server = uvicorn.Server(uvicorn.Config(create_app(service), **common))
             stopped_by = run_until_signal(lambda: server.run(sockets=[sock]), server)
