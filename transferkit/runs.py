@@ -79,7 +79,8 @@ class Run:
         backbone: registry name of the backbone.
         head_activation: "sigmoid" (two classes, one unit) or "softmax".
         recipe: the resolved recipe as a dict (None for a bare model file).
-        history: one dict per epoch.
+        history: one dict per epoch: "epoch" (int), "stage" (str) and the figures of
+            ``HISTORY_COLUMNS`` (float, None where none was recorded).
         metrics: final and best validation figures.
         model: the loaded ``keras.Model`` (None until ``load_run(..., with_model=True)``).
         rejection: labels.json "rejection" (score, threshold, coverage); None for a run
@@ -526,6 +527,18 @@ def _read_optional_json(path: Path) -> dict:
 HISTORY_NEEDED = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy")
 
 
+def _typed_row(row: dict) -> dict:
+    """A history.csv row with the values the run's own ``history`` holds: the epoch an int,
+    the stage a str, the figures floats (an empty cell None), other columns as written."""
+    typed = dict(row)
+    for key, value in row.items():
+        if key == "epoch":
+            typed[key] = int(value)
+        elif key in HISTORY_COLUMNS and key != "stage":
+            typed[key] = float(value) if value not in ("", None) else None
+    return typed
+
+
 def _read_optional_history(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
@@ -533,7 +546,7 @@ def _read_optional_history(path: Path) -> list[dict]:
             missing = [column for column in HISTORY_NEEDED if column not in (reader.fieldnames or ())]
             if missing:
                 raise ValueError(f"no {', '.join(missing)} column")
-            return list(reader)
+            return [_typed_row(row) for row in reader]
     except FileNotFoundError:
         return []
     except (OSError, ValueError, csv.Error) as error:

@@ -87,7 +87,7 @@ def test_a_finetune_killed_at_each_step_of_its_end_resumes_to_the_uninterrupted_
         run = transferkit.resume_finetune(output, verbose=0)
     assert f"{output} is finished" in caplog.text and str(partial) in caplog.text
     assert not partial.exists() and run.path == output
-    # history.csv as written: strings
+    # both loaded from history.csv
     history, expected = run.history, transferkit.load_run(shapes_run.path, with_model=False).history
     assert [(row["epoch"], row["stage"]) for row in history] == [(row["epoch"], row["stage"]) for row in expected]
     assert len(history) == 2
