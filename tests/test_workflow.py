@@ -54,6 +54,7 @@ def test_history_is_continuous_across_stages(finished):
     # Loaded, the run's history holds what the trained run's did: ints, strings and floats.
     loaded = transferkit.load_run(output, with_model=False).history
     assert loaded == run.history and isinstance(loaded[0]["epoch"], int) and isinstance(loaded[0]["loss"], float)
+    assert transferkit.load_run(output, with_model=False).class_names == run.class_names  # tuples, both
     with open(output / "history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]

@@ -55,7 +55,7 @@ class TrainedRun:
     def as_run(self, path: Path | None, recipe: Recipe, prepared: PreparedData) -> runs.Run:
         """The ``Run`` a job returns: this training, written at ``path`` (or None: not written)."""
         return runs.Run(
-            path=path, class_names=list(prepared.class_names), image_size=recipe.image_size,
+            path=path, class_names=tuple(prepared.class_names), image_size=recipe.image_size,
             backbone=recipe.backbone, head_activation=output_activation(prepared.n_classes),
             recipe=recipe.model_dump(mode="json"), history=self.history, metrics=self.metrics, model=self.model,
             **(self.trust.labels_entries() if self.trust is not None else {}),
