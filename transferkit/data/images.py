@@ -40,7 +40,8 @@ def read_image(path: str | os.PathLike | bytes) -> np.ndarray:
 
     Raises:
         UnreadableImage: the file is empty, truncated, not an image, or too large to open
-            safely (decompression-bomb guard).
+            safely (decompression-bomb guard: a file over twice Pillow's MAX_IMAGE_PIXELS,
+            about 179 megapixels; bytes over MAX_IMAGE_PIXELS, about 89).
     """
     return np.asarray(_open_rgb(_source(path)))
 
@@ -139,10 +140,15 @@ def _open_rgb(path: Path | bytes, draft_size: int | None = None) -> Image.Image:
     import io
 
     source = io.BytesIO(path) if isinstance(path, bytes) else path
+    # Between MAX_IMAGE_PIXELS (about 89 megapixels) and twice it Pillow only warns; above, it
+    # refuses. A file on disk is the user's own: a 100-megapixel photo or scan is read. Bytes
+    # sent to serve stop at the warning: a small, highly compressed upload must not make the
+    # server decode gigabytes.
+    strict = isinstance(path, bytes)
+    limit = Image.MAX_IMAGE_PIXELS * (1 if strict else 2)
     try:
         with warnings.catch_warnings():
-            # Above MAX_IMAGE_PIXELS Pillow only warns; treat that as the bomb it may be.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 if draft_size is not None and image.format == "JPEG":
                     # Let libjpeg decode at a reduced scale: much faster for large photos.
@@ -153,8 +159,7 @@ def _open_rgb(path: Path | bytes, draft_size: int | None = None) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UnreadableImage(
             _named(path),
-            f"image too large to open safely (decompression-bomb guard, "
-            f"over {Image.MAX_IMAGE_PIXELS} pixels)",
+            f"image too large to open safely (decompression-bomb guard, over {limit} pixels)",
         ) from error
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as error:
         # (Pillow names a file object by its repr, which says nothing to a reader)
