@@ -125,6 +125,12 @@ class FolderLock:
         key = Path(os.path.abspath(folder))
         if key in _HELD:
             raise RunError(f"{folder} is being written by this process already ({describe_owner(read_owner(folder))})")
+        created = create and not folder.exists()  # removed again when the lock cannot be taken
+
+        def undo() -> None:
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+
         try:
             if create:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -133,6 +139,7 @@ class FolderLock:
         except filelock.Timeout:
             raise RunError(live_message(folder, read_owner(folder))) from None
         except OSError as error:
+            undo()
             raise RunError(f"cannot write {folder}: {error.strerror or error}; choose another -o") from error
         held = cls(folder, lock, None)
         try:
@@ -142,6 +149,7 @@ class FolderLock:
             write_atomic(folder / OWNER_FILE, json.dumps(owner_record(kind), indent=2) + "\n")
         except OSError as error:
             lock.release()
+            undo()  # a full disk leaves no folder of this command's behind
             raise RunError(f"cannot write {folder / OWNER_FILE}: {error.strerror or error}; choose another -o") \
                 from error
         _HELD[key] = held

@@ -129,3 +129,24 @@ def test_an_unfinished_export_of_a_killed_process_is_removed_with_a_notice(tmp_p
         (staging / "model.onnx").write_bytes(b"x")
     assert f"pid {process.pid}" in caplog.text and "unfinished export" in caplog.text
     assert sorted(path.name for path in (tmp_path / "onnx").iterdir()) == ["model.onnx"]
+
+
+def test_a_lock_folder_that_cannot_be_written_is_one_error_and_leaves_no_folder(tmp_path):
+    """A full disk (here: a file size limit, EFBIG, as on a full disk ENOSPC) stops the owner
+    record: the command says so, and the folder it had just made is gone again."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from transferkit.errors import RunError
+        from transferkit.locks import FolderLock
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8, 8))  # the lock file is empty; the record is not
+        try:
+            FolderLock.acquire({str(tmp_path / "eval.partial")!r}, "evaluation")
+        except RunError as error:
+            print(error)
+            sys.exit(1)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith(f"cannot write {tmp_path / 'eval.partial' / 'owner.json'}: File too large")
+    assert list(tmp_path.iterdir()) == []
