@@ -235,3 +235,16 @@ def test_every_shipped_recipe_writes_out_each_new_key_with_a_comment(path):
         assert any("#" in line for line in lines), f"{path.name}: {key} is not commented"
     recipe = load_recipe(path)
     assert all(stage.schedule == "constant" for stage in recipe.stages)
+
+
+def test_overrides_go_over_a_recipe_object_too_and_must_be_a_mapping():
+    base = load_recipe("quickstart", {"image_size": 48})
+    assert load_recipe(base) is base and load_recipe(base, {"image_size": None}) is base
+    changed = load_recipe(base, {"weights": "none", "stages.1:.epochs": 0})
+    assert (changed.weights, changed.image_size, [stage.epochs for stage in changed.stages][1:]) == (
+        "none", 48, [0] * (len(base.stages) - 1))
+    assert changed.head == base.head and base.weights == "imagenet"
+    with pytest.raises(RecipeError, match=r"image_size.*\(in the given recipe with your settings\)"):
+        load_recipe(base, {"image_size": "big"})
+    with pytest.raises(RecipeError, match="overrides must map dotted recipe keys to values.*got a list"):
+        load_recipe(None, ["weights=none"])

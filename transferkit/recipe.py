@@ -540,13 +540,13 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
 
 
 def load_recipe(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    path: Recipe | str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Recipe:
     """Resolve a recipe: built-in defaults < the TOML file < overrides.
 
     Args:
-        path: a TOML file, a shipped recipe name ("vgg16", "quickstart", ...), or None for
-            the built-in defaults.
+        path: a TOML file, a shipped recipe name ("vgg16", "quickstart", ...), a ``Recipe``
+            (the overrides go over it), or None for the built-in defaults.
         overrides: dotted keys to values, e.g. ``{"image_size": 64, "head.dropout": 0.5,
             "stages.1.epochs": 2}``; None values are ignored.
 
@@ -554,11 +554,19 @@ def load_recipe(
         The frozen ``Recipe``.
 
     Raises:
-        RecipeError: unreadable TOML, an unknown key, a wrong type or an out-of-range value.
+        RecipeError: unreadable TOML, an unknown key, a wrong type or an out-of-range value,
+            or overrides that are not a mapping.
     """
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise RecipeError(f"overrides must map dotted recipe keys to values, such as {{'image_size': 64}}; got a "
+                          f"{type(overrides).__name__}")
     source = "defaults"
     raw: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, Recipe):
+        if not any(value is not None for value in (overrides or {}).values()):
+            return path
+        source, raw = "the given recipe", path.model_dump(mode="json")
+    elif path is not None:
         recipe_path = resolve_recipe_path(path)
         source = str(recipe_path)
         try:
@@ -574,7 +582,8 @@ def load_recipe(
     try:
         return Recipe.model_validate(_lists_to_tuples(raw))
     except ValidationError as error:
-        where = "the built-in recipe" if source.startswith("defaults") else f"recipe {source.split(' with ')[0]}"
+        where = ("the built-in recipe" if source.startswith("defaults") else source.split(" with ")[0]
+                 if source.startswith("the given") else f"recipe {source.split(' with ')[0]}")
         if source.endswith("overrides"):
             where += " with your settings"
         raise RecipeError(f"{_describe(error)} (in {where})") from None

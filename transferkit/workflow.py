@@ -81,8 +81,8 @@ def finetune(
     Args:
         data_dir: one sub-folder of images per class.
         recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults.
-        overrides: dotted recipe keys to values, applied over the recipe (ignored when
-            ``recipe`` is already a ``Recipe``).
+        overrides: dotted recipe keys to values, applied over the recipe (a ``Recipe``
+            too).
         val_dir: a validation folder with the same class sub-folders; default None (a
             stratified ``data.val_split`` of ``data_dir``).
         output: the run folder; default ``runs/<data-folder-name>-<timestamp>``.
@@ -97,8 +97,7 @@ def finetune(
         TransferkitError: a bad recipe, folder, image set, weights or output folder;
             ``TrainingInterrupted`` after a signal.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
+    recipe = load_recipe(recipe, overrides)
     # Before TensorFlow starts (it may set its devices), and before JAX computes (data-parallel).
     distribution = resolve_distribution(recipe.strategy, recipe.devices)
     with failing_before_training(distribution):
