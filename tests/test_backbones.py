@@ -36,6 +36,11 @@ def test_unknown_backbone_and_too_small_input():
         load_backbone("mobilenet", weights="none")
     with pytest.raises(WeightsError, match="at least 32x32x3"):
         load_backbone("vgg16", weights="none", input_shape=(16, 16, 3))
+    with pytest.raises(WeightsError, match="takes RGB images: input_shape needs 3 channels, got 1"):
+        load_backbone("vgg16", weights="none", input_shape=(32, 32, 1))
+    for shape in ((32, 32), (None, None, 3), (32.5, 32, 3)):
+        with pytest.raises(WeightsError, match=r"give \(height, width, 3\) in whole pixels, e.g. \(224, 224, 3\)"):
+            load_backbone("vgg16", weights="none", input_shape=shape)
 
 
 def test_weights_file_round_trip_keras3_format(tmp_path):

@@ -13,6 +13,7 @@ Weights are one of:
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 import warnings
@@ -318,8 +319,14 @@ def load_backbone(
             that is missing or does not fit the architecture.
     """
     spec = get_spec(name)
-    height, width, channels = input_shape
-    if channels != 3 or min(height, width) < spec.min_size:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(side, numbers.Integral) and side > 0 for side in shape):
+        raise WeightsError(f"input_shape {shape!r}: give (height, width, 3) in whole pixels, "
+                           f"e.g. ({spec.default_size}, {spec.default_size}, 3)")
+    height, width, channels = shape = tuple(int(side) for side in shape)
+    if channels != 3:
+        raise WeightsError(f"{spec.name} takes RGB images: input_shape needs 3 channels, got {channels}")
+    if min(height, width) < spec.min_size:
         raise WeightsError(
             f"{spec.name} needs an input of at least {spec.min_size}x{spec.min_size}x3, "
             f"got {height}x{width}x{channels}; raise the image size"
@@ -330,11 +337,11 @@ def load_backbone(
     constructor = getattr(keras.applications, spec.constructor)
     weights_text = str(weights)
     if weights_text.lower() == "none":
-        backbone = constructor(include_top=False, weights=None, input_shape=tuple(input_shape))
+        backbone = constructor(include_top=False, weights=None, input_shape=shape)
     elif weights_text.lower() == "imagenet":
-        backbone = _build_with_imagenet(spec, constructor, tuple(input_shape))
+        backbone = _build_with_imagenet(spec, constructor, shape)
     else:
-        backbone = constructor(include_top=False, weights=None, input_shape=tuple(input_shape))
+        backbone = constructor(include_top=False, weights=None, input_shape=shape)
         load_weights_file(backbone, spec, Path(weights_text))
     # A stable name so the classifier can find the backbone after save and load.
     backbone.name = "backbone"

@@ -79,6 +79,25 @@ def machine_facts() -> dict:
     }
 
 
+def check_engine_choice(engine, precision) -> None:
+    """Refuse an engine or precision name outside the choices, as a library call may give
+    one (the command line checks its flags itself).
+
+    Args:
+        engine: one of ``ENGINES``, or an engine object (passed over).
+        precision: one of ``PRECISIONS``.
+
+    Raises:
+        EngineError: naming the value and the choices.
+    """
+    from transferkit.errors import EngineError
+
+    if isinstance(engine, str) and engine not in ENGINES:
+        raise EngineError(f"engine {engine!r}: choose {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision {precision!r}: choose {', '.join(PRECISIONS)}")
+
+
 def resolve_precision(choice: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
     """Turn a recipe's precision into a Keras dtype policy name and the reason for it.
 

@@ -86,6 +86,17 @@ def test_a_folder_with_no_images_is_an_error(run_dir, tmp_path):
         predict_folder(run_dir, tmp_path / "empty")
 
 
+def test_an_engine_or_precision_outside_the_choices_is_an_engine_error(run_dir, to_sort):
+    from transferkit.errors import EngineError
+    from transferkit.evaluation.evaluate import evaluate_folder
+
+    for call in (predict_folder, evaluate_folder):
+        with pytest.raises(EngineError, match="engine 'tpu': choose auto, keras, openvino"):
+            call(run_dir, to_sort, engine="tpu")
+        with pytest.raises(EngineError, match="precision 'int4': choose auto, float32, bfloat16, float16, int8"):
+            call(run_dir, to_sort, precision="int4")
+
+
 def test_openvino_and_keras_engines_agree_and_the_run_folder_is_untouched(run_dir, to_sort):
     before = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
     run = load_run(run_dir)

@@ -34,6 +34,7 @@ from transferkit.inference.uncertainty import RejectionRule, SetRule, load_rejec
 from transferkit.locks import publishing, require_not_live
 from transferkit.outputs import UNKNOWN
 from transferkit.runs import LABELS_FILE
+from transferkit.runtime import check_engine_choice
 
 log = logging.getLogger("transferkit")
 
@@ -266,10 +267,12 @@ def evaluate_folder(
             ``reject``, ``sets`` or an ``unknown/`` folder (those are fitted on single views).
         RunError: the run cannot be loaded, or lacks the rejection threshold or set scores
             asked for (a run trained before transferkit fitted them).
+        EngineError: an engine or precision outside the choices.
     """
     from transferkit.inference.predict import stream_outputs
     from transferkit.runs import load_run
 
+    check_engine_choice(engine, precision)
     if not hasattr(run, "model") or run.model is None:
         run = load_run(run if not hasattr(run, "path") else run.path)
     if batch_size < 1:

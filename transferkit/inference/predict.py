@@ -24,6 +24,7 @@ import numpy as np
 from transferkit.errors import DataError, RunError, UnreadableImage
 from transferkit.inference.uncertainty import RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.outputs import UNKNOWN
+from transferkit.runtime import check_engine_choice
 
 # The files predictions are written to, by extension.
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -139,7 +140,9 @@ def predict_folder(
             files could be read (nothing classified); ``sets`` is not in (0, 1).
         RunError: the run cannot be loaded, or has no rejection threshold (``reject``) or
             prediction-set scores (``sets``): a run trained before transferkit fitted them.
+        EngineError: an engine or precision outside the choices.
     """
+    check_engine_choice(engine, precision)
     run = _loaded(run)
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
