@@ -51,6 +51,16 @@ def test_a_tracking_server_that_cannot_be_reached_is_one_warning(caplog):
     assert "\n" not in message
 
 
+def test_a_file_store_mlflow_refuses_is_one_warning_that_says_what_to_do(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        tracker = tracking.Tracker.open((tmp_path / "mlruns").as_uri(), run_name="run", params={"a": "1"})
+    assert tracker is None  # MLflow 3.18 on (the mlflow extra's range) refuses it
+    [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "unless MLFLOW_ALLOW_FILE_STORE=true is set; track to sqlite:///mlflow.db instead" in record.getMessage()
+
+
 def test_a_store_failing_mid_run_is_one_warning_and_the_epochs_go_on(mlflow_store, tmp_path, caplog):
     uri = mlflow_store(tmp_path)
     tracker = tracking.Tracker.open(uri, run_name="run", params={"a": "1"})

@@ -466,6 +466,9 @@ def _reason(error: BaseException) -> str:
         return f"cannot reach the server ({first_line(reason) if isinstance(reason, BaseException) else reason})"
     if isinstance(error, (TimeoutError, ConnectionError)):
         return f"cannot reach the server ({type(error).__name__})"
+    if "MLFLOW_ALLOW_FILE_STORE" in str(error):  # its fix comes at the end of a long paragraph
+        return ("this MLflow refuses a file store (a folder or file: URI) unless MLFLOW_ALLOW_FILE_STORE=true is "
+                "set; track to sqlite:///mlflow.db instead, or set that variable")
     return f"{type(error).__name__}: {first_line(error)}"
 
 
