@@ -248,3 +248,10 @@ def test_overrides_go_over_a_recipe_object_too_and_must_be_a_mapping():
         load_recipe(base, {"image_size": "big"})
     with pytest.raises(RecipeError, match="overrides must map dotted recipe keys to values.*got a list"):
         load_recipe(None, ["weights=none"])
+
+
+def test_a_flag_and_a_set_of_its_key_that_disagree_are_refused():
+    assert collect_overrides(["batch_size=8", "seed=3"], {"batch_size": 8, "image_size": None}) == {
+        "batch_size": 8, "seed": 3}
+    with pytest.raises(RecipeError, match=r"--set batch_size=0 and --batch-size 8 both set batch_size; give one"):
+        collect_overrides(["batch_size=0"], {"batch_size": 8})

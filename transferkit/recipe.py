@@ -500,7 +500,8 @@ def recipe_summary(name: str) -> str:
 
 def collect_overrides(assignments: Sequence[str], flags: Mapping[str, Any]) -> dict[str, Any]:
     """The overrides of one command line: ``--set KEY=VALUE`` assignments, then the named
-    flags that were given (those win; a flag left out leaves its key's --set alone).
+    flags that were given (a flag and a --set of its key that disagree are refused; a flag
+    left out leaves its key's --set alone).
 
     Args:
         assignments: the --set values, in order.
@@ -517,7 +518,12 @@ def collect_overrides(assignments: Sequence[str], flags: Mapping[str, Any]) -> d
         if name not in FLAG_KEYS:
             raise RecipeError(f"no recipe key for the flag --{name.replace('_', '-')}")
         if value is not None:
-            overrides[FLAG_KEYS[name]] = value
+            key = FLAG_KEYS[name]
+            if key in overrides and overrides[key] != value:
+                flag = f"--{name.replace('_', '-')}"
+                raise RecipeError(f"--set {key}={overrides[key]!r} and {flag} {value!r} both set {key}; give one of "
+                                  "them")
+            overrides[key] = value
     return overrides
 
 
