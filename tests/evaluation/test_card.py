@@ -68,6 +68,18 @@ def test_the_cards_plain_keras_snippet_gives_predicts_answer(shapes_run, shapes_
     assert namespace["confidence"] == pytest.approx(row.confidence, abs=1e-5)
 
 
+def test_report_keeps_the_card_when_metrics_json_is_damaged(shapes_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    card = (run / CARD_FILE).read_text(encoding="utf-8")
+    (run / "metrics.json").write_text("{not json", encoding="utf-8")
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"error: {run / 'metrics.json'} is damaged" in result.output and "nothing was rewritten" in result.output
+    assert (run / CARD_FILE).read_text(encoding="utf-8") == card
+
+
 def test_report_on_a_folder_that_is_no_run_is_one_line(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import RunError
+from transferkit.errors import RunError, first_line
 from transferkit.files import write_atomic, write_failure
 from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER, LABELS_FILE, MODEL_FILE
 
@@ -83,6 +83,9 @@ def write_run_report(run: str | os.PathLike) -> list[Path]:
     from transferkit.runs import load_run
 
     loaded = load_run(getattr(run, "path", run), with_model=False)
+    # A damaged metrics.json would give a card without the validation figures in place of
+    # the one that has them: nothing is redrawn or rewritten.
+    _read_json(loaded.path / "metrics.json", required=True)
     written = []
     try:
         if loaded.history or loaded.metrics.get("confusion_matrix"):
@@ -495,8 +498,8 @@ def _read_json(path: Path, required: bool = False) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         if required:
-            raise RunError(f"{path} is damaged ({error}); copy it from a backup of the run, or re-run "
-                           "finetune") from error
+            raise RunError(f"{path} is damaged ({first_line(error)}); nothing was rewritten: copy it from a backup "
+                           "of the run, or re-run finetune") from error
         log.warning("%s is damaged (%s); the model card leaves it out", path, error)
         return {}
     return value if isinstance(value, dict) else {}
