@@ -255,3 +255,9 @@ def test_a_flag_and_a_set_of_its_key_that_disagree_are_refused():
         "batch_size": 8, "seed": 3}
     with pytest.raises(RecipeError, match=r"--set batch_size=0 and --batch-size 8 both set batch_size; give one"):
         collect_overrides(["batch_size=0"], {"batch_size": 8})
+
+
+def test_a_recipe_path_that_is_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(RecipeError, match="recipe .*dir.toml is a folder; pass a .toml file in it"):
+        load_recipe(tmp_path / "dir.toml")

@@ -179,6 +179,25 @@ def test_read_only_parent_is_refused_before_training(tmp_path, shapes_dir, monke
     assert list(parent.iterdir()) == []
 
 
+def test_a_read_only_filesystem_is_named_as_such(tmp_path):
+    """A real read-only mount (tmpfs, in a mount namespace of its own) where the run would go."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux's unshare is not installed")
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    script = ("from transferkit.files import require_writable_place\n"
+              f"require_writable_place({str(mount / 'runs' / 'run')!r})")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro,size=1m tmpfs "{mount}" && '
+                           f'exec "{sys.executable}" -c "$0"', script], capture_output=True, text=True)
+    if "mount:" in done.stderr or "unshare:" in done.stderr:
+        pytest.skip(f"no mount namespace here: {done.stderr.strip()[:200]}")
+    assert f"RunError: cannot write into {mount} (its filesystem is read-only); choose another -o" in done.stderr
+
+
 def test_val_dir_with_other_classes_is_refused(shapes_dir, binary_dir, tmp_path):
     with pytest.raises(DataError, match="same class sub-folders"):
         transferkit.finetune(shapes_dir, None, {"weights": "none", "image_size": 32}, val_dir=binary_dir,

@@ -314,7 +314,12 @@ def require_writable_place(folder: str | os.PathLike) -> None:
     if not existing.is_dir():
         raise RunError(f"cannot create {folder}: {existing} is a file; choose another -o")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write into {existing} (permission denied); choose another -o")
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):  # no statvfs (Windows)
+            read_only = False
+        why = "its filesystem is read-only" if read_only else "permission denied"
+        raise RunError(f"cannot write into {existing} ({why}); choose another -o")
 
 
 def require_apart(output: str | os.PathLike, data_folders, what: str) -> None:

@@ -539,6 +539,8 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     if path.suffix == "" and str(recipe) in available_recipes():
         # A wheel installs the recipes as files; importlib.resources names their path.
         return Path(str(_shipped() / f"{recipe}.toml"))
+    if path.is_dir():
+        raise RecipeError(f"recipe {recipe} is a folder; pass a .toml file in it or a shipped recipe name")
     names = ", ".join(available_recipes()) or "none found"
     raise RecipeError(
         f"recipe {recipe} not found; pass a .toml file or a shipped recipe name ({names})"
