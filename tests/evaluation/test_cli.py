@@ -48,6 +48,8 @@ def test_explain_writes_png_npy_and_grid_and_report_redraws(shapes_run, shapes_d
         png.verify()
     bad = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "--class", "nope"])
     assert bad.exit_code == 1 and "nope" in bad.output
+    both = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "--class", name, "--top", "2"])
+    assert both.exit_code == 2 and f"--class {name} explains one class and --top 2" in both.output
     report = runner.invoke(app, ["report", str(shapes_run.path)])
     assert report.exit_code == 0 and "history.png" in report.output and "confusion.png" in report.output
 

@@ -20,6 +20,7 @@ from transferkit.cli.common import (
     check_trust_flags,
     reports_errors,
     setup_logging,
+    usage_error,
 )
 from transferkit.progress import progress_bar
 from transferkit.runtime import ENGINES, PRECISIONS
@@ -87,6 +88,9 @@ def explain(
 
     setup_logging(False, verbose)
     check_positive("--top", top)
+    if class_name is not None and top != 1:
+        raise usage_error(f"--class {class_name} explains one class and --top {top} the {top} most likely: give one "
+                          "of them")
     if output is not None:
         check_output_folder(output, force, images)  # before any work
     loaded = load_run(run)
