@@ -38,6 +38,7 @@ log = logging.getLogger("transferkit")
 
 LOCK_FILE = "lock"
 OWNER_FILE = "owner.json"
+JOB_FILE = "job.json"  # in a run's in-progress folder: what it trains (training.checkpoint writes it)
 
 # Folders whose lock this process holds: the checks that run while it writes (``runs.check_writable``
 # before the final rename) must not take its own lock for another writer's.

@@ -55,7 +55,7 @@ from transferkit.files import (
     write_atomic,
     write_failure,
 )
-from transferkit.locks import require_not_live
+from transferkit.locks import JOB_FILE, require_not_live, work_dir_for
 from transferkit.outputs import output_units
 
 log = logging.getLogger("transferkit")
@@ -153,7 +153,7 @@ def named_folder(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
 
 
-def check_writable(output: Path, force: bool, data_folders=()) -> None:
+def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool = False) -> None:
     """Fail before any training if the run could not be written, or would destroy data.
 
     Nothing is created here: a run that fails later leaves no folder behind.
@@ -163,14 +163,20 @@ def check_writable(output: Path, force: bool, data_folders=()) -> None:
         force: an existing run folder may be replaced.
         data_folders: folders the run reads (the data, a validation folder); the run
             folder may be neither inside one nor contain one.
+        new_run: a new training starts (not a resumed one): an interrupted run waiting in
+            ``RUN.partial`` is refused too (without ``force``), before the images are read.
 
     Raises:
         RunError: another process is writing the folder now (named, whatever ``force``
             says), the folder exists (without ``force``), is a file, is not a run folder
-            (``force`` replaces run folders only), is inside or holds a data folder, or
-            its parent cannot be created or written.
+            (``force`` replaces run folders only), is inside or holds a data folder, its
+            parent cannot be created or written, or (``new_run``) an interrupted run is there.
     """
     require_not_live(output)
+    partial = work_dir_for(output)
+    if new_run and not force and (partial / JOB_FILE).is_file():
+        raise RunError(f"an interrupted run of {output} is in {partial}; continue it with --resume {output}, or "
+                       "pass --force to start over")
     require_not_a_file(output)
     absolute = Path(os.path.abspath(output))
     require_apart(output, data_folders, "run folder")

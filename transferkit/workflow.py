@@ -110,7 +110,7 @@ def finetune(
         if distribution.process > 0:  # process 0 checks and writes the run
             return follow(data_dir, val_dir, recipe, output, None, _train_beside)
         remove_if_finished(output)
-        runs.check_writable(output, force, data_folders=(data_dir, val_dir))
+        runs.check_writable(output, force, data_folders=(data_dir, val_dir), new_run=True)
         prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
         return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose)
 
@@ -160,7 +160,7 @@ def train_prepared(
     require_mlflow(recipe.mlflow)
     output = runs.named_folder(output)
     remove_if_finished(output)
-    runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir))
+    runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir), new_run=True)
     return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose, extras=extras)
 
 

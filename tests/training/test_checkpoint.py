@@ -150,11 +150,20 @@ def test_resume_without_an_interrupted_run_is_an_error(tmp_path):
         resume_finetune(tmp_path / "never-started")
 
 
-def test_new_run_refuses_to_clobber_an_interrupted_one(shapes_dir, tmp_path, tiny):
+def test_new_run_refuses_to_clobber_an_interrupted_one(shapes_dir, tmp_path, tiny, monkeypatch):
+    import transferkit.workflow
+
     (tmp_path / "run.partial").mkdir()
     (tmp_path / "run.partial" / "job.json").write_text("{}")
-    with pytest.raises(RunError, match="--resume"):
+
+    def never(*args, **kwargs):
+        raise AssertionError("the images were read before the interrupted run was found")
+
+    monkeypatch.setattr(transferkit.workflow, "prepare_data", never)  # told before reading them
+    with pytest.raises(RunError, match=f"an interrupted run of {tmp_path / 'run'} is in .*--resume"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+    result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--weights", "none", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "continue it with --resume" in result.output
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def finetune(
 
         # An -o that exists, or lies in the data, told before Keras loads too (in one process
         # only: of several, process 0 checks once they have met).
-        check_writable(output, force, data_folders=(data_dir, val_dir))
+        check_writable(output, force, data_folders=(data_dir, val_dir), new_run=True)
     from transferkit import workflow
 
     run = workflow.finetune(data_dir, resolved, val_dir=val_dir, output=output, force=force, save_h5=save_h5,

@@ -43,13 +43,12 @@ import numpy as np
 
 from transferkit.errors import DataError, RunError, TrainingInterrupted
 from transferkit.files import atomic_path, fault_point, remove_leftovers, write_atomic, write_failure
-from transferkit.locks import LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
+from transferkit.locks import JOB_FILE, LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
 from transferkit.runs import LABELS_FILE
 from transferkit.strategies import alone
 
 log = logging.getLogger("transferkit")
 
-JOB_FILE = "job.json"
 STATE_FILE = "state.json"
 CHECKPOINT_FILE = "checkpoint.keras"
 
