@@ -62,6 +62,19 @@ def test_csv_and_json_writers(run_dir, to_sort, tmp_path):
         write_predictions(result, tmp_path / "p.xlsx")
 
 
+def test_a_class_name_holding_a_csv_separator_is_warned_about_once(tmp_path, caplog):
+    from transferkit.inference.predict import Prediction, PredictionResult
+
+    rows = [Prediction(f"{i}.jpg", "a;b", 0.6, (("a;b", 0.6), ("x:y", 0.4))) for i in range(3)]
+    with caplog.at_level("WARNING", logger="transferkit"):
+        write_predictions(PredictionResult(rows, []), tmp_path / "p.csv")
+    assert [record.getMessage() for record in caplog.records] == [
+        "class 'a;b' holds ';', which the CSV's top_k column puts between classes: read that column from a .json "
+        "output instead (or rename the class folder)"]  # ':' is not: a name is what precedes its last ':'
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as handle:
+        assert next(csv.DictReader(handle))["top_k"] == "a;b:0.600000;x:y:0.400000"
+
+
 def test_not_a_run_missing_labels_and_mismatched_model(run_dir, tmp_path):
     import shutil
 

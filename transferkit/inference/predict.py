@@ -628,6 +628,16 @@ def _csv_text(result: PredictionResult) -> str:
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
     rejecting, with_sets = result.rejection is not None, result.set_rule is not None
+    # top_k is "name:p;name:p" (a name is what precedes its last ":") and set "name|name":
+    # a class name holding the separator cannot be read back from those columns.
+    names = {name for row in result.rows for name, _ in row.top_k}
+    names |= {name for row in result.rows for name in (row.prediction_set or ())}
+    for name in sorted(names):
+        separator = ";" if ";" in name else "|" if "|" in name and with_sets else None
+        if separator is not None:
+            column = "top_k" if separator == ";" else "set"
+            log.warning(f"class {name!r} holds {separator!r}, which the CSV's {column} column puts between classes: "
+                        "read that column from a .json output instead (or rename the class folder)")
     writer.writerow(["file", "label", "confidence", "top_k"] + (["unknown", "top_class", "score"] if rejecting else [])
                     + (["set", "set_size"] if with_sets else []))
     for row in result.rows:
