@@ -339,9 +339,10 @@ def test_predict_keras_engine_tells_when_it_keeps_the_model_precision(cli_run, s
     assert len(notices) == 1 and notices[0].startswith("warning: ") and f"not {other}" in notices[0]
 
 
-def test_set_reaches_keys_that_also_have_a_flag_and_the_flag_wins(shapes_dir, monkeypatch):
-    """--set image_size=... must not be dropped because --image-size was not given, and a
-    bad value behind such a key is refused like any other."""
+def test_set_reaches_keys_that_also_have_a_flag_and_a_flag_that_disagrees_is_refused(shapes_dir, monkeypatch):
+    """--set image_size=... must not be dropped because --image-size was not given, a bad
+    value behind such a key is refused like any other, and so is a flag that gives the key
+    another value (the flag used to win without a word)."""
     import transferkit.workflow
 
     received = {}
@@ -356,8 +357,11 @@ def test_set_reaches_keys_that_also_have_a_flag_and_the_flag_wins(shapes_dir, mo
     recipe = received.pop("recipe")
     assert (recipe.image_size, recipe.batch_size, recipe.seed) == (40, 4, 7)
     assert (recipe.data.val_split, recipe.stages[0].epochs, recipe.cache.views) == (0.5, 1, 3)
-    invoke("finetune", shapes_dir, "--set", "image_size=40", "--image-size", "48")
+    invoke("finetune", shapes_dir, "--set", "image_size=48", "--image-size", "48")
     assert received.pop("recipe").image_size == 48
+    result = invoke("finetune", shapes_dir, "--set", "image_size=40", "--image-size", "48")
+    assert result.exit_code == 2 and "--set image_size=40 and --image-size 48 both set image_size" in result.output
+    assert "recipe" not in received
     for assignment in ("batch_size=0", "precision=float64", "engine=cuda", "data.val_split=1"):
         result = invoke("finetune", shapes_dir, "--set", assignment)
         assert result.exit_code == 2 and assignment.split("=")[0] in result.output, (assignment, result.output)
