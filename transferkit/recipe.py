@@ -597,6 +597,26 @@ def load_recipe(
         raise RecipeError(f"{_describe(error)} (in {where})") from None
 
 
+def stage_indices(selector: str, count: int) -> list[int]:
+    """The stages a stage key's selector names: "1" the second, "-1" the last, "1:" the
+    second on (as a Python slice: "-1:" is the last).
+
+    Args:
+        selector: the middle part of ``stages.SELECTOR.key``.
+        count: the recipe's number of stages.
+
+    Returns:
+        Stage indices, from 0.
+
+    Raises:
+        ValueError: not an index, or one the recipe does not have.
+    """
+    start = int(selector.removesuffix(":"))
+    if not -count <= start < count:  # it starts at a stage the recipe has
+        raise ValueError(f"stage {start} of {count}")
+    return list(range(start % count, count)) if selector.endswith(":") else [start % count]
+
+
 def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
     """Set ``raw["a"]["b"] = value`` for key "a.b".
 
@@ -616,19 +636,9 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
             raise RecipeError(f"override {key}: stages in {source} is not a list of [[stages]] tables")
         if not stages:
             raise RecipeError(f"override {key}: {source} has no stages; at least one [[stages]] table is needed")
-        selector = parts[1]
         try:
-            if selector.endswith(":"):
-                start = int(selector[:-1])
-                if not -len(stages) <= start < len(stages):  # it starts at a stage the recipe has
-                    raise IndexError
-                chosen = range(start % len(stages), len(stages))  # as a Python slice: -1: is the last
-            else:
-                index = int(selector)
-                if not -len(stages) <= index < len(stages):
-                    raise IndexError
-                chosen = [index]
-        except (ValueError, IndexError):
+            chosen = stage_indices(parts[1], len(stages))
+        except ValueError:
             raise RecipeError(
                 f"override {key}: the recipe has {len(stages)} stage(s); use an index from 0 "
                 f"to {len(stages) - 1}"

@@ -157,11 +157,28 @@ def test_the_best_recipe_is_complete_and_finetune_reproduces_its_score(searched,
 def test_a_call_with_other_fixed_settings_is_refused_before_any_trial(searched, shapes_dir):
     summary, output = searched
     before = len(stored(output, "data").trials)
-    with pytest.raises(TransferkitError, match=r"study 'data' in .* was run with other settings \(image_size 32 -> "
-                                               r"48\).*--study NAME"):
-        tune(shapes_dir, output.parent / "recipe.toml", {**SEARCH, "image_size": 48}, trials=1, output=output,
-             verbose=0)
+    recipe = output.parent / "recipe.toml"
+    with pytest.raises(TransferkitError, match=r"study 'data' in .* was run with other settings \(image_size '32' -> "
+                                               r"'48'\).*--study NAME"):
+        tune(shapes_dir, recipe, {**SEARCH, "image_size": 48}, trials=1, output=output, verbose=0)
     assert len(stored(output, "data").trials) == before
+    # How a trial runs, not what it trains to, may differ (another machine's worker), and so may
+    # a searched key's starting value: --trials 0 only summarises the study.
+    again = tune(shapes_dir, recipe, {**SEARCH, "cache.memory_mb": 64.0, "tensorboard": True, "head.units": [8]},
+                 trials=0, output=output, verbose=0)
+    assert again.new_trials == 0 and len(stored(output, "data").trials) == before
+
+
+def test_a_study_whose_first_trial_failed_on_its_set_up_takes_the_fixed_settings_again(shapes_dir, tmp_path):
+    """The failure says "fix it and run the same command": the fix is often a setting."""
+    wrong = tmp_path / "wrong.weights.h5"
+    wrong.write_bytes(b"not weights")
+    output = tmp_path / "out"
+    with pytest.raises(TransferkitError, match="trial 0 failed: .*fix it and run the same command"):
+        tune(shapes_dir, None, {**SEARCH, "weights": str(wrong), "stages.1:.epochs": 0}, trials=1, output=output,
+             verbose=0)
+    summary = tune(shapes_dir, None, {**SEARCH, "stages.1:.epochs": 0}, trials=1, output=output, verbose=0)
+    assert summary.counts == {"fail": 1, "complete": 1}
 
 
 def test_running_the_same_command_again_continues_the_study(searched, shapes_dir):

@@ -183,7 +183,7 @@ def audit(
         recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults
             (its backbone, weights, image size, head, first stage's optimizer and epochs,
             engine, precision, seed and ``data.group_by`` apply).
-        overrides: dotted recipe keys to values (ignored when ``recipe`` is a ``Recipe``).
+        overrides: dotted recipe keys to values, over the recipe (a ``Recipe`` too).
         output: the folder to write; default ``runs/<data-folder>-audit-<timestamp>``.
         force: replace an earlier audit folder there; default False.
         folds: K, the folds the head is trained on K times; at least 2, default 5.
@@ -204,8 +204,7 @@ def audit(
     from transferkit.recipe import load_recipe
     from transferkit.runs import named_folder
 
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
+    recipe = load_recipe(recipe, overrides)  # a Recipe too: the overrides go over it
     if folds < 2:
         raise RecipeError(f"--folds must be at least 2, got {folds}")
     out = named_folder(output) if output is not None else default_output(data_dir)

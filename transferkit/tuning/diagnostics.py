@@ -149,7 +149,7 @@ def check_learning(
     Args:
         data_dir: one sub-folder of images per class.
         recipe: a ``Recipe``, a recipe file or shipped name, or None for the defaults.
-        overrides: dotted recipe keys to values (ignored when ``recipe`` is a ``Recipe``).
+        overrides: dotted recipe keys to values, over the recipe (a ``Recipe`` too).
         stage: the stage to check; default 0 (the head). Earlier stages are trained first.
         val_dir: a validation folder; default None (the recipe's split).
         verbose: 0 silent, 1 progress; default 0.
@@ -161,8 +161,7 @@ def check_learning(
         RecipeError: a bad recipe or stage. TransferkitError: what ``finetune`` raises for
             the data.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
+    recipe = load_recipe(recipe, overrides)  # a Recipe too: the overrides go over it
     with prepare_stage(data_dir, recipe, stage, val_dir=val_dir, verbose=verbose) as setup:
         return run_checks(setup, Path(data_dir))
 

@@ -298,7 +298,7 @@ def find_learning_rate(
     Args:
         data_dir: one sub-folder of images per class.
         recipe: a ``Recipe``, a recipe file or shipped name, or None for the defaults.
-        overrides: dotted recipe keys to values (ignored when ``recipe`` is a ``Recipe``).
+        overrides: dotted recipe keys to values, over the recipe (a ``Recipe`` too).
         stage: the stage to test; default 0 (the head). Earlier stages are trained first.
         val_dir: a validation folder; default None (the recipe's split; only the split's
             training part is used).
@@ -317,8 +317,7 @@ def find_learning_rate(
             there (``check_plot_output``). TransferkitError: what ``finetune`` raises for
             the data.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
+    recipe = load_recipe(recipe, overrides)  # a Recipe too: the overrides go over it
     _check_range(min_lr, max_lr, steps)
     if output is not None:
         check_plot_output(output, [data_dir, val_dir], force)

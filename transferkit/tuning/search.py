@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transferkit.backbones import WEIGHTS_CHOICES
 from transferkit.errors import (
     DataError,
     EngineError,
@@ -189,7 +190,7 @@ def tune(
         data_dir: one sub-folder of images per class.
         recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults;
             its ``[tune]`` section is the space (``space.default_space`` when it has none).
-        overrides: dotted recipe keys to values over the recipe (ignored for a ``Recipe``).
+        overrides: dotted recipe keys to values over the recipe (a ``Recipe`` too).
         trials: trials to run in this call; default None: 20, or no limit of this call's
             own when ``study_trials`` is given.
         timeout: start no trial after this many seconds; default None (no limit).
@@ -318,7 +319,7 @@ def _recipe_source(recipe, overrides):
     with tempfile.TemporaryDirectory(prefix="transferkit-tune-") as folder:
         path = Path(folder) / "recipe.toml"
         path.write_text(recipe.to_toml(), encoding="utf-8")
-        yield path, {}
+        yield path, dict(overrides or {})  # over the Recipe as over a file: they stay the user's
 
 
 @contextmanager
@@ -377,33 +378,41 @@ def open_storage(url: str):
                                "path") from None
 
 
-def _fixed_settings(base: Recipe, space) -> dict[str, Any]:
-    """The settings every trial of a study shares: the recipe's keys, dotted, but the
-    searched ones, the search space itself and MLflow's address (neither changes a trial)."""
-    searched = {parameter.key for parameter in space.parameters}
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}{key}.", value)
-        elif isinstance(node, list) and prefix == "stages.":
-            for index, value in enumerate(node):
-                walk(f"stages.{index}.", value)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", base.model_dump(mode="json", exclude={"tune", "mlflow"}))
-    return {key: value for key, value in flat.items() if key not in searched}
+# Recipe keys that change how a trial runs, not what it trains to: a worker on another machine
+# may set them otherwise.
+RUNNING_KEYS = ("tensorboard", "strategy", "devices", "data.memory_mb", "cache.memory_mb")
 
 
-def _check_settings(study, url: str, settings: dict[str, Any]) -> None:
-    """Refuse to add trials to a study whose earlier trials were trained with other fixed
+def _fixed_settings(base: Recipe, space) -> dict[str, str]:
+    """The settings every trial of a study shares: the recipe's keys as MLflow's params name
+    them, but the searched ones (a ``[tune]`` range such as "stages.1:.epochs" too), those
+    of ``RUNNING_KEYS``, and weights from a file compared by its name and size (its folder
+    may differ from machine to machine)."""
+    from transferkit.training.tracking import recipe_params
+    from transferkit.tuning.space import sets_key
+
+    searched = [parameter.key for parameter in space.parameters]
+    settings = {key: value for key, value in recipe_params(base.model_dump(mode="json")).items()
+                if key not in RUNNING_KEYS and not any(sets_key(tuned, key, len(base.stages)) for tuned in searched)}
+    if base.weights.lower() not in WEIGHTS_CHOICES:  # a weights file, or a run to start from (its model)
+        path = Path(base.weights)
+        weights = path / "model.keras" if path.is_dir() else path
+        size = weights.stat().st_size if weights.is_file() else 0
+        settings["weights"] = f"{path.name}{'/model.keras' if path.is_dir() else ''} ({size} bytes)"
+    return settings
+
+
+def _check_settings(optuna, study, url: str, settings: dict[str, str]) -> None:
+    """Refuse to add trials to a study whose finished trials were trained with other fixed
     settings (another image size, backbone, epochs...): their figures would be ranked
-    together. A study made before this record takes this call's settings."""
+    together. Until a trial has finished (a first call that failed on its set-up, which the
+    user then fixes), and for a study made before this record, this call's settings are
+    recorded instead."""
     recorded = study.user_attrs.get("settings")
-    if recorded is None:
-        study.set_user_attr("settings", settings)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if recorded is None or not study.get_trials(deepcopy=False, states=states):
+        if recorded != settings:
+            study.set_user_attr("settings", settings)
         return
     changed = [f"{key} {recorded.get(key)!r} -> {settings.get(key)!r}"
                for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
@@ -414,7 +423,7 @@ def _check_settings(study, url: str, settings: dict[str, Any]) -> None:
                                "--study NAME (or another -o) for a new study")
 
 
-def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner, settings: dict[str, Any]):
+def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner, settings: dict[str, str]):
     """(study, the storage object it is on): loaded or created; a study that optimizes
     another metric, or whose trials were trained with other fixed settings, is refused.
 
@@ -436,7 +445,7 @@ def _open_study(optuna, url: str, name: str, metric: str, base: Recipe, pruner, 
                                "to continue it, or --study NAME for a new study")
     if recorded is None:
         study.set_user_attr("metric", metric)
-    _check_settings(study, url, settings)
+    _check_settings(optuna, study, url, settings)
     _fail_killed_trials(optuna, storage, study)
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials), n_startup_trials=RANDOM_TRIALS)
     return study, storage
