@@ -107,6 +107,32 @@ def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tens
     assert confusion.tolist() == metrics["confusion_matrix"]
 
 
+def test_a_process_waiting_for_partners_that_never_come_ends_at_once_on_sigterm(shapes_dir, tmp_path):
+    """While it waits inside JAX's rendezvous (C code), a Python signal handler would only
+    run when the wait gives up, minutes later."""
+    port = free_port()
+    alone = start(0, port, shapes_dir, *FLAGS, "--strategy", "data-parallel", "-o", tmp_path / "run")
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # process 0 serves the rendezvous on the port: it is waiting there now
+            assert alone.poll() is None, alone.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "process 0 never began its rendezvous"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        time.sleep(1)
+        alone.send_signal(signal.SIGTERM)
+        alone.communicate(timeout=20)
+    finally:
+        if alone.poll() is None:
+            alone.kill()
+            alone.communicate()
+    assert alone.returncode in (-signal.SIGTERM, 130)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
 # --- each process's share ---------------------------------------------------------------------
 
 

@@ -198,13 +198,32 @@ def check_data_parallel(devices: int | str = "all", environ=None, reason: str = 
                             "--devices (start fewer processes, or hide devices with CUDA_VISIBLE_DEVICES)")
 
 
+@contextlib.contextmanager
+def _signals_end_at_once():
+    """SIGINT and SIGTERM with their default action (end the process) while the process
+    waits inside C code for the others to join: a Python handler would only run once the
+    wait returns, minutes later when a partner never comes. Only from the main thread."""
+    import signal
+    import threading
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        saved = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
 def _data_parallel(devices: int | str, reason: str) -> Distribution:
     check_data_parallel(devices, reason=reason)
     import keras
 
     if keras.distribution.distribution() is None:
         try:
-            keras.distribution.initialize()  # reads KERAS_DISTRIBUTION_*, or Slurm through jax.distributed
+            with _signals_end_at_once():
+                keras.distribution.initialize()  # reads KERAS_DISTRIBUTION_*, or Slurm through jax.distributed
         except (RuntimeError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise StrategyError(f"--strategy data-parallel: the processes could not join ({first}); check "

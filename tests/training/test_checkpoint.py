@@ -296,3 +296,19 @@ def test_a_first_signal_asks_to_stop_and_says_what_is_kept_a_second_stops_at_onc
     assert "SIGINT received: stopping after this batch and writing nothing" in caplog.text
     assert "last completed epoch" not in caplog.text
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # put back
+
+
+def test_a_stop_after_the_run_was_published_says_the_run_is_whole(tmp_path):
+    """A signal while the finished run is logged to MLflow (after it was written and its
+    in-progress folder removed) said "nothing was kept"."""
+    from transferkit.errors import TrainingInterrupted
+    from transferkit.training.checkpoint import WorkFolder, interruption
+
+    output = tmp_path / "run"
+    work = WorkFolder.create(output, {"run_id": "x"}, "", force=False)
+    output.mkdir()  # published
+    work.remove()
+    work.release()
+    stopped = interruption(TrainingInterrupted("interrupted"), work, output)
+    assert str(stopped) == (f"interrupted after {output} was written whole; only what followed it (logging the run "
+                            "to MLflow) was cut short")

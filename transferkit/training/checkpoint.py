@@ -512,6 +512,9 @@ def interruption(interrupted: BaseException, work: WorkFolder | None, output: Pa
     signal_name = str(interrupted).split(":")[0] if isinstance(interrupted, TrainingInterrupted) else "SIGINT again"
     if work is None:
         return TrainingInterrupted(f"{signal_name}: training stopped; nothing was written")
+    if not work.path.exists() and output is not None and output.exists():  # stopped after the run was published
+        return TrainingInterrupted(f"{signal_name} after {output} was written whole; only what followed it (logging "
+                                   "the run to MLflow) was cut short")
     if not work.has_checkpoint() and not work.state().history:
         work.remove()
         return TrainingInterrupted(f"{signal_name}: training stopped before its first epoch ended; nothing was kept")
