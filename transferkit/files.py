@@ -4,7 +4,7 @@ A file written with ``atomic_path`` or ``write_atomic`` is written under a tempo
 beside its destination, flushed to disk (fsync) and only then renamed over it, so a crash,
 a full disk or a kill at any moment leaves either the old file or the new one, never a
 half-written one. Every temporary name carries the writer's process id
-(``.NAME.partial-PID...``, ``.NAME.replaced-PID``), so ``remove_leftovers`` can tell the
+(``.NAME.partial-PID...``, ``.NAME.replaced-PID``, ``.NAME.removing-PID``), so ``remove_leftovers`` can tell the
 temporary files of a killed process from those of a live one and remove them, with a notice.
 ``fault_point`` marks the instants where the tests kill a process (test-only). No Keras import.
 """
@@ -28,7 +28,7 @@ log = logging.getLogger("transferkit")
 
 # The temporary names of this module, of staging folders (``staging_folder``) and of the
 # folders ``replace_folder`` moves aside: a leading dot, the final name, the writer's pid.
-_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced)-(?P<pid>\d+)(?:\D.*)?$")
+_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced|removing)-(?P<pid>\d+)(?:\D.*)?$")
 
 
 # Test-only: TRANSFERKIT_FAULT=<point> kills the process with SIGKILL when it reaches that
@@ -229,6 +229,7 @@ def put_back_replaced(target: str | os.PathLike) -> bool:
         return False
     try:
         entries = list(target.parent.glob(f".{glob.escape(target.name)}.replaced-*"))
+        entries.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)  # the newest first
     except OSError:
         return False
     for entry in entries:
@@ -257,7 +258,12 @@ def replace_folder(staging: Path, target: Path) -> Path:
         os.replace(target, retired)
         fault_point("folder.moved_aside")
     os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    if os.path.lexists(retired):
+        # Renamed before it is deleted: a kill half-way through leaves a folder no reader
+        # would ever put back (only remove_leftovers' to delete).
+        removing = target.parent / f".{target.name}.removing-{os.getpid()}"
+        os.replace(retired, removing)
+        shutil.rmtree(removing, ignore_errors=True)
     fsync_folder(target.parent)
     return target
 

@@ -149,8 +149,8 @@ class FolderLock:
                 held.previous = previous
             write_atomic(folder / OWNER_FILE, json.dumps(owner_record(kind), indent=2) + "\n")
         except OSError as error:
+            undo()  # a full disk leaves no folder of this command's behind (gone before the lock is let go)
             lock.release()
-            undo()  # a full disk leaves no folder of this command's behind
             raise RunError(f"cannot write {folder / OWNER_FILE}: {error.strerror or error}; choose another -o") \
                 from error
         _HELD[key] = held

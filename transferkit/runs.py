@@ -174,7 +174,7 @@ def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool 
     """
     require_not_live(output)
     partial = work_dir_for(output)
-    if new_run and not force and (partial / JOB_FILE).is_file():
+    if new_run and not force and not output.exists() and (partial / JOB_FILE).is_file():
         raise RunError(f"an interrupted run of {output} is in {partial}; continue it with --resume {output}, or "
                        "pass --force to start over")
     require_not_a_file(output)
@@ -307,7 +307,8 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
     path = Path(path)
     # A run whose replacement (finetune --force) was killed between its two renames is put
     # back here, not told missing.
-    if not path.exists() and not put_back_replaced(path):
+    if not path.exists() and not (put_back_replaced(path.parent if path.suffix == ".keras" else path)
+                                  and path.exists()):
         raise RunError(f"{path} does not exist; pass a run folder made by 'transferkit finetune'")
     if path.is_file():
         folder, model_path = path.parent, path

@@ -186,6 +186,21 @@ def test_a_run_whose_replacement_was_killed_between_the_renames_is_put_back_by_t
         loaded = transferkit.load_run(run, with_model=False)
     assert f"put {run} back" in caplog.text and not aside.exists()
     assert loaded.class_names == shapes_run.class_names and (run / "model.keras").is_file()
+    # Named by its model file, the same.
+    killed_at("folder.moved_aside", run, code=REPLACE)
+    assert transferkit.load_run(run / "model.keras", with_model=False).class_names == shapes_run.class_names
+
+
+def test_a_folder_half_deleted_after_its_replacement_is_never_put_back(tmp_path):
+    from transferkit.files import put_back_replaced, remove_leftovers
+
+    dead = forked.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    half = tmp_path / f".run.removing-{pid}"  # a replacement killed while it deleted the old folder
+    half.mkdir()
+    (half / "labels.json").write_text("{}")
+    assert not put_back_replaced(tmp_path / "run") and not (tmp_path / "run").exists()
+    assert remove_leftovers(tmp_path) == [half] and list(tmp_path.iterdir()) == []
 
 
 TUNE_SPACE = """

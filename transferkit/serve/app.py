@@ -244,8 +244,7 @@ class RequestGuard:
         except asyncio.CancelledError:
             # The server stopped (SIGTERM, Ctrl-C) and its grace for requests in flight passed:
             # uvicorn cancels what still runs. One line and a 503, not a traceback and a 500.
-            log.warning("%s %s: not finished when the server stopped (its --grace passed)", scope.get("method"),
-                        scope.get("path"))
+            log.warning("%s %s: not finished when the server stopped", scope.get("method"), scope.get("path"))
             if not started:
                 with suppress(Exception):
                     await send_json(send, 503, {"error": "the server stopped before this request finished; send it "
