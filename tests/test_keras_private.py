@@ -1,6 +1,7 @@
 """Each private Keras internal transferkit relies on, pinned: a Keras release that changes one
 fails here, by name, before it breaks folding, resume or dropout seeding quietly."""
 
+import os
 import time
 
 import keras
@@ -201,3 +202,10 @@ def test_keras_home_is_where_get_file_downloads(tmp_path, monkeypatch):
     source.write_text("weights")
     fetched = keras.utils.get_file("fetched.txt", origin=source.as_uri(), cache_subdir="models")
     assert fetched == str(tmp_path / "home" / "models" / "fetched.txt")
+    # A home Keras cannot write into: get_file goes to /tmp/.keras, and keras_home says so.
+    monkeypatch.setattr(config, "_KERAS_DIR", str(tmp_path / "never-made"))
+    fetched = keras.utils.get_file("fetched-elsewhere.txt", origin=source.as_uri(), cache_subdir="models")
+    try:
+        assert fetched == os.path.join(keras_home(), "models", "fetched-elsewhere.txt") != str(tmp_path / "never-made")
+    finally:
+        os.remove(fetched)

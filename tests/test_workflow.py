@@ -191,7 +191,7 @@ def test_a_read_only_filesystem_is_named_as_such(tmp_path):
     mount.mkdir()
     script = ("from transferkit.files import require_writable_place\n"
               f"require_writable_place({str(mount / 'runs' / 'run')!r})")
-    done = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro,size=1m tmpfs "{mount}" && '
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o ro,size=1m tmpfs "{mount}" && '
                            f'exec "{sys.executable}" -c "$0"', script], capture_output=True, text=True)
     if "mount:" in done.stderr or "unshare:" in done.stderr:
         pytest.skip(f"no mount namespace here: {done.stderr.strip()[:200]}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,14 +285,11 @@ def get_spec(name: str) -> BackboneSpec:
 
 def keras_cache_dir() -> Path:
     """The folder Keras downloads application weights into: ``models/`` in its home folder
-    ($KERAS_HOME as it was when Keras was imported, else ~/.keras), or in /tmp/.keras where
-    that cannot be written, as Keras's ``get_file`` decides."""
+    ($KERAS_HOME as it was when Keras was imported, else ~/.keras; /tmp/.keras where that
+    cannot be written), as Keras's ``get_file`` decides."""
     from transferkit.keras_private import keras_home
 
-    home = os.path.expanduser(keras_home())
-    if not os.access(home, os.W_OK):
-        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
-    return Path(home) / "models"
+    return Path(keras_home()) / "models"
 
 
 def load_backbone(

@@ -108,15 +108,22 @@ def keras_home() -> str:
     """The folder Keras downloads into (``get_file``'s cache folder, before its ``models/``).
 
     Needed by ``backbones`` to name where the ImageNet weights belong: Keras reads
-    ``KERAS_HOME`` once, when it is imported, and keeps it privately; the environment may
-    say otherwise later.
+    ``KERAS_HOME`` once, when it is imported, and keeps it privately (the environment may
+    say otherwise later); where that folder cannot be written, ``get_file`` uses
+    ``/tmp/.keras`` instead, as here.
 
     Returns:
-        The path as Keras holds it (``~`` not yet expanded).
+        The folder, ``~`` expanded.
     """
+    import os
+    import tempfile
+
     from keras.src.backend import config
 
-    return config.keras_home()
+    home = os.path.expanduser(config.keras_home())
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return home
 
 
 def start_progbar_at(bar, started: float) -> None:

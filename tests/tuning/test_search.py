@@ -274,7 +274,8 @@ def test_ctrl_c_ends_the_trial_keeps_the_study_and_exits_130(stub_training, bina
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "1 complete" in result.output
     rows = read_trials(tmp_path / "out")
-    assert [(row["state"], row["fail_reason"]) for row in rows] == [("complete", ""), ("fail", "interrupted (Ctrl-C)")]
+    assert [(row["state"], row["fail_reason"]) for row in rows] == [("complete", ""),
+                                                                     ("fail", "interrupted (Ctrl-C or SIGTERM)")]
     assert (tmp_path / "out" / "best_recipe.toml").is_file() and (tmp_path / "out" / "history.png").is_file()
     stub_training["interrupt_at"] = None
     result = CliRunner().invoke(app, [*arguments[:5], "1", *arguments[6:]])  # the same study goes on

@@ -104,7 +104,7 @@ def _decode_plain_jpeg(path: Path | bytes, size: int) -> np.ndarray | None:
                 data = b"\xff\xd8\xff" + handle.read()
         except OSError:
             return None
-    if not _plain_jpeg_header(data):
+    if not _plain_jpeg_header(data, strict=isinstance(path, bytes)):
         return None
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -121,14 +121,15 @@ def _decode_plain_jpeg(path: Path | bytes, size: int) -> np.ndarray | None:
     return decoded if decoded.shape[:2] == scaled else None
 
 
-def _plain_jpeg_header(data: bytes) -> bool:
+def _plain_jpeg_header(data: bytes, strict: bool) -> bool:
     """Whether Pillow opens the file as a JPEG (not MPO) in RGB or grayscale that its EXIF
-    or XMP orientation leaves as stored, within the decompression-bomb limit (header only)."""
+    or XMP orientation leaves as stored, within the decompression-bomb limit (header only;
+    ``strict``: the limit of uploads, as ``_open_rgb`` sets them apart)."""
     import io
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 return (image.format == "JPEG" and image.mode in ("RGB", "L")
                         and image.getexif().get(0x0112, 1) == 1)

@@ -595,7 +595,7 @@ class _Search:
         except (KeyboardInterrupt, TrainingInterrupted):
             # Ctrl-C: training stopped after its current batch (a second one at once).
             self._end_trial_run("interrupted")
-            self._finish(trial, states.FAIL, reason="interrupted (Ctrl-C)")
+            self._finish(trial, states.FAIL, reason="interrupted (Ctrl-C or SIGTERM)")
             raise KeyboardInterrupt from None
         except Exception as error:  # out of memory at a large batch size, NaN, ...: the search goes on
             self._end_trial_run("fail", f"{type(error).__name__}: {first_line(error)}")
