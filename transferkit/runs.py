@@ -55,7 +55,7 @@ from transferkit.files import (
     write_atomic,
     write_failure,
 )
-from transferkit.locks import JOB_FILE, require_not_live, work_dir_for
+from transferkit.locks import JOB_FILE, read_owner, require_not_live, tell_previous, work_dir_for
 from transferkit.outputs import output_units
 
 log = logging.getLogger("transferkit")
@@ -175,8 +175,10 @@ def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool 
     require_not_live(output)
     partial = work_dir_for(output)
     if new_run and not force and not output.exists() and (partial / JOB_FILE).is_file():
-        raise RunError(f"an interrupted run of {output} is in {partial}; continue it with --resume {output}, or "
-                       "pass --force to start over")
+        owner = read_owner(partial)  # its writer is gone (require_not_live): told, as the lock would tell it
+        left_by = f" (left by {tell_previous(owner)})" if owner else ""
+        raise RunError(f"an interrupted run of {output} is in {partial}{left_by}; continue it with --resume "
+                       f"{output}, or pass --force to start over")
     require_not_a_file(output)
     absolute = Path(os.path.abspath(output))
     require_apart(output, data_folders, "run folder")

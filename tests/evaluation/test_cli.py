@@ -50,6 +50,11 @@ def test_explain_writes_png_npy_and_grid_and_report_redraws(shapes_run, shapes_d
     assert bad.exit_code == 1 and "nope" in bad.output
     both = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "--class", name, "--top", "2"])
     assert both.exit_code == 2 and f"--class {name} explains one class and --top 2" in both.output
+    # Beside the class explained, in the folder the run was trained on: its PNGs would be a class.
+    inside = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "-o",
+                                 str(shapes_dir / "explained")])
+    assert inside.exit_code == 1 and "is inside the data folder" in inside.output
+    assert not (shapes_dir / "explained").exists()
     report = runner.invoke(app, ["report", str(shapes_run.path)])
     assert report.exit_code == 0 and "history.png" in report.output and "confusion.png" in report.output
 

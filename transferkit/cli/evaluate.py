@@ -92,7 +92,7 @@ def explain(
         raise usage_error(f"--class {class_name} explains one class and --top {top} the {top} most likely: give one "
                           "of them")
     if output is not None:
-        check_output_folder(output, force, images)  # before any work
+        check_output_folder(output, force, images, run)  # before any work
     loaded = load_run(run)
     explanations = explain_images(loaded, images, class_name=class_name, top=top)
     folder = output if output is not None else default_output(loaded.path, images)

@@ -271,7 +271,8 @@ def _safe(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text).strip("._") or "image"
 
 
-def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | None = None) -> None:
+def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | None = None,
+                        run: str | os.PathLike | None = None) -> None:
     """Fail before any work where the heatmaps could not be written or would mix into
     something else.
 
@@ -279,17 +280,22 @@ def check_output_folder(out_dir: Path, force: bool, images: str | os.PathLike | 
         out_dir: the folder to write.
         force: replace an earlier explain folder (its heatmaps.json) that is not empty.
         images: the image file or folder explained; default None (not checked).
+        run: the run explained (its labels.json records its data folder); default None.
 
     Raises:
         RunError: ``out_dir`` is a file, is not empty (without ``force``; with it, unless it
             is an explain folder: never a run folder), or is, lies inside or holds the
-            images' folder (an image file's own folder).
+            images' folder (an image file's own folder) or the run's data folder (its PNGs
+            would be trained on as images of a class).
     """
+    from transferkit.data.samples import recorded_data_dir
     from transferkit.files import require_apart, require_not_a_file, require_writable_place
 
+    folders = [recorded_data_dir(run) if run is not None else None]
     if images is not None:
         images = Path(images)
-        require_apart(out_dir, [images if images.is_dir() else images.parent], "explain folder")
+        folders.append(images if images.is_dir() else images.parent)
+    require_apart(out_dir, folders, "explain folder")
     require_not_a_file(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
