@@ -106,8 +106,33 @@ def test_held_stderr_drops_what_cpp_code_writes_unless_the_block_fails(capfd, mo
         os.write(2, b"the converter's context\n")
         raise RuntimeError("conversion failed")
     assert capfd.readouterr().err == "the converter's context\n"
+    # Ctrl-C or SIGTERM during TensorFlow's start-up: its lines say nothing about that.
+    with pytest.raises(KeyboardInterrupt), held_stderr():
+        os.write(2, b"oneDNN custom operations are on\n")
+        raise KeyboardInterrupt
+    assert capfd.readouterr().err == ""
     os.write(2, b"after\n")  # file descriptor 2 is back
     assert capfd.readouterr().err == "after\n"
+
+
+def test_a_noted_signal_is_taken_once_and_stops_a_training_before_its_first_step(shapes_dir, tmp_path, tiny):
+    """The command line notes SIGINT and SIGTERM as it raises KeyboardInterrupt: Python can
+    lose that exception (raised in a garbage-collection callback, JAX registers one), and the
+    training it should have stopped then stops at its first check."""
+    import signal
+
+    import transferkit
+    from transferkit.errors import TrainingInterrupted
+    from transferkit.runtime import interrupt_on_signal, take_noted_signal
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_on_signal(signal.SIGTERM, None)
+    assert take_noted_signal() == "SIGTERM" and take_noted_signal() is None
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_on_signal(signal.SIGINT, None)  # raised, and lost on the way
+    with pytest.raises(TrainingInterrupted, match="SIGINT: training stopped before its first epoch ended"):
+        transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
+    assert list(tmp_path.iterdir()) == [] and take_noted_signal() is None
 
 
 def test_quieter_loggers_raise_levels_for_the_block_never_lower_them_and_restore_them_after_an_error():

@@ -196,8 +196,9 @@ def quiet_keras_retracing() -> None:
 def held_stderr():
     """File descriptor 2 held for the block (C++ libraries, TensorFlow's start-up and its
     converters, write there directly, past Python's ``sys.stderr``): what was written is
-    dropped when the block succeeds and written out when it fails, so an error keeps its
-    context. ``TRANSFERKIT_DEBUG`` set: nothing is held."""
+    dropped when the block succeeds or is interrupted (Ctrl-C, SIGTERM: the start-up lines
+    say nothing about that) and written out when it fails, so an error keeps its context.
+    ``TRANSFERKIT_DEBUG`` set: nothing is held."""
     if os.environ.get("TRANSFERKIT_DEBUG"):
         yield
         return
@@ -209,6 +210,8 @@ def held_stderr():
             os.dup2(held.fileno(), 2)
             try:
                 yield
+            except KeyboardInterrupt:
+                raise
             except BaseException:
                 os.dup2(saved, 2)
                 held.seek(0)
@@ -217,6 +220,29 @@ def held_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+# The signal (SIGINT, SIGTERM) the command line's handler last turned into a KeyboardInterrupt:
+# that exception can be lost (Python ignores exceptions raised in a garbage-collection
+# callback, such as one JAX registers), so training looks here before it starts.
+_NOTED_SIGNAL: list[str] = []
+
+
+def interrupt_on_signal(signum, frame) -> None:
+    """A signal handler: note the signal, then raise ``KeyboardInterrupt`` as Python's own
+    SIGINT handler does."""
+    import signal
+
+    _NOTED_SIGNAL[:] = [signal.Signals(signum).name]
+    raise KeyboardInterrupt
+
+
+def take_noted_signal() -> str | None:
+    """The signal ``interrupt_on_signal`` noted since the last call (its name), or None; the
+    note is cleared."""
+    noted = _NOTED_SIGNAL[0] if _NOTED_SIGNAL else None
+    _NOTED_SIGNAL.clear()
+    return noted
 
 
 def import_tensorflow_quietly() -> None:

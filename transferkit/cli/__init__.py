@@ -41,7 +41,7 @@ from transferkit.cli import (
 from transferkit.cli.common import setup_logging
 from transferkit.errors import TrainingInterrupted
 from transferkit.keras_private import hide_tensorflow_from_keras
-from transferkit.runtime import quiet_tensorflow_import
+from transferkit.runtime import interrupt_on_signal, quiet_tensorflow_import
 
 app = typer.Typer(
     name="transferkit",
@@ -136,8 +136,10 @@ def main() -> None:
                                     for name in ("ClickException", "UsageError"))
     # SIGTERM (a scheduler, `kill`, a container stopping) ends a command as Ctrl-C does: one
     # line, exit code 130, nothing half-written; training turns either into a resumable stop.
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Both are noted too, for training to find one whose KeyboardInterrupt was lost.
+    for number, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(number) is default:
+            signal.signal(number, interrupt_on_signal)
     try:
         _STARTUP["tensorflow"] = needs_tensorflow(sys.argv)
         code = app(standalone_mode=False)

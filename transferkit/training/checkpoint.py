@@ -45,6 +45,7 @@ from transferkit.errors import DataError, RunError, TrainingInterrupted
 from transferkit.files import atomic_path, fault_point, remove_leftovers, write_atomic, write_failure
 from transferkit.locks import JOB_FILE, LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
 from transferkit.runs import LABELS_FILE
+from transferkit.runtime import take_noted_signal
 from transferkit.strategies import alone
 
 log = logging.getLogger("transferkit")
@@ -132,6 +133,9 @@ def stop_on_signals(flag: StopFlag, keeping: str = KEEPS_LAST_EPOCH):
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous[signum] = signal.signal(signum, handle)
+    # One that came before training and was lost on the way (see runtime.take_noted_signal)
+    # stops it at its first check.
+    flag.requested = flag.requested or take_noted_signal()
     try:
         yield flag
     finally:
