@@ -114,3 +114,12 @@ def test_benchmark_prints_one_table_and_writes_benchmark_json(shapes_run, tmp_pa
         assert row["size_bytes"] > 0 and row["load_seconds"] > 0 and row["images_per_second_batch_n"] > 0
         assert 0 <= row["accuracy"] <= 1
     assert {"export", "benchmark"} <= TENSORFLOW_COMMANDS
+    # Where it may not write, told before any export: an existing file (without --force), a
+    # folder, one of the run's own files, another kind of name.
+    run = shapes_run.path
+    for target, words in ((out, "exists already; pass --force"), (tmp_path, "is a folder"),
+                          (run / "labels.json", "is inside the run folder"), (tmp_path / "b.txt", "name a .json")):
+        refused = runner.invoke(app, ["benchmark", str(run), "--formats", "onnx", "-o", str(target)])
+        assert refused.exit_code == 1 and words in refused.output and "Traceback" not in refused.output, target
+    assert json.loads(out.read_text()) == payload and "class_names" in json.loads((run / "labels.json").read_text())
+    assert runner.invoke(app, ["benchmark", str(run), "--seconds", "0"]).exit_code == 2

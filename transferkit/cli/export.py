@@ -72,6 +72,7 @@ def benchmark(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="benchmark.json path; default RUN/benchmark.json.")] = None,
     seconds: Annotated[float, typer.Option(help="About how long each throughput is measured.")] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing benchmark file.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Time each export format side by side: load time, images/s, size and accuracy."""
@@ -79,8 +80,10 @@ def benchmark(
 
     setup_logging(False, verbose)
     check_positive("--batch-size", batch_size)
+    if not seconds > 0:
+        raise usage_error(f"--seconds must be above 0, got {seconds:g}")
     entries = [entry.strip() for entry in formats.split(",") if entry.strip()] if formats else None
-    result = benchmark_run(run, entries, batch_size, data=data, seconds=seconds, output=output)
+    result = benchmark_run(run, entries, batch_size, data=data, seconds=seconds, output=output, force=force)
     typer.echo(result.table())
     typer.echo(f"written to {result.path}")
 

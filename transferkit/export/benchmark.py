@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transferkit.errors import ExportError
+from transferkit.data.samples import recorded_data_dir
+from transferkit.errors import ExportError, RunError
 from transferkit.export.formats import FORMATS, QUANTIZATIONS, missing_packages, require_tensorflow_backend
-from transferkit.files import write_atomic
+from transferkit.files import write_atomic, write_failure
 
 log = logging.getLogger("transferkit")
 
@@ -70,8 +71,33 @@ def parse_formats(formats) -> list[tuple[str, str]]:
     return entries
 
 
+def check_benchmark_output(path: Path, run_folder: Path, force: bool, data_folders=()) -> None:
+    """Fail before any export where benchmark.json could not be written or would replace
+    what it should not.
+
+    Raises:
+        RunError: not a .json name, a folder, a file that exists (without ``force``), one of
+            the run's own files (its default RUN/benchmark.json aside), inside a data folder,
+            or a place that cannot be written.
+    """
+    from transferkit.files import require_apart, require_new_file, require_writable_place
+
+    if path.is_dir():
+        raise RunError(f"--output {path} is a folder; name a .json file in it")
+    if path.suffix.lower() != ".json":
+        raise RunError(f"--output {path}: benchmark results are JSON; name a .json file")
+    own = Path(os.path.abspath(run_folder))
+    if own in Path(os.path.abspath(path)).parents and path.name != BENCHMARK_FILE:
+        raise RunError(f"--output {path} is inside the run folder {run_folder} (it would replace or mix with the "
+                       f"run's own files); leave -o out for {run_folder / BENCHMARK_FILE}, or write elsewhere")
+    require_new_file(path, force, "benchmark file")
+    require_apart(path.parent, data_folders, "benchmark file")
+    require_writable_place(path.parent)
+
+
 def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.PathLike | None = None,
-                  seconds: float = 1.0, output: str | os.PathLike | None = None) -> BenchmarkResult:
+                  seconds: float = 1.0, output: str | os.PathLike | None = None,
+                  force: bool = False) -> BenchmarkResult:
     """Export and time each format of a run, side by side.
 
     Args:
@@ -82,12 +108,14 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
         data: the run's data folder (see ``export_run``); default None.
         seconds: about how long each throughput is measured; default 1.0.
         output: where benchmark.json goes; default RUN/benchmark.json.
+        force: replace an existing benchmark file; default False.
 
     Returns:
         A ``BenchmarkResult``; benchmark.json written.
 
     Raises:
         ExportError: an unknown format, or one that failed to export or run.
+        RunError: the output cannot or may not be written (``check_benchmark_output``).
     """
     from transferkit.export.exporter import export_run
     from transferkit.export.verify import run_fresh
@@ -99,6 +127,7 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
     entries = parse_formats(formats)
     run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))
     path = Path(output) if output is not None else Path(run.path) / BENCHMARK_FILE
+    check_benchmark_output(path, Path(run.path), force, [data, recorded_data_dir(run)])
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="tk-benchmark-") as scratch:
         for name, quantize in entries:
@@ -120,8 +149,11 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
     payload = {"run": str(Path(run.path).resolve()), "batch_size": batch_size, "seconds_per_measure": seconds,
                "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
                "rows": rows, "skipped": skipped}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    except OSError as error:
+        raise RunError(f"cannot write {path}: {write_failure(error)}; choose another -o") from error
     return result
 
 
