@@ -255,6 +255,13 @@ def test_a_flag_and_a_set_of_its_key_that_disagree_are_refused():
         "batch_size": 8, "seed": 3}
     with pytest.raises(RecipeError, match=r"--set batch_size=0 and --batch-size 8 both set batch_size; give one"):
         collect_overrides(["batch_size=0"], {"batch_size": 8})
+    # --fine-epochs sets every stage from the second: a --set of one of those stages meets it.
+    with pytest.raises(RecipeError, match=r"--set stages.1.epochs=3 and --fine-epochs 2 both set stages.1.epochs"):
+        collect_overrides(["stages.1.epochs=3"], {"fine_epochs": 2})
+    with pytest.raises(RecipeError, match=r"--set stages.0:.epochs=3 and --head-epochs 2"):
+        collect_overrides(["stages.0:.epochs=3"], {"head_epochs": 2})
+    assert collect_overrides(["stages.0.epochs=3", "stages.1.learning_rate=1e-5"], {"fine_epochs": 2}) == {
+        "stages.0.epochs": 3, "stages.1.learning_rate": 1e-5, "stages.1:.epochs": 2}
 
 
 def test_a_recipe_path_that_is_a_folder_is_named_as_such(tmp_path):

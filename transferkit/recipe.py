@@ -519,12 +519,34 @@ def collect_overrides(assignments: Sequence[str], flags: Mapping[str, Any]) -> d
             raise RecipeError(f"no recipe key for the flag --{name.replace('_', '-')}")
         if value is not None:
             key = FLAG_KEYS[name]
-            if key in overrides and overrides[key] != value:
-                flag = f"--{name.replace('_', '-')}"
-                raise RecipeError(f"--set {key}={overrides[key]!r} and {flag} {value!r} both set {key}; give one of "
-                                  "them")
+            for given, set_value in overrides.items():
+                if _same_setting(given, key) and set_value != value:
+                    flag = f"--{name.replace('_', '-')}"
+                    raise RecipeError(f"--set {given}={set_value!r} and {flag} {value!r} both set {given}; give one "
+                                      "of them")
             overrides[key] = value
     return overrides
+
+
+def _same_setting(given: str, key: str) -> bool:
+    """Whether two override keys set one value: the same key, or stage keys of one field
+    whose stages meet ("stages.1.epochs" and --fine-epochs' "stages.1:.epochs")."""
+    if given == key:
+        return True
+    first, second = given.split("."), key.split(".")
+    if not (len(first) == len(second) == 3 and first[0] == second[0] == "stages" and first[2] == second[2]):
+        return False
+    try:
+        starts = [int(part[1].removesuffix(":")) for part in (first, second)]
+    except ValueError:
+        return False
+    ranges = [part[1].endswith(":") for part in (first, second)]
+    if ranges[0] and ranges[1]:
+        return True
+    if ranges[0] or ranges[1]:  # an index and a range from a stage: it meets it, or the last stages
+        index, start = (starts[1], starts[0]) if ranges[0] else (starts[0], starts[1])
+        return index < 0 or index >= start
+    return starts[0] == starts[1]
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
