@@ -345,6 +345,15 @@ def test_keys_the_user_set_are_left_out_of_the_default_space_and_values_outside_
     space = build_space(path, {"head.units": [32]}, base)
     assert space.fixed == () and "head.units" in {parameter.key for parameter in space.parameters}
     assert space.outside(base) == ["head.units [32]"]
+    # A float range on a grid holds the values on it (0.3 is 0.1 * 3 only to float rounding).
+    path = write_recipe(tmp_path, '[tune]\n"head.dropout" = {low = 0.0, high = 0.5, step = 0.1}\n'
+                                  '"augment.rotation" = {low = 0.0, high = 30.0, step = 5.0}\n')
+    for dropout, rotation, outside in ((0.3, 15.0, []), (0.25, 12.0, ["head.dropout 0.25", "augment.rotation 12.0"])):
+        base = load_recipe(path, {"head.dropout": dropout, "augment.rotation": rotation})
+        space = build_space(path, {}, base)
+        assert space.outside(base) == outside
+        if not outside:
+            assert space.recipe_params(base) == {"head.dropout": 0.3, "augment.rotation": 15.0}
 
 
 def test_sampled_values_become_recipe_values(tmp_path):

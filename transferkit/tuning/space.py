@@ -71,7 +71,11 @@ class Parameter:
             step = self.spec.step or 1
             on_grid = recipe_value == int(recipe_value) and (recipe_value - self.spec.low) % step == 0
             return int(recipe_value) if on_grid else None
-        return float(recipe_value) if self.spec.step is None else None
+        if self.spec.step is not None:  # on the grid low + k * step, within float rounding
+            steps = (recipe_value - self.spec.low) / self.spec.step
+            if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+                return None
+        return float(recipe_value)
 
 
 def default_space(recipe: Recipe) -> dict[str, TuneParam]:
