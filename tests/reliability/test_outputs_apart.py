@@ -46,6 +46,14 @@ def test_evaluate_never_replaces_a_run_and_never_writes_into_the_images(shapes_r
                                               "--force", "-q"]))
     assert "is a run folder" in line and "--force replaces only evaluation folders" in line
     assert listing(victim) == before and transferkit.load_run(victim).model is not None
+    # A folder of someone's with a metrics.json of its own (a common name) is not an evaluation.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "metrics.json").write_text("{}")
+    (project / "notes.txt").write_text("mine")
+    line = one_error_line(runner.invoke(app, ["evaluate", str(shapes_run.path), str(shapes_dir), "-o", str(project),
+                                              "--force", "-q"]))
+    assert "is not an evaluation folder" in line and (project / "notes.txt").read_text() == "mine"
     data = shutil.copytree(shapes_dir, tmp_path / "data")
     line = one_error_line(runner.invoke(app, ["evaluate", str(shapes_run.path), str(data), "-o",
                                               str(data / "ev"), "-q"]))

@@ -432,10 +432,29 @@ def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | 
     require_not_a_file(out_dir)
     if not force:
         raise RunError(f"{out_dir} exists already; pass --force to replace it or choose another -o")
-    if any(out_dir.iterdir()) and (not (out_dir / "metrics.json").is_file() or (out_dir / LABELS_FILE).is_file()):
-        kind = "a run folder" if (out_dir / LABELS_FILE).is_file() else "not an evaluation folder (no metrics.json)"
+    if any(out_dir.iterdir()) and not _is_evaluation(out_dir):
+        kind = ("an export folder" if (out_dir / "export.json").is_file() else "a run folder"
+                if (out_dir / LABELS_FILE).is_file() else
+                "not an evaluation folder (no metrics.json beside an evaluation's predictions.csv)")
         raise RunError(f"{out_dir} is {kind} and is not empty; --force replaces only evaluation folders: choose "
                        "another -o")
+
+
+# The first columns of an evaluation's predictions.csv (``_write_contents``).
+_EVALUATION_COLUMNS = "file,true,predicted,confidence,"
+
+
+def _is_evaluation(folder: Path) -> bool:
+    """Whether a folder is one ``write_evaluation`` wrote: its metrics.json beside a
+    predictions.csv with an evaluation's columns, and no run's labels.json (a metrics.json
+    alone is too common a name to stake a folder's files on)."""
+    try:
+        with open(folder / "predictions.csv", encoding="utf-8", errors="replace") as handle:
+            header = handle.readline()
+    except OSError:
+        return False
+    return (header.startswith(_EVALUATION_COLUMNS) and (folder / "metrics.json").is_file()
+            and not (folder / LABELS_FILE).is_file())
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None = None,
