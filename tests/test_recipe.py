@@ -268,3 +268,15 @@ def test_a_recipe_path_that_is_a_folder_is_named_as_such(tmp_path):
     (tmp_path / "dir.toml").mkdir()
     with pytest.raises(RecipeError, match="recipe .*dir.toml is a folder; pass a .toml file in it"):
         load_recipe(tmp_path / "dir.toml")
+
+
+def test_two_stages_named_alike_are_refused(tmp_path):
+    path = tmp_path / "twice.toml"
+    path.write_text('[[stages]]\nname = "a"\nepochs = 1\n[[stages]]\nname = "a"\nepochs = 1\nunfreeze = 1\n')
+    with pytest.raises(RecipeError, match="two stages are named 'a' .*give each its own name"):
+        load_recipe(path)
+    path.write_text("[[stages]]\nepochs = 1\n[[stages]]\nepochs = 1\nunfreeze = 1\n")  # unnamed: taken as they are
+    unnamed = load_recipe(path)
+    assert [stage.name for stage in unnamed.stages] == ["stage", "stage"]
+    path.write_text(unnamed.to_toml())  # as its run's recipe.toml names them
+    assert load_recipe(path) == unnamed

@@ -448,6 +448,13 @@ class Recipe(_Section):
             )
         if not self.stages:
             raise ValueError("stages: at least one [[stages]] table is needed")
+        # Named by the user (the default name repeats in a recipe of unnamed stages, and in the
+        # recipe.toml its run writes, which names every key).
+        names = [stage.name for stage in self.stages if stage.name != StageConfig.model_fields["name"].default]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"stages: two stages are named {twice[0]!r} (history.csv and the figures tell stages "
+                             "apart by name); give each its own name")
         if self.time_budget is not None and self.strategy == "data-parallel":
             raise ValueError(f"time_budget: {self.time_budget!r} does not combine with strategy 'data-parallel' (each "
                              "process would time its own steps and stop at its own); drop one of them")
