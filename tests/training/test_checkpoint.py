@@ -87,6 +87,14 @@ def test_a_run_interrupted_by_sigterm_then_resumed_and_interrupted_by_sigint_end
     for a, b in zip(expected, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert (output / "history.csv").read_text() == (reference / "history.csv").read_text()
+    # metrics.json and the model card count every stage's epochs, those before the resumes too.
+    stages = [json.loads((folder / "metrics.json").read_text())["stages"] for folder in (reference, output)]
+    assert [(stage["stage"], stage["epochs"]) for stage in stages[1]] == [(stage["stage"], stage["epochs"])
+                                                                         for stage in stages[0]]
+    assert any(stage.get("resumed") for stage in stages[1]) and not any("resumed" in stage for stage in stages[0])
+    card = (output / "MODEL_CARD.md").read_text()
+    for stage in stages[0]:
+        assert f"| {stage['stage']} |" in card and "| ? (" not in card
 
 
 # A SIGTERM the process sends itself at a chosen step of finetune (``python -c``, through the
@@ -142,7 +150,13 @@ def test_sigterm_before_at_the_end_of_and_after_training_is_one_line_and_keeps_w
     resumed = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--quiet"])
     assert resumed.exit_code == 0, resumed.output[-2000:]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
-    assert len(transferkit.load_run(output, with_model=False).history) == 2
+    finished = transferkit.load_run(output, with_model=False)
+    assert len(finished.history) == 2
+    # Every epoch was trained before the last resume: counted still (the head has no timing of
+    # this process; the fine stage's covers its set-up again, no epoch).
+    head, fine = finished.metrics["stages"]
+    assert (head["stage"], head["epochs"], head["seconds"], head["resumed"]) == ("head", 1, None, True)
+    assert (fine["stage"], fine["epochs"], fine["resumed"]) == ("fine", 1, True)
 
 
 def test_resume_without_an_interrupted_run_is_an_error(tmp_path):

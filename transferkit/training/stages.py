@@ -209,10 +209,33 @@ class StagesResult:
         """The validation readout's class outputs, or None."""
         return None if self.validation is None else self.validation.outputs
 
+    def stage_records(self) -> list[dict]:
+        """One entry per stage that trained, from the whole history (a resumed run's earlier
+        epochs included): its name and epochs, and this process's timing of it (seconds,
+        caching, cached; None for a stage trained wholly before a resume, and "resumed":
+        true where the timing covers only the epochs after the resume)."""
+        groups: list[list] = []  # [stage name, epochs], consecutive rows of one stage
+        for row in self.history:
+            if groups and groups[-1][0] == row["stage"]:
+                groups[-1][1] += 1
+            else:
+                groups.append([row["stage"], 1])
+        timed = dict(zip(range(len(groups) - len(self.timings), len(groups)), self.timings))  # the last stages
+        entries = []
+        for index, (name, epochs) in enumerate(groups):
+            timing = timed.get(index)
+            entry = asdict(timing) if timing is not None else {"stage": name, "seconds": None,
+                                                               "caching_seconds": None, "cached": None}
+            entry["epochs"] = epochs
+            if timing is None or timing.epochs != epochs:
+                entry["resumed"] = True
+            entries.append(entry)
+        return entries
+
     def records(self) -> dict:
-        """What metrics.json records of the stages: "stages", one timing each, with a time
+        """What metrics.json records of the stages: "stages" (``stage_records``), with a time
         budget "time_budget", and on int8 features "int8_features" (the head-loss guard)."""
-        records = {"stages": [asdict(timing) for timing in self.timings]}
+        records = {"stages": self.stage_records()}
         if self.budget is not None:
             records["time_budget"] = self.budget
         if self.int8_guard is not None:
