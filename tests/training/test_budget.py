@@ -179,3 +179,15 @@ def test_a_budgeted_run_resumes_with_the_whole_budget_and_a_generous_one_keeps_t
     assert [row["stage"] for row in run.history] == ["head", "fine", "fine"]
     assert json.loads((output / "metrics.json").read_text())["time_budget"] == record
     assert all(views["computed"] == views["views"] for views in record["cache_views"])
+
+
+def test_a_resumed_budget_records_the_epochs_its_earlier_stages_trained():
+    """A run resumed in its fine stage recorded the head's recipe cap (200) as trained."""
+    stages = [StageConfig(name="head", epochs=200), StageConfig(name="skipped", epochs=5),
+              StageConfig(name="fine", epochs=100, unfreeze=1)]
+    resumed = TimeBudget(60, stages, train_images=100, val_images=20, first_stage=2, done_before=3,
+                         history_stages=["head"] * 71 + ["fine"] * 3)
+    head, skipped, fine = resumed.record()["stages"]
+    assert (head["epochs"], head["ended_by"]) == (71, "before resume")
+    assert (skipped["epochs"], skipped["ended_by"]) == (0, "before resume")
+    assert fine["epochs"] == fine["done_before"] == 3

@@ -120,15 +120,25 @@ class TimeBudget:
 
     def __init__(self, seconds: float, stages: Sequence[StageConfig], *, train_images: int, val_images: int,
                  first_stage: int = 0, done_before: int = 0, verbose: int | str = 0,
-                 clock: Callable[[], float] = time.perf_counter, after_training_passes: int | None = None):
+                 clock: Callable[[], float] = time.perf_counter, after_training_passes: int | None = None,
+                 history_stages: Sequence[str] = ()):
         self.seconds, self.clock, self.verbose = seconds, clock, verbose
         self.started = clock()
         self.train_images, self.val_images = train_images, val_images
         self.after_training_passes = (train_images + 3 * val_images if after_training_passes is None
                                       else after_training_passes)
         self.plans = [StagePlan(stage.name, stage.epochs) for stage in stages]
+        # The stages done before a resume: their epochs as the history has them (the stage of
+        # each of its rows, in order; a stage that did not train has no row).
+        groups: list[list] = []
+        for name in history_stages:
+            if groups and groups[-1][0] == name:
+                groups[-1][1] += 1
+            else:
+                groups.append([name, 1])
         for plan in self.plans[:first_stage]:
-            plan.ended_by, plan.epochs = "before resume", plan.recipe_epochs
+            trained = groups.pop(0)[1] if groups and groups[0][0] == plan.stage else 0
+            plan.ended_by, plan.epochs = "before resume", trained
         if first_stage < len(self.plans):
             self.plans[first_stage].done_before = self.plans[first_stage].epochs = done_before
         self.resumed_at = first_stage if first_stage or done_before else None

@@ -352,7 +352,8 @@ class StagesRun:
             run.budget = TimeBudget(options.time_budget, stages, train_images=len(train_data.images),
                                     val_images=len(val_data.images), first_stage=state.stage_index,
                                     done_before=state.epochs_done, verbose=options.verbose,
-                                    after_training_passes=options.after_training_passes)
+                                    after_training_passes=options.after_training_passes,
+                                    history_stages=[row["stage"] for row in state.history])
         run.plan = _feature_plan(run)
         if state.int8_guard is not None:  # resumed after the guard: its later stages as it decided
             run.int8_guard = HeadLossCheck.from_record(state.int8_guard)
