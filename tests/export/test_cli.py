@@ -123,3 +123,24 @@ def test_benchmark_prints_one_table_and_writes_benchmark_json(shapes_run, tmp_pa
         assert refused.exit_code == 1 and words in refused.output and "Traceback" not in refused.output, target
     assert json.loads(out.read_text()) == payload and "class_names" in json.loads((run / "labels.json").read_text())
     assert runner.invoke(app, ["benchmark", str(run), "--seconds", "0"]).exit_code == 2
+
+
+def test_the_accuracy_check_uses_the_runs_own_split_not_a_recreated_one(shapes_run, shapes_dir, tmp_path):
+    """Images added to the data folder after training shift a re-created split: training
+    images were then scored as validation ones."""
+    from transferkit.data.split import split_table
+    from transferkit.export.exporter import export_run
+
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    files = [f"{name}/{path.name}" for name in shapes_run.class_names for path in sorted((shapes_dir / name).iterdir())]
+    validation = sorted(files[1::4])  # the run's split, as its split.csv records it
+    (run / "split.csv").write_text(split_table([(file, "validation" if file in validation else "train")
+                                                for file in files]))
+    data = shutil.copytree(shapes_dir, tmp_path / "data")
+    for name in shapes_run.class_names:  # the folder grew since: copies of a training image
+        first = sorted((data / name).iterdir())[0]
+        for index in range(3):
+            shutil.copy(first, data / name / f"added_{index}{first.suffix}")
+    [result] = export_run(run, "keras", tmp_path / "out", data=data)
+    accuracy = json.loads((result.folder / "export.json").read_text())["accuracy"]
+    assert sorted(accuracy["files"]) == validation

@@ -22,7 +22,7 @@ from transferkit.export.formats import DEFAULT_MAX_DROP, FORMAT_CHOICES, QUANTIZ
 
 DataOption = Annotated[
     Optional[Path],
-    typer.Option("--data", help="The run's data folder: its validation split (re-created from recipe.toml) checks "
+    typer.Option("--data", help="The run's data folder: its validation split (the run's split.csv) checks "
                  "each export, its training images calibrate int8; default the data folder the run's labels.json "
                  "names, else generated images."),
 ]

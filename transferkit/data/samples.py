@@ -1,8 +1,9 @@
 """The images a run's exports and int8 networks are checked and calibrated on.
 
 From the run's data folder when it is given (or recorded in labels.json as ``data_dir``):
-its validation split re-created exactly as finetune made it (``data.val_split`` and
-``seed`` from recipe.toml, stratified per class), a sample of it for the checks and a
+its validation split as the run's split.csv records it (images added to the folder since are
+in neither part; a run written before split.csv: the split re-created from recipe.toml's
+``data.val_split`` and ``seed``), a sample of it for the checks and a
 sample of the training part for int8 calibration, each image read at the training size as
 training read it. Without the data: generated images (shapes on noise), with no labels,
 so accuracy is then measured against the float model's own top class.
@@ -93,18 +94,28 @@ def recorded_data_dir(run) -> Path | None:
 
 def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> ImageSample:
     from transferkit.data.folders import index_folder
-    from transferkit.data.split import group_names, split_rows
+    from transferkit.data.split import group_names, relative_name, split_rows
 
     index = index_folder(data_dir)
     if tuple(index.class_names) != tuple(run.class_names):
         raise DataError(f"{data_dir} has classes {', '.join(index.class_names)} but the run was trained on "
                         f"{', '.join(run.class_names)}; pass the run's own data folder with --data")
     recipe = run.recipe or {}
-    val_split = float(recipe.get("data", {}).get("val_split", 0.2))
-    split_seed = int(recipe.get("seed", 42))
-    group_by = recipe.get("data", {}).get("group_by")
-    groups = group_names(index.paths, index.root, group_by) if group_by else None
-    train_rows, val_rows = split_rows(index.labels, val_split, split_seed, index.class_names, groups)
+    recorded = _recorded_split(run)
+    if recorded is not None:
+        # The run's own split.csv: images added to the folder since are in neither part, so no
+        # image the run trained on is taken for a validation one.
+        subsets = [recorded.get(relative_name(path, index.root)) for path in index.paths]
+        val_rows = np.flatnonzero([subset == "validation" for subset in subsets])
+        train_rows = np.flatnonzero([subset == "train" for subset in subsets])
+        how = "the run's split.csv"
+    else:  # a run written before split.csv: the split re-created from its recipe
+        val_split = float(recipe.get("data", {}).get("val_split", 0.2))
+        split_seed = int(recipe.get("seed", 42))
+        group_by = recipe.get("data", {}).get("group_by")
+        groups = group_names(index.paths, index.root, group_by) if group_by else None
+        train_rows, val_rows = split_rows(index.labels, val_split, split_seed, index.class_names, groups)
+        how = f"re-created: val_split {val_split:g}, seed {split_seed}"
     val_rows = _subset(val_rows, samples, rng)
     train_rows = _subset(train_rows, calibration, rng)
     val_images, val_labels, val_files = _read(index, val_rows, run.image_size)
@@ -112,11 +123,23 @@ def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> Im
     images = val_images
     if len(images) < MIN_CHECK_IMAGES:  # a small folder: more images for the agreement figures
         images = np.concatenate([images, generated_images(MIN_CHECK_IMAGES - len(images), run.image_size, rng)])
-    source = (f"validation split of {data_dir} (re-created: val_split {val_split:g}, seed {split_seed}), "
-              f"{len(val_labels)} image(s)")
+    source = f"validation split of {data_dir} ({how}), {len(val_labels)} image(s)"
     if len(images) > len(val_labels):
         source += f" + {len(images) - len(val_labels)} generated"
     return ImageSample(images, val_labels, val_files, train_images, source)
+
+
+def _recorded_split(run) -> dict[str, str] | None:
+    """The run's split.csv as {file: "train" or "validation"}, or None where it has none."""
+    import csv
+
+    from transferkit.data.split import SPLIT_FILE
+
+    try:
+        with open(Path(getattr(run, "path", run)) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
+            return {row["file"]: row["subset"] for row in csv.DictReader(handle)}
+    except (OSError, KeyError, csv.Error):
+        return None
 
 
 def _subset(rows: np.ndarray, limit: int, rng) -> np.ndarray:

@@ -131,7 +131,7 @@ def export_run(
         output: the export folder; with "all", the folder that holds one per format;
             default ``RUN/exports/<format>[-<quantize>]``.
         quantize: "none" (float32), "float16", "dynamic" or "int8"; default "none".
-        data: the run's data folder, whose validation split (re-created) checks the export
+        data: the run's data folder, whose validation split (split.csv) checks the export
             and whose training images calibrate int8; default None (``data_dir`` in the
             run's labels.json if it names one, else generated images).
         max_drop: accuracy points a quantized export may lose; default 1.0.
@@ -447,7 +447,9 @@ def labels_payload(run, spec: ExportFormat, quantize: str) -> dict:
     else:
         image_input = {"shape": [None, size, size, 3], "dtype": "float32", "range": [0, 255], "layout": "NHWC, RGB",
                        "resize": "caller", "note": f"images must be {size}x{size} already: resize them first "
-                       "(bilinear, antialiased); other sizes are refused"}
+                       "(bilinear, antialiased); " + ("LiteRT's interpreter does not check the size: another one runs "
+                                                      "and gives wrong probabilities" if spec.name == "litert" else
+                                                      "other sizes are refused")}
     activation = output_activation(n_classes)
     meaning = ("one unit: the probability of the second class, " + repr(run.class_names[1])
                if n_classes == 2 else "one probability per class, in class_names order")
