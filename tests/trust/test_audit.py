@@ -150,14 +150,16 @@ def test_audit_writes_its_folder_and_moves_nothing(audited):
 def test_running_moves_sh_puts_the_files_in_their_suggested_class(audited, tmp_path):
     root, output, _, before = audited
     data = shutil.copytree(root, tmp_path / "data")
-    script = (output / "moves.sh").read_text().replace(str(root), str(data))
-    (tmp_path / "moves.sh").write_text(script)
-    subprocess.run(["sh", str(tmp_path / "moves.sh")], check=True, timeout=30)
+    # Run on a copy of the data: TRANSFERKIT_DATA names it, the audited folder is not touched (a DATA
+    # of the user's own shell is not read).
+    copy_env = {**os.environ, "TRANSFERKIT_DATA": str(data), "DATA": str(tmp_path / "elsewhere")}
+    subprocess.run(["sh", str(output / "moves.sh")], check=True, timeout=30, env=copy_env)
+    assert listing(root) == before
     moved = {f"{folder}/{file}": f"{true}/{file}" for file, (folder, true) in MISLABELLED.items()}
     (true, _), (folder, copy) = TWIN
     moved[f"{folder}/{copy}"] = f"{true}/{copy}"
     assert listing(data) == sorted(moved.get(name, name) for name in before)
-    subprocess.run(["sh", str(tmp_path / "moves.sh")], check=True, timeout=30, env={**os.environ, "SET_ASIDE": "yes"})
+    subprocess.run(["sh", str(output / "moves.sh")], check=True, timeout=30, env={**copy_env, "SET_ASIDE": "yes"})
     folder, _, copy = COPY
     assert (tmp_path / "data-set-aside" / folder / copy).is_file()
     assert not (data / folder / copy).exists()

@@ -776,9 +776,10 @@ def moves_script(issues: Sequence[Issue], data_dir: str | os.PathLike) -> str:
 
     Each confident label error moves to its suggested class folder (its path below the class
     folder kept); outliers and near-copies move, only with ``SET_ASIDE=yes``, to
-    ``DATA-set-aside/`` beside the data folder. Every path is shell-quoted and absolute;
-    ``mv -n`` never replaces a file. Comments never hold a file name (a name can hold a
-    newline).
+    ``DATA-set-aside/`` beside the data folder. The data folder is the audited one unless
+    ``TRANSFERKIT_DATA=/a/copy sh moves.sh`` names another (a copy, or the data on another
+    machine; a name no shell sets by chance); every path is below it and shell-quoted; ``mv -n`` never
+    replaces a file. Comments never hold a file name (a name can hold a newline).
 
     Args:
         issues: the audit's issues.
@@ -788,56 +789,63 @@ def moves_script(issues: Sequence[Issue], data_dir: str | os.PathLike) -> str:
         The script's text.
     """
     data = Path(os.path.abspath(data_dir))
-    aside = data.parent / f"{data.name}-set-aside"
     moved = set()
     lines = [
         "#!/bin/sh",
         f"# The moves `transferkit audit` suggests for {_comment(str(data))}.",
         "# Nothing has been moved: read the lines below, delete those you disagree with, then run",
         "#   sh moves.sh                  (label fixes only)",
-        "#   SET_ASIDE=yes sh moves.sh    (and set outliers and near-copies aside)",
+        "#   SET_ASIDE=yes sh moves.sh    (and set outliers and near-copies aside, into DATA-set-aside)",
+        "#   TRANSFERKIT_DATA=/a/copy sh moves.sh  (the same moves in another copy of the data folder)",
         "# mv -n never replaces a file: one whose new name is taken stays where it is; a file",
         "# moved already is passed over, so running it twice does no harm.",
         "set -u",
+        f"DATA=${{TRANSFERKIT_DATA:-{shlex.quote(str(data))}}}",
+        'ASIDE="$DATA-set-aside"',
         "",
         "# Likely label errors: each to the class the held-out head is confident it belongs to.",
     ]
     for issue in issues:
         if issue.kind != "label" or not issue.confident:
             continue
-        source = Path(os.path.abspath(issue.file))
-        target = data / issue.suggested / _below_class(source, data)
+        source = _below(Path(os.path.abspath(issue.file)), data)
+        target = Path(issue.suggested) / _below_class(source)
         lines.append(f"# {_comment(issue.given)} -> {_comment(issue.suggested)} (score {issue.score:.2f})")
-        lines.append(_move(source, target))
+        lines.append(_move("$DATA", source, "$DATA", target))
         moved.add(source)
-    lines += ["", f"# Outliers and near-copies, set aside into {_comment(str(aside))} with SET_ASIDE=yes.",
+    lines += ["", "# Outliers and near-copies, set aside into $ASIDE with SET_ASIDE=yes.",
               'if [ "${SET_ASIDE:-no}" = yes ]; then']
     for issue in issues:
-        source = Path(os.path.abspath(issue.file))
+        source = _below(Path(os.path.abspath(issue.file)), data)
         if issue.kind == "label" or source in moved:
             continue
         moved.add(source)
         lines.append(f"  # {issue.kind} (score {issue.score:.2f})")
-        lines.append("  " + _move(source, aside / source.relative_to(data) if data in source.parents else
-                                  aside / source.name))
+        lines.append("  " + _move("$DATA", source, "$ASIDE", source))
     lines += ["  :", "fi", ""]
     return "\n".join(lines)
 
 
-def _below_class(source: Path, data: Path) -> Path:
+def _below(path: Path, data: Path) -> Path:
+    """A file's path below the data folder (the audit reads only files there)."""
+    return path.relative_to(data)
+
+
+def _below_class(relative: Path) -> Path:
     """A file's path below its class folder (``cat/sub/x.jpg`` -> ``sub/x.jpg``)."""
-    try:
-        parts = source.relative_to(data).parts
-    except ValueError:
-        return Path(source.name)
-    return Path(*parts[1:]) if len(parts) > 1 else Path(source.name)
+    parts = relative.parts
+    return Path(*parts[1:]) if len(parts) > 1 else Path(relative.name)
 
 
-def _move(source: Path, target: Path) -> str:
-    """One move as a line of shell: passed over when the file is gone (moved already)."""
-    quoted = shlex.quote(str(source))
-    return (f"[ -e {quoted} ] && mkdir -p -- {shlex.quote(str(target.parent))} && "
-            f"mv -n -- {quoted} {shlex.quote(str(target))}")
+def _move(source_root: str, source: Path, target_root: str, target: Path) -> str:
+    """One move as a line of shell, each path a shell variable's folder ("$DATA") and a
+    quoted path below it: passed over when the file is gone (moved already)."""
+    def path(root: str, below: Path) -> str:
+        return f'"{root}"/{shlex.quote(below.as_posix())}'
+
+    quoted = path(source_root, source)
+    folder = path(target_root, target.parent) if target.parent != Path(".") else f'"{target_root}"'
+    return f"[ -e {quoted} ] && mkdir -p -- {folder} && mv -n -- {quoted} {path(target_root, target)}"
 
 
 def _comment(text: str) -> str:
