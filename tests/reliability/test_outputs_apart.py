@@ -145,6 +145,8 @@ def test_an_augmentation_preview_is_never_written_among_the_images_read(shapes_d
     assert listing(data) == before
     # beside the images, both are written, an earlier preview replaced only with --force
     assert runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png")]).exit_code == 0
+    more = runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "all.png"), "--count", "1000"])
+    assert more.exit_code == 0 and "fewer than --count 1000: the preview shows each of them" in more.output
     first = (tmp_path / "preview.png").read_bytes()
     line = one_error_line(runner.invoke(app, ["augment-preview", str(data), "-o", str(tmp_path / "preview.png"),
                                               "--seed", "3"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,9 @@ def write_preview(
         for members in per_class:
             if members and len(chosen) < count:
                 chosen.append(int(members.pop()))
+    if len(chosen) < count:
+        logging.getLogger("transferkit").warning(f"{data_dir} holds {len(chosen)} image(s), fewer than --count "
+                                                 f"{count}: the preview shows each of them")
     images, _, _ = decode_images([index.paths[i] for i in chosen], image_size)
     if len(images) == 0:
         raise DataError(f"no readable image among those drawn from {data_dir}")
