@@ -1,5 +1,6 @@
 import functools
 import urllib.error
+import urllib.request
 
 import h5py
 import keras
@@ -154,12 +155,16 @@ def test_a_silent_server_is_given_up_after_the_download_timeout(keras_home, monk
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(transferkit.backbones, "DOWNLOAD_TIMEOUT", 0.5)
+    # urllib builds its default opener, proxies included, at its first use in the process:
+    # made again now, it takes the proxy above (and again after, without it).
+    urllib.request.install_opener(None)
     started = time.monotonic()
     try:
         with pytest.raises(WeightsError, match="could not download the ImageNet weights for vgg16 .*timed out"):
             load_backbone("vgg16", weights="imagenet", input_shape=(32, 32, 3))
     finally:
         silent.close()
+        urllib.request.install_opener(None)
     assert time.monotonic() - started < 30 and held  # the proxy was reached, and given up on
     assert socket.getdefaulttimeout() is None  # the process's own setting is put back
 
