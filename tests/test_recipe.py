@@ -280,3 +280,12 @@ def test_two_stages_named_alike_are_refused(tmp_path):
     assert [stage.name for stage in unnamed.stages] == ["stage", "stage"]
     path.write_text(unnamed.to_toml())  # as its run's recipe.toml names them
     assert load_recipe(path) == unnamed
+
+
+@pytest.mark.parametrize("selector", [":1", "0:1", "a"])
+def test_a_stage_selector_that_is_no_index_or_range_is_told_as_such(selector):
+    with pytest.raises(RecipeError, match=rf"override stages.{selector}.epochs: a stage key names its stages: "
+                                          r"stages.0.epochs \(the first\), stages.1:.epochs \(the second on\)"):
+        load_recipe(None, {f"stages.{selector}.epochs": 1})
+    with pytest.raises(RecipeError, match="the recipe has 2 stage"):  # a real index the recipe lacks
+        load_recipe(None, {"stages.5.epochs": 1})

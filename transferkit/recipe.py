@@ -653,7 +653,8 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
     (every stage from the second on).
     """
     parts = key.split(".")
-    if parts[0].rstrip(":") == "stages" and (len(parts) != 3 or parts[0] != "stages"):
+    malformed = len(parts) != 3 or parts[0] != "stages" or not re.fullmatch(r"-?\d+:?", parts[1])
+    if parts[0].rstrip(":") == "stages" and malformed:
         field = parts[-1] if len(parts) > 1 else "epochs"
         raise RecipeError(
             f"override {key}: a stage key names its stages: stages.0.{field} (the first), "
