@@ -527,7 +527,7 @@ def collect_overrides(assignments: Sequence[str], flags: Mapping[str, Any]) -> d
         if value is not None:
             key = FLAG_KEYS[name]
             for given, set_value in overrides.items():
-                if _same_setting(given, key) and set_value != value:
+                if keys_meet(given, key) and set_value != value:
                     flag = f"--{name.replace('_', '-')}"
                     raise RecipeError(f"--set {given}={set_value!r} and {flag} {value!r} both set {given}; give one "
                                       "of them")
@@ -535,19 +535,31 @@ def collect_overrides(assignments: Sequence[str], flags: Mapping[str, Any]) -> d
     return overrides
 
 
-def _same_setting(given: str, key: str) -> bool:
-    """Whether two override keys set one value: the same key, or stage keys of one field
-    whose stages meet ("stages.1.epochs" and --fine-epochs' "stages.1:.epochs")."""
-    if given == key:
+def keys_meet(first: str, second: str, stages: int | None = None) -> bool:
+    """Whether two dotted override keys set one value: the same key, or stage keys of one
+    field whose stages meet ("stages.1.epochs" and --fine-epochs' "stages.1:.epochs").
+
+    Args:
+        first, second: the keys.
+        stages: the recipe's number of stages, when known: the stages are then compared
+            exactly; without it, as a command line tells them before the recipe is read (a
+            negative index meets any range).
+
+    Returns:
+        True when they set one value (a key with a selector the recipe lacks sets none).
+    """
+    if first == second:
         return True
-    first, second = given.split("."), key.split(".")
-    if not (len(first) == len(second) == 3 and first[0] == second[0] == "stages" and first[2] == second[2]):
+    one, other = first.split("."), second.split(".")
+    if not (len(one) == len(other) == 3 and one[0] == other[0] == "stages" and one[2] == other[2]):
         return False
     try:
-        starts = [int(part[1].removesuffix(":")) for part in (first, second)]
+        if stages is not None:
+            return bool(set(stage_indices(one[1], stages)) & set(stage_indices(other[1], stages)))
+        starts = [int(part[1].removesuffix(":")) for part in (one, other)]
     except ValueError:
         return False
-    ranges = [part[1].endswith(":") for part in (first, second)]
+    ranges = [part[1].endswith(":") for part in (one, other)]
     if ranges[0] and ranges[1]:
         return True
     if ranges[0] or ranges[1]:  # an index and a range from a stage: it meets it, or the last stages

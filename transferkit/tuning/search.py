@@ -59,7 +59,7 @@ from transferkit.errors import (
     first_line,
 )
 from transferkit.files import atomic_path, fault_point, pid_alive, require_apart, write_atomic
-from transferkit.recipe import Recipe, load_recipe
+from transferkit.recipe import Recipe, keys_meet, load_recipe
 from transferkit.runtime import quieter_loggers
 from transferkit.strategies import require_one_process, resolve_distribution
 from transferkit.tuning.objective import METRICS
@@ -389,11 +389,10 @@ def _fixed_settings(base: Recipe, space) -> dict[str, str]:
     of ``RUNNING_KEYS``, and weights from a file compared by its name and size (its folder
     may differ from machine to machine)."""
     from transferkit.training.tracking import recipe_params
-    from transferkit.tuning.space import sets_key
 
     searched = [parameter.key for parameter in space.parameters]
     settings = {key: value for key, value in recipe_params(base.model_dump(mode="json")).items()
-                if key not in RUNNING_KEYS and not any(sets_key(tuned, key, len(base.stages)) for tuned in searched)}
+                if key not in RUNNING_KEYS and not any(keys_meet(tuned, key, len(base.stages)) for tuned in searched)}
     if base.weights.lower() not in WEIGHTS_CHOICES:  # a weights file, or a run to start from (its model)
         path = Path(base.weights)
         weights = path / "model.keras" if path.is_dir() else path

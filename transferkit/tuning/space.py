@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transferkit.errors import RecipeError
-from transferkit.recipe import Recipe, TuneParam, load_recipe, stage_indices
+from transferkit.recipe import Recipe, TuneParam, keys_meet, load_recipe
 
 # The space searched when the recipe has no [tune] section (stage keys only where the
 # recipe has such a stage that trains).
@@ -175,7 +175,7 @@ def build_space(source, overrides: Mapping[str, Any] | None, base: Recipe) -> Se
     specs, fixed = dict(base.tune.root), ()
     if not specs:  # transferkit's own space: a key the user set stays as set
         specs = default_space(base)
-        fixed = tuple(key for key in specs if any(sets_key(override, key, len(base.stages)) for override in overrides))
+        fixed = tuple(key for key in specs if any(keys_meet(override, key, len(base.stages)) for override in overrides))
         specs = {key: spec for key, spec in specs.items() if key not in fixed}
     parameters = []
     for key, spec in specs.items():
@@ -191,28 +191,6 @@ def build_space(source, overrides: Mapping[str, Any] | None, base: Recipe) -> Se
                                   f"{error}") from None
         parameters.append(parameter)
     return SearchSpace(source, overrides, tuple(parameters), fixed)
-
-
-def sets_key(override: str, key: str, stages: int) -> bool:
-    """Whether a dotted key as overrides and ``[tune]`` take it sets ``key`` (a key with
-    one stage index, as ``recipe_value`` and MLflow's params name them): the same key, or a
-    stage index or range ("stages.1:.learning_rate", "stages.-1.epochs") that takes in
-    ``key``'s stage.
-
-    Args:
-        override: the key given.
-        key: the key asked about.
-        stages: the recipe's number of stages.
-    """
-    if override == key:
-        return True
-    given, wanted = override.split("."), key.split(".")
-    if len(given) != 3 or len(wanted) != 3 or given[0] != "stages" or wanted[0] != "stages" or given[2] != wanted[2]:
-        return False
-    try:
-        return int(wanted[1]) in stage_indices(given[1], stages)
-    except ValueError:
-        return False
 
 
 def recipe_value(recipe: Recipe, key: str) -> Any:
