@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -534,6 +534,25 @@ def _read_optional_json(path: Path) -> dict:
 
 # What history.png needs of each row of history.csv.
 HISTORY_NEEDED = ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def stage_epochs(stages: Iterable[str]) -> list[tuple[str, int]]:
+    """The stages a history trained, in order, with their epochs: runs of consecutive rows
+    of one stage (a stage that did not train has no row).
+
+    Args:
+        stages: the "stage" of each history row, in order.
+
+    Returns:
+        (stage name, epochs) pairs.
+    """
+    groups: list[list] = []
+    for name in stages:
+        if groups and groups[-1][0] == name:
+            groups[-1][1] += 1
+        else:
+            groups.append([name, 1])
+    return [(name, epochs) for name, epochs in groups]
 
 
 def _typed_row(row: dict) -> dict:

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 import keras
 
 from transferkit.recipe import StageConfig
+from transferkit.runs import stage_epochs
 
 log = logging.getLogger("transferkit")
 
@@ -128,14 +129,8 @@ class TimeBudget:
         self.after_training_passes = (train_images + 3 * val_images if after_training_passes is None
                                       else after_training_passes)
         self.plans = [StagePlan(stage.name, stage.epochs) for stage in stages]
-        # The stages done before a resume: their epochs as the history has them (the stage of
-        # each of its rows, in order; a stage that did not train has no row).
-        groups: list[list] = []
-        for name in history_stages:
-            if groups and groups[-1][0] == name:
-                groups[-1][1] += 1
-            else:
-                groups.append([name, 1])
+        # The stages done before a resume: their epochs as the history has them.
+        groups = stage_epochs(history_stages)
         for plan in self.plans[:first_stage]:
             trained = groups.pop(0)[1] if groups and groups[0][0] == plan.stage else 0
             plan.ended_by, plan.epochs = "before resume", trained

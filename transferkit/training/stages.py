@@ -54,6 +54,7 @@ from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
 from transferkit.progress import fit_verbosity
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
+from transferkit.runs import stage_epochs
 from transferkit.strategies import Distribution
 from transferkit.training.budget import TimeBudget
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
@@ -214,12 +215,7 @@ class StagesResult:
         epochs included): its name and epochs, and this process's timing of it (seconds,
         caching, cached; None for a stage trained wholly before a resume, and "resumed":
         true where the timing covers only the epochs after the resume)."""
-        groups: list[list] = []  # [stage name, epochs], consecutive rows of one stage
-        for row in self.history:
-            if groups and groups[-1][0] == row["stage"]:
-                groups[-1][1] += 1
-            else:
-                groups.append([row["stage"], 1])
+        groups = stage_epochs(row["stage"] for row in self.history)
         timed = dict(zip(range(len(groups) - len(self.timings), len(groups)), self.timings))  # the last stages
         entries = []
         for index, (name, epochs) in enumerate(groups):
