@@ -28,8 +28,8 @@ import no_tensorflow  # noqa: E402, F401  (tests/no_tensorflow.py, beside this s
 
 # float32 on every CPU: the held-out check compares confidences across backends to float
 # rounding, which bfloat16 ("auto" on AMX and AVX512-BF16 CPUs) is not.
-FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[8]",
-         "--set", 'engine="keras"', "--precision", "float32"]
+FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+         "--set", "head.units=[8]", "--set", 'engine="keras"', "--precision", "float32"]
 
 
 def interrupt_after_first_epoch(partial: Path) -> threading.Thread:

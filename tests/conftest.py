@@ -15,6 +15,14 @@ from pathlib import Path
 
 # The repository (what subprocesses put on PYTHONPATH or run in, to import ``tests.*`` helpers).
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's small backbone, "tinyvgg", as an installed package adds one
+# (tests/plugins/transferkit_test_backbones.py): its folder on this process's path and on
+# every process's it starts (the fork server's children inherit the path).
+PLUGINS = ROOT / "tests" / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])])
+# PYTHONPATH for a process that also imports ``tests.*`` helpers.
+SUBPROCESS_PATH = os.pathsep.join([str(ROOT), str(PLUGINS)])
 
 # TRANSFERKIT_TEST_CPU=avx2 runs the suite as on a CPU without AVX-512, AMX or bfloat16 (the
 # AMD EPYC Zen 3 machines): TensorFlow without its oneDNN kernels (it enables them only on
@@ -58,11 +66,13 @@ import transferkit  # noqa: E402
 import transferkit.runtime  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
 
-# Small everything: 32 px is VGG's minimum, one tiny dense layer, one epoch per stage. In
+# Small everything: the suite's VGG-shaped backbone (``tinyvgg``: tests whose behaviour
+# depends on the architecture name a real one), 32 px, one tiny dense layer, one epoch per stage. In
 # float32 on every CPU ("auto" is mixed bfloat16 on AMX and AVX512-BF16 ones), so that what a
 # test compares to float rounding (two passes of one model, Keras and an engine, two backends)
 # is compared alike everywhere; the bfloat16 path has its own run (``bfloat16_run``) and tests.
 TINY = {
+    "backbone": "tinyvgg",
     "precision": "float32",
     "weights": "none",
     "image_size": 32,

@@ -29,8 +29,8 @@ from transferkit.strategies import KERAS_DISTRIBUTION_VARIABLES, SLURM_VARIABLES
 from transferkit.training.data_parallel import PartnerWatch
 
 # Two head epochs (an epoch to resume after), no fine stage: the smallest run with a resume.
-FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
-         "--head-epochs", "2", "--fine-epochs", "0"]
+FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+         "--set", "head.units=[16]", "--head-epochs", "2", "--fine-epochs", "0"]
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from transferkit.data.images import UnreadableImage, load_image, read_image
 
 runner = CliRunner()
 # conftest.TINY as flags (float32 on every CPU, as TINY).
-TINY_FLAGS = ["--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
+TINY_FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
               "--batch-size", "8", "--head-epochs", "1",
               "--fine-epochs", "0", "--set", "head.units=[8]", "--quiet"]
 

@@ -27,10 +27,10 @@ from transferkit.strategies import choose_strategy
 # Small enough for seconds, two head epochs so that there is an epoch to resume after;
 # dropout 0: each replica draws its own dropout masks, the one thing a mirrored run does
 # not share with one device.
-RECIPE = {"weights": "none", "image_size": 32, "batch_size": 8, "head.units": [16], "head.dropout": 0.0,
-          "stages.0.epochs": 2, "stages.1:.epochs": 0}
-FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
-         "--set", "head.dropout=0.0", "--head-epochs", "2", "--fine-epochs", "0"]
+RECIPE = {"backbone": "tinyvgg", "weights": "none", "image_size": 32, "batch_size": 8, "head.units": [16],
+          "head.dropout": 0.0, "stages.0.epochs": 2, "stages.1:.epochs": 0}
+FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+         "--set", "head.units=[16]", "--set", "head.dropout=0.0", "--head-epochs", "2", "--fine-epochs", "0"]
 
 
 def finetune_cli(*args):

@@ -45,7 +45,7 @@ def test_labels_json_describes_the_model(finished):
     labels = json.loads((output / "labels.json").read_text())
     assert labels["class_names"] == ["circle", "square", "triangle"]
     assert labels["image_size"] == 32
-    assert labels["backbone"] == "vgg16"
+    assert labels["backbone"] == "tinyvgg"
     assert labels["head_activation"] == "softmax"
 
 

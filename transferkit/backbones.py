@@ -9,13 +9,24 @@ Weights are one of:
 - a path to a local ``.h5`` / ``.weights.h5`` file (Keras's own notop file copied from a
   machine with internet, or weights saved from a backbone of the same architecture).
 - ``"none"``: random initialisation.
+
+Other packages add backbones through the ``transferkit.backbones`` entry-point group: each
+entry names a ``BackboneSpec`` (or a function returning one) whose ``constructor`` is a
+callable with keras.applications' signature. In the package's pyproject.toml::
+
+    [project.entry-points."transferkit.backbones"]
+    small-cnn = "my_package.nets:SMALL_CNN"
+
+Once the package is installed, "small-cnn" is a backbone name like the built-in ones.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +37,14 @@ WEIGHTS_CHOICES = ("imagenet", "none")
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What transferkit needs to know about one keras.applications architecture.
+    """What transferkit needs to know about one backbone architecture.
 
     Attributes:
-        name: registry name used in recipes and on the command line.
-        constructor: attribute of ``keras.applications`` that builds it.
+        name: registry name used in recipes and on the command line (lower case).
+        constructor: what builds it: the name of a ``keras.applications`` attribute, or a
+            callable taking the same keywords (``include_top=False, weights=None,
+            input_shape=(height, width, 3)``) and returning a ``keras.Model`` (a plugin's
+            own architecture; built from Keras's own layers, its runs load in plain Keras).
         preprocessing: input convention the ImageNet weights expect, which transferkit's
             "preprocessing" layer applies: "caffe" (BGR, mean subtracted, no scaling), or
             "included" (the Keras model scales and normalises RGB 0..255 itself, with its
@@ -39,8 +53,9 @@ class BackboneSpec:
         default_size: the size the ImageNet weights were trained at.
         blocks: layer-name prefixes from the input to the output; unfreezing N blocks makes
             the last N of these trainable.
-        weights_file: the file name Keras downloads for the ImageNet notop weights.
-        weights_origin: where Keras downloads it from.
+        weights_file: the file name Keras downloads for the ImageNet notop weights ("" for
+            an architecture without ImageNet weights to download).
+        weights_origin: where Keras downloads it from ("" where there is none).
         last_conv: the last convolutional layer's output that keeps a spatial map (where
             Grad-CAM looks).
         parameters: weights without the top, counted from the built model (a listing
@@ -54,7 +69,7 @@ class BackboneSpec:
     """
 
     name: str
-    constructor: str
+    constructor: str | Callable
     preprocessing: str
     min_size: int
     default_size: int
@@ -254,13 +269,24 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+# The entry-point group through which other packages add backbones.
+PLUGIN_GROUP = "transferkit.backbones"
+
+
 def available_backbones() -> list[str]:
-    """Names of the backbones transferkit can load, sorted.
+    """Names of the backbones transferkit can load, sorted: the built-in ones and those
+    installed packages add (``PLUGIN_GROUP``).
 
     Returns:
         A list such as ``["convnext-small", ..., "resnet50", "vgg16", "vgg19"]``.
     """
-    return sorted(REGISTRY)
+    return sorted({*REGISTRY, *plugin_backbones()})
+
+
+def find_spec(name: str) -> BackboneSpec | None:
+    """The entry for a backbone name (case-insensitive), built-in or a plugin's, or None."""
+    key = name.lower()
+    return REGISTRY.get(key) or plugin_backbones().get(key)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -273,14 +299,63 @@ def get_spec(name: str) -> BackboneSpec:
         Its ``BackboneSpec``.
 
     Raises:
-        WeightsError: the name is not in the registry.
+        WeightsError: no built-in backbone or installed plugin has that name.
     """
-    spec = REGISTRY.get(name.lower())
+    spec = find_spec(name)
     if spec is None:
-        raise WeightsError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}"
-        )
+        raise WeightsError(unknown_backbone(name))
     return spec
+
+
+def unknown_backbone(name: str) -> str:
+    """The message for a backbone name nothing provides."""
+    return (f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())} (a backbone another "
+            f"package adds is known once that package is installed)")
+
+
+def plugin_backbones() -> dict[str, BackboneSpec]:
+    """The backbones installed packages add, by name (see ``_plugins``)."""
+    return {name: spec for name, (spec, _) in _plugins().items()}
+
+
+def plugin_source(name: str) -> str | None:
+    """The package (or, without one, the module) that adds a plugin backbone; None for a
+    built-in or unknown name."""
+    found = _plugins().get(name.lower())
+    return found[1] if found is not None else None
+
+
+@functools.cache
+def _plugins() -> dict[str, tuple[BackboneSpec, str]]:
+    """The backbones installed packages add, by name: each entry point of ``PLUGIN_GROUP``
+    loaded once per process. One that fails to load, is not a ``BackboneSpec``, has
+    another name than its entry point, or would replace a built-in backbone or an earlier
+    plugin's, is left out with a warning naming it and its package."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, tuple[BackboneSpec, str]] = {}
+    for point in entry_points(group=PLUGIN_GROUP):
+        package = point.dist.name if point.dist is not None else point.module
+        source = f"backbone plugin {point.name!r} ({point.value}, package {package})"
+        try:
+            spec = point.load()
+            if callable(spec) and not isinstance(spec, BackboneSpec):
+                spec = spec()
+        except Exception as error:  # a plugin's own code: anything it raises leaves it out
+            warnings.warn(f"{source} failed to load ({first_line(error)}); it is left out", stacklevel=2)
+            continue
+        if not isinstance(spec, BackboneSpec):
+            problem = f"gives a {type(spec).__name__}, not a transferkit.backbones.BackboneSpec"
+        elif spec.name != point.name.lower():
+            problem = f"names its backbone {spec.name!r}: the entry point's name must be the backbone's"
+        elif spec.name in REGISTRY or spec.name in found:
+            kind = "built-in" if spec.name in REGISTRY else "other plugin's"
+            problem = f"would replace the {kind} backbone {spec.name!r}"
+        else:
+            found[spec.name] = (spec, package)
+            continue
+        warnings.warn(f"{source} {problem}; it is left out", stacklevel=2)
+    return found
 
 
 def keras_cache_dir() -> Path:
@@ -330,7 +405,7 @@ def load_backbone(
 
     import keras
 
-    constructor = getattr(keras.applications, spec.constructor)
+    constructor = spec.constructor if callable(spec.constructor) else getattr(keras.applications, spec.constructor)
     weights_text = str(weights)
     if weights_text.lower() == "none":
         backbone = constructor(include_top=False, weights=None, input_shape=shape)
@@ -356,6 +431,10 @@ DOWNLOAD_TIMEOUT = 60.0
 
 def _build_with_imagenet(spec: BackboneSpec, constructor, input_shape):
     import socket
+
+    if not spec.weights_origin:
+        raise WeightsError(f"{spec.name} has no ImageNet weights to download; pass --weights PATH to a weights file "
+                           f"of a {spec.name} backbone, or --weights none for random weights")
 
     cached = keras_cache_dir() / spec.weights_file
     was_cached = cached.is_file()
@@ -410,7 +489,7 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
     if not path.name.endswith((".h5", ".hdf5")):
         raise WeightsError(
             f"weights file {path} is not a .h5 or .weights.h5 file; "
-            f"pass the Keras notop file ({spec.weights_file}) or weights saved from {spec.name}"
+            f"pass {_fitting_weights(spec)}"
         )
     # Keras warns, layer by layer, of what it could not match before it fails (or, loading
     # what matches, leaves the rest as initialized): one error says it instead.
@@ -421,13 +500,19 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
         except Exception as error:
             raise WeightsError(
                 f"weights file {path} does not fit the {spec.name} backbone ({first_line(error)}); "
-                f"pass {spec.weights_file} or weights saved from a {spec.name} backbone"
+                f"pass {_fitting_weights(spec)}"
             ) from error
     skipped = [str(warning.message) for warning in caught if "Skipping" in str(warning.message)]
     if skipped:
         raise WeightsError(
             f"weights file {path} does not fit the {spec.name} backbone (Keras left {len(skipped)} part(s) without "
-            f"weights: {first_line(skipped[0])}); pass {spec.weights_file} or weights saved from a {spec.name} backbone"
+            f"weights: {first_line(skipped[0])}); pass {_fitting_weights(spec)}"
         )
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _fitting_weights(spec: BackboneSpec) -> str:
+    """What a weights file for this backbone is, as a message names it."""
+    saved = f"weights saved from a {spec.name} backbone"
+    return f"the Keras notop file ({spec.weights_file}) or {saved}" if spec.weights_file else saved

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from transferkit.backbones import REGISTRY, WEIGHTS_CHOICES, available_backbones
+from transferkit.backbones import WEIGHTS_CHOICES, find_spec, unknown_backbone
 from transferkit.errors import RecipeError
 from transferkit.runtime import ENGINES, PRECISIONS
 from transferkit.strategies import STRATEGIES
@@ -435,12 +435,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _fits_backbone(self):
-        spec = REGISTRY.get(self.backbone)
-        if spec is None:
-            raise ValueError(
-                f"backbone: unknown backbone {self.backbone!r}; "
-                f"choose one of: {', '.join(available_backbones())}"
-            )
+        spec = find_spec(self.backbone)
+        if spec is None or spec.name != self.backbone:  # names are lower case, as listed
+            raise ValueError(f"backbone: {unknown_backbone(self.backbone)}")
         if self.image_size < spec.min_size:
             raise ValueError(
                 f"image_size: {self.image_size} is below the {spec.name} minimum of "

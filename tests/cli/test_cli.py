@@ -14,7 +14,7 @@ from transferkit.cli import app
 runner = CliRunner()
 
 # conftest.TINY as flags (float32 on every CPU, as TINY).
-TINY_FLAGS = ["--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
+TINY_FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
               "--batch-size", "8", "--head-epochs", "1",
               "--fine-epochs", "1", "--set", "head.units=[16]", "--quiet"]
 
@@ -82,7 +82,7 @@ def test_finetune_mlflow_logs_the_recipe_and_every_epoch_across_stages(cli_run):
     assert not [line for line in result.output.lower().splitlines() if "warning" in line and "mlflow" in line]
     assert run.info.status == "FINISHED" and run.info.run_name == output.name
     params = run.data.params
-    assert params["backbone"] == "vgg16" and params["image_size"] == "32" and params["head.units"] == "[16]"
+    assert params["backbone"] == "tinyvgg" and params["image_size"] == "32" and params["head.units"] == "[16]"
     assert float(params["stages.1.learning_rate"]) == pytest.approx(3e-5) and params["stages.0.name"] == "head"
     assert "mlflow" not in params
     # One step per epoch, counted across the two stages (each stage is a fit of its own).
@@ -177,7 +177,7 @@ def test_existing_output_needs_force(cli_run, shapes_dir):
 @pytest.mark.parametrize(
     "args, code, fragment",
     [
-        (["finetune", "{missing}", "--weights", "none"], 1, "does not exist"),
+        (["finetune", "{missing}", "--backbone", "tinyvgg", "--weights", "none"], 1, "does not exist"),
         (["finetune", "{data}", "--backbone", "vgg17"], 2, "unknown backbone 'vgg17'"),
         (["finetune", "{data}", "--image-size", "8"], 2, "below the vgg16 minimum"),
         (["finetune", "{data}", "--set", "head.dropuot=0.1"], 2, "unknown key 'head.dropuot'"),

@@ -142,7 +142,8 @@ def test_finetune_group_by_keeps_every_group_on_one_side(tmp_path):
     root = write_grouped(tmp_path / "data", classes=("cat", "dog", "eel"), patients=6, shots=2)
     output = tmp_path / "run"
     result = runner.invoke(app, [
-        "finetune", str(root), "--group-by", PATTERN, "--weights", "none", "--image-size", "32", "--batch-size", "8",
+        "finetune", str(root), "--group-by", PATTERN, "--backbone", "tinyvgg",
+        "--weights", "none", "--image-size", "32", "--batch-size", "8",
         "--head-epochs", "1", "--fine-epochs", "0", "--set", "head.units=[8]", "--set", "calibrate=false",
         "--engine", "keras", "--quiet", "-o", str(output)])
     assert result.exit_code == 0, result.output
@@ -150,7 +151,8 @@ def test_finetune_group_by_keeps_every_group_on_one_side(tmp_path):
     assert len(rows) == 36 and not groups_on_both_sides(rows)
     assert {row["subset"] for row in rows} == {"train", "validation"}
     assert tomllib.loads((output / "recipe.toml").read_text())["data"]["group_by"] == PATTERN
-    unmatched = runner.invoke(app, ["finetune", str(root), "--group-by", r"^cat/(p\d+)", "--weights", "none",
+    unmatched = runner.invoke(app, ["finetune", str(root), "--group-by", r"^cat/(p\d+)", "--backbone", "tinyvgg",
+                                    "--weights", "none",
                                     "--image-size", "32", "-o", str(tmp_path / "other")])
     assert unmatched.exit_code == 1 and "dog/p00_0.png" in unmatched.output and "data.group_by" in unmatched.output
     assert len(unmatched.output.strip().splitlines()) == 1 and not (tmp_path / "other").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import transferkit
-from transferkit.backbones import REGISTRY
+from transferkit.backbones import REGISTRY, get_spec
 from transferkit.errors import WeightsError
 from transferkit.model.transfer import load_run_backbone, source_run
 
@@ -23,7 +23,7 @@ def test_a_run_folder_or_its_model_file_names_the_source(source):
 
 
 def test_the_backbone_starts_equal_to_the_source_runs(source):
-    backbone = load_run_backbone(source_run(source.path), REGISTRY["vgg16"], (32, 32, 3))
+    backbone = load_run_backbone(source_run(source.path), get_spec("tinyvgg"), (32, 32, 3))
     expected = source.model.get_layer("backbone").get_weights()
     assert len(expected) == len(backbone.get_weights())
     for a, b in zip(expected, backbone.get_weights(), strict=True):
@@ -55,9 +55,9 @@ def test_a_run_from_a_run_keeps_its_frozen_blocks_and_records_its_lineage(source
 def test_a_run_of_another_image_size_or_backbone_is_refused(source, binary_dir, tmp_path):
     from tests.conftest import TINY
 
-    with pytest.raises(WeightsError, match="that run has a vgg16 backbone at 32 px, this run is vgg16 at 48 px"):
+    with pytest.raises(WeightsError, match="that run has a tinyvgg backbone at 32 px, this run is tinyvgg at 48 px"):
         transferkit.finetune(binary_dir, None, {**TINY, "weights": str(source.path), "image_size": 48},
                              output=tmp_path / "bigger", verbose=0)
-    with pytest.raises(WeightsError, match="use --backbone vgg16 --image-size 32"):
+    with pytest.raises(WeightsError, match="use --backbone tinyvgg --image-size 32"):
         load_run_backbone(source_run(source.path), REGISTRY["vgg19"], (32, 32, 3))
     assert not (tmp_path / "bigger").exists() and not (tmp_path / "bigger.partial").exists()

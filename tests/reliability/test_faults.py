@@ -28,7 +28,7 @@ import pytest
 
 import transferkit
 from tests import forked
-from tests.conftest import ROOT, TINY
+from tests.conftest import SUBPROCESS_PATH, TINY
 from tests.reliability.test_live_runs import TINY_FLAGS
 from transferkit.files import FAULT_VARIABLE
 from transferkit.locks import OWNER_FILE, STAGING, work_dir_for
@@ -44,7 +44,7 @@ def killed_at(point: str, *args, code: str | None = None) -> subprocess.Complete
     die there by SIGKILL."""
     command = [sys.executable, *(("-c", code) if code is not None else ("-m", "transferkit")), *map(str, args)]
     done = forked.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), FAULT_VARIABLE: point})
+                          env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH, FAULT_VARIABLE: point})
     assert done.returncode == -signal.SIGKILL, f"{point}: exit {done.returncode}\n{done.stderr[-3000:]}"
     return done
 
@@ -129,7 +129,7 @@ def publish(target: Path, content: str, point: str | None = None) -> None:
         killed_at(point, target, content, code=PUBLISH)
     else:
         forked.run([sys.executable, "-c", PUBLISH, str(target), content], check=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH})
 
 
 @pytest.mark.parametrize("point", ["export.staged", "folder.moved_aside", "export.published"])

@@ -22,19 +22,19 @@ import pytest
 
 import transferkit
 from tests import forked
-from tests.conftest import ROOT, TINY
+from tests.conftest import SUBPROCESS_PATH, TINY
 from transferkit.errors import RunError
 from transferkit.locks import OWNER_FILE, work_dir_for
 
 # The tiny recipe on the command line: VGG16 without weights at 32 px, one small dense layer.
 # conftest.TINY as flags (float32 on every CPU, as TINY).
-TINY_FLAGS = ["--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
+TINY_FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
               "--batch-size", "8", "--set", "head.units=[16]"]
 
 
 def transferkit_process(*args, **options) -> subprocess.Popen:
     return forked.Popen([sys.executable, "-m", "transferkit", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH},
                             **options)
 
 
@@ -94,7 +94,7 @@ def test_a_file_size_limit_smaller_than_the_model_is_one_error_line_and_leaves_n
     # Python ignores SIGXFSZ: a write past the limit fails with EFBIG instead of killing it.
     output = tmp_path / "runs" / "X"
     process = transferkit_process("finetune", shapes_dir, "-o", output, *TINY_FLAGS, "--head-epochs", 1,
-                                  "--fine-epochs", 0, preexec_fn=limit_file_size(2 * 2**20))
+                                  "--fine-epochs", 0, preexec_fn=limit_file_size(100 * 2**10))  # model: ~150 KB
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr + stdout

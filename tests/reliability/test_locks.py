@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import SUBPROCESS_PATH
 from transferkit import files, locks
 from transferkit.errors import RunError
 
@@ -28,7 +28,7 @@ def holder(folder: Path, kind: str = "run", then: str = "time.sleep(120)") -> su
         {then}
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH})
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -146,7 +146,7 @@ def test_a_lock_folder_that_cannot_be_written_is_one_error_and_leaves_no_folder(
             sys.exit(1)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH})
     assert done.returncode == 1, done.stderr
     assert done.stdout.startswith(f"cannot write {tmp_path / 'eval.partial' / 'owner.json'}: File too large")
     assert list(tmp_path.iterdir()) == []

@@ -84,7 +84,7 @@ def test_tune_refuses_another_kind_of_folder_and_leaves_nothing_when_the_data_is
     pytest.importorskip("optuna", reason="the tune extra is not installed")
     victim = shutil.copytree(shapes_run.path, tmp_path / "victim")
     before = listing(victim)
-    flags = ["--weights", "none", "--trials", "1", "-q"]
+    flags = ["--backbone", "tinyvgg", "--weights", "none", "--trials", "1", "-q"]
     line = one_error_line(runner.invoke(app, ["tune", str(shapes_dir), *flags, "-o", str(victim)]))
     assert "not a tune folder" in line and listing(victim) == before
     (tmp_path / "afile").write_text("keep me")
@@ -100,7 +100,7 @@ def test_lr_find_checks_its_plot_before_the_range_test(shapes_dir, tmp_path):
     data = shutil.copytree(shapes_dir, tmp_path / "data")
     before = listing(data)
     (tmp_path / "afile").write_text("keep me")
-    flags = ["--weights", "none", "--image-size", "32", "--steps", "5"]
+    flags = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--steps", "5"]
     for target, code, fragment in [(data / "circle" / "lr.png", 1, "inside the data folder"),
                                    (tmp_path / "lr.txt", 2, "use a .png file name"),  # a bad flag value
                                    (tmp_path / "afile" / "lr.png", 1, "afile is a file")]:

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from tests import forked
-from tests.conftest import ROOT
+from tests.conftest import SUBPROCESS_PATH
 from transferkit.inference.predict import predict_folder
 
 LIMIT_MB = 1  # the server's --max-upload-mb here, so that "too large" is cheap to send
@@ -133,7 +133,7 @@ def server(shapes_run, tmp_path_factory, request):
         process = forked.Popen(
             [sys.executable, "-m", "transferkit", "serve", str(shapes_run.path), "--port", "0", "--max-batch", "8",
              "--max-upload-mb", str(LIMIT_MB), "--grace", str(GRACE_S)],
-            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT),
+            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH,
                                                          "PYTHONUNBUFFERED": "1"})
     request.getfixturevalue("expected")
     deadline = time.monotonic() + 300

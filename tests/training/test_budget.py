@@ -41,7 +41,8 @@ def test_a_time_budget_is_refused_with_data_parallel():
 
 
 def test_a_bad_time_budget_flag_is_one_line_and_writes_nothing(shapes_dir, tmp_path):
-    result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--weights", "none", "--time-budget", "10 minutes",
+    result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--backbone", "tinyvgg", "--weights", "none",
+                                      "--time-budget", "10 minutes",
                                       "-o", str(tmp_path / "runs" / "run")])
     assert result.exit_code == RecipeError.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
@@ -125,7 +126,8 @@ def test_a_small_budget_stops_many_epochs_early_prints_its_plan_and_records_it(s
     started = time.monotonic()
     # Without the cache each step is a call of its own: the head is timed in its first epoch.
     result = CliRunner().invoke(app, [
-        "finetune", str(shapes_dir), "--weights", "none", "--image-size", "32", "--batch-size", "4",
+        "finetune", str(shapes_dir), "--backbone", "tinyvgg", "--weights", "none", "--image-size", "32",
+        "--batch-size", "4",
         "--set", "head.units=[16]", "--head-epochs", "200", "--fine-epochs", "200", "--no-cache",
         "--set", "stages.0:.patience=1000", "--time-budget", "8s", "-o", str(output)])
     took = time.monotonic() - started

@@ -23,7 +23,7 @@ from transferkit.cli import app
 from transferkit.errors import DataError, RunError
 from transferkit.workflow import resume_finetune
 
-FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "2", "--head-epochs", "3",
+FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "2", "--head-epochs", "3",
          "--fine-epochs", "2", "--set", "head.units=[16]", "--quiet"]
 
 
@@ -133,8 +133,8 @@ def test_sigterm_before_at_the_end_of_and_after_training_is_one_line_and_keeps_w
         assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
         return [line for line in done.stderr.splitlines() if line.startswith("error:")]
 
-    tiny = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
-            "--head-epochs", "1", "--fine-epochs", "1", "--quiet"]
+    tiny = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--set", "head.units=[16]", "--head-epochs", "1", "--fine-epochs", "1", "--quiet"]
     # Before training (the model being built): one line, and no folder left to step around.
     [line] = terminated_at("build_model", shapes_dir, *tiny, "-o", output)
     assert line == "error: interrupted: training stopped before its first epoch ended; nothing was kept"
@@ -176,7 +176,8 @@ def test_new_run_refuses_to_clobber_an_interrupted_one(shapes_dir, tmp_path, tin
     monkeypatch.setattr(transferkit.workflow, "prepare_data", never)  # told before reading them
     with pytest.raises(RunError, match=f"an interrupted run of {tmp_path / 'run'} is in .*--resume"):
         transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
-    result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--weights", "none", "-o", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--backbone", "tinyvgg", "--weights", "none",
+    "-o", str(tmp_path / "run")])
     assert result.exit_code == 1 and "continue it with --resume" in result.output
 
 

@@ -65,7 +65,8 @@ def test_finetune_records_the_threshold_its_reference_and_the_set_scores(shapes_
     assert rejection["validation_coverage"] == 1.0
     with np.load(shapes_run.path / rejection["reference_file"]) as archive:
         reference = archive["embeddings"].astype("float32")
-    assert reference.shape == (24, 512) == (rejection["n_reference"], 512)
+    width = shapes_run.model.get_layer("backbone").output.shape[-1]  # the embedding: the backbone's channels
+    assert reference.shape == (24, width) == (rejection["n_reference"], width)
     assert np.linalg.norm(reference, axis=1) == pytest.approx(np.ones(24), abs=2e-3)
     assert sets["method"] == "LAC" and sets["scores"] == sorted(sets["scores"])
     assert all(0 <= score <= 1 for score in sets["scores"])
@@ -87,7 +88,8 @@ def test_fit_keeps_its_coverage_of_validation_images_for_either_score(shapes_run
         assert fit.record["validation_coverage"] == 17 / 20 and fit.record["score"] == score
         assert (fit.reference is None) == (score == "max_probability")
     knn = fit_rejection(shapes_run.model, prepared, RejectConfig(coverage=0.8), image_size=32, batch_size=8)
-    assert knn.reference.shape == (12, 512) and knn.record["n_reference"] == 12  # REFERENCE_LIMIT
+    width = shapes_run.model.get_layer("backbone").output.shape[-1]
+    assert knn.reference.shape == (12, width) and knn.record["n_reference"] == 12  # REFERENCE_LIMIT
     assert knn.val_scores[reference_rows(20, seed=0)] == pytest.approx(np.ones(12), abs=2e-3)
     chosen = reference_rows(100, limit=20, seed=3)
     assert len(set(chosen)) == 20 and chosen.tolist() == sorted(chosen) == reference_rows(100, 20, 3).tolist()

@@ -42,8 +42,8 @@ def broken(sound):
 
 
 def test_doctor_model_passes_a_sound_set_up_with_every_check(colour_dir):
-    flags = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
-             "--set", "precision=\"float32\""]
+    flags = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+             "--set", "head.units=[16]", "--set", "precision=\"float32\""]
     result = CliRunner().invoke(app, ["doctor", str(colour_dir), "--model", *flags, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

@@ -91,8 +91,8 @@ def test_a_stage_the_recipe_lacks_is_a_recipe_error(colour_dir):
 
 def test_lr_find_command_prints_the_set_to_use_and_writes_the_plot(colour_dir, tmp_path):
     output = tmp_path / "plot.png"
-    flags = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
-             "--set", "precision=\"float32\""]
+    flags = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+             "--set", "head.units=[16]", "--set", "precision=\"float32\""]
     result = CliRunner().invoke(app, ["lr-find", str(colour_dir), *flags, "-o", str(output), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "use it with: --set stages.0.learning_rate=" in result.output

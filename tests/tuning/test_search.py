@@ -20,7 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 import transferkit  # noqa: E402
 from tests import forked  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
+from tests.conftest import SUBPROCESS_PATH, TINY  # noqa: E402
 from transferkit.cli import app  # noqa: E402
 from transferkit.errors import RecipeError, TransferkitError  # noqa: E402
 from transferkit.recipe import load_recipe  # noqa: E402
@@ -192,10 +192,11 @@ def test_running_the_same_command_again_continues_the_study(searched, shapes_dir
 def test_two_processes_on_one_journal_file_add_trials_to_one_study(shapes_dir, tmp_path):
     journal = tmp_path / "shared" / "study.log"
     command = [sys.executable, "-m", "transferkit", "tune", str(shapes_dir), "--trials", "1", "--study", "shared",
-               "--storage", f"journal://{journal}", "-o", str(tmp_path / "out"), "--weights", "none",
+               "--storage", f"journal://{journal}", "-o", str(tmp_path / "out"), "--backbone", "tinyvgg",
+               "--weights", "none",
                "--image-size", "32", "--batch-size", "8", "--set", "head.units=[8]", "--set", "stages.0.epochs=1",
                "--set", "stages.1:.epochs=0", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": SUBPROCESS_PATH}
     # One worker in a process of its own, the other in this one (one TensorFlow start-up less),
     # both at once on the journal file.
     other = forked.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -269,7 +270,7 @@ def test_ctrl_c_ends_the_trial_keeps_the_study_and_exits_130(stub_training, bina
     stub_training["interrupt_at"] = 2
     recipe = write_recipe(tmp_path, STUB_SPACE)
     arguments = ["tune", str(binary_dir), "-r", str(recipe), "--trials", "5", "-o", str(tmp_path / "out"),
-                 "--weights", "none", "--image-size", "32", "--batch-size", "8"]
+                 "--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "1 complete" in result.output
@@ -285,7 +286,8 @@ def test_ctrl_c_ends_the_trial_keeps_the_study_and_exits_130(stub_training, bina
 
 def test_tune_takes_finetunes_epoch_and_time_budget_flags(stub_training, binary_dir, tmp_path):
     arguments = ["tune", str(binary_dir), "-r", str(write_recipe(tmp_path, STUB_SPACE)), "--trials", "1", "-o",
-                 str(tmp_path / "out"), "--weights", "none", "--image-size", "32", "--batch-size", "8",
+                 str(tmp_path / "out"), "--backbone", "tinyvgg", "--weights", "none", "--image-size", "32",
+                 "--batch-size", "8",
                  "--head-epochs", "3", "--fine-epochs", "0", "--time-budget", "90s", "-q"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
@@ -417,7 +419,8 @@ def test_tune_is_public():
 
 
 def test_trials_0_on_a_new_study_is_one_line_and_leaves_no_folder(binary_dir, tmp_path):
-    result = CliRunner().invoke(app, ["tune", str(binary_dir), "--weights", "none", "--trials", "0", "-o",
+    result = CliRunner().invoke(app, ["tune", str(binary_dir), "--backbone", "tinyvgg", "--weights", "none",
+                                      "--trials", "0", "-o",
                                       str(tmp_path / "out")])
     assert result.exit_code == 1, result.output
     assert result.output.strip() == ("error: --trials 0 runs no trial, and study 'data' holds none yet; give --trials "

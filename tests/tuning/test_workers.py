@@ -21,7 +21,7 @@ optuna = pytest.importorskip("optuna")
 from typer.testing import CliRunner  # noqa: E402
 
 from tests import forked  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
+from tests.conftest import SUBPROCESS_PATH, TINY  # noqa: E402
 from transferkit.cli import app  # noqa: E402
 from transferkit.errors import DataError, TransferkitError, WeightsError  # noqa: E402
 from transferkit.tuning import workers  # noqa: E402
@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 # A trial in a few seconds: 32 px, no weights, a 16-unit head, one epoch of one stage, and
 # only the head's learning rate searched.
 SPACE = '[tune]\n"stages.0.learning_rate" = {low = 1e-4, high = 1e-1, log = true}\n'
-WORKER = {"weights": "none", "image_size": 32, "batch_size": 8, "head.units": [16], "stages.0.epochs": 1,
-          "stages.1:.epochs": 0}
-WORKER_FLAGS = ["--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "head.units=[16]",
-                "--set", "stages.0.epochs=1", "--set", "stages.1:.epochs=0", "--quiet"]
+WORKER = {"backbone": "tinyvgg", "weights": "none", "image_size": 32, "batch_size": 8, "head.units": [16],
+          "stages.0.epochs": 1, "stages.1:.epochs": 0}
+WORKER_FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+                "--set", "head.units=[16]", "--set", "stages.0.epochs=1", "--set", "stages.1:.epochs=0", "--quiet"]
 STUB_SPACE = '[tune]\n"stages.0.learning_rate" = {low = 0.01, high = 0.5}\n'
 
 
@@ -49,7 +49,7 @@ def worker(data: Path, url: str, study: str, output: Path, *flags: str) -> subpr
     """``transferkit tune`` in a process of its own, on the small space."""
     command = [sys.executable, "-m", "transferkit", "tune", str(data), "--storage", url, "--study", study,
                "-o", str(output), "-r", str(write_space(output.parent)), *WORKER_FLAGS, *flags]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": SUBPROCESS_PATH}
     return forked.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -268,7 +268,7 @@ def test_a_failure_of_a_trials_parameters_does_not_stop_the_search(stub_training
 
 def test_study_trials_on_the_command_line(stub_training, binary_dir, tmp_path):
     arguments = ["tune", str(binary_dir), "-r", str(write_space(tmp_path, STUB_SPACE)), "-o", str(tmp_path / "out"),
-                 "--weights", "none", "--image-size", "32", "--batch-size", "8", "--quiet"]
+                 "--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8", "--quiet"]
     result = CliRunner().invoke(app, [*arguments, "--study-trials", "0"])
     assert result.exit_code == 2 and "--study-trials must be 1 or more, got 0" in result.output
     result = CliRunner().invoke(app, [*arguments, "--study-trials", "2"])  # no --trials: until the study holds 2

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from transferkit.backbones import available_backbones
+from transferkit.backbones import REGISTRY
 from transferkit.errors import TrainingInterrupted, TransferkitError
 from transferkit.runtime import ENGINES, PRECISIONS
 from transferkit.strategies import STRATEGIES
@@ -37,7 +37,8 @@ RecipeOption = Annotated[
     typer.Option("--recipe", "-r", help="Recipe TOML file, or a shipped recipe name (see `transferkit recipes`)."),
 ]
 BackboneOption = Annotated[Optional[str], typer.Option(
-        help=f"Backbone: {one_of(available_backbones())} (recipe key: backbone).")]
+        help=f"Backbone: {', '.join(sorted(REGISTRY))}, or one an installed package adds (`transferkit backbones` "
+             "lists them all; recipe key: backbone).")]
 WeightsOption = Annotated[
     Optional[str], typer.Option(help="imagenet (download or Keras cache), none (random), PATH to a .h5 file, or a "
                                 "finished RUN_DIR (or its model.keras) to start from its backbone.")

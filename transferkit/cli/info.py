@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import typer
 
-from transferkit.backbones import REGISTRY
+from transferkit.backbones import available_backbones, get_spec, plugin_source
 from transferkit.cli.common import reports_errors
 
 
 @reports_errors
 def backbones() -> None:
-    """List the available backbones, their input sizes and parameter counts."""
+    """List the available backbones (built in, and those installed packages add), their
+    input sizes and parameter counts."""
     header = f"{'name':<17} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
     typer.echo(f"{header}  ImageNet weights file")
-    for name, spec in sorted(REGISTRY.items()):
+    for name in available_backbones():
+        spec, source = get_spec(name), plugin_source(name)
+        weights = spec.weights_file or "none"
         typer.echo(
             f"{name:<17} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "
-            f"{spec.parameters:>12,}  {spec.weights_file}"
+            f"{spec.parameters:>12,}  {weights}{f'  (added by {source})' if source else ''}"
         )
 
 

@@ -203,7 +203,7 @@ def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_s
         DataError: no image, an unknown ``class_name``, ``top`` below 1, or no image could be read.
         RunError: the run cannot be loaded, or its backbone is not in the registry.
     """
-    from transferkit.backbones import REGISTRY
+    from transferkit.backbones import find_spec
     from transferkit.data.images import UnreadableImage, read_image
     from transferkit.runs import load_run
 
@@ -215,9 +215,10 @@ def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_s
                         f"{', '.join(names)}")
     if top < 1:
         raise DataError(f"--top must be at least 1, got {top}")
-    spec = REGISTRY.get(run.backbone)
+    spec = find_spec(run.backbone)
     if spec is None:
-        raise RunError(f"the run's backbone {run.backbone!r} is not in the registry; cannot find its last conv layer")
+        raise RunError(f"the run's backbone {run.backbone!r} is neither built in nor added by an installed package; "
+                       "cannot find its last conv layer (install the package that adds it)")
     cam = GradCAM(run.model, spec.last_conv)
     count = 1 if class_name is not None else min(top, len(names))
     results: list[Explanation] = []
