@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.backbones import REGISTRY, get_spec, load_backbone
 from transferkit.data.batches import ImageBatches
 from transferkit.model.classifier import build_classifier
 from transferkit.model.surgery import extractor_at
@@ -12,6 +12,10 @@ from transferkit.outputs import encode_targets
 from transferkit.recipe import AugmentConfig, CacheConfig, HeadConfig, StageConfig
 from transferkit.training.features import FeatureBatches, FeaturePass, FeatureStore, compute_feature_stores
 from transferkit.training.stages import Checkpointing, StageOptions, run_stages
+
+# The suite's VGG-shaped backbone (tests/plugins): what the cache does depends on the blocks
+# and the frozen boundary, not on the size of the network.
+BACKBONE = "tinyvgg"
 
 
 def build(name, n_classes=3, seed=0):
@@ -56,7 +60,6 @@ def test_feature_batches_follow_the_image_order_and_rotate_views():
 
 def fit(model, cache, augment=None, unfreeze=0, epochs=3, optimizer="adam", order_seed=1, seed=1,
         forward_factory=None):
-    name = "vgg16"
     labels = np.arange(24) % 3
     from transferkit.data.augment import build_augmenter
 
@@ -66,7 +69,7 @@ def fit(model, cache, augment=None, unfreeze=0, epochs=3, optimizer="adam", orde
     val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 8)
     stages = [StageConfig(epochs=epochs, learning_rate=1e-2, unfreeze=unfreeze, patience=10, optimizer=optimizer)]
     options = StageOptions(verbose=0, seed=seed, cache=cache, forward_factory=forward_factory)
-    return run_stages(model, REGISTRY[name], stages, train, val, 3, options).history
+    return run_stages(model, get_spec(BACKBONE), stages, train, val, 3, options).history
 
 
 # The comparison trains with SGD, not Adam. Adam's first steps move each weight by about
@@ -82,7 +85,7 @@ COMPARED = dict(optimizer="sgd", epochs=3)
 
 
 def train_head(cache=None, **changes):
-    model = build("vgg16", seed=4)
+    model = build(BACKBONE, seed=4)
     history = fit(model, cache, **COMPARED, **changes)
     return model, history
 
@@ -100,7 +103,7 @@ def uncached_training():
 
 
 def test_cached_training_matches_uncached_without_augmentation(uncached_training):
-    model = build("vgg16", seed=4)
+    model = build(BACKBONE, seed=4)
     backbone_before = [np.array(w) for w in model.get_layer("backbone").get_weights()]
     cached = model, fit(model, CacheConfig(enabled=True), **COMPARED)
     assert_same_training(uncached_training, cached)
@@ -139,7 +142,7 @@ def test_cached_versus_uncached_comparison_tells_a_real_difference_from_noise(un
 
 
 def test_partly_unfrozen_stage_on_cache_changes_only_the_open_block():
-    model = build("vgg16", seed=2)
+    model = build(BACKBONE, seed=2)
     backbone = model.get_layer("backbone")
     before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in backbone.layers if layer.weights}
     fit(model, CacheConfig(enabled=True), unfreeze=1, epochs=2)
@@ -159,19 +162,19 @@ def test_augmented_stage_stores_at_most_one_view_per_epoch(caplog):
                          augmenter_factory=lambda: build_augmenter(augment))
     val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
     for views, stored in ((2, 2), (5, 3)):
-        model = build("vgg16", seed=0)
+        model = build(BACKBONE, seed=0)
         stages = [StageConfig(epochs=3, unfreeze=0, patience=10)]
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="transferkit"):
-            run_stages(model, REGISTRY["vgg16"], stages, train, val, 3,
+            run_stages(model, get_spec(BACKBONE), stages, train, val, 3,
                        StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=True, views=views)))
         output = caplog.text
         assert "on cached features" in output
         assert f"({stored} view(s)" in output, output[-500:]
-    model = build("vgg16", seed=0)
+    model = build(BACKBONE, seed=0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="transferkit"):
-        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
+        run_stages(model, get_spec(BACKBONE), [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
                    StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=False)))
     assert "stage 1/1" in caplog.text and "on cached features" not in caplog.text
 
@@ -181,22 +184,22 @@ def test_final_validation_readout_from_the_cache_equals_the_models(unfreeze):
     from transferkit.evaluation.calibration import logits_from, logits_of
     from transferkit.model.surgery import readout_at
 
-    model = build("vgg16", seed=3)
+    model = build(BACKBONE, seed=3)
     labels = np.arange(24) % 3
     train = ImageBatches(images(24), encode_targets(labels, 3), 8, shuffle=True, seed=1)
     val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 4)
-    result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2 - unfreeze, unfreeze=unfreeze)], train, val,
+    result = run_stages(model, get_spec(BACKBONE), [StageConfig(epochs=2 - unfreeze, unfreeze=unfreeze)], train, val,
                         3, StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True)))
     outputs, dense_inputs, embeddings = readout_at(model).predict(val, verbose=0)
     np.testing.assert_allclose(result.val_outputs, model.predict(val, verbose=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(result.validation.outputs, outputs, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(result.validation.dense_inputs, dense_inputs, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(result.validation.embeddings, embeddings, rtol=1e-4, atol=1e-4)
-    assert embeddings.shape == (9, 512) and not result.validation.int8
+    assert embeddings.shape == (9, model.get_layer("backbone").output.shape[-1]) and not result.validation.int8
     # Calibration's logits from them are the ones a pass of the model gives.
     np.testing.assert_allclose(logits_from(model, result.validation.dense_inputs), logits_of(model, val.images),
                                rtol=1e-4, atol=1e-4)
-    result = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
+    result = run_stages(model, get_spec(BACKBONE), [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
                         StageOptions(verbose=0, seed=1, cache=None))
     assert result.val_outputs is None and result.validation is None  # an uncached last stage: the model runs
 
@@ -224,12 +227,12 @@ def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2):
     stages = [StageConfig(epochs=epochs, unfreeze=unfreeze) for unfreeze in unfreezes]
     from transferkit.training.features import default_forward
 
-    return FeaturePlan(model, REGISTRY["vgg16"], stages, train, val, CacheConfig(enabled=True, views=2),
+    return FeaturePlan(model, get_spec(BACKBONE), stages, train, val, CacheConfig(enabled=True, views=2),
                        forward_factory or default_forward, seed=1)
 
 
 def test_plan_takes_each_stage_from_the_shallowest_boundary_of_the_stages_after_it():
-    model = build("vgg16")
+    model = build(BACKBONE)
     plan = plan_for(model, [0, 2, 1])  # boundaries: backbone output (5), block4 (3), block5 (4)
     assert [plan.boundary(i) for i in range(3)] == [5, 3, 4]
     assert [plan.source(i) for i in range(3)] == [3, 3, 4]
@@ -241,11 +244,13 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
     from transferkit.recipe import AugmentConfig
 
     augment = AugmentConfig(rotation=20.0)
-    model = build("vgg16", seed=6)
+    model = build(BACKBONE, seed=6)
     shared = plan_for(model, [0, 1], augment=augment)
     head, fine = shared.stage_inputs(0), shared.stage_inputs(1)
     assert head.computed and not fine.computed
-    assert head.train.store.shape[2:] == (1, 1, 512) and fine.train.store.shape[2:] == (2, 2, 512)
+    backbone = model.get_layer("backbone")  # each stage's features: the output of the block below its first open one
+    assert head.train.store.shape[2:] == tuple(backbone.get_layer("block5_pool").output.shape[1:]) == (1, 1, 128)
+    assert fine.train.store.shape[2:] == tuple(backbone.get_layer("block4_pool").output.shape[1:]) == (2, 2, 64)
     resumed = plan_for(model, [0, 1], augment=augment).stage_inputs(1)
     assert resumed.computed
     for stage in (head, fine, resumed):  # views after the first are computed in the background
@@ -253,7 +258,7 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
     np.testing.assert_array_equal(resumed.train.store.array, fine.train.store.array)
     np.testing.assert_array_equal(resumed.val.store.array, fine.val.store.array)
     # and they are the frozen part's output on the augmented views
-    direct = extractor_at(model, REGISTRY["vgg16"], [REGISTRY["vgg16"].first_unfrozen(1)])
+    direct = extractor_at(model, get_spec(BACKBONE), [get_spec(BACKBONE).first_unfrozen(1)])
     view0 = direct.predict_on_batch(head_view_images(shared, view=0))
     np.testing.assert_allclose(fine.train.store.array[0], view0, rtol=1e-5, atol=1e-5)
     shared.stage_done(0)
@@ -308,11 +313,11 @@ def test_cached_stage_validation_figures_are_what_keras_evaluate_gives(n_classes
     function); they must be the figures Keras reports for the same model and images."""
     from transferkit.outputs import loss_for
 
-    model = build("vgg16", n_classes=n_classes, seed=8)
+    model = build(BACKBONE, n_classes=n_classes, seed=8)
     labels = np.arange(24) % n_classes
     train = ImageBatches(images(24), encode_targets(labels, n_classes), 8, shuffle=True, seed=1)
     val = ImageBatches(images(11, seed=5), encode_targets(np.arange(11) % n_classes, n_classes), 4)
-    history = run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, learning_rate=1e-2, unfreeze=0)],
+    history = run_stages(model, get_spec(BACKBONE), [StageConfig(epochs=1, learning_rate=1e-2, unfreeze=0)],
                          train, val, n_classes,
                          StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True))).history
     model.compile(loss=loss_for(n_classes), metrics=["accuracy"])
@@ -332,9 +337,9 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
         return train, ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 8)
 
     stages = [StageConfig(epochs=2, learning_rate=1e-2, unfreeze=0, patience=10)]
-    reference = build("vgg16", seed=7)
+    reference = build(BACKBONE, seed=7)
     options = StageOptions(verbose=0, seed=1, cache=CacheConfig())
-    expected = run_stages(reference, REGISTRY["vgg16"], stages, *batches(), 3, options).history
+    expected = run_stages(reference, get_spec(BACKBONE), stages, *batches(), 3, options).history
 
     stop = StopFlag()
 
@@ -344,7 +349,7 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
 
     work = WorkFolder.create(tmp_path / "run", {}, "", force=False)
     with pytest.raises(TrainingInterrupted):
-        run_stages(build("vgg16", seed=7), REGISTRY["vgg16"], stages, *batches(), 3,
+        run_stages(build(BACKBONE, seed=7), get_spec(BACKBONE), stages, *batches(), 3,
                    StageOptions(verbose=0, seed=1, cache=CacheConfig(), callbacks=[StopInFirstEpoch()]),
                    Checkpointing(work=work, stop=stop))
     state = work.state()
@@ -353,7 +358,7 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
 
     work = WorkFolder.open(tmp_path / "run")
     resumed = work.load_model()
-    history = run_stages(resumed, REGISTRY["vgg16"], stages, *batches(), 3, options,
+    history = run_stages(resumed, get_spec(BACKBONE), stages, *batches(), 3, options,
                          Checkpointing(state=state, work=work)).history
     assert [row["val_loss"] for row in history] == pytest.approx([row["val_loss"] for row in expected], rel=1e-6)
     for a, b in zip(reference.get_weights(), resumed.get_weights()):
@@ -399,10 +404,10 @@ def test_a_failure_in_the_background_reaches_whoever_waits_for_that_view():
 def test_cached_stage_progress_never_counts_past_the_epoch(capsys):
     import re
 
-    model = build("vgg16", seed=1)
+    model = build(BACKBONE, seed=1)
     train = ImageBatches(images(24), encode_targets(np.arange(24) % 3, 3), 8, shuffle=True, seed=1)  # 3 steps
     val = ImageBatches(images(6, seed=5), encode_targets(np.arange(6) % 3, 3), 8)
-    run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
+    run_stages(model, get_spec(BACKBONE), [StageConfig(epochs=1, unfreeze=0)], train, val, 3,
                StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=True)))
     counts = [int(done) for done in re.findall(r"(\d+)/3\b", capsys.readouterr().out)]
     assert counts and max(counts) == 3
@@ -443,11 +448,11 @@ def test_a_stop_request_ends_the_feature_pass_and_the_stage_before_training(tmp_
 
         return forward
 
-    model = build("vgg16", seed=3)
+    model = build(BACKBONE, seed=3)
     train = ImageBatches(images(16), encode_targets(np.arange(16) % 3, 3), 4, shuffle=True, seed=1)
     val = ImageBatches(images(8, seed=2), encode_targets(np.arange(8) % 3, 3), 4)
     with pytest.raises(TrainingInterrupted):
-        run_stages(model, REGISTRY["vgg16"], [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
+        run_stages(model, get_spec(BACKBONE), [StageConfig(epochs=2, unfreeze=0)], train, val, 3,
                    StageOptions(verbose=0, cache=CacheConfig(), forward_factory=stopping_factory,
                                 callbacks=[Stopping()]),
                    Checkpointing(stop=stop))
@@ -467,7 +472,7 @@ def shared_plan(model, unfreezes, data, cache, *, augment=AugmentConfig(rotation
                          augmenter_factory=factory)
     val = ImageBatches(val_images, encode_targets(np.arange(len(val_images)) % 3, 3), 4)
     stages = [StageConfig(epochs=2, unfreeze=unfreeze) for unfreeze in unfreezes]
-    return FeaturePlan(model, REGISTRY["vgg16"], stages, train, val, CacheConfig(enabled=True, views=2),
+    return FeaturePlan(model, get_spec(BACKBONE), stages, train, val, CacheConfig(enabled=True, views=2),
                        forward_factory or default_forward, seed=1, shared=cache, context=context)
 
 
@@ -487,7 +492,7 @@ def test_a_shared_cache_serves_a_later_run_whose_frozen_part_is_the_same():
 
     cache = FeatureCache()
     data = (images(12), images(6, seed=5))
-    first = shared_plan(build("vgg16", seed=6), [0, 1], data, cache)
+    first = shared_plan(build(BACKBONE, seed=6), [0, 1], data, cache)
     head, fine = first.stage_inputs(0), first.stage_inputs(1)
     assert head.computed and not fine.computed
     first.stage_done(0)
@@ -495,7 +500,7 @@ def test_a_shared_cache_serves_a_later_run_whose_frozen_part_is_the_same():
     assert len(cache) == 2 and head.train.store.complete() and fine.train.store.complete()
     # Another model with the same weights (same seed), the same images and augmentation.
     calls = []
-    again = shared_plan(build("vgg16", seed=6), [0, 1], data, cache, forward_factory=counting(calls))
+    again = shared_plan(build(BACKBONE, seed=6), [0, 1], data, cache, forward_factory=counting(calls))
     head_again, fine_again = again.stage_inputs(0), again.stage_inputs(1)
     assert calls == [] and not head_again.computed and not fine_again.computed
     assert head_again.train.store is head.train.store and fine_again.val.store is fine.val.store
@@ -505,11 +510,11 @@ def test_a_shared_cache_serves_a_later_run_whose_frozen_part_is_the_same():
     # A deeper fine stage: the head's features come from the cache, the pass computes only
     # the new boundary, and gets what a run of its own computes.
     calls = []
-    deeper = shared_plan(build("vgg16", seed=6), [0, 2], data, cache, forward_factory=counting(calls))
+    deeper = shared_plan(build(BACKBONE, seed=6), [0, 2], data, cache, forward_factory=counting(calls))
     deeper_fine = deeper.stage_inputs(1)
     assert calls == [1] and deeper_fine.computed
     assert deeper.stage_inputs(0).train.store is head.train.store
-    own = plan_for(build("vgg16", seed=6), [0, 2], augment=AugmentConfig(rotation=20.0))  # the same images
+    own = plan_for(build(BACKBONE, seed=6), [0, 2], augment=AugmentConfig(rotation=20.0))  # the same images
     own_fine = own.stage_inputs(1)
     own_fine.train.store.wait_for()
     deeper_fine.train.store.wait_for()
@@ -526,15 +531,15 @@ def test_a_shared_cache_never_serves_features_computed_otherwise(change):
 
     cache = FeatureCache()
     data = (images(12), images(6, seed=5))
-    shared_plan(build("vgg16", seed=6), [0], data, cache).stage_inputs(0)
+    shared_plan(build(BACKBONE, seed=6), [0], data, cache).stage_inputs(0)
     calls = []
     other = {
-        "weights": dict(model=build("vgg16", seed=7)),
+        "weights": dict(model=build(BACKBONE, seed=7)),
         "augmentation": dict(augment=AugmentConfig(rotation=10.0)),
         "engine": dict(context=("openvino", "float32")),
         "images": dict(data=(data[0].copy(), data[1])),  # equal values, another array
     }[change]
-    arguments = {"model": build("vgg16", seed=6), "data": data, **other}
+    arguments = {"model": build(BACKBONE, seed=6), "data": data, **other}
     model, data_used = arguments.pop("model"), arguments.pop("data")
     plan = shared_plan(model, [0], data_used, cache, forward_factory=counting(calls), **arguments)
     assert plan.stage_inputs(0).computed and calls == [1]
