@@ -15,7 +15,7 @@ from pathlib import Path
 
 # The repository (what subprocesses put on PYTHONPATH or run in, to import ``tests.*`` helpers).
 ROOT = Path(__file__).resolve().parent.parent
-# The suite's small backbone, "tinyvgg", as an installed package adds one
+# The suite's small backbones, "tinyvgg" and "tinyresnet", as an installed package adds one
 # (tests/plugins/transferkit_test_backbones.py): its folder on this process's path and on
 # every process's it starts (the fork server's children inherit the path).
 PLUGINS = ROOT / "tests" / "plugins"

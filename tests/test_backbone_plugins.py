@@ -96,6 +96,24 @@ def test_a_plugin_backbone_trains_a_run_that_plain_keras_loads_without_the_plugi
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), run.model.predict(images, verbose=0), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tinyvgg", "tinyresnet"])
+def test_the_suites_own_backbones_are_what_their_specs_say(name):
+    """What the suite's tests lean on: the facts in each spec are those of the model built,
+    every weighted layer is in a block, and tinyresnet's BatchNorm layers are where
+    ResNet50's names put them."""
+    spec = get_spec(name)
+    backbone = load_backbone(name, weights="none", input_shape=(32, 32, 3))
+    assert backbone.count_params() == spec.parameters and plugin_source(name) == "transferkit-test-backbones"
+    assert backbone.get_layer(spec.last_conv).output.shape[1:3] == (2, 2)  # a map for Grad-CAM at 32 px
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    assert all(spec.block_of(layer.name) is not None for layer in weighted)
+    assert {spec.block_of(layer.name) for layer in weighted} == set(range(len(spec.blocks)))
+    norms = [layer.name for layer in weighted if type(layer).__name__ == "BatchNormalization"]
+    assert len(norms) == (0 if name == "tinyvgg" else 14)
+    for norm in norms:  # each after the convolution of its name, as in ResNet50
+        assert norm.endswith("_bn") and backbone.get_layer(norm[:-2] + "conv")
+
+
 def test_a_plugin_without_imagenet_weights_says_so_and_an_unknown_name_says_how_to_add_one(tmp_path):
     with pytest.raises(WeightsError, match="tinyvgg has no ImageNet weights to download; pass --weights PATH to a "
                                            "weights file of a tinyvgg backbone, or --weights none"):

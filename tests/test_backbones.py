@@ -17,9 +17,9 @@ NEW_FAMILIES = [
 
 
 def test_registry_lists_every_backbone():
-    # With the suite's own backbone, which tests/plugins adds as an installed package would.
+    # With the suite's own backbones, which tests/plugins adds as an installed package would.
     assert sorted(REGISTRY) == sorted(["resnet50", "vgg16", "vgg19", *NEW_FAMILIES])
-    assert available_backbones() == sorted([*REGISTRY, "tinyvgg"])
+    assert available_backbones() == sorted([*REGISTRY, "tinyresnet", "tinyvgg"])
 
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg19", "resnet50"])
@@ -35,7 +35,8 @@ def test_load_with_random_weights_every_layer_has_a_block(name):
 
 
 def test_unknown_backbone_and_too_small_input():
-    with pytest.raises(WeightsError, match="choose one of: convnext-small, .*, resnet50, tinyvgg, vgg16, vgg19"):
+    with pytest.raises(WeightsError,
+                       match="choose one of: convnext-small, .*, resnet50, tinyresnet, tinyvgg, vgg16, vgg19"):
         load_backbone("mobilenet", weights="none")
     with pytest.raises(WeightsError, match="at least 32x32x3"):
         load_backbone("vgg16", weights="none", input_shape=(16, 16, 3))

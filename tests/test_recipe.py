@@ -108,7 +108,7 @@ def test_unknown_optimizer_lists_choices():
 
 
 def test_unknown_backbone_lists_choices():
-    with pytest.raises(RecipeError, match="resnet50, tinyvgg, vgg16, vgg19"):
+    with pytest.raises(RecipeError, match="resnet50, tinyresnet, tinyvgg, vgg16, vgg19"):
         load_recipe(None, {"backbone": "vgg17"})
 
 

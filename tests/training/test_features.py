@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import REGISTRY, get_spec, load_backbone
+from transferkit.backbones import get_spec, load_backbone
 from transferkit.data.batches import ImageBatches
 from transferkit.model.classifier import build_classifier
 from transferkit.model.surgery import extractor_at
@@ -276,14 +276,15 @@ def head_view_images(plan, view):
 
 
 def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
-    """ResNet50 through OpenVINO in bfloat16, three stages sharing one pass: a run resumed at
-    the second stage computes its features afresh and gets the same numbers."""
+    """A backbone with BatchNorm (the suite's tinyresnet) through OpenVINO in bfloat16, three
+    stages sharing one pass: a run resumed at the second stage computes its features afresh
+    and gets the same numbers."""
     from transferkit.inference.engines import inference_engine
 
     keras.utils.set_random_seed(0)
     with __import__("transferkit.runtime", fromlist=["x"]).dtype_policy("mixed_bfloat16"):
-        backbone = load_backbone("resnet50", weights="none", input_shape=(64, 64, 3))
-        model = build_classifier(backbone, 3, HeadConfig(units=(8,)), backbone_name="resnet50")
+        backbone = load_backbone("tinyresnet", weights="none", input_shape=(64, 64, 3))
+        model = build_classifier(backbone, 3, HeadConfig(units=(8,)), backbone_name="tinyresnet")
     pictures = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype="uint8")
 
     def factory(extractor, work=None):
@@ -295,7 +296,7 @@ def test_resumed_stage_runs_the_same_engine_network_as_the_whole_run():
         train = ImageBatches(pictures[:8], encode_targets(np.arange(8) % 3, 3), 4, shuffle=True, seed=1)
         val = ImageBatches(pictures[8:], encode_targets(np.arange(4) % 3, 3), 4)
         stages = [StageConfig(epochs=1, unfreeze=unfreeze) for unfreeze in (0, 2, 3)]
-        return FeaturePlan(model, REGISTRY["resnet50"], stages, train, val, CacheConfig(), factory, dtype="float16")
+        return FeaturePlan(model, get_spec("tinyresnet"), stages, train, val, CacheConfig(), factory, dtype="float16")
 
     whole = plan()
     whole.stage_inputs(0)
