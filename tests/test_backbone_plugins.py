@@ -34,6 +34,9 @@ SMALL_CNN = BackboneSpec(name="small-cnn", constructor=small_cnn, preprocessing=
 NOT_A_SPEC = "small-cnn"
 RENAMED = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "other"})
 VGG16 = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "vgg16"})
+UPPER = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "Upper"})
+TORCH = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "torch-pre", "preprocessing": "torch"})
+NO_COUNT = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "no-count", "parameters": None})
 '''
 
 ENTRY_POINTS = """[transferkit.backbones]
@@ -42,12 +45,15 @@ broken = my_nets_missing:NET
 text = my_nets:NOT_A_SPEC
 misnamed = my_nets:RENAMED
 vgg16 = my_nets:VGG16
+Upper = my_nets:UPPER
+torch-pre = my_nets:TORCH
+no-count = my_nets:NO_COUNT
 """
 
 
 @pytest.fixture()
 def installed(tmp_path):
-    """A folder holding an installed package that adds one good backbone and four faulty
+    """A folder holding an installed package that adds one good backbone and seven faulty
     entries."""
     site = tmp_path / "site"
     (site / "my_nets-0.1.dist-info").mkdir(parents=True)
@@ -70,12 +76,15 @@ def test_an_installed_packages_backbone_is_listed_and_its_faulty_entries_are_lef
     assert rows["small-cnn"].split()[1:5] == ["64", "8", "2", "260"]
     assert rows["small-cnn"].endswith("none  (added by my-nets)")
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in rows["vgg16"]  # the built-in one stands
-    assert not {"broken", "text", "misnamed", "other"} & set(rows)
+    assert not {"broken", "text", "misnamed", "other", "Upper", "upper", "torch-pre", "no-count"} & set(rows)
     warned = result.stderr
     assert "backbone plugin 'broken' (my_nets_missing:NET, package my-nets) failed to load (No module named " in warned
     assert "'text' (my_nets:NOT_A_SPEC, package my-nets) gives a str, not a transferkit.backbones.Backbone" in warned
     assert "'misnamed' (my_nets:RENAMED, package my-nets) names its backbone 'other'" in warned
     assert "'vgg16' (my_nets:VGG16, package my-nets) would replace the built-in backbone 'vgg16'" in warned
+    assert "'Upper' (my_nets:UPPER, package my-nets) names its backbone 'Upper': backbone names are lower" in warned
+    assert "'torch-pre' (my_nets:TORCH, package my-nets) has preprocessing 'torch': it must be one of caffe, " in warned
+    assert "'no-count' (my_nets:NO_COUNT, package my-nets) has parameters None: it must be a whole number" in warned
     assert "Traceback" not in warned
 
 
@@ -127,5 +136,137 @@ def test_a_plugin_without_imagenet_weights_says_so_and_an_unknown_name_says_how_
                                            r"\(a backbone another package adds is known once that package is"):
         get_spec("small-cnn")
     assert "tinyvgg" in available_backbones()
-    with pytest.raises(RecipeError, match="backbone: unknown backbone 'TinyVGG'"):
+    with pytest.raises(RecipeError, match="backbone: backbone names are lower case: 'tinyvgg', not 'TinyVGG'"):
         transferkit.load_recipe(None, {"backbone": "TinyVGG"})
+
+
+def _small(include_top=False, weights=None, input_shape=(32, 32, 3), *, fixed=False, lam=False, boom=False):
+    import keras
+
+    if boom:
+        raise RuntimeError("the constructor broke")
+    inputs = keras.Input((64, 64, 3) if fixed else input_shape)
+    x = keras.layers.Conv2D(4, 3, name="stem_conv")(inputs)
+    if lam:
+        x = keras.layers.Lambda(lambda t: t * 2, name="double")(x)
+    x = keras.layers.Conv2D(4, 3, name="top_conv")(x)
+    return keras.Model(inputs, x)
+
+
+def _plugin(name, constructor=_small, **changes):
+    from transferkit.backbones import BackboneSpec
+
+    facts = dict(name=name, constructor=constructor, preprocessing="caffe", min_size=8, default_size=32,
+                 blocks=("stem", "top"), weights_file="", weights_origin="", last_conv="top_conv", parameters=260)
+    return BackboneSpec(**{**facts, **changes})
+
+
+FAULTY = {
+    "boom": (_plugin("boom", lambda **k: _small(**k, boom=True)), "failed to build (the constructor broke)"),
+    "fixed": (_plugin("fixed", lambda **k: _small(**k, fixed=True)),
+              "it was asked for inputs of (32, 32, 3) and takes (64, 64, 3): it must build input_shape"),
+    "none": (_plugin("none", lambda **k: None), "its constructor returned NoneType, not a keras.Model"),
+    "lambda": (_plugin("lambda", lambda **k: _small(**k, lam=True)), "it holds a Lambda layer (double)"),
+    "gap": (_plugin("gap", blocks=("stem", "middle", "top")), "its block 'middle' names none of its layers"),
+    "uncovered": (_plugin("uncovered", blocks=("top",)),
+                  "its layer(s) stem_conv lie in none of its blocks, so no unfreeze depth would train them"),
+    "no-map": (_plugin("no-map", last_conv="head_conv"), "its last_conv 'head_conv' is not one of its layers"),
+    "missing-app": (_plugin("missing-app", "NoSuchNet"), "names keras.applications.NoSuchNet, which this Keras lacks"),
+}
+
+
+@pytest.fixture()
+def faulty_plugins(monkeypatch):
+    """The installed plugins as ``FAULTY``'s (monkeypatched: building each is in-process)."""
+    from transferkit import backbones
+
+    monkeypatch.setattr(backbones, "_plugins", lambda: {name: (spec, "bad-nets") for name, (spec, _) in FAULTY.items()})
+
+
+@pytest.mark.parametrize("name", sorted(FAULTY))
+def test_a_plugin_whose_model_is_not_what_its_spec_says_is_one_error_naming_its_package(name, faulty_plugins):
+    with pytest.raises(WeightsError) as raised:
+        load_backbone(name, weights="none", input_shape=(32, 32, 3))
+    message = str(raised.value)
+    assert message.startswith(f"backbone {name!r} (added by bad-nets)") and FAULTY[name][1] in message, message
+    assert "\n" not in message
+
+
+def test_a_wrong_parameter_count_is_a_warning_and_the_command_line_tells_a_plugins_failure_in_one_line(
+        faulty_plugins, monkeypatch, tmp_path, shapes_dir):
+    from typer.testing import CliRunner
+
+    from transferkit import backbones
+    from transferkit.cli import app
+
+    FAULTY["counted"] = (_plugin("counted", parameters=123), "")
+    try:
+        with pytest.warns(UserWarning, match="backbone 'counted' .* has 260 parameters; its spec says 123"):
+            load_backbone("counted", weights="none", input_shape=(32, 32, 3))
+    finally:
+        del FAULTY["counted"]
+    assert backbones.find_spec("boom") is not None
+    result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--backbone", "boom", "--weights", "none",
+                                      "--image-size", "32", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line == ("error: backbone 'boom' (added by bad-nets) failed to build (the constructor broke); the package "
+                    "that adds it needs a fix; choose another backbone meanwhile")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("run*"))
+
+
+# A package whose backbone holds a layer of its own, registered with Keras when the module is
+# imported: its runs load where the package is installed, through transferkit importing it.
+CUSTOM_NETS = '''
+import keras
+
+from transferkit.backbones import BackboneSpec
+
+
+@keras.saving.register_keras_serializable(package="custom_nets")
+class Doubled(keras.layers.Layer):
+    def call(self, inputs):
+        return inputs * 2.0
+
+
+def custom_cnn(include_top=False, weights=None, input_shape=(32, 32, 3)):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, name="stem_conv")(inputs)
+    x = Doubled(name="stem_doubled")(x)
+    return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="top_conv")(x))
+
+
+CUSTOM_CNN = BackboneSpec(name="custom-cnn", constructor=custom_cnn, preprocessing="caffe", min_size=8,
+                          default_size=32, blocks=("stem", "top"), weights_file="", weights_origin="",
+                          last_conv="top_conv", parameters=260)
+'''
+
+
+def test_a_run_whose_backbone_has_a_registered_layer_loads_where_its_package_is_installed(
+        tmp_path, shapes_dir, tiny, monkeypatch):
+    from transferkit import backbones
+
+    site = tmp_path / "site"
+    (site / "custom_nets-0.1.dist-info").mkdir(parents=True)
+    (site / "custom_nets.py").write_text(CUSTOM_NETS)
+    (site / "custom_nets-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: custom-nets\n"
+                                                                 "Version: 0.1\n")
+    (site / "custom_nets-0.1.dist-info" / "entry_points.txt").write_text(
+        "[transferkit.backbones]\ncustom-cnn = custom_nets:CUSTOM_CNN\n")
+    monkeypatch.syspath_prepend(str(site))
+    import custom_nets  # here as the entry point would import it (a fresh process below finds it so)
+
+    monkeypatch.setattr(backbones, "_plugins", lambda: {"custom-cnn": (custom_nets.CUSTOM_CNN, "custom-nets")})
+    run = transferkit.finetune(shapes_dir, None, {**tiny, "backbone": "custom-cnn"}, output=tmp_path / "run",
+                               verbose=0)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, transferkit
+        run = transferkit.load_run({str(run.path)!r})
+        assert "custom_nets" in sys.modules
+        np.save({str(tmp_path / "out.npy")!r}, run.model.predict(np.full((2, 32, 32, 3), 90.0), verbose=0))
+        """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    result = forked.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
+                               run.model.predict(np.full((2, 32, 32, 3), 90.0), verbose=0), atol=1e-6)

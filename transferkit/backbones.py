@@ -346,16 +346,113 @@ def _plugins() -> dict[str, tuple[BackboneSpec, str]]:
             continue
         if not isinstance(spec, BackboneSpec):
             problem = f"gives a {type(spec).__name__}, not a transferkit.backbones.BackboneSpec"
+        elif (problem := _spec_problem(spec)) is not None:
+            pass
         elif spec.name != point.name.lower():
             problem = f"names its backbone {spec.name!r}: the entry point's name must be the backbone's"
-        elif spec.name in REGISTRY or spec.name in found:
-            kind = "built-in" if spec.name in REGISTRY else "other plugin's"
-            problem = f"would replace the {kind} backbone {spec.name!r}"
+        elif spec.name in REGISTRY:
+            problem = f"would replace the built-in backbone {spec.name!r}"
+        elif spec.name in found:
+            problem = f"would replace the backbone {spec.name!r} that package {found[spec.name][1]} adds"
         else:
             found[spec.name] = (spec, package)
             continue
         warnings.warn(f"{source} {problem}; it is left out", stacklevel=2)
     return found
+
+
+# The input conventions ``BackboneSpec.preprocessing`` names (model.classifier builds each).
+PREPROCESSING = ("caffe", "included")
+
+
+def _spec_problem(spec: BackboneSpec) -> str | None:
+    """What makes a plugin's spec unusable as written (before anything is built), or None."""
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+    if not isinstance(spec.name, str) or not spec.name or spec.name != spec.name.lower():
+        return f"names its backbone {spec.name!r}: backbone names are lower case"
+    if not (isinstance(spec.constructor, str) or callable(spec.constructor)):
+        return "has a constructor that is neither a callable nor the name of a keras.applications model"
+    if spec.preprocessing not in PREPROCESSING:
+        return f"has preprocessing {spec.preprocessing!r}: it must be one of {', '.join(PREPROCESSING)}"
+    if not (isinstance(spec.blocks, tuple) and spec.blocks and all(isinstance(b, str) and b for b in spec.blocks)):
+        return f"has blocks {spec.blocks!r}: they must be a non-empty tuple of layer-name prefixes"
+    for name in ("min_size", "default_size", "parameters"):
+        if not whole(getattr(spec, name)):
+            return f"has {name} {getattr(spec, name)!r}: it must be a whole number of at least 1"
+    for name in ("weights_file", "weights_origin", "last_conv", "output_layer"):
+        if not isinstance(getattr(spec, name), str):
+            return f"has {name} {getattr(spec, name)!r}: it must be a string"
+    if not spec.last_conv:
+        return "has no last_conv: the name of its last layer that keeps a spatial map"
+    pairs = spec.unsupported_formats
+    if not (isinstance(pairs, tuple) and all(isinstance(pair, tuple) and len(pair) == 2
+                                             and all(isinstance(part, str) for part in pair) for pair in pairs)):
+        return f"has unsupported_formats {pairs!r}: they must be a tuple of (format, why) pairs of strings"
+    return None
+
+
+def _plugin_model_problem(spec: BackboneSpec, model, shape: tuple[int, int, int]) -> str | None:
+    """What makes the model a plugin's constructor built unusable as its spec describes it,
+    or None."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        return f"its constructor returned {type(model).__name__}, not a keras.Model"
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 4:
+        return (f"it outputs {[tuple(output.shape) for output in model.outputs]}, not one feature map "
+                "(batch, height, width, channels)")
+    if tuple(model.input_shape[1:]) != shape:
+        return f"it was asked for inputs of {shape} and takes {tuple(model.input_shape[1:])}: it must build input_shape"
+    lambdas = [layer.name for layer in _every_layer(model) if isinstance(layer, keras.layers.Lambda)]
+    if lambdas:
+        return (f"it holds a Lambda layer ({lambdas[0]}), which transferkit refuses to load from a saved run (it "
+                "would run code from the file); build it from Keras layers")
+    names = {layer.name for layer in model.layers}
+    if spec.last_conv not in names and spec.output_layer != spec.last_conv:
+        return f"its last_conv {spec.last_conv!r} is not one of its layers"
+    blocks = {spec.block_of(layer.name) for layer in model.layers}
+    empty = [prefix for index, prefix in enumerate(spec.blocks) if index not in blocks]
+    if empty:
+        return f"its block {empty[0]!r} names none of its layers (blocks are layer-name prefixes)"
+    outside = [layer.name for layer in model.layers if layer.weights and spec.block_of(layer.name) is None]
+    if outside:
+        return (f"its layer(s) {', '.join(outside[:3])} lie in none of its blocks, so no unfreeze depth would "
+                "train them")
+    return None
+
+
+def _every_layer(model):
+    """A model's layers and those of the models nested in it."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _every_layer(layer)
+
+
+def _guarded(spec: BackboneSpec, constructor: Callable, shape: tuple[int, int, int]) -> Callable:
+    """A plugin's constructor, whose failures (its own exceptions, a model unlike its spec)
+    are one ``WeightsError`` naming the package."""
+    maker = f"backbone {spec.name!r} (added by {plugin_source(spec.name)})"
+    remedy = "the package that adds it needs a fix; choose another backbone meanwhile"
+
+    def build(**keywords):
+        try:
+            model = constructor(**keywords)
+        except WeightsError:
+            raise
+        except Exception as error:  # the plugin's own code
+            raise WeightsError(f"{maker} failed to build ({first_line(error)}); {remedy}") from error
+        problem = _plugin_model_problem(spec, model, shape)
+        if problem is not None:
+            raise WeightsError(f"{maker}: {problem}; {remedy}")
+        if model.count_params() != spec.parameters:
+            warnings.warn(f"{maker} has {model.count_params():,} parameters; its spec says {spec.parameters:,}",
+                          stacklevel=3)
+        return model
+
+    return build
 
 
 def keras_cache_dir() -> Path:
@@ -405,7 +502,14 @@ def load_backbone(
 
     import keras
 
-    constructor = spec.constructor if callable(spec.constructor) else getattr(keras.applications, spec.constructor)
+    constructor = spec.constructor
+    if not callable(constructor):
+        constructor = getattr(keras.applications, constructor, None)
+        if constructor is None:  # a plugin's spec (the built-in names are tested)
+            raise WeightsError(f"backbone {spec.name!r} (added by {plugin_source(spec.name)}) names "
+                               f"keras.applications.{spec.constructor}, which this Keras lacks")
+    if spec.name not in REGISTRY:
+        constructor = _guarded(spec, constructor, shape)
     weights_text = str(weights)
     if weights_text.lower() == "none":
         backbone = constructor(include_top=False, weights=None, input_shape=shape)
@@ -443,6 +547,8 @@ def _build_with_imagenet(spec: BackboneSpec, constructor, input_shape):
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
         return constructor(include_top=False, weights="imagenet", input_shape=input_shape)
+    except WeightsError:  # a plugin's constructor, told as such (``_guarded``)
+        raise
     except Exception as error:  # Keras raises a bare Exception for a failed fetch.
         reason = first_line(error)
         if was_cached and not cached.exists():

@@ -436,8 +436,10 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _fits_backbone(self):
         spec = find_spec(self.backbone)
-        if spec is None or spec.name != self.backbone:  # names are lower case, as listed
+        if spec is None:
             raise ValueError(f"backbone: {unknown_backbone(self.backbone)}")
+        if spec.name != self.backbone:  # one spelling in recipes and run folders: as listed
+            raise ValueError(f"backbone: backbone names are lower case: {spec.name!r}, not {self.backbone!r}")
         if self.image_size < spec.min_size:
             raise ValueError(
                 f"image_size: {self.image_size} is below the {spec.name} minimum of "

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transferkit.backbones import find_spec
 from transferkit.errors import RunError, first_line
 from transferkit.files import (
     fault_point,
@@ -362,6 +363,9 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
         prediction_sets=labels.get("prediction_sets"),
     )
     if with_model:
+        # The package that added the run's backbone, where installed, is imported first: a
+        # custom layer it registers with Keras loads (nothing is needed without one).
+        find_spec(backbone)
         run.model = _load_model(model_path, len(class_names))
         shape = run.model.input_shape  # (None, S, S, 3) for a classifier; a list for several inputs
         size = tuple(shape[1:3]) if isinstance(shape, tuple) and len(shape) == 4 else (None, None)

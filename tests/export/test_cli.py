@@ -125,6 +125,45 @@ def test_benchmark_prints_one_table_and_writes_benchmark_json(shapes_run, tmp_pa
     assert runner.invoke(app, ["benchmark", str(run), "--seconds", "0"]).exit_code == 2
 
 
+def test_benchmark_skips_the_default_formats_its_backbone_cannot_hold_and_refuses_one_named(
+        shapes_run, tmp_path, monkeypatch):
+    """A backbone's ``unsupported_formats`` (MobileNetV3's h5): the default formats go on
+    without them; one named is refused before any export. Here the run's backbone (vgg16)
+    is declared unable to hold any format but keras."""
+    import dataclasses
+
+    from transferkit import backbones
+    from transferkit.export.formats import FORMATS
+
+    assert shapes_run.backbone == "vgg16"
+    narrowed = dataclasses.replace(backbones.REGISTRY["vgg16"], unsupported_formats=tuple(
+        (name, "not this one") for name in FORMATS if name != "keras"))
+    monkeypatch.setitem(backbones.REGISTRY, "vgg16", narrowed)
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["benchmark", str(shapes_run.path), "--batch-size", "2", "--seconds", "0.05",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert [row["name"] for row in payload["rows"]] == ["keras"]
+    assert "h5" in payload["skipped"] and "benchmark: skipping h5 (vgg16 cannot be written as h5: not this one" \
+        in result.output
+    refused = runner.invoke(app, ["benchmark", str(shapes_run.path), "--formats", "keras,onnx", "-o",
+                                  str(tmp_path / "other.json")])
+    assert refused.exit_code == 1 and "vgg16 cannot be written as onnx: not this one" in refused.output
+    assert "benchmark keras" not in refused.output and not (tmp_path / "other.json").exists()
+
+
+def test_export_needs_no_package_for_a_backbone_none_adds_any_more(shapes_run, tmp_path):
+    """A run whose backbone plugin was uninstalled still exports (its file is made of Keras
+    layers); only the format's own check tells whether it holds the model."""
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    labels = json.loads((run / "labels.json").read_text())
+    (run / "labels.json").write_text(json.dumps({**labels, "backbone": "gone-net"}))
+    result = runner.invoke(app, ["export", str(run), "--format", "keras", "-o", str(tmp_path / "keras")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "keras" / "model.keras").is_file()
+
+
 def test_the_accuracy_check_uses_the_runs_own_split_not_a_recreated_one(shapes_run, shapes_dir, tmp_path):
     """Images added to the data folder after training shift a re-created split: training
     images were then scored as validation ones."""

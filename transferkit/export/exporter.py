@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.backbones import get_spec
+from transferkit.backbones import find_spec
 from transferkit.errors import ExportError, RunError
 from transferkit.evaluation.card import write_model_card
 from transferkit.export.formats import (
@@ -156,7 +156,7 @@ def export_run(
         raise ExportError(f"--max-drop must be at least 0 points, got {max_drop:g}")
     # The run's record, then the folders: a bad -o is told before Keras loads (seconds).
     described = run if isinstance(run, Run) else load_run(getattr(run, "path", run), with_model=False)
-    specs = _fit_for_backbone(get_spec(described.backbone), specs, many=format == "all")
+    specs = _fit_for_backbone(find_spec(described.backbone), specs, many=format == "all")
     targets = _targets(described, specs, quantize, output, format == "all", force, data)
     if format != "all":
         require_packages(specs[0], quantize)
@@ -217,7 +217,11 @@ def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
 
 def _fit_for_backbone(backbone, specs: list[ExportFormat], many: bool) -> list[ExportFormat]:
     """The formats that can hold the run's backbone (``BackboneSpec.unsupported_formats``):
-    with "all" the others are skipped with a warning; one asked for by name is an error."""
+    with "all" the others are skipped with a warning; one asked for by name is an error.
+    A backbone no installed package adds any more (None) declares none: the conversion
+    and its check in the format's own runtime tell whether the file holds it."""
+    if backbone is None:
+        return specs
     fit = []
     for spec in specs:
         try:
