@@ -1,6 +1,9 @@
 """Backbones that installed packages add through the ``transferkit.backbones`` entry point."""
 
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +15,7 @@ import transferkit_test_backbones  # tests/plugins/, on the path (tests/conftest
 import transferkit
 from tests import forked
 from transferkit.backbones import available_backbones, get_spec, load_backbone, plugin_source
-from transferkit.errors import RecipeError, WeightsError
+from transferkit.errors import RecipeError, RunError, WeightsError
 
 # A package as pip would leave it in site-packages: its module and its .dist-info folder.
 NETS = '''
@@ -85,12 +88,26 @@ def test_an_installed_packages_backbone_is_listed_and_its_faulty_entries_are_lef
     assert "'Upper' (my_nets:UPPER, package my-nets) names its backbone 'Upper': backbone names are lower" in warned
     assert "'torch-pre' (my_nets:TORCH, package my-nets) has preprocessing 'torch': it must be one of caffe, " in warned
     assert "'no-count' (my_nets:NO_COUNT, package my-nets) has parameters None: it must be a whole number" in warned
-    assert "Traceback" not in warned
+    assert "Traceback" not in warned and "UserWarning" not in warned
+    assert "warning: backbone plugin 'broken' (my_nets_missing:NET, package my-nets) failed" in warned  # the CLI's own
 
 
 def test_a_plugin_backbone_trains_a_run_that_plain_keras_loads_without_the_plugin(tmp_path, shapes_dir, tiny):
     run = transferkit.finetune(shapes_dir, None, tiny, output=tmp_path / "run", verbose=0)
     assert run.recipe["backbone"] == "tinyvgg" and plugin_source("tinyvgg") == "transferkit-test-backbones"
+    # The package is recorded, for whoever resumes or explains the run elsewhere.
+    assert json.loads((run.path / "labels.json").read_text())["backbone_package"] == "transferkit-test-backbones"
+    assert transferkit.load_run(run.path, with_model=False).backbone_package == "transferkit-test-backbones"
+    card = (run.path / "MODEL_CARD.md").read_text()
+    assert "a tinyvgg (from the package transferkit-test-backbones) backbone" in card
+    assert "- **Backbone:** tinyvgg (added by the package transferkit-test-backbones)," in card
+    moved = shutil.copytree(run.path, tmp_path / "moved")
+    labels = json.loads((moved / "labels.json").read_text())
+    (moved / "labels.json").write_text(json.dumps({**labels, "backbone": "gone-net", "backbone_package": "gone-nets"}))
+    with pytest.raises(RunError, match=r"the run's backbone 'gone-net' is neither built in nor added by an installed "
+                                       r"package; cannot find its last conv layer \(install the package that adds it "
+                                       r"\(gone-nets\)\)"):
+        transferkit.explain(moved, [shapes_dir / "circle" / sorted(os.listdir(shapes_dir / "circle"))[0]])
     assert run.model.get_layer("backbone").get_layer("block5_conv1").filters == transferkit_test_backbones.FILTERS[-1]
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("float32")
     np.save(tmp_path / "images.npy", images)
@@ -193,7 +210,7 @@ def test_a_plugin_whose_model_is_not_what_its_spec_says_is_one_error_naming_its_
 
 
 def test_a_wrong_parameter_count_is_a_warning_and_the_command_line_tells_a_plugins_failure_in_one_line(
-        faulty_plugins, monkeypatch, tmp_path, shapes_dir):
+        faulty_plugins, tmp_path, shapes_dir, caplog):
     from typer.testing import CliRunner
 
     from transferkit import backbones
@@ -201,10 +218,11 @@ def test_a_wrong_parameter_count_is_a_warning_and_the_command_line_tells_a_plugi
 
     FAULTY["counted"] = (_plugin("counted", parameters=123), "")
     try:
-        with pytest.warns(UserWarning, match="backbone 'counted' .* has 260 parameters; its spec says 123"):
+        with caplog.at_level(logging.WARNING, logger="transferkit"):
             load_backbone("counted", weights="none", input_shape=(32, 32, 3))
     finally:
         del FAULTY["counted"]
+    assert "backbone 'counted' (added by bad-nets) has 260 parameters; its spec says 123" in caplog.messages
     assert backbones.find_spec("boom") is not None
     result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--backbone", "boom", "--weights", "none",
                                       "--image-size", "32", "-o", str(tmp_path / "run")])

@@ -23,6 +23,7 @@ Once the package is installed, "small-cnn" is a backbone name like the built-in 
 from __future__ import annotations
 
 import functools
+import logging
 import numbers
 import os
 import warnings
@@ -33,6 +34,7 @@ from pathlib import Path
 from transferkit.errors import ExportError, WeightsError, first_line
 
 WEIGHTS_CHOICES = ("imagenet", "none")
+log = logging.getLogger("transferkit")
 
 
 @dataclass(frozen=True)
@@ -342,7 +344,7 @@ def _plugins() -> dict[str, tuple[BackboneSpec, str]]:
             if callable(spec) and not isinstance(spec, BackboneSpec):
                 spec = spec()
         except Exception as error:  # a plugin's own code: anything it raises leaves it out
-            warnings.warn(f"{source} failed to load ({first_line(error)}); it is left out", stacklevel=2)
+            log.warning("%s failed to load (%s); it is left out", source, first_line(error))
             continue
         if not isinstance(spec, BackboneSpec):
             problem = f"gives a {type(spec).__name__}, not a transferkit.backbones.BackboneSpec"
@@ -357,7 +359,7 @@ def _plugins() -> dict[str, tuple[BackboneSpec, str]]:
         else:
             found[spec.name] = (spec, package)
             continue
-        warnings.warn(f"{source} {problem}; it is left out", stacklevel=2)
+        log.warning("%s %s; it is left out", source, problem)
     return found
 
 
@@ -448,8 +450,8 @@ def _guarded(spec: BackboneSpec, constructor: Callable, shape: tuple[int, int, i
         if problem is not None:
             raise WeightsError(f"{maker}: {problem}; {remedy}")
         if model.count_params() != spec.parameters:
-            warnings.warn(f"{maker} has {model.count_params():,} parameters; its spec says {spec.parameters:,}",
-                          stacklevel=3)
+            log.warning("%s has %s parameters; its spec says %s", maker, f"{model.count_params():,}",
+                        f"{spec.parameters:,}")
         return model
 
     return build

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.backbones import find_spec
+from transferkit.backbones import find_spec, plugin_source
 from transferkit.errors import RunError, first_line
 from transferkit.files import (
     fault_point,
@@ -88,6 +88,8 @@ class Run:
             trained before there was one.
         prediction_sets: labels.json "prediction_sets" (the validation LAC scores); None
             likewise.
+        backbone_package: the installed package that added the backbone (a plugin's); None
+            for a built-in one.
     """
 
     path: Path
@@ -101,6 +103,7 @@ class Run:
     model: Any = None
     rejection: dict[str, Any] | None = None
     prediction_sets: dict[str, Any] | None = None
+    backbone_package: str | None = None
 
     def describe(self) -> str:
         """A few lines for the terminal: where, what, how well."""
@@ -245,7 +248,7 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
         folder: the run folder (or the temporary one being filled).
         class_names: in the order of the model's outputs.
         image_size: the side images are resized to.
-        backbone: registry name of the backbone.
+        backbone: registry name of the backbone (a plugin's: its package is recorded too).
         head_activation: "sigmoid" or "softmax".
         precision: the Keras dtype policy the run trained in; default "float32".
         extra: more entries (the data fingerprint, the lineage of a run started from
@@ -258,6 +261,8 @@ def write_labels(folder: Path, class_names, image_size: int, backbone: str, head
         "class_names": list(class_names),
         "image_size": int(image_size),
         "backbone": backbone,
+        # A plugin's: which package to install where the run is resumed or explained.
+        **({"backbone_package": package} if (package := plugin_source(backbone)) else {}),
         "head_activation": head_activation,
         "precision": precision,
         "transferkit_version": __version__,
@@ -361,6 +366,7 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
         metrics=_read_optional_json(folder / "metrics.json"),
         rejection=labels.get("rejection"),
         prediction_sets=labels.get("prediction_sets"),
+        backbone_package=labels.get("backbone_package"),
     )
     if with_model:
         # The package that added the run's backbone, where installed, is imported first: a

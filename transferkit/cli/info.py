@@ -12,13 +12,15 @@ from transferkit.cli.common import reports_errors
 def backbones() -> None:
     """List the available backbones (built in, and those installed packages add), their
     input sizes and parameter counts."""
-    header = f"{'name':<17} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
+    names = available_backbones()
+    width = max(17, *map(len, names))  # a plugin's name may be longer than the built-in ones
+    header = f"{'name':<{width}} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"
     typer.echo(f"{header}  ImageNet weights file")
-    for name in available_backbones():
+    for name in names:
         spec, source = get_spec(name), plugin_source(name)
         weights = spec.weights_file or "none"
         typer.echo(
-            f"{name:<17} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "
+            f"{name:<{width}} {spec.default_size:>12} {spec.min_size:>9} {len(spec.blocks):>7} "
             f"{spec.parameters:>12,}  {weights}{f'  (added by {source})' if source else ''}"
         )
 

@@ -129,6 +129,7 @@ class _Facts:
         self.classes: list[str] = [str(item) for item in labels.get("class_names", [])]
         self.size = labels.get("image_size")
         self.backbone = str(labels.get("backbone", "?"))
+        self.package = labels.get("backbone_package")  # a plugin's
         self.final = metrics.get("final") or {}
         self.note: str | None = None
 
@@ -234,7 +235,13 @@ def _summary(facts: _Facts) -> str:
     note = f"> {facts.note}\n\n" if facts.note else ""
     return (f"# Model card: {facts.name}\n\n{note}"
             f"An image classifier for {n} classes ({', '.join(facts.classes)}), fine-tuned with transferkit from "
-            f"a {facts.backbone.upper()} backbone ({facts.weights}) at {facts.size}x{facts.size} pixels.{accuracy}\n")
+            f"a {_backbone(facts)} backbone ({facts.weights}) at {facts.size}x{facts.size} pixels.{accuracy}\n")
+
+
+def _backbone(facts: _Facts) -> str:
+    """A built-in backbone's name as its family writes it (VGG16); a plugin's as its package
+    gave it, with the package."""
+    return f"{facts.backbone} (from the package {facts.package})" if facts.package else facts.backbone.upper()
 
 
 def _details(facts: _Facts) -> str:
@@ -242,7 +249,8 @@ def _details(facts: _Facts) -> str:
     output = (f"one sigmoid unit: the probability of {facts.classes[1]!r}" if facts.binary
               else f"a softmax over the {len(facts.classes)} classes, in the order of labels.json")
     lines = ["## Model details", "",
-             f"- **Backbone:** {facts.backbone}, starting from {facts.weights}",
+             f"- **Backbone:** {facts.backbone}"
+             f"{f' (added by the package {facts.package})' if facts.package else ''}, starting from {facts.weights}",
              f"- **Input:** RGB pixels 0..255 of any size; the model resizes them to {facts.size}x{facts.size} "
              "(squashed, not cropped) and applies the backbone's preprocessing itself",
              f"- **Head:** {head.get('pooling', '?')} pooling, dense layers {head.get('units', '?')} "

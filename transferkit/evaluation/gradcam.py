@@ -217,8 +217,9 @@ def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_s
         raise DataError(f"--top must be at least 1, got {top}")
     spec = find_spec(run.backbone)
     if spec is None:
+        package = f" ({run.backbone_package})" if run.backbone_package else ""
         raise RunError(f"the run's backbone {run.backbone!r} is neither built in nor added by an installed package; "
-                       "cannot find its last conv layer (install the package that adds it)")
+                       f"cannot find its last conv layer (install the package that adds it{package})")
     cam = GradCAM(run.model, spec.last_conv)
     count = 1 if class_name is not None else min(top, len(names))
     results: list[Explanation] = []
