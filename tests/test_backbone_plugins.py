@@ -37,6 +37,7 @@ SMALL_CNN = BackboneSpec(name="small-cnn", constructor=small_cnn, preprocessing=
 NOT_A_SPEC = "small-cnn"
 RENAMED = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "other"})
 VGG16 = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "vgg16"})
+LONG = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "small-cnn-with-a-long-name"})
 UPPER = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "Upper"})
 TORCH = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "torch-pre", "preprocessing": "torch"})
 NO_COUNT = SMALL_CNN.__class__(**{**SMALL_CNN.__dict__, "name": "no-count", "parameters": None})
@@ -48,6 +49,7 @@ broken = my_nets_missing:NET
 text = my_nets:NOT_A_SPEC
 misnamed = my_nets:RENAMED
 vgg16 = my_nets:VGG16
+small-cnn-with-a-long-name = my_nets:LONG
 Upper = my_nets:UPPER
 torch-pre = my_nets:TORCH
 no-count = my_nets:NO_COUNT
@@ -56,7 +58,7 @@ no-count = my_nets:NO_COUNT
 
 @pytest.fixture()
 def installed(tmp_path):
-    """A folder holding an installed package that adds one good backbone and seven faulty
+    """A folder holding an installed package that adds two good backbones and seven faulty
     entries."""
     site = tmp_path / "site"
     (site / "my_nets-0.1.dist-info").mkdir(parents=True)
@@ -76,6 +78,10 @@ def test_an_installed_packages_backbone_is_listed_and_its_faulty_entries_are_lef
     result = transferkit_command(installed, "backbones")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    header = result.stdout.splitlines()[0]
+    # One column each, however long a name: each row's size ends where the header's does.
+    assert {row.index(" 64 ") + 3 for row in (rows["small-cnn"], rows["small-cnn-with-a-long-name"])} == \
+        {header.index("default size") + len("default size")}
     assert rows["small-cnn"].split()[1:5] == ["64", "8", "2", "260"]
     assert rows["small-cnn"].endswith("none  (added by my-nets)")
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in rows["vgg16"]  # the built-in one stands
