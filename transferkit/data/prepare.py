@@ -24,7 +24,15 @@ from transferkit.data.augment import augmentation_enabled, build_augmenter
 from transferkit.data.batches import ImageBatches
 from transferkit.data.doctor import DataReport, check_data
 from transferkit.data.folders import FolderIndex, index_folders
-from transferkit.data.split import TRAIN, VALIDATION, group_names, relative_name, split_rows, split_table
+from transferkit.data.split import (
+    TRAIN,
+    VALIDATION,
+    group_names,
+    read_split_table,
+    relative_name,
+    split_rows,
+    split_table,
+)
 from transferkit.errors import DataError
 from transferkit.outputs import encode_targets
 from transferkit.progress import progress_bar
@@ -217,14 +225,11 @@ def prepare_share(data_dir: str | os.PathLike, recipe: Recipe, split: str, proce
         DataError: the folders cannot be used, or a file of the share cannot be read here
             (process 0 read it: every process must see the same images).
     """
-    import csv
-    import io
-
     from transferkit.data.images import decode_images
 
     index, val_index = indexes if indexes is not None else index_folders(data_dir, val_dir)
     names = {name: label for label, name in enumerate(index.class_names)}
-    rows = [(row["file"], row["subset"]) for row in csv.DictReader(io.StringIO(split))]
+    rows = read_split_table(split)
     parts = []
     for subset, root in ((TRAIN, Path(data_dir)), (VALIDATION, Path(val_dir if val_dir is not None else data_dir))):
         files = [file for file, kind in rows if kind == subset]

@@ -94,7 +94,7 @@ def recorded_data_dir(run) -> Path | None:
 
 def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> ImageSample:
     from transferkit.data.folders import index_folder
-    from transferkit.data.split import group_names, relative_name, split_rows
+    from transferkit.data.split import TRAIN, VALIDATION, group_names, relative_name, split_rows
 
     index = index_folder(data_dir)
     if tuple(index.class_names) != tuple(run.class_names):
@@ -106,8 +106,8 @@ def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> Im
         # The run's own split.csv: images added to the folder since are in neither part, so no
         # image the run trained on is taken for a validation one.
         subsets = [recorded.get(relative_name(path, index.root)) for path in index.paths]
-        val_rows = np.flatnonzero([subset == "validation" for subset in subsets])
-        train_rows = np.flatnonzero([subset == "train" for subset in subsets])
+        val_rows = np.flatnonzero([subset == VALIDATION for subset in subsets])
+        train_rows = np.flatnonzero([subset == TRAIN for subset in subsets])
         how = "the run's split.csv"
     else:  # a run written before split.csv: the split re-created from its recipe
         val_split = float(recipe.get("data", {}).get("val_split", 0.2))
@@ -130,15 +130,14 @@ def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> Im
 
 
 def _recorded_split(run) -> dict[str, str] | None:
-    """The run's split.csv as {file: "train" or "validation"}, or None where it has none."""
+    """The run's split.csv as {file: TRAIN or VALIDATION}, or None where it has none."""
     import csv
 
-    from transferkit.data.split import SPLIT_FILE
+    from transferkit.data.split import SPLIT_FILE, read_split_table
 
     try:
-        with open(Path(getattr(run, "path", run)) / SPLIT_FILE, newline="", encoding="utf-8") as handle:
-            return {row["file"]: row["subset"] for row in csv.DictReader(handle)}
-    except (OSError, KeyError, csv.Error):
+        return dict(read_split_table((Path(getattr(run, "path", run)) / SPLIT_FILE).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, KeyError, csv.Error):
         return None
 
 

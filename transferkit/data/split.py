@@ -219,3 +219,13 @@ def split_table(rows: Sequence[tuple[str, str]]) -> str:
     writer.writerow(["file", "subset"])
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def read_split_table(text: str) -> list[tuple[str, str]]:
+    """``split.csv``'s rows as ``split_table`` wrote them: (file, subset) pairs.
+
+    Raises:
+        KeyError: the header lacks ``file`` or ``subset``.
+        csv.Error: the text is not CSV.
+    """
+    return [(row["file"], row["subset"]) for row in csv.DictReader(io.StringIO(text))]
