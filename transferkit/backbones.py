@@ -288,7 +288,8 @@ def available_backbones() -> list[str]:
 def find_spec(name: str) -> BackboneSpec | None:
     """The entry for a backbone name (case-insensitive), built-in or a plugin's, or None."""
     key = name.lower()
-    return REGISTRY.get(key) or plugin_backbones().get(key)
+    found = _plugins().get(key)
+    return REGISTRY.get(key) or (found[0] if found is not None else None)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -433,10 +434,15 @@ def _every_layer(model):
             yield from _every_layer(layer)
 
 
+def _plugin_named(spec: BackboneSpec) -> str:
+    """A plugin's backbone as its messages name it: with the package that adds it."""
+    return f"backbone {spec.name!r} (added by {plugin_source(spec.name)})"
+
+
 def _guarded(spec: BackboneSpec, constructor: Callable, shape: tuple[int, int, int]) -> Callable:
     """A plugin's constructor, whose failures (its own exceptions, a model unlike its spec)
     are one ``WeightsError`` naming the package."""
-    maker = f"backbone {spec.name!r} (added by {plugin_source(spec.name)})"
+    maker = _plugin_named(spec)
     remedy = "the package that adds it needs a fix; choose another backbone meanwhile"
 
     def build(**keywords):
@@ -508,8 +514,8 @@ def load_backbone(
     if not callable(constructor):
         constructor = getattr(keras.applications, constructor, None)
         if constructor is None:  # a plugin's spec (the built-in names are tested)
-            raise WeightsError(f"backbone {spec.name!r} (added by {plugin_source(spec.name)}) names "
-                               f"keras.applications.{spec.constructor}, which this Keras lacks")
+            raise WeightsError(f"{_plugin_named(spec)} names keras.applications.{spec.constructor}, which this "
+                               "Keras lacks")
     if spec.name not in REGISTRY:
         constructor = _guarded(spec, constructor, shape)
     weights_text = str(weights)

@@ -19,7 +19,13 @@ from pathlib import Path
 from transferkit.backbones import find_spec
 from transferkit.data.samples import recorded_data_dir
 from transferkit.errors import ExportError, RunError
-from transferkit.export.formats import FORMATS, QUANTIZATIONS, missing_packages, require_tensorflow_backend
+from transferkit.export.formats import (
+    FORMATS,
+    QUANTIZATIONS,
+    holdable,
+    missing_packages,
+    require_tensorflow_backend,
+)
 from transferkit.files import write_atomic, write_failure
 
 log = logging.getLogger("transferkit")
@@ -130,7 +136,10 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
     path = Path(output) if output is not None else Path(run.path) / BENCHMARK_FILE
     check_benchmark_output(path, Path(run.path), force, [data, recorded_data_dir(run)])
     rows, skipped = [], []
-    entries = _holdable(entries, find_spec(run.backbone), skipped, named=formats is not None)
+    entries, unfit = holdable(find_spec(run.backbone), entries, lambda entry: entry[0], named=formats is not None)
+    for (name, quantize), error in unfit:  # of the default formats, those the backbone cannot be written as
+        skipped.append(FORMATS[name].folder_name(quantize))
+        log.warning("benchmark: skipping %s (%s)", skipped[-1], error)
     with tempfile.TemporaryDirectory(prefix="tk-benchmark-") as scratch:
         for name, quantize in entries:
             missing = missing_packages(FORMATS[name], quantize)
@@ -157,25 +166,6 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
     except OSError as error:
         raise RunError(f"cannot write {path}: {write_failure(error)}; choose another -o") from error
     return result
-
-
-def _holdable(entries, backbone, skipped: list[str], named: bool):
-    """The entries whose format can hold the run's backbone (``BackboneSpec.require_format``),
-    before any export: one asked for by name that cannot is an error; of the default
-    formats, each that cannot is skipped with a warning (and added to ``skipped``)."""
-    kept = []
-    for name, quantize in entries:
-        try:
-            if backbone is not None:
-                backbone.require_format(name)
-        except ExportError as error:
-            if named:
-                raise
-            skipped.append(FORMATS[name].folder_name(quantize))
-            log.warning("benchmark: skipping %s (%s)", skipped[-1], error)
-            continue
-        kept.append((name, quantize))
-    return kept
 
 
 def _sample_images(folder: Path):

@@ -37,6 +37,7 @@ from transferkit.export.formats import (
     ExportFormat,
     check_quantization,
     get_format,
+    holdable,
     install_hint,
     missing_packages,
     require_packages,
@@ -216,22 +217,13 @@ def _chosen_formats(format: str, quantize: str) -> list[ExportFormat]:
 
 
 def _fit_for_backbone(backbone, specs: list[ExportFormat], many: bool) -> list[ExportFormat]:
-    """The formats that can hold the run's backbone (``BackboneSpec.unsupported_formats``):
-    with "all" the others are skipped with a warning; one asked for by name is an error.
-    A backbone no installed package adds any more (None) declares none: the conversion
-    and its check in the format's own runtime tell whether the file holds it."""
-    if backbone is None:
-        return specs
-    fit = []
-    for spec in specs:
-        try:
-            backbone.require_format(spec.name)
-        except ExportError as error:
-            if not many:
-                raise
-            log.warning("skipping the %s export: %s", spec.name, error)
-            continue
-        fit.append(spec)
+    """The formats that can hold the run's backbone (``formats.holdable``): with "all" the
+    others are skipped with a warning; one asked for by name is an error. A backbone no
+    installed package adds any more (None) declares none: the conversion and its check in
+    the format's own runtime tell whether the file holds it."""
+    fit, unfit = holdable(backbone, specs, lambda spec: spec.name, named=not many)
+    for spec, error in unfit:
+        log.warning("skipping the %s export: %s", spec.name, error)
     return fit
 
 

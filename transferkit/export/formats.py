@@ -20,6 +20,7 @@ No Keras import here.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transferkit.errors import ExportError
@@ -141,6 +142,38 @@ def get_format(name: str) -> ExportFormat:
     if name not in FORMATS:
         raise ExportError(f"unknown export format {name!r}; choose one of {', '.join(FORMAT_CHOICES)}")
     return FORMATS[name]
+
+
+def holdable(backbone, items: list, format_of: Callable, named: bool) -> tuple[list, list]:
+    """Which of ``items`` (export entries of any shape) are in a format that can hold the
+    run's backbone (``BackboneSpec.require_format``), before any export.
+
+    Args:
+        backbone: the run's ``BackboneSpec``, or None (a backbone no installed package adds
+            any more: it declares nothing, so every format is kept).
+        items: the entries.
+        format_of: an entry's format name.
+        named: the entries were asked for by name: one that cannot hold the backbone is an
+            error, not set aside.
+
+    Returns:
+        (the entries kept, [(entry, its ExportError)] for those set aside).
+
+    Raises:
+        ExportError: ``named`` and a format cannot hold the backbone.
+    """
+    kept, unfit = [], []
+    for item in items:
+        try:
+            if backbone is not None:
+                backbone.require_format(format_of(item))
+        except ExportError as error:
+            if named:
+                raise
+            unfit.append((item, error))
+            continue
+        kept.append(item)
+    return kept, unfit
 
 
 def check_quantization(spec: ExportFormat, quantize: str) -> None:
