@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -556,13 +557,7 @@ def stage_epochs(stages: Iterable[str]) -> list[tuple[str, int]]:
     Returns:
         (stage name, epochs) pairs.
     """
-    groups: list[list] = []
-    for name in stages:
-        if groups and groups[-1][0] == name:
-            groups[-1][1] += 1
-        else:
-            groups.append([name, 1])
-    return [(name, epochs) for name, epochs in groups]
+    return [(name, sum(1 for _ in rows)) for name, rows in itertools.groupby(stages)]
 
 
 def _typed_row(row: dict) -> dict:
