@@ -16,11 +16,12 @@ Every candidate score (higher: more like the training images) is computed from o
 pass: the largest calibrated probability; the energy (log-sum-exp of the calibrated logits);
 the cosine similarity of the backbone embedding (feature maps averaged over height and
 width) to the k-th nearest training image's, k = 1 or 10, raw or centred on the training
-mean first; the Mahalanobis distance of that embedding to the nearest class mean (shared,
-shrunk covariance); the knn of the head's last hidden layer; and the sum of the knn and
-largest-probability scores, each standardised by its mean and deviation on the validation
-split. For each: AUROC and FPR at
-95% TPR against near and far, and at the threshold fitted on the validation split for 95%
+mean first; the same k = 1 against augmented training images (the feature cache's views 0,
+and 0 and 1: references the cache could give without a pass over the plain images); the
+Mahalanobis distance of that embedding to the nearest class mean (shared, shrunk covariance);
+the knn of the head's last hidden layer; and the sum of the knn and largest-probability scores,
+each standardised by its mean and deviation on the validation split. For each: AUROC and FPR
+at 95% TPR against near and far, and at the threshold fitted on the validation split for 95%
 coverage (as finetune fits it), the share of known images kept and of near and far images
 rejected. Prediction sets at 0.9: LAC and APS (non-randomised), coverage and mean size.
 
@@ -171,6 +172,18 @@ def candidate_scores(parts: dict, train: dict, train_labels: np.ndarray) -> dict
     }
 
 
+def cached_views(prepared, overrides: dict, seed: int, views: int = 2) -> list[np.ndarray]:
+    """The training images as the feature cache's first ``views`` views augment them
+    (``training.features``: seeded by run seed, view and image)."""
+    from transferkit.data.augment import build_augmenter
+    from transferkit.data.batches import augment_one
+    from transferkit.training.features import view_seed
+
+    augmenter = build_augmenter(transferkit.load_recipe(None, overrides).augment)
+    return [np.stack([augment_one(augmenter, image, view_seed(seed, view, index))
+                      for index, image in enumerate(prepared.train_images)]) for view in range(views)]
+
+
 def aps_sets(probabilities: np.ndarray, calibration: np.ndarray, labels: np.ndarray, coverage: float) -> np.ndarray:
     """Non-randomised APS: classes by falling probability until their sum reaches q."""
     def cumulative(probs):
@@ -216,9 +229,13 @@ def one_seed(root: Path, data_set: str, seed: int, head_epochs: int, fine_epochs
         "far": np.concatenate([images_of(far_dir, size), photo_crops(60, size, seed)]),
     }
     train = forward(run.model, prepared.train_images)
+    augmented = [forward(run.model, view)["embedding"] for view in cached_views(prepared, overrides, seed)]
     outputs = {"val": forward(run.model, prepared.val_images),
                **{part: forward(run.model, images) for part, images in held_out.items()}}
     scores = {name: candidate_scores(parts, train, prepared.train_labels) for name, parts in outputs.items()}
+    for name, parts in outputs.items():
+        scores[name]["knn_k1_cached_view"] = knn(parts["embedding"], augmented[0], 1)
+        scores[name]["knn_k1_cached_views"] = knn(parts["embedding"], np.concatenate(augmented), 1)
     with_fused(scores)
     known_labels = np.repeat(np.arange(len(prepared.class_names)), SETTINGS[data_set][2])
     figures = {}

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 
 from transferkit import runs
-from transferkit.backbones import get_spec
+from transferkit.backbones import get_spec, plugin_source
 from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary, tta
@@ -81,8 +81,7 @@ def finetune(
     Args:
         data_dir: one sub-folder of images per class.
         recipe: a ``Recipe``, a recipe file or shipped recipe name, or None for the defaults.
-        overrides: dotted recipe keys to values, applied over the recipe (a ``Recipe``
-            too).
+        overrides: dotted recipe keys to values, applied over the recipe (a ``Recipe`` too).
         val_dir: a validation folder with the same class sub-folders; default None (a
             stratified ``data.val_split`` of ``data_dir``).
         output: the run folder; default ``runs/<data-folder-name>-<timestamp>``.
@@ -207,6 +206,7 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
         work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
         try:
             job = work.job()
+            work.require_backbone()  # a plugin's, uninstalled since: its package is named
             recipe = load_recipe(work.path / "recipe.toml", changed)
             resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts
             output = output_for(work.path)
@@ -260,7 +260,8 @@ def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: 
     job = {"run_id": uuid.uuid4().hex, "data_dir": prepared.data_dir, "val_dir": prepared.val_dir,
            "output": str(output.resolve()), "force": force,
            "save_h5": save_h5 and get_spec(recipe.backbone).require_format("h5", "the run's model.keras"),
-           "class_names": list(prepared.class_names), "data_fingerprint": prepared.fingerprint}
+           "class_names": list(prepared.class_names), "data_fingerprint": prepared.fingerprint,
+           "backbone": recipe.backbone, "backbone_package": plugin_source(recipe.backbone)}
     work = WorkFolder.create(output, job, recipe.to_toml(), force)
     try:
         return _train(prepared, recipe, _Output(output, work, force, save_h5), verbose, extras)

@@ -246,6 +246,24 @@ def test_damaged_checkpoint_is_reported_in_one_line(interrupted):
         WorkFolder.open(output).best_weights()
 
 
+def test_resuming_a_run_whose_plugin_backbone_is_gone_names_the_package_to_install(interrupted, monkeypatch):
+    from transferkit import backbones
+
+    _, output = interrupted
+    partial = output.parent / "run.partial"
+    job = json.loads((partial / "job.json").read_text())
+    assert (job["backbone"], job["backbone_package"]) == ("tinyvgg", "transferkit-test-backbones")
+    monkeypatch.setattr(backbones, "_plugins", dict)  # the package uninstalled since
+    told = (r"job.json: the interrupted run's backbone 'tinyvgg' comes from the package transferkit-test-backbones, "
+            r"which is not installed here; install it \(pip install transferkit-test-backbones\), then resume")
+    with pytest.raises(RunError, match=told):
+        resume_finetune(output, verbose=0)
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(output)])
+    assert result.exit_code == 1 and "pip install transferkit-test-backbones" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert (partial / "job.json").is_file()  # kept, to resume once the package is back
+
+
 def test_resume_refuses_settings_it_would_ignore(interrupted):
     _, output = interrupted
     result = CliRunner().invoke(app, ["finetune", "--resume", str(output), "--image-size", "48", "-o", "x"])

@@ -11,7 +11,13 @@ from transferkit.model.surgery import extractor_at
 from transferkit.outputs import encode_targets
 from transferkit.recipe import AugmentConfig, CacheConfig, HeadConfig, StageConfig
 from transferkit.runtime import gpu_visible
-from transferkit.training.features import FeatureBatches, FeaturePass, FeatureStore, compute_feature_stores
+from transferkit.training.features import (
+    FeatureBatches,
+    FeaturePass,
+    FeatureStore,
+    compute_feature_stores,
+    view_seed,
+)
 from transferkit.training.stages import Checkpointing, StageOptions, run_stages
 
 # The suite's VGG-shaped backbone (tests/plugins): what the cache does depends on the blocks
@@ -274,7 +280,7 @@ def head_view_images(plan, view):
     from transferkit.data.batches import augment_one
 
     augmenter = plan.augmenter_factory()
-    return np.stack([augment_one(augmenter, image, [plan.seed, 1_000_003, view, index])
+    return np.stack([augment_one(augmenter, image, view_seed(plan.seed, view, index))
                      for index, image in enumerate(plan.train_data.images)]).astype("float32")
 
 

@@ -293,6 +293,21 @@ class WorkFolder:
             raise self._damaged(JOB_FILE, "no data folder recorded")
         return job
 
+    def require_backbone(self) -> None:
+        """Check that the backbone the run started with is known here.
+
+        Raises:
+            RunError: it came from a package (job.json "backbone_package") that no longer
+                adds it: the message names the package to install.
+        """
+        from transferkit.backbones import find_spec
+
+        job = self.job()
+        name, package = job.get("backbone"), job.get("backbone_package")
+        if name and package and find_spec(name) is None:
+            raise RunError(f"{self.path / JOB_FILE}: the interrupted run's backbone {name!r} comes from the package "
+                           f"{package}, which is not installed here; install it (pip install {package}), then resume")
+
     def data_folders(self, data_dir=None, val_dir=None) -> tuple:
         """Where the run's data is now: (data folder, validation folder or None), where they
         were recorded unless new places are given.

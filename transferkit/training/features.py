@@ -265,6 +265,12 @@ def compute_feature_stores(
     return stores
 
 
+def view_seed(seed: int, view: int, index: int) -> list[int]:
+    """What image ``index``'s augmentation in view ``view`` is seeded by
+    (``data.batches.augment_one``): the same whichever pass or thread computes it."""
+    return [seed, 1_000_003, view, index]
+
+
 def _allocate_stores(count: int, feature_shapes, settings: FeaturePass) -> list[FeatureStore]:
     """One store per output, in memory while the budget lasts, on disk beyond it."""
     stores = []
@@ -291,7 +297,7 @@ class _Pass:
         batch = self.images[start : start + self.settings.batch_size]
         if self.augmenter is not None:
             batch = np.stack([
-                augment_one(self.augmenter, image, [self.settings.seed, 1_000_003, view, start + offset])
+                augment_one(self.augmenter, image, view_seed(self.settings.seed, view, start + offset))
                 for offset, image in enumerate(batch)
             ])
         # As stored (uint8): an image engine converts inside its network.
