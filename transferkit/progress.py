@@ -55,12 +55,6 @@ class ProgressBar:
             start_progbar_at(self._bar, self._started)
         self._bar.update(done)
 
-    def set_total(self, total: int) -> None:
-        """Change how many there are (work found smaller or larger once begun)."""
-        self.total = total
-        if self._bar is not None:
-            self._bar.target = total
-
 
 def progress_bar(unit: str, total: int | None = None, enabled: bool = True) -> Callable | None:
     """A ``ProgressBar`` when ``enabled``, else None (the library's "no progress").

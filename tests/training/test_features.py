@@ -10,7 +10,6 @@ from transferkit.model.classifier import build_classifier
 from transferkit.model.surgery import extractor_at
 from transferkit.outputs import encode_targets
 from transferkit.recipe import AugmentConfig, CacheConfig, HeadConfig, StageConfig
-from transferkit.runtime import gpu_visible
 from transferkit.training.features import (
     FeatureBatches,
     FeaturePass,
@@ -178,8 +177,6 @@ def test_augmented_stage_stores_at_most_one_view_per_epoch(caplog):
         output = caplog.text
         assert "on cached features" in output
         assert f"({stored} view(s)" in output, output[-500:]
-        # Views after the first are computed while the stage trains only where it trains on a GPU.
-        assert ("while the stage trains" in output) == gpu_visible(), output[-500:]
     model = build(BACKBONE, seed=0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="transferkit"):
@@ -225,7 +222,7 @@ def test_feature_batches_rotate_over_the_stage_views_only():
     assert seen == [0, 1, 0, 1]
 
 
-def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2, background=False):
+def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2):
     from transferkit.data.augment import build_augmenter
     from transferkit.training.features import FeaturePlan
 
@@ -237,7 +234,7 @@ def plan_for(model, unfreezes, forward_factory=None, augment=None, epochs=2, bac
     from transferkit.training.features import default_forward
 
     return FeaturePlan(model, get_spec(BACKBONE), stages, train, val, CacheConfig(enabled=True, views=2),
-                       forward_factory or default_forward, seed=1, later_views_in_background=background)
+                       forward_factory or default_forward, seed=1)
 
 
 def test_plan_takes_each_stage_from_the_shallowest_boundary_of_the_stages_after_it():
@@ -254,7 +251,7 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
 
     augment = AugmentConfig(rotation=20.0)
     model = build(BACKBONE, seed=6)
-    shared = plan_for(model, [0, 1], augment=augment, background=True)
+    shared = plan_for(model, [0, 1], augment=augment)
     head, fine = shared.stage_inputs(0), shared.stage_inputs(1)
     assert head.computed and not fine.computed
     backbone = model.get_layer("backbone")  # each stage's features: the output of the block below its first open one
@@ -373,21 +370,6 @@ def test_run_stopped_in_the_first_cached_epoch_resumes_from_the_stage_start(tmp_
     assert [row["val_loss"] for row in history] == pytest.approx([row["val_loss"] for row in expected], rel=1e-6)
     for a, b in zip(reference.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_a_plan_stores_every_view_before_its_stage_trains_unless_asked_to_go_on_in_the_background():
-    """On a CPU (the default) a stage's views are all stored when its inputs are handed
-    over; in the background (training on a GPU) only the first is, and the rest come to the
-    same numbers."""
-    augment = AugmentConfig(rotation=20.0)
-    model = build(BACKBONE, seed=3)
-    first = plan_for(model, [0], augment=augment).stage_inputs(0)
-    assert first.train.store.filler is None and first.train.store.complete()
-    assert first.train.store.shape[0] == 2
-    later = plan_for(model, [0], augment=augment, background=True).stage_inputs(0)
-    assert later.train.store.filler is not None
-    later.train.store.wait_for()
-    np.testing.assert_array_equal(later.train.store.array, first.train.store.array)
 
 
 def test_later_views_computed_in_the_background_equal_the_ones_computed_at_once():

@@ -5,12 +5,8 @@ depend on what is being trained, so it is computed once per image (and per augme
 and the trainable top (unfrozen blocks + head) trains on the stored features. With
 augmentation on, ``views`` augmented versions of each image are stored and epoch ``e``
 uses view ``e mod views``; every epoch after the views are computed costs only the top.
-Where training runs on a GPU, a stage starts training as soon as the first view is stored:
-the later views are computed in the background while the first epochs train (epoch ``e``
-waits for its view). On a CPU both would share the same cores, and the pass and the
-training each slowed the other by more than the overlap gained (VGG16 at 64 px, 2 cores:
-the head stage took 42 s with the second view in the background, 35 s with every view
-first), so there every view is computed before training starts.
+A stage starts training as soon as the first view is stored: the later views are
+computed in the background while the first epochs train (epoch ``e`` waits for its view).
 
 Features live in memory up to a budget and in a memory-mapped file beyond it. A
 ``FeatureCache`` keeps them across runs on the same images (a study's trials): a later run
@@ -532,9 +528,6 @@ class FeaturePlan:
         plan_views: (views a pass would compute, seconds of one image's forward pass timed
             on the validation images) -> the views to compute (a time budget's
             ``cache_views``); default None (all).
-        later_views_in_background: a stage starts training once the first view is stored,
-            the later views computed meanwhile (where training runs on a GPU); default False
-            (every view first: on a CPU, the training and the pass share the cores).
 
     Attributes:
         float32_only: int8 is no longer tried for this plan's passes (``use_float32``).
@@ -543,10 +536,8 @@ class FeaturePlan:
     def __init__(self, model, spec: BackboneSpec, stages, train_data, val_data, config, forward_factory,
                  *, seed: int = 0, dtype: str = "float32", verbose: int | str = 0, stop=None,
                  shared: FeatureCache | None = None, context: tuple = (), scope: Callable | None = None,
-                 plan_views: Callable[[int, float], int] | None = None,
-                 later_views_in_background: bool = False):
+                 plan_views: Callable[[int, float], int] | None = None):
         self.model, self.spec, self.stages = model, spec, list(stages)
-        self.later_views_in_background = later_views_in_background
         # A StopFlag: a pass stops early once a signal asked training to stop.
         self.stop_requested = (lambda: bool(stop.requested)) if stop is not None else None
         self.train_data, self.val_data = train_data, val_data
@@ -719,11 +710,11 @@ class FeaturePlan:
             budget = self.config.memory_mb - self.shared.memory_mb()
         else:
             budget = self.config.memory_mb - self._memory_used_mb()
-        background = self.later_views_in_background and passes > 1
-        bar = progress_bar("batch", len(val) + (1 if background else passes) * len(train), enabled=bool(self.verbose))
+        total = len(train) + len(val)  # the later views are computed while the stage trains
+        bar = progress_bar("batch", total, enabled=bool(self.verbose))
         if self.verbose:
             where = ", ".join(self._describe(b) for b, count in zip(boundaries, views) if count)
-            later = "; views after the first are computed while the stage trains" if background else ""
+            later = "; views after the first are computed while the stage trains" if passes > 1 else ""
             log.info(f"caching features of the frozen part ({passes} view(s) of {len(train.images)} "
                   f"training + {len(val.images)} validation images; at {where}{later})")
         # Validation first: the training pass returns after its first view and goes on in
@@ -737,13 +728,11 @@ class FeaturePlan:
         if self.plan_views is not None and len(val.images):  # the views that fit a time budget
             computed = self.plan_views(passes, (time.perf_counter() - started) / len(val.images))
             views = [min(count, computed) for count in views]
-            if bar is not None and not background:
-                bar.set_total(len(val) + max(views) * len(train))
         done = len(val)
         train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
             views=views, augmenter_factory=self.augmenter_factory, seed=self.seed, batch_size=train.batch_size,
             dtype=self.dtype, memory_budget_mb=budget, progress=(lambda n: bar(done + n)) if bar else None,
-            later_views_in_background=background, stop_requested=self.stop_requested,
+            later_views_in_background=True, stop_requested=self.stop_requested,
         ))
         for output, (boundary, count, train_store, val_store) in enumerate(
                 zip(boundaries, views, train_stores, val_stores)):

@@ -55,7 +55,6 @@ from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, 
 from transferkit.progress import fit_verbosity
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.runs import stage_epochs
-from transferkit.runtime import gpu_visible
 from transferkit.strategies import Distribution
 from transferkit.training.budget import TimeBudget
 from transferkit.training.callbacks import EagerValidation, EpochCallback, ResumableEarlyStopping, predict_eagerly
@@ -718,7 +717,6 @@ def _feature_plan(run: StagesRun):
         dtype="float16" if mixed else "float32", verbose=run.options.verbose, stop=run.checkpointing.stop,
         shared=run.options.feature_cache, context=run.options.forward_key, scope=run.scope,
         plan_views=run.budget.cache_views if run.budget is not None else None,
-        later_views_in_background=gpu_visible(),  # on a CPU the pass and the training would share the cores
     )
 
 
