@@ -206,7 +206,7 @@ def resume_finetune(run: str | os.PathLike, verbose: int = 1, *, data_dir: str |
         work = WorkFolder.open(run)  # holds its owner lock until the run is written or fails
         try:
             job = work.job()
-            work.require_backbone()  # a plugin's, uninstalled since: its package is named
+            work.require_backbone(job)  # a plugin's, uninstalled since: its package is named
             recipe = load_recipe(work.path / "recipe.toml", changed)
             resolve_distribution(recipe.strategy, recipe.devices)  # before TensorFlow starts
             output = output_for(work.path)

@@ -293,8 +293,11 @@ class WorkFolder:
             raise self._damaged(JOB_FILE, "no data folder recorded")
         return job
 
-    def require_backbone(self) -> None:
+    def require_backbone(self, job: dict) -> None:
         """Check that the backbone the run started with is known here.
+
+        Args:
+            job: this folder's ``job()``, as read.
 
         Raises:
             RunError: it came from a package (job.json "backbone_package") that no longer
@@ -302,7 +305,6 @@ class WorkFolder:
         """
         from transferkit.backbones import find_spec
 
-        job = self.job()
         name, package = job.get("backbone"), job.get("backbone_package")
         if name and package and find_spec(name) is None:
             raise RunError(f"{self.path / JOB_FILE}: the interrupted run's backbone {name!r} comes from the package "
