@@ -32,12 +32,37 @@ def test_the_avx2_emulation_leaves_avx512_and_amx_out_of_this_machines_flags_onl
 
     monkeypatch.setenv("TRANSFERKIT_TEST_CPU", "avx2")
     real = cpu_flags(emulated=False)
-    assert cpu_flags() == {flag for flag in real if not flag.startswith(("avx512", "amx"))}
+    assert cpu_flags() == {flag for flag in real if not flag.startswith(("avx512", "amx")) and flag != "avx_vnni"}
     # a file of another CPU is read as it is, emulation or not
     assert "amx_bf16" in cpu_flags(cpuinfo(tmp_path, "avx512f amx_bf16 amx_tile"))
     assert resolve_precision("auto", Path("/proc/cpuinfo"))[0] == "float32"
     monkeypatch.delenv("TRANSFERKIT_TEST_CPU")
     assert cpu_flags() == real
+
+
+@pytest.mark.parametrize(
+    "flags, saturates",
+    [("avx2 fma", True), ("avx512f avx512bw", True), ("avx512f avx512_vnni", False), ("avx2 avx_vnni", False),
+     ("avx512f amx_int8 amx_tile", False)],
+)
+def test_int8_products_saturate_on_cpus_without_vnni(tmp_path, monkeypatch, flags, saturates):
+    from transferkit.runtime import int8_saturates
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert int8_saturates(cpuinfo(tmp_path, flags)) is saturates
+    # oneDNN (OpenVINO's too) capped below VNNI runs as a CPU without it
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert int8_saturates(cpuinfo(tmp_path, flags))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert int8_saturates(cpuinfo(tmp_path, flags)) is saturates
+
+
+def test_the_avx2_emulation_has_no_vnni(monkeypatch):
+    from transferkit.runtime import int8_saturates
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("TRANSFERKIT_TEST_CPU", "avx2")
+    assert int8_saturates()
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,8 @@ ENGINES = ("auto", "keras", "openvino")
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
 
 
-# TRANSFERKIT_TEST_CPU=avx2: the tests and benchmarks run as on a CPU without AVX-512 or AMX
-# (the AVX2-only AMD EPYC Zen 3 machines): this machine's flags are read without those.
+# TRANSFERKIT_TEST_CPU=avx2: the tests and benchmarks run as on a CPU without AVX-512, AMX or
+# AVX-VNNI (the AVX2-only AMD EPYC Zen 3 machines): this machine's flags are read without those.
 EMULATED_CPU_VARIABLE = "TRANSFERKIT_TEST_CPU"
 
 
@@ -38,7 +38,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), emulated: bool = True) -> s
 
     Args:
         cpuinfo: where to read them; default /proc/cpuinfo.
-        emulated: with ``TRANSFERKIT_TEST_CPU=avx2`` set, leave AVX-512 and AMX out of
+        emulated: with ``TRANSFERKIT_TEST_CPU=avx2`` set, leave AVX-512, AMX and AVX-VNNI out of
             /proc/cpuinfo's flags (any other file is read as it is); default True.
     """
     flags: set[str] = set()
@@ -50,8 +50,30 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), emulated: bool = True) -> s
     except OSError:
         pass
     if emulated and os.environ.get(EMULATED_CPU_VARIABLE) == "avx2" and Path(cpuinfo) == Path("/proc/cpuinfo"):
-        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx")) and flag != "avx_vnni"}
     return flags
+
+
+# int8 dot products that cannot saturate: AVX512-VNNI, AVX-VNNI, AMX-INT8. Without them (AVX2-only
+# CPUs such as AMD Zen 3, AVX-512 CPUs before Cascade Lake) the CPU adds pairs of u8 x s8
+# products in 16 bits, which saturate where 8-bit weights use their whole range.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# ONEDNN_MAX_CPU_ISA values below the first VNNI one (oneDNN's names; OpenVINO obeys it too).
+ISAS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def int8_saturates(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU's int8 convolutions can saturate: it has no VNNI (as under
+    ``TRANSFERKIT_TEST_CPU=avx2``), or oneDNN is capped below VNNI by ``ONEDNN_MAX_CPU_ISA``.
+
+    Such a CPU needs int8 weights in 7 bits (NNCF's overflow fix on every layer): with 8,
+    VGG16's features under the AVX2 cap measured 0.13 from float32 against 0.06 with 7.
+    Where the flags cannot be read (no /proc/cpuinfo), 7 bits too: they cost little on a CPU
+    with VNNI (0.062 -> 0.063 on the same features), 8 bits cost much on one without.
+    """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_VNNI:
+        return True
+    return not cpu_flags(cpuinfo) & set(VNNI_FLAGS)
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

@@ -332,7 +332,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     trained.metrics.update(strategy=distribution.as_dict(), **result.records())
     if recipe.calibrate if extras.calibrate is None else extras.calibrate:
         calibration = fit_calibration(model, prepared.val_images, prepared.val_labels, prepared.n_classes,
-                                      batch_size=recipe.batch_size, dense_inputs=readout.calibration_inputs)
+                                      batch_size=recipe.batch_size, dense_inputs=readout.dense_inputs)
         if verbose:
             log.info(f"calibrated confidences: temperature {calibration.temperature:.3g}, validation ECE "
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")

@@ -86,15 +86,13 @@ def test_a_small_split_stays_on_keras_called_eagerly_and_caches_nothing(shapes_r
 
 
 def test_the_last_cached_stages_readout_stands_for_the_validation_pass_only_where_both_are_float32(shapes_run):
-    from dataclasses import replace
-
     from transferkit.model.surgery import readout_at
     from transferkit.training.stages import ValidationReadout
     from transferkit.trust.record import known_validation
 
     recipe = load_recipe(None, {**TINY, "precision": "float32"})
     prepared = split_of(24, 24)
-    readout = ValidationReadout(*readout_at(shapes_run.model).predict(prepared.val_images, verbose=0), int8=False)
+    readout = ValidationReadout(*readout_at(shapes_run.model).predict(prepared.val_images, verbose=0))
     known = after_training_forward(shapes_run.model, prepared, recipe, readout=readout)
     plain = after_training_forward(shapes_run.model, prepared, recipe)
     np.testing.assert_allclose(known.validation_outputs(), plain.validation_outputs(), rtol=1e-5, atol=1e-5)
@@ -103,11 +101,8 @@ def test_the_last_cached_stages_readout_stands_for_the_validation_pass_only_wher
     known_tta, plain_tta = (fit_tta(shapes_run.model, prepared, recipe, forward=forward) for forward in (known, plain))
     assert known_tta["kept"] == plain_tta["kept"]
     assert known_tta["plain_log_loss"] == pytest.approx(plain_tta["plain_log_loss"], abs=1e-5)
-    # Features an int8 network computed, or an engine in 16 bits: the pass runs, so that every
-    # variant the TTA choice compares with "identity" comes from one engine.
-    assert known_validation(shapes_run.model, recipe, replace(readout, int8=True)) is None
-    # Calibration, whose temperature goes into the float32 model, makes its own pass then too.
-    assert readout.calibration_inputs is readout.dense_inputs and replace(readout, int8=True).calibration_inputs is None
+    # An engine in 16 bits: the pass runs, so that every variant the TTA choice compares with
+    # "identity" comes from one engine.
     bfloat16 = recipe.model_copy(update={"precision": "bfloat16"})
     assert known_validation(shapes_run.model, bfloat16, readout) is None
     assert known_validation(shapes_run.model, recipe, None) is None

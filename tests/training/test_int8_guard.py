@@ -59,8 +59,11 @@ def train_on_int8(stages=HEAD_AND_FINE, model=None, seed=2, checkpointing=None):
 
 
 def test_a_head_trained_on_int8_features_is_compared_with_float32_recorded_and_kept(caplog):
+    from transferkit.model.surgery import readout_at
+
+    model = classifier()
     with caplog.at_level(logging.WARNING, logger="transferkit"):
-        result, engines = train_on_int8()
+        result, engines = train_on_int8(model=model)
     assert engines == ["int8"]  # one pass served both stages, its features kept for the fine stage
     check = result.int8_guard
     assert check.passed and check.stage == "head" and check.images == 24
@@ -70,8 +73,13 @@ def test_a_head_trained_on_int8_features_is_compared_with_float32_recorded_and_k
     recorded = result.records()["int8_features"]
     assert recorded["passed"] and recorded["float32_loss"] == check.float32_loss
     assert not [record for record in caplog.records if "head's validation loss" in record.getMessage()]
-    assert result.val_outputs is not None  # the fine stage's, from its int8 features
-    assert result.validation.int8  # said, so the TTA choice and rejection fit run their own pass
+    # The validation features are float32's, though int8 computed the training ones: the
+    # fine stage's readout of them is the saved (float32) model's own, which calibration, the
+    # TTA choice and the rejection fit then read instead of a pass of their own.
+    val = ImageBatches(*shapes(24, 2 + 200), 8)
+    for got, exact in zip((result.validation.outputs, result.validation.dense_inputs, result.validation.embeddings),
+                          readout_at(model).predict(val, verbose=0)):
+        np.testing.assert_allclose(got, exact, rtol=1e-3, atol=1e-4)
 
 
 def test_int8_that_falls_short_on_the_heads_loss_leaves_the_later_stages_to_float32(monkeypatch, caplog):
@@ -88,7 +96,7 @@ def test_int8_that_falls_short_on_the_heads_loss_leaves_the_later_stages_to_floa
     assert not result.int8_guard.passed and result.records()["int8_features"]["passed"] is False
     fine = result.timings[1]
     assert fine.cached and fine.caching_seconds > 0  # computed again for the fine stage
-    assert result.validation is not None and not result.validation.int8  # float32 features now
+    assert result.validation is not None  # the fine stage's, on float32 features
 
 
 def test_a_cached_int8_network_is_guarded_again_in_each_run(monkeypatch, caplog):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ class KerasEngine(ForwardEngine):
 
 
 class OpenVINOEngine(ForwardEngine):
-    """A compiled OpenVINO network on the CPU, with one reusable inference request.
+    """A compiled OpenVINO network on the CPU, with one reusable inference request (callers
+    in several threads take turns: the feature cache's background views and the int8 guard).
 
     Attributes:
         precision_hint: "bf16", "f16" or "f32", the CPU's inference precision.
@@ -114,6 +116,7 @@ class OpenVINOEngine(ForwardEngine):
                  input_dtype: str = "float32"):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._turn = threading.Lock()
         self._outputs = list(compiled.outputs)
         self.input_shape = tuple(input_shape)
         self.precision_hint = precision_hint
@@ -144,8 +147,10 @@ class OpenVINOEngine(ForwardEngine):
             values = [np.zeros((0, *(dim.get_length() for dim in output.partial_shape[1:])), dtype="float32")
                       for output in self._outputs]
         else:
-            # The batch is read in place (no copy into the request's own tensor).
-            result = self._request.infer({0: batch}, share_inputs=True)
+            # The batch is read in place (no copy into the request's own tensor); the outputs
+            # are copies (share_outputs is off), the request's own once the turn is over.
+            with self._turn:
+                result = self._request.infer({0: batch}, share_inputs=True)
             values = [np.asarray(result[output], dtype="float32") for output in self._outputs]
         return values if len(values) > 1 else values[0]
 

@@ -147,20 +147,25 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir, calibration=
         calibration: images (or inputs) to quantize the network to int8 on (``quantize_int8``),
             or a function returning them, called only when the int8 network is not cached
             yet; it is then cached as ``{name}-int8.xml``, keyed by the float network's
-            fingerprint and "int8": the first calibration of a network is the one kept.
+            fingerprint and "int8" (with "-7bit" where ``runtime.int8_saturates``): the
+            first calibration of a network is the one kept.
             Default None (the float32 network).
 
     Returns:
         (the ``openvino.Model``, its cached ``.xml`` path or None when it was not written).
     """
     if calibration is not None:
+        from transferkit.runtime import int8_saturates
+
         source, source_xml = load_or_convert(model, input_shape, cache_dir)
         images = calibration if callable(calibration) else (lambda: calibration)
+        seven_bits = int8_saturates()
         if source_xml is None:
-            return quantize_int8(source, images()), None
-        return _load_or_make(lambda: quantize_int8(source, images()),
+            return quantize_int8(source, images(), seven_bits), None
+        kind = "int8-7bit" if seven_bits else "int8"
+        return _load_or_make(lambda: quantize_int8(source, images(), seven_bits),
                              source_xml.with_name(f"{source_xml.stem}-int8.xml"),
-                             fingerprint=_fingerprint_file(source_xml).read_text(encoding="utf-8").strip() + "|int8")
+                             fingerprint=_fingerprint_file(source_xml).read_text(encoding="utf-8").strip() + f"|{kind}")
     if cache_dir is None:
         return export_network(model, input_shape), None
     fingerprint = model_fingerprint(model, input_shape)
@@ -206,13 +211,16 @@ def _load_or_make(make, *places: Path, fingerprint: str):
     return network, None
 
 
-def quantize_int8(network, calibration: np.ndarray):
+def quantize_int8(network, calibration: np.ndarray, seven_bits: bool = False):
     """NNCF's post-training int8 quantization of a network, calibrated on some of its inputs.
 
     Args:
         network: a float32 ``openvino.Model`` with one input.
         calibration: inputs to gather activation ranges on, (n, ...) of the network's input
             shape (uint8 images are converted to float32); one at a time, as NNCF advises.
+        seven_bits: weights in 7 bits on every layer (NNCF's ``OverflowFix.ENABLE``), for a
+            CPU whose int8 products saturate (``runtime.int8_saturates``); default False
+            (NNCF's default: 7 bits on the first layer only).
 
     Returns:
         The quantized ``openvino.Model`` (int8 weights and activations, float32 input and outputs).
@@ -222,8 +230,10 @@ def quantize_int8(network, calibration: np.ndarray):
     """
     import_openvino()  # its telemetry off first: NNCF imports it too
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     logging.getLogger("nncf").setLevel(logging.ERROR)
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE) if seven_bits else None
     dataset = nncf.Dataset([np.asarray(calibration[i : i + 1], dtype="float32") for i in range(len(calibration))])
     root = logging.getLogger()
     state = (root.level, list(root.filters), list(root.handlers))
@@ -231,7 +241,7 @@ def quantize_int8(network, calibration: np.ndarray):
         # NNCF draws its own progress bars on standard output, which is the user's (a CSV or
         # JSON being written there): its own lines go nowhere, transferkit tells the step.
         with contextlib.redirect_stdout(io.StringIO()):
-            return nncf.quantize(network, dataset, subset_size=len(calibration))
+            return nncf.quantize(network, dataset, subset_size=len(calibration), advanced_parameters=advanced)
     finally:  # as for convert_model: the root logger as it was
         root.setLevel(state[0])
         root.filters[:], root.handlers[:] = state[1], state[2]

@@ -47,8 +47,8 @@ CALIBRATION_IMAGES = 128
 @dataclass(frozen=True)
 class Int8Origin:
     """Where features an int8 network computed came from: its ``inference.int8.Int8Engine``
-    (whose float32 network they can be compared with, ``FeaturePlan.int8_sample``) and which
-    of its outputs they are."""
+    (whose int8 network ``FeaturePlan.int8_sample`` runs again over validation images, whose
+    features are always float32's) and which of its outputs they are."""
 
     engine: Int8Engine
     output: int
@@ -620,33 +620,28 @@ class FeaturePlan:
         for key in list(self._stores):
             self._release(key)
 
-    def computed_in_int8(self, index: int) -> bool:
-        """Whether an int8 network computed the features stage ``index`` trains on."""
-        stores = self._stores.get(self._key(index))
-        return stores is not None and any(store.int8 is not None for store in stores)
-
     def int8_sample(self, index: int, count: int) -> PairedFeatures | None:
-        """Stage ``index``'s features of up to ``count`` validation images (seeded), as the int8
-        network computed them and as its float32 network computes them now: what
-        ``training.int8_guard`` compares the trained part's loss on.
+        """Up to ``count`` validation images (seeded) with stage ``index``'s features as the
+        int8 network that computed its training features computes them now, and as they are
+        stored (float32's): what ``training.int8_guard`` compares the trained part's loss on.
 
         Returns:
             ``PairedFeatures``, or None where the stage's features are not an int8
             network's or there are no validation images.
         """
         stores = self._stores.get(self._key(index))
-        origin = stores[1].int8 if stores is not None else None
+        origin = stores[0].int8 if stores is not None else None
         if origin is None or not stores[1].shape[1]:
             return None
         rows = np.sort(np.random.default_rng(self.seed).permutation(stores[1].shape[1])[:count])
         images, size = np.asarray(self.val_data.images[rows]), self.val_data.batch_size
-        exact = []
+        rounded = []
         for start in range(0, len(rows), size):
-            outputs = origin.engine.float32.predict(images[start : start + size])
-            exact.append(outputs[origin.output] if isinstance(outputs, list) else outputs)
+            outputs = origin.engine.predict(images[start : start + size])
+            rounded.append(outputs[origin.output] if isinstance(outputs, list) else outputs)
         return PairedFeatures(np.asarray(self.val_data.targets[rows]),
-                              np.asarray(stores[1].array[0, rows], dtype="float32"),
-                              np.concatenate(exact).astype("float32", copy=False), origin.engine.check)
+                              np.concatenate(rounded).astype("float32", copy=False),
+                              np.asarray(stores[1].array[0, rows], dtype="float32"), origin.engine.check)
 
     def use_float32(self) -> None:
         """Compute the later stages' features in float32: release the stores an int8 network
@@ -700,7 +695,12 @@ class FeaturePlan:
         forward = self.forward_factory(extractor, ForwardWork(
             passes * len(train.images) + len(val.images),
             None if self.float32_only else lambda: samples_from(train.images, val.images, seed=self.seed)))
-        as_list = forward if len(boundaries) > 1 else (lambda batch: [forward(batch)])
+        # The validation images' features are float32's even where int8 computes the training
+        # views: early stopping then judges, and the validation readout (metrics, calibration,
+        # the work after training) reads, the float32 model that is saved.
+        exact = forward.float32 if isinstance(forward, Int8Engine) else forward
+        as_list, exact_as_list = ((engine if len(boundaries) > 1 else (lambda batch, engine=engine: [engine(batch)]))
+                                  for engine in (forward, exact))
         shapes = [tuple(int(d) for d in output.shape[1:]) for output in _outputs(extractor)]
         if shared is not None:
             itemsize = np.dtype(self.dtype).itemsize
@@ -720,13 +720,14 @@ class FeaturePlan:
         # Validation first: the training pass returns after its first view and goes on in
         # the background, and the engine serves one caller at a time.
         started = time.perf_counter()
-        val_stores = compute_feature_stores(as_list, val.images, shapes, FeaturePass(
+        val_stores = compute_feature_stores(exact_as_list, val.images, shapes, FeaturePass(
             views=views, batch_size=val.batch_size,  # one view: no augmenter
             dtype=self.dtype, memory_budget_mb=budget, progress=bar, stop_requested=self.stop_requested,
         ))
         budget -= sum(store.nbytes for store in val_stores if not store.on_disk) / 2**20
         if self.plan_views is not None and len(val.images):  # the views that fit a time budget
-            computed = self.plan_views(passes, (time.perf_counter() - started) / len(val.images))
+            speedup = forward.check.speedup if isinstance(forward, Int8Engine) else 1.0  # int8 over float32
+            computed = self.plan_views(passes, (time.perf_counter() - started) / len(val.images) / speedup)
             views = [min(count, computed) for count in views]
         done = len(val)
         train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
@@ -738,7 +739,7 @@ class FeaturePlan:
                 zip(boundaries, views, train_stores, val_stores)):
             if count:
                 if isinstance(forward, Int8Engine):
-                    train_store.int8 = val_store.int8 = Int8Origin(forward, output)
+                    train_store.int8 = Int8Origin(forward, output)
                 self._stores[source, boundary] = (train_store, val_store)
                 if shared_keys.get(boundary) is not None:
                     self.shared.keep(shared_keys[boundary], (train_store, val_store), count,

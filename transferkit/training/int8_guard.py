@@ -7,7 +7,8 @@ dominated by the largest channels, while a head can lean on small ones that 8 bi
 coarsely. So after the first stage that trained on int8 features (normally the head stage),
 its trained part's validation loss (the run's own loss) is computed on the int8 features of
 up to ``CHECK_IMAGES`` validation images and on the same images' features from the float32
-network the int8 one was checked against. int8 falls short where the two losses are further
+network the int8 one was checked against (the cache's own: validation features are always
+float32's). int8 falls short where the two losses are further
 apart than ``tolerance`` allows, either way: a loss higher on int8 features says rounding
 hid what the head uses; one higher on float32 features says the head fitted int8's rounding,
 while the saved model runs on float32 (or bfloat16) features. The later stages' features are
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 import keras
 import numpy as np
 
-CHECK_IMAGES = 128  # validation images compared: a float32 pass over them is the guard's cost
+CHECK_IMAGES = 128  # validation images compared: an int8 pass over them is the guard's cost
 # Heads trained on int8 features of random-weight VGG16 (96 validation images, the head
 # stage's default rate) measured their loss on int8 features 0.2-2.5% from float32's, mostly
 # lower; overfitted heads (10x the rate, 24 images) up to 5.4%.

@@ -150,7 +150,8 @@ class StageTiming:
 @dataclass(frozen=True)
 class ValidationReadout:
     """The final model's readout (``model.surgery.readout_at``) of the validation images, from
-    the last stage's cached features (the frozen part cannot have changed), or from one pass of
+    the last stage's cached features (the frozen part cannot have changed; validation
+    features are float32's even where int8 computed the training views), or from one pass of
     the model (``of_model``): what the validation metrics, calibration and the work after
     training read, instead of a pass of the whole network each.
 
@@ -158,20 +159,11 @@ class ValidationReadout:
         outputs: (n, units) class outputs (the validation metrics').
         dense_inputs: (n, d) inputs of the head's output Dense (calibration's logits).
         embeddings: (n, e) backbone embeddings (the rejection fit's and the TTA choice's).
-        int8: whether an int8 network computed the features (kept by the head-loss guard).
     """
 
     outputs: np.ndarray
     dense_inputs: np.ndarray
     embeddings: np.ndarray
-    int8: bool
-
-    @property
-    def calibration_inputs(self) -> np.ndarray | None:
-        """The Dense inputs calibration fits its temperature on; None where an int8 network
-        computed the features: the temperature goes into the float32 model, so it is then
-        fitted on a float32 pass of its own."""
-        return None if self.int8 else self.dense_inputs
 
     @classmethod
     def of_model(cls, model: keras.Model, batches) -> ValidationReadout:
@@ -179,7 +171,7 @@ class ValidationReadout:
         the validation metrics, calibration and the work after training read where no stage
         on cached features left one (an uncached last stage, a run resumed after its stages)."""
         readouts = readout_at(model).predict(batches, verbose=0)
-        return cls(*(np.asarray(readout, dtype="float32") for readout in readouts), int8=False)
+        return cls(*(np.asarray(readout, dtype="float32") for readout in readouts))
 
 
 @dataclass
@@ -496,7 +488,7 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, ValidationRea
     readout = None
     if begun.cached and kept:
         outputs, dense_inputs, embeddings = predict_eagerly(readout_at(begun.model), begun.val)
-        readout = ValidationReadout(outputs, dense_inputs, embeddings, int8=run.plan.computed_in_int8(index))
+        readout = ValidationReadout(outputs, dense_inputs, embeddings)
     timing = StageTiming(stage=stage.name, epochs=len(run.rows) - run.global_epoch,
                          seconds=time.perf_counter() - started, caching_seconds=begun.caching_seconds,
                          cached=begun.cached)

@@ -67,7 +67,7 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
         readout: the run's ``training.stages.ValidationReadout`` of the validation images
             (the last stage's on cached features, or the model's one pass), or None. Where it
             and the engine are both float32 (``known_validation``), it stands for the
-            validation images' plain pass; in 16 bits or int8 the pass runs, so that the TTA
+            validation images' plain pass; in 16 bits the pass runs, so that the TTA
             choice compares every variant with "identity" computed by one engine.
 
     Returns:
@@ -82,11 +82,12 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
 
 def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -> np.ndarray | None:
     """The validation images' ``ForwardPasses.outputs`` (the calibrated model's outputs, then
-    the embedding) from the run's readout of them, where both sides compute in float32: the
-    readout not from int8 features, the model float32, the engine's precision hint f32. Else
-    None. (The Dense inputs do not depend on calibration: the calibrated output layer applied
-    to them gives the calibrated outputs.)"""
-    if readout is None or readout.int8:
+    the embedding) from the run's readout of them, where both sides compute in float32 (the
+    readout always does: validation features are float32's even where int8 computed the
+    training views): the model float32, the engine's precision hint f32. Else None. (The
+    Dense inputs do not depend on calibration: the calibrated output layer applied to them
+    gives the calibrated outputs.)"""
+    if readout is None:
         return None
     if compute_dtype(model) != "float32" or precision_hint(recipe.precision) != "f32":
         return None
