@@ -338,7 +338,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
     if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration on one engine
-        forward = after_training_forward(model, prepared, recipe, out.path, readout)
+        forward = after_training_forward(model, prepared, recipe, out.path, readout, result.int8_frozen)
         trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose, forward)
         trained.trust = fit_trust(model, prepared, recipe, verbose, forward)
         _write_run(out, trained, recipe, prepared)

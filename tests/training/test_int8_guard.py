@@ -134,3 +134,42 @@ def test_a_run_resumed_after_the_guard_computes_its_later_stages_as_the_guard_de
     assert engines == (["int8"] if passed else ["f32"])
     assert result.int8_guard.record() == record  # not guarded again
     assert not [entry for entry in caplog.records if "head's validation loss" in entry.getMessage()]
+
+
+def test_the_tta_choice_runs_its_variants_through_the_int8_frozen_part_while_the_rejection_fit_stays_float32(
+        tmp_path):
+    """Where the last stage trained on int8 features, the TTA choice's variants (and its
+    "identity") go through that int8 network and the part above it in float32: no float32
+    pass of the whole network for them. The rejection fit is the one it was in float32."""
+    from types import SimpleNamespace
+
+    from transferkit.evaluation.tta import fit_tta
+    from transferkit.recipe import load_recipe
+    from transferkit.trust.record import after_training_forward, fit_trust
+
+    model = classifier()
+    result, _ = train_on_int8(model=model)
+    frozen = result.int8_frozen
+    assert frozen is not None and frozen.first_open == len(REGISTRY["vgg16"].blocks) - 1  # the fine stage's
+    val_images, val_targets = shapes(24, 2 + 200)
+    train_images, train_targets = shapes(48, 2 + 100)
+    prepared = SimpleNamespace(val_images=val_images, val_labels=val_targets.argmax(axis=1),
+                               train_images=train_images, train_labels=train_targets.argmax(axis=1))
+    recipe = load_recipe(None, {"weights": "none", "image_size": 32, "precision": "int8", "engine": "openvino",
+                                "augment.hflip": True})
+    forward = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation, frozen)
+    assert forward.variants is not forward
+    choice = fit_tta(model, prepared, recipe, forward=forward)
+    assert choice["judged"] and choice["n_images"] == 24 and "hflip" in {t["transform"] for t in choice["transforms"]}
+    assert forward.variants.builds == 1 and forward.builds == 0  # the float32 engine took no TTA pass
+    # Its class outputs are the model's, up to int8's rounding of the frozen features.
+    through_int8 = forward.variants.validation_outputs()
+    exact = model.predict(val_images.astype("float32"), verbose=0)
+    assert through_int8.shape == exact.shape and not np.array_equal(through_int8, exact)
+    difference = np.abs(through_int8 - exact)
+    assert difference.mean() < 0.03, difference.mean()
+    # The rejection fit: the float32 passes it had without int8 features.
+    plain = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation)
+    assert plain.variants is plain
+    assert (fit_trust(model, prepared, recipe, forward=forward).rejection.record
+            == fit_trust(model, prepared, recipe, forward=plain).rejection.record)

@@ -98,10 +98,16 @@ class ForwardPasses:
         known_validation: the validation images' ``outputs``, already computed as this
             engine computes them (in float32: from the run's readout of the validation images,
             ``trust.record.after_training_forward``); default None (one pass computes them).
+        engine_factory: builds the engine (on first use) instead of ``embedding_engine``:
+            one whose outputs are the head's alone serves ``variant_outputs`` and
+            ``probabilities``, not the embedding; default None.
 
     Attributes:
         units: how many output columns are the head's (1 for a sigmoid unit); the backbone
             embedding follows.
+        variants: the ``ForwardPasses`` the TTA choice runs its variants (and "identity") on:
+            these, or passes of their own (the frozen part's int8 network where the last stage
+            trained on its features, ``trust.record.after_training_forward``).
         builds: how many engines were built (at most one).
         validation_passes: how many times the validation images went through it (at most
             one; none when they were known).
@@ -109,8 +115,10 @@ class ForwardPasses:
 
     def __init__(self, model, image_size: int, *, validation: np.ndarray | None = None, image_passes: int = 0,
                  engine: str = "auto", precision: str = "auto", batch_size: int = 32,
-                 run_path: str | os.PathLike | None = None, known_validation: np.ndarray | None = None):
+                 run_path: str | os.PathLike | None = None, known_validation: np.ndarray | None = None,
+                 engine_factory: Callable[[], object] | None = None):
         self.model, self.image_size, self.validation = model, image_size, validation
+        self.engine_factory, self.variants = engine_factory, self
         self.image_passes, self.engine_choice, self.precision = image_passes, engine, precision
         self.batch_size, self.run_path = batch_size, run_path
         self.units = int(model.output_shape[-1])
@@ -123,7 +131,9 @@ class ForwardPasses:
         """The engine (built on first use): an ``EmbeddingEngine`` or a ``KerasEmbedding``."""
         if self._engine is None:
             self.builds += 1
-            if self.image_passes >= ENGINE_FROM:
+            if self.engine_factory is not None:
+                self._engine = self.engine_factory()
+            elif self.image_passes >= ENGINE_FROM:
                 self._engine = embedding_engine(self.model, self.engine_choice, self.image_size,
                                                 cache_dir=self._cache_dir(), precision=self.precision,
                                                 input_dtype="uint8")
@@ -191,3 +201,26 @@ class ForwardPasses:
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """(..., k) float64 class probabilities from ``outputs`` (a sigmoid unit p as [1 - p, p])."""
         return class_probabilities(np.asarray(outputs)[..., : self.units])
+
+
+class FrozenThenTop:
+    """Images -> a frozen part's int8 network (``training.features.Int8Origin``: the one that
+    computed the last stage's training features, checked and guarded) -> the part above it in
+    float32: the class outputs of a classifier whose frozen part runs in int8.
+
+    Args:
+        frozen: has ``features(batch)``, the frozen part's features of uint8 images.
+        top: a ``ForwardEngine`` of the part above (features -> class outputs).
+    """
+
+    name = "openvino"
+    fixed_batches = True
+
+    def __init__(self, frozen, top):
+        self.frozen, self.top = frozen, top
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.top.predict(self.frozen.features(batch))
+
+    def __repr__(self) -> str:
+        return f"<FrozenThenTop int8 frozen part, top={self.top!r}>"

@@ -48,10 +48,17 @@ CALIBRATION_IMAGES = 128
 class Int8Origin:
     """Where features an int8 network computed came from: its ``inference.int8.Int8Engine``
     (whose int8 network ``FeaturePlan.int8_sample`` runs again over validation images, whose
-    features are always float32's) and which of its outputs they are."""
+    features are always float32's), which of its outputs they are, and the block boundary
+    (first open block) they are taken at."""
 
     engine: Int8Engine
     output: int
+    first_open: int
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The int8 network's features of a batch of uint8 images at this boundary."""
+        outputs = self.engine.predict(images)
+        return outputs[self.output] if isinstance(outputs, list) else outputs
 
 
 class FeatureStore:
@@ -620,6 +627,12 @@ class FeaturePlan:
         for key in list(self._stores):
             self._release(key)
 
+    def int8_origin(self, index: int) -> Int8Origin | None:
+        """Where stage ``index``'s training features came from, where an int8 network computed
+        them (None where float32 did, or the stage is not cached)."""
+        stores = self._stores.get(self._key(index))
+        return stores[0].int8 if stores is not None else None
+
     def int8_sample(self, index: int, count: int) -> PairedFeatures | None:
         """Up to ``count`` validation images (seeded) with stage ``index``'s features as the
         int8 network that computed its training features computes them now, and as they are
@@ -630,15 +643,12 @@ class FeaturePlan:
             network's or there are no validation images.
         """
         stores = self._stores.get(self._key(index))
-        origin = stores[0].int8 if stores is not None else None
+        origin = self.int8_origin(index)
         if origin is None or not stores[1].shape[1]:
             return None
         rows = np.sort(np.random.default_rng(self.seed).permutation(stores[1].shape[1])[:count])
         images, size = np.asarray(self.val_data.images[rows]), self.val_data.batch_size
-        rounded = []
-        for start in range(0, len(rows), size):
-            outputs = origin.engine.predict(images[start : start + size])
-            rounded.append(outputs[origin.output] if isinstance(outputs, list) else outputs)
+        rounded = [origin.features(images[start : start + size]) for start in range(0, len(rows), size)]
         return PairedFeatures(np.asarray(self.val_data.targets[rows]),
                               np.concatenate(rounded).astype("float32", copy=False),
                               np.asarray(stores[1].array[0, rows], dtype="float32"), origin.engine.check)
@@ -739,7 +749,7 @@ class FeaturePlan:
                 zip(boundaries, views, train_stores, val_stores)):
             if count:
                 if isinstance(forward, Int8Engine):
-                    train_store.int8 = Int8Origin(forward, output)
+                    train_store.int8 = Int8Origin(forward, output, boundary)
                 self._stores[source, boundary] = (train_store, val_store)
                 if shared_keys.get(boundary) is not None:
                     self.shared.keep(shared_keys[boundary], (train_store, val_store), count,

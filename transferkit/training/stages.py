@@ -65,6 +65,7 @@ from transferkit.training.features import (
     CALIBRATION_IMAGES,
     FeatureCache,
     FeaturePlan,
+    Int8Origin,
     backbone_features,
     default_forward,
 )
@@ -189,6 +190,9 @@ class StagesResult:
             None (the model runs over them).
         int8_guard: where a stage trained on int8 features, how the head's validation loss
             on them compared with float32's (``training.int8_guard``); else None.
+        int8_frozen: where the last stage trained on int8 features (kept by the guard), the
+            ``training.features.Int8Origin`` of its frozen part (the TTA choice runs its
+            variants through it, ``trust.record.after_training_forward``); else None.
     """
 
     history: list[dict] = field(default_factory=list)
@@ -196,6 +200,7 @@ class StagesResult:
     budget: dict | None = None
     validation: ValidationReadout | None = None
     int8_guard: HeadLossCheck | None = None
+    int8_frozen: Int8Origin | None = None
 
     @property
     def val_outputs(self) -> np.ndarray | None:
@@ -274,6 +279,7 @@ def run_stages(
             if index < first or not run.trains(index):
                 continue
             timing, result.validation = _train_stage(run, index)
+            result.int8_frozen = run.plan.int8_origin(index) if result.validation is not None else None
             result.timings.append(timing)
             run.stage_done(index)
             _checkpoint_between_stages(run, index)

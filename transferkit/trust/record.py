@@ -19,7 +19,7 @@ import numpy as np
 from transferkit.evaluation.calibration import logits_from, probabilities_from_logits
 from transferkit.evaluation.tta import judged_passes
 from transferkit.inference.openvino import precision_hint
-from transferkit.inference.passes import ForwardPasses
+from transferkit.inference.passes import ForwardPasses, FrozenThenTop
 from transferkit.inference.uncertainty import write_reference
 from transferkit.model.surgery import compute_dtype
 from transferkit.recipe import Recipe
@@ -53,7 +53,7 @@ class TrustRecord:
 
 
 def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.PathLike | None = None,
-                           readout: ValidationReadout | None = None) -> ForwardPasses:
+                           readout: ValidationReadout | None = None, int8_frozen=None) -> ForwardPasses:
     """The one forward engine of the work after training, shared by ``evaluation.tta.fit_tta``
     and ``fit_trust`` (built on first use: an engine when their image passes together reach
     ``inference.passes.ENGINE_FROM``).
@@ -69,15 +69,46 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
             and the engine are both float32 (``known_validation``), it stands for the
             validation images' plain pass; in 16 bits the pass runs, so that the TTA
             choice compares every variant with "identity" computed by one engine.
+        int8_frozen: where the last stage trained on int8 features, their
+            ``training.features.Int8Origin`` (``StagesResult.int8_frozen``): the TTA choice
+            then runs its variants and "identity" through that int8 network and the part
+            above it in float32 (``FrozenThenTop``; about half a float32 pass, with nothing
+            to quantize or check again), on passes of their own (``ForwardPasses.variants``).
+            The rejection fit stays float32, as ``predict --reject`` embeds. Default None.
 
     Returns:
         A ``ForwardPasses`` over the validation images.
     """
     known = known_validation(model, recipe, readout)
-    passes = _trust_passes(prepared, recipe) - (len(prepared.val_images) if known is not None else 0)
-    return ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
-                         engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
-                         run_path=run_path, known_validation=known)
+    judged = judged_passes(prepared, recipe)
+    int8_variants = int8_frozen is not None and judged > 0 and recipe.engine != "keras"
+    passes = (_trust_passes(prepared, recipe) - (len(prepared.val_images) if known is not None else 0)
+              - (judged if int8_variants else 0))
+    forward = ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
+                            engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
+                            run_path=run_path, known_validation=known)
+    if int8_variants:
+        forward.variants = ForwardPasses(
+            model, recipe.image_size, validation=prepared.val_images, image_passes=judged + len(prepared.val_images),
+            batch_size=recipe.batch_size, engine_factory=lambda: _frozen_then_top(model, recipe, int8_frozen, run_path))
+    return forward
+
+
+def _frozen_then_top(model, recipe: Recipe, int8_frozen, run_path) -> FrozenThenTop:
+    """The TTA choice's engine where the last stage trained on int8 features: that int8
+    network, then the part above its boundary (the trained, calibrated layers) in float32."""
+    from transferkit.backbones import get_spec
+    from transferkit.inference.engines import make_engine
+    from transferkit.inference.openvino import claim_engine_cache
+    from transferkit.model.surgery import trainable_at
+
+    top = trainable_at(model, get_spec(recipe.backbone), int8_frozen.first_open)[0]
+    cache_dir = None if run_path is None else claim_engine_cache(run_path)
+    engine = make_engine(top, "openvino", input_shape=tuple(int(d) for d in top.input_shape[1:]),
+                         cache_dir=cache_dir, precision="float32")
+    log.info("the TTA choice's variants: the frozen part in int8 (%s), the part above it in float32",
+             int8_frozen.engine.check.describe())
+    return FrozenThenTop(int8_frozen, engine)
 
 
 def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -> np.ndarray | None:
