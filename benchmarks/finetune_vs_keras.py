@@ -1,11 +1,15 @@
 """transferkit.finetune against the Keras transfer-learning guide written out by hand.
 
-Both jobs run in this process, one after the other, on the same generated dataset, with the
-same backbone, image size, batch size, epochs per stage, learning rates and augmentation
-strengths. The baseline is the guide's pipeline: image_dataset_from_directory, Keras
-augmentation layers, a frozen backbone with a new head, then the top block unfrozen, in
-float32. Prints one JSON line with wall seconds and images/s per stage, final validation
-accuracy of each, and the ratios (transferkit / baseline).
+Both jobs run one after the other on the same generated dataset, with the same backbone,
+image size, batch size, epochs per stage, learning rates and augmentation strengths, each in
+a fresh process of its own (``--in-process``: both in this one, as before): the baseline
+with TensorFlow as it runs alone on this CPU (``TF_ENABLE_ONEDNN_OPTS`` as given, else
+TensorFlow's default for the CPU, pinned), transferkit's job with the variable removed, so
+that transferkit chooses (``runtime.prefer_onednn``: oneDNN on where TensorFlow leaves it off).
+The baseline is the guide's pipeline: image_dataset_from_directory, Keras augmentation layers,
+a frozen backbone with a new head, then the top block unfrozen, in float32. Prints one JSON
+line with wall seconds and images/s per stage, final validation accuracy of each, and the
+ratios (transferkit / baseline).
 
     python benchmarks/finetune_vs_keras.py --backbone vgg16 --size 64 --head-epochs 3 --fine-epochs 2
 
@@ -27,11 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import transferkit  # noqa: E402, I001  (first: it may turn TensorFlow's oneDNN on before TensorFlow loads)
 import keras  # noqa: E402
-
-import transferkit  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
-from transferkit.runtime import machine_facts  # noqa: E402
+from transferkit.runtime import ONEDNN_VARIABLE, machine_facts, tensorflow_onednn  # noqa: E402
 
 HEAD_LR, FINE_LR = 1e-3, 3e-5
 SHIFT, CONTRAST, ROTATION = 0.1, 0.2, 15.0
@@ -162,6 +165,46 @@ def transferkit_job(
     return figures, float(run.metrics["final"]["val_accuracy"]), run.metrics["n_train"], run.metrics
 
 
+def one_side(args) -> int:
+    """A child process's side (``--only``): its figures as JSON in ``--out``."""
+    started = time.perf_counter()
+    if args.only == "baseline":
+        stages, accuracy, n_train = keras_guide(args.data, args.backbone, args.size, args.batch, args.head_epochs,
+                                                args.fine_epochs, args.seed)
+        metrics = {}
+    else:
+        stages, accuracy, n_train, metrics = transferkit_job(
+            args.data, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
+            args.precision, args.engine, args.out.parent / "run", args.cache_views)
+        metrics = {key: metrics.get(key) for key in ("precision", "stages")}
+    args.out.write_text(json.dumps({"stages": stages, "accuracy": accuracy, "n_train": n_train, "metrics": metrics,
+                                    "seconds": time.perf_counter() - started,
+                                    "onednn": os.environ.get(ONEDNN_VARIABLE)}))
+    return 0
+
+
+def separate_processes(args, argv, data_dir: Path, tmp: Path) -> int:
+    """Each job in a fresh process: the baseline with TensorFlow's own oneDNN setting for
+    this CPU (as given, else its default, pinned), transferkit's with the variable removed."""
+    import subprocess
+
+    base = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
+            "--data", str(data_dir)]
+    tensorflow_alone = os.environ.get(ONEDNN_VARIABLE) or ("1" if tensorflow_onednn() else "0")
+    envs = {"baseline": {**os.environ, ONEDNN_VARIABLE: tensorflow_alone},
+            "transferkit": {key: value for key, value in os.environ.items() if key != ONEDNN_VARIABLE}}
+    sides = {}
+    order = ("baseline", "transferkit") if args.order == "baseline-first" else ("transferkit", "baseline")
+    for side in order:
+        out = tmp / f"{side}.json"
+        subprocess.run([*base, "--only", side, "--out", str(out)], env=envs[side], check=True)
+        sides[side] = json.loads(out.read_text())
+    base_side, ours_side = sides["baseline"], sides["transferkit"]
+    return report(args, base_side["stages"], base_side["accuracy"], base_side["n_train"], base_side["seconds"],
+                  ours_side["stages"], ours_side["accuracy"], ours_side["n_train"], ours_side["metrics"],
+                  ours_side["seconds"], {side: sides[side]["onednn"] for side in sides})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="vgg16")
@@ -175,6 +218,10 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", default="default", help="transferkit engine (default: the recipe's)")
     parser.add_argument("--cache-views", type=int, default=None, help="transferkit cache.views (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--in-process", action="store_true", help="both jobs in this process (one TensorFlow setup)")
+    parser.add_argument("--only", choices=("baseline", "transferkit"), help=argparse.SUPPRESS)  # a child's side
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--order",
         choices=("baseline-first", "transferkit-first"),
@@ -183,10 +230,14 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.only:
+        return one_side(args)
     with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
         data_dir = write_shapes_dataset(
             Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed
         )
+        if not args.in_process:
+            return separate_processes(args, argv, data_dir, Path(tmp))
 
         def run_baseline():
             started = time.perf_counter()
@@ -220,6 +271,13 @@ def main(argv=None) -> int:
             ours, our_accuracy, our_train, metrics, ours_total = run_ours()
             gc.collect()
             baseline, baseline_accuracy, n_train, baseline_total = run_baseline()
+    return report(args, baseline, baseline_accuracy, n_train, baseline_total, ours, our_accuracy, our_train, metrics,
+                  ours_total, {"both": os.environ.get(ONEDNN_VARIABLE)})
+
+
+def report(args, baseline, baseline_accuracy, n_train, baseline_total, ours, our_accuracy, our_train, metrics,
+           ours_total, onednn) -> int:
+    """Print the JSON line of both sides' figures and their ratios."""
 
     def per_stage(figures, epochs_by_stage, count):
         return {
@@ -239,6 +297,8 @@ def main(argv=None) -> int:
         "head_epochs": args.head_epochs,
         "fine_epochs": args.fine_epochs,
         "order": args.order,
+        "processes": "one" if args.in_process else "separate",
+        "tf_enable_onednn_opts": onednn,
         "baseline": {
             "precision": "float32",
             "total_seconds": round(baseline_total, 2),

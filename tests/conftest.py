@@ -25,14 +25,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), *filter(None, [os.envi
 SUBPROCESS_PATH = os.pathsep.join([str(ROOT), str(PLUGINS)])
 
 # TRANSFERKIT_TEST_CPU=avx2 runs the suite as on a CPU without AVX-512, AMX or bfloat16 (the
-# AMD EPYC Zen 3 machines): TensorFlow without its oneDNN kernels (it enables them only on
-# CPUs with AVX512-VNNI/BF16 or AMX) and transferkit reading no fast-bfloat16 flag
+# AMD EPYC Zen 3 machines): TensorFlow with its oneDNN kernels turned on, as transferkit turns
+# them on there (``runtime.prefer_onednn``: TensorFlow alone enables them only on CPUs with
+# AVX512-VNNI/BF16 or AMX), and transferkit reading no fast-bfloat16 flag
 # (``runtime.cpu_flags`` leaves them out, in every process of the session), so "auto"
 # precision is float32 everywhere. (OpenVINO still sees the real CPU: where a test asks it
 # for bfloat16 it gets it here, and float32 on a CPU without bfloat16, as OpenVINO falls back.)
 EMULATED_CPU = os.environ.get("TRANSFERKIT_TEST_CPU", "")
 if EMULATED_CPU == "avx2":
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # Under pytest-xdist (pyproject's addopts), each worker gets its share of the cores: TensorFlow
 # and oneDNN threads beyond it would only contend with the other workers' (measured with

@@ -172,3 +172,31 @@ def test_quieter_loggers_raise_levels_for_the_block_never_lower_them_and_restore
         assert loud.level == logging.ERROR and silent.level == logging.CRITICAL
         raise RuntimeError("inside")
     assert loud.level == logging.INFO and silent.level == logging.CRITICAL
+
+
+@pytest.mark.parametrize(
+    "flags, preset, turned_on",
+    [("avx2 fma", None, True), ("avx2 fma", "0", False), ("avx2 avx512f avx512_vnni", None, False),
+     ("avx2 amx_tile amx_bf16", None, False), ("sse4_2", None, False)],
+)
+def test_onednn_is_turned_on_where_tensorflow_would_leave_it_off(monkeypatch, flags, preset, turned_on):
+    """On an AVX2 CPU without the features TensorFlow enables oneDNN for, transferkit turns it
+    on before TensorFlow is imported; never over the user's setting, nor once TensorFlow runs."""
+    import sys
+
+    from transferkit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *args: set(flags.split()))
+    if preset is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", preset)
+    assert not runtime.prefer_onednn()  # TensorFlow is imported in this process: too late to change
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    assert runtime.prefer_onednn() is turned_on
+    assert runtime.tensorflow_onednn() is (turned_on or (preset is None and "avx512_vnni" in flags)
+                                           or (preset is None and "amx_bf16" in flags))
+    if turned_on:
+        import os
+
+        assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"

@@ -25,9 +25,12 @@ if os.environ["KERAS_BACKEND"].strip().lower() == "jax":  # before JAX is import
 # albumentations checks PyPI for a newer release when imported unless told not to: no
 # network call at import or at run time.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-# A process that trains several models (each with new Keras functions) is not told it retraces.
-from transferkit.runtime import quiet_keras_retracing  # noqa: E402
+# A process that trains several models (each with new Keras functions) is not told it retraces;
+# where TensorFlow would leave its oneDNN kernels off (AVX2-only CPUs), they are turned on
+# before it is imported (``runtime.prefer_onednn``).
+from transferkit.runtime import prefer_onednn, quiet_keras_retracing  # noqa: E402
 
+prefer_onednn()
 quiet_keras_retracing()
 
 try:

@@ -51,6 +51,8 @@ def test_xla_where_tensorflow_runs_without_onednn_and_the_stage_is_long_enough(c
     assert not xla_pays(model, 10**6)
     cpu({"avx2", "avx512f", "avx512_vnni"})  # oneDNN's kernels: Keras's step as it is
     assert not xla_pays(model, 10**6)
+    cpu({"avx2", "fma"}, onednn_env="1")  # oneDNN turned on where TensorFlow leaves it off (prefer_onednn)
+    assert not xla_pays(model, 10**6)
     cpu({"avx2", "avx512f", "avx512_vnni"}, onednn_env="0")  # oneDNN turned off by the user
     assert xla_pays(model, 10**6)
     cpu({"amx_bf16", "amx_tile"})

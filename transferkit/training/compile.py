@@ -101,8 +101,6 @@ def make_loss(n_classes: int, loss: LossConfig | None = None):
     return _LOSSES[loss_for(n_classes)](label_smoothing=smoothing)
 
 
-# CPU flags with which TensorFlow runs its oneDNN kernels by default (TF_ENABLE_ONEDNN_OPTS unset).
-_ONEDNN_FLAGS = frozenset({"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"})
 # A stage of fewer steps than this keeps Keras's step: XLA's compile (about a second for VGG16's
 # top block) would cost more than it saves.
 XLA_MIN_STEPS = 32
@@ -111,10 +109,12 @@ XLA_MIN_STEPS = 32
 def xla_pays(model, steps: int, distributed: bool = False) -> bool:
     """Whether a stage's training step should be compiled by XLA.
 
-    Where TensorFlow runs without oneDNN (CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or
-    AMX, such as AVX2-only ones, or ``TF_ENABLE_ONEDNN_OPTS=0``), its own convolution kernels
-    on the small maps of a fine stage reach about a quarter of the CPU's matrix-product rate;
-    XLA's CPU code reaches most of it (``benchmarks/fine_stage.py``). Keras turns XLA off on
+    Where TensorFlow runs without oneDNN (``TF_ENABLE_ONEDNN_OPTS=0``, or TensorFlow imported
+    before transferkit on a CPU without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, where
+    ``runtime.prefer_onednn`` could not turn oneDNN on), its own convolution kernels on the
+    small maps of a fine stage reach about a quarter of the CPU's matrix-product rate; XLA's
+    CPU code reaches most of it for VGG16 (``benchmarks/fine_stage.py``; for ResNet50's 2x2
+    maps it is slower still: oneDNN is the fix there). Keras turns XLA off on
     CPU-only machines by default. Only on the TensorFlow backend, in float32 (16-bit runs are
     on CPUs with oneDNN), on one device, for a model whose layers all support XLA, and for
     at least ``XLA_MIN_STEPS`` steps. ``TRANSFERKIT_XLA=0`` turns it off, ``=1`` asks for it
@@ -132,15 +132,13 @@ def xla_pays(model, steps: int, distributed: bool = False) -> bool:
     if setting == "0" or distributed or steps < XLA_MIN_STEPS or keras.config.backend() != "tensorflow":
         return False
     from transferkit.model.surgery import compute_dtype, walk_layers
-    from transferkit.runtime import cpu_flags, gpu_visible
+    from transferkit.runtime import gpu_visible, tensorflow_onednn
 
     if gpu_visible() or compute_dtype(model) != "float32":
         return False
     if not all(getattr(layer, "supports_jit", True) for layer in walk_layers(model)):
         return False
-    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "") not in ("0", "false", "False") and bool(
-        _ONEDNN_FLAGS & cpu_flags())
-    return setting == "1" or not onednn
+    return setting == "1" or not tensorflow_onednn()
 
 
 def compile_for_stage(model, stage: StageConfig, n_classes: int, steps_per_execution: int = 1, *,
