@@ -90,22 +90,21 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
     if int8_variants:
         forward.variants = ForwardPasses(
             model, recipe.image_size, validation=prepared.val_images, image_passes=judged + len(prepared.val_images),
-            batch_size=recipe.batch_size, engine_factory=lambda: _frozen_then_top(model, recipe, int8_frozen, run_path))
+            batch_size=recipe.batch_size, engine_factory=lambda: _frozen_then_top(model, recipe, int8_frozen))
     return forward
 
 
-def _frozen_then_top(model, recipe: Recipe, int8_frozen, run_path) -> FrozenThenTop:
+def _frozen_then_top(model, recipe: Recipe, int8_frozen) -> FrozenThenTop:
     """The TTA choice's engine where the last stage trained on int8 features: that int8
-    network, then the part above its boundary (the trained, calibrated layers) in float32."""
+    network, then the part above its boundary (the trained, calibrated layers) in float32,
+    converted in memory (no later command runs this part alone)."""
     from transferkit.backbones import get_spec
     from transferkit.inference.engines import make_engine
-    from transferkit.inference.openvino import claim_engine_cache
     from transferkit.model.surgery import trainable_at
 
     top = trainable_at(model, get_spec(recipe.backbone), int8_frozen.first_open)[0]
-    cache_dir = None if run_path is None else claim_engine_cache(run_path)
     engine = make_engine(top, "openvino", input_shape=tuple(int(d) for d in top.input_shape[1:]),
-                         cache_dir=cache_dir, precision="float32")
+                         precision="float32")
     log.info("the TTA choice's variants: the frozen part in int8 (%s), the part above it in float32",
              int8_frozen.engine.check.describe())
     return FrozenThenTop(int8_frozen, engine)
