@@ -1,17 +1,21 @@
 """The fine stage's training step against the CPU's matrix-product rate, in one run.
 
-The default recipe's fine stage trains VGG16's top block (three 3x3 convolutions of 512
-channels) and the head on cached features of the blocks below: at 64 px, 4x4x512 maps. The
-step is timed as transferkit compiles it (``training.compile.xla_pays``: XLA where TensorFlow
-runs without oneDNN) and as Keras compiles it by default (no XLA on a CPU), and its rate in
-GFLOP/s is set against a bare 2048x2048 float32 matrix product in the same process. Prints
-one JSON line.
+The default recipe's fine stage trains the backbone's top block and the head on cached
+features of the blocks below: for VGG16 at 64 px, block5 (three 3x3 convolutions of 512
+channels) on 4x4x512 maps; for ResNet50 (``--backbone resnet50``), conv5_block3 on 2x2x2048
+maps. The step is timed as Keras compiles it by default (no XLA on a CPU), compiled by XLA,
+and, in a process of its own, with TensorFlow's oneDNN kernels turned on
+(``TF_ENABLE_ONEDNN_OPTS=1``, read once per process); "transferkit" is the one transferkit
+runs on this CPU (``runtime.prefer_onednn``, else ``training.compile.xla_pays``). Each rate
+in GFLOP/s is set against a bare 2048x2048 float32 matrix product in the same process.
+Prints one JSON line.
 
-    python benchmarks/fine_stage.py
+    python benchmarks/fine_stage.py [--backbone resnet50]
     TRANSFERKIT_TEST_CPU=avx2 python benchmarks/fine_stage.py   # as on a CPU without AVX-512
 
-``TRANSFERKIT_TEST_CPU=avx2`` runs it as the test suite does on such a CPU: TensorFlow without
-oneDNN, oneDNN's kernels (OpenVINO's) capped to AVX2, no AVX-512 flag read.
+``TRANSFERKIT_TEST_CPU=avx2`` runs it as on such a CPU: TensorFlow alone without oneDNN (as it
+runs there by default), oneDNN's kernels (TensorFlow's where turned on, OpenVINO's) capped to
+AVX2, no AVX-512 flag read.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import sys
 import time
 
 if os.environ.get("TRANSFERKIT_TEST_CPU") == "avx2":
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -32,21 +36,22 @@ import numpy as np  # noqa: E402
 import transferkit.runtime  # noqa: E402  (cpu_flags leaves AVX-512 and AMX out under the emulation)
 
 
-def top_part(size: int, classes: int):
-    """The fine stage's model: VGG16's block5 and the default head on block4's output."""
+def top_part(size: int, classes: int, backbone: str = "vgg16"):
+    """The fine stage's model: the backbone's top block and the default head on the output of
+    the block below."""
     from transferkit.backbones import get_spec, load_backbone
     from transferkit.model.classifier import build_classifier
     from transferkit.model.surgery import set_trainable, trainable_at
     from transferkit.recipe import HeadConfig
 
-    spec = get_spec("vgg16")
-    model = build_classifier(load_backbone("vgg16", "none", (size, size, 3)), classes, HeadConfig(),
-                             backbone_name="vgg16")
+    spec = get_spec(backbone)
+    model = build_classifier(load_backbone(backbone, "none", (size, size, 3)), classes, HeadConfig(),
+                             backbone_name=backbone)
     set_trainable(model, spec, 1)
     return trainable_at(model, spec, spec.first_unfrozen(1))[0]
 
 
-def step_ms(size: int, classes: int, batch: int, steps: int, xla: bool) -> tuple[float, float]:
+def step_ms(size: int, classes: int, batch: int, steps: int, xla: bool, backbone: str = "vgg16") -> tuple[float, float]:
     """Median milliseconds of a training step (after the first, traced call), and that first call's seconds."""
     import keras
 
@@ -54,7 +59,7 @@ def step_ms(size: int, classes: int, batch: int, steps: int, xla: bool) -> tuple
     from transferkit.training.compile import compile_for_stage
 
     keras.utils.set_random_seed(0)
-    model = top_part(size, classes)
+    model = top_part(size, classes, backbone)
     compile_for_stage(model, StageConfig(epochs=1, unfreeze=1, learning_rate=1e-5), classes, jit_compile=xla)
     shape = tuple(model.input_shape[1:])
     rng = np.random.default_rng(0)
@@ -85,35 +90,64 @@ def gemm_gflops(n: int = 2048, rounds: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def step_flops(model, batch: int) -> float:
+    """FLOPs of a training step: the convolutions' and dense layers' multiply-adds, forward
+    and backward (about twice the forward)."""
+    from transferkit.model.surgery import walk_layers
+
+    total = 0
+    for layer in walk_layers(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        out = layer.output.shape
+        positions = int(out[1]) * int(out[2]) if len(out) == 4 else 1
+        total += positions * int(np.prod(kernel.shape))
+    return 3 * batch * 2 * total
+
+
+def measured(args, xla: bool, gemm: float, flops: float) -> dict:
+    ms, first = step_ms(args.size, args.classes, args.batch, args.steps, xla, args.backbone)
+    rate = flops / (ms / 1000) / 1e9
+    return {"step_ms": round(ms, 1), "gflops": round(rate, 1), "share_of_gemm": round(rate / gemm, 3),
+            "first_call_s": round(first, 2), "gemm_gflops": round(gemm, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64, help="image size (64: 4x4 maps into block5)")
+    parser.add_argument("--backbone", default="vgg16", choices=("vgg16", "resnet50"))
+    parser.add_argument("--size", type=int, default=64, help="image size (64: 4x4 maps into VGG16's block5)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--child-onednn", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     from transferkit.training.compile import xla_pays
 
-    side = args.size // 16
-    # Forward: three 3x3 convolutions of 512 -> 512 channels on side x side maps; backward ~2x forward.
-    flops = 3 * args.batch * 3 * (side * side * 9 * 512 * 512 * 2)
-    chosen = xla_pays(top_part(args.size, args.classes), steps=10**6)
+    flops = step_flops(top_part(args.size, args.classes, args.backbone), args.batch)
+    if args.child_onednn:  # TensorFlow with oneDNN, in this process of its own
+        print(json.dumps(measured(args, False, gemm_gflops(), flops)))
+        return
+    chosen = xla_pays(top_part(args.size, args.classes, args.backbone), steps=10**6)
     gemm = gemm_gflops()
-    figures = {}
-    for label, xla in (("keras_default", False), ("xla", True)):
-        ms, first = step_ms(args.size, args.classes, args.batch, args.steps, xla)
-        rate = flops / (ms / 1000) / 1e9
-        figures[label] = {"step_ms": round(ms, 1), "gflops": round(rate, 1), "share_of_gemm": round(rate / gemm, 3),
-                          "first_call_s": round(first, 2)}
+    figures = {label: measured(args, xla, gemm, flops) for label, xla in (("keras_default", False), ("xla", True))}
     gemm_after = gemm_gflops()
-    ours = figures["xla" if chosen else "keras_default"]
+    import subprocess
+
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child-onednn"],
+                           env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}, capture_output=True, text=True, check=True)
+    figures["onednn"] = json.loads(child.stdout.strip().splitlines()[-1])
+    flags = transferkit.runtime.cpu_flags()
+    onednn_by_transferkit = "avx2" in flags and not flags & transferkit.runtime.ONEDNN_DEFAULT_FLAGS
+    taken = "onednn" if onednn_by_transferkit else ("xla" if chosen else "keras_default")
+    ours = figures[taken]
     print(json.dumps({
         "benchmark": "fine_stage", "machine": transferkit.runtime.machine_facts(),
         "emulated_cpu": os.environ.get("TRANSFERKIT_TEST_CPU", ""),
         "size": args.size, "batch": args.batch, "gflop_per_step": round(flops / 1e9, 2),
         "gemm_gflops": round(gemm, 1), "gemm_gflops_after": round(gemm_after, 1),
-        "transferkit_uses_xla": chosen, "transferkit": ours, **figures,
+        "backbone": args.backbone, "transferkit_runs": taken, "transferkit": ours, **figures,
         "ratio_transferkit_to_keras_default_step": round(ours["step_ms"] / figures["keras_default"]["step_ms"], 3),
     }))
 
