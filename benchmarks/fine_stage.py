@@ -138,8 +138,7 @@ def main() -> None:
     child = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child-onednn"],
                            env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}, capture_output=True, text=True, check=True)
     figures["onednn"] = json.loads(child.stdout.strip().splitlines()[-1])
-    flags = transferkit.runtime.cpu_flags()
-    onednn_by_transferkit = "avx2" in flags and not flags & transferkit.runtime.ONEDNN_DEFAULT_FLAGS
+    onednn_by_transferkit = transferkit.runtime.onednn_worth_turning_on(transferkit.runtime.cpu_flags())
     taken = "onednn" if onednn_by_transferkit else ("xla" if chosen else "keras_default")
     ours = figures[taken]
     print(json.dumps({

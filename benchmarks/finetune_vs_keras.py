@@ -165,25 +165,25 @@ def transferkit_job(
     return figures, float(run.metrics["final"]["val_accuracy"]), run.metrics["n_train"], run.metrics
 
 
-def one_side(args) -> int:
-    """A child process's side (``--only``): its figures as JSON in ``--out``."""
+def run_side(args, side: str, data_dir: Path, run_dir: Path) -> dict:
+    """One job ("baseline" or "transferkit") on the dataset, timed: its stage seconds,
+    validation accuracy, training images, transferkit's precision and stage details, wall
+    seconds, and the TensorFlow oneDNN setting of the process."""
     started = time.perf_counter()
-    if args.only == "baseline":
-        stages, accuracy, n_train = keras_guide(args.data, args.backbone, args.size, args.batch, args.head_epochs,
+    if side == "baseline":
+        stages, accuracy, n_train = keras_guide(data_dir, args.backbone, args.size, args.batch, args.head_epochs,
                                                 args.fine_epochs, args.seed)
         metrics = {}
     else:
         stages, accuracy, n_train, metrics = transferkit_job(
-            args.data, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
-            args.precision, args.engine, args.out.parent / "run", args.cache_views)
+            data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
+            args.precision, args.engine, run_dir, args.cache_views)
         metrics = {key: metrics.get(key) for key in ("precision", "stages")}
-    args.out.write_text(json.dumps({"stages": stages, "accuracy": accuracy, "n_train": n_train, "metrics": metrics,
-                                    "seconds": time.perf_counter() - started,
-                                    "onednn": os.environ.get(ONEDNN_VARIABLE)}))
-    return 0
+    return {"stages": stages, "accuracy": accuracy, "n_train": n_train, "metrics": metrics,
+            "seconds": time.perf_counter() - started, "onednn": os.environ.get(ONEDNN_VARIABLE)}
 
 
-def separate_processes(args, argv, data_dir: Path, tmp: Path) -> int:
+def separate_processes(args, argv, data_dir: Path, tmp: Path) -> dict:
     """Each job in a fresh process: the baseline with TensorFlow's own oneDNN setting for
     this CPU (as given, else its default, pinned), transferkit's with the variable removed."""
     import subprocess
@@ -194,15 +194,15 @@ def separate_processes(args, argv, data_dir: Path, tmp: Path) -> int:
     envs = {"baseline": {**os.environ, ONEDNN_VARIABLE: tensorflow_alone},
             "transferkit": {key: value for key, value in os.environ.items() if key != ONEDNN_VARIABLE}}
     sides = {}
-    order = ("baseline", "transferkit") if args.order == "baseline-first" else ("transferkit", "baseline")
-    for side in order:
+    for side in sides_in_order(args):
         out = tmp / f"{side}.json"
         subprocess.run([*base, "--only", side, "--out", str(out)], env=envs[side], check=True)
         sides[side] = json.loads(out.read_text())
-    base_side, ours_side = sides["baseline"], sides["transferkit"]
-    return report(args, base_side["stages"], base_side["accuracy"], base_side["n_train"], base_side["seconds"],
-                  ours_side["stages"], ours_side["accuracy"], ours_side["n_train"], ours_side["metrics"],
-                  ours_side["seconds"], {side: sides[side]["onednn"] for side in sides})
+    return sides
+
+
+def sides_in_order(args) -> tuple[str, str]:
+    return ("baseline", "transferkit") if args.order == "baseline-first" else ("transferkit", "baseline")
 
 
 def main(argv=None) -> int:
@@ -230,53 +230,24 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    if args.only:
-        return one_side(args)
+    if args.only:  # a child's side, its figures as JSON in --out
+        args.out.write_text(json.dumps(run_side(args, args.only, args.data, args.out.parent / "run")))
+        return 0
     with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
         data_dir = write_shapes_dataset(
             Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed
         )
         if not args.in_process:
-            return separate_processes(args, argv, data_dir, Path(tmp))
-
-        def run_baseline():
-            started = time.perf_counter()
-            result = keras_guide(
-                data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed
-            )
-            return (*result, time.perf_counter() - started)
-
-        def run_ours():
-            started = time.perf_counter()
-            result = transferkit_job(
-                data_dir,
-                args.backbone,
-                args.size,
-                args.batch,
-                args.head_epochs,
-                args.fine_epochs,
-                args.seed,
-                args.precision,
-                args.engine,
-                Path(tmp) / "run",
-                args.cache_views,
-            )
-            return (*result, time.perf_counter() - started)
-
-        if args.order == "baseline-first":
-            baseline, baseline_accuracy, n_train, baseline_total = run_baseline()
-            gc.collect()
-            ours, our_accuracy, our_train, metrics, ours_total = run_ours()
+            sides = separate_processes(args, argv, data_dir, Path(tmp))
         else:
-            ours, our_accuracy, our_train, metrics, ours_total = run_ours()
-            gc.collect()
-            baseline, baseline_accuracy, n_train, baseline_total = run_baseline()
-    return report(args, baseline, baseline_accuracy, n_train, baseline_total, ours, our_accuracy, our_train, metrics,
-                  ours_total, {"both": os.environ.get(ONEDNN_VARIABLE)})
+            sides = {}
+            for side in sides_in_order(args):
+                sides[side] = run_side(args, side, data_dir, Path(tmp) / "run")
+                gc.collect()
+    return report(args, sides)
 
 
-def report(args, baseline, baseline_accuracy, n_train, baseline_total, ours, our_accuracy, our_train, metrics,
-           ours_total, onednn) -> int:
+def report(args, sides: dict) -> int:
     """Print the JSON line of both sides' figures and their ratios."""
 
     def per_stage(figures, epochs_by_stage, count):
@@ -285,6 +256,7 @@ def report(args, baseline, baseline_accuracy, n_train, baseline_total, ours, our
             for stage, seconds in figures.items()
         }
 
+    base, ours = sides["baseline"], sides["transferkit"]
     epochs = {"head": args.head_epochs, "fine": args.fine_epochs}
     result = {
         "machine": machine_facts(),
@@ -293,29 +265,30 @@ def report(args, baseline, baseline_accuracy, n_train, baseline_total, ours, our
         "size": args.size,
         "batch": args.batch,
         "images": args.classes * args.per_class,
-        "train_images": n_train,
+        "train_images": base["n_train"],
         "head_epochs": args.head_epochs,
         "fine_epochs": args.fine_epochs,
         "order": args.order,
         "processes": "one" if args.in_process else "separate",
-        "tf_enable_onednn_opts": onednn,
+        "tf_enable_onednn_opts": {side: sides[side]["onednn"] for side in sides},
         "baseline": {
             "precision": "float32",
-            "total_seconds": round(baseline_total, 2),
-            "stages": per_stage(baseline, epochs, n_train),
-            "val_accuracy": round(baseline_accuracy, 4),
+            "total_seconds": round(base["seconds"], 2),
+            "stages": per_stage(base["stages"], epochs, base["n_train"]),
+            "val_accuracy": round(base["accuracy"], 4),
         },
         "transferkit": {
-            "precision": metrics.get("precision"),
-            "total_seconds": round(ours_total, 2),
-            "stages": per_stage(ours, epochs, our_train),
-            "val_accuracy": round(our_accuracy, 4),
-            "stage_details": metrics.get("stages"),
+            "precision": ours["metrics"].get("precision"),
+            "total_seconds": round(ours["seconds"], 2),
+            "stages": per_stage(ours["stages"], epochs, ours["n_train"]),
+            "val_accuracy": round(ours["accuracy"], 4),
+            "stage_details": ours["metrics"].get("stages"),
         },
         "ratios": {
-            "total_wall": round(ours_total / baseline_total, 3),
-            **{f"{stage}_wall": round(ours[stage] / baseline[stage], 3) for stage in ours if stage in baseline},
-            "val_accuracy_points": round(100 * (our_accuracy - baseline_accuracy), 2),
+            "total_wall": round(ours["seconds"] / base["seconds"], 3),
+            **{f"{stage}_wall": round(ours["stages"][stage] / base["stages"][stage], 3)
+               for stage in ours["stages"] if stage in base["stages"]},
+            "val_accuracy_points": round(100 * (ours["accuracy"] - base["accuracy"]), 2),
         },
     }
     print(json.dumps(result))

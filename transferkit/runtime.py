@@ -93,6 +93,13 @@ def tensorflow_onednn() -> bool:
     return bool(ONEDNN_DEFAULT_FLAGS & cpu_flags())
 
 
+def onednn_worth_turning_on(flags: set[str]) -> bool:
+    """Whether a CPU with these flags is one where TensorFlow leaves its oneDNN kernels off
+    and transferkit turns them on (``prefer_onednn``): x86 with AVX2, none of
+    ``ONEDNN_DEFAULT_FLAGS``."""
+    return "avx2" in flags and not flags & ONEDNN_DEFAULT_FLAGS
+
+
 def prefer_onednn() -> bool:
     """Turn TensorFlow's oneDNN kernels on (``TF_ENABLE_ONEDNN_OPTS=1``) on an x86 CPU where
     TensorFlow leaves them off by default (AVX2 without AVX512-VNNI, AVX512-BF16, AVX-VNNI or
@@ -109,8 +116,7 @@ def prefer_onednn() -> bool:
     """
     if ONEDNN_VARIABLE in os.environ or "tensorflow" in sys.modules:
         return False
-    flags = cpu_flags()
-    if "avx2" not in flags or flags & ONEDNN_DEFAULT_FLAGS:
+    if not onednn_worth_turning_on(cpu_flags()):
         return False
     os.environ[ONEDNN_VARIABLE] = "1"
     return True
