@@ -52,7 +52,14 @@ import numpy as np  # noqa: E402
 import transferkit  # noqa: E402
 from transferkit.data.images import decode_images  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset, write_unknown_images  # noqa: E402
-from transferkit.inference.uncertainty import keep_threshold, lac_scores, set_quantile, unit_rows  # noqa: E402
+from transferkit.inference.uncertainty import (  # noqa: E402
+    REFERENCE_FILE,
+    keep_threshold,
+    lac_scores,
+    load_reference,
+    set_quantile,
+    unit_rows,
+)
 from transferkit.runtime import machine_facts  # noqa: E402
 from transferkit.trust.rejection import fpr_at_tpr, open_set_metrics  # noqa: E402
 
@@ -212,13 +219,14 @@ def with_fused(scores: dict[str, dict[str, np.ndarray]]) -> None:
                                                   + standard("max_probability", scores[part]["max_probability"]))
 
 
-def one_seed(root: Path, data_set: str, seed: int, head_epochs: int, fine_epochs: int) -> dict:
+def one_seed(root: Path, data_set: str, seed: int, head_epochs: int, fine_epochs: int,
+             precision: str = "auto") -> dict:
     """Train on the known classes with this seed and measure every score."""
     size = SETTINGS[data_set][0]
     data, known_dir, near_dir = DATASETS[data_set](root / f"{data_set}-{seed}", seed)
     far_dir = write_unknown_images(root / f"far-{seed}", 120, size=size, seed=3000 + seed)
     overrides = {"weights": "none", "image_size": size, "seed": seed, "stages.0.epochs": head_epochs,
-                 "stages.1:.epochs": fine_epochs}
+                 "stages.1:.epochs": fine_epochs, "precision": precision}
     started = time.perf_counter()
     run = transferkit.finetune(data, None, overrides, output=root / f"run-{data_set}-{seed}", verbose=0)
     train_seconds = time.perf_counter() - started
@@ -233,7 +241,12 @@ def one_seed(root: Path, data_set: str, seed: int, head_epochs: int, fine_epochs
     outputs = {"val": forward(run.model, prepared.val_images),
                **{part: forward(run.model, images) for part, images in held_out.items()}}
     scores = {name: candidate_scores(parts, train, prepared.train_labels) for name, parts in outputs.items()}
+    # The run's own reference (rejection.npz), as finetune computed it: through the int8
+    # frozen part where the last stage trained on int8 features ("reference_passes").
+    rejection = json.loads((run.path / "labels.json").read_text())["rejection"]
+    run_reference = load_reference(run.path / REFERENCE_FILE)
     for name, parts in outputs.items():
+        scores[name]["knn_k1_run_reference"] = knn(parts["embedding"], run_reference, 1)
         scores[name]["knn_k1_cached_view"] = knn(parts["embedding"], augmented[0], 1)
         scores[name]["knn_k1_cached_views"] = knn(parts["embedding"], np.concatenate(augmented), 1)
     with_fused(scores)
@@ -259,6 +272,7 @@ def one_seed(root: Path, data_set: str, seed: int, head_epochs: int, fine_epochs
     sets = {name: {"coverage": float(np.mean(m[np.arange(len(known_labels)), known_labels])),
                    "mean_size": float(m.sum(axis=1).mean())} for name, m in (("LAC", lac), ("APS", aps))}
     return {"seed": seed, "train_seconds": round(train_seconds, 1), "n_val": int(len(prepared.val_labels)),
+            "run_reference": rejection.get("reference_passes", "the float32 (or bfloat16) network"),
             "known_accuracy": float(np.mean(known_probs.argmax(axis=1) == known_labels)),
             "scores": figures, "sets_0.9": sets}
 
@@ -275,11 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-epochs", type=int, default=8)
     parser.add_argument("--fine-epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precision", default="auto",
+                        help="the runs' precision (int8: the run's reference goes through the int8 frozen part)")
     args = parser.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory(prefix="tk-rejection-") as folder:
         for data_set in args.data:
-            runs = [one_seed(Path(folder), data_set, seed, args.head_epochs, args.fine_epochs) for seed in args.seeds]
+            runs = [one_seed(Path(folder), data_set, seed, args.head_epochs, args.fine_epochs, args.precision)
+                    for seed in args.seeds]
             size, per_class, held_out = SETTINGS[data_set]
             results[data_set] = {
                 "size": size, "per_class": per_class, "held_out_per_class": held_out,
@@ -287,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                 "scores": mean_of(runs, "scores"), "sets_0.9": mean_of(runs, "sets_0.9"), "per_seed": runs,
             }
     print(json.dumps({"benchmark": "rejection", "machine": machine_facts(),
-                      "epochs": [args.head_epochs, args.fine_epochs], "seeds": args.seeds, **results}))
+                      "epochs": [args.head_epochs, args.fine_epochs], "seeds": args.seeds,
+                      "precision": args.precision, **results}))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,26 @@ def test_openvino_f32_hint_matches_keras_float32_closely(resnet, shared_cache):
     assert relative < 1e-4
 
 
+def test_a_network_reduced_to_one_output_computes_it_as_the_whole_one_does(shared_cache, tmp_path):
+    """output_alone: a two-output feature network (the cache's, for a head and a fine
+    stage) reduced to its shallower output gives that output's very values, with one output;
+    a network not on disk, or of one output, is itself."""
+    keras.utils.set_random_seed(4)
+    vgg = load_backbone("vgg16", weights="none", input_shape=(SIZE, SIZE, 3))
+    both = keras.Model(vgg.input, [vgg.get_layer("block4_pool").output, vgg.output], name="two_outputs")
+    engine = make_engine(both, "openvino", precision="float32", cache_dir=shared_cache, input_dtype="uint8")
+    decoded = np.rint(images(5, seed=6)).astype("uint8")
+    shallow, deep = engine.predict(decoded)
+    alone = engine.output_alone(0)
+    assert alone is not engine and len(alone._outputs) == 1 and alone.input_dtype == "uint8"
+    assert "block5" not in " ".join(op.get_friendly_name() for op in alone._compiled.get_runtime_model().get_ops())
+    np.testing.assert_array_equal(alone.predict(decoded), shallow)
+    np.testing.assert_array_equal(engine.output_alone(1).predict(decoded), deep)
+    assert alone.output_alone(0) is alone
+    in_memory = make_engine(both, "openvino", precision="float32")
+    assert in_memory.ir_path is None and in_memory.output_alone(0) is in_memory
+
+
 def test_uint8_input_network_computes_what_the_float_one_does(resnet, shared_cache):
     """input_dtype="uint8": the decoded images go in as they are and the network converts
     them; the outputs are those of the float32-input network on the same values."""

@@ -136,16 +136,19 @@ def test_a_run_resumed_after_the_guard_computes_its_later_stages_as_the_guard_de
     assert not [entry for entry in caplog.records if "head's validation loss" in entry.getMessage()]
 
 
-def test_the_tta_choice_runs_its_variants_through_the_int8_frozen_part_while_the_rejection_fit_stays_float32(
+def test_the_tta_choice_and_the_knn_reference_go_through_the_int8_frozen_part_while_validation_stays_float32(
         tmp_path):
     """Where the last stage trained on int8 features, the TTA choice's variants (and its
-    "identity") go through that int8 network and the part above it in float32: no float32
-    pass of the whole network for them. The rejection fit is the one it was in float32."""
+    "identity") and the knn score's reference images go through that int8 network and the
+    layers above it in float32: no float32 pass of the whole network for them. The validation
+    images that set the rejection threshold are the float32 readout's, as predict embeds."""
     from types import SimpleNamespace
 
     from transferkit.evaluation.tta import fit_tta
+    from transferkit.inference.embedding import KerasEmbedding
+    from transferkit.inference.uncertainty import unit_rows
     from transferkit.recipe import load_recipe
-    from transferkit.trust.record import after_training_forward, fit_trust
+    from transferkit.trust.record import INT8_REFERENCE, after_training_forward, fit_trust
 
     model = classifier()
     result, _ = train_on_int8(model=model)
@@ -158,18 +161,30 @@ def test_the_tta_choice_runs_its_variants_through_the_int8_frozen_part_while_the
     recipe = load_recipe(None, {"weights": "none", "image_size": 32, "precision": "int8", "engine": "openvino",
                                 "augment.hflip": True})
     forward = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation, frozen)
-    assert forward.variants is not forward
+    assert forward.approximate is not forward
     choice = fit_tta(model, prepared, recipe, forward=forward)
     assert choice["judged"] and choice["n_images"] == 24 and "hflip" in {t["transform"] for t in choice["transforms"]}
-    assert forward.variants.builds == 1 and forward.builds == 0  # the float32 engine took no TTA pass
-    # Its class outputs are the model's, up to int8's rounding of the frozen features.
-    through_int8 = forward.variants.validation_outputs()
-    exact = model.predict(val_images.astype("float32"), verbose=0)
+    record = fit_trust(model, prepared, recipe, forward=forward)
+    # One engine, the int8 one, took every pass; the validation images' float32 outputs came
+    # from the readout.
+    assert forward.approximate.builds == 1 and forward.builds == 0 and forward.validation_passes == 0
+    # Its outputs are the model's, up to int8's rounding of the frozen features.
+    exact = KerasEmbedding(model).predict(val_images)
+    through_int8 = forward.approximate.validation_outputs()
     assert through_int8.shape == exact.shape and not np.array_equal(through_int8, exact)
-    difference = np.abs(through_int8 - exact)
+    difference = np.abs(through_int8[:, :3] - exact[:, :3])
     assert difference.mean() < 0.03, difference.mean()
-    # The rejection fit: the float32 passes it had without int8 features.
+    # The reference embeddings: the training images' through int8, close to float32's.
+    reference = record.rejection.reference
+    exact_reference = unit_rows(KerasEmbedding(model).predict(train_images)[:, 3:])
+    assert reference.shape == exact_reference.shape and not np.allclose(reference, exact_reference, atol=1e-3)
+    assert np.min(np.sum(reference * exact_reference, axis=1)) > 0.98
+    # The validation scores are the float32 passes': the same as where no stage ran on int8.
     plain = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation)
-    assert plain.variants is plain
-    assert (fit_trust(model, prepared, recipe, forward=forward).rejection.record
-            == fit_trust(model, prepared, recipe, forward=plain).rejection.record)
+    assert plain.approximate is plain
+    assert np.allclose(forward.validation_outputs(), plain.validation_outputs())
+    float32_fit = fit_trust(model, prepared, recipe, forward=plain).rejection
+    assert np.allclose(float32_fit.reference, exact_reference, atol=2e-3)  # float16 storage
+    assert record.rejection.record["n_reference"] == float32_fit.record["n_reference"] == 48
+    assert record.rejection.record["reference_passes"] == INT8_REFERENCE
+    assert "reference_passes" not in float32_fit.record

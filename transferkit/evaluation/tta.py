@@ -442,9 +442,9 @@ def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | 
         recipe: the run's ``Recipe``.
         verbose: 1 logs the choice in one line; default 0.
         forward: the ``inference.passes.ForwardPasses`` of ``model`` that the work after
-            training shares: the engine of its ``variants`` runs the variants, and their
-            validation images' plain outputs (computed there once, for the rejection fit too,
-            where ``variants`` are the passes themselves) stand for "identity"; default None
+            training shares: the engine of its ``approximate`` passes runs the variants, and
+            their validation images' plain outputs (computed there once, for the rejection fit
+            too, where ``approximate`` are the passes themselves) stand for "identity"; default None
             (the Keras model is called directly on every variant).
 
     Returns:
@@ -461,7 +461,7 @@ def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | 
     if len(labels) > MAX_JUDGED_IMAGES:
         rows = np.sort(np.random.default_rng(recipe.seed).choice(len(labels), MAX_JUDGED_IMAGES, replace=False))
         images, labels = images[rows], labels[rows]
-    forward = None if forward is None else forward.variants
+    forward = None if forward is None else forward.approximate
     plain = None if forward is None else forward.probabilities(forward.validation_outputs()[rows])
     choice = choose_transforms(model if forward is None else forward, images, labels, recipe.model_dump(mode="json"),
                                batch_size=recipe.batch_size, plain=plain)

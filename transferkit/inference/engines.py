@@ -47,6 +47,7 @@ from transferkit.inference.openvino import (  # noqa: F401 - SHARED: for engine 
     import_openvino,
     is_image_shape,
     load_or_convert,
+    openvino_core,
     precision_hint,
     shape_label,
     uint8_input,
@@ -153,6 +154,22 @@ class OpenVINOEngine(ForwardEngine):
                 result = self._request.infer({0: batch}, share_inputs=True)
             values = [np.asarray(result[output], dtype="float32") for output in self._outputs]
         return values if len(values) > 1 else values[0]
+
+    def output_alone(self, output: int) -> OpenVINOEngine:
+        """This network reduced to one of its outputs (the layers that feed only the others
+        dropped: a multi-output feature network's deeper blocks), compiled as this one was,
+        with the same weights and so the same values of that output; itself where it has one
+        output, or its network is not on disk to read again."""
+        if len(self._outputs) == 1 or self.ir_path is None:
+            return self
+        network = openvino_core().read_model(str(self.ir_path))
+        if self.input_dtype == "uint8":
+            network = uint8_input(network)
+        alone = import_openvino().Model([network.get_results()[output]], network.get_parameters(),
+                                        f"{network.get_friendly_name()}-output{output}")
+        hint = "f32" if self.precision_hint == "int8" else self.precision_hint  # int8: its quantized ops say so
+        return OpenVINOEngine(compile_network(alone, hint), self.input_shape, self.precision_hint, None,
+                              self.input_dtype)
 
     def __repr__(self) -> str:
         return (f"<OpenVINOEngine {self.precision_hint}, {shape_label(self.input_shape)}, "

@@ -98,16 +98,17 @@ class ForwardPasses:
         known_validation: the validation images' ``outputs``, already computed as this
             engine computes them (in float32: from the run's readout of the validation images,
             ``trust.record.after_training_forward``); default None (one pass computes them).
-        engine_factory: builds the engine (on first use) instead of ``embedding_engine``:
-            one whose outputs are the head's alone serves ``variant_outputs`` and
-            ``probabilities``, not the embedding; default None.
+        engine_factory: builds the engine (on first use) instead of ``embedding_engine``,
+            with the same outputs (the head's, then the embedding); default None.
 
     Attributes:
         units: how many output columns are the head's (1 for a sigmoid unit); the backbone
             embedding follows.
-        variants: the ``ForwardPasses`` the TTA choice runs its variants (and "identity") on:
-            these, or passes of their own (the frozen part's int8 network where the last stage
-            trained on its features, ``trust.record.after_training_forward``).
+        approximate: the ``ForwardPasses`` for the work that int8's rounding of the frozen
+            features does not bias (the TTA choice's variants and "identity", compared with
+            each other; the knn score's reference images): these, or passes of their own
+            (the frozen part's int8 network where the last stage trained on its features,
+            ``trust.record.after_training_forward``).
         builds: how many engines were built (at most one).
         validation_passes: how many times the validation images went through it (at most
             one; none when they were known).
@@ -118,7 +119,7 @@ class ForwardPasses:
                  run_path: str | os.PathLike | None = None, known_validation: np.ndarray | None = None,
                  engine_factory: Callable[[], object] | None = None):
         self.model, self.image_size, self.validation = model, image_size, validation
-        self.engine_factory, self.variants = engine_factory, self
+        self.engine_factory, self.approximate = engine_factory, self
         self.image_passes, self.engine_choice, self.precision = image_passes, engine, precision
         self.batch_size, self.run_path = batch_size, run_path
         self.units = int(model.output_shape[-1])
@@ -205,22 +206,25 @@ class ForwardPasses:
 
 class FrozenThenTop:
     """Images -> a frozen part's int8 network (``training.features.Int8Origin``: the one that
-    computed the last stage's training features, checked and guarded) -> the part above it in
-    float32: the class outputs of a classifier whose frozen part runs in int8.
+    computed the last stage's training features, checked and guarded) -> the backbone's blocks
+    above it in float32: the backbone's feature maps, with its frozen part in int8 (the body of
+    an ``inference.embedding.EmbeddingEngine``).
 
     Args:
         frozen: has ``features(batch)``, the frozen part's features of uint8 images.
-        top: a ``ForwardEngine`` of the part above (features -> class outputs).
+        top: a ``ForwardEngine`` of the blocks above (features -> the backbone's feature
+            maps), or None where the frozen part is the whole backbone.
     """
 
     name = "openvino"
     fixed_batches = True
 
-    def __init__(self, frozen, top):
+    def __init__(self, frozen, top=None):
         self.frozen, self.top = frozen, top
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.top.predict(self.frozen.features(batch))
+        features = self.frozen.features(batch)
+        return features if self.top is None else self.top.predict(features)
 
     def __repr__(self) -> str:
         return f"<FrozenThenTop int8 frozen part, top={self.top!r}>"

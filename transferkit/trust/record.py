@@ -18,6 +18,7 @@ import numpy as np
 
 from transferkit.evaluation.calibration import logits_from, probabilities_from_logits
 from transferkit.evaluation.tta import judged_passes
+from transferkit.inference.embedding import EmbeddingEngine
 from transferkit.inference.openvino import precision_hint
 from transferkit.inference.passes import ForwardPasses, FrozenThenTop
 from transferkit.inference.uncertainty import write_reference
@@ -25,9 +26,13 @@ from transferkit.model.surgery import compute_dtype
 from transferkit.recipe import Recipe
 from transferkit.training.stages import ValidationReadout
 from transferkit.trust.conformal import fit_prediction_sets
-from transferkit.trust.rejection import RejectionFit, fit_rejection, image_passes
+from transferkit.trust.rejection import RejectionFit, fit_rejection, image_passes, reference_passes
 
 log = logging.getLogger("transferkit")
+
+# labels.json "rejection" "reference_passes" where the knn reference images went through the
+# int8 frozen part (``after_training_forward``); absent where the whole network computed them.
+INT8_REFERENCE = "the frozen part in int8, the layers above it in float32"
 
 
 @dataclass(frozen=True)
@@ -70,44 +75,54 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
             validation images' plain pass; in 16 bits the pass runs, so that the TTA
             choice compares every variant with "identity" computed by one engine.
         int8_frozen: where the last stage trained on int8 features, their
-            ``training.features.Int8Origin`` (``StagesResult.int8_frozen``): the TTA choice
-            then runs its variants and "identity" through that int8 network and the part
-            above it in float32 (``FrozenThenTop``; about half a float32 pass, with nothing
-            to quantize or check again), on passes of their own (``ForwardPasses.variants``).
-            The rejection fit stays float32, as ``predict --reject`` embeds. Default None.
+            ``training.features.Int8Origin`` (``StagesResult.int8_frozen``): the TTA choice's
+            variants and "identity", and the knn score's reference images, then go through
+            that int8 network and the layers above it in float32 (``FrozenThenTop``; about
+            half a float32 pass, with nothing to quantize or check again), on passes of their
+            own (``ForwardPasses.approximate``). The validation images' pass that sets the
+            rejection threshold stays float32, as ``predict --reject`` embeds. Default None.
 
     Returns:
         A ``ForwardPasses`` over the validation images.
     """
     known = known_validation(model, recipe, readout)
     judged = judged_passes(prepared, recipe)
-    int8_variants = int8_frozen is not None and judged > 0 and recipe.engine != "keras"
+    reference = reference_passes(prepared, recipe.reject)
+    through_int8 = int8_frozen is not None and judged + reference > 0 and recipe.engine != "keras"
     passes = (_trust_passes(prepared, recipe) - (len(prepared.val_images) if known is not None else 0)
-              - (judged if int8_variants else 0))
+              - (judged + reference if through_int8 else 0))
     forward = ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
                             engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
                             run_path=run_path, known_validation=known)
-    if int8_variants:
-        forward.variants = ForwardPasses(
-            model, recipe.image_size, validation=prepared.val_images, image_passes=judged + len(prepared.val_images),
+    if through_int8:
+        forward.approximate = ForwardPasses(
+            model, recipe.image_size, validation=prepared.val_images,
+            image_passes=judged + (len(prepared.val_images) if judged else 0) + reference,
             batch_size=recipe.batch_size, engine_factory=lambda: _frozen_then_top(model, recipe, int8_frozen))
     return forward
 
 
-def _frozen_then_top(model, recipe: Recipe, int8_frozen) -> FrozenThenTop:
-    """The TTA choice's engine where the last stage trained on int8 features: that int8
-    network, then the part above its boundary (the trained, calibrated layers) in float32,
-    converted in memory (no later command runs this part alone)."""
+def _frozen_then_top(model, recipe: Recipe, int8_frozen) -> EmbeddingEngine:
+    """The engine of the approximate passes where the last stage trained on int8 features:
+    that int8 network, then the backbone's blocks above its boundary and the head (the
+    trained, calibrated layers) in float32, giving the outputs and the embedding; the float32
+    parts converted in memory (no later command runs them alone)."""
     from transferkit.backbones import get_spec
     from transferkit.inference.engines import make_engine
     from transferkit.model.surgery import trainable_at
 
-    top = trainable_at(model, get_spec(recipe.backbone), int8_frozen.first_open)[0]
-    engine = make_engine(top, "openvino", input_shape=tuple(int(d) for d in top.input_shape[1:]),
-                         precision="float32")
-    log.info("the TTA choice's variants: the frozen part in int8 (%s), the part above it in float32",
-             int8_frozen.engine.check.describe())
-    return FrozenThenTop(int8_frozen, engine)
+    spec = get_spec(recipe.backbone)
+    blocks = None
+    if int8_frozen.first_open < len(spec.blocks):
+        blocks = trainable_at(model, spec, int8_frozen.first_open)[0].get_layer("open_part")
+        blocks = make_engine(blocks, "openvino", input_shape=tuple(int(d) for d in blocks.input_shape[1:]),
+                             precision="float32")
+    head = model.get_layer("head")
+    head_engine = make_engine(head, "openvino", input_shape=tuple(int(d) for d in head.input_shape[1:]),
+                              precision="float32")
+    log.info("the TTA choice's variants and the knn score's reference images: the frozen part in int8 (%s), "
+             "the layers above it in float32", int8_frozen.engine.check.describe())
+    return EmbeddingEngine(FrozenThenTop(int8_frozen.alone(), blocks), head_engine, int(model.output_shape[-1]))
 
 
 def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -> np.ndarray | None:
@@ -161,6 +176,8 @@ def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0, forward: Forwar
         log.info("fitting the rejection threshold and the prediction sets on the validation split")
     fit = fit_rejection(model, prepared, recipe.reject, image_size=recipe.image_size, batch_size=recipe.batch_size,
                         engine=recipe.engine, precision=recipe.precision, seed=recipe.seed, forward=forward)
+    if fit.reference is not None and forward is not None and forward.approximate is not forward:
+        fit.record["reference_passes"] = INT8_REFERENCE
     if verbose:
         log.info(f"rejection: {fit.record['score']} score >= {fit.record['threshold']:.4g} keeps "
                  f"{fit.record['validation_coverage']:.1%} of the validation images (reject.coverage "

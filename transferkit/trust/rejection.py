@@ -64,12 +64,16 @@ def reference_rows(n_images: int, limit: int | None = None, seed: int = 0) -> np
     return np.sort(np.random.default_rng(seed).choice(n_images, size=limit, replace=False))
 
 
+def reference_passes(prepared, config: RejectConfig) -> int:
+    """How many reference images (training images, up to ``REFERENCE_LIMIT``) ``fit_rejection``
+    runs forward: none for a score that does not read the embedding."""
+    return min(len(prepared.train_images), REFERENCE_LIMIT) if SCORES[config.score][1] else 0
+
+
 def image_passes(prepared, config: RejectConfig) -> int:
     """How many images ``fit_rejection`` runs forward: the validation images, and the
-    reference images (up to ``REFERENCE_LIMIT`` training images) for a score that reads the
-    embedding."""
-    reference = min(len(prepared.train_images), REFERENCE_LIMIT) if SCORES[config.score][1] else 0
-    return len(prepared.val_images) + reference
+    reference images (``reference_passes``)."""
+    return len(prepared.val_images) + reference_passes(prepared, config)
 
 
 def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, batch_size: int = 32,
@@ -79,7 +83,8 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
 
     One forward pass over the validation images (calibrated probabilities and backbone
     embeddings) and, for the "knn" score, one over the training images (up to
-    ``REFERENCE_LIMIT``, unaugmented) for the reference embeddings.
+    ``REFERENCE_LIMIT``, unaugmented) for the reference embeddings, on ``forward.approximate``
+    (where the last stage trained on int8 features, through that int8 frozen part).
 
     Args:
         model: the trained, calibrated classifier.
@@ -94,7 +99,8 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
         forward: the ``inference.passes.ForwardPasses`` of ``model`` that the work after
             training shares (over ``prepared``'s validation images, whose outputs it may
             have computed already; ``image_size``, ``batch_size``, ``engine`` and
-            ``precision`` are then its own); default None (built here for these passes).
+            ``precision`` are then its own; its ``approximate`` passes compute the reference
+            embeddings); default None (built here for these passes).
 
     Returns:
         A ``RejectionFit``.
@@ -111,7 +117,7 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
     if needs_embedding:
         rows = reference_rows(len(prepared.train_images), seed=seed)
         every = len(rows) == len(prepared.train_images)
-        train_outputs = forward.outputs(prepared.train_images, None if every else rows)
+        train_outputs = forward.approximate.outputs(prepared.train_images, None if every else rows)
         # Stored as float16: compare with what will be read back, so that the threshold fits.
         reference = unit_rows(train_outputs[:, forward.units :]).astype("float16").astype("float32")
     rule = RejectionRule(config.score, -np.inf, config.neighbours, reference, config.coverage)
