@@ -188,3 +188,33 @@ def test_the_tta_choice_and_the_knn_reference_go_through_the_int8_frozen_part_wh
     assert record.rejection.record["n_reference"] == float32_fit.record["n_reference"] == 48
     assert record.rejection.record["reference_passes"] == INT8_REFERENCE
     assert "reference_passes" not in float32_fit.record
+
+
+def test_where_the_last_stage_trained_the_head_alone_the_approximate_passes_run_the_whole_backbone_in_int8(tmp_path):
+    """A head-only recipe on int8 features: the frozen part is the whole backbone, so the
+    approximate passes are that int8 network and the float32 head, with the embedding of
+    its int8 feature maps."""
+    from types import SimpleNamespace
+
+    from transferkit.inference.embedding import KerasEmbedding
+    from transferkit.recipe import load_recipe
+    from transferkit.trust.record import after_training_forward
+
+    model = classifier(seed=3)
+    result, _ = train_on_int8(stages=HEAD_AND_FINE[:1], model=model, seed=3)
+    frozen = result.int8_frozen
+    assert frozen is not None and frozen.first_open == len(REGISTRY["vgg16"].blocks)
+    val_images, val_targets = shapes(24, 3 + 200)
+    train_images, train_targets = shapes(48, 3 + 100)
+    prepared = SimpleNamespace(val_images=val_images, val_labels=val_targets.argmax(axis=1),
+                               train_images=train_images, train_labels=train_targets.argmax(axis=1))
+    recipe = load_recipe(None, {"weights": "none", "image_size": 32, "precision": "int8", "engine": "openvino"})
+    forward = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation, frozen)
+    assert forward.approximate is not forward
+    through_int8 = forward.approximate.outputs(train_images)
+    exact = KerasEmbedding(model).predict(train_images)
+    assert through_int8.shape == exact.shape and not np.array_equal(through_int8, exact)
+    assert np.abs(through_int8[:, :3] - exact[:, :3]).mean() < 0.03
+    cosine = np.sum(through_int8[:, 3:] * exact[:, 3:], axis=1) / (
+        np.linalg.norm(through_int8[:, 3:], axis=1) * np.linalg.norm(exact[:, 3:], axis=1))
+    assert cosine.min() > 0.98, cosine.min()
