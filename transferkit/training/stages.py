@@ -191,8 +191,9 @@ class StagesResult:
         int8_guard: where a stage trained on int8 features, how the head's validation loss
             on them compared with float32's (``training.int8_guard``); else None.
         int8_frozen: where the last stage trained on int8 features (kept by the guard), the
-            ``training.features.Int8Origin`` of its frozen part (the TTA choice runs its
-            variants through it, ``trust.record.after_training_forward``); else None.
+            ``training.features.Int8Origin`` of its frozen part (the TTA choice's variants
+            and the knn reference images go through it, ``trust.record.after_training_forward``);
+            else None.
     """
 
     history: list[dict] = field(default_factory=list)
