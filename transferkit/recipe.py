@@ -173,8 +173,8 @@ class AugmentConfig(_Section):
 class CacheConfig(_Section):
     """Frozen-part feature cache: computed once per image and view, then only the top trains.
 
-    A stage stores min(views, epochs) augmented views per image (one without augmentation)
-    and epoch e trains on view e mod views.
+    A stage stores min(views, epochs) views per image, the image itself and then augmented
+    ones (one, the image, without augmentation), and epoch e trains on view e mod views.
     """
 
     enabled: bool = True

@@ -162,3 +162,73 @@ def test_tta_averages_the_kept_variants_and_older_or_unjudged_runs_all_of_their_
         "identity", "hflip"]}})
     result = evaluate_folder(flip_only, shapes_dir, tta=True, engine="keras")
     assert result.tta == ("identity", "hflip") and result.metrics["tta"] == ["identity", "hflip"]
+
+
+def _brighter_side_model(size: int, margin: int = 0):
+    """A Keras classifier of (size, size, 3) images, 0..255: class 1 the more the left half
+    is brighter than the right, class 0 the reverse (a mirror image swaps them); the
+    ``margin`` columns on either side of the middle do not count."""
+    import keras
+
+    weights = np.zeros((size, size, 3, 2), dtype="float32")
+    weights[:, : size // 2 - margin, :, 1], weights[:, size // 2 + margin :, :, 1] = 1.0, -1.0
+    weights[..., 0] = -weights[..., 1]
+    inputs = keras.Input((size, size, 3))
+    dense = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([weights.reshape(-1, 2) / (size * size * 3 * 10), np.zeros(2, dtype="float32")])
+    return model
+
+
+def _sided_images(count: int, size: int, seed: int):
+    """(images, labels): class 1's left half brighter than its right, class 0's the reverse,
+    by a random amount per image."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count)
+    images = rng.normal(120, 25, (count, size, size, 3))
+    step = rng.uniform(5, 40, count)[:, None, None, None] * np.where(labels == 1, 1, -1)[:, None, None, None]
+    images[:, :, : size // 2] += step / 2
+    images[:, :, size // 2 :] -= step / 2
+    return np.clip(images, 0, 255).astype("uint8"), labels
+
+
+def test_a_clear_effect_ends_its_trial_on_the_first_round_and_an_unclear_one_goes_on_to_every_image():
+    from transferkit.evaluation.tta import DECISIVE, JUDGE_ROUND, _log_loss, variant_probabilities
+
+    size, count = 16, 300
+    model = _brighter_side_model(size)
+    images, labels = _sided_images(count, size, seed=5)
+    recipe = {"augment": {"hflip": True}, "tta": {"transforms": ["identity", "hflip", "shift"]}}
+    choice = choose_transforms(model, images, labels, recipe, batch_size=32, seed=1)
+    # A mirror image swaps the classes, and a shift moves a column across the halves: both
+    # clearly raise the loss on the first round (96 images), where the flip check warns too.
+    hflip, shift = choice.trials
+    assert hflip.n_images == shift.n_images == JUDGE_ROUND == 96 == choice.n_images == choice.flip.n_images
+    assert not hflip.kept and hflip.log_loss > hflip.compared_with + 0.1 and choice.flip.changes_class
+    assert not shift.kept and shift.log_loss > shift.compared_with and choice.kept == ("identity",)
+
+    # Where the middle columns do not count, a shift changes little: the flip is dropped and
+    # the flip check warns on the first round, while the shift goes on to later rounds.
+    choice = choose_transforms(_brighter_side_model(size, margin=2), images, labels, recipe, batch_size=32, seed=1)
+    hflip, shift = choice.trials
+    assert hflip.n_images == 96 == choice.flip.n_images and choice.flip.changes_class and not hflip.kept
+    assert shift.n_images > 96
+
+    # Noise with random labels: a shift changes each loss a little either way, no clear effect
+    # after any round, so it is judged on every image, by the rule on all of them.
+    rng = np.random.default_rng(2)
+    noise, random_labels = rng.integers(0, 256, (count, size, size, 3), dtype="uint8"), rng.integers(0, 2, count)
+    choice = choose_transforms(model, noise, random_labels, {"tta": {"transforms": ["identity", "shift"]}}, seed=1)
+    [shift] = choice.trials
+    assert shift.n_images == count == choice.n_images and choice.flip is None
+    every = dict(zip(("identity", *SHIFTS), variant_probabilities(model, noise, ("identity", *SHIFTS)), strict=True))
+    plain = _log_loss(every["identity"], random_labels)
+    shifted = _log_loss(np.mean(list(every.values()), axis=0), random_labels)
+    assert shift.compared_with == pytest.approx(plain, abs=1e-9) == choice.plain_log_loss
+    assert shift.log_loss == pytest.approx(shifted, abs=1e-9) and shift.kept == (shifted <= plain + 1e-6)
+    assert choice.kept == (("identity", *SHIFTS) if shift.kept else ("identity",))
+    # Unclear indeed: on the first round the mean change was within DECISIVE standard errors.
+    first = np.random.default_rng(1).permutation(count)[:96]
+    picked = {name: values[first, random_labels[first]] for name, values in every.items()}
+    change = np.log(picked["identity"]) - np.log(np.mean(list(picked.values()), axis=0))
+    assert abs(change.mean()) <= DECISIVE * change.std(ddof=1) / np.sqrt(96)

@@ -263,10 +263,12 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
         stage.train.store.wait_for()
     np.testing.assert_array_equal(resumed.train.store.array, fine.train.store.array)
     np.testing.assert_array_equal(resumed.val.store.array, fine.val.store.array)
-    # and they are the frozen part's output on the augmented views
+    # and they are the frozen part's output on the views: the images themselves, then augmented
     direct = extractor_at(model, get_spec(BACKBONE), [get_spec(BACKBONE).first_unfrozen(1)])
-    view0 = direct.predict_on_batch(head_view_images(shared, view=0))
-    np.testing.assert_allclose(fine.train.store.array[0], view0, rtol=1e-5, atol=1e-5)
+    for view in (0, 1):
+        expected = direct.predict_on_batch(head_view_images(shared, view))
+        np.testing.assert_allclose(fine.train.store.array[view], expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(fine.train.store.array[1], fine.train.store.array[0], rtol=1e-3, atol=1e-3)
     shared.stage_done(0)
     assert len(shared._stores) == 1
     shared.stage_done(1)
@@ -274,8 +276,11 @@ def test_later_stage_reuses_the_first_stage_pass_and_gets_what_a_fresh_pass_give
 
 
 def head_view_images(plan, view):
+    """The images of a cached view: the images themselves (view 0), else augmented."""
     from transferkit.data.batches import augment_one
 
+    if view == 0:
+        return plan.train_data.images.astype("float32")
     augmenter = plan.augmenter_factory()
     return np.stack([augment_one(augmenter, image, view_seed(plan.seed, view, index))
                      for index, image in enumerate(plan.train_data.images)]).astype("float32")

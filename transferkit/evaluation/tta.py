@@ -52,6 +52,12 @@ MIN_JUDGED_IMAGES = 20
 # At most this many validation images (a seeded choice) are judged on: each goes through the
 # model once per variant (six by default) at the end of every finetune.
 MAX_JUDGED_IMAGES = 500
+# The transforms are judged on rounds of about this many validation images (whole batches),
+# and a transform's trial ends once its effect is clear: the mean change of the per-image log
+# loss more than DECISIVE standard errors away from the tolerance (a sequential test: a clear
+# gain or loss shows on the first round, an unclear one goes on to every image).
+JUDGE_ROUND = 96
+DECISIVE = 3.0
 FLIP_LOSS_MARGIN = 0.1
 FLIP_ADVICE = "turn the recipe's horizontal flip off: --set augment.hflip=false (or hflip = false under [augment])"
 
@@ -281,9 +287,12 @@ class TransformTrial:
     Attributes:
         transform: its name in the recipe's ``tta.transforms`` ("hflip", "shift").
         variants: the variants it stands for.
-        log_loss: the validation log loss of the average over the kept variants and these.
+        log_loss: the validation log loss of the average over the kept variants and these
+            (on the images it was judged on).
         compared_with: that of the kept variants before it (plain prediction for the first).
         kept: whether it was kept.
+        n_images: the validation images it was judged on (its trial ends once its effect
+            is clear, see ``choose_transforms``).
     """
 
     transform: str
@@ -291,6 +300,7 @@ class TransformTrial:
     log_loss: float
     compared_with: float
     kept: bool
+    n_images: int
 
 
 @dataclass(frozen=True)
@@ -299,10 +309,10 @@ class TTAChoice:
 
     Attributes:
         kept: the variants ``--tta`` averages, "identity" first.
-        plain_log_loss: the validation log loss of plain prediction.
+        plain_log_loss: the validation log loss of plain prediction (on ``n_images``).
         log_loss: that of the average over ``kept``.
         trials: one ``TransformTrial`` per transform tried, in the recipe's order.
-        n_images: validation images.
+        n_images: the validation images the last transform was judged on.
         flip: how mirrored images score, when the run trained with flips; else None.
     """
 
@@ -325,13 +335,13 @@ class TTAChoice:
         if not self.trials:
             return "test-time augmentation: the recipe's tta.transforms name nothing beyond identity"
         tried = ", ".join(f"{trial.transform} {trial.compared_with:.4f} -> {trial.log_loss:.4f} "
-                          f"({'kept' if trial.kept else 'dropped'})" for trial in self.trials)
+                          f"({'kept' if trial.kept else 'dropped'}, {trial.n_images} images)" for trial in self.trials)
         return (f"test-time augmentation, validation log loss: {tried}; --tta averages "
                 f"{', '.join(self.kept) if len(self.kept) > 1 else 'nothing but the image itself'}")
 
 
 def choose_transforms(model, images: np.ndarray, labels: np.ndarray, run_recipe: dict | None,
-                      batch_size: int = 32, plain: np.ndarray | None = None) -> TTAChoice:
+                      batch_size: int = 32, plain: np.ndarray | None = None, seed: int = 0) -> TTAChoice:
     """Keep the recipe's TTA transforms that do not raise the validation log loss.
 
     The rule: start from plain prediction (the image alone: "identity" is always kept);
@@ -340,44 +350,117 @@ def choose_transforms(model, images: np.ndarray, labels: np.ndarray, run_recipe:
     log loss of the probabilities averaged over the kept variants and its own is at most
     that of the kept variants alone (plus ``KEEP_TOLERANCE``, float rounding). Each
     transform is so judged against what ``--tta`` would average without it, and the kept
-    set never scores worse than plain prediction on the validation split. With flips in
-    the recipe, ``check_flips`` compares the mirror images with the originals too.
+    set never scores worse than plain prediction on the images judged. With flips in the
+    recipe, ``check_flips`` compares the mirror images with the originals too.
+
+    The images are judged in rounds (``JUDGE_ROUND``, in a seeded order), and a transform's
+    trial ends as soon as its effect is clear: the mean change of the per-image log loss
+    lies more than ``DECISIVE`` standard errors from the tolerance (else it goes on to the
+    next round; on all the images the rule above decides). Its variants then stop being
+    computed unless they were kept and a later transform is still on trial. The flip check
+    goes on until it warns or has seen every image.
 
     Args:
         model: the trained (calibrated) Keras classifier, called directly, or an
             ``inference.passes.ForwardPasses`` of it (its engine runs the variants).
         images: (n, S, S, 3) validation images, uint8 (a memory-mapped array is read a
-            batch at a time).
+            round at a time).
         labels: (n,) their class indices.
         run_recipe: the run's recipe as a dict (``Recipe.model_dump(mode="json")``).
         batch_size: images per call (times the variants); default 32 (a ``ForwardPasses``
             has its own).
         plain: (n, k) class probabilities of the images themselves when they are computed
             already (not computed again); default None.
+        seed: the order in which the images are judged; default 0.
 
     Returns:
         A ``TTAChoice``.
     """
-    transforms = [(name, variants) for name, variants in _transforms(run_recipe) if name != "identity"]
-    names = judged_variants(run_recipe)
     labels = np.asarray(labels, dtype="int64")
-    computed = names if plain is None else names[1:]
-    probabilities = {"identity": np.asarray(plain, dtype="float64")} if plain is not None else {}
-    if computed:
-        probabilities.update(zip(computed, variant_probabilities(model, images, computed, tta_shift(run_recipe),
-                                                                 batch_size), strict=True))
-    kept = ["identity"]
-    plain_loss = current = _log_loss(probabilities["identity"], labels)
-    trials = []
-    for transform, variants in transforms:
-        loss = _log_loss(np.mean([probabilities[name] for name in (*kept, *variants)], axis=0), labels)
-        keep = loss <= current + KEEP_TOLERANCE
-        trials.append(TransformTrial(transform, variants, loss, current, keep))
-        if keep:
-            kept.extend(variants)
-            current = loss
-    flip = check_flips(probabilities["identity"], probabilities["hflip"], labels) if _flips(run_recipe) else None
-    return TTAChoice(tuple(kept), plain_loss, current, tuple(trials), int(len(labels)), flip)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    race = _Race(labels[order], [(name, variants) for name, variants in _transforms(run_recipe) if name != "identity"],
+                 _flips(run_recipe))
+    if plain is not None:
+        race.seen["identity"] = np.asarray(plain, dtype="float64")[order]
+    step = batch_size * max(1, -(-JUDGE_ROUND // batch_size))  # whole batches: no padded passes
+    shift = tta_shift(run_recipe)
+    while race.done == 0 or (race.open() and race.done < len(labels)):
+        rows = order[race.done : race.done + step]
+        wanted = [name for name in race.wanted() if len(race.seen.get(name, ())) < race.done + len(rows)]
+        race.add(wanted, variant_probabilities(model, images[rows], wanted, shift, batch_size) if wanted else [])
+        race.done += len(rows)
+        race.decide()
+    return race.choice()
+
+
+class _Race:
+    """The state of ``choose_transforms``: the images judged so far (``done``, in the judged
+    order), each variant's probabilities on them (``seen``), the transforms still on trial,
+    those kept, and the flip check."""
+
+    def __init__(self, labels: np.ndarray, transforms: list, flips: bool):
+        self.labels, self.pending, self.flips = labels, list(transforms), flips
+        self.seen: dict[str, np.ndarray] = {}
+        self.kept, self.trials = ["identity"], []
+        self.done = self.judged = 0
+        self.flip: FlipCheck | None = None
+        self.flip_open = flips
+
+    def open(self) -> bool:
+        """Whether a transform is still on trial or the flip check still goes on."""
+        return bool(self.pending) or self.flip_open
+
+    def wanted(self) -> list[str]:
+        """The variants the next round computes: the image, the variants on trial and, while
+        one is, the kept ones (what it is compared with), and "hflip" for the flip check."""
+        names = ["identity"]
+        if self.pending:
+            names += [*self.kept[1:], *(variant for _, variants in self.pending for variant in variants)]
+        if self.flip_open:
+            names.append("hflip")
+        return list(dict.fromkeys(names))
+
+    def add(self, names: list[str], probabilities) -> None:
+        for name, values in zip(names, probabilities, strict=True):
+            values = np.asarray(values, dtype="float64")
+            self.seen[name] = values if name not in self.seen else np.concatenate([self.seen[name], values])
+
+    def decide(self) -> None:
+        """Decide the transforms in order while their effect is clear, then the flip check."""
+        final = self.done == len(self.labels)
+        labels = self.labels[: self.done]
+        while self.pending:
+            transform, variants = self.pending[0]
+            compared = _image_losses(self._mean(self.kept), labels)
+            tried = _image_losses(self._mean([*self.kept, *variants]), labels)
+            change = tried - compared
+            margin = float(np.mean(change)) - KEEP_TOLERANCE
+            error = float(np.std(change, ddof=1)) / math.sqrt(len(change)) if len(change) > 1 else math.inf
+            if not final and abs(margin) <= DECISIVE * error:
+                break  # not clear yet: the next round
+            keep = margin <= 0
+            self.trials.append(TransformTrial(transform, variants, float(np.mean(tried)), float(np.mean(compared)),
+                                              keep, int(self.done)))
+            self.pending.pop(0)
+            self.judged = self.done
+            if keep:
+                self.kept.extend(variants)
+        if self.flip_open:
+            self.flip = check_flips(self.seen["identity"][: self.done], self.seen["hflip"][: self.done], labels)
+            self.flip_open = not (final or self.flip.changes_class)
+
+    def _mean(self, names) -> np.ndarray:
+        return np.mean([self.seen[name][: self.done] for name in names], axis=0)
+
+    def choice(self) -> TTAChoice:
+        """The ``TTAChoice``: plain prediction and the kept set scored on the images the
+        last transform was decided on (all computed there)."""
+        judged = self.judged or self.done
+        labels = self.labels[:judged]
+        plain = float(np.mean(_image_losses(self.seen["identity"][:judged], labels)))
+        kept = np.mean([self.seen[name][:judged] for name in self.kept], axis=0)
+        return TTAChoice(tuple(self.kept), plain, float(np.mean(_image_losses(kept, labels))), tuple(self.trials),
+                         int(judged), self.flip)
 
 
 def judged_variants(run_recipe: dict | None) -> list[str]:
@@ -432,7 +515,8 @@ def judged_passes(prepared, recipe) -> int:
 
 def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | None = None) -> dict | None:
     """The end-of-finetune step: choose the TTA transforms on the validation split
-    (``choose_transforms``; on a seeded choice of ``MAX_JUDGED_IMAGES`` of a larger one),
+    (``choose_transforms``, in rounds; on a seeded choice of ``MAX_JUDGED_IMAGES`` of a
+    larger one),
     log the choice, and warn in one line when mirrored images score clearly worse than the
     originals (``FlipCheck.changes_class``).
 
@@ -442,10 +526,11 @@ def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | 
         recipe: the run's ``Recipe``.
         verbose: 1 logs the choice in one line; default 0.
         forward: the ``inference.passes.ForwardPasses`` of ``model`` that the work after
-            training shares: the engine of its ``approximate`` passes runs the variants, and
-            their validation images' plain outputs (computed there once, for the rejection fit
-            too, where ``approximate`` are the passes themselves) stand for "identity"; default None
-            (the Keras model is called directly on every variant).
+            training shares: the engine of its ``approximate`` passes runs the variants; where
+            those are the passes themselves, their validation images' plain outputs (known, or
+            computed once for the rejection fit too) stand for "identity", else "identity" is
+            computed with the variants on the images judged; default None (the Keras model is
+            called directly on every variant).
 
     Returns:
         metrics.json "tta": ``TTAChoice.as_dict`` with "judged" true; with fewer than
@@ -461,10 +546,15 @@ def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | 
     if len(labels) > MAX_JUDGED_IMAGES:
         rows = np.sort(np.random.default_rng(recipe.seed).choice(len(labels), MAX_JUDGED_IMAGES, replace=False))
         images, labels = images[rows], labels[rows]
-    forward = None if forward is None else forward.approximate
-    plain = None if forward is None else forward.probabilities(forward.validation_outputs()[rows])
-    choice = choose_transforms(model if forward is None else forward, images, labels, recipe.model_dump(mode="json"),
-                               batch_size=recipe.batch_size, plain=plain)
+    plain = None
+    if forward is not None:
+        # The plain outputs stand for "identity" where the variants' engine computes them (or
+        # knows them); on passes of their own, "identity" goes round by round with the variants.
+        if forward.approximate is forward:
+            plain = forward.probabilities(forward.validation_outputs()[rows])
+        model = forward.approximate
+    choice = choose_transforms(model, images, labels, recipe.model_dump(mode="json"), batch_size=recipe.batch_size,
+                               plain=plain, seed=recipe.seed)
     if verbose:
         log.info(choice.summary())
     if choice.flip is not None and choice.flip.changes_class:
@@ -474,5 +564,10 @@ def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | 
 
 def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log probability of the true classes (nats; probabilities clipped at 1e-15)."""
+    return float(np.mean(_image_losses(probabilities, labels))) if len(labels) else 0.0
+
+
+def _image_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's negative log probability of its true class (nats; clipped at 1e-15)."""
     picked = np.asarray(probabilities, dtype="float64")[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0)))) if len(labels) else 0.0
+    return -np.log(np.clip(picked, 1e-15, 1.0))

@@ -3,8 +3,11 @@
 While a stage keeps the bottom of the network frozen, the frozen part's output does not
 depend on what is being trained, so it is computed once per image (and per augmented view)
 and the trainable top (unfrozen blocks + head) trains on the stored features. With
-augmentation on, ``views`` augmented versions of each image are stored and epoch ``e``
-uses view ``e mod views``; every epoch after the views are computed costs only the top.
+augmentation on, ``views`` versions of each image are stored, the image itself (view 0)
+and then augmented ones, and epoch ``e`` uses view ``e mod views``; every epoch after the
+views are computed costs only the top. (Plain images in every other epoch: on digits,
+random-weight VGG16 at 64 px, 3 head + 2 fine epochs, validation accuracy 94-96% against
+76-80% with two augmented views, benchmarks/README.md.)
 A stage starts training as soon as the first view is stored: the later views are
 computed in the background while the first epochs train (epoch ``e`` waits for its view).
 
@@ -202,9 +205,9 @@ class FeaturePass:
     """How one pass of the frozen part over a set of images runs and keeps its outputs.
 
     Attributes:
-        views: stored versions per image, per output; with an augmenter each is augmented
-            (seeded by seed, view and image), without one a single unaugmented view is
-            stored.
+        views: stored versions per image, per output; view 0 is the image itself, and with
+            an augmenter the later ones are augmented (seeded by seed, view and image);
+            without one a single (unaugmented) view is stored.
         augmenter_factory: builds the albumentations pipeline; default None (no augmentation).
         seed: augmentation seed; default 0.
         batch_size: images per forward pass; default 32.
@@ -305,11 +308,12 @@ class _Pass:
         self.augmenter = factory() if factory is not None else None
 
     def prepare(self, view: int, start: int) -> np.ndarray:
-        """Batch ``start`` of view ``view``, augmented as seeded by (seed, view, image)."""
+        """Batch ``start`` of view ``view``: the images themselves in view 0, later views
+        augmented as seeded by (seed, view, image)."""
         from transferkit.data.batches import augment_one
 
         batch = self.images[start : start + self.settings.batch_size]
-        if self.augmenter is not None:
+        if self.augmenter is not None and view > 0:
             batch = np.stack([
                 augment_one(self.augmenter, image, view_seed(self.settings.seed, view, start + offset))
                 for offset, image in enumerate(batch)
