@@ -61,7 +61,9 @@ def float_engine(model, cache):
 def test_int8_network_is_quantized_once_and_cached_with_its_check(tmp_path):
     model = extractor()
     samples = Int8Samples(images(32, seed=1), images(32, seed=2))
-    first = int8_engine(model, float_engine(model, tmp_path), samples, tmp_path, classifier=False, auto=False)
+    # Drawn by a function (a run's own classifier): drawn only where nothing is cached, and the
+    # first calibration of the network is kept.
+    first = int8_engine(model, float_engine(model, tmp_path), lambda: samples, tmp_path, classifier=False, auto=False)
     assert isinstance(first, Int8Engine) and first.check.passed
     assert first.check.measure == "feature error" and first.check.value <= int8_module.FEATURE_ERROR
     assert first.ir_path.name == f"{model.name}-int8.xml" and first.ir_path.with_suffix(".check.json").is_file()
@@ -81,6 +83,51 @@ def test_int8_network_is_quantized_once_and_cached_with_its_check(tmp_path):
     assert asked == [1] and third.ir_path != first.ir_path
 
 
+def test_given_samples_key_the_int8_network_so_each_run_on_other_images_gets_its_own(tmp_path, monkeypatch):
+    """A frozen part shared by runs on other images (the same pretrained weights): the
+    network is quantized on each run's own images and checked on its own held-back ones,
+    and reused by a run on the same images."""
+    import transferkit.inference.openvino as openvino_module
+
+    quantized = []
+    real = openvino_module.quantize_int8
+    monkeypatch.setattr(openvino_module, "quantize_int8",
+                        lambda network, calibration, seven_bits=False: quantized.append(len(calibration))
+                        or real(network, calibration, seven_bits))
+    model = extractor()
+    ours = Int8Samples(images(32, seed=1), images(32, seed=2))
+    theirs = Int8Samples(images(24, seed=4), images(32, seed=5))
+    assert ours.digest() == Int8Samples(images(32, seed=1), images(32, seed=2)).digest() != theirs.digest()
+    first = int8_engine(model, float_engine(model, tmp_path), ours, tmp_path, classifier=False, auto=False)
+    assert first.ir_path.name == f"{model.name}-int8-{ours.digest()}.xml" and quantized == [32]
+    same = int8_engine(model, float_engine(model, tmp_path), ours, tmp_path, classifier=False, auto=False)
+    assert same.ir_path == first.ir_path and same.check == first.check and quantized == [32]
+    other = int8_engine(model, float_engine(model, tmp_path), theirs, tmp_path, classifier=False, auto=False)
+    assert other.ir_path.name == f"{model.name}-int8-{theirs.digest()}.xml" and quantized == [32, 24]
+    assert other.check != first.check  # checked on its own held-back images
+    batch = images(8, seed=3)
+    assert not np.array_equal(other.predict(batch), first.predict(batch))  # other activation ranges
+
+
+def test_the_feature_check_of_a_network_with_several_outputs_counts_its_worst_output():
+    """A large output close to float32 must not hide a small one that is not."""
+
+    class Outputs:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def predict(self, batch):
+            rows = np.asarray(batch, dtype="float32").reshape(len(batch), -1)
+            return [np.repeat(rows, 16, axis=1), rows[:, :8] * self.scale]  # 16x as large, then small
+
+    batch = images(16, seed=1).astype("float32") + 1
+    check = int8_module.measure(Outputs(0.8), Outputs(1.0), batch, classifier=False)
+    assert check.value == pytest.approx(0.2, rel=1e-4) and not check.passed  # 0.2 at the small one
+    concatenated = np.hypot(0, 0.2 * np.linalg.norm(batch.reshape(16, -1)[:, :8])) / np.hypot(
+        4 * np.linalg.norm(batch), np.linalg.norm(batch.reshape(16, -1)[:, :8]))
+    assert concatenated < int8_module.FEATURE_ERROR  # what one figure over both would have said
+
+
 def test_int8_that_falls_short_of_float32_runs_float32_with_a_notice(tmp_path, caplog):
     model = extractor(outlier=300.0)
     exact = float_engine(model, tmp_path)
@@ -90,7 +137,8 @@ def test_int8_that_falls_short_of_float32_runs_float32_with_a_notice(tmp_path, c
     assert engine is exact
     notice = [record.getMessage() for record in caplog.records if "int8 fell short" in record.getMessage()]
     assert len(notice) == 1 and "feature error" in notice[0] and "running float32" in notice[0]
-    stored = int8_module._cached_check(tmp_path / f"openvino-{SIZE}px" / f"{model.name}-int8.xml")
+    samples = Int8Samples(images(32, seed=1), images(32, seed=2))
+    stored = int8_module._cached_check(tmp_path / f"openvino-{SIZE}px" / f"{model.name}-int8-{samples.digest()}.xml")
     assert stored is not None and not stored.passed and stored.value > int8_module.FEATURE_ERROR
 
 

@@ -19,7 +19,10 @@ asks for int8; ``"auto"`` takes it where the CPU has no fast bfloat16 and no GPU
 check also measured it at least ``AUTO_SPEEDUP`` times as fast as float32; it says so. The
 int8 network and its check are cached beside the float32 network (``{name}-int8.xml`` and
 ``{name}-int8.check.json``), keyed by the network's fingerprint, so a warm start neither
-quantizes nor checks again, and runs and tune trials on the same frozen weights share them.
+quantizes nor checks again. The feature cache's frozen part (the same pretrained weights in
+runs on any images) is keyed by its calibration and held-back images too
+(``{name}-int8-{digest}.xml``): each data set gets a network calibrated and checked on its
+own images, which runs and tune trials on the same images share.
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ class Int8Samples:
 
     calibration: np.ndarray
     held_back: np.ndarray
+
+    def digest(self) -> str:
+        """16 hex digits naming these images (their pixels and shapes)."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=8)
+        for images in (self.calibration, self.held_back):
+            array = np.ascontiguousarray(images)
+            digest.update(repr((array.shape, str(array.dtype))).encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
 
 def samples_from(train_images: np.ndarray, other_images: np.ndarray, seed: int = 0) -> Int8Samples:
@@ -231,9 +245,13 @@ def int8_engine(model, float32: OpenVINOEngine, samples: Int8Samples | Callable[
     Args:
         model: the Keras model ``float32`` was converted from (its BatchNorm folded).
         float32: its float32 ``OpenVINOEngine`` (the reference, and the near ties' engine).
-        samples: ``Int8Samples`` or a function returning them (called only when the int8
+        samples: ``Int8Samples``, or a function returning them (called only when the int8
             network or its check is not cached yet); None or a function returning None:
-            no images to calibrate on, float32 is used.
+            no images to calibrate on, float32 is used. ``Int8Samples`` given as such key
+            the cached int8 network and its check (``Int8Samples.digest``): a network that
+            runs on other images in other runs (a pretrained frozen part) is calibrated and
+            checked on each run's own; a function's are drawn only where nothing is cached
+            (the first calibration of the network is kept: a run's own classifier).
         cache_dir: the engine cache folder (``SHARED`` included) or None.
         classifier: compare top-1 classes (True) or features (False).
         auto: int8 was not asked for: also require ``AUTO_SPEEDUP``, and say less when it
@@ -252,7 +270,8 @@ def int8_engine(model, float32: OpenVINOEngine, samples: Int8Samples | Callable[
 
     tell = log.info if auto else log.warning
     try:
-        network, xml = _quantized(model, shape, cache_dir, images)
+        key = samples.digest() if isinstance(samples, Int8Samples) else ""
+        network, xml = _quantized(model, shape, cache_dir, images, key)
     except ImportError as error:
         tell("int8 needs NNCF (%s): pip install nncf; running float32", error)
         return float32
@@ -279,7 +298,7 @@ def int8_engine(model, float32: OpenVINOEngine, samples: Int8Samples | Callable[
     return Int8Engine(int8, float32, check, classifier)
 
 
-def _quantized(model, shape, cache_dir, images: Callable[[], Int8Samples | None]):
+def _quantized(model, shape, cache_dir, images: Callable[[], Int8Samples | None], key: str = ""):
     """The int8 network from the cache, else quantized on the calibration images ((None,
     None) when there are none)."""
 
@@ -291,7 +310,7 @@ def _quantized(model, shape, cache_dir, images: Callable[[], Int8Samples | None]
         return images().calibration
 
     try:
-        return load_or_convert(model, shape, cache_dir, calibration=calibration)
+        return load_or_convert(model, shape, cache_dir, calibration=calibration, calibration_key=key)
     except LookupError:
         return None, None
 
@@ -304,7 +323,8 @@ def measure(int8, float32, images: np.ndarray, classifier: bool, calibration: np
         int8, float32: engines taking the same batches.
         images: held-back images (as the engines take them).
         classifier: compare top-1 classes, near ties computed again in float32 as
-            ``Int8Engine`` does (True), or features (False).
+            ``Int8Engine`` does (True), or features (False: the relative L2 difference of
+            each output, the worst one counting).
         calibration: a classifier's calibration images, on which the near-tie margin is
             measured (never on the held-back images it is then checked on); default None
             (``REFINE_MARGIN``).
@@ -315,30 +335,34 @@ def measure(int8, float32, images: np.ndarray, classifier: bool, calibration: np
     """
 
     def run(engine, batch_images, timed=False):
+        """(one (n, ...) array per output, seconds)."""
         if timed:
             engine.predict(batch_images[:1])  # first-call costs out of the timing
         started = time.perf_counter()
         outputs = [engine.predict(batch_images[i : i + batch_size]) for i in range(0, len(batch_images), batch_size)]
         elapsed = time.perf_counter() - started
-        if isinstance(outputs[0], list):
-            outputs = [np.concatenate([o.reshape(len(o), -1) for o in batch], axis=1) for batch in outputs]
-        return np.concatenate(outputs), elapsed
+        if not isinstance(outputs[0], list):
+            return [np.concatenate(outputs)], elapsed
+        return [np.concatenate([batch[k] for batch in outputs]) for k in range(len(outputs[0]))], elapsed
 
-    fast, fast_time = run(int8, images, timed=True)
-    exact, exact_time = run(float32, images, timed=True)
+    fast_outputs, fast_time = run(int8, images, timed=True)
+    exact_outputs, exact_time = run(float32, images, timed=True)
     speedup = exact_time / max(fast_time, 1e-9)
     if classifier:
+        (fast,), (exact,) = fast_outputs, exact_outputs
         margin = REFINE_MARGIN
         if calibration is not None and len(calibration):
-            change = np.abs(top_margin(run(int8, calibration)[0]) - top_margin(run(float32, calibration)[0]))
+            change = np.abs(top_margin(run(int8, calibration)[0][0]) - top_margin(run(float32, calibration)[0][0]))
             margin = float(min(max(2 * change.max(), REFINE_MARGIN), 1.0))
         fast = np.array(fast, copy=True)
         near = top_margin(fast) < margin
         fast[near] = exact[near]  # what Int8Engine computes again in float32
         agree = predicted_labels(fast) == predicted_labels(exact)
         return Int8Check("top-1 agreement", float(np.mean(agree)), AGREEMENT, speedup, len(images), margin)
-    flat_fast, flat_exact = fast.reshape(len(fast), -1), exact.reshape(len(exact), -1)
-    error = float(np.linalg.norm(flat_fast - flat_exact) / max(np.linalg.norm(flat_exact), 1e-12))
+    # Each output on its own (a network with several boundaries): the worst one counts, so
+    # that a small deep output is not hidden by a large shallow one.
+    error = max(float(np.linalg.norm(fast - exact) / max(np.linalg.norm(exact), 1e-12))
+                for fast, exact in zip(fast_outputs, exact_outputs, strict=True))
     return Int8Check("feature error", error, FEATURE_ERROR, speedup, len(images))
 
 

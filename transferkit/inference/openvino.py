@@ -135,7 +135,7 @@ class SharedCache:
 SHARED = SharedCache()
 
 
-def load_or_convert(model, input_shape: tuple[int, ...], cache_dir, calibration=None):
+def load_or_convert(model, input_shape: tuple[int, ...], cache_dir, calibration=None, calibration_key: str = ""):
     """The OpenVINO network for a model: read from the cache when its fingerprint matches,
     else converted (and written to the cache).
 
@@ -148,8 +148,12 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir, calibration=
             or a function returning them, called only when the int8 network is not cached
             yet; it is then cached as ``{name}-int8.xml``, keyed by the float network's
             fingerprint and "int8" (with "-7bit" where ``runtime.int8_saturates``): the
-            first calibration of a network is the one kept.
-            Default None (the float32 network).
+            first calibration of a network is the one kept, unless ``calibration_key`` says
+            whose it is. Default None (the float32 network).
+        calibration_key: names the calibration images (``inference.int8.Int8Samples.digest``):
+            the int8 network is then cached as ``{name}-int8-{key}.xml``, one per key, so
+            that a network shared by runs on other images (a pretrained frozen part) is
+            calibrated on each run's own; default "" (one int8 network per float network).
 
     Returns:
         (the ``openvino.Model``, its cached ``.xml`` path or None when it was not written).
@@ -162,9 +166,9 @@ def load_or_convert(model, input_shape: tuple[int, ...], cache_dir, calibration=
         seven_bits = int8_saturates()
         if source_xml is None:
             return quantize_int8(source, images(), seven_bits), None
-        kind = "int8-7bit" if seven_bits else "int8"
-        return _load_or_make(lambda: quantize_int8(source, images(), seven_bits),
-                             source_xml.with_name(f"{source_xml.stem}-int8.xml"),
+        kind = ("int8-7bit" if seven_bits else "int8") + (f"|{calibration_key}" if calibration_key else "")
+        name = f"{source_xml.stem}-int8" + (f"-{calibration_key}" if calibration_key else "")
+        return _load_or_make(lambda: quantize_int8(source, images(), seven_bits), source_xml.with_name(f"{name}.xml"),
                              fingerprint=_fingerprint_file(source_xml).read_text(encoding="utf-8").strip() + f"|{kind}")
     if cache_dir is None:
         return export_network(model, input_shape), None

@@ -8,7 +8,7 @@ through a second one, ``ForwardPasses.approximate`` (the int8 frozen part, ``Fro
     forward = ForwardPasses(model, 64, validation=prepared.val_images, image_passes=3000,
                             run_path=output)
     forward.validation_outputs()                   # once: (n, units + d), outputs then embedding
-    forward.variant_outputs(images, expand, 5)     # (5, n, units + d): a batch's variants in one call
+    forward.variant_outputs(images, expand, 5)     # (5, n, units + d): every engine call batch_size images
     forward.approximate.outputs(prepared.train_images, rows)   # the knn score's reference images
 
 The engine is built on first use: from ``ENGINE_FROM`` image passes on, ``embedding_engine``
@@ -171,7 +171,9 @@ class ForwardPasses:
 
     def variant_outputs(self, images: np.ndarray, expand: Callable[[np.ndarray], np.ndarray],
                         variants: int) -> np.ndarray:
-        """The outputs of variants of the images, each batch's variants in one engine call.
+        """The outputs of variants of the images: each batch's variants made at once, then one
+        engine call per variant for an engine of fixed batches (all calls ``batch_size``
+        images), or one call for all of them for the eager Keras model.
 
         Args:
             images: (n, S, S, 3) images, read a call's worth at a time.
@@ -186,9 +188,16 @@ class ForwardPasses:
         size = self._call_size(variants)
         for start in range(0, len(images), size):
             batch = np.asarray(images[start : start + size])
-            padded = _padded(batch, size) if self.engine.fixed_batches else batch
-            outputs = np.asarray(self.engine.predict(np.ascontiguousarray(expand(padded))), dtype="float32")
-            chunks.append(outputs.reshape(variants, len(padded), -1)[:, : len(batch)])
+            if self.engine.fixed_batches:
+                # One call per variant, each of ``batch_size`` images: every call the same
+                # shape (an engine that compiled for one batch size is never asked another).
+                expanded = expand(_padded(batch, size))
+                outputs = np.concatenate([np.asarray(self.engine.predict(np.ascontiguousarray(part)), "float32")
+                                          for part in np.split(expanded, variants)])
+                chunks.append(outputs.reshape(variants, size, -1)[:, : len(batch)])
+            else:
+                outputs = np.asarray(self.engine.predict(np.ascontiguousarray(expand(batch))), dtype="float32")
+                chunks.append(outputs.reshape(variants, len(batch), -1))
         if not chunks:
             return np.zeros((variants, 0, self.units), dtype="float32")
         return np.concatenate(chunks, axis=1)

@@ -35,7 +35,7 @@ import numpy as np
 
 from transferkit.backbones import BackboneSpec
 from transferkit.data.batches import SeededBatches
-from transferkit.inference.int8 import Int8Check, Int8Engine, samples_from
+from transferkit.inference.int8 import Int8Check, Int8Engine, Int8Samples, samples_from
 from transferkit.model.fold import batchnorm_count, fold_batchnorm
 from transferkit.model.surgery import extractor_at, frozen_digest, trainable_at
 from transferkit.progress import progress_bar
@@ -719,7 +719,7 @@ class FeaturePlan:
         passes = max(views)  # self.views() is 1 without augmentation
         forward = self.forward_factory(extractor, ForwardWork(
             passes * len(train.images) + len(val.images),
-            None if self.float32_only else lambda: samples_from(train.images, val.images, seed=self.seed)))
+            None if self.float32_only else samples_from(train.images, val.images, seed=self.seed)))
         # The validation images' features are float32's even where int8 computes the training
         # views: early stopping then judges, and the validation readout (metrics, calibration,
         # the work after training) reads, the float32 model that is saved.
@@ -855,13 +855,14 @@ class ForwardWork:
     Attributes:
         image_passes: images it will run (every view of the training images, and the
             validation images once).
-        int8_samples: returns the ``inference.int8.Int8Samples`` an int8 network would be
-            calibrated and checked on (training images; validation images held back); None:
-            no int8 (its features fell short of float32's in this run, ``FeaturePlan.use_float32``).
+        int8_samples: the ``inference.int8.Int8Samples`` an int8 network would be
+            calibrated and checked on (training images; validation images held back: they
+            also key the cached int8 network, which is so this run's own); None: no int8 (its
+            features fell short of float32's in this run, ``FeaturePlan.use_float32``).
     """
 
     image_passes: int
-    int8_samples: Callable | None
+    int8_samples: Int8Samples | None
 
 
 def engine_forward(engine: str, precision: str, verbose: int | str = 0) -> Callable:
