@@ -12,6 +12,7 @@ line with wall seconds and images/s per stage, final validation accuracy of each
 ratios (transferkit / baseline).
 
     python benchmarks/finetune_vs_keras.py --backbone vgg16 --size 64 --head-epochs 3 --fine-epochs 2
+    python benchmarks/finetune_vs_keras.py --dataset digits   # scikit-learn's 1,797 real digits
 
 Weights are random (no network here), so accuracies compare the two pipelines with each
 other, not with what ImageNet weights would give.
@@ -201,6 +202,21 @@ def separate_processes(args, argv, data_dir: Path, tmp: Path) -> dict:
     return sides
 
 
+def write_digits(folder: Path, size: int) -> Path:
+    """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as size-px RGB PNGs, one
+    folder per digit: real images, of the kind the issue's held-out check trains on."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for row, (pixels, digit) in enumerate(zip(digits.images, digits.target, strict=True)):
+        target = folder / str(digit)
+        target.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray((pixels * (255 / 16)).astype("uint8")).convert("RGB")
+        image.resize((size, size), Image.BILINEAR).save(target / f"{row}.png")
+    return folder
+
+
 def sides_in_order(args) -> tuple[str, str]:
     return ("baseline", "transferkit") if args.order == "baseline-first" else ("transferkit", "baseline")
 
@@ -210,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dataset", choices=("shapes", "digits"), default="shapes",
+                        help="generated shapes (--classes x --per-class), or scikit-learn's 1,797 digits")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=150)
     parser.add_argument("--head-epochs", type=int, default=3)
@@ -234,9 +252,12 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(run_side(args, args.only, args.data, args.out.parent / "run")))
         return 0
     with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
-        data_dir = write_shapes_dataset(
-            Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed
-        )
+        if args.dataset == "digits":
+            data_dir = write_digits(Path(tmp) / "data", args.size)
+        else:
+            data_dir = write_shapes_dataset(
+                Path(tmp) / "data", args.classes, args.per_class, size=args.size, seed=args.seed
+            )
         if not args.in_process:
             sides = separate_processes(args, argv, data_dir, Path(tmp))
         else:
@@ -264,7 +285,8 @@ def report(args, sides: dict) -> int:
         "backbone": args.backbone,
         "size": args.size,
         "batch": args.batch,
-        "images": args.classes * args.per_class,
+        "dataset": args.dataset,
+        "images": 1797 if args.dataset == "digits" else args.classes * args.per_class,
         "train_images": base["n_train"],
         "head_epochs": args.head_epochs,
         "fine_epochs": args.fine_epochs,

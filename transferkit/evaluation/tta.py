@@ -399,7 +399,7 @@ class _Race:
     those kept, and the flip check."""
 
     def __init__(self, labels: np.ndarray, transforms: list, flips: bool):
-        self.labels, self.pending, self.flips = labels, list(transforms), flips
+        self.labels, self.pending = labels, list(transforms)
         self.seen: dict[str, np.ndarray] = {}
         self.kept, self.trials = ["identity"], []
         self.done = self.judged = 0
