@@ -449,18 +449,19 @@ class _Race:
             self.flip = check_flips(self.seen["identity"][: self.done], self.seen["hflip"][: self.done], labels)
             self.flip_open = not (final or self.flip.changes_class)
 
-    def _mean(self, names) -> np.ndarray:
-        return np.mean([self.seen[name][: self.done] for name in names], axis=0)
+    def _mean(self, names, count: int | None = None) -> np.ndarray:
+        """The probabilities averaged over the variants ``names`` on the first ``count``
+        images judged (default all judged so far)."""
+        count = self.done if count is None else count
+        return np.mean([self.seen[name][:count] for name in names], axis=0)
 
     def choice(self) -> TTAChoice:
         """The ``TTAChoice``: plain prediction and the kept set scored on the images the
         last transform was decided on (all computed there)."""
         judged = self.judged or self.done
         labels = self.labels[:judged]
-        plain = float(np.mean(_image_losses(self.seen["identity"][:judged], labels)))
-        kept = np.mean([self.seen[name][:judged] for name in self.kept], axis=0)
-        return TTAChoice(tuple(self.kept), plain, float(np.mean(_image_losses(kept, labels))), tuple(self.trials),
-                         int(judged), self.flip)
+        return TTAChoice(tuple(self.kept), _log_loss(self._mean(["identity"], judged), labels),
+                         _log_loss(self._mean(self.kept, judged), labels), tuple(self.trials), int(judged), self.flip)
 
 
 def judged_variants(run_recipe: dict | None) -> list[str]:
@@ -516,9 +517,8 @@ def judged_passes(prepared, recipe) -> int:
 def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | None = None) -> dict | None:
     """The end-of-finetune step: choose the TTA transforms on the validation split
     (``choose_transforms``, in rounds; on a seeded choice of ``MAX_JUDGED_IMAGES`` of a
-    larger one),
-    log the choice, and warn in one line when mirrored images score clearly worse than the
-    originals (``FlipCheck.changes_class``).
+    larger one), log the choice, and warn in one line when mirrored images score clearly
+    worse than the originals (``FlipCheck.changes_class``).
 
     Args:
         model: the trained, calibrated classifier.

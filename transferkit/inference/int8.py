@@ -269,8 +269,8 @@ def int8_engine(model, float32: OpenVINOEngine, samples: Int8Samples | Callable[
         return drawn[0]
 
     tell = log.info if auto else log.warning
+    key = samples.digest() if isinstance(samples, Int8Samples) else ""
     try:
-        key = samples.digest() if isinstance(samples, Int8Samples) else ""
         network, xml = _quantized(model, shape, cache_dir, images, key)
     except ImportError as error:
         tell("int8 needs NNCF (%s): pip install nncf; running float32", error)
