@@ -438,7 +438,11 @@ def export_network(model, input_shape: int | tuple[int, ...]):
     root = logging.getLogger()
     state = (root.level, list(root.filters), list(root.handlers))
     try:
-        network = ov.convert_model(concrete)
+        # share_weights=False: the network's constants are copies. Shared (convert_model's
+        # default), they point into the traced clone's tensors, which are freed once this
+        # returns: the compiled network then read whatever was written there later (a head
+        # whose every output was [1, 0, 0] after a Keras call reused the memory).
+        network = ov.convert_model(concrete, share_weights=False)
     finally:
         root.setLevel(state[0])
         root.filters[:], root.handlers[:] = state[1], state[2]

@@ -42,6 +42,12 @@ ENGINE_FROM = 256
 # images), each call's Python overhead (a layer at a time: half a second for ResNet50) paid
 # once for many images rather than once per batch.
 EAGER_PIXELS = 2**21
+# The approximate passes (``ForwardPasses.approximate``) are checked on their first use: on up
+# to a batch of validation images, their class probabilities may differ from the float32
+# passes' by at most this much on average (absolute); else their work runs on the float32
+# passes, with a one-line notice. int8's rounding of the frozen features moved them by 0.01 to
+# 0.03 on the suite's random-weight VGG16; a network computing something else moves them more.
+APPROXIMATE_TOLERANCE = 0.05
 
 
 def eager_call_size(batch_size: int, pixels: int) -> int:
@@ -110,7 +116,10 @@ class ForwardPasses:
             features does not bias (the TTA choice's variants and "identity", compared with
             each other; the knn score's reference images): these, or passes of their own
             (the frozen part's int8 network where the last stage trained on its features,
-            ``trust.record.after_training_forward``).
+            ``trust.record.after_training_forward``), checked on first use against these
+            (``APPROXIMATE_TOLERANCE``): these where they fall short.
+        approximate_check: that check's figures (images, difference, tolerance, passed), or
+            None where it did not run.
         builds: how many engines were built (at most one).
         validation_passes: how many times the validation images went through it (at most
             one; none when they were known).
@@ -122,6 +131,7 @@ class ForwardPasses:
                  engine_factory: Callable[[], object] | None = None):
         self.model, self.image_size, self.validation = model, image_size, validation
         self.engine_factory, self.approximate = engine_factory, self
+        self.approximate_check = None
         self.image_passes, self.engine_choice, self.precision = image_passes, engine, precision
         self.batch_size, self.run_path = batch_size, run_path
         self.units = int(model.output_shape[-1])
@@ -144,6 +154,37 @@ class ForwardPasses:
                 self._engine = KerasEmbedding(self.model)
             log.debug("the work after training: %d image passes on %r", self.image_passes, self._engine)
         return self._engine
+
+    @property
+    def approximate(self) -> ForwardPasses:
+        if self._approximate is not self and self.approximate_check is None:
+            self.approximate_check = self._check_approximate()
+            if not self.approximate_check["passed"]:
+                log.warning(f"the int8 frozen part's class probabilities differ from float32's by "
+                            f"{self.approximate_check['difference']:.3f} on average on "
+                            f"{self.approximate_check['images']} validation images (more than "
+                            f"{APPROXIMATE_TOLERANCE:g}): the TTA choice and the knn reference run in float32")
+                self._approximate = self
+        return self._approximate
+
+    @approximate.setter
+    def approximate(self, passes: ForwardPasses) -> None:
+        self._approximate, self.approximate_check = passes, None
+
+    def _check_approximate(self) -> dict:
+        """The approximate passes' class probabilities against these ones' on the first
+        ``batch_size`` validation images (their known outputs where given)."""
+        count = 0 if self.validation is None else min(len(self.validation), self.batch_size)
+        if not count:
+            return {"images": 0, "difference": 0.0, "tolerance": APPROXIMATE_TOLERANCE, "passed": True}
+        images = np.asarray(self.validation[:count])
+        exact = (self._validation_outputs if self._validation_outputs is not None else self.outputs(images))[:count]
+        got = self._approximate.outputs(images)
+        difference = float(np.mean(np.abs(class_probabilities(got[:, : self.units])
+                                          - class_probabilities(exact[:, : self.units]))))
+        log.debug("the approximate passes against float32 on %d validation images: %.4f", count, difference)
+        return {"images": count, "difference": difference, "tolerance": APPROXIMATE_TOLERANCE,
+                "passed": difference <= APPROXIMATE_TOLERANCE}
 
     @property
     def engine_name(self) -> str:

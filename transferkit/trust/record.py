@@ -178,6 +178,8 @@ def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0, forward: Forwar
                         engine=recipe.engine, precision=recipe.precision, seed=recipe.seed, forward=forward)
     if fit.reference is not None and forward is not None and forward.approximate is not forward:
         fit.record["reference_passes"] = INT8_REFERENCE
+    if forward is not None and forward.approximate_check is not None:
+        fit.record["approximate_check"] = forward.approximate_check
     if verbose:
         log.info(f"rejection: {fit.record['score']} score >= {fit.record['threshold']:.4g} keeps "
                  f"{fit.record['validation_coverage']:.1%} of the validation images (reject.coverage "
