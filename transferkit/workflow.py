@@ -324,8 +324,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
                             "run_id": tracker.run_id}
     readout = result.validation or ValidationReadout.of_model(model, val_batches)  # one pass at most
     trained.metrics = summary.validation_metrics(model, val_batches, readout.outputs, trained.history,
-                                                 prepared.val_labels, prepared.class_names,
-                                                 len(prepared.train_labels))
+                                                 prepared.val_labels, prepared.class_names, len(prepared.train_labels))
     trained.metrics["precision"] = policy
     trained.metrics["class_counts"] = summary.class_counts(prepared.train_labels, prepared.val_labels,
                                                            prepared.class_names)
@@ -338,7 +337,8 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
                      f"{calibration.ece_before:.3f} -> {calibration.ece_after:.3f}")
         trained.metrics["calibration"] = calibration.as_dict()
     if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration on one engine
-        forward = after_training_forward(model, prepared, recipe, out.path, readout, result.int8_frozen)
+        forward = after_training_forward(model, prepared, recipe, out.path, readout, result.int8_frozen,
+                                         result.reference)
         trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose, forward)
         trained.trust = fit_trust(model, prepared, recipe, verbose, forward)
         _write_run(out, trained, recipe, prepared)

@@ -20,7 +20,7 @@ from transferkit.inference.passes import ENGINE_FROM
 from transferkit.inference.predict import engine_for
 from transferkit.inference.uncertainty import load_rejection
 from transferkit.recipe import load_recipe
-from transferkit.trust.record import after_training_forward, fit_trust
+from transferkit.trust.record import STORED_REFERENCE, after_training_forward, fit_trust
 from transferkit.trust.rejection import image_passes
 
 
@@ -116,17 +116,18 @@ def test_finetune_leaves_its_networks_for_the_first_predict_reject(tmp_path, cap
     logits_of = calibration.logits_of
     monkeypatch.setattr(calibration, "logits_of", lambda *args, **kwargs: calibration_passes.append(1) or logits_of(
         *args, **kwargs))
-    data = write_shapes_dataset(tmp_path / "data", 3, 40, size=40, seed=4)
-    # 36 validation images: 36 x 5 variants + 36 + 84 training images = 300 image passes; in
+    data = write_shapes_dataset(tmp_path / "data", 3, 60, size=40, seed=4)
+    # 54 validation images: 54 x 5 variants + 54 + 126 training images = 450 image passes; in
     # float32 (TINY's precision) the last stage's readout of its cached features stands for the
-    # 36 plain ones.
+    # 54 plain ones, and its stored training features for the 126 knn reference images.
     with caplog.at_level(logging.DEBUG, logger="transferkit"):
         run = transferkit.finetune(data, None, {**TINY, "data.val_split": 0.3, "engine": "openvino"},
                                    output=tmp_path / "run", verbose=0)
-    assert "the work after training: 264 image passes on <EmbeddingEngine" in caplog.text
+    assert "the work after training: 270 image passes on <EmbeddingEngine" in caplog.text
+    assert run.rejection["reference_passes"] == STORED_REFERENCE and run.rejection["n_reference"] == 126
     assert calibration_passes == []  # its logits too came from the last stage's readout
     caplog.clear()
-    assert run.metrics["tta"]["judged"] and run.rejection["n_validation"] == 36
+    assert run.metrics["tta"]["judged"] and run.rejection["n_validation"] == 54
     cache = engine_cache_dir(run.path)
     assert (cache / "openvino-32px" / "body.xml").is_file() and (cache / "compiled").is_dir()
     with caplog.at_level(logging.DEBUG, logger="transferkit"):

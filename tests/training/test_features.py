@@ -582,3 +582,43 @@ def test_the_shared_cache_releases_the_least_recently_used_stores_it_may():
     assert len(cache) == 2 and cache.lookup(("b",), views=1) is None  # "b" was used longest ago
     cache.close()
     assert cache.memory_mb() == 0
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1])  # the backbone's maps; below the top block
+def test_the_last_stages_stored_features_give_the_knn_reference_the_whole_model_gives(unfreeze, tmp_path):
+    """The last stage's stored training features, view 0, are the training images' own (not
+    augmented), in their order: the knn score's reference images take only the layers above
+    them, and come out as a pass of the whole model gives them."""
+    from types import SimpleNamespace
+
+    from transferkit.data.augment import build_augmenter
+    from transferkit.recipe import load_recipe
+    from transferkit.trust.record import STORED_REFERENCE, after_training_forward, fit_trust
+
+    spec = get_spec(BACKBONE)
+    model = build(BACKBONE, seed=3)
+    train_images, labels = images(24), np.arange(24) % 3
+    train = ImageBatches(train_images, encode_targets(labels, 3), 8, shuffle=True, seed=1,
+                         augmenter_factory=lambda: build_augmenter(AugmentConfig()))
+    val = ImageBatches(images(9, seed=5), encode_targets(np.arange(9) % 3, 3), 4)
+    result = run_stages(model, spec, [StageConfig(epochs=2, unfreeze=unfreeze)], train, val, 3,
+                        StageOptions(verbose=0, seed=1, cache=CacheConfig(enabled=True, views=2)))
+    stored = result.reference
+    boundary = spec.first_unfrozen(unfreeze)
+    assert stored.first_open == boundary and not stored.int8 and len(stored.features) == 24
+    direct = extractor_at(model, spec, [boundary]).predict(train_images.astype("float32"), verbose=0)
+    np.testing.assert_allclose(stored.features, direct, rtol=1e-4, atol=1e-4)
+
+    prepared = SimpleNamespace(train_images=train_images, train_labels=labels, val_images=val.images,
+                               val_labels=np.arange(9) % 3)
+    recipe = load_recipe(None, {"backbone": BACKBONE, "weights": "none", "image_size": 32, "batch_size": 8,
+                                "precision": "float32", "engine": "openvino"})
+    forward = after_training_forward(model, prepared, recipe, tmp_path / "stored", result.validation, None, stored)
+    fit = fit_trust(model, prepared, recipe, forward=forward).rejection
+    whole = after_training_forward(model, prepared, recipe, tmp_path / "whole", result.validation)
+    plain = fit_trust(model, prepared, recipe, forward=whole).rejection
+    assert forward.reference_from == "stored" and fit.record["reference_passes"] == STORED_REFERENCE
+    assert whole.reference_from == "these" and "reference_passes" not in plain.record
+    assert fit.reference.shape == plain.reference.shape == (24, model.get_layer("backbone").output.shape[-1])
+    np.testing.assert_allclose(fit.reference, plain.reference, atol=2e-3)  # float16 storage
+    assert fit.record["threshold"] == pytest.approx(plain.record["threshold"], abs=2e-3)

@@ -162,7 +162,7 @@ def test_the_tta_choice_and_the_knn_reference_go_through_the_int8_frozen_part_wh
     from transferkit.inference.embedding import KerasEmbedding
     from transferkit.inference.uncertainty import unit_rows
     from transferkit.recipe import load_recipe
-    from transferkit.trust.record import INT8_REFERENCE, after_training_forward, fit_trust
+    from transferkit.trust.record import INT8_REFERENCE, STORED_REFERENCE, after_training_forward, fit_trust
 
     model = classifier()
     result, _ = train_on_int8(model=model)
@@ -211,6 +211,16 @@ def test_the_tta_choice_and_the_knn_reference_go_through_the_int8_frozen_part_wh
     assert record.rejection.record["n_reference"] == float32_fit.record["n_reference"] == 48
     assert record.rejection.record["reference_passes"] == INT8_REFERENCE
     assert "reference_passes" not in float32_fit.record and "approximate_check" not in float32_fit.record
+    # With the last stage's stored training features (the int8 ones it trained on), the
+    # reference images take only the layers above them: the same reference, and the
+    # approximate passes are left the TTA choice's images.
+    assert result.reference.int8 and result.reference.first_open == frozen.first_open
+    stored = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation, frozen,
+                                    result.reference)
+    stored_fit = fit_trust(model, prepared, recipe, forward=stored).rejection
+    assert stored.reference_from == "stored" and stored_fit.record["reference_passes"] == STORED_REFERENCE
+    np.testing.assert_allclose(stored_fit.reference, int8_reference, atol=2e-3)
+    assert stored.approximate.image_passes == forward.approximate.image_passes - 48
 
     # Any difference fails a tolerance of 0: the TTA choice and the reference run in float32.
     monkeypatch.setattr(passes, "APPROXIMATE_TOLERANCE", 0.0)
@@ -225,6 +235,12 @@ def test_the_tta_choice_and_the_knn_reference_go_through_the_int8_frozen_part_wh
     fallback = fit_trust(model, prepared, recipe, forward=failing).rejection
     assert np.allclose(fallback.reference, exact_reference, atol=2e-3)
     assert "reference_passes" not in fallback.record and fallback.record["approximate_check"]["passed"] is False
+    # The stored int8 features go through the same layers above: float32 takes their work too.
+    failing = after_training_forward(model, prepared, recipe, tmp_path / "run", result.validation, frozen,
+                                     result.reference)
+    fallback = fit_trust(model, prepared, recipe, forward=failing).rejection
+    assert failing.reference_from == "these" and "reference_passes" not in fallback.record
+    assert np.allclose(fallback.reference, exact_reference, atol=2e-3)
 
 
 def test_where_the_last_stage_trained_the_head_alone_the_approximate_passes_run_the_whole_backbone_in_int8(tmp_path):

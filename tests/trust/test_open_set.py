@@ -23,6 +23,7 @@ from transferkit.inference.predict import engine_for, predict_folder
 from transferkit.inference.uncertainty import images_for_coverage, load_rejection, load_set_rule
 from transferkit.recipe import RejectConfig, load_recipe
 from transferkit.runs import load_run
+from transferkit.trust.record import STORED_REFERENCE
 from transferkit.trust.rejection import fit_rejection, fpr_at_tpr, reference_rows
 
 runner = CliRunner()
@@ -68,6 +69,8 @@ def test_finetune_records_the_threshold_its_reference_and_the_set_scores(shapes_
     width = shapes_run.model.get_layer("backbone").output.shape[-1]  # the embedding: the backbone's channels
     assert reference.shape == (24, width) == (rejection["n_reference"], width)
     assert np.linalg.norm(reference, axis=1) == pytest.approx(np.ones(24), abs=2e-3)
+    # The last stage trained on cached features: the reference images took only the layers above them.
+    assert rejection["reference_passes"] == STORED_REFERENCE
     assert sets["method"] == "LAC" and sets["scores"] == sorted(sets["scores"])
     assert all(0 <= score <= 1 for score in sets["scores"])
     assert load_run(shapes_run.path, with_model=False).rejection == rejection

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,9 @@ class ForwardPasses:
             (``APPROXIMATE_TOLERANCE``): these where they fall short.
         approximate_check: that check's figures (images, difference, tolerance, passed), or
             None where it did not run.
+        stored: the knn reference images' stored features (``StoredReference``), or None.
+        reference_from: where ``reference_outputs`` took them from: "stored", "approximate"
+            (on passes of their own) or "these"; None before.
         builds: how many engines were built (at most one).
         validation_passes: how many times the validation images went through it (at most
             one; none when they were known).
@@ -132,6 +136,8 @@ class ForwardPasses:
         self.model, self.image_size, self.validation = model, image_size, validation
         self.engine_factory, self.approximate = engine_factory, self
         self.approximate_check = None
+        self.stored: StoredReference | None = None
+        self.reference_from: str | None = None
         self.image_passes, self.engine_choice, self.precision = image_passes, engine, precision
         self.batch_size, self.run_path = batch_size, run_path
         self.units = int(model.output_shape[-1])
@@ -201,6 +207,19 @@ class ForwardPasses:
         their ``rows``, in that order)."""
         return forward_outputs(self.engine, images, self._call_size(), rows)
 
+    def reference_outputs(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """``outputs`` of the knn score's reference images (or of their ``rows``): from their
+        stored features through the layers above them where given (``stored``; int8's unless
+        the ``approximate`` passes, through the same layers, failed their check), else on the
+        ``approximate`` passes over the images."""
+        approximate = self.approximate  # checked on first use, where there are such passes
+        failed = self.approximate_check is not None and not self.approximate_check["passed"]
+        if self.stored is not None and not (self.stored.int8 and failed):
+            self.reference_from = "stored"
+            return self.stored.passes.outputs(self.stored.features, rows)
+        self.reference_from = "these" if approximate is self else "approximate"
+        return approximate.outputs(images, rows)
+
     def validation_outputs(self) -> np.ndarray:
         """``outputs`` of the validation images, computed on the first call only."""
         if self._validation_outputs is None:
@@ -260,10 +279,11 @@ class FrozenThenTop:
     """Images -> a frozen part's int8 network (``training.features.Int8Origin``: the one that
     computed the last stage's training features, checked and guarded) -> the backbone's blocks
     above it in float32: the backbone's feature maps, with its frozen part in int8 (the body of
-    an ``inference.embedding.EmbeddingEngine``).
+    an ``inference.embedding.EmbeddingEngine``). Without a frozen part, its batches are the
+    frozen part's features already (stored ones: ``StoredReference``).
 
     Args:
-        frozen: has ``features(batch)``, the frozen part's features of uint8 images.
+        frozen: has ``features(batch)``, the frozen part's features of uint8 images; or None.
         top: a ``ForwardEngine`` of the blocks above (features -> the backbone's feature
             maps), or None where the frozen part is the whole backbone.
     """
@@ -275,8 +295,26 @@ class FrozenThenTop:
         self.frozen, self.top = frozen, top
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        features = self.frozen.features(batch)
+        features = np.asarray(batch, "float32") if self.frozen is None else self.frozen.features(batch)
         return features if self.top is None else self.top.predict(features)
 
     def __repr__(self) -> str:
-        return f"<FrozenThenTop int8 frozen part, top={self.top!r}>"
+        part = "stored features" if self.frozen is None else "int8 frozen part"
+        return f"<FrozenThenTop {part}, top={self.top!r}>"
+
+
+@dataclass(frozen=True)
+class StoredReference:
+    """The knn score's reference images as the last stage's stored training features
+    (``training.features.CachedReference``), with the passes of the layers above them.
+
+    Attributes:
+        features: (n, *shape), row i the i-th training image's.
+        passes: ``ForwardPasses`` whose engine takes those features (``FrozenThenTop``
+            without a frozen part).
+        int8: whether an int8 network computed them.
+    """
+
+    features: np.ndarray
+    passes: ForwardPasses
+    int8: bool

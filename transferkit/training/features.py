@@ -75,6 +75,24 @@ class Int8Origin:
                           self.first_open)
 
 
+@dataclass(frozen=True)
+class CachedReference:
+    """The last stage's stored training features at its boundary, view 0 (the images
+    themselves, unaugmented), kept past the stages: the knn score's reference images need
+    only the layers above the boundary on them (``trust.record.after_training_forward``).
+
+    Attributes:
+        features: (n, *shape), row i the i-th training image's (a view of the store's array,
+            which it keeps alive; memory-mapped where the store spilled to disk).
+        first_open: the block boundary (first block above the features).
+        int8: whether an int8 network computed them.
+    """
+
+    features: np.ndarray
+    first_open: int
+    int8: bool
+
+
 class FeatureStore:
     """(views, n, *shape) features in memory up to a budget, else in a memory-mapped file.
 
@@ -647,6 +665,15 @@ class FeaturePlan:
         them (None where float32 did, or the stage is not cached)."""
         stores = self._stores.get(self._key(index))
         return stores[0].int8 if stores is not None else None
+
+    def reference(self, index: int) -> CachedReference | None:
+        """Stage ``index``'s stored training features, view 0 (the images themselves), kept
+        for the work after training; None where the stage is not cached."""
+        stores = self._stores.get(self._key(index))
+        if stores is None:
+            return None
+        stores[0].wait_for(0)
+        return CachedReference(stores[0].array[0], self.boundary(index), stores[0].int8 is not None)
 
     def int8_sample(self, index: int, count: int) -> PairedFeatures | None:
         """Up to ``count`` validation images (seeded) with stage ``index``'s features as the

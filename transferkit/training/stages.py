@@ -63,6 +63,7 @@ from transferkit.training.compile import compile_for_stage, make_loss, xla_pays
 from transferkit.training.data_parallel import gather_rows
 from transferkit.training.features import (
     CALIBRATION_IMAGES,
+    CachedReference,
     FeatureCache,
     FeaturePlan,
     Int8Origin,
@@ -194,6 +195,10 @@ class StagesResult:
             ``training.features.Int8Origin`` of its frozen part (the TTA choice's variants
             and the knn reference images go through it, ``trust.record.after_training_forward``);
             else None.
+        reference: where the last stage trained on cached features (as for ``validation``),
+            its stored training features, the images themselves
+            (``training.features.CachedReference``: the knn reference images need only the
+            layers above them); else None.
     """
 
     history: list[dict] = field(default_factory=list)
@@ -202,6 +207,7 @@ class StagesResult:
     validation: ValidationReadout | None = None
     int8_guard: HeadLossCheck | None = None
     int8_frozen: Int8Origin | None = None
+    reference: CachedReference | None = None
 
     @property
     def val_outputs(self) -> np.ndarray | None:
@@ -281,6 +287,7 @@ def run_stages(
                 continue
             timing, result.validation = _train_stage(run, index)
             result.int8_frozen = run.plan.int8_origin(index) if result.validation is not None else None
+            result.reference = run.plan.reference(index) if result.validation is not None else None
             result.timings.append(timing)
             run.stage_done(index)
             _checkpoint_between_stages(run, index)

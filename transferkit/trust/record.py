@@ -20,7 +20,7 @@ from transferkit.evaluation.calibration import logits_from, probabilities_from_l
 from transferkit.evaluation.tta import judged_passes
 from transferkit.inference.embedding import EmbeddingEngine
 from transferkit.inference.openvino import precision_hint
-from transferkit.inference.passes import ForwardPasses, FrozenThenTop
+from transferkit.inference.passes import ForwardPasses, FrozenThenTop, StoredReference
 from transferkit.inference.uncertainty import write_reference
 from transferkit.model.surgery import compute_dtype
 from transferkit.recipe import Recipe
@@ -31,8 +31,11 @@ from transferkit.trust.rejection import RejectionFit, fit_rejection, image_passe
 log = logging.getLogger("transferkit")
 
 # labels.json "rejection" "reference_passes" where the knn reference images went through the
-# int8 frozen part (``after_training_forward``); absent where the whole network computed them.
+# int8 frozen part (``after_training_forward``), or took the last stage's stored features
+# through the layers above them; absent where the whole network computed them.
 INT8_REFERENCE = "the frozen part in int8, the layers above it in float32"
+STORED_REFERENCE = "the last stage's stored features, the layers above them in float32"
+REFERENCE_PASSES = {"approximate": INT8_REFERENCE, "stored": STORED_REFERENCE}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class TrustRecord:
 
 
 def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.PathLike | None = None,
-                           readout: ValidationReadout | None = None, int8_frozen=None) -> ForwardPasses:
+                           readout: ValidationReadout | None = None, int8_frozen=None,
+                           reference=None) -> ForwardPasses:
     """The one forward engine of the work after training, shared by ``evaluation.tta.fit_tta``
     and ``fit_trust`` (built on first use: an engine when their image passes together reach
     ``inference.passes.ENGINE_FROM``).
@@ -81,48 +85,83 @@ def after_training_forward(model, prepared, recipe: Recipe, run_path: str | os.P
             half a float32 pass, with nothing to quantize or check again), on passes of their
             own (``ForwardPasses.approximate``). The validation images' pass that sets the
             rejection threshold stays float32, as ``predict --reject`` embeds. Default None.
+        reference: where the last stage trained on cached features, its stored training
+            features (``training.features.CachedReference``, ``StagesResult.reference``): the
+            knn score's reference images then take only the layers above them, in float32
+            (``ForwardPasses.stored``); default None (the images go through the network).
 
     Returns:
         A ``ForwardPasses`` over the validation images.
     """
     known = known_validation(model, recipe, readout)
     judged = judged_passes(prepared, recipe)
-    reference = reference_passes(prepared, recipe.reject)
-    through_int8 = int8_frozen is not None and judged + reference > 0 and recipe.engine != "keras"
+    on_openvino = recipe.engine != "keras"
+    reference_count = reference_passes(prepared, recipe.reject)
+    stored = (reference is not None and reference_count > 0 and on_openvino
+              and len(reference.features) == len(prepared.train_images))
+    references = 0 if stored else reference_count  # the reference images that go through a network
+    through_int8 = int8_frozen is not None and judged + references > 0 and on_openvino
     passes = (_trust_passes(prepared, recipe) - (len(prepared.val_images) if known is not None else 0)
-              - (judged + reference if through_int8 else 0))
+              - (reference_count - references) - (judged + references if through_int8 else 0))
     forward = ForwardPasses(model, recipe.image_size, validation=prepared.val_images, image_passes=passes,
                             engine=recipe.engine, precision=recipe.precision, batch_size=recipe.batch_size,
                             run_path=run_path, known_validation=known)
+    top = _LayersAbove(model, recipe)
     if through_int8:
         forward.approximate = ForwardPasses(
             model, recipe.image_size, validation=prepared.val_images,
-            image_passes=judged + (len(prepared.val_images) if judged else 0) + reference,
-            batch_size=recipe.batch_size, engine_factory=lambda: _frozen_then_top(model, recipe, int8_frozen))
+            image_passes=judged + (len(prepared.val_images) if judged else 0) + references,
+            batch_size=recipe.batch_size, engine_factory=lambda: top.engine(int8_frozen.first_open, int8_frozen))
+    if stored:
+        passes_above = ForwardPasses(model, recipe.image_size, image_passes=reference_count,
+                                     batch_size=recipe.batch_size,
+                                     engine_factory=lambda: top.engine(reference.first_open))
+        forward.stored = StoredReference(reference.features, passes_above, reference.int8)
     return forward
 
 
-def _frozen_then_top(model, recipe: Recipe, int8_frozen) -> EmbeddingEngine:
-    """The engine of the approximate passes where the last stage trained on int8 features:
-    that int8 network, then the backbone's blocks above its boundary and the head (the
-    trained, calibrated layers) in float32, giving the outputs and the embedding; the float32
-    parts converted in memory (no later command runs them alone)."""
-    from transferkit.backbones import get_spec
-    from transferkit.inference.engines import make_engine
-    from transferkit.model.surgery import trainable_at
+class _LayersAbove:
+    """The float32 engines of the backbone's blocks above a boundary and of the head (the
+    trained, calibrated layers), built on first use, once for the approximate passes and the
+    stored reference features: OpenVINO's, converted in memory (no later command runs them
+    alone), as the recipe's engine picks it on the TensorFlow backend (the others would
+    convert in a child process: Keras's own there)."""
 
-    spec = get_spec(recipe.backbone)
-    blocks = None
-    if int8_frozen.first_open < len(spec.blocks):
-        blocks = trainable_at(model, spec, int8_frozen.first_open)[0].get_layer("open_part")
-        blocks = make_engine(blocks, "openvino", input_shape=tuple(int(d) for d in blocks.input_shape[1:]),
-                             precision="float32")
-    head = model.get_layer("head")
-    head_engine = make_engine(head, "openvino", input_shape=tuple(int(d) for d in head.input_shape[1:]),
-                              precision="float32")
-    log.info("the TTA choice's variants and the knn score's reference images: the frozen part in int8 (%s), "
-             "the layers above it in float32", int8_frozen.engine.check.describe())
-    return EmbeddingEngine(FrozenThenTop(int8_frozen.alone(), blocks), head_engine, int(model.output_shape[-1]))
+    def __init__(self, model, recipe: Recipe):
+        self.model, self.recipe = model, recipe
+        self._engines: dict[int, tuple] = {}
+
+    def engine(self, first_open: int, int8_frozen=None) -> EmbeddingEngine:
+        """Images through ``int8_frozen`` (``training.features.Int8Origin``), or without it the
+        features at ``first_open`` as they come, then the layers above, giving the outputs and
+        the embedding."""
+        if first_open not in self._engines:
+            self._engines[first_open] = self._convert(first_open)
+        blocks, head = self._engines[first_open]
+        if int8_frozen is None:
+            log.info("the knn score's reference images: the last stage's stored features, the layers above them "
+                     "in float32")
+            return EmbeddingEngine(FrozenThenTop(None, blocks), head, int(self.model.output_shape[-1]))
+        log.info("the TTA choice's variants and the knn score's reference images: the frozen part in int8 (%s), "
+                 "the layers above it in float32", int8_frozen.engine.check.describe())
+        return EmbeddingEngine(FrozenThenTop(int8_frozen.alone(), blocks), head, int(self.model.output_shape[-1]))
+
+    def _convert(self, first_open: int) -> tuple:
+        from transferkit.backbones import get_spec
+        from transferkit.backend import active_backend
+        from transferkit.inference.engines import make_engine
+        from transferkit.model.surgery import trainable_at
+
+        engine = self.recipe.engine if active_backend() == "tensorflow" else "keras"
+        spec = get_spec(self.recipe.backbone)
+        blocks = None
+        if first_open < len(spec.blocks):
+            blocks = trainable_at(self.model, spec, first_open)[0].get_layer("open_part")
+            blocks = make_engine(blocks, engine, input_shape=tuple(int(d) for d in blocks.input_shape[1:]),
+                                 precision="float32")
+        head = self.model.get_layer("head")
+        return blocks, make_engine(head, engine, input_shape=tuple(int(d) for d in head.input_shape[1:]),
+                                   precision="float32")
 
 
 def known_validation(model, recipe: Recipe, readout: ValidationReadout | None) -> np.ndarray | None:
@@ -176,8 +215,8 @@ def fit_trust(model, prepared, recipe: Recipe, verbose: int = 0, forward: Forwar
         log.info("fitting the rejection threshold and the prediction sets on the validation split")
     fit = fit_rejection(model, prepared, recipe.reject, image_size=recipe.image_size, batch_size=recipe.batch_size,
                         engine=recipe.engine, precision=recipe.precision, seed=recipe.seed, forward=forward)
-    if fit.reference is not None and forward is not None and forward.approximate is not forward:
-        fit.record["reference_passes"] = INT8_REFERENCE
+    if fit.reference is not None and forward is not None and forward.reference_from in REFERENCE_PASSES:
+        fit.record["reference_passes"] = REFERENCE_PASSES[forward.reference_from]
     if forward is not None and forward.approximate_check is not None:
         fit.record["approximate_check"] = forward.approximate_check
     if verbose:

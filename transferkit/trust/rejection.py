@@ -83,8 +83,10 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
 
     One forward pass over the validation images (calibrated probabilities and backbone
     embeddings) and, for the "knn" score, one over the training images (up to
-    ``REFERENCE_LIMIT``, unaugmented) for the reference embeddings, on ``forward.approximate``
-    (where the last stage trained on int8 features, through that int8 frozen part).
+    ``REFERENCE_LIMIT``, unaugmented) for the reference embeddings
+    (``ForwardPasses.reference_outputs``: from the last stage's stored features where kept,
+    else on ``forward.approximate``, through the int8 frozen part where the last stage trained
+    on int8 features).
 
     Args:
         model: the trained, calibrated classifier.
@@ -117,7 +119,7 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
     if needs_embedding:
         rows = reference_rows(len(prepared.train_images), seed=seed)
         every = len(rows) == len(prepared.train_images)
-        train_outputs = forward.approximate.outputs(prepared.train_images, None if every else rows)
+        train_outputs = forward.reference_outputs(prepared.train_images, None if every else rows)
         # Stored as float16: compare with what will be read back, so that the threshold fits.
         reference = unit_rows(train_outputs[:, forward.units :]).astype("float16").astype("float32")
     rule = RejectionRule(config.score, -np.inf, config.neighbours, reference, config.coverage)
