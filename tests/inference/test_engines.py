@@ -453,3 +453,24 @@ def test_chained_engine_repr_shows_its_body_and_head(tmp_path):
     assert text.startswith("<ChainedEngine body=<OpenVINOEngine bf16, 32px")
     assert "head=<OpenVINOEngine f32, 1x1x512" in text or "head=<OpenVINOEngine f32" in text
     assert "16 bits only" in text and text.endswith(">")
+
+
+def test_a_part_of_a_bfloat16_model_that_starts_inside_it_runs_on_openvino_in_float32(caplog):
+    """The blocks above a boundary of a mixed_bfloat16 classifier take bfloat16 tensors: their
+    float32 copy for conversion takes float32 ones (else its first operation is a cast that
+    OpenVINO cannot compile, and Keras would run it) and gives the float32 model's values."""
+    from transferkit.backbones import REGISTRY
+    from transferkit.model.surgery import trainable_at
+
+    spec = REGISTRY["vgg16"]
+    mixed = classifier("vgg16", "mixed_bfloat16", seed=4)
+    part = trainable_at(mixed, spec, len(spec.blocks) - 1)[0].get_layer("open_part")
+    assert str(part.inputs[0].dtype) == "bfloat16"
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        engine = make_engine(part, "openvino", input_shape=(2, 2, 512), precision="float32")
+    assert engine.name == "openvino" and not caplog.records
+    exact = classifier("vgg16", seed=4)  # the same weights, in float32
+    exact_part = trainable_at(exact, spec, len(spec.blocks) - 1)[0].get_layer("open_part")
+    features = np.random.default_rng(0).random((8, 2, 2, 512), dtype="float32")
+    relative, cosine = agreement(engine.predict(features), np.asarray(exact_part.predict_on_batch(features)))
+    assert relative < 1e-4 and cosine > 0.9999

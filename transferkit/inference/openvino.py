@@ -566,8 +566,14 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
         pairs.append((layer, clone))
         return clone
 
+    # A part of a 16-bit model that starts inside it (the blocks above a boundary) has 16-bit
+    # inputs: the clone's are float32, or its first operation is a cast OpenVINO cannot compile.
+    inputs = None
+    if any(str(tensor.dtype) in ("bfloat16", "float16") for tensor in getattr(model, "inputs", None) or ()):
+        inputs = [keras.Input(shape=tuple(tensor.shape[1:]), dtype="float32") for tensor in model.inputs]
+        inputs = inputs[0] if not isinstance(model.input, (list, tuple, dict)) else inputs
     try:
-        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+        clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer, recursive=True)
     except Exception as error:
         if identity_resize_at is not None:  # the model as it is would keep its resize
             raise RuntimeError(f"it cannot be cloned in float32 ({conversion_reason(error)})") from error
