@@ -3,13 +3,16 @@ classifier, shared by the TTA choice (``evaluation.tta.fit_tta``) and the reject
 (``trust.rejection.fit_rejection``), the validation images' plain pass computed once for both
 (or none: in float32, the run's one readout of the validation images stands for it). Where
 the last stage trained on int8 features, the TTA variants and the knn reference images go
-through a second one, ``ForwardPasses.approximate`` (the int8 frozen part, ``FrozenThenTop``).
+through a second one, ``ForwardPasses.approximate`` (the int8 frozen part, ``FrozenThenTop``),
+checked against float32 on first use. Where the last stage trained on cached features, the
+knn reference images take its stored features through the layers above them instead
+(``ForwardPasses.stored``).
 
     forward = ForwardPasses(model, 64, validation=prepared.val_images, image_passes=3000,
                             run_path=output)
     forward.validation_outputs()                   # once: (n, units + d), outputs then embedding
     forward.variant_outputs(images, expand, 5)     # (5, n, units + d): every engine call batch_size images
-    forward.approximate.outputs(prepared.train_images, rows)   # the knn score's reference images
+    forward.reference_outputs(prepared.train_images, rows)   # the knn score's reference images
 
 The engine is built on first use: from ``ENGINE_FROM`` image passes on, ``embedding_engine``
 (OpenVINO where the recipe's engine, or "auto", picks it, in the recipe's precision, as
