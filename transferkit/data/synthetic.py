@@ -4,9 +4,12 @@
 
 Each class is one kind of shape (circle, square, triangle, stripes, cross, ring, ...) drawn
 with a random colour, size, position and rotation on a random textured background, so a
-classifier has to learn shape rather than colour. ``write_unknown_images`` writes images of
-no shape at all (noise, smooth colour fields, checkerboards): images of no known class, for
-rejection tests and benchmarks.
+classifier has to learn shape rather than colour. ``write_textures_dataset`` writes textures
+instead (stripes, checks, dots, blobs, waves, grain) that fill the whole image at a random
+scale, orientation, phase and pair of colours: what tells them apart is the pattern, and no
+flip, shift or rotation changes it. ``write_unknown_images`` writes images of no shape at all
+(noise, smooth colour fields, checkerboards): images of no known class, for rejection tests
+and benchmarks.
 """
 
 from __future__ import annotations
@@ -92,6 +95,55 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(radius=size / 160))
 
 
+TEXTURES = ("stripes", "checks", "dots", "blobs", "waves", "grain")
+
+
+def draw_texture(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image filled with a texture of ``kind``: a pattern between two random colours
+    at a random scale, orientation and phase, with pixel noise.
+
+    Args:
+        kind: one of ``TEXTURES``.
+        size: the image side in pixels.
+        rng: the random generator.
+
+    Returns:
+        A PIL RGB image.
+    """
+    y, x = (np.mgrid[0:size, 0:size] / size).astype("float64")
+    angle = rng.uniform(0, math.pi)
+    u = x * math.cos(angle) + y * math.sin(angle)  # along the pattern's axis
+    v = -x * math.sin(angle) + y * math.cos(angle)
+    period = rng.uniform(0.08, 0.16)  # of the side
+    phase = rng.uniform(0, 2 * math.pi, 2)
+    if kind == "stripes":
+        pattern = np.sin(2 * math.pi * u / period + phase[0]) > 0
+    elif kind == "checks":
+        pattern = np.sin(2 * math.pi * u / period + phase[0]) * np.sin(2 * math.pi * v / period + phase[1]) > 0
+    elif kind == "waves":
+        bend = rng.uniform(0.04, 0.08)
+        pattern = np.sin(2 * math.pi * (u + bend * np.sin(2 * math.pi * v / (3 * period) + phase[1])) / period
+                         + phase[0]) > 0
+    elif kind == "dots":
+        step = period * size
+        offset = rng.uniform(0, step, 2)
+        cu = (u * size + offset[0]) % step - step / 2
+        cv = (v * size + offset[1]) % step - step / 2
+        pattern = cu ** 2 + cv ** 2 < (step * rng.uniform(0.22, 0.3)) ** 2
+    elif kind in ("blobs", "grain"):
+        cells = max(2, round(1 / period)) if kind == "blobs" else max(4, size // 2)
+        coarse = Image.fromarray(rng.normal(0, 1, (cells, cells)).astype("float32"), mode="F")
+        field = np.asarray(coarse.resize((size, size), Image.BICUBIC))
+        pattern = field > np.median(field)
+    else:
+        raise ValueError(f"unknown texture {kind!r}; choose from {', '.join(TEXTURES)}")
+    colours = rng.integers(0, 256, (2, 3)).astype("float64")
+    while np.abs(colours[0] - colours[1]).sum() < 150:  # the two colours differ clearly
+        colours = rng.integers(0, 256, (2, 3)).astype("float64")
+    pixels = np.where(pattern[..., None], colours[0], colours[1]) + rng.normal(0, 12, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype("uint8"))
+
+
 UNKNOWN_KINDS = ("noise", "field", "checker")
 
 
@@ -165,15 +217,43 @@ def write_shapes_dataset(
     Returns:
         ``root``.
     """
+    return _write_classes(root, SHAPES, draw_shape, classes, per_class, size, seed, extension)
+
+
+def write_textures_dataset(
+    root: str | Path,
+    classes: Sequence[str] | int = 6,
+    per_class: int | Sequence[int] = 30,
+    size: int = 96,
+    seed: int = 0,
+    extension: str = ".png",
+) -> Path:
+    """Write ``root/<texture>/<texture>_NNN<extension>`` images (see ``draw_texture``).
+
+    Args:
+        root: the folder to create.
+        classes: texture names, or how many of ``TEXTURES`` to use; default 6 (all).
+        per_class: images per class, or one count per class; default 30.
+        size: image side in pixels; default 96.
+        seed: random seed; default 0.
+        extension: ".png" or ".jpg" (quality 90); default ".png".
+
+    Returns:
+        ``root``.
+    """
+    return _write_classes(root, TEXTURES, draw_texture, classes, per_class, size, seed, extension)
+
+
+def _write_classes(root, kinds: Sequence[str], draw, classes, per_class, size: int, seed: int, extension: str) -> Path:
     root = Path(root)
-    names = list(SHAPES[:classes]) if isinstance(classes, int) else list(classes)
+    names = list(kinds[:classes]) if isinstance(classes, int) else list(classes)
     counts = [per_class] * len(names) if isinstance(per_class, int) else list(per_class)
     rng = np.random.default_rng(seed)
     for name, count in zip(names, counts, strict=False):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            image = draw_shape(name, size, rng)
+            image = draw(name, size, rng)
             path = folder / f"{name}_{index:03d}{extension}"
             if extension.lower() in (".jpg", ".jpeg"):
                 image.save(path, quality=90)
