@@ -13,6 +13,12 @@ ratios (transferkit / baseline).
 
     python benchmarks/finetune_vs_keras.py --backbone vgg16 --size 64 --head-epochs 3 --fine-epochs 2
     python benchmarks/finetune_vs_keras.py --dataset digits   # scikit-learn's 1,797 real digits
+    python benchmarks/finetune_vs_keras.py --dataset digits --budget   # transferkit within the baseline's time
+
+``--budget``: the baseline runs first, then transferkit's job with ``--time-budget`` set to the
+baseline's wall seconds and its stages' epochs capped at ``--budget-epochs`` (default 20 and
+10) instead of the baseline's: what accuracy transferkit reaches in the time the hand-written
+guide takes.
 
 Weights are random (no network here), so accuracies compare the two pipelines with each
 other, not with what ImageNet weights would give.
@@ -176,10 +182,14 @@ def run_side(args, side: str, data_dir: Path, run_dir: Path) -> dict:
                                                 args.fine_epochs, args.seed)
         metrics = {}
     else:
+        extra = None
+        if args.budget_seconds:  # --budget: the baseline's wall seconds, the epochs only caps
+            head, fine = (int(cap) for cap in args.budget_epochs.split(","))
+            extra = {"time_budget": f"{int(args.budget_seconds)}s", "stages.0.epochs": head, "stages.1.epochs": fine}
         stages, accuracy, n_train, metrics = transferkit_job(
             data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
-            args.precision, args.engine, run_dir, args.cache_views)
-        metrics = {key: metrics.get(key) for key in ("precision", "stages")}
+            args.precision, args.engine, run_dir, args.cache_views, extra)
+        metrics = {key: metrics.get(key) for key in ("precision", "stages", "time_budget")}
     return {"stages": stages, "accuracy": accuracy, "n_train": n_train, "metrics": metrics,
             "seconds": time.perf_counter() - started, "onednn": os.environ.get(ONEDNN_VARIABLE)}
 
@@ -197,7 +207,9 @@ def separate_processes(args, argv, data_dir: Path, tmp: Path) -> dict:
     sides = {}
     for side in sides_in_order(args):
         out = tmp / f"{side}.json"
-        subprocess.run([*base, "--only", side, "--out", str(out)], env=envs[side], check=True)
+        within = args.budget and side == "transferkit"
+        budget = ["--budget-seconds", str(sides["baseline"]["seconds"])] if within else []
+        subprocess.run([*base, "--only", side, "--out", str(out), *budget], env=envs[side], check=True)
         sides[side] = json.loads(out.read_text())
     return sides
 
@@ -237,6 +249,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-views", type=int, default=None, help="transferkit cache.views (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--in-process", action="store_true", help="both jobs in this process (one TensorFlow setup)")
+    parser.add_argument("--budget", action="store_true",
+                        help="transferkit's job within the baseline's wall time (--time-budget), epochs as caps")
+    parser.add_argument("--budget-epochs", default="20,10", help="--budget: the head's and fine stage's epoch caps")
+    parser.add_argument("--budget-seconds", type=float, help=argparse.SUPPRESS)  # --budget's child: the baseline's
     parser.add_argument("--only", choices=("baseline", "transferkit"), help=argparse.SUPPRESS)  # a child's side
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -247,6 +263,8 @@ def main(argv=None) -> int:
         help="which job runs first in the process (default: the baseline)",
     )
     args = parser.parse_args(argv)
+    if args.budget and (args.in_process or args.order != "baseline-first"):
+        parser.error("--budget runs the baseline first, each job in its own process")
 
     if args.only:  # a child's side, its figures as JSON in --out
         args.out.write_text(json.dumps(run_side(args, args.only, args.data, args.out.parent / "run")))
@@ -279,6 +297,7 @@ def report(args, sides: dict) -> int:
 
     base, ours = sides["baseline"], sides["transferkit"]
     epochs = {"head": args.head_epochs, "fine": args.fine_epochs}
+    trained = {stage["stage"]: stage["epochs"] for stage in ours["metrics"].get("stages") or []}
     result = {
         "machine": machine_facts(),
         "benchmark": "finetune_vs_keras",
@@ -302,9 +321,10 @@ def report(args, sides: dict) -> int:
         "transferkit": {
             "precision": ours["metrics"].get("precision"),
             "total_seconds": round(ours["seconds"], 2),
-            "stages": per_stage(ours["stages"], epochs, ours["n_train"]),
+            "stages": per_stage(ours["stages"], {**epochs, **trained}, ours["n_train"]),
             "val_accuracy": round(ours["accuracy"], 4),
             "stage_details": ours["metrics"].get("stages"),
+            **({"time_budget": ours["metrics"]["time_budget"]} if ours["metrics"].get("time_budget") else {}),
         },
         "ratios": {
             "total_wall": round(ours["seconds"] / base["seconds"], 3),

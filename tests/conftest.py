@@ -117,7 +117,7 @@ LONGEST_FIRST = (
     "inference/test_engines.py", "training/test_checkpoint.py", "test_workflow.py", "training/test_stages.py",
     "training/test_budget.py", "inference/test_passes.py", "training/test_int8_guard.py",
     "export/test_roundtrip.py", "inference/test_predict.py", "tuning/test_workers.py", "model/test_fold.py",
-    "cli/test_cli.py",
+    "cli/test_cli.py", "test_defaults_benchmark.py",
     "serve/test_server.py",  # one server process (TensorFlow's start-up) and a headless Chromium
     "tuning/test_diagnostics.py", "evaluation/test_tta.py", "export/test_cli.py",
     "export/test_quantize.py", "test_messy.py", "evaluation/test_gradcam.py", "model/test_surgery.py",
