@@ -132,7 +132,7 @@ def draw_texture(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
         pattern = cu ** 2 + cv ** 2 < (step * rng.uniform(0.22, 0.3)) ** 2
     elif kind in ("blobs", "grain"):
         cells = max(2, round(1 / period)) if kind == "blobs" else max(4, size // 2)
-        coarse = Image.fromarray(rng.normal(0, 1, (cells, cells)).astype("float32"), mode="F")
+        coarse = Image.fromarray(rng.normal(0, 1, (cells, cells)).astype("float32"))  # mode "F"
         field = np.asarray(coarse.resize((size, size), Image.BICUBIC))
         pattern = field > np.median(field)
     else:
