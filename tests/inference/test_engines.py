@@ -474,3 +474,45 @@ def test_a_part_of_a_bfloat16_model_that_starts_inside_it_runs_on_openvino_in_fl
     features = np.random.default_rng(0).random((8, 2, 2, 512), dtype="float32")
     relative, cosine = agreement(engine.predict(features), np.asarray(exact_part.predict_on_batch(features)))
     assert relative < 1e-4 and cosine > 0.9999
+
+
+def _with_nested_sequential(policy: str, seed: int) -> keras.Model:
+    """A model built as keras.applications builds ConvNeXt: a Sequential made inside it and
+    called on its (in mixed_bfloat16: bfloat16) tensors, so the Sequential's input is 16-bit."""
+    keras.utils.set_random_seed(seed)
+    with dtype_policy(policy):
+        inputs = keras.Input((16, 16, 3))
+        x = keras.layers.Conv2D(8, 3, padding="same", name="first")(inputs)
+        x = keras.Sequential([keras.layers.Conv2D(8, 2, strides=2, name="down"),
+                              keras.layers.LayerNormalization(epsilon=1e-6, name="norm")], name="stem")(x)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        outputs = keras.layers.Dense(4, dtype="float32", name="out")(x)
+        return keras.Model(inputs, outputs)
+
+
+def test_a_model_nested_in_a_bfloat16_model_is_converted_with_float32_inputs(caplog):
+    """A nested model of a mixed_bfloat16 model (ConvNeXt's stem and downsampling layers) takes
+    bfloat16 tensors: its float32 copy for conversion takes float32 ones (clone_model's own
+    recursion kept the bfloat16 input, a cast OpenVINO could not compile, so Keras ran every
+    ConvNeXt feature pass in bfloat16) and gives the float32 model's values."""
+    mixed = _with_nested_sequential("mixed_bfloat16", seed=3)
+    assert str(mixed.get_layer("stem").inputs[0].dtype) == "bfloat16"
+    clone = openvino_module.float32_clone(mixed)
+    assert str(clone.get_layer("stem").inputs[0].dtype) == "float32"
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        engine = make_engine(mixed, "openvino", precision="float32")
+    assert engine.name == "openvino" and not caplog.records
+    exact = _with_nested_sequential("float32", seed=3)  # the same weights, in float32
+    batch = images(8, seed=5, size=16).astype("float32")
+    relative, cosine = agreement(engine.predict(batch), np.asarray(exact.predict_on_batch(batch)))
+    assert relative < 1e-4 and cosine > 0.9999
+
+
+def test_a_new_conversion_revision_converts_cached_networks_again(monkeypatch):
+    """Networks cached by an earlier release's conversion (one that did not compile, say) are
+    not found once the conversion changed: CONVERSION_REVISION is part of the fingerprint."""
+    model = _with_nested_sequential("float32", seed=1)
+    before = openvino_module.model_fingerprint(model, 16)
+    assert openvino_module.model_fingerprint(model, 16) == before
+    monkeypatch.setattr(openvino_module, "CONVERSION_REVISION", openvino_module.CONVERSION_REVISION + 1)
+    assert openvino_module.model_fingerprint(model, 16) != before

@@ -323,9 +323,15 @@ def compile_network(network, hint: str, ir_path: Path | None = None):
     return openvino_core().compile_model(network, "CPU", config)
 
 
+# Raised whenever the conversion changes the network it writes for the same model, so that
+# networks cached by an earlier release (engine folders, engine/shared/) are converted again:
+# 2: models nested in a 16-bit model get float32 inputs (ConvNeXt's did not compile in bfloat16).
+CONVERSION_REVISION = 2
+
+
 def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
     """A hash of a model's architecture (its layers' ``trainable`` flags left out) and weights,
-    the input shape and the OpenVINO version.
+    the input shape, the OpenVINO version and ``CONVERSION_REVISION``.
 
     Args:
         model: a Keras model.
@@ -343,7 +349,7 @@ def model_fingerprint(model, input_shape: int | tuple[int, ...]) -> str:
         config = repr((model.name, model.input_shape, model.output_shape))
     shape = _as_shape(input_shape)
     label = shape[0] if is_image_shape(shape) else shape  # images keep their earlier key
-    digest.update(f"{label}|{ov.__version__}|{config}".encode())
+    digest.update(f"{label}|{ov.__version__}|{CONVERSION_REVISION}|{config}".encode())
     for weights in model.get_weights():
         weights = np.ascontiguousarray(weights)
         digest.update(f"{weights.dtype}{weights.shape}".encode())
@@ -553,6 +559,8 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
                                    f"{layer.height}x{layer.width}, antialiased, which OpenVINO cannot do")
 
     def clone_layer(layer):
+        if isinstance(layer, keras.Model):  # nested: a backbone, ConvNeXt's stem and downsampling Sequentials
+            return float32_clone(layer, identity_resize_at)
         if isinstance(layer, keras.layers.Resizing) and identity_resize_at is not None:
             return keras.layers.Identity(name=layer.name, dtype="float32")
         if isinstance(layer, keras.layers.Resizing):
@@ -566,14 +574,17 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
         pairs.append((layer, clone))
         return clone
 
-    # A part of a 16-bit model that starts inside it (the blocks above a boundary) has 16-bit
-    # inputs: the clone's are float32, or its first operation is a cast OpenVINO cannot compile.
+    # A part of a 16-bit model that starts inside it (the blocks above a boundary), or a model
+    # nested in one and called on its 16-bit tensors (ConvNeXt's Sequentials), has 16-bit
+    # inputs: the clone's are float32, or its first operation is a cast OpenVINO cannot compile
+    # (f32 to "dynamic"). Nested models are cloned here, not by clone_model's recursion, which
+    # keeps their inputs' dtype.
     inputs = None
     if any(str(tensor.dtype) in ("bfloat16", "float16") for tensor in getattr(model, "inputs", None) or ()):
         inputs = [keras.Input(shape=tuple(tensor.shape[1:]), dtype="float32") for tensor in model.inputs]
         inputs = inputs[0] if not isinstance(model.input, (list, tuple, dict)) else inputs
     try:
-        clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer, recursive=True)
+        clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
     except Exception as error:
         if identity_resize_at is not None:  # the model as it is would keep its resize
             raise RuntimeError(f"it cannot be cloned in float32 ({conversion_reason(error)})") from error
