@@ -547,6 +547,8 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
     """
     import keras
 
+    from transferkit.keras_private import graph_nodes
+
     pairs = []
 
     if identity_resize_at is not None:
@@ -559,7 +561,8 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
                                    f"{layer.height}x{layer.width}, antialiased, which OpenVINO cannot do")
 
     def clone_layer(layer):
-        if isinstance(layer, keras.Model):  # nested: a backbone, ConvNeXt's stem and downsampling Sequentials
+        if isinstance(layer, keras.Sequential) or (isinstance(layer, keras.Model) and graph_nodes(layer) is not None):
+            # Nested, as clone_model's recursion took them: a backbone, ConvNeXt's Sequentials.
             return float32_clone(layer, identity_resize_at)
         if isinstance(layer, keras.layers.Resizing) and identity_resize_at is not None:
             return keras.layers.Identity(name=layer.name, dtype="float32")
