@@ -41,6 +41,11 @@ def encode_targets(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.eye(n_classes, dtype="float32")[labels]
 
 
+def target_labels(targets: np.ndarray) -> np.ndarray:
+    """Class indices of targets as ``encode_targets`` makes them (the inverse)."""
+    return predicted_labels(targets)
+
+
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     """Per-class probabilities (n, k): a sigmoid unit p becomes [1 - p, p]."""
     outputs = np.asarray(outputs, dtype="float64")

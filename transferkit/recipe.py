@@ -162,12 +162,24 @@ class HeadConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Training-set augmentation strengths; 0 switches a transform off."""
+    """Training-set augmentation strengths; 0 switches a transform off.
+
+    ``hflip``: random horizontal flips, true or false, or "auto": the first stage flips, and
+    the later stages do not where mirrored validation images then score clearly worse than
+    the originals (a mirrored digit or letter is another thing; ``training.flips``).
+    """
 
     shift: float = Field(0.1, ge=0, le=0.5)
     contrast: float = Field(0.2, ge=0, le=1)
     rotation: float = Field(15.0, ge=0, le=180)
-    hflip: bool = True
+    hflip: bool | Literal["auto"] = "auto"
+
+    @field_validator("hflip", mode="before")
+    @classmethod
+    def _flip_choice(cls, value):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f'choose true, false or "auto", not {value!r}')
 
 
 class CacheConfig(_Section):

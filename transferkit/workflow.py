@@ -54,6 +54,7 @@ from transferkit.training.data_parallel import (
     training_together,
 )
 from transferkit.training.features import FeatureCache, engine_forward
+from transferkit.training.flips import as_trained, auto_flips
 from transferkit.training.stages import Checkpointing, StageOptions, StagesResult, ValidationReadout, run_stages
 from transferkit.training.tensorboard import TensorBoardLog, require_tensorboard
 from transferkit.training.tracking import Tracker, log_finished_run, public_uri, require_mlflow, tracked_training
@@ -339,7 +340,7 @@ def _train_tracked(prepared: PreparedData, recipe: Recipe, out: _Output | None, 
     if out is not None:  # what predict --tta, --reject and --sets need, fitted after calibration on one engine
         forward = after_training_forward(model, prepared, recipe, out.path, readout, result.int8_frozen,
                                          result.reference)
-        trained.metrics["tta"] = tta.fit_tta(model, prepared, recipe, verbose, forward)
+        trained.metrics["tta"] = tta.fit_tta(model, prepared, as_trained(recipe, result.hflip), verbose, forward)
         trained.trust = fit_trust(model, prepared, recipe, verbose, forward)
         _write_run(out, trained, recipe, prepared)
         fault_point("run.published")
@@ -355,7 +356,6 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
     when there is one); an interruption becomes one ``TrainingInterrupted`` that says what
     was kept."""
     work = out.work if out is not None else None
-
     callbacks = ()
     if recipe.tensorboard and work is not None and not work.reader:
         # In the in-progress folder while training (a resumed run goes on in the same logs),
@@ -367,7 +367,7 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                            callbacks=callbacks,
                            feature_cache=extras.feature_cache, forward_key=(recipe.engine, recipe.precision),
                            distribution=distribution, time_budget=recipe.time_budget_seconds,
-                           after_training_passes=extras.after_passes)
+                           after_training_passes=extras.after_passes, auto_flips=auto_flips(recipe.augment))
     try:
         keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
         with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1

@@ -14,8 +14,32 @@ from transferkit.recipe import AugmentConfig
 
 
 def augmentation_enabled(config: AugmentConfig) -> bool:
-    """Whether any transform of the recipe's augmentation is switched on."""
-    return config.shift > 0 or config.rotation > 0 or config.contrast > 0 or config.hflip
+    """Whether any transform of the recipe's augmentation is switched on (``hflip = "auto"``
+    flips)."""
+    return config.shift > 0 or config.rotation > 0 or config.contrast > 0 or bool(config.hflip)
+
+
+def augmenter_factory(config: AugmentConfig, flips: bool = True):
+    """What training batches build their augmenters with (one per thread): a function
+    returning a new ``build_augmenter`` pipeline, or None when nothing augments.
+
+    Args:
+        config: augmentation strengths.
+        flips: False leaves horizontal flips out whatever ``config.hflip`` says (the later
+            stages of ``hflip = "auto"`` where flips change the class); default True.
+
+    Returns:
+        A function of no arguments, or None.
+    """
+    if not flips:
+        config = config.model_copy(update={"hflip": False})
+    return (lambda: build_augmenter(config)) if augmentation_enabled(config) else None
+
+
+def was_flipped(result: dict) -> bool:
+    """Whether a ``build_augmenter`` pipeline flipped the image it returned ``result`` for
+    (it records what it applied where it flips)."""
+    return any(name == "HorizontalFlip" for name, _ in result.get("applied_transforms", ()))
 
 
 def build_augmenter(config: AugmentConfig, seed: int | None = None):
@@ -24,7 +48,8 @@ def build_augmenter(config: AugmentConfig, seed: int | None = None):
     Args:
         config: ``shift`` (fraction of the image side, translation in x and y),
             ``contrast`` (contrast change, +-fraction), ``rotation`` (degrees, +-),
-            ``hflip`` (random horizontal flip). 0 / False switches a transform off.
+            ``hflip`` (random horizontal flip; "auto" flips). 0 / False switches a
+            transform off.
         seed: seed for the pipeline's random generator; None draws one.
 
     Returns:
@@ -54,11 +79,13 @@ def build_augmenter(config: AugmentConfig, seed: int | None = None):
                 brightness_limit=0.0, contrast_limit=config.contrast, p=1.0
             )
         )
-    if config.hflip:
+    if config.hflip:  # true or "auto"
         transforms.append(A.HorizontalFlip(p=0.5))
     if not transforms:
         return None
-    return A.Compose(transforms, seed=seed)
+    # Where it flips, it records what it applied: the feature cache notes which stored views
+    # are mirrored (``was_flipped``), for the stages of hflip = "auto" that train without flips.
+    return A.Compose(transforms, seed=seed, save_applied_params=bool(config.hflip))
 
 
 def preview_grid(

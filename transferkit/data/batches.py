@@ -85,6 +85,13 @@ class ImageBatches(SeededBatches):
         super().__init__(len(images), targets, batch_size, shuffle=shuffle,
                          sample_weights=sample_weights, seed=seed, workers=workers)
 
+    def with_augmenter(self, augmenter_factory: Callable[[], object] | None) -> ImageBatches:
+        """The same batches (images, order, weights, seed), augmented by ``augmenter_factory``
+        instead (None: not augmented)."""
+        return ImageBatches(self.images, self.targets, self.batch_size, shuffle=self.shuffle,
+                            augmenter_factory=augmenter_factory, sample_weights=self.sample_weights,
+                            seed=self.seed, workers=self.workers)
+
     def _inputs(self, selected: np.ndarray) -> np.ndarray:
         batch = self.images[selected]
         if self.augmenter_factory is not None:
@@ -112,9 +119,15 @@ def augment_one(augmenter, image: np.ndarray, seed_parts: list[int]) -> np.ndarr
     Returns:
         The augmented image, same shape and dtype.
     """
+    return augmented(augmenter, image, seed_parts)["image"]
+
+
+def augmented(augmenter, image: np.ndarray, seed_parts: list[int]) -> dict:
+    """``augment_one``'s whole result: the pipeline's dict ("image", and "applied_transforms"
+    where it records them, ``data.augment.was_flipped``)."""
     seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
     augmenter.set_random_seed(seed)
-    return augmenter(image=image)["image"]
+    return augmenter(image=image)
 
 
 def process_share(batches: ImageBatches, process: int, processes: int, local_devices: int = 1) -> ImageBatches:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.data.arrays import balanced_class_weights, image_array, partition_rows
-from transferkit.data.augment import augmentation_enabled, build_augmenter
+from transferkit.data.augment import augmenter_factory
 from transferkit.data.batches import ImageBatches
 from transferkit.data.doctor import DataReport, check_data
 from transferkit.data.folders import FolderIndex, index_folders
@@ -111,13 +111,12 @@ class PreparedData:
         if recipe.data.class_weights:
             weights = balanced_class_weights(self.train_labels, self.n_classes)
             sample_weights = weights[self.train_labels].astype("float32")
-        augment = recipe.augment
         train = ImageBatches(
             self.train_images,
             encode_targets(self.train_labels, self.n_classes),
             recipe.batch_size,
             shuffle=True,
-            augmenter_factory=(lambda: build_augmenter(augment)) if augmentation_enabled(augment) else None,
+            augmenter_factory=augmenter_factory(recipe.augment),
             sample_weights=sample_weights,
             seed=recipe.seed,
         )

@@ -32,6 +32,17 @@ from transferkit.inference.engines import ForwardEngine
 from transferkit.inference.passes import ForwardPasses
 from transferkit.outputs import class_probabilities
 from transferkit.recipe import TTAConfig
+from transferkit.training.flips import (
+    DECISIVE,
+    FLIP_ADVICE,
+    JUDGE_ROUND,
+    MAX_JUDGED_IMAGES,
+    MIN_JUDGED_IMAGES,
+    FlipCheck,
+    check_flips,
+)
+from transferkit.training.flips import image_log_losses as _image_losses
+from transferkit.training.flips import mean_log_loss as _log_loss
 
 log = logging.getLogger("transferkit")
 
@@ -40,26 +51,8 @@ SHIFTS = ("shift_left", "shift_right", "shift_up", "shift_down")
 # (nats): float rounding only, so that a tie (a mirror-symmetric image's flip is the image
 # itself) keeps it.
 KEEP_TOLERANCE = 1e-6
-# Mirrored validation images score "clearly worse" (check_flips) when all three hold: the
-# accuracy drops by at least FLIP_ACCURACY_DROP, the log loss rises by more than
-# FLIP_LOSS_MARGIN nats, and the images the flip makes wrong outnumber those it makes right
-# by more than twice the square root of their sum (a sign test at about two standard
-# deviations, which needs at least 5 more images made wrong than right: few images never warn).
-FLIP_ACCURACY_DROP = 0.05
-# Fewer validation images than this tell a transform's effect from noise too seldom: finetune
-# then neither chooses (--tta keeps the recipe's transforms) nor checks flips.
-MIN_JUDGED_IMAGES = 20
-# At most this many validation images (a seeded choice) are judged on: each goes through the
-# model once per variant (six by default) at the end of every finetune.
-MAX_JUDGED_IMAGES = 500
-# The transforms are judged on rounds of about this many validation images (whole batches),
-# and a transform's trial ends once its effect is clear: the mean change of the per-image log
-# loss more than DECISIVE standard errors away from the tolerance (a sequential test: a clear
-# gain or loss shows on the first round, an unclear one goes on to every image).
-JUDGE_ROUND = 96
-DECISIVE = 3.0
-FLIP_LOSS_MARGIN = 0.1
-FLIP_ADVICE = "turn the recipe's horizontal flip off: --set augment.hflip=false (or hflip = false under [augment])"
+# Where the constants of the judgement live (``training.flips``): the flip check's rule, the
+# fewest and most validation images judged, the rounds and when an answer is clear.
 
 
 def tta_variants(run_recipe: dict | None) -> tuple[str, ...]:
@@ -218,66 +211,6 @@ def tta_engine(run, engine: str = "auto", precision: str = "auto", variants: Seq
 
 
 # --- which transforms help: chosen at the end of finetune ---------------------------------
-
-
-@dataclass(frozen=True)
-class FlipCheck:
-    """How mirrored validation images score against the originals.
-
-    Attributes:
-        n_images: validation images.
-        accuracy, flipped_accuracy: accuracy on the images and on their mirror images.
-        log_loss, flipped_log_loss: mean log loss (nats) likewise.
-        made_wrong: images right as they are and wrong mirrored; made_right: the reverse.
-    """
-
-    n_images: int
-    accuracy: float
-    flipped_accuracy: float
-    log_loss: float
-    flipped_log_loss: float
-    made_wrong: int
-    made_right: int
-
-    @property
-    def changes_class(self) -> bool:
-        """Mirrored images score clearly worse (the rule at ``FLIP_ACCURACY_DROP``)."""
-        net = self.made_wrong - self.made_right
-        return (net >= FLIP_ACCURACY_DROP * self.n_images - 1e-9
-                and self.flipped_log_loss > self.log_loss + FLIP_LOSS_MARGIN
-                and net > 2 * math.sqrt(self.made_wrong + self.made_right))
-
-    def figure(self) -> str:
-        """The measurement in words, e.g. "accuracy 0.950 -> 0.610, log loss 0.150 -> 1.200 ..."."""
-        return (f"mirrored validation images: accuracy {self.accuracy:.3f} -> {self.flipped_accuracy:.3f}, "
-                f"log loss {self.log_loss:.3f} -> {self.flipped_log_loss:.3f} ({self.n_images} images; "
-                f"{self.made_wrong} made wrong, {self.made_right} made right)")
-
-    def as_dict(self) -> dict:
-        """The fields and ``changes_class``, JSON-ready."""
-        return {**asdict(self), "changes_class": self.changes_class}
-
-
-def check_flips(plain: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -> FlipCheck:
-    """Compare the class probabilities of images and of their mirror images.
-
-    Args:
-        plain, flipped: (n, k) class probabilities of the images and of their mirror images.
-        labels: (n,) true class indices.
-
-    Returns:
-        A ``FlipCheck``; its ``changes_class`` is the warning's rule.
-    """
-    labels = np.asarray(labels, dtype="int64")
-    right = np.argmax(plain, axis=1) == labels
-    right_flipped = np.argmax(flipped, axis=1) == labels
-    count = max(1, len(labels))
-    return FlipCheck(
-        n_images=int(len(labels)), accuracy=float(np.sum(right) / count),
-        flipped_accuracy=float(np.sum(right_flipped) / count), log_loss=_log_loss(plain, labels),
-        flipped_log_loss=_log_loss(flipped, labels), made_wrong=int(np.sum(right & ~right_flipped)),
-        made_right=int(np.sum(~right & right_flipped)),
-    )
 
 
 @dataclass(frozen=True)
@@ -560,14 +493,3 @@ def fit_tta(model, prepared, recipe, verbose: int = 0, forward: ForwardPasses | 
     if choice.flip is not None and choice.flip.changes_class:
         log.warning(f"horizontal flips seem to change the class: {choice.flip.figure()}; {FLIP_ADVICE}")
     return {"judged": True, **choice.as_dict()}
-
-
-def _log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log probability of the true classes (nats; probabilities clipped at 1e-15)."""
-    return float(np.mean(_image_losses(probabilities, labels))) if len(labels) else 0.0
-
-
-def _image_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each image's negative log probability of its true class (nats; clipped at 1e-15)."""
-    picked = np.asarray(probabilities, dtype="float64")[np.arange(len(labels)), labels]
-    return -np.log(np.clip(picked, 1e-15, 1.0))

@@ -74,9 +74,10 @@ class EpochCallback(keras.callbacks.Callback):
     (``TrainingInterrupted``); the epoch it cut short is dropped."""
 
     def __init__(self, *, classifier, rows, stage_index, stage_name, epoch_offset, train_data, seed,
-                 stopper, stop, work, int8_guard: dict | None = None):
+                 stopper, stop, work, decisions: dict | None = None):
         super().__init__()
-        self.int8_guard = int8_guard  # the head-loss guard's record, kept in each checkpoint
+        # What was decided while training (StagesRun.decisions), kept in each checkpoint.
+        self.decisions = decisions or {}
         self.classifier = classifier
         self.rows, self.stage_index, self.stage_name = rows, stage_index, stage_name
         self.epoch_offset, self.train_data, self.seed = epoch_offset, train_data, seed
@@ -113,7 +114,7 @@ class EpochCallback(keras.callbacks.Callback):
                 stage_index=self.stage_index, epochs_done=epoch + 1,
                 global_epoch=self.epoch_offset + epoch + 1, calibrated=True,
                 best=stopping.best, wait=stopping.wait, best_epoch=stopping.best_epoch,
-                history=self.rows, int8_guard=self.int8_guard,
+                history=self.rows, **self.decisions,
             )
             self.work.save(self.classifier, state, stopping.best_weights, self.model.optimizer, part)
 

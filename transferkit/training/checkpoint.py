@@ -71,6 +71,9 @@ class TrainingState:
     # The head-loss guard's record (training.int8_guard), once a stage trained on int8
     # features: a resumed run computes its later stages' features as the guard decided.
     int8_guard: dict | None = None
+    # hflip = "auto"'s decision (training.flips.flip_record), once made: a resumed run trains
+    # its later stages as it decided.
+    hflip: dict | None = None
 
 
 def output_for(path: Path) -> Path:

@@ -110,6 +110,8 @@ class FeatureStore:
 
     Attributes:
         int8: an ``Int8Origin`` where an int8 network computed the features, else None.
+        flipped: (views, n) bool, which stored views are of mirrored images (augmentation
+            with horizontal flips); None where nothing was flipped.
     """
 
     def __init__(self, views: int, count: int, shape: tuple[int, ...], dtype: str, memory_budget_mb: float,
@@ -121,6 +123,7 @@ class FeatureStore:
         self.nbytes = nbytes
         self.filler: _ViewFiller | None = None
         self.int8: Int8Origin | None = None
+        self.flipped: np.ndarray | None = None
 
     def wait_for(self, view: int | None = None) -> None:
         """Block until ``view`` (default: every view) is stored; re-raise a failure of the
@@ -325,25 +328,32 @@ class _Pass:
         factory = settings.augmenter_factory
         self.augmenter = factory() if factory is not None else None
 
-    def prepare(self, view: int, start: int) -> np.ndarray:
+    def prepare(self, view: int, start: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Batch ``start`` of view ``view``: the images themselves in view 0, later views
-        augmented as seeded by (seed, view, image)."""
-        from transferkit.data.batches import augment_one
+        augmented as seeded by (seed, view, image); and which of them are mirrored (None:
+        none)."""
+        from transferkit.data.augment import was_flipped
+        from transferkit.data.batches import augmented
 
         batch = self.images[start : start + self.settings.batch_size]
-        if self.augmenter is not None and view > 0:
-            batch = np.stack([
-                augment_one(self.augmenter, image, view_seed(self.settings.seed, view, start + offset))
-                for offset, image in enumerate(batch)
-            ])
-        # As stored (uint8): an image engine converts inside its network.
-        return np.ascontiguousarray(batch)
+        if self.augmenter is None or view == 0:
+            # As stored (uint8): an image engine converts inside its network.
+            return np.ascontiguousarray(batch), None
+        results = [augmented(self.augmenter, image, view_seed(self.settings.seed, view, start + offset))
+                   for offset, image in enumerate(batch)]
+        flipped = np.array([was_flipped(result) for result in results], dtype=bool)
+        return np.ascontiguousarray(np.stack([result["image"] for result in results])), flipped
 
-    def store(self, view: int, start: int, count: int, outputs) -> None:
-        """Keep the outputs of ``count`` images from ``start`` as view ``view`` (where kept)."""
+    def store(self, view: int, start: int, count: int, outputs, flipped: np.ndarray | None = None) -> None:
+        """Keep the outputs of ``count`` images from ``start`` as view ``view`` (where kept),
+        and which of them are of mirrored images."""
         for store, output in zip(self.stores, outputs):
             if view < store.shape[0]:
                 store.array[view, start : start + count] = np.asarray(output, dtype=self.settings.dtype)
+                if flipped is not None and flipped.any():
+                    if store.flipped is None:
+                        store.flipped = np.zeros(store.shape[:2], dtype=bool)
+                    store.flipped[view, start : start + count] = flipped
 
     def run(self, jobs: list, view_done: Callable[[int], None] | None = None, cancelled=None) -> None:
         """Run the (view, start) jobs in order; ``view_done(view)`` after a view's last batch."""
@@ -357,10 +367,10 @@ class _Pass:
             for done, (view, start) in enumerate(jobs, start=1):
                 if cancelled is not None and cancelled.is_set():
                     return
-                batch = pending.result()
+                batch, flipped = pending.result()
                 if done < len(jobs):
                     pending = pool.submit(self.prepare, *jobs[done])
-                self.store(view, start, len(batch), self.forward(batch))
+                self.store(view, start, len(batch), self.forward(batch), flipped)
                 if progress is not None and view_done is None:
                     progress(done)
                 if view_done is not None and (done == len(jobs) or jobs[done][0] != view):
@@ -392,12 +402,16 @@ def _opencv_threads(count: int):
 class FeatureBatches(SeededBatches):
     """Training batches over stored features: the same per-epoch order as ``ImageBatches``,
     view ``epoch mod views`` of each image (``views``: the first so many of the store's;
-    default all)."""
+    default all). With ``unflipped``, a view's mirrored images (``FeatureStore.flipped``)
+    are read as the image itself (view 0): a stage that trains without flips on views
+    computed with them."""
 
     def __init__(self, store: FeatureStore, targets: np.ndarray, batch_size: int, *, shuffle: bool = True,
-                 sample_weights: np.ndarray | None = None, seed: int = 0, views: int | None = None):
+                 sample_weights: np.ndarray | None = None, seed: int = 0, views: int | None = None,
+                 unflipped: bool = False):
         self.store = store
         self.views = min(views or store.shape[0], store.shape[0])
+        self.unflipped = unflipped and store.flipped is not None
         super().__init__(store.shape[1], targets, batch_size, shuffle=shuffle,
                          sample_weights=sample_weights, seed=seed)
 
@@ -413,15 +427,24 @@ class FeatureBatches(SeededBatches):
         row_bytes = 4 * int(np.prod(self.store.shape[2:]))
         rows = max(1, int(max_mb * 2**20) // row_bytes)
         for start in range(0, self.store.shape[1], rows):
-            yield np.asarray(self.store.array[self.view, start : start + rows], dtype="float32")
+            yield self._read(slice(start, start + rows))
 
     def _inputs(self, selected: np.ndarray) -> np.ndarray:
         self.store.wait_for(self.view)
         # Sorted reads are much faster from a memory map; the batch order is restored after.
         ordering = np.argsort(selected, kind="stable")
         features = np.empty((len(selected), *self.store.shape[2:]), dtype="float32")
-        features[ordering] = self.store.array[self.view, selected[ordering]]
+        features[ordering] = self._read(selected[ordering])
         return features
+
+    def _read(self, rows: np.ndarray | slice) -> np.ndarray:
+        """The current view's features of the images ``rows`` (sorted indices, or a slice),
+        as float32."""
+        if not self.unflipped or self.view == 0:
+            return np.asarray(self.store.array[self.view, rows], dtype="float32")
+        rows = np.arange(self.store.shape[1])[rows] if isinstance(rows, slice) else rows
+        views = np.where(self.store.flipped[self.view, rows], 0, self.view)
+        return np.asarray(self.store.array[views, rows], dtype="float32")
 
 
 @dataclass
@@ -592,6 +615,12 @@ class FeaturePlan:
         # (source, boundary) -> its key in the shared cache
         self._shared_keys: dict[tuple[int, int], tuple] = {}
         self.float32_only = False
+        # source -> (the float32 engine of its pass, as a list of outputs; its boundaries)
+        self._engines: dict[int, tuple[Callable, list[int]]] = {}
+        # hflip = "auto" found that flips change the class: stages from this index on train
+        # without them (``drop_flips``).
+        self.flip_free_from: int | None = None
+        self._without_flips: Callable[[], object] | None = None
 
     def boundary(self, index: int) -> int:
         """First block that stage ``index`` trains (``len(blocks)``: head only; 0: all)."""
@@ -599,9 +628,28 @@ class FeaturePlan:
 
     def views(self, index: int) -> int:
         """Views stage ``index`` trains on: min(views, epochs), 1 without augmentation."""
-        if self.augmenter_factory is None:
+        if self._augmenter_of(index) is None:
             return 1
         return max(1, min(self.config.views, self.stages[index].epochs))
+
+    def _augmenter_of(self, index: int) -> Callable[[], object] | None:
+        """The augmenter factory of stage ``index``: without flips from ``flip_free_from`` on."""
+        if self.flip_free_from is not None and index >= self.flip_free_from:
+            return self._without_flips
+        return self.augmenter_factory
+
+    def drop_flips(self, from_index: int, without: Callable[[], object] | None) -> None:
+        """Train stages ``from_index`` on without horizontal flips (``training.flips``): their
+        features computed from now on are of images augmented by ``without`` (None: not
+        augmented), and in views a pass computed with flips, for an earlier stage too, the
+        mirrored images are read as the images themselves (``FeatureBatches``'s
+        ``unflipped``), so no view is computed again.
+
+        Args:
+            from_index: the first stage without flips.
+            without: the augmenter factory without flips, or None.
+        """
+        self.flip_free_from, self._without_flips = from_index, without
 
     def source(self, index: int) -> int:
         """The boundary up to which one pass serves stage ``index``: the shallowest boundary
@@ -633,7 +681,8 @@ class FeaturePlan:
         # The order of the images' own batches (their seed), so that a cached stage sees the
         # batches the uncached one would.
         train = FeatureBatches(train_store, data.targets, data.batch_size, sample_weights=data.sample_weights,
-                               seed=getattr(data, "seed", self.seed), views=self.views(index))
+                               seed=getattr(data, "seed", self.seed), views=self.views(index),
+                               unflipped=self.flip_free_from is not None and index >= self.flip_free_from)
         val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
         calibration = None
         if own == len(self.spec.blocks):
@@ -644,10 +693,41 @@ class FeaturePlan:
         return CachedStage(trainable, train, val, calibration, computed)
 
     def stage_done(self, index: int) -> None:
-        """Release the stores no later stage trains on."""
+        """Release the stores no later stage trains on (and the engines of their passes)."""
         later = {self._key(j) for j in self._cached_from(index + 1)}
         for key in [key for key in self._stores if key not in later]:
             self._release(key)
+        for source in [source for source in self._engines if source not in {key[0] for key in later}]:
+            del self._engines[source]
+
+    def mirrored_validation(self, index: int, rows: np.ndarray) -> np.ndarray:
+        """Stage ``index``'s features of the mirror images of validation images ``rows``, as
+        its stored validation features are computed (float32's, in the storage dtype): what
+        ``training.flips`` compares them with.
+
+        Args:
+            index: a stage on cached features.
+            rows: indices into the validation images.
+
+        Returns:
+            float32 (len(rows), *shape).
+        """
+        source, boundary = self._key(index)
+        engine = self._engines.get(source)
+        if engine is None or boundary not in engine[1]:  # taken from the shared cache: no pass of this plan's
+            extractor = extractor_at(self.model, self.spec, [boundary])
+            single = self.forward_factory(extractor, ForwardWork(len(rows), None))
+            engine = self._engines[source] = ((lambda batch: [single(batch)]), [boundary])
+        for (other, _), stores in self._stores.items():
+            if other == source:  # the pass's engine serves one caller at a time
+                stores[0].wait_for()
+        forward, boundaries = engine
+        output = boundaries.index(boundary)
+        images = np.asarray(self.val_data.images[rows])[:, :, ::-1]
+        size = self.val_data.batch_size
+        features = [np.asarray(forward(np.ascontiguousarray(images[start : start + size]))[output])
+                    for start in range(0, len(images), size)]
+        return np.concatenate(features).astype(self.dtype).astype("float32")
 
     def close(self) -> None:
         """Stop any background computation and release every store (a shared cache keeps
@@ -659,6 +739,7 @@ class FeaturePlan:
                     store.filler.cancel()
         for key in list(self._stores):
             self._release(key)
+        self._engines.clear()
 
     def int8_origin(self, index: int) -> Int8Origin | None:
         """Where stage ``index``'s training features came from, where an int8 network computed
@@ -731,12 +812,15 @@ class FeaturePlan:
         # may fuse a graph differently when one more map is an output).
         group = [j for j in self._cached_from(0) if self.source(j) == source]
         served = [j for j in group if j >= index and self._key(j) not in self._stores]
+        # As in the uninterrupted run, where the pass ran for the group's first stage: with
+        # flips where that stage trained with them (hflip = "auto").
+        augmenter_factory = self._augmenter_of(group[0])
         boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
         views = [max((self.views(j) for j in served if self.boundary(j) == b), default=0) for b in boundaries]
         shared = None if self.float32_only else self.shared
         shared_keys = {}
         if shared is not None:
-            shared_keys = self._take_shared(source, boundaries, views)
+            shared_keys = self._take_shared(source, boundaries, views, augmenter_factory)
             wanted = [(b, count) for b, count in zip(boundaries, views) if count and (source, b) not in self._stores]
             if not wanted:
                 return False
@@ -783,10 +867,11 @@ class FeaturePlan:
             views = [min(count, computed) for count in views]
         done = len(val)
         train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
-            views=views, augmenter_factory=self.augmenter_factory, seed=self.seed, batch_size=train.batch_size,
+            views=views, augmenter_factory=augmenter_factory, seed=self.seed, batch_size=train.batch_size,
             dtype=self.dtype, memory_budget_mb=budget, progress=(lambda n: bar(done + n)) if bar else None,
             later_views_in_background=True, stop_requested=self.stop_requested,
         ))
+        self._engines[source] = (exact_as_list, boundaries)
         for output, (boundary, count, train_store, val_store) in enumerate(
                 zip(boundaries, views, train_stores, val_stores)):
             if count:
@@ -799,7 +884,8 @@ class FeaturePlan:
                     self._shared_keys[source, boundary] = shared_keys[boundary]
         return True
 
-    def _take_shared(self, source: int, boundaries: list[int], views: list[int]) -> dict[int, tuple | None]:
+    def _take_shared(self, source: int, boundaries: list[int], views: list[int],
+                     augmenter_factory: Callable[[], object] | None) -> dict[int, tuple | None]:
         """Take from the shared cache the boundaries it holds with enough views.
 
         Returns:
@@ -810,7 +896,7 @@ class FeaturePlan:
         for boundary, count in zip(boundaries, views):
             if not count:
                 continue
-            key = keys[boundary] = self._shared_key(boundary)
+            key = keys[boundary] = self._shared_key(boundary, augmenter_factory)
             found = self.shared.lookup(key, count) if key is not None else None
             if found is not None:
                 self._stores[source, boundary] = found
@@ -819,17 +905,18 @@ class FeaturePlan:
                     log.info(f"features at {self._describe(boundary)}: taken from an earlier run's cache")
         return keys
 
-    def _shared_key(self, boundary: int) -> tuple | None:
+    def _shared_key(self, boundary: int, augmenter_factory: Callable[[], object] | None) -> tuple | None:
         """What the features at ``boundary`` depend on: the frozen weights below it, the
-        images, the augmentation and its seed, the storage dtype and the engine."""
+        images, the augmentation (``augmenter_factory``'s) and its seed, the storage dtype and
+        the engine."""
         augmentation = None
-        if self.augmenter_factory is not None:
+        if augmenter_factory is not None:
             import json
 
             import albumentations as A
 
             try:
-                augmentation = json.dumps(A.to_dict(self.augmenter_factory()), sort_keys=True)
+                augmentation = json.dumps(A.to_dict(augmenter_factory()), sort_keys=True)
             except Exception:  # a transform albumentations cannot serialize
                 return None
         images = [(id(batches.images), batches.images.shape) for batches in (self.train_data, self.val_data)]

@@ -52,6 +52,7 @@ from transferkit.data.batches import ImageBatches, process_share, to_tf_dataset
 from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
+from transferkit.outputs import class_probabilities, target_labels
 from transferkit.progress import fit_verbosity
 from transferkit.recipe import CacheConfig, LossConfig, StageConfig
 from transferkit.runs import stage_epochs
@@ -70,6 +71,7 @@ from transferkit.training.features import (
     backbone_features,
     default_forward,
 )
+from transferkit.training.flips import AutoFlips, describe_decision, flip_record, judge_flips
 from transferkit.training.int8_guard import CHECK_IMAGES, HeadLossCheck, compare_head_loss
 
 log = logging.getLogger("transferkit")
@@ -106,6 +108,9 @@ class StageOptions:
         after_training_passes: the image passes of the work after the stages (calibration,
             TTA choice, rejection fit), which the budget keeps time for; default None (the
             training images once and the validation images three times).
+        auto_flips: with ``augment.hflip = "auto"``, an ``training.flips.AutoFlips``: after
+            the first stage that trains, the later stages drop flips where they change the
+            class; default None (the training batches' augmentation throughout).
     """
 
     verbose: int | str = "auto"
@@ -119,6 +124,7 @@ class StageOptions:
     distribution: Distribution | None = None
     time_budget: float | None = None
     after_training_passes: int | None = None
+    auto_flips: AutoFlips | None = None
 
 
 @dataclass
@@ -199,6 +205,8 @@ class StagesResult:
             its stored training features, the images themselves
             (``training.features.CachedReference``: the knn reference images need only the
             layers above them); else None.
+        hflip: with ``hflip = "auto"``, what was decided of flips (``training.flips.flip_record``);
+            else None.
     """
 
     history: list[dict] = field(default_factory=list)
@@ -208,6 +216,7 @@ class StagesResult:
     int8_guard: HeadLossCheck | None = None
     int8_frozen: Int8Origin | None = None
     reference: CachedReference | None = None
+    hflip: dict | None = None
 
     @property
     def val_outputs(self) -> np.ndarray | None:
@@ -234,12 +243,15 @@ class StagesResult:
 
     def records(self) -> dict:
         """What metrics.json records of the stages: "stages" (``stage_records``), with a time
-        budget "time_budget", and on int8 features "int8_features" (the head-loss guard)."""
+        budget "time_budget", on int8 features "int8_features" (the head-loss guard), and with
+        ``hflip = "auto"`` "hflip" (what was decided)."""
         records = {"stages": self.stage_records()}
         if self.budget is not None:
             records["time_budget"] = self.budget
         if self.int8_guard is not None:
             records["int8_features"] = self.int8_guard.record()
+        if self.hflip is not None:
+            records["hflip"] = self.hflip
         return records
 
 
@@ -294,7 +306,7 @@ def run_stages(
     if run.checkpointing.work is not None:
         run.checkpointing.work.flush()
     result.budget = run.budget.finish() if run.budget is not None else None
-    result.int8_guard = run.int8_guard
+    result.int8_guard, result.hflip = run.int8_guard, run.hflip
     return result
 
 
@@ -320,6 +332,8 @@ class StagesRun:
         budget: the ``training.budget.TimeBudget``, or None without one.
         int8_guard: the head-loss guard's ``HeadLossCheck`` once a stage trained on int8
             features, else None.
+        hflip: with ``hflip = "auto"``, the decision's record once it was made
+            (``training.flips.flip_record``), else None.
     """
 
     model: keras.Model
@@ -336,6 +350,7 @@ class StagesRun:
     plan: FeaturePlan | None = None
     budget: TimeBudget | None = None
     int8_guard: HeadLossCheck | None = None
+    hflip: dict | None = None
 
     @classmethod
     def start(cls, model: keras.Model, spec: BackboneSpec, stages: Sequence[StageConfig], train_data: ImageBatches,
@@ -361,7 +376,16 @@ class StagesRun:
             run.int8_guard = HeadLossCheck.from_record(state.int8_guard)
             if not run.int8_guard.passed and run.plan is not None:
                 run.plan.use_float32()
+        if state.hflip is not None and options.auto_flips is not None:  # resumed after the decision
+            run.hflip = state.hflip
+            if not state.hflip["kept"]:
+                _drop_flips(run, state.hflip["off_from_stage"])
         return run
+
+    def decisions(self) -> dict:
+        """What a checkpoint's state keeps of what was decided while training: the head-loss
+        guard's record and the flip decision's (``TrainingState``'s fields)."""
+        return {"int8_guard": None if self.int8_guard is None else self.int8_guard.record(), "hflip": self.hflip}
 
     def trains(self, index: int) -> bool:
         """Whether stage ``index`` trains: it has epochs, and the time budget (if any) lets it
@@ -499,6 +523,8 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, ValidationRea
     _fit(run, index, begun, start)
     run.stop_if_requested()
     kept = _guard_int8_features(run, index, begun) if begun.cached else True
+    if _judges_flips(run, index):
+        _judge_flips(run, index, begun)
     readout = None
     if begun.cached and kept:
         outputs, dense_inputs, embeddings = predict_eagerly(readout_at(begun.model), begun.val)
@@ -508,11 +534,6 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, ValidationRea
                          cached=begun.cached)
     run.global_epoch = len(run.rows)
     return timing, readout
-
-
-def _guard_record(run: StagesRun) -> dict | None:
-    """The head-loss guard's record for a checkpoint's state, once it ran."""
-    return None if run.int8_guard is None else run.int8_guard.record()
 
 
 def _guard_int8_features(run: StagesRun, index: int, begun: BegunStage) -> bool:
@@ -540,6 +561,58 @@ def _guard_int8_features(run: StagesRun, index: int, begun: BegunStage) -> bool:
                 else "the validation figures are computed in float32")
     run.plan.use_float32()
     return False
+
+
+def _judges_flips(run: StagesRun, index: int) -> bool:
+    """Whether flips are judged after stage ``index``: ``hflip = "auto"``, undecided, and a
+    later stage trains."""
+    return (run.options.auto_flips is not None and run.hflip is None
+            and any(stage.epochs > 0 for stage in run.stages[index + 1 :]))
+
+
+def _judge_flips(run: StagesRun, index: int, begun: BegunStage) -> None:
+    """After the first stage of ``hflip = "auto"``: judge on the validation images whether
+    flips change the class (``training.flips.judge_flips``: the trained stage on images and
+    their mirror images), say so in one line, and where they do, train the later stages
+    without them."""
+    parallel = _data_parallel(run)
+    if parallel is not None and parallel.processes > 1:
+        # Each process holds a share of the images; the first stage's flips are kept.
+        run.hflip = {**flip_record(None, run.stages[index].name, index + 1), "reason": "data-parallel"}
+        return
+
+    def outputs(model, batches) -> np.ndarray:
+        return class_probabilities(np.concatenate([
+            keras.ops.convert_to_numpy(keras.ops.cast(model(batch, training=False), "float32")) for batch in batches]))
+
+    size = run.val_data.batch_size
+
+    def probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if begun.cached:
+            plain = np.asarray(begun.val.store.array[0, rows], dtype="float32")
+            mirrored = run.plan.mirrored_validation(index, rows)
+            model = begun.model
+        else:
+            plain = np.asarray(run.val_data.images[rows], dtype="float32")
+            mirrored, model = plain[:, :, ::-1], run.model
+        return tuple(outputs(model, (x[start : start + size] for start in range(0, len(x), size)))
+                     for x in (plain, mirrored))
+
+    check = judge_flips(probabilities, target_labels(run.val_data.targets), seed=run.options.seed)
+    run.hflip = flip_record(check, run.stages[index].name, index + 1)
+    if not run.hflip["kept"]:
+        _drop_flips(run, index + 1)
+    if run.options.verbose or not run.hflip["kept"]:
+        log.info(describe_decision(run.hflip, [stage.name for stage in run.stages]))
+
+
+def _drop_flips(run: StagesRun, from_index: int) -> None:
+    """Stages ``from_index`` on train without horizontal flips: on image batches augmented
+    without them, and on cached views read without mirrored images (``FeaturePlan.drop_flips``)."""
+    without = run.options.auto_flips.without
+    run.train_data = run.train_data.with_augmenter(without)
+    if run.plan is not None:
+        run.plan.drop_flips(from_index, without)
 
 
 def _what_to_fit(run: StagesRun, index: int) -> BegunStage:
@@ -626,7 +699,7 @@ def _checkpoint_stage_start(run: StagesRun, index: int, begun: BegunStage) -> No
     if work is None or not begun.cached or work.has_checkpoint():
         return
     state = TrainingState(stage_index=index, epochs_done=0, global_epoch=run.global_epoch, calibrated=True,
-                          history=run.rows, int8_guard=_guard_record(run))
+                          history=run.rows, **run.decisions())
     work.save(run.model, state, part_weights=begun.model.get_weights(), whole_in_background=True)
 
 
@@ -663,7 +736,7 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
         classifier=run.model, rows=run.rows, stage_index=index, stage_name=stage.name,
         epoch_offset=run.global_epoch - start.initial_epoch, train_data=begun.train, seed=run.options.seed,
         stopper=stopper, stop=run.checkpointing.stop, work=run.checkpointing.work,
-        int8_guard=_guard_record(run),
+        decisions=run.decisions(),
     )
     validation = ([EagerValidation(begun.val, run.n_classes, make_loss(run.n_classes, run.options.loss))]
                   if begun.cached else [])
@@ -701,7 +774,7 @@ def _checkpoint_between_stages(run: StagesRun, index: int) -> None:
     if work is None or not any(run.trains(later) for later in range(index + 1, len(run.stages))):
         return
     work.save(run.model, TrainingState(stage_index=index + 1, epochs_done=0, global_epoch=run.global_epoch,
-                                       calibrated=True, history=run.rows, int8_guard=_guard_record(run)))
+                                       calibrated=True, history=run.rows, **run.decisions()))
 
 
 def _feature_plan(run: StagesRun):
