@@ -164,9 +164,10 @@ class HeadConfig(_Section):
 class AugmentConfig(_Section):
     """Training-set augmentation strengths; 0 switches a transform off.
 
-    ``hflip``: random horizontal flips, true or false, or "auto": the first stage flips, and
-    the later stages do not where mirrored validation images then score clearly worse than
-    the originals (a mirrored digit or letter is another thing; ``training.flips``).
+    ``hflip``: random horizontal flips, true or false, or "auto": the first stage trains
+    without them, and the later stages with them unless mirrored validation images then
+    score clearly worse than the originals (a mirrored digit or letter is another thing;
+    ``training.flips``).
     """
 
     shift: float = Field(0.1, ge=0, le=0.5)

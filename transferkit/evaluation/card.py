@@ -308,7 +308,7 @@ def _training_data(facts: _Facts) -> str:
     if augment:
         lines.append(f"- **Augmentation (training only):** shift {augment.get('shift')}, contrast "
                      f"{augment.get('contrast')}, rotation {augment.get('rotation')} degrees, horizontal flip "
-                     f"{'on' if augment.get('hflip') else 'off'}")
+                     f"{_flips_in_words(augment.get('hflip'), facts.metrics.get('hflip'))}")
     lineage = labels.get("lineage") or {}
     if lineage:
         lines.append(f"- **Lineage:** the backbone started from the run `{lineage.get('source_run')}` (its data "
@@ -318,6 +318,20 @@ def _training_data(facts: _Facts) -> str:
         lines.append(f"- **Lineage:** none; the backbone started from {facts.weights}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _flips_in_words(hflip, decision: dict | None) -> str:
+    """The recipe's horizontal flip, and for "auto" what the run decided."""
+    if hflip != "auto":
+        return "on" if hflip else "off"
+    if decision is None:
+        return "auto (on: no later stage to decide for)"
+    if decision.get("check") is None:
+        return "auto (on: not judged, too few validation images or several processes)"
+    if decision["kept"]:
+        return f"auto (on: mirrored validation images scored as well after stage '{decision['judged_after']}')"
+    return (f"auto (off after stage '{decision['judged_after']}': mirrored validation images scored clearly "
+            "worse, so flips seem to change the class)")
 
 
 def _evaluation(facts: _Facts) -> str:

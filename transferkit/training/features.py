@@ -411,7 +411,7 @@ class FeatureBatches(SeededBatches):
                  unflipped: bool = False):
         self.store = store
         self.views = min(views or store.shape[0], store.shape[0])
-        self.unflipped = unflipped and store.flipped is not None
+        self.unflipped = unflipped
         super().__init__(store.shape[1], targets, batch_size, shuffle=shuffle,
                          sample_weights=sample_weights, seed=seed)
 
@@ -440,7 +440,8 @@ class FeatureBatches(SeededBatches):
     def _read(self, rows: np.ndarray | slice) -> np.ndarray:
         """The current view's features of the images ``rows`` (sorted indices, or a slice),
         as float32."""
-        if not self.unflipped or self.view == 0:
+        # (Read after the view is stored: its notes of mirrored images are complete then.)
+        if not self.unflipped or self.view == 0 or self.store.flipped is None:
             return np.asarray(self.store.array[self.view, rows], dtype="float32")
         rows = np.arange(self.store.shape[1])[rows] if isinstance(rows, slice) else rows
         views = np.where(self.store.flipped[self.view, rows], 0, self.view)
@@ -617,9 +618,8 @@ class FeaturePlan:
         self.float32_only = False
         # source -> (the float32 engine of its pass, as a list of outputs; its boundaries)
         self._engines: dict[int, tuple[Callable, list[int]]] = {}
-        # hflip = "auto" found that flips change the class: stages from this index on train
-        # without them (``drop_flips``).
-        self.flip_free_from: int | None = None
+        # hflip = "auto": the stages that train without flips (``train_without_flips``).
+        self.flip_free: frozenset[int] = frozenset()
         self._without_flips: Callable[[], object] | None = None
 
     def boundary(self, index: int) -> int:
@@ -628,28 +628,24 @@ class FeaturePlan:
 
     def views(self, index: int) -> int:
         """Views stage ``index`` trains on: min(views, epochs), 1 without augmentation."""
-        if self._augmenter_of(index) is None:
+        augmenter_factory = self._without_flips if index in self.flip_free else self.augmenter_factory
+        if augmenter_factory is None:
             return 1
         return max(1, min(self.config.views, self.stages[index].epochs))
 
-    def _augmenter_of(self, index: int) -> Callable[[], object] | None:
-        """The augmenter factory of stage ``index``: without flips from ``flip_free_from`` on."""
-        if self.flip_free_from is not None and index >= self.flip_free_from:
-            return self._without_flips
-        return self.augmenter_factory
-
-    def drop_flips(self, from_index: int, without: Callable[[], object] | None) -> None:
-        """Train stages ``from_index`` on without horizontal flips (``training.flips``): their
-        features computed from now on are of images augmented by ``without`` (None: not
-        augmented), and in views a pass computed with flips, for an earlier stage too, the
-        mirrored images are read as the images themselves (``FeatureBatches``'s
-        ``unflipped``), so no view is computed again.
+    def train_without_flips(self, stages, without: Callable[[], object] | None) -> None:
+        """Train ``stages`` without horizontal flips (``hflip = "auto"``, ``training.flips``).
+        The passes still compute every view with the training augmentation, flips included
+        (what a stage with flips reads, whatever was decided before it ran): a flip-free
+        stage reads each view's mirrored images as the images themselves (view 0,
+        ``FeatureBatches``'s ``unflipped``), so no view is computed again.
 
         Args:
-            from_index: the first stage without flips.
-            without: the augmenter factory without flips, or None.
+            stages: the indices of the stages without flips.
+            without: the augmenter factory without flips (None: nothing else augments, and
+                those stages train on view 0 alone).
         """
-        self.flip_free_from, self._without_flips = from_index, without
+        self.flip_free, self._without_flips = frozenset(stages), without
 
     def source(self, index: int) -> int:
         """The boundary up to which one pass serves stage ``index``: the shallowest boundary
@@ -682,7 +678,7 @@ class FeaturePlan:
         # batches the uncached one would.
         train = FeatureBatches(train_store, data.targets, data.batch_size, sample_weights=data.sample_weights,
                                seed=getattr(data, "seed", self.seed), views=self.views(index),
-                               unflipped=self.flip_free_from is not None and index >= self.flip_free_from)
+                               unflipped=index in self.flip_free)
         val = FeatureBatches(val_store, self.val_data.targets, self.val_data.batch_size, shuffle=False)
         calibration = None
         if own == len(self.spec.blocks):
@@ -812,15 +808,12 @@ class FeaturePlan:
         # may fuse a graph differently when one more map is an output).
         group = [j for j in self._cached_from(0) if self.source(j) == source]
         served = [j for j in group if j >= index and self._key(j) not in self._stores]
-        # As in the uninterrupted run, where the pass ran for the group's first stage: with
-        # flips where that stage trained with them (hflip = "auto").
-        augmenter_factory = self._augmenter_of(group[0])
         boundaries = sorted({self.boundary(j) for j in group}, reverse=True)
         views = [max((self.views(j) for j in served if self.boundary(j) == b), default=0) for b in boundaries]
         shared = None if self.float32_only else self.shared
         shared_keys = {}
         if shared is not None:
-            shared_keys = self._take_shared(source, boundaries, views, augmenter_factory)
+            shared_keys = self._take_shared(source, boundaries, views)
             wanted = [(b, count) for b, count in zip(boundaries, views) if count and (source, b) not in self._stores]
             if not wanted:
                 return False
@@ -867,7 +860,7 @@ class FeaturePlan:
             views = [min(count, computed) for count in views]
         done = len(val)
         train_stores = compute_feature_stores(as_list, train.images, shapes, FeaturePass(
-            views=views, augmenter_factory=augmenter_factory, seed=self.seed, batch_size=train.batch_size,
+            views=views, augmenter_factory=self.augmenter_factory, seed=self.seed, batch_size=train.batch_size,
             dtype=self.dtype, memory_budget_mb=budget, progress=(lambda n: bar(done + n)) if bar else None,
             later_views_in_background=True, stop_requested=self.stop_requested,
         ))
@@ -884,8 +877,7 @@ class FeaturePlan:
                     self._shared_keys[source, boundary] = shared_keys[boundary]
         return True
 
-    def _take_shared(self, source: int, boundaries: list[int], views: list[int],
-                     augmenter_factory: Callable[[], object] | None) -> dict[int, tuple | None]:
+    def _take_shared(self, source: int, boundaries: list[int], views: list[int]) -> dict[int, tuple | None]:
         """Take from the shared cache the boundaries it holds with enough views.
 
         Returns:
@@ -896,7 +888,7 @@ class FeaturePlan:
         for boundary, count in zip(boundaries, views):
             if not count:
                 continue
-            key = keys[boundary] = self._shared_key(boundary, augmenter_factory)
+            key = keys[boundary] = self._shared_key(boundary)
             found = self.shared.lookup(key, count) if key is not None else None
             if found is not None:
                 self._stores[source, boundary] = found
@@ -905,18 +897,17 @@ class FeaturePlan:
                     log.info(f"features at {self._describe(boundary)}: taken from an earlier run's cache")
         return keys
 
-    def _shared_key(self, boundary: int, augmenter_factory: Callable[[], object] | None) -> tuple | None:
+    def _shared_key(self, boundary: int) -> tuple | None:
         """What the features at ``boundary`` depend on: the frozen weights below it, the
-        images, the augmentation (``augmenter_factory``'s) and its seed, the storage dtype and
-        the engine."""
+        images, the augmentation and its seed, the storage dtype and the engine."""
         augmentation = None
-        if augmenter_factory is not None:
+        if self.augmenter_factory is not None:
             import json
 
             import albumentations as A
 
             try:
-                augmentation = json.dumps(A.to_dict(augmenter_factory()), sort_keys=True)
+                augmentation = json.dumps(A.to_dict(self.augmenter_factory()), sort_keys=True)
             except Exception:  # a transform albumentations cannot serialize
                 return None
         images = [(id(batches.images), batches.images.shape) for batches in (self.train_data, self.val_data)]

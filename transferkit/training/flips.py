@@ -6,12 +6,13 @@ probabilities of validation images with those of their mirror images: mirrored i
 score clearly worse (the rule at ``FLIP_ACCURACY_DROP``) are the sign. Finetune warns with it
 at the end (``evaluation.tta``), and so does ``doctor --model``.
 
-With ``hflip = "auto"`` (the default) the run decides by itself: its first stage trains with
-flips, then ``judge_flips`` checks the trained model on the validation images, a round at a
-time until the answer is clear (``JUDGE_ROUND``, ``DECISIVE``), and where flips change the
-class the later stages train without them (``training.stages``, ``AutoFlips``). Their cached
-views were computed with flips in the same pass as the first stage's: a view's mirrored images
-are read as the image itself (view 0) there, so nothing is computed again.
+With ``hflip = "auto"`` (the default) the run decides by itself. Its first stage trains
+without flips; then ``judge_flips`` checks that model on the validation images, a round at a
+time until the answer is clear (``JUDGE_ROUND``, ``DECISIVE``), and the later stages train
+with flips unless mirrored images scored clearly worse (``training.stages``, ``AutoFlips``).
+The feature cache computes its views with flips all the same, in one pass for all stages: a
+stage without flips reads a view's mirrored images as the image itself (view 0), so nothing
+is computed again whatever is decided.
 """
 
 from __future__ import annotations
@@ -163,8 +164,11 @@ def judge_flips(probabilities: Callable[[np.ndarray], tuple[np.ndarray, np.ndarr
 
 @dataclass(frozen=True)
 class AutoFlips:
-    """``augment.hflip = "auto"``: the first stage trains with flips, and the later ones
-    without them where ``judge_flips`` finds that they change the class.
+    """``augment.hflip = "auto"``: the first stage that trains does so without flips; after it
+    ``judge_flips`` checks its model on the validation images, and the later stages train
+    with flips unless mirrored images scored clearly worse (a model that never saw a mirrored
+    image tells whether mirroring keeps the class; one trained on flips learns to call a
+    mirrored image by the original's class, or cannot learn the task at all).
 
     Attributes:
         without: the training augmenter factory without flips (None where the recipe
@@ -181,38 +185,64 @@ def auto_flips(augment) -> AutoFlips | None:
     return AutoFlips(augmenter_factory(augment, flips=False)) if augment.hflip == "auto" else None
 
 
+def flip_free_stages(stages, record: dict | None) -> set[int]:
+    """The stages of ``hflip = "auto"`` that train without flips: the first that trains, and
+    where the decision (``flip_record``) found that flips change the class, all after it.
+
+    Args:
+        stages: the recipe's ``StageConfig``s.
+        record: the decision, or None before it.
+    """
+    trained = [index for index, stage in enumerate(stages) if stage.epochs > 0]
+    free = set(trained[:1])
+    if record is not None and not record["kept"]:
+        free.update(index for index in trained if index > record["stage_index"])
+    return free
+
+
 def as_trained(recipe, record: dict | None):
-    """The recipe as the run's last stage trained: ``augment.hflip`` false where "auto" turned
-    flips off (what the TTA choice reads: no mirrored variant for a model trained without
-    them), else the recipe itself.
+    """The recipe as the run's last stage trained: ``augment.hflip`` false where "auto" did
+    not flip after its first stage (the decision found that flips change the class, or no
+    later stage trained), else the recipe itself. The TTA choice reads it: no mirrored
+    variant for a model trained without flips.
 
     Args:
         recipe: the run's ``Recipe``.
         record: the run's flip decision (``flip_record``), or None.
     """
-    if record is None or record["kept"]:
+    if recipe.augment.hflip != "auto" or (record is not None and record["kept"]):
         return recipe
     return recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"hflip": False})})
 
 
-def flip_record(check: FlipCheck | None, stage: str, next_stage: int) -> dict:
-    """What a run records of the decision (metrics.json "hflip", the checkpoint's state):
-    whether flips were kept, after which stage it was judged, from which stage index they
-    are off, and the check itself (None with too few validation images: flips kept)."""
-    kept = check is None or not check.changes_class
-    return {"mode": "auto", "kept": kept, "judged_after": stage, "off_from_stage": None if kept else next_stage,
-            "check": None if check is None else check.as_dict()}
+def flip_record(check: FlipCheck | None, stage: str, index: int, reason: str | None = None) -> dict:
+    """What a run records of the decision (metrics.json "hflip", the checkpoint's state).
+
+    Args:
+        check: the ``judge_flips`` check, or None where nothing was judged (too few
+            validation images, or ``reason``): the later stages flip then.
+        stage, index: the stage judged after, its name and index.
+        reason: why nothing was judged, where not too few images; default None.
+
+    Returns:
+        {"mode": "auto", "judged_after", "stage_index", "kept" (the later stages flip),
+        "check" (``FlipCheck.as_dict``, or None), and "reason" where given}.
+    """
+    record = {"mode": "auto", "judged_after": stage, "stage_index": index,
+              "kept": check is None or not check.changes_class, "check": None if check is None else check.as_dict()}
+    return record if reason is None else {**record, "reason": reason}
 
 
 def describe_decision(record: dict, stages: list[str]) -> str:
-    """One line: the decision and its figures."""
+    """One line: the decision, its figures, and which stages flip."""
+    later = ", ".join(repr(name) for name in stages[record["stage_index"] + 1 :])
     check = record.get("check")
     if check is None:
-        return (f"horizontal flips (hflip = \"auto\"): kept; fewer than {MIN_JUDGED_IMAGES} validation images "
-                "to judge them on")
+        why = record.get("reason") or f"fewer than {MIN_JUDGED_IMAGES} validation images to judge them on"
+        return f"horizontal flips (hflip = \"auto\"): not judged ({why}); stage(s) {later} train with them"
     figure = FlipCheck(**{key: check[key] for key in FlipCheck.__dataclass_fields__}).figure()
     if record["kept"]:
-        return f"horizontal flips (hflip = \"auto\"): kept after stage '{record['judged_after']}' ({figure})"
-    later = stages[record["off_from_stage"]:]
-    return (f"horizontal flips (hflip = \"auto\") seem to change the class after stage '{record['judged_after']}' "
-            f"({figure}): stage(s) {', '.join(repr(name) for name in later)} train without them")
+        return (f"horizontal flips (hflip = \"auto\"): after stage '{record['judged_after']}', trained without "
+                f"them, {figure}; stage(s) {later} train with them")
+    return (f"horizontal flips (hflip = \"auto\") seem to change the class: after stage '{record['judged_after']}', "
+            f"trained without them, {figure}; stage(s) {later} train without them too")

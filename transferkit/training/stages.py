@@ -71,7 +71,7 @@ from transferkit.training.features import (
     backbone_features,
     default_forward,
 )
-from transferkit.training.flips import AutoFlips, describe_decision, flip_record, judge_flips
+from transferkit.training.flips import AutoFlips, describe_decision, flip_free_stages, flip_record, judge_flips
 from transferkit.training.int8_guard import CHECK_IMAGES, HeadLossCheck, compare_head_loss
 
 log = logging.getLogger("transferkit")
@@ -108,9 +108,10 @@ class StageOptions:
         after_training_passes: the image passes of the work after the stages (calibration,
             TTA choice, rejection fit), which the budget keeps time for; default None (the
             training images once and the validation images three times).
-        auto_flips: with ``augment.hflip = "auto"``, an ``training.flips.AutoFlips``: after
-            the first stage that trains, the later stages drop flips where they change the
-            class; default None (the training batches' augmentation throughout).
+        auto_flips: with ``augment.hflip = "auto"``, a ``training.flips.AutoFlips``: the
+            first stage that trains does so without flips, and the later ones with them
+            unless mirrored validation images then score clearly worse; default None (the
+            training batches' augmentation throughout).
     """
 
     verbose: int | str = "auto"
@@ -334,6 +335,8 @@ class StagesRun:
             features, else None.
         hflip: with ``hflip = "auto"``, the decision's record once it was made
             (``training.flips.flip_record``), else None.
+        flip_free: with ``hflip = "auto"``, the stages that train without flips
+            (``training.flips.flip_free_stages``).
     """
 
     model: keras.Model
@@ -351,6 +354,7 @@ class StagesRun:
     budget: TimeBudget | None = None
     int8_guard: HeadLossCheck | None = None
     hflip: dict | None = None
+    flip_free: frozenset[int] = frozenset()
 
     @classmethod
     def start(cls, model: keras.Model, spec: BackboneSpec, stages: Sequence[StageConfig], train_data: ImageBatches,
@@ -376,10 +380,9 @@ class StagesRun:
             run.int8_guard = HeadLossCheck.from_record(state.int8_guard)
             if not run.int8_guard.passed and run.plan is not None:
                 run.plan.use_float32()
-        if state.hflip is not None and options.auto_flips is not None:  # resumed after the decision
+        if options.auto_flips is not None:  # resumed after the decision: the later stages as it decided
             run.hflip = state.hflip
-            if not state.hflip["kept"]:
-                _drop_flips(run, state.hflip["off_from_stage"])
+            _train_without_flips(run, flip_free_stages(run.stages, state.hflip))
         return run
 
     def decisions(self) -> dict:
@@ -571,48 +574,51 @@ def _judges_flips(run: StagesRun, index: int) -> bool:
 
 
 def _judge_flips(run: StagesRun, index: int, begun: BegunStage) -> None:
-    """After the first stage of ``hflip = "auto"``: judge on the validation images whether
-    flips change the class (``training.flips.judge_flips``: the trained stage on images and
-    their mirror images), say so in one line, and where they do, train the later stages
-    without them."""
+    """After the first stage of ``hflip = "auto"``, trained without flips: judge on the
+    validation images whether mirroring changes the class (``training.flips.judge_flips``:
+    the trained stage on images and their mirror images), say so in one line, and where it
+    does, train the later stages without flips too."""
+    name = run.stages[index].name
     parallel = _data_parallel(run)
     if parallel is not None and parallel.processes > 1:
-        # Each process holds a share of the images; the first stage's flips are kept.
-        run.hflip = {**flip_record(None, run.stages[index].name, index + 1), "reason": "data-parallel"}
-        return
+        # Each process holds a share of the images: not judged, the later stages flip.
+        run.hflip = flip_record(None, name, index, reason="each of several processes holds a share of the images")
+    else:
+        size = run.val_data.batch_size
 
-    def outputs(model, batches) -> np.ndarray:
-        return class_probabilities(np.concatenate([
-            keras.ops.convert_to_numpy(keras.ops.cast(model(batch, training=False), "float32")) for batch in batches]))
+        def outputs(model, x: np.ndarray) -> np.ndarray:
+            return class_probabilities(np.concatenate([keras.ops.convert_to_numpy(keras.ops.cast(
+                model(x[start : start + size], training=False), "float32")) for start in range(0, len(x), size)]))
 
-    size = run.val_data.batch_size
-
-    def probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if begun.cached:
-            plain = np.asarray(begun.val.store.array[0, rows], dtype="float32")
-            mirrored = run.plan.mirrored_validation(index, rows)
-            model = begun.model
-        else:
+        def probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if begun.cached:
+                plain = np.asarray(begun.val.store.array[0, rows], dtype="float32")
+                return outputs(begun.model, plain), outputs(begun.model, run.plan.mirrored_validation(index, rows))
             plain = np.asarray(run.val_data.images[rows], dtype="float32")
-            mirrored, model = plain[:, :, ::-1], run.model
-        return tuple(outputs(model, (x[start : start + size] for start in range(0, len(x), size)))
-                     for x in (plain, mirrored))
+            return outputs(run.model, plain), outputs(run.model, np.ascontiguousarray(plain[:, :, ::-1]))
 
-    check = judge_flips(probabilities, target_labels(run.val_data.targets), seed=run.options.seed)
-    run.hflip = flip_record(check, run.stages[index].name, index + 1)
-    if not run.hflip["kept"]:
-        _drop_flips(run, index + 1)
+        check = judge_flips(probabilities, target_labels(run.val_data.targets), seed=run.options.seed)
+        run.hflip = flip_record(check, name, index)
+    _train_without_flips(run, flip_free_stages(run.stages, run.hflip))
     if run.options.verbose or not run.hflip["kept"]:
         log.info(describe_decision(run.hflip, [stage.name for stage in run.stages]))
 
 
-def _drop_flips(run: StagesRun, from_index: int) -> None:
-    """Stages ``from_index`` on train without horizontal flips: on image batches augmented
-    without them, and on cached views read without mirrored images (``FeaturePlan.drop_flips``)."""
-    without = run.options.auto_flips.without
-    run.train_data = run.train_data.with_augmenter(without)
+def _train_without_flips(run: StagesRun, stages: set[int]) -> None:
+    """Train ``stages`` without horizontal flips: on image batches augmented without them
+    (``_training_batches``), and on cached views read without mirrored images
+    (``FeaturePlan.train_without_flips``)."""
+    run.flip_free = frozenset(stages)
     if run.plan is not None:
-        run.plan.drop_flips(from_index, without)
+        run.plan.train_without_flips(stages, run.options.auto_flips.without)
+
+
+def _training_batches(run: StagesRun, index: int) -> ImageBatches:
+    """The training image batches of stage ``index``: augmented without flips where it trains
+    without them."""
+    if index in run.flip_free:
+        return run.train_data.with_augmenter(run.options.auto_flips.without)
+    return run.train_data
 
 
 def _what_to_fit(run: StagesRun, index: int) -> BegunStage:
@@ -620,12 +626,13 @@ def _what_to_fit(run: StagesRun, index: int) -> BegunStage:
     them, else the whole classifier on the image batches."""
     cached = run.plan.stage_inputs(index) if run.plan is not None else None
     if cached is None:
+        train = _training_batches(run, index)
         parallel = _data_parallel(run)
         if parallel is not None:  # this process's share of every global batch
             local = max(1, parallel.replicas // parallel.processes)
-            return BegunStage(run.model, process_share(run.train_data, parallel.process, parallel.processes, local),
+            return BegunStage(run.model, process_share(train, parallel.process, parallel.processes, local),
                               process_share(run.val_data, parallel.process, parallel.processes, local), cached=False)
-        return BegunStage(run.model, run.train_data, run.val_data, cached=False)
+        return BegunStage(run.model, train, run.val_data, cached=False)
     return BegunStage(cached.trainable, cached.train, cached.val, cached=True, calibration=cached.calibration)
 
 

@@ -25,8 +25,9 @@ figure and, when it fails, what to try):
 7. horizontal flip: where the recipe flips images (``augment.hflip``) and there are at least
    ``MIN_JUDGED_IMAGES`` validation images, after the same short run, mirrored validation
    images do not score clearly worse than the originals (the rule of
-   ``evaluation.tta.check_flips``, which finetune warns with too): a flip that changes the
-   class (digits, left and right) teaches the model wrong labels.
+   ``training.flips.check_flips``, which finetune warns with too): a flip that changes the
+   class (digits, left and right) teaches the model wrong labels. With ``hflip = "auto"``
+   the check passes and says so: finetune judges it after the first stage and stops flipping.
 """
 
 from __future__ import annotations
@@ -368,7 +369,8 @@ def _validation_loss_falls(setup: StageSetup) -> LearningCheck:
 
 def _horizontal_flip(setup: StageSetup) -> LearningCheck:
     """Where the recipe flips: after the short run, mirrored validation images against the originals."""
-    from transferkit.evaluation.tta import FLIP_ADVICE, MIN_JUDGED_IMAGES, check_flips, variant_probabilities
+    from transferkit.evaluation.tta import variant_probabilities
+    from transferkit.training.flips import FLIP_ADVICE, MIN_JUDGED_IMAGES, check_flips
 
     if not setup.recipe.augment.hflip:
         return LearningCheck("horizontal flip", True, "the recipe does not flip images (augment.hflip = false)")
@@ -380,8 +382,12 @@ def _horizontal_flip(setup: StageSetup) -> LearningCheck:
     plain, flipped = variant_probabilities(setup.classifier, setup.val_images, ("identity", "hflip"),
                                            batch_size=setup.recipe.batch_size)
     check = check_flips(plain, flipped, setup.val_labels)
-    passed = not check.changes_class
-    return LearningCheck("horizontal flip", passed, f"after the short run, {check.figure()}",
+    auto = setup.recipe.augment.hflip == "auto"
+    passed = not check.changes_class or auto
+    figure = f"after the short run, {check.figure()}"
+    if auto and check.changes_class:  # finetune judges it too, and stops flipping after the first stage
+        figure += "; flipping seems to change the class: hflip = \"auto\" turns flips off after the first stage"
+    return LearningCheck("horizontal flip", passed, figure,
                          "" if passed else f"flipping seems to change the class; {FLIP_ADVICE}",
                          check.flipped_accuracy - check.accuracy)
 
