@@ -151,7 +151,9 @@ def transferkit_job(
         "augment.shift": SHIFT,
         "augment.contrast": CONTRAST,
         "augment.rotation": ROTATION,
-        "augment.hflip": True,
+        # The shipped default: the guide's flips are transferkit's too where they keep the
+        # class, judged after the head stage (training.flips); on digits they do not.
+        "augment.hflip": "auto",
         "stages.0.epochs": head_epochs,
         "stages.0.learning_rate": HEAD_LR,
         "stages.0.patience": 100,

@@ -289,3 +289,15 @@ def test_a_stage_selector_that_is_no_index_or_range_is_told_as_such(selector):
         load_recipe(None, {f"stages.{selector}.epochs": 1})
     with pytest.raises(RecipeError, match="the recipe has 2 stage"):  # a real index the recipe lacks
         load_recipe(None, {"stages.5.epochs": 1})
+
+
+def test_horizontal_flip_is_auto_by_default_and_takes_true_false_or_auto(tmp_path):
+    assert load_recipe().augment.hflip == "auto"
+    assert all(load_recipe(name).augment.hflip == "auto" for name in available_recipes())
+    assert load_recipe(None, dict([parse_override("augment.hflip=auto")])).augment.hflip == "auto"
+    assert load_recipe(None, dict([parse_override("augment.hflip=false")])).augment.hflip is False
+    assert load_recipe(write(tmp_path, "[augment]\nhflip = true\n")).augment.hflip is True
+    for wrong in ("sometimes", 1, "true"):
+        with pytest.raises(RecipeError) as info:
+            load_recipe(None, {"augment.hflip": wrong})
+        assert str(info.value).startswith(f"augment.hflip: choose true, false or \"auto\", not {wrong!r}")

@@ -28,7 +28,7 @@ from transferkit.inference.predict import predict_folder
 # (the head's BatchNorm statistics settle as the rate falls), no fine stage.
 STRIPES = {**LEARNING, "data.val_split": 0.3, "cache.views": 1, "stages.0.epochs": 10, "stages.0.patience": 10,
            "stages.0.schedule": "cosine", "stages.1:.epochs": 0,
-           "tta.transforms": ["identity", "hflip"]}
+           "tta.transforms": ["identity", "hflip"], "augment.hflip": True}
 
 
 class CountingEngine(ForwardEngine):
@@ -232,3 +232,31 @@ def test_a_clear_effect_ends_its_trial_on_the_first_round_and_an_unclear_one_goe
     picked = {name: values[first, random_labels[first]] for name, values in every.items()}
     change = np.log(picked["identity"]) - np.log(np.mean(list(picked.values()), axis=0))
     assert abs(change.mean()) <= DECISIVE * change.std(ddof=1) / np.sqrt(96)
+
+
+def test_with_hflip_auto_a_flip_that_changes_the_class_is_never_trained_on_nor_tried(tmp_path):
+    """hflip = "auto" on the stripes, with a fine stage after the head: the head stage trains
+    without flips, the decision finds that mirroring changes the class, the fine stage trains
+    without flips too, and so the TTA choice tries no mirror image, nothing warns, and the
+    model card says what was decided."""
+    from transferkit.evaluation.tta import run_variants
+
+    data = write_stripe_classes(tmp_path / "data", per_class=34)
+    collect = _Collect()
+    logging.getLogger("transferkit").addHandler(collect)
+    try:
+        run = transferkit.finetune(data, None, {**STRIPES, "augment.hflip": "auto", "stages.1:.epochs": 1},
+                                   output=tmp_path / "run", verbose=0)
+    finally:
+        logging.getLogger("transferkit").removeHandler(collect)
+    decision = json.loads((run.path / "metrics.json").read_text())["hflip"]
+    assert decision == run.metrics["hflip"]
+    assert decision["kept"] is False and decision["judged_after"] == "head" and decision["check"]["changes_class"]
+    tried = run.metrics["tta"]
+    assert tried["judged"] and tried["transforms"] == [] and tried["flip"] is None
+    assert run_variants(run) == ("identity",)
+    assert not [line for line in collect.lines if "flip" in line]
+    card = (run.path / "MODEL_CARD.md").read_text()
+    assert "horizontal flip auto (off after stage 'head'" in card
+    unjudged = dataclasses.replace(run, metrics={key: value for key, value in run.metrics.items() if key != "tta"})
+    assert run_variants(unjudged) == ("identity",)  # the recipe as trained: no mirror image

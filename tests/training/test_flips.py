@@ -247,7 +247,8 @@ def test_with_no_later_stage_nothing_is_judged_and_the_stage_trains_without_flip
     keras.utils.set_random_seed(0)
     backbone = load_backbone("vgg16", weights="none", input_shape=(32, 32, 3))
     model = build_classifier(backbone, 2, HeadConfig(units=(8,)), backbone_name="vgg16")
-    train = ImageBatches(*bars(32, ("left", "right"), 1), 16, shuffle=True, augmenter_factory=augmenter_factory(AUGMENT))
+    train = ImageBatches(*bars(32, ("left", "right"), 1), 16, shuffle=True,
+                         augmenter_factory=augmenter_factory(AUGMENT))
     val = ImageBatches(*bars(24, ("left", "right"), 2), 8)
     result = run_stages(model, REGISTRY["vgg16"], HEAD_AND_FINE[:1], train, val, 2,
                         StageOptions(verbose=0, cache=CacheConfig(), auto_flips=flips.auto_flips(AUGMENT)))

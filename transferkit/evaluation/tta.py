@@ -78,7 +78,8 @@ def _transforms(run_recipe: dict | None) -> tuple[tuple[str, tuple[str, ...]], .
 
 
 def _flips(run_recipe: dict | None) -> bool:
-    """Whether the run trained with horizontal flips (``augment.hflip``)."""
+    """Whether the run trained with horizontal flips (``augment.hflip``; for "auto", the
+    recipe as trained, ``training.flips.as_trained``)."""
     return bool((run_recipe or {}).get("augment", {}).get("hflip", False))
 
 
@@ -97,7 +98,11 @@ def run_variants(run) -> tuple[str, ...]:
     record = (run.metrics or {}).get("tta")
     if record and record.get("kept"):
         return tuple(record["kept"])
-    return tta_variants(run.recipe)
+    recipe, decision = run.recipe or {}, (run.metrics or {}).get("hflip") or {}
+    if (recipe.get("augment") or {}).get("hflip") == "auto" and not decision.get("kept"):
+        # hflip = "auto" flipped only where its decision kept flips for the later stages.
+        recipe = {**recipe, "augment": {**recipe["augment"], "hflip": False}}
+    return tta_variants(recipe)
 
 
 def tta_shift(run_recipe: dict | None) -> float:

@@ -526,8 +526,8 @@ def _train_stage(run: StagesRun, index: int) -> tuple[StageTiming, ValidationRea
     _fit(run, index, begun, start)
     run.stop_if_requested()
     kept = _guard_int8_features(run, index, begun) if begun.cached else True
-    if _judges_flips(run, index):
-        _judge_flips(run, index, begun)
+    if _judges_flips(run, index):  # on the cache unless the guard released it
+        _judge_flips(run, index, begun, cached=begun.cached and kept)
     readout = None
     if begun.cached and kept:
         outputs, dense_inputs, embeddings = predict_eagerly(readout_at(begun.model), begun.val)
@@ -573,11 +573,12 @@ def _judges_flips(run: StagesRun, index: int) -> bool:
             and any(stage.epochs > 0 for stage in run.stages[index + 1 :]))
 
 
-def _judge_flips(run: StagesRun, index: int, begun: BegunStage) -> None:
+def _judge_flips(run: StagesRun, index: int, begun: BegunStage, cached: bool) -> None:
     """After the first stage of ``hflip = "auto"``, trained without flips: judge on the
     validation images whether mirroring changes the class (``training.flips.judge_flips``:
-    the trained stage on images and their mirror images), say so in one line, and where it
-    does, train the later stages without flips too."""
+    the trained stage on images and their mirror images, on its cached features where
+    ``cached``, else the whole classifier), say so in one line, and where it does, train the
+    later stages without flips too."""
     name = run.stages[index].name
     parallel = _data_parallel(run)
     if parallel is not None and parallel.processes > 1:
@@ -591,7 +592,7 @@ def _judge_flips(run: StagesRun, index: int, begun: BegunStage) -> None:
                 model(x[start : start + size], training=False), "float32")) for start in range(0, len(x), size)]))
 
         def probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if begun.cached:
+            if cached:
                 plain = np.asarray(begun.val.store.array[0, rows], dtype="float32")
                 return outputs(begun.model, plain), outputs(begun.model, run.plan.mirrored_validation(index, rows))
             plain = np.asarray(run.val_data.images[rows], dtype="float32")
