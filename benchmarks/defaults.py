@@ -9,7 +9,12 @@ test split that finetune never sees (neither its training nor its validation ima
     unfreeze   the last stage's unfrozen blocks, one fewer and one more
     views      cache.views (stored versions per image): 1, 2, 3
     augment    shift, contrast and rotation x0, x0.5, x1 and x2 (flips as the recipe says)
+    flip       augment.hflip: true (every stage), false, "auto" (judged after the first stage)
     backbone   --backbones (accuracy per minute of each family, the rest of the recipe as is)
+
+With ``--tta`` every run is scored on the test split with ``--tta`` as well (the variants its
+finetune kept), and the JSON line and table say per dataset how TTA's test accuracy and log
+loss differ from plain prediction's (paired by run, with standard errors).
 
 The datasets: scikit-learn's 1,797 handwritten digits (10 classes), scikit-image's LFW subset
 (100 faces and 100 other crops: two classes, the sigmoid head), generated shapes and generated
@@ -54,7 +59,7 @@ from transferkit.recipe import load_recipe  # noqa: E402
 from transferkit.runtime import machine_facts  # noqa: E402
 
 DATASETS = ("digits", "faces", "shapes", "textures")
-AXES = ("schedule", "fine_lr", "unfreeze", "views", "augment", "backbone")
+AXES = ("schedule", "fine_lr", "unfreeze", "views", "augment", "flip", "backbone")
 BACKBONES = ("vgg16", "resnet50", "efficientnetv2-b0", "convnext-tiny", "mobilenetv3-large")
 TEST_SHARE = 0.25
 NOISE = 2.0  # standard errors of the paired difference beyond which a value is better or worse
@@ -123,6 +128,7 @@ def candidates(recipe, axes: list[str], backbones: list[str]) -> list[tuple[str,
                                        "augment.contrast": recipe.augment.contrast * factor,
                                        "augment.rotation": recipe.augment.rotation * factor})
                     for factor in (0.0, 0.5, 1.0, 2.0)],
+        "flip": [(_flip_name(flip), {"augment.hflip": flip}) for flip in (True, False, "auto")],
         "backbone": [(name, {"backbone": name}) for name in backbones],
     }
     return [(axis, value, overrides) for axis in axes for value, overrides in tried[axis]
@@ -132,7 +138,12 @@ def candidates(recipe, axes: list[str], backbones: list[str]) -> list[tuple[str,
 def shipped_values(recipe) -> dict[str, str]:
     """Each axis's value in the recipe as given (the name its runs are reported under)."""
     return {"schedule": recipe.stages[0].schedule, "fine_lr": "x1", "unfreeze": str(recipe.stages[-1].unfreeze),
-            "views": str(recipe.cache.views), "augment": "x1", "backbone": recipe.backbone}
+            "views": str(recipe.cache.views), "augment": "x1", "flip": _flip_name(recipe.augment.hflip),
+            "backbone": recipe.backbone}
+
+
+def _flip_name(hflip) -> str:
+    return hflip if isinstance(hflip, str) else str(hflip).lower()
 
 
 def verdicts(rows: list[dict], shipped: dict[str, str]) -> dict[str, dict]:
@@ -182,19 +193,47 @@ def _choice(values: list[dict]) -> dict:
     return {"choice": values[0]["value"], "why": "no other value is clearly better, nor as good and clearly faster"}
 
 
-def one_run(train: Path, test: Path, recipe, overrides: dict, output: Path) -> dict:
-    """finetune on ``train`` (its seconds) and evaluate on ``test``; the run folder is removed."""
+def one_run(train: Path, test: Path, recipe, overrides: dict, output: Path, tta: bool = False) -> dict:
+    """finetune on ``train`` (its seconds) and evaluate on ``test`` (with ``tta``, with
+    ``--tta`` too); the run folder is removed."""
     import keras
 
     started = time.perf_counter()
     run = transferkit.finetune(train, recipe, overrides, output=output, force=True, verbose=0)
     seconds = time.perf_counter() - started
     metrics = transferkit.evaluate_folder(run, test).metrics
+    figures = {"seconds": seconds, "accuracy": metrics["accuracy"], "log_loss": metrics["log_loss"],
+               "hflip": (run.metrics.get("hflip") or {}).get("kept")}
+    if tta:
+        averaged = transferkit.evaluate_folder(run, test, tta=True).metrics
+        figures.update(tta_accuracy=averaged["accuracy"], tta_log_loss=averaged["log_loss"],
+                       tta_variants=averaged["tta"])
     shutil.rmtree(output, ignore_errors=True)
     del run
     keras.backend.clear_session()
     gc.collect()
-    return {"seconds": seconds, "accuracy": metrics["accuracy"], "log_loss": metrics["log_loss"]}
+    return figures
+
+
+def tta_summary(rows: list[dict]) -> dict[str, dict]:
+    """Per dataset, over its runs scored with ``--tta`` too: the mean test accuracy and log
+    loss of plain prediction and of TTA, TTA's paired differences with their standard errors,
+    and a verdict on accuracy ("worse" where TTA's is lower beyond ``NOISE`` standard errors,
+    "better" where higher, else "same")."""
+    summary = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in rows if "tta_accuracy" in r):
+        runs = [r for r in rows if r["dataset"] == dataset and "tta_accuracy" in r]
+        found = {"runs": len(runs)}
+        for figure in ("accuracy", "log_loss"):
+            differences = np.array([r[f"tta_{figure}"] - r[figure] for r in runs])
+            error = float(differences.std(ddof=1) / math.sqrt(len(runs))) if len(runs) > 1 else math.inf
+            found.update({figure: float(np.mean([r[figure] for r in runs])),
+                          f"tta_{figure}": float(np.mean([r[f"tta_{figure}"] for r in runs])),
+                          f"{figure}_difference": float(differences.mean()), f"{figure}_standard_error": error})
+        mean, error = found["accuracy_difference"], found["accuracy_standard_error"]
+        found["verdict"] = "better" if mean - NOISE * error > 0 else "worse" if mean + NOISE * error < 0 else "same"
+        summary[dataset] = found
+    return summary
 
 
 def markdown(summary: dict) -> str:
@@ -207,6 +246,18 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {axis} | {v['value']} | {100 * v['accuracy']:.1f}% | {versus} | {v['seconds']:.1f} | "
                          f"{v['accuracy_per_minute']:.2f} | {v.get('verdict', '')} |")
         lines.append(f"| {axis} | **choice: {found['choice']}** | | | | | {found['why']} |")
+    return "\n".join(lines)
+
+
+def tta_markdown(summary: dict) -> str:
+    lines = ["| dataset | runs | test accuracy plain -> --tta | difference (s.e.) | log loss plain -> --tta "
+             "| verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for dataset, found in summary.items():
+        lines.append(f"| {dataset} | {found['runs']} | {100 * found['accuracy']:.1f}% -> "
+                     f"{100 * found['tta_accuracy']:.1f}% | {100 * found['accuracy_difference']:+.1f} "
+                     f"({100 * found['accuracy_standard_error']:.1f}) | {found['log_loss']:.3f} -> "
+                     f"{found['tta_log_loss']:.3f} | {found['verdict']} |")
     return "\n".join(lines)
 
 
@@ -223,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="images per class (default: all of a real dataset, 100 generated)")
     parser.add_argument("--head-epochs", type=int, default=None, help="the first stage's epochs (default: recipe's)")
     parser.add_argument("--fine-epochs", type=int, default=None, help="later stages' epochs (default: recipe's)")
+    parser.add_argument("--tta", action="store_true", help="score every run with --tta too")
     parser.add_argument("--markdown", action="store_true", help="print the summary as a table too")
     args = parser.parse_args(argv)
     datasets, axes = args.datasets.split(","), args.axes.split(",")
@@ -240,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     summary = verdicts(rows, shipped)
+    tta = tta_summary(rows)
     print(json.dumps({"machine": machine_facts(), "recipe": args.recipe, "weights": args.weights,
                       "image_size": recipe.image_size, "datasets": datasets, "seeds": args.seeds,
-                      "shipped": shipped, "summary": summary, "runs": rows}))
+                      "shipped": shipped, "summary": summary, **({"tta": tta} if args.tta else {}), "runs": rows}))
     if args.markdown:
         print(markdown(summary))
+        if args.tta:
+            print(tta_markdown(tta))
     return 0
 
 
@@ -258,10 +313,11 @@ def measure(args, datasets: list[str], recipe, tried: list[tuple[str, str, dict]
                 train, test = write_split(dataset_images(dataset, recipe.image_size, args.per_class, seed),
                                           folder, seed)
                 for axis, value, overrides in [("shipped", "", {}), *tried]:
-                    figures = one_run(train, test, recipe, {"seed": seed, **overrides}, folder / "run")
+                    figures = one_run(train, test, recipe, {"seed": seed, **overrides}, folder / "run", args.tta)
                     rows.append({"dataset": dataset, "seed": seed, "axis": axis, "value": value, **figures})
-                    print(f"{dataset} seed {seed} {axis} {value}: test accuracy {figures['accuracy']:.3f}, "
-                          f"{figures['seconds']:.1f} s", file=sys.stderr, flush=True)
+                    print(f"{dataset} seed {seed} {axis} {value}: test accuracy {figures['accuracy']:.3f}"
+                          + (f" (--tta {figures['tta_accuracy']:.3f})" if args.tta else "")
+                          + f", {figures['seconds']:.1f} s", file=sys.stderr, flush=True)
                 shutil.rmtree(folder, ignore_errors=True)
     return rows
 

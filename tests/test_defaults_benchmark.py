@@ -130,7 +130,7 @@ def test_a_small_run_end_to_end_reports_every_run_and_its_verdict(defaults, caps
     # One axis (the verdicts' rules are tested above): two seeds, so that the difference has a standard error.
     code = defaults["main"](["--weights", "none", "--size", "32", "--datasets", "textures", "--axes", "backbone",
                              "--backbones", "vgg16,mobilenetv3-small", "--seeds", "2", "--per-class", "8",
-                             "--head-epochs", "2", "--fine-epochs", "1", "--markdown"])
+                             "--head-epochs", "2", "--fine-epochs", "1", "--tta", "--markdown"])
     assert code == 0
     # (the transferkit logger may print to stdout too where another test in this process set it up)
     out = capsys.readouterr().out.splitlines()
@@ -147,6 +147,9 @@ def test_a_small_run_end_to_end_reports_every_run_and_its_verdict(defaults, caps
     table = [line for line in out if line.startswith("| backbone |")]
     assert table[0].startswith("| backbone | vgg16 |") and table[1].startswith("| backbone | mobilenetv3-small |")
     assert table[2].startswith(f"| backbone | **choice: {report['summary']['backbone']['choice']}** |")
+    assert all(0 <= r["tta_accuracy"] <= 1 and r["tta_variants"][0] == "identity" for r in runs)
+    assert report["tta"] == defaults["tta_summary"](runs) and report["tta"]["textures"]["runs"] == 4
+    assert [line for line in out if line.startswith("| textures | 4 |")]
 
 
 def test_weights_that_cannot_be_had_end_the_benchmark_in_one_line(defaults, capsys, tmp_path):
@@ -155,3 +158,31 @@ def test_weights_that_cannot_be_had_end_the_benchmark_in_one_line(defaults, caps
                              "--seeds", "1", "--per-class", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: ") and "nowhere.h5" in err[-1]
+
+
+def test_the_flip_axis_tries_the_other_two_of_true_false_and_auto(defaults):
+    from transferkit.recipe import load_recipe
+
+    recipe = load_recipe("quickstart")
+    assert defaults["shipped_values"](recipe)["flip"] == "auto"
+    tried = defaults["candidates"](recipe, ["flip"], [])
+    assert tried == [("flip", "true", {"augment.hflip": True}), ("flip", "false", {"augment.hflip": False})]
+    always = load_recipe("quickstart", {"augment.hflip": True})
+    assert [value for _, value, _ in defaults["candidates"](always, ["flip"], [])] == ["false", "auto"]
+
+
+def test_tta_is_judged_per_dataset_on_paired_runs(defaults):
+    def row(dataset, plain, averaged, loss=0.5, averaged_loss=0.4):
+        return {"dataset": dataset, "accuracy": plain, "tta_accuracy": averaged, "log_loss": loss,
+                "tta_log_loss": averaged_loss}
+
+    rows = [row("digits", 0.90, 0.88), row("digits", 0.92, 0.895), row("digits", 0.91, 0.89),
+            row("faces", 0.80, 0.81), row("faces", 0.70, 0.69), {"dataset": "shapes", "accuracy": 0.5}]
+    summary = defaults["tta_summary"](rows)
+    assert set(summary) == {"digits", "faces"}  # shapes' runs were not scored with --tta
+    digits = summary["digits"]
+    assert digits["runs"] == 3 and digits["accuracy_difference"] == pytest.approx(-0.0217, abs=1e-4)
+    assert digits["verdict"] == "worse" and digits["log_loss_difference"] == pytest.approx(-0.1)
+    assert summary["faces"]["verdict"] == "same"
+    table = defaults["tta_markdown"](summary).splitlines()
+    assert table[2].startswith("| digits | 3 | 91.0% -> 88.8% | -2.2 (") and table[2].endswith("| worse |")

@@ -75,15 +75,20 @@ def test_shuffled_labels_fail_the_validation_check_that_colour_labels_pass(sound
 def test_classes_a_flip_turns_into_each_other_fail_the_flip_check_whose_advice_names_the_recipe_key(tmp_path):
     # The colour classes pass it (test_doctor_model_passes_a_sound_set_up_with_every_check).
     # A low constant rate without dropout: the short run learns the stripes' direction.
-    learns = {**LEARNING, "head.dropout": 0.0, "data.val_split": 0.3, "stages.0.learning_rate": 3e-4}
+    learns = {**LEARNING, "head.dropout": 0.0, "data.val_split": 0.3, "stages.0.learning_rate": 3e-4,
+              "augment.hflip": True}
     stripes = write_stripe_classes(tmp_path / "stripes", per_class=34)  # 20 validation images: enough to judge on
     with prepare_stage(stripes, load_recipe(None, learns)) as setup:
         check = run(setup, "horizontal_flip")["horizontal flip"]
+        auto = run(dataclasses.replace(setup, recipe=load_recipe(None, {**learns, "augment.hflip": "auto"})),
+                   "horizontal_flip")["horizontal flip"]
         unflipped = run(dataclasses.replace(setup, recipe=load_recipe(None, {**learns, "augment.hflip": False})),
                         "horizontal_flip")["horizontal flip"]
     assert not check.passed and check.value <= -0.5
     assert "mirrored validation images: accuracy" in check.figure
     assert "--set augment.hflip=false" in check.advice
+    # Under "auto" finetune judges the same and flips in no stage: the check passes and says why.
+    assert auto.passed and auto.value == check.value and "flips in no stage" in auto.figure and not auto.advice
     assert unflipped.passed and "does not flip" in unflipped.figure
 
 

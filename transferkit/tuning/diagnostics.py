@@ -27,7 +27,8 @@ figure and, when it fails, what to try):
    images do not score clearly worse than the originals (the rule of
    ``training.flips.check_flips``, which finetune warns with too): a flip that changes the
    class (digits, left and right) teaches the model wrong labels. With ``hflip = "auto"``
-   the check passes and says so: finetune judges it after the first stage and stops flipping.
+   the check passes and says so: finetune judges it after its first stage, which trains
+   without flips, and flips in no stage where they change the class.
 """
 
 from __future__ import annotations
@@ -385,8 +386,9 @@ def _horizontal_flip(setup: StageSetup) -> LearningCheck:
     auto = setup.recipe.augment.hflip == "auto"
     passed = not check.changes_class or auto
     figure = f"after the short run, {check.figure()}"
-    if auto and check.changes_class:  # finetune judges it too, and stops flipping after the first stage
-        figure += "; flipping seems to change the class: hflip = \"auto\" turns flips off after the first stage"
+    if auto and check.changes_class:  # finetune judges it too
+        figure += ("; flipping seems to change the class: finetune's hflip = \"auto\" finds it after the first "
+                   "stage (trained without flips) and flips in no stage")
     return LearningCheck("horizontal flip", passed, figure,
                          "" if passed else f"flipping seems to change the class; {FLIP_ADVICE}",
                          check.flipped_accuracy - check.accuracy)
