@@ -178,12 +178,20 @@ def stage_inputs(monkeypatch):
     return seen
 
 
-def test_where_mirrored_images_are_another_class_no_stage_trains_with_flips(stage_inputs, caplog):
+def test_where_mirrored_images_are_another_class_no_stage_trains_with_flips(stage_inputs, caplog, tmp_path):
+    from transferkit.training.checkpoint import WorkFolder
+    from transferkit.training.stages import Checkpointing
+
+    work = WorkFolder(tmp_path / "run.partial")
+    work.path.mkdir()
     with caplog.at_level(logging.INFO, logger="transferkit"):
-        result = train_auto(("left", "right"))
+        result = train_auto(("left", "right"), checkpointing=Checkpointing(work=work))
+    work.flush()
+    assert work.state().hflip == result.hflip  # kept in the checkpoints after the decision
     record = result.records()["hflip"]
     assert record["kept"] is False and record["judged_after"] == "head" and record["stage_index"] == 0
     assert record["check"]["changes_class"] and record["check"]["flipped_accuracy"] < record["check"]["accuracy"]
+    assert 0 < record["seconds"] < 60
     assert stage_inputs == {0: True, 1: True}
     assert any("seem to change the class" in entry.getMessage() and "'fine' train without them too"
                in entry.getMessage() for entry in caplog.records)
@@ -228,17 +236,6 @@ def test_a_run_resumed_after_the_decision_trains_as_it_decided(kept, stage_input
     assert result.hflip == record
     assert stage_inputs == {1: not kept}
     assert not [entry for entry in caplog.records if "hflip = \"auto\"" in entry.getMessage()]
-
-
-def test_the_decision_is_kept_in_every_checkpoint_after_it(tmp_path):
-    from transferkit.training.checkpoint import WorkFolder
-    from transferkit.training.stages import Checkpointing
-
-    work = WorkFolder(tmp_path / "run.partial")
-    work.path.mkdir()
-    result = train_auto(("left", "right"), checkpointing=Checkpointing(work=work))
-    work.flush()
-    assert work.state().hflip == result.hflip and result.hflip["kept"] is False
 
 
 def test_with_no_later_stage_nothing_is_judged_and_the_stage_trains_without_flips(stage_inputs):

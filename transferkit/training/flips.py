@@ -226,7 +226,8 @@ def flip_record(check: FlipCheck | None, stage: str, index: int, reason: str | N
 
     Returns:
         {"mode": "auto", "judged_after", "stage_index", "kept" (the later stages flip),
-        "check" (``FlipCheck.as_dict``, or None), and "reason" where given}.
+        "check" (``FlipCheck.as_dict``, or None), and "reason" where given}; a run adds the
+        judgement's "seconds".
     """
     record = {"mode": "auto", "judged_after": stage, "stage_index": index,
               "kept": check is None or not check.changes_class, "check": None if check is None else check.as_dict()}

@@ -598,8 +598,9 @@ def _judge_flips(run: StagesRun, index: int, begun: BegunStage, cached: bool) ->
             plain = np.asarray(run.val_data.images[rows], dtype="float32")
             return outputs(run.model, plain), outputs(run.model, np.ascontiguousarray(plain[:, :, ::-1]))
 
+        started = time.perf_counter()
         check = judge_flips(probabilities, target_labels(run.val_data.targets), seed=run.options.seed)
-        run.hflip = flip_record(check, name, index)
+        run.hflip = {**flip_record(check, name, index), "seconds": round(time.perf_counter() - started, 3)}
     _train_without_flips(run, flip_free_stages(run.stages, run.hflip))
     if run.options.verbose or not run.hflip["kept"]:
         log.info(describe_decision(run.hflip, [stage.name for stage in run.stages]))
