@@ -150,7 +150,7 @@ def bars(n, sides, seed):
     return images, encode_targets(labels, 2)
 
 
-def train_auto(sides, cache=True, checkpointing=None, seed=2):
+def train_auto(sides, cache=True, checkpointing=None, seed=2, stages=HEAD_AND_FINE):
     keras.utils.set_random_seed(seed)
     backbone = load_backbone("vgg16", weights="none", input_shape=(32, 32, 3))
     model = build_classifier(backbone, 2, HeadConfig(units=(16,)), backbone_name="vgg16")
@@ -159,7 +159,7 @@ def train_auto(sides, cache=True, checkpointing=None, seed=2):
     val = ImageBatches(*bars(48, sides, seed + 200), 16)
     options = StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=cache),
                            auto_flips=flips.auto_flips(AUGMENT))
-    return run_stages(model, REGISTRY["vgg16"], HEAD_AND_FINE, train, val, 2, options, checkpointing)
+    return run_stages(model, REGISTRY["vgg16"], stages, train, val, 2, options, checkpointing)
 
 
 @pytest.fixture
@@ -213,7 +213,8 @@ def test_without_the_cache_the_stages_without_flips_get_batches_augmented_withou
         return real(self, factory)
 
     monkeypatch.setattr(ImageBatches, "with_augmenter", watched)
-    result = train_auto(("left", "right"), cache=False)
+    short = [stage.model_copy(update={"epochs": epochs}) for stage, epochs in zip(HEAD_AND_FINE, (2, 1))]
+    result = train_auto(("left", "right"), cache=False, stages=short)
     assert result.hflip["kept"] is False and result.hflip["check"]["changes_class"]
     assert len(factories) == 2  # the head stage, then the fine stage
     names = [type(transform).__name__ for transform in factories[0]().transforms]
