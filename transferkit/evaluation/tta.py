@@ -14,9 +14,10 @@ At the end of finetune, ``choose_transforms`` keeps only the transforms that hel
 validation split (the rule is in its docstring), on the engine the rejection fit shares
 (``inference.passes``), and ``fit_tta`` records them in the run's metrics.json ("tta");
 ``--tta`` then averages over the kept ones (``run_variants``), and a run trained before
-that record over its recipe's. ``check_flips`` tells when mirrored
-images score clearly worse than the originals (the flip changes the class: digits,
-left/right): finetune warns, and so does ``doctor --model``.
+that record over its recipe's (as trained: ``training.flips.as_trained``). Where the run
+trained with flips, ``training.flips.check_flips`` tells when mirrored images score clearly
+worse than the originals (the flip changes the class: digits, left/right): finetune warns,
+and so does ``doctor --model`` (``hflip = "auto"`` decides it during training instead).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A mirrored cat is a cat; a mirrored digit, letter or left-pointing arrow is anot
 Training on flips then teaches the wrong class. ``check_flips`` compares a model's class
 probabilities of validation images with those of their mirror images: mirrored images that
 score clearly worse (the rule at ``FLIP_ACCURACY_DROP``) are the sign. Finetune warns with it
-at the end (``evaluation.tta``), and so does ``doctor --model``.
+at the end where every stage flipped (``evaluation.tta``), and so does ``doctor --model``.
 
 With ``hflip = "auto"`` (the default) the run decides by itself. Its first stage trains
 without flips; then ``judge_flips`` checks that model on the validation images, a round at a
