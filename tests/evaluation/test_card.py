@@ -53,6 +53,29 @@ def test_the_card_names_the_classes_their_counts_and_the_accuracy(shapes_run):
     for section in ("## Model details", "## Classes", "## Training data", "## Evaluation", "## Uses",
                     "## Bias, risks and limitations", "## How to use"):
         assert section in card
+    # hflip = "auto" with 6 validation images: not judged, the fine stage flipped.
+    assert metrics["hflip"]["kept"] and metrics["hflip"]["check"] is None
+    assert "horizontal flip auto (off in stage 'head', on after it: not judged" in card
+
+
+@pytest.mark.parametrize("decision, words", [
+    ({"judged_after": "head", "stage_index": 0, "kept": True, "check": {"changes_class": False}},
+     "auto (off in stage 'head', on after it: mirrored validation images then scored as well as the originals)"),
+    (None, "auto (off: the run's one stage trained without flips"),
+])
+def test_the_card_says_what_hflip_auto_decided(shapes_run, tmp_path, decision, words):
+    import shutil
+
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    metrics = read_json(run / "metrics.json")
+    if decision is None:
+        del metrics["hflip"]
+    else:
+        metrics["hflip"] = {**metrics["hflip"], **decision}
+    (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"horizontal flip {words}" in (run / CARD_FILE).read_text(encoding="utf-8")
 
 
 def test_the_cards_plain_keras_snippet_gives_predicts_answer(shapes_run, shapes_dir, monkeypatch):

@@ -257,6 +257,7 @@ def test_with_hflip_auto_a_flip_that_changes_the_class_is_never_trained_on_nor_t
     assert run_variants(run) == ("identity",)
     assert not [line for line in collect.lines if "flip" in line]
     card = (run.path / "MODEL_CARD.md").read_text()
-    assert "horizontal flip auto (off after stage 'head'" in card
+    assert "horizontal flip auto (off in stage 'head' and after it: mirrored validation images then scored " \
+           "clearly worse" in card
     unjudged = dataclasses.replace(run, metrics={key: value for key, value in run.metrics.items() if key != "tta"})
     assert run_variants(unjudged) == ("identity",)  # the recipe as trained: no mirror image

@@ -25,8 +25,8 @@ def augmenter_factory(config: AugmentConfig, flips: bool = True):
 
     Args:
         config: augmentation strengths.
-        flips: False leaves horizontal flips out whatever ``config.hflip`` says (the later
-            stages of ``hflip = "auto"`` where flips change the class); default True.
+        flips: False leaves horizontal flips out whatever ``config.hflip`` says (the stages
+            of ``hflip = "auto"`` that train without flips); default True.
 
     Returns:
         A function of no arguments, or None.

@@ -325,13 +325,14 @@ def _flips_in_words(hflip, decision: dict | None) -> str:
     if hflip != "auto":
         return "on" if hflip else "off"
     if decision is None:
-        return "auto (on: no later stage to decide for)"
+        return "auto (off: the run's one stage trained without flips, with no later stage to judge them for)"
+    first = f"off in stage '{decision['judged_after']}'"
     if decision.get("check") is None:
-        return "auto (on: not judged, too few validation images or several processes)"
+        return f"auto ({first}, on after it: not judged, too few validation images or several processes)"
     if decision["kept"]:
-        return f"auto (on: mirrored validation images scored as well after stage '{decision['judged_after']}')"
-    return (f"auto (off after stage '{decision['judged_after']}': mirrored validation images scored clearly "
-            "worse, so flips seem to change the class)")
+        return f"auto ({first}, on after it: mirrored validation images then scored as well as the originals)"
+    return (f"auto ({first} and after it: mirrored validation images then scored clearly worse, so flips seem "
+            "to change the class)")
 
 
 def _evaluation(facts: _Facts) -> str:
