@@ -245,7 +245,8 @@ def test_with_hflip_auto_a_flip_that_changes_the_class_is_never_trained_on_nor_t
     collect = _Collect()
     logging.getLogger("transferkit").addHandler(collect)
     try:
-        run = transferkit.finetune(data, None, {**STRIPES, "augment.hflip": "auto", "stages.1:.epochs": 1},
+        run = transferkit.finetune(data, None, {**STRIPES, "augment.hflip": "auto", "stages.0.epochs": 5,
+                                                "stages.1:.epochs": 1},
                                    output=tmp_path / "run", verbose=0)
     finally:
         logging.getLogger("transferkit").removeHandler(collect)
