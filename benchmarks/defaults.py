@@ -161,15 +161,25 @@ def verdicts(rows: list[dict], shipped: dict[str, str]) -> dict[str, dict]:
         values = [{"value": shipped[axis], "shipped": True, **_means(list(base.values()))}]
         for value in dict.fromkeys(r["value"] for r in rows if r["axis"] == axis):
             runs = [r for r in rows if r["axis"] == axis and r["value"] == value and (r["dataset"], r["seed"]) in base]
-            differences = np.array([r["accuracy"] - base[(r["dataset"], r["seed"])]["accuracy"] for r in runs])
-            error = float(differences.std(ddof=1) / math.sqrt(len(runs))) if len(runs) > 1 else math.inf
-            mean = float(differences.mean())
-            verdict = "better" if mean - NOISE * error > 0 else "worse" if mean + NOISE * error < 0 else "same"
+            mean, error = paired([r["accuracy"] - base[(r["dataset"], r["seed"])]["accuracy"] for r in runs])
             seconds = sum(r["seconds"] for r in runs) / sum(base[(r["dataset"], r["seed"])]["seconds"] for r in runs)
             values.append({"value": value, "shipped": False, **_means(runs), "difference": mean,
-                           "standard_error": error, "seconds_over_shipped": seconds, "verdict": verdict})
+                           "standard_error": error, "seconds_over_shipped": seconds, "verdict": verdict(mean, error)})
         summary[axis] = {"values": values, **_choice(values)}
     return summary
+
+
+def paired(differences: list[float]) -> tuple[float, float]:
+    """The mean of paired differences and its standard error (infinite for a single pair)."""
+    differences = np.asarray(differences, dtype="float64")
+    error = float(differences.std(ddof=1) / math.sqrt(len(differences))) if len(differences) > 1 else math.inf
+    return float(differences.mean()), error
+
+
+def verdict(mean: float, error: float) -> str:
+    """"better" or "worse" where the mean difference lies beyond ``NOISE`` standard errors of
+    nothing, else "same"."""
+    return "better" if mean - NOISE * error > 0 else "worse" if mean + NOISE * error < 0 else "same"
 
 
 def _means(runs: list[dict]) -> dict:
@@ -225,13 +235,11 @@ def tta_summary(rows: list[dict]) -> dict[str, dict]:
         runs = [r for r in rows if r["dataset"] == dataset and "tta_accuracy" in r]
         found = {"runs": len(runs)}
         for figure in ("accuracy", "log_loss"):
-            differences = np.array([r[f"tta_{figure}"] - r[figure] for r in runs])
-            error = float(differences.std(ddof=1) / math.sqrt(len(runs))) if len(runs) > 1 else math.inf
+            mean, error = paired([r[f"tta_{figure}"] - r[figure] for r in runs])
             found.update({figure: float(np.mean([r[figure] for r in runs])),
                           f"tta_{figure}": float(np.mean([r[f"tta_{figure}"] for r in runs])),
-                          f"{figure}_difference": float(differences.mean()), f"{figure}_standard_error": error})
-        mean, error = found["accuracy_difference"], found["accuracy_standard_error"]
-        found["verdict"] = "better" if mean - NOISE * error > 0 else "worse" if mean + NOISE * error < 0 else "same"
+                          f"{figure}_difference": mean, f"{figure}_standard_error": error})
+        found["verdict"] = verdict(found["accuracy_difference"], found["accuracy_standard_error"])
         summary[dataset] = found
     return summary
 
