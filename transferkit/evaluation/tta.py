@@ -41,6 +41,7 @@ from transferkit.training.flips import (
     MIN_JUDGED_IMAGES,
     FlipCheck,
     check_flips,
+    flipped_after_judging,
 )
 from transferkit.training.flips import image_log_losses as _image_losses
 from transferkit.training.flips import mean_log_loss as _log_loss
@@ -99,10 +100,10 @@ def run_variants(run) -> tuple[str, ...]:
     record = (run.metrics or {}).get("tta")
     if record and record.get("kept"):
         return tuple(record["kept"])
-    recipe, decision = run.recipe or {}, (run.metrics or {}).get("hflip") or {}
-    if (recipe.get("augment") or {}).get("hflip") == "auto" and not decision.get("kept"):
-        # hflip = "auto" flipped only where its decision kept flips for the later stages.
-        recipe = {**recipe, "augment": {**recipe["augment"], "hflip": False}}
+    recipe = run.recipe or {}
+    hflip = (recipe.get("augment") or {}).get("hflip")
+    if hflip == "auto" and not flipped_after_judging(hflip, (run.metrics or {}).get("hflip")):
+        recipe = {**recipe, "augment": {**recipe["augment"], "hflip": False}}  # as trained (as_trained)
     return tta_variants(recipe)
 
 

@@ -200,6 +200,17 @@ def flip_free_stages(stages, record: dict | None) -> set[int]:
     return free
 
 
+def flipped_after_judging(hflip, record: dict | None) -> bool:
+    """Whether the stages after the judged one trained with flips: ``hflip`` true, or "auto"
+    whose decision (``flip_record``) kept them (no decision: no later stage flipped).
+
+    Args:
+        hflip: the recipe's ``augment.hflip`` (true, false or "auto").
+        record: the run's flip decision, or None.
+    """
+    return hflip is True or (hflip == "auto" and record is not None and record["kept"])
+
+
 def as_trained(recipe, record: dict | None):
     """The recipe as the run's last stage trained: ``augment.hflip`` false where "auto" did
     not flip after its first stage (the decision found that flips change the class, or no
@@ -210,7 +221,7 @@ def as_trained(recipe, record: dict | None):
         recipe: the run's ``Recipe``.
         record: the run's flip decision (``flip_record``), or None.
     """
-    if recipe.augment.hflip != "auto" or (record is not None and record["kept"]):
+    if recipe.augment.hflip != "auto" or flipped_after_judging(recipe.augment.hflip, record):
         return recipe
     return recipe.model_copy(update={"augment": recipe.augment.model_copy(update={"hflip": False})})
 
