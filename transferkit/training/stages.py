@@ -588,8 +588,8 @@ def _judge_flips(run: StagesRun, index: int, begun: BegunStage, cached: bool) ->
         size = run.val_data.batch_size
 
         def outputs(model, x: np.ndarray) -> np.ndarray:
-            return class_probabilities(np.concatenate([keras.ops.convert_to_numpy(keras.ops.cast(
-                model(x[start : start + size], training=False), "float32")) for start in range(0, len(x), size)]))
+            return class_probabilities(predict_eagerly(model, [(x[start : start + size],)
+                                                               for start in range(0, len(x), size)]))
 
         def probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if cached:
