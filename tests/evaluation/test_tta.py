@@ -193,7 +193,8 @@ def _sided_images(count: int, size: int, seed: int):
 
 
 def test_a_clear_effect_ends_its_trial_on_the_first_round_and_an_unclear_one_goes_on_to_every_image():
-    from transferkit.evaluation.tta import DECISIVE, JUDGE_ROUND, _log_loss, variant_probabilities
+    from transferkit.evaluation.tta import DECISIVE, JUDGE_ROUND, variant_probabilities
+    from transferkit.training.flips import mean_log_loss
 
     size, count = 16, 300
     model = _brighter_side_model(size)
@@ -222,8 +223,8 @@ def test_a_clear_effect_ends_its_trial_on_the_first_round_and_an_unclear_one_goe
     [shift] = choice.trials
     assert shift.n_images == count == choice.n_images and choice.flip is None
     every = dict(zip(("identity", *SHIFTS), variant_probabilities(model, noise, ("identity", *SHIFTS)), strict=True))
-    plain = _log_loss(every["identity"], random_labels)
-    shifted = _log_loss(np.mean(list(every.values()), axis=0), random_labels)
+    plain = mean_log_loss(every["identity"], random_labels)
+    shifted = mean_log_loss(np.mean(list(every.values()), axis=0), random_labels)
     assert shift.compared_with == pytest.approx(plain, abs=1e-9) == choice.plain_log_loss
     assert shift.log_loss == pytest.approx(shifted, abs=1e-9) and shift.kept == (shifted <= plain + 1e-6)
     assert choice.kept == (("identity", *SHIFTS) if shift.kept else ("identity",))

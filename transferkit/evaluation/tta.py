@@ -42,9 +42,9 @@ from transferkit.training.flips import (
     FlipCheck,
     check_flips,
     flipped_after_judging,
+    image_log_losses,
+    mean_log_loss,
 )
-from transferkit.training.flips import image_log_losses as _image_losses
-from transferkit.training.flips import mean_log_loss as _log_loss
 
 log = logging.getLogger("transferkit")
 
@@ -371,8 +371,8 @@ class _Race:
         labels = self.labels[: self.done]
         while self.pending:
             transform, variants = self.pending[0]
-            compared = _image_losses(self._mean(self.kept), labels)
-            tried = _image_losses(self._mean([*self.kept, *variants]), labels)
+            compared = image_log_losses(self._mean(self.kept), labels)
+            tried = image_log_losses(self._mean([*self.kept, *variants]), labels)
             change = tried - compared
             margin = float(np.mean(change)) - KEEP_TOLERANCE
             error = float(np.std(change, ddof=1)) / math.sqrt(len(change)) if len(change) > 1 else math.inf
@@ -400,8 +400,9 @@ class _Race:
         last transform was decided on (all computed there)."""
         judged = self.judged or self.done
         labels = self.labels[:judged]
-        return TTAChoice(tuple(self.kept), _log_loss(self._mean(["identity"], judged), labels),
-                         _log_loss(self._mean(self.kept, judged), labels), tuple(self.trials), int(judged), self.flip)
+        return TTAChoice(tuple(self.kept), mean_log_loss(self._mean(["identity"], judged), labels),
+                         mean_log_loss(self._mean(self.kept, judged), labels), tuple(self.trials), int(judged),
+                         self.flip)
 
 
 def judged_variants(run_recipe: dict | None) -> list[str]:
