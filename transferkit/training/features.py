@@ -50,7 +50,7 @@ CALIBRATION_IMAGES = 128
 @dataclass(frozen=True)
 class Int8Origin:
     """Where features an int8 network computed came from: its ``inference.int8.Int8Engine``
-    (whose int8 network ``FeaturePlan.int8_sample`` runs again over validation images, whose
+    (whose int8 network ``FeaturePlan.int8_rounds`` runs again over validation images, whose
     features are always float32's), which of its outputs they are, and the block boundary
     (first open block) they are taken at."""
 
@@ -752,25 +752,29 @@ class FeaturePlan:
         stores[0].wait_for(0)
         return CachedReference(stores[0].array[0], self.boundary(index), stores[0].int8 is not None)
 
-    def int8_sample(self, index: int, count: int) -> PairedFeatures | None:
-        """Up to ``count`` validation images (seeded) with stage ``index``'s features as the
-        int8 network that computed its training features computes them now, and as they are
-        stored (float32's): what ``training.int8_guard`` compares the trained part's loss on.
+    def int8_rounds(self, index: int, size: int, most: int):
+        """Validation images (a seeded order) in rounds of ``size``, at most ``most``, with stage
+        ``index``'s features as the int8 network that computed its training features computes
+        them now, and as they are stored (float32's): what ``training.int8_guard`` compares the
+        trained part's loss on. Each round's int8 pass runs when it is taken.
 
-        Returns:
-            ``PairedFeatures``, or None where the stage's features are not an int8
+        Yields:
+            ``PairedFeatures`` of each round; none where the stage's features are not an int8
             network's or there are no validation images.
         """
         stores = self._stores.get(self._key(index))
         origin = self.int8_origin(index)
         if origin is None or not stores[1].shape[1]:
-            return None
-        rows = np.sort(np.random.default_rng(self.seed).permutation(stores[1].shape[1])[:count])
-        images, size = np.asarray(self.val_data.images[rows]), self.val_data.batch_size
-        rounded = [origin.features(images[start : start + size]) for start in range(0, len(rows), size)]
-        return PairedFeatures(np.asarray(self.val_data.targets[rows]),
-                              np.concatenate(rounded).astype("float32", copy=False),
-                              np.asarray(stores[1].array[0, rows], dtype="float32"), origin.engine.check)
+            return
+        order = np.random.default_rng(self.seed).permutation(stores[1].shape[1])[:most]
+        batch = self.val_data.batch_size
+        for first in range(0, len(order), size):
+            rows = np.sort(order[first : first + size])
+            images = np.asarray(self.val_data.images[rows])
+            rounded = [origin.features(images[start : start + batch]) for start in range(0, len(rows), batch)]
+            yield PairedFeatures(np.asarray(self.val_data.targets[rows]),
+                                 np.concatenate(rounded).astype("float32", copy=False),
+                                 np.asarray(stores[1].array[0, rows], dtype="float32"), origin.engine.check)
 
     def use_float32(self) -> None:
         """Compute the later stages' features in float32: release the stores an int8 network

@@ -5,14 +5,23 @@ guard for the feature cache.
 L2 difference of its features. That does not say what the head makes of them: the error is
 dominated by the largest channels, while a head can lean on small ones that 8 bits round
 coarsely. So after the first stage that trained on int8 features (normally the head stage),
-its trained part's validation loss (the run's own loss) is computed on the int8 features of
-up to ``CHECK_IMAGES`` validation images and on the same images' features from the float32
-network the int8 one was checked against (the cache's own: validation features are always
-float32's). int8 falls short where the two losses are further
-apart than ``tolerance`` allows, either way: a loss higher on int8 features says rounding
-hid what the head uses; one higher on float32 features says the head fitted int8's rounding,
-while the saved model runs on float32 (or bfloat16) features. The later stages' features are
-then computed in float32, with a one-line notice (``training.stages``).
+its trained part's validation loss (the run's own loss) is computed, image by image, on the
+int8 features of validation images and on the same images' features from the float32 network
+the int8 one was checked against (the cache's own: validation features are always float32's).
+int8 falls short where the two mean losses are further apart than ``tolerance`` allows, either
+way: a loss higher on int8 features says rounding hid what the head uses; one higher on
+float32 features says the head fitted int8's rounding, while the saved model runs on float32
+(or bfloat16) features. The later stages' features are then computed in float32, with a
+one-line notice (``training.stages``).
+
+The images are compared in seeded rounds of ``CHECK_ROUND``, at most ``CHECK_MOST``: the
+comparison stops once the mean difference lies clearly within the tolerance or clearly beyond
+it (``DECISIVE`` standard errors of the per-image differences), else goes on, to all of them
+or ``CHECK_MOST``, and decides on the mean difference.
+On 128 images a few images carry most of the difference (its median is a tenth of its mean),
+so one round alone turned int8 off on differences that all the validation images put within
+the tolerance, and the later stages then computed their features again in float32 (twice the
+whole job's time on digits under the AVX2 cap).
 
 It runs in every run, on that run's own head: a cached int8 network's check, and a study's
 int8 features shared between trials, carry only the feature check over.
@@ -20,12 +29,15 @@ int8 features shared between trials, carry only the feature check over.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import keras
 import numpy as np
 
-CHECK_IMAGES = 128  # validation images compared: an int8 pass over them is the guard's cost
+CHECK_ROUND = 128  # validation images compared per round: an int8 pass over them is a round's cost
+CHECK_MOST = 512  # at most this many are compared
+DECISIVE = 2.0  # standard errors that make the difference clearly within (or beyond) the tolerance
 # Heads trained on int8 features of random-weight VGG16 (96 validation images, the head
 # stage's default rate) measured their loss on int8 features 0.2-2.5% from float32's, mostly
 # lower; overfitted heads (10x the rate, 24 images) up to 5.4%.
@@ -46,9 +58,11 @@ class HeadLossCheck:
     Attributes:
         stage: the stage that trained on the int8 features.
         images: how many validation images were compared.
-        float32_loss, int8_loss: the run's loss on the two networks' features of those images.
+        float32_loss, int8_loss: the run's mean loss on the two networks' features of those images.
         tolerance: how far apart the two may be (``tolerance``).
         feature_check: the int8 network's own check (``inference.int8.Int8Check.describe``).
+        standard_error: the standard error of the mean per-image difference (None in the
+            records of runs before it was kept).
     """
 
     stage: str
@@ -57,6 +71,7 @@ class HeadLossCheck:
     int8_loss: float
     tolerance: float
     feature_check: str
+    standard_error: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -66,10 +81,13 @@ class HeadLossCheck:
         """One line: the two losses and the verdict."""
         if self.passed:
             return (f"int8 features: the head's validation loss {self.int8_loss:.4f} against float32's "
-                    f"{self.float32_loss:.4f} on {self.images} images (within {self.tolerance:.4f})")
+                    f"{self.float32_loss:.4f} on {self.images} images (within {self.tolerance:.4f}{self._error()})")
         change = "raised" if self.int8_loss > self.float32_loss else "lowered"
         return (f"int8 features {change} the head's validation loss from {self.float32_loss:.4f} to "
-                f"{self.int8_loss:.4f} on {self.images} images (> {self.tolerance:.4f})")
+                f"{self.int8_loss:.4f} on {self.images} images (> {self.tolerance:.4f}{self._error()})")
+
+    def _error(self) -> str:
+        return "" if self.standard_error is None else f"; standard error {self.standard_error:.4f}"
 
     def record(self) -> dict:
         """What metrics.json records (its "int8_features"), and a checkpoint's state."""
@@ -81,25 +99,55 @@ class HeadLossCheck:
         return cls(**{name: value for name, value in record.items() if name != "passed"})
 
 
-def compare_head_loss(part, sample, loss, stage: str) -> HeadLossCheck:
-    """The trained part's loss on a sample's int8 features against its float32 features.
+def compare_head_loss(part, rounds: Iterable, loss, stage: str) -> HeadLossCheck | None:
+    """The trained part's loss on validation images' int8 features against their float32
+    features, round by round until the difference is clear (see the module's docstring).
 
     Args:
         part: the trained part (features -> class outputs), run in inference mode.
-        sample: ``training.features.PairedFeatures`` (``FeaturePlan.int8_sample``).
+        rounds: ``training.features.PairedFeatures`` of successive rounds of images
+            (``FeaturePlan.int8_rounds``), taken only as far as needed.
         loss: the run's loss (``training.compile.make_loss``).
         stage: the stage's name, for the record.
 
     Returns:
-        A ``HeadLossCheck``.
+        A ``HeadLossCheck``, or None where ``rounds`` gave no images.
     """
-    float32_loss = _mean_loss(part, sample.float32, sample.targets, loss)
-    int8_loss = _mean_loss(part, sample.int8, sample.targets, loss)
-    return HeadLossCheck(stage, len(sample.targets), float32_loss, int8_loss, tolerance(float32_loss),
-                         sample.check.describe())
+    float32_losses, int8_losses, check = [], [], None
+    for sample in rounds:
+        float32_losses.append(image_losses(part, sample.float32, sample.targets, loss))
+        int8_losses.append(image_losses(part, sample.int8, sample.targets, loss))
+        check = _check(stage, np.concatenate(float32_losses), np.concatenate(int8_losses), sample.check.describe())
+        if check.images >= CHECK_MOST or _clear(check):
+            break
+    return check
 
 
-def _mean_loss(part, features: np.ndarray, targets: np.ndarray, loss, chunk: int = 64) -> float:
+def _check(stage: str, float32: np.ndarray, int8: np.ndarray, feature_check: str) -> HeadLossCheck:
+    differences = int8 - float32
+    error = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else None
+    return HeadLossCheck(stage, len(differences), float(float32.mean()), float(int8.mean()),
+                         tolerance(float(float32.mean())), feature_check, error)
+
+
+def _clear(check: HeadLossCheck) -> bool:
+    """Whether the mean difference lies ``DECISIVE`` standard errors within the tolerance or
+    beyond it."""
+    if check.standard_error is None:
+        return False
+    margin = DECISIVE * check.standard_error
+    difference = abs(check.int8_loss - check.float32_loss)
+    return difference + margin <= check.tolerance or difference - margin > check.tolerance
+
+
+def image_losses(part, features: np.ndarray, targets: np.ndarray, loss, chunk: int = 64) -> np.ndarray:
+    """The run's loss on each image: ``loss`` unreduced over ``part``'s outputs.
+
+    Returns:
+        float64 (n,).
+    """
     outputs = np.concatenate([keras.ops.convert_to_numpy(part(features[start : start + chunk], training=False))
                               for start in range(0, len(features), chunk)])
-    return float(keras.ops.convert_to_numpy(loss(targets, outputs.astype("float32"))))
+    values = loss.call(keras.ops.convert_to_tensor(targets, "float32"),
+                       keras.ops.convert_to_tensor(outputs.astype("float32")))
+    return keras.ops.convert_to_numpy(values).reshape(len(features), -1).mean(axis=1).astype("float64")

@@ -72,7 +72,7 @@ from transferkit.training.features import (
     default_forward,
 )
 from transferkit.training.flips import AutoFlips, describe_decision, flip_free_stages, flip_record, judge_flips
-from transferkit.training.int8_guard import CHECK_IMAGES, HeadLossCheck, compare_head_loss
+from transferkit.training.int8_guard import CHECK_MOST, CHECK_ROUND, HeadLossCheck, compare_head_loss
 
 log = logging.getLogger("transferkit")
 
@@ -550,10 +550,10 @@ def _guard_int8_features(run: StagesRun, index: int, begun: BegunStage) -> bool:
     """
     if run.plan is None or run.int8_guard is not None:
         return True
-    sample = run.plan.int8_sample(index, CHECK_IMAGES)
-    if sample is None:
+    check = compare_head_loss(begun.model, run.plan.int8_rounds(index, CHECK_ROUND, CHECK_MOST),
+                              make_loss(run.n_classes, run.options.loss), run.stages[index].name)
+    if check is None:
         return True
-    check = compare_head_loss(begun.model, sample, make_loss(run.n_classes, run.options.loss), run.stages[index].name)
     run.int8_guard = check
     if check.passed:
         if run.options.verbose:

@@ -1,0 +1,100 @@
+"""The head-loss guard's rule on constructed features: the trained part is a softmax over the
+features (so features are logits), and int8's features are float32's plus a chosen error.
+The images are compared in rounds until the mean difference is clearly within the tolerance
+or clearly beyond it, else on all of them (at most ``CHECK_MOST``), and the verdict is the
+mean difference's."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from transferkit.inference.int8 import Int8Check
+from transferkit.outputs import encode_targets
+from transferkit.training import int8_guard
+from transferkit.training.compile import make_loss
+from transferkit.training.features import PairedFeatures
+
+CHECK = Int8Check("feature error", 0.03, 0.1, 2.0, 64)
+SOFTMAX = keras.Sequential([keras.Input((4,)), keras.layers.Softmax()])
+LOSS = make_loss(4)
+
+
+def images(n, seed):
+    """n images' float32 logits, confidently right (loss about 0.05 each), and targets."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    logits = rng.normal(0, 0.3, (n, 4)).astype("float32")
+    logits[np.arange(n), labels] += 4.0
+    return logits, encode_targets(labels, 4)
+
+
+def rounds(errors, size=int8_guard.CHECK_ROUND, taken=None):
+    """Rounds of ``size`` images whose int8 logits of the right class are lowered by
+    ``errors`` (one per image); ``taken`` counts the rounds drawn."""
+    for first in range(0, len(errors), size):
+        part = errors[first : first + size]
+        logits, targets = images(len(part), first)
+        rounded = logits - targets * part[:, None]
+        if taken is not None:
+            taken.append(first)
+        yield PairedFeatures(targets, rounded.astype("float32"), logits, CHECK)
+
+
+def test_a_small_even_difference_passes_on_the_first_round():
+    taken = []
+    check = int8_guard.compare_head_loss(SOFTMAX, rounds(np.full(359, 0.02), taken=taken), LOSS, "head")
+    assert taken == [0] and check.images == 128
+    assert check.passed and 0 < check.int8_loss - check.float32_loss < check.tolerance
+    assert check.standard_error < 0.01 and "standard error" in check.describe()
+
+
+def test_a_large_even_difference_fails_on_the_first_round():
+    taken = []
+    check = int8_guard.compare_head_loss(SOFTMAX, rounds(np.full(359, 1.0), taken=taken), LOSS, "head")
+    assert taken == [0] and check.images == 128
+    assert not check.passed and check.int8_loss - check.float32_loss > check.tolerance
+    assert check.describe().startswith("int8 features raised the head's validation loss")
+
+
+def test_a_few_images_carrying_the_difference_go_on_to_every_image_and_the_mean_decides():
+    """In the first round 2 of 128 images lose about 1.9 nats each: a mean difference of
+    0.03, beyond the tolerance of 0.02 but not clearly. Over all 359 images it is 0.011:
+    int8 passes. One round alone would have failed it."""
+    errors = np.zeros(359)
+    errors[[5, 77]] = 6.0
+    taken = []
+    check = int8_guard.compare_head_loss(SOFTMAX, rounds(errors, taken=taken), LOSS, "head")
+    assert taken == [0, 128, 256] and check.images == 359
+    assert check.passed and abs(check.int8_loss - check.float32_loss) < check.tolerance
+    first = int8_guard.compare_head_loss(SOFTMAX, rounds(errors[:128]), LOSS, "head")
+    assert not first.passed and not int8_guard._clear(first)
+
+
+def test_at_most_check_most_images_are_compared():
+    errors = np.zeros(2000)
+    errors[::100] = 6.0  # every round unclear
+    taken = []
+    check = int8_guard.compare_head_loss(SOFTMAX, rounds(errors, taken=taken), LOSS, "head")
+    assert check.images == int8_guard.CHECK_MOST and len(taken) == int8_guard.CHECK_MOST // int8_guard.CHECK_ROUND
+
+
+def test_no_images_no_check():
+    assert int8_guard.compare_head_loss(SOFTMAX, rounds(np.zeros(0)), LOSS, "head") is None
+
+
+@pytest.mark.parametrize("classes, smoothing", [(4, 0.0), (4, 0.1), (2, 0.0), (2, 0.1)])
+def test_the_per_image_losses_average_to_the_runs_loss(classes, smoothing):
+    from transferkit.recipe import LossConfig
+
+    rng = np.random.default_rng(0)
+    loss = make_loss(classes, LossConfig(label_smoothing=smoothing))
+    units = 1 if classes == 2 else classes
+    part = keras.Sequential([keras.Input((units,)), keras.layers.Activation("sigmoid" if units == 1 else "softmax")])
+    features = rng.normal(0, 2, (50, units)).astype("float32")
+    targets = encode_targets(rng.integers(0, classes, 50), classes)
+    each = int8_guard.image_losses(part, features, targets, loss, chunk=16)
+    assert each.shape == (50,) and each.std() > 0
+    whole = float(keras.ops.convert_to_numpy(loss(targets, part(features))))
+    assert each.mean() == pytest.approx(whole, rel=1e-5)
