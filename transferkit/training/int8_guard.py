@@ -38,11 +38,16 @@ import numpy as np
 CHECK_ROUND = 128  # validation images compared per round: an int8 pass over them is a round's cost
 CHECK_MOST = 512  # at most this many are compared
 DECISIVE = 2.0  # standard errors that make the difference clearly within (or beyond) the tolerance
-# Heads trained on int8 features of random-weight VGG16 (96 validation images, the head
-# stage's default rate) measured their loss on int8 features 0.2-2.5% from float32's, mostly
-# lower; overfitted heads (10x the rate, 24 images) up to 5.4%.
-LOSS_TOLERANCE = 0.02  # nats the two losses may differ by (for low losses, where 3% is noise) ...
-RELATIVE_TOLERANCE = 0.03  # ... or this share of float32's loss, whichever is larger
+# How far apart the two losses may be. What matters is the trained model, not the head's
+# loss: on scikit-learn's digits (VGG16, random weights, 64 px, 3 head + 2 fine epochs, under
+# the AVX2 cap, seeds 1-6), heads trained on int8 features measured 1-9% from float32's loss
+# (0.006-0.045 nats; three of six beyond the 0.02 / 3% this guard first allowed), and the
+# models trained on int8 features to the end scored 95.3% validation accuracy (loss 0.169)
+# against 93.2% (0.249) for the same runs in float32, better or equal in all three of those;
+# each fall back to float32 had doubled the job's time. So the guard is for int8 features
+# that mislead the head, not for rounding it adapts to.
+LOSS_TOLERANCE = 0.05  # nats the two losses may differ by (for low losses) ...
+RELATIVE_TOLERANCE = 0.10  # ... or this share of float32's loss, whichever is larger
 
 
 def tolerance(float32_loss: float) -> float:
