@@ -82,6 +82,15 @@ class HeadLossCheck:
     def passed(self) -> bool:
         return abs(self.int8_loss - self.float32_loss) <= self.tolerance
 
+    @property
+    def clear(self) -> bool:
+        """The mean difference lies ``DECISIVE`` standard errors within the tolerance or
+        beyond it: more images would not change the verdict."""
+        if self.standard_error is None:
+            return False
+        margin, difference = DECISIVE * self.standard_error, abs(self.int8_loss - self.float32_loss)
+        return difference + margin <= self.tolerance or difference - margin > self.tolerance
+
     def describe(self) -> str:
         """One line: the two losses and the verdict."""
         if self.passed:
@@ -123,7 +132,7 @@ def compare_head_loss(part, rounds: Iterable, loss, stage: str) -> HeadLossCheck
         float32_losses.append(image_losses(part, sample.float32, sample.targets, loss))
         int8_losses.append(image_losses(part, sample.int8, sample.targets, loss))
         check = _check(stage, np.concatenate(float32_losses), np.concatenate(int8_losses), sample.check.describe())
-        if check.images >= CHECK_MOST or _clear(check):
+        if check.images >= CHECK_MOST or check.clear:
             break
     return check
 
@@ -133,16 +142,6 @@ def _check(stage: str, float32: np.ndarray, int8: np.ndarray, feature_check: str
     error = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else None
     return HeadLossCheck(stage, len(differences), float(float32.mean()), float(int8.mean()),
                          tolerance(float(float32.mean())), feature_check, error)
-
-
-def _clear(check: HeadLossCheck) -> bool:
-    """Whether the mean difference lies ``DECISIVE`` standard errors within the tolerance or
-    beyond it."""
-    if check.standard_error is None:
-        return False
-    margin = DECISIVE * check.standard_error
-    difference = abs(check.int8_loss - check.float32_loss)
-    return difference + margin <= check.tolerance or difference - margin > check.tolerance
 
 
 def image_losses(part, features: np.ndarray, targets: np.ndarray, loss, chunk: int = 64) -> np.ndarray:
