@@ -107,3 +107,12 @@ def test_the_per_image_losses_average_to_the_runs_loss(classes, smoothing):
     assert each.shape == (50,) and each.std() > 0
     whole = float(keras.ops.convert_to_numpy(loss(targets, part(features))))
     assert each.mean() == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_record_from_before_the_standard_error_was_kept_still_reads():
+    """A checkpoint written before the rounds holds no "standard_error": a resumed run reads it."""
+    old = {"stage": "head", "images": 128, "float32_loss": 0.47, "int8_loss": 0.43, "tolerance": 0.02,
+           "feature_check": "feature error with float32 0.0253 <= 0.1", "passed": False}
+    check = int8_guard.HeadLossCheck.from_record(old)
+    assert not check.passed and not check.clear and check.standard_error is None
+    assert "standard error" not in check.describe() and check.record() == {**old, "standard_error": None}
