@@ -18,7 +18,7 @@ The images are compared in seeded rounds of ``CHECK_ROUND``, at most ``CHECK_MOS
 comparison stops once the mean difference lies clearly within the tolerance or clearly beyond
 it (``DECISIVE`` standard errors of the per-image differences), else goes on, to all of them
 or ``CHECK_MOST``, and decides on the mean difference.
-On 128 images a few images carry most of the difference (its median is a tenth of its mean),
+On 128 images a few images carry most of the difference (its median a tenth of its mean or less),
 so one round alone turned int8 off on differences that all the validation images put within
 the tolerance, and the later stages then computed their features again in float32 (twice the
 whole job's time on digits under the AVX2 cap).
