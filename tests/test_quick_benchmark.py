@@ -44,5 +44,6 @@ def test_recorded_figures_name_a_known_kind_and_every_measured_figure(quick):
     recorded = json.loads((BENCHMARKS / "quick_figures.json").read_text())
     assert set(recorded) <= {"amx", "avx512_bf16", "avx512", "avx2", "avx2-emulated"}
     for figures in recorded.values():
-        assert set(figures) == {"finetune_over_keras", "predict_over_keras"}
+        # A kind may lack a figure whose measure changed until it is re-recorded there.
+        assert figures and set(figures) <= {"finetune_over_keras", "predict_over_keras"}
         assert all(figure["value"] > 0 and figure["recorded"] and figure["commit"] for figure in figures.values())
