@@ -12,7 +12,7 @@ rounds run in turn; lower is better:
   decoded beforehand, 32 at a time, the run being the one the finetune above wrote. (Not
   ``model.predict``: on TensorFlow, on a 2-core AMD EPYC, its calls over these images took
   either about 0.8 s or 1.3 s, the slower on most calls, so that the best of three swung the
-  ratio from 0.79 to 1.33 with the same code; ``predict_on_batch`` took 0.69-0.78 s on every
+  ratio from 0.79 to 1.33 with the same code; ``predict_on_batch`` took 0.69-0.79 s on every
   call.)
 
 The CPU kind is ``amx``, ``avx512_bf16``, ``avx512``, ``avx2``, or ``avx2-emulated`` with
