@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 import keras
 import numpy as np
 
+from transferkit.training.callbacks import predict_eagerly
+
 CHECK_ROUND = 128  # validation images compared per round: an int8 pass over them is a round's cost
 CHECK_MOST = 512  # at most this many are compared
 DECISIVE = 2.0  # standard errors that make the difference clearly within (or beyond) the tolerance
@@ -150,8 +152,6 @@ def image_losses(part, features: np.ndarray, targets: np.ndarray, loss, chunk: i
     Returns:
         float64 (n,).
     """
-    outputs = np.concatenate([keras.ops.convert_to_numpy(part(features[start : start + chunk], training=False))
-                              for start in range(0, len(features), chunk)])
-    values = loss.call(keras.ops.convert_to_tensor(targets, "float32"),
-                       keras.ops.convert_to_tensor(outputs.astype("float32")))
+    outputs = predict_eagerly(part, [(features[start : start + chunk],) for start in range(0, len(features), chunk)])
+    values = loss.call(keras.ops.convert_to_tensor(targets, "float32"), keras.ops.convert_to_tensor(outputs))
     return keras.ops.convert_to_numpy(values).reshape(len(features), -1).mean(axis=1).astype("float64")
