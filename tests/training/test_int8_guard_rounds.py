@@ -19,10 +19,11 @@ from transferkit.training.features import PairedFeatures
 
 @pytest.fixture(autouse=True)
 def tolerance_of_0_02(monkeypatch):
-    """The rule at a tolerance of 0.02 nats, whatever the shipped one: the losses here are
-    about 0.05, so the relative tolerance never takes over."""
+    """The rule at a tolerance of 0.02 nats either way, whatever the shipped one: the losses
+    here are about 0.05, so the relative tolerance never takes over."""
     monkeypatch.setattr(int8_guard, "LOSS_TOLERANCE", 0.02)
     monkeypatch.setattr(int8_guard, "RELATIVE_TOLERANCE", 0.03)
+    monkeypatch.setattr(int8_guard, "NOISE_FACTOR", 1.0)  # both ways alike, but where a test says
 
 
 CHECK = Int8Check("feature error", 0.03, 0.1, 2.0, 64)
@@ -109,10 +110,33 @@ def test_the_per_image_losses_average_to_the_runs_loss(classes, smoothing):
     assert each.mean() == pytest.approx(whole, rel=1e-5)
 
 
+def test_int8_may_be_noisier_than_it_may_be_shifted(monkeypatch):
+    """A loss higher on int8 features (noise the head reads worse) has NOISE_FACTOR times the
+    room of a loss lower on them (a shift the head fitted): 0.03 above float32's passes at a
+    tolerance of 0.02 and a factor of 2, 0.03 below fails, and 0.07 above fails."""
+    monkeypatch.setattr(int8_guard, "NOISE_FACTOR", 2.0)
+    # int8's right-class logits 0.45 lower: its loss about 0.03 higher.
+    noisier = int8_guard.compare_head_loss(SOFTMAX, rounds(np.full(359, 0.45)), LOSS, "head")
+    assert 0.02 < noisier.int8_loss - noisier.float32_loss < 0.04 and noisier.noise_tolerance == 0.04
+    assert noisier.passed and noisier.clear and noisier.images == 128 and "within 0.0400" in noisier.describe()
+    noisiest = int8_guard.compare_head_loss(SOFTMAX, rounds(np.full(359, 0.8)), LOSS, "head")  # about 0.07
+    assert noisiest.int8_loss - noisiest.float32_loss > 0.04 and not noisiest.passed
+    assert noisiest.describe().startswith("int8 features raised") and "(> 0.0400" in noisiest.describe()
+    # int8's right-class logits 0.8 higher: its loss about 0.03 lower, beyond 0.02 that way.
+    shifted = int8_guard.compare_head_loss(SOFTMAX, rounds(np.full(359, -0.8)), LOSS, "head")
+    assert -0.04 < shifted.int8_loss - shifted.float32_loss < -0.02
+    assert not shifted.passed and shifted.clear and shifted.describe().startswith("int8 features lowered")
+    assert "(> 0.0200" in shifted.describe()
+    assert int8_guard.HeadLossCheck.from_record(shifted.record()) == shifted
+
+
 def test_a_record_from_before_the_standard_error_was_kept_still_reads():
     """A checkpoint written before the rounds holds no "standard_error": a resumed run reads it."""
     old = {"stage": "head", "images": 128, "float32_loss": 0.47, "int8_loss": 0.43, "tolerance": 0.02,
            "feature_check": "feature error with float32 0.0253 <= 0.1", "passed": False}
     check = int8_guard.HeadLossCheck.from_record(old)
     assert not check.passed and not check.clear and check.standard_error is None
-    assert "standard error" not in check.describe() and check.record() == {**old, "standard_error": None}
+    assert "standard error" not in check.describe()
+    assert check.record() == {**old, "standard_error": None, "noise_tolerance": None}
+    # Nor a noise tolerance: the tolerance holds both ways, as it did then.
+    assert check.above == 0.02 and not int8_guard.HeadLossCheck.from_record({**old, "int8_loss": 0.495}).passed

@@ -8,11 +8,18 @@ coarsely. So after the first stage that trained on int8 features (normally the h
 its trained part's validation loss (the run's own loss) is computed, image by image, on the
 int8 features of validation images and on the same images' features from the float32 network
 the int8 one was checked against (the cache's own: validation features are always float32's).
-int8 falls short where the two mean losses are further apart than ``tolerance`` allows, either
-way: a loss higher on int8 features says rounding hid what the head uses; one higher on
-float32 features says the head fitted int8's rounding, while the saved model runs on float32
-(or bfloat16) features. The later stages' features are then computed in float32, with a
-one-line notice (``training.stages``).
+int8 falls short where the two mean losses are further apart than the tolerance allows, which
+differs by side:
+- a loss higher on float32 features (``tolerance``) says the head fitted what int8's rounding
+  does to the features, a shift it trained on, while the saved model runs on float32 (or
+  bfloat16) features: an int8 network calibrated on another data set showed it, features 8%
+  too small and the head's loss 16% lower on them than on float32's;
+- a loss higher on int8 features (``noise_tolerance``, ``NOISE_FACTOR`` times as wide) says
+  they are noisier than float32's, read worse by the head that trained on them; a head
+  trained on noisier features reads the exact ones as well or better as a rule (what the
+  saved model sees), and the noise itself is bounded by the feature check.
+The later stages' features are then computed in float32, with a one-line notice
+(``training.stages``).
 
 The images are compared in seeded rounds of ``CHECK_ROUND``, at most ``CHECK_MOST``: the
 comparison stops once the mean difference lies clearly within the tolerance or clearly beyond
@@ -48,14 +55,26 @@ DECISIVE = 2.0  # standard errors that make the difference clearly within (or be
 # against 93.2% (0.249) for the same runs in float32, better or equal in all three of those;
 # each fall back to float32 had doubled the job's time. So the guard is for int8 features
 # that mislead the head, not for rounding it adapts to.
-LOSS_TOLERANCE = 0.05  # nats the two losses may differ by (for low losses) ...
+# ResNet50 on the same job (seeds 1-6, int8 forced against float32): 95.1% against 95.3%,
+# the heads' int8 loss +0.3 / +11 / +2.8 / +5.6 / -4.3 / +1.5% from float32's; seed 2 (+12%
+# over all 359 images) failed a symmetric 10%, and its job then took 40 s instead of 25-32 s,
+# for int8's 94.7% against 95.8% (seed 1, which passed: 93.6% against 96.1%). No loss above
+# float32's has gone with a clear accuracy cost, hence the wider tolerance on that side.
+LOSS_TOLERANCE = 0.05  # nats int8's loss may be below float32's (for low losses) ...
 RELATIVE_TOLERANCE = 0.10  # ... or this share of float32's loss, whichever is larger
+NOISE_FACTOR = 2.0  # how many times that int8's loss may be above float32's
 
 
 def tolerance(float32_loss: float) -> float:
-    """How far the int8 features' loss may be from ``float32_loss``: max(``LOSS_TOLERANCE``,
+    """How far the int8 features' loss may be below ``float32_loss``: max(``LOSS_TOLERANCE``,
     ``RELATIVE_TOLERANCE`` x ``float32_loss``)."""
     return max(LOSS_TOLERANCE, RELATIVE_TOLERANCE * float32_loss)
+
+
+def noise_tolerance(float32_loss: float) -> float:
+    """How far the int8 features' loss may be above ``float32_loss``: ``NOISE_FACTOR`` x
+    ``tolerance``."""
+    return NOISE_FACTOR * tolerance(float32_loss)
 
 
 @dataclass(frozen=True)
@@ -66,10 +85,12 @@ class HeadLossCheck:
         stage: the stage that trained on the int8 features.
         images: how many validation images were compared.
         float32_loss, int8_loss: the run's mean loss on the two networks' features of those images.
-        tolerance: how far apart the two may be (``tolerance``).
+        tolerance: how far int8's loss may be below float32's (``tolerance``).
         feature_check: the int8 network's own check (``inference.int8.Int8Check.describe``).
         standard_error: the standard error of the mean per-image difference (None in the
             records of runs before it was kept).
+        noise_tolerance: how far int8's loss may be above float32's (``noise_tolerance``;
+            None in the records of runs before it was kept: ``tolerance`` both ways).
     """
 
     stage: str
@@ -79,10 +100,16 @@ class HeadLossCheck:
     tolerance: float
     feature_check: str
     standard_error: float | None = None
+    noise_tolerance: float | None = None
+
+    @property
+    def above(self) -> float:
+        """How far int8's loss may be above float32's."""
+        return self.tolerance if self.noise_tolerance is None else self.noise_tolerance
 
     @property
     def passed(self) -> bool:
-        return abs(self.int8_loss - self.float32_loss) <= self.tolerance
+        return -self.tolerance <= self.int8_loss - self.float32_loss <= self.above
 
     @property
     def clear(self) -> bool:
@@ -90,17 +117,20 @@ class HeadLossCheck:
         beyond it: more images would not change the verdict."""
         if self.standard_error is None:
             return False
-        margin, difference = DECISIVE * self.standard_error, abs(self.int8_loss - self.float32_loss)
-        return difference + margin <= self.tolerance or difference - margin > self.tolerance
+        margin, difference = DECISIVE * self.standard_error, self.int8_loss - self.float32_loss
+        within = -self.tolerance <= difference - margin and difference + margin <= self.above
+        return within or difference + margin < -self.tolerance or difference - margin > self.above
 
     def describe(self) -> str:
         """One line: the two losses and the verdict."""
+        higher = self.int8_loss > self.float32_loss
+        bound = self.above if higher else self.tolerance
         if self.passed:
             return (f"int8 features: the head's validation loss {self.int8_loss:.4f} against float32's "
-                    f"{self.float32_loss:.4f} on {self.images} images (within {self.tolerance:.4f}{self._error()})")
-        change = "raised" if self.int8_loss > self.float32_loss else "lowered"
+                    f"{self.float32_loss:.4f} on {self.images} images (within {bound:.4f}{self._error()})")
+        change = "raised" if higher else "lowered"
         return (f"int8 features {change} the head's validation loss from {self.float32_loss:.4f} to "
-                f"{self.int8_loss:.4f} on {self.images} images (> {self.tolerance:.4f}{self._error()})")
+                f"{self.int8_loss:.4f} on {self.images} images (> {bound:.4f}{self._error()})")
 
     def _error(self) -> str:
         return "" if self.standard_error is None else f"; standard error {self.standard_error:.4f}"
@@ -142,8 +172,9 @@ def compare_head_loss(part, rounds: Iterable, loss, stage: str) -> HeadLossCheck
 def _check(stage: str, float32: np.ndarray, int8: np.ndarray, feature_check: str) -> HeadLossCheck:
     differences = int8 - float32
     error = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else None
-    return HeadLossCheck(stage, len(differences), float(float32.mean()), float(int8.mean()),
-                         tolerance(float(float32.mean())), feature_check, error)
+    reference = float(float32.mean())
+    return HeadLossCheck(stage, len(differences), reference, float(int8.mean()), tolerance(reference), feature_check,
+                         error, noise_tolerance(reference))
 
 
 def image_losses(part, features: np.ndarray, targets: np.ndarray, loss, chunk: int = 64) -> np.ndarray:
