@@ -200,3 +200,32 @@ def test_onednn_is_turned_on_where_tensorflow_would_leave_it_off(monkeypatch, fl
         import os
 
         assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+
+@pytest.mark.parametrize(
+    "flags, preset, left_off",
+    [("avx2 fma", None, True), ("avx2 fma", "0", False), ("avx2 fma", "1", False),
+     ("avx2 avx512f avx512_vnni", None, False), ("sse4_2", None, False)],
+)
+def test_a_run_says_when_tensorflow_came_first_and_left_onednn_off(monkeypatch, caplog, flags, preset, left_off):
+    """TensorFlow imported before transferkit (``import keras`` first) on an AVX2 CPU where
+    transferkit would have turned oneDNN on: the run's set-up lines say so, once, with the fix.
+    Not where the user set the variable, nor where TensorFlow turns oneDNN on itself."""
+    import logging
+
+    from transferkit import runtime
+    from transferkit.model.build import log_setup
+    from transferkit.strategies import resolve_distribution
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda *args: set(flags.split()))
+    if preset is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", preset)
+    assert runtime.onednn_left_off() is left_off
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        log_setup("float32", "asked for", resolve_distribution("none"))
+    warned = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warned == ([runtime.ONEDNN_LEFT_OFF] if left_off else [])
+    if left_off:
+        assert "import transferkit before" in warned[0] and "TF_ENABLE_ONEDNN_OPTS=1" in warned[0]

@@ -122,6 +122,23 @@ def prefer_onednn() -> bool:
     return True
 
 
+def onednn_left_off() -> bool:
+    """Whether TensorFlow runs without its oneDNN kernels on a CPU where ``prefer_onednn`` would
+    have turned them on but could not: TensorFlow was imported before transferkit (``import
+    keras`` first, in a script or notebook) and ``TF_ENABLE_ONEDNN_OPTS`` is unset (set to 0 it
+    is the user's choice). Its own kernels then train a fine stage several times slower
+    (ResNet50's: 322 ms a step, 595 ms under XLA, against 67 ms with oneDNN)."""
+    return (ONEDNN_VARIABLE not in os.environ and "tensorflow" in sys.modules
+            and onednn_worth_turning_on(cpu_flags()))
+
+
+ONEDNN_LEFT_OFF = (
+    "TensorFlow was imported before transferkit, so its oneDNN kernels stay off on this CPU (AVX2 without "
+    "AVX512-VNNI, AVX512-BF16 or AMX): fine stages train up to 5-9x slower; import transferkit before "
+    "TensorFlow or Keras, or start Python with TF_ENABLE_ONEDNN_OPTS=1 (=0 keeps them off without this notice)"
+)
+
+
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name as Linux reports it ("unknown" where /proc/cpuinfo is missing)."""
     try:

@@ -15,7 +15,7 @@ from transferkit import backbones
 from transferkit.model.classifier import build_classifier
 from transferkit.model.transfer import load_run_backbone, source_run
 from transferkit.recipe import Recipe
-from transferkit.runtime import dtype_policy, resolve_precision
+from transferkit.runtime import ONEDNN_LEFT_OFF, dtype_policy, onednn_left_off, resolve_precision
 from transferkit.strategies import Distribution, resolve_distribution
 
 log = logging.getLogger("transferkit")
@@ -81,5 +81,9 @@ def log_setup(policy: str, reason: str, distribution: Distribution) -> None:
         policy: the Keras dtype policy; reason: why it.
         distribution: the ``Distribution``.
     """
+    import keras
+
     log.info(f"precision: {policy} ({reason})")
     log.info(f"strategy: {distribution.describe()} ({distribution.reason})")
+    if keras.config.backend() == "tensorflow" and onednn_left_off():
+        log.warning(ONEDNN_LEFT_OFF)
