@@ -134,8 +134,9 @@ def onednn_left_off() -> bool:
 
 ONEDNN_LEFT_OFF = (
     "TensorFlow was imported before transferkit, so its oneDNN kernels stay off on this CPU (AVX2 without "
-    "AVX512-VNNI, AVX512-BF16 or AMX): fine stages train up to 5-9x slower; import transferkit before "
-    "TensorFlow or Keras, or start Python with TF_ENABLE_ONEDNN_OPTS=1 (=0 keeps them off without this notice)"
+    "AVX512-VNNI, AVX512-BF16 or AMX): fine stages train several times slower (ResNet50's up to 9x); import "
+    "transferkit before TensorFlow or Keras, or start Python with TF_ENABLE_ONEDNN_OPTS=1 (=0 keeps them off "
+    "without this notice)"
 )
 
 
