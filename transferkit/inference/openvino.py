@@ -604,7 +604,8 @@ def float32_clone(model, identity_resize_at: tuple[int, ...] | None = None):
 def _float32_already(model) -> bool:
     """Whether ``float32_clone`` would change nothing in ``model`` (float32 inputs and layers,
     no ``Resizing``, no fixed ``Normalization``): conversion then traces the model itself, a
-    clone saved (0.3 s for ResNet50's frozen part, which ``model.fold`` has just built afresh)."""
+    clone saved (0.4 s for ResNet50's frozen part, which ``model.fold.fold_batchnorm`` has just
+    built afresh)."""
     import keras
 
     from transferkit.model.surgery import walk_layers
