@@ -238,3 +238,39 @@ def test_batches_become_a_tf_data_pipeline_with_the_same_epochs():
         for (x, y), (gx, gy) in zip(expected, got):
             np.testing.assert_array_equal(x, gx)
             np.testing.assert_array_equal(y, gy)
+
+
+def test_fit_takes_batches_as_tf_data_without_autotuning_and_learns_the_same():
+    import keras
+    import tensorflow as tf
+
+    from transferkit.data.batches import ImageBatches, keras_input
+
+    images = np.random.default_rng(1).integers(0, 256, (20, 4, 4, 3), dtype="uint8")
+    targets = np.arange(20) % 2
+    ours = ImageBatches(images, targets, 6, shuffle=True, seed=5)
+    given = keras_input(ours)
+    # tf.data's autotuning would stall the end of every epoch (benchmarks/epoch_end.py)
+    assert isinstance(given, tf.data.Dataset) and given.options().autotune.enabled is False
+
+    class Epochs(keras.callbacks.Callback):  # as training.callbacks.EpochCallback seeds each epoch
+        def __init__(self, batches):
+            super().__init__()
+            self.batches = batches
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.batches.set_epoch(7 + epoch)
+
+    def trained(data, batches) -> list[np.ndarray]:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(keras.optimizers.SGD(0.5), "binary_crossentropy")
+        model.fit(data, epochs=3, shuffle=False, verbose=0, callbacks=[Epochs(batches)])
+        return model.get_weights()
+
+    # Each epoch the batches of the order seeded at its start, as Keras draws from the
+    # PyDataset itself, though the next epoch's pass is prepared ahead.
+    keras_own = ImageBatches(images, targets, 6, shuffle=True, seed=5)
+    for got, expected in zip(trained(given, ours), trained(keras_own, keras_own), strict=True):
+        np.testing.assert_array_equal(got, expected)

@@ -171,12 +171,23 @@ def process_share(batches: ImageBatches, process: int, processes: int, local_dev
     )
 
 
-def to_tf_dataset(batches: SeededBatches):
+PREFETCH = 2  # batches ``to_tf_dataset`` prepares ahead of the step that takes them
+
+
+def to_tf_dataset(batches: SeededBatches, prefetch: int = PREFETCH):
     """The same batches, in the same seeded order, as a ``tf.data.Dataset`` (needs TensorFlow,
-    on any Keras backend): each pass over it is the next epoch of ``batches``.
+    on any Keras backend): each pass over it is the next epoch of ``batches``, prepared
+    ``prefetch`` batches ahead in a thread, as Keras does for a ``PyDataset`` but without
+    tf.data's autotuning.
+
+    tf.data's autotuning optimizer wakes on a timer whose period doubles, up to seconds, over
+    an iterator's life, and the end of every epoch (the iterator's destruction) waits for its
+    next wake-up, all cores idle: at the end of a 3-8 s epoch of a cached stage it stalled
+    0-2.5 s (``benchmarks/README.md``); a fixed buffer stalls for nothing.
 
     Args:
         batches: a ``SeededBatches`` (training or validation images, or features).
+        prefetch: batches prepared ahead; default ``PREFETCH``.
 
     Returns:
         A ``tf.data.Dataset`` of the tuples ``batches[i]`` gives ((x, y) or (x, y, weights)).
@@ -194,5 +205,20 @@ def to_tf_dataset(batches: SeededBatches):
             yield batches[index]
         batches.on_epoch_end()
 
-    dataset = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
-    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches)))  # Keras counts the steps
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = tf.data.Dataset.from_generator(one_epoch, output_signature=signature).prefetch(prefetch)
+    return dataset.with_options(options).apply(tf.data.experimental.assert_cardinality(len(batches)))  # the steps
+
+
+def keras_input(batches: SeededBatches):
+    """What Keras's ``fit`` or ``predict`` is given for ``batches``: on the TensorFlow backend
+    ``to_tf_dataset`` (no stall at the end of each pass), elsewhere the ``PyDataset`` itself.
+
+    Args:
+        batches: a ``SeededBatches``.
+
+    Returns:
+        A ``tf.data.Dataset`` or ``batches``.
+    """
+    return to_tf_dataset(batches) if keras.backend.backend() == "tensorflow" else batches

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from transferkit.data.batches import keras_input
 from transferkit.outputs import loss_for, predicted_labels
 
 
@@ -109,7 +110,7 @@ def validation_metrics(model, val_batches, val_outputs: np.ndarray | None, histo
     Returns:
         A JSON-serialisable dict.
     """
-    outputs = val_outputs if val_outputs is not None else model.predict(val_batches, verbose=0)
+    outputs = val_outputs if val_outputs is not None else model.predict(keras_input(val_batches), verbose=0)
     loss = keras.losses.get(loss_for(len(class_names)))
     val_loss = float(keras.ops.convert_to_numpy(loss(val_batches.targets, outputs)).mean())
     return summarize(history, val_labels, outputs, class_names, val_loss, n_train)

@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from transferkit.backbones import BackboneSpec
-from transferkit.data.batches import ImageBatches, process_share, to_tf_dataset
+from transferkit.data.batches import ImageBatches, keras_input, process_share, to_tf_dataset
 from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
@@ -760,11 +760,11 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     distribution = run.options.distribution
     synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
     # Keras takes several processes' input only as tf.data (each process's own share here).
-    parallel = _data_parallel(run) is not None
+    given = to_tf_dataset if _data_parallel(run) is not None else keras_input
     try:
         begun.model.fit(
-            to_tf_dataset(begun.train) if parallel else begun.train,
-            validation_data=None if begun.cached else to_tf_dataset(begun.val) if parallel else begun.val,
+            given(begun.train),
+            validation_data=None if begun.cached else given(begun.val),
             initial_epoch=start.initial_epoch,
             epochs=stage.epochs,
             shuffle=False,  # the batches shuffle themselves, seeded per epoch

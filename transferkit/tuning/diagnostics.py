@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.data.batches import keras_input
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.tuning.lr_find import StageSetup, prepare_stage, range_test
 
@@ -451,7 +452,7 @@ def _short_run(setup: StageSetup, callbacks=()) -> None:
         return
     setup.compile(setup.stage.learning_rate)
     epochs = min(MAX_SHORT_RUN_EPOCHS, max(SHORT_RUN_EPOCHS, math.ceil(SHORT_RUN_STEPS / len(setup.train))))
-    setup.model.fit(setup.train, epochs=epochs, shuffle=False, verbose=0, callbacks=list(callbacks))
+    setup.model.fit(keras_input(setup.train), epochs=epochs, shuffle=False, verbose=0, callbacks=list(callbacks))
     if hasattr(setup.train, "set_epoch"):
         setup.train.set_epoch(0)
 
