@@ -370,15 +370,34 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
         backbone_package=labels.get("backbone_package"),
     )
     if with_model:
-        # The package that added the run's backbone, where installed, is imported first: a
-        # custom layer it registers with Keras loads (nothing is needed without one).
-        find_spec(backbone)
-        run.model = _load_model(model_path, len(class_names))
-        shape = run.model.input_shape  # (None, S, S, 3) for a classifier; a list for several inputs
-        size = tuple(shape[1:3]) if isinstance(shape, tuple) and len(shape) == 4 else (None, None)
-        if None not in size and size != (image_size, image_size):
-            raise RunError(f"model {model_path} takes {size[0]}x{size[1]} images but {labels_path} says image_size "
-                           f"{image_size}; the two files come from different runs")
+        attach_model(run, model_path)
+    return run
+
+
+def attach_model(run: Run, model_path: str | Path | None = None) -> Run:
+    """Load a run's Keras model into it (a run loaded with ``with_model=False``), checked
+    against its labels.json as ``load_run`` checks it.
+
+    Args:
+        run: a ``Run``.
+        model_path: its model file; default ``run.path / MODEL_FILE``.
+
+    Returns:
+        The run, its ``model`` loaded.
+
+    Raises:
+        RunError: the model cannot be loaded or does not match the run's labels.
+    """
+    model_path = Path(model_path) if model_path is not None else Path(run.path) / MODEL_FILE
+    # The package that added the run's backbone, where installed, is imported first: a
+    # custom layer it registers with Keras loads (nothing is needed without one).
+    find_spec(run.backbone)
+    run.model = _load_model(model_path, len(run.class_names))
+    shape = run.model.input_shape  # (None, S, S, 3) for a classifier; a list for several inputs
+    size = tuple(shape[1:3]) if isinstance(shape, tuple) and len(shape) == 4 else (None, None)
+    if None not in size and size != (run.image_size, run.image_size):
+        raise RunError(f"model {model_path} takes {size[0]}x{size[1]} images but {Path(run.path) / LABELS_FILE} says "
+                       f"image_size {run.image_size}; the two files come from different runs")
     return run
 
 

@@ -50,6 +50,7 @@ def predict(
         check_images,
         check_output,
         predict_folder,
+        run_for_predict,
         write_predictions,
     )
     from transferkit.runs import load_run
@@ -65,7 +66,8 @@ def predict(
     if output is not None:
         check_output(output, run, force)
     check_images(images)
-    loaded = load_run(run)
+    # The model is loaded only where no engine was recorded for it (--tta builds on it).
+    loaded = load_run(run) if tta else run_for_predict(run)
     bar = progress_bar("image", enabled=not quiet)
     forward = engine
     if tta:

@@ -174,6 +174,7 @@ class Int8Engine(TwoLookEngine):
     Attributes:
         int8, float32: the two ``OpenVINOEngine`` networks.
         check: the ``Int8Check`` it passed.
+        classifier: whether its near ties are computed again in float32 (a classifier).
     """
 
     name = "openvino"
@@ -181,7 +182,7 @@ class Int8Engine(TwoLookEngine):
 
     def __init__(self, int8: OpenVINOEngine, float32: OpenVINOEngine, check: Int8Check, classifier: bool):
         super().__init__((lambda: float32) if classifier else None)
-        self.int8, self.float32, self.check = int8, float32, check
+        self.int8, self.float32, self.check, self.classifier = int8, float32, check, classifier
         self.refine_margin = max(check.margin, REFINE_MARGIN)
         self.input_shape, self.ir_path = int8.input_shape, int8.ir_path
 

@@ -143,7 +143,7 @@ def predict_folder(
         EngineError: an engine or precision outside the choices.
     """
     check_engine_choice(engine, precision)
-    run = _loaded(run)
+    run = run_for_predict(run)
     if top_k < 1:
         raise DataError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -230,12 +230,25 @@ def list_images(folder: str | os.PathLike) -> ImageListing:
     return ImageListing(files=files, skipped=skipped, ignored=[path for path, _ in ignored])
 
 
-def _loaded(run):
-    """The run with its model loaded (a run folder or .keras path is loaded here)."""
-    from transferkit.runs import load_run
+def run_for_predict(run):
+    """The run to predict with: a ``Run`` as it is; a run folder loaded without its model,
+    which ``engine_for`` loads only where no engine was recorded for it (``inference.warm``);
+    a bare .keras file with its model.
 
-    if not hasattr(run, "model") or run.model is None:
-        run = load_run(run if not hasattr(run, "path") else run.path)
+    Args:
+        run: a ``Run``, a run folder or a .keras file.
+
+    Returns:
+        A ``Run``.
+
+    Raises:
+        RunError: it cannot be loaded.
+    """
+    from transferkit.runs import MODEL_FILE, load_run
+
+    if not hasattr(run, "path"):
+        path = Path(run)
+        return load_run(path, with_model=not (path / MODEL_FILE).is_file())
     return run
 
 
@@ -244,7 +257,8 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
     folder), or the ``ForwardEngine`` given, as it is.
 
     Args:
-        run: a ``Run`` with its model.
+        run: a ``Run`` (one loaded without its model gets the engine recorded for its model
+            file where there is one, ``inference.warm``; else its model is loaded here).
         engine: "auto", "keras" or "openvino", or a ``ForwardEngine``.
         precision: the engine's precision (see ``predict_folder``).
         rejection: a rule whose score reads the backbone embedding gets an
@@ -268,13 +282,27 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
         return engine
     from transferkit.inference.int8 import forward_engine
     from transferkit.inference.openvino import claim_engine_cache
+    from transferkit.inference.warm import int8_worth_without_keras, keep_record, record_key, recorded_engine
+    from transferkit.runs import MODEL_FILE, attach_model
 
     cache = claim_engine_cache(run.path)
+    key = None
+    if run.model is None and not needs_score:  # a run loaded without its model: maybe a warm start
+        key = record_key(Path(run.path) / MODEL_FILE, run.image_size, engine, precision,
+                         int8_worth_without_keras(precision, images))
+        recorded = recorded_engine(cache, key) if key is not None else None
+        if recorded is not None:
+            return recorded
+    if run.model is None:
+        attach_model(run)
     if needs_score:
         return embedding_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
                                 input_dtype="uint8", columns=lambda embeddings: rejection.scores(None, embeddings))
-    return forward_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
-                          input_dtype="uint8", int8_samples=int8_samples_for(run, precision, images))
+    built = forward_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
+                           input_dtype="uint8", int8_samples=int8_samples_for(run, precision, images))
+    if key is not None:
+        keep_record(cache, key, built)
+    return built
 
 
 def int8_samples_for(run, precision: str, images: int):
