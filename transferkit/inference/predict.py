@@ -280,7 +280,7 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
             raise ValueError(f"the {rejection.score} rejection score needs the engine engine_for(run, name, "
                              "precision, rejection) builds; pass the engine by name")
         return engine
-    from transferkit.inference.int8 import forward_engine
+    from transferkit.inference.int8 import Int8Engine, forward_engine
     from transferkit.inference.openvino import claim_engine_cache
     from transferkit.inference.warm import int8_worth_without_keras, keep_record, record_key, recorded_engine
     from transferkit.runs import MODEL_FILE, attach_model
@@ -300,7 +300,8 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
                                 input_dtype="uint8", columns=lambda embeddings: rejection.scores(None, embeddings))
     built = forward_engine(run.model, engine, run.image_size, cache_dir=cache, precision=precision,
                            input_dtype="uint8", int8_samples=int8_samples_for(run, precision, images))
-    if key is not None:
+    # int8 asked for and not used: not recorded, so that every predict says why (its check is cached)
+    if key is not None and (precision != "int8" or isinstance(built, Int8Engine)):
         keep_record(cache, key, built)
     return built
 
