@@ -36,11 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transferkit  # noqa: E402, I001  (first: it may turn TensorFlow's oneDNN on before TensorFlow loads)
 import keras  # noqa: E402
-from finetune_vs_keras import HEAD_LR, transferkit_job, write_digits  # noqa: E402
+from finetune_vs_keras import transferkit_job, write_digits  # noqa: E402
 from transferkit.runtime import machine_facts  # noqa: E402
 from transferkit.training import stages  # noqa: E402
-
-assert HEAD_LR  # the job's settings are finetune_vs_keras.py's
 
 
 class EpochBoundaries(keras.callbacks.Callback):

@@ -151,6 +151,10 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "unknown"
 
 
+# The CPU flags with which mixed bfloat16 runs fast.
+FAST_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def machine_facts() -> dict:
     """What a benchmark figure depends on: the CPU model, its core count and its 16-bit
     features (AMX / AVX512-BF16: mixed bfloat16 runs fast only where they are present)."""
@@ -158,7 +162,7 @@ def machine_facts() -> dict:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "fast_bfloat16": sorted(flag for flag in flags if flag in ("amx_bf16", "avx512_bf16")),
+        "fast_bfloat16": sorted(flag for flag in flags if flag in FAST_BFLOAT16_FLAGS),
         # oneDNN (TensorFlow's and OpenVINO's kernels) capped to an older instruction set, as
         # ONEDNN_MAX_CPU_ISA=AVX2 runs them as on a CPU without AVX-512.
         **({"onednn_max_cpu_isa": os.environ["ONEDNN_MAX_CPU_ISA"]} if os.environ.get("ONEDNN_MAX_CPU_ISA") else {}),

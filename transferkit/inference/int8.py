@@ -107,24 +107,33 @@ def samples_from(train_images: np.ndarray, other_images: np.ndarray, seed: int =
     return Int8Samples(np.asarray(train_images[calibration]), held_back.astype("uint8", copy=False))
 
 
-def int8_candidate(precision: str) -> bool:
+def int8_candidate(precision: str, gpu: bool | None = None) -> bool:
     """Whether forward-only work in ``precision`` may run in int8: "int8", or "auto" where the
     CPU has no fast bfloat16 (where it has, bfloat16 is as fast and exact enough) and the
-    Keras backend sees no GPU."""
+    Keras backend sees no GPU.
+
+    Args:
+        precision: the precision asked for.
+        gpu: False where the caller knows there is no GPU: the CPU's flags decide, and the
+            Keras backend is neither asked nor imported (a warm predict,
+            ``inference.warm``); default None (the backend is asked).
+    """
     if precision == "int8":
         return True
     if precision != "auto":
         return False
-    from transferkit.runtime import gpu_visible, resolve_precision
+    from transferkit.runtime import FAST_BFLOAT16_FLAGS, cpu_flags, gpu_visible, resolve_precision
 
+    if gpu is False:
+        return not cpu_flags() & set(FAST_BFLOAT16_FLAGS)
     return resolve_precision("auto")[0] == "float32" and not gpu_visible()
 
 
-def worth_int8(precision: str, image_passes: int) -> bool:
+def worth_int8(precision: str, image_passes: int, gpu: bool | None = None) -> bool:
     """Whether forward-only work of ``image_passes`` images should try int8: always when
-    "int8" is asked for; for "auto", where ``int8_candidate`` and the work is at least
-    ``AUTO_MIN_IMAGES`` image passes."""
-    return precision == "int8" or (image_passes >= AUTO_MIN_IMAGES and int8_candidate(precision))
+    "int8" is asked for; for "auto", where ``int8_candidate`` (``gpu`` as it takes it) and the
+    work is at least ``AUTO_MIN_IMAGES`` image passes."""
+    return precision == "int8" or (image_passes >= AUTO_MIN_IMAGES and int8_candidate(precision, gpu))
 
 
 @dataclass(frozen=True)

@@ -280,16 +280,17 @@ def engine_for(run, engine, precision: str, rejection: RejectionRule | None = No
             raise ValueError(f"the {rejection.score} rejection score needs the engine engine_for(run, name, "
                              "precision, rejection) builds; pass the engine by name")
         return engine
-    from transferkit.inference.int8 import Int8Engine, forward_engine
+    from transferkit.inference.int8 import Int8Engine, forward_engine, worth_int8
     from transferkit.inference.openvino import claim_engine_cache
-    from transferkit.inference.warm import int8_worth_without_keras, keep_record, record_key, recorded_engine
+    from transferkit.inference.warm import keep_record, record_key, recorded_engine
     from transferkit.runs import MODEL_FILE, attach_model
 
     cache = claim_engine_cache(run.path)
     key = None
     if run.model is None and not needs_score:  # a run loaded without its model: maybe a warm start
+        # gpu=False: the Keras backend is not asked (record_key makes no key where a GPU device is)
         key = record_key(Path(run.path) / MODEL_FILE, run.image_size, engine, precision,
-                         int8_worth_without_keras(precision, images))
+                         worth_int8(precision, images, gpu=False))
         recorded = recorded_engine(cache, key) if key is not None else None
         if recorded is not None:
             return recorded

@@ -43,8 +43,9 @@ def record_key(model_file: Path, image_size: int, engine: str, precision: str, i
         model_file: the run's model file (its bytes are digested).
         image_size: the side of the images the engine takes.
         engine, precision: as asked for ("auto", "openvino"; "auto", "float32", ...).
-        int8_worth: whether int8 is tried (``inference.int8.worth_int8``, decided without
-            the Keras backend: see ``int8_worth_without_keras``).
+        int8_worth: whether int8 is tried (``inference.int8.worth_int8``; with ``gpu=False``
+            it answers without the Keras backend, and where a GPU device is present no key
+            is made).
 
     Returns:
         32 hex digits, or None.
@@ -71,19 +72,6 @@ def record_key(model_file: Path, image_size: int, engine: str, precision: str, i
     digest.update(json.dumps([RECORD_REVISION, image_size, engine, precision, bool(int8_worth), flags,
                               openvino_version, __version__]).encode())
     return digest.hexdigest()
-
-
-def int8_worth_without_keras(precision: str, images: int) -> bool:
-    """``inference.int8.worth_int8`` where no GPU device is present (``record_key`` keeps no
-    record otherwise): the same answer, from the CPU's flags alone, without importing the
-    Keras backend."""
-    from transferkit.inference.int8 import AUTO_MIN_IMAGES
-    from transferkit.runtime import cpu_flags
-
-    if precision == "int8":
-        return True
-    fast_bfloat16 = bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
-    return precision == "auto" and images >= AUTO_MIN_IMAGES and not fast_bfloat16
 
 
 def recorded_engine(cache_dir: Path, key: str):
