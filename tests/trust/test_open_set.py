@@ -245,7 +245,7 @@ def test_the_readme_formula_for_plain_keras_gives_predicts_scores_and_sets(shape
 
     from transferkit.data.images import decode_images
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "trust.md").read_text()
     code = readme.split("Plain Keras, from the run folder alone")[1].split("```python\n")[1].split("```")[0]
     files = sorted(shapes_dir.glob("*/*.jpg"))[::3]
     images, _, _ = decode_images(files, 32)
