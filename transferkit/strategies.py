@@ -188,11 +188,11 @@ def check_data_parallel(devices: int | str = "all", environ=None, reason: str = 
     if given and len(given) < len(KERAS_DISTRIBUTION_VARIABLES):
         missing = [name for name in KERAS_DISTRIBUTION_VARIABLES if name not in given]
         raise StrategyError(f"--strategy data-parallel: {', '.join(given)} set but not {', '.join(missing)}; set "
-                            "all three in every process (README: Scale out)")
+                            "all three in every process (docs/backends.md: Scale out)")
     if not given and not all(environ.get(name) for name in SLURM_VARIABLES):
         raise StrategyError("--strategy data-parallel needs the processes to join: set "
                             f"{', '.join(KERAS_DISTRIBUTION_VARIABLES)} in every process, or start them with srun "
-                            "under Slurm (README: Scale out)")
+                            "under Slurm (docs/backends.md: Scale out)")
     if devices != "all":
         raise StrategyError(f"--devices {devices}: data-parallel trains on every device of every process; drop "
                             "--devices (start fewer processes, or hide devices with CUDA_VISIBLE_DEVICES)")

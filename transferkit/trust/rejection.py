@@ -7,7 +7,7 @@ well a score tells known from unknown images (AUROC, FPR at 95% TPR, the risk-co
 
 The threshold is split-conformal (``inference.uncertainty.keep_threshold``): on images
 exchangeable with the validation split it keeps at least ``reject.coverage`` of them. Which
-score is the default, and why, is measured by ``benchmarks/rejection.py`` (README, "Know
+score is the default, and why, is measured by ``benchmarks/rejection.py`` (docs/trust.md, "Know
 what the model does not know").
 """
 
