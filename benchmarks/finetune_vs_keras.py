@@ -20,8 +20,17 @@ baseline's wall seconds and its stages' epochs capped at ``--budget-epochs`` (de
 10) instead of the baseline's: what accuracy transferkit reaches in the time the hand-written
 guide takes.
 
-Weights are random (no network here), so accuracies compare the two pipelines with each
-other, not with what ImageNet weights would give.
+``--weights``: ``none`` (random, the default: no network here), ``imagenet`` (Keras's
+download, fetched once before either job starts, so that neither pays for it) or a weights
+file of the backbone without its top; both jobs start from the same weights. With random
+weights the accuracies compare the two pipelines with each other, not with what ImageNet
+weights would give. ``--data FOLDER`` trains both on a folder of class sub-folders (real
+photos, say) instead of ``--dataset``'s images. The issue's held-out checks, on a machine
+with the network:
+
+    python benchmarks/finetune_vs_keras.py --dataset digits --weights imagenet
+    python benchmarks/finetune_vs_keras.py --dataset digits --weights imagenet --backbone resnet50
+    python benchmarks/finetune_vs_keras.py --dataset digits --weights imagenet --budget
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import transferkit  # noqa: E402, I001  (first: it may turn TensorFlow's oneDNN on before TensorFlow loads)
 import keras  # noqa: E402
+from transferkit.data.folders import iter_image_files  # noqa: E402
 from transferkit.data.synthetic import write_shapes_dataset  # noqa: E402
 from transferkit.runtime import ONEDNN_VARIABLE, machine_facts, tensorflow_onednn  # noqa: E402
 
@@ -55,8 +65,22 @@ class StageClock(keras.callbacks.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epochs: int, fine_epochs: int, seed: int):
-    """The hand-written pipeline of the Keras transfer-learning guide, float32."""
+def guide_backbone(backbone: str, size: int, weights: str = "none"):
+    """The guide's backbone, as ``keras.applications`` builds it: no top, ``weights`` "none"
+    (random), "imagenet" (Keras's download) or a weights file (Keras's ``load_weights``)."""
+    applications = {
+        "vgg16": keras.applications.VGG16,
+        "vgg19": keras.applications.VGG19,
+        "resnet50": keras.applications.ResNet50,
+    }
+    return applications[backbone](include_top=False, weights=None if weights == "none" else weights,
+                                  input_shape=(size, size, 3))
+
+
+def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epochs: int, fine_epochs: int, seed: int,
+                weights: str = "none"):
+    """The hand-written pipeline of the Keras transfer-learning guide, float32, its backbone
+    built by ``keras.applications`` with ``weights`` ("none", "imagenet" or a file)."""
     import tensorflow as tf
 
     keras.config.set_dtype_policy("float32")
@@ -84,17 +108,12 @@ def keras_guide(data_dir: Path, backbone: str, size: int, batch: int, head_epoch
     )
     train = train.map(lambda x, y: (augmentation(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     train, val = train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
-    applications = {
-        "vgg16": keras.applications.VGG16,
-        "vgg19": keras.applications.VGG19,
-        "resnet50": keras.applications.ResNet50,
-    }
     preprocess = {
         "vgg16": keras.applications.vgg16.preprocess_input,
         "vgg19": keras.applications.vgg19.preprocess_input,
         "resnet50": keras.applications.resnet50.preprocess_input,
     }[backbone]
-    base = applications[backbone](include_top=False, weights=None, input_shape=(size, size, 3))
+    base = guide_backbone(backbone, size, weights)
     base.trainable = False
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Lambda(preprocess)(inputs)
@@ -138,10 +157,11 @@ def transferkit_job(
     output: Path,
     cache_views: int | None = None,
     extra: dict | None = None,
+    weights: str = "none",
 ):
     overrides = {
         "backbone": backbone,
-        "weights": "none",
+        "weights": weights,
         "image_size": size,
         "batch_size": batch,
         "seed": seed,
@@ -181,7 +201,7 @@ def run_side(args, side: str, data_dir: Path, run_dir: Path) -> dict:
     started = time.perf_counter()
     if side == "baseline":
         stages, accuracy, n_train = keras_guide(data_dir, args.backbone, args.size, args.batch, args.head_epochs,
-                                                args.fine_epochs, args.seed)
+                                                args.fine_epochs, args.seed, args.weights)
         metrics = {}
     else:
         extra = None
@@ -190,7 +210,7 @@ def run_side(args, side: str, data_dir: Path, run_dir: Path) -> dict:
             extra = {"time_budget": f"{int(args.budget_seconds)}s", "stages.0.epochs": head, "stages.1.epochs": fine}
         stages, accuracy, n_train, metrics = transferkit_job(
             data_dir, args.backbone, args.size, args.batch, args.head_epochs, args.fine_epochs, args.seed,
-            args.precision, args.engine, run_dir, args.cache_views, extra)
+            args.precision, args.engine, run_dir, args.cache_views, extra, args.weights)
         metrics = {key: metrics.get(key) for key in ("precision", "stages", "time_budget")}
     return {"stages": stages, "accuracy": accuracy, "n_train": n_train, "metrics": metrics,
             "seconds": time.perf_counter() - started, "onednn": os.environ.get(ONEDNN_VARIABLE)}
@@ -231,6 +251,20 @@ def write_digits(folder: Path, size: int) -> Path:
     return folder
 
 
+def check_inputs(args) -> None:
+    """Fail before either job on what would fail one of them: a data folder that is not one,
+    and weights that cannot be had. ``imagenet`` weights are downloaded here, into Keras's
+    cache, where both jobs then find them (neither job's time includes the download)."""
+    from transferkit.backbones import load_backbone
+    from transferkit.errors import DataError
+
+    if args.data is not None and not args.data.is_dir():
+        raise DataError(f"--data {args.data}: not a folder; give a folder with one sub-folder of images per class")
+    if args.weights != "none":
+        load_backbone(args.backbone, args.weights, (args.size, args.size, 3))
+        keras.backend.clear_session()
+
+
 def sides_in_order(args) -> tuple[str, str]:
     return ("baseline", "transferkit") if args.order == "baseline-first" else ("transferkit", "baseline")
 
@@ -250,13 +284,17 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", default="default", help="transferkit engine (default: the recipe's)")
     parser.add_argument("--cache-views", type=int, default=None, help="transferkit cache.views (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--weights", default="none",
+                        help="none (random; default), imagenet (downloaded once, before the jobs) or a weights file; "
+                             "both jobs start from them")
     parser.add_argument("--in-process", action="store_true", help="both jobs in this process (one TensorFlow setup)")
     parser.add_argument("--budget", action="store_true",
                         help="transferkit's job within the baseline's wall time (--time-budget), epochs as caps")
     parser.add_argument("--budget-epochs", default="20,10", help="--budget: the head's and fine stage's epoch caps")
     parser.add_argument("--budget-seconds", type=float, help=argparse.SUPPRESS)  # --budget's child: the baseline's
     parser.add_argument("--only", choices=("baseline", "transferkit"), help=argparse.SUPPRESS)  # a child's side
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path,
+                        help="a folder of class sub-folders to train both jobs on (default: --dataset's images)")
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--order",
@@ -271,8 +309,15 @@ def main(argv=None) -> int:
     if args.only:  # a child's side, its figures as JSON in --out
         args.out.write_text(json.dumps(run_side(args, args.only, args.data, args.out.parent / "run")))
         return 0
+    try:
+        check_inputs(args)
+    except transferkit.TransferkitError as error:  # e.g. no network for --weights imagenet: one line
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
-        if args.dataset == "digits":
+        if args.data is not None:
+            data_dir = args.data
+        elif args.dataset == "digits":
             data_dir = write_digits(Path(tmp) / "data", args.size)
         else:
             data_dir = write_shapes_dataset(
@@ -285,10 +330,11 @@ def main(argv=None) -> int:
             for side in sides_in_order(args):
                 sides[side] = run_side(args, side, data_dir, Path(tmp) / "run")
                 gc.collect()
-    return report(args, sides)
+        images = sum(reason is None for _, reason in iter_image_files(data_dir))
+    return report(args, sides, images)
 
 
-def report(args, sides: dict) -> int:
+def report(args, sides: dict, images: int) -> int:
     """Print the JSON line of both sides' figures and their ratios."""
 
     def per_stage(figures, epochs_by_stage, count):
@@ -306,8 +352,9 @@ def report(args, sides: dict) -> int:
         "backbone": args.backbone,
         "size": args.size,
         "batch": args.batch,
-        "dataset": args.dataset,
-        "images": 1797 if args.dataset == "digits" else args.classes * args.per_class,
+        "dataset": str(args.data) if args.data is not None else args.dataset,
+        "weights": args.weights,
+        "images": images,
         "train_images": base["n_train"],
         "head_epochs": args.head_epochs,
         "fine_epochs": args.fine_epochs,
