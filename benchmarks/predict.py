@@ -158,17 +158,33 @@ def throughput(
     precisions and the untrained classifier."""
     from transferkit.data.folders import iter_image_files
     from transferkit.data.images import decode_images
-    from transferkit.inference.engines import inference_engine
-    from transferkit.runs import load_run
 
     images_dir = write_dataset(kind, tmp / f"images-{kind}-{backbone_name}", -(-count // CLASSES), size, 101)
     files = [path for path, reason in iter_image_files(images_dir) if reason is None][:count]
     for extra in [path for path, reason in iter_image_files(images_dir) if reason is None][count:]:
         extra.unlink()
-    decoded, _, _ = decode_images(files, size)
     run_dir = tmp / f"run-{kind}-{backbone_name}"
     make_trained_run(run_dir, backbone_name, size, tmp, kind=kind)
+    figures = measure(run_dir, images_dir, files, batch, ("bfloat16", "float32", "int8") if modes else ("int8",))
+    if not modes:
+        return figures
+    decoded, _, _ = decode_images(files, size)
+    return {**figures, "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp)}
+
+
+def measure(run_dir: Path, images_dir: Path, files: list[Path], batch: int, precisions: tuple[str, ...],
+            keras_folder: bool = False) -> dict:
+    """Predict over ``images_dir`` (whose images are ``files``) with the run in ``run_dir``,
+    the default precision and each of ``precisions``, against plain Keras float32 on the same
+    decoded images; with ``keras_folder``, also against plain Keras reading the folder itself
+    (``image_dataset_from_directory``), as a user's script would."""
+    from transferkit.data.images import decode_images
+    from transferkit.inference.engines import inference_engine
+    from transferkit.runs import load_run
+
     run = load_run(run_dir)
+    size, count = run.image_size, len(files)
+    decoded, _, _ = decode_images(files, size)
     floats = decoded.astype("float32")
 
     plain = keras_float32(run_dir)
@@ -187,7 +203,10 @@ def throughput(
     keras_rate, on_batch_rate = best_rates([keras_predict, keras_on_batch], count)
     fastest_keras = max(keras_rate, on_batch_rate)
     reference = outputs[-1]
-    truth = np.asarray([run.class_names.index(path.parent.name) for path in files])
+    folder_rate = keras_folder_rate(plain, images_dir, size, batch, count) if keras_folder else None
+    named = [path.parent.name in run.class_names for path in files]
+    truth = np.asarray([run.class_names.index(path.parent.name) if known else -1
+                        for path, known in zip(files, named, strict=True)])
 
     from transferkit.inference.openvino import engine_cache_dir
 
@@ -224,10 +243,14 @@ def throughput(
         else None,
         "images_with_margin_over_0.05": int(clear.sum()),
         "distinct_predicted_classes": int(len(np.unique(theirs))),
-        "keras_float32_accuracy_on_these_images": round(float(np.mean(theirs == truth)), 4),
+        # Where the images lie in folders named for the run's classes.
+        "keras_float32_accuracy_on_these_images": round(float(np.mean(theirs == truth)), 4) if all(named) else None,
     }
+    if folder_rate is not None:
+        figures["keras_float32_reading_the_folder_images_per_s"] = round(folder_rate, 1)
+        figures["ratio_predict_to_keras_reading_the_folder"] = round(default["predict_images_per_s"] / folder_rate, 2)
     others = {}
-    for precision in ("bfloat16", "float32", "int8") if modes else ("int8",):
+    for precision in precisions:
         child = predict_child(run_dir, images_dir, precision, batch)
         others[f"with_precision_{precision}"] = {
             "precision_run": child["precision_run"],
@@ -240,9 +263,23 @@ def throughput(
             "images_recomputed_in_float32_as_near_ties": child["refined"],
             "top1_agreement_with_keras_float32": round(float(np.mean(np.asarray(child["labels"]) == theirs)), 4),
         }
-    if not modes:
-        return {**figures, **others}
-    return {**figures, "untrained_classifier": untrained_agreement(backbone_name, size, decoded, batch, tmp), **others}
+        if folder_rate is not None:
+            others[f"with_precision_{precision}"]["ratio_to_keras_reading_the_folder"] = round(
+                child["predict_images_per_s"] / folder_rate, 2)
+    return {**figures, **others}
+
+
+def keras_folder_rate(plain, images_dir: Path, size: int, batch: int, count: int) -> float:
+    """Images/s of plain Keras float32 over the folder as a user's script reads it (Keras's
+    own decoding and resizing included), best of ``ROUNDS``."""
+    import contextlib
+
+    import keras
+
+    with contextlib.redirect_stdout(sys.stderr):  # "Found N files": stdout holds only the JSON line
+        dataset = keras.utils.image_dataset_from_directory(
+            images_dir, labels=None, image_size=(size, size), batch_size=batch, shuffle=False)
+    return best_rates([lambda: plain.predict(dataset, verbose=0)], count)[0]
 
 
 def predict_child(run_dir: Path, images_dir: Path, precision: str, batch: int) -> dict:
@@ -443,7 +480,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no-confident", dest="confident", action="store_false", help="skip the classifier trained on colours"
     )
+    parser.add_argument("--run", type=Path, help="a run folder to measure instead of generated ones (with --photos)")
+    parser.add_argument("--photos", type=Path, help="--run: the folder of images to predict, every image in it")
     args = parser.parse_args(argv)
+    if (args.run is None) != (args.photos is None):
+        parser.error("--run and --photos go together: a run folder and the images to predict with it")
+    if args.run is not None:
+        return measure_given(args)
 
     with tempfile.TemporaryDirectory(prefix="tk-predict-bench-") as tmp:
         tmp = Path(tmp)
@@ -465,6 +508,33 @@ def main(argv=None) -> int:
         counts = [int(c) for c in args.memory_counts.split(",") if c]
         if counts:
             result["memory"] = memory(args.memory_backbone, args.memory_size, counts, args.batch, tmp)
+    print(json.dumps(result))
+    return 0
+
+
+def measure_given(args) -> int:
+    """``--run RUN --photos FOLDER``: the run's predict over the folder (each precision, warm:
+    the engine cache filled first), against plain Keras on the same decoded images and
+    reading the folder itself. One JSON line; a bad run or folder: one line and exit 1."""
+    import transferkit
+    from transferkit.data.folders import iter_image_files
+    from transferkit.errors import DataError
+    from transferkit.inference.predict import engine_for
+
+    try:
+        run = transferkit.load_run(args.run)
+        files = [path for path, reason in iter_image_files(args.photos)
+                 if reason is None] if args.photos.is_dir() else []
+        if not files:
+            raise DataError(f"--photos {args.photos}: no images there; give a folder of images to predict")
+        for precision in ("auto", "int8"):  # the engine cache filled, as for a warm predict
+            engine_for(run, "auto", precision, images=len(files))
+    except transferkit.TransferkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    result = {"benchmark": "predict", "machine": machine_facts(), "run": str(args.run), "photos": str(args.photos),
+              "size": run.image_size, "batch": args.batch, "images": len(files), "backbone": run.backbone,
+              **measure(args.run, args.photos, files, args.batch, ("float32", "int8"), keras_folder=True)}
     print(json.dumps(result))
     return 0
 

@@ -128,6 +128,35 @@ def test_the_feature_check_of_a_network_with_several_outputs_counts_its_worst_ou
     assert concatenated < int8_module.FEATURE_ERROR  # what one figure over both would have said
 
 
+def test_a_classifiers_speed_counts_the_float32_pass_over_its_near_ties(caplog):
+    """Int8Engine computes near ties again in float32: where most outputs are near ties, int8
+    is no faster than float32, and "auto" must not take it for its bare network's speed."""
+    import time
+
+    class Classifier:
+        def __init__(self, probabilities, seconds):
+            self.probabilities, self.seconds = np.asarray(probabilities, dtype="float32"), seconds
+
+        def predict(self, batch):
+            time.sleep(self.seconds)
+            return np.tile(self.probabilities, (len(batch), 1))
+
+    batch = images(64, seed=1)
+    for probabilities, share in (([0.50, 0.49, 0.01], 1.0), ([0.90, 0.05, 0.05], 0.0)):
+        check = int8_module.measure(Classifier(probabilities, 0.0), Classifier(probabilities, 0.01), batch,
+                                    classifier=True)
+        assert check.passed and check.near_ties == share
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="transferkit"):
+            int8_module.warn_if_slower(check)  # where int8 was asked for by name
+        if share:
+            assert check.speedup < 1 and "(100% of them)" in check.describe()
+            assert "int8 runs slower than float32 here" in caplog.text
+        else:
+            assert not caplog.records
+            assert check.speedup > 10 * int8_module.AUTO_SPEEDUP and "(0% of them)" in check.describe()
+
+
 def test_int8_that_falls_short_of_float32_runs_float32_with_a_notice(tmp_path, caplog):
     model = extractor(outlier=300.0)
     exact = float_engine(model, tmp_path)

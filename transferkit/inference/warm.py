@@ -28,7 +28,8 @@ from transferkit.files import write_atomic
 log = logging.getLogger("transferkit")
 
 WARM_FOLDER = "warm"
-RECORD_REVISION = 1  # raised when what a record holds changes: older records are not read
+RECORD_REVISION = 2  # raised when what a record holds or how it was chosen changes: older records are not read
+#                    (2: an int8 classifier's speed counts its near ties' float32 pass)
 # The CPU flags that choose an engine's precision ("auto": bfloat16 where fast) or its int8 kernels.
 CHOOSING_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 GPU_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
@@ -156,14 +157,16 @@ def _network(engine) -> dict | None:
 
 def _rebuild(record: dict):
     from transferkit.inference.engines import ChainedEngine
-    from transferkit.inference.int8 import Int8Check, Int8Engine
+    from transferkit.inference.int8 import Int8Check, Int8Engine, warn_if_slower
 
     kind = record["kind"]
     if kind == "openvino":
         return _engine(record["network"])
     if kind == "int8":
         int8, float32 = _engine(record["int8"]), _engine(record["float32"])
-        return Int8Engine(int8, float32, Int8Check(**record["check"]), record["classifier"])
+        check = Int8Check(**record["check"])
+        warn_if_slower(check)
+        return Int8Engine(int8, float32, check, record["classifier"])
     if kind == "chained":
         body, head = _engine(record["body"]), _engine(record["head"])
         exact = record.get("exact")
