@@ -492,11 +492,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--run", type=Path, help="a run folder to measure instead of generated ones (with --photos)")
     parser.add_argument("--photos", type=Path, help="--run: the folder of images to predict, every image in it")
+    parser.add_argument("--precisions", default="float32,int8",
+                        help="--run: the precisions measured beside the default (bfloat16, float32, int8)")
     args = parser.parse_args(argv)
     if (args.run is None) != (args.photos is None):
         parser.error("--run and --photos go together: a run folder and the images to predict with it")
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    if set(precisions) - {"bfloat16", "float32", "int8"}:
+        parser.error(f"--precisions {args.precisions}: choose among bfloat16, float32 and int8")
     if args.run is not None:
-        return measure_given(args)
+        return measure_given(args, precisions)
 
     with tempfile.TemporaryDirectory(prefix="tk-predict-bench-") as tmp:
         tmp = Path(tmp)
@@ -522,7 +527,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure_given(args) -> int:
+def measure_given(args, precisions: tuple[str, ...]) -> int:
     """``--run RUN --photos FOLDER``: the run's predict over the folder (each precision, warm:
     the engine cache filled first), against plain Keras on the same decoded images and
     reading the folder itself. One JSON line; a bad run or folder: one line and exit 1."""
@@ -537,14 +542,14 @@ def measure_given(args) -> int:
                  if reason is None] if args.photos.is_dir() else []
         if not files:
             raise DataError(f"--photos {args.photos}: no images there; give a folder of images to predict")
-        for precision in ("auto", "int8"):  # the engine cache filled, as for a warm predict
+        for precision in ("auto", *precisions):  # the engine cache filled, as for a warm predict
             engine_for(run, "auto", precision, images=len(files))
     except transferkit.TransferkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     result = {"benchmark": "predict", "machine": machine_facts(), "run": str(args.run), "photos": str(args.photos),
               "size": run.image_size, "batch": args.batch, "images": len(files), "backbone": run.backbone,
-              **measure(args.run, args.photos, files, args.batch, ("float32", "int8"), keras_folder=True)}
+              **measure(args.run, args.photos, files, args.batch, precisions, keras_folder=True)}
     print(json.dumps(result))
     return 0
 
