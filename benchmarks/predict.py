@@ -210,7 +210,7 @@ def measure(run_dir: Path, images_dir: Path, files: list[Path], batch: int, prec
     keras_rate, on_batch_rate = best_rates([keras_predict, keras_on_batch], count)
     fastest_keras = max(keras_rate, on_batch_rate)
     reference = outputs[-1]
-    folder_rate = keras_folder_rate(plain, images_dir, size, batch, count) if keras_folder else None
+    folder_rate = keras_folder_rate(plain, images_dir, size, batch) if keras_folder else None
     named = [path.parent.name in run.class_names for path in files]
     truth = np.asarray([run.class_names.index(path.parent.name) if known else -1
                         for path, known in zip(files, named, strict=True)])
@@ -279,7 +279,7 @@ def measure(run_dir: Path, images_dir: Path, files: list[Path], batch: int, prec
     return {**figures, **others}
 
 
-def keras_folder_rate(plain, images_dir: Path, size: int, batch: int, count: int) -> float:
+def keras_folder_rate(plain, images_dir: Path, size: int, batch: int) -> float:
     """Images/s of plain Keras float32 over the folder as a user's script reads it (Keras's
     own decoding and resizing included), best of ``ROUNDS``."""
     import contextlib
@@ -289,7 +289,8 @@ def keras_folder_rate(plain, images_dir: Path, size: int, batch: int, count: int
     with contextlib.redirect_stdout(sys.stderr):  # "Found N files": stdout holds only the JSON line
         dataset = keras.utils.image_dataset_from_directory(
             images_dir, labels=None, image_size=(size, size), batch_size=batch, shuffle=False)
-    return best_rates([lambda: plain.predict(dataset, verbose=0)], count)[0]
+    # Its own count: Keras reads fewer formats than transferkit (no WebP or TIFF, say).
+    return best_rates([lambda: plain.predict(dataset, verbose=0)], len(dataset.file_paths))[0]
 
 
 def predict_child(run_dir: Path, images_dir: Path, precision: str, batch: int) -> dict:
