@@ -319,7 +319,7 @@ def int8_engine(model, float32: OpenVINOEngine, samples: Int8Samples | Callable[
 def warn_if_slower(check: Int8Check) -> None:
     """Warn where int8, asked for by name ("auto" runs float32 then), measured slower than
     float32: a classifier most of whose outputs are near ties, computed again in float32."""
-    if check.speedup < 1:
+    if check.near_ties is not None and check.speedup < 1:
         log.warning("int8 runs slower than float32 here (%.2fx as fast: most outputs are near ties, computed "
                     "again in float32); --precision auto or float32 is faster", check.speedup)
 
