@@ -49,6 +49,9 @@ def test_weights_that_cannot_be_had_or_a_data_path_that_is_no_folder_end_in_one_
     assert err[-1].startswith("error: --data ") and "notes.txt" in err[-1]
 
 
+# The hand-written guide calls fit on its tf.data datasets with Keras's default shuffle=True, as a
+# user's script does; Keras warns that the dataset shuffles itself (transferkit's fits pass False).
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed:UserWarning")
 def test_both_jobs_train_on_the_given_folder_from_the_given_weights(bench, weights_file, shapes_dir, capsys):
     path, _ = weights_file
     code = bench["main"](["--in-process", "--data", str(shapes_dir), "--weights", str(path), "--size", "32",
