@@ -403,3 +403,17 @@ def test_predict_with_tta_on_a_run_without_the_tta_record_averages_over_all_the_
     assert [row["file"] for row in plain_rows] == [row["file"] for row in tta_rows] and len(tta_rows) == 10
     # the average over six variants is not the plain image's output
     assert any(p["confidence"] != t["confidence"] for p, t in zip(plain_rows, tta_rows))
+
+
+def test_every_command_is_listed_with_a_one_line_summary():
+    """The command list shows each docstring's first paragraph as written: a line break in it
+    breaks the list's row mid-sentence."""
+    import inspect
+
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    assert {"finetune", "predict", "tune", "report", "backbones"} <= set(commands)
+    for name, command in commands.items():
+        first = inspect.cleandoc(command.help or "").split("\n\n")[0]
+        assert first and "\n" not in first, f"{name}: {first!r}"

@@ -105,8 +105,10 @@ def explain(
 
 @reports_errors
 def report(run: RunArgument, verbose: VerboseOption = False) -> None:
-    """Write a run's MODEL_CARD.md again (with its exports and evaluations so far), and draw
-    history.png and confusion.png again from history.csv and metrics.json."""
+    """Write a run's MODEL_CARD.md, history.png and confusion.png again.
+
+    The card with the run's exports and evaluations so far; the figures from history.csv and
+    metrics.json."""
     from transferkit.evaluation.card import write_run_report
 
     setup_logging(False, verbose)

@@ -10,8 +10,9 @@ from transferkit.cli.common import reports_errors
 
 @reports_errors
 def backbones() -> None:
-    """List the available backbones (built in, and those installed packages add), their
-    input sizes and parameter counts."""
+    """List the available backbones, their input sizes and parameter counts.
+
+    The built-in ones, and those installed packages add."""
     names = available_backbones()
     width = max(17, *map(len, names))  # a plugin's name may be longer than the built-in ones
     header = f"{'name':<{width}} {'default size':>12} {'min size':>9} {'blocks':>7} {'parameters':>12}"

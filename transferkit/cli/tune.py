@@ -75,8 +75,9 @@ def tune(
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Search hyperparameters on DATA_DIR: the space of the recipe's tune section (or a default one), TPE
-    sampling with pruning, one Optuna study that the same command continues.
+    """Search hyperparameters on DATA_DIR: TPE sampling with pruning, in one Optuna study.
+
+    The space is the recipe's tune section (or a default one); the same command continues the study.
 
     Each trial trains as finetune would; `transferkit finetune DATA_DIR --recipe
     OUT_DIR/best_recipe.toml` trains the best one again. Ctrl-C ends the current
