@@ -36,7 +36,8 @@ def evaluate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o",
             help="Folder to write to; default RUN/eval-<folder>-<timestamp>/.")] = None,
     tta: Annotated[bool, typer.Option("--tta",
-            help="Average over the recipe's test-time variants (tta.transforms).")] = False,
+            help="Average over the image and the recipe's tta.transforms that finetune kept (metrics.json "
+                 "'tta').")] = False,
     reject: RejectOption = False,
     sets: SetsOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,

@@ -36,7 +36,8 @@ def predict(
     engine: InferenceEngineOption = "auto",
     precision: InferencePrecisionOption = "auto",
     tta: Annotated[bool, typer.Option("--tta",
-            help="Test-time augmentation: average over the image and the recipe's tta.transforms.")] = False,
+            help="Test-time augmentation: average over the image and the recipe's tta.transforms that "
+                 "finetune kept (metrics.json 'tta').")] = False,
     reject: RejectOption = False,
     sets: SetsOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,

@@ -247,7 +247,8 @@ def evaluate_folder(
             optionally ``unknown/`` with images of no known class (metrics "open_set": the
             AUROC and FPR at 95% TPR of the run's rejection score, or of the largest
             probability for a run without one, beside the largest probability's).
-        tta: average over the recipe's test-time variants (``tta.transforms``); default False.
+        tta: average over the image and the recipe's ``tta.transforms`` that finetune kept
+            (metrics.json "tta"); default False.
         batch_size: images per forward pass (times the variants with ``tta``); default 32.
         engine: "auto", "keras" or "openvino", or a ``ForwardEngine`` built for this run's
             model (used as it is, with ``tta`` ignored); default "auto".
