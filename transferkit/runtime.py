@@ -151,8 +151,8 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "unknown"
 
 
-# The CPU flags with which mixed bfloat16 runs fast.
-FAST_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The CPU flags with which mixed bfloat16 runs fast, in the order "auto" names them, and their names.
+FAST_BFLOAT16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 
 
 def machine_facts() -> dict:
@@ -209,10 +209,9 @@ def resolve_precision(choice: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> tup
             return "mixed_bfloat16", f"auto: GPU compute capability {capability[0]}.{capability[1]}"
         return "float32", "auto: GPU without fast bfloat16"
     flags = cpu_flags(cpuinfo)
-    if "amx_bf16" in flags:
-        return "mixed_bfloat16", "auto: CPU has AMX-BF16"
-    if "avx512_bf16" in flags:
-        return "mixed_bfloat16", "auto: CPU has AVX512-BF16"
+    for flag, name in FAST_BFLOAT16_FLAGS.items():
+        if flag in flags:
+            return "mixed_bfloat16", f"auto: CPU has {name}"
     return "float32", "auto: no fast bfloat16 on this CPU"
 
 
