@@ -180,16 +180,17 @@ def throughput(
 
 
 def measure(run_dir: Path, images_dir: Path, files: list[Path], batch: int, precisions: tuple[str, ...],
-            keras_folder: bool = False) -> dict:
+            keras_folder: bool = False, run=None) -> dict:
     """Predict over ``images_dir`` (whose images are ``files``) with the run in ``run_dir``,
     the default precision and each of ``precisions``, against plain Keras float32 on the same
     decoded images; with ``keras_folder``, also against plain Keras reading the folder itself
-    (``image_dataset_from_directory``), as a user's script would."""
+    (``image_dataset_from_directory``), as a user's script would. ``run``: the run already
+    loaded with its model (default None: loaded here)."""
     from transferkit.data.images import decode_images
     from transferkit.inference.engines import inference_engine
     from transferkit.runs import load_run
 
-    run = load_run(run_dir)
+    run = run if run is not None else load_run(run_dir)
     size, count = run.image_size, len(files)
     decoded, _, _ = decode_images(files, size)
     floats = decoded.astype("float32")
@@ -538,7 +539,7 @@ def measure_given(args, precisions: tuple[str, ...]) -> int:
     from transferkit.inference.predict import engine_for
 
     try:
-        run = transferkit.load_run(args.run)
+        run = transferkit.load_run(args.run)  # with its model: measure() uses it too
         files = [path for path, reason in iter_image_files(args.photos)
                  if reason is None] if args.photos.is_dir() else []
         if not files:
@@ -550,7 +551,7 @@ def measure_given(args, precisions: tuple[str, ...]) -> int:
         return 1
     result = {"benchmark": "predict", "machine": machine_facts(), "run": str(args.run), "photos": str(args.photos),
               "size": run.image_size, "batch": args.batch, "images": len(files), "backbone": run.backbone,
-              **measure(args.run, args.photos, files, args.batch, precisions, keras_folder=True)}
+              **measure(args.run, args.photos, files, args.batch, precisions, keras_folder=True, run=run)}
     print(json.dumps(result))
     return 0
 

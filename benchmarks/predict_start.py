@@ -29,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from transferkit.data.folders import iter_image_files  # noqa: E402
 from transferkit.inference.openvino import engine_cache_dir  # noqa: E402
 from transferkit.runtime import machine_facts  # noqa: E402
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "machine": machine_facts(),
         "benchmark": "predict_start",
-        "images": sum(1 for path in images.rglob("*") if path.suffix.lower() in (".png", ".jpg", ".jpeg")),
+        "images": sum(reason is None for _, reason in iter_image_files(images)),
         "wall_seconds": {way: [round(value, 2) for value in values] for way, values in seconds.items()},
         "ratio_recorded_to_model_loaded": round(median["recorded"] / median["model_loaded"], 3),
         "same_predictions": same,
