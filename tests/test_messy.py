@@ -63,6 +63,24 @@ def test_decompression_bomb_is_refused_with_a_clear_reason(tmp_path, monkeypatch
             assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)], name
 
 
+def test_images_above_the_limit_decoded_in_threads_warn_nothing(tmp_path, monkeypatch):
+    """Pillow warns above MAX_IMAGE_PIXELS; a file on disk is read up to twice it with no
+    warning, even while other threads open images under the same check (``catch_warnings``
+    in two threads at once used to put back each other's filters and let Pillow's warning out)."""
+    from transferkit.data.images import decode_images
+
+    Image.new("L", (120, 100), 128).save(tmp_path / "large.png")  # above the limit set below
+    Image.new("L", (300, 300), 128).save(tmp_path / "bomb.png")  # above twice it: refused
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    paths = [tmp_path / ("bomb.png" if index % 2 else "large.png") for index in range(400)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images, kept, skipped = decode_images(paths, 16, workers=8)
+    assert [w.message for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    assert list(kept) == list(range(0, 400, 2)) and len(skipped) == 200
+    assert all("decompression-bomb guard" in reason for _, reason in skipped)
+
+
 def test_odd_but_valid_images_are_read(tmp_path):
     Image.new("RGB", (1, 1), (5, 6, 7)).save(tmp_path / "tiny.png")
     assert read_image(tmp_path / "tiny.png").shape == (1, 1, 3)

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from transferkit.data.folders import FolderIndex, index_folders, partition_skipped
-from transferkit.data.images import UnreadableImage, load_image
+from transferkit.data.images import UnreadableImage, load_image, open_image
 from transferkit.data.split import group_names, split_rows
 from transferkit.errors import RecipeError
 
@@ -466,7 +465,7 @@ def _inspect(path: Path, image_size: int, keep: Callable | None = None) -> _Insp
     if keep is not None:
         keep(path, image)
     try:
-        with Image.open(path) as image:  # the header: size and mode before conversion to RGB
+        with open_image(path) as image:  # the header: size and mode before conversion to RGB
             mode = image.mode
             width, height = image.size
         digest = hashlib.sha256()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -128,13 +129,47 @@ def _plain_jpeg_header(data: bytes, strict: bool) -> bool:
     import io
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return (image.format == "JPEG" and image.mode in ("RGB", "L")
-                        and image.getexif().get(0x0112, 1) == 1)
+        with open_image(io.BytesIO(data), strict=strict) as image:
+            return (image.format == "JPEG" and image.mode in ("RGB", "L")
+                    and image.getexif().get(0x0112, 1) == 1)
     except Exception:  # Pillow's path will say what is wrong with it
         return False
+
+
+# Pillow warns (DecompressionBombWarning) when it opens an image of more than
+# Image.MAX_IMAGE_PIXELS pixels and refuses one of more than twice that. Its warning is
+# silenced while it reads the header, one thread at a time: ``warnings.catch_warnings`` sets
+# the process's filters and puts back those it found, so two threads inside it at once
+# (``decode_images`` decodes in several) put back each other's, and Pillow's warning reached
+# the user's terminal as a raw line of Python.
+_HEADER_LOCK = threading.Lock()
+
+
+def open_image(source, strict: bool = False) -> Image.Image:
+    """``PIL.Image.open`` without Pillow's decompression-bomb warning on standard error.
+
+    Args:
+        source: a path or a binary file object.
+        strict: refuse an image above ``Image.MAX_IMAGE_PIXELS`` (where Pillow only warns),
+            as for bytes sent to ``serve``; default False (refused above twice that, as
+            Pillow does: a file on disk is the user's own).
+
+    Returns:
+        The opened image (its header read, not decoded); close it, or use it as a context
+        manager.
+
+    Raises:
+        Image.DecompressionBombError: the image is above the limit.
+        OSError, ValueError, ...: as ``Image.open``.
+    """
+    with _HEADER_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(source)
+    if strict and Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"Image size ({image.width * image.height} pixels) exceeds limit of {Image.MAX_IMAGE_PIXELS} pixels")
+    return image
 
 
 def _open_rgb(path: Path | bytes, draft_size: int | None = None) -> Image.Image:
@@ -146,18 +181,16 @@ def _open_rgb(path: Path | bytes, draft_size: int | None = None) -> Image.Image:
     # sent to serve stop at the warning: a small, highly compressed upload must not make the
     # server decode gigabytes.
     strict = isinstance(path, bytes)
-    limit = Image.MAX_IMAGE_PIXELS * (1 if strict else 2)
+    limit = (Image.MAX_IMAGE_PIXELS or 0) * (1 if strict else 2)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                if draft_size is not None and image.format == "JPEG":
-                    # Let libjpeg decode at a reduced scale: much faster for large photos.
-                    image.draft("RGB", (draft_size, draft_size))
-                image.seek(0)
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        with open_image(source, strict=strict) as image:
+            if draft_size is not None and image.format == "JPEG":
+                # Let libjpeg decode at a reduced scale: much faster for large photos.
+                image.draft("RGB", (draft_size, draft_size))
+            image.seek(0)
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except Image.DecompressionBombError as error:
         raise UnreadableImage(
             _named(path),
             f"image too large to open safely (decompression-bomb guard, over {limit} pixels)",
