@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+import transferkit.errors
 import transferkit.files
 import transferkit.runs as runs
 
@@ -60,3 +61,49 @@ def test_the_run_folder_is_flushed_before_it_is_renamed_into_place(tmp_path, mon
 def test_one_check_of_where_a_run_may_be_written():
     assert runs.require_writable_place is transferkit.files.require_writable_place
     assert runs.require_apart is transferkit.files.require_apart
+
+
+def test_a_new_run_inside_another_run_folder_is_refused(tmp_path):
+    """Replacing the outer run (--force) would delete the inner one with it."""
+    outer = tmp_path / "runs" / "demo"
+    outer.mkdir(parents=True)
+    runs.write_labels(outer, ("cat", "dog"), 32, "vgg16", "sigmoid")
+    with pytest.raises(transferkit.errors.RunError, match=r"would lie inside the run .*demo; choose another -o"):
+        runs.check_writable(outer / "deeper" / "sub", force=False, new_run=True)
+    runs.check_writable(tmp_path / "runs" / "beside", force=False, new_run=True)  # beside it: fine
+
+
+def test_a_place_whose_permissions_pass_but_refuses_a_folder_is_told_before_any_work(tmp_path):
+    """Root passes every permission check; /proc refuses a new folder all the same."""
+    import os
+
+    if not os.path.isdir("/proc/self") or not os.access("/proc", os.W_OK):
+        pytest.skip("needs /proc with write permission (root on Linux)")
+    with pytest.raises(transferkit.errors.RunError, match=r"^cannot write into /proc \(.*\); choose another -o$"):
+        runs.check_writable(transferkit.files.Path("/proc/run"), force=False, new_run=True)
+    runs.check_writable(tmp_path / "run", force=False, new_run=True)
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
+
+
+def test_finetune_refusing_a_finished_run_removes_the_in_progress_folder_its_killed_writer_left(
+        tmp_path, shapes_dir, caplog):
+    """A process killed between publishing RUN and removing RUN.partial: the next plain
+    finetune at RUN refuses it (it exists) and removes RUN.partial, saying so."""
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+    from transferkit.locks import JOB_FILE, work_dir_for
+
+    output = tmp_path / "run"
+    output.mkdir()
+    runs.write_labels(output, ("cat", "dog"), 32, "vgg16", "sigmoid")
+    labels = json.loads((output / "labels.json").read_text())
+    (output / "labels.json").write_text(json.dumps({**labels, "run_id": "finished-run"}))
+    partial = work_dir_for(output)
+    partial.mkdir()
+    (partial / JOB_FILE).write_text(json.dumps({"run_id": "finished-run"}))
+    with caplog.at_level("WARNING", logger="transferkit"):
+        result = CliRunner().invoke(app, ["finetune", str(shapes_dir), "--weights", "none", "-o", str(output)])
+    assert result.exit_code == 1 and "exists already; pass --force" in result.output
+    assert not partial.exists() and (output / "labels.json").is_file()
+    assert f"{output} is finished; removing its in-progress folder {partial}" in caplog.text

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -326,6 +327,13 @@ def require_writable_place(folder: str | os.PathLike) -> None:
             read_only = False
         why = "its filesystem is read-only" if read_only else "permission denied"
         raise RunError(f"cannot write into {existing} ({why}); choose another -o")
+    # The permission bits do not tell everything (root passes them; /proc, /sys and some
+    # network filesystems refuse a new folder anyway): an empty folder made there and removed.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".transferkit-probe-", dir=existing))
+    except OSError as error:
+        reason = WRITE_FAILURES.get(error.errno) or error.strerror or first_line(error)
+        raise RunError(f"cannot write into {existing} ({reason}); choose another -o") from error
 
 
 def require_apart(output: str | os.PathLike, data_folders, what: str) -> None:

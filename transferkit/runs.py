@@ -175,7 +175,8 @@ def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool 
         RunError: another process is writing the folder now (named, whatever ``force``
             says), the folder exists (without ``force``), is a file, is not a run folder
             (``force`` replaces run folders only), is inside or holds a data folder, its
-            parent cannot be created or written, or (``new_run``) an interrupted run is there.
+            parent cannot be created or written, or (``new_run``) an interrupted run is there
+            or it would lie inside another run folder.
     """
     require_not_live(output)
     partial = work_dir_for(output)
@@ -187,6 +188,10 @@ def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool 
     require_not_a_file(output)
     absolute = Path(os.path.abspath(output))
     require_apart(output, data_folders, "run folder")
+    if new_run:
+        holder = next((parent for parent in absolute.parents if (parent / LABELS_FILE).is_file()), None)
+        if holder is not None:  # replacing that run (--force) would delete this one with it
+            raise RunError(f"run folder {output} would lie inside the run {holder}; choose another -o")
     if output.exists():
         if not force:
             raise RunError(f"run folder {output} exists already; pass --force to replace it or choose another -o")

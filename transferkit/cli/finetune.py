@@ -117,9 +117,12 @@ def finetune(
     check_folders(data_dir, val_dir)
     if output is not None and resolved.strategy != "data-parallel" and not keras_distribution_variables():
         from transferkit.runs import check_writable
+        from transferkit.training.checkpoint import remove_if_finished
 
         # An -o that exists, or lies in the data, told before Keras loads too (in one process
-        # only: of several, process 0 checks once they have met).
+        # only: of several, process 0 checks once they have met). First, the in-progress
+        # folder of a finished run whose process was killed just after publishing it goes.
+        remove_if_finished(output)
         check_writable(output, force, data_folders=(data_dir, val_dir), new_run=True)
     from transferkit import workflow
 
