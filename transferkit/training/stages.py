@@ -717,8 +717,10 @@ def _log_stage(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> 
         return
     stage = run.stages[index]
     trainable = sum(int(np.prod(w.shape)) for w in begun.model.trainable_weights)
+    # Counted among the stages that train (a stage of 0 epochs is skipped: --fine-epochs 0).
+    training = [number for number, each in enumerate(run.stages) if each.epochs > 0 or number == index]
     log.info(
-        f"stage {index + 1}/{len(run.stages)} '{stage.name}': unfreeze={stage.unfreeze}, "
+        f"stage {training.index(index) + 1}/{len(training)} '{stage.name}': unfreeze={stage.unfreeze}, "
         f"{stage.optimizer} lr={stage.learning_rate:g}"
         + (f" ({stage.schedule}" + (f", {stage.warmup_epochs:g} warmup epochs)" if stage.warmup_epochs else ")")
            if stage.schedule != "constant" or stage.warmup_epochs else "")
