@@ -30,13 +30,18 @@ def test_class_weights_balance_the_classes():
 
 
 
-def test_image_array_spills_beyond_its_budget_and_leaves_no_file(tmp_path):
+def test_image_array_spills_beyond_its_budget_and_leaves_no_file(tmp_path, caplog):
+    import logging
+
     from transferkit.data.arrays import image_array, partition_rows
 
-    in_memory = image_array(4, 8, memory_budget_mb=1)
-    assert type(in_memory) is np.ndarray
-    spilled = image_array(4, 8, memory_budget_mb=1e-4, spill_dir=tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="transferkit"):
+        in_memory = image_array(4, 8, memory_budget_mb=1)
+        assert type(in_memory) is np.ndarray and "memory-mapped" not in caplog.text
+        spilled = image_array(4, 8, memory_budget_mb=1e-4, spill_dir=tmp_path)
     assert isinstance(spilled, np.memmap)
+    # told with -v (debug): where the images went, and why
+    assert f"above data.memory_mb (0.0001 MB): memory-mapped from a temporary file in {tmp_path}" in caplog.text
     assert list(tmp_path.iterdir()) == []  # unlinked once mapped; freed with the array
     spilled[:] = np.arange(4 * 8 * 8 * 3).reshape(4, 8, 8, 3) % 251
     before = np.array(spilled)

@@ -34,12 +34,17 @@ def images(n=24, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype="uint8")
 
 
-def test_store_spills_to_disk_beyond_its_budget_with_the_same_values_and_leaves_no_file(tmp_path):
+def test_store_spills_to_disk_beyond_its_budget_with_the_same_values_and_leaves_no_file(tmp_path, caplog):
     data = images(10)
     forward = lambda batch: [batch.reshape(len(batch), -1)[:, :7] * 0.5]  # noqa: E731
-    (in_memory,) = compute_feature_stores(forward, data, [(7,)], FeaturePass([1], batch_size=3, memory_budget_mb=100))
-    spilled = FeaturePass([1], batch_size=3, memory_budget_mb=1e-6, spill_dir=tmp_path)
-    (on_disk,) = compute_feature_stores(forward, data, [(7,)], spilled)
+    with caplog.at_level(logging.DEBUG, logger="transferkit"):
+        (in_memory,) = compute_feature_stores(forward, data, [(7,)],
+                                              FeaturePass([1], batch_size=3, memory_budget_mb=100))
+        assert "memory-mapped" not in caplog.text
+        spilled = FeaturePass([1], batch_size=3, memory_budget_mb=1e-6, spill_dir=tmp_path)
+        (on_disk,) = compute_feature_stores(forward, data, [(7,)], spilled)
+    # told with -v (debug): where the cache went, and why
+    assert f"above cache.memory_mb (1e-06 MB): memory-mapped from a temporary file in {tmp_path}" in caplog.text
     assert not in_memory.on_disk and on_disk.on_disk
     assert isinstance(on_disk.array, np.memmap)
     # Unlinked as soon as it is mapped: a run killed now leaves nothing in the folder.

@@ -32,6 +32,8 @@ def image_array(count: int, size: int, memory_budget_mb: float,
     shape = (count, size, size, 3)
     if count * size * size * 3 <= memory_budget_mb * 2**20:
         return np.empty(shape, dtype="uint8")
+    log.debug("decoded images: %.1f MB, above data.memory_mb (%g MB): memory-mapped from a temporary file in %s",
+              count * size * size * 3 / 2**20, memory_budget_mb, spill_dir or tempfile.gettempdir())
     handle = tempfile.NamedTemporaryFile(prefix="transferkit-images-", suffix=".u8", dir=spill_dir, delete=False)
     try:
         array = np.memmap(handle, dtype="uint8", mode="w+", shape=shape)

@@ -120,6 +120,9 @@ class FeatureStore:
         nbytes = math.prod(self.shape) * np.dtype(dtype).itemsize
         self.on_disk = nbytes > 0 and nbytes > memory_budget_mb * 2**20
         self.array = _spilled_array(self.shape, dtype, spill_dir) if self.on_disk else np.empty(self.shape, dtype)
+        if self.on_disk:
+            log.debug("feature cache: %.1f MB, above cache.memory_mb (%g MB): memory-mapped from a temporary file "
+                      "in %s", nbytes / 2**20, memory_budget_mb, spill_dir or tempfile.gettempdir())
         self.nbytes = nbytes
         self.filler: _ViewFiller | None = None
         self.int8: Int8Origin | None = None
