@@ -197,7 +197,8 @@ def _is_this_process(record: dict) -> bool:
 
 def live_message(folder: Path, record: dict | None) -> str:
     """The one line that refuses a second writer."""
-    target = Path(folder).name[: -len(".partial")] if Path(folder).name.endswith(".partial") else Path(folder).name
+    folder = Path(folder)
+    target = folder.with_name(folder.name.removesuffix(".partial"))  # X as it was given: runs/k9, not k9
     pid = (record or {}).get("pid")
     stop = f" (kill {pid})" if pid and (record or {}).get("host") == socket.gethostname() else ""
     return (f"{target} is being written by {describe_owner(record)}, which holds the lock in {folder}; "

@@ -211,6 +211,22 @@ def test_class_without_enough_readable_images_is_reported_not_raised(data_dir):
     json.dumps(report.to_dict())
 
 
+def test_a_class_folder_without_readable_images_is_named_by_its_path(data_dir, monkeypatch):
+    """doctor DATA/ lists the folder as DATA/square, the path as the user gave its parent."""
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    for path in (data_dir / "square").iterdir():
+        path.write_bytes(b"not an image")
+    monkeypatch.chdir(data_dir.parent)
+    result = CliRunner().invoke(app, ["doctor", f"{data_dir.name}/", "--image-size", "64"])
+    assert result.exit_code == 1
+    finding = next(line for line in result.output.splitlines() if "hold no readable image" in line)
+    lines = result.output.splitlines()
+    assert lines[lines.index(finding) + 1].strip() == f"{data_dir.name}/square"
+
+
 def test_folder_errors_propagate(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         check_data(tmp_path / "missing")

@@ -91,6 +91,29 @@ def test_the_cards_plain_keras_snippet_gives_predicts_answer(shapes_run, shapes_
     assert namespace["confidence"] == pytest.approx(row.confidence, abs=1e-5)
 
 
+def test_the_cards_snippet_gives_predicts_keras_engine_in_the_runs_own_precision(bfloat16_run, binary_dir,
+                                                                                monkeypatch):
+    """The card says which predict its lines match (--engine keras: the model in its own
+    precision, here mixed bfloat16) and how far the default engine's 16-bit rounding is,
+    told by the near-tie margin predict's engines compute again in float32 below."""
+    from transferkit.inference.engines import REFINE_MARGIN
+
+    output = bfloat16_run.path
+    card = (output / CARD_FILE).read_text(encoding="utf-8")
+    assert "few thousandths" not in card
+    assert "the confidences of `transferkit predict --engine keras`" in card and "precision, mixed_bfloat16" in card
+    assert (f"about {REFINE_MARGIN / 2:g} (what its near-tie check allows for: an image whose top two probabilities "
+            f"are closer than {REFINE_MARGIN:g} is computed again in float32") in " ".join(card.split())
+    snippet = card.split("```python\n")[1].split("```")[0]
+    photo = sorted(next(folder for folder in binary_dir.iterdir() if folder.is_dir()).iterdir())[0]
+    monkeypatch.chdir(output)
+    namespace = {}
+    exec(snippet.replace('"photo.jpg"', repr(str(photo))), namespace)  # noqa: S102
+    [row] = transferkit.predict_folder(bfloat16_run, photo, engine="keras").rows
+    assert namespace["label"] == row.label
+    assert namespace["confidence"] == pytest.approx(row.confidence, abs=1e-6)
+
+
 def test_report_keeps_the_card_when_metrics_json_is_damaged(shapes_run, tmp_path):
     import shutil
 

@@ -46,8 +46,6 @@ def test_explain_writes_png_npy_and_grid_and_report_redraws(shapes_run, shapes_d
     assert 0 <= heat.min() and heat.max() <= 1
     with Image.open(out / first["png"]) as png:
         png.verify()
-    bad = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "--class", "nope"])
-    assert bad.exit_code == 1 and "nope" in bad.output
     both = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir / name), "--class", name, "--top", "2"])
     assert both.exit_code == 2 and f"--class {name} explains one class and --top 2" in both.output
     # Beside the class explained, in the folder the run was trained on: its PNGs would be a class.
@@ -57,6 +55,18 @@ def test_explain_writes_png_npy_and_grid_and_report_redraws(shapes_run, shapes_d
     assert not (shapes_dir / "explained").exists()
     report = runner.invoke(app, ["report", str(shapes_run.path)])
     assert report.exit_code == 0 and "history.png" in report.output and "confusion.png" in report.output
+
+
+def test_explain_a_class_the_run_lacks_is_a_usage_error(shapes_run, shapes_dir, tmp_path):
+    """--class names a class of the run: another name is a bad flag value (exit 2, as --top 0)."""
+    out = tmp_path / "explain"
+    bad = runner.invoke(app, ["explain", str(shapes_run.path), str(shapes_dir), "--class", "hexagon", "-o", str(out)])
+    assert bad.exit_code == 2, bad.output
+    assert bad.output == (f"error: class 'hexagon' (--class, or /explain's ?class=) is not one of the run's classes: "
+                          f"{', '.join(shapes_run.class_names)}\n")
+    assert not out.exists()
+    missing = runner.invoke(app, ["explain", str(tmp_path / "no-run"), str(shapes_dir), "--class", "hexagon"])
+    assert missing.exit_code == 1 and "does not exist" in missing.output  # the run itself: an input failure
 
 
 def test_explain_stopped_while_writing_leaves_no_folder_and_the_retry_needs_no_force(shapes_run, shapes_dir,

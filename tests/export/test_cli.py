@@ -98,8 +98,31 @@ def test_bad_choices_are_usage_errors(shapes_run):
     for flags in (["--format", "tflite"], ["--format", "savedmodel", "--quantize", "int4"]):
         result = runner.invoke(app, ["export", str(shapes_run.path), *flags])
         assert result.exit_code == 2 and result.output.startswith("error:")
-    unsupported = runner.invoke(app, ["export", str(shapes_run.path), "--format", "savedmodel", "--quantize", "int8"])
-    assert unsupported.exit_code == 1 and "supports none" in unsupported.output
+
+
+def test_a_quantization_the_format_lacks_is_a_usage_error(shapes_run, tmp_path):
+    """Each format's quantizations come from the formats table: one it lacks is a bad
+    --quantize value (exit 2, as an unknown one), told before anything is written."""
+    out = tmp_path / "h5"
+    for format in ("h5", "savedmodel"):
+        refused = runner.invoke(app, ["export", str(shapes_run.path), "--format", format, "--quantize", "int8",
+                                      "-o", str(out)])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output == f"error: {format} export cannot be quantized to int8; it supports none\n"
+    assert not out.exists()
+
+
+def test_benchmark_formats_and_output_names_are_usage_errors(shapes_run, tmp_path):
+    """An unknown --formats entry (or a quantization its format lacks) and a -o that is not
+    a .json name are bad flag values: exit 2, as predict's -o p.txt, before any export."""
+    run = str(shapes_run.path)
+    for entry in ("kerass", "keras-int8", "onnx,h5-float16"):
+        refused = runner.invoke(app, ["benchmark", run, "--formats", entry, "-o", str(tmp_path / "b.json")])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.startswith("error: unknown benchmark format") and "choose from" in refused.output
+    refused = runner.invoke(app, ["benchmark", run, "--formats", "keras", "-o", str(tmp_path / "b.txt")])
+    assert refused.exit_code == 2 and refused.output == f"error: --output {tmp_path / 'b.txt'}: use a .json file name\n"
+    assert not list(tmp_path.iterdir())
 
 
 def test_benchmark_prints_one_table_and_writes_benchmark_json(shapes_run, tmp_path):
@@ -117,8 +140,9 @@ def test_benchmark_prints_one_table_and_writes_benchmark_json(shapes_run, tmp_pa
     # Where it may not write, told before any export: an existing file (without --force), a
     # folder, one of the run's own files, another kind of name.
     run = shapes_run.path
-    for target, words in ((out, "exists already; pass --force"), (tmp_path, "is a folder"),
-                          (run / "labels.json", "is inside the run folder"), (tmp_path / "b.txt", "name a .json")):
+    (tmp_path / "old.json").mkdir()
+    for target, words in ((out, "exists already; pass --force"), (tmp_path / "old.json", "is a folder"),
+                          (run / "labels.json", "is inside the run folder")):
         refused = runner.invoke(app, ["benchmark", str(run), "--formats", "onnx", "-o", str(target)])
         assert refused.exit_code == 1 and words in refused.output and "Traceback" not in refused.output, target
     assert json.loads(out.read_text()) == payload and "class_names" in json.loads((run / "labels.json").read_text())

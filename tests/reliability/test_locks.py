@@ -51,6 +51,28 @@ def test_a_live_owner_is_named_to_a_second_writer_and_its_folder_is_untouched(tm
         process.wait()
 
 
+def test_the_refusal_names_the_folder_as_the_user_gave_it(shapes_dir, tmp_path, monkeypatch):
+    """finetune -o runs/k9 --force (or --resume runs/k9) while another process writes
+    runs/k9: the line names runs/k9, not k9."""
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    process = holder(locks.work_dir_for(Path("runs/k9")))
+    try:
+        for arguments in (["finetune", str(shapes_dir), "-o", "runs/k9", "--force", "--weights", "none"],
+                          ["finetune", "--resume", "runs/k9"]):
+            result = CliRunner().invoke(app, arguments)
+            assert result.exit_code == 1, result.output
+            assert result.output.startswith(f"error: runs/k9 is being written by pid {process.pid} on "), \
+                result.output
+            assert "which holds the lock in runs/k9.partial;" in result.output
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_a_killed_owner_leaves_a_record_that_the_next_owner_is_told_of(tmp_path):
     folder = locks.work_dir_for(tmp_path / "X")
     process = holder(folder, then="os.kill(os.getpid(), signal.SIGKILL)")

@@ -4,11 +4,12 @@ one-line message and its exit code (``reports_errors``, on every command)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -231,6 +232,17 @@ def usage_error(message: str) -> typer.Exit:
     """A bad flag value: one ``error:`` line and exit code 2."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Around a library check of flag values (a format the run's formats table lacks, a
+    class the run does not have): the error it raises is a bad flag value, told as a usage
+    error (its one line, exit code 2) whatever its class's own exit code."""
+    try:
+        yield
+    except TransferkitError as error:
+        raise usage_error(str(error)) from None
 
 
 def check_choice(flag: str, value: str | None, allowed: Sequence[str]) -> None:

@@ -21,6 +21,7 @@ from transferkit.cli.common import (
     reports_errors,
     setup_logging,
     usage_error,
+    usage_errors,
 )
 from transferkit.progress import progress_bar
 from transferkit.runtime import ENGINES, PRECISIONS
@@ -83,7 +84,7 @@ def explain(
     verbose: VerboseOption = False,
 ) -> None:
     """Grad-CAM heatmaps: where the model looked, per image a PNG and the raw .npy."""
-    from transferkit.evaluation.gradcam import check_output_folder, default_output, write_explanations
+    from transferkit.evaluation.gradcam import check_class_name, check_output_folder, default_output, write_explanations
     from transferkit.evaluation.gradcam import explain as explain_images
     from transferkit.runs import load_run
 
@@ -92,6 +93,10 @@ def explain(
     if class_name is not None and top != 1:
         raise usage_error(f"--class {class_name} explains one class and --top {top} the {top} most likely: give one "
                           "of them")
+    if class_name is not None:
+        class_names = load_run(run, with_model=False).class_names  # labels.json, before Keras loads
+        with usage_errors():
+            check_class_name(class_name, class_names)
     if output is not None:
         check_output_folder(output, force, images, run)  # before any work
     loaded = load_run(run)

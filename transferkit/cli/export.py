@@ -13,12 +13,14 @@ from transferkit.cli.common import (
     VerboseOption,
     check_choice,
     check_positive,
+    check_suffix,
     choices,
     reports_errors,
     setup_logging,
     usage_error,
+    usage_errors,
 )
-from transferkit.export.formats import DEFAULT_MAX_DROP, FORMAT_CHOICES, QUANTIZATIONS
+from transferkit.export.formats import DEFAULT_MAX_DROP, FORMAT_CHOICES, QUANTIZATIONS, check_quantization, get_format
 
 DataOption = Annotated[
     Optional[Path],
@@ -52,6 +54,9 @@ def export(
     setup_logging(False, verbose)
     check_choice("--format", format, FORMAT_CHOICES)
     check_choice("--quantize", quantize, QUANTIZATIONS)
+    if format != "all":
+        with usage_errors():  # h5 --quantize int8: a quantization the format lacks
+            check_quantization(get_format(format), quantize)
     if not max_drop >= 0:  # nan too
         raise usage_error(f"--max-drop must be at least 0, got {max_drop:g}")
     results = export_run(run, format, output, quantize, data=data, max_drop=max_drop, allow_drop=allow_drop,
@@ -76,13 +81,16 @@ def benchmark(
     verbose: VerboseOption = False,
 ) -> None:
     """Time each export format side by side: load time, images/s, size and accuracy."""
-    from transferkit.export.benchmark import benchmark_run
+    from transferkit.export.benchmark import BENCHMARK_SUFFIXES, benchmark_run, parse_formats
 
     setup_logging(False, verbose)
     check_positive("--batch-size", batch_size)
     if not seconds > 0:
         raise usage_error(f"--seconds must be above 0, got {seconds:g}")
     entries = [entry.strip() for entry in formats.split(",") if entry.strip()] if formats else None
+    with usage_errors():  # an unknown name, or a quantization its format lacks
+        parse_formats(entries)
+    check_suffix("--output", output, BENCHMARK_SUFFIXES)
     result = benchmark_run(run, entries, batch_size, data=data, seconds=seconds, output=output, force=force)
     typer.echo(result.table())
     typer.echo(f"written to {result.path}")

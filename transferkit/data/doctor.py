@@ -535,7 +535,7 @@ def _unreadable(report: DataReport) -> Finding | None:
 
 def _empty_classes(report: DataReport) -> Finding | None:
     empty = [
-        f"{root} {name}"
+        str(root / name)
         for root, counts in ((report.root, report.class_counts), (report.val_root, report.val_class_counts))
         for name, count in counts.items()
         if count == 0

@@ -483,9 +483,14 @@ def _how_to_use(facts: _Facts) -> str:
     else:
         answer = ("probabilities = model.predict(pixels[None])[0]\n"
                   "label, confidence = class_names[int(probabilities.argmax())], float(probabilities.max())")
+    from transferkit.inference.engines import REFINE_MARGIN
+    from transferkit.inference.int8 import AGREEMENT
+
     precision = facts.labels.get("precision", "float32")
-    agreement = ("predict's confidences exactly" if precision == "float32" else
-                 f"predict's confidences within a few thousandths\n# (this run computes in {precision})")
+    computes = precision.removeprefix("mixed_")
+    rounding = ("to float32 rounding" if computes == "float32" else
+                f"to float32 rounding; to {computes} rounding\n# where the backbone has BatchNorm, which predict "
+                "folds into the convolutions")
     return (f"## How to use\n\n"
             f"In plain Keras (the model needs nothing from transferkit), from this folder:\n\n"
             f"```python\nimport json\n\nimport keras\nimport numpy as np\nfrom PIL import Image, ImageOps\n\n"
@@ -493,12 +498,22 @@ def _how_to_use(facts: _Facts) -> str:
             f"class_names = json.load(open(\"{LABELS_FILE}\"))[\"class_names\"]\n"
             f"# The model takes RGB 0..255 of any size and resizes it itself; read as transferkit predict\n"
             f"# reads images (JPEGs decoded at a reduced scale, EXIF orientation, bilinear resize), it gives\n"
-            f"# {agreement}. Other sizes go through the model's own resize: close, not the same.\n"
+            f"# the confidences of `transferkit predict --engine keras`: both run the model in its own\n"
+            f"# precision, {precision} ({rounding}).\n"
+            f"# Other sizes go through the model's own resize: close, not the same.\n"
             f"image = Image.open(\"photo.jpg\")\n"
             f"image.draft(\"RGB\", ({facts.size}, {facts.size}))\n"
             f"image = ImageOps.exif_transpose(image).convert(\"RGB\").resize(({facts.size}, {facts.size}), "
             f"Image.Resampling.BILINEAR)\n"
             f"pixels = np.asarray(image, dtype=\"float32\")\n{answer}\n```\n\n"
+            f"`transferkit predict` with its default engine and precision (auto) computes otherwise: in OpenVINO "
+            f"where it is installed, the backbone in bfloat16 where the CPU or GPU runs bfloat16 fast (the head in "
+            f"float32). Its confidences then differ from these by 16-bit rounding, about {REFINE_MARGIN / 2:g} "
+            f"(what its near-tie check allows for: an image whose top two probabilities are closer than "
+            f"{REFINE_MARGIN:g} is computed again in float32, so that its label is float32's). Without fast "
+            f"bfloat16 it computes in float32, or, for 1,000 images or more, in int8 where int8 is faster and "
+            f"agrees with float32's label on at least {AGREEMENT:.1%} of its check's images. `--engine keras` "
+            f"gives the figures of the lines above; `--precision float32` float32's.\n\n"
             f"With transferkit (batches, calibrated confidences, top-k, CSV or JSON):\n\n"
             f"```bash\ntransferkit predict RUN_DIR images/ --output predictions.csv\n```\n")
 

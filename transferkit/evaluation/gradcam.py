@@ -182,6 +182,19 @@ def _inputs(images) -> list[tuple[Path | None, object]]:
     return [(Path(file), Path(file)) for file in images]
 
 
+def check_class_name(class_name: str | None, class_names) -> None:
+    """Raises DataError when ``class_name`` is given and is not one of ``class_names`` (the
+    run's classes, named in the message).
+
+    Args:
+        class_name: the class asked for (``--class``, or /explain's ?class=); None: none asked.
+        class_names: the run's classes.
+    """
+    if class_name is not None and class_name not in class_names:
+        raise DataError(f"class {class_name!r} (--class, or /explain's ?class=) is not one of the run's classes: "
+                        f"{', '.join(class_names)}")
+
+
 def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_size: int = 16) -> list[Explanation]:
     """Grad-CAM heatmaps for images, at the backbone's last convolutional layer.
 
@@ -210,9 +223,7 @@ def explain(run, images, *, class_name: str | None = None, top: int = 1, batch_s
     if not hasattr(run, "model") or run.model is None:
         run = load_run(run if not hasattr(run, "path") else run.path)
     names = tuple(run.class_names)
-    if class_name is not None and class_name not in names:
-        raise DataError(f"class {class_name!r} (--class, or /explain's ?class=) is not one of the run's classes: "
-                        f"{', '.join(names)}")
+    check_class_name(class_name, names)
     if top < 1:
         raise DataError(f"--top must be at least 1, got {top}")
     spec = find_spec(run.backbone)

@@ -31,6 +31,7 @@ from transferkit.files import write_atomic, write_failure
 log = logging.getLogger("transferkit")
 
 BENCHMARK_FILE = "benchmark.json"
+BENCHMARK_SUFFIXES = (".json",)
 COLUMNS = ("format", "size MB", "load s", "img/s b1", "img/s bN", "accuracy", "max |dp|")
 
 
@@ -91,7 +92,7 @@ def check_benchmark_output(path: Path, run_folder: Path, force: bool, data_folde
 
     if path.is_dir():
         raise RunError(f"--output {path} is a folder; name a .json file in it")
-    if path.suffix.lower() != ".json":
+    if path.suffix.lower() not in BENCHMARK_SUFFIXES:
         raise RunError(f"--output {path}: benchmark results are JSON; name a .json file")
     own = Path(os.path.abspath(run_folder))
     if own in Path(os.path.abspath(path)).parents and path.name != BENCHMARK_FILE:
