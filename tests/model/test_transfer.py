@@ -61,3 +61,17 @@ def test_a_run_of_another_image_size_or_backbone_is_refused(source, binary_dir, 
     with pytest.raises(WeightsError, match="use --backbone tinyvgg --image-size 32"):
         load_run_backbone(source_run(source.path), REGISTRY["vgg19"], (32, 32, 3))
     assert not (tmp_path / "bigger").exists() and not (tmp_path / "bigger.partial").exists()
+
+
+def test_the_cli_refuses_a_run_of_another_size_before_reading_any_image(source, binary_dir, tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    with caplog.at_level("INFO", logger="transferkit"):
+        result = CliRunner().invoke(app, ["finetune", str(binary_dir), "--backbone", "tinyvgg", "--weights",
+                                          str(source.path), "--image-size", "48", "-o", str(tmp_path / "bigger")])
+    assert result.exit_code == 1
+    assert "that run has a tinyvgg backbone at 32 px, this run is tinyvgg at 48 px" in result.output
+    assert "reading images" not in caplog.text + result.output  # told before the data is read
+    assert not (tmp_path / "bigger").exists()

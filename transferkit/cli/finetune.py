@@ -115,6 +115,12 @@ def finetune(
                           "pass one of them")
     resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
     check_folders(data_dir, val_dir)
+    from transferkit.backbones import find_spec
+    from transferkit.model.transfer import check_fits, source_run
+
+    source, spec = source_run(resolved.weights), find_spec(resolved.backbone)
+    if source is not None and spec is not None:  # --weights RUN_DIR of another backbone or size: told now too
+        check_fits(source, spec, resolved.image_size)
     if output is not None and resolved.strategy != "data-parallel" and not keras_distribution_variables():
         from transferkit.runs import check_writable
         from transferkit.training.checkpoint import remove_if_finished
