@@ -50,6 +50,8 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIME
 PARAMS_PER_BATCH = 100
 PARAM_LENGTH = 6000
 TAG_LENGTH = 8000
+# The tags of transferkit's own facts (run_tags), on the run and on its logged model.
+TAG_PREFIX = "transferkit."
 # The run folder's files logged as artifacts (the model too; MODEL_CARD.md is also the run's
 # description). TensorBoard logs and checkpoints are left to the folder.
 ARTIFACT_PATTERNS = ("*.png", "metrics.json", "labels.json", "recipe.toml", "history.csv", "MODEL_CARD.md",
@@ -269,8 +271,9 @@ class Tracker:
 
     def log_keras_model(self, model: keras.Model, name: str = "model") -> str | None:
         """Log a Keras model as an MLflow logged model of the Keras flavour (loadable with
-        ``mlflow.keras.load_model``), with its input and output signature and the
-        requirements that load it (Keras and its backend only: no transferkit).
+        ``mlflow.keras.load_model``), with its input and output signature, the
+        requirements that load it (Keras and its backend only: no transferkit), and the
+        run's ``transferkit.*`` tags (data fingerprint, folders, lineage, run folder ...).
 
         Args:
             model: the classifier.
@@ -286,6 +289,10 @@ class Tracker:
                 import mlflow
                 import mlflow.keras
 
+                # The run's own tags (those it was opened with, and any set since), so that
+                # the logged model says where it came from without its run.
+                tags = {key: value for key, value in self.client.get_run(self.run_id).data.tags.items()
+                        if key.startswith(TAG_PREFIX)}
                 # The flavour logs through MLflow's active run (which names the experiment the
                 # logged model belongs to) on the global tracking URI: both set for this call.
                 environment = os.environ.get(ENVIRONMENT_URI)
@@ -294,7 +301,7 @@ class Tracker:
                 try:
                     with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
                         info = mlflow.keras.log_model(model, name=name, signature=_signature(model),
-                                                      pip_requirements=_requirements())
+                                                      pip_requirements=_requirements(), tags=tags)
                 finally:
                     mlflow.set_tracking_uri(None if current == environment else current)  # None: unset
                     if environment is not None:
