@@ -121,3 +121,23 @@ def test_the_scheme_check_asks_mlflows_own_registry_of_tracking_stores():
         assert tracking._unsupported_scheme(uri) is None, uri
     for uri in ("sqlit:///mlflow.db", "sqlitex:///mlflow.db", "postgres://host/db", "htp://host:5000"):
         assert "MLflow has no tracking store for the URI scheme" in tracking._unsupported_scheme(uri), uri
+
+
+def test_a_sqlite_store_in_a_missing_folder_is_created_with_its_folders_and_nothing_outside(tmp_path, caplog):
+    """What docs/tracking.md says of a database whose folder does not exist (MLflow creates
+    it): its folders, the database and, once artifacts are logged, mlartifacts/ beside it;
+    a folder that cannot be created is the one warning."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    database = tmp_path / "new" / "deeper" / "mlflow.db"
+    tracker = tracking.Tracker.open(f"sqlite:///{database}", run_name="run", params={"a": "1"})
+    assert tracker is not None and database.is_file()
+    (tmp_path / "note.txt").write_text("an artifact")
+    tracker.log_files([tmp_path / "note.txt"])
+    tracker.end()
+    assert not tracker.failed
+    assert sorted(path.name for path in database.parent.iterdir()) == ["mlartifacts", "mlflow.db"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new", "note.txt"]
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        assert tracking.Tracker.open(f"sqlite:///{tmp_path / 'note.txt' / 'mlflow.db'}", run_name="run") is None
+    [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "is off for this job" in record.getMessage() and "training goes on" in record.getMessage()
