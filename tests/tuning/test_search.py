@@ -35,7 +35,8 @@ SPACE = """
 """
 # One epoch in the head stage, one fine-tuning epoch: two pruning steps per trial.
 SEARCH = TINY
-OUTPUTS = {"best_recipe.toml", "trials.csv", "history.png", "importance.png", "study.db"}
+# Everything a tune folder holds after a call, each named in docs/tune.md.
+OUTPUTS = {"best_recipe.toml", "trials.csv", "history.png", "importance.png", "study.db", "lock"}
 
 
 def write_recipe(folder: Path, text: str) -> Path:
@@ -116,7 +117,9 @@ def test_trials_with_the_same_frozen_part_share_its_features(searched):
 
 def test_a_tiny_search_writes_every_output(searched, shapes_dir):
     summary, output = searched
-    assert OUTPUTS <= {path.name for path in output.iterdir()}
+    assert OUTPUTS == {path.name for path in output.iterdir()}
+    guide = (Path(__file__).parents[2] / "docs" / "tune.md").read_text(encoding="utf-8")
+    assert [name for name in sorted(OUTPUTS) if f"`{name}`" not in guide] == []  # the lock file was left out
     assert summary.counts == {"complete": 2} and summary.new_trials == 2
     assert summary.study == "data" and summary.metric == "val_accuracy"
     for figure in ("history.png", "importance.png"):
