@@ -92,16 +92,29 @@ class TrainingInterrupted(TransferkitError):
     exit_code = 130
 
 
+SHORTENED = " ... (cut short)"
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message, at most ``limit`` characters, or
-    its type's name when it has no message: what a one-line error quotes of a cause.
+    """The first non-empty line of an exception's message, or its type's name when it has no
+    message: what a one-line error quotes of a cause. A line longer than ``limit`` characters
+    is cut after its last whole word within them and ends with ``SHORTENED``, so that a cut
+    never passes for the whole message nor ends mid-word.
 
     Args:
         error: any exception.
-        limit: the longest text kept; default 200.
+        limit: the longest text kept of the line; default 200.
 
     Returns:
         The line.
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:limit] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    line = lines[0]
+    if len(line) <= limit:
+        return line
+    kept = line[:limit]
+    if not line[limit].isspace() and " " in kept:  # the limit falls inside a word: drop that word
+        kept = kept.rsplit(" ", 1)[0]
+    return kept.rstrip(" ,;:") + SHORTENED

@@ -126,6 +126,7 @@ def train_prepared(
     force: bool = False,
     save_h5: bool = False,
     verbose: int = 1,
+    after_a_stop: str | None = None,
 ) -> runs.Run:
     """Train on data from ``data.prepare.prepare_data`` exactly as ``finetune`` would with the
     recipe (same seed, same split, same figures), into a run folder or only in memory.
@@ -146,6 +147,8 @@ def train_prepared(
         force: replace an existing run folder; default False.
         save_h5: also write model.h5; default False.
         verbose: 0 silent, 1 progress bars and stage lines; default 1.
+        after_a_stop: what a first Ctrl-C's warning says follows the stop, for a caller that goes
+            on after it (a tune trial); default None: what this training keeps.
 
     Returns:
         The ``Run`` with its model and metrics (``path`` None when nothing was written).
@@ -153,7 +156,7 @@ def train_prepared(
     Raises:
         TransferkitError: bad weights or output folder; ``TrainingInterrupted`` after a signal.
     """
-    extras = _Extras(tuple(callbacks), calibrate, feature_cache)
+    extras = _Extras(tuple(callbacks), calibrate, feature_cache, after_a_stop=after_a_stop)
     resolve_distribution(recipe.strategy, recipe.devices)
     if output is None:
         return _train(prepared, recipe, None, verbose, extras)
@@ -252,6 +255,7 @@ class _Extras:
     calibrate: bool | None = None
     feature_cache: FeatureCache | None = None
     after_passes: int | None = None  # the image passes after training, for a time budget
+    after_a_stop: str | None = None  # what the first signal's warning says follows (default: what is kept)
 
 
 def _train_into(prepared: PreparedData, recipe: Recipe, output: Path, *, force: bool, save_h5: bool, verbose: int,
@@ -369,7 +373,7 @@ def _run_training(model: keras.Model, recipe: Recipe, train_batches, val_batches
                            distribution=distribution, time_budget=recipe.time_budget_seconds,
                            after_training_passes=extras.after_passes, auto_flips=auto_flips(recipe.augment))
     try:
-        keeping = KEEPS_LAST_EPOCH if work is not None else "writing nothing"
+        keeping = extras.after_a_stop or (KEEPS_LAST_EPOCH if work is not None else "writing nothing")
         with (training_together(distribution, out.path if out is not None else None) if distribution.processes > 1
               else stop_on_signals(StopFlag(), keeping)) as stop:
             state = work.state() if work is not None else None

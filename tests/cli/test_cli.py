@@ -127,6 +127,10 @@ def test_finetune_mlflow_logs_the_run_files_and_a_keras_flavour_model(cli_run, s
     # The logged model loads with MLflow's Keras flavour and predicts as the run's model.keras.
     [logged] = client.search_logged_models([run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id
+    # It carries the run's transferkit tags: where it came from, without its run.
+    ours = {key: value for key, value in run.data.tags.items() if key.startswith("transferkit.")}
+    assert {"transferkit.data_fingerprint", "transferkit.data_dir", "transferkit.run_folder"} <= ours.keys()
+    assert {key: value for key, value in logged.tags.items() if key.startswith("transferkit.")} == ours
     import keras
 
     from transferkit.data.images import load_image

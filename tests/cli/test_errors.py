@@ -97,3 +97,12 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(shapes_dir, tmp_path, 
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "run"), str(shapes_dir), "-q"])
     assert result.exit_code == 130
     assert result.output.strip() == "error: interrupted"
+
+
+def test_a_cause_longer_than_its_line_is_cut_at_a_word_and_says_so():
+    """A warning quoting MLflow's list of URI schemes ended "... 'databricks', 'databrick"."""
+    cause = RuntimeError("Supported URI schemes are: " + ", ".join(f"'scheme{index}'" for index in range(40)))
+    line = errors.first_line(cause, limit=60)
+    assert line == "Supported URI schemes are: 'scheme0', 'scheme1', 'scheme2'" + errors.SHORTENED
+    assert errors.first_line(RuntimeError("short enough\nsecond line")) == "short enough"
+    assert errors.first_line(RuntimeError("x" * 80), limit=60) == "x" * 60 + errors.SHORTENED  # one long word

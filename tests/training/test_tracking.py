@@ -75,3 +75,69 @@ def test_a_store_failing_mid_run_is_one_warning_and_the_epochs_go_on(mlflow_stor
     assert tracker.failed and logger.epoch == 3
     [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert "stopped" in record.getMessage() and "training goes on" in record.getMessage()
+
+
+# finetune and tune as tiny as they go: without the scheme check they would train (briefly).
+TINY_FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--set", "precision=\"float32\"", "--image-size", "32",
+              "--batch-size", "8", "--head-epochs", "1", "--fine-epochs", "0", "--set", "head.units=[16]", "--quiet"]
+
+
+@pytest.mark.parametrize("source", ["flag", "tune flag", "recipe key", "environment"])
+def test_an_unsupported_uri_scheme_is_a_usage_error_before_any_work(source, shapes_dir, tmp_path, monkeypatch):
+    """``sqlit:///`` (a typo) went on untracked, exit 0, with a warning cut off mid-word."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlit:///{tmp_path / 'store' / 'mlflow.db'}"
+    command = ["tune" if source == "tune flag" else "finetune", str(shapes_dir), *TINY_FLAGS,
+               "-o", str(tmp_path / "out")]
+    if source == "tune flag":
+        command += ["--trials", "1"]
+    if source in ("flag", "tune flag"):
+        command += ["--mlflow", uri]
+    elif source == "recipe key":
+        (tmp_path / "recipe.toml").write_text(f'mlflow = "{uri}"\n')
+        command += ["--recipe", str(tmp_path / "recipe.toml")]
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    named = "MLFLOW_TRACKING_URI=" if source == "environment" else "--mlflow"
+    assert line.startswith(f"error: {named}") and uri in line, line
+    assert "scheme 'sqlit' (did you mean sqlite?)" in line and "http, https" in line and "sqlite, mssql" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["recipe.toml"] if source == "recipe key" else [])
+
+
+def test_the_scheme_check_asks_mlflows_own_registry_of_tracking_stores():
+    """It reads an MLflow internal (the registry MlflowClient builds its store from): this
+    fails when a release moves it, where the check would quietly pass every scheme."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    for uri in ("sqlite:///mlflow.db", "postgresql+psycopg://user@host/db", "http://host:5000",
+                "https://host", "databricks", "file:///tmp/mlruns"):
+        assert tracking._unsupported_scheme(uri) is None, uri
+    for uri in ("sqlit:///mlflow.db", "sqlitex:///mlflow.db", "postgres://host/db", "htp://host:5000"):
+        assert "MLflow has no tracking store for the URI scheme" in tracking._unsupported_scheme(uri), uri
+
+
+def test_a_sqlite_store_in_a_missing_folder_is_created_with_its_folders_and_nothing_outside(tmp_path, caplog):
+    """What docs/tracking.md says of a database whose folder does not exist (MLflow creates
+    it): its folders, the database and, once artifacts are logged, mlartifacts/ beside it;
+    a folder that cannot be created is the one warning."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    database = tmp_path / "new" / "deeper" / "mlflow.db"
+    tracker = tracking.Tracker.open(f"sqlite:///{database}", run_name="run", params={"a": "1"})
+    assert tracker is not None and database.is_file()
+    (tmp_path / "note.txt").write_text("an artifact")
+    tracker.log_files([tmp_path / "note.txt"])
+    tracker.end()
+    assert not tracker.failed
+    assert sorted(path.name for path in database.parent.iterdir()) == ["mlartifacts", "mlflow.db"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new", "note.txt"]
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        assert tracking.Tracker.open(f"sqlite:///{tmp_path / 'note.txt' / 'mlflow.db'}", run_name="run") is None
+    [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "is off for this job" in record.getMessage() and "training goes on" in record.getMessage()

@@ -146,6 +146,7 @@ def test_report_text_says_pass_or_fail_with_what_to_try(sound):
     report = diagnostics.run_checks(dataclasses.replace(sound, recipe=recipe),
                                     checks=(CHECK["initial_loss"], CHECK["overfit_one_batch"]))
     text = report.format_text()
+    assert text.startswith("learning checks of stage 'head' (--stage 0): ")  # as --stage counts, not "stage 1"
     assert text.splitlines()[1].startswith("pass  initial loss")
     assert "FAIL  overfit one batch" in text and "try: " in text
     assert not report.passed and text.endswith("1 of 2 checks failed")

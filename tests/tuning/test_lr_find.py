@@ -96,6 +96,8 @@ def test_lr_find_command_prints_the_set_to_use_and_writes_the_plot(colour_dir, t
     result = CliRunner().invoke(app, ["lr-find", str(colour_dir), *flags, "-o", str(output), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "use it with: --set stages.0.learning_rate=" in result.output
+    # The stage as --stage and stages.N count it (it said "stage 1 'head'" above "stages.0").
+    assert result.output.startswith("learning-rate range test of stage 'head' (--stage 0): "), result.output
     assert f"wrote {output}" in result.output and output.is_file()
     before = output.read_bytes()
     again = CliRunner().invoke(app, ["lr-find", str(colour_dir), *flags, "-o", str(output), "--steps", "20"])

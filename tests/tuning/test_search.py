@@ -35,7 +35,8 @@ SPACE = """
 """
 # One epoch in the head stage, one fine-tuning epoch: two pruning steps per trial.
 SEARCH = TINY
-OUTPUTS = {"best_recipe.toml", "trials.csv", "history.png", "importance.png", "study.db"}
+# Everything a tune folder holds after a call, each named in docs/tune.md.
+OUTPUTS = {"best_recipe.toml", "trials.csv", "history.png", "importance.png", "study.db", "lock"}
 
 
 def write_recipe(folder: Path, text: str) -> Path:
@@ -116,7 +117,9 @@ def test_trials_with_the_same_frozen_part_share_its_features(searched):
 
 def test_a_tiny_search_writes_every_output(searched, shapes_dir):
     summary, output = searched
-    assert OUTPUTS <= {path.name for path in output.iterdir()}
+    assert OUTPUTS == {path.name for path in output.iterdir()}
+    guide = (Path(__file__).parents[2] / "docs" / "tune.md").read_text(encoding="utf-8")
+    assert [name for name in sorted(OUTPUTS) if f"`{name}`" not in guide] == []  # the lock file was left out
     assert summary.counts == {"complete": 2} and summary.new_trials == 2
     assert summary.study == "data" and summary.metric == "val_accuracy"
     for figure in ("history.png", "importance.png"):
@@ -225,6 +228,44 @@ def test_pruning_stops_a_trial_made_hopeless_on_purpose(shapes_dir, tmp_path):
     assert list(trials[1].intermediate_values) == [1]  # stopped after its first epoch
     assert summary.counts == {"complete": 1, "pruned": 1} and summary.best_trial == 0
     assert [row["state"] for row in read_trials(tmp_path / "out")] == ["complete", "pruned"]
+
+
+# A SIGINT the tune process sends itself as its second trial's training ends (its signal
+# handlers still on): a real signal, through the console script's ``main``.
+SIGINT_IN_SECOND_TRIAL = """
+import os, signal, sys
+import transferkit.workflow as workflow
+from transferkit.cli import main
+real, calls = workflow.run_stages, []
+def interrupted_there(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return result
+workflow.run_stages = interrupted_there
+sys.argv = ["transferkit", "tune", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_sigint_in_a_trial_says_the_trial_is_failed_and_the_finished_ones_summarised(shapes_dir, tmp_path):
+    """The warning said "stopping after this batch and writing nothing", and then the tune
+    folder was written (finetune's "writing nothing", with no run folder, stays)."""
+    output = tmp_path / "out"
+    command = [sys.executable, "-c", SIGINT_IN_SECOND_TRIAL, str(shapes_dir), "--trials", "3", "-o", str(output),
+               "--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+               "--set", "head.units=[8]", "--set", "stages.0.epochs=1", "--set", "stages.1:.epochs=0", "--quiet"]
+    done = forked.run(command, capture_output=True, text=True, timeout=300,
+                      env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH})
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [warning] = [line for line in done.stderr.splitlines() if "SIGINT received" in line]
+    assert warning == (f"warning: SIGINT received: stopping after this batch and recording this trial as failed; the "
+                       f"study keeps its finished trials, summarised in {output} (trials.csv, best_recipe.toml, "
+                       "figures) (press Ctrl-C again to stop at once)")
+    assert [(row["state"], row["fail_reason"]) for row in read_trials(output)] == [
+        ("complete", ""), ("fail", "interrupted (Ctrl-C or SIGTERM)")]
+    assert {"best_recipe.toml", "trials.csv", "history.png"} <= {path.name for path in output.iterdir()}
 
 
 # --- the search loop around a stub training --------------------------------------------

@@ -50,6 +50,8 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIME
 PARAMS_PER_BATCH = 100
 PARAM_LENGTH = 6000
 TAG_LENGTH = 8000
+# The tags of transferkit's own facts (run_tags), on the run and on its logged model.
+TAG_PREFIX = "transferkit."
 # The run folder's files logged as artifacts (the model too; MODEL_CARD.md is also the run's
 # description). TensorBoard logs and checkpoints are left to the folder.
 ARTIFACT_PATTERNS = ("*.png", "metrics.json", "labels.json", "recipe.toml", "history.csv", "MODEL_CARD.md",
@@ -269,8 +271,9 @@ class Tracker:
 
     def log_keras_model(self, model: keras.Model, name: str = "model") -> str | None:
         """Log a Keras model as an MLflow logged model of the Keras flavour (loadable with
-        ``mlflow.keras.load_model``), with its input and output signature and the
-        requirements that load it (Keras and its backend only: no transferkit).
+        ``mlflow.keras.load_model``), with its input and output signature, the
+        requirements that load it (Keras and its backend only: no transferkit), and the
+        run's ``transferkit.*`` tags (data fingerprint, folders, lineage, run folder ...).
 
         Args:
             model: the classifier.
@@ -286,6 +289,10 @@ class Tracker:
                 import mlflow
                 import mlflow.keras
 
+                # The run's own tags (those it was opened with, and any set since), so that
+                # the logged model says where it came from without its run.
+                tags = {key: value for key, value in self.client.get_run(self.run_id).data.tags.items()
+                        if key.startswith(TAG_PREFIX)}
                 # The flavour logs through MLflow's active run (which names the experiment the
                 # logged model belongs to) on the global tracking URI: both set for this call.
                 environment = os.environ.get(ENVIRONMENT_URI)
@@ -294,7 +301,7 @@ class Tracker:
                 try:
                     with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
                         info = mlflow.keras.log_model(model, name=name, signature=_signature(model),
-                                                      pip_requirements=_requirements())
+                                                      pip_requirements=_requirements(), tags=tags)
                 finally:
                     mlflow.set_tracking_uri(None if current == environment else current)  # None: unset
                     if environment is not None:
@@ -479,19 +486,72 @@ TRACKING_FILE = "mlflow.json"  # in RUN.partial: the MLflow run a resumed traini
 
 def require_mlflow(setting: str) -> None:
     """Fail before any work when the recipe (or ``--mlflow``) names a tracking URI and MLflow
-    is not installed.
+    is not installed, or when the URI the job would track to (``tracking_uri``: the recipe's,
+    else ``MLFLOW_TRACKING_URI``) has a scheme MLflow has no store for (a typo such as
+    ``sqlit:///``). A store that is merely down or cannot be opened is not checked here: that
+    is one warning when the job opens it (``Tracker.open``).
 
     Args:
         setting: the recipe's ``mlflow`` value.
 
     Raises:
-        TransferkitError: the message gives the install command.
+        TransferkitError: MLflow is missing; the message gives the install command.
+        RecipeError: an unsupported URI scheme; the message names where the URI came from
+            and the schemes MLflow takes.
     """
     import importlib.util
 
-    if setting.strip() and setting.strip().lower() != OFF and importlib.util.find_spec("mlflow") is None:
+    named = setting.strip() and setting.strip().lower() != OFF
+    installed = importlib.util.find_spec("mlflow") is not None
+    if named and not installed:
         raise TransferkitError(f"--mlflow {public_uri(setting.strip())} needs MLflow, which is not installed; "
                                f"run: {INSTALL}")
+    uri = tracking_uri(setting)
+    if uri is None or not installed:
+        return
+    problem = _unsupported_scheme(uri)
+    if problem is None:
+        return
+    from transferkit.errors import RecipeError
+
+    if named:
+        raise RecipeError(f"--mlflow {public_uri(uri)} (recipe key mlflow): {problem}")
+    raise RecipeError(f"{ENVIRONMENT_URI}={public_uri(uri)}: {problem}; correct it, or unset it (--mlflow off "
+                      "tracks nothing)")
+
+
+# MLflow registers these for Unity Catalog model registries and refuses them as tracking stores.
+NOT_TRACKING_SCHEMES = ("databricks-uc", "uc")
+
+
+def _unsupported_scheme(uri: str) -> str | None:
+    """What is wrong with the scheme of ``uri`` when MLflow has no tracking store for it, else
+    None. Asks MLflow's own registry of tracking stores (the one ``MlflowClient`` builds its
+    store from, plugins' schemes included) without building a store: nothing is opened,
+    created or reached. The registry is an MLflow internal (pinned by
+    tests/training/test_tracking.py); where a release moves it, nothing is checked here and
+    ``Tracker.open`` warns as for any store it cannot open."""
+    import difflib
+    import urllib.parse
+
+    with mlflow_calls():
+        try:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+
+            schemes = [scheme for scheme in registry._registry if scheme and scheme not in NOT_TRACKING_SCHEMES]
+        except (ImportError, AttributeError):
+            return None
+        try:
+            registry.get_store_builder(uri)
+            return None
+        except MlflowException:  # no store registered for it, or a database engine MLflow does not know
+            pass
+    scheme = urllib.parse.urlparse(uri).scheme
+    close = difflib.get_close_matches(scheme, schemes, n=1)
+    return (f"MLflow has no tracking store for the URI scheme {scheme!r}"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; the schemes it takes: {', '.join(schemes)} (e.g. sqlite:///mlflow.db, http://host:5000)")
 
 
 def public_uri(uri: str) -> str:

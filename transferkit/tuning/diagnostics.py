@@ -44,7 +44,7 @@ import numpy as np
 
 from transferkit.data.batches import keras_input
 from transferkit.recipe import Recipe, load_recipe
-from transferkit.tuning.lr_find import StageSetup, prepare_stage, range_test
+from transferkit.tuning.lr_find import StageSetup, prepare_stage, range_test, stage_label
 
 # An initial loss within this share of ln(classes) passes: a random head on calibrated
 # features starts a little above it.
@@ -126,8 +126,8 @@ class LearningReport:
     def format_text(self) -> str:
         """One line per check, "pass" or "FAIL", its figure, and what to try."""
         where = ", on cached features" if self.cached else ""
-        lines = [f"learning checks of stage {self.stage_index + 1} '{self.stage_name}' "
-                 f"({self.backbone}, {self.n_classes} classes{where}):"]
+        lines = [f"learning checks of {stage_label(self.stage_index, self.stage_name)}: "
+                 f"{self.backbone}, {self.n_classes} classes{where}"]
         width = max(len(check.name) for check in self.checks)
         for check in self.checks:
             lines.append(f"{'pass' if check.passed else 'FAIL'}  {check.name:<{width}}  {check.figure}")

@@ -60,6 +60,13 @@ log = logging.getLogger("transferkit")
 MIN_LR = 1e-7
 MAX_LR = 10.0
 MIN_STEPS, MAX_STEPS, STEPS_PER_BATCH = 50, 200, 8  # steps: 8 passes over the batches, within 50..200
+
+
+def stage_label(index: int, name: str) -> str:
+    """A recipe's stage as lr-find and doctor --model name it: its name and the flag that
+    picks it, 0-based as ``--stage`` and ``stages.N`` count (finetune's "stage 1/2" counts
+    from 1), e.g. "stage 'head' (--stage 0)"."""
+    return f"stage {name!r} (--stage {index})"
 SMOOTHING = 0.9  # weight of the past in the averaged loss
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 MIN_FALL = 0.02  # a fall of the smoothed loss below this share of its start is no learning
@@ -222,6 +229,7 @@ class RangeTest:
             the loss fall.
         usable: (lowest, highest) rate that learns, or None.
         stage_index: the stage tested; None for a test on a model outside a recipe.
+        stage_name: its name in the recipe; None outside a recipe.
         figure: the plot written, or None.
     """
 
@@ -234,6 +242,7 @@ class RangeTest:
     suggestion: float | None = None
     usable: tuple[float, float] | None = None
     stage_index: int | None = None
+    stage_name: str | None = None
     figure: Path | None = None
 
     @property
@@ -251,7 +260,7 @@ class RangeTest:
         """A few lines for the terminal: what was tested, the usable range, the suggestion
         and the ``--set`` to use it."""
         taken = len(self.learning_rates)
-        stage = f"stage {self.stage_index + 1}" if self.stage_index is not None else "the model"
+        stage = "the model" if self.stage_index is None else stage_label(self.stage_index, self.stage_name)
         lines = [f"learning-rate range test of {stage}: {taken} of {self.steps} steps, "
                  f"{self.learning_rates[0]:.2g} .. {self.learning_rates[-1]:.2g}"
                  + (" (stopped: the loss diverged)" if self.diverged else "")]
@@ -271,7 +280,7 @@ class RangeTest:
     def to_dict(self) -> dict:
         """The result as JSON-serialisable values."""
         return {
-            "stage": self.stage_index, "suggestion": self.suggestion,
+            "stage": self.stage_index, "stage_name": self.stage_name, "suggestion": self.suggestion,
             "usable": list(self.usable) if self.usable else None, "min_lr": self.min_lr, "max_lr": self.max_lr,
             "steps": self.steps, "steps_taken": len(self.learning_rates), "diverged": self.diverged,
             "learning_rates": self.learning_rates.tolist(), "losses": self.losses.tolist(),
@@ -323,10 +332,10 @@ def find_learning_rate(
         check_plot_output(output, [data_dir, val_dir], force)
     with prepare_stage(data_dir, recipe, stage, val_dir=val_dir, verbose=verbose) as setup:
         if verbose:
-            log.info(f"learning-rate range test of stage {stage + 1} '{setup.stage.name}' "
-                     f"({setup.stage.optimizer}{', on cached features' if setup.cached else ''})")
+            log.info(f"learning-rate range test of {stage_label(stage, setup.stage.name)}: "
+                     f"{setup.stage.optimizer}{', on cached features' if setup.cached else ''}")
         result = range_test(setup, min_lr=min_lr, max_lr=max_lr, steps=steps)
-    result.stage_index = stage
+        result.stage_index, result.stage_name = stage, setup.stage.name
     if output is not None:
         result.figure = plot_range_test(result, output)
     return result
@@ -459,7 +468,7 @@ def plot_range_test(result: RangeTest, path: str | os.PathLike) -> Path:
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (log scale)")
     axes.set_ylabel("training loss")
-    stage = f"stage {result.stage_index + 1}" if result.stage_index is not None else "range test"
+    stage = "range test" if result.stage_index is None else stage_label(result.stage_index, result.stage_name)
     axes.set_title(f"learning-rate range test, {stage}" + (" (stopped: the loss diverged)" if result.diverged else ""))
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(loc="best")

@@ -152,6 +152,10 @@ class TuneSummary:
 
 # Seconds a tune waits for another process of the study to finish writing the same folder.
 OUTPUT_LOCK_WAIT = 120
+# What a first Ctrl-C or SIGTERM in a trial's training says follows ("stopping after this batch
+# and ..."): the search ends, and the tune folder is written as at any end.
+AFTER_A_STOP = ("recording this trial as failed; the study keeps its finished trials, summarised in {output} "
+                "(trials.csv, best_recipe.toml, figures)")
 
 
 def require_optuna():
@@ -640,7 +644,8 @@ class _Search:
         keras.backend.clear_session()
         with _quiet_training():
             run = workflow.train_prepared(prepared, recipe, callbacks=callbacks, calibrate=False,
-                                          feature_cache=self.data.features, verbose=0)
+                                          feature_cache=self.data.features, verbose=0,
+                                          after_a_stop=AFTER_A_STOP.format(output=self.output))
         final = run.metrics["final"]
         if self.trial_tracker is not None:
             self.trial_tracker.log_metrics({f"final_{name}": final[name] for name in METRICS}, step=len(run.history))
