@@ -115,19 +115,10 @@ def finetune(
         return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose)
 
 
-def train_prepared(
-    prepared: PreparedData,
-    recipe: Recipe,
-    output: str | os.PathLike | None = None,
-    *,
-    callbacks: Sequence[keras.callbacks.Callback] = (),
-    calibrate: bool | None = None,
-    feature_cache: FeatureCache | None = None,
-    force: bool = False,
-    save_h5: bool = False,
-    verbose: int = 1,
-    after_a_stop: str | None = None,
-) -> runs.Run:
+def train_prepared(prepared: PreparedData, recipe: Recipe, output: str | os.PathLike | None = None, *,
+                   callbacks: Sequence[keras.callbacks.Callback] = (), calibrate: bool | None = None,
+                   feature_cache: FeatureCache | None = None, force: bool = False, save_h5: bool = False,
+                   verbose: int = 1, after_a_stop: str | None = None) -> runs.Run:
     """Train on data from ``data.prepare.prepare_data`` exactly as ``finetune`` would with the
     recipe (same seed, same split, same figures), into a run folder or only in memory.
 
@@ -147,8 +138,7 @@ def train_prepared(
         force: replace an existing run folder; default False.
         save_h5: also write model.h5; default False.
         verbose: 0 silent, 1 progress bars and stage lines; default 1.
-        after_a_stop: what a first Ctrl-C's warning says follows the stop, for a caller that goes
-            on after it (a tune trial); default None: what this training keeps.
+        after_a_stop: what a first Ctrl-C's warning says follows (a tune trial's); default: what is kept.
 
     Returns:
         The ``Run`` with its model and metrics (``path`` None when nothing was written).
