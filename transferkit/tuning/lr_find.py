@@ -60,6 +60,11 @@ log = logging.getLogger("transferkit")
 MIN_LR = 1e-7
 MAX_LR = 10.0
 MIN_STEPS, MAX_STEPS, STEPS_PER_BATCH = 50, 200, 8  # steps: 8 passes over the batches, within 50..200
+SMOOTHING = 0.9  # weight of the past in the averaged loss
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+MIN_FALL = 0.02  # a fall of the smoothed loss below this share of its start is no learning
+FALL_SHOWN = 0.1  # r_fall: where the smoothed loss has fallen this share of its way to the minimum
+FIGURE_SIZE = (7.0, 4.5)
 
 
 def stage_label(index: int, name: str) -> str:
@@ -67,11 +72,6 @@ def stage_label(index: int, name: str) -> str:
     picks it, 0-based as ``--stage`` and ``stages.N`` count (finetune's "stage 1/2" counts
     from 1), e.g. "stage 'head' (--stage 0)"."""
     return f"stage {name!r} (--stage {index})"
-SMOOTHING = 0.9  # weight of the past in the averaged loss
-DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its minimum
-MIN_FALL = 0.02  # a fall of the smoothed loss below this share of its start is no learning
-FALL_SHOWN = 0.1  # r_fall: where the smoothed loss has fallen this share of its way to the minimum
-FIGURE_SIZE = (7.0, 4.5)
 
 
 @dataclass
