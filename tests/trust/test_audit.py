@@ -245,6 +245,18 @@ def test_confident_learning_suggests_the_class_the_held_out_head_is_sure_of():
     assert np.allclose(verdict.score, 1 - probabilities[np.arange(8), labels])
 
 
+def test_the_one_image_of_a_class_is_never_a_confident_move():
+    """Its held-out head trained without its class, so it could not have given it: the image
+    looks mislabelled whatever it shows, and moving it would empty the class."""
+    labels = np.array([0, 0, 0, 0, 1])
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.85, 0.15], [0.9, 0.1], [0.97, 0.03]])
+    verdict = suspect_labels(probabilities, labels)
+    assert verdict.listed[4] and verdict.suggested[4] == 0 and not verdict.confident[4]
+    assert "/0.png" not in moves_script(
+        [Issue(Path("/data/single/0.png"), "single", "many", 0.97, "label", confident=bool(verdict.confident[4]))],
+        "/data")
+
+
 def test_outliers_are_far_beyond_the_typical_neighbour_distance():
     rng = np.random.default_rng(0)
     cluster = rng.normal(0, 0.05, (40, 16)) + np.eye(16)[0]

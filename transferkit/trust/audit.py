@@ -217,7 +217,8 @@ def audit(
     counts = np.bincount(decoded.labels, minlength=len(decoded.class_names))
     if counts.min() < folds:
         log.warning("class %s has %d image(s), fewer than the %d folds: a head trained without it cannot suggest "
-                    "it", decoded.class_names[int(np.argmin(counts))], int(counts.min()), folds)
+                    "it%s", decoded.class_names[int(np.argmin(counts))], int(counts.min()), folds,
+                    " (nor judge its one image, which moves.sh leaves where it is)" if counts.min() == 1 else "")
     started = time.perf_counter()
     features = backbone_features(decoded.images, recipe, len(decoded.class_names), verbose)
     embeddings = pooled(features)
@@ -481,8 +482,11 @@ def suspect_labels(probabilities: np.ndarray, labels: np.ndarray) -> LabelSuspic
     suggested = np.where(confident, masked.argmax(axis=1), likeliest)
     listed = (suggested != labels) | (likeliest != labels)
     suggested = np.where(suggested != labels, suggested, likeliest)
-    # A move is suggested only where the suggestion is both confident and the likeliest class.
+    # A move is suggested only where the suggestion is both confident and the likeliest class,
+    # and never for the one image of a class: the head that judged it trained without its
+    # class, so it could not have given it (moving it out would empty the class).
     confident = confident & (suggested != labels) & confident_of[rows, suggested] & (suggested == likeliest)
+    confident &= np.bincount(labels, minlength=k)[labels] >= 2
     return LabelSuspicions(suggested, listed, confident, 1.0 - probabilities[rows, labels], thresholds)
 
 
