@@ -306,3 +306,25 @@ def test_moves_sh_quotes_every_name_and_sets_aside_only_when_asked(tmp_path):
     subprocess.run(["sh", str(script)], check=True, cwd=tmp_path, timeout=30, env={**os.environ, "SET_ASIDE": "yes"})
     assert (tmp_path / "my data-set-aside" / "cat" / names[3]).is_file()
     assert sorted(path.name for path in (data / "dog").iterdir()) == sorted([*names[:3], "odd"])
+
+
+def test_moves_sh_moves_a_file_whose_name_is_taken_under_another_and_names_one_it_cannot(tmp_path):
+    """IMG_0001.jpg in every class folder: a fix whose name is taken in its new class takes
+    NAME-from-CLASS; where that is taken too it stays, named on stderr, and the script ends 1."""
+    data = tmp_path / "data"
+    for folder in ("cat", "dog"):
+        (data / folder).mkdir(parents=True)
+        for name in ("0.png", "1.png"):
+            (data / folder / name).write_bytes(folder.encode())
+    (data / "dog" / "1-from-cat.png").write_bytes(b"there already")
+    issues = [Issue(data / "cat" / name, "cat", "dog", 0.9, "label", confident=True) for name in ("0.png", "1.png")]
+    script = tmp_path / "moves.sh"
+    script.write_text(moves_script(issues, data))
+    done = subprocess.run(["sh", str(script)], cwd=tmp_path, timeout=30, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"not moved, its new name is taken: {data}/cat/1.png",
+                                        "1 file(s) not moved: their new names are taken (listed above); "
+                                        "move them by hand"]
+    assert (data / "dog" / "0-from-cat.png").read_bytes() == b"cat" and (data / "dog" / "0.png").read_bytes() == b"dog"
+    assert sorted(path.name for path in (data / "cat").iterdir()) == ["1.png"]
+    assert (data / "dog" / "1-from-cat.png").read_bytes() == b"there already"

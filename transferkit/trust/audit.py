@@ -801,11 +801,22 @@ def moves_script(issues: Sequence[Issue], data_dir: str | os.PathLike) -> str:
         "#   sh moves.sh                  (label fixes only)",
         "#   SET_ASIDE=yes sh moves.sh    (and set outliers and near-copies aside, into DATA-set-aside)",
         "#   TRANSFERKIT_DATA=/a/copy sh moves.sh  (the same moves in another copy of the data folder)",
-        "# mv -n never replaces a file: one whose new name is taken stays where it is; a file",
-        "# moved already is passed over, so running it twice does no harm.",
+        "# No file is replaced: where a label fix's new name is taken (IMG_0001.jpg in both classes),",
+        "# it takes NAME-from-ITS_CLASS; where that is taken too, or a set-aside name is, the file",
+        "# stays where it is and is named on stderr (exit 1). A file moved already is passed over,",
+        "# so running it twice does no harm.",
         "set -u",
         f"DATA=${{TRANSFERKIT_DATA:-{shlex.quote(str(data))}}}",
         'ASIDE="$DATA-set-aside"',
+        "kept=0",
+        "move() {  # FILE FOLDER NEW [OTHER]: FILE into FOLDER as NEW, or as OTHER where NEW is taken",
+        '  [ -e "$1" ] || return 0',
+        '  mkdir -p -- "$2" || return 1',
+        '  if [ ! -e "$3" ]; then mv -n -- "$1" "$3"',
+        '  elif [ -n "${4:-}" ] && [ ! -e "$4" ]; then mv -n -- "$1" "$4"',
+        "  else kept=$((kept + 1)); printf 'not moved, its new name is taken: %s\\n' \"$1\" >&2",
+        "  fi",
+        "}",
         "",
         "# Likely label errors: each to the class the held-out head is confident it belongs to.",
     ]
@@ -815,7 +826,8 @@ def moves_script(issues: Sequence[Issue], data_dir: str | os.PathLike) -> str:
         source = _below(Path(os.path.abspath(issue.file)), data)
         target = Path(issue.suggested) / _below_class(source)
         lines.append(f"# {_comment(issue.given)} -> {_comment(issue.suggested)} (score {issue.score:.2f})")
-        lines.append(_move("$DATA", source, "$DATA", target))
+        other = target.with_name(f"{target.stem}-from-{issue.given}{target.suffix}")
+        lines.append(_move("$DATA", source, "$DATA", target, other))
         moved.add(source)
     lines += ["", "# Outliers and near-copies, set aside into $ASIDE with SET_ASIDE=yes.",
               'if [ "${SET_ASIDE:-no}" = yes ]; then']
@@ -826,7 +838,9 @@ def moves_script(issues: Sequence[Issue], data_dir: str | os.PathLike) -> str:
         moved.add(source)
         lines.append(f"  # {issue.kind} (score {issue.score:.2f})")
         lines.append("  " + _move("$DATA", source, "$ASIDE", source))
-    lines += ["  :", "fi", ""]
+    lines += ["  :", "fi", 'if [ "$kept" -gt 0 ]; then',
+              '  echo "$kept file(s) not moved: their new names are taken (listed above); move them by hand" >&2',
+              "  exit 1", "fi", ""]
     return "\n".join(lines)
 
 
@@ -841,15 +855,16 @@ def _below_class(relative: Path) -> Path:
     return Path(*parts[1:]) if len(parts) > 1 else Path(relative.name)
 
 
-def _move(source_root: str, source: Path, target_root: str, target: Path) -> str:
-    """One move as a line of shell, each path a shell variable's folder ("$DATA") and a
-    quoted path below it: passed over when the file is gone (moved already)."""
+def _move(source_root: str, source: Path, target_root: str, target: Path, other: Path | None = None) -> str:
+    """One move as a line of shell (the script's ``move``), each path a shell variable's
+    folder ("$DATA") and a quoted path below it: to ``target``, or to ``other`` where that
+    name is taken; passed over when the file is gone (moved already)."""
     def path(root: str, below: Path) -> str:
         return f'"{root}"/{shlex.quote(below.as_posix())}'
 
-    quoted = path(source_root, source)
     folder = path(target_root, target.parent) if target.parent != Path(".") else f'"{target_root}"'
-    return f"[ -e {quoted} ] && mkdir -p -- {folder} && mv -n -- {quoted} {path(target_root, target)}"
+    return " ".join(["move", path(source_root, source), folder, path(target_root, target),
+                     *([path(target_root, other)] if other is not None else [])])
 
 
 def _comment(text: str) -> str:
