@@ -67,6 +67,22 @@ def test_every_file_is_written_and_each_png_opens_at_its_size(binary_run, binary
     assert write_evaluation(result, out, force=True) == out
 
 
+def test_class_columns_named_as_the_files_own_columns_are_named_p_colon_class(binary_run, binary_dir, tmp_path,
+                                                                              caplog):
+    """A class called "score" or "confidence": a CSV reader would take its column for the
+    file's own (csv.DictReader keeps the last of two, pandas renames one)."""
+    import dataclasses
+
+    result = evaluate_folder(binary_run, binary_dir, engine="keras")
+    renamed = dataclasses.replace(result, class_names=("confidence", "dog"))
+    with caplog.at_level("WARNING", logger="transferkit"):
+        out = write_evaluation(renamed, tmp_path / "eval")
+    with open(out / "predictions.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header == ["file", "true", "predicted", "confidence", "p:confidence", "p:dog"]
+    assert "class name(s) confidence are predictions.csv columns of its own" in caplog.text
+
+
 def test_confusion_of_fifty_classes_scales_and_history_marks_the_saved_epoch(tmp_path, shapes_run):
     names = [f"class {i}" for i in range(50)]
     matrix = np.random.default_rng(0).integers(0, 9, (50, 50))

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -493,6 +493,21 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
     return out_dir
 
 
+CLASS_PREFIX = "p:"
+
+
+def class_columns(class_names, own: Sequence[str]) -> list[str]:
+    """The probability columns of ``predictions.csv``: one per class, named as the class; all
+    named ``p:CLASS`` where a class's name is one of the file's own columns (a class called
+    "score" or "confidence"), which a CSV reader would otherwise take for each other."""
+    taken = sorted(set(class_names) & set(own))
+    if not taken:
+        return list(class_names)
+    log.warning("class name(s) %s are predictions.csv columns of its own: its class columns are named %sCLASS",
+                ", ".join(taken), CLASS_PREFIX)
+    return [f"{CLASS_PREFIX}{name}" for name in class_names]
+
+
 def _write_contents(result: EvaluationResult, folder: Path) -> None:
     from transferkit.evaluation import figures
 
@@ -505,8 +520,9 @@ def _write_contents(result: EvaluationResult, folder: Path) -> None:
         writer = csv.writer(handle)
         scored, rejecting = result.scores is not None, result.rejected is not None
         with_sets = result.members is not None
-        writer.writerow(["file", "true", "predicted", "confidence", *result.class_names] + (["score"] if scored else [])
-                        + (["unknown", "top_class"] if rejecting else []) + (["set", "set_size"] if with_sets else []))
+        own = ["file", "true", "predicted", "confidence"] + (["score"] if scored else []) + (
+            ["unknown", "top_class"] if rejecting else []) + (["set", "set_size"] if with_sets else [])
+        writer.writerow(own[:4] + class_columns(result.class_names, own) + own[4:])
         for row in result.iter_rows():
             fields = [str(row.file), row.true, row.predicted, f"{row.confidence:.6f}",
                       *(f"{p:.6f}" for p in row.probabilities)]
