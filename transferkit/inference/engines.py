@@ -376,7 +376,7 @@ def make_engine(
             step, getattr(model, "name", "the model"), conversion_reason(error),
         )
         return KerasEngine(model)
-    log.info("inference engine: OpenVINO on CPU, %s, %s", hint, shape_label(input_shape))
+    log.debug("inference engine: OpenVINO on CPU, %s, %s", hint, shape_label(input_shape))
     return OpenVINOEngine(compiled, input_shape, hint, ir_path, input_dtype)
 
 

@@ -89,7 +89,10 @@ def recorded_engine(cache_dir: Path, key: str):
         log.debug("engine record %s not used: %s", path, error)
         return None
     if engine is not None:
-        log.info("inference engine: %s, as recorded for this model (Keras not loaded)", record.get("says", "OpenVINO"))
+        says = record.get("says", "OpenVINO")
+        # int8 is told (auto chose it, from its check); the plain engine only with -v, as when built
+        (log.info if "int8" in says else log.debug)("inference engine: %s, as recorded for this model (Keras not "
+                                                    "loaded)", says)
     return engine
 
 
