@@ -124,6 +124,34 @@ def test_early_stopping_restores_the_best_weights_of_a_stage():
     assert evaluated == pytest.approx(best, rel=1e-3)
 
 
+def test_a_stage_that_ends_on_an_earlier_epoch_says_which_the_next_starts_from(caplog):
+    import logging
+
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build(BACKBONE, 3)
+    data = batches(3)
+
+    class SpoilLastEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                kernel = model.get_layer("head").get_layer("output").kernel
+                noise = np.random.default_rng(0).normal(0, 20, kernel.shape).astype("float32")
+                kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
+
+    stages = [StageConfig(name="first", epochs=3, learning_rate=1e-3, unfreeze=0, patience=3),
+              StageConfig(name="second", epochs=1, learning_rate=1e-4, unfreeze=0)]
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        history = run_stages(model, get_spec(BACKBONE), stages, data, data, 3,
+                             StageOptions(verbose=1, callbacks=[SpoilLastEpoch()])).history
+    first = [row["val_loss"] for row in history if row["stage"] == "first"]
+    best = int(np.argmin(first))
+    assert best < 2  # the spoiled last epoch is not the best
+    assert (f"stage 'first' ends on its epoch {best + 1} of 3 (epoch {best + 1}: its lowest val_loss, "
+            f"{first[best]:.4f}); stage 'second' starts from it") in caplog.text
+
+
 def _rates(schedule, steps):
     import keras
 

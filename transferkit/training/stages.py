@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -725,7 +726,7 @@ def _log_stage(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> 
         + (f" ({stage.schedule}" + (f", {stage.warmup_epochs:g} warmup epochs)" if stage.warmup_epochs else ")")
            if stage.schedule != "constant" or stage.warmup_epochs else "")
         + (f", weight decay {stage.weight_decay:g}" if stage.weight_decay else "")
-        + f", up to {stage.epochs} epochs"
+        + f", up to {stage.epochs} epoch{'' if stage.epochs == 1 else 's'}"
         + (f" (resuming after epoch {start.initial_epoch})" if start.initial_epoch else "")
         + f", {trainable:,} trainable parameters"
         + (", on cached features" if begun.cached else "")
@@ -763,6 +764,7 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
     # Keras takes several processes' input only as tf.data (each process's own share here).
     given = to_tf_dataset if _data_parallel(run) is not None else keras_input
+    before = len(run.rows)
     try:
         begun.model.fit(
             given(begun.train),
@@ -775,6 +777,21 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
         )
     finally:
         synchronize_batchnorm(begun.model, False)
+    _tell_restored_epoch(run, index, run.rows[before - start.initial_epoch:])  # (a resumed stage's earlier epochs too)
+
+
+def _tell_restored_epoch(run: StagesRun, index: int, rows: list[dict]) -> None:
+    """Where a stage ends on an earlier epoch than its last (early stopping restored its
+    lowest validation loss) and a later stage starts from it, say which (history.png rings it)."""
+    losses = [row.get("val_loss", math.nan) for row in rows]
+    if not run.options.verbose or len(rows) < 2 or all(math.isnan(loss) for loss in losses):
+        return
+    best = int(np.nanargmin(losses))
+    later = next((run.stages[number].name for number in range(index + 1, len(run.stages))
+                  if run.stages[number].epochs > 0), None)
+    if best < len(rows) - 1 and later is not None:
+        log.info(f"stage '{run.stages[index].name}' ends on its epoch {best + 1} of {len(rows)} (epoch "
+                 f"{rows[best]['epoch']}: its lowest val_loss, {losses[best]:.4f}); stage '{later}' starts from it")
 
 
 def _checkpoint_between_stages(run: StagesRun, index: int) -> None:
