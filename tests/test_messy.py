@@ -175,4 +175,5 @@ def test_a_class_too_small_to_split_is_named(tmp_path, tiny):
     result = runner.invoke(app, ["finetune", str(root), *TINY_FLAGS, "-o", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert "class lonely has 1 readable image" in result.output
+    assert "single readable image" not in result.output  # once: the split's line, not the data check's too
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

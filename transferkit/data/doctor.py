@@ -549,6 +549,10 @@ def _empty_classes(report: DataReport) -> Finding | None:
     )
 
 
+# What the finding of a class too small to split says (finetune's split then stops with its own line).
+SINGLE_IMAGE = "have a single readable image"
+
+
 def _too_few_to_split(report: DataReport) -> Finding | None:
     if report.val_root is not None:
         return None
@@ -556,7 +560,7 @@ def _too_few_to_split(report: DataReport) -> Finding | None:
     if not few:
         return None
     return Finding(
-        f"{len(few)} class(es) have a single readable image; the validation split needs at least 2 "
+        f"{len(few)} class(es) {SINGLE_IMAGE}; the validation split needs at least 2 "
         "per class (leakage not checked): add images or pass a validation folder",
         tuple(few),
     )

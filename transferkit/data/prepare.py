@@ -22,7 +22,7 @@ import numpy as np
 from transferkit.data.arrays import balanced_class_weights, image_array, partition_rows
 from transferkit.data.augment import augmenter_factory
 from transferkit.data.batches import ImageBatches
-from transferkit.data.doctor import DataReport, check_data
+from transferkit.data.doctor import SINGLE_IMAGE, DataReport, check_data
 from transferkit.data.folders import FolderIndex, index_folders
 from transferkit.data.split import (
     TRAIN,
@@ -373,7 +373,9 @@ def _decode_all(index: FolderIndex, val_index: FolderIndex | None, paths: list, 
         seed=recipe.seed, val_dir=val_index, keep=keep, progress=progress, group_by=recipe.data.group_by,
     )
     for message in report.problems:
-        if "unreadable file" not in message:  # those are warned about one by one in _kept_rows
+        # Unreadable files are warned about one by one in _kept_rows; a class too small to
+        # split stops the split with its own one line.
+        if "unreadable file" not in message and SINGLE_IMAGE not in message:
             log.warning("%s", message)
     return decoded, readable, report
 
