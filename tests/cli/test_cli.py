@@ -1,6 +1,7 @@
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,6 +248,30 @@ def test_predict_accepts_a_model_file_with_labels_beside_it(cli_run, shapes_dir)
     result = invoke("predict", output / "model.keras", shapes_dir / "square", "--quiet", "--engine", "keras")
     assert result.exit_code == 0, result.output
     assert "10 image(s) classified (keras engine)" in result.output
+    # -q without --output: the table is the result, so it stays (only the progress goes)
+    assert "square_000.jpg" in result.output
+
+
+def test_predict_table_columns_line_up_with_long_and_wide_class_names(tmp_path):
+    from transferkit.cli.predict import _columns, _print_table
+    from transferkit.inference.predict import Prediction, PredictionResult
+
+    names = ("an extraordinarily long class name here", "日本")
+    rows = [Prediction(Path(f"x/{name}.png"), name, 0.5, ((name, 0.5), (names[0], 0.25))) for name in names]
+    runner_output = []
+    import typer
+
+    original, typer.echo = typer.echo, runner_output.append
+    try:
+        _print_table(PredictionResult(rows, [], engine="openvino"), top_k=2)
+    finally:
+        typer.echo = original
+    header, *lines = runner_output
+    # every column starts at the same terminal column on every line (CJK letters are two wide)
+    starts = [_columns(header[: header.index(word)]) for word in ("label", "confidence", "top 2")]
+    for line, name in zip(lines, names, strict=True):
+        after = len(f"x/{name}.png")  # past the file column, which holds the name too
+        assert [_columns(line[: line.index(text, after)]) for text in (name, "0.500", f"{name} 0.500, ")] == starts
 
 
 def test_resume_without_data_dir_or_run_is_a_usage_error():

@@ -42,7 +42,7 @@ def predict(
     sets: SetsOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
-            help="No progress bar and no table; with --output, print only the summary.")] = False,
+            help="No progress bar; with --output, no table either: only the summary.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Predict a class for every image under IMAGES with a saved run."""
@@ -79,23 +79,36 @@ def predict(
                             engine=forward, precision=precision, reject=reject, sets=sets)
     if output is not None:
         write_predictions(result, output)
-    if not quiet:
+    if not quiet or output is None:  # without --output the table is the result: -q leaves it
         _print_table(result, top_k)
     typer.echo(result.summary(output))
 
 
+def _columns(text: str) -> int:
+    """How many terminal columns ``text`` takes: East Asian wide and full-width letters two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _columns(text))
+
+
 def _print_table(result, top_k: int) -> None:
-    width = max((len(str(row.file)) for row in result.rows), default=4)
-    header = f"{'file':<{width}}  {'label':<16} confidence"
+    width = max((_columns(str(row.file)) for row in result.rows), default=4)
+    labels = max([16, *(_columns(name) for row in result.rows for name in (row.label, row.top_class or ""))])
+    header = f"{_pad('file', width)}  {_pad('label', labels)} confidence"
     if result.rejection is not None:
-        header += f"  {'top class':<16} score"
-    typer.echo(header + ("  set" if result.set_rule is not None else ""))
+        header += f"  {_pad('top class', labels)} score"
+    header += "  set" if result.set_rule is not None else ""
+    typer.echo(header + (f"   top {top_k}" if top_k > 1 else ""))
     for row in result.rows:
-        line = f"{str(row.file):<{width}}  {row.label:<16} {row.confidence:.3f}"
+        line = f"{_pad(str(row.file), width)}  {_pad(row.label, labels)} {row.confidence:.3f}     "
         if result.rejection is not None:
-            line += f"       {row.top_class:<16} {row.score:.3f}"
+            line += f"  {_pad(row.top_class, labels)} {row.score:.3f}"
         if result.set_rule is not None:
             line += "  " + "|".join(row.prediction_set)
         if top_k > 1:
             line += "   " + ", ".join(f"{name} {p:.3f}" for name, p in row.top_k)
-        typer.echo(line)
+        typer.echo(line.rstrip())
