@@ -89,6 +89,13 @@ def test_confusion_of_fifty_classes_scales_and_history_marks_the_saved_epoch(tmp
     path = figures.plot_confusion(matrix, names, tmp_path / "confusion.png")
     width, height = _size(path)
     assert width > 2 * 1000 and height > 1000
+    # The names keep a readable size as the classes grow, and still fit their cells.
+    for n in (2, 10, 40, 50):
+        size = figures.confusion_size(n, 12)
+        font = figures.confusion_font(n, size)
+        assert font >= (8 if n <= 40 else 6) and font <= 72 * size[1] / n / 2
+    shares = figures.row_shares(np.array([[0, 0], [2, 6]]))
+    assert np.isnan(shares[0]).all() and shares[1].tolist() == [0.25, 0.75]  # no images: blank, not 0.00
     written = figures.write_run_figures(shapes_run.path)
     assert [p.name for p in written] == ["history.png", "confusion.png"]
     width, height = figures.HISTORY_SIZE

@@ -66,6 +66,22 @@ def confusion_size(n_classes: int, longest_name: int = 6) -> tuple[float, float]
     return (2 * (panel + names) - 0.2, panel + names - 0.1)
 
 
+def confusion_font(n_classes: int, size: tuple[float, float]) -> float:
+    """The confusion figure's font size in points: set to fit a cell, not shrunk with the
+    class count (the panels grow with it, so a cell keeps about 0.3 inch: about 9 points at
+    40 classes), between 6 and 10."""
+    cell_points = 72 * 0.75 * size[1] / max(n_classes, 1)  # the panel is about 3/4 of the figure's height
+    return float(np.clip(0.45 * cell_points, 6, 10))
+
+
+def row_shares(matrix: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix over its sum (recall per true class); NaN for a class
+    with no image (nothing to share out: its row is drawn blank, not as zeros)."""
+    matrix = np.asarray(matrix, dtype="float64")
+    rows = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, rows, out=np.full(matrix.shape, np.nan), where=rows > 0)
+
+
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
                    title: str = "confusion matrix") -> Path:
     """confusion.png: counts and row-normalised (recall per true class) side by side.
@@ -85,10 +101,10 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
     matrix = np.asarray(matrix, dtype="int64")
     n = len(class_names)
     warn_about_missing_glyphs(class_names, path)
-    font = float(np.clip(11 - n / 6, 5, 10))
-    rows = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype="float64"), where=rows > 0)
-    figure = Figure(figsize=confusion_size(n, max(map(len, class_names), default=0)))
+    size = confusion_size(n, max(map(len, class_names), default=0))
+    font = confusion_font(n, size)
+    normalised = row_shares(matrix)
+    figure = Figure(figsize=size)
     figure.suptitle(title, fontsize=font + 2)
     for axis, values, name, fmt in zip(figure.subplots(1, 2), (matrix, normalised),
                                        ("counts", "share of each true class"), ("{:d}", "{:.2f}"), strict=False):
@@ -101,10 +117,17 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
         axis.set_title(name, fontsize=font + 1)
         # Beside the matrix itself: a colour bar given the panel's cell would stand at the
         # cell's far edge, as far from a square matrix as the cell is wide.
-        figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.04, 1.0]))
+        bar = figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.04, 1.0]))
+        if values is matrix:  # counts: whole numbers on the scale
+            from matplotlib.ticker import MaxNLocator
+
+            bar.locator = MaxNLocator(integer=True)
+            bar.update_ticks()
         if n <= CELL_NUMBERS_UP_TO:
-            peak = values.max() if values.size else 0
+            peak = np.nanmax(values) if np.isfinite(values).any() else 0
             for (row, column), value in np.ndenumerate(values):
+                if np.isnan(value):
+                    continue
                 axis.text(column, row, fmt.format(value), ha="center", va="center", fontsize=font,
                           color="white" if value > peak / 2 else "black")
     return save_figure(figure, path)
