@@ -102,6 +102,15 @@ def test_confusion_of_fifty_classes_scales_and_history_marks_the_saved_epoch(tmp
     assert _size(written[0]) == (round(width * figures.DPI), round(height * figures.DPI))
 
 
+def test_a_top_loss_is_titled_by_its_file_and_classes_each_cut_to_its_column():
+    from pathlib import Path
+
+    title = figures.top_loss_title(Path("/data/ring_7/t_img_0.png"), "an extraordinarily long class name here",
+                                   "ring_1", 0.2449)
+    assert title.splitlines() == ["ring_7/t_img_0.png", "true: an extraor\u2026name here", "ring_1: 0.24"]
+    assert all(len(line) <= 26 for line in title.splitlines())
+
+
 def test_a_labelled_folder_of_unknown_images_alone_is_told_as_such(tmp_path):
     from transferkit.errors import DataError
     from transferkit.evaluation.evaluate import labelled_files

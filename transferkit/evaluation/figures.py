@@ -136,7 +136,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
 def top_losses_size(count: int, columns: int = 4) -> tuple[float, float]:
     """The top-losses grid's size in inches for ``count`` images (at least one row)."""
     rows = max(1, math.ceil(count / columns))
-    return (columns * 2.6, rows * 2.9)
+    return (columns * 2.6, rows * 3.1)
 
 
 def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | os.PathLike,
@@ -166,7 +166,7 @@ def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | o
         axis.axis("off")
         axis.text(0.5, 0.5, "no wrong predictions", ha="center", va="center", fontsize=14)
         return save_figure(figure, path)
-    figure.suptitle("most confidently wrong (true / predicted / confidence)")
+    figure.suptitle("most confidently wrong (file, true class, predicted class: confidence)")
     rows = math.ceil(len(items) / columns)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axis in axes:
@@ -176,8 +176,25 @@ def plot_top_losses(items: Sequence[tuple[Path, str, str, float]], path: str | o
             axis.imshow(load_image(file, thumbnail))
         except (DataError, OSError) as error:  # gone or changed since it was classified
             axis.text(0.5, 0.5, f"cannot read\n{Path(file).name}\n({error})", ha="center", va="center", fontsize=7)
-        axis.set_title(f"{true} / {predicted} / {confidence:.2f}", fontsize=9)
+        axis.set_title(top_loss_title(file, true, predicted, confidence), fontsize=8)
     return save_figure(figure, path)
+
+
+def top_loss_title(file, true: str, predicted: str, confidence: float) -> str:
+    """An image's title in top_losses.png: three short lines, each cut to the column's width
+    (an ellipsis in the middle): the file (with its folder: names repeat across classes),
+    its true class, the class predicted and its confidence."""
+    where = Path(file)
+    return (f"{_fit(f'{where.parent.name}/{where.name}' if where.parent.name else where.name)}\n"
+            f"true: {_fit(true, 20)}\n{_fit(predicted, 18)}: {confidence:.2f}")
+
+
+def _fit(text: str, characters: int = 26) -> str:
+    """``text`` cut to ``characters`` (an ellipsis in the middle, where file names differ)."""
+    if len(text) <= characters:
+        return text
+    keep = characters - 1
+    return text[: (keep + 1) // 2] + "\u2026" + text[len(text) - keep // 2:]
 
 
 def plot_reliability(bins: Sequence[dict], ece: float, path: str | os.PathLike) -> Path:
