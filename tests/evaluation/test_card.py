@@ -50,6 +50,8 @@ def test_the_card_names_the_classes_their_counts_and_the_accuracy(shapes_run):
                  f"Images whose {rejection['score']} score falls below the threshold", "--sets 0.9",
                  "## Exports\n\nNone yet", "random weights", "keras.models.load_model"):
         assert fact in card, fact
+    # (6 validation images: every class's figures are rough, said once, not as a list of them all)
+    assert "validation images have rough per-class figures: every class." in card
     for section in ("## Model details", "## Classes", "## Training data", "## Evaluation", "## Uses",
                     "## Bias, risks and limitations", "## How to use"):
         assert section in card

@@ -104,6 +104,25 @@ def test_the_mislabelled_files_lead_the_issues_with_their_true_class(audited):
     assert list(rows[0]) == ["file", "given", "suggested", "score", "kind", "confident", "detail"]
     assert "likely label error" in printed and "nothing was moved" in printed
     assert "random weights (--weights none)" in printed  # the fixes of a random backbone are guesses: warned
+    assert "weak evidence" not in printed  # its held-out heads are right on most images
+
+
+def test_suggestions_of_heads_right_on_few_images_are_told_to_be_weak_evidence(tmp_path):
+    """Noise in two folders: nothing to learn, so the held-out heads are right about half the
+    time, and whatever moves they suggest are called weak before anyone runs moves.sh."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(9):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{index}.png")
+    result = runner.invoke(app, ["audit", str(tmp_path / "data"), *FLAGS, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    accuracy = json.loads((tmp_path / "out" / "audit.json").read_text())["out_of_sample_accuracy"]
+    confident = sum(row["confident"] == "true" for row in read_issues(tmp_path / "out"))
+    assert accuracy < 0.8 and confident > 0
+    assert (f"right on only {100 * accuracy:.0f}% of the images, so their {confident} suggested move(s) are weak "
+            "evidence: read moves.sh") in result.output
 
 
 def test_the_copies_are_near_duplicates_and_nothing_else_is(audited):

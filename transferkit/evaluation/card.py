@@ -460,8 +460,10 @@ def _limitations(facts: _Facts) -> str:
                      "same folder as the training images; new data is usually harder.")
     few = [name for name, (_, val) in counts.items() if isinstance(val, int) and val < FEW_IMAGES]
     if few:
+        which = ("every class" if len(few) == len(counts) else
+                 f"{', '.join(few[:12])}" + (f" and {len(few) - 12} more" if len(few) > 12 else ""))
         lines.append(f"- Classes with fewer than {FEW_IMAGES} validation images have rough per-class figures: "
-                     f"{', '.join(few)}.")
+                     f"{which}.")
     train = [value for value, _ in counts.values() if isinstance(value, int)]
     if train and min(train) and max(train) / min(train) >= 3:
         lines.append(f"- The classes are imbalanced ({min(train)} to {max(train)} training images); the training "

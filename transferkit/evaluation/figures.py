@@ -230,7 +230,7 @@ def plot_reliability(bins: Sequence[dict], ece: float, path: str | os.PathLike) 
     top.set_ylim(0, 1.08)
     top.set_ylabel("accuracy")
     top.set_title(f"reliability diagram (ECE {ece:.4f}, {len(bins)} bins)")
-    top.legend(loc="upper left", fontsize=8)
+    top.legend(loc="best", fontsize=8)  # where it covers the fewest bars and dots
     bottom.bar(centres, [b["count"] for b in bins], width=widths, edgecolor="black", color="#8c8c8c")
     bottom.set_xlabel("confidence (probability of the predicted class)")
     bottom.set_ylabel("images")

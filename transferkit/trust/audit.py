@@ -155,12 +155,17 @@ class AuditResult:
             f"{counts['duplicate']} near-duplicate(s), {counts['outlier']} outlier(s)",
         ]
         for issue in self.issues[:5]:
-            lines.append(f"  {issue.kind:9} {issue.score:.2f}  {issue.file}  ({issue.given} -> {issue.suggested})")
+            told = f"{issue.given} -> {issue.suggested}" if issue.given != issue.suggested else issue.given
+            lines.append(f"  {issue.kind:9} {issue.score:.2f}  {issue.file}  ({told})")
         if self.skipped:
             lines.append(f"  {len(self.skipped)} file(s) skipped (unreadable or not images)")
         if self.path is not None:
             lines.append(f"  written to {self.path} (issues.csv, issues.png, moves.sh); nothing was moved")
         return "\n".join(lines)
+
+
+# Below this out-of-sample accuracy the held-out heads' suggestions are told to be weak evidence.
+WEAK_ACCURACY = 0.8
 
 
 def audit(
@@ -227,6 +232,11 @@ def audit(
                                               groups=fold_groups(decoded.groups, copies, len(decoded.labels)),
                                               folds=folds, verbose=verbose)
     result = _result(decoded, probabilities, embeddings, copies, folds)
+    confident = sum(issue.confident for issue in result.issues)
+    if result.accuracy < WEAK_ACCURACY and confident:
+        log.warning("the held-out heads were right on only %.0f%% of the images, so their %d suggested move(s) are "
+                    "weak evidence: read moves.sh before running any of it (pretrained weights, a larger image size "
+                    "or more images make the audit stronger)", 100 * result.accuracy, confident)
     if verbose:
         log.info(f"audit computed in {time.perf_counter() - started:.1f}s")
     result.path = write_audit(result, recipe, out, force)
