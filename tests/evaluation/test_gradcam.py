@@ -119,7 +119,36 @@ def test_the_grid_names_each_cells_file_and_says_when_its_heatmap_is_empty(tmp_p
     ]
     plot_grid(explanations, tmp_path / "grid.png")
     titles = [axis.get_title() for axis in drawn[0].axes if axis.get_title()]
-    assert titles[0] == "cat_001.jpg\ncat (0.91)"
+    assert titles[0] == "cats/cat_001.jpg\ncat (0.91)"  # with its folder: names repeat across classes
     name, label = titles[1].split("\n")
-    assert len(name) <= 24 and name.endswith("_0042.jpg") and "…" in name
+    assert len(name) <= 24 and name.startswith("dogs/") and name.endswith("_0042.jpg") and "…" in name
     assert label == "dog (0.55); no heat"
+    # Each image's own figure says the same: where it is from, and an empty map as such.
+    from transferkit.evaluation.gradcam import plot_explanation
+
+    plot_explanation(explanations[1], tmp_path / "dog.png")
+    image_title, heat_title = [axis.get_title() for axis in drawn[1].axes if axis.get_title()]
+    assert image_title.startswith("dogs/") and image_title.endswith("_0042.jpg")
+    assert heat_title == "dog (0.550); no heat"
+
+
+def test_characters_missing_from_the_plot_font_are_told_once_for_the_explain_folder(tmp_path, caplog):
+    import logging
+    from pathlib import Path
+
+    from transferkit.evaluation.gradcam import Explanation, Heatmap, write_explanations
+
+    image = np.zeros((16, 16, 3), dtype="uint8")
+    heat = np.zeros((16, 16), dtype="float32")
+    explanations = [Explanation(Path(f"日本/{index}.png"), image, (Heatmap("日本", 0.5, heat),)) for index in range(3)]
+    logger = logging.getLogger("transferkit")
+    logger.addHandler(caplog.handler)  # (the CLI may have stopped it propagating to caplog's root)
+    try:
+        written = write_explanations(explanations, tmp_path / "explain")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert len([path for path in written if path.suffix == ".png"]) == 4  # three images and the grid
+    records = {id(record): record for record in caplog.records}.values()  # (seen by both handlers, or one)
+    told = [record.message for record in records if "show as boxes" in record.message]
+    assert told == ["the explain figures: some characters of the class names are not in the plot font and show "
+                    "as boxes"]

@@ -359,11 +359,15 @@ def write_explanations(explanations: Sequence[Explanation], out_dir: str | os.Pa
 
 
 def _write_contents(explanations: Sequence[Explanation], folder: Path, root) -> list[str]:
+    from transferkit.evaluation.figures import warn_about_missing_glyphs
     from transferkit.files import atomic_path, write_atomic
 
     written: list[Path] = []
     index = []
     used: set[str] = set()
+    # Once for the folder, not once per figure (hundreds of lines on a real folder).
+    warn_about_missing_glyphs(sorted({h.class_name for item in explanations for h in item.heatmaps}),
+                              Path("the explain figures"))
     for number, item in enumerate(explanations):
         base = _base_name(item, number, root)
         while base in used:
@@ -378,10 +382,10 @@ def _write_contents(explanations: Sequence[Explanation], folder: Path, root) -> 
             written.append(npy)
             entry["heatmaps"].append({"class": heatmap.class_name, "probability": heatmap.probability,
                                       "npy": npy.name})
-        written.append(plot_explanation(item, folder / f"{base}.png"))
+        written.append(plot_explanation(item, folder / f"{base}.png", glyphs_told=True))
         index.append(entry)
     if len(explanations) > 1:
-        written.append(plot_grid(explanations, folder / "gradcam_grid.png"))
+        written.append(plot_grid(explanations, folder / "gradcam_grid.png", glyphs_told=True))
     written.append(write_atomic(folder / INDEX_FILE, json.dumps(index, indent=2, ensure_ascii=False) + "\n"))
     return [path.name for path in written]
 
@@ -432,33 +436,44 @@ def overlay_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = HEAT_ALP
     return np.clip(np.rint(blended), 0, 255).astype("uint8")
 
 
-def plot_explanation(item: Explanation, path: Path) -> Path:
-    """One image: the original, then each heatmap over it titled class and probability."""
+def plot_explanation(item: Explanation, path: Path, glyphs_told: bool = False) -> Path:
+    """One image: the original (titled by its folder and name), then each heatmap over it
+    titled class and probability ("no heat" where the map is all zero: it draws as a plain
+    tint). ``glyphs_told``: the missing-glyph warning was given for the whole folder."""
     from matplotlib.figure import Figure
 
     from transferkit.evaluation.figures import save_figure, warn_about_missing_glyphs
 
-    warn_about_missing_glyphs([h.class_name for h in item.heatmaps], path)
+    if not glyphs_told:
+        warn_about_missing_glyphs([h.class_name for h in item.heatmaps], path)
     panels = 1 + len(item.heatmaps)
     figure = Figure(figsize=(3.2 * panels, 3.6))
     axes = np.atleast_1d(figure.subplots(1, panels))
     axes[0].imshow(item.image)
-    axes[0].set_title(Path(item.file).name if item.file else "image", fontsize=9)
+    axes[0].set_title(_where(item.file) if item.file else "image", fontsize=9)
     axes[0].axis("off")
     for axis, heatmap in zip(axes[1:], item.heatmaps, strict=False):
         _overlay(axis, item.image, heatmap.heat)
-        axis.set_title(f"{heatmap.class_name} ({heatmap.probability:.3f})", fontsize=10)
+        empty = "; no heat" if not np.any(heatmap.heat > 0) else ""
+        axis.set_title(f"{_short(heatmap.class_name, 30)} ({heatmap.probability:.3f}){empty}", fontsize=10)
     return save_figure(figure, path)
 
 
-def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6) -> Path:
+def _where(file) -> str:
+    """An image as a figure names it: its folder and name (names repeat across class folders)."""
+    path = Path(file)
+    return _short(f"{path.parent.name}/{path.name}" if path.parent.name else path.name, 36)
+
+
+def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6, glyphs_told: bool = False) -> Path:
     """gradcam_grid.png: the first ``GRID_LIMIT`` images with their first heatmap over them."""
     from matplotlib.figure import Figure
 
     from transferkit.evaluation.figures import save_figure, warn_about_missing_glyphs
 
     shown = list(explanations[:GRID_LIMIT])
-    warn_about_missing_glyphs([e.predicted for e in shown], path)
+    if not glyphs_told:
+        warn_about_missing_glyphs([e.predicted for e in shown], path)
     columns = min(columns, len(shown))
     rows = math.ceil(len(shown) / columns)
     figure = Figure(figsize=(2.4 * columns, 2.7 * rows))
@@ -471,7 +486,7 @@ def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6)
         heat = item.heatmaps[0].heat
         _overlay(axis, item.image, heat)
         # Which file each cell is, and a heatmap with no heat said so (it draws as a plain tint).
-        name = _short(Path(item.file).name) if item.file is not None else f"image {number + 1}"
+        name = _short(_where(item.file)) if item.file is not None else f"image {number + 1}"
         empty = "; no heat" if not np.any(heat > 0) else ""
         axis.set_title(f"{name}\n{item.predicted} ({item.heatmaps[0].probability:.2f}){empty}", fontsize=8)
     return save_figure(figure, path)
