@@ -23,6 +23,27 @@ def test_accuracy_equals_a_count_from_predicts_own_rows(shapes_run, shapes_dir):
     assert {n: v["support"] for n, v in result.metrics["per_class"].items()} == per_class
 
 
+def test_evaluating_the_runs_own_training_images_is_warned(shapes_run, shapes_dir, tmp_path, caplog):
+    import logging
+
+    with open(shapes_run.path / "split.csv", newline="") as handle:
+        subsets = {row["file"]: row["subset"] for row in csv.DictReader(handle)}
+    trained = sum(subset == "train" for subset in subsets.values())
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        evaluate_folder(shapes_run, shapes_dir, engine="keras")
+    assert f"{trained} of the 30 images were training images of this run (its split.csv)" in caplog.text
+    # Its validation images alone (a copy of them elsewhere is not compared): no warning.
+    caplog.clear()
+    held_out = tmp_path / "held_out"
+    for file, subset in subsets.items():
+        if subset == "validation":
+            (held_out / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shapes_dir / file, held_out / file)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        evaluate_folder(shapes_run, held_out, engine="keras")
+    assert "training images of this run" not in caplog.text
+
+
 def test_unknown_class_folder_is_a_one_line_error_and_absent_classes_are_told(shapes_run, shapes_dir, tmp_path):
     folder = tmp_path / "labelled"
     shutil.copytree(shapes_dir / shapes_run.class_names[0], folder / shapes_run.class_names[0])

@@ -283,6 +283,7 @@ def evaluate_folder(
     files, labels, skipped, ignored = labelled_files(folder, run.class_names)
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
+    _warn_if_trained_on(run, files)
     if not files:
         raise DataError(f"{folder} holds no image files in its class folders; put each class's test images in a "
                         f"sub-folder named as the run's class ({', '.join(run.class_names[:3])}"
@@ -506,6 +507,27 @@ def class_columns(class_names, own: Sequence[str]) -> list[str]:
     log.warning("class name(s) %s are predictions.csv columns of its own: its class columns are named %sCLASS",
                 ", ".join(taken), CLASS_PREFIX)
     return [f"{CLASS_PREFIX}{name}" for name in class_names]
+
+
+def _warn_if_trained_on(run, files: Sequence[Path]) -> None:
+    """Warn when images evaluated are ones the run trained on (its split.csv's "train" rows
+    below its data folder): their figures are optimistic."""
+    path = getattr(run, "path", None)
+    try:
+        labels = json.loads((Path(path) / "labels.json").read_text(encoding="utf-8")) if path else {}
+        with open(Path(path) / "split.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, ValueError, TypeError):
+        return  # a model without its run folder's records: nothing to compare with
+    data_dir = labels.get("data_dir")
+    if not data_dir:
+        return
+    trained = {os.path.realpath(os.path.join(data_dir, row.get("file", ""))) for row in rows
+               if row.get("subset") == "train"}
+    seen = sum(os.path.realpath(file) in trained for file in files)
+    if seen:
+        log.warning("%d of the %d images were training images of this run (its split.csv): its figures on them are "
+                    "optimistic; evaluate on images it has not seen", seen, len(files))
 
 
 def _write_contents(result: EvaluationResult, folder: Path) -> None:
