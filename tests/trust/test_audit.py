@@ -276,6 +276,16 @@ def test_the_one_image_of_a_class_is_never_a_confident_move():
         "/data")
 
 
+def test_captions_of_issues_png_fit_their_column_and_a_copy_names_what_it_copies():
+    from transferkit.trust.audit import _caption
+
+    long = "an extraordinarily long class name here"
+    label = _caption(Issue(Path("/d/x/img_0.png"), long, "another very long class name x 35ch", 0.91, "label"))
+    copy = _caption(Issue(Path("/d/x/b.png"), "rare", "rare", 0.98, "duplicate", copy_of=Path("/d/rare/a30.png")))
+    assert all(len(line) <= 22 for line in label.splitlines() + copy.splitlines())
+    assert label.splitlines()[1] == "given: an extr\u2026me here" and copy.splitlines()[2] == "copy of a30.png"
+
+
 def test_outliers_are_far_beyond_the_typical_neighbour_distance():
     rng = np.random.default_rng(0)
     cluster = rng.normal(0, 0.05, (40, 16)) + np.eye(16)[0]

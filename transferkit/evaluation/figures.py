@@ -185,11 +185,11 @@ def top_loss_title(file, true: str, predicted: str, confidence: float) -> str:
     (an ellipsis in the middle): the file (with its folder: names repeat across classes),
     its true class, the class predicted and its confidence."""
     where = Path(file)
-    return (f"{_fit(f'{where.parent.name}/{where.name}' if where.parent.name else where.name)}\n"
-            f"true: {_fit(true, 20)}\n{_fit(predicted, 18)}: {confidence:.2f}")
+    return (f"{fit_text(f'{where.parent.name}/{where.name}' if where.parent.name else where.name)}\n"
+            f"true: {fit_text(true, 20)}\n{fit_text(predicted, 18)}: {confidence:.2f}")
 
 
-def _fit(text: str, characters: int = 26) -> str:
+def fit_text(text: str, characters: int = 26) -> str:
     """``text`` cut to ``characters`` (an ellipsis in the middle, where file names differ)."""
     if len(text) <= characters:
         return text

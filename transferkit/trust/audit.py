@@ -753,13 +753,17 @@ def _write_contents(result: AuditResult, recipe: Recipe, folder: Path) -> None:
 
 
 def _caption(issue: Issue) -> str:
-    name = Path(issue.file).name
-    name = name if len(name) <= 22 else name[:10] + "…" + name[-10:]
+    """Four short lines under an image of issues.png, each cut to its column (22 characters)."""
+    from transferkit.evaluation.figures import fit_text
+
+    name = fit_text(Path(issue.file).name, 22)
+    given = f"given: {fit_text(issue.given, 15)}"
     if issue.kind == "label":
-        return f"{name}\ngiven: {issue.given}\nsuggested: {issue.suggested}\nlabel {issue.score:.2f}"
-    if issue.kind == "duplicate":
-        return f"{name}\ngiven: {issue.given}\ncopies: {issue.suggested}\nduplicate {issue.score:.2f}"
-    return f"{name}\ngiven: {issue.given}\noutlier {issue.score:.2f}"
+        return f"{name}\n{given}\nsuggested: {fit_text(issue.suggested, 11)}\nlabel {issue.score:.2f}"
+    if issue.kind == "duplicate":  # which image it copies, so that the pair can be found
+        copied = Path(issue.copy_of).name if issue.copy_of is not None else issue.suggested
+        return f"{name}\n{given}\ncopy of {fit_text(copied, 14)}\nduplicate {issue.score:.2f}"
+    return f"{name}\n{given}\noutlier {issue.score:.2f}"
 
 
 def issues_table(issues: Sequence[Issue]) -> str:
