@@ -99,6 +99,21 @@ def test_zero_epoch_stage_is_skipped():
     assert result.timings[0].caching_seconds == 0.0 and result.val_outputs is None
 
 
+def spoiler(model, epoch: int):
+    """A callback that scrambles the output layer before ``epoch`` (0-based) of a stage's fit,
+    so that that epoch cannot be the stage's best."""
+    import keras
+
+    class Spoil(keras.callbacks.Callback):
+        def on_epoch_begin(self, number, logs=None):
+            if number == epoch:
+                kernel = model.get_layer("head").get_layer("output").kernel
+                noise = np.random.default_rng(0).normal(0, 20, kernel.shape).astype("float32")
+                kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
+
+    return Spoil()
+
+
 def test_early_stopping_restores_the_best_weights_of_a_stage():
     import keras
 
@@ -106,17 +121,8 @@ def test_early_stopping_restores_the_best_weights_of_a_stage():
     model = build(BACKBONE, 3)
     data = batches(3)
 
-    class SpoilLastEpoch(keras.callbacks.Callback):
-        """Scrambles the output layer before the last epoch, so that epoch cannot be the best."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 3:
-                kernel = model.get_layer("head").get_layer("output").kernel
-                noise = np.random.default_rng(0).normal(0, 20, kernel.shape).astype("float32")
-                kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
-
     stages = [StageConfig(epochs=4, learning_rate=1e-3, unfreeze=0, patience=3)]
-    options = StageOptions(verbose=0, callbacks=[SpoilLastEpoch()])
+    options = StageOptions(verbose=0, callbacks=[spoiler(model, 3)])
     history = run_stages(model, get_spec(BACKBONE), stages, data, data, 3, options).history
     best = min(row["val_loss"] for row in history)
     assert history[-1]["val_loss"] > best  # the last epoch was not the best one
@@ -133,18 +139,11 @@ def test_a_stage_that_ends_on_an_earlier_epoch_says_which_the_next_starts_from(c
     model = build(BACKBONE, 3)
     data = batches(3)
 
-    class SpoilLastEpoch(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                kernel = model.get_layer("head").get_layer("output").kernel
-                noise = np.random.default_rng(0).normal(0, 20, kernel.shape).astype("float32")
-                kernel.assign(keras.ops.convert_to_numpy(kernel) + noise)
-
     stages = [StageConfig(name="first", epochs=3, learning_rate=1e-3, unfreeze=0, patience=3),
               StageConfig(name="second", epochs=1, learning_rate=1e-4, unfreeze=0)]
     with caplog.at_level(logging.INFO, logger="transferkit"):
         history = run_stages(model, get_spec(BACKBONE), stages, data, data, 3,
-                             StageOptions(verbose=1, callbacks=[SpoilLastEpoch()])).history
+                             StageOptions(verbose=1, callbacks=[spoiler(model, 2)])).history
     first = [row["val_loss"] for row in history if row["stage"] == "first"]
     best = int(np.argmin(first))
     assert best < 2  # the spoiled last epoch is not the best
