@@ -357,3 +357,15 @@ def test_moves_sh_moves_a_file_whose_name_is_taken_under_another_and_names_one_i
     assert (data / "dog" / "0-from-cat.png").read_bytes() == b"cat" and (data / "dog" / "0.png").read_bytes() == b"dog"
     assert sorted(path.name for path in (data / "cat").iterdir()) == ["1.png"]
     assert (data / "dog" / "1-from-cat.png").read_bytes() == b"there already"
+
+
+def test_a_folder_that_cannot_be_audited_is_told_in_its_one_line_alone(tmp_path):
+    """One class folder: the error, without the random-weights warning before it."""
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (32, 32), (index * 50, 0, 0)).save(tmp_path / "data" / "only" / f"{index}.png")
+    result = runner.invoke(app, ["audit", str(tmp_path / "data"), *FLAGS, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith(("error:", "warning:"))] == [
+        f"error: {tmp_path / 'data'} has only one class folder (only); a classifier needs at least two classes, "
+        "each in its own sub-folder"]

@@ -214,11 +214,11 @@ def audit(
         raise RecipeError(f"--folds must be at least 2, got {folds}")
     out = named_folder(output) if output is not None else default_output(data_dir)
     check_output_folder(out, force, data_dir)
-    if recipe.weights == "none":
-        log.warning("the backbone has random weights (--weights none): its features separate colours, not much "
-                    "else, so the label fixes suggested are guesses on photographs; read moves.sh before running it")
     decoded = decode_folder(data_dir, recipe, verbose=verbose)
     require_foldable(len(decoded.labels), folds)  # before the features are computed (minutes)
+    if recipe.weights == "none":  # (after the folder's own errors: a folder that cannot be audited is told alone)
+        log.warning("the backbone has random weights (--weights none): its features separate colours, not much "
+                    "else, so the label fixes suggested are guesses on photographs; read moves.sh before running it")
     counts = np.bincount(decoded.labels, minlength=len(decoded.class_names))
     if counts.min() < folds:
         log.warning("class %s has %d image(s), fewer than the %d folds: a head trained without it cannot suggest "
