@@ -101,7 +101,7 @@ def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> Im
         raise DataError(f"{data_dir} has classes {', '.join(index.class_names)} but the run was trained on "
                         f"{', '.join(run.class_names)}; pass the run's own data folder with --data")
     recipe = run.recipe or {}
-    recorded = _recorded_split(run)
+    recorded = recorded_split(run)
     if recorded is not None:
         # The run's own split.csv: images added to the folder since are in neither part, so no
         # image the run trained on is taken for a validation one.
@@ -129,7 +129,7 @@ def _from_folder(run, data_dir: Path, samples: int, calibration: int, rng) -> Im
     return ImageSample(images, val_labels, val_files, train_images, source)
 
 
-def _recorded_split(run) -> dict[str, str] | None:
+def recorded_split(run) -> dict[str, str] | None:
     """The run's split.csv as {file: TRAIN or VALIDATION}, or None where it has none."""
     import csv
 

@@ -511,20 +511,14 @@ def class_columns(class_names, own: Sequence[str]) -> list[str]:
 
 def _warn_if_trained_on(run, files: Sequence[Path]) -> None:
     """Warn when images evaluated are ones the run trained on (its split.csv's "train" rows
-    below its data folder): their figures are optimistic."""
-    path = getattr(run, "path", None)
-    try:
-        labels = json.loads((Path(path) / "labels.json").read_text(encoding="utf-8")) if path else {}
-        with open(Path(path) / "split.csv", newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, ValueError, TypeError):
-        return  # a model without its run folder's records: nothing to compare with
-    data_dir = labels.get("data_dir")
-    if not data_dir:
-        return
-    trained = {os.path.realpath(os.path.join(data_dir, row.get("file", ""))) for row in rows
-               if row.get("subset") == "train"}
-    seen = sum(os.path.realpath(file) in trained for file in files)
+    below its recorded data folder): their figures are optimistic."""
+    from transferkit.data.samples import recorded_data_dir, recorded_split
+    from transferkit.data.split import TRAIN, relative_name
+
+    data_dir, recorded = recorded_data_dir(run), recorded_split(run)
+    if data_dir is None or recorded is None:
+        return  # a model without its run folder's records, or its data gone: nothing to compare with
+    seen = sum(recorded.get(relative_name(file, data_dir)) == TRAIN for file in files)
     if seen:
         log.warning("%d of the %d images were training images of this run (its split.csv): its figures on them are "
                     "optimistic; evaluate on images it has not seen", seen, len(files))
