@@ -184,9 +184,14 @@ def top_loss_title(file, true: str, predicted: str, confidence: float) -> str:
     """An image's title in top_losses.png: three short lines, each cut to the column's width
     (an ellipsis in the middle): the file (with its folder: names repeat across classes),
     its true class, the class predicted and its confidence."""
-    where = Path(file)
-    return (f"{fit_text(f'{where.parent.name}/{where.name}' if where.parent.name else where.name)}\n"
-            f"true: {fit_text(true, 20)}\n{fit_text(predicted, 18)}: {confidence:.2f}")
+    return f"{file_label(file)}\ntrue: {fit_text(true, 20)}\n{fit_text(predicted, 18)}: {confidence:.2f}"
+
+
+def file_label(file, characters: int = 26) -> str:
+    """An image as a figure names it: its folder and name (names repeat across class
+    folders), cut to ``characters``."""
+    path = Path(file)
+    return fit_text(f"{path.parent.name}/{path.name}" if path.parent.name else path.name, characters)
 
 
 def fit_text(text: str, characters: int = 26) -> str:

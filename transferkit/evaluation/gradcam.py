@@ -442,7 +442,7 @@ def plot_explanation(item: Explanation, path: Path, glyphs_told: bool = False) -
     tint). ``glyphs_told``: the missing-glyph warning was given for the whole folder."""
     from matplotlib.figure import Figure
 
-    from transferkit.evaluation.figures import save_figure, warn_about_missing_glyphs
+    from transferkit.evaluation.figures import file_label, fit_text, save_figure, warn_about_missing_glyphs
 
     if not glyphs_told:
         warn_about_missing_glyphs([h.class_name for h in item.heatmaps], path)
@@ -450,26 +450,20 @@ def plot_explanation(item: Explanation, path: Path, glyphs_told: bool = False) -
     figure = Figure(figsize=(3.2 * panels, 3.6))
     axes = np.atleast_1d(figure.subplots(1, panels))
     axes[0].imshow(item.image)
-    axes[0].set_title(_where(item.file) if item.file else "image", fontsize=9)
+    axes[0].set_title(file_label(item.file, 36) if item.file else "image", fontsize=9)
     axes[0].axis("off")
     for axis, heatmap in zip(axes[1:], item.heatmaps, strict=False):
         _overlay(axis, item.image, heatmap.heat)
         empty = "; no heat" if not np.any(heatmap.heat > 0) else ""
-        axis.set_title(f"{_short(heatmap.class_name, 30)} ({heatmap.probability:.3f}){empty}", fontsize=10)
+        axis.set_title(f"{fit_text(heatmap.class_name, 30)} ({heatmap.probability:.3f}){empty}", fontsize=10)
     return save_figure(figure, path)
-
-
-def _where(file) -> str:
-    """An image as a figure names it: its folder and name (names repeat across class folders)."""
-    path = Path(file)
-    return _short(f"{path.parent.name}/{path.name}" if path.parent.name else path.name, 36)
 
 
 def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6, glyphs_told: bool = False) -> Path:
     """gradcam_grid.png: the first ``GRID_LIMIT`` images with their first heatmap over them."""
     from matplotlib.figure import Figure
 
-    from transferkit.evaluation.figures import save_figure, warn_about_missing_glyphs
+    from transferkit.evaluation.figures import file_label, save_figure, warn_about_missing_glyphs
 
     shown = list(explanations[:GRID_LIMIT])
     if not glyphs_told:
@@ -486,13 +480,7 @@ def plot_grid(explanations: Sequence[Explanation], path: Path, columns: int = 6,
         heat = item.heatmaps[0].heat
         _overlay(axis, item.image, heat)
         # Which file each cell is, and a heatmap with no heat said so (it draws as a plain tint).
-        name = _short(_where(item.file)) if item.file is not None else f"image {number + 1}"
+        name = file_label(item.file, 24) if item.file is not None else f"image {number + 1}"
         empty = "; no heat" if not np.any(heat > 0) else ""
         axis.set_title(f"{name}\n{item.predicted} ({item.heatmaps[0].probability:.2f}){empty}", fontsize=8)
     return save_figure(figure, path)
-
-
-def _short(name: str, limit: int = 24) -> str:
-    """A file name cut in its middle to at most ``limit`` characters (its end kept: the
-    extension and numbering tell files apart)."""
-    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}…{name[-(limit - limit // 2):]}"
