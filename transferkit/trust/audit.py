@@ -144,10 +144,15 @@ class AuditResult:
         """Issues per kind."""
         return {kind: sum(issue.kind == kind for issue in self.issues) for kind in ("label", "duplicate", "outlier")}
 
+    @property
+    def confident_moves(self) -> int:
+        """How many label errors are confident: the moves moves.sh suggests."""
+        return sum(issue.confident for issue in self.issues)
+
     def summary(self) -> str:
         """A few lines for the terminal."""
         counts = self.counts()
-        confident = sum(issue.confident for issue in self.issues)
+        confident = self.confident_moves
         lines = [
             f"audited {len(self.files)} image(s) of {len(self.class_names)} classes ({self.folds} folds, "
             f"out-of-sample accuracy {self.accuracy:.3f})",
@@ -232,11 +237,10 @@ def audit(
                                               groups=fold_groups(decoded.groups, copies, len(decoded.labels)),
                                               folds=folds, verbose=verbose)
     result = _result(decoded, probabilities, embeddings, copies, folds)
-    confident = sum(issue.confident for issue in result.issues)
-    if result.accuracy < WEAK_ACCURACY and confident:
+    if result.accuracy < WEAK_ACCURACY and result.confident_moves:
         log.warning("the held-out heads were right on only %.0f%% of the images, so their %d suggested move(s) are "
                     "weak evidence: read moves.sh before running any of it (pretrained weights, a larger image size "
-                    "or more images make the audit stronger)", 100 * result.accuracy, confident)
+                    "or more images make the audit stronger)", 100 * result.accuracy, result.confident_moves)
     if verbose:
         log.info(f"audit computed in {time.perf_counter() - started:.1f}s")
     result.path = write_audit(result, recipe, out, force)
@@ -745,7 +749,7 @@ def _write_contents(result: AuditResult, recipe: Recipe, folder: Path) -> None:
         "out_of_sample_accuracy": result.accuracy,
         "thresholds": {name: float(t) for name, t in zip(result.class_names, result.thresholds, strict=True)},
         "counts": result.counts(),
-        "confident_label_errors": sum(issue.confident for issue in result.issues),
+        "confident_label_errors": result.confident_moves,
         "n_skipped": len(result.skipped),
         "backbone": recipe.backbone, "weights": recipe.weights, "image_size": recipe.image_size,
     }
