@@ -554,7 +554,12 @@ def _build_with_imagenet(spec: BackboneSpec, constructor, input_shape):
     if previous is None:
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        return constructor(include_top=False, weights="imagenet", input_shape=input_shape)
+        with warnings.catch_warnings():
+            # MobileNet's builders warn at any size but 224 that the 224 px weights are
+            # loaded: their one notop file, whose convolutions fit every size.
+            warnings.filterwarnings("ignore", message=r".*Weights for input shape \(224, 224\) will be loaded",
+                                    category=UserWarning)
+            return constructor(include_top=False, weights="imagenet", input_shape=input_shape)
     except WeightsError:  # a plugin's constructor, told as such (``_guarded``)
         raise
     except Exception as error:  # Keras raises a bare Exception for a failed fetch.
