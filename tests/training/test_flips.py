@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit.backbones import REGISTRY, load_backbone
+from transferkit.backbones import get_spec, load_backbone
 from transferkit.data.augment import augmenter_factory
 from transferkit.data.batches import ImageBatches
 from transferkit.model.classifier import build_classifier
@@ -22,6 +22,8 @@ from transferkit.training.features import FeatureBatches, FeaturePass, FeaturePl
 from transferkit.training.flips import JUDGE_ROUND, AutoFlips, judge_flips
 from transferkit.training.stages import StageOptions, run_stages
 
+# The suite's VGG-shaped backbone (tests/plugins): what is tested is the flips, not the network.
+BACKBONE = "tinyvgg"
 HEAD_AND_FINE = [StageConfig(name="head", epochs=3, unfreeze=0),
                  StageConfig(name="fine", epochs=2, unfreeze=1, learning_rate=1e-5)]
 AUGMENT = AugmentConfig(hflip="auto")
@@ -152,14 +154,14 @@ def bars(n, sides, seed):
 
 def train_auto(sides, cache=True, checkpointing=None, seed=2, stages=HEAD_AND_FINE):
     keras.utils.set_random_seed(seed)
-    backbone = load_backbone("vgg16", weights="none", input_shape=(32, 32, 3))
-    model = build_classifier(backbone, 2, HeadConfig(units=(16,)), backbone_name="vgg16")
+    backbone = load_backbone(BACKBONE, weights="none", input_shape=(32, 32, 3))
+    model = build_classifier(backbone, 2, HeadConfig(units=(16,)), backbone_name=BACKBONE)
     train = ImageBatches(*bars(96, sides, seed + 100), 16, shuffle=True, seed=1,
                          augmenter_factory=augmenter_factory(AUGMENT))
     val = ImageBatches(*bars(48, sides, seed + 200), 16)
     options = StageOptions(verbose=1, seed=1, cache=CacheConfig(enabled=cache),
                            auto_flips=flips.auto_flips(AUGMENT))
-    return run_stages(model, REGISTRY["vgg16"], stages, train, val, 2, options, checkpointing)
+    return run_stages(model, get_spec(BACKBONE), stages, train, val, 2, options, checkpointing)
 
 
 @pytest.fixture
@@ -243,12 +245,12 @@ def test_with_no_later_stage_nothing_is_judged_and_the_stage_trains_without_flip
     from transferkit.training.flips import describe_decision
 
     keras.utils.set_random_seed(0)
-    backbone = load_backbone("vgg16", weights="none", input_shape=(32, 32, 3))
-    model = build_classifier(backbone, 2, HeadConfig(units=(8,)), backbone_name="vgg16")
+    backbone = load_backbone(BACKBONE, weights="none", input_shape=(32, 32, 3))
+    model = build_classifier(backbone, 2, HeadConfig(units=(8,)), backbone_name=BACKBONE)
     train = ImageBatches(*bars(32, ("left", "right"), 1), 16, shuffle=True,
                          augmenter_factory=augmenter_factory(AUGMENT))
     val = ImageBatches(*bars(24, ("left", "right"), 2), 8)
-    result = run_stages(model, REGISTRY["vgg16"], HEAD_AND_FINE[:1], train, val, 2,
+    result = run_stages(model, get_spec(BACKBONE), HEAD_AND_FINE[:1], train, val, 2,
                         StageOptions(verbose=0, cache=CacheConfig(), auto_flips=flips.auto_flips(AUGMENT)))
     assert result.hflip is None and "hflip" not in result.records()
     assert stage_inputs == {0: True}
