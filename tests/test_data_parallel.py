@@ -33,6 +33,13 @@ FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--
          "--set", "head.units=[16]", "--head-epochs", "2", "--fine-epochs", "0"]
 
 
+# XLA compiles the JAX processes' programs (hundreds: each op Keras runs eagerly, at each
+# shape) without LLVM's optimizations: for these tiny models compiling is most of a process's
+# time, and what the tests check does not depend on how fast the programs run.
+JAX_ENV = {"KERAS_BACKEND": "jax",
+           "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -41,7 +48,7 @@ def free_port() -> int:
 
 def start(process: int, port: int, *args, fault: str | None = None) -> subprocess.Popen:
     """One of two ``transferkit finetune`` processes on loopback, Keras on JAX."""
-    env = {**os.environ, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+    env = {**os.environ, **JAX_ENV, "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(process)}
     env.pop("TRANSFERKIT_FAULT", None)
     if fault is not None:
@@ -288,7 +295,7 @@ def test_every_process_starts_the_heads_batchnorm_from_every_processs_images():
     decoded rows (the others' rows are never decoded there), the step kept them apart, and
     JAX refused to restore weights that differed between the processes."""
     port = free_port()
-    env = {**os.environ, "KERAS_BACKEND": "jax", "ADDRESS": f"127.0.0.1:{port}"}
+    env = {**os.environ, **JAX_ENV, "ADDRESS": f"127.0.0.1:{port}"}
     processes = [subprocess.Popen([sys.executable, "-c", CALIBRATION], env={**env, "PROCESS": str(index)}, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
     outputs = [process.communicate(timeout=300) for process in processes]
