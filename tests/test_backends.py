@@ -274,3 +274,47 @@ def test_fit_takes_batches_as_tf_data_without_autotuning_and_learns_the_same():
     keras_own = ImageBatches(images, targets, 6, shuffle=True, seed=5)
     for got, expected in zip(trained(given, ours), trained(keras_own, keras_own), strict=True):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_a_prefetch_thread_ending_its_pass_late_does_not_move_the_next_epoch():
+    import threading
+    import time
+
+    import keras
+
+    from transferkit.data.batches import ImageBatches, to_tf_dataset
+
+    class Descheduled(ImageBatches):
+        """The prefetch thread is slow to go on whenever it reads the epoch, as on a busy
+        machine: the last pass's end comes after the next epoch was set."""
+
+        served: list[int] = []
+
+        @property
+        def epoch(self):
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.3)
+            return self._epoch
+
+        @epoch.setter
+        def epoch(self, value):
+            self._epoch = value
+
+        def __getitem__(self, index):
+            Descheduled.served.append(self._epoch)
+            return super().__getitem__(index)
+
+    images = np.random.default_rng(1).integers(0, 256, (20, 4, 4, 3), dtype="uint8")
+    batches = Descheduled(images, np.arange(20) % 2, 6, shuffle=True, seed=5)
+    given = to_tf_dataset(batches)
+    Descheduled.served.clear()
+
+    class Epochs(keras.callbacks.Callback):  # as training.callbacks.EpochCallback seeds each epoch
+        def on_epoch_begin(self, epoch, logs=None):
+            batches.set_epoch(7 + epoch)
+
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("sgd", "binary_crossentropy")
+    model.fit(given, epochs=3, shuffle=False, verbose=0, callbacks=[Epochs()])
+    assert Descheduled.served == [7] * 4 + [8] * 4 + [9] * 4

@@ -33,13 +33,26 @@ class SeededBatches(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.sample_weights = sample_weights
         self.seed = seed
+        # Reentrant: a subclass's set_epoch (FeatureBatches) runs under end_pass's hold.
+        self._epoch_lock = threading.RLock()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Position the stream at an epoch (each epoch has its own seeded order)."""
-        self.epoch = epoch
-        self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
-                      if self.shuffle else np.arange(self.count))
+        with self._epoch_lock:
+            self.epoch = epoch
+            self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
+                          if self.shuffle else np.arange(self.count))
+
+    def end_pass(self, epoch: int) -> None:
+        """A pass that began at ``epoch`` has ended: move to the next epoch, unless the
+        stream was positioned meanwhile. ``to_tf_dataset``'s prefetch thread ends its pass
+        whenever it is next scheduled, which on a busy machine can be after the next epoch's
+        ``set_epoch`` (``training.callbacks.EpochCallback``); moving on from there would
+        train that epoch, or the rest of it, in the order of the one after."""
+        with self._epoch_lock:
+            if self.epoch == epoch:
+                self.set_epoch(epoch + 1)
 
     def __len__(self) -> int:
         return math.ceil(self.count / self.batch_size)
@@ -201,9 +214,10 @@ def to_tf_dataset(batches: SeededBatches, prefetch: int = PREFETCH):
                       for part in batches[0])
 
     def one_epoch():
+        epoch = batches.epoch  # each pass starts after the epoch is set (Keras iterates anew)
         for index in range(len(batches)):
             yield batches[index]
-        batches.on_epoch_end()
+        batches.end_pass(epoch)
 
     options = tf.data.Options()
     options.autotune.enabled = False
