@@ -164,6 +164,7 @@ def expected(shapes_run, images):
 def test_health_metadata_and_docs(server, shapes_run):
     status, health = server.json("GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["engine"] in ("keras", "openvino")
+    assert health["requests_in_flight"] == 0  # itself not counted
     status, meta = server.json("GET", "/metadata")
     assert status == 200
     assert meta["classes"] == list(shapes_run.class_names)
@@ -402,7 +403,12 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server, images, e
     with stalled, socket.create_connection((server.host, server.port), timeout=120) as client:
         stalled.sendall(head)  # and nothing more
         client.sendall(head + body[: len(body) // 2])
-        time.sleep(0.5)  # the server has the request's start: it is in flight
+        deadline = time.monotonic() + 60
+        # Both requests in flight (the server has begun answering each) before the signal; a
+        # fixed wait would be too short where the server process got no core meanwhile.
+        while server.json("GET", "/health")[1]["requests_in_flight"] < 2:
+            assert time.monotonic() < deadline, "the two requests were never in flight"
+            time.sleep(0.05)
         stopped = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30

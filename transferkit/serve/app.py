@@ -111,7 +111,7 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(RequestGuard, max_body=service.settings.max_upload_bytes,
-                       limit_text=f"{service.settings.max_upload_mb:g} MB")
+                       limit_text=f"{service.settings.max_upload_mb:g} MB", service=service)
     page = page_html()
 
     @app.exception_handler(TransferkitError)
@@ -201,12 +201,14 @@ class RequestGuard:
     """ASGI middleware: a request body over ``max_body`` bytes is answered 413 (read to its
     end first, up to ``DRAIN_LIMIT``, so the client gets the answer), and any exception
     that escapes a route becomes a 500 ``{"error"}`` and one log line, never a traceback.
+    It also counts the requests in flight (``Service.in_flight``; health checks not counted).
     """
 
-    def __init__(self, app, max_body: int, limit_text: str):
+    def __init__(self, app, max_body: int, limit_text: str, service: Service | None = None):
         self.app = app
         self.max_body = max_body
         self.limit_text = limit_text
+        self.service = service
 
     def too_large(self, size: str) -> str:
         return (f"the request is {size}, over the server's limit of {self.limit_text} (--max-upload-mb); "
@@ -216,6 +218,16 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        counted = self.service is not None and scope.get("path") != "/health"
+        if counted:
+            self.service.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            if counted:
+                self.service.in_flight -= 1
+
+    async def _guarded(self, scope, receive, send):
         declared = content_length(scope)
         if declared is not None and declared > self.max_body:
             await drain(receive, DRAIN_LIMIT)

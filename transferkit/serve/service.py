@@ -107,6 +107,9 @@ class Service:
         self.batcher = MicroBatcher(forward, settings.max_batch,
                                     lock=self.model_lock if forward.name == "keras" else None)
         self.answered = 0
+        # HTTP requests begun and not yet answered, health checks not counted (RequestGuard
+        # keeps it, on the event loop): what a server stopping now would still owe.
+        self.in_flight = 0
         self.started = time.time()
 
     def decode(self, uploads: list[Upload]) -> np.ndarray:
@@ -255,12 +258,14 @@ class Service:
         }
 
     def health(self) -> dict:
-        """Liveness and counters: status, engine, images answered, queue, engine batches."""
+        """Liveness and counters: status, engine, images answered, requests in flight (health
+        checks not counted; per worker process), queue, engine batches."""
         stats = self.batcher.stats
         return {
             "status": "ok",
             "engine": self.forward.name,
             "images_answered": self.answered,
+            "requests_in_flight": self.in_flight,
             "queued": self.batcher.queued,
             "batches": stats.batches,
             "largest_batch": stats.largest,
