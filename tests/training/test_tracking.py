@@ -39,11 +39,11 @@ def test_without_mlflow_a_named_uri_is_an_error_and_the_environment_alone_a_warn
 
 
 def test_a_tracking_server_that_cannot_be_reached_is_one_warning(caplog):
-    with socket.socket() as probe:  # a port nothing listens on
+    with socket.socket() as probe:  # a port held and not listened on: refused, whoever else runs
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with caplog.at_level(logging.WARNING, logger="transferkit"):
-        tracker = tracking.Tracker.open(f"http://127.0.0.1:{port}", run_name="run", params={"a": "1"})
+        with caplog.at_level(logging.WARNING, logger="transferkit"):
+            tracker = tracking.Tracker.open(f"http://127.0.0.1:{port}", run_name="run", params={"a": "1"})
     assert tracker is None
     [record] = [record for record in caplog.records if record.levelno >= logging.WARNING]
     message = record.getMessage()
