@@ -53,6 +53,13 @@ def session(request, shapes_dir, tmp_path_factory):
     area.save(root / "area.keras")
     np.save(root / "area_images.npy", smooth_images())
     environment = {**os.environ, "KERAS_BACKEND": backend}
+    if backend == "jax":
+        # XLA compiles the session's programs (hundreds: each op Keras runs eagerly, at each
+        # shape) without LLVM's optimizations, as tests/test_data_parallel.py does: for these
+        # tiny models compiling is most of the session (24 -> 15 CPU seconds on an AMD EPYC),
+        # and what the tests check (commands, files, agreement with TensorFlow) is the same.
+        environment["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                           "--xla_backend_optimization_level=0"]))
     full = backend == "torch" or os.environ.get("TRANSFERKIT_TEST_BACKENDS") == "full"
     done = subprocess.run([sys.executable, str(SESSION), str(root), *(["--full"] if full else [])],
                           env=environment, capture_output=True, text=True, timeout=1200)
