@@ -283,6 +283,22 @@ def test_fit_takes_batches_as_tf_data_without_autotuning_and_learns_the_same():
         np.testing.assert_array_equal(got, expected)
 
 
+def test_a_pass_that_keras_stops_at_its_last_batch_is_followed_by_the_next_epoch():
+    """Keras takes a pass's known number of batches and drops the iterator: the pass's end is
+    never asked for, and what ran there ran only if the prefetch thread got to it."""
+    from transferkit.data.batches import ImageBatches, to_tf_dataset
+
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype="uint8")
+    batches = ImageBatches(images, np.arange(10) % 2, 4, shuffle=True, seed=3)
+    piped = to_tf_dataset(batches, prefetch=1)
+    for epoch in range(4):
+        iterator = iter(piped)
+        got = [next(iterator)[1].numpy() for _ in range(len(batches))]  # as many as the cardinality
+        del iterator
+        order = np.random.default_rng([3, epoch]).permutation(10)
+        np.testing.assert_array_equal(np.concatenate(got), (np.arange(10) % 2)[order])
+
+
 def test_a_prefetch_thread_ending_its_pass_late_does_not_move_the_next_epoch():
     import threading
     import time

@@ -33,26 +33,40 @@ class SeededBatches(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.sample_weights = sample_weights
         self.seed = seed
-        # Reentrant: a subclass's set_epoch (FeatureBatches) runs under end_pass's hold.
         self._epoch_lock = threading.RLock()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Position the stream at an epoch (each epoch has its own seeded order)."""
+        """Position the stream at an epoch (each epoch has its own seeded order): the next
+        pass over ``to_tf_dataset`` takes this epoch."""
         with self._epoch_lock:
-            self.epoch = epoch
-            self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
-                          if self.shuffle else np.arange(self.count))
+            self._place(epoch)
+            self._positioned = True
 
-    def end_pass(self, epoch: int) -> None:
-        """A pass that began at ``epoch`` has ended: move to the next epoch, unless the
-        stream was positioned meanwhile. ``to_tf_dataset``'s prefetch thread ends its pass
-        whenever it is next scheduled, which on a busy machine can be after the next epoch's
-        ``set_epoch`` (``training.callbacks.EpochCallback``); moving on from there would
-        train that epoch, or the rest of it, in the order of the one after."""
+    def _place(self, epoch: int) -> None:
+        """What an epoch sets (a subclass adds its own; called under the epoch lock)."""
+        self.epoch = epoch
+        self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
+                      if self.shuffle else np.arange(self.count))
+
+    def begin_pass(self) -> int:
+        """A pass over ``to_tf_dataset`` begins: it takes the epoch set since the last pass
+        began (``set_epoch``: the epoch callback, or the start), else the one after the last.
+
+        Decided when a pass begins, not when one ends: Keras takes a known number of batches
+        and drops the iterator, so a pass's end runs in tf.data's prefetch thread only if
+        that thread gets there, whenever it is next scheduled: on a busy machine after the
+        next epoch's ``set_epoch`` (training that epoch in the order of the one after), or
+        never (repeating an epoch's order where nothing sets the epoch).
+
+        Returns:
+            The pass's epoch.
+        """
         with self._epoch_lock:
-            if self.epoch == epoch:
-                self.set_epoch(epoch + 1)
+            if not self._positioned:
+                self._place(self.epoch + 1)
+            self._positioned = False
+            return self.epoch
 
     def __len__(self) -> int:
         return math.ceil(self.count / self.batch_size)
@@ -189,7 +203,8 @@ PREFETCH = 2  # batches ``to_tf_dataset`` prepares ahead of the step that takes 
 
 def to_tf_dataset(batches: SeededBatches, prefetch: int = PREFETCH):
     """The same batches, in the same seeded order, as a ``tf.data.Dataset`` (needs TensorFlow,
-    on any Keras backend): each pass over it is the next epoch of ``batches``, prepared
+    on any Keras backend): each pass over it is the epoch set for it, else the next
+    (``SeededBatches.begin_pass``), prepared
     ``prefetch`` batches ahead in a thread, as Keras does for a ``PyDataset`` but without
     tf.data's autotuning.
 
@@ -214,10 +229,9 @@ def to_tf_dataset(batches: SeededBatches, prefetch: int = PREFETCH):
                       for part in batches[0])
 
     def one_epoch():
-        epoch = batches.epoch  # each pass starts after the epoch is set (Keras iterates anew)
+        batches.begin_pass()
         for index in range(len(batches)):
             yield batches[index]
-        batches.end_pass(epoch)
 
     options = tf.data.Options()
     options.autotune.enabled = False

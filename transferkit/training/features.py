@@ -418,9 +418,9 @@ class FeatureBatches(SeededBatches):
         super().__init__(store.shape[1], targets, batch_size, shuffle=shuffle,
                          sample_weights=sample_weights, seed=seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch's order (as ``ImageBatches`` does) and its view."""
-        super().set_epoch(epoch)
+    def _place(self, epoch: int) -> None:
+        """The epoch's order (as ``ImageBatches``'s) and its view."""
+        super()._place(epoch)
         self.view = epoch % self.views
 
     def in_order(self, max_mb: float = 64):
