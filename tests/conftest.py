@@ -23,6 +23,11 @@ sys.path.insert(0, str(PLUGINS))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), *filter(None, [os.environ.get("PYTHONPATH")])])
 # PYTHONPATH for a process that also imports ``tests.*`` helpers.
 SUBPROCESS_PATH = os.pathsep.join([str(ROOT), str(PLUGINS)])
+# XLA_FLAGS for the suite's JAX processes: their programs (hundreds: each op Keras runs
+# eagerly, at each shape) compiled without LLVM's optimizations. For these tiny models
+# compiling is most of a process's time (the JAX backend session: 24 -> 15 CPU seconds on an
+# AMD EPYC), and what the tests check does not depend on how fast the programs run.
+UNOPTIMIZED_XLA_FLAGS = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
 # TRANSFERKIT_TEST_CPU=avx2 runs the suite as on a CPU without AVX-512, AMX or bfloat16 (the
 # AMD EPYC Zen 3 machines): TensorFlow with its oneDNN kernels turned on, as transferkit turns

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import transferkit
+from tests.conftest import UNOPTIMIZED_XLA_FLAGS
 from transferkit.backend import BACKENDS, RESIZE_INTERPOLATIONS, active_backend, input_gradient, resize_stand_in
 
 SESSION = Path(__file__).with_name("backend_session.py")
@@ -54,12 +55,7 @@ def session(request, shapes_dir, tmp_path_factory):
     np.save(root / "area_images.npy", smooth_images())
     environment = {**os.environ, "KERAS_BACKEND": backend}
     if backend == "jax":
-        # XLA compiles the session's programs (hundreds: each op Keras runs eagerly, at each
-        # shape) without LLVM's optimizations, as tests/test_data_parallel.py does: for these
-        # tiny models compiling is most of the session (24 -> 15 CPU seconds on an AMD EPYC),
-        # and what the tests check (commands, files, agreement with TensorFlow) is the same.
-        environment["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
-                                                           "--xla_backend_optimization_level=0"]))
+        environment["XLA_FLAGS"] = UNOPTIMIZED_XLA_FLAGS
     full = backend == "torch" or os.environ.get("TRANSFERKIT_TEST_BACKENDS") == "full"
     done = subprocess.run([sys.executable, str(SESSION), str(root), *(["--full"] if full else [])],
                           env=environment, capture_output=True, text=True, timeout=1200)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import transferkit
-from tests.conftest import ROOT
+from tests.conftest import ROOT, UNOPTIMIZED_XLA_FLAGS
 from transferkit.data.batches import ImageBatches, process_share
 from transferkit.data.prepare import prepare_data, prepare_share
 from transferkit.errors import DataError, StrategyError
@@ -33,11 +33,7 @@ FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--
          "--set", "head.units=[16]", "--head-epochs", "2", "--fine-epochs", "0"]
 
 
-# XLA compiles the JAX processes' programs (hundreds: each op Keras runs eagerly, at each
-# shape) without LLVM's optimizations: for these tiny models compiling is most of a process's
-# time, and what the tests check does not depend on how fast the programs run.
-JAX_ENV = {"KERAS_BACKEND": "jax",
-           "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))}
+JAX_ENV = {"KERAS_BACKEND": "jax", "XLA_FLAGS": UNOPTIMIZED_XLA_FLAGS}
 
 
 def free_port() -> int:
