@@ -27,10 +27,6 @@ FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--
          "--fine-epochs", "2", "--set", "head.units=[16]", "--quiet"]
 
 
-def cli(*args):
-    return [sys.executable, "-m", "transferkit", "finetune", *map(str, args)]
-
-
 # ``transferkit finetune ARGS`` that holds still once its epoch N (counted over the stages) is
 # checkpointed, until a signal asks it to stop: the signal comes from outside, when the test
 # sees the checkpoint, whatever the scheduler does (a tiny epoch takes under 100 ms; a signal
