@@ -49,7 +49,7 @@ class SeededBatches(keras.utils.PyDataset):
         self.order = (np.random.default_rng([self.seed, epoch]).permutation(self.count)
                       if self.shuffle else np.arange(self.count))
 
-    def begin_pass(self) -> int:
+    def begin_pass(self) -> None:
         """A pass over ``to_tf_dataset`` begins: it takes the epoch set since the last pass
         began (``set_epoch``: the epoch callback, or the start), else the one after the last.
 
@@ -58,15 +58,11 @@ class SeededBatches(keras.utils.PyDataset):
         that thread gets there, whenever it is next scheduled: on a busy machine after the
         next epoch's ``set_epoch`` (training that epoch in the order of the one after), or
         never (repeating an epoch's order where nothing sets the epoch).
-
-        Returns:
-            The pass's epoch.
         """
         with self._epoch_lock:
             if not self._positioned:
                 self._place(self.epoch + 1)
             self._positioned = False
-            return self.epoch
 
     def __len__(self) -> int:
         return math.ceil(self.count / self.batch_size)

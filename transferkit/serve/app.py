@@ -204,7 +204,7 @@ class RequestGuard:
     It also counts the requests in flight (``Service.in_flight``; health checks not counted).
     """
 
-    def __init__(self, app, max_body: int, limit_text: str, service: Service | None = None):
+    def __init__(self, app, max_body: int, limit_text: str, service: Service):
         self.app = app
         self.max_body = max_body
         self.limit_text = limit_text
@@ -218,7 +218,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        counted = self.service is not None and scope.get("path") != "/health"
+        counted = scope.get("path") != "/health"
         if counted:
             self.service.in_flight += 1
         try:
