@@ -1,10 +1,10 @@
 """Data-parallel training (``--strategy data-parallel``): two real processes on loopback, Keras
-on JAX, joined through Keras's KERAS_DISTRIBUTION_* variables. Process 0 is killed (SIGKILL)
-right after its first epoch's checkpoint, and process 1 stops by itself (in one line, or ended
-by JAX, whose coordinator process 0 was); both started again with
-``--resume`` finish the run: one run folder and nothing beside it, which loads and predicts
-under TensorFlow here as process 0 predicted under JAX. Plus each process's share of the
-images, and the one-line errors when data-parallel cannot start.
+on JAX with TensorFlow not importable, joined through Keras's KERAS_DISTRIBUTION_* variables.
+Process 0 is killed (SIGKILL) right after its first epoch's checkpoint, and process 1 stops by
+itself (in one line, or ended by JAX, whose coordinator process 0 was); both started again
+with ``--resume`` finish the run: one run folder and nothing beside it, which loads and
+predicts under TensorFlow here as process 0 predicted under JAX. Plus each process's share of
+the images, and the one-line errors when data-parallel cannot start.
 """
 
 import csv
@@ -42,15 +42,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# ``python -m transferkit`` as on a machine without TensorFlow (tests/no_tensorflow.py):
+# data-parallel needs none.
+WITHOUT_TENSORFLOW = "import tests.no_tensorflow; from transferkit.cli import main; main()"
+
+
 def start(process: int, port: int, *args, fault: str | None = None) -> subprocess.Popen:
-    """One of two ``transferkit finetune`` processes on loopback, Keras on JAX."""
+    """One of two ``transferkit finetune`` processes on loopback, Keras on JAX, TensorFlow
+    not importable."""
     env = {**os.environ, **JAX_ENV, "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(process)}
     env.pop("TRANSFERKIT_FAULT", None)
     if fault is not None:
         env["TRANSFERKIT_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", "transferkit", "finetune", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-c", WITHOUT_TENSORFLOW, "finetune", *map(str, args)], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_two_processes_killed_and_resumed_write_one_run_that_predicts_under_tensorflow(shapes_dir, tmp_path):

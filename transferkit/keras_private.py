@@ -81,8 +81,8 @@ def hide_tensorflow_from_keras() -> None:
     nothing on it. The probe is the private ``_available`` of the lazy module
     ``keras.src.utils.module_utils.tensorflow``; answered False, Keras runs as on a machine
     without TensorFlow, the set-up the backend sessions test (tests/test_backends.py). An
-    explicit ``import tensorflow`` still works (data-parallel's tf.data input), and Keras then
-    uses it where it is handed TensorFlow objects, but never seeds ``tf.random``.
+    explicit ``import tensorflow`` still works, and Keras then uses it where it is handed
+    TensorFlow objects, but never seeds ``tf.random``.
 
     Keras is not imported here: where it is not loaded yet, the flag is set as Keras loads
     that module (``runtime.hook_first_import``), so a command that fails before it needs Keras

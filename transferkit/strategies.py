@@ -9,8 +9,9 @@
                    backend: keras.distribution.DataParallel over the devices of every
                    process, joined by keras.distribution.initialize() from Keras's
                    KERAS_DISTRIBUTION_* variables or from Slurm (srun); each process trains
-                   on its share of the images (a tf.data pipeline of its part of every
-                   global batch), and process 0 alone writes the run folder
+                   on its share of the images (its part of every global batch, a
+                   PyDataset: no TensorFlow needed), and process 0 alone writes the run
+                   folder
     auto           data-parallel when a KERAS_DISTRIBUTION_* variable is set, mirrored when
                    TensorFlow sees more than one GPU (or when ``devices`` > 1 asks for
                    several devices on a CPU), else none (always none with Keras on JAX or
@@ -229,9 +230,8 @@ def _data_parallel(devices: int | str, reason: str) -> Distribution:
             raise StrategyError(f"--strategy data-parallel: the processes could not join ({first}); check "
                                 f"{', '.join(KERAS_DISTRIBUTION_VARIABLES)} in every process") from None
         # transferkit hands each process its own share of every batch (``data.batches``),
-        # so Keras must not shard the input again. (Its sharding would also refuse the
-        # tf.data input where the command line hid TensorFlow from Keras's probes:
-        # ``keras_private.hide_tensorflow_from_keras``.)
+        # so Keras must not shard the input again. (Its sharding takes only tf.data: with it
+        # on, Keras would refuse the share, a PyDataset, and need TensorFlow.)
         keras.distribution.set_distribution(keras.distribution.DataParallel(auto_shard_dataset=False))
     parallel = keras.distribution.distribution()
     import jax

@@ -1,6 +1,6 @@
 """Keras PyDataset batches of decoded images, augmented with one augmenter per worker thread,
-and the same batches as a ``tf.data.Dataset`` where TensorFlow is installed (``to_tf_dataset``:
-the input ``keras.distribution`` shards across processes on the JAX backend)."""
+and the same batches as a ``tf.data.Dataset`` (``to_tf_dataset``: what Keras on TensorFlow is
+given, ``keras_input``)."""
 
 from __future__ import annotations
 

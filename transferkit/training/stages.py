@@ -49,7 +49,7 @@ import keras
 import numpy as np
 
 from transferkit.backbones import BackboneSpec
-from transferkit.data.batches import ImageBatches, keras_input, process_share, to_tf_dataset
+from transferkit.data.batches import ImageBatches, keras_input, process_share
 from transferkit.keras_private import EarlyStoppingState, build_for_fit
 from transferkit.model.classifier import calibrate_head_batchnorm
 from transferkit.model.surgery import compute_dtype, readout_at, set_trainable, synchronize_batchnorm
@@ -762,13 +762,11 @@ def _fit(run: StagesRun, index: int, begun: BegunStage, start: _Start) -> None:
     # TensorFlow, where the strategy is.)
     distribution = run.options.distribution
     synchronize_batchnorm(begun.model, distribution is not None and distribution.synchronizes_batchnorm)
-    # Keras takes several processes' input only as tf.data (each process's own share here).
-    given = to_tf_dataset if _data_parallel(run) is not None else keras_input
     before = len(run.rows)
     try:
         begun.model.fit(
-            given(begun.train),
-            validation_data=None if begun.cached else given(begun.val),
+            keras_input(begun.train),
+            validation_data=None if begun.cached else keras_input(begun.val),
             initial_epoch=start.initial_epoch,
             epochs=stage.epochs,
             shuffle=False,  # the batches shuffle themselves, seeded per epoch
