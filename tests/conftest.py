@@ -193,6 +193,21 @@ def shared(tmp_path_factory, name: str, make) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_checks_forked():
+    """The fresh processes in which exports are checked (``transferkit.export.verify``: a
+    file loaded by its own runtime, transferkit never imported) are forked from the suite's
+    preloaded server (tests/forked.py), as the tests' own ``python -c`` processes are: each
+    would otherwise pay TensorFlow's and Keras's import (seconds of a core; two dozen in the
+    suite). Still a process of its own, without transferkit."""
+    from tests import forked
+    from transferkit.export import verify
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(verify, "subprocess", forked)
+        yield
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """Three classes x 10 images, 40 px JPEGs."""

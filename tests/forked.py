@@ -25,6 +25,7 @@ import sys
 import threading
 
 PIPE, STDOUT, DEVNULL = subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL
+TimeoutExpired = subprocess.TimeoutExpired
 
 # What every command imports first and fresh Python would take seconds over: TensorFlow,
 # Keras (on TensorFlow: KERAS_BACKEND is read at its import), and the libraries transferkit
@@ -146,9 +147,10 @@ class Popen:
                 return None
             if choice == PIPE:
                 read, write = os.pipe()
-                keep.append((name, read))
-                handed.append(write)
-                return _Fd(write)
+                mine, theirs = (write, read) if name == "stdin" else (read, write)
+                keep.append((name, mine))
+                handed.append(theirs)
+                return _Fd(theirs)
             if choice == DEVNULL:
                 fd = os.open(os.devnull, os.O_RDWR)
                 handed.append(fd)
@@ -165,7 +167,8 @@ class Popen:
             os.close(fd)
         self.stdout = self.stderr = None
         for name, fd in keep:
-            setattr(self, name, open(fd, encoding="utf-8") if self.text else open(fd, "rb"))
+            mode = "w" if name == "stdin" else "r"
+            setattr(self, name, open(fd, mode, encoding="utf-8") if self.text else open(fd, mode + "b"))
         self.pid = self._process.pid
 
     def poll(self):
@@ -190,6 +193,13 @@ class Popen:
         self.send_signal(9)
 
     def communicate(self, input=None, timeout=None):  # noqa: A002 - subprocess's name
+        if self.stdin is not None:
+            try:
+                if input:
+                    self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError:
+                pass  # it ended without reading: as subprocess, no error
         readers, results = [], {}
         for name in ("stdout", "stderr"):
             stream = getattr(self, name)
@@ -210,9 +220,12 @@ class Popen:
         return self
 
     def __exit__(self, *_):
-        for stream in (self.stdout, self.stderr):
+        for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass  # stdin of a process that ended unread: as subprocess, no error
         self.wait()
 
 
@@ -234,4 +247,4 @@ def run(args, capture_output=False, text=None, timeout=None, check=False, env=No
     return done
 
 
-__all__ = ["DEVNULL", "PIPE", "STDOUT", "Popen", "run"]
+__all__ = ["DEVNULL", "PIPE", "STDOUT", "Popen", "TimeoutExpired", "run"]
