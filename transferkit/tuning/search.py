@@ -58,7 +58,7 @@ from transferkit.errors import (
     WeightsError,
     first_line,
 )
-from transferkit.files import atomic_path, fault_point, pid_alive, require_apart, write_atomic
+from transferkit.files import fault_point, pid_alive, require_apart, write_atomic
 from transferkit.recipe import Recipe, keys_meet, load_recipe
 from transferkit.runtime import quieter_loggers
 from transferkit.strategies import require_one_process, resolve_distribution
@@ -856,6 +856,8 @@ def plot_trials(study, path: Path, metric: str) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    from transferkit.evaluation.figures import save_figure
+
     trials = study.get_trials(deepcopy=False)
     complete = [trial for trial in trials if trial.state.name == "COMPLETE"]
     pruned = [trial for trial in trials if trial.state.name == "PRUNED" and trial.intermediate_values]
@@ -884,7 +886,7 @@ def plot_trials(study, path: Path, metric: str) -> Path:
     axis.set_title(f"study {study.study_name}: {metric} per trial ({METRICS[metric]}d)")
     if trials:
         axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_importance(study, path: Path) -> Path:
@@ -892,6 +894,8 @@ def plot_importance(study, path: Path) -> Path:
     complete trials, or when they cannot be computed, the figure says why."""
     import optuna
     from matplotlib.figure import Figure
+
+    from transferkit.evaluation.figures import save_figure
 
     complete = [trial for trial in study.get_trials(deepcopy=False) if trial.state.name == "COMPLETE"]
     figure = Figure(figsize=FIGURE_SIZE)
@@ -920,14 +924,5 @@ def plot_importance(study, path: Path) -> Path:
     rough = ": a rough estimate" if note is None and len(complete) < ROUGH_IMPORTANCE else ""
     # A figure title, so that the layout makes room for it whatever the width of the bars' names.
     figure.suptitle(f"study {study.study_name}: parameter importances\n({len(complete)} complete trials{rough})")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
-
-def _save(figure, path: Path) -> Path:
-    """Write the figure as PNG atomically, at the DPI the run figures use."""
-    from transferkit.evaluation.figures import DPI
-
-    figure.set_layout_engine("constrained")
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=DPI, format="png")
-    return path
