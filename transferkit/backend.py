@@ -6,8 +6,9 @@ Keras reads ``KERAS_BACKEND`` once, when it is first imported; transferkit sets 
 "tensorflow" unless it is set already, so ``KERAS_BACKEND=jax transferkit finetune ...``
 trains on JAX. Model code uses ``keras`` and ``keras.ops`` only, so a run folder saved on
 one backend loads and predicts the same on the others; TensorFlow is imported only where a
-TensorFlow-only feature needs it (the TensorFlow exports, ``--tensorboard``, a tf.data
-pipeline), so the single-process path runs where Python has JAX or PyTorch and no TensorFlow.
+TensorFlow-only feature needs it (the TensorFlow exports, ``--tensorboard``, the tf.data
+input of Keras on TensorFlow), so training, data-parallel included, runs where Python has JAX
+or PyTorch and no TensorFlow.
 
     from transferkit.backend import active_backend, input_gradient
     active_backend()                                  # "jax"

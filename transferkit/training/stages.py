@@ -23,7 +23,7 @@ the global batch (synchronized across replicas), so a step normalises as on one 
 every replica keeps the same moving statistics. The feature cache is computed once, outside
 the strategy, and its batches are split across the replicas like image batches. Under
 data-parallel (several processes, ``strategies``), each process fits on its own share of
-the images (``data.batches.process_share``, as a tf.data pipeline), and the feature cache is
+the images (``data.batches.process_share``, a ``PyDataset``), and the feature cache is
 off: the frozen part runs in every step, on each process's share.
 
 With a time budget (``StageOptions.time_budget``, ``training.budget``), a stage starts only
