@@ -8,7 +8,9 @@ carries it, says so in its name, and is skipped, with the reason, on other CPUs.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -193,18 +195,41 @@ def shared(tmp_path_factory, name: str, make) -> Path:
     return folder
 
 
+class TensorFlowChecksForked:
+    """``subprocess`` as ``transferkit.export.verify`` uses it, with the checks of the
+    TensorFlow formats (``verify.SHARED_PROCESS``: a SavedModel, a .keras or .h5 file) forked
+    from the suite's preloaded server (tests/forked.py), as the tests' own ``python -c``
+    processes are: each would otherwise pay TensorFlow's and Keras's import (seconds of a
+    core; about twenty in the suite). Still a process of its own that never imports
+    transferkit. The other formats' checks (ONNX, LiteRT, OpenVINO) keep a fresh Python with
+    their runtime alone: a file that loads only beside TensorFlow still fails there."""
+
+    PIPE, STDOUT, DEVNULL, TimeoutExpired = subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL, \
+        subprocess.TimeoutExpired
+
+    @staticmethod
+    def _starter(args):
+        from tests import forked
+        from transferkit.export.verify import SHARED_PROCESS
+
+        job = str(args[-1])  # the job file, or "-": the shared process, TensorFlow's formats
+        tensorflow = job == "-" or json.loads(Path(job).read_text(encoding="utf-8"))["format"] in SHARED_PROCESS
+        return forked if tensorflow else subprocess
+
+    def run(self, args, **options):
+        return self._starter(args).run(args, **options)
+
+    def Popen(self, args, **options):  # noqa: N802 - subprocess's name
+        return self._starter(args).Popen(args, **options)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def export_checks_forked():
-    """The fresh processes in which exports are checked (``transferkit.export.verify``: a
-    file loaded by its own runtime, transferkit never imported) are forked from the suite's
-    preloaded server (tests/forked.py), as the tests' own ``python -c`` processes are: each
-    would otherwise pay TensorFlow's and Keras's import (seconds of a core; two dozen in the
-    suite). Still a process of its own, without transferkit."""
-    from tests import forked
+    """The TensorFlow formats' export checks forked (``TensorFlowChecksForked``)."""
     from transferkit.export import verify
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(verify, "subprocess", forked)
+        patch.setattr(verify, "subprocess", TensorFlowChecksForked())
         yield
 
 

@@ -193,13 +193,6 @@ class Popen:
         self.send_signal(9)
 
     def communicate(self, input=None, timeout=None):  # noqa: A002 - subprocess's name
-        if self.stdin is not None:
-            try:
-                if input:
-                    self.stdin.write(input)
-                self.stdin.close()
-            except BrokenPipeError:
-                pass  # it ended without reading: as subprocess, no error
         readers, results = [], {}
         for name in ("stdout", "stderr"):
             stream = getattr(self, name)
@@ -207,6 +200,13 @@ class Popen:
                 reader = threading.Thread(target=lambda n=name, s=stream: results.__setitem__(n, s.read()), daemon=True)
                 reader.start()
                 readers.append(reader)
+        if self.stdin is not None:  # after the readers start: a child that writes much while it reads never blocks
+            try:
+                if input:
+                    self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError:
+                pass  # it ended without reading: as subprocess, no error
         self.wait(timeout)
         for reader in readers:
             reader.join(timeout)

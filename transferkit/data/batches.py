@@ -217,7 +217,7 @@ def to_tf_dataset(batches: SeededBatches, prefetch: int = PREFETCH):
         A ``tf.data.Dataset`` of the tuples ``batches[i]`` gives ((x, y) or (x, y, weights)).
 
     Raises:
-        ImportError: TensorFlow is not installed (the single-process path does not need this).
+        ImportError: TensorFlow is not installed (only Keras on TensorFlow is given this).
     """
     import tensorflow as tf
 

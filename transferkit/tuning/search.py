@@ -925,4 +925,3 @@ def plot_importance(study, path: Path) -> Path:
     # A figure title, so that the layout makes room for it whatever the width of the bars' names.
     figure.suptitle(f"study {study.study_name}: parameter importances\n({len(complete)} complete trials{rough})")
     return save_figure(figure, path)
-
