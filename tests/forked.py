@@ -1,6 +1,6 @@
 """Real processes without TensorFlow's start-up each time: ``Popen`` and ``run``, for the
-command lines ``python -m transferkit ...`` and ``python -c CODE ...``, as ``subprocess`` has
-them, started from multiprocessing's fork server.
+command lines ``python -m transferkit ...``, ``python -c CODE ...`` and ``python SCRIPT.py ...``,
+as ``subprocess`` has them, started from multiprocessing's fork server.
 
 Each test process of the suite would otherwise pay TensorFlow's and Keras's import (7-12 s of
 a core) before doing its few seconds of work. The fork server imports them once per pytest
@@ -11,7 +11,8 @@ stderr on pipes or files, killed by real signals, its exit status as ``subproces
 would: a check that a saved model loads without transferkit still means it.
 
 Only the TensorFlow backend is preloaded: a command line with another ``KERAS_BACKEND``, or one
-that is not ``-m transferkit`` / ``-c CODE``, needs ``subprocess`` (a ValueError says so). What
+that is not ``-m transferkit`` / ``-c CODE`` / a ``.py`` file, needs ``subprocess`` (a ValueError
+says so). What
 the first process of a session proves (start-up time, the console script) is tested with
 ``subprocess`` too (tests/cli/test_startup.py and .ci/run's wheel check).
 """
@@ -92,6 +93,10 @@ def _main(argv: list[str], env: dict, cwd: str | None, fds: tuple, preexec_fn=No
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] != "-c":  # a script: its folder first on the path, as python puts it
+            sys.argv = list(argv)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+            runpy.run_path(argv[0], run_name="__main__")
         else:
             sys.argv = ["-c", *argv[2:]]
             sys.path.insert(0, "")
@@ -120,9 +125,11 @@ def _main(argv: list[str], env: dict, cwd: str | None, fds: tuple, preexec_fn=No
 
 def _command(args) -> list[str]:
     args = [str(arg) for arg in args]
-    if len(args) < 3 or args[0] != sys.executable or args[1] not in ("-m", "-c") or \
-            (args[1] == "-m" and args[2] != "transferkit"):
-        raise ValueError(f"not a command line for tests.forked (python -m transferkit or python -c): {args[:3]}")
+    script = len(args) >= 2 and args[1].endswith(".py") and os.path.isfile(args[1])
+    if len(args) < 2 or args[0] != sys.executable or not (script or len(args) >= 3 and (
+            args[1] == "-c" or args[1] == "-m" and args[2] == "transferkit")):
+        raise ValueError("not a command line for tests.forked (python -m transferkit, python -c or python "
+                         f"SCRIPT.py): {args[:3]}")
     return args[1:]
 
 
@@ -230,13 +237,15 @@ class Popen:
 
 
 def run(args, capture_output=False, text=None, timeout=None, check=False, env=None, cwd=None, stdout=None,
-        stderr=None, **options) -> subprocess.CompletedProcess:
+        stderr=None, input=None, **options) -> subprocess.CompletedProcess:  # noqa: A002 - subprocess's name
     """``subprocess.run`` for the command lines ``Popen`` takes."""
     if capture_output:
         stdout = stderr = PIPE
+    if input is not None:
+        options["stdin"] = PIPE
     with Popen(args, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd, **options) as process:
         try:
-            out, err = process.communicate(timeout=timeout)
+            out, err = process.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

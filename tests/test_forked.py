@@ -36,3 +36,14 @@ def test_a_forked_process_ends_prints_and_takes_signals_as_python_does(tmp_path)
         forked.Popen([sys.executable, "-m", "transferkit", "--help"], env={**os.environ, "KERAS_BACKEND": "jax"})
     with pytest.raises(subprocess.TimeoutExpired):
         forked.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
+
+
+def test_a_forked_script_and_a_piped_stdin_are_as_python_gives_them(tmp_path):
+    (tmp_path / "helper.py").write_text("WORD = 'beside'\n")
+    script = tmp_path / "script.py"
+    script.write_text("import sys, helper\nprint(__name__, sys.argv[1:], helper.WORD, sys.stdin.read().upper())\n")
+    done = forked.run([sys.executable, str(script), "a", "b"], capture_output=True, text=True, timeout=120,
+                      input="piped")
+    assert (done.returncode, done.stdout) == (0, "__main__ ['a', 'b'] beside PIPED\n"), done.stderr
+    with pytest.raises(ValueError, match="not a command line for tests.forked"):
+        forked.run([sys.executable, str(tmp_path / "missing.py")])

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from tests import forked
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return runpy.run_path(str(BENCHMARKS / "predict.py"), run_name="predict_benchmark")
+    """The benchmark's functions, its child processes (``python predict.py --child...``)
+    forked from the suite's preloaded server (tests/forked.py) instead of each importing
+    TensorFlow and Keras."""
+    namespace = runpy.run_path(str(BENCHMARKS / "predict.py"), run_name="predict_benchmark")
+    namespace["main"].__globals__["subprocess"] = forked  # the module's globals, which its functions read
+    return namespace
 
 
 def test_a_given_run_is_measured_on_every_image_of_the_given_folder(bench, shapes_run, shapes_dir, capsys,
