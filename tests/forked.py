@@ -12,9 +12,8 @@ would: a check that a saved model loads without transferkit still means it.
 
 Only the TensorFlow backend is preloaded: a command line with another ``KERAS_BACKEND``, or one
 that is not ``-m transferkit`` / ``-c CODE`` / a ``.py`` file, needs ``subprocess`` (a ValueError
-says so). What
-the first process of a session proves (start-up time, the console script) is tested with
-``subprocess`` too (tests/cli/test_startup.py and .ci/run's wheel check).
+says so). What the first process of a session proves (start-up time, the console script) is
+tested with ``subprocess`` too (tests/cli/test_startup.py and .ci/run's wheel check).
 """
 
 from __future__ import annotations
