@@ -133,8 +133,9 @@ def _command(args) -> list[str]:
 
 
 class Popen:
-    """``subprocess.Popen`` for ``[sys.executable, "-m", "transferkit", ...]`` and
-    ``[sys.executable, "-c", CODE, ...]``, forked from the preloaded server."""
+    """``subprocess.Popen`` for ``[sys.executable, "-m", "transferkit", ...]``,
+    ``[sys.executable, "-c", CODE, ...]`` and ``[sys.executable, "SCRIPT.py", ...]``, forked
+    from the preloaded server."""
 
     def __init__(self, args, stdout=None, stderr=None, stdin=None, text=None, env=None, cwd=None,
                  encoding=None, universal_newlines=None, preexec_fn=None):
@@ -146,7 +147,7 @@ class Popen:
         self.text = bool(text or encoding or universal_newlines)
         self.returncode = None
         self.stdin = None
-        handed, keep = [], []  # descriptors for the child, the parent's read ends
+        handed, keep = [], []  # descriptors for the child, the parent's ends (stdin's the write end)
 
         def child_end(choice, name):
             if choice is None:
