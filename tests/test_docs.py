@@ -1,5 +1,6 @@
 """The README and the guides under docs/: every relative link points to a file that exists and,
-with a ``#anchor``, to a heading of that file (GitHub's anchors); the README keeps the commands
+with a ``#anchor``, to a heading of that file (GitHub's anchors); every ``transferkit COMMAND``
+they write names a command that exists and only flags it takes; the README keeps the commands
 CI runs as its set-up and test commands."""
 
 from __future__ import annotations
@@ -66,3 +67,44 @@ def test_the_readme_holds_the_set_up_and_test_commands_that_ci_runs():
     for label in ("# The README's set-up command:", "# The README's test command:"):
         command = ci[ci.index(label) + 1].strip()
         assert command in readme, f"{label} {command!r} is not in README.md"
+
+
+# ``transferkit [-q|-v|...] COMMAND ARGS`` in a code block (continued lines joined) or a code span.
+COMMAND_LINE = re.compile(r"(?<![\w.])transferkit((?:[ \t]+-[\w-]+)*)[ \t]+([a-z][\w-]*)([^`\n|#;&]*)")
+FLAG = re.compile(r"(?<![\w./=-])(--?[a-zA-Z][\w-]*)")
+
+
+def commands_written(path: Path) -> list[tuple[str, str]]:
+    """Each ``transferkit`` command line of a page, as (command, the rest of the line)."""
+    text = path.read_text()
+    code = [block.replace("\\\n", " ") for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.M | re.S)]
+    code += [span.strip("`") for span in CODE_SPAN.findall(prose(text))]
+    return [(match.group(2), match.group(1) + match.group(3)) for piece in code
+            for match in COMMAND_LINE.finditer(piece)]
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md"],
+                         ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_command_written_exists_with_the_flags_written(page):
+    import typer.main
+
+    from transferkit.cli import app
+
+    group = typer.main.get_command(app)
+    assert "finetune" in group.commands
+
+    def flags(command) -> set[str]:
+        return {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+
+    wrong = []
+    for name, rest in commands_written(page):
+        command = group.commands.get(name)
+        if command is None:
+            # prose such as "transferkit runs ..." is not a command line; a command line is
+            # followed by a path or a flag
+            if rest.strip() and not rest.strip()[0].isalpha():
+                wrong.append(f"transferkit {name}: no such command")
+            continue
+        unknown = [flag for flag in FLAG.findall(rest) if flag not in flags(command) | flags(group)]
+        wrong += [f"transferkit {name} {flag}: no such flag" for flag in unknown]
+    assert not wrong, f"{page.relative_to(ROOT)}: " + "; ".join(sorted(set(wrong)))
