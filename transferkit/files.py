@@ -298,10 +298,12 @@ def require_new_file(output: str | os.PathLike, force: bool, what: str) -> None:
         what: what the file is, for the message ("predictions file", "plot").
 
     Raises:
-        RunError: it exists and ``force`` is not given.
+        RunError: it is a folder, or it exists and ``force`` is not given.
     """
     from transferkit.errors import RunError
 
+    if os.path.isdir(output):
+        raise RunError(f"{what} {output} is a folder; name a file in it, or another file, with -o")
     if os.path.exists(output) and not force:
         raise RunError(f"{what} {output} exists already; pass --force to replace it or choose another -o")
 

@@ -47,8 +47,11 @@ _HELD: dict[Path, FolderLock] = {}
 
 def work_dir_for(output: str | os.PathLike) -> Path:
     """The in-progress folder of X: ``X.partial`` beside it, which holds X's lock while X is
-    being written (and, for a run, its checkpoints)."""
+    being written (and, for a run, its checkpoints). X may end in "." or ".." (``-o .``):
+    it is made absolute first, so that the folder is named for the folder X names."""
     output = Path(output)
+    if output.name in ("", ".", ".."):
+        output = Path(os.path.abspath(output))
     return output.parent / f"{output.name}.partial"
 
 
@@ -225,6 +228,28 @@ def held_by_another(folder: str | os.PathLike) -> dict | None:
         return None
     lock.release()
     return None
+
+
+def not_left_by_transferkit(folder: Path) -> list[str]:
+    """The names of what an in-progress folder (``X.partial``) holds where no transferkit
+    process left it: it has entries but neither an owner record (a process that died holding
+    it) nor a job description (an interrupted run). A folder someone named so, or a finished
+    run renamed to it: never removed by a run starting over.
+
+    Returns:
+        Its entry names, sorted (the lock file aside); empty where transferkit left it, or
+        where it does not exist.
+    """
+    if not folder.is_dir() or (folder / OWNER_FILE).exists() or (folder / JOB_FILE).exists():
+        return []
+    return sorted(entry.name for entry in folder.iterdir() if entry.name != LOCK_FILE)
+
+
+def foreign_message(folder: Path, names: list[str], output: str | os.PathLike) -> str:
+    """The one line that refuses to start over in a folder ``not_left_by_transferkit``."""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{folder} holds {shown}, which no transferkit run left there (an interrupted run of {output} "
+            f"would hold {JOB_FILE}); move it away, or choose another -o")
 
 
 def require_not_live(output: str | os.PathLike) -> None:

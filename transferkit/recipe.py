@@ -441,6 +441,18 @@ class Recipe(_Section):
             parse_duration(budget)
         return budget
 
+    def require_training(self) -> None:
+        """Fail where no stage would train (every stage 0 epochs): the model saved would be
+        the untrained one, calibrated and scored as if trained. A recipe may still say so
+        (a base for ``tune``, whose trials set the epochs); ``finetune`` refuses it.
+
+        Raises:
+            RecipeError: naming the keys and their flags.
+        """
+        if not any(stage.epochs for stage in self.stages):
+            raise RecipeError("stages.*.epochs: every stage has 0 epochs, so nothing would train; give the first "
+                              "stage 1 or more (--head-epochs, or --set stages.0.epochs=N)")
+
     @property
     def time_budget_seconds(self) -> float | None:
         """``time_budget`` in seconds, or None without one."""

@@ -57,13 +57,22 @@ from transferkit.files import (
     write_atomic,
     write_failure,
 )
-from transferkit.locks import JOB_FILE, read_owner, require_not_live, tell_previous, work_dir_for
+from transferkit.locks import (
+    JOB_FILE,
+    foreign_message,
+    not_left_by_transferkit,
+    read_owner,
+    require_not_live,
+    tell_previous,
+    work_dir_for,
+)
 from transferkit.outputs import output_units
 
 log = logging.getLogger("transferkit")
 
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.keras"
+MODEL_SUFFIXES = (".keras", ".h5")  # a model file given for its run (load_run)
 EXPORTS_FOLDER = "exports"  # in a run folder: where exports go by default, one folder each
 EXPORT_RECORD = "export.json"  # in an export folder: how it was made and checked
 RUN_FORMAT = 1
@@ -158,6 +167,41 @@ def named_folder(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
 
 
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether a folder is a finished run: it holds both labels.json and model.keras (a
+    labels.json alone is a common file name in a user's own folders)."""
+    return (Path(folder) / LABELS_FILE).is_file() and (Path(folder) / MODEL_FILE).is_file()
+
+
+def require_outside_runs(path: str | os.PathLike, what: str, *, run: str | os.PathLike | None = None,
+                         allowed: str | os.PathLike | None = None) -> None:
+    """Refuse a file output (predictions, a plot, a preview, benchmark results) inside a run
+    folder, at any depth: there it would replace or mix with that run's own files, and
+    ``--force`` does not change that. Paths are compared with symbolic links resolved.
+
+    Args:
+        path: the file to be written.
+        what: what it is, for the message ("--output", "plot").
+        run: the command's own run folder (or a model file in one), a run whatever it holds.
+        allowed: the one file the command may write into its run (benchmark's RUN/benchmark.json).
+
+    Raises:
+        RunError: naming the run folder.
+    """
+    target = Path(os.path.realpath(path))
+    if allowed is not None and target == Path(os.path.realpath(allowed)):
+        return
+    own = None
+    if run is not None and Path(run).exists():
+        own = Path(os.path.realpath(run if Path(run).is_dir() else Path(run).parent))
+    # The folders above the path as it was given (named as the user named them), then above
+    # the real one (a link into a run)
+    for folder in (*Path(path).parents, *target.parents):
+        if (own is not None and Path(os.path.realpath(folder)) == own) or is_run_folder(folder):
+            raise RunError(f"{what} {path} is inside the run folder {folder} (it would replace or mix with the run's "
+                           "own files); write it elsewhere")
+
+
 def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool = False) -> None:
     """Fail before any training if the run could not be written, or would destroy data.
 
@@ -172,14 +216,22 @@ def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool 
             ``RUN.partial`` is refused too (without ``force``), before the images are read.
 
     Raises:
-        RunError: another process is writing the folder now (named, whatever ``force``
-            says), the folder exists (without ``force``), is a file, is not a run folder
-            (``force`` replaces run folders only), is inside or holds a data folder, its
-            parent cannot be created or written, or (``new_run``) an interrupted run is there
-            or it would lie inside another run folder.
+        RunError: the name ends in ``.partial``, another process is writing the folder now
+            (named, whatever ``force`` says), the folder exists (without ``force``), is a
+            file, is not a run folder (``force`` replaces run folders only), is inside or
+            holds a data folder, its parent cannot be created or written, or (``new_run``)
+            an interrupted run is there (without ``force``), ``RUN.partial`` holds what no
+            transferkit run left (whatever ``force`` says), or it would lie inside another
+            run folder.
     """
+    if Path(output).name.endswith(".partial"):
+        raise RunError(f"run folder {output}: a name ending in .partial is where transferkit keeps a run while it "
+                       "is written (and an interrupted one); choose another -o")
     require_not_live(output)
     partial = work_dir_for(output)
+    foreign = not_left_by_transferkit(partial) if new_run else []
+    if foreign:
+        raise RunError(foreign_message(partial, foreign, output))
     if new_run and not force and not output.exists() and (partial / JOB_FILE).is_file():
         owner = read_owner(partial)  # its writer is gone (require_not_live): told, as the lock would tell it
         left_by = f" (left by {tell_previous(owner)})" if owner else ""
@@ -325,6 +377,10 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
                                   and path.exists()):
         raise RunError(f"{path} does not exist; pass a run folder made by 'transferkit finetune'")
     if path.is_file():
+        if path.suffix.lower() not in MODEL_SUFFIXES:  # labels.json, an image, ...: not damaged, just not a run
+            hint = f" (here {path.parent})" if is_run_folder(path.parent) else ""
+            raise RunError(f"{path} is a file, not a run; pass the run folder made by 'transferkit finetune'{hint} "
+                           f"or its {MODEL_FILE}")
         folder, model_path = path.parent, path
     else:
         folder, model_path = path, path / MODEL_FILE

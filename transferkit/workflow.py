@@ -98,6 +98,7 @@ def finetune(
             ``TrainingInterrupted`` after a signal.
     """
     recipe = load_recipe(recipe, overrides)
+    recipe.require_training()
     # Before TensorFlow starts (it may set its devices), and before JAX computes (data-parallel).
     distribution = resolve_distribution(recipe.strategy, recipe.devices)
     with failing_before_training(distribution):

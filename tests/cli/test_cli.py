@@ -446,3 +446,22 @@ def test_every_command_is_listed_with_a_one_line_summary():
     for name, command in commands.items():
         first = inspect.cleandoc(command.help or "").split("\n\n")[0]
         assert first and "\n" not in first, f"{name}: {first!r}"
+
+
+def test_a_finetune_with_no_epoch_in_any_stage_is_refused_before_anything_is_read(shapes_dir, tmp_path):
+    result = invoke("finetune", shapes_dir, *TINY_FLAGS, "--head-epochs", "0", "--fine-epochs", "0", "-o",
+                    tmp_path / "run")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == ("error: stages.*.epochs: every stage has 0 epochs, so nothing would train; give "
+                                     "the first stage 1 or more (--head-epochs, or --set stages.0.epochs=N)")
+    assert not any(tmp_path.iterdir())
+    # a stage with epochs is enough: the head alone trains
+    assert invoke("finetune", shapes_dir, *TINY_FLAGS, "--fine-epochs", "0", "-o", tmp_path / "run").exit_code == 0
+
+
+def test_benchmark_formats_naming_nothing_is_a_usage_error(shapes_run):
+    for value in (",", " , ", ""):
+        result = invoke("benchmark", shapes_run.path, "--formats", value)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == ("error: --formats names no format; give e.g. keras,onnx, or leave it out "
+                                         "for every installed one")

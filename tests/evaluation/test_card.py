@@ -125,7 +125,21 @@ def test_report_keeps_the_card_when_metrics_json_is_damaged(shapes_run, tmp_path
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error: {run / 'metrics.json'} is damaged" in result.output and "nothing was rewritten" in result.output
+    assert len(result.output.strip().splitlines()) == 1  # the error alone, no warning about the same file before it
     assert (run / CARD_FILE).read_text(encoding="utf-8") == card
+
+
+def test_report_warns_once_about_a_damaged_history_and_writes_the_rest(shapes_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    (run / "history.csv").write_text("garbage\n,,,\n", encoding="utf-8")
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {run / 'history.csv'} is damaged (no epoch, stage, loss, accuracy, val_loss, "
+                        "val_accuracy column); the run's history is left out"]
+    assert f"wrote {run / 'confusion.png'}, {run / CARD_FILE}" in result.output
 
 
 def test_report_on_a_folder_that_is_no_run_is_one_line(tmp_path):

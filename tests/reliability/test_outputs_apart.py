@@ -186,3 +186,108 @@ def test_an_evaluation_is_never_written_into_the_runs_own_data_folder(shapes_run
                                               "-q"]))
     assert "evaluation folder" in line and "inside the data folder" in line  # its PNGs would become circles
     assert listing(data) == before
+
+
+def test_a_folder_named_like_a_runs_in_progress_folder_is_never_trained_into_nor_removed(shapes_run, shapes_dir,
+                                                                                         tmp_path, monkeypatch):
+    flags = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "-q"]
+    line = one_error_line(runner.invoke(app, ["finetune", str(shapes_dir), *flags, "-o", str(tmp_path / "v.partial")]))
+    assert "v.partial: a name ending in .partial is where transferkit keeps a run" in line
+    assert not (tmp_path / "v.partial").exists()
+    # A finished run renamed to v.partial (or anything someone put there) is not an interrupted
+    # run of v: a new run of v stops instead of removing it, whatever --force says.
+    kept = shutil.copytree(shapes_run.path, tmp_path / "runs" / "v.partial")
+    before = listing(kept)
+    for force in ([], ["--force"]):
+        line = one_error_line(runner.invoke(app, ["finetune", str(shapes_dir), *flags, "-o",
+                                                  str(tmp_path / "runs" / "v"), *force]))
+        assert f"{kept} holds MODEL_CARD.md, confusion.png, history.csv, ..., which no transferkit run left" in line
+        assert "move it away, or choose another -o" in line
+    assert listing(kept) == before and sorted(os.listdir(tmp_path / "runs")) == ["v.partial"]
+    # -o . names the folder it is in (its in-progress folder beside it), in one line
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    line = one_error_line(runner.invoke(app, ["finetune", str(shapes_dir), *flags, "-o", "."]))
+    assert "run folder . exists already" in line
+    line = one_error_line(runner.invoke(app, ["finetune", "--resume", "."]))
+    assert f"nothing to resume: no interrupted run at {tmp_path / 'here'}.partial" in line
+
+
+def test_no_file_output_lands_in_another_run_whatever_force_says(shapes_run, shapes_dir, tmp_path):
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    other = shutil.copytree(shapes_run.path, tmp_path / "other")
+    (tmp_path / "link").symlink_to(other, target_is_directory=True)
+    before = {path: path.read_bytes() for path in other.rglob("*") if path.is_file()}
+    commands = [["predict", str(run), str(shapes_dir / "circle"), "-q", "-o", "{}/labels.json"],
+                ["predict", str(run), str(shapes_dir / "circle"), "-q", "-o", "{}/new/predictions.csv"],
+                ["augment-preview", str(shapes_dir), "-o", "{}/confusion.png"],
+                ["lr-find", str(shapes_dir), "--backbone", "tinyvgg", "--weights", "none", "--image-size", "32",
+                 "-o", "{}/history.png"]]
+    what = {"predict": "--output", "augment-preview": "preview", "lr-find": "plot"}
+    for folder in (other, tmp_path / "link"):
+        for command in commands:
+            target = command[-1].format(folder)
+            line = one_error_line(runner.invoke(app, [*command[:-1], target, "--force"]))
+            assert line == (f"error: {what[command[0]]} {target} is inside the run folder {folder} (it would replace "
+                            "or mix with the run's own files); write it elsewhere"), line
+    assert {path: path.read_bytes() for path in other.rglob("*") if path.is_file()} == before
+    # A labels.json alone (a common file name) does not make a folder a run
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "labels.json").write_text("{}")
+    written = runner.invoke(app, ["predict", str(run), str(shapes_dir / "circle"), "-q", "-o",
+                                  str(project / "p.csv")])
+    assert written.exit_code == 0 and (project / "p.csv").is_file(), written.output
+
+
+def test_a_file_given_for_the_run_is_told_as_not_a_run(shapes_run, shapes_dir):
+    inside = shapes_run.path / "labels.json"
+    line = one_error_line(runner.invoke(app, ["predict", str(inside), str(shapes_dir / "circle"), "-q"]))
+    assert line == (f"error: {inside} is a file, not a run; pass the run folder made by 'transferkit finetune' "
+                    f"(here {shapes_run.path}) or its model.keras")
+    image = sorted(shapes_dir.rglob("*.jpg"))[0]  # the two arguments swapped
+    for command in (["predict", str(image), str(shapes_run.path)], ["evaluate", str(image), str(shapes_dir)],
+                    ["export", str(image), "--format", "keras"], ["report", str(image)]):
+        line = one_error_line(runner.invoke(app, command))
+        assert line.endswith(f"{image} is a file, not a run; pass the run folder made by 'transferkit finetune' "
+                             "or its model.keras"), line
+
+
+def test_an_augmentation_preview_where_a_folder_or_file_stands_is_one_line(shapes_dir, tmp_path):
+    (tmp_path / "shown.png").mkdir()
+    (tmp_path / "notes.txt").write_text("keep me")
+    for target, fragment in [(tmp_path / "shown.png", "shown.png is a folder; name a file in it"),
+                             (tmp_path / "notes.txt" / "p.png", "notes.txt is a file; choose another -o")]:
+        for force in ([], ["--force"]):
+            line = one_error_line(runner.invoke(app, ["augment-preview", str(shapes_dir), "-o", str(target), *force]))
+            assert fragment in line, line
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and not any((tmp_path / "shown.png").iterdir())
+
+
+def test_a_benchmark_file_beside_the_data_folder_is_fine_and_inside_it_is_not(shapes_run, tmp_path):
+    from transferkit.export.benchmark import check_benchmark_output
+
+    data = tmp_path / "data"
+    (data / "circle").mkdir(parents=True)
+    check_benchmark_output(tmp_path / "bench.json", shapes_run.path, False, [data])  # its folder holds the data
+    with pytest.raises(RunError, match="benchmark file .*inside the data folder"):
+        check_benchmark_output(data / "bench.json", shapes_run.path, False, [data])
+    with pytest.raises(RunError, match="is inside the run folder"):  # only RUN/benchmark.json itself
+        check_benchmark_output(shapes_run.path / "sub" / "benchmark.json", shapes_run.path, True)
+    check_benchmark_output(shapes_run.path / "benchmark.json", shapes_run.path, True)
+
+
+def test_evaluate_and_explain_refuse_an_unwritable_run_before_reading_the_images(shapes_run, shapes_dir, tmp_path):
+    import subprocess
+
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    image = sorted(shapes_dir.rglob("*.jpg"))[0]
+    # Immutable (root passes permission bits): the default output folder cannot be made in it
+    if subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        for command in (["evaluate", str(run), str(shapes_dir), "-q"], ["explain", str(run), str(image)]):
+            line = one_error_line(runner.invoke(app, command))
+            assert line == f"error: cannot write into {run} (permission denied); choose another -o", line
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)

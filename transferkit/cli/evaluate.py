@@ -53,6 +53,7 @@ def evaluate(
     Images of no known class in IMAGES/unknown/ give the open-set figures (AUROC, FPR at 95% TPR,
     risk_coverage.png) of the run's rejection score."""
     from transferkit.evaluation.evaluate import check_output_folder, evaluate_folder, write_evaluation
+    from transferkit.files import require_writable_place
     from transferkit.runs import load_run
 
     setup_logging(quiet, verbose)
@@ -63,6 +64,8 @@ def evaluate(
     check_folders(images, what="labelled folder")
     if output is not None:
         check_output_folder(output, force, images, run)
+    else:  # the default folder goes in the run folder: writable there, before any work
+        require_writable_place(load_run(run, with_model=False).path)
     loaded = load_run(run)
     result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
                              precision=precision, progress=progress_bar("image", enabled=not quiet),
@@ -86,6 +89,7 @@ def explain(
     """Grad-CAM heatmaps: where the model looked, per image a PNG and the raw .npy."""
     from transferkit.evaluation.gradcam import check_class_name, check_output_folder, default_output, write_explanations
     from transferkit.evaluation.gradcam import explain as explain_images
+    from transferkit.files import require_writable_place
     from transferkit.runs import load_run
 
     setup_logging(False, verbose)
@@ -99,6 +103,8 @@ def explain(
             check_class_name(class_name, class_names)
     if output is not None:
         check_output_folder(output, force, images, run)  # before any work
+    else:
+        require_writable_place(load_run(run, with_model=False).path)
     loaded = load_run(run)
     explanations = explain_images(loaded, images, class_name=class_name, top=top)
     folder = output if output is not None else default_output(loaded.path, images)

@@ -87,7 +87,9 @@ def benchmark(
     check_positive("--batch-size", batch_size)
     if not seconds > 0:
         raise usage_error(f"--seconds must be above 0, got {seconds:g}")
-    entries = [entry.strip() for entry in formats.split(",") if entry.strip()] if formats else None
+    entries = [entry.strip() for entry in formats.split(",") if entry.strip()] if formats is not None else None
+    if entries == []:  # "--formats ," or "--formats ''": nothing named, not every format
+        raise usage_error("--formats names no format; give e.g. keras,onnx, or leave it out for every installed one")
     with usage_errors():  # an unknown name, or a quantization its format lacks
         parse_formats(entries)
     check_suffix("--output", output, BENCHMARK_SUFFIXES)

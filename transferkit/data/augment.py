@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from transferkit.errors import DataError
-from transferkit.files import require_apart, require_new_file
+from transferkit.files import require_apart, require_new_file, require_writable_place
 from transferkit.recipe import AugmentConfig
+from transferkit.runs import require_outside_runs
 
 
 def augmentation_enabled(config: AugmentConfig) -> bool:
@@ -152,7 +153,8 @@ def write_preview(
     Raises:
         DataError: ``count`` is below 1, or the folder cannot be indexed or holds no
             readable image.
-        RunError: ``output`` lies inside ``data_dir``, or exists (without ``force``).
+        RunError: ``output`` lies inside ``data_dir`` or a run folder, is a folder, exists
+            (without ``force``), or its folder cannot be created or written.
     """
     from transferkit.data.folders import index_folder
     from transferkit.data.images import decode_images
@@ -163,7 +165,9 @@ def write_preview(
     if output.suffix.lower() != ".png":
         raise DataError(f"preview output {output} must end in .png")
     require_apart(output, [data_dir], "preview")  # a PNG in a class folder would be trained on
+    require_outside_runs(output, "preview")
     require_new_file(output, force, "preview")
+    require_writable_place(output.parent)
     index = index_folder(data_dir)
     rng = np.random.default_rng(seed)
     # Round-robin over classes so every class shows up.
@@ -187,5 +191,5 @@ def write_preview(
     try:
         grid.save(output)
     except OSError as error:
-        raise DataError(f"cannot write {output}: {error.strerror or error}") from error
+        raise DataError(f"cannot write {output}: {error.strerror or error}; choose another -o") from error
     return output

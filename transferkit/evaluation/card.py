@@ -82,10 +82,13 @@ def write_run_report(run: str | os.PathLike) -> list[Path]:
     from transferkit.evaluation.figures import write_run_figures
     from transferkit.runs import load_run
 
-    loaded = load_run(getattr(run, "path", run), with_model=False)
+    folder = Path(getattr(run, "path", run))
     # A damaged metrics.json would give a card without the validation figures in place of
-    # the one that has them: nothing is redrawn or rewritten.
-    _read_json(loaded.path / "metrics.json", required=True)
+    # the one that has them: nothing is redrawn or rewritten (told before the run is read,
+    # which would warn about it first).
+    if (folder / LABELS_FILE).is_file():
+        _read_json(folder / "metrics.json", required=True)
+    loaded = load_run(folder, with_model=False)
     written = []
     try:
         if loaded.history or loaded.metrics.get("confusion_matrix"):

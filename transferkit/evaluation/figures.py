@@ -376,7 +376,8 @@ def write_run_figures(run: str | os.PathLike) -> list[Path]:
     again, in the run folder.
 
     Args:
-        run: a run folder (or a ``Run``).
+        run: a run folder, or a ``Run`` (its history and metrics as loaded: a damaged file is
+            not read, and warned about, twice).
 
     Returns:
         The PNGs written.
@@ -386,9 +387,9 @@ def write_run_figures(run: str | os.PathLike) -> list[Path]:
             in metrics.json.
     """
     from transferkit.errors import RunError
-    from transferkit.runs import load_run
+    from transferkit.runs import Run, load_run
 
-    loaded = load_run(getattr(run, "path", run), with_model=False)
+    loaded = run if isinstance(run, Run) else load_run(run, with_model=False)
     written = []
     if loaded.history:
         written.append(plot_history(loaded.history, loaded.path / "history.png", loaded.metrics.get("saved")))

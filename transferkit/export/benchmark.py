@@ -84,22 +84,20 @@ def check_benchmark_output(path: Path, run_folder: Path, force: bool, data_folde
     what it should not.
 
     Raises:
-        RunError: not a .json name, a folder, a file that exists (without ``force``), one of
-            the run's own files (its default RUN/benchmark.json aside), inside a data folder,
-            or a place that cannot be written.
+        RunError: not a .json name, a folder, a file that exists (without ``force``), inside
+            the run folder or another run's (its default RUN/benchmark.json aside), inside a
+            data folder, or a place that cannot be written.
     """
     from transferkit.files import require_apart, require_new_file, require_writable_place
+    from transferkit.runs import require_outside_runs
 
     if path.is_dir():
         raise RunError(f"--output {path} is a folder; name a .json file in it")
     if path.suffix.lower() not in BENCHMARK_SUFFIXES:
         raise RunError(f"--output {path}: benchmark results are JSON; name a .json file")
-    own = Path(os.path.abspath(run_folder))
-    if own in Path(os.path.abspath(path)).parents and path.name != BENCHMARK_FILE:
-        raise RunError(f"--output {path} is inside the run folder {run_folder} (it would replace or mix with the "
-                       f"run's own files); leave -o out for {run_folder / BENCHMARK_FILE}, or write elsewhere")
+    require_outside_runs(path, "--output", run=run_folder, allowed=Path(run_folder) / BENCHMARK_FILE)
     require_new_file(path, force, "benchmark file")
-    require_apart(path.parent, data_folders, "benchmark file")
+    require_apart(path, data_folders, "benchmark file")
     require_writable_place(path.parent)
 
 

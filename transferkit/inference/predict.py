@@ -557,7 +557,7 @@ def _stream_batches(files: list[Path], size: int, batch_size: int) -> Iterator:
 
 def check_output(path: str | os.PathLike, run: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Check, before any prediction, that ``write_predictions`` can write this file, that
-    it lies outside the run folder, and that it replaces no file unless asked to (beside or
+    it lies outside the run folder (and any other), and that it replaces no file unless asked to (beside or
     among the images predicted is fine: a CSV or JSON file is never read as an image).
 
     Nothing is created: a missing parent folder only has to be creatable (``write_predictions``
@@ -575,24 +575,21 @@ def check_output(path: str | os.PathLike, run: str | os.PathLike | None = None, 
 
     Raises:
         DataError: the extension is neither .csv nor .json, the path is a folder, a part
-            of it is a file, the folder it would go in cannot be written, or it lies in
-            the run folder.
-        RunError: the file exists (without ``force``).
+            of it is a file, or the folder it would go in cannot be written.
+        RunError: the file lies in the run folder or another run's, or exists (without
+            ``force``).
     """
     import tempfile
 
     from transferkit.files import existing_ancestor, require_new_file
+    from transferkit.runs import require_outside_runs
 
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise DataError(f"--output {path}: use a .csv or .json file name")
     if path.is_dir():
         raise DataError(f"--output {path} is a folder; name a .csv or .json file in it")
-    if run is not None and Path(run).exists():  # a run folder, or a model file in one
-        folder = Path(run) if Path(run).is_dir() else Path(run).parent
-        if folder.resolve() in Path(os.path.abspath(path)).resolve().parents:
-            raise DataError(f"--output {path} is inside the run folder {folder} (it would replace or mix with the "
-                            "run's own files); write it elsewhere")
+    require_outside_runs(path, "--output", run=run)  # the run predicted with, or any other
     require_new_file(path, force, "predictions file")
     # The nearest part of the path that exists: the folder itself, or the one it would be
     # created in. A file there means the folder can never be made.

@@ -43,7 +43,16 @@ import numpy as np
 
 from transferkit.errors import DataError, RunError, TrainingInterrupted
 from transferkit.files import atomic_path, fault_point, remove_leftovers, write_atomic, write_failure
-from transferkit.locks import JOB_FILE, LOCK_FILE, OWNER_FILE, FolderLock, tell_previous, work_dir_for
+from transferkit.locks import (
+    JOB_FILE,
+    LOCK_FILE,
+    OWNER_FILE,
+    FolderLock,
+    foreign_message,
+    not_left_by_transferkit,
+    tell_previous,
+    work_dir_for,
+)
 from transferkit.runs import LABELS_FILE
 from transferkit.runtime import take_noted_signal
 from transferkit.strategies import alone
@@ -202,10 +211,14 @@ class WorkFolder:
 
         Raises:
             RunError: another process is training into it (named, whatever ``force`` says),
-                or an interrupted run is there already and ``force`` is not set.
+                an interrupted run is there already and ``force`` is not set, or it holds
+                what no transferkit run left there (whatever ``force`` says).
         """
         path = work_dir_for(output)
         remove_leftovers(path.parent)  # half-written run folders of killed processes
+        foreign = not_left_by_transferkit(path)
+        if foreign:  # looked at before the lock is taken: taking it writes into the folder
+            raise RunError(foreign_message(path, foreign, output))
         # Folders made for it go again with it when the run leaves nothing (see ``remove``).
         created = [parent for parent in path.absolute().parents if not parent.exists()]
         made = not path.exists()

@@ -50,6 +50,7 @@ from transferkit.files import atomic_path, require_apart, require_new_file, requ
 from transferkit.keras_private import build_for_fit
 from transferkit.model.build import build_model
 from transferkit.recipe import Recipe, StageConfig, load_recipe
+from transferkit.runs import require_outside_runs
 from transferkit.strategies import require_one_process, resolve_distribution
 from transferkit.training.checkpoint import TrainingState
 from transferkit.training.compile import make_loss, make_optimizer
@@ -420,14 +421,16 @@ def check_plot_output(path: str | os.PathLike, data_folders=(), force: bool = Fa
 
     Raises:
         RunError: not a .png name, a folder, a file that exists (without ``force``), inside
-            a data folder (it would be read as an image of a class), or its folder cannot
-            be created or written.
+            a data folder (it would be read as an image of a class) or a run folder, or its
+            folder cannot be created or written.
     """
+
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise RunError(f"--output {path}: the plot is a PNG; use a .png file name")
     if path.is_dir():
         raise RunError(f"--output {path} is a folder; name a .png file in it")
+    require_outside_runs(path, "plot")
     require_new_file(path, force, "plot")
     require_apart(path, data_folders, "plot")
     require_writable_place(path.parent)
