@@ -117,6 +117,15 @@ def test_image_size_below_backbone_minimum():
         load_recipe(None, {"image_size": 16})
 
 
+def test_image_size_above_the_largest_is_refused_before_any_image_is_decoded():
+    from transferkit.recipe import MAX_IMAGE_SIZE
+
+    assert load_recipe(None, {"image_size": MAX_IMAGE_SIZE}).image_size == 4096
+    with pytest.raises(RecipeError, match=r"image_size: 100000 is above the largest size transferkit trains at, 4096 "
+                                          r".*use 4096 or less"):
+        load_recipe(None, {"image_size": 100_000})
+
+
 def test_unfreeze_beyond_blocks_names_the_limit():
     with pytest.raises(RecipeError, match="5 blocks of vgg16"):
         load_recipe(None, {"stages.1.unfreeze": 6})

@@ -389,6 +389,12 @@ def _unknown_recipe_key(key: str) -> str | None:
     return None
 
 
+# The largest image side: the backbones learned their features at 224-480 px, and at 4096 px
+# VGG16's first activations are 4 GiB an image in float32 (at 100,000 px the decoding alone
+# was killed by the kernel for memory, with no message).
+MAX_IMAGE_SIZE = 4096
+
+
 class Recipe(_Section):
     """A fully resolved recipe. Build one with ``load_recipe``."""
 
@@ -470,6 +476,10 @@ class Recipe(_Section):
                 f"image_size: {self.image_size} is below the {spec.name} minimum of "
                 f"{spec.min_size}; use {spec.min_size} or more"
             )
+        if self.image_size > MAX_IMAGE_SIZE:  # before an image is decoded at that size
+            raise ValueError(f"image_size: {self.image_size} is above the largest size transferkit trains at, "
+                             f"{MAX_IMAGE_SIZE} (one image of that side takes gigabytes per layer of the network); use "
+                             f"{MAX_IMAGE_SIZE} or less")
         if not self.stages:
             raise ValueError("stages: at least one [[stages]] table is needed")
         # Named by the user (the default name repeats in a recipe of unnamed stages, and in the
