@@ -39,6 +39,9 @@ log = logging.getLogger("transferkit")
 LOCK_FILE = "lock"
 OWNER_FILE = "owner.json"
 JOB_FILE = "job.json"  # in a run's in-progress folder: what it trains (training.checkpoint writes it)
+# In a data-parallel run's in-progress folder: one lock file per process from the meeting to the
+# end of its training (training.data_parallel's ``register``, ``PartnerWatch``).
+PROCESSES_FOLDER = "processes"
 
 # Folders whose lock this process holds: the checks that run while it writes (``runs.check_writable``
 # before the final rename) must not take its own lock for another writer's.
@@ -242,7 +245,10 @@ def not_left_by_transferkit(folder: Path) -> list[str]:
     """
     if not folder.is_dir() or (folder / OWNER_FILE).exists() or (folder / JOB_FILE).exists():
         return []
-    return sorted(entry.name for entry in folder.iterdir() if entry.name != LOCK_FILE)
+    # A data-parallel run's process locks, and what NFS leaves of a file deleted while open,
+    # outlive a run that removed its folder while they were still open.
+    return sorted(entry.name for entry in folder.iterdir()
+                  if entry.name not in (LOCK_FILE, PROCESSES_FOLDER) and not entry.name.startswith(".nfs"))
 
 
 def foreign_message(folder: Path, names: list[str], output: str | os.PathLike) -> str:

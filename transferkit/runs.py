@@ -194,12 +194,25 @@ def require_outside_runs(path: str | os.PathLike, what: str, *, run: str | os.Pa
     own = None
     if run is not None and Path(run).exists():
         own = Path(os.path.realpath(run if Path(run).is_dir() else Path(run).parent))
-    # The folders above the path as it was given (named as the user named them), then above
-    # the real one (a link into a run)
-    for folder in (*Path(path).parents, *target.parents):
+    # The folders above the path with "." and ".." taken out (links kept: named as the user
+    # named them), then above the real one (a link into a run)
+    for folder in (*Path(os.path.abspath(path)).parents, *target.parents):
         if (own is not None and Path(os.path.realpath(folder)) == own) or is_run_folder(folder):
             raise RunError(f"{what} {path} is inside the run folder {folder} (it would replace or mix with the run's "
                            "own files); write it elsewhere")
+
+
+def require_run_name(output: str | os.PathLike) -> None:
+    """Refuse a run folder named ``X.partial``: that name is where transferkit keeps X while
+    it is written, and an interrupted X (told first: a finished run's leftover in-progress
+    folder of that name would otherwise be cleaned away before the refusal).
+
+    Raises:
+        RunError: naming the folder.
+    """
+    if Path(output).name.endswith(".partial"):
+        raise RunError(f"run folder {output}: a name ending in .partial is where transferkit keeps a run while it "
+                       "is written (and an interrupted one); choose another -o")
 
 
 def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool = False) -> None:
@@ -224,9 +237,7 @@ def check_writable(output: Path, force: bool, data_folders=(), *, new_run: bool 
             transferkit run left (whatever ``force`` says), or it would lie inside another
             run folder.
     """
-    if Path(output).name.endswith(".partial"):
-        raise RunError(f"run folder {output}: a name ending in .partial is where transferkit keeps a run while it "
-                       "is written (and an interrupted one); choose another -o")
+    require_run_name(output)
     require_not_live(output)
     partial = work_dir_for(output)
     foreign = not_left_by_transferkit(partial) if new_run else []

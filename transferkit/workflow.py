@@ -110,6 +110,7 @@ def finetune(
         output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
         if distribution.process > 0:  # process 0 checks and writes the run
             return follow(data_dir, val_dir, recipe, output, None, _train_beside)
+        runs.require_run_name(output)
         remove_if_finished(output)
         runs.check_writable(output, force, data_folders=(data_dir, val_dir), new_run=True)
         prepared = prepare_data(data_dir, recipe, val_dir=val_dir, verbose=verbose)
@@ -153,6 +154,7 @@ def train_prepared(prepared: PreparedData, recipe: Recipe, output: str | os.Path
         return _train(prepared, recipe, None, verbose, extras)
     require_mlflow(recipe.mlflow)
     output = runs.named_folder(output)
+    runs.require_run_name(output)
     remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir), new_run=True)
     return _train_into(prepared, recipe, output, force=force, save_h5=save_h5, verbose=verbose, extras=extras)

@@ -126,6 +126,8 @@ def test_report_keeps_the_card_when_metrics_json_is_damaged(shapes_run, tmp_path
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error: {run / 'metrics.json'} is damaged" in result.output and "nothing was rewritten" in result.output
     assert len(result.output.strip().splitlines()) == 1  # the error alone, no warning about the same file before it
+    by_model = runner.invoke(app, ["report", str(run / "model.keras")])  # the run named by its model file
+    assert by_model.exit_code == 1 and by_model.output == result.output
     assert (run / CARD_FILE).read_text(encoding="utf-8") == card
 
 

@@ -172,3 +172,23 @@ def test_a_lock_folder_that_cannot_be_written_is_one_error_and_leaves_no_folder(
     assert done.returncode == 1, done.stderr
     assert done.stdout.startswith(f"cannot write {tmp_path / 'eval.partial' / 'owner.json'}: File too large")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_run_leaves_in_its_in_progress_folder_is_never_taken_for_someone_elses(tmp_path):
+    from transferkit.locks import JOB_FILE, OWNER_FILE, PROCESSES_FOLDER, not_left_by_transferkit
+
+    folder = tmp_path / "run.partial"
+    assert not_left_by_transferkit(folder) == []  # nothing there
+    # what a data-parallel run that removed its folder while its process locks were open leaves
+    # (on NFS, a deleted open file lives on as .nfsXXXX)
+    (folder / PROCESSES_FOLDER).mkdir(parents=True)
+    (folder / ".nfs0000000001").write_text("")
+    (folder / "lock").write_text("")
+    assert not_left_by_transferkit(folder) == []
+    (folder / "model.keras").write_text("a finished run renamed here")
+    (folder / "labels.json").write_text("{}")
+    assert not_left_by_transferkit(folder) == ["labels.json", "model.keras"]
+    for left in (JOB_FILE, OWNER_FILE):  # an interrupted run, or a process that died holding it
+        (folder / left).write_text("{}")
+        assert not_left_by_transferkit(folder) == []
+        (folder / left).unlink()

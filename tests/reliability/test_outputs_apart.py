@@ -213,7 +213,7 @@ def test_a_folder_named_like_a_runs_in_progress_folder_is_never_trained_into_nor
     assert f"nothing to resume: no interrupted run at {tmp_path / 'here'}.partial" in line
 
 
-def test_no_file_output_lands_in_another_run_whatever_force_says(shapes_run, shapes_dir, tmp_path):
+def test_no_file_output_lands_in_another_run_whatever_force_says(shapes_run, shapes_dir, tmp_path, monkeypatch):
     run = shutil.copytree(shapes_run.path, tmp_path / "run")
     other = shutil.copytree(shapes_run.path, tmp_path / "other")
     (tmp_path / "link").symlink_to(other, target_is_directory=True)
@@ -231,6 +231,10 @@ def test_no_file_output_lands_in_another_run_whatever_force_says(shapes_run, sha
             assert line == (f"error: {what[command[0]]} {target} is inside the run folder {folder} (it would replace "
                             "or mix with the run's own files); write it elsewhere"), line
     assert {path: path.read_bytes() for path in other.rglob("*") if path.is_file()} == before
+    # Beside a run, reached from inside it: not in it
+    monkeypatch.chdir(other)
+    written = runner.invoke(app, ["predict", str(run), str(shapes_dir / "circle"), "-q", "-o", "../beside.csv"])
+    assert written.exit_code == 0 and (tmp_path / "beside.csv").is_file(), written.output
     # A labels.json alone (a common file name) does not make a folder a run
     project = tmp_path / "project"
     project.mkdir()

@@ -54,7 +54,7 @@ def evaluate(
     risk_coverage.png) of the run's rejection score."""
     from transferkit.evaluation.evaluate import check_output_folder, evaluate_folder, write_evaluation
     from transferkit.files import require_writable_place
-    from transferkit.runs import load_run
+    from transferkit.runs import attach_model, load_run
 
     setup_logging(quiet, verbose)
     check_positive("--batch-size", batch_size)
@@ -62,11 +62,12 @@ def evaluate(
     check_choice("--precision", precision, PRECISIONS)
     check_trust_flags(reject, sets, tta)
     check_folders(images, what="labelled folder")
+    loaded = load_run(run, with_model=False)  # read once: a damaged file is warned about once
     if output is not None:
         check_output_folder(output, force, images, run)
     else:  # the default folder goes in the run folder: writable there, before any work
-        require_writable_place(load_run(run, with_model=False).path)
-    loaded = load_run(run)
+        require_writable_place(loaded.path)
+    attach_model(loaded, run if run.is_file() else None)
     result = evaluate_folder(loaded, images, tta=tta, batch_size=batch_size, engine=engine,
                              precision=precision, progress=progress_bar("image", enabled=not quiet),
                              reject=reject, sets=sets)
@@ -90,22 +91,22 @@ def explain(
     from transferkit.evaluation.gradcam import check_class_name, check_output_folder, default_output, write_explanations
     from transferkit.evaluation.gradcam import explain as explain_images
     from transferkit.files import require_writable_place
-    from transferkit.runs import load_run
+    from transferkit.runs import attach_model, load_run
 
     setup_logging(False, verbose)
     check_positive("--top", top)
     if class_name is not None and top != 1:
         raise usage_error(f"--class {class_name} explains one class and --top {top} the {top} most likely: give one "
                           "of them")
+    loaded = load_run(run, with_model=False)  # labels.json, before Keras loads; read once
     if class_name is not None:
-        class_names = load_run(run, with_model=False).class_names  # labels.json, before Keras loads
         with usage_errors():
-            check_class_name(class_name, class_names)
+            check_class_name(class_name, loaded.class_names)
     if output is not None:
         check_output_folder(output, force, images, run)  # before any work
     else:
-        require_writable_place(load_run(run, with_model=False).path)
-    loaded = load_run(run)
+        require_writable_place(loaded.path)
+    attach_model(loaded, run if run.is_file() else None)
     explanations = explain_images(loaded, images, class_name=class_name, top=top)
     folder = output if output is not None else default_output(loaded.path, images)
     write_explanations(explanations, folder, force=force, root=images if images.is_dir() else None)

@@ -114,6 +114,7 @@ def finetune(
         raise usage_error("--val-split holds out part of DATA_DIR and --val-dir names other validation images; "
                           "pass one of them")
     resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
+    resolved.require_training()
     check_folders(data_dir, val_dir)
     from transferkit.backbones import find_spec
     from transferkit.model.transfer import check_fits, source_run
@@ -122,12 +123,13 @@ def finetune(
     if source is not None and spec is not None:  # --weights RUN_DIR of another backbone or size: told now too
         check_fits(source, spec, resolved.image_size)
     if output is not None and resolved.strategy != "data-parallel" and not keras_distribution_variables():
-        from transferkit.runs import check_writable
+        from transferkit.runs import check_writable, require_run_name
         from transferkit.training.checkpoint import remove_if_finished
 
         # An -o that exists, or lies in the data, told before Keras loads too (in one process
         # only: of several, process 0 checks once they have met). First, the in-progress
         # folder of a finished run whose process was killed just after publishing it goes.
+        require_run_name(output)
         remove_if_finished(output)
         check_writable(output, force, data_folders=(data_dir, val_dir), new_run=True)
     from transferkit import workflow

@@ -29,7 +29,7 @@ from typing import Any
 
 from transferkit.errors import RunError, first_line
 from transferkit.files import write_atomic, write_failure
-from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER, LABELS_FILE, MODEL_FILE
+from transferkit.runs import EXPORT_RECORD, EXPORTS_FOLDER, LABELS_FILE, MODEL_FILE, MODEL_SUFFIXES
 
 log = logging.getLogger("transferkit")
 
@@ -82,13 +82,14 @@ def write_run_report(run: str | os.PathLike) -> list[Path]:
     from transferkit.evaluation.figures import write_run_figures
     from transferkit.runs import load_run
 
-    folder = Path(getattr(run, "path", run))
+    given = Path(getattr(run, "path", run))
+    folder = given.parent if given.is_file() and given.suffix.lower() in MODEL_SUFFIXES else given  # RUN/model.keras
     # A damaged metrics.json would give a card without the validation figures in place of
     # the one that has them: nothing is redrawn or rewritten (told before the run is read,
     # which would warn about it first).
     if (folder / LABELS_FILE).is_file():
         _read_json(folder / "metrics.json", required=True)
-    loaded = load_run(folder, with_model=False)
+    loaded = load_run(given, with_model=False)
     written = []
     try:
         if loaded.history or loaded.metrics.get("confusion_matrix"):

@@ -43,15 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import RunError, StrategyError
-from transferkit.locks import held_by_another, work_dir_for
+from transferkit.locks import PROCESSES_FOLDER, held_by_another, work_dir_for
 from transferkit.runs import LABELS_FILE
 from transferkit.strategies import Distribution
 
 log = logging.getLogger("transferkit")
 
-# In RUN.partial: one lock file per process from the meeting to the end of its training
-# (``register``, ``PartnerWatch``).
-PROCESSES_FOLDER = "processes"
 # Whether this process has met the others (a failure after that is not told at the meeting).
 _MET: list[bool] = [False]
 # This process's registration: (folder, process, attempt, open locked file), from ``meet``.

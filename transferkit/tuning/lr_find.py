@@ -424,7 +424,6 @@ def check_plot_output(path: str | os.PathLike, data_folders=(), force: bool = Fa
             a data folder (it would be read as an image of a class) or a run folder, or its
             folder cannot be created or written.
     """
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise RunError(f"--output {path}: the plot is a PNG; use a .png file name")
