@@ -194,6 +194,7 @@ def test_running_the_same_command_again_continues_the_study(searched, shapes_dir
 
 def test_two_processes_on_one_journal_file_add_trials_to_one_study(shapes_dir, tmp_path):
     journal = tmp_path / "shared" / "study.log"
+    journal.parent.mkdir()
     command = [sys.executable, "-m", "transferkit", "tune", str(shapes_dir), "--trials", "1", "--study", "shared",
                "--storage", f"journal://{journal}", "-o", str(tmp_path / "out"), "--backbone", "tinyvgg",
                "--weights", "none",
@@ -445,6 +446,11 @@ def test_without_optuna_tune_gives_the_install_command(monkeypatch, binary_dir, 
 def test_storage_urls_and_paths(tmp_path):
     from optuna.storages import JournalStorage, RDBStorage
 
+    for url in (f"journal://{tmp_path / 'a' / 'study.log'}", f"sqlite:///{tmp_path / 'a' / 'study.db'}"):
+        with pytest.raises(TransferkitError, match=f"storage {url}: the folder {tmp_path / 'a'} does not exist"):
+            open_storage(url)  # a mistyped path, or a shared disk not mounted: no private study is started
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a").mkdir()
     assert isinstance(open_storage(f"journal://{tmp_path / 'a' / 'study.log'}"), JournalStorage)
     assert isinstance(open_storage(str(tmp_path / "b.log")), JournalStorage)
     assert isinstance(open_storage(str(tmp_path / "c.db")), RDBStorage)

@@ -351,8 +351,8 @@ def open_storage(url: str):
         An Optuna storage object.
 
     Raises:
-        TransferkitError: a path that is neither .log nor .db, or a storage that cannot be
-            opened.
+        TransferkitError: a path that is neither .log nor .db, a journal or SQLite file whose
+            folder does not exist, or a storage that cannot be opened.
     """
     optuna = require_optuna()
     if "://" not in url:
@@ -364,15 +364,21 @@ def open_storage(url: str):
         else:
             raise TransferkitError(f"storage {url!r}: give an Optuna storage URL (sqlite:///study.db, "
                                    "postgresql://..., journal:///shared/study.log) or a path ending in .log or .db")
+    for scheme in ("journal://", "sqlite:///"):
+        # The file may be new, its folder not: a missing one is a mistyped path or a shared
+        # disk that is not mounted here, where a study of this machine's own would start.
+        folder = Path(url[len(scheme):]).expanduser().absolute().parent if url.startswith(scheme) else None
+        if folder is not None and not folder.is_dir():
+            raise TransferkitError(f"storage {url}: the folder {folder} does not exist (for a shared study, the "
+                                   "shared disk mounted there); create it, or correct the path (sqlite:///study.db is "
+                                   "relative, sqlite:////abs/study.db absolute)")
     try:
         if url.startswith("journal://"):
             from optuna.storages.journal import JournalFileBackend
 
             path = Path(url[len("journal://"):]).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
             # Several workers on one file: wait for the lock (60 s) rather than fail.
             return rdb_storage(optuna, url, engine_kwargs={"connect_args": {"timeout": 60}})
         return rdb_storage(optuna, url)
