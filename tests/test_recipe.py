@@ -117,6 +117,14 @@ def test_image_size_below_backbone_minimum():
         load_recipe(None, {"image_size": 16})
 
 
+def test_a_mapping_given_as_the_recipe_is_told_to_go_in_overrides():
+    with pytest.raises(RecipeError, match=r"^recipe must be a shipped recipe's name, a TOML file's path or a Recipe; "
+                                          r"got dict; a mapping of keys to values goes in overrides="):
+        load_recipe({"image_size": 64})
+    with pytest.raises(RecipeError, match=r"or a Recipe; got int$"):
+        load_recipe(3)
+
+
 def test_image_size_above_the_largest_is_refused_before_any_image_is_decoded():
     from transferkit.recipe import MAX_IMAGE_SIZE
 

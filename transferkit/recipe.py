@@ -638,11 +638,17 @@ def load_recipe(
 
     Raises:
         RecipeError: unreadable TOML, an unknown key, a wrong type or an out-of-range value,
-            or overrides that are not a mapping.
+            a recipe that is none of a name, a path or a ``Recipe`` (a mapping: overrides
+            given in its place), or overrides that are not a mapping.
     """
     if overrides is not None and not isinstance(overrides, Mapping):
         raise RecipeError(f"overrides must map dotted recipe keys to values, such as {{'image_size': 64}}; got a "
                           f"{type(overrides).__name__}")
+    if path is not None and not isinstance(path, (Recipe, str, os.PathLike)):  # finetune(data, {"image_size": 64})
+        hint = ("; a mapping of keys to values goes in overrides=, e.g. finetune(data, overrides={...})"
+                if isinstance(path, Mapping) else "")
+        raise RecipeError(f"recipe must be a shipped recipe's name, a TOML file's path or a Recipe; got "
+                          f"{type(path).__name__}{hint}")
     source = "defaults"
     raw: dict[str, Any] = {}
     if isinstance(path, Recipe):
