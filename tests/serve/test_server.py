@@ -124,18 +124,19 @@ def multipart(files: list[tuple[str, bytes]], field: str = "file") -> tuple[byte
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-@pytest.fixture(scope="module")
-def server(shapes_run, tmp_path_factory, request):
-    """``transferkit serve RUN --port 0`` in its own process, for every test of the module;
-    predict's answers are computed here while it starts."""
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+def start_server(run: Path, log: Path, *flags: str, popen=forked.Popen) -> subprocess.Popen:
+    """``transferkit serve RUN --port 0 FLAGS`` in its own process, writing ``log``: forked from
+    the suite's fork server, or (``popen=subprocess.Popen``) a fresh Python, which at its end
+    waits for the threads still running as the command does."""
     with open(log, "w") as handle:
-        process = forked.Popen(
-            [sys.executable, "-m", "transferkit", "serve", str(shapes_run.path), "--port", "0", "--max-batch", "8",
-             "--max-upload-mb", str(LIMIT_MB), "--grace", str(GRACE_S)],
+        return popen(
+            [sys.executable, "-m", "transferkit", "serve", str(run), "--port", "0", *flags],
             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": SUBPROCESS_PATH,
                                                          "PYTHONUNBUFFERED": "1"})
-    request.getfixturevalue("expected")
+
+
+def serving(process: subprocess.Popen, log: Path) -> Server:
+    """The server once it announces its URL."""
     deadline = time.monotonic() + 300
     url = None
     while url is None:
@@ -146,7 +147,18 @@ def server(shapes_run, tmp_path_factory, request):
             if line.startswith("serving ") and " at http://" in line:
                 url = line.rsplit(" at ", 1)[1].strip()
         time.sleep(0.05)
-    yield Server(process, url, log)
+    return Server(process, url, log)
+
+
+@pytest.fixture(scope="module")
+def server(shapes_run, tmp_path_factory, request):
+    """``transferkit serve RUN --port 0`` in its own process, for every test of the module;
+    predict's answers are computed here while it starts."""
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    process = start_server(shapes_run.path, log, "--max-batch", "8", "--max-upload-mb", str(LIMIT_MB),
+                           "--grace", str(GRACE_S))
+    request.getfixturevalue("expected")
+    yield serving(process, log)
     if process.poll() is None:
         process.kill()
         process.wait()
@@ -438,3 +450,37 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server, images, e
     log = server.text()
     assert "stopped by SIGTERM" in log and "POST /predict: not finished when the server stopped" in log
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_request_still_decoding_after_the_grace_does_not_keep_the_server_alive(shapes_run, tmp_path):
+    """Its 503 is sent at the end of the grace; its decoding, in a worker thread, stops at the
+    next image (before: the process lived on until all 230 large images were read, 86 s)."""
+    log = tmp_path / "server.log"
+    # A fresh process: the fork server's children end without waiting for their threads
+    server = serving(start_server(shapes_run.path, log, "--grace", "1", "--max-upload-mb", "20",
+                                  popen=subprocess.Popen), log)
+    try:
+        flat = BytesIO()
+        Image.new("RGB", (5000, 5000), (120, 30, 200)).save(flat, format="PNG")  # 84 KB, 25 MP to read
+        body, content_type = multipart([(f"{index}.png", flat.getvalue()) for index in range(230)])
+        answers = []
+        sender = threading.Thread(target=lambda: answers.append(
+            server.request("POST", "/predict", body, {"Content-Type": content_type})))
+        sender.start()
+        deadline = time.monotonic() + 60
+        while server.json("GET", "/health")[1]["requests_in_flight"] < 1:
+            assert time.monotonic() < deadline, "the request was never in flight"
+            time.sleep(0.05)
+        time.sleep(1)  # its decoding has begun
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=120) == 0
+        assert time.monotonic() - stopped < 30, server.text()[-2000:]
+        sender.join(timeout=30)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    [(status, _, data)] = answers
+    assert status == 503 and "send it again" in json.loads(data)["error"]
+    assert "stopped by SIGTERM" in server.text() and "Traceback" not in server.text()

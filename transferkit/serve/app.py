@@ -100,7 +100,9 @@ def create_app(service: Service) -> FastAPI:
     async def lifespan(app: FastAPI):
         service.batcher.start()
         yield
-        # After uvicorn has let the requests in flight finish: the queue is empty by then.
+        # After uvicorn has let the requests in flight finish (or answered them 503 at the
+        # end of its grace): what still decodes stops, and the queue is empty by then.
+        service.stopped.set()
         service.batcher.stop()
 
     app = FastAPI(
