@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transferkit.backbones import BackboneSpec
 from transferkit.errors import RunError, WeightsError, first_line
-from transferkit.runs import LABELS_FILE, MODEL_FILE, load_keras_file
+from transferkit.runs import LABELS_FILE, MODEL_FILE, is_run_folder, load_keras_file
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def source_run(weights: str | os.PathLike) -> SourceRun | None:
     ``.keras`` file with labels.json beside it; None for anything else ("imagenet", "none",
     a .h5 weights file)."""
     path = Path(weights).expanduser()
-    if path.is_dir() and (path / MODEL_FILE).is_file() and (path / LABELS_FILE).is_file():
+    if is_run_folder(path):
         folder, model_path = path, path / MODEL_FILE
     elif path.is_file() and path.suffix == ".keras" and (path.parent / LABELS_FILE).is_file():
         folder, model_path = path.parent, path
