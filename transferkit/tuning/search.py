@@ -364,11 +364,12 @@ def open_storage(url: str):
         else:
             raise TransferkitError(f"storage {url!r}: give an Optuna storage URL (sqlite:///study.db, "
                                    "postgresql://..., journal:///shared/study.log) or a path ending in .log or .db")
-    for scheme in ("journal://", "sqlite:///"):
-        # The file may be new, its folder not: a missing one is a mistyped path or a shared
-        # disk that is not mounted here, where a study of this machine's own would start.
-        folder = Path(url[len(scheme):]).expanduser().absolute().parent if url.startswith(scheme) else None
-        if folder is not None and not folder.is_dir():
+    # The file may be new, its folder not: a missing one is a mistyped path or a shared disk
+    # that is not mounted here, where a study of this machine's own would start.
+    scheme = next((prefix for prefix in ("journal://", "sqlite:///") if url.startswith(prefix)), None)
+    if scheme is not None:
+        folder = Path(url[len(scheme):]).expanduser().absolute().parent
+        if not folder.is_dir():
             raise TransferkitError(f"storage {url}: the folder {folder} does not exist (for a shared study, the "
                                    "shared disk mounted there); create it, or correct the path (sqlite:///study.db is "
                                    "relative, sqlite:////abs/study.db absolute)")
