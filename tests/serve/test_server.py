@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 import zlib
+from contextlib import suppress
 from io import BytesIO
 from pathlib import Path
 
@@ -484,3 +485,76 @@ def test_a_request_still_decoding_after_the_grace_does_not_keep_the_server_alive
     [(status, _, data)] = answers
     assert status == 503 and "send it again" in json.loads(data)["error"]
     assert "stopped by SIGTERM" in server.text() and "Traceback" not in server.text()
+
+
+def worker_processes(pid: int) -> set[int]:
+    """The worker processes uvicorn's supervisor ``pid`` runs (multiprocessing's spawned
+    children, found in Linux's /proc)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(int(child))
+    return found
+
+
+def environment(pid: int) -> dict[str, str]:
+    """A process's environment variables (Linux's /proc)."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+
+
+def test_worker_processes_restarted_after_the_run_was_replaced_answer_with_the_model_served(
+        shapes_run, binary_run, images, expected, tmp_path):
+    """``--workers 2``: both workers killed (SIGKILL) after the run was replaced by another
+    (here a two-class run) come back, started again by uvicorn, with the model the server
+    started with (before, they loaded the run anew: answers from two models, and a removed
+    run stopped the server). The snapshot they load is gone once the server has stopped."""
+    run = tmp_path / "runs" / "served"
+    shutil.copytree(shapes_run.path, run)
+    log = tmp_path / "server.log"
+    server = serving(start_server(run, log, "--workers", "2", "--max-batch", "8"), log)
+    files = [(path.name, path.read_bytes()) for path in sorted(images.iterdir())]
+    try:
+        def answering(wanted: set[int]) -> set[int]:
+            """The worker processes seen answering /health, until ``wanted`` all have."""
+            seen: set[int] = set()
+            deadline = time.monotonic() + 240
+            while not wanted <= seen:
+                assert time.monotonic() < deadline, f"workers {wanted - seen} never answered:\n{server.text()[-3000:]}"
+                seen.add(server.json("GET", "/health")[1]["process"])
+            return seen
+
+        def started(others: set[int]) -> set[int]:
+            """The two worker processes not in ``others``, once both answer."""
+            deadline = time.monotonic() + 60
+            while len(workers := worker_processes(server.process.pid) - others) < 2:
+                assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
+                time.sleep(0.1)
+            assert answering(workers) == workers
+            return workers
+
+        workers = started(set())
+        [snapshot] = {environment(pid)["TRANSFERKIT_SERVE_SNAPSHOT"] for pid in workers}
+        snapshot = Path(snapshot)
+        assert snapshot.is_dir() and not snapshot.is_relative_to(run)
+        shutil.rmtree(run)  # finetune --force put another run there
+        shutil.copytree(binary_run.path, run)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        started(workers)  # started again by uvicorn
+        for _ in range(3):  # on new connections: whichever worker takes each
+            status, kind, data = server.post("/predict?top_k=3", files)
+            assert status == 200, data
+            assert {row["file"]: row["label"] for row in json.loads(data)["predictions"]} == {
+                name: row.label for name, row in expected.items()}
+            assert server.json("GET", "/metadata")[1]["classes"] == list(shapes_run.class_names)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=120) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    assert not snapshot.exists()
+    assert "Traceback" not in server.text(), server.text()[-3000:]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Annotated, Optional
@@ -32,7 +33,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from transferkit.errors import TransferkitError, first_line
-from transferkit.serve.service import Service, Upload, load_service, settings_from_environment, upload_name
+from transferkit.serve.service import (
+    SNAPSHOT_VARIABLE,
+    Service,
+    Upload,
+    load_service,
+    settings_from_environment,
+    upload_name,
+)
 
 log = logging.getLogger("transferkit")
 
@@ -317,7 +325,8 @@ async def send_json(send, status: int, payload: dict) -> None:
 
 def app_from_environment() -> FastAPI:
     """The application of a worker process (``transferkit serve --workers N``): the run named
-    by ``TRANSFERKIT_SERVE``, loaded in this process.
+    by ``TRANSFERKIT_SERVE``, loaded in this process from the snapshot the server took of it
+    (``TRANSFERKIT_SERVE_SNAPSHOT``; ``service.take_snapshot``).
 
     Returns:
         A ``FastAPI`` application.
@@ -326,4 +335,4 @@ def app_from_environment() -> FastAPI:
 
     settings = settings_from_environment()
     import_tensorflow_quietly()  # as the command line does: no C++ start-up lines from each worker
-    return create_app(load_service(settings))
+    return create_app(load_service(settings, os.environ.get(SNAPSHOT_VARIABLE) or None))

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     import uvicorn
 
     from transferkit.serve.app import create_app
-    from transferkit.serve.service import load_service
+    from transferkit.serve.service import SNAPSHOT_VARIABLE, load_service, take_snapshot
 
     check_installed()
     if workers < 1:
@@ -122,10 +123,15 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     if not 0 <= grace < float("inf"):
         raise ServeError(f"--grace must be 0 or more seconds, got {grace:g}")
     sock = bind(host, port)
+    # Worker processes load a snapshot of the run, not the run: one that uvicorn starts again
+    # (after a crash) loads the model the others answer with, even if the run was replaced
+    # or removed meanwhile. It is removed when the server stops.
+    snapshots = tempfile.TemporaryDirectory(prefix="transferkit-serve-") if workers > 1 else None
     try:
+        snapshot = take_snapshot(settings.run, snapshots.name) if snapshots is not None else None
         # Loaded here in any case: a run that cannot be loaded is told once, as one line, and
         # the engine cache is filled before worker processes look for it.
-        service = load_service(settings)
+        service = load_service(settings, snapshot)
         url = url_of(sock)
         if announce is not None:
             announce(url, service)
@@ -139,6 +145,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         from uvicorn.supervisors import Multiprocess
 
         os.environ["TRANSFERKIT_SERVE"] = settings.to_json()
+        os.environ[SNAPSHOT_VARIABLE] = str(snapshot)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
             # A worker answers the supervisor's pings only between the steps of loading the run,
@@ -151,6 +158,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         return ServeResult(url, None, None)
     finally:
         sock.close()
+        if snapshots is not None:
+            snapshots.cleanup()
 
 
 def run_until_signal(run: Callable[[], None], server) -> str | None:

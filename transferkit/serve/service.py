@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -265,11 +266,13 @@ class Service:
         }
 
     def health(self) -> dict:
-        """Liveness and counters: status, engine, images answered, requests in flight (health
-        checks not counted; per worker process), queue, engine batches."""
+        """Liveness and counters: status, the process answering (each worker process has its
+        own counters), engine, images answered, requests in flight (health checks not
+        counted), queue, engine batches."""
         stats = self.batcher.stats
         return {
             "status": "ok",
+            "process": os.getpid(),
             "engine": self.forward.name,
             "images_answered": self.answered,
             "requests_in_flight": self.in_flight,
@@ -280,12 +283,15 @@ class Service:
         }
 
 
-def load_service(settings: ServeSettings) -> Service:
+def load_service(settings: ServeSettings, snapshot: str | os.PathLike | None = None) -> Service:
     """Load a run and build its engine as predict does, then warm it up (so the first
     request does not pay for it).
 
     Args:
         settings: the ``ServeSettings``.
+        snapshot: a ``take_snapshot`` of ``settings.run`` to load instead of the run itself
+            (its engine cache stays the run's, so a snapshot converts nothing again); default
+            None.
 
     Returns:
         A ``Service``; its batcher is not started yet (``Service.batcher.start()``).
@@ -300,19 +306,90 @@ def load_service(settings: ServeSettings) -> Service:
     from transferkit.inference.uncertainty import load_rejection
     from transferkit.runs import LABELS_FILE, load_run
 
-    run = load_run(settings.run)
+    if snapshot is None:
+        run = load_run(settings.run)
+    else:
+        original = Path(settings.run).parent if Path(snapshot).is_file() else Path(settings.run)
+        try:
+            run = load_run(snapshot)
+        except RunError as error:  # told of the run, not of the snapshot nobody knows about
+            raise RunError(str(error).replace(str(Path(snapshot).parent if Path(snapshot).is_file() else snapshot),
+                                              str(original))) from error
     try:  # the engine computes the rejection score too, so that ?reject=true costs no second pass
         rejection = load_rejection(run)
     except RunError:
         rejection = None  # a run trained before transferkit fitted one
+    labels = json.loads((run.path / LABELS_FILE).read_text(encoding="utf-8"))
+    if snapshot is not None:  # read from the snapshot; named, and its engine cached, as the run
+        run = dataclasses.replace(run, path=original)
     # A server runs many images over its life: int8 is worth trying where the precision allows.
     forward = engine_for(run, settings.engine, settings.precision, rejection, images=AUTO_MIN_IMAGES)
     getattr(forward, "exact", None)  # predict builds the float32 engine for near ties on first use; here now
     # One pass, so that the first request meets a compiled, traced engine.
     forward.predict(np.zeros((1, run.image_size, run.image_size, 3), dtype="uint8"))
-    labels = json.loads((run.path / LABELS_FILE).read_text(encoding="utf-8"))
     log.debug("serving %s with %r", run.path, forward)
     return Service(settings, run, forward, labels, rejection)
+
+
+# The environment variable naming the snapshot that ``serve --workers N``'s worker processes load.
+SNAPSHOT_VARIABLE = "TRANSFERKIT_SERVE_SNAPSHOT"
+
+# The files a server reads from a run beside its model file (and its rejection reference).
+SNAPSHOT_FILES = ("labels.json", "recipe.toml", "history.csv", "metrics.json")
+
+
+def take_snapshot(run_path: str | os.PathLike, into: str | os.PathLike) -> Path:
+    """The files a server loads from a run, hard-linked into the folder ``into`` (copied
+    where a link cannot be made), as one consistent set: they stay as they are when the run
+    is replaced (``finetune --force``) or removed. ``serve --workers N`` loads its workers
+    from one, so that a worker uvicorn starts again hours later answers with the model the
+    others answer with.
+
+    Args:
+        run_path: a run folder, or its model file.
+        into: an empty folder, which the caller removes once the server has stopped.
+
+    Returns:
+        What to load (``load_service(settings, snapshot=...)``): ``into``, or the model file
+        in it where ``run_path`` is a model file.
+
+    Raises:
+        RunError: the run cannot be loaded (named as given).
+    """
+    import shutil
+
+    from transferkit.inference.uncertainty import REFERENCE_FILE
+    from transferkit.runs import MODEL_FILE, load_run
+
+    given = Path(run_path)
+    for _ in range(3):  # a run replaced while it was linked is linked again: its files are one run's
+        run = load_run(given, with_model=False)  # a missing or broken run is told as the user named it
+        model_name = given.name if given.is_file() else MODEL_FILE
+        names = {model_name, *SNAPSHOT_FILES, str((run.rejection or {}).get("reference_file", REFERENCE_FILE))}
+        copies = []
+        for name in sorted(names):
+            source, target = run.path / name, Path(into) / name
+            if not source.is_file():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:  # another file system, or one without hard links
+                shutil.copy2(source, target)
+            copies.append((source, target))
+        if all(_same_file(source, target) for source, target in copies):
+            break
+    return Path(into) / model_name if given.is_file() else Path(into)
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """Whether ``target`` (a hard link or a copy) still holds what ``source`` holds."""
+    try:
+        a, b = source.stat(), target.stat()
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
 
 
 def settings_from_environment(variable: str = "TRANSFERKIT_SERVE") -> ServeSettings:
