@@ -558,3 +558,34 @@ def test_worker_processes_restarted_after_the_run_was_replaced_answer_with_the_m
             server.process.wait()
     assert not snapshot.exists()
     assert "Traceback" not in server.text(), server.text()[-3000:]
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(shapes_run, tmp_path):
+    """Ctrl-C, then Ctrl-C again while a request is in flight: the server exits 0 at once,
+    without waiting for the grace, with one line saying so (it was Starlette's
+    ``CancelledError`` traceback, then "lifespan protocol appears unsupported")."""
+    log = tmp_path / "server.log"
+    server = serving(start_server(shapes_run.path, log, "--grace", "60"), log)
+    try:
+        with socket.create_connection((server.host, server.port), timeout=60) as stalled:
+            stalled.sendall(f"POST /predict HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: multipart/form-data; "
+                            "boundary=x\r\nContent-Length: 1000\r\n\r\n--x".encode())  # and nothing more
+            deadline = time.monotonic() + 60
+            while server.json("GET", "/health")[1]["requests_in_flight"] < 1:
+                assert time.monotonic() < deadline, "the request was never in flight"
+                time.sleep(0.05)
+            stopped = time.monotonic()
+            server.process.send_signal(signal.SIGINT)
+            while "Waiting for connections to close" not in server.text():
+                assert time.monotonic() < deadline, server.text()[-2000:]
+                time.sleep(0.05)
+            server.process.send_signal(signal.SIGINT)
+            assert server.process.wait(timeout=30) == 0
+            assert time.monotonic() - stopped < 30
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    log_text = server.text()
+    assert "stopped at once (a second Ctrl-C)" in log_text and "stopped by SIGINT" in log_text
+    assert "Traceback" not in log_text and "unsupported" not in log_text, log_text[-3000:]

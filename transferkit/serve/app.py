@@ -107,11 +107,13 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.batcher.start()
-        yield
-        # After uvicorn has let the requests in flight finish (or answered them 503 at the
-        # end of its grace): what still decodes stops, and the queue is empty by then.
-        service.stopped.set()
-        service.batcher.stop()
+        try:
+            yield
+        finally:  # (cancelled here by a second Ctrl-C, which stops at once)
+            # After uvicorn has let the requests in flight finish (or answered them 503 at the
+            # end of its grace): what still decodes stops, and the queue is empty by then.
+            service.stopped.set()
+            service.batcher.stop()
 
     app = FastAPI(
         title=f"transferkit: {service.run.path.name}",
@@ -225,6 +227,15 @@ class RequestGuard:
                 "send smaller or fewer images per request")
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            cut_short: list[bool] = []
+            try:
+                await self.app(scope, receive, lifespan_send(send, cut_short))
+            except asyncio.CancelledError:
+                if not cut_short:
+                    raise
+                # told in one line already; ended here, or uvicorn would call the lifespan unsupported
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -277,6 +288,21 @@ class RequestGuard:
             if not started:
                 await send_json(send, 500, {"error": f"the server failed on this request ({type(error).__name__}: "
                                                      f"{first_line(error)}); it keeps answering others"})
+
+
+def lifespan_send(send, cut_short: list[bool]):
+    """``send`` for the lifespan protocol, where a shutdown cut short by a second Ctrl-C
+    (uvicorn cancels the lifespan: Starlette would log its ``CancelledError`` traceback as a
+    failed shutdown) is one line and a shutdown complete; ``cut_short`` records it."""
+    async def relay(message):
+        if (message["type"] == "lifespan.shutdown.failed"
+                and str(message.get("message", "")).rstrip().endswith("CancelledError")):
+            log.warning("stopped at once (a second Ctrl-C): the requests still in flight were not answered")
+            cut_short.append(True)
+            message = {"type": "lifespan.shutdown.complete"}
+        await send(message)
+
+    return relay
 
 
 def require_known_query(request: Request, known: tuple[str, ...]) -> None:
