@@ -269,6 +269,8 @@ BAD_UPLOADS = {
     "too large": ([("big.jpg", os.urandom(int(1.5 * LIMIT_MB * 1048576)))], "", 413, "over the server's limit"),
     "one bad among good": ([("ok.jpg", None), ("notes.txt", b"text")], "", 400, "notes.txt: not a readable image"),
     "no file field": ([("a.jpg", b"x")], "", 400, "no image in the request"),
+    "over 1,000 files": ([(f"{index}.jpg", b"x") for index in range(1001)], "", 400,
+                         "Maximum number of files is 1000; send the images in several requests"),
     "top_k below 1": ([("ok.jpg", None)], "?top_k=0", 400, "top_k"),
     "top_k not a number": ([("ok.jpg", None)], "?top_k=many", 400, "top_k"),
     "sets out of range": ([("ok.jpg", None)], "?sets=1.5", 400, "sets"),
@@ -299,6 +301,25 @@ def test_a_large_body_without_a_length_is_stopped_at_the_limit(server):
     status, kind, data = server.request("POST", "/predict", chunks(body),
                                         {"Content-Type": content_type, "Transfer-Encoding": "chunked"})
     assert (status, kind) == (413, "application/json") and "limit" in json.loads(data)["error"]
+    assert server.json("GET", "/health")[1]["status"] == "ok"
+
+
+def test_a_client_waiting_for_100_continue_is_refused_before_it_sends_a_huge_body(server):
+    """As curl sends a large upload: headers with ``Expect: 100-continue``, then the body once
+    the server says so. A declared 10 GB is answered 413 at once, with no 100 Continue and
+    no byte of the body read (before, the server asked for it and read up to 1 GiB first)."""
+    with socket.create_connection((server.host, server.port), timeout=30) as client:
+        client.sendall(f"POST /predict HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: multipart/form-data; "
+                       "boundary=x\r\nContent-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large", answer[:500]
+    assert "9536.7 MB, over the server's limit" in json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
     assert server.json("GET", "/health")[1]["status"] == "ok"
 
 
@@ -505,51 +526,47 @@ def environment(pid: int) -> dict[str, str]:
     return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
 
 
-def test_worker_processes_restarted_after_the_run_was_replaced_answer_with_the_model_served(
+def test_worker_processes_started_after_the_run_was_replaced_answer_with_the_model_served(
         shapes_run, binary_run, images, expected, tmp_path):
-    """``--workers 2``: both workers killed (SIGKILL) after the run was replaced by another
-    (here a two-class run) come back, started again by uvicorn, with the model the server
-    started with (before, they loaded the run anew: answers from two models, and a removed
-    run stopped the server). The snapshot they load is gone once the server has stopped."""
+    """``--workers 2``: the run is replaced by another (here a two-class run) as soon as the
+    server says it serves, before its worker processes (spawned then, each importing
+    TensorFlow for seconds) load anything, as when uvicorn starts a crashed worker again
+    hours later. Each worker, alone taking connections while the other is stopped (SIGSTOP),
+    answers with the model the server started with (before, the workers loaded the run
+    anew: answers from another model, and a removed run stopped the server). The snapshot
+    they load is gone once the server has stopped."""
     run = tmp_path / "runs" / "served"
     shutil.copytree(shapes_run.path, run)
     log = tmp_path / "server.log"
     server = serving(start_server(run, log, "--workers", "2", "--max-batch", "8"), log)
+    shutil.rmtree(run)  # finetune --force put another run there
+    shutil.copytree(binary_run.path, run)
     files = [(path.name, path.read_bytes()) for path in sorted(images.iterdir())]
     try:
-        def answering(wanted: set[int]) -> set[int]:
-            """The worker processes seen answering /health, until ``wanted`` all have."""
-            seen: set[int] = set()
-            deadline = time.monotonic() + 240
-            while not wanted <= seen:
-                assert time.monotonic() < deadline, f"workers {wanted - seen} never answered:\n{server.text()[-3000:]}"
-                seen.add(server.json("GET", "/health")[1]["process"])
-            return seen
-
-        def started(others: set[int]) -> set[int]:
-            """The two worker processes not in ``others``, once both answer."""
-            deadline = time.monotonic() + 60
-            while len(workers := worker_processes(server.process.pid) - others) < 2:
-                assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
-                time.sleep(0.1)
-            assert answering(workers) == workers
-            return workers
-
-        workers = started(set())
+        deadline = time.monotonic() + 60
+        while len(workers := worker_processes(server.process.pid)) < 2:
+            assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
+            time.sleep(0.1)
+        seen: set[int] = set()
+        deadline = time.monotonic() + 240
+        while seen != workers:
+            assert time.monotonic() < deadline, f"workers {workers - seen} never answered:\n{server.text()[-3000:]}"
+            seen.add(server.json("GET", "/health")[1]["process"])
         [snapshot] = {environment(pid)["TRANSFERKIT_SERVE_SNAPSHOT"] for pid in workers}
         snapshot = Path(snapshot)
         assert snapshot.is_dir() and not snapshot.is_relative_to(run)
-        shutil.rmtree(run)  # finetune --force put another run there
-        shutil.copytree(binary_run.path, run)
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
-        started(workers)  # started again by uvicorn
-        for _ in range(3):  # on new connections: whichever worker takes each
-            status, kind, data = server.post("/predict?top_k=3", files)
-            assert status == 200, data
-            assert {row["file"]: row["label"] for row in json.loads(data)["predictions"]} == {
-                name: row.label for name, row in expected.items()}
-            assert server.json("GET", "/metadata")[1]["classes"] == list(shapes_run.class_names)
+        for answering in workers:
+            [other] = workers - {answering}
+            os.kill(other, signal.SIGSTOP)  # takes no connection: each goes to the one answering
+            try:
+                assert server.json("GET", "/health")[1]["process"] == answering
+                status, kind, data = server.post("/predict?top_k=3", files)
+                assert status == 200, data
+                assert {row["file"]: row["label"] for row in json.loads(data)["predictions"]} == {
+                    name: row.label for name, row in expected.items()}
+                assert server.json("GET", "/metadata")[1]["classes"] == list(shapes_run.class_names)
+            finally:
+                os.kill(other, signal.SIGCONT)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=120) == 0
     finally:

@@ -136,7 +136,10 @@ def create_app(service: Service) -> FastAPI:
             return error_response(404, f"no such endpoint: {request.url.path}; see /docs for the API")
         if error.status_code == 405:
             return error_response(405, f"{request.method} is not allowed on {request.url.path}; see /docs")
-        return error_response(error.status_code, str(error.detail))
+        detail = str(error.detail)
+        if detail.startswith(("Too many files", "Too many fields")):  # Starlette's form limits (1,000 each)
+            detail = f"{detail.rstrip('.')}; send the images in several requests"
+        return error_response(error.status_code, detail)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -211,7 +214,8 @@ def validation_message(error: RequestValidationError) -> str:
 
 class RequestGuard:
     """ASGI middleware: a request body over ``max_body`` bytes is answered 413 (read to its
-    end first, up to ``DRAIN_LIMIT``, so the client gets the answer), and any exception
+    end first, up to ``DRAIN_LIMIT``, so the client gets the answer; at once where the client
+    waits for "100 Continue" before sending it), and any exception
     that escapes a route becomes a 500 ``{"error"}`` and one log line, never a traceback.
     It also counts the requests in flight (``Service.in_flight``; health checks not counted).
     """
@@ -251,7 +255,10 @@ class RequestGuard:
     async def _guarded(self, scope, receive, send):
         declared = content_length(scope)
         if declared is not None and declared > self.max_body:
-            await drain(receive, DRAIN_LIMIT)
+            if not header(scope, b"expect").lower().startswith("100-continue"):
+                await drain(receive, DRAIN_LIMIT)
+            # (a client that waits for "100 Continue" before sending, as curl does for large
+            # bodies, is answered before it has sent any of it)
             await send_json(send, 413, {"error": self.too_large(f"{declared / 1048576:.1f} MB")})
             return
         received = 0
@@ -318,15 +325,20 @@ def require_known_query(request: Request, known: tuple[str, ...]) -> None:
                                  f"{', '.join(known)} (see /docs)")
 
 
+def header(scope, name: bytes) -> str:
+    """A request header's value ("" without it)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def content_length(scope) -> int | None:
     """The request's Content-Length header, or None."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    try:
+        return int(header(scope, b"content-length"))
+    except ValueError:
+        return None
 
 
 async def drain(receive, limit: int) -> None:
