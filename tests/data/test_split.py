@@ -166,3 +166,23 @@ def test_tune_and_doctor_take_group_by_and_name_a_pattern_without_a_group(comman
     assert result.exit_code == 2, result.output
     assert "data.group_by: 'p0' has no group" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "tune").exists()
+
+
+def test_folds_are_counted_on_the_files_before_decoding_and_on_the_readable_images_after(tmp_path, monkeypatch):
+    from transferkit.data import prepare
+    from transferkit.recipe import load_recipe
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for index in range(2):
+            Image.new("RGB", (8, 8), (index * 90, 40, 200)).save(tmp_path / name / f"{index}.png")
+        (tmp_path / name / "broken.png").write_bytes(b"not a png")
+    recipe = load_recipe(None, {"image_size": 32})
+    decode = prepare._decode_all
+    monkeypatch.setattr(prepare, "_decode_all", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(DataError, match="^6 image"):  # the files found: nothing decoded
+        prepare.decode_folder(tmp_path, recipe, verbose=0, folds=7)
+    monkeypatch.setattr(prepare, "_decode_all", decode)
+    with pytest.raises(DataError, match="^4 image.*cannot be dealt into 5 folds"):  # the two broken files left out
+        prepare.decode_folder(tmp_path, recipe, verbose=0, folds=5)
+    assert len(prepare.decode_folder(tmp_path, recipe, verbose=0, folds=4).labels) == 4

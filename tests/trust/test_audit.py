@@ -212,11 +212,13 @@ def test_audit_names_a_bad_group_pattern_and_a_bad_fold_count(audited):
     assert one_fold.exit_code == 2 and "--folds" in one_fold.output
 
 
-def test_more_folds_than_images_are_told_before_the_features_are_computed(audited, monkeypatch, tmp_path):
+def test_more_folds_than_images_are_told_before_any_image_is_decoded(audited, monkeypatch, tmp_path):
+    import transferkit.data.prepare as prepare_module
     import transferkit.trust.audit as audit_module
 
     root, _, _, _ = audited
     monkeypatch.setattr(audit_module, "backbone_features", lambda *args, **kwargs: pytest.fail("features computed"))
+    monkeypatch.setattr(prepare_module, "_decode_all", lambda *args, **kwargs: pytest.fail("images decoded"))
     result = runner.invoke(app, ["audit", str(root), *FLAGS[:-3], "--folds", "1000", "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "cannot be dealt into 1000 folds; use fewer folds" in result.output
     assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from transferkit.data.split import (
     group_names,
     read_split_table,
     relative_name,
+    require_foldable,
     split_rows,
     split_table,
 )
@@ -279,7 +280,8 @@ class DecodedFolder:
     data_dir: str
 
 
-def decode_folder(data_dir: str | os.PathLike, recipe: Recipe, *, verbose: int = 1) -> DecodedFolder:
+def decode_folder(data_dir: str | os.PathLike, recipe: Recipe, *, verbose: int = 1,
+                  folds: int | None = None) -> DecodedFolder:
     """Index and decode every image of a folder once, as ``prepare_data`` does, without a split.
 
     The data checks run on the same read and what they find is warned about; unreadable
@@ -289,20 +291,27 @@ def decode_folder(data_dir: str | os.PathLike, recipe: Recipe, *, verbose: int =
         data_dir: one sub-folder of images per class.
         recipe: the resolved recipe (its image size, memory bound and ``data.group_by``).
         verbose: 0 silent, 1 a progress bar; default 1.
+        folds: the folds the images will be dealt into (an audit's): more than the files
+            found is refused before any is decoded, and more than the readable images after;
+            default None.
 
     Returns:
         The ``DecodedFolder``.
 
     Raises:
-        DataError: the folder, its classes or its images cannot be used, or the group
-            pattern names no group for a file.
+        DataError: the folder, its classes or its images cannot be used, the group
+            pattern names no group for a file, or there are fewer images than ``folds``.
     """
     index, _ = index_folders(data_dir)
+    if folds is not None:
+        require_foldable(len(index.paths), folds)
     groups = group_names(index.paths, index.root, recipe.data.group_by) if recipe.data.group_by else None
     decoded, readable, report = _decode_all(index, None, list(index.paths), recipe, verbose)
     kept, skipped = _kept_rows(index.paths, readable, dict(report.unreadable))
     labels = index.labels[kept]
     _require_every_class(labels, index.class_names, data_dir)
+    if folds is not None:
+        require_foldable(len(kept), folds)
     (images,) = partition_rows(decoded, [kept])  # in place: no second copy
     skipped = list(index.skipped) + skipped
     if skipped:

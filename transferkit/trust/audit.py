@@ -210,7 +210,6 @@ def audit(
         WeightsError: the backbone's weights cannot be loaded.
     """
     from transferkit.data.prepare import decode_folder
-    from transferkit.data.split import require_foldable
     from transferkit.recipe import load_recipe
     from transferkit.runs import named_folder
 
@@ -219,8 +218,8 @@ def audit(
         raise RecipeError(f"--folds must be at least 2, got {folds}")
     out = named_folder(output) if output is not None else default_output(data_dir)
     check_output_folder(out, force, data_dir)
-    decoded = decode_folder(data_dir, recipe, verbose=verbose)
-    require_foldable(len(decoded.labels), folds)  # before the features are computed (minutes)
+    # more folds than images: told before any image is decoded, and again if unreadable ones leave too few
+    decoded = decode_folder(data_dir, recipe, verbose=verbose, folds=folds)
     if recipe.weights == "none":  # (after the folder's own errors: a folder that cannot be audited is told alone)
         log.warning("the backbone has random weights (--weights none): its features separate colours, not much "
                     "else, so the label fixes suggested are guesses on photographs; read moves.sh before running it")
