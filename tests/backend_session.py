@@ -29,7 +29,7 @@ import no_tensorflow  # noqa: E402, F401  (tests/no_tensorflow.py, beside this s
 # float32 on every CPU: the held-out check compares confidences across backends to float
 # rounding, which bfloat16 ("auto" on AMX and AVX512-BF16 CPUs) is not.
 FLAGS = ["--backbone", "tinyvgg", "--weights", "none", "--image-size", "32", "--batch-size", "8",
-         "--set", "head.units=[8]", "--set", 'engine="keras"', "--precision", "float32"]
+         "--set", "head.units=[8]", "--set", 'engine="keras"', "--set", 'precision="float32"']
 
 
 def interrupt_after_first_epoch(partial: Path) -> threading.Thread:
@@ -97,8 +97,8 @@ def main(root: Path, full: bool) -> None:
                            "kernel": weight_gradients(dense, keras.ops.sum, x)[0].tolist()}
 
     if full:
-        invoke("predict openvino", "predict", run, data, "--engine", "openvino", "-o", root / "openvino.csv",
-               "--quiet", "--verbose")
+        invoke("predict openvino", "predict", run, data, "--engine", "openvino", "--precision", "float32",
+               "-o", root / "openvino.csv", "--quiet", "--verbose")
         invoke("explain", "explain", run, data / "circle", "--top", "2", "-o", root / "explain")
         invoke("lr-find", "lr-find", data, *FLAGS, "--steps", "6", "-o", root / "lr_find.png", "--json")
         invoke("doctor --model", "doctor", data, "--model", *FLAGS, "--json")
