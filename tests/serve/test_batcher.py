@@ -49,3 +49,31 @@ def test_an_engine_failure_reaches_the_requests_and_the_thread_goes_on(shapes_ru
         batcher.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         batcher.submit(np.zeros((1, size, size, 3), dtype="uint8"))
+
+
+def test_a_stop_without_draining_ends_after_the_running_batch_and_fails_the_queued(shapes_run, forward):
+    """A second Ctrl-C: the batch the engine runs finishes, the images still queued are not run."""
+    import threading
+    import time
+
+    size = shapes_run.image_size
+    held = threading.Lock()
+    held.acquire()  # the engine's first call waits on it
+    batcher = MicroBatcher(forward, max_batch=2, lock=held)
+    running, *queued = [batcher.submit(np.zeros((2, size, size, 3), dtype="uint8")) for _ in range(3)]
+    batcher.start()
+    deadline = time.monotonic() + 60
+    while batcher.queued > 4:  # the thread took the first job and waits for the engine
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stopping = threading.Thread(target=batcher.stop, kwargs={"drain": False})
+    stopping.start()
+    for future in queued:
+        with pytest.raises(RuntimeError, match="server stopped"):
+            future.result(timeout=60)  # at once, while the running batch still waits
+    assert not running.done()
+    held.release()
+    stopping.join(timeout=120)
+    assert not stopping.is_alive()
+    assert running.result(timeout=1).shape == (2, len(shapes_run.class_names))
+    assert (batcher.stats.batches, batcher.stats.images) == (1, 2)

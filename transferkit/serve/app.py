@@ -109,11 +109,14 @@ def create_app(service: Service) -> FastAPI:
         service.batcher.start()
         try:
             yield
-        finally:  # (cancelled here by a second Ctrl-C, which stops at once)
-            # After uvicorn has let the requests in flight finish (or answered them 503 at the
-            # end of its grace): what still decodes stops, and the queue is empty by then.
+        except asyncio.CancelledError:  # a second Ctrl-C: at once, the images still queued not run
             service.stopped.set()
-            service.batcher.stop()
+            service.batcher.stop(drain=False)
+            raise
+        # After uvicorn has let the requests in flight finish (or answered them 503 at the
+        # end of its grace): what still decodes stops, and the queue is empty by then.
+        service.stopped.set()
+        service.batcher.stop()
 
     app = FastAPI(
         title=f"transferkit: {service.run.path.name}",
@@ -137,8 +140,10 @@ def create_app(service: Service) -> FastAPI:
         if error.status_code == 405:
             return error_response(405, f"{request.method} is not allowed on {request.url.path}; see /docs")
         detail = str(error.detail)
-        if detail.startswith(("Too many files", "Too many fields")):  # Starlette's form limits (1,000 each)
+        if detail.startswith("Too many files"):  # Starlette's form limit (1,000)
             detail = f"{detail.rstrip('.')}; send the images in several requests"
+        elif detail.startswith("Too many fields"):
+            detail = f"{detail.rstrip('.')}; send only the images, each as a field named 'file'"
         return error_response(error.status_code, detail)
 
     @app.exception_handler(RequestValidationError)
@@ -258,8 +263,9 @@ class RequestGuard:
             if not header(scope, b"expect").lower().startswith("100-continue"):
                 await drain(receive, DRAIN_LIMIT)
             # (a client that waits for "100 Continue" before sending, as curl does for large
-            # bodies, is answered before it has sent any of it)
-            await send_json(send, 413, {"error": self.too_large(f"{declared / 1048576:.1f} MB")})
+            # bodies, is answered before it has sent any of it). The connection is closed after
+            # the answer: what of the body is still to come would be read as the next request.
+            await send_json(send, 413, {"error": self.too_large(f"{declared / 1048576:.1f} MB")}, close=True)
             return
         received = 0
         started = False
@@ -300,13 +306,13 @@ class RequestGuard:
 def lifespan_send(send, cut_short: list[bool]):
     """``send`` for the lifespan protocol, where a shutdown cut short by a second Ctrl-C
     (uvicorn cancels the lifespan: Starlette would log its ``CancelledError`` traceback as a
-    failed shutdown) is one line and a shutdown complete; ``cut_short`` records it."""
+    failed shutdown) is one line; ``cut_short`` records it."""
     async def relay(message):
         if (message["type"] == "lifespan.shutdown.failed"
                 and str(message.get("message", "")).rstrip().endswith("CancelledError")):
             log.warning("stopped at once (a second Ctrl-C): the requests still in flight were not answered")
             cut_short.append(True)
-            message = {"type": "lifespan.shutdown.complete"}
+            return  # nothing waits for the shutdown's end: uvicorn skipped it
         await send(message)
 
     return relay
@@ -353,11 +359,12 @@ async def drain(receive, limit: int) -> None:
             return
 
 
-async def send_json(send, status: int, payload: dict) -> None:
-    """A whole JSON response through a raw ASGI ``send``."""
+async def send_json(send, status: int, payload: dict, close: bool = False) -> None:
+    """A whole JSON response through a raw ASGI ``send`` (``close``: the connection ends after it)."""
     body = json.dumps(payload).encode("utf-8")
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -84,10 +84,17 @@ class MicroBatcher:
             self._thread = threading.Thread(target=self._loop, name="transferkit-engine", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
-        """Finish the queued jobs, then end the thread."""
+    def stop(self, drain: bool = True) -> None:
+        """End the thread, once it has finished the queued jobs (``drain``, the default) or
+        only the batch it is running (``drain=False``: the jobs still queued get a
+        RuntimeError)."""
         with self._condition:
             self._closed = True
+            if not drain:
+                while self._pending:
+                    job = self._pending.popleft()
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError("the server stopped before these images were run"))
             self._condition.notify_all()
         if self._thread is not None:
             self._thread.join()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -115,7 +115,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     import uvicorn
 
     from transferkit.serve.app import create_app
-    from transferkit.serve.service import SNAPSHOT_VARIABLE, load_service, take_snapshot
+    from transferkit.serve.service import SNAPSHOT_VARIABLE, load_service, snapshot_folder, take_snapshot
 
     check_installed()
     if workers < 1:
@@ -125,10 +125,12 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     sock = bind(host, port)
     # Worker processes load a snapshot of the run, not the run: one that uvicorn starts again
     # (after a crash) loads the model the others answer with, even if the run was replaced
-    # or removed meanwhile. It is removed when the server stops.
-    snapshots = tempfile.TemporaryDirectory(prefix="transferkit-serve-") if workers > 1 else None
+    # or removed meanwhile. It is removed when the server stops (or, killed, by the next).
+    snapshots = None
     try:
-        snapshot = take_snapshot(settings.run, snapshots.name) if snapshots is not None else None
+        if workers > 1:
+            snapshots = snapshot_folder()
+        snapshot = take_snapshot(settings.run, snapshots) if snapshots is not None else None
         # Loaded here in any case: a run that cannot be loaded is told once, as one line, and
         # the engine cache is filled before worker processes look for it.
         service = load_service(settings, snapshot)
@@ -159,7 +161,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     finally:
         sock.close()
         if snapshots is not None:
-            snapshots.cleanup()
+            shutil.rmtree(snapshots, ignore_errors=True)
 
 
 def run_until_signal(run: Callable[[], None], server) -> str | None:

@@ -309,6 +309,9 @@ def load_service(settings: ServeSettings, snapshot: str | os.PathLike | None = N
     if snapshot is None:
         run = load_run(settings.run)
     else:
+        if not Path(snapshot).exists():
+            raise ServeError(f"the copy of {settings.run} that this server's workers load ({snapshot}) was removed; "
+                             "start transferkit serve again")
         original = Path(settings.run).parent if Path(snapshot).is_file() else Path(settings.run)
         try:
             run = load_run(snapshot)
@@ -334,8 +337,30 @@ def load_service(settings: ServeSettings, snapshot: str | os.PathLike | None = N
 # The environment variable naming the snapshot that ``serve --workers N``'s worker processes load.
 SNAPSHOT_VARIABLE = "TRANSFERKIT_SERVE_SNAPSHOT"
 
-# The files a server reads from a run beside its model file (and its rejection reference).
-SNAPSHOT_FILES = ("labels.json", "recipe.toml", "history.csv", "metrics.json")
+
+def snapshot_folder() -> Path:
+    """A new, empty folder for ``take_snapshot``: ``<cache>/serve/.snapshot-<token>.partial-<pid>``
+    (``files.cache_root``; a run on the same file system is linked, not copied). Those of
+    servers that were killed (their process gone) are removed first. The caller removes it
+    once the server has stopped.
+
+    Raises:
+        ServeError: the folder cannot be made.
+    """
+    import secrets
+
+    from transferkit.files import cache_root, remove_leftovers, staging_folder
+
+    parent = cache_root() / "serve"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(parent)
+        folder = staging_folder(parent / f"snapshot-{secrets.token_hex(4)}")
+        folder.mkdir()
+    except OSError as error:
+        raise ServeError(f"cannot make a folder in {parent} for the workers' copy of the run "
+                         f"({error.strerror or error}); set TRANSFERKIT_CACHE to a writable folder") from error
+    return folder
 
 
 def take_snapshot(run_path: str | os.PathLike, into: str | os.PathLike) -> Path:
@@ -347,7 +372,7 @@ def take_snapshot(run_path: str | os.PathLike, into: str | os.PathLike) -> Path:
 
     Args:
         run_path: a run folder, or its model file.
-        into: an empty folder, which the caller removes once the server has stopped.
+        into: an empty folder (``snapshot_folder``).
 
     Returns:
         What to load (``load_service(settings, snapshot=...)``): ``into``, or the model file
@@ -355,32 +380,54 @@ def take_snapshot(run_path: str | os.PathLike, into: str | os.PathLike) -> Path:
 
     Raises:
         RunError: the run cannot be loaded (named as given).
+        ServeError: the files cannot be linked or copied there, or the run kept changing
+            while they were.
     """
     import shutil
 
-    from transferkit.inference.uncertainty import REFERENCE_FILE
-    from transferkit.runs import MODEL_FILE, load_run
+    from transferkit.runs import LABELS_FILE, MODEL_FILE, load_run
 
-    given = Path(run_path)
+    given, into = Path(run_path), Path(into)
     for _ in range(3):  # a run replaced while it was linked is linked again: its files are one run's
         run = load_run(given, with_model=False)  # a missing or broken run is told as the user named it
         model_name = given.name if given.is_file() else MODEL_FILE
-        names = {model_name, *SNAPSHOT_FILES, str((run.rejection or {}).get("reference_file", REFERENCE_FILE))}
+        names = {model_name, LABELS_FILE, *SNAPSHOT_FILES} | set(filter(None, [reference_file(run.rejection)]))
+        for old in into.iterdir():
+            old.unlink()
         copies = []
         for name in sorted(names):
-            source, target = run.path / name, Path(into) / name
+            source, target = run.path / name, into / name
             if not source.is_file():
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.unlink(missing_ok=True)
             try:
-                os.link(source, target)
-            except OSError:  # another file system, or one without hard links
-                shutil.copy2(source, target)
+                try:
+                    os.link(source, target)
+                except OSError:  # another file system, or one without hard links
+                    shutil.copy2(source, target)
+            except OSError as error:
+                raise ServeError(f"cannot keep a copy of {source} in {into} for the worker processes "
+                                 f"({error.strerror or error}); free space there, or set TRANSFERKIT_CACHE to a "
+                                 "folder with room") from error
             copies.append((source, target))
         if all(_same_file(source, target) for source, target in copies):
-            break
-    return Path(into) / model_name if given.is_file() else Path(into)
+            return into / model_name if given.is_file() else into
+    raise ServeError(f"{given} changed while its files were read, three times; start the server again once it is "
+                     "written")
+
+
+# The files a server reads from a run beside its model file, labels.json and its rejection reference.
+SNAPSHOT_FILES = ("recipe.toml", "history.csv", "metrics.json")
+
+
+def reference_file(rejection) -> str | None:
+    """The file name of a run's rejection reference (labels.json "rejection"), where it is a
+    plain name in the run folder; None otherwise (``load_rejection`` tells what is wrong)."""
+    from transferkit.inference.uncertainty import REFERENCE_FILE
+
+    if not isinstance(rejection, dict):
+        return None
+    name = rejection.get("reference_file", REFERENCE_FILE)
+    return name if isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name else None
 
 
 def _same_file(source: Path, target: Path) -> bool:
