@@ -29,9 +29,9 @@ TimeoutExpired = subprocess.TimeoutExpired
 
 # What every command imports first and fresh Python would take seconds over: TensorFlow,
 # Keras (on TensorFlow: KERAS_BACKEND is read at its import), and the libraries transferkit
-# loads lazily. Never transferkit.
-PRELOAD = ["tensorflow", "keras", "numpy", "PIL.Image", "albumentations", "matplotlib.pyplot", "sklearn.metrics",
-           "scipy.stats", "pydantic", "typer"]
+# loads lazily (albumentations as transferkit imports it: without torch). Never transferkit.
+PRELOAD = ["tensorflow", "keras", "numpy", "PIL.Image", "tests.albumentations_alone", "matplotlib.pyplot",
+           "sklearn.metrics", "scipy.stats", "pydantic", "typer"]
 
 _context = None
 _lock = threading.Lock()

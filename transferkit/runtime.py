@@ -11,6 +11,7 @@ CPU has no fast bfloat16, ``auto`` does so too when the work is large enough to 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.abc
 import importlib.util
 import logging
@@ -332,6 +333,33 @@ def take_noted_signal() -> str | None:
     noted = _NOTED_SIGNAL[0] if _NOTED_SIGNAL else None
     _NOTED_SIGNAL.clear()
     return noted
+
+
+def import_without_torch(name: str, torch_parts: tuple[str, ...]):
+    """Import a package without its optional PyTorch parts, where torch is installed but not
+    imported: albumentations and NNCF import theirs, and torch with them (1.2-1.5 s of a
+    process's start), each in a ``suppress(ImportError)`` that skips a part that cannot be
+    imported. transferkit uses none of them. The parts can still be imported afterwards by
+    the caller's own code; where torch is imported already, nothing is left out.
+
+    Args:
+        name: the package ("albumentations", "nncf").
+        torch_parts: its modules that import torch.
+
+    Returns:
+        The package's module.
+    """
+    if name in sys.modules or "torch" in sys.modules:
+        return importlib.import_module(name)
+    left_out = [part for part in torch_parts if part not in sys.modules]
+    for part in left_out:
+        sys.modules[part] = None  # an ImportError for that import alone
+    try:
+        return importlib.import_module(name)
+    finally:
+        for part in left_out:
+            if part in sys.modules and sys.modules[part] is None:
+                del sys.modules[part]
 
 
 def import_tensorflow_quietly() -> None:

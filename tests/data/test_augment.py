@@ -1,4 +1,9 @@
+import importlib.util
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from transferkit.data.augment import build_augmenter, preview_grid, write_preview
@@ -49,3 +54,24 @@ def test_write_preview_refuses_a_count_below_one(shapes_dir, tmp_path):
     with pytest.raises(DataError, match="count must be at least 1, got 0"):
         write_preview(shapes_dir, tmp_path / "preview.png", count=0)
     assert not (tmp_path / "preview.png").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed: nothing to leave out")
+def test_albumentations_and_nncf_are_imported_without_torch_and_their_pytorch_parts_still_import_after():
+    """albumentations and NNCF import their PyTorch parts, and torch with them (1.2-1.5 s a
+    process), wherever torch is installed; transferkit's augmentation and int8 quantization
+    do without (``runtime.import_without_torch``), in a fresh process."""
+    code = ("import sys\n"
+            "from transferkit.data.augment import build_augmenter\n"
+            "from transferkit.inference.openvino import NNCF_TORCH_PARTS\n"
+            "from transferkit.recipe import AugmentConfig\n"
+            "from transferkit.runtime import import_without_torch\n"
+            "assert build_augmenter(AugmentConfig(shift=0.1, rotation=5.0)) is not None\n"
+            "nncf = import_without_torch('nncf', NNCF_TORCH_PARTS)\n"
+            "from nncf.quantization.advanced_parameters import OverflowFix\n"
+            "assert callable(nncf.quantize) and 'torch' not in sys.modules, 'torch imported'\n"
+            "from albumentations.pytorch import ToTensorV2\n"  # the caller's own imports still work
+            "import nncf.tensor.functions.torch_numeric\n"
+            "assert 'torch' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

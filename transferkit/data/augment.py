@@ -14,6 +14,14 @@ from transferkit.recipe import AugmentConfig
 from transferkit.runs import require_outside_runs
 
 
+def import_albumentations():
+    """``albumentations``, without its PyTorch transforms (which import torch wherever it is
+    installed: ``runtime.import_without_torch``)."""
+    from transferkit.runtime import import_without_torch
+
+    return import_without_torch("albumentations", ("albumentations.pytorch",))
+
+
 def augmentation_enabled(config: AugmentConfig) -> bool:
     """Whether any transform of the recipe's augmentation is switched on (``hflip = "auto"``
     flips)."""
@@ -56,8 +64,9 @@ def build_augmenter(config: AugmentConfig, seed: int | None = None):
     Returns:
         An ``albumentations.Compose`` taking and returning uint8 HxWx3 images, or None.
     """
-    import albumentations as A
     import cv2
+
+    A = import_albumentations()  # noqa: N806 - albumentations' usual name
 
     transforms = []
     if config.shift > 0 or config.rotation > 0:

@@ -31,12 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.files import atomic_path, remove_leftovers, write_atomic
+from transferkit.runtime import import_without_torch
 
 log = logging.getLogger("transferkit")
 
 
 # Keras dtype policy -> OpenVINO CPU inference precision hint.
 PRECISION_HINTS = {"float32": "f32", "mixed_bfloat16": "bf16", "mixed_float16": "f16"}
+# NNCF's tensor functions for PyTorch, which import torch (1.2 s) wherever it is installed; the
+# quantization here runs on OpenVINO networks and NumPy arrays.
+NNCF_TORCH_PARTS = ("nncf.tensor.functions.torch_io", "nncf.tensor.functions.torch_linalg",
+                    "nncf.tensor.functions.torch_numeric")
 
 
 def import_openvino():
@@ -233,7 +238,7 @@ def quantize_int8(network, calibration: np.ndarray, seven_bits: bool = False):
         ImportError: NNCF is not installed (``pip install nncf``).
     """
     import_openvino()  # its telemetry off first: NNCF imports it too
-    import nncf
+    nncf = import_without_torch("nncf", NNCF_TORCH_PARTS)
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     logging.getLogger("nncf").setLevel(logging.ERROR)

@@ -911,10 +911,10 @@ class FeaturePlan:
         if self.augmenter_factory is not None:
             import json
 
-            import albumentations as A
+            from transferkit.data.augment import import_albumentations
 
             try:
-                augmentation = json.dumps(A.to_dict(self.augmenter_factory()), sort_keys=True)
+                augmentation = json.dumps(import_albumentations().to_dict(self.augmenter_factory()), sort_keys=True)
             except Exception:  # a transform albumentations cannot serialize
                 return None
         images = [(id(batches.images), batches.images.shape) for batches in (self.train_data, self.val_data)]
