@@ -113,6 +113,14 @@ class Server:
     def text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
+    def wait_in_flight(self, count: int) -> None:
+        """Until ``count`` requests are in flight (/health says so): a fixed wait would be too
+        short where the server process got no core meanwhile."""
+        deadline = time.monotonic() + 60
+        while self.json("GET", "/health")[1]["requests_in_flight"] < count:
+            assert time.monotonic() < deadline, f"{count} request(s) were never in flight"
+            time.sleep(0.05)
+
 
 def multipart(files: list[tuple[str, bytes]], field: str = "file") -> tuple[bytes, str]:
     """A multipart/form-data body with each file as a field named ``field``."""
@@ -435,12 +443,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server, images, e
     with stalled, socket.create_connection((server.host, server.port), timeout=120) as client:
         stalled.sendall(head)  # and nothing more
         client.sendall(head + body[: len(body) // 2])
-        deadline = time.monotonic() + 60
-        # Both requests in flight (the server has begun answering each) before the signal; a
-        # fixed wait would be too short where the server process got no core meanwhile.
-        while server.json("GET", "/health")[1]["requests_in_flight"] < 2:
-            assert time.monotonic() < deadline, "the two requests were never in flight"
-            time.sleep(0.05)
+        server.wait_in_flight(2)  # both requests (the server has begun answering each) before the signal
         stopped = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -487,10 +490,7 @@ def test_a_request_still_decoding_after_the_grace_does_not_keep_the_server_alive
         sender = threading.Thread(target=lambda: answers.append(
             server.request("POST", "/predict", body, {"Content-Type": content_type})))
         sender.start()
-        deadline = time.monotonic() + 60
-        while server.json("GET", "/health")[1]["requests_in_flight"] < 1:
-            assert time.monotonic() < deadline, "the request was never in flight"
-            time.sleep(0.05)
+        server.wait_in_flight(1)
         time.sleep(1)  # its decoding has begun
         stopped = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -591,11 +591,9 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(shapes_run, tmp_path):
         with socket.create_connection((server.host, server.port), timeout=60) as stalled:
             stalled.sendall(f"POST /predict HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: multipart/form-data; "
                             "boundary=x\r\nContent-Length: 1000\r\n\r\n--x".encode())  # and nothing more
-            deadline = time.monotonic() + 60
-            while server.json("GET", "/health")[1]["requests_in_flight"] < 1:
-                assert time.monotonic() < deadline, "the request was never in flight"
-                time.sleep(0.05)
+            server.wait_in_flight(1)
             stopped = time.monotonic()
+            deadline = stopped + 60
             server.process.send_signal(signal.SIGINT)
             while "Waiting for connections to close" not in server.text():
                 assert time.monotonic() < deadline, server.text()[-2000:]
