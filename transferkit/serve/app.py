@@ -30,6 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from transferkit.errors import TransferkitError, first_line
@@ -258,9 +259,10 @@ class RequestGuard:
                 self.service.in_flight -= 1
 
     async def _guarded(self, scope, receive, send):
-        declared = content_length(scope)
+        headers = Headers(scope=scope)
+        declared = content_length(headers)
         if declared is not None and declared > self.max_body:
-            if not header(scope, b"expect").lower().startswith("100-continue"):
+            if not headers.get("expect", "").lower().startswith("100-continue"):
                 await drain(receive, DRAIN_LIMIT)
             # (a client that waits for "100 Continue" before sending, as curl does for large
             # bodies, is answered before it has sent any of it). The connection is closed after
@@ -331,18 +333,10 @@ def require_known_query(request: Request, known: tuple[str, ...]) -> None:
                                  f"{', '.join(known)} (see /docs)")
 
 
-def header(scope, name: bytes) -> str:
-    """A request header's value ("" without it)."""
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return ""
-
-
-def content_length(scope) -> int | None:
+def content_length(headers: Headers) -> int | None:
     """The request's Content-Length header, or None."""
     try:
-        return int(header(scope, b"content-length"))
+        return int(headers.get("content-length", ""))
     except ValueError:
         return None
 

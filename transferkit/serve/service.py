@@ -309,15 +309,16 @@ def load_service(settings: ServeSettings, snapshot: str | os.PathLike | None = N
     if snapshot is None:
         run = load_run(settings.run)
     else:
-        if not Path(snapshot).exists():
+        copy = Path(snapshot)
+        if not copy.exists():
             raise ServeError(f"the copy of {settings.run} that this server's workers load ({snapshot}) was removed; "
                              "start transferkit serve again")
-        original = Path(settings.run).parent if Path(snapshot).is_file() else Path(settings.run)
+        # the snapshot's folder and the run's: the model file's, where the run was given by it
+        folder, original = (copy.parent, Path(settings.run).parent) if copy.is_file() else (copy, Path(settings.run))
         try:
-            run = load_run(snapshot)
+            run = load_run(copy)
         except RunError as error:  # told of the run, not of the snapshot nobody knows about
-            raise RunError(str(error).replace(str(Path(snapshot).parent if Path(snapshot).is_file() else snapshot),
-                                              str(original))) from error
+            raise RunError(str(error).replace(str(folder), str(original))) from error
     try:  # the engine computes the rejection score too, so that ?reject=true costs no second pass
         rejection = load_rejection(run)
     except RunError:
