@@ -284,6 +284,9 @@ BAD_UPLOADS = {
     "sets out of range": ([("ok.jpg", None)], "?sets=1.5", 400, "sets"),
     # predict's --tta is not served: asking is told, not answered without it
     "an unknown option": ([("ok.jpg", None)], "?tta=true", 400, "unknown query parameter(s) tta on /predict"),
+    # FastAPI would answer with the last of the two
+    "an option twice": ([("ok.jpg", None)], "?top_k=1&reject=true&top_k=3", 400,
+                        "query parameter(s) top_k given more than once on /predict; give each once"),
 }
 
 

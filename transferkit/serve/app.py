@@ -322,15 +322,20 @@ def lifespan_send(send, cut_short: list[bool]):
 
 def require_known_query(request: Request, known: tuple[str, ...]) -> None:
     """Refuse a query parameter the endpoint does not take (``?tta=true`` would otherwise be
-    dropped without a word, and the answer taken for what it asked).
+    dropped without a word, and the answer taken for what it asked), and one given twice
+    (``?top_k=1&top_k=5``: FastAPI would take the last without a word).
 
     Raises:
-        HTTPException: 400 naming it and the parameters taken.
+        HTTPException: 400 naming it and the parameters taken, or the one repeated.
     """
     unknown = sorted(set(request.query_params) - set(known))
     if unknown:
         raise HTTPException(400, f"unknown query parameter(s) {', '.join(unknown)} on {request.url.path}; it takes "
                                  f"{', '.join(known)} (see /docs)")
+    repeated = sorted(name for name in set(request.query_params) if len(request.query_params.getlist(name)) > 1)
+    if repeated:
+        raise HTTPException(400, f"query parameter(s) {', '.join(repeated)} given more than once on "
+                                 f"{request.url.path}; give each once")
 
 
 def content_length(headers: Headers) -> int | None:
