@@ -584,6 +584,48 @@ def test_worker_processes_started_after_the_run_was_replaced_answer_with_the_mod
     assert "Traceback" not in server.text(), server.text()[-3000:]
 
 
+def test_a_worker_that_stops_answering_is_replaced_and_does_not_hold_a_stop(shapes_run, tmp_path):
+    """``--workers 2 --worker-timeout 2 --grace 1``: a worker that answers no ping (here
+    stopped with SIGSTOP, as a hung one) is killed and another started in its place; SIGTERM,
+    sent while a worker hangs, stops the server in seconds, the hung worker killed once the
+    grace and the timeout have passed. Before, uvicorn's supervisor waited 300 s on a hung
+    worker before it handled SIGTERM or Ctrl-C, then for ever for the worker to end."""
+    log = tmp_path / "server.log"
+    server = serving(start_server(shapes_run.path, log, "--workers", "2", "--worker-timeout", "2", "--grace", "1"), log)
+    supervisor = server.process.pid
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := worker_processes(supervisor)) < 2:
+            assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
+            time.sleep(0.1)
+        hung = min(workers)
+        os.kill(hung, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while hung in (now := worker_processes(supervisor)) or len(now) < 2:
+            assert time.monotonic() < stopped + 60, f"worker {hung} never replaced:\n{server.text()[-3000:]}"
+            time.sleep(0.1)
+        replaced_after = time.monotonic() - stopped
+        workers |= now
+        still_hung = min(now)
+        os.kill(still_hung, signal.SIGSTOP)
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0, server.text()[-3000:]
+        stopped_after = time.monotonic() - stopping
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+        for pid in workers:  # a supervisor killed leaves its workers running
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert replaced_after < 20 and stopped_after < 20, (replaced_after, stopped_after)
+    assert not Path(f"/proc/{hung}").exists() and not Path(f"/proc/{still_hung}").exists()
+    assert f"worker process {still_hung} killed: still running 3 s after the stop" in server.text()
+    assert "Traceback" not in server.text(), server.text()[-3000:]
+
+
 def test_a_second_ctrl_c_stops_at_once_in_one_line(shapes_run, tmp_path):
     """Ctrl-C, then Ctrl-C again while a request is in flight: the server exits 0 at once,
     without waiting for the grace, with one line saying so (it was Starlette's

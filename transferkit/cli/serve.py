@@ -36,6 +36,9 @@ def serve(
     grace: Annotated[float, typer.Option(
             help="Seconds the requests in flight may take to finish after SIGTERM or Ctrl-C; those still "
                  "running then get a 503.")] = 60.0,
+    worker_timeout: Annotated[float, typer.Option(
+            help="With --workers above 1: seconds a worker may leave the supervisor's ping unanswered before "
+                 "it is killed and replaced (a hung worker also delays a stop by up to this).")] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per request; warnings only.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -55,6 +58,8 @@ def serve(
         raise usage_error(f"--max-upload-mb must be a size above 0 in MB, got {max_upload_mb:g}")
     if not 0 <= grace < math.inf:
         raise usage_error(f"--grace must be 0 or more seconds, got {grace:g}")
+    if not 0 < worker_timeout < math.inf:
+        raise usage_error(f"--worker-timeout must be above 0 seconds, got {worker_timeout:g}")
     check_installed()
     if not quiet:
         typer.echo(f"loading {run} ...")
@@ -69,6 +74,6 @@ def serve(
     settings = ServeSettings(run=str(run), engine=engine, precision=precision, max_batch=max_batch,
                              max_upload_mb=max_upload_mb)
     result = run_server(settings, host=host, port=port, workers=workers, access_log=not quiet, announce=announce,
-                        grace=grace)
+                        grace=grace, worker_timeout=worker_timeout)
     answered = f"; {result.images_answered} image(s) answered" if result.images_answered is not None else ""
     typer.echo(f"stopped{f' by {result.stopped_by}' if result.stopped_by else ''}{answered}")

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +27,11 @@ log = logging.getLogger("transferkit")
 
 # How long requests in flight may take to finish after SIGTERM / Ctrl-C.
 SHUTDOWN_GRACE_S = 60
-# How long a worker process may stay silent (loading the run) before uvicorn restarts it.
-WORKER_START_S = 300
+# How long uvicorn's supervisor waits for a worker process to answer its ping before it kills
+# the worker and starts another (gunicorn's --timeout default). A worker answers from a thread
+# of its own, loading included: within a second here on a busy 2-core machine. The supervisor
+# handles SIGTERM / Ctrl-C only between pings, so a hung worker delays a stop by up to this.
+WORKER_TIMEOUT_S = 30.0
 
 INSTALL = "pip install 'transferkit[serve]'"
 
@@ -90,7 +94,7 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           access_log: bool = True, announce: Callable[[str, object], None] | None = None,
-          grace: float = SHUTDOWN_GRACE_S) -> ServeResult:
+          grace: float = SHUTDOWN_GRACE_S, worker_timeout: float = WORKER_TIMEOUT_S) -> ServeResult:
     """Serve a run until SIGTERM or Ctrl-C.
 
     Args:
@@ -104,6 +108,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
             and the run is loaded, before requests are answered; default None.
         grace: seconds the requests in flight may take to finish once SIGTERM or Ctrl-C
             came (those still running then are answered 503); default ``SHUTDOWN_GRACE_S``.
+        worker_timeout: with ``workers`` above 1, seconds a worker may leave the supervisor's
+            ping unanswered before it is killed and replaced; default ``WORKER_TIMEOUT_S``.
 
     Returns:
         A ``ServeResult``.
@@ -122,6 +128,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         raise ServeError(f"--workers must be at least 1, got {workers}")
     if not 0 <= grace < float("inf"):
         raise ServeError(f"--grace must be 0 or more seconds, got {grace:g}")
+    if not 0 < worker_timeout < float("inf"):
+        raise ServeError(f"--worker-timeout must be above 0 seconds, got {worker_timeout:g}")
     sock = bind(host, port)
     # Worker processes load a snapshot of the run, not the run: one that uvicorn starts again
     # (after a crash) loads the model the others answer with, even if the run was replaced
@@ -144,24 +152,41 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
             stopped_by = run_until_signal(lambda: server.run(sockets=[sock]), server)
             return ServeResult(url, stopped_by, service.answered)
         del service
-        from uvicorn.supervisors import Multiprocess
-
         os.environ["TRANSFERKIT_SERVE"] = settings.to_json()
         os.environ[SNAPSHOT_VARIABLE] = str(snapshot)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
-            # A worker answers the supervisor's pings only between the steps of loading the run,
-            # which on a busy machine can take longer than uvicorn's 5 s: it would be restarted.
-            common["timeout_worker_healthcheck"] = WORKER_START_S
+            common["timeout_worker_healthcheck"] = worker_timeout
         config = uvicorn.Config("transferkit.serve.app:app_from_environment", factory=True, workers=workers,
                                 **common)
         # The supervisor turns SIGTERM / SIGINT into a graceful stop of every worker, then returns.
-        Multiprocess(config, sockets=[sock]).run()
+        supervise(config, sock, stop_wait=grace + worker_timeout)
         return ServeResult(url, None, None)
     finally:
         sock.close()
         if snapshots is not None:
             shutil.rmtree(snapshots, ignore_errors=True)
+
+
+def supervise(config, sock: socket.socket, stop_wait: float) -> None:
+    """Run uvicorn's supervisor of worker processes until SIGTERM or SIGINT, as uvicorn does,
+    except in how it waits for its workers to end after passing the signal on: a worker still
+    running ``stop_wait`` seconds later is hung (uvicorn would wait for it for ever) and is
+    killed. (A Ctrl-C in a terminal reaches the workers too: a second one stops each at once.)"""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def join_all(self) -> None:
+            deadline = time.monotonic() + stop_wait
+            for process in self.processes:
+                while process.exitcode is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if process.exitcode is None:
+                    log.warning(f"worker process {process.pid} killed: still running {stop_wait:g} s after the stop")
+                    process.kill()
+                process.join()
+
+    Supervisor(config, sockets=[sock]).run()
 
 
 def run_until_signal(run: Callable[[], None], server) -> str | None:
