@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 import zlib
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from io import BytesIO
 from pathlib import Path
 
@@ -529,6 +530,28 @@ def environment(pid: int) -> dict[str, str]:
     return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
 
 
+@contextmanager
+def two_workers(server: Server) -> Iterator[set[int]]:
+    """The worker processes of a ``--workers 2`` server once both are running: a set the test
+    adds the workers it sees later to. At the end the server, if still running, and every
+    worker in the set are killed (a supervisor killed leaves its workers running)."""
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(found := worker_processes(server.process.pid)) < 2:
+            assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
+            time.sleep(0.1)
+        workers |= found
+        yield workers
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+        for pid in workers:
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_worker_processes_started_after_the_run_was_replaced_answer_with_the_model_served(
         shapes_run, binary_run, images, expected, tmp_path):
     """``--workers 2``: the run is replaced by another (here a two-class run) as soon as the
@@ -545,12 +568,7 @@ def test_worker_processes_started_after_the_run_was_replaced_answer_with_the_mod
     shutil.rmtree(run)  # finetune --force put another run there
     shutil.copytree(binary_run.path, run)
     files = [(path.name, path.read_bytes()) for path in sorted(images.iterdir())]
-    workers: set[int] = set()
-    try:
-        deadline = time.monotonic() + 60
-        while len(workers := worker_processes(server.process.pid)) < 2:
-            assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
-            time.sleep(0.1)
+    with two_workers(server) as workers:
         seen: set[int] = set()
         deadline = time.monotonic() + 240
         while seen != workers:
@@ -573,13 +591,6 @@ def test_worker_processes_started_after_the_run_was_replaced_answer_with_the_mod
                 os.kill(other, signal.SIGCONT)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=120) == 0
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
-        for pid in workers:  # a supervisor killed leaves its workers running
-            with suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
     assert not snapshot.exists()
     assert "Traceback" not in server.text(), server.text()[-3000:]
 
@@ -593,12 +604,7 @@ def test_a_worker_that_stops_answering_is_replaced_and_does_not_hold_a_stop(shap
     log = tmp_path / "server.log"
     server = serving(start_server(shapes_run.path, log, "--workers", "2", "--worker-timeout", "2", "--grace", "1"), log)
     supervisor = server.process.pid
-    workers: set[int] = set()
-    try:
-        deadline = time.monotonic() + 60
-        while len(workers := worker_processes(supervisor)) < 2:
-            assert time.monotonic() < deadline, f"no two workers started:\n{server.text()[-3000:]}"
-            time.sleep(0.1)
+    with two_workers(server) as workers:
         hung = min(workers)
         os.kill(hung, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -613,13 +619,6 @@ def test_a_worker_that_stops_answering_is_replaced_and_does_not_hold_a_stop(shap
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) == 0, server.text()[-3000:]
         stopped_after = time.monotonic() - stopping
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
-        for pid in workers:  # a supervisor killed leaves its workers running
-            with suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
     assert replaced_after < 20 and stopped_after < 20, (replaced_after, stopped_after)
     assert not Path(f"/proc/{hung}").exists() and not Path(f"/proc/{still_hung}").exists()
     assert f"worker process {still_hung} killed: still running 3 s after the stop" in server.text()
