@@ -413,3 +413,10 @@ def cache_root() -> Path:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "transferkit")
     return Path(root)
+
+
+def named_folder(path: str | os.PathLike) -> Path:
+    """The path, made absolute when it ends in "." or ".." (those name no folder that a
+    temporary one could be written beside and renamed to)."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path

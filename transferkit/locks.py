@@ -32,7 +32,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from transferkit.errors import RunError
-from transferkit.files import fault_point, flush_tree, pid_alive, remove_leftovers, replace_folder, write_atomic
+from transferkit.files import (
+    fault_point,
+    flush_tree,
+    named_folder,
+    pid_alive,
+    remove_leftovers,
+    replace_folder,
+    write_atomic,
+)
 
 log = logging.getLogger("transferkit")
 
@@ -52,9 +60,7 @@ def work_dir_for(output: str | os.PathLike) -> Path:
     """The in-progress folder of X: ``X.partial`` beside it, which holds X's lock while X is
     being written (and, for a run, its checkpoints). X may end in "." or ".." (``-o .``):
     it is made absolute first, so that the folder is named for the folder X names."""
-    output = Path(output)
-    if output.name in ("", ".", ".."):
-        output = Path(os.path.abspath(output))
+    output = named_folder(output)
     return output.parent / f"{output.name}.partial"
 
 

@@ -47,6 +47,7 @@ from transferkit.errors import RunError, first_line
 from transferkit.files import (
     fault_point,
     flush_tree,
+    named_folder,
     put_back_replaced,
     remove_leftovers,
     replace_folder,
@@ -158,13 +159,6 @@ def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Pat
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(data_dir).resolve().name or "data"
     return Path(runs_root) / f"{name}-{stamp}"
-
-
-def named_folder(path: str | os.PathLike) -> Path:
-    """The path, made absolute when it ends in "." or ".." (those name no folder that a
-    temporary one could be written beside and renamed to)."""
-    path = Path(path)
-    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
 
 
 def is_run_folder(folder: str | os.PathLike) -> bool:

@@ -28,7 +28,7 @@ from transferkit.data.prepare import PreparedData, prepare_data
 from transferkit.errors import RecipeError, RunError, TrainingInterrupted
 from transferkit.evaluation import summary, tta
 from transferkit.evaluation.calibration import calibrate as fit_calibration
-from transferkit.files import fault_point
+from transferkit.files import fault_point, named_folder
 from transferkit.model.build import build_model, log_setup
 from transferkit.recipe import Recipe, load_recipe
 from transferkit.run_folder import TrainedRun, write_run_contents
@@ -107,7 +107,7 @@ def finetune(
         require_mlflow(recipe.mlflow)
         if output is None and distribution.processes > 1:
             raise RunError("--strategy data-parallel: give -o RUN, the same run folder in every process")
-        output = runs.named_folder(output) if output is not None else runs.default_run_dir(data_dir)
+        output = named_folder(output) if output is not None else runs.default_run_dir(data_dir)
         if distribution.process > 0:  # process 0 checks and writes the run
             return follow(data_dir, val_dir, recipe, output, None, _train_beside)
         runs.require_run_name(output)
@@ -153,7 +153,7 @@ def train_prepared(prepared: PreparedData, recipe: Recipe, output: str | os.Path
     if output is None:
         return _train(prepared, recipe, None, verbose, extras)
     require_mlflow(recipe.mlflow)
-    output = runs.named_folder(output)
+    output = named_folder(output)
     runs.require_run_name(output)
     remove_if_finished(output)
     runs.check_writable(output, force, data_folders=(prepared.data_dir, prepared.val_dir), new_run=True)

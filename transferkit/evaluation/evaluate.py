@@ -479,7 +479,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike | None
         RunError: the folder exists without ``force``, is not an evaluation folder, or
             cannot be written.
     """
-    from transferkit.runs import named_folder
+    from transferkit.files import named_folder
 
     out_dir = named_folder(out_dir) if out_dir is not None else default_output(result)
     check = lambda: check_output_folder(out_dir, force, result.folder, result.run_path)

@@ -210,8 +210,8 @@ def audit(
         WeightsError: the backbone's weights cannot be loaded.
     """
     from transferkit.data.prepare import decode_folder
+    from transferkit.files import named_folder
     from transferkit.recipe import load_recipe
-    from transferkit.runs import named_folder
 
     recipe = load_recipe(recipe, overrides)  # a Recipe too: the overrides go over it
     if folds < 2:
