@@ -349,12 +349,13 @@ def test_augment_preview_count_below_one_is_a_usage_error(count, shapes_dir, tmp
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_doctor_json_reports_an_error_as_json(tmp_path):
-    result = invoke("doctor", "--json", tmp_path / "missing")
+@pytest.mark.parametrize("command", ["doctor", "lr-find"])
+def test_a_json_command_reports_an_error_as_json(command, tmp_path):
+    result = invoke(command, "--json", tmp_path / "missing")
     assert result.exit_code == 1
     payload = json.loads(result.stdout)
     assert list(payload) == ["error"] and "does not exist" in payload["error"]
-    plain = invoke("doctor", tmp_path / "missing")
+    plain = invoke(command, tmp_path / "missing")
     assert plain.exit_code == 1 and plain.output.startswith("error: ") and "does not exist" in plain.output
 
 

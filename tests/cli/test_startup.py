@@ -52,6 +52,12 @@ REPORTS_TENSORFLOW = "import atexit, sys; atexit.register(lambda: print('tensorf
     (["finetune", "{data}", "--val-dir", "{data}"], 1, "is the data folder itself"),
     (["finetune", "{data}", "-o", "{tmp}/existing"], 1, "run folder {tmp}/existing exists already"),
     (["export", "{tmp}/run", "--format", "onnx", "-o", "{tmp}/existing"], 1, "{tmp}/existing exists already"),
+    (["benchmark", "{tmp}/no-run"], 1, "no-run does not exist"),
+    (["finetune", "--resume", "{tmp}/no-run"], 1, "nothing to resume: no interrupted run at {tmp}/no-run.partial"),
+    (["tune", "{data}", "--set", "bogus.key=1"], 2, "unknown key 'bogus'"),
+    (["doctor", "{data}", "--model", "--set", "bogus.key=1"], 2, "unknown key 'bogus'"),
+    (["lr-find", "{tmp}/one-class"], 1, "has only one class folder (a)"),
+    (["finetune", "{tmp}/one-class", "--val-dir", "{data}"], 1, "has only one class folder (a)"),
 ])
 def test_a_mistake_found_before_keras_is_needed_is_told_without_loading_tensorflow(args, code, fragment, shapes_dir,
                                                                                  tmp_path):
@@ -60,6 +66,8 @@ def test_a_mistake_found_before_keras_is_needed_is_told_without_loading_tensorfl
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "notes.txt").write_text("keep me")
+    (tmp_path / "one-class" / "a").mkdir(parents=True)
+    (tmp_path / "one-class" / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     (tmp_path / "run").mkdir()  # a run's record (its model is loaded only once the output is known good)
     (tmp_path / "run" / "model.keras").write_bytes(b"")
     (tmp_path / "run" / "labels.json").write_text('{"class_names": ["a", "b"], "image_size": 32, "backbone": "vgg16", '
@@ -107,3 +115,19 @@ def test_on_jax_a_mistake_is_told_without_loading_keras_or_jax(shapes_dir, tmp_p
     lines = done.stderr.splitlines()
     assert len(lines) == 2 and "no-run does not exist" in lines[0], done.stderr
     assert lines[1] == "[]"
+
+
+def test_a_bad_flag_beside_json_is_answered_in_json_on_stdout(shapes_dir):
+    """As the command's other errors with --json (doctor, lr-find); without --json, or on a
+    command that has none, the one line on stderr."""
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "transferkit", "lr-find", str(shapes_dir), "--json", "--bogus"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not done.stderr, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error.startswith("No such option: --bogus") and error.endswith("lr-find --help)")
+    done = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(shapes_dir), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not done.stdout
+    assert done.stderr.startswith("error: No such option: --json") and len(done.stderr.splitlines()) == 1

@@ -17,6 +17,7 @@ command that uses it, so that ``--help`` answers within 1 s and ``backbones`` wi
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 from typing import Annotated, Optional
@@ -114,6 +115,7 @@ COMMANDS = tuple((name, _tensorflow_first(command) if loads else command, loads)
 for name, command, _ in COMMANDS:
     app.command(name)(command)
 
+COMMAND_FUNCTIONS = {name: command for name, command, _ in COMMANDS}
 TENSORFLOW_COMMANDS = frozenset(name for name, _, loads in COMMANDS if loads is True)
 TENSORFLOW_FLAGS = {name: loads for name, _, loads in COMMANDS if isinstance(loads, str)}
 
@@ -149,7 +151,11 @@ def main() -> None:
             sys.exit(error.exit_code)
         # A bad flag or argument: one line, like every other user error, and where to look.
         command = error.ctx.command_path if error.ctx is not None else "transferkit"
-        sys.stderr.write(f"error: {error.format_message()} (see {command} --help)\n")
+        message = f"{error.format_message()} (see {command} --help)"
+        if "--json" in sys.argv[2:] and getattr(COMMAND_FUNCTIONS.get(sys.argv[1]), "json_flag", None):
+            sys.stdout.write(json.dumps({"error": message}, ensure_ascii=False) + "\n")  # as its other errors
+        else:
+            sys.stderr.write(f"error: {message}\n")
         sys.exit(error.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         # Ctrl-C outside training (starting up, reading images): nothing was written yet

@@ -70,7 +70,7 @@ def audit(
     if folds < 2:
         raise usage_error(f"--folds must be at least 2, got {folds}")
     resolved = load_recipe(recipe, recipe_overrides(ctx))
-    check_folders(data_dir)
+    check_folders(data_dir, classes=True)
     from transferkit.trust.audit import audit as run_audit
 
     result = run_audit(data_dir, resolved, output=output, force=force, folds=folds, verbose=0 if quiet else 1)

@@ -223,6 +223,7 @@ def reports_errors(command: Callable | None = None, *, json_flag: str | None = N
                 sys.stdout = stdout
 
         run.reports_errors = True
+        run.json_flag = json_flag  # main answers a bad flag with --json in JSON too
         return run
 
     return decorate if command is None else decorate(command)
@@ -270,10 +271,14 @@ def check_suffix(flag: str, path: Path | None, suffixes: Sequence[str]) -> None:
         raise usage_error(f"{flag} {path}: use a {' or '.join(suffixes)} file name")
 
 
-def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str = "data folder") -> None:
+def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str = "data folder", *,
+                  classes: bool = False) -> None:
     """A missing or mistyped data (and validation) folder, or a validation folder that is the
-    data folder, told in one line before Keras loads (seconds) instead of after."""
-    from transferkit.data.folders import require_folder, require_other_folder
+    data folder, told in one line before Keras loads (seconds) instead of after; with
+    ``classes``, class folders that training cannot take too (none, one, an empty one, other
+    classes in the validation folder: ``data.folders.index_folders``, which lists files and
+    opens none)."""
+    from transferkit.data.folders import index_folders, require_folder, require_other_folder
 
     if data_dir is not None:
         require_folder(data_dir, what)
@@ -281,6 +286,8 @@ def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str 
         require_folder(val_dir, "validation folder")
         if data_dir is not None:
             require_other_folder(data_dir, val_dir)
+    if classes and data_dir is not None:
+        index_folders(data_dir, val_dir)
 
 
 def check_positive(flag: str, value: int | None) -> None:

@@ -65,10 +65,10 @@ def doctor(
 
     setup_logging(quiet=json_output)
     overrides = recipe_overrides(ctx)
-    check_folders(data_dir, val_dir)
+    check_folders(data_dir, val_dir, classes=model)
+    resolved = load_recipe(recipe, overrides)  # a bad recipe is told before --model loads Keras
     if model:
         _check_learning(data_dir, recipe, overrides, stage=stage, val_dir=val_dir, json_output=json_output)
-    resolved = load_recipe(recipe, overrides)
     report = check_data(data_dir, image_size=resolved.image_size, val_split=resolved.data.val_split,
                         seed=resolved.seed, val_dir=val_dir, group_by=resolved.data.group_by)
     typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json_output else report.format_text())

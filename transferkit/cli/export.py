@@ -90,8 +90,9 @@ def benchmark(
     entries = [entry.strip() for entry in formats.split(",") if entry.strip()] if formats is not None else None
     if entries == []:  # "--formats ," or "--formats ''": nothing named, not every format
         raise usage_error("--formats names no format; give e.g. keras,onnx, or leave it out for every installed one")
-    with usage_errors():  # an unknown name, or a quantization its format lacks
-        parse_formats(entries)
+    if entries is not None:
+        with usage_errors():  # an unknown name, or a quantization its format lacks (the default imports each runtime)
+            parse_formats(entries)
     check_suffix("--output", output, BENCHMARK_SUFFIXES)
     result = benchmark_run(run, entries, batch_size, data=data, seconds=seconds, output=output, force=force)
     typer.echo(result.table())

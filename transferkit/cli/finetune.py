@@ -102,6 +102,9 @@ def finetune(
             raise usage_error(f"--resume continues the run with its own settings; drop {', '.join(given)} "
                               "(or start a new run without --resume)")
         check_folders(data_dir, val_dir)
+        from transferkit.training.checkpoint import require_resumable
+
+        require_resumable(resume)  # told before Keras loads
         from transferkit import workflow
 
         run = workflow.resume_finetune(resume, verbose=0 if quiet else 1, data_dir=data_dir, val_dir=val_dir,
@@ -115,7 +118,7 @@ def finetune(
                           "pass one of them")
     resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
     resolved.require_training()
-    check_folders(data_dir, val_dir)
+    check_folders(data_dir, val_dir, classes=True)
     from transferkit.backbones import find_spec
     from transferkit.model.transfer import check_fits, source_run
 

@@ -30,7 +30,7 @@ from transferkit.cli.common import (
 )
 
 
-@reports_errors
+@reports_errors(json_flag="json_output")
 def lr_find(
     ctx: typer.Context,
     data_dir: DataDirArgument,
@@ -62,7 +62,10 @@ def lr_find(
     """
     setup_logging(quiet or json_output, verbose)
     check_suffix("--output", output, (".png",))
-    check_folders(data_dir, val_dir)
+    check_folders(data_dir, val_dir, classes=True)
+    from transferkit.recipe import load_recipe
+
+    load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
     from transferkit.tuning.lr_find import find_learning_rate
 
     result = find_learning_rate(data_dir, recipe, recipe_overrides(ctx), stage, val_dir=val_dir, min_lr=min_lr,

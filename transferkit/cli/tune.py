@@ -98,7 +98,10 @@ def tune(
         raise usage_error(f"--study-trials must be 1 or more, got {study_trials}")
     if timeout is not None and not 0 < timeout < math.inf:  # nan fails both comparisons
         raise usage_error(f"--timeout must be a number of seconds above 0, got {timeout:g}")
-    check_folders(data_dir, val_dir)
+    check_folders(data_dir, val_dir, classes=True)
+    from transferkit.recipe import load_recipe
+
+    load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
     from transferkit.tuning.search import tune as run_search
 
     summary = run_search(data_dir, recipe, recipe_overrides(ctx), trials=trials, timeout=timeout, storage=storage,

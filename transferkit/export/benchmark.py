@@ -129,6 +129,8 @@ def benchmark_run(run, formats=None, batch_size: int = 32, *, data: str | os.Pat
 
     if batch_size < 1:
         raise ExportError(f"batch size must be at least 1, got {batch_size}")
+    if not isinstance(run, Run):  # no run there: told before Keras and every runtime are imported (seconds)
+        load_run(run, with_model=False)
     require_tensorflow_backend()
     entries = parse_formats(formats)
     run = run if isinstance(run, Run) and run.model is not None else load_run(getattr(run, "path", run))

@@ -520,6 +520,19 @@ class WorkFolder:
                 break  # not empty: the finished run is in it, or something else is
 
 
+def require_resumable(run: str | os.PathLike) -> None:
+    """Fail where ``--resume RUN`` has nothing to resume (no in-progress folder with its job
+    description), as ``WorkFolder.open`` would, but before anything heavy is imported.
+
+    Raises:
+        RunError: saying so, and what RUN is (a finished run, or nothing).
+    """
+    run = Path(run)
+    path = run if run.name.endswith(".partial") else work_dir_for(run)
+    if not (path / JOB_FILE).is_file():
+        raise _nothing_to_resume(path)
+
+
 def _nothing_to_resume(path: Path) -> RunError:
     finished = output_for(path)
     hint = f"{finished} is a finished run" if (finished / "model.keras").is_file() else f"no interrupted run at {path}"
