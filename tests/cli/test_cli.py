@@ -229,6 +229,27 @@ def test_augment_preview_writes_png(shapes_dir, tmp_path):
         assert image.format == "PNG"
 
 
+def test_augment_preview_takes_the_recipe_keys_with_set(shapes_dir, tmp_path):
+    """With every strength 0 (--set), each augmented tile is the original: the grid shows the
+    augmentation the --set values make, not the recipe's."""
+    def grid(name, *flags):
+        result = invoke("augment-preview", shapes_dir, "-o", tmp_path / name, "--count", "2", "--views", "2", *flags)
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / name) as image:
+            return np.asarray(image.convert("RGB"))
+
+    tile, pad, header = 128, 4, 18
+    off = grid("off.png", *(arg for key in ("shift", "contrast", "rotation") for arg in ("--set", f"augment.{key}=0")),
+               "--set", "augment.hflip=false")
+    shown = grid("default.png")
+    for row in range(2):
+        top = header + pad + row * (tile + pad)
+        tiles = [array[top:top + tile, pad + column * (tile + pad):(column + 1) * (tile + pad)]
+                 for array in (off, shown) for column in range(3)]
+        assert all(np.array_equal(tiles[0], other) for other in tiles[1:3])  # all off: the original thrice
+        assert np.array_equal(tiles[0], tiles[3]) and not np.array_equal(tiles[3], tiles[4])
+
+
 def test_version_and_help_on_every_option():
     assert invoke("--version").output.strip() == f"transferkit {__version__}"
     for command in ("finetune", "predict", "augment-preview", "backbones"):

@@ -13,9 +13,11 @@ from transferkit.cli.common import (
     ImageSizeOption,
     RecipeOption,
     SeedOption,
+    SetOption,
     check_folders,
     check_positive,
     check_suffix,
+    recipe_overrides,
     reports_errors,
     setup_logging,
 )
@@ -23,6 +25,7 @@ from transferkit.cli.common import (
 
 @reports_errors
 def augment_preview(
+    ctx: typer.Context,
     data_dir: DataDirArgument,
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("augment-preview.png"),
     recipe: RecipeOption = None,
@@ -30,9 +33,13 @@ def augment_preview(
     count: Annotated[int, typer.Option(help="How many images (rows).")] = 6,
     views: Annotated[int, typer.Option(help="Augmented versions per image (columns after the original).")] = 5,
     seed: SeedOption = None,
+    set_values: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the PNG file if it exists.")] = False,
 ) -> None:
-    """Write a PNG grid of original images beside augmented versions."""
+    """Write a PNG grid of original images beside augmented versions.
+
+    The recipe's augment section draws them: try strengths with --set, e.g. --set augment.rotation=30.
+    """
     from transferkit.data.augment import write_preview
     from transferkit.recipe import load_recipe
 
@@ -41,7 +48,7 @@ def augment_preview(
     check_positive("--views", views)
     check_suffix("--output", output, (".png",))
     check_folders(data_dir)
-    resolved = load_recipe(recipe, {"image_size": image_size, "seed": seed})
+    resolved = load_recipe(recipe, recipe_overrides(ctx))
     path = write_preview(data_dir, output, resolved.augment, image_size=resolved.image_size, count=count,
                          views=views, seed=resolved.seed, force=force)
     typer.echo(f"wrote {path}")
