@@ -88,9 +88,17 @@ def test_weights_of_another_backbone_are_refused_in_one_error_without_kerass_war
     mobilenet.save_weights(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(WeightsError, match="does not fit the vgg16 backbone"):
+        with pytest.raises(WeightsError, match=r"does not fit the vgg16 backbone \(Layer 'block1_conv1' expected 2 "
+                           r"variables, but received 1 .*; 13 objects could not be loaded\); pass the Keras notop"):
             load_backbone("vgg16", weights=path, input_shape=(32, 32, 3))
     assert [str(warning.message) for warning in caught if "Skipping" in str(warning.message)] == []
+    # ResNet50's (Keras 3's format): the first layer whose shapes differ, named with both shapes
+    resnet = load_backbone("resnet50", weights="none", input_shape=(32, 32, 3))
+    path = tmp_path / "resnet50.weights.h5"
+    resnet.save_weights(path)
+    with pytest.raises(WeightsError, match=r"does not fit the vgg16 backbone \(block1_conv1/kernel is \(3, 3, 3, 64\) "
+                       r"here, \(7, 7, 3, 64\) in the file; 13 objects could not be loaded\); pass"):
+        load_backbone("vgg16", weights=path, input_shape=(32, 32, 3))
 
 
 def test_corrupt_and_missing_weights_files(tmp_path):

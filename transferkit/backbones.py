@@ -26,6 +26,7 @@ import functools
 import logging
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -618,7 +619,7 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
             backbone.load_weights(str(path))
         except Exception as error:
             raise WeightsError(
-                f"weights file {path} does not fit the {spec.name} backbone ({first_line(error)}); "
+                f"weights file {path} does not fit the {spec.name} backbone ({_misfit(error)}); "
                 f"pass {_fitting_weights(spec)}"
             ) from error
     skipped = [str(warning.message) for warning in caught if "Skipping" in str(warning.message)]
@@ -629,6 +630,25 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
         )
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _misfit(error: BaseException) -> str:
+    """What of a weights file did not fit, from Keras's error, whose first line ends in a colon
+    before the example that says it (with the variable's values quoted): the first variable
+    whose shape differs, or the example's first line, and how many objects failed; else the
+    message's first line."""
+    text = str(error)
+    total = re.match(r"A total of (\d+) objects could not be loaded", text)
+    variable = re.search(r"Target variable: <Variable path=([^,\s]+), shape=(\([^)]*\))", text)
+    received = re.search(r"Received: value\.shape=(\([^)]*\))", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if variable is not None and received is not None:
+        detail = f"{variable.group(1)} is {variable.group(2)} here, {received.group(1)} in the file"
+    elif total is not None and len(lines) > 1:
+        detail = first_line(ValueError(lines[1]))
+    else:
+        return first_line(error)
+    return f"{detail}; {total.group(1)} objects could not be loaded" if total is not None else detail
 
 
 def _fitting_weights(spec: BackboneSpec) -> str:

@@ -508,6 +508,12 @@ class Recipe(_Section):
                     f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing file or run folder; "
                     "pass one of those, the path to a .h5 weights file, or a finished run to start from"
                 )
+            is_run_model = path.suffix == ".keras" and (path.parent / "labels.json").is_file()
+            if path.is_file() and not path.name.endswith((".h5", ".hdf5")) and not is_run_model:
+                raise ValueError(
+                    f"weights: {weights!r} is neither a .h5 weights file nor a run's .keras model (with its "
+                    "labels.json beside it); pass the backbone's .h5 weights, a finished run, 'imagenet' or 'none'"
+                )
         return self
 
     def to_toml(self) -> str:

@@ -189,6 +189,8 @@ def test_existing_output_needs_force(cli_run, shapes_dir):
         (["finetune", "{data}", "--recipe", "nope"], 2, "recipe nope not found"),
         (["finetune", "{data}", "--weights", "{missing}"], 2,
          "neither 'imagenet', 'none' nor an existing file or run folder"),
+        (["finetune", "{data}", "--weights", "{data}/circle/circle_000.jpg"], 2,
+         "is neither a .h5 weights file nor a run's .keras model"),
         (["predict", "{missing}", "{data}"], 1, "does not exist"),
         (["predict", "{data}", "{data}"], 1, "not a transferkit run"),
         (["finetune", "{data}", "--val-split", "0.3", "--val-dir", "{data}"], 2, "pass one of them"),
