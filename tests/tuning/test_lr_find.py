@@ -12,7 +12,7 @@ from transferkit.data.batches import ImageBatches
 from transferkit.errors import RecipeError, RunError
 from transferkit.outputs import encode_targets
 from transferkit.recipe import load_recipe
-from transferkit.tuning.lr_find import StageSetup, plot_range_test, range_test, suggest
+from transferkit.tuning.lr_find import RangeTest, StageSetup, plot_range_test, range_test, suggest
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,21 @@ def test_suggest_reads_midway_between_the_fall_and_a_tenth_of_the_minimum_and_no
     assert suggestion == pytest.approx(np.sqrt(fall * high / 10))
     assert fall < suggestion < high
     assert suggest(rates, np.full_like(rates, 0.7)) == (None, None)
+
+
+def test_a_loss_lowest_at_the_start_of_the_range_gives_no_suggestion_but_a_lower_min_lr():
+    """Every rate tried too high: before, the usable range reached below --min-lr and the
+    suggestion was its first rate."""
+    rates = np.logspace(-7, 1, 60)
+    loss = 0.5 + 0.4 * np.linspace(0, 1, 60) ** 2  # rising from its second step on
+    loss[0] = 0.9
+    assert suggest(rates, loss) == (None, None)
+    result = RangeTest(rates, loss, loss, 1e-7, 10.0, 60, stage_index=0, stage_name="head")
+    assert result.lowest_at_start and result.to_dict()["lowest_at_start"] is True
+    assert result.describe().splitlines()[1] == ("the loss was lowest at the start of the range, 1e-07: every rate "
+                                                 "tried was too high; run the test again with a lower --min-lr")
+    falling = RangeTest(rates, loss[::-1], loss[::-1], 1e-7, 10.0, 60, stage_index=0, stage_name="head")
+    assert not falling.lowest_at_start
 
 
 def test_a_stage_the_recipe_lacks_is_a_recipe_error(colour_dir):

@@ -26,7 +26,9 @@ steps).
   learns; above the minimum's rate the loss climbs.
 
 When the smoothed loss never falls by ``MIN_FALL`` of its start, no rate made the stage
-learn (a frozen head, labels that do not follow the images ...): no suggestion.
+learn (a frozen head, labels that do not follow the images ...): no suggestion. Nor when it
+is lowest within the start itself (the first tenth of the steps): every rate tried was too
+high, and a range test from a lower ``min_lr`` is what tells.
 """
 
 from __future__ import annotations
@@ -247,6 +249,13 @@ class RangeTest:
     figure: Path | None = None
 
     @property
+    def lowest_at_start(self) -> bool:
+        """Whether the smoothed loss was lowest within the test's first steps (``suggest``'s
+        start): the rates tried were all too high."""
+        values = np.where(np.isfinite(self.smoothed), self.smoothed, np.inf)
+        return len(values) > 0 and int(np.argmin(values)) < _start_steps(len(values))
+
+    @property
     def diverged(self) -> bool:
         """Whether the test stopped early because the loss diverged."""
         return len(self.learning_rates) < self.steps
@@ -265,7 +274,10 @@ class RangeTest:
         lines = [f"learning-rate range test of {stage}: {taken} of {self.steps} steps, "
                  f"{self.learning_rates[0]:.2g} .. {self.learning_rates[-1]:.2g}"
                  + (" (stopped: the loss diverged)" if self.diverged else "")]
-        if self.suggestion is None:
+        if self.suggestion is None and self.lowest_at_start:
+            lines.append(f"the loss was lowest at the start of the range, {self.learning_rates[0]:.2g}: every rate "
+                         "tried was too high; run the test again with a lower --min-lr")
+        elif self.suggestion is None:
             lines.append("no rate made the loss fall: run transferkit doctor DATA_DIR --model to see why")
         else:
             low, high = self.usable
@@ -282,6 +294,7 @@ class RangeTest:
         """The result as JSON-serialisable values."""
         return {
             "stage": self.stage_index, "stage_name": self.stage_name, "suggestion": self.suggestion,
+            "lowest_at_start": self.lowest_at_start,
             "usable": list(self.usable) if self.usable else None, "min_lr": self.min_lr, "max_lr": self.max_lr,
             "steps": self.steps, "steps_taken": len(self.learning_rates), "diverged": self.diverged,
             "learning_rates": self.learning_rates.tolist(), "losses": self.losses.tolist(),
@@ -396,14 +409,17 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     tenth of the steps (at least 3): one batch's loss alone is too noisy a start.
 
     Returns:
-        (suggestion, (lowest, highest) usable rate), or (None, None) when the loss never fell.
+        (suggestion, (lowest, highest) usable rate), or (None, None) when the loss never fell,
+        or was lowest within the start.
     """
     values = np.where(np.isfinite(smoothed), smoothed, np.inf)
-    head = max(3, len(values) // 10)
+    head = _start_steps(len(values))
     if len(values) <= head:
         return None, None
     start = float(np.median(values[:head]))
     lowest = int(np.argmin(values))
+    if lowest < head:  # no rate beyond the first few did better: they were all too high
+        return None, None
     fall = start - float(values[lowest])
     if fall <= MIN_FALL * abs(start):
         return None, None
@@ -413,6 +429,11 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     shown = int(above[-1]) + 1 if len(above) else 0
     r_min, r_fall = float(learning_rates[lowest]), float(learning_rates[shown])
     return max(math.sqrt(r_fall * r_min / 10), r_fall), (r_fall / 10, r_min)
+
+
+def _start_steps(taken: int) -> int:
+    """How many of a range test's first steps make its start: a tenth, at least 3."""
+    return max(3, taken // 10)
 
 
 def check_plot_output(path: str | os.PathLike, data_folders=(), force: bool = False) -> None:
