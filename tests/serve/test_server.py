@@ -431,9 +431,14 @@ def test_a_port_in_use_and_bad_flags_are_one_line_each(shapes_run):
     for flags, words in ((["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
                          (["--engine", "tpu"], "--engine"), (["--max-upload-mb", "0"], "--max-upload-mb"),
                          (["--max-upload-mb", "nan"], "--max-upload-mb"),
-                         (["--max-upload-mb", "inf"], "--max-upload-mb"), (["--grace", "-1"], "--grace")):
+                         (["--max-upload-mb", "inf"], "--max-upload-mb"), (["--grace", "-1"], "--grace"),
+                         (["--worker-timeout", "0"], "--worker-timeout")):
         result = CliRunner().invoke(app, ["serve", str(shapes_run.path), *flags])
         assert result.exit_code == 2 and words in result.output
+    missing = shapes_run.path.parent / "no-run"  # the line alone, no "loading ..." before it
+    result = CliRunner().invoke(app, ["serve", str(missing)])
+    assert result.exit_code == 1 and result.output.splitlines() == [
+        f"error: {missing} does not exist; pass a run folder made by 'transferkit finetune'"]
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server, images, expected):

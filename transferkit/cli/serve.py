@@ -43,6 +43,7 @@ def serve(
     verbose: VerboseOption = False,
 ) -> None:
     """Serve a run: POST /predict (the labels and confidences of predict), a page at /, docs at /docs."""
+    from transferkit.runs import load_run
     from transferkit.serve.server import check_installed
     from transferkit.serve.server import serve as run_server
     from transferkit.serve.service import ServeSettings
@@ -61,6 +62,7 @@ def serve(
     if not 0 < worker_timeout < math.inf:
         raise usage_error(f"--worker-timeout must be above 0 seconds, got {worker_timeout:g}")
     check_installed()
+    load_run(run, with_model=False)  # no run there: one line, before "loading"
     if not quiet:
         typer.echo(f"loading {run} ...")
 
