@@ -68,6 +68,21 @@ def test_a_split_by_group_never_splits_a_group_and_keeps_classes_on_both_sides()
     assert all(np.array_equal(a, b) for a, b in zip(plain, stratified_split(labels, 0.2, 42), strict=True))
 
 
+@pytest.mark.parametrize("val_split, n_groups, share", [(0.25, 5, 1 / 5), (0.2, 6, 1 / 6), (0.3, 4, 1 / 4),
+                                                        (0.3, 8, 2 / 8)])
+def test_groups_of_one_size_that_no_fold_count_divides_validate_the_share_nearest_the_one_asked(
+        val_split, n_groups, share):
+    """Five groups in four folds: one fold holds two groups. Before, the first rotation that
+    kept every class was taken, whichever fold it began with: 0.4 of the images validated
+    where 0.25 was asked (0.333 for 0.2 of six groups, 0.5 for 0.3 of four)."""
+    labels = np.repeat([0, 1, 2], 4 * n_groups)  # in each class, every group's four images
+    groups = np.array([f"p{index // 4 % n_groups}" for index in range(len(labels))], dtype=object)
+    for seed in (0, 1, 42):
+        train, val = split_rows(labels, val_split, seed, None, groups)
+        assert not set(groups[train]) & set(groups[val])
+        assert len(val) / len(labels) == pytest.approx(share), seed
+
+
 def test_a_single_group_or_a_class_in_one_group_is_a_clear_error():
     labels = np.array([0, 0, 1, 1])
     with pytest.raises(DataError, match="single group"):

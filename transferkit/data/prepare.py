@@ -182,8 +182,10 @@ def prepare_data(
         log.warning("for the details run: %s", doctor_command(data_dir, val_dir, recipe))
     _tell_split(class_names, train_labels, val_labels, recipe, val_dir, verbose)
     if groups is not None and val_index is None and verbose:
+        share = len(val_rows) / (len(train_rows) + len(val_rows))
         log.info(f"split by data.group_by: {len(set(groups[train_rows].tolist()))} group(s) train, "
-                 f"{len(set(groups[val_rows].tolist()))} validate, none on both sides")
+                 f"{len(set(groups[val_rows].tolist()))} validate ({share:.0%} of the images; "
+                 f"data.val_split {recipe.data.val_split:g}), none on both sides")
     def listed(row: int, subset: str) -> tuple[str, str]:
         root = val_index.root if val_index is not None and row >= first else index.root
         return relative_name(paths[row], root), subset

@@ -34,7 +34,8 @@ log = logging.getLogger("transferkit")
 SPLIT_FILE = "split.csv"
 TRAIN, VALIDATION = "train", "validation"
 # The validation share with groups is m of N folds; N stays at most this (and at most the
-# number of groups), which puts any share within 0.05 of what was asked.
+# number of groups). Folds of groups are not all of one size: the rotation whose share of the
+# images is nearest the one asked is taken.
 MAX_GROUP_FOLDS = 10
 
 
@@ -100,8 +101,9 @@ def split_rows(labels: np.ndarray, val_split: float, seed: int, class_names: Seq
     the images are dealt into N stratified group folds (``StratifiedGroupKFold``, shuffled
     with ``seed``) and m of them validate, m / N the fraction nearest ``val_split`` with N at
     most 10 and at most the number of groups (0.2: one fold of five). Of the N rotations of
-    those m folds, the first whose both sides hold every class is taken (else the first
-    whose training side does).
+    those m folds, the one whose share of the images is nearest ``val_split`` among those
+    whose both sides hold every class is taken (else among those whose training side does):
+    folds hold whole groups, so their sizes differ (5 groups in 4 folds: one holds 2).
 
     Args:
         labels: class index per image.
@@ -129,15 +131,17 @@ def split_rows(labels: np.ndarray, val_split: float, seed: int, class_names: Seq
     taken, folds = _fold_share(val_split, n_groups)
     parts = [held for _, held in stratified_folds(labels, groups, folds, seed)]
     present = set(labels.tolist())
-    fallback = None
+    whole, partial = [], []  # (distance of the share from val_split, rotation, (train, val))
     for start in range(folds):
         val = np.sort(np.concatenate([parts[(start + k) % folds] for k in range(taken)]))
         train = np.setdiff1d(np.arange(len(labels)), val)
         if set(labels[train].tolist()) != present:
             continue
-        if set(labels[val].tolist()) == present:
-            return train, val
-        fallback = fallback if fallback is not None else (train, val)
+        found = whole if set(labels[val].tolist()) == present else partial
+        found.append((abs(len(val) / len(labels) - val_split), start, (train, val)))
+    if whole:
+        return min(whole, key=lambda item: item[:2])[2]
+    fallback = min(partial, key=lambda item: item[:2])[2] if partial else None
     if fallback is None:
         counts = {label: len(set(groups[labels == label].tolist())) for label in present}
         fewest = min(counts, key=counts.get)
