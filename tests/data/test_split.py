@@ -166,6 +166,10 @@ def test_finetune_group_by_keeps_every_group_on_one_side(tmp_path):
     assert len(rows) == 36 and not groups_on_both_sides(rows)
     assert {row["subset"] for row in rows} == {"train", "validation"}
     assert tomllib.loads((output / "recipe.toml").read_text())["data"]["group_by"] == PATTERN
+    held = sum(row["subset"] == "validation" for row in rows)
+    card = (output / "MODEL_CARD.md").read_text()  # not "a stratified split (0.2 of each class)"
+    assert (f"- **Validation:** a seeded split by group (`data.group_by` = `{PATTERN}`: no group on both sides), "
+            f"{held / 36:.0%} of the images (`data.val_split` 0.2), of the same folder") in card
     unmatched = runner.invoke(app, ["finetune", str(root), "--group-by", r"^cat/(p\d+)", "--backbone", "tinyvgg",
                                     "--weights", "none",
                                     "--image-size", "32", "-o", str(tmp_path / "other")])

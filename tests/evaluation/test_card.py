@@ -62,7 +62,8 @@ def test_the_card_names_the_classes_their_counts_and_the_accuracy(shapes_run):
 
 @pytest.mark.parametrize("decision, words", [
     ({"judged_after": "head", "stage_index": 0, "kept": True, "check": {"changes_class": False}},
-     "auto (off in stage 'head', on after it: mirrored validation images then scored as well as the originals)"),
+     "auto (off in stage 'head', on after it: mirrored validation images then scored not clearly worse than the "
+     "originals)"),
     (None, "auto (off: the run's one stage trained without flips"),
 ])
 def test_the_card_says_what_hflip_auto_decided(shapes_run, tmp_path, decision, words):

@@ -298,9 +298,17 @@ def _classes(facts: _Facts) -> str:
 
 def _training_data(facts: _Facts) -> str:
     labels = facts.labels
-    validation = (f"the folder `{labels['val_dir']}`" if labels.get("val_dir") else
-                  f"a seeded stratified split ({(facts.recipe.get('data') or {}).get('val_split', '?')} of each "
-                  "class) of the same folder")
+    data = facts.recipe.get("data") or {}
+    n_train, n_val = facts.metrics.get("n_train"), facts.metrics.get("n_val")
+    share = f"{n_val / (n_train + n_val):.0%} of the images" if n_train and n_val else "its share unknown"
+    if labels.get("val_dir"):
+        validation = f"the folder `{labels['val_dir']}`"
+    elif data.get("group_by"):
+        validation = (f"a seeded split by group (`data.group_by` = `{data['group_by']}`: no group on both sides), "
+                      f"{share} (`data.val_split` {data.get('val_split', '?')}), of the same folder")
+    else:
+        validation = (f"a seeded stratified split ({data.get('val_split', '?')} of each class) of the same "
+                      "folder")
     lines = ["## Training data", "",
              f"- **Folder:** `{labels.get('data_dir', '?')}` (one sub-folder per class)",
              f"- **Validation:** {validation}",
@@ -334,7 +342,8 @@ def _flips_in_words(hflip, decision: dict | None) -> str:
     if decision.get("check") is None:
         return f"auto ({first}, on after it: not judged, too few validation images or several processes)"
     if decision["kept"]:
-        return f"auto ({first}, on after it: mirrored validation images then scored as well as the originals)"
+        return (f"auto ({first}, on after it: mirrored validation images then scored not clearly worse than the "
+                "originals)")
     return (f"auto ({first} and after it: mirrored validation images then scored clearly worse, so flips seem "
             "to change the class)")
 
