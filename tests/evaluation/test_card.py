@@ -132,6 +132,20 @@ def test_report_keeps_the_card_when_metrics_json_is_damaged(shapes_run, tmp_path
     assert (run / CARD_FILE).read_text(encoding="utf-8") == card
 
 
+def test_the_card_marks_an_evaluation_that_held_training_images(shapes_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(shapes_run.path, tmp_path / "run")
+    for name, trained in (("eval-held-out", 0), ("eval-mixed", 22)):
+        (run / name).mkdir()
+        (run / name / "metrics.json").write_text(json.dumps({"n_images": 30, "accuracy": 0.5, "ece": 0.1,
+                                                              "n_training_images": trained}))
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0
+    card = (run / CARD_FILE).read_text(encoding="utf-8")
+    assert "| eval-held-out | 30 | 50.0% |" in card and "| eval-mixed* | 30 | 50.0% |" in card
+    assert "\\* Not held out: these include images the run trained on (eval-mixed: 22)" in card
+
+
 def test_report_warns_once_about_a_damaged_history_and_writes_the_rest(shapes_run, tmp_path):
     import shutil
 

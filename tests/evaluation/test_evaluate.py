@@ -23,15 +23,24 @@ def test_accuracy_equals_a_count_from_predicts_own_rows(shapes_run, shapes_dir):
     assert {n: v["support"] for n, v in result.metrics["per_class"].items()} == per_class
 
 
-def test_evaluating_the_runs_own_training_images_is_warned(shapes_run, shapes_dir, tmp_path, caplog):
+def test_evaluating_the_runs_own_training_images_is_warned(shapes_run, shapes_dir, tmp_path, caplog, monkeypatch):
     import logging
 
     with open(shapes_run.path / "split.csv", newline="") as handle:
         subsets = {row["file"]: row["subset"] for row in csv.DictReader(handle)}
     trained = sum(subset == "train" for subset in subsets.values())
     with caplog.at_level(logging.WARNING, logger="transferkit"):
-        evaluate_folder(shapes_run, shapes_dir, engine="keras")
+        result = evaluate_folder(shapes_run, shapes_dir, engine="keras")
     assert f"{trained} of the 30 images were training images of this run (its split.csv)" in caplog.text
+    assert result.metrics["n_training_images"] == trained
+    # A copy of every image elsewhere, given as "." from inside it: other files, though their
+    # names relative to the folder are the training images' (before, 'trained on' was warned).
+    caplog.clear()
+    shutil.copytree(shapes_dir, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        result = evaluate_folder(shapes_run, ".", engine="keras")
+    assert "training images of this run" not in caplog.text and result.metrics["n_training_images"] == 0
     # Its validation images alone (a copy of them elsewhere is not compared): no warning.
     caplog.clear()
     held_out = tmp_path / "held_out"

@@ -374,10 +374,16 @@ def _evaluation(facts: _Facts) -> str:
     if facts.evaluations:
         lines += ["Evaluations on other labelled folders (`transferkit evaluate`):", "",
                   "| evaluation | images | accuracy | ECE |", "| --- | --- | --- | --- |"]
+        trained = []
         for folder, metrics in facts.evaluations:
-            lines.append(f"| {folder.name} | {metrics.get('n_images', '?')} | {_percent(metrics.get('accuracy'))} | "
-                         f"{_number(metrics.get('ece'))} |")
+            mark = "*" if metrics.get("n_training_images") else ""
+            trained += [f"{folder.name}: {metrics['n_training_images']}"] if mark else []
+            lines.append(f"| {folder.name}{mark} | {metrics.get('n_images', '?')} | "
+                         f"{_percent(metrics.get('accuracy'))} | {_number(metrics.get('ece'))} |")
         lines.append("")
+        if trained:
+            lines += [f"\\* Not held out: these include images the run trained on ({'; '.join(trained)}), so "
+                      "their figures are optimistic.", ""]
     return "\n".join(lines)
 
 

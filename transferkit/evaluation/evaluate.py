@@ -283,7 +283,7 @@ def evaluate_folder(
     files, labels, skipped, ignored = labelled_files(folder, run.class_names)
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
-    _warn_if_trained_on(run, files)
+    trained_on = _trained_on(run, files)
     if not files:
         raise DataError(f"{folder} holds no image files in its class folders; put each class's test images in a "
                         f"sub-folder named as the run's class ({', '.join(run.class_names[:3])}"
@@ -308,9 +308,13 @@ def evaluate_folder(
                         "evaluate needs images of its classes too")
     result = _result(run, folder, outputs, labels[kept], rule, reject, set_rule)
     result.files = [files[i] for i in kept]
+    trained = sum(trained_on[i] for i in kept)
+    if trained:
+        log.warning("%d of the %d images were training images of this run (its split.csv): its figures on them are "
+                    "optimistic; evaluate on images it has not seen", trained, len(kept))
     result.skipped, result.ignored, result.engine, result.tta = skipped, ignored, forward.name, variants
     result.metrics.update(engine=forward.name, tta=list(variants), n_skipped=len(skipped), n_ignored=len(ignored),
-                          run=str(run.path), folder=str(folder))
+                          n_training_images=trained, run=str(run.path), folder=str(folder))
     return result
 
 
@@ -509,19 +513,26 @@ def class_columns(class_names, own: Sequence[str]) -> list[str]:
     return [f"{CLASS_PREFIX}{name}" for name in class_names]
 
 
-def _warn_if_trained_on(run, files: Sequence[Path]) -> None:
-    """Warn when images evaluated are ones the run trained on (its split.csv's "train" rows
-    below its recorded data folder): their figures are optimistic."""
+def _trained_on(run, files: Sequence[Path]) -> list[bool]:
+    """Per file, whether the run trained on it: a "train" row of its split.csv, the file lying
+    below the run's recorded data folder (symbolic links resolved; a file elsewhere of the
+    same relative name is another image). All False for a model without its run folder's
+    records, or whose data folder is gone."""
     from transferkit.data.samples import recorded_data_dir, recorded_split
-    from transferkit.data.split import TRAIN, relative_name
+    from transferkit.data.split import TRAIN
 
     data_dir, recorded = recorded_data_dir(run), recorded_split(run)
     if data_dir is None or recorded is None:
-        return  # a model without its run folder's records, or its data gone: nothing to compare with
-    seen = sum(recorded.get(relative_name(file, data_dir)) == TRAIN for file in files)
-    if seen:
-        log.warning("%d of the %d images were training images of this run (its split.csv): its figures on them are "
-                    "optimistic; evaluate on images it has not seen", seen, len(files))
+        return [False] * len(files)
+    root = Path(data_dir).resolve()
+
+    def trained(file: Path) -> bool:
+        try:
+            return recorded.get(Path(file).resolve().relative_to(root).as_posix()) == TRAIN
+        except ValueError:  # not below the data folder
+            return False
+
+    return [trained(file) for file in files]
 
 
 def _write_contents(result: EvaluationResult, folder: Path) -> None:
