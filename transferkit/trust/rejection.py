@@ -55,6 +55,27 @@ class RejectionFit:
     val_scores: np.ndarray = field(repr=False)
 
 
+# How far below the validation score it is the threshold is moved (at most; relative for scores
+# above 1): predict's engine and precision compute that image's score a little differently.
+SCORE_TOLERANCE = 1e-3
+
+
+def below_the_score(threshold: float, scores: np.ndarray) -> float:
+    """The threshold moved a little below the validation score it is (``SCORE_TOLERANCE``,
+    relative above 1, or half the gap to the next lower score where that is less), so that
+    the image that set it is kept by predict, whose engine computes its score a few 1e-5
+    apart, as by the fit: the same validation images are kept.
+
+    Returns:
+        The threshold to record.
+    """
+    lower = scores[scores < threshold]
+    step = SCORE_TOLERANCE * max(1.0, abs(threshold))
+    if len(lower):
+        step = min(step, (threshold - float(lower.max())) / 2)
+    return float(threshold - step)
+
+
 def reference_rows(n_images: int, limit: int | None = None, seed: int = 0) -> np.ndarray:
     """Which training images the knn score compares with: all, or a seeded random ``limit``
     (default ``REFERENCE_LIMIT``) of them, in order."""
@@ -130,8 +151,9 @@ def fit_rejection(model, prepared, config: RejectConfig, *, image_size: int, bat
         # the lowest score, the most that can be kept while still rejecting anything.
         threshold = float(scores.min())
         log.warning("only %d validation images: the rejection threshold is their lowest score, which keeps about "
-                    "%.0f%% of new images of known classes, not the %.0f%% asked (reject.coverage); validate on "
+                    "%.1f%% of new images of known classes, not the %.1f%% asked (reject.coverage); validate on "
                     "more images", len(scores), 100 * len(scores) / (len(scores) + 1), 100 * config.coverage)
+    threshold = below_the_score(threshold, scores)
     record = {
         "score": config.score,
         "threshold": float(threshold),
