@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests import forked
-from transferkit import __version__
+from transferkit import __version__, predict_folder
 from transferkit.cli import app
 
 runner = CliRunner()
@@ -119,7 +119,12 @@ def test_finetune_mlflow_logs_the_run_files_and_a_keras_flavour_model(cli_run, s
     client = mlflow.MlflowClient(uri)
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"history.png", "confusion.png", "metrics.json", "labels.json", "recipe.toml", "history.csv",
-            "MODEL_CARD.md", "model.keras"} <= artifacts
+            "MODEL_CARD.md", "model.keras", "rejection.npz"} <= artifacts
+    # Downloaded, they are a run that predicts as the folder does, --reject included.
+    downloaded = client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloaded"))
+    rows = [predict_folder(where, shapes_dir, engine="keras", reject=True).rows
+            for where in (downloaded, output)]
+    assert [(row.label, row.unknown) for row in rows[0]] == [(row.label, row.unknown) for row in rows[1]]
     # The store keeps them beside the database, not in the folder the job ran in.
     assert run.info.artifact_uri.startswith((output.parent / "mlartifacts").as_uri())
     fetched = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))

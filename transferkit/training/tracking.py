@@ -55,7 +55,7 @@ TAG_PREFIX = "transferkit."
 # The run folder's files logged as artifacts (the model too; MODEL_CARD.md is also the run's
 # description). TensorBoard logs and checkpoints are left to the folder.
 ARTIFACT_PATTERNS = ("*.png", "metrics.json", "labels.json", "recipe.toml", "history.csv", "MODEL_CARD.md",
-                     "skipped.txt", "split.csv", "model.keras")
+                     "skipped.txt", "split.csv", "model.keras", "rejection.npz")
 STATUS = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "fail": "FAILED"}
 
 
