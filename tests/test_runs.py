@@ -107,3 +107,15 @@ def test_finetune_refusing_a_finished_run_removes_the_in_progress_folder_its_kil
     assert result.exit_code == 1 and "exists already; pass --force" in result.output
     assert not partial.exists() and (output / "labels.json").is_file()
     assert f"{output} is finished; removing its in-progress folder {partial}" in caplog.text
+
+
+def test_a_run_that_is_not_there_says_so_and_where_an_interrupted_one_waits_to_be_resumed(tmp_path):
+    with pytest.raises(transferkit.errors.RunError) as missing:
+        runs.load_run(tmp_path / "k9")
+    assert str(missing.value) == f"{tmp_path / 'k9'} does not exist; pass a run folder made by 'transferkit finetune'"
+    (tmp_path / "k9.partial").mkdir()  # a finetune -o k9 stopped by Ctrl-C
+    with pytest.raises(transferkit.errors.RunError) as interrupted:
+        runs.load_run(tmp_path / "k9")
+    assert str(interrupted.value) == (
+        f"{tmp_path / 'k9'} does not exist: its finetune was interrupted ({tmp_path / 'k9.partial'} holds its "
+        f"checkpoints); finish it with transferkit finetune --resume {tmp_path / 'k9'}")

@@ -103,9 +103,9 @@ def group_pattern(text: str) -> re.Pattern:
     try:
         pattern = re.compile(text)
     except re.error as error:
-        raise ValueError(f"{text!r} is not a regular expression ({error}); {example}") from None
+        raise ValueError(f"'{text}' is not a regular expression ({error}); {example}") from None
     if pattern.groups < 1:
-        raise ValueError(f"{text!r} has no group; put the part of the path that names the group in "
+        raise ValueError(f"'{text}' has no group; put the part of the path that names the group in "
                          f"parentheses, {example}")
     return pattern
 

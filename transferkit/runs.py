@@ -380,6 +380,10 @@ def load_run(path: str | Path, with_model: bool = True) -> Run:
     # back here, not told missing.
     if not path.exists() and not (put_back_replaced(path.parent if path.suffix == ".keras" else path)
                                   and path.exists()):
+        partial = work_dir_for(path)
+        if partial.is_dir():  # an interrupted finetune's checkpoints
+            raise RunError(f"{path} does not exist: its finetune was interrupted ({partial} holds its checkpoints); "
+                           f"finish it with transferkit finetune --resume {path}")
         raise RunError(f"{path} does not exist; pass a run folder made by 'transferkit finetune'")
     if path.is_file():
         if path.suffix.lower() not in MODEL_SUFFIXES:  # labels.json, an image, ...: not damaged, just not a run

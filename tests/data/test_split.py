@@ -100,7 +100,7 @@ def test_group_names_search_the_path_below_the_data_folder(tmp_path):
     assert list(group_names(paths, root, r"^(p\d+)_")) == ["p01", "p02"]  # the name alone, where the path fails
     with pytest.raises(DataError, match=r"data.group_by .* does not name a group for dog/sub/p02_1.png"):
         group_names(paths, root, r"^cat/(p\d+)")
-    with pytest.raises(RecipeError, match=r"data.group_by: 'p\\\\d\+' has no group"):
+    with pytest.raises(RecipeError, match=r"data.group_by: 'p\\d\+' has no group"):  # as typed, not doubled
         transferkit.load_recipe(None, {"data.group_by": r"p\d+"})
 
 
