@@ -119,3 +119,22 @@ def test_a_run_that_is_not_there_says_so_and_where_an_interrupted_one_waits_to_b
     assert str(interrupted.value) == (
         f"{tmp_path / 'k9'} does not exist: its finetune was interrupted ({tmp_path / 'k9.partial'} holds its "
         f"checkpoints); finish it with transferkit finetune --resume {tmp_path / 'k9'}")
+
+
+def test_a_default_name_taken_in_the_same_second_gets_a_number(tmp_path, monkeypatch):
+    """Two commands started in the same second (evaluations of one run, runs of one folder):
+    the second was refused as writing into the first's folder, a name the user never chose."""
+    import datetime
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 8, 3, 35, 8)
+
+    monkeypatch.setattr(datetime, "datetime", Frozen)
+    first = runs.default_run_dir(tmp_path / "flowers", tmp_path / "runs")
+    assert first == tmp_path / "runs" / "flowers-20261208-033508"
+    (tmp_path / "runs" / "flowers-20261208-033508.partial").mkdir(parents=True)  # the first, still training
+    assert runs.default_run_dir(tmp_path / "flowers", tmp_path / "runs").name == "flowers-20261208-033508-2"
+    (tmp_path / "runs" / "flowers-20261208-033508-2").mkdir()
+    assert runs.default_run_dir(tmp_path / "flowers", tmp_path / "runs").name == "flowers-20261208-033508-3"

@@ -55,6 +55,7 @@ from transferkit.files import (
     require_not_a_file,
     require_writable_place,
     staging_folder,
+    stamped_folder,
     write_atomic,
     write_failure,
 )
@@ -145,7 +146,8 @@ class Run:
 
 
 def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Path:
-    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>``.
+    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``: ``-2`` after
+    it where another run took that name in the same second).
 
     Args:
         data_dir: the data folder, which names the run.
@@ -154,11 +156,7 @@ def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Pat
     Returns:
         The path (not created).
     """
-    import datetime
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = Path(data_dir).resolve().name or "data"
-    return Path(runs_root) / f"{name}-{stamp}"
+    return stamped_folder(runs_root, Path(data_dir).resolve().name or "data")
 
 
 def is_run_folder(folder: str | os.PathLike) -> bool:

@@ -17,7 +17,6 @@ the end for ``top_losses.png``.
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import logging
 import math
@@ -29,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import DataError, RunError
-from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
+from transferkit.files import (
+    require_apart,
+    require_not_a_file,
+    require_writable_place,
+    stamped_folder,
+    write_atomic,
+    write_failure,
+)
 from transferkit.inference.uncertainty import RejectionRule, SetRule, load_rejection, load_set_rule
 from transferkit.locks import publishing, require_not_live
 from transferkit.outputs import UNKNOWN
@@ -404,10 +410,8 @@ def trust_summary(metrics: dict) -> list[str]:
 
 
 def default_output(result: EvaluationResult) -> Path:
-    """``RUN/eval-<folder name>-<YYYYmmdd-HHMMSS>``."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = result.folder.resolve().name or "images"
-    return result.run_path / f"eval-{name}-{stamp}"
+    """``RUN/eval-<folder name>-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``)."""
+    return stamped_folder(result.run_path, f"eval-{result.folder.resolve().name or 'images'}")
 
 
 def check_output_folder(out_dir: Path, force: bool, folder: str | os.PathLike | None = None,

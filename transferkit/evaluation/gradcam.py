@@ -16,7 +16,6 @@ layer; the gradient is the Keras backend's own (``backend.input_gradient``: Tens
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import logging
@@ -274,10 +273,11 @@ def _explain_batch(cam: GradCAM, batch, names, size: int, class_name, count: int
 
 
 def default_output(run_path: Path, images) -> Path:
-    """``RUN/explain-<image or folder name>-<YYYYmmdd-HHMMSS>``."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """``RUN/explain-<image or folder name>-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``)."""
+    from transferkit.files import stamped_folder
+
     name = Path(images).resolve().stem if isinstance(images, (str, os.PathLike)) else "images"
-    return Path(run_path) / f"explain-{name}-{stamp}"
+    return stamped_folder(run_path, f"explain-{name}")
 
 
 def _safe(text: str) -> str:

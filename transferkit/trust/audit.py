@@ -39,7 +39,6 @@ another folder).
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 import json
 import logging
@@ -55,7 +54,14 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import RecipeError, RunError
-from transferkit.files import require_apart, require_not_a_file, require_writable_place, write_atomic, write_failure
+from transferkit.files import (
+    require_apart,
+    require_not_a_file,
+    require_writable_place,
+    stamped_folder,
+    write_atomic,
+    write_failure,
+)
 from transferkit.locks import publishing, require_not_live
 from transferkit.recipe import Recipe
 
@@ -247,9 +253,8 @@ def audit(
 
 
 def default_output(data_dir: str | os.PathLike, runs_root: str | os.PathLike = "runs") -> Path:
-    """``runs/<data-folder-name>-audit-<YYYYmmdd-HHMMSS>``."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(runs_root) / f"{Path(data_dir).resolve().name or 'data'}-audit-{stamp}"
+    """``runs/<data-folder-name>-audit-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``)."""
+    return stamped_folder(runs_root, f"{Path(data_dir).resolve().name or 'data'}-audit")
 
 
 def check_output_folder(out: Path, force: bool, data_dir: str | os.PathLike | None = None) -> None:
