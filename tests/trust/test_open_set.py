@@ -231,6 +231,14 @@ def test_runs_without_the_records_still_predict_and_are_told_when_asked_for_them
     (damaged / "rejection.npz").write_bytes(b"not an npz")
     done = invoke("predict", damaged, shapes_dir / "circle", "--engine", "keras", "--reject", "-q")
     assert done.exit_code == 1 and done.output.count("error:") == 1 and "rejection.npz is damaged" in done.output
+    # evaluate on unknown/ without --reject needs no threshold: it warns and scores by the largest probability
+    # (it stopped, telling of --reject, which was not asked for)
+    (damaged / "rejection.npz").unlink()
+    done = invoke("evaluate", damaged, labelled_with_unknown, "--engine", "keras", "-q", "-o", tmp_path / "eval")
+    assert done.exit_code == 0, done.output
+    assert "rejection.npz is missing" in done.output
+    assert "the open-set figures use the largest probability" in done.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["open_set"]["score"] == "max_probability"
 
 
 @pytest.mark.parametrize("flags, words", [

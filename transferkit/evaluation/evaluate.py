@@ -326,10 +326,17 @@ def evaluate_folder(
 
 def _open_set_rule(run, reject: bool, has_unknown: bool) -> RejectionRule | None:
     """The score that tells known from unknown images: the run's rejection rule (required
-    with ``reject``), the largest probability for a run without one, or None when neither
-    ``reject`` nor an ``unknown/`` folder asks for a score."""
-    if reject or (has_unknown and run.rejection):
+    with ``reject``), the largest probability for a run without one or (with a warning)
+    whose rule cannot be read, or None when neither ``reject`` nor an ``unknown/`` folder
+    asks for a score."""
+    if reject:
         return load_rejection(run)
+    if has_unknown and run.rejection:
+        try:
+            return load_rejection(run)
+        except RunError as error:  # e.g. rejection.npz left behind in a copy: the figures need no threshold
+            log.warning("%s; the open-set figures use the largest probability instead", error)
+            return RejectionRule("max_probability", math.nan)
     if has_unknown:
         log.info("%s has no rejection score (trained before transferkit fitted one): the open-set figures use "
                  "the largest probability", run.path)
