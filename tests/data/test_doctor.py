@@ -225,6 +225,15 @@ def test_a_class_folder_without_readable_images_is_named_by_its_path(data_dir, m
     finding = next(line for line in result.output.splitlines() if "hold no readable image" in line)
     lines = result.output.splitlines()
     assert lines[lines.index(finding) + 1].strip() == f"{data_dir.name}/square"
+    # A class folder holding no file at all is the same finding, in the whole report (it was
+    # an error that stopped the doctor before its other findings).
+    for path in (data_dir / "square").iterdir():
+        path.unlink()
+    result = CliRunner().invoke(app, ["doctor", f"{data_dir.name}/", "--image-size", "64"])
+    assert result.exit_code == 1 and "error:" not in result.output
+    finding = next(line for line in result.output.splitlines() if "hold no readable image" in line)
+    lines = result.output.splitlines()
+    assert lines[lines.index(finding) + 1].strip() == f"{data_dir.name}/square"
 
 
 def test_folder_errors_propagate(tmp_path):

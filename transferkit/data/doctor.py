@@ -299,7 +299,7 @@ def check_data(
         RecipeError: an argument is out of range.
     """
     min_side = _checked_arguments(image_size, val_split, imbalance_limit, min_side)
-    index, val_index = index_folders(data_dir, val_dir)
+    index, val_index = index_folders(data_dir, val_dir, allow_empty=True)  # an empty class: a finding too
     group_of = _group_of(index, val_index, group_by)  # before reading: a file it cannot name fails at once
     entries = _entries(index, val_index)
     inspections = _inspect_all([path for _, _, path in entries], image_size, keep, workers, progress)

@@ -169,11 +169,13 @@ def require_other_folder(data_dir: str | os.PathLike, val_dir: str | os.PathLike
         )
 
 
-def index_folder(root: str | os.PathLike) -> FolderIndex:
+def index_folder(root: str | os.PathLike, allow_empty: bool = False) -> FolderIndex:
     """Index a folder of class sub-folders.
 
     Args:
         root: the data folder; each sub-folder is a class.
+        allow_empty: let class folders hold no image file (the doctor counts them as classes
+            too small to split, among its other findings); default False.
 
     Returns:
         A ``FolderIndex``; files are not opened yet.
@@ -219,7 +221,7 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
                 skipped.append((path, reason))
         if found == 0:
             empty.append(class_dir.name)
-    if empty:
+    if empty and not allow_empty:
         raise DataError(
             f"class folder(s) {', '.join(empty)} in {root} hold no image files "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
@@ -241,12 +243,14 @@ def index_folder(root: str | os.PathLike) -> FolderIndex:
 def index_folders(
     data_dir: str | os.PathLike | FolderIndex,
     val_dir: str | os.PathLike | FolderIndex | None = None,
+    allow_empty: bool = False,
 ) -> tuple[FolderIndex, FolderIndex | None]:
     """Index a data folder and its validation folder, which must have the same classes.
 
     Args:
         data_dir: the data folder, or its ``FolderIndex`` (used as it is).
         val_dir: the validation folder or its index; default None (no validation folder).
+        allow_empty: as ``index_folder``'s; default False.
 
     Returns:
         (index, val_index); val_index is None without ``val_dir``.
@@ -255,10 +259,10 @@ def index_folders(
         DataError: as ``index_folder``, or the validation folder is the data folder or has
             other classes.
     """
-    index = data_dir if isinstance(data_dir, FolderIndex) else index_folder(data_dir)
+    index = data_dir if isinstance(data_dir, FolderIndex) else index_folder(data_dir, allow_empty)
     if val_dir is None:
         return index, None
-    val_index = val_dir if isinstance(val_dir, FolderIndex) else index_folder(val_dir)
+    val_index = val_dir if isinstance(val_dir, FolderIndex) else index_folder(val_dir, allow_empty)
     require_other_folder(index.root, val_index.root)
     if val_index.class_names != index.class_names:
         raise DataError(
