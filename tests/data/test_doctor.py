@@ -269,3 +269,15 @@ def test_to_dict_is_json_and_text_lists_every_class_and_trims_examples(data_dir)
     assert "broken_09.jpg" in text and "broken_10.jpg" not in text
     assert "and 3 more" in text
     assert "problem(s):" in text and "conflicting labels" in text
+
+
+def test_the_learning_checks_flags_without_model_are_said_to_be_ignored(data_dir):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", str(data_dir), "--image-size", "64", "--weights", "none",
+                                      "--batch-size", "4"])
+    assert "warning: --weights, --batch-size: ignored, they apply to the learning checks (--model)" in result.output
+    plain = CliRunner().invoke(app, ["doctor", str(data_dir), "--image-size", "64"])
+    assert "ignored" not in plain.output and plain.exit_code == result.exit_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -64,6 +65,12 @@ def doctor(
     from transferkit.recipe import load_recipe
 
     setup_logging(quiet=json_output)
+    model_only = [flag for flag, value in (("--stage", stage != 0), ("--backbone", backbone is not None),
+                                           ("--weights", weights is not None), ("--batch-size", batch_size is not None))
+                  if value]
+    if model_only and not model:
+        logging.getLogger("transferkit").warning(f"{', '.join(model_only)}: ignored, they apply to the learning "
+                                                 "checks (--model)")
     overrides = recipe_overrides(ctx)
     check_folders(data_dir, val_dir, classes=model)
     resolved = load_recipe(recipe, overrides)  # a bad recipe is told before --model loads Keras
