@@ -95,8 +95,16 @@ def test_a_loss_lowest_at_the_start_of_the_range_gives_no_suggestion_but_a_lower
     assert result.lowest_at_start and result.to_dict()["lowest_at_start"] is True
     assert result.describe().splitlines()[1] == ("the loss was lowest at the start of the range, 1e-07: every rate "
                                                  "tried was too high; run the test again with a lower --min-lr")
-    falling = RangeTest(rates, loss[::-1], loss[::-1], 1e-7, 10.0, 60, stage_index=0, stage_name="head")
-    assert not falling.lowest_at_start
+    # A level loss (no learning at all: a frozen head, labels that do not follow the images) is not
+    # "too high", whatever its noise; nor a loss that dips within the start and falls later.
+    rng = np.random.default_rng(0)
+    level = 0.7 + rng.normal(0, 0.002, 60)
+    flat = RangeTest(rates, level, level, 1e-7, 10.0, 60, stage_index=0, stage_name="head")
+    assert suggest(rates, level) == (None, None) and not flat.lowest_at_start
+    assert flat.describe().splitlines()[1].startswith("no rate made the loss fall: run transferkit doctor")
+    dipping = np.concatenate([[0.9, 0.5, 0.9, 0.9, 0.9, 0.9], np.linspace(0.9, 0.3, 40), np.linspace(0.3, 2.0, 14)])
+    suggestion, (low, high) = suggest(rates, dipping)
+    assert high == pytest.approx(rates[45]) and suggestion is not None
 
 
 def test_a_stage_the_recipe_lacks_is_a_recipe_error(colour_dir):

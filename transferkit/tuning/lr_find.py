@@ -25,10 +25,11 @@ steps).
   test spends there, so a rate a little below where the test first saw learning still
   learns; above the minimum's rate the loss climbs.
 
-When the smoothed loss never falls by ``MIN_FALL`` of its start, no rate made the stage
-learn (a frozen head, labels that do not follow the images ...): no suggestion. Nor when it
-is lowest within the start itself (the first tenth of the steps): every rate tried was too
-high, and a range test from a lower ``min_lr`` is what tells.
+When the smoothed loss never falls by ``MIN_FALL`` of its start after the start (the first
+tenth of the steps), no rate made the stage learn: no suggestion. Where it stays about level,
+the stage does not learn (a frozen head, labels that do not follow the images ...); where it
+rises above its start instead, every rate tried was too high, and a range test from a lower
+``min_lr`` is what tells.
 """
 
 from __future__ import annotations
@@ -250,10 +251,15 @@ class RangeTest:
 
     @property
     def lowest_at_start(self) -> bool:
-        """Whether the smoothed loss was lowest within the test's first steps (``suggest``'s
-        start): the rates tried were all too high."""
+        """Whether the smoothed loss never fell below its start and rose clearly above it
+        (by ``MIN_FALL``; diverging counts): the rates tried were all too high. A level loss
+        (no learning at all) is not."""
         values = np.where(np.isfinite(self.smoothed), self.smoothed, np.inf)
-        return len(values) > 0 and int(np.argmin(values)) < _start_steps(len(values))
+        head = _start_steps(len(values))
+        if self.suggestion is not None or len(values) <= head:
+            return False
+        start = float(np.median(values[:head]))
+        return bool(values[head:].max() > start + MIN_FALL * abs(start))
 
     @property
     def diverged(self) -> bool:
@@ -409,17 +415,15 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     tenth of the steps (at least 3): one batch's loss alone is too noisy a start.
 
     Returns:
-        (suggestion, (lowest, highest) usable rate), or (None, None) when the loss never fell,
-        or was lowest within the start.
+        (suggestion, (lowest, highest) usable rate), or (None, None) when the loss never fell
+        below its start after it.
     """
     values = np.where(np.isfinite(smoothed), smoothed, np.inf)
     head = _start_steps(len(values))
     if len(values) <= head:
         return None, None
     start = float(np.median(values[:head]))
-    lowest = int(np.argmin(values))
-    if lowest < head:  # no rate beyond the first few did better: they were all too high
-        return None, None
+    lowest = head + int(np.argmin(values[head:]))  # one noisy batch within the start is no minimum
     fall = start - float(values[lowest])
     if fall <= MIN_FALL * abs(start):
         return None, None
