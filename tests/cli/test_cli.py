@@ -383,6 +383,10 @@ def test_a_json_command_reports_an_error_as_json(command, tmp_path):
     assert result.exit_code == 1
     payload = json.loads(result.stdout)
     assert list(payload) == ["error"] and "does not exist" in payload["error"]
+    # a bad flag value too (the command's own check): JSON with --json, the line without
+    bad = ("-o", tmp_path / "lr.jpg") if command == "lr-find" else ("--val-split", "1.5")
+    answered = invoke(command, tmp_path, "--json", *bad)
+    assert answered.exit_code == 2 and list(json.loads(answered.stdout)) == ["error"], answered.output
     plain = invoke(command, tmp_path / "missing")
     assert plain.exit_code == 1 and plain.output.startswith("error: ") and "does not exist" in plain.output
 

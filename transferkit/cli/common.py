@@ -204,15 +204,12 @@ def reports_errors(command: Callable | None = None, *, json_flag: str | None = N
             stdout = sys.stdout
             if not isinstance(stdout, LineTracker):
                 sys.stdout = LineTracker(stdout)
+            _ERRORS_IN_JSON["on"] = json_flag is not None and bool(kwargs.get(json_flag))
             try:
                 return function(*args, **kwargs)
             except TransferkitError as error:
                 end_open_line()
-                if json_flag is not None and kwargs.get(json_flag):
-                    typer.echo(json.dumps({"error": str(error)}, ensure_ascii=False))
-                else:
-                    typer.echo(f"error: {error}", err=True)
-                raise typer.Exit(code=error.exit_code) from None
+                raise tell_error(str(error), error.exit_code) from None
             except KeyboardInterrupt:
                 # Ctrl-C outside training (loading, predicting, exporting): typer would end
                 # with 130 and no word; training turns it into a resumable stop above.
@@ -229,10 +226,27 @@ def reports_errors(command: Callable | None = None, *, json_flag: str | None = N
     return decorate if command is None else decorate(command)
 
 
+# Whether the command running asked for --json, so that its errors are {"error": ...} on stdout.
+_ERRORS_IN_JSON = {"on": False}
+
+
+def tell_error(message: str, code: int) -> typer.Exit:
+    """Say a user error: one ``error:`` line on stderr, or ``{"error": ...}`` on stdout where
+    the command was given --json (``reports_errors``'s ``json_flag``).
+
+    Returns:
+        The ``typer.Exit`` with ``code``, to raise.
+    """
+    if _ERRORS_IN_JSON["on"]:
+        typer.echo(json.dumps({"error": message}, ensure_ascii=False))
+    else:
+        typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=code)
+
+
 def usage_error(message: str) -> typer.Exit:
-    """A bad flag value: one ``error:`` line and exit code 2."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
+    """A bad flag value: one ``error:`` line (or JSON, as ``tell_error``) and exit code 2."""
+    return tell_error(message, 2)
 
 
 @contextlib.contextmanager
