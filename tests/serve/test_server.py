@@ -601,16 +601,26 @@ def test_worker_processes_started_after_the_run_was_replaced_answer_with_the_mod
 
 
 def test_a_worker_that_stops_answering_is_replaced_and_does_not_hold_a_stop(shapes_run, tmp_path):
-    """``--workers 2 --worker-timeout 2 --grace 1``: a worker that answers no ping (here
-    stopped with SIGSTOP, as a hung one) is killed and another started in its place; SIGTERM,
-    sent while a worker hangs, stops the server in seconds, the hung worker killed once the
-    grace and the timeout have passed. Before, uvicorn's supervisor waited 300 s on a hung
-    worker before it handled SIGTERM or Ctrl-C, then for ever for the worker to end."""
+    """``--workers 2 --worker-timeout 2 --grace 1``: SIGHUP replaces both workers, though each
+    takes longer than the timeout to load the run (uvicorn gives a new worker the timeout
+    to be ready). A worker that answers no ping (here stopped with SIGSTOP, as a hung one)
+    is killed and another started in its place; SIGTERM, sent while a worker hangs, stops
+    the server in seconds, the hung worker killed once the grace and the timeout have
+    passed. Before, uvicorn's supervisor waited 300 s on a hung worker before it handled
+    SIGTERM or Ctrl-C, then for ever for the worker to end."""
     log = tmp_path / "server.log"
     server = serving(start_server(shapes_run.path, log, "--workers", "2", "--worker-timeout", "2", "--grace", "1"), log)
     supervisor = server.process.pid
     with two_workers(server) as workers:
-        hung = min(workers)
+        first = set(workers)
+        os.kill(supervisor, signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while (now := worker_processes(supervisor)) & first or len(now) < 2:
+            assert time.monotonic() < deadline, f"SIGHUP replaced {first - now} only:\n{server.text()[-3000:]}"
+            time.sleep(0.1)
+        assert "was not ready in time" not in server.text()
+        workers |= now
+        hung = min(now)
         os.kill(hung, signal.SIGSTOP)
         stopped = time.monotonic()
         while hung in (now := worker_processes(supervisor)) or len(now) < 2:
@@ -619,9 +629,9 @@ def test_a_worker_that_stops_answering_is_replaced_and_does_not_hold_a_stop(shap
         replaced_after = time.monotonic() - stopped
         workers |= now
         still_hung = min(now)
-        os.kill(still_hung, signal.SIGSTOP)
         stopping = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)  # handled within 0.5 s: the worker is stopped first
+        os.kill(still_hung, signal.SIGSTOP)
         assert server.process.wait(timeout=60) == 0, server.text()[-3000:]
         stopped_after = time.monotonic() - stopping
     assert replaced_after < 20 and stopped_after < 20, (replaced_after, stopped_after)

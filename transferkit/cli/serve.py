@@ -38,7 +38,7 @@ def serve(
                  "running then get a 503.")] = 60.0,
     worker_timeout: Annotated[float, typer.Option(
             help="With --workers above 1: seconds a worker may leave the supervisor's ping unanswered before "
-                 "it is killed and replaced (a hung worker also delays a stop by up to this).")] = 30.0,
+                 "it is killed and replaced (a hung worker delays a stop by up to twice this plus --grace).")] = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per request; warnings only.")] = False,
     verbose: VerboseOption = False,
 ) -> None:

@@ -10,7 +10,6 @@ and returns: the command exits 0. A second Ctrl-C stops at once.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -32,6 +31,9 @@ SHUTDOWN_GRACE_S = 60
 # of its own, loading included: within a second here on a busy 2-core machine. The supervisor
 # handles SIGTERM / Ctrl-C only between pings, so a hung worker delays a stop by up to this.
 WORKER_TIMEOUT_S = 30.0
+# How long a worker started by SIGHUP (uvicorn's restart of every worker, one at a time) may
+# take to load the run and serve, before uvicorn gives up the restart and keeps the old one.
+WORKER_READY_S = 300.0
 
 INSTALL = "pip install 'transferkit[serve]'"
 
@@ -155,8 +157,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         os.environ["TRANSFERKIT_SERVE"] = settings.to_json()
         os.environ[SNAPSHOT_VARIABLE] = str(snapshot)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
-            common["timeout_worker_healthcheck"] = worker_timeout
+        common["timeout_worker_healthcheck"] = worker_timeout
         config = uvicorn.Config("transferkit.serve.app:app_from_environment", factory=True, workers=workers,
                                 **common)
         # The supervisor turns SIGTERM / SIGINT into a graceful stop of every worker, then returns.
@@ -172,10 +173,21 @@ def supervise(config, sock: socket.socket, stop_wait: float) -> None:
     """Run uvicorn's supervisor of worker processes until SIGTERM or SIGINT, as uvicorn does,
     except in how it waits for its workers to end after passing the signal on: a worker still
     running ``stop_wait`` seconds later is hung (uvicorn would wait for it for ever) and is
-    killed. (A Ctrl-C in a terminal reaches the workers too: a second one stops each at once.)"""
+    killed. (A Ctrl-C in a terminal reaches the workers too: a second one stops each at once.)
+    And SIGHUP's restart gives each new worker ``WORKER_READY_S`` to load the run, where
+    uvicorn gives it the ping's timeout (uvicorn 0.51 and later: ``Process.exitcode``, the
+    supervisor built from the config and sockets alone)."""
     from uvicorn.supervisors import Multiprocess
 
     class Supervisor(Multiprocess):
+        def restart_all(self) -> None:
+            timeout = self.config.timeout_worker_healthcheck
+            self.config.timeout_worker_healthcheck = max(timeout, WORKER_READY_S)
+            try:
+                super().restart_all()
+            finally:
+                self.config.timeout_worker_healthcheck = timeout
+
         def join_all(self) -> None:
             deadline = time.monotonic() + stop_wait
             for process in self.processes:
