@@ -85,3 +85,27 @@ def test_a_class_named_unknown_is_refused_as_the_label_of_no_known_class(tmp_pat
     with pytest.raises(DataError, match=r"class folder .*unknown has the name transferkit gives images of no known "
                                         r"class .*; rename it, e\.g\. to unknown_class"):
         index_folder(tmp_path)
+
+
+def test_the_cheap_class_check_refuses_what_indexing_refuses_in_the_same_words(tmp_path):
+    """``check_class_folders`` (the command line's, before Keras loads) reads each class folder
+    only up to its first image file, and says what ``index_folders`` would."""
+    from transferkit.data.folders import check_class_folders, index_folders
+
+    def write(root, classes):
+        for name, count in classes.items():
+            (root / name).mkdir(parents=True)
+            for index in range(count):
+                (root / name / f"{index}.png").write_bytes(b"not opened")
+        return root
+
+    cases = [(write(tmp_path / "one", {"a": 2}), None), (write(tmp_path / "empty", {"a": 2, "b": 0}), None),
+             (write(tmp_path / "unknown", {"a": 2, "unknown": 1}), None),
+             (write(tmp_path / "data", {"a": 2, "b": 2}), write(tmp_path / "val", {"a": 1, "c": 1}))]
+    for data_dir, val_dir in cases:
+        with pytest.raises(DataError) as indexed:
+            index_folders(data_dir, val_dir)
+        with pytest.raises(DataError) as checked:
+            check_class_folders(data_dir, val_dir)
+        assert str(checked.value) == str(indexed.value)
+    check_class_folders(tmp_path / "data")  # two classes with images: nothing to say

@@ -290,9 +290,9 @@ def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str 
     """A missing or mistyped data (and validation) folder, or a validation folder that is the
     data folder, told in one line before Keras loads (seconds) instead of after; with
     ``classes``, class folders that training cannot take too (none, one, an empty one, other
-    classes in the validation folder: ``data.folders.index_folders``, which lists files and
-    opens none)."""
-    from transferkit.data.folders import index_folders, require_folder, require_other_folder
+    classes in the validation folder: ``data.folders.check_class_folders``, which reads each
+    class folder up to its first image file)."""
+    from transferkit.data.folders import check_class_folders, require_folder, require_other_folder
 
     if data_dir is not None:
         require_folder(data_dir, what)
@@ -301,7 +301,7 @@ def check_folders(data_dir: Path | None, val_dir: Path | None = None, what: str 
         if data_dir is not None:
             require_other_folder(data_dir, val_dir)
     if classes and data_dir is not None:
-        index_folders(data_dir, val_dir)
+        check_class_folders(data_dir, val_dir)
 
 
 def check_positive(flag: str, value: int | None) -> None:

@@ -118,14 +118,16 @@ def finetune(
                           "pass one of them")
     resolved = load_recipe(recipe, recipe_overrides(ctx))  # a bad recipe is told before Keras loads
     resolved.require_training()
-    check_folders(data_dir, val_dir, classes=True)
+    # Class folders checked here in one process only: of several, process 0 tells them once they have met.
+    one_process = resolved.strategy != "data-parallel" and not keras_distribution_variables()
+    check_folders(data_dir, val_dir, classes=one_process)
     from transferkit.backbones import find_spec
     from transferkit.model.transfer import check_fits, source_run
 
     source, spec = source_run(resolved.weights), find_spec(resolved.backbone)
     if source is not None and spec is not None:  # --weights RUN_DIR of another backbone or size: told now too
         check_fits(source, spec, resolved.image_size)
-    if output is not None and resolved.strategy != "data-parallel" and not keras_distribution_variables():
+    if output is not None and one_process:
         from transferkit.runs import check_writable, require_run_name
         from transferkit.training.checkpoint import remove_if_finished
 

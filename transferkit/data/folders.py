@@ -186,6 +186,56 @@ def index_folder(root: str | os.PathLike, allow_empty: bool = False) -> FolderIn
             holding image files.
     """
     root = require_folder(root)
+    class_dirs = _class_dirs(root)
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[tuple[Path, str]] = []
+    empty: list[str] = []
+    for label, class_dir in enumerate(class_dirs):
+        found = 0
+        for path, reason in _class_files(class_dir):
+            if reason is None:
+                paths.append(path)
+                labels.append(label)
+                found += 1
+            else:
+                skipped.append((path, reason))
+        if found == 0:
+            empty.append(class_dir.name)
+    _require_classes(root, class_dirs, [] if allow_empty else empty)
+    return FolderIndex(
+        root=root,
+        class_names=tuple(path.name for path in class_dirs),
+        paths=tuple(paths),
+        labels=np.asarray(labels, dtype="int64"),
+        skipped=tuple(skipped),
+    )
+
+
+def check_class_folders(data_dir: str | os.PathLike, val_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, as ``index_folders`` would, class folders training cannot take (none, one, an
+    empty one, one named "unknown", other classes in ``val_dir``), reading no more of each
+    class folder than its first image file: cheap enough to tell before Keras loads.
+
+    Raises:
+        DataError: as ``index_folders``.
+    """
+    names = []
+    for root in (data_dir, val_dir):
+        if root is None:
+            continue
+        root = require_folder(root)
+        class_dirs = _class_dirs(root)
+        empty = [path.name for path in class_dirs
+                 if not any(reason is None for _, reason in _class_files(path))]  # any(): stops at the first
+        _require_classes(root, class_dirs, empty)
+        names.append((root, tuple(path.name for path in class_dirs)))
+    if len(names) == 2 and names[0][1] != names[1][1]:
+        raise DataError(_other_classes(names[1][0], names[1][1], names[0][0], names[0][1]))
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    """A data folder's class folders, by name; its errors as ``index_folder``'s."""
     try:
         class_dirs = sorted(
             (path for path in root.iterdir() if path.is_dir() and not is_ignored(path)),
@@ -203,25 +253,21 @@ def index_folder(root: str | os.PathLike, allow_empty: bool = False) -> FolderIn
             f"class folder {root / UNKNOWN} has the name transferkit gives images of no known class (predict "
             f"--reject's label, evaluate's folder of such images); rename it, e.g. to {UNKNOWN}_class"
         )
-    paths: list[Path] = []
-    labels: list[int] = []
-    skipped: list[tuple[Path, str]] = []
-    empty: list[str] = []
-    for label, class_dir in enumerate(class_dirs):
-        found = 0
-        for path, reason in iter_image_files(class_dir):
-            if reason is None:
-                paths.append(path)
-                labels.append(label)
-                found += 1
-            elif path == class_dir:  # the class folder itself cannot be listed
-                raise DataError(f"class folder {class_dir} {reason.removeprefix('folder ')}; give this user read "
-                                "access to it (chmod -R u+rX) or remove it")
-            else:
-                skipped.append((path, reason))
-        if found == 0:
-            empty.append(class_dir.name)
-    if empty and not allow_empty:
+    return class_dirs
+
+
+def _class_files(class_dir: Path) -> Iterator[tuple[Path, str | None]]:
+    """``iter_image_files`` of a class folder, refusing one that cannot be listed."""
+    for path, reason in iter_image_files(class_dir):
+        if path == class_dir and reason is not None:  # the class folder itself cannot be listed
+            raise DataError(f"class folder {class_dir} {reason.removeprefix('folder ')}; give this user read "
+                            "access to it (chmod -R u+rX) or remove it")
+        yield path, reason
+
+
+def _require_classes(root: Path, class_dirs: list[Path], empty: list[str]) -> None:
+    """Refuse empty class folders, and fewer than two."""
+    if empty:
         raise DataError(
             f"class folder(s) {', '.join(empty)} in {root} hold no image files "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
@@ -231,13 +277,11 @@ def index_folder(root: str | os.PathLike, allow_empty: bool = False) -> FolderIn
             f"{root} has only one class folder ({class_dirs[0].name}); a classifier needs at "
             "least two classes, each in its own sub-folder"
         )
-    return FolderIndex(
-        root=root,
-        class_names=tuple(path.name for path in class_dirs),
-        paths=tuple(paths),
-        labels=np.asarray(labels, dtype="int64"),
-        skipped=tuple(skipped),
-    )
+
+
+def _other_classes(val_root: Path, val_names, root: Path, names) -> str:
+    return (f"validation folder {val_root} has classes {', '.join(val_names)} but {root} has {', '.join(names)}; "
+            "both need the same class sub-folders")
 
 
 def index_folders(
@@ -265,8 +309,5 @@ def index_folders(
     val_index = val_dir if isinstance(val_dir, FolderIndex) else index_folder(val_dir, allow_empty)
     require_other_folder(index.root, val_index.root)
     if val_index.class_names != index.class_names:
-        raise DataError(
-            f"validation folder {val_index.root} has classes {', '.join(val_index.class_names)} but "
-            f"{index.root} has {', '.join(index.class_names)}; both need the same class sub-folders"
-        )
+        raise DataError(_other_classes(val_index.root, val_index.class_names, index.root, index.class_names))
     return index, val_index
