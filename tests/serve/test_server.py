@@ -288,6 +288,8 @@ BAD_UPLOADS = {
     # FastAPI would answer with the last of the two
     "an option twice": ([("ok.jpg", None)], "?top_k=1&reject=true&top_k=3", 400,
                         "query parameter(s) top_k given more than once on /predict; give each once"),
+    "an option twice, the last invalid": ([("ok.jpg", None)], "?top_k=3&top_k=0", 400,
+                                          "query parameter(s) top_k given more than once on /predict"),
 }
 
 

@@ -149,7 +149,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(400, validation_message(error))
+        # ?top_k=3&top_k=0: the repetition is the mistake, not the value FastAPI validated
+        return error_response(400, repeated_query(request) or validation_message(error))
 
     @app.post("/predict", response_model=PredictionsOut, responses=ERRORS,
               summary="Classify images as `transferkit predict` does")
@@ -332,10 +333,17 @@ def require_known_query(request: Request, known: tuple[str, ...]) -> None:
     if unknown:
         raise HTTPException(400, f"unknown query parameter(s) {', '.join(unknown)} on {request.url.path}; it takes "
                                  f"{', '.join(known)} (see /docs)")
-    repeated = sorted(name for name in set(request.query_params) if len(request.query_params.getlist(name)) > 1)
+    repeated = repeated_query(request)
     if repeated:
-        raise HTTPException(400, f"query parameter(s) {', '.join(repeated)} given more than once on "
-                                 f"{request.url.path}; give each once")
+        raise HTTPException(400, repeated)
+
+
+def repeated_query(request: Request) -> str | None:
+    """The error for query parameters given more than once, or None."""
+    repeated = sorted(name for name in set(request.query_params) if len(request.query_params.getlist(name)) > 1)
+    if not repeated:
+        return None
+    return f"query parameter(s) {', '.join(repeated)} given more than once on {request.url.path}; give each once"
 
 
 def content_length(headers: Headers) -> int | None:
