@@ -35,6 +35,8 @@ from pathlib import Path
 from transferkit.errors import ExportError, WeightsError, first_line
 
 WEIGHTS_CHOICES = ("imagenet", "none")
+# The names a weights file may have (Keras's legacy .h5, as its notop downloads are, or .weights.h5).
+WEIGHTS_FILE_SUFFIXES = (".h5", ".hdf5")
 log = logging.getLogger("transferkit")
 
 
@@ -606,7 +608,7 @@ def load_weights_file(backbone, spec: BackboneSpec, path: Path) -> None:
             f"weights file {path} does not exist; pass an existing .h5 file, "
             f"'imagenet' or 'none'"
         )
-    if not path.name.endswith((".h5", ".hdf5")):
+    if not path.name.endswith(WEIGHTS_FILE_SUFFIXES):
         raise WeightsError(
             f"weights file {path} is not a .h5 or .weights.h5 file; "
             f"pass {_fitting_weights(spec)}"

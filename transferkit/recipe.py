@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from transferkit.backbones import WEIGHTS_CHOICES, find_spec, unknown_backbone
+from transferkit.backbones import WEIGHTS_CHOICES, WEIGHTS_FILE_SUFFIXES, find_spec, unknown_backbone
 from transferkit.errors import RecipeError
 from transferkit.runtime import ENGINES, PRECISIONS
 from transferkit.strategies import STRATEGIES
@@ -509,7 +509,7 @@ class Recipe(_Section):
                     "pass one of those, the path to a .h5 weights file, or a finished run to start from"
                 )
             is_run_model = path.suffix == ".keras" and (path.parent / "labels.json").is_file()
-            if path.is_file() and not path.name.endswith((".h5", ".hdf5")) and not is_run_model:
+            if path.is_file() and not path.name.endswith(WEIGHTS_FILE_SUFFIXES) and not is_run_model:
                 raise ValueError(
                     f"weights: {weights!r} is neither a .h5 weights file nor a run's .keras model (with its "
                     "labels.json beside it); pass the backbone's .h5 weights, a finished run, 'imagenet' or 'none'"
