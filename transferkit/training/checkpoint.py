@@ -521,15 +521,16 @@ class WorkFolder:
 
 
 def require_resumable(run: str | os.PathLike) -> None:
-    """Fail where ``--resume RUN`` has nothing to resume (no in-progress folder with its job
-    description), as ``WorkFolder.open`` would, but before anything heavy is imported.
+    """Fail where ``--resume RUN`` has nothing to resume (no in-progress folder), as
+    ``WorkFolder.open`` would, but before anything heavy is imported. A folder that is there
+    is left to ``WorkFolder.open``, which tells a live writer from an empty folder.
 
     Raises:
         RunError: saying so, and what RUN is (a finished run, or nothing).
     """
     run = Path(run)
     path = run if run.name.endswith(".partial") else work_dir_for(run)
-    if not (path / JOB_FILE).is_file():
+    if not path.is_dir():
         raise _nothing_to_resume(path)
 
 
