@@ -59,8 +59,8 @@ def serve(
         raise usage_error(f"--max-upload-mb must be a size above 0 in MB, got {max_upload_mb:g}")
     if not 0 <= grace < math.inf:
         raise usage_error(f"--grace must be 0 or more seconds, got {grace:g}")
-    if not 0 < worker_timeout < math.inf:
-        raise usage_error(f"--worker-timeout must be above 0 seconds, got {worker_timeout:g}")
+    if not 1 <= worker_timeout < math.inf:  # a worker answers within a second, loading included
+        raise usage_error(f"--worker-timeout must be 1 second or more, got {worker_timeout:g}")
     check_installed()
     load_run(run, with_model=False)  # no run there: one line, before "loading"
     if not quiet:

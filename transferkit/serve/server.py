@@ -130,8 +130,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         raise ServeError(f"--workers must be at least 1, got {workers}")
     if not 0 <= grace < float("inf"):
         raise ServeError(f"--grace must be 0 or more seconds, got {grace:g}")
-    if not 0 < worker_timeout < float("inf"):
-        raise ServeError(f"--worker-timeout must be above 0 seconds, got {worker_timeout:g}")
+    if not 1 <= worker_timeout < float("inf"):  # below, workers answering in a second are replaced
+        raise ServeError(f"--worker-timeout must be 1 second or more, got {worker_timeout:g}")
     sock = bind(host, port)
     # Worker processes load a snapshot of the run, not the run: one that uvicorn starts again
     # (after a crash) loads the model the others answer with, even if the run was replaced
@@ -174,29 +174,44 @@ def supervise(config, sock: socket.socket, stop_wait: float) -> None:
     except in how it waits for its workers to end after passing the signal on: a worker still
     running ``stop_wait`` seconds later is hung (uvicorn would wait for it for ever) and is
     killed. (A Ctrl-C in a terminal reaches the workers too: a second one stops each at once.)
-    And SIGHUP's restart gives each new worker ``WORKER_READY_S`` to load the run, where
-    uvicorn gives it the ping's timeout (uvicorn 0.51 and later: ``Process.exitcode``, the
-    supervisor built from the config and sockets alone)."""
+    And SIGHUP's restart (uvicorn's, one worker at a time) gives each new worker
+    ``WORKER_READY_S`` to load the run, where uvicorn gives it the ping's timeout, and each
+    old one ``stop_wait`` to end, where uvicorn waits for ever. Built on uvicorn 0.51 and
+    later (``Process.exitcode``, the supervisor made from the config and sockets alone)."""
     from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import Process
+
+    def end(process, deadline: float) -> None:
+        """Wait for a worker sent SIGTERM to end, until ``deadline``; then kill it."""
+        while process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.exitcode is None:
+            log.warning(f"worker process {process.pid} killed: still running {stop_wait:g} s after the stop")
+            process.kill()
+        process.join()
 
     class Supervisor(Multiprocess):
         def restart_all(self) -> None:
-            timeout = self.config.timeout_worker_healthcheck
-            self.config.timeout_worker_healthcheck = max(timeout, WORKER_READY_S)
-            try:
-                super().restart_all()
-            finally:
-                self.config.timeout_worker_healthcheck = timeout
+            for index, old in enumerate(self.processes):
+                if self.should_exit.is_set():
+                    return
+                new = Process(self.config, self.sockets)
+                new.start()
+                if not new.wait_until_ready(WORKER_READY_S, self.should_exit):
+                    new.kill()
+                    new.join()
+                    if not self.should_exit.is_set():
+                        log.warning(f"worker process {new.pid} did not load the run in {WORKER_READY_S:g} s; "
+                                    f"worker {old.pid} goes on serving, and the restart stops there")
+                    return
+                old.terminate()
+                end(old, time.monotonic() + stop_wait)
+                self.processes[index] = new
 
         def join_all(self) -> None:
             deadline = time.monotonic() + stop_wait
             for process in self.processes:
-                while process.exitcode is None and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if process.exitcode is None:
-                    log.warning(f"worker process {process.pid} killed: still running {stop_wait:g} s after the stop")
-                    process.kill()
-                process.join()
+                end(process, deadline)
 
     Supervisor(config, sockets=[sock]).run()
 
