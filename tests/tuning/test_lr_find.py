@@ -105,6 +105,13 @@ def test_a_loss_lowest_at_the_start_of_the_range_gives_no_suggestion_but_a_lower
     dipping = np.concatenate([[0.9, 0.5, 0.9, 0.9, 0.9, 0.9], np.linspace(0.9, 0.3, 40), np.linspace(0.3, 2.0, 14)])
     suggestion, (low, high) = suggest(rates, dipping)
     assert high == pytest.approx(rates[45]) and suggestion is not None
+    # Diverged in its first steps (--min-lr too high already): too high, not "no learning".
+    diverged = RangeTest(rates[:2], np.array([1.2, 31.7]), np.array([1.2, 31.7]), 1.0, 10.0, 50, stage_index=0)
+    assert diverged.diverged and diverged.lowest_at_start
+    # Learning shown at the 7th rate, less than 10x the first: the usable range does not reach below it.
+    falling = np.concatenate([np.full(6, 1.0), np.linspace(0.3, 0.2, 44), np.linspace(0.2, 1.5, 10)])
+    suggestion, (low, high) = suggest(rates, falling)
+    assert low == rates[0] and suggestion >= rates[0]
 
 
 def test_a_stage_the_recipe_lacks_is_a_recipe_error(colour_dir):

@@ -21,8 +21,8 @@ steps).
   On small, easy data the loss keeps falling almost to the divergence (every step learns
   more), so the minimum's tenth alone is often too bold for a whole stage; the middle
   trains steadily. Never below ``r_fall``;
-- usable range: ``r_fall / 10 .. r_min``. A stage runs far more steps at one rate than the
-  test spends there, so a rate a little below where the test first saw learning still
+- usable range: ``r_fall / 10 .. r_min``, not below the lowest rate tested. A stage runs far
+  more steps at one rate than the test spends there, so a rate a little below where the test first saw learning still
   learns; above the minimum's rate the loss climbs.
 
 When the smoothed loss never falls by ``MIN_FALL`` of its start after the start (the first
@@ -256,8 +256,10 @@ class RangeTest:
         (no learning at all) is not."""
         values = np.where(np.isfinite(self.smoothed), self.smoothed, np.inf)
         head = _start_steps(len(values))
-        if self.suggestion is not None or len(values) <= head:
+        if self.suggestion is not None:
             return False
+        if len(values) <= head:  # diverged within its first steps: the first rates were too high already
+            return self.diverged
         start = float(np.median(values[:head]))
         return bool(values[head:].max() > start + MIN_FALL * abs(start))
 
@@ -432,7 +434,8 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> tuple[float | N
     above = np.flatnonzero(values[: lowest + 1] > start - FALL_SHOWN * fall)
     shown = int(above[-1]) + 1 if len(above) else 0
     r_min, r_fall = float(learning_rates[lowest]), float(learning_rates[shown])
-    return max(math.sqrt(r_fall * r_min / 10), r_fall), (r_fall / 10, r_min)
+    # The usable range starts a tenth below where learning showed, but not below the range tested.
+    return max(math.sqrt(r_fall * r_min / 10), r_fall), (max(r_fall / 10, float(learning_rates[0])), r_min)
 
 
 def _start_steps(taken: int) -> int:
