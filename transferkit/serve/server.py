@@ -29,10 +29,11 @@ SHUTDOWN_GRACE_S = 60
 # How long uvicorn's supervisor waits for a worker process to answer its ping before it kills
 # the worker and starts another (gunicorn's --timeout default). A worker answers from a thread
 # of its own, loading included: within a second here on a busy 2-core machine. The supervisor
-# handles SIGTERM / Ctrl-C only between pings, so a hung worker delays a stop by up to this.
+# handles SIGTERM / Ctrl-C only between pings, so a hung worker delays a stop by up to this
+# (then the grace and this again, before ``supervise`` kills it).
 WORKER_TIMEOUT_S = 30.0
-# How long a worker started by SIGHUP (uvicorn's restart of every worker, one at a time) may
-# take to load the run and serve, before uvicorn gives up the restart and keeps the old one.
+# How long a worker started by SIGHUP (the restart of every worker, one at a time) may take to
+# load the run and serve, before the restart stops there and the old worker goes on serving.
 WORKER_READY_S = 300.0
 
 INSTALL = "pip install 'transferkit[serve]'"
