@@ -420,21 +420,3 @@ def named_folder(path: str | os.PathLike) -> Path:
     temporary one could be written beside and renamed to)."""
     path = Path(path)
     return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
-
-
-def stamped_folder(parent: str | os.PathLike, name: str) -> Path:
-    """``PARENT/NAME-<YYYYmmdd-HHMMSS>``, the default name of a command's output folder;
-    ``-2``, ``-3`` ... after it where that folder, or its in-progress ``.partial`` one,
-    exists already (two commands started in the same second).
-
-    Returns:
-        The path (not created).
-    """
-    import datetime
-
-    stamped = Path(parent) / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, count = stamped, 1
-    while path.exists() or path.with_name(f"{path.name}.partial").exists():
-        count += 1
-        path = stamped.with_name(f"{stamped.name}-{count}")
-    return path

@@ -64,6 +64,24 @@ def work_dir_for(output: str | os.PathLike) -> Path:
     return output.parent / f"{output.name}.partial"
 
 
+def stamped_folder(parent: str | os.PathLike, name: str) -> Path:
+    """``PARENT/NAME-<YYYYmmdd-HHMMSS>``, the default name of a command's output folder;
+    ``-2``, ``-3`` ... after it where that folder, or its in-progress one (``work_dir_for``),
+    exists already (two commands started in the same second).
+
+    Returns:
+        The path (not created).
+    """
+    import datetime
+
+    stamped = Path(parent) / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, count = stamped, 1
+    while path.exists() or work_dir_for(path).exists():
+        count += 1
+        path = stamped.with_name(f"{stamped.name}-{count}")
+    return path
+
+
 def command_line() -> str:
     """This process's command line as a user typed it (``transferkit ...`` for the CLI)."""
     words = list(sys.argv)

@@ -55,7 +55,6 @@ from transferkit.files import (
     require_not_a_file,
     require_writable_place,
     staging_folder,
-    stamped_folder,
     write_atomic,
     write_failure,
 )
@@ -65,6 +64,7 @@ from transferkit.locks import (
     not_left_by_transferkit,
     read_owner,
     require_not_live,
+    stamped_folder,
     tell_previous,
     work_dir_for,
 )
@@ -146,7 +146,7 @@ class Run:
 
 
 def default_run_dir(data_dir: str | Path, runs_root: str | Path = "runs") -> Path:
-    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``: ``-2`` after
+    """``runs/<data-folder-name>-<YYYYmmdd-HHMMSS>`` (``locks.stamped_folder``: ``-2`` after
     it where another run took that name in the same second).
 
     Args:

@@ -32,12 +32,11 @@ from transferkit.files import (
     require_apart,
     require_not_a_file,
     require_writable_place,
-    stamped_folder,
     write_atomic,
     write_failure,
 )
 from transferkit.inference.uncertainty import RejectionRule, SetRule, load_rejection, load_set_rule
-from transferkit.locks import publishing, require_not_live
+from transferkit.locks import publishing, require_not_live, stamped_folder
 from transferkit.outputs import UNKNOWN
 from transferkit.runs import LABELS_FILE
 from transferkit.runtime import check_engine_choice
@@ -417,7 +416,7 @@ def trust_summary(metrics: dict) -> list[str]:
 
 
 def default_output(result: EvaluationResult) -> Path:
-    """``RUN/eval-<folder name>-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``)."""
+    """``RUN/eval-<folder name>-<YYYYmmdd-HHMMSS>`` (``locks.stamped_folder``)."""
     return stamped_folder(result.run_path, f"eval-{result.folder.resolve().name or 'images'}")
 
 

@@ -273,8 +273,8 @@ def _explain_batch(cam: GradCAM, batch, names, size: int, class_name, count: int
 
 
 def default_output(run_path: Path, images) -> Path:
-    """``RUN/explain-<image or folder name>-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``)."""
-    from transferkit.files import stamped_folder
+    """``RUN/explain-<image or folder name>-<YYYYmmdd-HHMMSS>`` (``locks.stamped_folder``)."""
+    from transferkit.locks import stamped_folder
 
     name = Path(images).resolve().stem if isinstance(images, (str, os.PathLike)) else "images"
     return stamped_folder(run_path, f"explain-{name}")

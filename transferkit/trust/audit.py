@@ -58,11 +58,10 @@ from transferkit.files import (
     require_apart,
     require_not_a_file,
     require_writable_place,
-    stamped_folder,
     write_atomic,
     write_failure,
 )
-from transferkit.locks import publishing, require_not_live
+from transferkit.locks import publishing, require_not_live, stamped_folder
 from transferkit.recipe import Recipe
 
 log = logging.getLogger("transferkit")
@@ -253,7 +252,7 @@ def audit(
 
 
 def default_output(data_dir: str | os.PathLike, runs_root: str | os.PathLike = "runs") -> Path:
-    """``runs/<data-folder-name>-audit-<YYYYmmdd-HHMMSS>`` (``files.stamped_folder``)."""
+    """``runs/<data-folder-name>-audit-<YYYYmmdd-HHMMSS>`` (``locks.stamped_folder``)."""
     return stamped_folder(runs_root, f"{Path(data_dir).resolve().name or 'data'}-audit")
 
 
