@@ -90,6 +90,12 @@ def output_for(path: Path) -> Path:
     return path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
 
 
+def in_progress_for(run: str | os.PathLike) -> Path:
+    """The in-progress folder a path names: RUN.partial for either RUN or RUN.partial."""
+    run = Path(run)
+    return run if run.name.endswith(".partial") else work_dir_for(run)
+
+
 class StopFlag:
     """Set by a signal handler; training checks it after every batch."""
 
@@ -167,8 +173,7 @@ def remove_if_finished(run: str | os.PathLike) -> Path | None:
         The finished run folder when its in-progress folder was removed (with a warning),
         else None (nothing there, an interrupted run, or its process is still removing it).
     """
-    run = Path(run)
-    path = run if run.name.endswith(".partial") else work_dir_for(run)
+    path = in_progress_for(run)
     output = output_for(path)
     try:
         run_id = json.loads((path / JOB_FILE).read_text(encoding="utf-8")).get("run_id")
@@ -267,8 +272,7 @@ class WorkFolder:
             RunError: another process is training into it (named), or there is nothing to
                 resume.
         """
-        run = Path(run)
-        path = run if run.name.endswith(".partial") else work_dir_for(run)
+        path = in_progress_for(run)
         if not owner:
             if not (path / JOB_FILE).is_file():
                 raise _nothing_to_resume(path)
@@ -528,8 +532,7 @@ def require_resumable(run: str | os.PathLike) -> None:
     Raises:
         RunError: saying so, and what RUN is (a finished run, or nothing).
     """
-    run = Path(run)
-    path = run if run.name.endswith(".partial") else work_dir_for(run)
+    path = in_progress_for(run)
     if not path.is_dir():
         raise _nothing_to_resume(path)
 
