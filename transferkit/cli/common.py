@@ -218,6 +218,7 @@ def reports_errors(command: Callable | None = None, *, json_flag: str | None = N
                 raise typer.Exit(code=TrainingInterrupted.exit_code) from None
             finally:
                 sys.stdout = stdout
+                _ERRORS_IN_JSON["on"] = False  # the next command in this process (tests) starts without
 
         run.reports_errors = True
         run.json_flag = json_flag  # main answers a bad flag with --json in JSON too

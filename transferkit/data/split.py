@@ -141,14 +141,13 @@ def split_rows(labels: np.ndarray, val_split: float, seed: int, class_names: Seq
         found.append((abs(len(val) / len(labels) - val_split), start, (train, val)))
     if whole:
         return min(whole, key=lambda item: item[:2])[2]
-    fallback = min(partial, key=lambda item: item[:2])[2] if partial else None
-    if fallback is None:
+    if not partial:
         counts = {label: len(set(groups[labels == label].tolist())) for label in present}
         fewest = min(counts, key=counts.get)
         raise DataError(f"class {names[fewest]} has its images in {counts[fewest]} group(s) only, and no split that "
                         "keeps groups whole leaves it images to train on: add images of other groups to it, lower "
                         "--val-split, or pass --val-dir")
-    train, val = fallback
+    train, val = min(partial, key=lambda item: item[:2])[2]
     lacking = sorted(names[label] for label in present - set(labels[val].tolist()))
     log.warning(
         "the group split leaves no validation image of class(es) %s (their images are in few groups); its "
