@@ -29,6 +29,7 @@ from typing import Any
 import keras
 
 from transferkit.errors import TransferkitError, first_line
+from transferkit.inference.uncertainty import REFERENCE_FILE
 from transferkit.runtime import quieter_loggers
 from transferkit.training.tensorboard import SCALARS
 
@@ -55,7 +56,7 @@ TAG_PREFIX = "transferkit."
 # The run folder's files logged as artifacts (the model too; MODEL_CARD.md is also the run's
 # description). TensorBoard logs and checkpoints are left to the folder.
 ARTIFACT_PATTERNS = ("*.png", "metrics.json", "labels.json", "recipe.toml", "history.csv", "MODEL_CARD.md",
-                     "skipped.txt", "split.csv", "model.keras", "rejection.npz")
+                     "skipped.txt", "split.csv", "model.keras", REFERENCE_FILE)
 STATUS = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "fail": "FAILED"}
 
 
